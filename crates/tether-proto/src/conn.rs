@@ -390,6 +390,20 @@ impl Conn {
         );
     }
 
+    /// Counts as liveness without data: the driver paused reading because the application
+    /// is slow, so bytes may be waiting unread and the peer must not be blamed for it.
+    pub fn note_alive(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        if now > self.last_rx {
+            self.last_rx = now;
+        }
+        if let Some(l) = &mut self.liveness {
+            l.on_receive(now);
+        }
+    }
+
     /// The transport delivered `data`.
     pub fn handle_input(&mut self, now: Instant, mut data: &[u8]) {
         if self.is_closed() || data.is_empty() {

@@ -24,6 +24,7 @@ pub mod codec;
 pub mod conn;
 pub mod liveness;
 pub mod policy;
+mod policy_default;
 pub mod reason;
 
 pub use codec::{Frame, Hello, Welcome};
