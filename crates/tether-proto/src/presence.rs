@@ -327,13 +327,25 @@ impl Registry {
     /// plus margin: `Online` → `Suspect`. Returns whether anything changed (false for an
     /// unknown id, a connection that is not the current one, or a client not `Online`).
     pub fn suspect(&mut self, now: Instant, id: &str, conn_id: u64) -> bool {
-        self.flip(now, id, conn_id, PresenceKind::Online, PresenceState::Suspect)
+        self.flip(
+            now,
+            id,
+            conn_id,
+            PresenceKind::Online,
+            PresenceState::Suspect,
+        )
     }
 
     /// The peer of connection `conn_id` was heard from again: `Suspect` → `Online`. Returns
     /// whether anything changed.
     pub fn recovered(&mut self, now: Instant, id: &str, conn_id: u64) -> bool {
-        self.flip(now, id, conn_id, PresenceKind::Suspect, PresenceState::Online)
+        self.flip(
+            now,
+            id,
+            conn_id,
+            PresenceKind::Suspect,
+            PresenceState::Online,
+        )
     }
 
     fn flip(

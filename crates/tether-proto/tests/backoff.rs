@@ -81,7 +81,10 @@ fn gives_up_after_max_attempts_and_reset_starts_over() {
     b.reset();
     assert_eq!(b.attempt(), 0);
     let d = b.next_delay().unwrap();
-    assert!(d <= Duration::from_millis(100), "first window after reset: {d:?}");
+    assert!(
+        d <= Duration::from_millis(100),
+        "first window after reset: {d:?}"
+    );
 }
 
 #[test]
