@@ -20,11 +20,13 @@
 //! passed in).
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod codec;
 pub mod conn;
 pub mod liveness;
 pub mod policy;
 mod policy_default;
+pub mod presence;
 pub mod reason;
 
 pub use codec::{Frame, Hello, Welcome};
