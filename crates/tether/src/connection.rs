@@ -121,9 +121,12 @@ pub enum ConnectError {
     Handshake(DisconnectReason),
 }
 
+/// What a standalone connection's handshake produced: the welcome and (server side) the hello.
+type HandshakeResult = Result<(Welcome, Option<Hello>), Disconnect>;
+
 /// Standalone connection sink: messages to the inbox, the handshake result to a oneshot.
 struct ConnSink {
-    ready: Option<oneshot::Sender<Result<(Welcome, Option<Hello>), Disconnect>>>,
+    ready: Option<oneshot::Sender<HandshakeResult>>,
     hello: Option<Hello>,
     accept: Option<LivenessConfig>,
 }
@@ -332,6 +335,46 @@ impl Connection {
     }
 
     /// Counters, readable at any time.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// A cloneable handle that can send and close, for use from other tasks.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A cloneable sending half of a [`Connection`] (or of a server-side connection).
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Sender {
+    /// Sends a message, waiting while the outbox is full.
+    pub async fn send(&self, msg: Bytes) -> Result<(), Disconnected> {
+        self.shared.send(msg).await
+    }
+
+    /// Queues a message without waiting; `false` when the outbox is full or the connection ended.
+    pub fn try_send(&self, msg: Bytes) -> bool {
+        self.shared.try_send(msg)
+    }
+
+    /// Closes in order with `code` and `text`.
+    pub fn close(&self, code: CloseCode, text: &str) {
+        self.shared.close(code, text);
+    }
+
+    /// How the connection ended, if it has.
+    pub fn disconnected(&self) -> Option<Disconnected> {
+        self.shared.done()
+    }
+
+    /// Counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tether_proto::codec::{Hello, SessionGrant};
-use tether_proto::{CloseCode, Conn, ConnEvent, Disconnect, LivenessConfig, TransportError};
+use tether_proto::{
+    CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig, TransportError,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -403,7 +405,19 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
 
             // 6. Finish.
             if conn.is_closed() {
-                let failure = result.as_ref().is_none_or(|d| d.reason.is_failure());
+                // Abort (RST) when the peer or the path failed: the kernel must not keep
+                // retransmitting into a dead path. Refusals and protocol errors close in order
+                // so the peer can read the REFUSE or CLOSE frame that explains why.
+                let failure = result.as_ref().is_none_or(|d| {
+                    matches!(
+                        d.reason,
+                        DisconnectReason::HeartbeatTimeout
+                            | DisconnectReason::KeepaliveTimeout
+                            | DisconnectReason::UserTimeout
+                            | DisconnectReason::PeerReset
+                            | DisconnectReason::Io(_)
+                    )
+                });
                 let since = *closing_since.get_or_insert_with(|| {
                     if failure {
                         io.abort_on_close();
@@ -460,8 +474,8 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
     })
     .await;
 
-    let d = result.unwrap_or_else(|| Disconnect {
-        reason: tether_proto::DisconnectReason::LocalClose,
+    let d = result.unwrap_or(Disconnect {
+        reason: DisconnectReason::LocalClose,
         silent_for: Duration::ZERO,
     });
     let mut inner = shared.lock();
