@@ -23,10 +23,11 @@
 pub mod backoff;
 pub mod codec;
 pub mod conn;
+pub mod duration;
 pub mod liveness;
 pub mod policy;
-mod policy_default;
 pub mod presence;
+pub mod presets;
 pub mod reason;
 
 pub use codec::{Frame, Hello, Welcome};

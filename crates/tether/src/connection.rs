@@ -23,12 +23,12 @@ pub type Disconnected = Disconnect;
 
 /// The liveness settings a side applies, derived from a [`Policy`].
 ///
-/// The server dictates heartbeat and dead-after in the WELCOME; the client adopts them.
-/// `suspect_after` is heartbeat + max(heartbeat/2, 100 ms), kept below dead-after.
+/// The server dictates heartbeat and dead-after in the WELCOME; the client adopts them. The
+/// server also marks a silent client `Suspect` after [`Policy::suspect_after`] and enforces
+/// the heartbeat interval it dictated.
 pub fn liveness_config(policy: &Policy, server: bool) -> LivenessConfig {
     let h = policy.heartbeat_interval;
-    let margin = (h / 2).max(Duration::from_millis(100));
-    let suspect = (h + margin).min(policy.dead_after.mul_f64(0.9));
+    let suspect = policy.suspect_after().min(policy.dead_after.mul_f64(0.9));
     LivenessConfig {
         heartbeat_interval: h,
         dead_after: policy.dead_after,
