@@ -153,6 +153,10 @@ pub struct ClientInfo {
     pub stats: Option<StatsSnapshot>,
     /// Connections registered for this id.
     pub connects: u64,
+    /// Connections of this id that ended.
+    pub disconnects: u64,
+    /// The current (or last) connection id.
+    pub conn_id: u64,
 }
 
 /// Server-wide counters for `/metrics`.
@@ -423,6 +427,8 @@ impl ServerHandle {
             changed_at: e.changed_at,
             stats: if e.state.is_connected() { stats } else { None },
             connects: e.connects,
+            disconnects: e.disconnects,
+            conn_id: e.conn_id,
         })
     }
 
@@ -449,6 +455,8 @@ impl ServerHandle {
                     None
                 },
                 connects: e.connects,
+                disconnects: e.disconnects,
+                conn_id: e.conn_id,
             })
             .collect();
         drop(reg);
