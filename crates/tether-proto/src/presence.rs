@@ -214,6 +214,9 @@ pub struct PresenceChange {
     pub at: Instant,
 }
 
+/// Capacity the change queue keeps once drained; a burst beyond it is given back.
+const CHANGES_KEPT_CAPACITY: usize = 1024;
+
 /// The presence registry (see the module docs).
 #[derive(Debug)]
 pub struct Registry {
@@ -536,7 +539,12 @@ impl Registry {
     /// The next queued state change, oldest first. The driver drains this after each call
     /// that may change state and publishes the changes to its subscribers.
     pub fn poll_change(&mut self) -> Option<PresenceChange> {
-        self.changes.pop_front()
+        let change = self.changes.pop_front();
+        if change.is_none() && self.changes.capacity() > CHANGES_KEPT_CAPACITY {
+            // A burst (thousands connecting at once) grew the queue; give the memory back.
+            self.changes.shrink_to(CHANGES_KEPT_CAPACITY);
+        }
+        change
     }
 
     /// What the registry knows about client `id`.
