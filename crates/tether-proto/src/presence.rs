@@ -5,18 +5,19 @@
 //! [`Registry::handle_timeout`]) however many clients it tracks.
 //!
 //! ```text
-//!                 connected                 suspect(conn)
-//!   (unknown) ─────────────▶ Online ◀──────────────────────▶ Suspect
-//!                              ▲  │        recovered(conn)       │
-//!                   connected  │  │ disconnected(conn, reason,   │
-//!              (new conn id;   │  │   hold_until)                │
-//!               old one is     │  ▼                              ▼
-//!               Replaced)   Resuming { until } ──(until passes)──▶ Offline { reason, at, silent_for }
-//!                              │  (hold_until = Some(t), t > now)        │
-//!                              └──────────── connected ◀─────────────────┤
-//!                                                                        │ offline_retention
-//!                                                                        ▼ or max_offline
-//!                                                                    (forgotten)
+//!   call (driver → registry)                       from                     to
+//!   ─────────────────────────────────────────────  ───────────────────────  ────────────────────
+//!   connected(id, conn, remote)                    unknown/Resuming/Offline Online
+//!   connected(id, conn2, remote)  → Some(conn)     Online/Suspect (conn)    Online (conn2); close
+//!                                                                           conn with `Replaced`
+//!   suspect(id, conn)                              Online                   Suspect
+//!   recovered(id, conn)                            Suspect                  Online
+//!   disconnected(id, conn, reason, silent_for,
+//!                hold_until = Some(t), t > now)    Online/Suspect           Resuming { until: t }
+//!   disconnected(…, hold_until = None)             Online/Suspect           Offline { reason, … }
+//!   handle_timeout(now ≥ until)                    Resuming                 Offline
+//!   handle_timeout(now ≥ offline + retention),
+//!   or more than max_offline Offline entries       Offline (oldest)         forgotten
 //! ```
 //!
 //! The driver calls in only on connection events (connect, the liveness engine's suspect and
