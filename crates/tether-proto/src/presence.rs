@@ -7,7 +7,7 @@
 //! ```text
 //!   call (driver → registry)                       from                     to
 //!   ─────────────────────────────────────────────  ───────────────────────  ────────────────────
-//!   connected(id, conn, remote)                    unknown/Resuming/Offline Online
+//!   connected(id, conn, remote)                    new/Resuming/Offline     Online
 //!   connected(id, conn2, remote)  → Some(conn)     Online/Suspect (conn)    Online (conn2); close
 //!                                                                           conn with `Replaced`
 //!   suspect(id, conn)                              Online                   Suspect
