@@ -5,18 +5,19 @@
 //! [`Registry::handle_timeout`]) however many clients it tracks.
 //!
 //! ```text
-//!                 connected                 suspect(conn)
-//!   (unknown) ─────────────▶ Online ◀──────────────────────▶ Suspect
-//!                              ▲  │        recovered(conn)       │
-//!                   connected  │  │ disconnected(conn, reason,   │
-//!              (new conn id;   │  │   hold_until)                │
-//!               old one is     │  ▼                              ▼
-//!               Replaced)   Resuming { until } ──(until passes)──▶ Offline { reason, at, silent_for }
-//!                              │  (hold_until = Some(t), t > now)        │
-//!                              └──────────── connected ◀─────────────────┤
-//!                                                                        │ offline_retention
-//!                                                                        ▼ or max_offline
-//!                                                                    (forgotten)
+//!   call (driver → registry)                       from                     to
+//!   ─────────────────────────────────────────────  ───────────────────────  ────────────────────
+//!   connected(id, conn, remote)                    new/Resuming/Offline     Online
+//!   connected(id, conn2, remote)  → Some(conn)     Online/Suspect (conn)    Online (conn2); close
+//!                                                                           conn with `Replaced`
+//!   suspect(id, conn)                              Online                   Suspect
+//!   recovered(id, conn)                            Suspect                  Online
+//!   disconnected(id, conn, reason, silent_for,
+//!                hold_until = Some(t), t > now)    Online/Suspect           Resuming { until: t }
+//!   disconnected(…, hold_until = None)             Online/Suspect           Offline { reason, … }
+//!   handle_timeout(now ≥ until)                    Resuming                 Offline
+//!   handle_timeout(now ≥ offline + retention),
+//!   or more than max_offline Offline entries       Offline (oldest)         forgotten
 //! ```
 //!
 //! The driver calls in only on connection events (connect, the liveness engine's suspect and
@@ -213,6 +214,9 @@ pub struct PresenceChange {
     /// When the change happened.
     pub at: Instant,
 }
+
+/// Capacity the change queue keeps once drained; a burst beyond it is given back.
+const CHANGES_KEPT_CAPACITY: usize = 1024;
 
 /// The presence registry (see the module docs).
 #[derive(Debug)]
@@ -536,7 +540,12 @@ impl Registry {
     /// The next queued state change, oldest first. The driver drains this after each call
     /// that may change state and publishes the changes to its subscribers.
     pub fn poll_change(&mut self) -> Option<PresenceChange> {
-        self.changes.pop_front()
+        let change = self.changes.pop_front();
+        if change.is_none() && self.changes.capacity() > CHANGES_KEPT_CAPACITY {
+            // A burst (thousands connecting at once) grew the queue; give the memory back.
+            self.changes.shrink_to(CHANGES_KEPT_CAPACITY);
+        }
+        change
     }
 
     /// What the registry knows about client `id`.
