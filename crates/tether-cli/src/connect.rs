@@ -91,7 +91,6 @@ async fn connect(cfg: ClientConfig) -> Result<ExitCode> {
     let mut client = Client::start(cfg);
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut stdout = tokio::io::stdout();
-    let mut stdin_open = true;
     let stop = log::shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -128,14 +127,13 @@ async fn connect(cfg: ClientConfig) -> Result<ExitCode> {
                 Some(_) => {}
                 None => return Ok(ExitCode::FAILURE),
             },
-            line = stdin.next_line(), if stdin_open => match line {
+            line = stdin.next_line() => match line {
                 Ok(Some(l)) => {
                     if let Err(e) = client.send(Bytes::from(l.into_bytes())).await {
                         log::line(&id, "send-failed", &e.to_string());
                     }
                 }
                 Ok(None) | Err(_) => {
-                    stdin_open = false;
                     client.close();
                     // Give the CLOSE frame a moment to leave.
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -82,6 +82,8 @@ impl ClientRow {
     /// registry does not keep (`rtt`, messages, bytes, and `last_seen_ago` while connected) are
     /// left empty for the driver to fill from its connection counters; for a client that is
     /// no longer connected, last seen is derived from the disconnect time and silence.
+    /// (Used by tests and by sources that hold a registry directly.)
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn from_entry(id: &str, entry: &Entry, now: Instant, wall_now: SystemTime) -> Self {
         let wall = |t: Instant| wall_now.checked_sub(now.saturating_duration_since(t));
         let (disconnected_at, silent_for, reason, hold_left) = match &entry.state {
@@ -150,6 +152,7 @@ pub(crate) struct MetricsSnapshot {
 /// The index of `reason`'s label in [`DisconnectReason::LABELS`] (and so in
 /// [`MetricsSnapshot::disconnects`]); `None` only for a label added to the enum but not to
 /// `LABELS`.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn disconnect_index(reason: &DisconnectReason) -> Option<usize> {
     DisconnectReason::LABELS
         .iter()
