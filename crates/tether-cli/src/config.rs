@@ -36,10 +36,13 @@ impl Layers {
     /// Loads the TOML file (if any). `known` lists the keys the subcommand understands; any
     /// other key in the file is an error naming it.
     pub(crate) fn load(path: Option<&Path>, known: &[&str]) -> Result<Layers> {
-        let Some(path) = path else { return Ok(Layers { file: None }) };
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-        let table: toml::Table =
-            toml::from_str(&text).with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+        let Some(path) = path else {
+            return Ok(Layers { file: None });
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let table: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
         let mut map = BTreeMap::new();
         for (k, v) in table {
             let key = k.replace('-', "_");
@@ -63,21 +66,27 @@ impl Layers {
             };
             map.insert(key, s);
         }
-        Ok(Layers { file: Some((path.to_owned(), map)) })
+        Ok(Layers {
+            file: Some((path.to_owned(), map)),
+        })
     }
 
     /// The raw value of `key` (snake_case) with its source: the flag value if given, else
     /// `TETHER_<KEY>`, else the file.
     pub(crate) fn raw(&self, key: &str, flag: Option<&str>) -> Option<(String, Source)> {
         if let Some(v) = flag {
-            return Some((v.to_owned(), Source::Flag(format!("--{}", key.replace('_', "-")))));
+            return Some((
+                v.to_owned(),
+                Source::Flag(format!("--{}", key.replace('_', "-"))),
+            ));
         }
         let env = format!("TETHER_{}", key.to_ascii_uppercase());
         if let Ok(v) = std::env::var(&env) {
             return Some((v, Source::Env(env)));
         }
         let (path, map) = self.file.as_ref()?;
-        map.get(key).map(|v| (v.clone(), Source::File(path.clone(), key.to_owned())))
+        map.get(key)
+            .map(|v| (v.clone(), Source::File(path.clone(), key.to_owned())))
     }
 
     /// Parses `key` with `parse`; the error names the key, its source and the value.
@@ -98,7 +107,9 @@ impl Layers {
 
     /// A boolean: a bare flag counts as true.
     pub(crate) fn flag(&self, key: &str, flag: bool) -> Result<bool> {
-        Ok(self.get(key, flag.then_some("true"), parse_bool)?.unwrap_or(false))
+        Ok(self
+            .get(key, flag.then_some("true"), parse_bool)?
+            .unwrap_or(false))
     }
 }
 
@@ -143,9 +154,14 @@ pub(crate) fn parse_count(s: &str) -> std::result::Result<usize, String> {
 /// A byte size: `65536`, `64KiB`, `1MiB`, `1M`.
 pub(crate) fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '_').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.replace('_', "").parse().map_err(|_| "expected a number of bytes like 65536 or 64KiB".to_owned())?;
+    let n: u64 = num
+        .replace('_', "")
+        .parse()
+        .map_err(|_| "expected a number of bytes like 65536 or 64KiB".to_owned())?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -165,21 +181,47 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tether-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("t.toml");
-        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\ndetect-within = \"20s\"\nmax_connections = 5\n").unwrap();
-        let l = Layers::load(Some(&f), &["listen", "detect_within", "max_connections", "zz_unset_key"]).unwrap();
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9000\"\ndetect-within = \"20s\"\nmax_connections = 5\n",
+        )
+        .unwrap();
+        let l = Layers::load(
+            Some(&f),
+            &["listen", "detect_within", "max_connections", "zz_unset_key"],
+        )
+        .unwrap();
         // File value when nothing else.
-        assert_eq!(l.get("max_connections", None, parse_count).unwrap(), Some(5));
+        assert_eq!(
+            l.get("max_connections", None, parse_count).unwrap(),
+            Some(5)
+        );
         // Flag wins over file.
-        assert_eq!(l.get("max_connections", Some("7"), parse_count).unwrap(), Some(7));
+        assert_eq!(
+            l.get("max_connections", Some("7"), parse_count).unwrap(),
+            Some(7)
+        );
         // Env wins over file (a key no other test touches).
         std::env::set_var("TETHER_ZZ_UNSET_KEY", "3");
         assert_eq!(l.get("zz_unset_key", None, parse_count).unwrap(), Some(3));
-        assert_eq!(l.get("zz_unset_key", Some("4"), parse_count).unwrap(), Some(4));
+        assert_eq!(
+            l.get("zz_unset_key", Some("4"), parse_count).unwrap(),
+            Some(4)
+        );
         std::env::remove_var("TETHER_ZZ_UNSET_KEY");
         // A bad value names key, source and value.
-        let e = l.get("detect_within", Some("soon"), parse_duration).unwrap_err().to_string();
-        assert!(e.contains("--detect-within") && e.contains("\"soon\""), "{e}");
-        let e = l.get("listen", None, |_| Err::<(), _>("nope")).unwrap_err().to_string();
+        let e = l
+            .get("detect_within", Some("soon"), parse_duration)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--detect-within") && e.contains("\"soon\""),
+            "{e}"
+        );
+        let e = l
+            .get("listen", None, |_| Err::<(), _>("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key `listen`") && e.contains("t.toml"), "{e}");
     }
 
@@ -189,7 +231,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("t.toml");
         std::fs::write(&f, "listne = \"x\"\n").unwrap();
-        let e = Layers::load(Some(&f), &["listen"]).err().unwrap().to_string();
+        let e = Layers::load(Some(&f), &["listen"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("unknown key `listne`"), "{e}");
     }
 

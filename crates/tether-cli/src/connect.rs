@@ -64,19 +64,44 @@ pub(crate) struct ConnectArgs {
 
 pub(crate) fn run(args: ConnectArgs) -> Result<ExitCode> {
     let l = Layers::load(args.config.as_deref(), KEYS)?;
-    let addr = parse_addr(&args.addr).map_err(|e| anyhow::anyhow!("invalid server address {:?}: {e}", args.addr))?;
-    let id = l.get("id", args.id.as_deref(), |s| Ok::<_, String>(s.to_owned()))?.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "client".into());
-        format!("{host}-{}", std::process::id())
-    });
-    let detect = l.get("detect_within", args.detect_within.as_deref(), parse_duration)?.unwrap_or(Duration::from_secs(30));
-    let path = l.get("path", args.path.as_deref(), |s| PathSpec::parse(s).map_err(|e| e.to_string()))?;
+    let addr = parse_addr(&args.addr)
+        .map_err(|e| anyhow::anyhow!("invalid server address {:?}: {e}", args.addr))?;
+    let id = l
+        .get("id", args.id.as_deref(), |s| Ok::<_, String>(s.to_owned()))?
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "client".into());
+            format!("{host}-{}", std::process::id())
+        });
+    let detect = l
+        .get(
+            "detect_within",
+            args.detect_within.as_deref(),
+            parse_duration,
+        )?
+        .unwrap_or(Duration::from_secs(30));
+    let path = l.get("path", args.path.as_deref(), |s| {
+        PathSpec::parse(s).map_err(|e| e.to_string())
+    })?;
     let policy = Policy::derive(detect, path).context("the liveness settings are inconsistent")?;
-    let reconnect = l.get("reconnect", args.reconnect.as_deref(), crate::config::parse_bool)?.unwrap_or(true);
-    let cap = l.get("backoff_cap", args.backoff_cap.as_deref(), parse_duration)?.unwrap_or(Duration::from_secs(30));
+    let reconnect = l
+        .get(
+            "reconnect",
+            args.reconnect.as_deref(),
+            crate::config::parse_bool,
+        )?
+        .unwrap_or(true);
+    let cap = l
+        .get("backoff_cap", args.backoff_cap.as_deref(), parse_duration)?
+        .unwrap_or(Duration::from_secs(30));
     let mut cfg = ClientConfig::new(addr, id);
     cfg.connect.policy = policy;
-    cfg.backoff = BackoffConfig { cap, max_attempts: (!reconnect).then_some(0), ..BackoffConfig::default() };
+    cfg.backoff = BackoffConfig {
+        cap,
+        max_attempts: (!reconnect).then_some(0),
+        ..BackoffConfig::default()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

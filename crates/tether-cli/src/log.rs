@@ -31,20 +31,25 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
 /// Writes one event line to stderr.
 pub(crate) fn line(client: &str, event: &str, details: &str) {
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{}  {client:<16} {event:<13} {details}", rfc3339(SystemTime::now()));
+    let _ = writeln!(
+        err,
+        "{}  {client:<16} {event:<13} {details}",
+        rfc3339(SystemTime::now())
+    );
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -64,7 +69,13 @@ mod tests {
     #[test]
     fn formats_utc() {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_221_192_345)), "2026-11-21T00:33:12.345Z");
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_221_192_345)),
+            "2026-11-21T00:33:12.345Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 }

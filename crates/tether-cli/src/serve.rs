@@ -102,13 +102,26 @@ pub(crate) struct ServeSettings {
 impl ServeArgs {
     pub(crate) fn resolve(&self) -> Result<ServeSettings> {
         let l = Layers::load(self.config.as_deref(), KEYS)?;
-        let listen = l.get("listen", self.listen.as_deref(), parse_addr)?.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7300)));
+        let listen = l
+            .get("listen", self.listen.as_deref(), parse_addr)?
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7300)));
         let http = match l.raw("http", self.http.as_deref()) {
             Some((v, _)) if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") => None,
-            _ => Some(l.get("http", self.http.as_deref(), parse_addr)?.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7301)))),
+            _ => Some(
+                l.get("http", self.http.as_deref(), parse_addr)?
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7301))),
+            ),
         };
-        let detect = l.get("detect_within", self.detect_within.as_deref(), parse_duration)?.unwrap_or(Duration::from_secs(30));
-        let path = l.get("path", self.path.as_deref(), |s| PathSpec::parse(s).map_err(|e| e.to_string()))?;
+        let detect = l
+            .get(
+                "detect_within",
+                self.detect_within.as_deref(),
+                parse_duration,
+            )?
+            .unwrap_or(Duration::from_secs(30));
+        let path = l.get("path", self.path.as_deref(), |s| {
+            PathSpec::parse(s).map_err(|e| e.to_string())
+        })?;
         let mut b = Policy::builder(detect).path(path);
         if let Some(h) = l.get("heartbeat", self.heartbeat.as_deref(), parse_duration)? {
             b = b.heartbeat(h);
@@ -116,7 +129,14 @@ impl ServeArgs {
         if let Some(i) = l.get("idle_timeout", self.idle_timeout.as_deref(), parse_duration)? {
             b = b.idle_timeout(Some(i));
         }
-        let policy = b.build().context("the liveness settings are inconsistent")?;
+        let mut policy = b
+            .build()
+            .context("the liveness settings are inconsistent")?;
+        // RTT for the status page: one PING every three heartbeat intervals (it replaces a
+        // heartbeat, so it costs 9 bytes more, not an extra packet).
+        policy
+            .ping_interval
+            .get_or_insert(policy.heartbeat_interval * 3);
         let max_frame = l.get("max_frame", self.max_frame.as_deref(), |s| {
             let n = parse_bytes(s)?;
             if !(16..=1 << 30).contains(&n) {
@@ -129,9 +149,19 @@ impl ServeArgs {
             http,
             policy,
             echo: l.flag("echo", self.echo)?,
-            max_connections: l.get("max_connections", self.max_connections.as_deref(), parse_count)?.unwrap_or(100_000),
+            max_connections: l
+                .get(
+                    "max_connections",
+                    self.max_connections.as_deref(),
+                    parse_count,
+                )?
+                .unwrap_or(100_000),
             handshake_timeout: l
-                .get("handshake_timeout", self.handshake_timeout.as_deref(), parse_duration)?
+                .get(
+                    "handshake_timeout",
+                    self.handshake_timeout.as_deref(),
+                    parse_duration,
+                )?
                 .unwrap_or(Duration::from_secs(10)),
             max_frame: max_frame.unwrap_or(tether_proto::codec::DEFAULT_MAX_FRAME_LEN),
         })
@@ -154,17 +184,29 @@ impl StatusSource for Status {
                 let wall_of = |t: Instant| wall.checked_sub(now.saturating_duration_since(t));
                 let (disconnected_at, silent_for, reason, hold_left) = match &c.state {
                     PresenceState::Online | PresenceState::Suspect => (None, None, None, None),
-                    PresenceState::Resuming { reason, at, silent_for, until } => {
-                        (Some(*at), Some(*silent_for), Some(reason.clone()), Some(until.saturating_duration_since(now)))
-                    }
-                    PresenceState::Offline { reason, at, silent_for } => {
-                        (Some(*at), Some(*silent_for), Some(reason.clone()), None)
-                    }
+                    PresenceState::Resuming {
+                        reason,
+                        at,
+                        silent_for,
+                        until,
+                    } => (
+                        Some(*at),
+                        Some(*silent_for),
+                        Some(reason.clone()),
+                        Some(until.saturating_duration_since(now)),
+                    ),
+                    PresenceState::Offline {
+                        reason,
+                        at,
+                        silent_for,
+                    } => (Some(*at), Some(*silent_for), Some(reason.clone()), None),
                 };
                 let s = c.stats.unwrap_or_default();
                 let last_seen_ago = match (s.last_rx, disconnected_at) {
                     (Some(rx), None) => Some(now.saturating_duration_since(rx)),
-                    (_, Some(at)) => Some(now.saturating_duration_since(at) + silent_for.unwrap_or_default()),
+                    (_, Some(at)) => {
+                        Some(now.saturating_duration_since(at) + silent_for.unwrap_or_default())
+                    }
                     _ => None,
                 };
                 ClientRow {
@@ -210,7 +252,10 @@ impl StatusSource for Status {
 
 pub(crate) fn run(args: ServeArgs) -> Result<ExitCode> {
     let s = args.resolve()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     rt.block_on(serve(s))
 }
 
@@ -220,7 +265,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         .max_connections(s.max_connections)
         .handshake_timeout(s.handshake_timeout)
         .max_frame_len(s.max_frame);
-    let mut server = Server::bind(cfg).await.with_context(|| format!("cannot listen on {}", s.listen))?;
+    let mut server = Server::bind(cfg)
+        .await
+        .with_context(|| format!("cannot listen on {}", s.listen))?;
     let p = &s.policy;
     log::line(
         "-",
@@ -234,15 +281,27 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             p.keepalive
                 .map(|k| format!("{}+{}x{}", Human(k.idle), k.count, Human(k.interval)))
                 .unwrap_or_else(|| "off".into()),
-            p.user_timeout.map(|u| Human(u).to_string()).unwrap_or_else(|| "off".into()),
+            p.user_timeout
+                .map(|u| Human(u).to_string())
+                .unwrap_or_else(|| "off".into()),
             if s.echo { " echo=on" } else { "" }
         ),
     );
     if let Some(addr) = s.http {
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen for the status page on {addr}"))?;
-        log::line("-", "status-page", &format!("http://{}/", listener.local_addr().unwrap_or(addr)));
-        tokio::spawn(http::serve_status(listener, Arc::new(Status { handle: server.handle() })));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for the status page on {addr}"))?;
+        log::line(
+            "-",
+            "status-page",
+            &format!("http://{}/", listener.local_addr().unwrap_or(addr)),
+        );
+        tokio::spawn(http::serve_status(
+            listener,
+            Arc::new(Status {
+                handle: server.handle(),
+            }),
+        ));
     }
     let mut presence = server.subscribe();
     let handle = server.handle();

@@ -385,7 +385,11 @@ impl Policy {
             Human(d_w),
             Human(min_dead_after(h))
         );
-        out.push(Explanation::new("dead_after", Human(self.dead_after).to_string(), why));
+        out.push(Explanation::new(
+            "dead_after",
+            Human(self.dead_after).to_string(),
+            why,
+        ));
 
         out.push(Explanation::new(
             "suspect_after",
