@@ -268,8 +268,18 @@ mod tests {
     #[test]
     fn rejects_bad_values_and_names_them() {
         for bad in [
-            "abc", "4 minutes", "-5s", "1.2.3s", "5x", "30m1h", "1s1s", "1us1µs", "1h30", ".",
-            "5.s", "s",
+            "abc",
+            "4 minutes",
+            "-5s",
+            "1.2.3s",
+            "5x",
+            "30m1h",
+            "1s1s",
+            "1us1µs",
+            "1h30",
+            ".",
+            "5.s",
+            "s",
         ] {
             let err = parse(bad).unwrap_err();
             let msg = err.to_string();

@@ -353,21 +353,27 @@ impl Policy {
         let h = self.heartbeat_interval;
         let mut out = Vec::new();
 
-        let mut bounds = vec![format!("detect_within/3 = {}", Human(d_w / 3))];
+        // Bounds are shown to the millisecond: "3.333s", not "3.333333333s".
+        let approx = |d: Duration| Human(Duration::from_millis(d.as_millis() as u64));
+        let mut bounds = vec![format!("detect_within/3 = {}", approx(d_w / 3))];
         if d_w < Duration::from_millis(300) {
             bounds.push(format!(
                 "(detect_within − 100ms)/2 = {}",
-                Human(d_w.saturating_sub(MIN_MARGIN) / 2)
+                approx(d_w.saturating_sub(MIN_MARGIN) / 2)
             ));
         }
         if let Some(p) = self.path_timeout {
-            bounds.push(format!("path/3 = {}", Human(p / 3)));
+            bounds.push(format!("path/3 = {}", approx(p / 3)));
         }
         let derived_h = derive_heartbeat(self.dead_after, self.path_timeout);
         let mut why = format!(
-            "a side silent this long sends an empty frame; at most {} (rounded down) so that \
+            "a side silent this long sends an empty frame; at most {}, rounded down, so that \
              dead_after holds two heartbeats plus margin{}",
-            bounds.join(", "),
+            if bounds.len() == 1 {
+                bounds[0].clone()
+            } else {
+                format!("min({})", bounds.join(", "))
+            },
             if self.path_timeout.is_some() {
                 ", and a late heartbeat still refreshes the path's idle timer"
             } else {
@@ -385,7 +391,11 @@ impl Policy {
             Human(d_w),
             Human(min_dead_after(h))
         );
-        out.push(Explanation::new("dead_after", Human(self.dead_after).to_string(), why));
+        out.push(Explanation::new(
+            "dead_after",
+            Human(self.dead_after).to_string(),
+            why,
+        ));
 
         out.push(Explanation::new(
             "suspect_after",
@@ -683,7 +693,7 @@ fn floor_secs(d: Duration) -> Duration {
 
 /// Keepalive in whole seconds: idle = min(D/2, P/3), interval = min((D − idle)/3, P/3),
 /// count = (D − idle)/interval, each clamped to the kernel's limits.
-fn derive_keepalive(d_w: Duration, path: Option<Duration>) -> Keepalive {
+pub(crate) fn derive_keepalive(d_w: Duration, path: Option<Duration>) -> Keepalive {
     let cap = |d: Duration| match path {
         Some(p) => d.min(p / 3),
         None => d,

@@ -282,7 +282,8 @@ pub fn close_matches(name: &str) -> Vec<&'static str> {
         .iter()
         .filter_map(|p| {
             let d = edit_distance(&needle, p.name);
-            let related = !needle.is_empty() && (p.name.contains(&needle) || needle.contains(p.name));
+            let related =
+                !needle.is_empty() && (p.name.contains(&needle) || needle.contains(p.name));
             (d <= 3 || related).then_some((if related { d.min(3) } else { d }, p.name))
         })
         .collect();
@@ -414,7 +415,9 @@ impl fmt::Display for PathSpec {
 #[non_exhaustive]
 pub enum PathSpecError {
     /// Nothing given.
-    #[error("empty path: give a preset name (see `tether plan --list`) or an idle timeout such as 240s")]
+    #[error(
+        "empty path: give a preset name (see `tether plan --list`) or an idle timeout such as 240s"
+    )]
     Empty,
     /// Not a known preset name.
     #[error("unknown path preset {name:?}{}; `tether plan --list` shows them all", suggest(.suggestions))]

@@ -152,8 +152,14 @@ impl DisconnectReason {
             self,
             DisconnectReason::PeerClosed
                 | DisconnectReason::LocalClose
-                | DisconnectReason::PeerClose { code: CloseCode::NORMAL, .. }
-                | DisconnectReason::PeerClose { code: CloseCode::GOING_AWAY, .. }
+                | DisconnectReason::PeerClose {
+                    code: CloseCode::NORMAL,
+                    ..
+                }
+                | DisconnectReason::PeerClose {
+                    code: CloseCode::GOING_AWAY,
+                    ..
+                }
         )
     }
 }
