@@ -473,6 +473,39 @@ impl Policy {
     }
 }
 
+impl fmt::Display for Policy {
+    /// One line for logs: `heartbeat 10s, dead_after 30s, keepalive 15s+3×5s, user_timeout 30s`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "heartbeat {}, dead_after {}",
+            Human(self.heartbeat_interval),
+            Human(self.dead_after)
+        )?;
+        match self.keepalive {
+            Some(k) => write!(
+                f,
+                ", keepalive {}+{}×{}",
+                Human(k.idle),
+                k.count,
+                Human(k.interval)
+            )?,
+            None => f.write_str(", keepalive off")?,
+        }
+        match self.user_timeout {
+            Some(u) => write!(f, ", user_timeout {}", Human(u))?,
+            None => f.write_str(", user_timeout off")?,
+        }
+        if let Some(i) = self.idle_timeout {
+            write!(f, ", idle_timeout {}", Human(i))?;
+        }
+        if let Some(p) = self.ping_interval {
+            write!(f, ", ping {}", Human(p))?;
+        }
+        Ok(())
+    }
+}
+
 /// One setting of a policy, its value, and why (see [`Policy::explain`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Explanation {
@@ -939,6 +972,10 @@ mod tests {
         assert_eq!(p.user_timeout, Some(s(30)));
         assert_eq!(p.path_timeout, None);
         assert!(p.notes().is_empty(), "{:?}", p.notes());
+        assert_eq!(
+            p.to_string(),
+            "heartbeat 10s, dead_after 30s, keepalive 15s+3×5s, user_timeout 30s"
+        );
     }
 
     #[test]
