@@ -1,11 +1,37 @@
 //! tether-proto: the sans-IO core of tether.
+//!
+//! Everything here is a pure state machine: it takes input (bytes, events, the current time)
+//! and produces output (bytes to send, events, the next deadline). It never reads the clock,
+//! never sleeps and owns no socket (`clippy.toml` in this crate bans `Instant::now`,
+//! `SystemTime::now` and `thread::sleep`). The tokio driver lives in the `tether` crate.
+//!
+//! ```text
+//!            bytes in                          bytes out
+//!   socket ───────────▶ Conn::handle_input     Conn::pending_transmit ───────────▶ socket
+//!                        │  codec::Decoder       ▲  codec::encode
+//!                        ▼                       │
+//!   now ──────────────▶ Liveness (timers as data: heartbeat, dead, suspect, idle, ping)
+//!                        │
+//!                        ▼
+//!                      ConnEvent (Hello, Established, Message, Suspect, Closed{reason, silent_for})
+//! ```
+//!
+//! Deliberately not here: sockets, tasks, wall-clock time, randomness (tokens and seeds are
+//! passed in).
 #![forbid(unsafe_code)]
 
+pub mod backoff;
+pub mod codec;
+pub mod conn;
 pub mod duration;
-pub mod plan;
+pub mod liveness;
 pub mod policy;
+pub mod presence;
 pub mod presets;
 pub mod reason;
 
+pub use codec::{Frame, Hello, Welcome};
+pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, Role, TransportError};
+pub use liveness::{Liveness, LivenessConfig, LivenessEvent};
 pub use policy::{Keepalive, Policy};
 pub use reason::{CloseCode, DisconnectReason};

@@ -376,7 +376,7 @@ impl PathSpec {
     /// Whether TCP keepalive probes keep this path alive (`false` for L7 proxy presets;
     /// `true` when unknown, i.e. a bare timeout).
     pub fn tcp_keepalive_counts(&self) -> bool {
-        self.preset.map_or(true, |p| p.tcp_keepalive_counts)
+        self.preset.is_none_or(|p| p.tcp_keepalive_counts)
     }
 }
 

@@ -1,0 +1,655 @@
+//! Wire protocol v1: the preamble, frames, and an incremental decoder that checks every
+//! length before it allocates.
+//!
+//! ```text
+//! stream  = preamble *frame
+//! preamble = "TTHR" version:u8                      (5 bytes, each side sends one)
+//! frame   = length:u32be body:length bytes          (length 0 = HEARTBEAT, no body)
+//! body    = type:u8 fields…
+//!
+//!  0        4        5
+//!  +--------+--------+---------------- … ----+
+//!  | length | type   | fields (length-1 B)   |
+//!  +--------+--------+---------------- … ----+
+//! ```
+//!
+//! See `docs/PROTOCOL.md` for every frame's fields. Types with the high bit set (`0x80..=0xFF`)
+//! are extensions: a receiver that does not know one ignores it. An unknown type below `0x80`
+//! is a protocol error.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use std::time::Duration;
+use thiserror::Error;
+
+use crate::reason::CloseCode;
+
+/// The four magic bytes that open every tether stream.
+pub const MAGIC: [u8; 4] = *b"TTHR";
+/// The protocol version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Length of the preamble (`MAGIC` + version byte).
+pub const PREAMBLE_LEN: usize = 5;
+/// Length of the frame header (the big-endian `u32` length).
+pub const HEADER_LEN: usize = 4;
+/// Default maximum frame body length: 1 MiB.
+pub const DEFAULT_MAX_FRAME_LEN: u32 = 1 << 20;
+/// Longest client id accepted in a HELLO, in bytes.
+pub const MAX_CLIENT_ID_LEN: usize = 255;
+/// Longest text carried by CLOSE and REFUSE frames, in bytes (longer text is truncated when
+/// encoding and refused when decoding).
+pub const MAX_TEXT_LEN: usize = 1024;
+/// Length of a session resume token, in bytes (128 bits).
+pub const TOKEN_LEN: usize = 16;
+
+/// Frame type bytes (`docs/PROTOCOL.md` §"Frame types").
+pub mod ty {
+    /// Application message (unsequenced; connections without a session).
+    pub const DATA: u8 = 0x01;
+    /// RTT probe: nonce:u64.
+    pub const PING: u8 = 0x02;
+    /// RTT answer: the PING's nonce:u64.
+    pub const PONG: u8 = 0x03;
+    /// Orderly close with a reason: code:u16 text.
+    pub const CLOSE: u8 = 0x04;
+    /// Cumulative acknowledgement of sequenced data: seq:u64.
+    pub const ACK: u8 = 0x05;
+    /// Application message with a sequence number: seq:u64 payload (session connections).
+    pub const SEQ_DATA: u8 = 0x06;
+    /// Client hello (first frame a client sends).
+    pub const HELLO: u8 = 0x10;
+    /// Server welcome (answer to HELLO).
+    pub const WELCOME: u8 = 0x11;
+    /// Server refusal (answer to HELLO): code:u16 text.
+    pub const REFUSE: u8 = 0x12;
+    /// Probe request (first frame of a `tether probe` connection).
+    pub const PROBE: u8 = 0x20;
+    /// First extension type: types from here up are ignored when unknown.
+    pub const EXTENSION_MIN: u8 = 0x80;
+}
+
+/// HELLO flag: the client asks for a resumable session.
+pub const HELLO_SESSION: u8 = 0x01;
+/// HELLO flag: the hello carries a resume request (session id, token, last received seq).
+pub const HELLO_RESUME: u8 = 0x02;
+/// WELCOME flag: a session is granted; the welcome carries its id and token.
+pub const WELCOME_SESSION: u8 = 0x01;
+/// WELCOME flag: the requested session was resumed.
+pub const WELCOME_RESUMED: u8 = 0x02;
+
+/// A resume request inside a HELLO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeRequest {
+    /// The session id from the original welcome.
+    pub session_id: u64,
+    /// The secret resume token from the original welcome.
+    pub token: [u8; TOKEN_LEN],
+    /// The highest sequence number the client has received (0 = none).
+    pub last_received: u64,
+}
+
+/// The client's first frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Who the client says it is (1–255 bytes of UTF-8).
+    pub client_id: String,
+    /// The heartbeat interval the client would like; zero means no preference.
+    pub requested_heartbeat: Duration,
+    /// The client asks for a resumable session.
+    pub want_session: bool,
+    /// Present when the client resumes an earlier session.
+    pub resume: Option<ResumeRequest>,
+}
+
+/// Session parameters granted in a WELCOME.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionGrant {
+    /// Session id (not secret; for lookups and logs).
+    pub session_id: u64,
+    /// The secret resume token.
+    pub token: [u8; TOKEN_LEN],
+    /// True when an existing session was resumed.
+    pub resumed: bool,
+    /// The highest sequence number the server has received in this session (0 = none).
+    pub last_received: u64,
+    /// How long the server keeps the session after a disconnect.
+    pub linger: Duration,
+}
+
+/// The server's answer to an accepted HELLO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The heartbeat interval the client must use.
+    pub heartbeat: Duration,
+    /// How long the server waits for any byte before it declares the client dead.
+    pub dead_after: Duration,
+    /// Session parameters, when the client asked for one and the server grants it.
+    pub session: Option<SessionGrant>,
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// An empty frame (length 0): liveness only.
+    Heartbeat,
+    /// An application message.
+    Data(Bytes),
+    /// A sequenced application message (session connections).
+    SeqData {
+        /// Sequence number, starting at 1.
+        seq: u64,
+        /// The message.
+        payload: Bytes,
+    },
+    /// RTT probe.
+    Ping(u64),
+    /// RTT answer.
+    Pong(u64),
+    /// Orderly close with a reason.
+    Close {
+        /// Why.
+        code: CloseCode,
+        /// Human-readable detail.
+        text: String,
+    },
+    /// Cumulative acknowledgement: every sequence number up to and including this one arrived.
+    Ack(u64),
+    /// Client hello.
+    Hello(Hello),
+    /// Server welcome.
+    Welcome(Welcome),
+    /// Server refusal.
+    Refuse {
+        /// Why.
+        code: CloseCode,
+        /// Human-readable detail.
+        text: String,
+    },
+    /// Probe request; the body after the type byte is handed to the probe responder.
+    Probe(Bytes),
+    /// An extension frame this implementation does not know (type ≥ 0x80); ignore it.
+    Extension(u8),
+}
+
+/// Why bytes could not be decoded. Every variant closes the connection with a
+/// protocol-error reason.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The stream did not start with `TTHR`.
+    #[error("bad magic {found:02x?}, expected \"TTHR\"")]
+    BadMagic {
+        /// The four bytes received instead.
+        found: [u8; 4],
+    },
+    /// The peer speaks a version this implementation does not.
+    #[error("unsupported protocol version {found}, this side speaks {VERSION}")]
+    UnsupportedVersion {
+        /// The version byte received.
+        found: u8,
+    },
+    /// A frame announced a body longer than the configured maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    Oversize {
+        /// Announced length.
+        len: u32,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// A frame type below 0x80 that this version does not define.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// A known frame type with fields that do not parse.
+    #[error("malformed {frame} frame: {why}")]
+    Malformed {
+        /// Frame type name.
+        frame: &'static str,
+        /// What was wrong.
+        why: &'static str,
+    },
+}
+
+/// Writes the 5-byte preamble.
+pub fn encode_preamble(out: &mut BytesMut) {
+    out.put_slice(&MAGIC);
+    out.put_u8(VERSION);
+}
+
+/// Checks a 5-byte preamble.
+pub fn check_preamble(p: &[u8; PREAMBLE_LEN]) -> Result<(), DecodeError> {
+    let magic = [p[0], p[1], p[2], p[3]];
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic { found: magic });
+    }
+    if p[4] != VERSION {
+        return Err(DecodeError::UnsupportedVersion { found: p[4] });
+    }
+    Ok(())
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+fn truncate_text(text: &str) -> &str {
+    if text.len() <= MAX_TEXT_LEN {
+        return text;
+    }
+    let mut end = MAX_TEXT_LEN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// Appends one encoded frame (header included) to `out`.
+///
+/// Texts longer than [`MAX_TEXT_LEN`] are truncated at a character boundary; a client id
+/// longer than [`MAX_CLIENT_ID_LEN`] is truncated likewise (callers validate ids first).
+pub fn encode(frame: &Frame, out: &mut BytesMut) {
+    fn with_len(out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
+        let start = out.len();
+        out.put_u32(0);
+        body(out);
+        let len = (out.len() - start - HEADER_LEN) as u32;
+        out[start..start + HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    }
+    match frame {
+        Frame::Heartbeat => out.put_u32(0),
+        Frame::Data(p) => encode_data(p, out),
+        Frame::SeqData { seq, payload } => encode_seq_data(*seq, payload, out),
+        Frame::Ping(n) | Frame::Pong(n) => {
+            let t = if matches!(frame, Frame::Ping(_)) {
+                ty::PING
+            } else {
+                ty::PONG
+            };
+            out.put_u32(9);
+            out.put_u8(t);
+            out.put_u64(*n);
+        }
+        Frame::Ack(seq) => {
+            out.put_u32(9);
+            out.put_u8(ty::ACK);
+            out.put_u64(*seq);
+        }
+        Frame::Close { code, text } | Frame::Refuse { code, text } => {
+            let t = if matches!(frame, Frame::Close { .. }) {
+                ty::CLOSE
+            } else {
+                ty::REFUSE
+            };
+            let text = truncate_text(text);
+            out.put_u32(3 + text.len() as u32);
+            out.put_u8(t);
+            out.put_u16(code.0);
+            out.put_slice(text.as_bytes());
+        }
+        Frame::Hello(h) => with_len(out, |out| {
+            out.put_u8(ty::HELLO);
+            let mut flags = 0;
+            if h.want_session {
+                flags |= HELLO_SESSION;
+            }
+            if h.resume.is_some() {
+                flags |= HELLO_RESUME;
+            }
+            out.put_u8(flags);
+            out.put_u32(millis_u32(h.requested_heartbeat));
+            let mut id_len = h.client_id.len().min(MAX_CLIENT_ID_LEN);
+            while !h.client_id.is_char_boundary(id_len) {
+                id_len -= 1;
+            }
+            out.put_u8(id_len as u8);
+            out.put_slice(&h.client_id.as_bytes()[..id_len]);
+            if let Some(r) = &h.resume {
+                out.put_u64(r.session_id);
+                out.put_slice(&r.token);
+                out.put_u64(r.last_received);
+            }
+        }),
+        Frame::Welcome(w) => with_len(out, |out| {
+            out.put_u8(ty::WELCOME);
+            let mut flags = 0;
+            if let Some(s) = &w.session {
+                flags |= WELCOME_SESSION;
+                if s.resumed {
+                    flags |= WELCOME_RESUMED;
+                }
+            }
+            out.put_u8(flags);
+            out.put_u32(millis_u32(w.heartbeat));
+            out.put_u32(millis_u32(w.dead_after));
+            if let Some(s) = &w.session {
+                out.put_u64(s.session_id);
+                out.put_slice(&s.token);
+                out.put_u64(s.last_received);
+                out.put_u32(millis_u32(s.linger));
+            }
+        }),
+        Frame::Probe(body) => {
+            out.put_u32(1 + body.len() as u32);
+            out.put_u8(ty::PROBE);
+            out.put_slice(body);
+        }
+        Frame::Extension(t) => {
+            out.put_u32(1);
+            out.put_u8(*t);
+        }
+    }
+}
+
+/// Appends a DATA frame carrying `payload` (header included).
+pub fn encode_data(payload: &[u8], out: &mut BytesMut) {
+    out.reserve(HEADER_LEN + 1 + payload.len());
+    out.put_u32(1 + payload.len() as u32);
+    out.put_u8(ty::DATA);
+    out.put_slice(payload);
+}
+
+/// Appends a SEQ_DATA frame carrying `payload` with sequence number `seq`.
+pub fn encode_seq_data(seq: u64, payload: &[u8], out: &mut BytesMut) {
+    out.reserve(HEADER_LEN + 9 + payload.len());
+    out.put_u32(9 + payload.len() as u32);
+    out.put_u8(ty::SEQ_DATA);
+    out.put_u64(seq);
+    out.put_slice(payload);
+}
+
+/// The encoded size of a DATA frame with a payload of `len` bytes.
+pub const fn data_frame_len(len: usize) -> usize {
+    HEADER_LEN + 1 + len
+}
+
+fn malformed(frame: &'static str, why: &'static str) -> DecodeError {
+    DecodeError::Malformed { frame, why }
+}
+
+fn take_text(frame: &'static str, b: &[u8]) -> Result<String, DecodeError> {
+    if b.len() > MAX_TEXT_LEN {
+        return Err(malformed(frame, "text longer than 1024 bytes"));
+    }
+    String::from_utf8(b.to_vec()).map_err(|_| malformed(frame, "text is not UTF-8"))
+}
+
+/// Parses one frame body (everything after the length prefix). `body` is never empty here:
+/// an empty body is a heartbeat and handled by the caller.
+pub fn parse_body(body: &[u8]) -> Result<Frame, DecodeError> {
+    let (&t, mut rest) = body.split_first().ok_or(malformed("frame", "empty body"))?;
+    match t {
+        ty::DATA => Ok(Frame::Data(Bytes::copy_from_slice(rest))),
+        ty::SEQ_DATA => {
+            if rest.len() < 8 {
+                return Err(malformed("SEQ_DATA", "shorter than its sequence number"));
+            }
+            let seq = rest.get_u64();
+            Ok(Frame::SeqData {
+                seq,
+                payload: Bytes::copy_from_slice(rest),
+            })
+        }
+        ty::PING | ty::PONG | ty::ACK => {
+            let name = match t {
+                ty::PING => "PING",
+                ty::PONG => "PONG",
+                _ => "ACK",
+            };
+            if rest.len() != 8 {
+                return Err(malformed(
+                    name,
+                    "body must be exactly 8 bytes after the type",
+                ));
+            }
+            let n = rest.get_u64();
+            Ok(match t {
+                ty::PING => Frame::Ping(n),
+                ty::PONG => Frame::Pong(n),
+                _ => Frame::Ack(n),
+            })
+        }
+        ty::CLOSE | ty::REFUSE => {
+            let name = if t == ty::CLOSE { "CLOSE" } else { "REFUSE" };
+            if rest.len() < 2 {
+                return Err(malformed(name, "missing code"));
+            }
+            let code = CloseCode(rest.get_u16());
+            let text = take_text(name, rest)?;
+            Ok(if t == ty::CLOSE {
+                Frame::Close { code, text }
+            } else {
+                Frame::Refuse { code, text }
+            })
+        }
+        ty::HELLO => parse_hello(rest).map(Frame::Hello),
+        ty::WELCOME => parse_welcome(rest).map(Frame::Welcome),
+        ty::PROBE => Ok(Frame::Probe(Bytes::copy_from_slice(rest))),
+        t if t >= ty::EXTENSION_MIN => Ok(Frame::Extension(t)),
+        t => Err(DecodeError::UnknownType(t)),
+    }
+}
+
+fn parse_hello(mut b: &[u8]) -> Result<Hello, DecodeError> {
+    const F: &str = "HELLO";
+    if b.len() < 6 {
+        return Err(malformed(F, "too short"));
+    }
+    let flags = b.get_u8();
+    if flags & !(HELLO_SESSION | HELLO_RESUME) != 0 {
+        return Err(malformed(F, "unknown flag bits"));
+    }
+    let requested_heartbeat = Duration::from_millis(u64::from(b.get_u32()));
+    let id_len = usize::from(b.get_u8());
+    if id_len == 0 {
+        return Err(malformed(F, "empty client id"));
+    }
+    if b.len() < id_len {
+        return Err(malformed(F, "client id runs past the frame"));
+    }
+    let client_id = String::from_utf8(b[..id_len].to_vec())
+        .map_err(|_| malformed(F, "client id is not UTF-8"))?;
+    b.advance(id_len);
+    let resume = if flags & HELLO_RESUME != 0 {
+        if b.len() != 8 + TOKEN_LEN + 8 {
+            return Err(malformed(F, "resume fields must be 32 bytes"));
+        }
+        let session_id = b.get_u64();
+        let mut token = [0u8; TOKEN_LEN];
+        b.copy_to_slice(&mut token);
+        let last_received = b.get_u64();
+        Some(ResumeRequest {
+            session_id,
+            token,
+            last_received,
+        })
+    } else {
+        if !b.is_empty() {
+            return Err(malformed(F, "trailing bytes"));
+        }
+        None
+    };
+    Ok(Hello {
+        client_id,
+        requested_heartbeat,
+        want_session: flags & HELLO_SESSION != 0 || resume.is_some(),
+        resume,
+    })
+}
+
+fn parse_welcome(mut b: &[u8]) -> Result<Welcome, DecodeError> {
+    const F: &str = "WELCOME";
+    if b.len() < 9 {
+        return Err(malformed(F, "too short"));
+    }
+    let flags = b.get_u8();
+    if flags & !(WELCOME_SESSION | WELCOME_RESUMED) != 0 {
+        return Err(malformed(F, "unknown flag bits"));
+    }
+    let heartbeat = Duration::from_millis(u64::from(b.get_u32()));
+    let dead_after = Duration::from_millis(u64::from(b.get_u32()));
+    if heartbeat.is_zero() || dead_after.is_zero() {
+        return Err(malformed(F, "heartbeat and dead_after must be positive"));
+    }
+    let session = if flags & WELCOME_SESSION != 0 {
+        if b.len() != 8 + TOKEN_LEN + 8 + 4 {
+            return Err(malformed(F, "session fields must be 36 bytes"));
+        }
+        let session_id = b.get_u64();
+        let mut token = [0u8; TOKEN_LEN];
+        b.copy_to_slice(&mut token);
+        let last_received = b.get_u64();
+        let linger = Duration::from_millis(u64::from(b.get_u32()));
+        Some(SessionGrant {
+            session_id,
+            token,
+            resumed: flags & WELCOME_RESUMED != 0,
+            last_received,
+            linger,
+        })
+    } else {
+        if flags & WELCOME_RESUMED != 0 {
+            return Err(malformed(F, "resumed flag without a session"));
+        }
+        if !b.is_empty() {
+            return Err(malformed(F, "trailing bytes"));
+        }
+        None
+    };
+    Ok(Welcome {
+        heartbeat,
+        dead_after,
+        session,
+    })
+}
+
+/// Incremental frame decoder.
+///
+/// Feed it whatever the transport delivered; it yields whole frames. Complete frames are
+/// parsed straight from the input slice; only an incomplete tail is copied into an internal
+/// buffer, and that buffer is released as soon as the frame completes, so an idle connection
+/// holds no decode buffer. The announced length is checked against the maximum *before*
+/// anything is reserved.
+#[derive(Debug)]
+pub struct Decoder {
+    max_frame_len: u32,
+    partial: BytesMut,
+}
+
+/// What [`Decoder::decode`] saw in one call.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// Frames yielded (heartbeats included).
+    pub frames: usize,
+    /// Of which heartbeats.
+    pub heartbeats: usize,
+}
+
+impl Decoder {
+    /// A decoder that refuses frames whose body is longer than `max_frame_len`.
+    pub fn new(max_frame_len: u32) -> Self {
+        Decoder {
+            max_frame_len,
+            partial: BytesMut::new(),
+        }
+    }
+
+    /// The configured maximum body length.
+    pub fn max_frame_len(&self) -> u32 {
+        self.max_frame_len
+    }
+
+    /// Bytes held for an incomplete frame.
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Capacity currently allocated for incomplete frames (0 when idle).
+    pub fn buffer_capacity(&self) -> usize {
+        self.partial.capacity()
+    }
+
+    fn check_len(&self, len: u32) -> Result<(), DecodeError> {
+        if len > self.max_frame_len {
+            Err(DecodeError::Oversize {
+                len,
+                max: self.max_frame_len,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Decodes every complete frame in `input` (after any buffered tail), calling `sink` for
+    /// each. Stops at the first error; after an error the decoder must not be used again.
+    /// `sink` returns `false` to stop decoding early (the rest of the input is dropped).
+    pub fn decode(
+        &mut self,
+        mut input: &[u8],
+        mut sink: impl FnMut(Frame) -> bool,
+    ) -> Result<DecodeStats, DecodeError> {
+        let mut stats = DecodeStats::default();
+        let mut emit = |frame: Frame, stats: &mut DecodeStats| {
+            stats.frames += 1;
+            if frame == Frame::Heartbeat {
+                stats.heartbeats += 1;
+            }
+            sink(frame)
+        };
+        // Finish a frame started in an earlier call.
+        if !self.partial.is_empty() {
+            if self.partial.len() < HEADER_LEN {
+                let take = (HEADER_LEN - self.partial.len()).min(input.len());
+                self.partial.extend_from_slice(&input[..take]);
+                input = &input[take..];
+                if self.partial.len() < HEADER_LEN {
+                    return Ok(stats);
+                }
+            }
+            let len = u32::from_be_bytes([
+                self.partial[0],
+                self.partial[1],
+                self.partial[2],
+                self.partial[3],
+            ]);
+            self.check_len(len)?;
+            let total = HEADER_LEN + len as usize;
+            let take = (total - self.partial.len()).min(input.len());
+            // Grow only with bytes actually received: a peer that announces a large frame
+            // and stalls costs what it sent, not what it announced.
+            self.partial.extend_from_slice(&input[..take]);
+            input = &input[take..];
+            if self.partial.len() < total {
+                return Ok(stats);
+            }
+            let frame = if len == 0 {
+                Frame::Heartbeat
+            } else {
+                parse_body(&self.partial[HEADER_LEN..])?
+            };
+            // Release the buffer: an idle connection holds none.
+            self.partial = BytesMut::new();
+            if !emit(frame, &mut stats) {
+                return Ok(stats);
+            }
+        }
+        while input.len() >= HEADER_LEN {
+            let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]);
+            self.check_len(len)?;
+            let total = HEADER_LEN + len as usize;
+            if input.len() < total {
+                break;
+            }
+            let frame = if len == 0 {
+                Frame::Heartbeat
+            } else {
+                parse_body(&input[HEADER_LEN..total])?
+            };
+            input = &input[total..];
+            if !emit(frame, &mut stats) {
+                return Ok(stats);
+            }
+        }
+        if !input.is_empty() {
+            self.partial.extend_from_slice(input);
+        }
+        Ok(stats)
+    }
+}

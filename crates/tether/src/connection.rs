@@ -1,0 +1,387 @@
+//! [`Connection`]: one tether connection over TCP (or any [`Transport`]), driven by its own
+//! task.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tether_proto::codec::{Hello, Welcome};
+use tether_proto::{
+    CloseCode, Conn, ConnConfig, ConnEvent, Disconnect, DisconnectReason, LivenessConfig, Policy,
+};
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::driver::{self, Decision, Limits, Shared, Sink, StatsSnapshot, Transport};
+use crate::sockopt;
+
+/// How a connection ended: the reason and how long the peer had been silent.
+pub type Disconnected = Disconnect;
+
+/// The liveness settings a side applies, derived from a [`Policy`].
+///
+/// The server dictates heartbeat and dead-after in the WELCOME; the client adopts them. The
+/// server also marks a silent client `Suspect` after [`Policy::suspect_after`] and enforces
+/// the heartbeat interval it dictated.
+pub fn liveness_config(policy: &Policy, server: bool) -> LivenessConfig {
+    let h = policy.heartbeat_interval;
+    let suspect = policy.suspect_after().min(policy.dead_after.mul_f64(0.9));
+    LivenessConfig {
+        heartbeat_interval: h,
+        dead_after: policy.dead_after,
+        suspect_after: server.then_some(suspect),
+        idle_timeout: policy.idle_timeout,
+        ping_interval: policy.ping_interval,
+        enforce_peer_heartbeat: server.then_some(h),
+    }
+}
+
+/// Options for [`Connection::connect_with`].
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Who this client is (1–255 bytes of UTF-8).
+    pub client_id: String,
+    /// The local policy: socket options, and the heartbeat interval requested in the HELLO
+    /// (the server's WELCOME decides). Default: `Policy::default()`.
+    pub policy: Policy,
+    /// Longest frame accepted. Default: 1 MiB.
+    pub max_frame_len: u32,
+    /// TCP connect plus handshake must finish within this. Default: 10 s.
+    pub handshake_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Options with defaults for `client_id`.
+    pub fn new(client_id: impl Into<String>) -> Self {
+        ConnectOptions {
+            client_id: client_id.into(),
+            policy: Policy::default(),
+            max_frame_len: tether_proto::codec::DEFAULT_MAX_FRAME_LEN,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Sets the policy. Default: `Policy::default()`.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the maximum frame length. Default: 1 MiB.
+    pub fn max_frame_len(mut self, len: u32) -> Self {
+        self.max_frame_len = len;
+        self
+    }
+
+    /// Sets the handshake timeout. Default: 10 s.
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+}
+
+/// Why a connection could not be set up.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// Where.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting socket options failed.
+    #[error("cannot set socket options")]
+    SocketOptions(#[source] std::io::Error),
+    /// The client id is empty or longer than 255 bytes.
+    #[error("invalid client id {id:?}: must be 1-255 bytes")]
+    InvalidClientId {
+        /// The id.
+        id: String,
+    },
+    /// The server refused the connection.
+    #[error("refused by server: {code}: {text}")]
+    Refused {
+        /// Refusal code.
+        code: CloseCode,
+        /// Server's text.
+        text: String,
+    },
+    /// The handshake did not complete within the deadline.
+    #[error("handshake not complete after {0:?}")]
+    Timeout(Duration),
+    /// The connection ended during the handshake.
+    #[error("connection ended during the handshake: {0}")]
+    Handshake(DisconnectReason),
+}
+
+/// What a standalone connection's handshake produced: the welcome and (server side) the hello.
+type HandshakeResult = Result<(Welcome, Option<Hello>), Disconnect>;
+
+/// Standalone connection sink: messages to the inbox, the handshake result to a oneshot.
+struct ConnSink {
+    ready: Option<oneshot::Sender<HandshakeResult>>,
+    hello: Option<Hello>,
+    accept: Option<LivenessConfig>,
+}
+
+impl Sink for ConnSink {
+    fn hello(&mut self, _now: std::time::Instant, hello: &Hello) -> Decision {
+        self.hello = Some(hello.clone());
+        match self.accept.take() {
+            Some(cfg) => Decision::Accept(cfg, None),
+            None => Decision::Refuse(CloseCode::REFUSED, "not accepting".into()),
+        }
+    }
+
+    fn event(&mut self, shared: &Shared, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Established(w) => {
+                if let Some(tx) = self.ready.take() {
+                    let _ = tx.send(Ok((w, self.hello.take())));
+                }
+            }
+            ConnEvent::Message(m) => driver::push_inbox(shared, m),
+            ConnEvent::Closed(d) => {
+                if let Some(tx) = self.ready.take() {
+                    let _ = tx.send(Err(d));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One tether connection. Cheap to share for sending (`send` takes `&self`); receiving takes
+/// `&mut self`. Dropping the `Connection` closes it in order.
+#[derive(Debug)]
+pub struct Connection {
+    shared: Arc<Shared>,
+    welcome: Welcome,
+    peer: Option<SocketAddr>,
+}
+
+impl Connection {
+    /// Connects to a tether server as `client_id` with `policy`'s socket options.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        policy: &Policy,
+    ) -> Result<Connection, ConnectError> {
+        Connection::connect_with(addr, &ConnectOptions::new(client_id).policy(policy.clone())).await
+    }
+
+    /// Connects with full options.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        opts: &ConnectOptions,
+    ) -> Result<Connection, ConnectError> {
+        let t = opts.handshake_timeout;
+        let work = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|source| ConnectError::Connect { addr, source })?;
+            sockopt::apply(&stream, &opts.policy).map_err(ConnectError::SocketOptions)?;
+            let mut c = Connection::client_over(stream, opts).await?;
+            c.peer = Some(addr);
+            Ok(c)
+        };
+        tokio::time::timeout(t, work)
+            .await
+            .map_err(|_| ConnectError::Timeout(t))?
+    }
+
+    /// Runs the client side over any transport (the caller already connected it).
+    pub async fn client_over<T: Transport>(
+        io: T,
+        opts: &ConnectOptions,
+    ) -> Result<Connection, ConnectError> {
+        if opts.client_id.is_empty()
+            || opts.client_id.len() > tether_proto::codec::MAX_CLIENT_ID_LEN
+        {
+            return Err(ConnectError::InvalidClientId {
+                id: opts.client_id.clone(),
+            });
+        }
+        let now = tokio::time::Instant::now().into_std();
+        let hello = Hello {
+            client_id: opts.client_id.clone(),
+            requested_heartbeat: opts.policy.heartbeat_interval,
+            want_session: false,
+            resume: None,
+        };
+        let cfg = ConnConfig {
+            max_frame_len: opts.max_frame_len,
+            handshake_timeout: opts.handshake_timeout,
+        };
+        let conn = Conn::client(now, cfg, &hello, liveness_config(&opts.policy, false));
+        let (tx, rx) = oneshot::channel();
+        let shared = Shared::new(Limits::default());
+        let sink = ConnSink {
+            ready: Some(tx),
+            hello: None,
+            accept: None,
+        };
+        tokio::spawn(driver::drive(io, conn, shared.clone(), sink));
+        match rx.await {
+            Ok(Ok((welcome, _))) => Ok(Connection {
+                shared,
+                welcome,
+                peer: None,
+            }),
+            Ok(Err(Disconnect {
+                reason: DisconnectReason::Refused { code, text },
+                ..
+            })) => Err(ConnectError::Refused { code, text }),
+            Ok(Err(d)) => Err(ConnectError::Handshake(d.reason)),
+            Err(_) => Err(ConnectError::Handshake(DisconnectReason::LocalClose)),
+        }
+    }
+
+    /// Server side for one accepted TCP stream, without a [`Server`](crate::Server): applies
+    /// `policy`'s socket options, waits for the HELLO, accepts it and dictates `policy`'s
+    /// heartbeat and dead-after. Returns the connection and the client's hello.
+    pub async fn accept(
+        stream: TcpStream,
+        policy: &Policy,
+    ) -> Result<(Connection, Hello), ConnectError> {
+        sockopt::apply(&stream, policy).map_err(ConnectError::SocketOptions)?;
+        let peer = stream.peer_addr().ok();
+        let (mut c, h) = Connection::accept_over(stream, policy, &ConnConfig::default()).await?;
+        c.peer = peer;
+        Ok((c, h))
+    }
+
+    /// Server side over any transport.
+    pub async fn accept_over<T: Transport>(
+        io: T,
+        policy: &Policy,
+        cfg: &ConnConfig,
+    ) -> Result<(Connection, Hello), ConnectError> {
+        let now = tokio::time::Instant::now().into_std();
+        let conn = Conn::server(now, cfg.clone());
+        let (tx, rx) = oneshot::channel();
+        let shared = Shared::new(Limits::default());
+        let sink = ConnSink {
+            ready: Some(tx),
+            hello: None,
+            accept: Some(liveness_config(policy, true)),
+        };
+        tokio::spawn(driver::drive(io, conn, shared.clone(), sink));
+        match rx.await {
+            Ok(Ok((welcome, Some(hello)))) => Ok((
+                Connection {
+                    shared,
+                    welcome,
+                    peer: None,
+                },
+                hello,
+            )),
+            Ok(Ok((_, None))) => Err(ConnectError::Handshake(DisconnectReason::ProtocolError(
+                "no hello".into(),
+            ))),
+            Ok(Err(d)) => Err(ConnectError::Handshake(d.reason)),
+            Err(_) => Err(ConnectError::Handshake(DisconnectReason::LocalClose)),
+        }
+    }
+
+    /// The handshake's parameters (heartbeat interval and dead-after in force).
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The peer's address, when known.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// Sends a message. Waits while the outbox is full (back-pressure); fails with how the
+    /// connection ended once it has.
+    pub async fn send(&self, msg: Bytes) -> Result<(), Disconnected> {
+        self.shared.send(msg).await
+    }
+
+    /// Receives the next message; once the connection has ended and every received message
+    /// was taken, returns how it ended (again on every later call).
+    pub async fn recv(&mut self) -> Result<Bytes, Disconnected> {
+        poll_fn(|cx| driver::poll_recv(&self.shared, cx)).await
+    }
+
+    /// Closes in order with `code` and `text` (CLOSE frame, then FIN).
+    pub fn close(&self, code: CloseCode, text: &str) {
+        self.shared.close(code, text);
+    }
+
+    /// How the connection ended, if it has.
+    pub fn disconnected(&self) -> Option<Disconnected> {
+        self.shared.done()
+    }
+
+    /// Waits until the connection has ended (without taking messages).
+    pub async fn closed(&self) -> Disconnected {
+        loop {
+            let n = self.shared.space.notified();
+            if let Some(d) = self.shared.done() {
+                return d;
+            }
+            n.await;
+        }
+    }
+
+    /// Counters, readable at any time.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// A cloneable handle that can send and close, for use from other tasks.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A cloneable sending half of a [`Connection`] (or of a server-side connection).
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Sender {
+    /// Sends a message, waiting while the outbox is full.
+    pub async fn send(&self, msg: Bytes) -> Result<(), Disconnected> {
+        self.shared.send(msg).await
+    }
+
+    /// Queues a message without waiting; `false` when the outbox is full or the connection ended.
+    pub fn try_send(&self, msg: Bytes) -> bool {
+        self.shared.try_send(msg)
+    }
+
+    /// Closes in order with `code` and `text`.
+    pub fn close(&self, code: CloseCode, text: &str) {
+        self.shared.close(code, text);
+    }
+
+    /// How the connection ended, if it has.
+    pub fn disconnected(&self) -> Option<Disconnected> {
+        self.shared.done()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared.close(CloseCode::NORMAL, "");
+    }
+}

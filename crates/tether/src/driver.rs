@@ -1,0 +1,552 @@
+//! The per-connection task: drives a [`Conn`] over a transport.
+//!
+//! One task and one reusable `Sleep` per connection. Each wake-up: take commands (messages to
+//! send, close requests), read what the transport has into a stack buffer (no read buffer is
+//! held between wake-ups), fire due timers, hand events to the sink, write what the state
+//! machine queued, and re-arm the sleep only when the deadline changed.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tether_proto::codec::{Hello, SessionGrant};
+use tether_proto::{
+    CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig, TransportError,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// Bytes read per `read` call, on the stack.
+const READ_CHUNK: usize = 16 * 1024;
+/// Reads per wake-up before yielding to other tasks.
+const READS_PER_WAKE: usize = 16;
+/// Stop moving messages from the outbox into the state machine above this many queued bytes.
+const TRANSMIT_HIGH_WATER: usize = 256 * 1024;
+/// How long an orderly close may take to flush and see the peer's FIN.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// A byte stream tether can run over. Implemented for `TcpStream`; for TLS or other streams
+/// implement it with the default methods (one line).
+pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The connection ends because of a failure: make the close abortive (RST) if possible.
+    fn abort_on_close(&self) {}
+    /// Whether sent data is still unacknowledged, if the transport can tell (TCP_INFO).
+    fn has_unacked(&self) -> Option<bool> {
+        None
+    }
+}
+
+impl Transport for TcpStream {
+    fn abort_on_close(&self) {
+        let _ = crate::sockopt::set_abortive_close(self);
+    }
+    fn has_unacked(&self) -> Option<bool> {
+        #[cfg(target_os = "linux")]
+        {
+            crate::sockopt::unacked_segments(self).map(|n| n > 0)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
+    }
+}
+
+impl Transport for tokio::io::DuplexStream {}
+
+/// A process-wide origin for storing instants in atomics.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(|| tokio::time::Instant::now().into_std())
+}
+
+/// Per-connection counters, readable without locks (updated once per wake-up).
+#[derive(Debug, Default)]
+pub struct Stats {
+    last_rx_us: AtomicU64,
+    srtt_us: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) heartbeats_in: AtomicU64,
+    pub(crate) heartbeats_out: AtomicU64,
+}
+
+/// A copy of [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// When anything was last received (`None` before the first byte).
+    pub last_rx: Option<Instant>,
+    /// Smoothed RTT, once measured.
+    pub srtt: Option<Duration>,
+    /// Application messages received.
+    pub messages_in: u64,
+    /// Application messages sent.
+    pub messages_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Heartbeats received.
+    pub heartbeats_in: u64,
+    /// Heartbeats sent.
+    pub heartbeats_out: u64,
+}
+
+impl Stats {
+    fn update(&self, conn: &Conn) {
+        let s = conn.stats();
+        self.last_rx_us.store(
+            conn.last_rx().saturating_duration_since(base()).as_micros() as u64 + 1,
+            Relaxed,
+        );
+        if let Some(r) = conn.srtt() {
+            self.srtt_us.store(r.as_micros() as u64, Relaxed);
+        }
+        self.messages_in.store(s.messages_in, Relaxed);
+        self.messages_out.store(s.messages_out, Relaxed);
+        self.bytes_in.store(s.bytes_in, Relaxed);
+        self.bytes_out.store(s.bytes_out, Relaxed);
+        self.heartbeats_in.store(s.heartbeats_in, Relaxed);
+        self.heartbeats_out.store(s.heartbeats_out, Relaxed);
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let rx = self.last_rx_us.load(Relaxed);
+        let rtt = self.srtt_us.load(Relaxed);
+        StatsSnapshot {
+            last_rx: (rx > 0).then(|| base() + Duration::from_micros(rx - 1)),
+            srtt: (rtt > 0).then(|| Duration::from_micros(rtt)),
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            heartbeats_in: self.heartbeats_in.load(Relaxed),
+            heartbeats_out: self.heartbeats_out.load(Relaxed),
+        }
+    }
+}
+
+/// Commands and results shared between a connection's task and its handles.
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    pub(crate) outbox: VecDeque<Bytes>,
+    pub(crate) outbox_bytes: usize,
+    pub(crate) close: Option<(CloseCode, String)>,
+    pub(crate) driver: Option<Waker>,
+    pub(crate) inbox: VecDeque<Bytes>,
+    pub(crate) inbox_bytes: usize,
+    pub(crate) recv: Option<Waker>,
+    pub(crate) done: Option<Disconnect>,
+}
+
+/// State shared by a connection task and the handles that talk to it.
+#[derive(Debug, Default)]
+pub struct Shared {
+    inner: Mutex<Inner>,
+    pub(crate) space: Notify,
+    pub(crate) stats: Stats,
+    pub(crate) limits: Limits,
+}
+
+/// Bounds on what a connection buffers for the application.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Messages waiting to be sent, in bytes, before `send` waits.
+    pub(crate) outbox_bytes: usize,
+    /// Messages received but not yet taken by `recv`, in bytes, before reading pauses.
+    pub(crate) inbox_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            outbox_bytes: 1 << 20,
+            inbox_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Shared {
+            limits,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic elsewhere while holding it; the data is still usable
+        // (queues and flags only), so keep going rather than cascade the panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message, waiting while the outbox is full. Fails once the connection ended.
+    pub(crate) async fn send(&self, msg: Bytes) -> Result<(), Disconnect> {
+        loop {
+            let notified = self.space.notified();
+            {
+                let mut inner = self.lock();
+                if let Some(d) = &inner.done {
+                    return Err(d.clone());
+                }
+                if inner.outbox_bytes == 0
+                    || inner.outbox_bytes + msg.len() <= self.limits.outbox_bytes
+                {
+                    inner.outbox_bytes += msg.len();
+                    inner.outbox.push_back(msg);
+                    if let Some(w) = inner.driver.take() {
+                        w.wake();
+                    }
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Queues a message without waiting; `false` when the outbox is full or the connection ended.
+    pub(crate) fn try_send(&self, msg: Bytes) -> bool {
+        let mut inner = self.lock();
+        if inner.done.is_some()
+            || inner.outbox_bytes + msg.len() > self.limits.outbox_bytes.max(msg.len())
+        {
+            return false;
+        }
+        inner.outbox_bytes += msg.len();
+        inner.outbox.push_back(msg);
+        if let Some(w) = inner.driver.take() {
+            w.wake();
+        }
+        true
+    }
+
+    /// Asks the task to close the connection in order.
+    pub(crate) fn close(&self, code: CloseCode, text: &str) {
+        let mut inner = self.lock();
+        if inner.done.is_none() && inner.close.is_none() {
+            inner.close = Some((code, text.to_owned()));
+            if let Some(w) = inner.driver.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// The disconnect, once the connection ended.
+    pub(crate) fn done(&self) -> Option<Disconnect> {
+        self.lock().done.clone()
+    }
+}
+
+/// The server's answer to a HELLO.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    Accept(LivenessConfig, Option<SessionGrant>),
+    Refuse(CloseCode, String),
+}
+
+/// Where a connection task delivers what happens.
+pub(crate) trait Sink: Send + 'static {
+    /// A HELLO arrived (server side).
+    fn hello(&mut self, _now: Instant, hello: &Hello) -> Decision {
+        let _ = hello;
+        Decision::Refuse(
+            CloseCode::REFUSED,
+            "this endpoint does not accept connections".into(),
+        )
+    }
+    /// Any other event. `Message`s for a standalone connection go to the inbox.
+    fn event(&mut self, shared: &Shared, ev: ConnEvent);
+}
+
+/// Maps an I/O error to what the state machine understands.
+pub(crate) fn transport_error<T: Transport>(
+    io: &T,
+    e: &io::Error,
+    wrote_since_rx: bool,
+) -> TransportError {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionAborted => TransportError::Reset,
+        io::ErrorKind::TimedOut => TransportError::TimedOut {
+            unacked: io.has_unacked().unwrap_or(false) || wrote_since_rx,
+        },
+        _ => TransportError::Other(format!("{:?}: {e}", e.kind())),
+    }
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Runs one connection to its end. Returns how it ended.
+pub(crate) async fn drive<T: Transport, S: Sink>(
+    mut io: T,
+    mut conn: Conn,
+    shared: Arc<Shared>,
+    mut sink: S,
+) -> Disconnect {
+    let sleep =
+        tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
+    let mut read_done = false;
+    let mut write_failed = false;
+    let mut closing_since: Option<Instant> = None;
+    let mut shut_down = false;
+    let mut last_write: Option<Instant> = None;
+    let mut result: Option<Disconnect> = None;
+
+    poll_fn(|cx: &mut Context<'_>| -> Poll<()> {
+        loop {
+            let now = now();
+            // 1. Commands from the handles.
+            let paused;
+            {
+                let mut inner = shared.lock();
+                match &inner.driver {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => inner.driver = Some(cx.waker().clone()),
+                }
+                if conn.is_established() {
+                    let mut moved = false;
+                    while conn.pending_transmit().len() < TRANSMIT_HIGH_WATER {
+                        let Some(msg) = inner.outbox.pop_front() else {
+                            break;
+                        };
+                        inner.outbox_bytes -= msg.len();
+                        moved = true;
+                        if let Err(e) = conn.send(now, &msg) {
+                            tracing::debug!(error = %e, "message dropped by the state machine");
+                        }
+                    }
+                    if moved {
+                        shared.space.notify_waiters();
+                    }
+                }
+                if let Some((code, text)) = inner.close.take() {
+                    conn.close(now, code, &text);
+                }
+                paused = inner.inbox_bytes > shared.limits.inbox_bytes;
+            }
+
+            // 2. Read. A full inbox pauses reading (the application is the bottleneck, not the
+            // peer), so the kernel applies back-pressure to the sender.
+            let mut reads = 0;
+            while !read_done && reads < READS_PER_WAKE && (!paused || conn.is_closed()) {
+                let mut buf = [0u8; READ_CHUNK];
+                let mut rb = ReadBuf::new(&mut buf);
+                match Pin::new(&mut io).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        reads += 1;
+                        if rb.filled().is_empty() {
+                            read_done = true;
+                            conn.handle_eof(now);
+                        } else {
+                            conn.handle_input(now, rb.filled());
+                        }
+                    }
+                    Poll::Ready(Err(e)) => {
+                        read_done = true;
+                        let wrote = last_write.is_some_and(|w| w >= conn.last_rx());
+                        let err = transport_error(&io, &e, wrote);
+                        conn.handle_transport_error(now, err);
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if paused && !conn.is_closed() {
+                // Unread bytes may be waiting in the kernel: do not blame the peer for our
+                // application's slowness.
+                conn.note_alive(now);
+            }
+
+            // 3. Timers.
+            if conn.poll_timeout().is_some_and(|d| now >= d) {
+                conn.handle_timeout(now);
+            }
+
+            // 4. Events (HELLO decisions queue bytes, so before writing).
+            deliver(&mut conn, &mut sink, &shared, now, &mut result);
+
+            // 5. Write.
+            let mut wrote_any = false;
+            while !write_failed && !conn.pending_transmit().is_empty() {
+                match Pin::new(&mut io).poll_write(cx, conn.pending_transmit()) {
+                    Poll::Ready(Ok(0)) => write_failed = true,
+                    Poll::Ready(Ok(n)) => {
+                        conn.transmitted(n);
+                        wrote_any = true;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        write_failed = true;
+                        let err = transport_error(&io, &e, true);
+                        conn.handle_transport_error(now, err);
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if wrote_any {
+                last_write = Some(now);
+                let _ = Pin::new(&mut io).poll_flush(cx);
+            }
+            deliver(&mut conn, &mut sink, &shared, now, &mut result);
+            shared.stats.update(&conn);
+
+            // 6. Finish.
+            if conn.is_closed() {
+                // Abort (RST) when the peer or the path failed: the kernel must not keep
+                // retransmitting into a dead path. Refusals and protocol errors close in order
+                // so the peer can read the REFUSE or CLOSE frame that explains why.
+                let failure = result.as_ref().is_none_or(|d| {
+                    matches!(
+                        d.reason,
+                        DisconnectReason::HeartbeatTimeout
+                            | DisconnectReason::KeepaliveTimeout
+                            | DisconnectReason::UserTimeout
+                            | DisconnectReason::PeerReset
+                            | DisconnectReason::Io(_)
+                    )
+                });
+                let since = *closing_since.get_or_insert_with(|| {
+                    if failure {
+                        io.abort_on_close();
+                    }
+                    now
+                });
+                if failure || write_failed {
+                    return Poll::Ready(());
+                }
+                if conn.pending_transmit().is_empty() && !shut_down {
+                    // Orderly: FIN after the CLOSE frame, then wait (bounded) for the peer's FIN
+                    // so that no unread data turns our close into an RST.
+                    match Pin::new(&mut io).poll_shutdown(cx) {
+                        Poll::Ready(_) => shut_down = true,
+                        Poll::Pending => {}
+                    }
+                }
+                if (shut_down && read_done) || now >= since + CLOSE_LINGER {
+                    return Poll::Ready(());
+                }
+                // Keep draining reads (discarded by the closed state machine) until EOF.
+                if shut_down && !read_done {
+                    let mut buf = [0u8; READ_CHUNK];
+                    let mut rb = ReadBuf::new(&mut buf);
+                    match Pin::new(&mut io).poll_read(cx, &mut rb) {
+                        Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(()),
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(_)) => return Poll::Ready(()),
+                        Poll::Pending => {}
+                    }
+                }
+            }
+
+            // 7. Sleep until the next deadline; re-arm only when it changed.
+            let deadline = match (conn.poll_timeout(), closing_since) {
+                (Some(d), Some(c)) => Some(d.min(c + CLOSE_LINGER)),
+                (d, c) => d.or(c.map(|c| c + CLOSE_LINGER)),
+            };
+            if let Some(d) = deadline {
+                if armed != Some(d) {
+                    sleep.as_mut().reset(tokio::time::Instant::from_std(d));
+                    armed = Some(d);
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    armed = None;
+                    continue;
+                }
+            }
+            if reads == READS_PER_WAKE {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+    })
+    .await;
+
+    let d = result.unwrap_or(Disconnect {
+        reason: DisconnectReason::LocalClose,
+        silent_for: Duration::ZERO,
+    });
+    let mut inner = shared.lock();
+    inner.done.get_or_insert_with(|| d.clone());
+    if let Some(w) = inner.recv.take() {
+        w.wake();
+    }
+    drop(inner);
+    shared.space.notify_waiters();
+    d
+}
+
+fn deliver<S: Sink>(
+    conn: &mut Conn,
+    sink: &mut S,
+    shared: &Shared,
+    now: Instant,
+    result: &mut Option<Disconnect>,
+) {
+    while let Some(ev) = conn.poll_event() {
+        match ev {
+            ConnEvent::Hello(h) => match sink.hello(now, &h) {
+                Decision::Accept(cfg, session) => conn.accept(now, cfg, session),
+                Decision::Refuse(code, text) => conn.refuse(now, code, &text),
+            },
+            ConnEvent::Closed(d) => {
+                *result = Some(d.clone());
+                {
+                    let mut inner = shared.lock();
+                    inner.done.get_or_insert_with(|| d.clone());
+                    if let Some(w) = inner.recv.take() {
+                        w.wake();
+                    }
+                }
+                shared.space.notify_waiters();
+                sink.event(shared, ConnEvent::Closed(d));
+            }
+            ev => sink.event(shared, ev),
+        }
+    }
+}
+
+/// Pushes a received message into a standalone connection's inbox.
+pub(crate) fn push_inbox(shared: &Shared, msg: Bytes) {
+    let mut inner = shared.lock();
+    inner.inbox_bytes += msg.len();
+    inner.inbox.push_back(msg);
+    if let Some(w) = inner.recv.take() {
+        w.wake();
+    }
+}
+
+/// Takes the next message from the inbox, or the disconnect once it is empty and closed.
+pub(crate) fn poll_recv(shared: &Shared, cx: &mut Context<'_>) -> Poll<Result<Bytes, Disconnect>> {
+    let mut inner = shared.lock();
+    if let Some(m) = inner.inbox.pop_front() {
+        let was_paused = inner.inbox_bytes > shared.limits.inbox_bytes;
+        inner.inbox_bytes -= m.len();
+        if was_paused && inner.inbox_bytes <= shared.limits.inbox_bytes {
+            if let Some(w) = inner.driver.take() {
+                w.wake();
+            }
+        }
+        return Poll::Ready(Ok(m));
+    }
+    if let Some(d) = &inner.done {
+        return Poll::Ready(Err(d.clone()));
+    }
+    match &inner.recv {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => inner.recv = Some(cx.waker().clone()),
+    }
+    Poll::Pending
+}

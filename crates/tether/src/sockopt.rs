@@ -1,0 +1,145 @@
+//! Per-socket liveness options, applied through `socket2::SockRef` on the tokio socket itself
+//! (no fd duplication, no switch to blocking mode), and read back from the kernel.
+//!
+//! | option | Linux | other Unix | Windows |
+//! |---|---|---|---|
+//! | `TCP_NODELAY` | yes | yes | yes |
+//! | `SO_KEEPALIVE` + `TCP_KEEPIDLE` | yes | yes (`TCP_KEEPALIVE` on Apple) | yes |
+//! | `TCP_KEEPINTVL`, `TCP_KEEPCNT` | yes | most | interval only |
+//! | `TCP_USER_TIMEOUT` | yes | no | no |
+
+use std::io;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tether_proto::{Keepalive, Policy};
+
+/// The liveness-related options of one socket, as set or as read back from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketSettings {
+    /// `TCP_NODELAY`.
+    pub nodelay: bool,
+    /// `SO_KEEPALIVE` with its idle/interval/count, or `None` when keepalive is off.
+    pub keepalive: Option<Keepalive>,
+    /// `TCP_USER_TIMEOUT` (Linux only; `None` when 0/unset or unsupported).
+    pub user_timeout: Option<Duration>,
+}
+
+impl SocketSettings {
+    /// What [`apply`] sets for `policy`.
+    pub fn from_policy(policy: &Policy) -> Self {
+        SocketSettings {
+            nodelay: true,
+            keepalive: policy.keepalive,
+            user_timeout: if cfg!(target_os = "linux") {
+                policy.user_timeout
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// Applies `policy`'s socket options to `sock` (a `tokio::net::TcpStream`, `std::net::TcpStream`,
+/// or anything else with a socket fd).
+pub fn apply<S: socket2_fd::AsSocket>(sock: &S, policy: &Policy) -> io::Result<()> {
+    let s = SockRef::from(sock);
+    s.set_nodelay(true)?;
+    match policy.keepalive {
+        Some(k) => {
+            let ka = TcpKeepalive::new().with_time(k.idle);
+            #[cfg(any(
+                target_os = "linux",
+                target_os = "android",
+                target_vendor = "apple",
+                target_os = "freebsd",
+                target_os = "windows"
+            ))]
+            let ka = ka.with_interval(k.interval);
+            #[cfg(any(
+                target_os = "linux",
+                target_os = "android",
+                target_vendor = "apple",
+                target_os = "freebsd"
+            ))]
+            let ka = ka.with_retries(k.count);
+            s.set_tcp_keepalive(&ka)?;
+        }
+        None => s.set_keepalive(false)?,
+    }
+    #[cfg(target_os = "linux")]
+    s.set_tcp_user_timeout(policy.user_timeout)?;
+    Ok(())
+}
+
+/// Reads the liveness options back from the kernel.
+pub fn read_back<S: socket2_fd::AsSocket>(sock: &S) -> io::Result<SocketSettings> {
+    let s = SockRef::from(sock);
+    let keepalive = if s.keepalive()? {
+        #[cfg(any(
+            target_os = "linux",
+            target_os = "android",
+            target_vendor = "apple",
+            target_os = "freebsd"
+        ))]
+        let (interval, count) = (s.keepalive_interval()?, s.keepalive_retries()?);
+        #[cfg(not(any(
+            target_os = "linux",
+            target_os = "android",
+            target_vendor = "apple",
+            target_os = "freebsd"
+        )))]
+        let (interval, count) = (Duration::ZERO, 0);
+        Some(Keepalive {
+            idle: s.keepalive_time()?,
+            interval,
+            count,
+        })
+    } else {
+        None
+    };
+    #[cfg(target_os = "linux")]
+    let user_timeout = s.tcp_user_timeout()?;
+    #[cfg(not(target_os = "linux"))]
+    let user_timeout = None;
+    Ok(SocketSettings {
+        nodelay: s.nodelay()?,
+        keepalive,
+        user_timeout,
+    })
+}
+
+/// Makes the next close of `sock` abortive (RST instead of FIN): `SO_LINGER` with a zero
+/// timeout. Used when a connection ends because of a failure, so the kernel does not keep
+/// retransmitting into a dead path and the peer (if reachable) learns at once.
+pub fn set_abortive_close<S: socket2_fd::AsSocket>(sock: &S) -> io::Result<()> {
+    SockRef::from(sock).set_linger(Some(Duration::ZERO))
+}
+
+/// Bytes sent but not yet acknowledged by the peer (`SIOCOUTQ` minus unsent; Linux reads
+/// `tcpi_unacked` segments via `TCP_INFO`). `None` when unknown.
+#[cfg(target_os = "linux")]
+pub fn unacked_segments<S: std::os::fd::AsRawFd>(sock: &S) -> Option<u32> {
+    // SAFETY: `tcp_info` is plain old data; getsockopt writes at most `len` bytes into it and
+    // we pass its exact size. The fd is borrowed from a live socket for the call's duration.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (rc == 0).then_some(info.tcpi_unacked)
+    }
+}
+
+/// Platform glue: what `SockRef::from` accepts.
+pub mod socket2_fd {
+    #[cfg(unix)]
+    pub use std::os::fd::AsFd as AsSocket;
+    #[cfg(windows)]
+    pub use std::os::windows::io::AsSocket;
+}

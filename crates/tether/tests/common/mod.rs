@@ -1,0 +1,138 @@
+//! Test helpers: a userspace blackhole proxy and raw-protocol peers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_proto::{Keepalive, Policy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A policy with small timers for loopback tests.
+pub fn fast_policy(h_ms: u64, d_ms: u64) -> Policy {
+    Policy {
+        heartbeat_interval: Duration::from_millis(h_ms),
+        dead_after: Duration::from_millis(d_ms),
+        idle_timeout: None,
+        keepalive: Some(Keepalive {
+            idle: Duration::from_secs(5),
+            interval: Duration::from_secs(1),
+            count: 3,
+        }),
+        user_timeout: Some(Duration::from_secs(8)),
+        ping_interval: None,
+        detect_within: Duration::from_millis(d_ms),
+        ..Policy::default()
+    }
+}
+
+/// A TCP proxy on loopback that can stop forwarding in both directions ("blackhole"):
+/// bytes are read and discarded, nothing is closed, no FIN or RST reaches either side.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    holed: Arc<AtomicBool>,
+}
+
+impl Blackhole {
+    pub async fn start(upstream: SocketAddr) -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holed = Arc::new(AtomicBool::new(false));
+        let h = holed.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(pump(dr, uw, h.clone()));
+                tokio::spawn(pump(ur, dw, h.clone()));
+            }
+        });
+        Blackhole { addr, holed }
+    }
+
+    pub fn set(&self, on: bool) {
+        self.holed.store(on, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    holed: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                // Never forward FIN/RST while holed: a blackhole closes nothing.
+                while holed.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = w.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        if holed.load(Ordering::SeqCst) {
+            continue;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Performs the server side of the handshake by hand and returns the raw stream.
+pub async fn raw_accept(listener: &TcpListener, h_ms: u32, d_ms: u32) -> TcpStream {
+    let (mut s, _) = listener.accept().await.unwrap();
+    // Read preamble + HELLO frame.
+    let mut pre = [0u8; 5];
+    s.read_exact(&mut pre).await.unwrap();
+    assert_eq!(&pre[..4], b"TTHR");
+    let len = s.read_u32().await.unwrap();
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(body[0], 0x10, "first frame is HELLO");
+    let mut out = Vec::new();
+    out.extend_from_slice(b"TTHR\x01");
+    out.extend_from_slice(&10u32.to_be_bytes());
+    out.push(0x11);
+    out.push(0);
+    out.extend_from_slice(&h_ms.to_be_bytes());
+    out.extend_from_slice(&d_ms.to_be_bytes());
+    s.write_all(&out).await.unwrap();
+    s
+}
+
+/// Performs the client side of the handshake by hand and returns the raw stream.
+pub async fn raw_connect(addr: SocketAddr, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&raw_hello(id)).await.unwrap();
+    let mut pre = [0u8; 5];
+    s.read_exact(&mut pre).await.unwrap();
+    assert_eq!(&pre, b"TTHR\x01");
+    let len = s.read_u32().await.unwrap();
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).await.unwrap();
+    assert_eq!(body[0], 0x11, "expected WELCOME, got {body:?}");
+    s
+}
+
+/// Preamble + HELLO for `id`, as bytes.
+pub fn raw_hello(id: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"TTHR\x01");
+    let body_len = 1 + 1 + 4 + 1 + id.len();
+    out.extend_from_slice(&(body_len as u32).to_be_bytes());
+    out.push(0x10);
+    out.push(0);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.push(id.len() as u8);
+    out.extend_from_slice(id.as_bytes());
+    out
+}
