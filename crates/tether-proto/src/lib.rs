@@ -25,6 +25,7 @@ pub mod codec;
 pub mod conn;
 pub mod duration;
 pub mod liveness;
+pub mod plan;
 pub mod policy;
 pub mod presence;
 pub mod presets;
