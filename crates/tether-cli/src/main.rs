@@ -7,6 +7,7 @@ mod config;
 mod connect;
 mod http;
 mod log;
+mod plan;
 mod serve;
 
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Connect to a server: stdin lines out, messages in, reconnects on its own.
     Connect(connect::ConnectArgs),
+    /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
+    #[command(long_about = plan::LONG_ABOUT)]
+    Plan(plan::PlanArgs),
 }
 
 fn init_tracing() {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Connect(a) => connect::run(a),
+        Command::Plan(a) => plan::run(a),
     };
     match result {
         Ok(code) => code,
@@ -57,6 +62,12 @@ fn main() -> ExitCode {
 }
 
 fn is_config_error(e: &anyhow::Error) -> bool {
+    if e.chain().any(|c| {
+        c.downcast_ref::<tether_proto::policy::PolicyError>()
+            .is_some()
+    }) {
+        return true;
+    }
     let s = format!("{e:#}");
     s.contains("invalid value") || s.contains("config file") || s.contains("inconsistent")
 }
