@@ -180,6 +180,7 @@ pub struct Conn {
     local: Option<LivenessConfig>,
     last_rx: Instant,
     close_received: bool,
+    handed_off: bool,
     stats: ConnStats,
 }
 
@@ -216,6 +217,7 @@ impl Conn {
             local: None,
             last_rx: now,
             close_received: false,
+            handed_off: false,
             stats: ConnStats::default(),
         }
     }
@@ -233,6 +235,12 @@ impl Conn {
     /// True once the connection has ended (pending bytes may still need flushing).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
+    }
+
+    /// True when the peer asked for a probe exchange ([`ConnEvent::Probe`]): the driver hands
+    /// the transport to the probe responder instead of closing it.
+    pub fn is_handed_off(&self) -> bool {
+        self.handed_off
     }
 
     /// Counters.
@@ -465,6 +473,7 @@ impl Conn {
             }
             (State::AwaitHello, Frame::Probe(body)) => {
                 self.state = State::Closed;
+                self.handed_off = true;
                 self.handshake_deadline = None;
                 self.events.push_back(ConnEvent::Probe(body));
             }

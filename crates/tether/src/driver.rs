@@ -289,13 +289,14 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Runs one connection to its end. Returns how it ended.
+/// Runs one connection to its end. Returns how it ended, and the transport when the state
+/// machine handed it off (a probe request) instead of closing it.
 pub(crate) async fn drive<T: Transport, S: Sink>(
     mut io: T,
     mut conn: Conn,
     shared: Arc<Shared>,
     mut sink: S,
-) -> Disconnect {
+) -> (Disconnect, Option<T>) {
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
     tokio::pin!(sleep);
@@ -404,6 +405,9 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
             shared.stats.update(&conn);
 
             // 6. Finish.
+            if conn.is_handed_off() {
+                return Poll::Ready(());
+            }
             if conn.is_closed() {
                 // Abort (RST) when the peer or the path failed: the kernel must not keep
                 // retransmitting into a dead path. Refusals and protocol errors close in order
@@ -485,7 +489,8 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
     }
     drop(inner);
     shared.space.notify_waiters();
-    d
+    let handed = conn.is_handed_off().then_some(io);
+    (d, handed)
 }
 
 fn deliver<S: Sink>(

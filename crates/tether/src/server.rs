@@ -564,14 +564,23 @@ async fn run_connection(stream: TcpStream, remote: SocketAddr, inner: Arc<Inner>
         outbox_bytes: inner.cfg.outbox_bytes,
         inbox_bytes: usize::MAX,
     });
+    let probe_request = Arc::new(Mutex::new(None));
     let sink = ServerSink {
         inner: inner.clone(),
         conn_id,
         remote,
         client_id: None,
         shared: shared.clone(),
+        probe: probe_request.clone(),
     };
-    driver::drive(stream, conn, shared.clone(), sink).await;
+    let (_, handed_off) = driver::drive(stream, conn, shared.clone(), sink).await;
+    if let Some(stream) = handed_off {
+        // A `tether probe` connection: the PROBE frame was its first frame.
+        let req = lock(&probe_request).take();
+        if let Some(req) = req {
+            crate::probe::respond(stream, req).await;
+        }
+    }
     // Fold this connection's counters into the totals.
     let s = shared.stats.snapshot();
     let t = &inner.totals;
@@ -588,6 +597,7 @@ struct ServerSink {
     remote: SocketAddr,
     client_id: Option<String>,
     shared: Arc<Shared>,
+    probe: Arc<Mutex<Option<Bytes>>>,
 }
 
 fn valid_client_id(id: &str) -> bool {
@@ -703,10 +713,8 @@ impl Sink for ServerSink {
                     }
                 }
             }
-            ConnEvent::Hello(_)
-            | ConnEvent::Established(_)
-            | ConnEvent::Probe(_)
-            | ConnEvent::Rtt { .. } => {}
+            ConnEvent::Probe(body) => *lock(&self.probe) = Some(body),
+            ConnEvent::Hello(_) | ConnEvent::Established(_) | ConnEvent::Rtt { .. } => {}
         }
     }
 }
