@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tether_proto::codec::{
-    self, check_preamble, DecodeError, Decoder, Frame, Hello, ResumeRequest, SessionGrant,
-    Welcome, HEADER_LEN, MAX_TEXT_LEN,
+    self, check_preamble, DecodeError, Decoder, Frame, Hello, ResumeRequest, SessionGrant, Welcome,
+    HEADER_LEN, MAX_TEXT_LEN,
 };
 use tether_proto::CloseCode;
 
@@ -46,7 +46,10 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
     let token: [u8; 16] = core::array::from_fn(|i| 0xa0 + i as u8);
     vec![
         (Frame::Heartbeat, hex("00000000")),
-        (Frame::Data(Bytes::from_static(b"hi")), hex("00000003 01 6869")),
+        (
+            Frame::Data(Bytes::from_static(b"hi")),
+            hex("00000003 01 6869"),
+        ),
         (Frame::Data(Bytes::new()), hex("00000001 01")),
         (
             Frame::Ping(0x0102030405060708),
@@ -104,10 +107,8 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                     last_received: 5,
                 }),
             }),
-            hex(
-                "00000028 10 03 00000001 01 63
-                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000005",
-            ),
+            hex("00000028 10 03 00000001 01 63
+                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000005"),
         ),
         (
             Frame::Welcome(Welcome {
@@ -129,10 +130,8 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                     linger: Duration::from_millis(60_000),
                 }),
             }),
-            hex(
-                "0000002e 11 03 000003e8 00000bb8
-                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000004 0000ea60",
-            ),
+            hex("0000002e 11 03 000003e8 00000bb8
+                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000004 0000ea60"),
         ),
         (
             Frame::Refuse {
@@ -180,7 +179,10 @@ fn extension_bodies_are_skipped_whole() {
     bytes.extend(enc(&Frame::Data(Bytes::from_static(b"ok"))));
     assert_eq!(
         decode_all(1024, &bytes).unwrap(),
-        vec![Frame::Extension(0x9f), Frame::Data(Bytes::from_static(b"ok"))]
+        vec![
+            Frame::Extension(0x9f),
+            Frame::Data(Bytes::from_static(b"ok"))
+        ]
     );
 }
 
@@ -371,7 +373,13 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             arb_pos_ms(),
             arb_pos_ms(),
-            prop::option::of((any::<u64>(), any::<[u8; 16]>(), any::<bool>(), any::<u64>(), arb_ms()))
+            prop::option::of((
+                any::<u64>(),
+                any::<[u8; 16]>(),
+                any::<bool>(),
+                any::<u64>(),
+                arb_ms()
+            ))
         )
             .prop_map(|(heartbeat, dead_after, s)| Frame::Welcome(Welcome {
                 heartbeat,

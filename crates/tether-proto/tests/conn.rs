@@ -244,7 +244,10 @@ fn handshake_in_memory_then_messages_both_ways() {
         p.server_events[2].1,
         ConnEvent::Message(bytes::Bytes::from_static(b"ping from client"))
     );
-    assert_eq!(p.client_events[1].1, ConnEvent::Message(bytes::Bytes::new()));
+    assert_eq!(
+        p.client_events[1].1,
+        ConnEvent::Message(bytes::Bytes::new())
+    );
     assert_eq!(p.server.stats().messages_in, 1);
     assert_eq!(p.client.stats().messages_out, 1);
 }
@@ -276,8 +279,14 @@ fn refusal_reaches_the_client_with_code_and_text() {
         code: CloseCode::SERVER_FULL,
         text: "full".into(),
     };
-    assert_eq!(closed(&events_of(&p.client_events)).unwrap().reason, refused);
-    assert_eq!(closed(&events_of(&p.server_events)).unwrap().reason, refused);
+    assert_eq!(
+        closed(&events_of(&p.client_events)).unwrap().reason,
+        refused
+    );
+    assert_eq!(
+        closed(&events_of(&p.server_events)).unwrap().reason,
+        refused
+    );
     assert!(p.client.is_closed() && p.server.is_closed());
     let (_, _, bytes) = &p.wire[1];
     assert_eq!(
@@ -312,7 +321,10 @@ fn server_handshake_timeout_refuses_with_handshake_timeout() {
     assert_eq!(&out[..5], b"TTHR\x01");
     assert!(matches!(
         frames(&out[5..]).as_slice(),
-        [Frame::Refuse { code: CloseCode::HANDSHAKE_TIMEOUT, .. }]
+        [Frame::Refuse {
+            code: CloseCode::HANDSHAKE_TIMEOUT,
+            ..
+        }]
     ));
     assert_eq!(server.poll_timeout(), None);
 }
@@ -329,7 +341,10 @@ fn server_waiting_for_the_application_decision_also_times_out() {
     let out = take_out(&mut server);
     assert!(matches!(
         frames(&out[5..]).as_slice(),
-        [Frame::Refuse { code: CloseCode::HANDSHAKE_TIMEOUT, .. }]
+        [Frame::Refuse {
+            code: CloseCode::HANDSHAKE_TIMEOUT,
+            ..
+        }]
     ));
     // A late decision does nothing.
     server.accept(t0 + HANDSHAKE, server_liveness(), None);
@@ -353,7 +368,10 @@ fn client_handshake_timeout_without_welcome() {
         &closed(&evs).unwrap().reason,
         DisconnectReason::ProtocolError(t) if t.contains("handshake timeout")
     ));
-    assert!(client.pending_transmit().is_empty(), "nothing sent on timeout");
+    assert!(
+        client.pending_transmit().is_empty(),
+        "nothing sent on timeout"
+    );
 }
 
 #[test]
@@ -388,13 +406,23 @@ fn unsupported_version_is_refused() {
     let evs = events(&mut server);
     assert!(matches!(
         &closed(&evs).unwrap().reason,
-        DisconnectReason::Refused { code: CloseCode::UNSUPPORTED_VERSION, .. }
+        DisconnectReason::Refused {
+            code: CloseCode::UNSUPPORTED_VERSION,
+            ..
+        }
     ));
     let out = take_out(&mut server);
-    assert_eq!(&out[..5], b"TTHR\x01", "the refusal says which version we speak");
+    assert_eq!(
+        &out[..5],
+        b"TTHR\x01",
+        "the refusal says which version we speak"
+    );
     assert!(matches!(
         frames(&out[5..]).as_slice(),
-        [Frame::Refuse { code: CloseCode::UNSUPPORTED_VERSION, .. }]
+        [Frame::Refuse {
+            code: CloseCode::UNSUPPORTED_VERSION,
+            ..
+        }]
     ));
 
     // A client that gets a v2 preamble back closes without answering.
@@ -533,7 +561,10 @@ fn dead_exactly_d_after_the_last_byte_on_both_sides() {
     let (_, _, last_from_client) = p.wire.iter().rev().find(|(_, c, _)| *c).unwrap();
     assert!(matches!(
         frames(last_from_client).last(),
-        Some(Frame::Close { code: CloseCode::HEARTBEAT_TIMEOUT, .. })
+        Some(Frame::Close {
+            code: CloseCode::HEARTBEAT_TIMEOUT,
+            ..
+        })
     ));
 }
 
@@ -588,7 +619,10 @@ fn one_way_blackhole_is_detected_by_the_side_that_stops_hearing() {
     // The client's CLOSE still reaches the server.
     assert!(matches!(
         &closed(&events_of(&p.server_events)).unwrap().reason,
-        DisconnectReason::PeerClose { code: CloseCode::HEARTBEAT_TIMEOUT, .. }
+        DisconnectReason::PeerClose {
+            code: CloseCode::HEARTBEAT_TIMEOUT,
+            ..
+        }
     ));
 }
 
@@ -617,7 +651,10 @@ fn idle_timeout_closes_despite_heartbeats_and_tells_the_peer() {
     assert!(p.server.stats().heartbeats_in > 0);
     assert!(matches!(
         &closed(&events_of(&p.client_events)).unwrap().reason,
-        DisconnectReason::PeerClose { code: CloseCode::IDLE_TIMEOUT, .. }
+        DisconnectReason::PeerClose {
+            code: CloseCode::IDLE_TIMEOUT,
+            ..
+        }
     ));
 }
 
@@ -728,12 +765,18 @@ fn heartbeat_flood_closes_with_policy_violation() {
     let out = take_out(&mut p.server);
     assert!(matches!(
         frames(&out).as_slice(),
-        [Frame::Close { code: CloseCode::POLICY_VIOLATION, .. }]
+        [Frame::Close {
+            code: CloseCode::POLICY_VIOLATION,
+            ..
+        }]
     ));
     p.client.handle_input(t0 + ms(100), &out);
     assert!(matches!(
         &closed(&events(&mut p.client)).unwrap().reason,
-        DisconnectReason::PeerClose { code: CloseCode::POLICY_VIOLATION, .. }
+        DisconnectReason::PeerClose {
+            code: CloseCode::POLICY_VIOLATION,
+            ..
+        }
     ));
 }
 
@@ -772,7 +815,8 @@ fn close_frame_is_peer_close_and_local_close() {
 #[test]
 fn replaced_code_is_replaced_on_both_sides() {
     let mut p = Pair::established();
-    p.server.close(p.now, CloseCode::REPLACED, "newer connection");
+    p.server
+        .close(p.now, CloseCode::REPLACED, "newer connection");
     p.pump();
     assert_eq!(
         closed(&events_of(&p.server_events)).unwrap().reason,
@@ -853,7 +897,10 @@ fn oversize_frame_is_a_protocol_error_without_allocation() {
     assert!(p.server.buffer_capacity() < 1024);
     assert!(matches!(
         frames(&take_out(&mut p.server)).as_slice(),
-        [Frame::Close { code: CloseCode::PROTOCOL_ERROR, .. }]
+        [Frame::Close {
+            code: CloseCode::PROTOCOL_ERROR,
+            ..
+        }]
     ));
 }
 
@@ -905,10 +952,7 @@ fn send_rejects_messages_longer_than_the_maximum_frame() {
     assert!(p.client.send(p.now, &vec![0; max]).is_ok());
     assert_eq!(
         p.client.send(p.now, &vec![0; max + 1]),
-        Err(SendError::TooLong {
-            len: max + 1,
-            max
-        })
+        Err(SendError::TooLong { len: max + 1, max })
     );
     p.pump();
     assert_eq!(p.server.stats().messages_in, 1);

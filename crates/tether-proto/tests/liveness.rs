@@ -54,9 +54,16 @@ fn sending_postpones_the_heartbeat() {
     let (t0, mut l) = engine(LivenessConfig::new(H, D));
     l.on_send(t0 + secs(3));
     assert_eq!(l.poll_timeout(), Some(t0 + secs(13)));
-    assert_eq!(fire(&mut l, t0 + H), vec![], "no heartbeat at the old deadline");
+    assert_eq!(
+        fire(&mut l, t0 + H),
+        vec![],
+        "no heartbeat at the old deadline"
+    );
     assert_eq!(fire(&mut l, t0 + secs(13) - NS), vec![]);
-    assert_eq!(fire(&mut l, t0 + secs(13)), vec![LivenessEvent::SendHeartbeat]);
+    assert_eq!(
+        fire(&mut l, t0 + secs(13)),
+        vec![LivenessEvent::SendHeartbeat]
+    );
     // Time never goes backwards: an older send does not pull the deadline in.
     l.on_send(t0 + secs(5));
     assert_eq!(l.deadline(Timer::Heartbeat), Some(t0 + secs(23)));
@@ -197,12 +204,7 @@ fn idle_timeout_counts_application_data_only() {
         .collect();
     assert_eq!(
         idle,
-        vec![&(
-            secs(60),
-            LivenessEvent::IdleTimeout {
-                idle_for: secs(60)
-            }
-        )]
+        vec![&(secs(60), LivenessEvent::IdleTimeout { idle_for: secs(60) })]
     );
     assert!(seen
         .iter()
@@ -218,12 +220,13 @@ fn application_data_postpones_the_idle_timeout() {
     l.on_app_data(t0 + secs(20));
     assert_eq!(l.deadline(Timer::Idle), Some(t0 + secs(80)));
     l.on_receive(t0 + secs(79));
-    assert_eq!(fire(&mut l, t0 + secs(80) - NS), vec![LivenessEvent::SendHeartbeat]);
+    assert_eq!(
+        fire(&mut l, t0 + secs(80) - NS),
+        vec![LivenessEvent::SendHeartbeat]
+    );
     assert_eq!(
         fire(&mut l, t0 + secs(80)),
-        vec![LivenessEvent::IdleTimeout {
-            idle_for: secs(60)
-        }]
+        vec![LivenessEvent::IdleTimeout { idle_for: secs(60) }]
     );
 }
 
@@ -250,7 +253,10 @@ fn rtt_is_smoothed_with_rfc6298_weights() {
     l.on_pong(t0 + secs(6), 1);
     l.on_pong(t0 + secs(6), 99);
     assert_eq!(drain(&mut l), vec![]);
-    assert_eq!(fire(&mut l, t0 + secs(10)), vec![LivenessEvent::SendPing(2)]);
+    assert_eq!(
+        fire(&mut l, t0 + secs(10)),
+        vec![LivenessEvent::SendPing(2)]
+    );
     l.on_pong(t0 + secs(10) + ms(180), 2);
     // (7 * 100 + 180) / 8 = 110 ms.
     assert_eq!(
@@ -262,8 +268,14 @@ fn rtt_is_smoothed_with_rfc6298_weights() {
     );
     assert_eq!(l.srtt(), Some(ms(110)));
     // An unanswered PING is superseded by the next one; its late PONG is ignored.
-    assert_eq!(fire(&mut l, t0 + secs(15)), vec![LivenessEvent::SendPing(3)]);
-    assert_eq!(fire(&mut l, t0 + secs(20)), vec![LivenessEvent::SendPing(4)]);
+    assert_eq!(
+        fire(&mut l, t0 + secs(15)),
+        vec![LivenessEvent::SendPing(3)]
+    );
+    assert_eq!(
+        fire(&mut l, t0 + secs(20)),
+        vec![LivenessEvent::SendPing(4)]
+    );
     l.on_pong(t0 + secs(20) + ms(1), 3);
     assert_eq!(drain(&mut l), vec![]);
     assert_eq!(l.srtt(), Some(ms(110)));
@@ -353,8 +365,7 @@ impl Pair {
     /// Advances to the next instant anything happens at; returns it.
     fn step(&mut self) -> Instant {
         let now = self.next_instant();
-        let (due, later): (Vec<_>, Vec<_>) =
-            self.in_flight.iter().partition(|(t, _)| *t <= now);
+        let (due, later): (Vec<_>, Vec<_>) = self.in_flight.iter().partition(|(t, _)| *t <= now);
         self.in_flight = later;
         for (_, to_b) in due {
             let e = if to_b { &mut self.b } else { &mut self.a };
