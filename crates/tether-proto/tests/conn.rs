@@ -985,3 +985,98 @@ fn note_alive_postpones_death() {
     p.server.handle_timeout(t0 + 2 * D - ms(1));
     assert!(p.server.is_closed());
 }
+
+fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// docs/PROTOCOL.md §11, byte for byte and instant for instant.
+#[test]
+fn protocol_document_worked_example() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let demo = Hello {
+        client_id: "demo".into(),
+        requested_heartbeat: s(10),
+        want_session: false,
+        resume: None,
+    };
+    let live = LivenessConfig::new(s(10), s(30));
+    let mut client = Conn::client(t0, ConnConfig::default(), &demo, live.clone());
+    let mut server = Conn::server(t0, ConnConfig::default());
+
+    let c_hello = take_out(&mut client);
+    assert_eq!(
+        c_hello,
+        hex("54 54 48 52 01  00 00 00 0b 10 00 00 00 27 10 04 64 65 6d 6f")
+    );
+    server.handle_input(t0, &c_hello);
+    assert_eq!(events(&mut server), vec![ConnEvent::Hello(demo)]);
+    server.accept(t0, live, None);
+    let s_welcome = take_out(&mut server);
+    assert_eq!(
+        s_welcome,
+        hex("54 54 48 52 01  00 00 00 0a 11 00 00 00 27 10 00 00 75 30")
+    );
+    client.handle_input(t0, &s_welcome);
+    assert!(client.is_established());
+
+    client.send(t0 + s(1), b"hello").unwrap();
+    let data = take_out(&mut client);
+    assert_eq!(data, hex("00 00 00 06 01 68 65 6c 6c 6f"));
+    server.handle_input(t0 + s(1), &data);
+
+    // Nothing is due before 10 s on either side.
+    assert_eq!(server.poll_timeout(), Some(t0 + s(10)));
+    assert_eq!(client.poll_timeout(), Some(t0 + s(11)));
+    server.handle_timeout(t0 + s(10));
+    let hb = take_out(&mut server);
+    assert_eq!(hb, hex("00 00 00 00"));
+    client.handle_input(t0 + s(10), &hb);
+    client.handle_timeout(t0 + s(11));
+    let hb = take_out(&mut client);
+    assert_eq!(hb, hex("00 00 00 00"));
+    server.handle_input(t0 + s(11), &hb);
+
+    client.close(t0 + s(12), CloseCode::NORMAL, "bye");
+    let close = take_out(&mut client);
+    assert_eq!(close, hex("00 00 00 06 04 00 00 62 79 65"));
+    server.handle_input(t0 + s(12), &close);
+    assert!(events(&mut server).contains(&ConnEvent::Closed(Disconnect {
+        reason: DisconnectReason::PeerClose {
+            code: CloseCode::NORMAL,
+            text: "bye".into()
+        },
+        silent_for: Duration::ZERO
+    })));
+}
+
+/// docs/PROTOCOL.md §11, last paragraph: silent client declared dead at 1 s + d.
+#[test]
+fn protocol_document_worked_example_dead_client() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let live = LivenessConfig::new(s(10), s(30));
+    let mut client = Conn::client(t0, ConnConfig::default(), &hello("demo"), live.clone());
+    let mut server = Conn::server(t0, ConnConfig::default());
+    server.handle_input(t0, &take_out(&mut client));
+    events(&mut server);
+    server.accept(t0, live, None);
+    client.handle_input(t0, &take_out(&mut server));
+    client.send(t0 + s(1), b"hello").unwrap();
+    server.handle_input(t0 + s(1), &take_out(&mut client));
+    let mut t = t0;
+    while !server.is_closed() {
+        t = server.poll_timeout().unwrap();
+        server.handle_timeout(t);
+    }
+    assert_eq!(t, t0 + s(31));
+    let out = take_out(&mut server);
+    let close = &out[out.len() - 4 - 37..];
+    assert_eq!(&close[..7], &hex("00 00 00 25 04 00 03")[..]);
+    assert_eq!(&close[7..], b"nothing received within dead_after");
+}
