@@ -410,6 +410,7 @@ impl Conn {
         if let Some(l) = &mut self.liveness {
             l.on_receive(now);
         }
+        self.drain_liveness(now);
     }
 
     /// The transport delivered `data`.
@@ -424,6 +425,9 @@ impl Conn {
         if let Some(l) = &mut self.liveness {
             l.on_receive(now);
         }
+        // `Recovered` first, before any message these bytes carry (and even when they are
+        // only part of a frame).
+        self.drain_liveness(now);
         if let State::Preamble { buf, got } = &mut self.state {
             let take = (PREAMBLE_LEN - *got).min(data.len());
             buf[*got..*got + take].copy_from_slice(&data[..take]);
