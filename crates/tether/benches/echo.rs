@@ -115,12 +115,12 @@ async fn plain_pipelined(c: &mut Plain, msg: &Bytes, iters: u64, w: u64) -> Dura
         c.feed(msg.clone()).await.unwrap();
         in_flight += 1;
         if in_flight >= w {
-            c.flush().await.unwrap();
+            SinkExt::<Bytes>::flush(c).await.unwrap();
             c.next().await.unwrap().unwrap();
             in_flight -= 1;
         }
     }
-    c.flush().await.unwrap();
+    SinkExt::<Bytes>::flush(c).await.unwrap();
     for _ in 0..in_flight {
         c.next().await.unwrap().unwrap();
     }
