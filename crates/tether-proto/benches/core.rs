@@ -4,6 +4,9 @@
 //!
 //! `cargo bench -p tether-proto --bench core`
 
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+#![allow(clippy::disallowed_methods)] // a benchmark needs one real Instant as its origin
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -116,7 +119,7 @@ fn conn_benches(c: &mut Criterion) {
     };
     let live = LivenessConfig::new(Duration::from_secs(10), Duration::from_secs(30));
     let established = || {
-        let mut client = Conn::client(t0, ConnConfig::default(), &hello, live.clone());
+        let mut client = Conn::client(t0, ConnConfig::default(), &hello, live.clone(), None);
         let mut server = Conn::server(t0, ConnConfig::default());
         server.handle_input(t0, client.pending_transmit());
         let n = client.pending_transmit().len();

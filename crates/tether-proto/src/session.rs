@@ -203,7 +203,10 @@ impl Session {
     /// The peer acknowledged everything up to `seq`.
     pub fn on_ack(&mut self, seq: u64) -> Result<(), AckBeyondSent> {
         if seq > self.last_seq {
-            return Err(AckBeyondSent { acked: seq, sent: self.last_seq });
+            return Err(AckBeyondSent {
+                acked: seq,
+                sent: self.last_seq,
+            });
         }
         while self.acked < seq {
             if let Some(m) = self.replay.pop_front() {
@@ -236,7 +239,9 @@ impl Session {
             return Received::Duplicate;
         }
         if seq != self.last_received + 1 {
-            return Received::Gap { expected: self.last_received + 1 };
+            return Received::Gap {
+                expected: self.last_received + 1,
+            };
         }
         self.last_received = seq;
         if self.ack_deadline.is_none() {
@@ -277,7 +282,15 @@ mod tests {
     use super::*;
 
     fn s() -> Session {
-        Session::new(1, [7; TOKEN_LEN], SessionConfig { max_replay_messages: 3, max_replay_bytes: 10, ..Default::default() })
+        Session::new(
+            1,
+            [7; TOKEN_LEN],
+            SessionConfig {
+                max_replay_messages: 3,
+                max_replay_bytes: 10,
+                ..Default::default()
+            },
+        )
     }
 
     #[test]
@@ -298,7 +311,10 @@ mod tests {
     fn bounded_in_bytes_and_messages() {
         let mut a = s();
         assert!(a.push(Bytes::from_static(b"123456")).is_some());
-        assert!(a.push(Bytes::from_static(b"12345")).is_none(), "11 bytes > 10");
+        assert!(
+            a.push(Bytes::from_static(b"12345")).is_none(),
+            "11 bytes > 10"
+        );
         assert!(a.push(Bytes::from_static(b"1234")).is_some());
         assert!(a.push(Bytes::new()).is_none() || a.replay_len() <= 3);
         let mut b = s();
@@ -327,11 +343,22 @@ mod tests {
     #[test]
     fn receive_dedups_and_acks() {
         let t = Instant::now();
-        let mut b = Session::new(1, [0; TOKEN_LEN], SessionConfig { ack_every: 2, ..Default::default() });
+        let mut b = Session::new(
+            1,
+            [0; TOKEN_LEN],
+            SessionConfig {
+                ack_every: 2,
+                ..Default::default()
+            },
+        );
         assert_eq!(b.on_data(t, 1), Received::Deliver);
         assert_eq!(b.on_data(t, 1), Received::Duplicate);
         assert_eq!(b.on_data(t, 3), Received::Gap { expected: 2 });
-        assert_eq!(b.poll_ack(t, false), None, "1 < ack_every and delay not passed");
+        assert_eq!(
+            b.poll_ack(t, false),
+            None,
+            "1 < ack_every and delay not passed"
+        );
         assert_eq!(b.poll_timeout(), Some(t + Duration::from_millis(20)));
         assert_eq!(b.poll_ack(t + Duration::from_millis(20), false), Some(1));
         assert_eq!(b.on_data(t, 2), Received::Deliver);

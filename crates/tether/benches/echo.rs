@@ -8,6 +8,8 @@
 //!
 //! `cargo bench -p tether --bench echo -- --warm-up-time 1 --measurement-time 3`
 
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
