@@ -937,7 +937,10 @@ impl Sink for ServerSink {
         });
         lock(&self.tag).client_id = Some(id.clone());
         self.client_id = Some(id);
-        Decision::Accept(liveness_config(&inner.cfg.policy, true), session.map(Box::new))
+        Decision::Accept(
+            liveness_config(&inner.cfg.policy, true),
+            session.map(Box::new),
+        )
     }
 
     fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
