@@ -349,7 +349,13 @@ impl Conn {
             if grant.is_some_and(|g| g.resumed) {
                 let from = self.peer_resume.unwrap_or(0);
                 match s.resume(from) {
-                    Ok(n) => self.events.push_back(ConnEvent::Resumed { replayed: n }),
+                    Ok(n) => {
+                        // Our acknowledgements may have died with the old connection.
+                        if let Some(a) = s.poll_ack(now, true) {
+                            codec::encode(&Frame::Ack(a), &mut self.out);
+                        }
+                        self.events.push_back(ConnEvent::Resumed { replayed: n })
+                    }
                     Err(e) => {
                         self.session = Some(s);
                         let why = format!("resume from {} but only {} were sent", e.acked, e.sent);
@@ -809,6 +815,10 @@ impl Conn {
             (Some(g), Some(mut s)) if g.resumed && g.session_id == s.id() => {
                 match s.resume(g.last_received) {
                     Ok(n) => {
+                        // Our acknowledgements may have died with the old connection.
+                        if let Some(a) = s.poll_ack(now, true) {
+                            codec::encode(&Frame::Ack(a), &mut self.out);
+                        }
                         self.events.push_back(ConnEvent::Resumed { replayed: n });
                         self.session = Some(s);
                         self.pump_session(now);
