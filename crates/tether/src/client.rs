@@ -159,6 +159,13 @@ impl Client {
             .map_err(|d| ClientSendError::Stopped(d.reason))
     }
 
+    /// A cloneable handle for sending from other tasks.
+    pub fn sender(&self) -> ClientSender {
+        ClientSender {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Messages queued and not yet handed to a connection.
     pub fn queued(&self) -> usize {
         self.shared.lock().outbox.len()
@@ -177,6 +184,22 @@ impl Client {
     pub async fn shutdown(mut self, wait: Duration) {
         self.close();
         let _ = tokio::time::timeout(wait, &mut self.task).await;
+    }
+}
+
+/// The sending half of a [`Client`], for other tasks. Sending fails once the client stopped.
+#[derive(Debug, Clone)]
+pub struct ClientSender {
+    shared: Arc<Shared>,
+}
+
+impl ClientSender {
+    /// Like [`Client::send`].
+    pub async fn send(&self, msg: Bytes) -> Result<(), ClientSendError> {
+        self.shared
+            .send(msg)
+            .await
+            .map_err(|d| ClientSendError::Stopped(d.reason))
     }
 }
 

@@ -23,7 +23,7 @@ pub mod probe;
 pub mod server;
 pub mod sockopt;
 
-pub use client::{Client, ClientConfig, ClientEvent, ClientSendError};
+pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
 pub use connection::{
     liveness_config, ConnectError, ConnectOptions, Connection, Disconnected, Sender,
 };

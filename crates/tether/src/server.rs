@@ -482,24 +482,47 @@ impl ServerHandle {
     /// Sends `msg` to `client_id`, waiting while its outbox is full. While the client is
     /// resuming, the message is queued (bounded by `outbox_bytes`) and sent after the resume.
     pub async fn send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
-        let Some(shared) = self.live(client_id) else {
-            let mut sessions = lock(&self.inner.sessions);
-            return match sessions.get_mut(client_id) {
-                Some(slot) if slot.held.is_some() => {
-                    if slot.pending_bytes + msg.len() > self.inner.cfg.outbox_bytes {
-                        return Err(SendError::Backlogged(client_id.to_owned()));
+        // A session client may be between connections: its old connection ending, its
+        // session about to be held. Retry for that short window instead of failing.
+        let mut waited = Duration::ZERO;
+        loop {
+            let attached = match self.live(client_id) {
+                Some(shared) => match shared.send(msg.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(d) => {
+                        if !lock(&self.inner.sessions).contains_key(client_id) {
+                            return Err(SendError::Disconnected {
+                                client_id: client_id.to_owned(),
+                                reason: d.reason,
+                            });
+                        }
+                        true
                     }
-                    slot.pending_bytes += msg.len();
-                    slot.pending.push_back(msg);
-                    Ok(())
+                },
+                None => {
+                    let mut sessions = lock(&self.inner.sessions);
+                    match sessions.get_mut(client_id) {
+                        Some(slot) if slot.held.is_some() => {
+                            if slot.pending_bytes + msg.len() > self.inner.cfg.outbox_bytes {
+                                return Err(SendError::Backlogged(client_id.to_owned()));
+                            }
+                            slot.pending_bytes += msg.len();
+                            slot.pending.push_back(msg);
+                            return Ok(());
+                        }
+                        Some(_) => true,
+                        None => return Err(SendError::NotConnected(client_id.to_owned())),
+                    }
                 }
-                _ => Err(SendError::NotConnected(client_id.to_owned())),
             };
-        };
-        shared.send(msg).await.map_err(|d| SendError::Disconnected {
-            client_id: client_id.to_owned(),
-            reason: d.reason,
-        })
+            // The session is attached to a connection that is ending (or starting): wait.
+            if attached && waited < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                waited += Duration::from_millis(1);
+                continue;
+            }
+            return Err(SendError::NotConnected(client_id.to_owned()));
+        }
     }
 
     /// Queues `msg` to every connected client without waiting; returns how many took it
