@@ -94,7 +94,8 @@ struct ScaleArgs {
 impl ScaleArgs {
     fn scale(&self) -> anyhow::Result<Scale> {
         let secs = |what: &str, v: f64| {
-            Duration::try_from_secs_f64(v).with_context(|| format!("invalid value for --{what}: {v}"))
+            Duration::try_from_secs_f64(v)
+                .with_context(|| format!("invalid value for --{what}: {v}"))
         };
         let scale = Scale {
             factor: self.scale_factor,
@@ -102,7 +103,9 @@ impl ScaleArgs {
             bound: secs("bound", self.bound)?,
             cap: secs("cap", self.cap)?,
         };
-        scale.validate().context("invalid value for the lab scale")?;
+        scale
+            .validate()
+            .context("invalid value for the lab scale")?;
         Ok(scale)
     }
 }

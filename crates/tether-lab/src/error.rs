@@ -36,7 +36,9 @@ pub enum LabError {
         stderr: String,
     },
     /// Every lab slot (namespace names and address blocks) is taken.
-    #[error("no free lab slot: {live} lab namespaces exist (stale ones: `ip netns list | grep tlab`)")]
+    #[error(
+        "no free lab slot: {live} lab namespaces exist (stale ones: `ip netns list | grep tlab`)"
+    )]
     NoSlot {
         /// How many slots were tried.
         live: usize,

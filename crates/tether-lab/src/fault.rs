@@ -109,13 +109,19 @@ impl Fault {
     pub fn models(self) -> &'static str {
         match self {
             Fault::None => "control: healthy path, idle 3x the timeout, then traffic",
-            Fault::NatIdleDrop => "Azure LB / Azure SNAT: idle flow forgotten, later packets silently dropped",
-            Fault::NatIdleRst => "AWS NLB / AWS NAT gateway: idle flow forgotten, next sender gets RST",
+            Fault::NatIdleDrop => {
+                "Azure LB / Azure SNAT: idle flow forgotten, later packets silently dropped"
+            }
+            Fault::NatIdleRst => {
+                "AWS NLB / AWS NAT gateway: idle flow forgotten, next sender gets RST"
+            }
             Fault::Blackhole => "cable pulled, out of coverage, router on the path dead",
             Fault::HostCrash => "peer host lost power or panicked: no FIN, no RST",
             Fault::ProcessCrash => "peer process SIGKILLed: its kernel sends FIN",
             Fault::RouterReboot => "router lost its conntrack state while the flow was idle",
-            Fault::PeerReboot => "peer host rebooted: back without the connection, next segment draws RST",
+            Fault::PeerReboot => {
+                "peer host rebooted: back without the connection, next segment draws RST"
+            }
         }
     }
 

@@ -13,6 +13,9 @@ use tether_proto::Policy;
 
 use crate::error::LabError;
 
+/// Linux's default keepalive: 7200 s idle + 9 probes × 75 s (ip-sysctl.txt).
+pub const OS_KEEPALIVE_TOTAL: Duration = Duration::from_secs(7200 + 9 * 75);
+
 /// How an application finds out that its connection is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -21,6 +24,11 @@ pub enum Method {
     /// Plain sockets as a naive application has them: a blocking read, no keepalive (the
     /// OS default is off), no timers. Learns only of FIN and RST.
     OsDefault,
+    /// `SO_KEEPALIVE` switched on but left at the OS's timings (Linux: first probe after
+    /// 7200 s, 9 probes 75 s apart; a fresh namespace starts with these defaults): what an
+    /// application gets from "enable keepalive" without tuning. Shows that the default is
+    /// far too slow for every middlebox timeout in `middlebox-presets.md`.
+    OsKeepalive,
     /// Tuned TCP keepalive only (`SO_KEEPALIVE`, `TCP_KEEPIDLE`/`INTVL`/`CNT` via socket2),
     /// the application just reads. Probes keep idle flows alive and detect a dead peer, but
     /// only while no data is in flight.
@@ -38,8 +46,9 @@ pub enum Method {
 
 impl Method {
     /// Every method, in display order.
-    pub const ALL: [Method; 5] = [
+    pub const ALL: [Method; 6] = [
         Method::OsDefault,
+        Method::OsKeepalive,
         Method::Keepalive,
         Method::UserTimeout,
         Method::IdleTimer,
@@ -50,6 +59,7 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::OsDefault => "os-default",
+            Method::OsKeepalive => "os-keepalive",
             Method::Keepalive => "keepalive",
             Method::UserTimeout => "user-timeout",
             Method::IdleTimer => "idle-timer",
@@ -61,6 +71,7 @@ impl Method {
     pub fn describe(self) -> &'static str {
         match self {
             Method::OsDefault => "plain socket, blocking read, OS keepalive off",
+            Method::OsKeepalive => "SO_KEEPALIVE on with the OS timings (7200 s + 9 x 75 s)",
             Method::Keepalive => "SO_KEEPALIVE + TCP_KEEPIDLE/INTVL/CNT from the policy",
             Method::UserTimeout => "TCP_USER_TIMEOUT from the policy; sends after the fault",
             Method::IdleTimer => "read deadline = dead_after; no heartbeats",
@@ -80,6 +91,7 @@ impl Method {
         let p = scale.policy();
         match self {
             Method::OsDefault => None,
+            Method::OsKeepalive => Some(OS_KEEPALIVE_TOTAL),
             Method::Keepalive => p.keepalive.map(|k| k.total()),
             Method::UserTimeout => p.user_timeout,
             Method::IdleTimer => Some(p.dead_after),
@@ -167,22 +179,28 @@ impl Scale {
                 expected: "at least 1".into(),
             });
         }
-        Policy::derive(self.bound, Some(PathSpec::from_timeout(self.middlebox_timeout)))
-            .map(drop)
-            .map_err(|e| LabError::Invalid {
-                what: "bound for the path timeout",
-                value: format!("{:?}", self.bound),
-                expected: e.to_string(),
-            })
+        Policy::derive(
+            self.bound,
+            Some(PathSpec::from_timeout(self.middlebox_timeout)),
+        )
+        .map(drop)
+        .map_err(|e| LabError::Invalid {
+            what: "bound for the path timeout",
+            value: format!("{:?}", self.bound),
+            expected: e.to_string(),
+        })
     }
 
     /// The policy every configurable method takes its settings from:
     /// `Policy::derive(bound, path = middlebox_timeout)`.
     pub fn policy(&self) -> Policy {
-        Policy::derive(self.bound, Some(PathSpec::from_timeout(self.middlebox_timeout)))
-            // Falls back to the bound alone; `validate` reports the problem to the user.
-            .or_else(|_| Policy::derive(self.bound, None))
-            .unwrap_or_default()
+        Policy::derive(
+            self.bound,
+            Some(PathSpec::from_timeout(self.middlebox_timeout)),
+        )
+        // Falls back to the bound alone; `validate` reports the problem to the user.
+        .or_else(|_| Policy::derive(self.bound, None))
+        .unwrap_or_default()
     }
 
     /// How long idle faults idle before both sides send: three middlebox timeouts.

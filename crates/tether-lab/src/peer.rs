@@ -47,14 +47,22 @@ impl PeerCommand {
         }
         let exe = std::env::current_exe().ok()?;
         let dir = exe.parent()?;
-        [dir.join("tether-lab-peer"), dir.parent()?.join("tether-lab-peer")]
-            .into_iter()
-            .find(|p| p.is_file())
-            .map(|p| PeerCommand::new(p, &[]))
+        [
+            dir.join("tether-lab-peer"),
+            dir.parent()?.join("tether-lab-peer"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .map(|p| PeerCommand::new(p, &[]))
     }
 }
 
-pub(crate) fn side_args(role: Role, method: Method, addr: SocketAddr, scale: &Scale) -> Vec<String> {
+pub(crate) fn side_args(
+    role: Role,
+    method: Method,
+    addr: SocketAddr,
+    scale: &Scale,
+) -> Vec<String> {
     vec![
         "side".into(),
         "--role".into(),
@@ -75,7 +83,10 @@ pub(crate) fn side_args(role: Role, method: Method, addr: SocketAddr, scale: &Sc
 }
 
 fn parse_scale(s: &str) -> Option<Scale> {
-    let v: Vec<u64> = s.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let v: Vec<u64> = s
+        .split(',')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
     match v[..] {
         [factor, t, b, c] => Some(Scale {
             factor: u32::try_from(factor).ok()?,
@@ -123,7 +134,10 @@ fn side_main(args: &[String]) -> ExitCode {
         return bad("--scale");
     };
     exit_when_stdin_closes();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tether-lab-peer: runtime: {e}");
@@ -175,7 +189,10 @@ fn exit_when_stdin_closes() {
 }
 
 fn hold_main(args: &[String]) -> ExitCode {
-    let shape = match value(args, "--topology").unwrap_or("outbound-nat").parse::<Shape>() {
+    let shape = match value(args, "--topology")
+        .unwrap_or("outbound-nat")
+        .parse::<Shape>()
+    {
         Ok(s) => s,
         Err(_) => return bad("--topology"),
     };

@@ -135,7 +135,10 @@ fn methods_in(results: &[CellResult]) -> Vec<Method> {
 
 /// Rows: (fault, shape) in order, each with both sides.
 fn rows(results: &[CellResult]) -> Vec<(Fault, Shape)> {
-    let mut rows: Vec<(Fault, Shape)> = results.iter().map(|r| (r.cell.fault, r.cell.shape)).collect();
+    let mut rows: Vec<(Fault, Shape)> = results
+        .iter()
+        .map(|r| (r.cell.fault, r.cell.shape))
+        .collect();
     rows.sort();
     rows.dedup();
     rows
@@ -161,7 +164,11 @@ fn grid(results: &[CellResult], scale: &Scale) -> (Vec<String>, Vec<Vec<String>>
     lines.push(bound);
     for (fault, shape) in rows(results) {
         for role in [Role::Client, Role::Server] {
-            let mut line = vec![fault.name().to_string(), shape.name().to_string(), role.name().to_string()];
+            let mut line = vec![
+                fault.name().to_string(),
+                shape.name().to_string(),
+                role.name().to_string(),
+            ];
             for m in &methods {
                 line.push(
                     find(results, fault, shape, *m)
@@ -219,7 +226,11 @@ pub fn markdown(results: &[CellResult], scale: &Scale, command: &str, wall: Dura
     let (header, lines) = grid(results, scale);
     let mut s = String::new();
     let _ = writeln!(s, "# tether lab matrix\n");
-    let _ = writeln!(s, "Command: `{command}` (wall time {:.0} s)\n", wall.as_secs_f64());
+    let _ = writeln!(
+        s,
+        "Command: `{command}` (wall time {:.0} s)\n",
+        wall.as_secs_f64()
+    );
     let _ = writeln!(s, "{}\n", scale.describe());
     let _ = writeln!(s, "| {} |", header.join(" | "));
     let _ = writeln!(s, "|{}", "---|".repeat(header.len()));
@@ -303,6 +314,7 @@ pub fn write_json(results: &[CellResult], scale: &Scale, path: &Path) -> Result<
 fn method_color(m: Method) -> RGBColor {
     match m {
         Method::OsDefault => RGBColor(127, 127, 127),
+        Method::OsKeepalive => RGBColor(188, 189, 34),
         Method::Keepalive => RGBColor(31, 119, 180),
         Method::UserTimeout => RGBColor(255, 127, 14),
         Method::IdleTimer => RGBColor(148, 103, 189),
@@ -316,12 +328,19 @@ fn method_color(m: Method) -> RGBColor {
 /// SVG file. Bars reaching the cap with a pale fill mean *never*; a `✓` at the foot means
 /// *survived*; an outlined bar means *idle-closed*; the dashed line is the bound.
 pub fn write_svg(results: &[CellResult], scale: &Scale, path: &Path) -> Result<(), LabError> {
-    let err = |e: &dyn std::fmt::Display| LabError::Chart(e.to_string());
+    draw_svg(results, scale, path).map_err(|e| LabError::Chart(e.to_string()))
+}
+
+fn draw_svg(
+    results: &[CellResult],
+    scale: &Scale,
+    path: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
     let groups = rows(results);
     let methods = methods_in(results);
-    let width = (140 + groups.len() * 30 * (methods.len() + 1)).max(900) as u32;
+    let width = (140 + groups.len() * 20 * (methods.len() + 1)).max(900) as u32;
     let root = SVGBackend::new(path, (width, 900)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
+    root.fill(&WHITE)?;
     let (title, body) = root.split_vertically(60);
     title
         .draw(&Text::new(
@@ -333,15 +352,18 @@ pub fn write_svg(results: &[CellResult], scale: &Scale, path: &Path) -> Result<(
             (20, 15),
             ("sans-serif", 20).into_font(),
         ))
-        .map_err(|e| err(&e))?;
+        ?;
     for (i, m) in methods.iter().enumerate() {
         let x = 20 + i as i32 * 170;
-        title
-            .draw(&Rectangle::new([(x, 40), (x + 14, 54)], method_color(*m).filled()))
-            .map_err(|e| err(&e))?;
-        title
-            .draw(&Text::new(m.name(), (x + 20, 41), ("sans-serif", 14).into_font()))
-            .map_err(|e| err(&e))?;
+        title.draw(&Rectangle::new(
+            [(x, 40), (x + 14, 54)],
+            method_color(*m).filled(),
+        ))?;
+        title.draw(&Text::new(
+            m.name(),
+            (x + 20, 41),
+            ("sans-serif", 14).into_font(),
+        ))?;
     }
     let panels = body.split_evenly((2, 1));
     let cap = scale.cap.as_secs_f64();
@@ -354,65 +376,77 @@ pub fn write_svg(results: &[CellResult], scale: &Scale, path: &Path) -> Result<(
             .margin_bottom(40)
             .x_label_area_size(10)
             .y_label_area_size(50)
-            .build_cartesian_2d(0f64..n, 0f64..cap * 1.08)
-            .map_err(|e| err(&e))?;
+            .build_cartesian_2d(0f64..n, 0f64..cap * 1.08)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
             .disable_x_axis()
             .y_desc("seconds")
-            .draw()
-            .map_err(|e| err(&e))?;
+            .draw()?;
         for (gi, (fault, shape)) in groups.iter().enumerate() {
             let g = gi as f64;
             for (mi, m) in methods.iter().enumerate() {
-                let Some(r) = find(results, *fault, *shape, *m) else { continue };
+                let Some(r) = find(results, *fault, *shape, *m) else {
+                    continue;
+                };
                 let x0 = g + 0.1 + mi as f64 * 0.8 / k;
                 let x1 = x0 + 0.8 / k * 0.9;
                 let c = method_color(*m);
                 let bar = |h: f64, style: ShapeStyle| Rectangle::new([(x0, 0.0), (x1, h)], style);
+                let label = |t: String, y: f64, color: RGBColor| {
+                    Text::new(t, (x0, y), ("sans-serif", 9).into_font().color(&color))
+                };
                 match r.side(role) {
                     Outcome::Detected { after, .. } => {
-                        chart.draw_series([bar(after.as_secs_f64().min(cap), c.filled())])
+                        let h = after.as_secs_f64().min(cap);
+                        chart.draw_series([bar(h.max(cap * 0.01), c.filled())])?;
+                        chart.draw_series([label(format!("{h:.1}"), h + cap * 0.05, BLACK)])
                     }
-                    Outcome::NotDetected { .. } => chart.draw_series([bar(cap, c.mix(0.25).filled())]),
+                    Outcome::NotDetected { .. } => {
+                        chart.draw_series([bar(cap, c.mix(0.35).filled())])?;
+                        chart.draw_series([label("never".into(), cap * 1.06, BLACK)])
+                    }
                     Outcome::ClosedIdle { after, .. } => {
-                        chart.draw_series([bar(after.as_secs_f64().min(cap), c.stroke_width(2))])
+                        let h = after.as_secs_f64().min(cap);
+                        chart.draw_series([bar(h, c.stroke_width(2))])?;
+                        chart.draw_series([label("idle".into(), h + cap * 0.05, c)])
                     }
                     Outcome::Survived => chart.draw_series([Text::new(
                         "✓",
-                        (x0, cap * 0.04),
-                        ("sans-serif", 16).into_font().color(&c),
+                        (x0, cap * 0.05),
+                        ("sans-serif", 14).into_font().color(&c),
                     )]),
                     Outcome::Error { .. } => chart.draw_series([Text::new(
                         "!",
-                        (x0, cap * 0.04),
-                        ("sans-serif", 16).into_font().color(&RED),
+                        (x0, cap * 0.05),
+                        ("sans-serif", 14).into_font().color(&RED),
                     )]),
-                }
-                .map_err(|e| err(&e))?;
+                }?;
             }
             let (px, py) = chart.backend_coord(&(g + 0.05, 0.0));
             let (ox, oy) = panel.get_base_pixel();
             let (px, py) = (px - ox, py - oy);
-            panel
-                .draw(&Text::new(fault.name(), (px, py + 6), ("sans-serif", 12).into_font()))
-                .map_err(|e| err(&e))?;
-            panel
-                .draw(&Text::new(shape.name(), (px, py + 20), ("sans-serif", 11).into_font().color(&RGBColor(90, 90, 90))))
-                .map_err(|e| err(&e))?;
+            panel.draw(&Text::new(
+                fault.name(),
+                (px, py + 6),
+                ("sans-serif", 12).into_font(),
+            ))?;
+            panel.draw(&Text::new(
+                shape.name(),
+                (px, py + 20),
+                ("sans-serif", 11).into_font().color(&RGBColor(90, 90, 90)),
+            ))?;
         }
         let b = scale.bound.as_secs_f64();
-        chart
-            .draw_series(DashedLineSeries::new(
-                [(0.0, b), (n, b)],
-                6,
-                4,
-                RGBColor(200, 0, 0).stroke_width(1),
-            ))
-            .map_err(|e| err(&e))?;
+        chart.draw_series(DashedLineSeries::new(
+            [(0.0, b), (n, b)],
+            6,
+            4,
+            RGBColor(200, 0, 0).stroke_width(1),
+        ))?;
     }
-    root.present().map_err(|e| err(&e))
+    root.present()?;
+    Ok(())
 }
 
 /// Writes `matrix.md` and `matrix.svg` into `dir` (created if missing).
@@ -428,6 +462,10 @@ pub fn write_dir(
         source,
     };
     std::fs::create_dir_all(dir).map_err(w)?;
-    std::fs::write(dir.join("matrix.md"), markdown(results, scale, command, wall)).map_err(w)?;
+    std::fs::write(
+        dir.join("matrix.md"),
+        markdown(results, scale, command, wall),
+    )
+    .map_err(w)?;
     write_svg(results, scale, &dir.join("matrix.svg"))
 }

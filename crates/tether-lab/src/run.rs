@@ -274,7 +274,9 @@ impl Lab {
             for _ in 0..jobs.max(1) {
                 s.spawn(|| loop {
                     let k = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(&(i, victim)) = runs.get(k) else { break };
+                    let Some(&(i, victim)) = runs.get(k) else {
+                        break;
+                    };
                     let cell = cells[i];
                     let measured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         self.run_once(cell, victim)
@@ -330,12 +332,11 @@ impl Lab {
     /// Roughly how long a run of `cell` takes (for scheduling).
     fn expected(&self, cell: Cell) -> Duration {
         let s = &self.scale;
-        match (cell.fault.kind(), cell.method) {
-            (FaultKind::Idle, Method::OsDefault) if cell.fault == Fault::NatIdleDrop => {
-                s.idle_phase() + s.cap
-            }
-            (FaultKind::Idle, _) => s.idle_phase() + s.bound,
-            (_, Method::OsDefault) => s.cap,
+        let naive = matches!(cell.method, Method::OsDefault | Method::OsKeepalive);
+        match cell.fault.kind() {
+            FaultKind::Idle if naive && cell.fault == Fault::NatIdleDrop => s.idle_phase() + s.cap,
+            FaultKind::Idle => s.idle_phase() + s.bound,
+            _ if naive => s.cap,
             _ => s.bound,
         }
     }
@@ -357,7 +358,9 @@ impl Lab {
             },
         })?;
         let (ev_tx, ev_rx) = mpsc::channel::<(Role, Event)>();
-        let in_child = (cell.fault == Fault::ProcessCrash).then_some(victim).flatten();
+        let in_child = (cell.fault == Fault::ProcessCrash)
+            .then_some(victim)
+            .flatten();
         let lifetime = scale.idle_phase() + scale.cap + Duration::from_secs(20);
         let mut sides = Sides::default();
 
@@ -369,7 +372,13 @@ impl Lab {
             if in_child == Some(role) {
                 let peer = self.peer.as_ref().ok_or(LabError::NoPeerProgram)?;
                 let args = peer::side_args(role, cell.method, addr, scale);
-                sides.child = Some(PeerChild::spawn(peer, topo.netns(role), &args, role, ev_tx.clone())?);
+                sides.child = Some(PeerChild::spawn(
+                    peer,
+                    topo.netns(role),
+                    &args,
+                    role,
+                    ev_tx.clone(),
+                )?);
             } else {
                 let spec = SideSpec {
                     role,
@@ -406,11 +415,16 @@ impl Lab {
                 t0
             }
             FaultKind::Path | FaultKind::Victim => {
+                // t0 is taken just before the step that makes the fault take effect, so a
+                // side that reacts while the command is still returning is not "early", and
+                // detection times err on the long side.
+                let mut t0 = Instant::now();
                 match (cell.fault, victim) {
                     (Fault::Blackhole, _) => topo.blackhole()?,
                     (Fault::RouterReboot, _) => {
                         // Let the flow go idle (no application data), then lose the state.
                         collector.collect(&ev_rx, Instant::now() + Duration::from_secs(1));
+                        t0 = Instant::now();
                         topo.flush_conntrack()?
                     }
                     (Fault::HostCrash, Some(v)) => topo.isolate(v)?,
@@ -422,11 +436,12 @@ impl Lab {
                     (Fault::PeerReboot, Some(v)) => {
                         topo.host_down(v, true)?;
                         topo.kill_sockets(v)?;
+                        // The peer is back, without the connection.
+                        t0 = Instant::now();
                         topo.host_down(v, false)?;
                     }
                     _ => {}
                 }
-                let t0 = Instant::now();
                 if cell.method.sends_after_fault() {
                     sides.send_all(&measured);
                 }
@@ -468,7 +483,7 @@ fn wait_setup(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok((r, ev)) if want(&ev) && role.map_or(true, |x| x == r) => return Ok(r),
+            Ok((r, ev)) if want(&ev) && role.is_none_or(|x| x == r) => return Ok(r),
             Ok((r, Event::Failed(message))) => {
                 return Err(LabError::Setup {
                     role: r.name(),

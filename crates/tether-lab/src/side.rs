@@ -81,6 +81,7 @@ impl Plain {
                     )?;
                 }
             }
+            Method::OsKeepalive => sock.set_keepalive(true)?,
             Method::UserTimeout => sock.set_tcp_user_timeout(policy.user_timeout)?,
             _ => {}
         }
@@ -135,7 +136,7 @@ fn classify(e: &std::io::Error, method: Method) -> String {
     match e.raw_os_error() {
         Some(libc::ECONNRESET) | Some(libc::EPIPE) => "peer-reset".into(),
         Some(libc::ETIMEDOUT) => match method {
-            Method::Keepalive => "keepalive-timeout".into(),
+            Method::Keepalive | Method::OsKeepalive => "keepalive-timeout".into(),
             Method::UserTimeout => "user-timeout".into(),
             _ => "io-error: timed out".into(),
         },

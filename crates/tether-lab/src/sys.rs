@@ -36,8 +36,11 @@ pub fn check_environment() -> Result<(), LabError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(LabError::NotRoot);
     }
-    let missing =
-        RESULT.get_or_init(|| TOOLS.into_iter().find(|(tool, _)| find_tool(tool).is_none()));
+    let missing = RESULT.get_or_init(|| {
+        TOOLS
+            .into_iter()
+            .find(|(tool, _)| find_tool(tool).is_none())
+    });
     match missing {
         Some((tool, package)) => Err(LabError::ToolMissing { tool, package }),
         None => Ok(()),
@@ -50,11 +53,19 @@ fn tool_path(tool: &'static str) -> PathBuf {
 
 /// Runs `tool args…` (with `stdin` fed in when given) and returns its stdout; a non-zero exit
 /// is an error carrying the command line and stderr.
-pub(crate) fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, LabError> {
+pub(crate) fn run(
+    tool: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, LabError> {
     let command = format!("{tool} {}", args.join(" "));
     let mut cmd = Command::new(tool_path(tool));
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|source| LabError::Spawn {

@@ -29,7 +29,10 @@ impl TetherSide {
 
     /// Sends one application message.
     pub(crate) async fn send(&mut self, msg: Bytes) -> Result<(), String> {
-        self.sender.send(msg).await.map_err(|d| d.reason.to_string())
+        self.sender
+            .send(msg)
+            .await
+            .map_err(|d| d.reason.to_string())
     }
 }
 

@@ -347,8 +347,20 @@ impl Topology {
     fn wire(&self) -> Result<(), LabError> {
         let b = self.base();
         let [c, r, s] = self.names();
-        sys::run("ip", &["-n", c, "link", "add", "eth0", "type", "veth", "peer", "name", "c0", "netns", r], None)?;
-        sys::run("ip", &["-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "s0", "netns", r], None)?;
+        sys::run(
+            "ip",
+            &[
+                "-n", c, "link", "add", "eth0", "type", "veth", "peer", "name", "c0", "netns", r,
+            ],
+            None,
+        )?;
+        sys::run(
+            "ip",
+            &[
+                "-n", s, "link", "add", "eth0", "type", "veth", "peer", "name", "s0", "netns", r,
+            ],
+            None,
+        )?;
         let client = format!(
             "link set lo up\naddr add {}/30 dev eth0\nlink set eth0 up\nroute add default via {}\n",
             ip4(b, 1),
@@ -456,7 +468,13 @@ impl Topology {
             let ruleset = "table inet tetherlab_host {\n    chain host_in {\n      type filter hook input priority -300; policy drop;\n    }\n    chain host_out {\n      type filter hook output priority -300; policy drop;\n    }\n}\n";
             sys::run_in(ns, "nft", &["-f", "-"], Some(ruleset)).map(drop)
         } else {
-            sys::run_in(ns, "nft", &["delete", "table", "inet", "tetherlab_host"], None).map(drop)
+            sys::run_in(
+                ns,
+                "nft",
+                &["delete", "table", "inet", "tetherlab_host"],
+                None,
+            )
+            .map(drop)
         }
     }
 
