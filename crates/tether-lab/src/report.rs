@@ -301,14 +301,18 @@ pub fn json_rows<'a>(results: &'a [CellResult], scale: &Scale) -> Vec<JsonRow<'a
     rows
 }
 
-/// Writes the JSON rows to `path` (an array, pretty-printed).
+/// Writes the JSON rows to `path` (an array, pretty-printed), creating its directory.
 pub fn write_json(results: &[CellResult], scale: &Scale, path: &Path) -> Result<(), LabError> {
     let text = serde_json::to_string_pretty(&json_rows(results, scale))
         .map_err(|e| LabError::Chart(format!("json: {e}")))?;
-    std::fs::write(path, text + "\n").map_err(|source| LabError::Write {
+    let w = |source| LabError::Write {
         path: path.display().to_string(),
         source,
-    })
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(w)?;
+    }
+    std::fs::write(path, text + "\n").map_err(w)
 }
 
 fn method_color(m: Method) -> RGBColor {
@@ -325,7 +329,7 @@ fn method_color(m: Method) -> RGBColor {
 }
 
 /// Draws detection time per method per fault as grouped bars, one panel per side, to an
-/// SVG file. Bars reaching the cap with a pale fill mean *never*; a `✓` at the foot means
+/// SVG file. Bars reaching the cap with a pale fill and `∞` on top mean *never*; a `✓` at the foot means
 /// *survived*; an outlined bar means *idle-closed*; the dashed line is the bound.
 pub fn write_svg(results: &[CellResult], scale: &Scale, path: &Path) -> Result<(), LabError> {
     draw_svg(results, scale, path).map_err(|e| LabError::Chart(e.to_string()))
@@ -404,7 +408,7 @@ fn draw_svg(
                     }
                     Outcome::NotDetected { .. } => {
                         chart.draw_series([bar(cap, c.mix(0.35).filled())])?;
-                        chart.draw_series([label("never".into(), cap * 1.06, BLACK)])
+                        chart.draw_series([label("∞".into(), cap * 1.06, BLACK)])
                     }
                     Outcome::ClosedIdle { after, .. } => {
                         let h = after.as_secs_f64().min(cap);
