@@ -1,11 +1,12 @@
 //! The `tether` command.
 //!
 //! Exit codes: 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server
-//! refused the connection (`connect`).
+//! refused the connection (`connect`); 4 a lab check failed (`lab`).
 
 mod config;
 mod connect;
 mod http;
+mod lab;
 mod log;
 mod plan;
 mod serve;
@@ -32,6 +33,8 @@ enum Command {
     /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
     #[command(long_about = plan::LONG_ABOUT)]
     Plan(plan::PlanArgs),
+    /// Reproduce middlebox failures in network namespaces and compare detection methods (root).
+    Lab(lab::LabArgs),
 }
 
 fn init_tracing() {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Connect(a) => connect::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Lab(a) => lab::run(a),
     };
     match result {
         Ok(code) => code,
