@@ -38,7 +38,6 @@ impl Flaky {
                 let Ok(up) = TcpStream::connect(upstream).await else {
                     continue;
                 };
-                down.set_linger(None).ok();
                 let d = socket2::SockRef::from(&down);
                 d.set_linger(Some(Duration::ZERO)).unwrap();
                 socket2::SockRef::from(&up)
