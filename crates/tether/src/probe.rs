@@ -233,7 +233,7 @@ pub fn parse_control_msg(m: &[u8; CONTROL_MSG_LEN]) -> (u8, u8, u32, u64) {
 }
 
 /// Live control connections by session, so that server-first connections can report.
-type Sessions = Mutex<HashMap<u64, (u64, mpsc::UnboundedSender<(u32, u8)>)>>;
+type Sessions = Mutex<HashMap<u64, (u64, mpsc::UnboundedSender<(u32, u8, u64)>)>>;
 
 fn sessions() -> &'static Sessions {
     static S: OnceLock<Sessions> = OnceLock::new();
@@ -241,13 +241,13 @@ fn sessions() -> &'static Sessions {
 }
 
 fn lock_sessions(
-) -> std::sync::MutexGuard<'static, HashMap<u64, (u64, mpsc::UnboundedSender<(u32, u8)>)>> {
+) -> std::sync::MutexGuard<'static, HashMap<u64, (u64, mpsc::UnboundedSender<(u32, u8, u64)>)>> {
     sessions().lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn report_outcome(session: u64, index: u32, outcome: u8) {
+fn report_outcome(session: u64, index: u32, outcome: u8, idle: Duration) {
     if let Some((_, tx)) = lock_sessions().get(&session) {
-        let _ = tx.send((index, outcome));
+        let _ = tx.send((index, outcome, idle.as_micros() as u64));
     }
 }
 
@@ -322,8 +322,8 @@ pub async fn respond<T: Transport>(mut io: T, request: Bytes) {
         }
         (Mode::ClientFirst, _) => respond_client_first(&mut io, &req).await,
         (Mode::ServerFirst, _) => {
-            let outcome = respond_server_first(&mut io, &req).await;
-            report_outcome(req.session, req.index, outcome);
+            let (outcome, idle) = respond_server_first(&mut io, &req).await;
+            report_outcome(req.session, req.index, outcome, idle);
         }
         (Mode::Control, None) => {}
     }
@@ -332,7 +332,7 @@ pub async fn respond<T: Transport>(mut io: T, request: Bytes) {
 
 async fn respond_control<T: Transport>(
     io: &mut T,
-    mut reports: mpsc::UnboundedReceiver<(u32, u8)>,
+    mut reports: mpsc::UnboundedReceiver<(u32, u8, u64)>,
 ) {
     let mut buf = [0u8; CONTROL_MSG_LEN];
     let mut got = 0;
@@ -358,8 +358,8 @@ async fn respond_control<T: Transport>(
                     }
                 }
             }
-            Some((index, outcome)) = reports.recv() => {
-                let m = control_msg(control::REPORT, outcome, index, 0);
+            Some((index, outcome, idle_us)) = reports.recv() => {
+                let m = control_msg(control::REPORT, outcome, index, idle_us);
                 if io.write_all(&m).await.is_err() {
                     return;
                 }
@@ -387,36 +387,41 @@ async fn respond_client_first<T: Transport>(io: &mut T, req: &Request) {
     }
 }
 
-async fn respond_server_first<T: Transport>(io: &mut T, req: &Request) -> u8 {
+async fn respond_server_first<T: Transport>(io: &mut T, req: &Request) -> (u8, Duration) {
+    let since = tokio::time::Instant::now();
     let mut buf = [0u8; 64];
     // Wait out the idle period; anything from the client ends it early (it gave up).
     match tokio::time::timeout(req.delay, io.read(&mut buf)).await {
         Err(_) => {}
-        Ok(Ok(0)) => return report::CLOSE,
-        Ok(Ok(_)) => return report::ALIVE,
-        Ok(Err(e)) if is_reset(&e) => return report::RESET,
-        Ok(Err(_)) => return report::SILENT,
+        Ok(Ok(0)) => return (report::CLOSE, since.elapsed()),
+        Ok(Ok(_)) => return (report::ALIVE, since.elapsed()),
+        Ok(Err(e)) if is_reset(&e) => return (report::RESET, since.elapsed()),
+        Ok(Err(_)) => return (report::SILENT, since.elapsed()),
     }
+    // What was tested: the idle period up to this write (a late wake-up tests a longer one).
+    let idle = since.elapsed();
     if let Err(e) = io.write_all(&[SERVER_BYTE]).await {
         return if is_reset(&e) {
-            report::RESET
+            (report::RESET, idle)
         } else {
-            report::SILENT
+            (report::SILENT, idle)
         };
     }
-    match tokio::time::timeout(req.grace, io.read(&mut buf)).await {
+    let outcome = match tokio::time::timeout(req.grace, io.read(&mut buf)).await {
         Ok(Ok(n)) if n > 0 && buf[..n].contains(&ACK_BYTE) => report::ALIVE,
         Ok(Ok(0)) => report::CLOSE,
         Ok(Ok(_)) => report::SILENT,
         Ok(Err(e)) if is_reset(&e) => report::RESET,
         Ok(Err(_)) | Err(_) => {
+            // Half-open: do not leave the kernel retransmitting into the void.
             if let Some(tcp) = (&*io as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>()
             {
                 let _ = crate::sockopt::set_abortive_close(tcp);
             }
             report::SILENT
         }
-    }
+    };
+    (outcome, idle)
 }
 
 /// Seconds with two decimals, for messages.

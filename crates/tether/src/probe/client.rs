@@ -203,6 +203,8 @@ enum Event {
         dir: usize,
         rung: usize,
         at: Instant,
+        /// The idle period as measured.
+        age: Duration,
         outcome: Option<Outcome>,
     },
     Pong {
@@ -211,6 +213,8 @@ enum Event {
     Report {
         index: u32,
         outcome: u8,
+        /// The responder's measured idle period before it spoke, in microseconds.
+        idle_us: u64,
     },
     ControlLost(String),
 }
@@ -294,11 +298,15 @@ async fn run_rung(job: RungJob) {
     };
     let since = Instant::now();
     let _ = tx.send(Event::Opened { dir, rung, since });
-    let at = since + req.delay;
+    let mut at = since + req.delay;
+    let mut age = req.delay;
     let mut buf = [0u8; 16];
     let outcome = match req.mode {
         Mode::ClientFirst => {
             tokio::time::sleep_until(at).await;
+            // A late wake-up tests a longer idle period: record what was tested.
+            at = Instant::now();
+            age = at.duration_since(since);
             match s.write_all(&[TEST_BYTE]).await {
                 Err(e) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
                 Err(_) => Some(Outcome::Expired(Expiry::Unknown)),
@@ -316,6 +324,8 @@ async fn run_rung(job: RungJob) {
             match tokio::time::timeout_at(at + req.grace, s.read(&mut buf)).await {
                 Ok(Ok(0)) => Some(Outcome::Expired(Expiry::Close)),
                 Ok(Ok(n)) if buf[..n].contains(&SERVER_BYTE) => {
+                    // Symmetric: the answer took as long to arrive as the byte did.
+                    age = since.elapsed();
                     let _ = s.write_all(&[ACK_BYTE]).await;
                     Some(Outcome::Alive)
                 }
@@ -331,6 +341,7 @@ async fn run_rung(job: RungJob) {
         dir,
         rung,
         at,
+        age,
         outcome,
     });
     match outcome {
@@ -338,6 +349,12 @@ async fn run_rung(job: RungJob) {
             // Let the acknowledgement reach the responder before the FIN.
             let _ = s.shutdown().await;
             let _ = tokio::time::timeout(req.grace, s.read(&mut buf)).await;
+        }
+        None => {
+            // Keep still until the responder has made up its mind: a close from this side
+            // must not be what it observes.
+            tokio::time::sleep(req.grace * 2).await;
+            abort(s);
         }
         _ => abort(s),
     }
@@ -396,7 +413,7 @@ async fn run_control(
                                 }
                             }
                             control::REPORT => {
-                                let _ = tx.send(Event::Report { index, outcome });
+                                let _ = tx.send(Event::Report { index, outcome, idle_us: value });
                             }
                             _ => {
                                 let _ = tx.send(Event::ControlLost(format!("unknown control message {kind}")));
@@ -407,6 +424,15 @@ async fn run_control(
                 }
             }
         }
+    }
+}
+
+/// The responder's measured idle period, or `nominal` when it did not say.
+fn measured(idle_us: u64, nominal: Duration) -> Duration {
+    if idle_us == 0 {
+        nominal
+    } else {
+        Duration::from_micros(idle_us)
     }
 }
 
@@ -499,8 +525,9 @@ pub async fn run(
         })
         .collect();
     let mut tasks: HashMap<(usize, usize), JoinHandle<()>> = HashMap::new();
-    let mut awaiting_report: HashMap<(usize, usize), (Instant, Instant)> = HashMap::new();
-    let mut early_reports: HashMap<(usize, usize), u8> = HashMap::new();
+    // Server-first tests that saw nothing: (test time, nominal age, deadline for the REPORT).
+    let mut awaiting_report: HashMap<(usize, usize), (Instant, Duration, Instant)> = HashMap::new();
+    let mut early_reports: HashMap<(usize, usize), (u8, u64)> = HashMap::new();
     let mut next_open_at = Instant::now();
     let mut opened = 0usize;
     let mut last_pong_sent: Option<Instant> = None;
@@ -610,21 +637,24 @@ pub async fn run(
                 dir,
                 rung,
                 at,
+                age,
                 outcome,
             }) => {
                 tasks.remove(&(dir, rung));
-                let outcome = match outcome {
-                    Some(o) => Some(o),
-                    None => match early_reports.remove(&(dir, rung)).and_then(report_outcome) {
-                        Some(o) => Some(o),
+                let resolved = match outcome {
+                    Some(o) => Some((o, age)),
+                    None => match early_reports.remove(&(dir, rung)) {
+                        Some((b, idle_us)) => {
+                            report_outcome(b).map(|o| (o, measured(idle_us, age)))
+                        }
                         None => {
-                            awaiting_report.insert((dir, rung), (at, now + grace * 2));
+                            awaiting_report.insert((dir, rung), (at, age, now + grace * 2));
                             None
                         }
                     },
                 };
-                if let Some(o) = outcome {
-                    for c in plans[dir].resolve(rung, o, since_start(at)) {
+                if let Some((o, age)) = resolved {
+                    for c in plans[dir].resolve(rung, o, since_start(at), age) {
                         if let Some(t) = tasks.remove(&(dir, c)) {
                             t.abort();
                         }
@@ -634,13 +664,17 @@ pub async fn run(
             Some(Event::Pong { sent }) => {
                 last_pong_sent = Some(last_pong_sent.map_or(sent, |p| p.max(sent)));
             }
-            Some(Event::Report { index, outcome }) => {
+            Some(Event::Report {
+                index,
+                outcome,
+                idle_us,
+            }) => {
                 let dir = (index >> 24) as usize;
                 let rung = (index & 0x00ff_ffff) as usize;
-                if dir < plans.len() {
+                if dir < plans.len() && rung < plans[dir].ages().len() {
                     if let Some(o) = report_outcome(outcome) {
                         let at = match awaiting_report.remove(&(dir, rung)) {
-                            Some((at, _)) => Some(at),
+                            Some((at, _, _)) => Some(at),
                             // Reported before the client's own deadline (an RST is immediate):
                             // the test time is the rung's due time.
                             None => plans[dir].due(rung).map(|d| start + d),
@@ -650,14 +684,15 @@ pub async fn run(
                                 if let Some(t) = tasks.remove(&(dir, rung)) {
                                     t.abort();
                                 }
-                                for c in plans[dir].resolve(rung, o, since_start(at)) {
+                                let age = measured(idle_us, plans[dir].age(rung));
+                                for c in plans[dir].resolve(rung, o, since_start(at), age) {
                                     if let Some(t) = tasks.remove(&(dir, c)) {
                                         t.abort();
                                     }
                                 }
                             }
                             None => {
-                                early_reports.insert((dir, rung), outcome);
+                                early_reports.insert((dir, rung), (outcome, idle_us));
                             }
                         }
                     }
@@ -671,12 +706,13 @@ pub async fn run(
         // Server-first tests whose REPORT never came: the kind of expiry is unknown.
         let overdue: Vec<_> = awaiting_report
             .iter()
-            .filter(|(_, (_, deadline))| now >= *deadline)
-            .map(|(k, (at, _))| (*k, *at))
+            .filter(|(_, (_, _, deadline))| now >= *deadline)
+            .map(|(k, (at, age, _))| (*k, *at, *age))
             .collect();
-        for ((dir, rung), at) in overdue {
+        for ((dir, rung), at, age) in overdue {
             awaiting_report.remove(&(dir, rung));
-            for c in plans[dir].resolve(rung, Outcome::Expired(Expiry::Unknown), since_start(at)) {
+            let unknown = Outcome::Expired(Expiry::Unknown);
+            for c in plans[dir].resolve(rung, unknown, since_start(at), age) {
                 if let Some(t) = tasks.remove(&(dir, c)) {
                     t.abort();
                 }

@@ -182,8 +182,14 @@ impl LadderConfig {
 enum Rung {
     Pending,
     Opening,
-    Idle { since: Duration },
-    Done { outcome: Outcome, at: Duration },
+    Idle {
+        since: Duration,
+    },
+    Done {
+        outcome: Outcome,
+        at: Duration,
+        age: Duration,
+    },
     Cancelled,
 }
 
@@ -308,12 +314,19 @@ impl DirectionPlan {
         }
     }
 
-    /// Rung `k` was tested at `at` with `outcome`. Returns the rungs to cancel (still idling
-    /// above a failure, so they can no longer matter).
-    pub fn resolve(&mut self, k: usize, outcome: Outcome, at: Duration) -> Vec<usize> {
+    /// Rung `k` was tested at `at`, after an idle period of `age` as measured (a test can be
+    /// late; the bracket uses measured ages), with `outcome`. Returns the rungs to cancel
+    /// (still idling above a failure, so they can no longer matter).
+    pub fn resolve(
+        &mut self,
+        k: usize,
+        outcome: Outcome,
+        at: Duration,
+        age: Duration,
+    ) -> Vec<usize> {
         match self.rungs.get_mut(k) {
             Some(r @ (Rung::Opening | Rung::Idle { .. })) => {
-                *r = Rung::Done { outcome, at };
+                *r = Rung::Done { outcome, at, age };
                 self.busy -= 1;
             }
             _ => return Vec::new(),
@@ -341,27 +354,28 @@ impl DirectionPlan {
         cancel
     }
 
-    /// The current bracket: (longest survived idle, shortest expired idle).
+    fn measured(&self) -> impl Iterator<Item = (Outcome, Duration)> + '_ {
+        self.rungs.iter().filter_map(|r| match r {
+            Rung::Done { outcome, age, .. } => Some((*outcome, *age)),
+            _ => None,
+        })
+    }
+
+    /// The current bracket from measured ages: (longest survived idle below the shortest
+    /// expired one, shortest expired idle).
     pub fn bounds(&self) -> (Duration, Option<Duration>) {
-        let upper_k = self.lowest_failure();
+        let upper = self
+            .measured()
+            .filter(|(o, _)| *o != Outcome::Alive)
+            .map(|(_, a)| a)
+            .min();
         let lower = self
-            .rungs
-            .iter()
-            .enumerate()
-            .filter(|(k, r)| {
-                upper_k.is_none_or(|u| *k < u)
-                    && matches!(
-                        r,
-                        Rung::Done {
-                            outcome: Outcome::Alive,
-                            ..
-                        }
-                    )
-            })
-            .map(|(k, _)| self.ages[k])
+            .measured()
+            .filter(|(o, a)| *o == Outcome::Alive && upper.is_none_or(|u| *a < u))
+            .map(|(_, a)| a)
             .max()
             .unwrap_or(Duration::ZERO);
-        (lower, upper_k.map(|k| self.ages[k]))
+        (lower, upper)
     }
 
     /// Connections currently opening or idling.
@@ -407,20 +421,17 @@ impl DirectionPlan {
         let mut note = None;
         if self.open_failed {
             note = Some("a probe connection could not be opened".to_string());
-        } else if let Some(f) = failure {
-            let contradicted = self.rungs[f + 1..].iter().any(|r| {
-                matches!(
-                    r,
-                    Rung::Done {
-                        outcome: Outcome::Alive,
-                        ..
-                    }
-                )
-            });
-            if contradicted {
+        } else if let Some(u) = upper {
+            let survived = self
+                .measured()
+                .filter(|(o, a)| *o == Outcome::Alive && *a >= u)
+                .map(|(_, a)| a)
+                .max();
+            if let Some(a) = survived {
                 note = Some(format!(
-                    "a longer idle period survived after {} expired",
-                    crate::probe::secs(self.ages[f])
+                    "an idle period of {} survived after one of {} expired",
+                    crate::probe::secs(a),
+                    crate::probe::secs(u)
                 ));
             }
         }
@@ -428,6 +439,7 @@ impl DirectionPlan {
             Some(Rung::Done {
                 outcome: Outcome::Expired(e),
                 at,
+                ..
             }) => (Some(e), Some(at)),
             _ => (None, None),
         };
@@ -556,7 +568,8 @@ impl Simulation {
                 }
                 (_, Some(o)) => {
                     let test_at = plan.due(k).unwrap_or(t);
-                    let cancelled = plan.resolve(k, o, test_at);
+                    let age = plan.age(k);
+                    let cancelled = plan.resolve(k, o, test_at, age);
                     events.retain(|e| !cancelled.contains(&e.2));
                 }
                 _ => {}
@@ -732,11 +745,11 @@ mod tests {
         }
         assert_eq!(opened.len(), n);
         // Rung 3 expires, rung 4 survives (resolved first), rungs 0..3 survive.
-        p.resolve(4, Outcome::Alive, p.age(4));
-        p.resolve(3, Outcome::Expired(Expiry::SilentDrop), p.age(3));
+        p.resolve(4, Outcome::Alive, p.age(4), p.age(4));
+        p.resolve(3, Outcome::Expired(Expiry::SilentDrop), p.age(3), p.age(3));
         assert!(p.result().is_none());
         for k in 0..3 {
-            p.resolve(k, Outcome::Alive, p.age(k));
+            p.resolve(k, Outcome::Alive, p.age(k), p.age(k));
         }
         let r = p.result().unwrap();
         assert!(!r.conclusive, "{r:?}");
@@ -763,11 +776,11 @@ mod tests {
             p.opened(k, Duration::ZERO);
         }
         assert_eq!(p.next_open(), None, "slots are full");
-        let cancelled = p.resolve(2, Outcome::Expired(Expiry::Reset), p.age(2));
+        let cancelled = p.resolve(2, Outcome::Expired(Expiry::Reset), p.age(2), p.age(2));
         assert_eq!(cancelled, (3..8).collect::<Vec<_>>());
         assert_eq!(p.next_open(), None, "nothing above a failure is opened");
-        p.resolve(0, Outcome::Alive, p.age(0));
-        p.resolve(1, Outcome::Alive, p.age(1));
+        p.resolve(0, Outcome::Alive, p.age(0), p.age(0));
+        p.resolve(1, Outcome::Alive, p.age(1), p.age(1));
         let r = p.result().unwrap();
         assert_eq!((r.lower, r.upper), (p.age(1), Some(p.age(2))));
         assert_eq!(r.expiry, Some(Expiry::Reset));
