@@ -232,16 +232,19 @@ pub fn parse_control_msg(m: &[u8; CONTROL_MSG_LEN]) -> (u8, u8, u32, u64) {
     (m[0], m[1], index, u64::from_be_bytes(v))
 }
 
-/// Live control connections by session, so that server-first connections can report.
-type Sessions = Mutex<HashMap<u64, (u64, mpsc::UnboundedSender<(u32, u8, u64)>)>>;
+/// A report for a control connection: (connection index, outcome byte, idle µs).
+type ReportMsg = (u32, u8, u64);
+/// Live control connections by session (with a registration id), so that server-first
+/// connections can report.
+type SessionMap = HashMap<u64, (u64, mpsc::UnboundedSender<ReportMsg>)>;
+type Sessions = Mutex<SessionMap>;
 
 fn sessions() -> &'static Sessions {
     static S: OnceLock<Sessions> = OnceLock::new();
     S.get_or_init(Default::default)
 }
 
-fn lock_sessions(
-) -> std::sync::MutexGuard<'static, HashMap<u64, (u64, mpsc::UnboundedSender<(u32, u8, u64)>)>> {
+fn lock_sessions() -> std::sync::MutexGuard<'static, SessionMap> {
     sessions().lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -332,7 +335,7 @@ pub async fn respond<T: Transport>(mut io: T, request: Bytes) {
 
 async fn respond_control<T: Transport>(
     io: &mut T,
-    mut reports: mpsc::UnboundedReceiver<(u32, u8, u64)>,
+    mut reports: mpsc::UnboundedReceiver<ReportMsg>,
 ) {
     let mut buf = [0u8; CONTROL_MSG_LEN];
     let mut got = 0;
