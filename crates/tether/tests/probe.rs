@@ -180,7 +180,7 @@ async fn idle_expiring_proxy_silent_drop_is_bracketed() {
 
 #[tokio::test]
 async fn idle_expiring_proxy_reset_is_bracketed() {
-    bracket(1.25, AtExpiry::Reset).await;
+    bracket(1.33, AtExpiry::Reset).await;
 }
 
 #[tokio::test]

@@ -46,7 +46,7 @@ pub struct ProbeConfig {
     pub client_first: bool,
     /// Probe the server-speaks-first direction. Default: true.
     pub server_first: bool,
-    /// Expected timeout: rungs are dense (1%) within ±25% of it. Default: none.
+    /// Expected timeout: rungs are dense (1%) within ±15% of it (8% apart below). Default: none.
     pub hint: Option<Duration>,
     /// Rung ratio elsewhere. Default: 1.04.
     pub ratio: f64,
