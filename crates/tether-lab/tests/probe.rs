@@ -213,7 +213,10 @@ fn check_bracket(t: u64, invalid: Invalid) {
     let p = &r.report;
     let t = t as f64;
     assert!(p.conclusive, "{r:?}");
-    let (lower, upper) = (p.lower.as_secs_f64(), p.upper.expect("a bracket").as_secs_f64());
+    let (lower, upper) = (
+        p.lower.as_secs_f64(),
+        p.upper.expect("a bracket").as_secs_f64(),
+    );
     assert!(lower < t && t <= upper, "T={t}: ({lower}, {upper}] {r:?}");
     assert!(
         upper - lower <= (0.05 * t).max(0.3),
