@@ -97,6 +97,22 @@ pub(crate) struct ProbeArgs {
 pub(crate) fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let addr = crate::config::parse_addr(&args.addr)
         .map_err(|e| anyhow::anyhow!("invalid value for ADDR {:?}: {e}", args.addr))?;
+    if args.max > probe::MAX_DELAY || args.max.is_zero() {
+        anyhow::bail!(
+            "invalid value for --max: {} (a responder accepts idle periods up to {})",
+            Human(args.max),
+            Human(probe::MAX_DELAY)
+        );
+    }
+    if args
+        .grace
+        .is_some_and(|g| g.is_zero() || g > probe::MAX_GRACE)
+    {
+        anyhow::bail!(
+            "invalid value for --grace: must be between 1ms and {}",
+            Human(probe::MAX_GRACE)
+        );
+    }
     let (cf, sf) = match args.direction {
         DirectionArg::Both => (true, true),
         DirectionArg::Client => (true, false),

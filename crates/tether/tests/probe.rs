@@ -252,3 +252,17 @@ async fn a_bad_request_is_refused_with_a_reason() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.contains("unsupported probe version 9"), "{text:?}");
 }
+
+#[tokio::test]
+async fn settings_a_responder_would_refuse_are_errors_up_front() {
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let too_long = ProbeConfig::new(addr).max(Duration::from_secs(25 * 3600));
+    let e = probe::run(too_long, |_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("longest idle period"), "{e}");
+    let no_dir = ProbeConfig::new(addr).directions(false, false);
+    let e = probe::run(no_dir, |_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("no direction"), "{e}");
+    let grace = ProbeConfig::new(addr).grace(Some(Duration::from_secs(61)));
+    let e = probe::run(grace, |_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("grace"), "{e}");
+}

@@ -472,6 +472,22 @@ pub async fn run(
             cfg.connections
         )));
     }
+    if cfg.max > super::MAX_DELAY {
+        return Err(ProbeError::Config(format!(
+            "max {} is above the longest idle period a responder accepts ({})",
+            super::secs(cfg.max),
+            super::secs(super::MAX_DELAY)
+        )));
+    }
+    if cfg
+        .grace
+        .is_some_and(|g| g.is_zero() || g > super::MAX_GRACE)
+    {
+        return Err(ProbeError::Config(format!(
+            "grace must be between 1 ms and {}",
+            super::secs(super::MAX_GRACE)
+        )));
+    }
     if cfg.max < cfg.min {
         return Err(ProbeError::Config(format!(
             "max {} is below the shortest idle period tested ({})",
