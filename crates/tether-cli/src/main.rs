@@ -1,7 +1,8 @@
 //! The `tether` command.
 //!
 //! Exit codes: 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server
-//! refused the connection (`connect`); 4 a lab check failed (`lab`).
+//! refused the connection (`connect`); 4 a lab check failed (`lab`) or the result is
+//! inconclusive (`probe`).
 
 mod config;
 mod connect;
@@ -9,6 +10,7 @@ mod http;
 mod lab;
 mod log;
 mod plan;
+mod probe;
 mod serve;
 
 use std::process::ExitCode;
@@ -33,6 +35,9 @@ enum Command {
     /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
     #[command(long_about = plan::LONG_ABOUT)]
     Plan(plan::PlanArgs),
+    /// Measure the idle timeout of the path to a `tether serve` (NAT, load balancer, firewall).
+    #[command(long_about = probe::LONG_ABOUT)]
+    Probe(probe::ProbeArgs),
     /// Reproduce middlebox failures in network namespaces and compare detection methods (root).
     Lab(lab::LabArgs),
 }
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Connect(a) => connect::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Lab(a) => lab::run(a),
+        Command::Probe(a) => probe::run(a),
     };
     match result {
         Ok(code) => code,
