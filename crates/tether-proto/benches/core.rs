@@ -4,6 +4,9 @@
 //!
 //! `cargo bench -p tether-proto --bench core`
 
+// `criterion_group!` generates an undocumented `pub fn`.
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
