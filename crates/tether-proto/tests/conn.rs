@@ -11,6 +11,13 @@ use tether_proto::{
     CloseCode, Conn, ConnConfig, ConnEvent, Disconnect, DisconnectReason, LivenessConfig,
 };
 
+/// The origin of virtual time. Read from the clock once per test; every later instant is
+/// this plus a `Duration`.
+#[allow(clippy::disallowed_methods)]
+fn base() -> Instant {
+    Instant::now()
+}
+
 const NS: Duration = Duration::from_nanos(1);
 const H: Duration = Duration::from_secs(2);
 const D: Duration = Duration::from_secs(6);
@@ -103,7 +110,7 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        let t0 = Instant::now();
+        let t0 = base();
         Pair {
             t0,
             now: t0,
@@ -254,7 +261,7 @@ fn handshake_in_memory_then_messages_both_ways() {
 
 #[test]
 fn handshake_split_into_single_bytes() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("slow"), LivenessConfig::new(H, D));
     let mut server = Conn::server(t0, cfg());
     let bytes = take_out(&mut client);
@@ -304,7 +311,7 @@ fn events_of(v: &[(Duration, ConnEvent)]) -> Vec<ConnEvent> {
 
 #[test]
 fn server_handshake_timeout_refuses_with_handshake_timeout() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     // A partial preamble does not extend the deadline.
     server.handle_input(t0 + ms(10), b"TT");
@@ -331,7 +338,7 @@ fn server_handshake_timeout_refuses_with_handshake_timeout() {
 
 #[test]
 fn server_waiting_for_the_application_decision_also_times_out() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, &take_out(&mut client));
@@ -354,7 +361,7 @@ fn server_waiting_for_the_application_decision_also_times_out() {
 
 #[test]
 fn client_handshake_timeout_without_welcome() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
     take_out(&mut client);
     // The server's preamble alone is not a welcome.
@@ -376,7 +383,7 @@ fn client_handshake_timeout_without_welcome() {
 
 #[test]
 fn bad_magic_gets_no_reply() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, b"GET / HTTP/1.1\r\n\r\n");
     let evs = events(&mut server);
@@ -400,7 +407,7 @@ fn bad_magic_gets_no_reply() {
 
 #[test]
 fn unsupported_version_is_refused() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, b"TTHR\x02anything after is ignored");
     let evs = events(&mut server);
@@ -438,7 +445,7 @@ fn unsupported_version_is_refused() {
 
 #[test]
 fn client_gets_data_before_welcome_is_a_protocol_error() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
     take_out(&mut client);
     let mut bytes = preamble();
@@ -453,7 +460,7 @@ fn client_gets_data_before_welcome_is_a_protocol_error() {
 
 #[test]
 fn server_gets_frames_before_hello_or_before_welcome_is_a_protocol_error() {
-    let t0 = Instant::now();
+    let t0 = base();
     // Heartbeat instead of HELLO.
     let mut server = Conn::server(t0, cfg());
     let mut bytes = preamble();
@@ -482,7 +489,7 @@ fn server_gets_frames_before_hello_or_before_welcome_is_a_protocol_error() {
 
 #[test]
 fn probe_request_is_handed_to_the_driver() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     let mut bytes = preamble();
     bytes.extend(enc(&Frame::Probe(bytes::Bytes::from_static(b"\x01params"))));
@@ -718,7 +725,7 @@ fn recovered_comes_before_the_message_that_ends_the_silence() {
 
 #[test]
 fn rtt_from_ping_pong_through_the_conn() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut l = LivenessConfig::new(H, D);
     l.ping_interval = Some(ms(500));
     let mut client = Conn::client(t0, cfg(), &hello("c"), l);
@@ -997,7 +1004,7 @@ fn hex(s: &str) -> Vec<u8> {
 /// docs/PROTOCOL.md §11, byte for byte and instant for instant.
 #[test]
 fn protocol_document_worked_example() {
-    let t0 = Instant::now();
+    let t0 = base();
     let s = Duration::from_secs;
     let demo = Hello {
         client_id: "demo".into(),
@@ -1058,7 +1065,7 @@ fn protocol_document_worked_example() {
 /// docs/PROTOCOL.md §11, last paragraph: silent client declared dead at 1 s + d.
 #[test]
 fn protocol_document_worked_example_dead_client() {
-    let t0 = Instant::now();
+    let t0 = base();
     let s = Duration::from_secs;
     let live = LivenessConfig::new(s(10), s(30));
     let mut client = Conn::client(t0, ConnConfig::default(), &hello("demo"), live.clone());
