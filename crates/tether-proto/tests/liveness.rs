@@ -314,6 +314,32 @@ fn heartbeat_flood_is_a_policy_violation() {
 }
 
 #[test]
+fn heartbeat_flood_is_caught_across_any_window_not_only_aligned_ones() {
+    // "More than 8 in any window of 4h": 8 heartbeats just before t0 + 4h and 8 just after
+    // are 16 within 1.6 s, a flood, wherever windows happen to start.
+    let mut cfg = LivenessConfig::new(H, D);
+    cfg.enforce_peer_heartbeat = Some(H);
+    let (t0, mut l) = engine(cfg);
+    let mut floods = Vec::new();
+    for i in 0..16u32 {
+        let t = t0 + 4 * H - ms(800) + ms(100) * i;
+        l.on_receive(t);
+        l.on_heartbeat_received(t);
+        floods.extend(drain(&mut l).into_iter().map(|e| (i, e)));
+    }
+    assert_eq!(
+        floods,
+        vec![(
+            8,
+            LivenessEvent::HeartbeatFlood {
+                count: 9,
+                window: 4 * H
+            }
+        )]
+    );
+}
+
+#[test]
 fn heartbeats_at_the_agreed_rate_are_not_a_flood() {
     let mut cfg = LivenessConfig::new(H, D);
     cfg.enforce_peer_heartbeat = Some(H);
