@@ -1087,3 +1087,45 @@ fn protocol_document_worked_example_dead_client() {
     assert_eq!(&close[..7], &hex("00 00 00 25 04 00 03")[..]);
     assert_eq!(&close[7..], b"nothing received within dead_after");
 }
+
+proptest::proptest! {
+    /// Any byte counts as liveness, even when it completes no frame: a message trickling in
+    /// at random chunk sizes with gaps below d never gets the server to declare the client
+    /// dead, and once the bytes stop, death comes at exactly the last byte + d.
+    #[test]
+    fn trickling_bytes_keep_the_peer_alive_then_silence_kills_at_exactly_d(
+        steps in proptest::collection::vec((1usize..400, 0.0f64..1.0), 1..60),
+    ) {
+        let mut p = Pair::established();
+        let t0 = p.t0;
+        p.client.send(t0, &[0x42; 20_000]).unwrap();
+        let bytes = take_out(&mut p.client);
+        let mut at = 0;
+        let mut now = t0;
+        for (len, frac) in steps {
+            if at >= bytes.len() { break; }
+            let next = now + (D - NS).mul_f64(frac);
+            // Run the server's timers up to (not including) the arrival.
+            while let Some(dl) = p.server.poll_timeout() {
+                if dl >= next { break; }
+                p.server.handle_timeout(dl);
+            }
+            now = next;
+            let end = (at + len).min(bytes.len());
+            p.server.handle_input(now, &bytes[at..end]);
+            at = end;
+            proptest::prop_assert!(!p.server.is_closed(), "closed at {:?}", now - t0);
+        }
+        let last = now;
+        let mut closed_at = None;
+        while let Some(dl) = p.server.poll_timeout() {
+            p.server.handle_timeout(dl);
+            if p.server.is_closed() { closed_at = Some(dl); }
+        }
+        proptest::prop_assert_eq!(closed_at, Some(last + D));
+        let evs = events(&mut p.server);
+        let d = closed(&evs).unwrap();
+        proptest::prop_assert_eq!(&d.reason, &DisconnectReason::HeartbeatTimeout);
+        proptest::prop_assert_eq!(d.silent_for, D);
+    }
+}

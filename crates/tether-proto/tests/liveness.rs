@@ -502,6 +502,37 @@ proptest! {
         }
     }
 
+    /// The engine flags the first heartbeat that is the 9th within less than 4h (sliding
+    /// window), and nothing before it: checked against a brute-force count.
+    #[test]
+    fn flood_is_flagged_exactly_when_nine_fall_within_four_intervals(
+        h_ms in 1u64..1_000,
+        gaps_ms in prop::collection::vec(0u64..2_000, 1..120),
+    ) {
+        let h = ms(h_ms);
+        let mut cfg = LivenessConfig::new(h, 3 * h);
+        cfg.enforce_peer_heartbeat = Some(h);
+        let t0 = base();
+        let mut l = Liveness::new(t0, cfg);
+        let mut arrivals = Vec::new();
+        let mut t = t0;
+        for g in &gaps_ms {
+            t += ms(*g);
+            arrivals.push(t);
+        }
+        let expected = (8..arrivals.len()).find(|&i| arrivals[i] - arrivals[i - 8] < 4 * h);
+        let mut flagged = None;
+        for (i, at) in arrivals.iter().enumerate() {
+            l.on_heartbeat_received(*at);
+            if let Some(ev) = l.poll_event() {
+                prop_assert_eq!(ev, LivenessEvent::HeartbeatFlood { count: 9, window: 4 * h });
+                flagged = Some(i);
+                break;
+            }
+        }
+        prop_assert_eq!(flagged, expected);
+    }
+
     /// After the last byte, a driver that calls `handle_timeout` exactly at `poll_timeout`
     /// sees death at exactly last_rx + d (zero ticks late), with every heartbeat exactly h
     /// after the previous send.
