@@ -1,1 +1,73 @@
-fn main() {}
+//! The `tether` command.
+//!
+//! Exit codes: 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server
+//! refused the connection (`connect`).
+
+mod config;
+mod connect;
+mod http;
+mod log;
+mod plan;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tether keeps long-lived TCP connections honest: both sides detect a dead peer within a
+/// bound you choose, and idle connections survive NAT and load-balancer timeouts.
+#[derive(Parser, Debug)]
+#[command(name = "tether", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a server that knows who is online (status page, metrics, event log).
+    Serve(serve::ServeArgs),
+    /// Connect to a server: stdin lines out, messages in, reconnects on its own.
+    Connect(connect::ConnectArgs),
+    /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
+    #[command(long_about = plan::LONG_ABOUT)]
+    Plan(plan::PlanArgs),
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Connect(a) => connect::run(a),
+        Command::Plan(a) => plan::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            // Configuration problems are reported before anything runs.
+            ExitCode::from(if is_config_error(&e) { 2 } else { 1 })
+        }
+    }
+}
+
+fn is_config_error(e: &anyhow::Error) -> bool {
+    if e.chain().any(|c| {
+        c.downcast_ref::<tether_proto::policy::PolicyError>()
+            .is_some()
+    }) {
+        return true;
+    }
+    let s = format!("{e:#}");
+    s.contains("invalid value") || s.contains("config file") || s.contains("inconsistent")
+}

@@ -126,7 +126,7 @@ fn conn_benches(c: &mut Criterion) {
     };
     let live = LivenessConfig::new(Duration::from_secs(10), Duration::from_secs(30));
     let established = || {
-        let mut client = Conn::client(t0, ConnConfig::default(), &hello, live.clone());
+        let mut client = Conn::client(t0, ConnConfig::default(), &hello, live.clone(), None);
         let mut server = Conn::server(t0, ConnConfig::default());
         server.handle_input(t0, client.pending_transmit());
         let n = client.pending_transmit().len();

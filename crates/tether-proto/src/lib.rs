@@ -20,12 +20,17 @@
 //! passed in).
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod codec;
 pub mod conn;
+pub mod duration;
 pub mod liveness;
+pub mod plan;
 pub mod policy;
-mod policy_default;
+pub mod presence;
+pub mod presets;
 pub mod reason;
+pub mod session;
 
 pub use codec::{Frame, Hello, Welcome};
 pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, Role, TransportError};

@@ -242,7 +242,7 @@ fn text_longer_than_the_limit_is_truncated_on_encode_and_refused_on_decode() {
     assert_eq!(text.len(), MAX_TEXT_LEN);
     // A peer that sends 1025 bytes of text is malformed.
     let mut raw = vec![0, 0, 0x04, 0x04, 0x04, 0, 0];
-    raw.extend(std::iter::repeat(b'a').take(MAX_TEXT_LEN + 1));
+    raw.extend(std::iter::repeat_n(b'a', MAX_TEXT_LEN + 1));
     assert!(matches!(
         decode_all(1 << 20, &raw),
         Err(DecodeError::Malformed { frame: "CLOSE", .. })

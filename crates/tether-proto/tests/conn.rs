@@ -40,6 +40,7 @@ fn cfg() -> ConnConfig {
     ConnConfig {
         max_frame_len: 64 * 1024,
         handshake_timeout: HANDSHAKE,
+        ..ConnConfig::default()
     }
 }
 
@@ -114,7 +115,7 @@ impl Pair {
         Pair {
             t0,
             now: t0,
-            client: Conn::client(t0, cfg(), &hello("c1"), LivenessConfig::new(H, D)),
+            client: Conn::client(t0, cfg(), &hello("c1"), LivenessConfig::new(H, D), None),
             server: Conn::server(t0, cfg()),
             client_events: Vec::new(),
             server_events: Vec::new(),
@@ -262,7 +263,7 @@ fn handshake_in_memory_then_messages_both_ways() {
 #[test]
 fn handshake_split_into_single_bytes() {
     let t0 = base();
-    let mut client = Conn::client(t0, cfg(), &hello("slow"), LivenessConfig::new(H, D));
+    let mut client = Conn::client(t0, cfg(), &hello("slow"), LivenessConfig::new(H, D), None);
     let mut server = Conn::server(t0, cfg());
     let bytes = take_out(&mut client);
     for b in &bytes {
@@ -339,7 +340,7 @@ fn server_handshake_timeout_refuses_with_handshake_timeout() {
 #[test]
 fn server_waiting_for_the_application_decision_also_times_out() {
     let t0 = base();
-    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
+    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, &take_out(&mut client));
     assert!(matches!(events(&mut server)[..], [ConnEvent::Hello(_)]));
@@ -362,7 +363,7 @@ fn server_waiting_for_the_application_decision_also_times_out() {
 #[test]
 fn client_handshake_timeout_without_welcome() {
     let t0 = base();
-    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
+    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     take_out(&mut client);
     // The server's preamble alone is not a welcome.
     client.handle_input(t0 + ms(5), b"TTHR\x01");
@@ -395,7 +396,7 @@ fn bad_magic_gets_no_reply() {
     assert!(server.is_closed());
 
     // Same on the client side: a server that is not tether gets nothing more.
-    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
+    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     take_out(&mut client);
     client.handle_input(t0, b"SSH-2.0-OpenSSH\r\n");
     assert!(matches!(
@@ -433,7 +434,7 @@ fn unsupported_version_is_refused() {
     ));
 
     // A client that gets a v2 preamble back closes without answering.
-    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
+    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     take_out(&mut client);
     client.handle_input(t0, b"TTHR\x02");
     assert!(matches!(
@@ -446,7 +447,7 @@ fn unsupported_version_is_refused() {
 #[test]
 fn client_gets_data_before_welcome_is_a_protocol_error() {
     let t0 = base();
-    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
+    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     take_out(&mut client);
     let mut bytes = preamble();
     bytes.extend(enc(&Frame::Data(bytes::Bytes::from_static(b"x"))));
@@ -475,7 +476,7 @@ fn server_gets_frames_before_hello_or_before_welcome_is_a_protocol_error() {
 
     // DATA right behind the HELLO, before the server's WELCOME.
     let mut server = Conn::server(t0, cfg());
-    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D));
+    let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     let mut bytes = take_out(&mut client);
     bytes.extend(enc(&Frame::Data(bytes::Bytes::from_static(b"eager"))));
     server.handle_input(t0, &bytes);
@@ -728,7 +729,7 @@ fn rtt_from_ping_pong_through_the_conn() {
     let t0 = base();
     let mut l = LivenessConfig::new(H, D);
     l.ping_interval = Some(ms(500));
-    let mut client = Conn::client(t0, cfg(), &hello("c"), l);
+    let mut client = Conn::client(t0, cfg(), &hello("c"), l, None);
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, &take_out(&mut client));
     events(&mut server);
@@ -1013,7 +1014,7 @@ fn protocol_document_worked_example() {
         resume: None,
     };
     let live = LivenessConfig::new(s(10), s(30));
-    let mut client = Conn::client(t0, ConnConfig::default(), &demo, live.clone());
+    let mut client = Conn::client(t0, ConnConfig::default(), &demo, live.clone(), None);
     let mut server = Conn::server(t0, ConnConfig::default());
 
     let c_hello = take_out(&mut client);
@@ -1068,7 +1069,13 @@ fn protocol_document_worked_example_dead_client() {
     let t0 = base();
     let s = Duration::from_secs;
     let live = LivenessConfig::new(s(10), s(30));
-    let mut client = Conn::client(t0, ConnConfig::default(), &hello("demo"), live.clone());
+    let mut client = Conn::client(
+        t0,
+        ConnConfig::default(),
+        &hello("demo"),
+        live.clone(),
+        None,
+    );
     let mut server = Conn::server(t0, ConnConfig::default());
     server.handle_input(t0, &take_out(&mut client));
     events(&mut server);

@@ -23,12 +23,12 @@ pub type Disconnected = Disconnect;
 
 /// The liveness settings a side applies, derived from a [`Policy`].
 ///
-/// The server dictates heartbeat and dead-after in the WELCOME; the client adopts them.
-/// `suspect_after` is heartbeat + max(heartbeat/2, 100 ms), kept below dead-after.
+/// The server dictates heartbeat and dead-after in the WELCOME; the client adopts them. The
+/// server also marks a silent client `Suspect` after [`Policy::suspect_after`] and enforces
+/// the heartbeat interval it dictated.
 pub fn liveness_config(policy: &Policy, server: bool) -> LivenessConfig {
     let h = policy.heartbeat_interval;
-    let margin = (h / 2).max(Duration::from_millis(100));
-    let suspect = (h + margin).min(policy.dead_after.mul_f64(0.9));
+    let suspect = policy.suspect_after().min(policy.dead_after.mul_f64(0.9));
     LivenessConfig {
         heartbeat_interval: h,
         dead_after: policy.dead_after,
@@ -121,9 +121,12 @@ pub enum ConnectError {
     Handshake(DisconnectReason),
 }
 
+/// What a standalone connection's handshake produced: the welcome and (server side) the hello.
+type HandshakeResult = Result<(Welcome, Option<Hello>), Disconnect>;
+
 /// Standalone connection sink: messages to the inbox, the handshake result to a oneshot.
 struct ConnSink {
-    ready: Option<oneshot::Sender<Result<(Welcome, Option<Hello>), Disconnect>>>,
+    ready: Option<oneshot::Sender<HandshakeResult>>,
     hello: Option<Hello>,
     accept: Option<LivenessConfig>,
 }
@@ -216,8 +219,9 @@ impl Connection {
         let cfg = ConnConfig {
             max_frame_len: opts.max_frame_len,
             handshake_timeout: opts.handshake_timeout,
+            ..ConnConfig::default()
         };
-        let conn = Conn::client(now, cfg, &hello, liveness_config(&opts.policy, false));
+        let conn = Conn::client(now, cfg, &hello, liveness_config(&opts.policy, false), None);
         let (tx, rx) = oneshot::channel();
         let shared = Shared::new(Limits::default());
         let sink = ConnSink {
@@ -332,6 +336,46 @@ impl Connection {
     }
 
     /// Counters, readable at any time.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// A cloneable handle that can send and close, for use from other tasks.
+    pub fn sender(&self) -> Sender {
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A cloneable sending half of a [`Connection`] (or of a server-side connection).
+#[derive(Debug, Clone)]
+pub struct Sender {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Sender {
+    /// Sends a message, waiting while the outbox is full.
+    pub async fn send(&self, msg: Bytes) -> Result<(), Disconnected> {
+        self.shared.send(msg).await
+    }
+
+    /// Queues a message without waiting; `false` when the outbox is full or the connection ended.
+    pub fn try_send(&self, msg: Bytes) -> bool {
+        self.shared.try_send(msg)
+    }
+
+    /// Closes in order with `code` and `text`.
+    pub fn close(&self, code: CloseCode, text: &str) {
+        self.shared.close(code, text);
+    }
+
+    /// How the connection ended, if it has.
+    pub fn disconnected(&self) -> Option<Disconnected> {
+        self.shared.done()
+    }
+
+    /// Counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }

@@ -16,10 +16,17 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod client;
 pub mod connection;
 pub mod driver;
+pub mod probe;
+pub mod server;
 pub mod sockopt;
 
-pub use connection::{liveness_config, ConnectError, ConnectOptions, Connection, Disconnected};
+pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
+pub use connection::{
+    liveness_config, ConnectError, ConnectOptions, Connection, Disconnected, Sender,
+};
 pub use driver::{StatsSnapshot, Transport};
+pub use server::{ClientInfo, Server, ServerConfig, ServerEvent, ServerHandle, ServerMetrics};
 pub use tether_proto::{CloseCode, DisconnectReason, Policy};

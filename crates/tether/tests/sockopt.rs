@@ -20,6 +20,7 @@ fn policy() -> Policy {
         }),
         user_timeout: Some(Duration::from_millis(23_456)),
         ping_interval: None,
+        ..Policy::default()
     }
 }
 

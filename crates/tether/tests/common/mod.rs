@@ -23,6 +23,8 @@ pub fn fast_policy(h_ms: u64, d_ms: u64) -> Policy {
         }),
         user_timeout: Some(Duration::from_secs(8)),
         ping_interval: None,
+        detect_within: Duration::from_millis(d_ms),
+        ..Policy::default()
     }
 }
 

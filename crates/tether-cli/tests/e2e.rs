@@ -1,0 +1,285 @@
+//! End-to-end: `tether serve` with two `tether connect` processes; the status API, metrics,
+//! SIGKILL of a client, and (when Chromium is available) a headless render of the page.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+    body
+}
+
+fn state_of(addr: &str, id: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(&http_get(addr, "/api/clients")).unwrap();
+    v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .map(|c| c["state"].as_str().unwrap().to_owned())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn out_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../test-output");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn serve_two_clients_status_metrics_and_sigkill() {
+    let mut serve = Kill(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--detect-within",
+                "2s",
+                "--echo",
+                "--session-linger",
+                "1s",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Read the log on a thread: addresses first, then keep every line for later checks.
+    let (tx, rx) = mpsc::channel::<String>();
+    let err = serve.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let (mut listen, mut http) = (None, None);
+    while listen.is_none() || http.is_none() {
+        let l = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("serve printed its addresses");
+        if let Some(a) = l.split("addr=").nth(1) {
+            listen = Some(a.split_whitespace().next().unwrap().to_owned());
+        }
+        if let Some(a) = l.split("http://").nth(1) {
+            http = Some(a.trim_end_matches('/').to_owned());
+        }
+        log.push(l);
+    }
+    let (listen, http) = (listen.unwrap(), http.unwrap());
+
+    let spawn_client = |id: &str| {
+        Kill(
+            Command::new(BIN)
+                .args(["connect", &listen, "--id", id])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut alice = spawn_client("alice");
+    let bob = spawn_client("bob");
+    wait_for("both online", Duration::from_secs(10), || {
+        state_of(&http, "alice").as_deref() == Some("online")
+            && state_of(&http, "bob").as_deref() == Some("online")
+    });
+
+    // A message round trip through --echo.
+    let mut stdin = alice.0.stdin.take().unwrap();
+    writeln!(stdin, "ping from alice").unwrap();
+    let mut out = BufReader::new(alice.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "ping from alice");
+
+    let metrics = http_get(&http, "/metrics");
+    assert!(metrics.contains("tether_connections 2"), "{metrics}");
+    assert!(
+        metrics.contains("tether_presence{state=\"online\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_messages_received_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE tether_disconnects_total counter"),
+        "{metrics}"
+    );
+
+    // The status page renders the client table (headless Chromium, when installed).
+    let browser = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/browser-check");
+    if std::path::Path::new("/usr/bin/chromium").exists() {
+        let png = out_dir().join("status-page.png");
+        let st = Command::new("bash")
+            .arg(&browser)
+            .arg(format!("http://{http}/"))
+            .arg(&png)
+            .arg("alice")
+            .status()
+            .unwrap();
+        assert!(st.success(), "browser-check failed");
+        assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+        println!("screenshot: {}", png.display());
+    } else {
+        println!("SKIP browser check: /usr/bin/chromium not installed (scripts/test installs it as root)");
+    }
+
+    // SIGKILL bob: the kernel closes his socket; his session is held (resuming) for the
+    // 1 s linger, then he goes Offline with the reason.
+    drop(bob);
+    wait_for("bob resuming", Duration::from_secs(5), || {
+        matches!(
+            state_of(&http, "bob").as_deref(),
+            Some("resuming") | Some("offline")
+        )
+    });
+    wait_for("bob offline", Duration::from_secs(10), || {
+        state_of(&http, "bob").as_deref() == Some("offline")
+    });
+    assert_eq!(state_of(&http, "alice").as_deref(), Some("online"));
+    let v: serde_json::Value = serde_json::from_str(&http_get(&http, "/api/clients")).unwrap();
+    let bob = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "bob")
+        .unwrap()
+        .clone();
+    assert_eq!(bob["reason"], "peer-closed", "{bob}");
+    // The event log names the client, the event and the reason.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            log.push(l);
+        }
+        if log
+            .iter()
+            .any(|l| l.contains("bob") && l.contains("offline") && l.contains("reason=peer-closed"))
+        {
+            break;
+        }
+    }
+    assert!(
+        log.iter().any(|l| l.contains("bob")
+            && l.contains("offline")
+            && l.contains("reason=peer-closed")
+            && l.contains("silent_for=")),
+        "{log:#?}"
+    );
+    drop(stdin);
+}
+
+#[test]
+fn bad_config_value_names_key_and_value() {
+    let out = Command::new(BIN)
+        .args(["serve", "--detect-within", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--detect-within") && err.contains("\"soon\""),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .args(["serve"])
+        .env("TETHER_PATH", "azure-lbb")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TETHER_PATH") && err.contains("azure-lbb"),
+        "{err}"
+    );
+}
+
+#[test]
+fn connect_exits_3_when_refused() {
+    // A server whose limit is one connection: the second client is refused.
+    let mut serve = Kill(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+                "--max-connections",
+                "1",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(serve.0.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let listen = line
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let _first = Kill(
+        Command::new(BIN)
+            .args(["connect", &listen, "--id", "one"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut l2 = String::new();
+    err.read_line(&mut l2).unwrap();
+    assert!(l2.contains("one") && l2.contains("connected"), "{l2}");
+    let out = Command::new(BIN)
+        .args(["connect", &listen, "--id", "two"])
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("refused") && e.contains("server-full"), "{e}");
+}

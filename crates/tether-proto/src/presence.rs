@@ -1,0 +1,580 @@
+//! Presence registry: who is online, who is suspect, whose session is held, who left and why.
+//!
+//! A pure state machine in the sans-IO style: every method takes `now`, nothing reads the
+//! clock, and the whole registry needs a single timer ([`Registry::poll_timeout`] /
+//! [`Registry::handle_timeout`]) however many clients it tracks.
+//!
+//! ```text
+//!   call (driver → registry)                       from                     to
+//!   ─────────────────────────────────────────────  ───────────────────────  ────────────────────
+//!   connected(id, conn, remote)                    new/Resuming/Offline     Online
+//!   connected(id, conn2, remote)  → Some(conn)     Online/Suspect (conn)    Online (conn2); close
+//!                                                                           conn with `Replaced`
+//!   suspect(id, conn)                              Online                   Suspect
+//!   recovered(id, conn)                            Suspect                  Online
+//!   disconnected(id, conn, reason, silent_for,
+//!                hold_until = Some(t), t > now)    Online/Suspect           Resuming { until: t }
+//!   disconnected(…, hold_until = None)             Online/Suspect           Offline { reason, … }
+//!   handle_timeout(now ≥ until)                    Resuming                 Offline
+//!   handle_timeout(now ≥ offline + retention),
+//!   or more than max_offline Offline entries       Offline (oldest)         forgotten
+//! ```
+//!
+//! The driver calls in only on connection events (connect, the liveness engine's suspect and
+//! recovered events, disconnect) — never per message, so a server with many thousands of
+//! clients takes the registry's lock rarely. Per-message figures (messages, bytes, last seen,
+//! RTT) live in the driver's per-connection counters.
+//!
+//! Every call that names a connection carries its connection id. A client that reconnects
+//! gets a new id; calls that still name the replaced connection (its late `disconnected`, a
+//! stale `suspect`) are ignored, so a replacement never flaps the client to `Offline`.
+//!
+//! Memory is bounded: one entry per client id; `Offline` entries are forgotten after
+//! `offline_retention`, and at most `max_offline` of them are kept (the oldest go first).
+//! The change queue grows until the driver drains it with [`Registry::poll_change`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::reason::DisconnectReason;
+
+/// Settings for [`Registry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryConfig {
+    /// How long an `Offline` entry is kept (for status pages and queries) before it is
+    /// forgotten. Default: 10 minutes.
+    pub offline_retention: Duration,
+    /// At most this many `Offline` entries are kept; beyond it the oldest is forgotten first.
+    /// Default: 10,000.
+    pub max_offline: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            offline_retention: Duration::from_secs(600),
+            max_offline: 10_000,
+        }
+    }
+}
+
+/// The presence state of one client id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceState {
+    /// Connected, and its peer has been heard from recently.
+    Online,
+    /// Connected, but silent for longer than a heartbeat plus margin; not yet declared dead.
+    Suspect,
+    /// The connection ended but the session is held for a reconnect until `until`.
+    Resuming {
+        /// Why the connection ended.
+        reason: DisconnectReason,
+        /// When the connection ended.
+        at: Instant,
+        /// How long the peer had been silent when the connection ended.
+        silent_for: Duration,
+        /// When the hold ends and the client becomes `Offline`.
+        until: Instant,
+    },
+    /// Gone.
+    Offline {
+        /// Why the connection ended.
+        reason: DisconnectReason,
+        /// When the connection ended (for a client that was `Resuming` first: when its
+        /// connection ended, not when the hold ran out; see [`Entry::changed_at`] for that).
+        at: Instant,
+        /// How long the peer had been silent when the connection ended.
+        silent_for: Duration,
+    },
+}
+
+impl PresenceState {
+    /// The state without its data.
+    pub fn kind(&self) -> PresenceKind {
+        match self {
+            PresenceState::Online => PresenceKind::Online,
+            PresenceState::Suspect => PresenceKind::Suspect,
+            PresenceState::Resuming { .. } => PresenceKind::Resuming,
+            PresenceState::Offline { .. } => PresenceKind::Offline,
+        }
+    }
+
+    /// True for `Online` and `Suspect`: a connection is open.
+    pub fn is_connected(&self) -> bool {
+        matches!(self, PresenceState::Online | PresenceState::Suspect)
+    }
+}
+
+/// The kind of a [`PresenceState`], for counting, metrics labels and JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PresenceKind {
+    /// See [`PresenceState::Online`].
+    Online,
+    /// See [`PresenceState::Suspect`].
+    Suspect,
+    /// See [`PresenceState::Resuming`].
+    Resuming,
+    /// See [`PresenceState::Offline`].
+    Offline,
+}
+
+impl PresenceKind {
+    /// Every kind, in a fixed order (for metrics that must list every state).
+    pub const ALL: [PresenceKind; 4] = [
+        PresenceKind::Online,
+        PresenceKind::Suspect,
+        PresenceKind::Resuming,
+        PresenceKind::Offline,
+    ];
+
+    /// A stable lowercase label: `"online"`, `"suspect"`, `"resuming"`, `"offline"`.
+    pub fn label(self) -> &'static str {
+        match self {
+            PresenceKind::Online => "online",
+            PresenceKind::Suspect => "suspect",
+            PresenceKind::Resuming => "resuming",
+            PresenceKind::Offline => "offline",
+        }
+    }
+}
+
+/// How many entries are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PresenceCounts {
+    /// Entries in `Online`.
+    pub online: usize,
+    /// Entries in `Suspect`.
+    pub suspect: usize,
+    /// Entries in `Resuming`.
+    pub resuming: usize,
+    /// Entries in `Offline` (not yet forgotten).
+    pub offline: usize,
+}
+
+impl PresenceCounts {
+    /// The count for `kind`.
+    pub fn get(&self, kind: PresenceKind) -> usize {
+        match kind {
+            PresenceKind::Online => self.online,
+            PresenceKind::Suspect => self.suspect,
+            PresenceKind::Resuming => self.resuming,
+            PresenceKind::Offline => self.offline,
+        }
+    }
+
+    /// A mutable reference to the count for `kind`.
+    pub fn get_mut(&mut self, kind: PresenceKind) -> &mut usize {
+        match kind {
+            PresenceKind::Online => &mut self.online,
+            PresenceKind::Suspect => &mut self.suspect,
+            PresenceKind::Resuming => &mut self.resuming,
+            PresenceKind::Offline => &mut self.offline,
+        }
+    }
+
+    /// The sum over all states.
+    pub fn total(&self) -> usize {
+        self.online + self.suspect + self.resuming + self.offline
+    }
+}
+
+/// What the registry knows about one client id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Entry {
+    /// The current state.
+    pub state: PresenceState,
+    /// The id of the current connection (or of the last one, when none is open).
+    pub conn_id: u64,
+    /// The remote address of that connection.
+    pub remote: SocketAddr,
+    /// When that connection was registered.
+    pub connected_since: Instant,
+    /// When the state last changed (a replacement counts as a change).
+    pub changed_at: Instant,
+    /// Connections registered for this id since the entry was created.
+    pub connects: u64,
+    /// Connections of this id that ended (including replaced ones).
+    pub disconnects: u64,
+}
+
+/// A state change, queued for the driver to publish (see [`Registry::poll_change`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The client id.
+    pub id: String,
+    /// The connection id the new state refers to.
+    pub conn_id: u64,
+    /// The previous state; `None` when the id was not known before.
+    pub from: Option<PresenceState>,
+    /// The new state. A replacement is reported as `Online` (or `Suspect`) → `Online` with the
+    /// new connection id.
+    pub to: PresenceState,
+    /// When the change happened.
+    pub at: Instant,
+}
+
+/// Capacity the change queue keeps once drained; a burst beyond it is given back.
+const CHANGES_KEPT_CAPACITY: usize = 1024;
+
+/// The presence registry (see the module docs).
+#[derive(Debug)]
+pub struct Registry {
+    cfg: RegistryConfig,
+    entries: HashMap<String, Slot>,
+    /// `Resuming` entries by (hold end, sequence).
+    holds: BTreeMap<(Instant, u64), String>,
+    /// `Offline` entries by (time they became offline, sequence): oldest first.
+    offline: BTreeMap<(Instant, u64), String>,
+    counts: PresenceCounts,
+    changes: VecDeque<PresenceChange>,
+    next_seq: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    entry: Entry,
+    /// The key of this entry in `holds` (when Resuming) or `offline` (when Offline).
+    timer: Option<(Instant, u64)>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(cfg: RegistryConfig) -> Self {
+        Registry {
+            cfg,
+            entries: HashMap::new(),
+            holds: BTreeMap::new(),
+            offline: BTreeMap::new(),
+            counts: PresenceCounts::default(),
+            changes: VecDeque::new(),
+            next_seq: 0,
+        }
+    }
+
+    /// A connection `conn_id` for client `id` from `remote` completed its handshake.
+    ///
+    /// The client becomes `Online`. Returns the id of the connection this one replaces, if
+    /// the client had one open: the driver closes that one with
+    /// [`DisconnectReason::Replaced`]; its late [`disconnected`](Self::disconnected) is ignored.
+    pub fn connected(
+        &mut self,
+        now: Instant,
+        id: &str,
+        conn_id: u64,
+        remote: SocketAddr,
+    ) -> Option<u64> {
+        let Some(slot) = self.entries.get_mut(id) else {
+            self.entries.insert(
+                id.to_owned(),
+                Slot {
+                    entry: Entry {
+                        state: PresenceState::Online,
+                        conn_id,
+                        remote,
+                        connected_since: now,
+                        changed_at: now,
+                        connects: 1,
+                        disconnects: 0,
+                    },
+                    timer: None,
+                },
+            );
+            self.counts.online += 1;
+            self.changes.push_back(PresenceChange {
+                id: id.to_owned(),
+                conn_id,
+                from: None,
+                to: PresenceState::Online,
+                at: now,
+            });
+            return None;
+        };
+
+        let entry = &mut slot.entry;
+        if entry.state.is_connected() && entry.conn_id == conn_id {
+            return None; // the same connection registered twice: nothing changes
+        }
+        let replaced = entry.state.is_connected().then_some(entry.conn_id);
+        if replaced.is_some() {
+            entry.disconnects += 1;
+        }
+        match slot.timer.take() {
+            Some(key) if matches!(entry.state, PresenceState::Resuming { .. }) => {
+                self.holds.remove(&key);
+            }
+            Some(key) => {
+                self.offline.remove(&key);
+            }
+            None => {}
+        }
+        entry.conn_id = conn_id;
+        entry.remote = remote;
+        entry.connected_since = now;
+        entry.changed_at = now;
+        entry.connects += 1;
+        let from = std::mem::replace(&mut entry.state, PresenceState::Online);
+        *self.counts.get_mut(from.kind()) -= 1;
+        self.counts.online += 1;
+        self.changes.push_back(PresenceChange {
+            id: id.to_owned(),
+            conn_id,
+            from: Some(from),
+            to: PresenceState::Online,
+            at: now,
+        });
+        replaced
+    }
+
+    /// The liveness engine of connection `conn_id` reports its peer silent past a heartbeat
+    /// plus margin: `Online` → `Suspect`. Returns whether anything changed (false for an
+    /// unknown id, a connection that is not the current one, or a client not `Online`).
+    pub fn suspect(&mut self, now: Instant, id: &str, conn_id: u64) -> bool {
+        self.flip(
+            now,
+            id,
+            conn_id,
+            PresenceKind::Online,
+            PresenceState::Suspect,
+        )
+    }
+
+    /// The peer of connection `conn_id` was heard from again: `Suspect` → `Online`. Returns
+    /// whether anything changed.
+    pub fn recovered(&mut self, now: Instant, id: &str, conn_id: u64) -> bool {
+        self.flip(
+            now,
+            id,
+            conn_id,
+            PresenceKind::Suspect,
+            PresenceState::Online,
+        )
+    }
+
+    fn flip(
+        &mut self,
+        now: Instant,
+        id: &str,
+        conn_id: u64,
+        from: PresenceKind,
+        to: PresenceState,
+    ) -> bool {
+        let Some(slot) = self.entries.get_mut(id) else {
+            return false;
+        };
+        let entry = &mut slot.entry;
+        if entry.conn_id != conn_id || entry.state.kind() != from {
+            return false;
+        }
+        *self.counts.get_mut(from) -= 1;
+        *self.counts.get_mut(to.kind()) += 1;
+        entry.changed_at = now;
+        let old = std::mem::replace(&mut entry.state, to.clone());
+        self.changes.push_back(PresenceChange {
+            id: id.to_owned(),
+            conn_id,
+            from: Some(old),
+            to,
+            at: now,
+        });
+        true
+    }
+
+    /// Connection `conn_id` of client `id` ended with `reason` after its peer had been silent
+    /// for `silent_for`.
+    ///
+    /// With `hold_until = Some(t)` and `t > now`, the session is held for a reconnect: the
+    /// client is `Resuming` until `t`, then `Offline` (unless it connects again first).
+    /// Otherwise it is `Offline` at once. Ignored (returns false) when `conn_id` is not the
+    /// client's current connection — for example a connection that was replaced — or the
+    /// client is not connected.
+    pub fn disconnected(
+        &mut self,
+        now: Instant,
+        id: &str,
+        conn_id: u64,
+        reason: DisconnectReason,
+        silent_for: Duration,
+        hold_until: Option<Instant>,
+    ) -> bool {
+        let Some(slot) = self.entries.get_mut(id) else {
+            return false;
+        };
+        if slot.entry.conn_id != conn_id || !slot.entry.state.is_connected() {
+            return false;
+        }
+        slot.entry.disconnects += 1;
+        let to = match hold_until {
+            Some(until) if until > now => {
+                self.next_seq += 1;
+                let key = (until, self.next_seq);
+                self.holds.insert(key, id.to_owned());
+                slot.timer = Some(key);
+                PresenceState::Resuming {
+                    reason,
+                    at: now,
+                    silent_for,
+                    until,
+                }
+            }
+            _ => PresenceState::Offline {
+                reason,
+                at: now,
+                silent_for,
+            },
+        };
+        let to_offline = matches!(to, PresenceState::Offline { .. });
+        self.set_state(now, id, to);
+        if to_offline {
+            self.add_offline(now, id);
+        }
+        true
+    }
+
+    /// Sets the state of an existing entry, keeps the counts, queues the change.
+    fn set_state(&mut self, now: Instant, id: &str, to: PresenceState) {
+        let Some(slot) = self.entries.get_mut(id) else {
+            return;
+        };
+        let entry = &mut slot.entry;
+        *self.counts.get_mut(entry.state.kind()) -= 1;
+        *self.counts.get_mut(to.kind()) += 1;
+        entry.changed_at = now;
+        let from = std::mem::replace(&mut entry.state, to.clone());
+        self.changes.push_back(PresenceChange {
+            id: id.to_owned(),
+            conn_id: entry.conn_id,
+            from: Some(from),
+            to,
+            at: now,
+        });
+    }
+
+    /// Records that `id` (already in state `Offline`) became offline at `now`, and enforces
+    /// `max_offline`.
+    fn add_offline(&mut self, now: Instant, id: &str) {
+        self.next_seq += 1;
+        let key = (now, self.next_seq);
+        if let Some(slot) = self.entries.get_mut(id) {
+            slot.timer = Some(key);
+            self.offline.insert(key, id.to_owned());
+        }
+        while self.offline.len() > self.cfg.max_offline {
+            let Some((key, oldest)) = self.offline.pop_first() else {
+                break;
+            };
+            self.forget(key, &oldest);
+        }
+    }
+
+    /// Removes the `Offline` entry `id` whose key `key` has just been taken out of `offline`.
+    fn forget(&mut self, key: (Instant, u64), id: &str) {
+        if self.entries.get(id).is_some_and(|s| s.timer == Some(key)) {
+            self.entries.remove(id);
+            self.counts.offline -= 1;
+        }
+    }
+
+    /// The next instant at which [`handle_timeout`](Self::handle_timeout) has work: the
+    /// earliest end of a hold or of an offline retention. `None` when there is none.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let hold = self.holds.first_key_value().map(|(k, _)| k.0);
+        let retention = self
+            .offline
+            .first_key_value()
+            .and_then(|(k, _)| k.0.checked_add(self.cfg.offline_retention));
+        match (hold, retention) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Applies every deadline that is due at `now`: holds that ended make their clients
+    /// `Offline` (`until <= now`), and `Offline` entries older than `offline_retention` are
+    /// forgotten. Calling it early or twice is harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(entry) = self.holds.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (key, id) = entry.remove_entry();
+            let Some(slot) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            if slot.timer != Some(key) {
+                continue;
+            }
+            slot.timer = None;
+            let PresenceState::Resuming {
+                reason,
+                at,
+                silent_for,
+                ..
+            } = slot.entry.state.clone()
+            else {
+                continue;
+            };
+            self.set_state(
+                now,
+                &id,
+                PresenceState::Offline {
+                    reason,
+                    at,
+                    silent_for,
+                },
+            );
+            self.add_offline(now, &id);
+        }
+        while let Some(entry) = self.offline.first_entry() {
+            match entry.key().0.checked_add(self.cfg.offline_retention) {
+                Some(expiry) if expiry <= now => {
+                    let (key, id) = entry.remove_entry();
+                    self.forget(key, &id);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// The next queued state change, oldest first. The driver drains this after each call
+    /// that may change state and publishes the changes to its subscribers.
+    pub fn poll_change(&mut self) -> Option<PresenceChange> {
+        let change = self.changes.pop_front();
+        if change.is_none() && self.changes.capacity() > CHANGES_KEPT_CAPACITY {
+            // A burst (thousands connecting at once) grew the queue; give the memory back.
+            self.changes.shrink_to(CHANGES_KEPT_CAPACITY);
+        }
+        change
+    }
+
+    /// What the registry knows about client `id`.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.get(id).map(|s| &s.entry)
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> + '_ {
+        self.entries.iter().map(|(id, s)| (id.as_str(), &s.entry))
+    }
+
+    /// How many entries are in each state.
+    pub fn counts(&self) -> PresenceCounts {
+        self.counts
+    }
+
+    /// How many client ids the registry knows (in any state).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the registry knows no client.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The settings this registry was built with.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.cfg
+    }
+}

@@ -1,0 +1,404 @@
+//! Server and client over real loopback: presence accuracy, refusals, reconnects.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{fast_policy, raw_connect, raw_hello, Blackhole};
+use tether::{
+    Client, ClientConfig, ClientEvent, CloseCode, ConnectError, Connection, DisconnectReason,
+    Server, ServerConfig, ServerEvent,
+};
+use tether_proto::backoff::{Backoff, BackoffConfig};
+use tether_proto::presence::{PresenceKind, PresenceState};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn server(h: u64, d: u64) -> Server {
+    let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap())
+        .policy(fast_policy(h, d))
+        .handshake_timeout(Duration::from_millis(500));
+    Server::bind(cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_accuracy_1000_clients() {
+    let (h, d) = (300u64, 1500u64);
+    let mut srv = server(h, d).await;
+    let addr = srv.local_addr();
+    let hole = Blackhole::start(addr).await;
+    let policy = fast_policy(h, d);
+    let mut healthy = Vec::new();
+    let mut silenced = Vec::new();
+    let mut closers = Vec::new();
+    for i in 0..1000 {
+        let id = format!("c{i:04}");
+        if i < 100 {
+            silenced.push(Connection::connect(hole.addr, &id, &policy).await.unwrap());
+        } else if i < 200 {
+            closers.push(raw_connect(addr, &id).await);
+        } else {
+            healthy.push(Connection::connect(addr, &id, &policy).await.unwrap());
+        }
+    }
+    // Drain connect events.
+    let mut connected = 0;
+    while connected < 1000 {
+        if let Some(ServerEvent::Connected { .. }) = srv.next_event().await {
+            connected += 1;
+        }
+    }
+    // Raw clients never heartbeat, so some may already be Suspect; none is Offline.
+    let c = srv.presence_counts();
+    assert_eq!(c.online + c.suspect, 1000, "{c:?}");
+    let mut presence = srv.subscribe();
+
+    // 100 vanish without FIN; 100 close cleanly (FIN).
+    hole.set(true);
+    let t0 = Instant::now();
+    for mut c in closers.drain(..) {
+        c.shutdown().await.unwrap();
+        tokio::spawn(async move {
+            let mut b = [0u8; 64];
+            while let Ok(n) = c.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+    }
+    let silenced_ids: HashSet<String> = (0..100).map(|i| format!("c{i:04}")).collect();
+    let closer_ids: HashSet<String> = (100..200).map(|i| format!("c{i:04}")).collect();
+    let mut offline_silenced = HashSet::new();
+    let mut offline_closed = HashSet::new();
+    let dd = Duration::from_millis(d);
+    let deadline = tokio::time::Instant::now() + dd * 3;
+    while offline_silenced.len() < 100 || offline_closed.len() < 100 {
+        let ch = tokio::time::timeout_at(deadline, presence.recv())
+            .await
+            .expect("timed out waiting for Offline")
+            .unwrap();
+        match ch.to {
+            PresenceState::Offline {
+                reason, silent_for, ..
+            } => {
+                if silenced_ids.contains(&ch.id) {
+                    assert_eq!(reason, DisconnectReason::HeartbeatTimeout, "{}", ch.id);
+                    assert!(
+                        silent_for >= dd && silent_for <= dd + dd / 4,
+                        "{}: silent_for {silent_for:?}",
+                        ch.id
+                    );
+                    assert!(
+                        t0.elapsed() <= dd + dd / 4,
+                        "{} detected after {:?}",
+                        ch.id,
+                        t0.elapsed()
+                    );
+                    offline_silenced.insert(ch.id);
+                } else if closer_ids.contains(&ch.id) {
+                    assert_eq!(reason, DisconnectReason::PeerClosed, "{}", ch.id);
+                    offline_closed.insert(ch.id);
+                } else {
+                    panic!("healthy client {} went offline: {reason:?}", ch.id);
+                }
+            }
+            PresenceState::Resuming { .. } => panic!("no sessions here, {} resuming", ch.id),
+            PresenceState::Online | PresenceState::Suspect => {
+                assert!(!closer_ids.contains(&ch.id));
+            }
+        }
+    }
+    // Watch a little longer: none of the 800 healthy clients ever leaves Online/Suspect.
+    let quiet_until = tokio::time::Instant::now() + dd;
+    while let Ok(Ok(ch)) = tokio::time::timeout_at(quiet_until, presence.recv()).await {
+        assert!(
+            matches!(ch.to, PresenceState::Online | PresenceState::Suspect),
+            "{} changed to {:?}",
+            ch.id,
+            ch.to
+        );
+    }
+    let counts = srv.presence_counts();
+    assert_eq!(counts.online + counts.suspect, 800, "{counts:?}");
+    assert_eq!(counts.offline, 200, "{counts:?}");
+    for c in &healthy {
+        assert!(c.disconnected().is_none());
+    }
+    // The silenced clients noticed too.
+    for c in &silenced {
+        let dis = tokio::time::timeout(dd, c.closed())
+            .await
+            .expect("client side did not notice");
+        assert_eq!(dis.reason, DisconnectReason::HeartbeatTimeout);
+    }
+    let m = srv.metrics();
+    assert_eq!(
+        m.disconnects
+            .iter()
+            .find(|(l, _)| *l == "heartbeat-timeout")
+            .unwrap()
+            .1,
+        100
+    );
+    assert_eq!(
+        m.disconnects
+            .iter()
+            .find(|(l, _)| *l == "peer-closed")
+            .unwrap()
+            .1,
+        100
+    );
+}
+
+#[tokio::test]
+async fn refusals_and_misbehaving_peers_do_not_disturb_others() {
+    let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap())
+        .policy(fast_policy(200, 1000))
+        .handshake_timeout(Duration::from_millis(300))
+        .max_connections(3)
+        .max_frame_len(1024);
+    let srv = Server::bind(cfg).await.unwrap();
+    let addr = srv.local_addr();
+    let p = fast_policy(200, 1000);
+    let mut good = Connection::connect(addr, "good", &p).await.unwrap();
+
+    // Bad hello: control characters in the id → refusal frame with bad-hello.
+    match Connection::connect(addr, "bad\nid", &p).await {
+        Err(ConnectError::Refused { code, .. }) => assert_eq!(code, CloseCode::BAD_HELLO),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+
+    // Silent peer: closed at the handshake deadline with a HANDSHAKE_TIMEOUT refusal.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert_eq!(&buf[..5], b"TTHR\x01");
+    assert_eq!(buf[9], 0x12, "REFUSE frame");
+    assert_eq!(
+        u16::from_be_bytes([buf[10], buf[11]]),
+        CloseCode::HANDSHAKE_TIMEOUT.0
+    );
+    drop(silent);
+
+    // Garbage: no reply, closed at once.
+    let mut g = TcpStream::connect(addr).await.unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), g.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .ok();
+    assert!(buf.is_empty(), "garbage must get no answer, got {buf:?}");
+    drop(g);
+
+    // Oversize frame after a good handshake: CLOSE with protocol-error, then EOF, without the
+    // server reading the announced body.
+    let mut o = raw_connect(addr, "big").await;
+    o.write_all(&(64u32 << 20).to_be_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), o.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .ok();
+    assert!(
+        buf.len() > 7 && buf[4] == 0x04,
+        "expected CLOSE frame, got {buf:?}"
+    );
+    assert_eq!(
+        u16::from_be_bytes([buf[5], buf[6]]),
+        CloseCode::PROTOCOL_ERROR.0
+    );
+    drop(o);
+    // Every offender's connection is gone again; only the good one is open.
+    let t = Instant::now();
+    while srv.metrics().connections != 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "offenders still open: {:?}",
+            srv.metrics()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Over max connections: 3 allowed; good + two more fill it, the fourth is refused.
+    let _b = Connection::connect(addr, "b", &p).await.unwrap();
+    let _c = Connection::connect(addr, "c", &p).await.unwrap();
+    match Connection::connect(addr, "d", &p).await {
+        Err(ConnectError::Refused { code, .. }) => assert_eq!(code, CloseCode::SERVER_FULL),
+        other => panic!("expected server-full, got {other:?}"),
+    }
+
+    // The good client was served throughout.
+    let h = srv.handle();
+    h.send("good", Bytes::from_static(b"still here"))
+        .await
+        .unwrap();
+    assert_eq!(&good.recv().await.unwrap()[..], b"still here");
+    assert!(good.disconnected().is_none());
+}
+
+#[tokio::test]
+async fn reconnect_replaces_old_connection() {
+    let mut srv = server(200, 1000).await;
+    let addr = srv.local_addr();
+    let p = fast_policy(200, 1000);
+    let mut first = Connection::connect(addr, "phone", &p).await.unwrap();
+    let _second = Connection::connect(addr, "phone", &p).await.unwrap();
+    let d = first.recv().await.unwrap_err();
+    assert_eq!(d.reason, DisconnectReason::Replaced);
+    // Server events: two connects, one Replaced disconnect; presence stays Online.
+    let mut saw_replaced = false;
+    for _ in 0..3 {
+        match tokio::time::timeout(Duration::from_secs(2), srv.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ServerEvent::Disconnected { disconnect, .. } => {
+                assert_eq!(disconnect.reason, DisconnectReason::Replaced);
+                saw_replaced = true;
+            }
+            ServerEvent::Connected { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(saw_replaced);
+    let info = srv.client("phone").unwrap();
+    assert_eq!(info.state.kind(), PresenceKind::Online);
+    assert_eq!(info.connects, 2);
+}
+
+#[tokio::test]
+async fn client_reconnects_with_seeded_jitter_after_server_restart() {
+    let (h, d) = (200u64, 1000u64);
+    let srv = server(h, d).await;
+    let addr = srv.local_addr();
+    let backoff = BackoffConfig {
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(400),
+        max_attempts: None,
+    };
+    let mut cfg = ClientConfig::new(addr, "roamer");
+    cfg.connect.policy = fast_policy(h, d);
+    cfg.backoff = backoff;
+    cfg.seed = Some(42);
+    let mut client = Client::start(cfg);
+    assert!(matches!(
+        client.next_event().await.unwrap(),
+        ClientEvent::Connected { .. }
+    ));
+
+    // Kill the server: graceful shutdown sends CLOSE(going-away) and stops listening.
+    srv.shutdown(Duration::from_secs(1)).await;
+    drop(srv);
+    match client.next_event().await.unwrap() {
+        ClientEvent::Disconnected { disconnect } => {
+            assert_eq!(
+                disconnect.reason,
+                DisconnectReason::PeerClose {
+                    code: CloseCode::GOING_AWAY,
+                    text: "server shutting down".into()
+                }
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // While the server is down, the delays follow the seeded full-jitter sequence exactly.
+    let mut expect = Backoff::new(backoff, 42);
+    let mut attempts = 0;
+    let restart_after = 3;
+    let mut srv2 = None;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), client.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ClientEvent::Reconnecting { attempt, delay } => {
+                attempts += 1;
+                assert_eq!(attempt, attempts);
+                assert_eq!(Some(delay), expect.next_delay(), "attempt {attempt}");
+                assert!(delay <= backoff.ceiling(attempt - 1));
+                if attempts == restart_after {
+                    let cfg = ServerConfig::new(addr).policy(fast_policy(h, d));
+                    srv2 = Some(Server::bind(cfg).await.unwrap());
+                }
+            }
+            ClientEvent::SessionLost { unacked } => {
+                // The restarted server does not know the old session; nothing was in flight.
+                assert!(srv2.is_some());
+                assert_eq!(unacked, None);
+            }
+            ClientEvent::Disconnected { disconnect } if srv2.is_some() => {
+                assert!(
+                    matches!(
+                        disconnect.reason,
+                        DisconnectReason::Refused {
+                            code: CloseCode::SESSION_UNKNOWN,
+                            ..
+                        }
+                    ),
+                    "{disconnect:?}"
+                );
+            }
+            ClientEvent::Disconnected { disconnect } => {
+                assert!(
+                    matches!(
+                        disconnect.reason,
+                        DisconnectReason::PeerReset | DisconnectReason::Io(_)
+                    ),
+                    "{disconnect:?}"
+                );
+            }
+            ClientEvent::Connected { .. } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(attempts, restart_after);
+    let srv2 = srv2.unwrap();
+    let info = srv2
+        .client("roamer")
+        .expect("presence knows the client again");
+    assert_eq!(info.state, PresenceState::Online);
+    // And the link works.
+    srv2.send("roamer", Bytes::from_static(b"welcome back"))
+        .await
+        .unwrap();
+    match client.next_event().await.unwrap() {
+        ClientEvent::Message(m) => assert_eq!(&m[..], b"welcome back"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_version_gets_refusal() {
+    let srv = server(200, 1000).await;
+    let mut s = TcpStream::connect(srv.local_addr()).await.unwrap();
+    let mut hello = raw_hello("v9");
+    hello[4] = 9;
+    s.write_all(&hello).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .ok();
+    assert_eq!(buf[9], 0x12, "REFUSE");
+    assert_eq!(
+        u16::from_be_bytes([buf[10], buf[11]]),
+        CloseCode::UNSUPPORTED_VERSION.0
+    );
+}
