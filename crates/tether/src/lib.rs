@@ -19,6 +19,7 @@
 pub mod client;
 pub mod connection;
 pub mod driver;
+pub mod proxy;
 pub mod server;
 pub mod sockopt;
 
