@@ -54,13 +54,19 @@
 //! buffer, read with `try_read_buf` (no zeroing).
 //!
 //! Either way the channel (pipe or buffer) is created lazily when the source socket turns
-//! readable and **released as soon as the direction is idle** (the source returns
-//! `EWOULDBLOCK` with the channel empty). An idle connection, the common case for the
-//! programs this protects, therefore holds two sockets and no buffer, no pipe: memory per
-//! connection is bounded by 2 × 64 KiB while data moves and a few hundred bytes of task
-//! state when idle. The price is a `pipe2` + two `close` (or a `malloc`/`free`) per burst;
-//! the benchmark (`benches/proxy.rs`) measures it. If a pipe cannot be created (for example
-//! `EMFILE`), that direction falls back to the buffer for the burst.
+//! readable, kept while the direction is busy (so request/response traffic and bursts reuse
+//! it), and **given back once the direction has moved nothing for
+//! [`CHANNEL_RELEASE_AFTER`]** (1 s). An idle connection, the common case for the programs
+//! this protects, therefore holds its two sockets and no buffer, no pipe: memory per
+//! connection is bounded by 2 × 64 KiB (plus two pipes, four fds) while data moves, and a few
+//! hundred bytes of task state when idle. The price is one timer registration per wait while
+//! a channel is held. If a pipe cannot be created (for example `EMFILE`), that direction falls
+//! back to the buffer.
+//!
+//! Why splice by default: it never copies payload into user space, which matters on real NICs
+//! with large transfers. On loopback, with small messages, it is not faster than the buffer
+//! (the benchmark, `benches/proxy.rs`, shows both within noise of each other on a shared
+//! machine), and `--copy buffer` is there for kernels or sandboxes without splice.
 //!
 //! Each direction reads only when its channel is empty and drains it completely before reading
 //! again, so a slow receiver stops the proxy reading from the sender: TCP flow control
@@ -101,6 +107,9 @@ use crate::sockopt;
 /// Size of one direction's channel: the buffer, or the amount asked of one `splice` (the
 /// default pipe capacity is 64 KiB).
 pub const CHANNEL_BYTES: usize = 64 * 1024;
+
+/// A direction that has moved nothing for this long gives its channel (pipe or buffer) back.
+pub const CHANNEL_RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// How a direction moves its bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -796,8 +805,18 @@ impl Direction<'_> {
             let n = match filled {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Idle: give the channel back before waiting.
-                    chan = None;
+                    // Keep the channel for the next burst or reply for a moment; give it
+                    // back once the direction has been idle for CHANNEL_RELEASE_AFTER.
+                    if chan.is_some() {
+                        match tokio::time::timeout(CHANNEL_RELEASE_AFTER, self.src.readable()).await
+                        {
+                            Ok(r) => {
+                                r.map_err(src_fault)?;
+                                continue;
+                            }
+                            Err(_) => chan = None,
+                        }
+                    }
                     self.src.readable().await.map_err(src_fault)?;
                     continue;
                 }
