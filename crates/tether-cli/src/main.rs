@@ -8,6 +8,7 @@ mod connect;
 mod http;
 mod log;
 mod plan;
+mod proxy;
 mod serve;
 
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ enum Command {
     /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
     #[command(long_about = plan::LONG_ABOUT)]
     Plan(plan::PlanArgs),
+    /// Relay TCP to an upstream with keepalive on both legs; a dead leg closes the other at once.
+    Proxy(proxy::ProxyArgs),
 }
 
 fn init_tracing() {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Connect(a) => connect::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Proxy(a) => proxy::run(a),
     };
     match result {
         Ok(code) => code,
