@@ -333,7 +333,7 @@ pub enum ProxyEvent {
     },
 }
 
-/// Counters of a [`Proxy`] (see [`Proxy::metrics`]).
+/// Counters of a [`Proxy`] (see [`Proxy::handle`] and [`ProxyHandle::metrics`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyMetrics {
     /// Connections being relayed now.
