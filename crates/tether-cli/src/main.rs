@@ -1,13 +1,16 @@
 //! The `tether` command.
 //!
 //! Exit codes: 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server
-//! refused the connection (`connect`).
+//! refused the connection (`connect`); 4 a lab check failed (`lab`) or the result is
+//! inconclusive (`probe`).
 
 mod config;
 mod connect;
 mod http;
+mod lab;
 mod log;
 mod plan;
+mod probe;
 mod proxy;
 mod serve;
 
@@ -35,6 +38,11 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Relay TCP to an upstream with keepalive on both legs; a dead leg closes the other at once.
     Proxy(proxy::ProxyArgs),
+    /// Measure the idle timeout of the path to a `tether serve` (NAT, load balancer, firewall).
+    #[command(long_about = probe::LONG_ABOUT)]
+    Probe(probe::ProbeArgs),
+    /// Reproduce middlebox failures in network namespaces and compare detection methods (root).
+    Lab(lab::LabArgs),
 }
 
 fn init_tracing() {
@@ -54,6 +62,8 @@ fn main() -> ExitCode {
         Command::Connect(a) => connect::run(a),
         Command::Plan(a) => plan::run(a),
         Command::Proxy(a) => proxy::run(a),
+        Command::Lab(a) => lab::run(a),
+        Command::Probe(a) => probe::run(a),
     };
     match result {
         Ok(code) => code,

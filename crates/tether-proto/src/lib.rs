@@ -30,6 +30,7 @@ pub mod policy;
 pub mod presence;
 pub mod presets;
 pub mod reason;
+pub mod session;
 
 pub use codec::{Frame, Hello, Welcome};
 pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, Role, TransportError};

@@ -1,2 +1,162 @@
-//! Placeholder until the benchmark lands.
-fn main() {}
+//! Loopback echo: tether `Connection` against plain tokio + `LengthDelimitedCodec`, same
+//! machine, same runtime (current-thread, so the figures are CPU cost per message rather than
+//! scheduler luck on a shared box).
+//!
+//! - `latency`: one message in flight, round trip.
+//! - `pipelined`: a window of messages in flight (about 1 MiB, at most 1000 messages);
+//!   reported per message.
+//!
+//! `cargo bench -p tether --bench echo -- --warm-up-time 1 --measurement-time 3`
+
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures::{SinkExt, StreamExt};
+use tether::{Connection, Policy};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+const SIZES: [usize; 2] = [64, 4096];
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn window(size: usize) -> u64 {
+    ((1usize << 20) / size).min(1000) as u64
+}
+
+/// A tether echo server on loopback; returns a connected client.
+async fn tether_pair() -> Connection {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut conn, _hello) = Connection::accept(stream, &Policy::default())
+            .await
+            .unwrap();
+        while let Ok(m) = conn.recv().await {
+            if conn.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    Connection::connect(addr, "bench", &Policy::default())
+        .await
+        .unwrap()
+}
+
+type Plain = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// A length-delimited echo server on loopback; returns a connected client.
+async fn plain_pair() -> Plain {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sink, stream) = Framed::new(stream, LengthDelimitedCodec::new()).split();
+        // `forward` feeds and flushes only when the input has nothing ready: batched writes,
+        // like tether's driver.
+        let _ = stream.map(|m| m.map(|b| b.freeze())).forward(sink).await;
+    });
+    let stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    Framed::new(stream, LengthDelimitedCodec::new())
+}
+
+async fn tether_latency(c: &mut Connection, msg: &Bytes, iters: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        c.send(msg.clone()).await.unwrap();
+        let back = c.recv().await.unwrap();
+        debug_assert_eq!(back.len(), msg.len());
+    }
+    start.elapsed()
+}
+
+async fn plain_latency(c: &mut Plain, msg: &Bytes, iters: u64) -> Duration {
+    let start = Instant::now();
+    for _ in 0..iters {
+        c.send(msg.clone()).await.unwrap();
+        let back = c.next().await.unwrap().unwrap();
+        debug_assert_eq!(back.len(), msg.len());
+    }
+    start.elapsed()
+}
+
+async fn tether_pipelined(c: &mut Connection, msg: &Bytes, iters: u64, w: u64) -> Duration {
+    let start = Instant::now();
+    let mut in_flight = 0;
+    for _ in 0..iters {
+        c.send(msg.clone()).await.unwrap();
+        in_flight += 1;
+        if in_flight >= w {
+            c.recv().await.unwrap();
+            in_flight -= 1;
+        }
+    }
+    for _ in 0..in_flight {
+        c.recv().await.unwrap();
+    }
+    start.elapsed()
+}
+
+async fn plain_pipelined(c: &mut Plain, msg: &Bytes, iters: u64, w: u64) -> Duration {
+    let start = Instant::now();
+    let mut in_flight = 0;
+    for _ in 0..iters {
+        c.feed(msg.clone()).await.unwrap();
+        in_flight += 1;
+        if in_flight >= w {
+            SinkExt::<Bytes>::flush(c).await.unwrap();
+            c.next().await.unwrap().unwrap();
+            in_flight -= 1;
+        }
+    }
+    SinkExt::<Bytes>::flush(c).await.unwrap();
+    for _ in 0..in_flight {
+        c.next().await.unwrap().unwrap();
+    }
+    start.elapsed()
+}
+
+fn echo(cr: &mut Criterion) {
+    let rt = runtime();
+    let mut tether = rt.block_on(tether_pair());
+    let mut plain = rt.block_on(plain_pair());
+    for size in SIZES {
+        let msg = Bytes::from(vec![0x5au8; size]);
+        let mut g = cr.benchmark_group(format!("echo_latency_{size}B"));
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(BenchmarkId::from_parameter("tether"), |b| {
+            b.iter_custom(|iters| rt.block_on(tether_latency(&mut tether, &msg, iters)))
+        });
+        g.bench_function(BenchmarkId::from_parameter("length_delimited"), |b| {
+            b.iter_custom(|iters| rt.block_on(plain_latency(&mut plain, &msg, iters)))
+        });
+        g.finish();
+
+        let w = window(size);
+        let mut g = cr.benchmark_group(format!("echo_pipelined_{size}B"));
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(BenchmarkId::from_parameter("tether"), |b| {
+            b.iter_custom(|iters| rt.block_on(tether_pipelined(&mut tether, &msg, iters, w)))
+        });
+        g.bench_function(BenchmarkId::from_parameter("length_delimited"), |b| {
+            b.iter_custom(|iters| rt.block_on(plain_pipelined(&mut plain, &msg, iters, w)))
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, echo);
+criterion_main!(benches);

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tether_proto::codec::{Hello, SessionGrant};
+use tether_proto::session::Session;
 use tether_proto::{
     CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig, TransportError,
 };
@@ -153,6 +154,9 @@ pub(crate) struct Inner {
 #[derive(Debug, Default)]
 pub struct Shared {
     inner: Mutex<Inner>,
+    /// Outlives single connections (a reconnecting client's outbox): a connection's end does
+    /// not mark it done; its owner does with [`Shared::finish`].
+    pub(crate) persistent: bool,
     pub(crate) space: Notify,
     pub(crate) stats: Stats,
     pub(crate) limits: Limits,
@@ -182,6 +186,48 @@ impl Shared {
             limits,
             ..Default::default()
         })
+    }
+
+    /// A `Shared` that outlives single connections (see `persistent`).
+    pub(crate) fn persistent(limits: Limits) -> Arc<Self> {
+        Arc::new(Shared {
+            limits,
+            persistent: true,
+            ..Default::default()
+        })
+    }
+
+    /// Marks the owner finished: senders fail with `d` from now on.
+    pub(crate) fn finish(&self, d: Disconnect) {
+        let mut inner = self.lock();
+        inner.done.get_or_insert(d);
+        if let Some(w) = inner.recv.take() {
+            w.wake();
+        }
+        drop(inner);
+        self.space.notify_waiters();
+    }
+
+    /// Messages still queued (never handed to a connection), oldest first.
+    pub(crate) fn take_outbox(&self) -> Vec<Bytes> {
+        let mut inner = self.lock();
+        inner.outbox_bytes = 0;
+        let v: Vec<Bytes> = inner.outbox.drain(..).collect();
+        drop(inner);
+        self.space.notify_waiters();
+        v
+    }
+
+    /// Puts messages at the front of the outbox (they were queued before the others).
+    pub(crate) fn requeue_front(&self, msgs: Vec<Bytes>) {
+        let mut inner = self.lock();
+        for m in msgs.into_iter().rev() {
+            inner.outbox_bytes += m.len();
+            inner.outbox.push_front(m);
+        }
+        if let Some(w) = inner.driver.take() {
+            w.wake();
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -250,7 +296,7 @@ impl Shared {
 /// The server's answer to a HELLO.
 #[derive(Debug)]
 pub(crate) enum Decision {
-    Accept(LivenessConfig, Option<SessionGrant>),
+    Accept(LivenessConfig, Option<Box<(SessionGrant, Session)>>),
     Refuse(CloseCode, String),
 }
 
@@ -289,13 +335,26 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Runs one connection to its end. Returns how it ended.
+/// How a driven connection ended.
+pub(crate) struct Ended<T> {
+    /// Why, and how long the peer had been silent.
+    pub(crate) disconnect: Disconnect,
+    /// The transport, when the state machine handed it off (a probe request).
+    pub(crate) handed_off: Option<T>,
+    /// The session that ran on the connection, for the next connection.
+    pub(crate) session: Option<Session>,
+    /// Whether the handshake completed.
+    pub(crate) established: bool,
+}
+
+/// Runs one connection to its end.
 pub(crate) async fn drive<T: Transport, S: Sink>(
     mut io: T,
     mut conn: Conn,
     shared: Arc<Shared>,
     mut sink: S,
-) -> Disconnect {
+) -> Ended<T> {
+    let mut established = false;
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
     tokio::pin!(sleep);
@@ -321,12 +380,20 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                 if conn.is_established() {
                     let mut moved = false;
                     while conn.pending_transmit().len() < TRANSMIT_HIGH_WATER {
+                        // With a session, a full replay buffer leaves the message in the
+                        // outbox until the peer's ACK makes room (back-pressure, no loss).
+                        let Some(len) = inner.outbox.front().map(Bytes::len) else {
+                            break;
+                        };
+                        if !conn.can_send(len) {
+                            break;
+                        }
                         let Some(msg) = inner.outbox.pop_front() else {
                             break;
                         };
                         inner.outbox_bytes -= msg.len();
                         moved = true;
-                        if let Err(e) = conn.send(now, &msg) {
+                        if let Err(e) = conn.send_bytes(now, &msg) {
                             tracing::debug!(error = %e, "message dropped by the state machine");
                         }
                     }
@@ -377,7 +444,14 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
             }
 
             // 4. Events (HELLO decisions queue bytes, so before writing).
-            deliver(&mut conn, &mut sink, &shared, now, &mut result);
+            deliver(
+                &mut conn,
+                &mut sink,
+                &shared,
+                now,
+                &mut result,
+                &mut established,
+            );
 
             // 5. Write.
             let mut wrote_any = false;
@@ -400,10 +474,20 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                 last_write = Some(now);
                 let _ = Pin::new(&mut io).poll_flush(cx);
             }
-            deliver(&mut conn, &mut sink, &shared, now, &mut result);
+            deliver(
+                &mut conn,
+                &mut sink,
+                &shared,
+                now,
+                &mut result,
+                &mut established,
+            );
             shared.stats.update(&conn);
 
             // 6. Finish.
+            if conn.is_handed_off() {
+                return Poll::Ready(());
+            }
             if conn.is_closed() {
                 // Abort (RST) when the peer or the path failed: the kernel must not keep
                 // retransmitting into a dead path. Refusals and protocol errors close in order
@@ -478,14 +562,15 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
         reason: DisconnectReason::LocalClose,
         silent_for: Duration::ZERO,
     });
-    let mut inner = shared.lock();
-    inner.done.get_or_insert_with(|| d.clone());
-    if let Some(w) = inner.recv.take() {
-        w.wake();
+    if !shared.persistent {
+        shared.finish(d.clone());
     }
-    drop(inner);
-    shared.space.notify_waiters();
-    d
+    Ended {
+        disconnect: d,
+        handed_off: conn.is_handed_off().then_some(io),
+        session: conn.take_session(),
+        established,
+    }
 }
 
 fn deliver<S: Sink>(
@@ -494,24 +579,24 @@ fn deliver<S: Sink>(
     shared: &Shared,
     now: Instant,
     result: &mut Option<Disconnect>,
+    established: &mut bool,
 ) {
     while let Some(ev) = conn.poll_event() {
         match ev {
             ConnEvent::Hello(h) => match sink.hello(now, &h) {
-                Decision::Accept(cfg, session) => conn.accept(now, cfg, session),
+                Decision::Accept(cfg, session) => conn.accept(now, cfg, session.map(|b| *b)),
                 Decision::Refuse(code, text) => conn.refuse(now, code, &text),
             },
             ConnEvent::Closed(d) => {
                 *result = Some(d.clone());
-                {
-                    let mut inner = shared.lock();
-                    inner.done.get_or_insert_with(|| d.clone());
-                    if let Some(w) = inner.recv.take() {
-                        w.wake();
-                    }
+                if !shared.persistent {
+                    shared.finish(d.clone());
                 }
-                shared.space.notify_waiters();
                 sink.event(shared, ConnEvent::Closed(d));
+            }
+            ev @ ConnEvent::Established(_) => {
+                *established = true;
+                sink.event(shared, ev);
             }
             ev => sink.event(shared, ev),
         }

@@ -19,11 +19,12 @@
 pub mod client;
 pub mod connection;
 pub mod driver;
+pub mod probe;
 pub mod proxy;
 pub mod server;
 pub mod sockopt;
 
-pub use client::{Client, ClientConfig, ClientEvent, ClientSendError};
+pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
 pub use connection::{
     liveness_config, ConnectError, ConnectOptions, Connection, Disconnected, Sender,
 };
