@@ -324,6 +324,13 @@ pub(crate) fn render_metrics(m: &ProxyMetrics) -> String {
     let _ = writeln!(out, "tether_proxy_connections_open {}", m.open);
     family(
         &mut out,
+        "tether_proxy_channels",
+        "gauge",
+        "Pipes or 64 KiB buffers held now (busy directions; idle connections hold none).",
+    );
+    let _ = writeln!(out, "tether_proxy_channels {}", m.channels);
+    family(
+        &mut out,
         "tether_proxy_connections_total",
         "counter",
         "Connections accepted (including rejected and failed ones).",
@@ -568,12 +575,14 @@ mod tests {
             accepted: 9,
             bytes_up: 100,
             bytes_down: 2000,
+            channels: 3,
             ..Default::default()
         };
         m.closed[1][1] = 3; // upstream peer-reset
         let text = render_metrics(&m);
         assert!(text.contains("tether_proxy_connections_open 2\n"));
         assert!(text.contains("tether_proxy_connections_total 9\n"));
+        assert!(text.contains("tether_proxy_channels 3\n"));
         assert!(
             text.contains("tether_proxy_closed_total{leg=\"upstream\",reason=\"peer-reset\"} 3\n")
         );

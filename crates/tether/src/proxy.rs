@@ -352,6 +352,9 @@ pub struct ProxyMetrics {
     pub bytes_up: u64,
     /// Bytes relayed upstream → client.
     pub bytes_down: u64,
+    /// Channels (pipes or buffers, each up to [`CHANNEL_BYTES`]) held now: at most two per
+    /// busy connection, none for an idle one.
+    pub channels: u64,
 }
 
 impl ProxyMetrics {
@@ -375,6 +378,7 @@ struct Counters {
     rejected: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    channels: AtomicU64,
 }
 
 impl Counters {
@@ -393,6 +397,7 @@ impl Counters {
             rejected: self.rejected.load(Relaxed),
             bytes_up: self.bytes_up.load(Relaxed),
             bytes_down: self.bytes_down.load(Relaxed),
+            channels: self.channels.load(Relaxed),
         }
     }
 
@@ -624,9 +629,9 @@ async fn relay_counted(
     };
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
-    let (g_up, g_down) = match global {
-        Some(c) => (Some(&c.bytes_up), Some(&c.bytes_down)),
-        None => (None, None),
+    let (g_up, g_down, g_channels) = match global {
+        Some(c) => (Some(&c.bytes_up), Some(&c.bytes_down), Some(&c.channels)),
+        None => (None, None, None),
     };
     // The pumps and watches borrow both sockets; they are dropped at the end of this block,
     // before the sockets are closed.
@@ -637,6 +642,7 @@ async fn relay_counted(
             src_leg: Leg::Client,
             moved: &up_bytes,
             global: g_up,
+            channels: g_channels,
             activity: &activity,
             mode: opts.copy,
         };
@@ -646,6 +652,7 @@ async fn relay_counted(
             src_leg: Leg::Upstream,
             moved: &down_bytes,
             global: g_down,
+            channels: g_channels,
             activity: &activity,
             mode: opts.copy,
         };
@@ -780,6 +787,7 @@ struct Direction<'a> {
     src_leg: Leg,
     moved: &'a AtomicU64,
     global: Option<&'a AtomicU64>,
+    channels: Option<&'a AtomicU64>,
     activity: &'a Activity,
     mode: CopyMode,
 }
@@ -796,11 +804,12 @@ impl Direction<'_> {
             leg: self.src_leg.other(),
             error,
         };
-        let mut chan: Option<Channel> = None;
+        let mut chan: Option<Held<'_>> = None;
         loop {
             // Fill: the channel is empty here. It is created only when the source is readable.
             let filled = self.src.try_io(Interest::READABLE, || {
-                let ch = chan.get_or_insert_with(|| Channel::new(self.mode));
+                let ch =
+                    chan.get_or_insert_with(|| Held::new(Channel::new(self.mode), self.channels));
                 ch.fill(self.src)
             });
             let n = match filled {
@@ -832,7 +841,7 @@ impl Direction<'_> {
                 return Ok(());
             }
             // Drain completely before reading again (flow control end to end).
-            let Some(ch) = chan.as_mut() else {
+            let Some(Held { chan: ch, .. }) = chan.as_mut() else {
                 // `fill` returned bytes, so the closure ran and created the channel.
                 continue;
             };
@@ -853,6 +862,33 @@ impl Direction<'_> {
                     Err(e) => return Err(dst_fault(e)),
                 }
             }
+        }
+    }
+}
+
+/// A channel, counted in [`ProxyMetrics::channels`] while it exists.
+struct Held<'a> {
+    chan: Channel,
+    gauge: Option<&'a AtomicU64>,
+}
+
+impl<'a> Held<'a> {
+    fn new(chan: Channel, gauge: Option<&'a AtomicU64>) -> Self {
+        if let Some(g) = gauge {
+            g.fetch_add(1, Relaxed);
+        }
+        Held { chan, gauge }
+    }
+
+    fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        self.chan.fill(src)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.gauge {
+            g.fetch_sub(1, Relaxed);
         }
     }
 }

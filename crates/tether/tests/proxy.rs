@@ -164,6 +164,7 @@ async fn bytes_flow_both_ways_unchanged() {
         assert_eq!(m.bytes_up, up_data.len() as u64);
         assert_eq!(m.bytes_down, down_data.len() as u64);
         assert_eq!(m.closed_with("peer-closed"), 1);
+        assert_eq!(m.channels, 0, "an ended connection holds no channel");
     }
 }
 
@@ -531,4 +532,48 @@ async fn connections_over_the_limit_are_reset() {
     }
     assert_eq!(handle.metrics().rejected, 1);
     task.abort();
+}
+
+#[tokio::test]
+async fn an_idle_connection_gives_its_channels_back() {
+    let (l, upstream) = listener().await;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    for copy in [CopyMode::Splice, CopyMode::Buffer] {
+        let h = Harness::start(upstream, policy(), copy).await;
+        let mut c = TcpStream::connect(h.addr).await.unwrap();
+        let data = payload(200_000, 7);
+        let mut back = vec![0u8; data.len()];
+        for _ in 0..2 {
+            let (mut r, mut w) = c.split();
+            let (wr, rd) = tokio::join!(w.write_all(&data), r.read_exact(&mut back));
+            wr.unwrap();
+            rd.unwrap();
+            assert_same("echo", &back, &data);
+            // Just after traffic, each direction still holds its channel (kept for 1 s).
+            let held = h.handle.metrics().channels;
+            assert!((1..=2).contains(&held), "{copy:?}: {held} channels held");
+            // Idle: they are given back, not before about a second.
+            let t0 = Instant::now();
+            while h.handle.metrics().channels != 0 {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "{copy:?}: never released"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let after = t0.elapsed();
+            assert!(
+                after >= Duration::from_millis(500),
+                "{copy:?}: released after {after:?}"
+            );
+            // The connection itself stays open: the next round works the same way.
+        }
+    }
 }
