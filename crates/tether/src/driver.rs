@@ -372,6 +372,9 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
             let now = now();
             // 1. Commands from the handles.
             let paused;
+            // The length of the next outbox message when the outbox could not be drained
+            // because the transmit buffer was at its high-water mark.
+            let mut waiting_front: Option<usize> = None;
             {
                 let mut inner = shared.lock();
                 match &inner.driver {
@@ -401,9 +404,13 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                     if moved {
                         shared.space.notify_waiters();
                     }
+                    waiting_front = inner.outbox.front().map(Bytes::len);
                 }
-                if let Some((code, text)) = inner.close.take() {
-                    conn.close(now, code, &text);
+                // An orderly close goes out after the messages queued before it.
+                if inner.outbox.is_empty() || !conn.is_established() {
+                    if let Some((code, text)) = inner.close.take() {
+                        conn.close(now, code, &text);
+                    }
                 }
                 paused = inner.inbox_bytes > shared.limits.inbox_bytes;
             }
@@ -550,6 +557,17 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                 }
                 if sleep.as_mut().poll(cx).is_ready() {
                     armed = None;
+                    continue;
+                }
+            }
+            // The socket took everything: go back for the rest of the outbox (nothing else
+            // would wake us for it).
+            if let Some(len) = waiting_front {
+                if !write_failed
+                    && !conn.is_closed()
+                    && conn.pending_transmit().len() < TRANSMIT_HIGH_WATER
+                    && conn.can_send(len)
+                {
                     continue;
                 }
             }
