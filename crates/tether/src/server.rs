@@ -742,9 +742,22 @@ fn hold_session(
     let now = now();
     let unsent = shared.take_outbox();
     let linger = inner.cfg.session_linger.unwrap_or_default();
+    // An orderly end (the client said goodbye, or this server closed it) ends the session:
+    // nobody will resume it, so it is not held.
+    let finished = matches!(
+        d.reason,
+        DisconnectReason::PeerClose {
+            code: CloseCode::NORMAL,
+            ..
+        } | DisconnectReason::LocalClose
+    );
     let held = {
         let mut sessions = lock(&inner.sessions);
         match sessions.get_mut(id) {
+            Some(slot) if finished && slot.id == session.id() && slot.conn_id == conn_id => {
+                sessions.remove(id);
+                Some(session)
+            }
             Some(slot)
                 if slot.id == session.id() && slot.conn_id == conn_id && slot.held.is_none() =>
             {
@@ -772,15 +785,19 @@ fn hold_session(
             });
         }
         Some(session) => {
-            // Replaced by a newer session (or sessions vanished): nothing will resume this one.
+            // Finished, or replaced by a newer session: nothing will resume this one. Report
+            // whatever it leaves undelivered (nothing, after a clean goodbye).
             inner.with_registry(|r| {
                 r.disconnected(now, id, conn_id, d.reason.clone(), d.silent_for, None)
             });
-            let _ = inner.events.send(ServerEvent::SessionLost {
-                client_id: id.to_owned(),
-                unacked: session.unacked_range(),
-                unsent,
-            });
+            let unacked = session.unacked_range();
+            if !(finished && unacked.is_none() && unsent.is_empty()) {
+                let _ = inner.events.send(ServerEvent::SessionLost {
+                    client_id: id.to_owned(),
+                    unacked,
+                    unsent,
+                });
+            }
         }
     }
 }

@@ -312,3 +312,84 @@ async fn wrong_or_foreign_token_is_refused_and_does_not_disturb_the_session() {
     assert_eq!(info.connects, 1, "no replacement happened");
     let _ = DisconnectReason::Replaced;
 }
+
+#[tokio::test]
+async fn held_session_shows_resuming_then_offline_with_session_lost_at_the_linger_end() {
+    let linger = Duration::from_millis(600);
+    let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap())
+        .policy(fast_policy(200, 1000))
+        .session_linger(Some(linger));
+    let mut srv = Server::bind(cfg).await.unwrap();
+    // A session client (raw, so nothing reconnects) that vanishes with an RST.
+    let mut s = TcpStream::connect(srv.local_addr()).await.unwrap();
+    let mut out = BytesMut::new();
+    codec::encode_preamble(&mut out);
+    let hello = Hello {
+        client_id: "leaver".into(),
+        requested_heartbeat: Duration::ZERO,
+        want_session: true,
+        resume: None,
+    };
+    codec::encode(&Frame::Hello(hello), &mut out);
+    s.write_all(&out).await.unwrap();
+    let mut welcome = [0u8; 5 + 4 + 46];
+    s.read_exact(&mut welcome).await.unwrap();
+    assert_eq!(welcome[9], 0x11);
+    assert_eq!(welcome[10], 0x01, "session granted");
+    let mut presence = srv.subscribe();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    let t0 = tokio::time::Instant::now();
+    // While held, the server still accepts messages for the client (queued, not lost yet).
+    let mut resuming_at = None;
+    let mut offline_at = None;
+    while offline_at.is_none() {
+        let ch = tokio::time::timeout(Duration::from_secs(5), presence.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match ch.to {
+            tether_proto::presence::PresenceState::Resuming { until, .. } => {
+                let held_for = until.saturating_duration_since(ch.at);
+                assert_eq!(held_for, linger, "held for exactly the linger");
+                resuming_at = Some(tokio::time::Instant::now());
+                srv.send("leaver", Bytes::from_static(b"queued while resuming"))
+                    .await
+                    .unwrap();
+            }
+            tether_proto::presence::PresenceState::Offline { .. } => {
+                offline_at = Some(tokio::time::Instant::now());
+            }
+            _ => {}
+        }
+    }
+    let resuming_at = resuming_at.expect("Resuming before Offline");
+    let held = offline_at.unwrap() - resuming_at;
+    assert!(
+        held >= linger - Duration::from_millis(50) && held < linger * 3,
+        "held {held:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // The application is told what was lost: the message queued while resuming, never sent.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), srv.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ServerEvent::SessionLost {
+                client_id,
+                unacked,
+                unsent,
+            } => {
+                assert_eq!(client_id, "leaver");
+                assert_eq!(unacked, None);
+                assert_eq!(unsent, vec![Bytes::from_static(b"queued while resuming")]);
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
