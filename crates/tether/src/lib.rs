@@ -22,6 +22,7 @@ pub mod driver;
 pub mod probe;
 pub mod server;
 pub mod sockopt;
+pub mod tunnel;
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
 pub use connection::{
