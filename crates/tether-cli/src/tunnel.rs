@@ -175,7 +175,10 @@ fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
 
 fn entry_config(a: &EntryArgs) -> Result<EntryConfig> {
     let l = Layers::load(a.common.config.as_deref(), &keys("relay"))?;
-    let listen = required(l.get("listen", a.listen.as_deref(), parse_addr)?, "--listen")?;
+    let listen = required(
+        l.get("listen", a.listen.as_deref(), parse_addr)?,
+        "--listen",
+    )?;
     let relay = required(l.get("relay", a.relay.as_deref(), parse_addr)?, "--relay")?;
     let s = resolve_common(&l, &a.common)?;
     let mut cfg = EntryConfig::new(listen, relay);
@@ -187,8 +190,14 @@ fn entry_config(a: &EntryArgs) -> Result<EntryConfig> {
 
 fn exit_config(a: &ExitArgs) -> Result<ExitConfig> {
     let l = Layers::load(a.common.config.as_deref(), &keys("target"))?;
-    let listen = required(l.get("listen", a.listen.as_deref(), parse_addr)?, "--listen")?;
-    let target = required(l.get("target", a.target.as_deref(), parse_addr)?, "--target")?;
+    let listen = required(
+        l.get("listen", a.listen.as_deref(), parse_addr)?,
+        "--listen",
+    )?;
+    let target = required(
+        l.get("target", a.target.as_deref(), parse_addr)?,
+        "--target",
+    )?;
     let s = resolve_common(&l, &a.common)?;
     let mut cfg = ExitConfig::new(listen, target);
     cfg.server = ServerConfig::new(listen)
@@ -244,7 +253,11 @@ fn log_event(ev: &TunnelEvent) -> i64 {
             1
         }
         TunnelEvent::PathDown { id, reason } => {
-            log::line(id, "path-down", &format!("reason={reason}; holding the session"));
+            log::line(
+                id,
+                "path-down",
+                &format!("reason={reason}; holding the session"),
+            );
             0
         }
         TunnelEvent::PathUp { id } => {

@@ -125,9 +125,7 @@ impl Sha {
 }
 
 /// What each side of the tunnel reported, until its connection closed.
-fn collect_until_closed(
-    next: &mut impl FnMut() -> Option<TunnelEvent>,
-) -> Vec<TunnelEvent> {
+fn collect_until_closed(next: &mut impl FnMut() -> Option<TunnelEvent>) -> Vec<TunnelEvent> {
     let mut evs = Vec::new();
     while let Some(ev) = next() {
         let closed = matches!(ev, TunnelEvent::Closed { .. });
@@ -291,7 +289,10 @@ fn tunnel_across_a_flapping_path() {
     }
     at(13.0);
     topo.flush_conntrack().expect("conntrack -F");
-    faults.push(("nat-idle-rst (flow forgotten, next packet RST)", Instant::now()));
+    faults.push((
+        "nat-idle-rst (flow forgotten, next packet RST)",
+        Instant::now(),
+    ));
 
     let (app_hex, verdict, done_sending) = app.join().expect("the app failed");
     let (n, sink_hex, sink_end, second) = sink.join().expect("sink thread");
@@ -315,11 +316,18 @@ fn tunnel_across_a_flapping_path() {
         assert!(*t < done_sending, "{f} came after the transfer");
     }
     assert_eq!(sink_end, None, "the sink's connection ended with an error");
-    assert!(!second, "the sink saw a second connection: the first one broke");
+    assert!(
+        !second,
+        "the sink saw a second connection: the first one broke"
+    );
     assert_eq!(n, TOTAL, "the sink got every byte");
     assert_eq!(app_hex.len(), 64, "sha256sum ran");
     assert_eq!(app_hex, sink_hex, "sha256 differs");
-    assert_eq!(verdict, format!("{TOTAL} {sink_hex}\n"), "verdict came back");
+    assert_eq!(
+        verdict,
+        format!("{TOTAL} {sink_hex}\n"),
+        "verdict came back"
+    );
 
     let closed = |evs: &[TunnelEvent]| match evs.last() {
         Some(TunnelEvent::Closed { end, outages, .. }) => (end.clone(), *outages),

@@ -122,9 +122,9 @@ fn decode(m: &Bytes) -> Result<Msg, String> {
         DATA => Ok(Msg::Data(body)),
         FIN => exact(0).map(|()| Msg::Fin),
         ABORT => Ok(Msg::Abort(String::from_utf8_lossy(&body).into_owned())),
-        WINDOW_KIND => exact(4).map(|()| {
-            Msg::Window(u32::from_be_bytes([body[0], body[1], body[2], body[3]]))
-        }),
+        WINDOW_KIND => {
+            exact(4).map(|()| Msg::Window(u32::from_be_bytes([body[0], body[1], body[2], body[3]])))
+        }
         DONE => exact(0).map(|()| Msg::Done),
         k => Err(format!("unknown tunnel message kind {k:#04x}")),
     }
@@ -504,6 +504,10 @@ async fn app_to_peer(
     out: &Out,
     n: &Counters,
 ) -> Result<(), TunnelEnd> {
+    // One reusable read buffer; each message is copied out at its exact size, so a stream of
+    // small reads does not pin a chunk-sized allocation per queued message.
+    let mut buf = vec![0u8; 1 + CHUNK];
+    buf[0] = DATA;
     loop {
         // Wait for at least one byte of credit, then take what is there (up to a chunk).
         // This future is the only consumer of the semaphore.
@@ -511,17 +515,16 @@ async fn app_to_peer(
             Ok(p) => p.forget(),
             Err(_) => return Err(TunnelEnd::Shutdown),
         }
+        let mut allowed = 1;
         let extra = credit.available_permits().min(CHUNK - 1);
         if extra > 0 {
             if let Ok(p) = credit.try_acquire_many(extra as u32) {
                 p.forget();
+                allowed += extra;
             }
         }
-        let allowed = 1 + extra;
         // Exactly the credit's worth of room: a read can never take more than was granted.
-        let mut buf = BytesMut::zeroed(1 + allowed);
-        buf[0] = DATA;
-        let read = match read_some(app, &mut buf[1..]).await {
+        let read = match read_some(app, &mut buf[1..1 + allowed]).await {
             Ok(r) => r,
             Err(e) => return Err(TunnelEnd::LocalReset(format!("read: {e}"))),
         };
@@ -534,9 +537,10 @@ async fn app_to_peer(
                 .map_err(TunnelEnd::PathLost)?;
             return Ok(());
         }
-        buf.truncate(1 + read);
         n.from_app.fetch_add(read as u64, Relaxed);
-        out.send(buf.freeze()).await.map_err(TunnelEnd::PathLost)?;
+        out.send(Bytes::copy_from_slice(&buf[..1 + read]))
+            .await
+            .map_err(TunnelEnd::PathLost)?;
     }
 }
 
@@ -571,8 +575,7 @@ async fn peer_to_app(
                 }
             }
             Some(ToApp::Fin) => {
-                shutdown_write(app)
-                    .map_err(|e| TunnelEnd::LocalReset(format!("shutdown: {e}")))?;
+                shutdown_write(app).map_err(|e| TunnelEnd::LocalReset(format!("shutdown: {e}")))?;
                 return Ok(());
             }
             None => return Err(TunnelEnd::Shutdown),
@@ -687,17 +690,30 @@ struct Pumped {
     outages: u32,
 }
 
-/// Moves bytes both ways until the connection ends. `is_entry`: completion needs DONE.
+/// Who is pumping: the tunnel id, which side (the entry's completion needs DONE), its
+/// counters and where its events go.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    id: &'a str,
+    is_entry: bool,
+    n: &'a Counters,
+    events: &'a mpsc::UnboundedSender<TunnelEvent>,
+}
+
+/// Moves bytes both ways until the connection ends.
 async fn pump<S: Source>(
     app: &TcpStream,
     out: &Out,
     src: &mut S,
-    id: &str,
-    is_entry: bool,
-    n: &Counters,
-    events: &mpsc::UnboundedSender<TunnelEvent>,
+    ctx: Ctx<'_>,
     stop: &mut watch::Receiver<bool>,
 ) -> Pumped {
+    let Ctx {
+        id,
+        is_entry,
+        n,
+        events,
+    } = ctx;
     let credit = Semaphore::new(WINDOW as usize);
     let (to_app, mut to_app_rx) = mpsc::unbounded_channel();
     let reader = app_to_peer(app, &credit, out, n);
@@ -864,7 +880,21 @@ async fn entry_conn(
     };
     let n = Counters::default();
     let pumped = match out.send(encode(OPEN, &[VERSION])).await {
-        Ok(()) => pump(&app, &out, &mut src, &id, true, &n, &events, &mut stop).await,
+        Ok(()) => {
+            pump(
+                &app,
+                &out,
+                &mut src,
+                Ctx {
+                    id: &id,
+                    is_entry: true,
+                    n: &n,
+                    events: &events,
+                },
+                &mut stop,
+            )
+            .await
+        }
         Err(e) => Pumped {
             end: TunnelEnd::PathLost(e),
             outages: 0,
@@ -984,8 +1014,7 @@ async fn exit_conn(
     let started = Instant::now();
     let out = Out::Server(handle, id.clone());
     let n = Counters::default();
-    let connected =
-        tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.target)).await;
+    let connected = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(cfg.target)).await;
     let pumped = match connected {
         Ok(Ok(app)) => {
             let _ = app.set_nodelay(true);
@@ -993,7 +1022,19 @@ async fn exit_conn(
                 id: id.clone(),
                 app: app.local_addr().unwrap_or(cfg.target),
             });
-            let p = pump(&app, &out, &mut src, &id, false, &n, &events, &mut stop).await;
+            let p = pump(
+                &app,
+                &out,
+                &mut src,
+                Ctx {
+                    id: &id,
+                    is_entry: false,
+                    n: &n,
+                    events: &events,
+                },
+                &mut stop,
+            )
+            .await;
             finish(app, &out, &p.end, false).await;
             p
         }

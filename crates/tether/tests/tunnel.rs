@@ -271,9 +271,14 @@ async fn half_close_travels_and_the_other_direction_keeps_flowing() {
     ))
     .await
     .unwrap();
-    let mut entry = TunnelEntry::bind(entry_cfg(exit.local_addr(), 200, 1000, Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let mut entry = TunnelEntry::bind(entry_cfg(
+        exit.local_addr(),
+        200,
+        1000,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
     let server = tokio::spawn(async move {
         let (mut s, _) = target.accept().await.unwrap();
         // The request, up to the client's half-close.
@@ -344,8 +349,16 @@ async fn path_down_longer_than_the_linger_resets_both_application_connections() 
     .await
     .expect("an application connection stayed open");
     let took = cut.elapsed();
-    assert_eq!(client_end, Some(ErrorKind::ConnectionReset), "client side got RST");
-    assert_eq!(server_end, Some(ErrorKind::ConnectionReset), "server side got RST");
+    assert_eq!(
+        client_end,
+        Some(ErrorKind::ConnectionReset),
+        "client side got RST"
+    );
+    assert_eq!(
+        server_end,
+        Some(ErrorKind::ConnectionReset),
+        "server side got RST"
+    );
     // Not before the path was dead for the linger; within detection + linger + slack.
     assert!(took >= linger, "reset after {took:?}, before the linger");
     assert!(took < Duration::from_secs(6), "reset only after {took:?}");
@@ -412,9 +425,14 @@ async fn an_application_reset_is_forwarded_as_a_reset() {
     ))
     .await
     .unwrap();
-    let mut entry = TunnelEntry::bind(entry_cfg(exit.local_addr(), 200, 1000, Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let mut entry = TunnelEntry::bind(entry_cfg(
+        exit.local_addr(),
+        200,
+        1000,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
 
     // Client resets: the server program sees a reset.
     let mut app = TcpStream::connect(entry.local_addr()).await.unwrap();
@@ -455,9 +473,14 @@ async fn an_unreachable_target_resets_the_application_connection() {
     let exit = TunnelExit::bind(exit_cfg(dead_addr, 200, 1000, Duration::from_secs(5)))
         .await
         .unwrap();
-    let mut entry = TunnelEntry::bind(entry_cfg(exit.local_addr(), 200, 1000, Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let mut entry = TunnelEntry::bind(entry_cfg(
+        exit.local_addr(),
+        200,
+        1000,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
     let mut app = TcpStream::connect(entry.local_addr()).await.unwrap();
     let end = tokio::time::timeout(Duration::from_secs(5), read_until_end(&mut app))
         .await
