@@ -320,7 +320,7 @@ async fn event_loop(mut side: impl Running) -> Result<ExitCode> {
     loop {
         tokio::select! {
             ev = side.next() => match ev {
-                Some(ev) => open += log_event(&ev),
+                Some(ev) => open = (open + log_event(&ev)).max(0),
                 None => return Ok(ExitCode::SUCCESS),
             },
             _ = &mut stop => break,

@@ -28,7 +28,7 @@
 //! ```text
 //!  kind  name    direction     body
 //!  0x01  OPEN    entry → exit  u8 version (1): open a connection to the target
-//!  0x02  DATA    both          1.. bytes of the application stream (one read, ≤ 32 KiB)
+//!  0x02  DATA    both          1.. bytes of the application stream (one read, ≤ 64 KiB)
 //!  0x03  FIN     both          —  the sender's application half-closed: no more DATA
 //!  0x04  ABORT   both          UTF-8 reason: the sender's application connection failed
 //!                              (reset, error, target unreachable): reset yours
@@ -76,7 +76,7 @@ pub const VERSION: u8 = 1;
 /// Credit each direction starts with, in bytes (the most a tunnel holds per direction).
 pub const WINDOW: u32 = 1 << 20;
 /// Largest DATA payload (one application read).
-pub const CHUNK: usize = 32 * 1024;
+pub const CHUNK: usize = 64 * 1024;
 
 const OPEN: u8 = 0x01;
 const DATA: u8 = 0x02;
@@ -202,7 +202,8 @@ pub enum TunnelEvent {
         /// Tunnel id.
         id: String,
     },
-    /// A tunnelled connection ended.
+    /// A tunnelled connection ended. (At the exit, when the target could not be reached,
+    /// no `Opened` precedes it.)
     Closed {
         /// Tunnel id.
         id: String,
