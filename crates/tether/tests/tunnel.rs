@@ -492,3 +492,134 @@ async fn an_unreachable_target_resets_the_application_connection() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_stalls_the_writer_at_the_other_end() {
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Small receive buffers at the target, small send buffers at the program: what stays in
+    // flight is the tunnel's own buffering plus the tunnel's two sockets.
+    socket2::SockRef::from(&target)
+        .set_recv_buffer_size(64 << 10)
+        .unwrap();
+    target.set_nonblocking(true).unwrap();
+    let target = TcpListener::from_std(target).unwrap();
+    let exit = TunnelExit::bind(exit_cfg(
+        target.local_addr().unwrap(),
+        200,
+        1000,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
+    let entry = TunnelEntry::bind(entry_cfg(
+        exit.local_addr(),
+        200,
+        1000,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
+    let app = TcpStream::connect(entry.local_addr()).await.unwrap();
+    socket2::SockRef::from(&app)
+        .set_send_buffer_size(64 << 10)
+        .unwrap();
+    let (srv, _) = target.accept().await.unwrap();
+
+    // The server program does not read. The client program writes until a write has been
+    // stuck for half a second.
+    const ATTEMPT: usize = 64 << 20;
+    let (r, mut w) = app.into_split();
+    let mut g = Stream(0xB0B);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut written = 0usize;
+    // Offset into `buf` of the first byte not yet written.
+    let mut off = buf.len();
+    'fill: while written < ATTEMPT {
+        if off == buf.len() {
+            g.fill(&mut buf);
+            off = 0;
+        }
+        // One `write` at a time: a timed-out `write` has written nothing.
+        match tokio::time::timeout(Duration::from_millis(500), w.write(&buf[off..])).await {
+            Ok(r) => {
+                let n = r.unwrap();
+                off += n;
+                written += n;
+            }
+            Err(_) => break 'fill,
+        }
+    }
+    // Besides the tunnel's window, only kernel buffers hold the rest: the entry's receive
+    // side and the exit's send side autotune up to the `tcp_rmem` / `tcp_wmem` maxima.
+    let max_of = |f: &str| -> usize {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(8 << 20)
+    };
+    let bound = max_of("/proc/sys/net/ipv4/tcp_rmem")
+        + max_of("/proc/sys/net/ipv4/tcp_wmem")
+        + tether::tunnel::WINDOW as usize
+        + (2 << 20);
+    assert!(
+        written < bound.min(ATTEMPT / 2),
+        "the program wrote {written} bytes (bound {bound}) into a reader that never reads"
+    );
+    // Now the server reads: everything arrives, in order, and the rest of the stream too.
+    let reader = tokio::spawn(check_stream(srv, 0xB0B));
+    w.write_all(&buf[off..]).await.unwrap();
+    let stalled_at = written;
+    let mut total = written + (buf.len() - off);
+    while total < 24 << 20 {
+        g.fill(&mut buf);
+        w.write_all(&buf).await.unwrap();
+        total += buf.len();
+    }
+    w.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("stuck after the reader resumed")
+        .unwrap();
+    assert_eq!(got, total);
+    drop(r);
+    println!(
+        "stalled after {stalled_at} bytes (window {} bytes)",
+        tether::tunnel::WINDOW
+    );
+}
+
+#[tokio::test]
+async fn stopping_the_entry_resets_both_application_connections() {
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let exit = TunnelExit::bind(exit_cfg(
+        target.local_addr().unwrap(),
+        200,
+        1000,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
+    let mut entry = TunnelEntry::bind(entry_cfg(
+        exit.local_addr(),
+        200,
+        1000,
+        Duration::from_secs(5),
+    ))
+    .await
+    .unwrap();
+    let mut app = TcpStream::connect(entry.local_addr()).await.unwrap();
+    app.write_all(b"z").await.unwrap();
+    let (mut srv, _) = target.accept().await.unwrap();
+    let mut b = [0u8; 1];
+    srv.read_exact(&mut b).await.unwrap();
+    entry.shutdown();
+    let (a, s) = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::join!(read_until_end(&mut app), read_until_end(&mut srv))
+    })
+    .await
+    .expect("an application connection stayed open");
+    assert_eq!(a, Some(ErrorKind::ConnectionReset));
+    assert_eq!(s, Some(ErrorKind::ConnectionReset));
+    let (end, ..) = next_closed_entry(&mut entry).await;
+    assert_eq!(end, TunnelEnd::Shutdown);
+}
