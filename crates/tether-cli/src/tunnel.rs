@@ -28,31 +28,34 @@ const COMMON_KEYS: &[&str] = &[
     "replay_buffer",
 ];
 
-/// Carry a program's TCP connections across a path that breaks.
-///
-/// A pair: `tether tunnel entry` runs next to the program that connects (and cannot be
-/// changed), `tether tunnel exit` runs next to the server it connects to. The program
-/// connects to the entry instead of the server; each of its connections becomes one tether
-/// session to the exit, which opens a connection to the target for it. Between the two the
-/// tether protocol runs with heartbeats and resumable sessions:
-///
-///   - the path breaks and comes back within --session-linger: the program's connections
-///     stay open, and no byte is lost, duplicated or reordered;
-///   - it stays down longer: both application connections are reset (RST);
-///   - a half-close (EOF) is forwarded as a half-close, a reset as a reset.
-///
-/// Both sides log every tunnelled connection (open, path-down, path-up, close with the
-/// reason and the bytes moved) on stderr.
-///
-/// Settings come from flags, then `TETHER_<KEY>` environment variables (e.g.
-/// TETHER_SESSION_LINGER=60s), then a TOML file given with --config (keys as the long
-/// flags), then defaults.
-///
-/// Examples:
-///   tether tunnel exit  --listen 0.0.0.0:7400 --target 127.0.0.1:1883
-///   tether tunnel entry --listen 127.0.0.1:1883 --relay broker.example:7400 --path azure-lb
+/// `tether tunnel --help`: wired in main.rs with `#[command(long_about = tunnel::LONG_ABOUT)]`.
+pub(crate) const LONG_ABOUT: &str = "\
+Carry a program's TCP connections across a path that breaks.
+
+A pair: `tether tunnel entry` runs next to the program that connects (and cannot be changed),
+`tether tunnel exit` runs next to the server it connects to. The program connects to the entry
+instead of the server; each of its connections becomes one tether session to the exit, which
+opens a connection to the target for it. Between the two the tether protocol runs with
+heartbeats and resumable sessions:
+
+  - the path breaks and comes back within --session-linger: the program's connections stay
+    open, and no byte is lost, duplicated or reordered;
+  - it stays down longer: both application connections are reset (RST);
+  - a half-close (EOF) is forwarded as a half-close, a reset as a reset.
+
+Both sides log every tunnelled connection (open, path-down, path-up, close with the reason and
+the bytes moved) on stderr.
+
+Settings come from flags, then TETHER_<KEY> environment variables (e.g.
+TETHER_SESSION_LINGER=60s), then a TOML file given with --config (keys as the long flags), then
+defaults.
+
+Examples:
+  tether tunnel exit  --listen 0.0.0.0:7400 --target 127.0.0.1:1883
+  tether tunnel entry --listen 127.0.0.1:1883 --relay broker.example:7400 --path aws-nat-gw";
+
+/// Carry a program's TCP connections across a path that breaks (entry and exit).
 #[derive(Args, Debug)]
-#[command(verbatim_doc_comment)]
 pub(crate) struct TunnelArgs {
     #[command(subcommand)]
     side: Side,
