@@ -69,6 +69,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = ConnConfig {
         max_frame_len: 4096,
         handshake_timeout: Duration::from_millis(500),
+        ..ConnConfig::default()
     };
     let hello = Hello {
         client_id: "fuzz".into(),
@@ -87,6 +88,7 @@ fuzz_target!(|data: &[u8]| {
         cfg,
         &hello,
         LivenessConfig::new(Duration::from_millis(100), Duration::from_millis(300)),
+        None,
     );
     let welcome = Welcome {
         heartbeat: Duration::from_millis(100),

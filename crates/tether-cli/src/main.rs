@@ -11,6 +11,7 @@ mod lab;
 mod log;
 mod plan;
 mod probe;
+mod proxy;
 mod serve;
 
 use std::process::ExitCode;
@@ -35,6 +36,8 @@ enum Command {
     /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
     #[command(long_about = plan::LONG_ABOUT)]
     Plan(plan::PlanArgs),
+    /// Relay TCP to an upstream with keepalive on both legs; a dead leg closes the other at once.
+    Proxy(proxy::ProxyArgs),
     /// Measure the idle timeout of the path to a `tether serve` (NAT, load balancer, firewall).
     #[command(long_about = probe::LONG_ABOUT)]
     Probe(probe::ProbeArgs),
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Connect(a) => connect::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Proxy(a) => proxy::run(a),
         Command::Lab(a) => lab::run(a),
         Command::Probe(a) => probe::run(a),
     };

@@ -438,6 +438,13 @@ impl Topology {
         self.fault_rule(&format!("ip daddr {a} drop"))
     }
 
+    /// Silently drops forwarded packets of flows the router no longer knows (INVALID), ahead
+    /// of the configured answer — a router that rebooted drops them whatever its RST policy
+    /// was. Undone by [`heal`](Self::heal).
+    pub fn drop_invalid(&self) -> Result<(), LabError> {
+        self.fault_rule("ct state invalid drop")
+    }
+
     /// Removes every fault rule on the router.
     pub fn heal(&self) -> Result<(), LabError> {
         sys::run_in(

@@ -341,6 +341,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // one real Instant as the virtual clock's origin
     fn receive_dedups_and_acks() {
         let t = Instant::now();
         let mut b = Session::new(

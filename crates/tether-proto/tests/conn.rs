@@ -11,6 +11,13 @@ use tether_proto::{
     CloseCode, Conn, ConnConfig, ConnEvent, Disconnect, DisconnectReason, LivenessConfig,
 };
 
+/// The origin of virtual time. Read from the clock once per test; every later instant is
+/// this plus a `Duration`.
+#[allow(clippy::disallowed_methods)]
+fn base() -> Instant {
+    Instant::now()
+}
+
 const NS: Duration = Duration::from_nanos(1);
 const H: Duration = Duration::from_secs(2);
 const D: Duration = Duration::from_secs(6);
@@ -104,7 +111,7 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
-        let t0 = Instant::now();
+        let t0 = base();
         Pair {
             t0,
             now: t0,
@@ -255,7 +262,7 @@ fn handshake_in_memory_then_messages_both_ways() {
 
 #[test]
 fn handshake_split_into_single_bytes() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("slow"), LivenessConfig::new(H, D), None);
     let mut server = Conn::server(t0, cfg());
     let bytes = take_out(&mut client);
@@ -305,7 +312,7 @@ fn events_of(v: &[(Duration, ConnEvent)]) -> Vec<ConnEvent> {
 
 #[test]
 fn server_handshake_timeout_refuses_with_handshake_timeout() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     // A partial preamble does not extend the deadline.
     server.handle_input(t0 + ms(10), b"TT");
@@ -332,7 +339,7 @@ fn server_handshake_timeout_refuses_with_handshake_timeout() {
 
 #[test]
 fn server_waiting_for_the_application_decision_also_times_out() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, &take_out(&mut client));
@@ -355,7 +362,7 @@ fn server_waiting_for_the_application_decision_also_times_out() {
 
 #[test]
 fn client_handshake_timeout_without_welcome() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     take_out(&mut client);
     // The server's preamble alone is not a welcome.
@@ -377,7 +384,7 @@ fn client_handshake_timeout_without_welcome() {
 
 #[test]
 fn bad_magic_gets_no_reply() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, b"GET / HTTP/1.1\r\n\r\n");
     let evs = events(&mut server);
@@ -401,7 +408,7 @@ fn bad_magic_gets_no_reply() {
 
 #[test]
 fn unsupported_version_is_refused() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     server.handle_input(t0, b"TTHR\x02anything after is ignored");
     let evs = events(&mut server);
@@ -439,7 +446,7 @@ fn unsupported_version_is_refused() {
 
 #[test]
 fn client_gets_data_before_welcome_is_a_protocol_error() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut client = Conn::client(t0, cfg(), &hello("c"), LivenessConfig::new(H, D), None);
     take_out(&mut client);
     let mut bytes = preamble();
@@ -454,7 +461,7 @@ fn client_gets_data_before_welcome_is_a_protocol_error() {
 
 #[test]
 fn server_gets_frames_before_hello_or_before_welcome_is_a_protocol_error() {
-    let t0 = Instant::now();
+    let t0 = base();
     // Heartbeat instead of HELLO.
     let mut server = Conn::server(t0, cfg());
     let mut bytes = preamble();
@@ -483,7 +490,7 @@ fn server_gets_frames_before_hello_or_before_welcome_is_a_protocol_error() {
 
 #[test]
 fn probe_request_is_handed_to_the_driver() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut server = Conn::server(t0, cfg());
     let mut bytes = preamble();
     bytes.extend(enc(&Frame::Probe(bytes::Bytes::from_static(b"\x01params"))));
@@ -719,7 +726,7 @@ fn recovered_comes_before_the_message_that_ends_the_silence() {
 
 #[test]
 fn rtt_from_ping_pong_through_the_conn() {
-    let t0 = Instant::now();
+    let t0 = base();
     let mut l = LivenessConfig::new(H, D);
     l.ping_interval = Some(ms(500));
     let mut client = Conn::client(t0, cfg(), &hello("c"), l, None);
@@ -998,7 +1005,7 @@ fn hex(s: &str) -> Vec<u8> {
 /// docs/PROTOCOL.md §11, byte for byte and instant for instant.
 #[test]
 fn protocol_document_worked_example() {
-    let t0 = Instant::now();
+    let t0 = base();
     let s = Duration::from_secs;
     let demo = Hello {
         client_id: "demo".into(),
@@ -1059,7 +1066,7 @@ fn protocol_document_worked_example() {
 /// docs/PROTOCOL.md §11, last paragraph: silent client declared dead at 1 s + d.
 #[test]
 fn protocol_document_worked_example_dead_client() {
-    let t0 = Instant::now();
+    let t0 = base();
     let s = Duration::from_secs;
     let live = LivenessConfig::new(s(10), s(30));
     let mut client = Conn::client(
@@ -1086,4 +1093,46 @@ fn protocol_document_worked_example_dead_client() {
     let close = &out[out.len() - 4 - 37..];
     assert_eq!(&close[..7], &hex("00 00 00 25 04 00 03")[..]);
     assert_eq!(&close[7..], b"nothing received within dead_after");
+}
+
+proptest::proptest! {
+    /// Any byte counts as liveness, even when it completes no frame: a message trickling in
+    /// at random chunk sizes with gaps below d never gets the server to declare the client
+    /// dead, and once the bytes stop, death comes at exactly the last byte + d.
+    #[test]
+    fn trickling_bytes_keep_the_peer_alive_then_silence_kills_at_exactly_d(
+        steps in proptest::collection::vec((1usize..400, 0.0f64..1.0), 1..60),
+    ) {
+        let mut p = Pair::established();
+        let t0 = p.t0;
+        p.client.send(t0, &[0x42; 20_000]).unwrap();
+        let bytes = take_out(&mut p.client);
+        let mut at = 0;
+        let mut now = t0;
+        for (len, frac) in steps {
+            if at >= bytes.len() { break; }
+            let next = now + (D - NS).mul_f64(frac);
+            // Run the server's timers up to (not including) the arrival.
+            while let Some(dl) = p.server.poll_timeout() {
+                if dl >= next { break; }
+                p.server.handle_timeout(dl);
+            }
+            now = next;
+            let end = (at + len).min(bytes.len());
+            p.server.handle_input(now, &bytes[at..end]);
+            at = end;
+            proptest::prop_assert!(!p.server.is_closed(), "closed at {:?}", now - t0);
+        }
+        let last = now;
+        let mut closed_at = None;
+        while let Some(dl) = p.server.poll_timeout() {
+            p.server.handle_timeout(dl);
+            if p.server.is_closed() { closed_at = Some(dl); }
+        }
+        proptest::prop_assert_eq!(closed_at, Some(last + D));
+        let evs = events(&mut p.server);
+        let d = closed(&evs).unwrap();
+        proptest::prop_assert_eq!(&d.reason, &DisconnectReason::HeartbeatTimeout);
+        proptest::prop_assert_eq!(d.silent_for, D);
+    }
 }

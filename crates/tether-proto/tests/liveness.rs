@@ -8,6 +8,13 @@ use proptest::prelude::*;
 use tether_proto::liveness::Timer;
 use tether_proto::{Liveness, LivenessConfig, LivenessEvent};
 
+/// The origin of virtual time. Read from the clock once per test; every later instant is
+/// this plus a `Duration`.
+#[allow(clippy::disallowed_methods)]
+fn base() -> Instant {
+    Instant::now()
+}
+
 const NS: Duration = Duration::from_nanos(1);
 const H: Duration = Duration::from_secs(10);
 const D: Duration = Duration::from_secs(30);
@@ -31,7 +38,7 @@ fn fire(l: &mut Liveness, at: Instant) -> Vec<LivenessEvent> {
 }
 
 fn engine(cfg: LivenessConfig) -> (Instant, Liveness) {
-    let t0 = Instant::now();
+    let t0 = base();
     (t0, Liveness::new(t0, cfg))
 }
 
@@ -307,6 +314,32 @@ fn heartbeat_flood_is_a_policy_violation() {
 }
 
 #[test]
+fn heartbeat_flood_is_caught_across_any_window_not_only_aligned_ones() {
+    // "More than 8 in any window of 4h": 8 heartbeats just before t0 + 4h and 8 just after
+    // are 16 within 1.6 s, a flood, wherever windows happen to start.
+    let mut cfg = LivenessConfig::new(H, D);
+    cfg.enforce_peer_heartbeat = Some(H);
+    let (t0, mut l) = engine(cfg);
+    let mut floods = Vec::new();
+    for i in 0..16u32 {
+        let t = t0 + 4 * H - ms(800) + ms(100) * i;
+        l.on_receive(t);
+        l.on_heartbeat_received(t);
+        floods.extend(drain(&mut l).into_iter().map(|e| (i, e)));
+    }
+    assert_eq!(
+        floods,
+        vec![(
+            8,
+            LivenessEvent::HeartbeatFlood {
+                count: 9,
+                window: 4 * H
+            }
+        )]
+    );
+}
+
+#[test]
 fn heartbeats_at_the_agreed_rate_are_not_a_flood() {
     let mut cfg = LivenessConfig::new(H, D);
     cfg.enforce_peer_heartbeat = Some(H);
@@ -316,9 +349,7 @@ fn heartbeats_at_the_agreed_rate_are_not_a_flood() {
         let t = t0 + H / 2 * i;
         l.on_receive(t);
         l.on_heartbeat_received(t);
-        for ev in drain(&mut l) {
-            panic!("unexpected {ev:?} at heartbeat {i}");
-        }
+        assert_eq!(drain(&mut l), vec![], "at heartbeat {i}");
     }
 }
 
@@ -345,7 +376,7 @@ struct Pair {
 
 impl Pair {
     fn new(cfg: LivenessConfig, delay: Duration) -> Pair {
-        let t0 = Instant::now();
+        let t0 = base();
         Pair {
             t0,
             a: Liveness::new(t0, cfg.clone()),
@@ -445,7 +476,7 @@ proptest! {
     ) {
         let h = ms(h_ms);
         let d = h + ms(d_extra_ms);
-        let t0 = Instant::now();
+        let t0 = base();
         let mut l = Liveness::new(t0, LivenessConfig::new(h, d));
         let mut t = t0;
         for (frac, send, spurious) in gaps {
@@ -471,6 +502,37 @@ proptest! {
         }
     }
 
+    /// The engine flags the first heartbeat that is the 9th within less than 4h (sliding
+    /// window), and nothing before it: checked against a brute-force count.
+    #[test]
+    fn flood_is_flagged_exactly_when_nine_fall_within_four_intervals(
+        h_ms in 1u64..1_000,
+        gaps_ms in prop::collection::vec(0u64..2_000, 1..120),
+    ) {
+        let h = ms(h_ms);
+        let mut cfg = LivenessConfig::new(h, 3 * h);
+        cfg.enforce_peer_heartbeat = Some(h);
+        let t0 = base();
+        let mut l = Liveness::new(t0, cfg);
+        let mut arrivals = Vec::new();
+        let mut t = t0;
+        for g in &gaps_ms {
+            t += ms(*g);
+            arrivals.push(t);
+        }
+        let expected = (8..arrivals.len()).find(|&i| arrivals[i] - arrivals[i - 8] < 4 * h);
+        let mut flagged = None;
+        for (i, at) in arrivals.iter().enumerate() {
+            l.on_heartbeat_received(*at);
+            if let Some(ev) = l.poll_event() {
+                prop_assert_eq!(ev, LivenessEvent::HeartbeatFlood { count: 9, window: 4 * h });
+                flagged = Some(i);
+                break;
+            }
+        }
+        prop_assert_eq!(flagged, expected);
+    }
+
     /// After the last byte, a driver that calls `handle_timeout` exactly at `poll_timeout`
     /// sees death at exactly last_rx + d (zero ticks late), with every heartbeat exactly h
     /// after the previous send.
@@ -482,7 +544,7 @@ proptest! {
     ) {
         let h = ms(h_ms);
         let d = h + ms(d_extra_ms);
-        let t0 = Instant::now();
+        let t0 = base();
         let mut l = Liveness::new(t0, LivenessConfig::new(h, d));
         // A random history of arrivals (gaps below d), some with a send at the same instant,
         // with timers run as the driver would in between.

@@ -269,12 +269,7 @@ fn scenario(seed: u64, cuts: usize, per_side: u64, forget_prob: u64, cfg: Sessio
                         }
                     }
                     ConnEvent::Message(m) => server_app.record(&m),
-                    ConnEvent::Closed(d) => {
-                        if last && std::env::var("SESSION_DEBUG").is_ok() {
-                            eprintln!("round {round}: closed {d:?}");
-                        }
-                        alive = false
-                    }
+                    ConnEvent::Closed(_) => alive = false,
                     _ => {}
                 }
             }
@@ -282,17 +277,10 @@ fn scenario(seed: u64, cuts: usize, per_side: u64, forget_prob: u64, cfg: Sessio
                 match ev {
                     ConnEvent::Message(m) => client_app.record(&m),
                     ConnEvent::SessionLost { unacked } => client_app.lost(unacked),
-                    ConnEvent::Established(w) => {
-                        if !w.session.as_ref().is_some_and(|s| s.resumed) {
-                            client_app.pushed.clear();
-                        }
+                    ConnEvent::Established(w) if !w.session.as_ref().is_some_and(|s| s.resumed) => {
+                        client_app.pushed.clear();
                     }
-                    ConnEvent::Closed(d) => {
-                        if last && std::env::var("SESSION_DEBUG").is_ok() {
-                            eprintln!("round {round}: closed {d:?}");
-                        }
-                        alive = false
-                    }
+                    ConnEvent::Closed(_) => alive = false,
                     _ => {}
                 }
             }

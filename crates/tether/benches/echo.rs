@@ -7,15 +7,19 @@
 //!   reported per message.
 //!
 //! `cargo bench -p tether --bench echo -- --warm-up-time 1 --measurement-time 3`
+//!
+//! For profilers, one fixed run without criterion (see [`profile`]):
+//! `ECHO_PROFILE=tether:pipelined:64:20000 valgrind --tool=callgrind target/release/deps/echo-*`
 
-#![allow(missing_docs)] // criterion_group! generates undocumented functions
+// `criterion_group!` generates an undocumented `pub fn`.
+#![allow(missing_docs)]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use futures::{SinkExt, StreamExt};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tether::{Connection, Policy};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -111,20 +115,25 @@ async fn tether_pipelined(c: &mut Connection, msg: &Bytes, iters: u64, w: u64) -
 }
 
 async fn plain_pipelined(c: &mut Plain, msg: &Bytes, iters: u64, w: u64) -> Duration {
+    // Batched like tether's driver: fill the window, flush once, then take every reply that
+    // is already decoded before refilling (a flush per message would cost a syscall each and
+    // make the baseline look worse than it is).
     let start = Instant::now();
-    let mut in_flight = 0;
-    for _ in 0..iters {
-        c.feed(msg.clone()).await.unwrap();
-        in_flight += 1;
-        if in_flight >= w {
-            SinkExt::<Bytes>::flush(c).await.unwrap();
-            c.next().await.unwrap().unwrap();
-            in_flight -= 1;
+    let (mut sent, mut received) = (0u64, 0u64);
+    while received < iters {
+        while sent < iters && sent - received < w {
+            c.feed(msg.clone()).await.unwrap();
+            sent += 1;
         }
-    }
-    SinkExt::<Bytes>::flush(c).await.unwrap();
-    for _ in 0..in_flight {
+        SinkExt::<Bytes>::flush(c).await.unwrap();
         c.next().await.unwrap().unwrap();
+        received += 1;
+        while received < sent {
+            match c.next().now_or_never() {
+                Some(Some(Ok(_))) => received += 1,
+                _ => break,
+            }
+        }
     }
     start.elapsed()
 }
@@ -159,4 +168,40 @@ fn echo(cr: &mut Criterion) {
 }
 
 criterion_group!(benches, echo);
-criterion_main!(benches);
+
+/// One fixed run for profilers (`valgrind --tool=callgrind`, `perf`), bypassing criterion:
+/// `ECHO_PROFILE=<tether|plain>:<latency|pipelined>:<size>:<messages>` runs that scenario once
+/// and prints the wall time per message.
+fn profile(spec: &str) {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [imp, mode, size, n] = parts[..] else {
+        panic!("ECHO_PROFILE=<tether|plain>:<latency|pipelined>:<size>:<messages>");
+    };
+    let size: usize = size.parse().expect("size");
+    let n: u64 = n.parse().expect("messages");
+    let msg = Bytes::from(vec![0x5au8; size]);
+    let rt = runtime();
+    let took = rt.block_on(async {
+        match (imp, mode) {
+            ("tether", "latency") => tether_latency(&mut tether_pair().await, &msg, n).await,
+            ("tether", "pipelined") => {
+                tether_pipelined(&mut tether_pair().await, &msg, n, window(size)).await
+            }
+            ("plain", "latency") => plain_latency(&mut plain_pair().await, &msg, n).await,
+            ("plain", "pipelined") => {
+                plain_pipelined(&mut plain_pair().await, &msg, n, window(size)).await
+            }
+            _ => panic!("unknown scenario {spec}"),
+        }
+    });
+    println!("{spec}: {:?} per message", took / n as u32);
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("ECHO_PROFILE") {
+        profile(&spec);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -20,6 +20,7 @@ pub mod client;
 pub mod connection;
 pub mod driver;
 pub mod probe;
+pub mod proxy;
 pub mod server;
 pub mod sockopt;
 pub mod tunnel;
