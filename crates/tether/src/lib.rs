@@ -23,6 +23,7 @@ pub mod probe;
 pub mod proxy;
 pub mod server;
 pub mod sockopt;
+pub mod tunnel;
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
 pub use connection::{
