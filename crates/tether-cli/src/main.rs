@@ -13,6 +13,7 @@ mod plan;
 mod probe;
 mod proxy;
 mod serve;
+mod tunnel;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,9 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Relay TCP to an upstream with keepalive on both legs; a dead leg closes the other at once.
     Proxy(proxy::ProxyArgs),
+    /// Carry a program's TCP connections across a path that breaks (entry and exit).
+    #[command(long_about = tunnel::LONG_ABOUT)]
+    Tunnel(tunnel::TunnelArgs),
     /// Measure the idle timeout of the path to a `tether serve` (NAT, load balancer, firewall).
     #[command(long_about = probe::LONG_ABOUT)]
     Probe(probe::ProbeArgs),
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::Proxy(a) => proxy::run(a),
         Command::Lab(a) => lab::run(a),
         Command::Probe(a) => probe::run(a),
+        Command::Tunnel(a) => tunnel::run(a),
     };
     match result {
         Ok(code) => code,
