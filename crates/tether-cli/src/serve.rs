@@ -12,9 +12,8 @@ use tether::{Server, ServerConfig, ServerEvent, ServerHandle};
 use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::presence::PresenceState;
-use tether_proto::presets::PathSpec;
 
-use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers};
+use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
 use crate::http::{self, ClientRow, MetricsSnapshot, StatusSource};
 use crate::log;
 
@@ -120,33 +119,18 @@ impl ServeArgs {
         let listen = l
             .get("listen", self.listen.as_deref(), parse_addr)?
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7300)));
-        let http = match l.raw("http", self.http.as_deref()) {
-            Some((v, _)) if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") => None,
-            _ => Some(
-                l.get("http", self.http.as_deref(), parse_addr)?
-                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7301))),
-            ),
+        let http = l.optional_addr(
+            "http",
+            self.http.as_deref(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 7301))),
+        )?;
+        let flags = PolicyFlags {
+            detect_within: self.detect_within.as_deref(),
+            path: self.path.as_deref(),
+            heartbeat: self.heartbeat.as_deref(),
+            idle_timeout: self.idle_timeout.as_deref(),
         };
-        let detect = l
-            .get(
-                "detect_within",
-                self.detect_within.as_deref(),
-                parse_duration,
-            )?
-            .unwrap_or(Duration::from_secs(30));
-        let path = l.get("path", self.path.as_deref(), |s| {
-            PathSpec::parse(s).map_err(|e| e.to_string())
-        })?;
-        let mut b = Policy::builder(detect).path(path);
-        if let Some(h) = l.get("heartbeat", self.heartbeat.as_deref(), parse_duration)? {
-            b = b.heartbeat(h);
-        }
-        if let Some(i) = l.get("idle_timeout", self.idle_timeout.as_deref(), parse_duration)? {
-            b = b.idle_timeout(Some(i));
-        }
-        let mut policy = b
-            .build()
-            .context("the liveness settings are inconsistent")?;
+        let mut policy = l.policy(flags, Duration::from_secs(30))?;
         // RTT for the status page: one PING every three heartbeat intervals (it replaces a
         // heartbeat, so it costs 9 bytes more, not an extra packet).
         policy

@@ -50,14 +50,7 @@ impl Transport for TcpStream {
         let _ = crate::sockopt::set_abortive_close(self);
     }
     fn has_unacked(&self) -> Option<bool> {
-        #[cfg(target_os = "linux")]
-        {
-            crate::sockopt::unacked_segments(self).map(|n| n > 0)
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            None
-        }
+        crate::sockopt::tcp_info(self).map(|i| i.unacked > 0)
     }
 }
 
