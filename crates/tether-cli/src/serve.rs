@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -14,7 +14,7 @@ use tether_proto::policy::Policy;
 use tether_proto::presence::PresenceState;
 
 use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
-use crate::http::{self, ClientRow, MetricsSnapshot, StatusSource};
+use crate::http::{self, ClientRow, MetricsSnapshot, PresenceView, StatusSource};
 use crate::log;
 
 const KEYS: &[&str] = &[
@@ -204,53 +204,25 @@ impl StatusSource for Status {
             .clients()
             .into_iter()
             .map(|c| {
-                let wall_of = |t: Instant| wall.checked_sub(now.saturating_duration_since(t));
-                let (disconnected_at, silent_for, reason, hold_left) = match &c.state {
-                    PresenceState::Online | PresenceState::Suspect => (None, None, None, None),
-                    PresenceState::Resuming {
-                        reason,
-                        at,
-                        silent_for,
-                        until,
-                    } => (
-                        Some(*at),
-                        Some(*silent_for),
-                        Some(reason.clone()),
-                        Some(until.saturating_duration_since(now)),
-                    ),
-                    PresenceState::Offline {
-                        reason,
-                        at,
-                        silent_for,
-                    } => (Some(*at), Some(*silent_for), Some(reason.clone()), None),
-                };
-                let s = c.stats.unwrap_or_default();
-                let last_seen_ago = match (s.last_rx, disconnected_at) {
-                    (Some(rx), None) => Some(now.saturating_duration_since(rx)),
-                    (_, Some(at)) => {
-                        Some(now.saturating_duration_since(at) + silent_for.unwrap_or_default())
-                    }
-                    _ => None,
-                };
-                ClientRow {
-                    id: c.id,
-                    state: c.state.kind(),
+                let view = PresenceView {
+                    id: &c.id,
+                    state: &c.state,
                     conn_id: c.conn_id,
-                    remote: Some(c.remote),
-                    connected_since: wall_of(c.connected_since),
-                    last_seen_ago,
-                    rtt: s.srtt,
-                    disconnected_at: disconnected_at.and_then(wall_of),
-                    silent_for,
-                    reason,
-                    hold_left,
-                    messages_in: s.messages_in,
-                    messages_out: s.messages_out,
-                    bytes_in: s.bytes_in,
-                    bytes_out: s.bytes_out,
+                    remote: c.remote,
+                    connected_since: c.connected_since,
                     connects: c.connects,
                     disconnects: c.disconnects,
+                };
+                let mut row = ClientRow::from_view(&view, now, wall);
+                if let Some(s) = c.stats {
+                    row.last_seen_ago = s.last_rx.map(|rx| now.saturating_duration_since(rx));
+                    row.rtt = s.srtt;
+                    row.messages_in = s.messages_in;
+                    row.messages_out = s.messages_out;
+                    row.bytes_in = s.bytes_in;
+                    row.bytes_out = s.bytes_out;
                 }
+                row
             })
             .collect()
     }
