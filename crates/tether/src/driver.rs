@@ -538,13 +538,16 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                 }
             }
 
-            // 7. Sleep until the next deadline; re-arm only when it changed.
+            // 7. Sleep until the next deadline. Re-arm only when it moved *earlier*: traffic
+            // keeps pushing the heartbeat deadline later, and re-arming the timer on every
+            // wake-up would cost more than one early wake-up, which is harmless (the state
+            // machine re-checks its deadlines and we re-arm then).
             let deadline = match (conn.poll_timeout(), closing_since) {
                 (Some(d), Some(c)) => Some(d.min(c + CLOSE_LINGER)),
                 (d, c) => d.or(c.map(|c| c + CLOSE_LINGER)),
             };
             if let Some(d) = deadline {
-                if armed != Some(d) {
+                if armed.is_none_or(|a| d < a) {
                     sleep.as_mut().reset(tokio::time::Instant::from_std(d));
                     armed = Some(d);
                 }
