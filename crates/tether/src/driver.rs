@@ -10,7 +10,7 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -28,7 +28,10 @@ use tokio::sync::Notify;
 /// Bytes read per `read` call, on the stack.
 const READ_CHUNK: usize = 16 * 1024;
 /// Reads per wake-up before yielding to other tasks.
-const READS_PER_WAKE: usize = 16;
+// 4 × 16 KiB: a busy connection decodes at most ~64 KiB per wake-up before yielding, so
+// hundreds of busy connections cannot starve idle ones of their timers (heartbeats,
+// dead-after) for long.
+const READS_PER_WAKE: usize = 4;
 /// Stop moving messages from the outbox into the state machine above this many queued bytes.
 const TRANSMIT_HIGH_WATER: usize = 256 * 1024;
 /// How long an orderly close may take to flush and see the peer's FIN.
@@ -154,6 +157,8 @@ pub struct Shared {
     pub(crate) space: Notify,
     pub(crate) stats: Stats,
     pub(crate) limits: Limits,
+    /// Server connections: the server-wide backlog of undelivered messages.
+    pub(crate) backlog: Option<Arc<Backlog>>,
 }
 
 /// Bounds on what a connection buffers for the application.
@@ -178,6 +183,15 @@ impl Shared {
     pub(crate) fn new(limits: Limits) -> Arc<Self> {
         Arc::new(Shared {
             limits,
+            ..Default::default()
+        })
+    }
+
+    /// A `Shared` for a server connection, paused with the rest while `backlog` is over.
+    pub(crate) fn with_backlog(limits: Limits, backlog: Arc<Backlog>) -> Arc<Self> {
+        Arc::new(Shared {
+            limits,
+            backlog: Some(backlog),
             ..Default::default()
         })
     }
@@ -284,6 +298,69 @@ impl Shared {
     /// The disconnect, once the connection ended.
     pub(crate) fn done(&self) -> Option<Disconnect> {
         self.lock().done.clone()
+    }
+}
+
+/// Messages received by all of a server's connections and not yet taken by the application.
+/// Above `high` every connection stops reading (the kernel then applies TCP back-pressure to
+/// the senders) until the application has taken the backlog down to `low`. While paused a
+/// connection does not blame its peer for silence: the application is the bottleneck.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    queued: AtomicUsize,
+    high: usize,
+    low: usize,
+    is_over: AtomicBool,
+    waiters: Mutex<Vec<Waker>>,
+}
+
+impl Backlog {
+    pub(crate) fn new(high: usize) -> Self {
+        Backlog {
+            queued: AtomicUsize::new(0),
+            high: high.max(1),
+            low: high / 2,
+            is_over: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One more message waits for the application.
+    pub(crate) fn push(&self) {
+        if self.queued.fetch_add(1, Relaxed) + 1 >= self.high {
+            self.is_over.store(true, Relaxed);
+        }
+    }
+
+    /// The application took one message.
+    pub(crate) fn pop(&self) {
+        let left = self.queued.fetch_sub(1, Relaxed).saturating_sub(1);
+        if left <= self.low && self.is_over.swap(false, Relaxed) {
+            let waiters =
+                std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in waiters {
+                w.wake();
+            }
+        }
+    }
+
+    /// Messages waiting.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Relaxed)
+    }
+
+    /// True while over the high-water mark; registers `waker` to be woken when it drains.
+    fn over(&self, waker: &Waker) -> bool {
+        if !self.is_over.load(Relaxed) {
+            return false;
+        }
+        let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if !w.iter().any(|x| x.will_wake(waker)) {
+            w.push(waker.clone());
+        }
+        drop(w);
+        // Re-check: the application may have drained it between the load and the push.
+        self.is_over.load(Relaxed)
     }
 }
 
@@ -405,7 +482,8 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                         conn.close(now, code, &text);
                     }
                 }
-                paused = inner.inbox_bytes > shared.limits.inbox_bytes;
+                paused = inner.inbox_bytes > shared.limits.inbox_bytes
+                    || shared.backlog.as_ref().is_some_and(|b| b.over(cx.waker()));
             }
 
             // 2. Read. A full inbox pauses reading (the application is the bottleneck, not the
