@@ -928,7 +928,12 @@ impl Conn {
 
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<ConnEvent> {
-        self.events.pop_front()
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Release the queue: an idle connection holds no event buffer.
+            self.events = VecDeque::new();
+        }
+        ev
     }
 }
 

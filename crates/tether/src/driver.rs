@@ -419,9 +419,12 @@ pub(crate) struct Ended<T> {
 }
 
 /// Runs one connection to its end.
+///
+/// The state machine is boxed: an async fn keeps its arguments in the future twice (once
+/// before the first poll, once in the body), and `Conn` is the largest of them.
 pub(crate) async fn drive<T: Transport, S: Sink>(
     mut io: T,
-    mut conn: Conn,
+    mut conn: Box<Conn>,
     shared: Arc<Shared>,
     mut sink: S,
 ) -> Ended<T> {
@@ -729,4 +732,30 @@ pub(crate) fn poll_recv(shared: &Shared, cx: &mut Context<'_>) -> Poll<Result<By
         _ => inner.recv = Some(cx.waker().clone()),
     }
     Poll::Pending
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoSink;
+    impl Sink for NoSink {
+        fn event(&mut self, _shared: &Shared, _ev: ConnEvent) {}
+    }
+
+    /// Every idle connection keeps one of these futures alive: keep it small (the state
+    /// machine lives behind a `Box`).
+    #[test]
+    fn the_connection_future_stays_small() {
+        let (io, _peer) = tokio::io::duplex(64);
+        let now = Instant::now();
+        let conn = Box::new(Conn::server(now, tether_proto::ConnConfig::default()));
+        let fut = drive(io, conn, Shared::new(Limits::default()), NoSink);
+        let size = std::mem::size_of_val(&fut);
+        println!("drive future: {size} bytes");
+        assert!(
+            size <= 1024,
+            "the per-connection future grew to {size} bytes"
+        );
+    }
 }

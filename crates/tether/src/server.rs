@@ -737,7 +737,7 @@ async fn run_connection(stream: TcpStream, remote: SocketAddr, inner: Arc<Inner>
         shared: shared.clone(),
         tag: tag.clone(),
     };
-    let ended = driver::drive(stream, conn, shared.clone(), sink).await;
+    let ended = driver::drive(stream, Box::new(conn), shared.clone(), sink).await;
     let tag = std::mem::take(&mut *lock(&tag));
     if let Some(stream) = ended.handed_off {
         // A `tether probe` connection: the PROBE frame was its first frame.
