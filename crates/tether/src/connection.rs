@@ -129,6 +129,8 @@ struct ConnSink {
     ready: Option<oneshot::Sender<HandshakeResult>>,
     hello: Option<Hello>,
     accept: Option<LivenessConfig>,
+    /// Messages of the current wake-up, pushed to the inbox together.
+    batch: Vec<Bytes>,
 }
 
 impl Sink for ConnSink {
@@ -140,20 +142,27 @@ impl Sink for ConnSink {
         }
     }
 
-    fn event(&mut self, shared: &Shared, ev: ConnEvent) {
+    fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
         match ev {
             ConnEvent::Established(w) => {
                 if let Some(tx) = self.ready.take() {
                     let _ = tx.send(Ok((w, self.hello.take())));
                 }
             }
-            ConnEvent::Message(m) => driver::push_inbox(shared, m),
+            // Batched: the inbox lock is taken once per wake-up, not once per message.
+            ConnEvent::Message(m) => self.batch.push(m),
             ConnEvent::Closed(d) => {
                 if let Some(tx) = self.ready.take() {
                     let _ = tx.send(Err(d));
                 }
             }
             _ => {}
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared) {
+        if !self.batch.is_empty() {
+            driver::push_inbox(shared, std::mem::take(&mut self.batch));
         }
     }
 }
@@ -228,6 +237,7 @@ impl Connection {
             ready: Some(tx),
             hello: None,
             accept: None,
+            batch: Vec::new(),
         };
         tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
         match rx.await {
@@ -273,6 +283,7 @@ impl Connection {
             ready: Some(tx),
             hello: None,
             accept: Some(liveness_config(policy, true)),
+            batch: Vec::new(),
         };
         tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
         match rx.await {

@@ -383,6 +383,8 @@ pub(crate) trait Sink: Send + 'static {
     }
     /// Any other event. `Message`s for a standalone connection go to the inbox.
     fn event(&mut self, shared: &Shared, ev: ConnEvent);
+    /// The events of one wake-up have all been delivered (a sink that batches flushes here).
+    fn flush(&mut self, _shared: &Shared) {}
 }
 
 /// Maps an I/O error to what the state machine understands.
@@ -687,6 +689,8 @@ fn deliver<S: Sink>(
             },
             ConnEvent::Closed(d) => {
                 *result = Some(d.clone());
+                // Messages before the end reach the application before the end does.
+                sink.flush(shared);
                 if !shared.persistent {
                     shared.finish(d.clone());
                 }
@@ -699,13 +703,16 @@ fn deliver<S: Sink>(
             ev => sink.event(shared, ev),
         }
     }
+    sink.flush(shared);
 }
 
 /// Pushes a received message into a standalone connection's inbox.
-pub(crate) fn push_inbox(shared: &Shared, msg: Bytes) {
+pub(crate) fn push_inbox(shared: &Shared, msgs: Vec<Bytes>) {
     let mut inner = shared.lock();
-    inner.inbox_bytes += msg.len();
-    inner.inbox.push_back(msg);
+    for msg in msgs {
+        inner.inbox_bytes += msg.len();
+        inner.inbox.push_back(msg);
+    }
     if let Some(w) = inner.recv.take() {
         w.wake();
     }
