@@ -18,7 +18,7 @@
 //! errors: they are almost certainly typos). Values are exact to the nanosecond; fractional
 //! digits beyond nanoseconds are truncated.
 //!
-//! [`format`] is the inverse: `parse(&format(d)) == Ok(d)` for every `d` (tested).
+//! [`format()`] is the inverse: `parse(&format(d)) == Ok(d)` for every `d` (tested).
 
 use std::fmt;
 use std::time::Duration;
@@ -185,7 +185,7 @@ pub fn format(d: Duration) -> String {
     Human(d).to_string()
 }
 
-/// A [`Duration`] that displays in the human format of [`format`]; handy in `format!` and
+/// A [`Duration`] that displays in the human format of [`format()`]; handy in `format!` and
 /// error messages: `format!("{}", Human(d))`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Human(pub Duration);

@@ -1,5 +1,5 @@
 //! [`Client`]: a tether client that reconnects on its own, with capped exponential backoff and
-//! full jitter (the pure [`Backoff`](tether_proto::backoff::Backoff) from the core), and —
+//! full jitter (the pure [`Backoff`] from the core), and —
 //! by default — a session that survives reconnects: what was sent into a dead connection is
 //! replayed after the resume, exactly once and in order.
 //!

@@ -1,5 +1,5 @@
 //! The probe client: opens the control connection and the rung connections, tests each rung
-//! when it is due, and feeds the results to the [`ladder`](super::ladder) plans.
+//! when it is due, and feeds the results to the [`ladder`] plans.
 //!
 //! ```text
 //!  control task ── PING every grace/2 ──▶ responder ── PONG / REPORT ──▶ events
