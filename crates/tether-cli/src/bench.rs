@@ -85,7 +85,8 @@ struct DetectOpts {
     /// The detection bound the server's policy is derived from.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     detect_within: Duration,
-    /// Clients that send messages continuously during the test (among the 90 %).
+    /// Clients that send messages as fast as they can during the test (among the 90 %, at
+    /// most N/10; they run in a process of their own).
     #[arg(long, default_value_t = 256)]
     loaders: usize,
     /// Size of the load messages in bytes.
@@ -329,9 +330,11 @@ fn agents_for(n: usize, explicit: Option<usize>) -> usize {
 }
 
 /// Starts `k` client agents for `n` clients and connects them all; prints progress.
+#[allow(clippy::too_many_arguments)]
 async fn connect_clients(
     kind: &str,
     addr: std::net::SocketAddr,
+    first_id: usize,
     n: usize,
     k: usize,
     heartbeat_ms: u64,
@@ -339,7 +342,7 @@ async fn connect_clients(
 ) -> anyhow::Result<(Vec<Agent>, f64, u64, Option<String>)> {
     let salt = SRC_SALT.fetch_add(1, Relaxed);
     let mut agents = Vec::with_capacity(k);
-    let mut first = 0;
+    let mut first = first_id;
     for i in 0..k {
         let count = n / k + usize::from(i < n % k);
         let src: IpAddr = [127, 0, 0, (2 + (salt * 8 + i) % 250) as u8].into();
@@ -475,7 +478,7 @@ async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::Result<Hold
     };
     let k = agents_for(n, o.agents);
     let (mut agents, connect_secs, failed, connect_error) =
-        connect_clients(kind, addr, n, k, hb_ms, dw_ms).await?;
+        connect_clients(kind, addr, 0, n, k, hb_ms, dw_ms).await?;
     let connected = n as u64 - failed;
     println!(
         "  connected {connected}/{n} in {connect_secs:.2} s ({:.0}/s){}",
@@ -720,9 +723,16 @@ async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<DetectResult> {
          10% blackholed, {} loaders × {} B ==",
         o.loaders, o.msg_size
     );
-    let k = agents_for(n, o.detect_agents);
+    // The loaders live in their own process: a load generator that starves its own idle
+    // clients would make them miss heartbeats and blame the server for it.
+    let n_load = o.loaders.min(n / 10).max(1);
+    let n_idle = n - n_load;
+    let k = agents_for(n_idle, o.detect_agents);
     let (mut agents, connect_secs, failed, err) =
-        connect_clients("tether", addr, n, k, hb_ms, dw_ms).await?;
+        connect_clients("tether", addr, 0, n_idle, k, hb_ms, dw_ms).await?;
+    let (mut load_agents, _, load_failed, _) =
+        connect_clients("tether", addr, n_idle, n_load, 1, hb_ms, dw_ms).await?;
+    let failed = failed + load_failed;
     println!(
         "  connected {}/{n} in {connect_secs:.2} s{}",
         n as u64 - failed,
@@ -731,12 +741,10 @@ async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<DetectResult> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base_presence = server.presence.lock().map(|p| p.len()).unwrap_or(0);
-    // Load from the 90 %.
-    let per_agent = o.loaders.div_ceil(k);
     let mut loaders = 0;
-    for a in agents.iter_mut() {
+    for a in load_agents.iter_mut() {
         let v = a
-            .ask(&format!("load {per_agent} {} 10", o.msg_size), "loading")
+            .ask(&format!("load {n_load} {}", o.msg_size), "loading")
             .await?;
         loaders += v["loaders"].as_u64().unwrap_or(0) as usize;
     }
@@ -744,10 +752,11 @@ async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<DetectResult> {
     let m0 = server.ask("metrics", "metrics").await?;
     let cpu0 = sys::cpu_secs(server.pid)?;
     let tl0 = Instant::now();
-    // Blackhole every tenth client at once.
+    // Blackhole at least 10 % of all clients at once, every m-th idle client.
+    let modulus = (n_idle / n.div_ceil(10)).max(1);
     let mut silenced: HashMap<String, (u64, u64)> = HashMap::new();
     for a in agents.iter_mut() {
-        a.send("silence 10").await?;
+        a.send(&format!("silence {modulus}")).await?;
     }
     for a in agents.iter_mut() {
         let v = a.expect("silenced", Duration::from_secs(30)).await?;
@@ -789,7 +798,7 @@ async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<DetectResult> {
     let m1 = server.ask("metrics", "metrics").await?;
     let cpu1 = sys::cpu_secs(server.pid)?;
     let load_secs = tl0.elapsed().as_secs_f64();
-    for a in agents.iter_mut() {
+    for a in load_agents.iter_mut() {
         a.ask("unload", "unloaded").await?;
     }
     let rss_end = sys::rss_bytes(server.pid)?;
@@ -798,7 +807,7 @@ async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<DetectResult> {
         .lock()
         .map(|p| p[base_presence.min(p.len())..].to_vec())
         .unwrap_or_default();
-    for a in agents {
+    for a in agents.into_iter().chain(load_agents) {
         a.quit().await;
     }
     server.quit().await;

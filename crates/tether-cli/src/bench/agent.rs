@@ -126,7 +126,12 @@ async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
     let handle = server.handle();
     let mut presence = handle.subscribe();
     // Drain server events: an undrained unbounded channel would grow and count as memory.
-    tokio::spawn(async move { while server.next_event().await.is_some() {} });
+    // `unconstrained`: with tokio's cooperative budget this one task would take 128 events per
+    // turn while each connection task queues thousands per turn (16 reads of 16 KiB), and the
+    // queue would grow by gigabytes under message load (see BENCHMARKS.md).
+    tokio::spawn(tokio::task::unconstrained(async move {
+        while server.next_event().await.is_some() {}
+    }));
     tokio::spawn(async move {
         loop {
             match presence.recv().await {
@@ -400,17 +405,14 @@ async fn client_agent(a: ClientAgentArgs) -> anyhow::Result<()> {
                 }
                 emit(json!({"ev": "silenced", "t_ns": t, "clients": out}));
             }
-            ["load", k, size, m] => {
+            ["load", k, size] => {
                 let k: usize = k.parse().context("loaders")?;
                 let size: usize = size.parse().context("message size")?;
-                let m: usize = m.parse().context("silence modulus")?;
                 load_stop.store(false, Relaxed);
                 let msg = Bytes::from(vec![0x5a; size]);
                 let senders = held
                     .iter()
-                    .enumerate()
-                    .filter(|(i, _)| (a.first + i) % m != 0)
-                    .filter_map(|(_, h)| match h {
+                    .filter_map(|h| match h {
                         Some(Held::Tether { conn, .. }) => Some(conn.sender()),
                         _ => None,
                     })
