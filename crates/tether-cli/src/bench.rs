@@ -237,12 +237,22 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     }
     if let Some(e) = &echo {
         println!("\n== echo: tether Connection vs tokio + LengthDelimitedCodec ==");
-        rep.echo = echo::run(&echo::EchoOpts {
+        let opts = echo::EchoOpts {
             rtt_samples: e.rtt_samples,
             messages: e.messages,
             rounds: e.rounds,
+        };
+        // Its own runtime with a worker per core, as an application would have (the
+        // coordinator's runtime has one worker).
+        rep.echo = tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?
+                .block_on(echo::run(&opts))
         })
-        .await?;
+        .await
+        .context("echo panicked")??;
         print_echo(&rep.echo);
     }
     rep.load_after = sys::loadavg();
