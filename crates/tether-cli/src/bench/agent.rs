@@ -132,7 +132,9 @@ async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
     tokio::spawn(tokio::task::unconstrained(async move {
         while server.next_event().await.is_some() {}
     }));
-    tokio::spawn(async move {
+    // Unconstrained too: a presence burst (thousands of Offlines at once) must not overflow
+    // the server's bounded broadcast because this task yields every 128 events.
+    tokio::spawn(tokio::task::unconstrained(async move {
         loop {
             match presence.recv().await {
                 Ok(ch) => match &ch.to {
@@ -151,7 +153,7 @@ async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
                 Err(RecvError::Closed) => return,
             }
         }
-    });
+    }));
     emit(json!({
         "ev": "listening", "addr": handle.local_addr().to_string(),
         "heartbeat_ms": policy.heartbeat_interval.as_millis() as u64,
