@@ -1,13 +1,19 @@
 //! The `tether` command.
 //!
 //! Exit codes: 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server
-//! refused the connection (`connect`).
+//! refused the connection (`connect`); 4 a lab check failed (`lab`) or the result is
+//! inconclusive (`probe`).
 
 mod config;
 mod connect;
 mod http;
+mod lab;
 mod log;
+mod plan;
+mod probe;
+mod proxy;
 mod serve;
+mod tunnel;
 
 use std::process::ExitCode;
 
@@ -28,6 +34,19 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Connect to a server: stdin lines out, messages in, reconnects on its own.
     Connect(connect::ConnectArgs),
+    /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
+    #[command(long_about = plan::LONG_ABOUT)]
+    Plan(plan::PlanArgs),
+    /// Relay TCP to an upstream with keepalive on both legs; a dead leg closes the other at once.
+    Proxy(proxy::ProxyArgs),
+    /// Carry a program's TCP connections across a path that breaks (entry and exit).
+    #[command(long_about = tunnel::LONG_ABOUT)]
+    Tunnel(tunnel::TunnelArgs),
+    /// Measure the idle timeout of the path to a `tether serve` (NAT, load balancer, firewall).
+    #[command(long_about = probe::LONG_ABOUT)]
+    Probe(probe::ProbeArgs),
+    /// Reproduce middlebox failures in network namespaces and compare detection methods (root).
+    Lab(lab::LabArgs),
 }
 
 fn init_tracing() {
@@ -45,6 +64,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(a) => serve::run(a),
         Command::Connect(a) => connect::run(a),
+        Command::Plan(a) => plan::run(a),
+        Command::Proxy(a) => proxy::run(a),
+        Command::Lab(a) => lab::run(a),
+        Command::Probe(a) => probe::run(a),
+        Command::Tunnel(a) => tunnel::run(a),
     };
     match result {
         Ok(code) => code,
@@ -57,6 +81,12 @@ fn main() -> ExitCode {
 }
 
 fn is_config_error(e: &anyhow::Error) -> bool {
+    if e.chain().any(|c| {
+        c.downcast_ref::<tether_proto::policy::PolicyError>()
+            .is_some()
+    }) {
+        return true;
+    }
     let s = format!("{e:#}");
     s.contains("invalid value") || s.contains("config file") || s.contains("inconsistent")
 }

@@ -29,6 +29,9 @@ const KEYS: &[&str] = &[
     "max_frame",
     "heartbeat",
     "idle_timeout",
+    "session_linger",
+    "replay_buffer",
+    "replay_messages",
 ];
 
 /// Run a tether server that knows who is online.
@@ -82,6 +85,16 @@ pub(crate) struct ServeArgs {
     /// not count). Off by default.
     #[arg(long, value_name = "DURATION")]
     idle_timeout: Option<String>,
+    /// Hold a disconnected client's session this long so it can resume without losing or
+    /// duplicating a message (the client shows as `resuming`), or "off". [default: 30s]
+    #[arg(long, value_name = "DURATION|off")]
+    session_linger: Option<String>,
+    /// Unacknowledged bytes kept per session for replay; sending waits beyond this. [default: 4MiB]
+    #[arg(long, value_name = "BYTES")]
+    replay_buffer: Option<String>,
+    /// Unacknowledged messages kept per session for replay. [default: 4096]
+    #[arg(long, value_name = "N")]
+    replay_messages: Option<String>,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -97,6 +110,8 @@ pub(crate) struct ServeSettings {
     pub(crate) max_connections: usize,
     pub(crate) handshake_timeout: Duration,
     pub(crate) max_frame: u32,
+    pub(crate) session_linger: Option<Duration>,
+    pub(crate) session: tether_proto::session::SessionConfig,
 }
 
 impl ServeArgs {
@@ -144,7 +159,31 @@ impl ServeArgs {
             }
             Ok(n as u32)
         })?;
+        let session_linger = match l.raw("session_linger", self.session_linger.as_deref()) {
+            Some((v, _)) if v.eq_ignore_ascii_case("off") => None,
+            _ => Some(
+                l.get(
+                    "session_linger",
+                    self.session_linger.as_deref(),
+                    parse_duration,
+                )?
+                .unwrap_or(Duration::from_secs(30)),
+            ),
+        };
+        let mut session = tether_proto::session::SessionConfig::default();
+        if let Some(b) = l.get("replay_buffer", self.replay_buffer.as_deref(), parse_bytes)? {
+            session.max_replay_bytes = usize::try_from(b).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = l.get(
+            "replay_messages",
+            self.replay_messages.as_deref(),
+            parse_count,
+        )? {
+            session.max_replay_messages = n;
+        }
         Ok(ServeSettings {
+            session_linger,
+            session,
             listen,
             http,
             policy,
@@ -264,7 +303,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         .policy(s.policy.clone())
         .max_connections(s.max_connections)
         .handshake_timeout(s.handshake_timeout)
-        .max_frame_len(s.max_frame);
+        .max_frame_len(s.max_frame)
+        .session_linger(s.session_linger)
+        .session_config(s.session);
     let mut server = Server::bind(cfg)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
@@ -327,6 +368,16 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                         "disconnected",
                         &format!("reason={} silent_for={} conn={conn_id}", disconnect.reason, Human(disconnect.silent_for)),
                     );
+                }
+                Some(ServerEvent::Resumed { client_id, conn_id, replayed }) => {
+                    log::line(&client_id, "resumed", &format!("conn={conn_id} replayed={replayed}"));
+                }
+                Some(ServerEvent::SessionLost { client_id, unacked, unsent }) => {
+                    let what = match unacked {
+                        Some(r) => format!("messages {}..={} may not have been delivered", r.start(), r.end()),
+                        None => "nothing unacknowledged".to_owned(),
+                    };
+                    log::line(&client_id, "session-lost", &format!("{what}; {} never sent", unsent.len()));
                 }
                 Some(ServerEvent::Refused { remote, reason }) => {
                     log::line("-", "refused", &format!("remote={remote} reason={reason}"));

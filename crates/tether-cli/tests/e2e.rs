@@ -73,6 +73,8 @@ fn serve_two_clients_status_metrics_and_sigkill() {
                 "--detect-within",
                 "2s",
                 "--echo",
+                "--session-linger",
+                "1s",
             ])
             .stderr(Stdio::piped())
             .spawn()
@@ -161,8 +163,15 @@ fn serve_two_clients_status_metrics_and_sigkill() {
         println!("SKIP browser check: /usr/bin/chromium not installed (scripts/test installs it as root)");
     }
 
-    // SIGKILL bob: the kernel closes his socket; he goes Offline with a reason.
+    // SIGKILL bob: the kernel closes his socket; his session is held (resuming) for the
+    // 1 s linger, then he goes Offline with the reason.
     drop(bob);
+    wait_for("bob resuming", Duration::from_secs(5), || {
+        matches!(
+            state_of(&http, "bob").as_deref(),
+            Some("resuming") | Some("offline")
+        )
+    });
     wait_for("bob offline", Duration::from_secs(10), || {
         state_of(&http, "bob").as_deref() == Some("offline")
     });

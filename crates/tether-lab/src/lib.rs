@@ -1,1 +1,66 @@
-//! placeholder
+//! tether-lab: reproduce real middlebox failures in Linux network namespaces and measure how
+//! fast each detection method notices them, on both sides of the connection.
+//!
+//! Real kernels, not mocks: a userspace proxy cannot reproduce a half-open connection
+//! faithfully (its own kernel answers keepalives), but three namespaces joined by veth pairs,
+//! with nftables NAT and conntrack on the one in the middle, can.
+//!
+//! ```text
+//!   client ns ──veth── router ns ──veth── server ns
+//!   (side thread       nft NAT, conntrack,  (side thread
+//!    or peer process)  fault rules          or peer process)
+//!
+//!   Cell = fault × method × topology ─▶ Lab::run_cell ─▶ CellResult { client, server }
+//!   Lab::run_matrix runs cells in parallel ─▶ report::{text_table, markdown, write_json, write_svg}
+//! ```
+//!
+//! - [`Topology`]: the namespaces, veths, addresses (198.18.0.0/15, unique per run) and the
+//!   router's rules; an RAII guard and a SIGINT/SIGTERM handler remove everything.
+//! - [`Fault`]: what breaks, each documented with the real-world cause and its source.
+//! - [`Method`]: how the application detects it (`os-default`, `keepalive`, `user-timeout`,
+//!   `idle-timer`, `tether`), all configured from one derived policy ([`Scale::policy`]).
+//! - [`Lab`]: runs cells; [`report`] turns results into tables, JSON and a chart, and
+//!   [`report::check`] tests the claims (tether within its bound + 25%, no false deaths).
+//!
+//! What it deliberately does not do: emulate latency or loss (`tc netem` is not available on
+//! every kernel; nftables and conntrack are), run on anything but Linux, or run without root.
+//! Durations are scaled down ([`Scale`]); the scale is printed with every result.
+//!
+//! Unlike the core crate, the lab uses `unsafe` for three libc calls (`setns`, `geteuid`,
+//! `kill`), each with a SAFETY comment.
+
+pub mod error;
+pub mod fault;
+pub mod method;
+pub mod peer;
+pub mod report;
+pub mod run;
+mod side;
+pub mod sys;
+mod tether_method;
+pub mod topology;
+
+pub use error::LabError;
+pub use fault::{Fault, FaultKind};
+pub use method::{Method, Scale};
+pub use peer::{peer_main, PeerCommand};
+pub use run::{Cell, CellResult, Hook, Lab, Outcome, Progress};
+pub use sys::check_environment;
+pub use topology::{Role, Shape, Topology};
+
+/// Every cell for the given faults, methods and shapes, in report order.
+pub fn cells(faults: &[Fault], methods: &[Method], shapes: &[Shape]) -> Vec<Cell> {
+    let mut out = Vec::new();
+    for &fault in faults {
+        for &shape in shapes {
+            for &method in methods {
+                out.push(Cell {
+                    fault,
+                    method,
+                    shape,
+                });
+            }
+        }
+    }
+    out
+}

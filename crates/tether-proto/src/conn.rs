@@ -25,6 +25,7 @@ use thiserror::Error;
 use crate::codec::{self, DecodeError, Decoder, Frame, Hello, Welcome, PREAMBLE_LEN};
 use crate::liveness::{Liveness, LivenessConfig, LivenessEvent};
 use crate::reason::{CloseCode, DisconnectReason};
+use crate::session::{Received, Session, SessionConfig};
 
 /// Which end of the connection this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,9 @@ pub struct ConnConfig {
     pub max_frame_len: u32,
     /// The handshake must complete within this time. Default: 10 s.
     pub handshake_timeout: Duration,
+    /// Bounds and ACK timing for a session created on this connection (client side; the
+    /// server passes its sessions in [`Conn::accept`]). Default: `SessionConfig::default()`.
+    pub session: SessionConfig,
 }
 
 impl Default for ConnConfig {
@@ -49,6 +53,7 @@ impl Default for ConnConfig {
         ConnConfig {
             max_frame_len: codec::DEFAULT_MAX_FRAME_LEN,
             handshake_timeout: Duration::from_secs(10),
+            session: SessionConfig::default(),
         }
     }
 }
@@ -108,6 +113,18 @@ pub enum ConnEvent {
         /// Smoothed RTT.
         smoothed: Duration,
     },
+    /// A session was resumed on this connection: `replayed` messages of ours are being sent
+    /// again (the peer had not received them).
+    Resumed {
+        /// Messages replayed by this side.
+        replayed: u64,
+    },
+    /// Client only: the session could not be resumed; these messages of ours may not have
+    /// been delivered (`None`: nothing was outstanding). A new session starts.
+    SessionLost {
+        /// Sequence numbers that may not have been delivered.
+        unacked: Option<std::ops::RangeInclusive<u64>>,
+    },
     /// The connection ended. Always the last event.
     Closed(Disconnect),
 }
@@ -122,6 +139,9 @@ pub enum SendError {
     /// The connection has ended.
     #[error("connection closed")]
     Closed,
+    /// The session's replay buffer is full: wait for the peer's ACK and try again.
+    #[error("replay buffer full")]
+    Full,
     /// The message is longer than the maximum frame length.
     #[error("message of {len} bytes exceeds the maximum frame length {max}")]
     TooLong {
@@ -180,6 +200,11 @@ pub struct Conn {
     local: Option<LivenessConfig>,
     last_rx: Instant,
     close_received: bool,
+    handed_off: bool,
+    session: Option<Session>,
+    /// Client: a session was asked for. Server: the client's resume position, if it resumes.
+    want_session: bool,
+    peer_resume: Option<u64>,
     stats: ConnStats,
 }
 
@@ -187,10 +212,30 @@ impl Conn {
     /// A client connection: queues the preamble and `hello` at once. `local` supplies the
     /// options the server does not dictate (idle timeout, ping interval); the heartbeat
     /// interval and dead-after come from the WELCOME.
-    pub fn client(now: Instant, cfg: ConnConfig, hello: &Hello, local: LivenessConfig) -> Self {
+    ///
+    /// With `session`, the hello asks to resume it (its id, token and last received sequence
+    /// number replace `hello.resume`); without one, `hello.want_session` asks for a new session.
+    pub fn client(
+        now: Instant,
+        cfg: ConnConfig,
+        hello: &Hello,
+        local: LivenessConfig,
+        session: Option<Session>,
+    ) -> Self {
         let mut c = Conn::new(now, Role::Client, cfg);
+        let mut hello = hello.clone();
+        if let Some(s) = &session {
+            hello.want_session = true;
+            hello.resume = Some(codec::ResumeRequest {
+                session_id: s.id(),
+                token: *s.token(),
+                last_received: s.last_received(),
+            });
+        }
+        c.want_session = hello.want_session;
+        c.session = session;
         codec::encode_preamble(&mut c.out);
-        codec::encode(&Frame::Hello(hello.clone()), &mut c.out);
+        codec::encode(&Frame::Hello(hello), &mut c.out);
         c.local = Some(local);
         c
     }
@@ -216,6 +261,10 @@ impl Conn {
             local: None,
             last_rx: now,
             close_received: false,
+            handed_off: false,
+            session: None,
+            want_session: false,
+            peer_resume: None,
             stats: ConnStats::default(),
         }
     }
@@ -233,6 +282,12 @@ impl Conn {
     /// True once the connection has ended (pending bytes may still need flushing).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
+    }
+
+    /// True when the peer asked for a probe exchange ([`ConnEvent::Probe`]): the driver hands
+    /// the transport to the probe responder instead of closing it.
+    pub fn is_handed_off(&self) -> bool {
+        self.handed_off
     }
 
     /// Counters.
@@ -265,25 +320,53 @@ impl Conn {
     }
 
     /// Server: accept the client with these liveness settings. The WELCOME carries
-    /// `cfg.heartbeat_interval` and `cfg.dead_after`; `session` is sent as given.
+    /// `cfg.heartbeat_interval` and `cfg.dead_after`. With `session`, the connection runs the
+    /// session (sequenced data, ACKs): a new one when `grant.resumed` is false, or the held one
+    /// resumed from the client's last received sequence number (its replay starts at once).
     pub fn accept(
         &mut self,
         now: Instant,
         cfg: LivenessConfig,
-        session: Option<codec::SessionGrant>,
+        session: Option<(codec::SessionGrant, Session)>,
     ) {
         if !matches!(self.state, State::AwaitDecision) {
             return;
         }
+        let (grant, session) = match session {
+            Some((g, s)) => (Some(g), Some(s)),
+            None => (None, None),
+        };
         let welcome = Welcome {
             heartbeat: cfg.heartbeat_interval,
             dead_after: cfg.dead_after,
-            session,
+            session: grant.clone(),
         };
         codec::encode_preamble(&mut self.out);
         codec::encode(&Frame::Welcome(welcome.clone()), &mut self.out);
         self.establish(now, cfg);
         self.events.push_back(ConnEvent::Established(welcome));
+        if let Some(mut s) = session {
+            if grant.is_some_and(|g| g.resumed) {
+                let from = self.peer_resume.unwrap_or(0);
+                match s.resume(from) {
+                    Ok(n) => {
+                        // Our acknowledgements may have died with the old connection.
+                        if let Some(a) = s.poll_ack(now, true) {
+                            codec::encode(&Frame::Ack(a), &mut self.out);
+                        }
+                        self.events.push_back(ConnEvent::Resumed { replayed: n })
+                    }
+                    Err(e) => {
+                        self.session = Some(s);
+                        let why = format!("resume from {} but only {} were sent", e.acked, e.sent);
+                        self.protocol_error(now, why);
+                        return;
+                    }
+                }
+            }
+            self.session = Some(s);
+            self.pump_session(now);
+        }
     }
 
     /// Server: refuse the client. The connection ends with reason `Refused`.
@@ -320,27 +403,92 @@ impl Conn {
         self.liveness = Some(l);
     }
 
-    /// Queues an application message.
+    /// True when a message of `len` bytes can be sent now (the session's replay buffer has
+    /// room, or there is no session).
+    pub fn can_send(&self, len: usize) -> bool {
+        self.session.as_ref().is_none_or(|s| s.has_room(len))
+    }
+
+    /// The session running on this connection, if any.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    /// Takes the session out (after the connection ended) to hand it to the next connection.
+    pub fn take_session(&mut self) -> Option<Session> {
+        self.session.take()
+    }
+
+    /// Queues an application message (copied). See [`send_bytes`](Self::send_bytes).
     pub fn send(&mut self, now: Instant, payload: &[u8]) -> Result<(), SendError> {
+        self.send_bytes(now, &Bytes::copy_from_slice(payload))
+    }
+
+    /// Queues an application message. With a session it is sequenced and kept for replay
+    /// (the `Bytes` is shared, not copied); [`SendError::Full`] means the replay buffer is
+    /// full (see [`can_send`](Self::can_send)).
+    pub fn send_bytes(&mut self, now: Instant, payload: &Bytes) -> Result<(), SendError> {
         match self.state {
             State::Established => {}
             State::Closed => return Err(SendError::Closed),
             _ => return Err(SendError::NotEstablished),
         }
-        let max = self.cfg.max_frame_len as usize - 1;
+        let max = self.cfg.max_frame_len as usize - if self.session.is_some() { 9 } else { 1 };
         if payload.len() > max {
             return Err(SendError::TooLong {
                 len: payload.len(),
                 max,
             });
         }
-        codec::encode_data(payload, &mut self.out);
-        self.stats.messages_out += 1;
+        match &mut self.session {
+            Some(s) => {
+                if s.push(payload.clone()).is_none() {
+                    return Err(SendError::Full);
+                }
+                self.pump_session(now);
+            }
+            None => {
+                codec::encode_data(payload, &mut self.out);
+                self.stats.messages_out += 1;
+                if let Some(l) = &mut self.liveness {
+                    l.on_send(now);
+                }
+            }
+        }
         if let Some(l) = &mut self.liveness {
-            l.on_send(now);
             l.on_app_data(now);
         }
         Ok(())
+    }
+
+    /// Transmits every session message not yet sent on this connection, with a piggybacked
+    /// cumulative ACK when one is owed (same write, so the same TCP segment).
+    fn pump_session(&mut self, now: Instant) {
+        let Some(s) = &mut self.session else { return };
+        let mut sent = false;
+        while let Some((seq, msg)) = s.next_to_send() {
+            codec::encode_seq_data(seq, &msg, &mut self.out);
+            self.stats.messages_out += 1;
+            sent = true;
+        }
+        if sent {
+            if let Some(a) = s.poll_ack(now, true) {
+                codec::encode(&Frame::Ack(a), &mut self.out);
+            }
+            if let Some(l) = &mut self.liveness {
+                l.on_send(now);
+            }
+        }
+    }
+
+    fn send_due_ack(&mut self, now: Instant) {
+        let Some(s) = &mut self.session else { return };
+        if let Some(a) = s.poll_ack(now, false) {
+            codec::encode(&Frame::Ack(a), &mut self.out);
+            if let Some(l) = &mut self.liveness {
+                l.on_send(now);
+            }
+        }
     }
 
     /// Closes in order: queues CLOSE(code, text). The connection ends with `LocalClose`
@@ -402,6 +550,7 @@ impl Conn {
         if let Some(l) = &mut self.liveness {
             l.on_receive(now);
         }
+        self.drain_liveness(now);
     }
 
     /// The transport delivered `data`.
@@ -416,6 +565,9 @@ impl Conn {
         if let Some(l) = &mut self.liveness {
             l.on_receive(now);
         }
+        // `Recovered` first, before any message these bytes carry (and even when they are
+        // only part of a frame).
+        self.drain_liveness(now);
         if let State::Preamble { buf, got } = &mut self.state {
             let take = (PREAMBLE_LEN - *got).min(data.len());
             buf[*got..*got + take].copy_from_slice(&data[..take]);
@@ -461,10 +613,12 @@ impl Conn {
         match (&self.state, frame) {
             (State::AwaitHello, Frame::Hello(h)) => {
                 self.state = State::AwaitDecision;
+                self.peer_resume = h.resume.as_ref().map(|r| r.last_received);
                 self.events.push_back(ConnEvent::Hello(h));
             }
             (State::AwaitHello, Frame::Probe(body)) => {
                 self.state = State::Closed;
+                self.handed_off = true;
                 self.handshake_deadline = None;
                 self.events.push_back(ConnEvent::Probe(body));
             }
@@ -482,9 +636,18 @@ impl Conn {
                 cfg.heartbeat_interval = w.heartbeat;
                 cfg.dead_after = w.dead_after;
                 self.establish(now, cfg);
+                let grant = w.session.clone();
                 self.events.push_back(ConnEvent::Established(w));
+                self.client_session(now, grant);
             }
             (State::AwaitWelcome, Frame::Refuse { code, text }) => {
+                if code == CloseCode::SESSION_UNKNOWN {
+                    if let Some(old) = self.session.take() {
+                        self.events.push_back(ConnEvent::SessionLost {
+                            unacked: old.unacked_range(),
+                        });
+                    }
+                }
                 self.finish(now, DisconnectReason::Refused { code, text });
             }
             (State::AwaitWelcome, f) => self.protocol_error(
@@ -504,12 +667,49 @@ impl Conn {
                     l.on_heartbeat_received(now);
                 }
             }
-            Frame::Data(p) => {
+            Frame::Data(p) if self.session.is_none() => {
                 self.stats.messages_in += 1;
                 if let Some(l) = &mut self.liveness {
                     l.on_app_data(now);
                 }
                 self.events.push_back(ConnEvent::Message(p));
+            }
+            Frame::SeqData { seq, payload } if self.session.is_some() => {
+                let Some(s) = &mut self.session else { return };
+                match s.on_data(now, seq) {
+                    Received::Deliver => {
+                        self.stats.messages_in += 1;
+                        if let Some(l) = &mut self.liveness {
+                            l.on_app_data(now);
+                        }
+                        self.events.push_back(ConnEvent::Message(payload));
+                        self.send_due_ack(now);
+                    }
+                    Received::Duplicate => {}
+                    Received::Gap { expected } => {
+                        self.protocol_error(
+                            now,
+                            format!("SEQ_DATA {seq} but {expected} was expected"),
+                        );
+                        return;
+                    }
+                }
+            }
+            Frame::Ack(seq) if self.session.is_some() => {
+                if let Some(Err(e)) = self.session.as_mut().map(|s| s.on_ack(seq)) {
+                    self.protocol_error(
+                        now,
+                        format!("ACK {} beyond the last sent sequence {}", e.acked, e.sent),
+                    );
+                    return;
+                }
+            }
+            Frame::Data(_) => {
+                self.protocol_error(
+                    now,
+                    "DATA on a session connection (SEQ_DATA expected)".into(),
+                );
+                return;
             }
             Frame::Ping(n) => {
                 codec::encode(&Frame::Pong(n), &mut self.out);
@@ -567,7 +767,12 @@ impl Conn {
         if let Some(h) = self.handshake_deadline {
             return Some(h);
         }
-        self.liveness.as_ref().and_then(|l| l.poll_timeout())
+        let live = self.liveness.as_ref().and_then(|l| l.poll_timeout());
+        let ack = self.session.as_ref().and_then(|s| s.poll_timeout());
+        match (live, ack) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Acts on whatever is due at `now`. Harmless when nothing is.
@@ -597,10 +802,48 @@ impl Conn {
             }
             return;
         }
+        self.send_due_ack(now);
         if let Some(l) = &mut self.liveness {
             l.handle_timeout(now);
         }
         self.drain_liveness(now);
+    }
+
+    /// Client: the WELCOME arrived; set up, resume or lose the session.
+    fn client_session(&mut self, now: Instant, grant: Option<codec::SessionGrant>) {
+        match (grant, self.session.take()) {
+            (Some(g), Some(mut s)) if g.resumed && g.session_id == s.id() => {
+                match s.resume(g.last_received) {
+                    Ok(n) => {
+                        // Our acknowledgements may have died with the old connection.
+                        if let Some(a) = s.poll_ack(now, true) {
+                            codec::encode(&Frame::Ack(a), &mut self.out);
+                        }
+                        self.events.push_back(ConnEvent::Resumed { replayed: n });
+                        self.session = Some(s);
+                        self.pump_session(now);
+                    }
+                    Err(e) => {
+                        self.session = Some(s);
+                        let why = format!(
+                            "server resumed from {} but only {} were sent",
+                            e.acked, e.sent
+                        );
+                        self.protocol_error(now, why);
+                    }
+                }
+            }
+            (grant, old) => {
+                if let Some(old) = old {
+                    self.events.push_back(ConnEvent::SessionLost {
+                        unacked: old.unacked_range(),
+                    });
+                }
+                if let Some(g) = grant.filter(|_| self.want_session) {
+                    self.session = Some(Session::new(g.session_id, g.token, self.cfg.session));
+                }
+            }
+        }
     }
 
     fn drain_liveness(&mut self, now: Instant) {

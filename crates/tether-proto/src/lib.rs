@@ -25,10 +25,12 @@ pub mod codec;
 pub mod conn;
 pub mod duration;
 pub mod liveness;
+pub mod plan;
 pub mod policy;
 pub mod presence;
 pub mod presets;
 pub mod reason;
+pub mod session;
 
 pub use codec::{Frame, Hello, Welcome};
 pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, Role, TransportError};

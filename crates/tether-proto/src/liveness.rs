@@ -17,6 +17,9 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// Heartbeats tolerated within any window of 4 agreed intervals (twice the agreed rate).
+const FLOOD_LIMIT: usize = 8;
+
 /// Settings for one connection's liveness engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LivenessConfig {
@@ -132,8 +135,12 @@ pub struct Liveness {
     outstanding_ping: Option<(u64, Instant)>,
     next_nonce: u64,
     srtt: Option<Duration>,
-    hb_window_start: Instant,
-    hb_count: u32,
+    /// Arrival instants of the last `FLOOD_LIMIT` heartbeats (a ring; no heap).
+    hb_ring: [Instant; FLOOD_LIMIT],
+    /// Next slot to write; once the ring is full, the oldest arrival.
+    hb_next: usize,
+    /// Slots filled so far (up to `FLOOD_LIMIT`).
+    hb_filled: usize,
     events: VecDeque<LivenessEvent>,
     heartbeats_sent: u64,
     heartbeats_received: u64,
@@ -154,8 +161,9 @@ impl Liveness {
             outstanding_ping: None,
             next_nonce: 1,
             srtt: None,
-            hb_window_start: now,
-            hb_count: 0,
+            hb_ring: [now; FLOOD_LIMIT],
+            hb_next: 0,
+            hb_filled: 0,
             events: VecDeque::new(),
             heartbeats_sent: 0,
             heartbeats_received: 0,
@@ -187,19 +195,22 @@ impl Liveness {
             return;
         };
         let window = h * 4;
-        if now.saturating_duration_since(self.hb_window_start) >= window {
-            self.hb_window_start = now;
-            self.hb_count = 0;
-        }
-        self.hb_count += 1;
-        if self.hb_count > 8 {
+        // Sliding window: a flood is the (FLOOD_LIMIT + 1)-th heartbeat arriving less than
+        // `window` after the oldest of the previous FLOOD_LIMIT.
+        if self.hb_filled == FLOOD_LIMIT
+            && now.saturating_duration_since(self.hb_ring[self.hb_next]) < window
+        {
             self.events.push_back(LivenessEvent::HeartbeatFlood {
-                count: self.hb_count,
+                count: FLOOD_LIMIT as u32 + 1,
                 window,
             });
-            self.hb_count = 0;
-            self.hb_window_start = now;
+            self.hb_filled = 0;
+            self.hb_next = 0;
+            return;
         }
+        self.hb_ring[self.hb_next] = now;
+        self.hb_next = (self.hb_next + 1) % FLOOD_LIMIT;
+        self.hb_filled = (self.hb_filled + 1).min(FLOOD_LIMIT);
     }
 
     /// A frame (of any kind) was queued for sending: postpones the next heartbeat.

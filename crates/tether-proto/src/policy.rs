@@ -353,21 +353,27 @@ impl Policy {
         let h = self.heartbeat_interval;
         let mut out = Vec::new();
 
-        let mut bounds = vec![format!("detect_within/3 = {}", Human(d_w / 3))];
+        // Bounds are shown to the millisecond: "3.333s", not "3.333333333s".
+        let approx = |d: Duration| Human(Duration::from_millis(d.as_millis() as u64));
+        let mut bounds = vec![format!("detect_within/3 = {}", approx(d_w / 3))];
         if d_w < Duration::from_millis(300) {
             bounds.push(format!(
                 "(detect_within − 100ms)/2 = {}",
-                Human(d_w.saturating_sub(MIN_MARGIN) / 2)
+                approx(d_w.saturating_sub(MIN_MARGIN) / 2)
             ));
         }
         if let Some(p) = self.path_timeout {
-            bounds.push(format!("path/3 = {}", Human(p / 3)));
+            bounds.push(format!("path/3 = {}", approx(p / 3)));
         }
         let derived_h = derive_heartbeat(self.dead_after, self.path_timeout);
         let mut why = format!(
-            "a side silent this long sends an empty frame; at most {} (rounded down) so that \
+            "a side silent this long sends an empty frame; at most {}, rounded down, so that \
              dead_after holds two heartbeats plus margin{}",
-            bounds.join(", "),
+            if bounds.len() == 1 {
+                bounds[0].clone()
+            } else {
+                format!("min({})", bounds.join(", "))
+            },
             if self.path_timeout.is_some() {
                 ", and a late heartbeat still refreshes the path's idle timer"
             } else {
@@ -464,6 +470,39 @@ impl Policy {
             ));
         }
         out
+    }
+}
+
+impl fmt::Display for Policy {
+    /// One line for logs: `heartbeat 10s, dead_after 30s, keepalive 15s+3×5s, user_timeout 30s`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "heartbeat {}, dead_after {}",
+            Human(self.heartbeat_interval),
+            Human(self.dead_after)
+        )?;
+        match self.keepalive {
+            Some(k) => write!(
+                f,
+                ", keepalive {}+{}×{}",
+                Human(k.idle),
+                k.count,
+                Human(k.interval)
+            )?,
+            None => f.write_str(", keepalive off")?,
+        }
+        match self.user_timeout {
+            Some(u) => write!(f, ", user_timeout {}", Human(u))?,
+            None => f.write_str(", user_timeout off")?,
+        }
+        if let Some(i) = self.idle_timeout {
+            write!(f, ", idle_timeout {}", Human(i))?;
+        }
+        if let Some(p) = self.ping_interval {
+            write!(f, ", ping {}", Human(p))?;
+        }
+        Ok(())
     }
 }
 
@@ -687,7 +726,7 @@ fn floor_secs(d: Duration) -> Duration {
 
 /// Keepalive in whole seconds: idle = min(D/2, P/3), interval = min((D − idle)/3, P/3),
 /// count = (D − idle)/interval, each clamped to the kernel's limits.
-fn derive_keepalive(d_w: Duration, path: Option<Duration>) -> Keepalive {
+pub(crate) fn derive_keepalive(d_w: Duration, path: Option<Duration>) -> Keepalive {
     let cap = |d: Duration| match path {
         Some(p) => d.min(p / 3),
         None => d,
@@ -933,6 +972,10 @@ mod tests {
         assert_eq!(p.user_timeout, Some(s(30)));
         assert_eq!(p.path_timeout, None);
         assert!(p.notes().is_empty(), "{:?}", p.notes());
+        assert_eq!(
+            p.to_string(),
+            "heartbeat 10s, dead_after 30s, keepalive 15s+3×5s, user_timeout 30s"
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ impl CloseCode {
     pub const SESSION_UNKNOWN: CloseCode = CloseCode(14);
     /// Refusal or close: the server refuses for an application reason.
     pub const REFUSED: CloseCode = CloseCode(15);
+    /// Refusal: the session is still attached to the previous connection, which the server
+    /// is now closing; retry the resume shortly.
+    pub const SESSION_BUSY: CloseCode = CloseCode(16);
     /// First code available to applications.
     pub const APPLICATION_MIN: CloseCode = CloseCode(1000);
 
@@ -57,6 +60,7 @@ impl CloseCode {
             13 => "handshake-timeout",
             14 => "session-unknown",
             15 => "refused",
+            16 => "session-busy",
             1000.. => "application",
             _ => "unknown",
         }

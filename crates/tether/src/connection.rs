@@ -219,8 +219,9 @@ impl Connection {
         let cfg = ConnConfig {
             max_frame_len: opts.max_frame_len,
             handshake_timeout: opts.handshake_timeout,
+            ..ConnConfig::default()
         };
-        let conn = Conn::client(now, cfg, &hello, liveness_config(&opts.policy, false));
+        let conn = Conn::client(now, cfg, &hello, liveness_config(&opts.policy, false), None);
         let (tx, rx) = oneshot::channel();
         let shared = Shared::new(Limits::default());
         let sink = ConnSink {

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tether_proto::codec::{Hello, SessionGrant};
+use tether_proto::session::Session;
 use tether_proto::{
     CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig, TransportError,
 };
@@ -153,6 +155,9 @@ pub(crate) struct Inner {
 #[derive(Debug, Default)]
 pub struct Shared {
     inner: Mutex<Inner>,
+    /// Outlives single connections (a reconnecting client's outbox): a connection's end does
+    /// not mark it done; its owner does with [`Shared::finish`].
+    pub(crate) persistent: bool,
     pub(crate) space: Notify,
     pub(crate) stats: Stats,
     pub(crate) limits: Limits,
@@ -182,6 +187,48 @@ impl Shared {
             limits,
             ..Default::default()
         })
+    }
+
+    /// A `Shared` that outlives single connections (see `persistent`).
+    pub(crate) fn persistent(limits: Limits) -> Arc<Self> {
+        Arc::new(Shared {
+            limits,
+            persistent: true,
+            ..Default::default()
+        })
+    }
+
+    /// Marks the owner finished: senders fail with `d` from now on.
+    pub(crate) fn finish(&self, d: Disconnect) {
+        let mut inner = self.lock();
+        inner.done.get_or_insert(d);
+        if let Some(w) = inner.recv.take() {
+            w.wake();
+        }
+        drop(inner);
+        self.space.notify_waiters();
+    }
+
+    /// Messages still queued (never handed to a connection), oldest first.
+    pub(crate) fn take_outbox(&self) -> Vec<Bytes> {
+        let mut inner = self.lock();
+        inner.outbox_bytes = 0;
+        let v: Vec<Bytes> = inner.outbox.drain(..).collect();
+        drop(inner);
+        self.space.notify_waiters();
+        v
+    }
+
+    /// Puts messages at the front of the outbox (they were queued before the others).
+    pub(crate) fn requeue_front(&self, msgs: Vec<Bytes>) {
+        let mut inner = self.lock();
+        for m in msgs.into_iter().rev() {
+            inner.outbox_bytes += m.len();
+            inner.outbox.push_front(m);
+        }
+        if let Some(w) = inner.driver.take() {
+            w.wake();
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -250,7 +297,7 @@ impl Shared {
 /// The server's answer to a HELLO.
 #[derive(Debug)]
 pub(crate) enum Decision {
-    Accept(LivenessConfig, Option<SessionGrant>),
+    Accept(LivenessConfig, Option<Box<(SessionGrant, Session)>>),
     Refuse(CloseCode, String),
 }
 
@@ -289,13 +336,26 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Runs one connection to its end. Returns how it ended.
+/// How a driven connection ended.
+pub(crate) struct Ended<T> {
+    /// Why, and how long the peer had been silent.
+    pub(crate) disconnect: Disconnect,
+    /// The transport, when the state machine handed it off (a probe request).
+    pub(crate) handed_off: Option<T>,
+    /// The session that ran on the connection, for the next connection.
+    pub(crate) session: Option<Session>,
+    /// Whether the handshake completed.
+    pub(crate) established: bool,
+}
+
+/// Runs one connection to its end.
 pub(crate) async fn drive<T: Transport, S: Sink>(
     mut io: T,
     mut conn: Conn,
     shared: Arc<Shared>,
     mut sink: S,
-) -> Disconnect {
+) -> Ended<T> {
+    let mut established = false;
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
     tokio::pin!(sleep);
@@ -312,6 +372,9 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
             let now = now();
             // 1. Commands from the handles.
             let paused;
+            // The length of the next outbox message when the outbox could not be drained
+            // because the transmit buffer was at its high-water mark.
+            let mut waiting_front: Option<usize> = None;
             {
                 let mut inner = shared.lock();
                 match &inner.driver {
@@ -321,21 +384,33 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                 if conn.is_established() {
                     let mut moved = false;
                     while conn.pending_transmit().len() < TRANSMIT_HIGH_WATER {
+                        // With a session, a full replay buffer leaves the message in the
+                        // outbox until the peer's ACK makes room (back-pressure, no loss).
+                        let Some(len) = inner.outbox.front().map(Bytes::len) else {
+                            break;
+                        };
+                        if !conn.can_send(len) {
+                            break;
+                        }
                         let Some(msg) = inner.outbox.pop_front() else {
                             break;
                         };
                         inner.outbox_bytes -= msg.len();
                         moved = true;
-                        if let Err(e) = conn.send(now, &msg) {
+                        if let Err(e) = conn.send_bytes(now, &msg) {
                             tracing::debug!(error = %e, "message dropped by the state machine");
                         }
                     }
                     if moved {
                         shared.space.notify_waiters();
                     }
+                    waiting_front = inner.outbox.front().map(Bytes::len);
                 }
-                if let Some((code, text)) = inner.close.take() {
-                    conn.close(now, code, &text);
+                // An orderly close goes out after the messages queued before it.
+                if inner.outbox.is_empty() || !conn.is_established() {
+                    if let Some((code, text)) = inner.close.take() {
+                        conn.close(now, code, &text);
+                    }
                 }
                 paused = inner.inbox_bytes > shared.limits.inbox_bytes;
             }
@@ -344,8 +419,10 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
             // peer), so the kernel applies back-pressure to the sender.
             let mut reads = 0;
             while !read_done && reads < READS_PER_WAKE && (!paused || conn.is_closed()) {
-                let mut buf = [0u8; READ_CHUNK];
-                let mut rb = ReadBuf::new(&mut buf);
+                // Uninitialised: zeroing 16 KiB on every read attempt (Pending ones included)
+                // was most of the driver's CPU time. `ReadBuf` tracks what was filled.
+                let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut rb = ReadBuf::uninit(&mut buf);
                 match Pin::new(&mut io).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         reads += 1;
@@ -377,7 +454,14 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
             }
 
             // 4. Events (HELLO decisions queue bytes, so before writing).
-            deliver(&mut conn, &mut sink, &shared, now, &mut result);
+            deliver(
+                &mut conn,
+                &mut sink,
+                &shared,
+                now,
+                &mut result,
+                &mut established,
+            );
 
             // 5. Write.
             let mut wrote_any = false;
@@ -400,10 +484,20 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                 last_write = Some(now);
                 let _ = Pin::new(&mut io).poll_flush(cx);
             }
-            deliver(&mut conn, &mut sink, &shared, now, &mut result);
+            deliver(
+                &mut conn,
+                &mut sink,
+                &shared,
+                now,
+                &mut result,
+                &mut established,
+            );
             shared.stats.update(&conn);
 
             // 6. Finish.
+            if conn.is_handed_off() {
+                return Poll::Ready(());
+            }
             if conn.is_closed() {
                 // Abort (RST) when the peer or the path failed: the kernel must not keep
                 // retransmitting into a dead path. Refusals and protocol errors close in order
@@ -440,8 +534,8 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                 }
                 // Keep draining reads (discarded by the closed state machine) until EOF.
                 if shut_down && !read_done {
-                    let mut buf = [0u8; READ_CHUNK];
-                    let mut rb = ReadBuf::new(&mut buf);
+                    let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                    let mut rb = ReadBuf::uninit(&mut buf);
                     match Pin::new(&mut io).poll_read(cx, &mut rb) {
                         Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(()),
                         Poll::Ready(Ok(())) => continue,
@@ -466,6 +560,17 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                     continue;
                 }
             }
+            // The socket took everything: go back for the rest of the outbox (nothing else
+            // would wake us for it).
+            if let Some(len) = waiting_front {
+                if !write_failed
+                    && !conn.is_closed()
+                    && conn.pending_transmit().len() < TRANSMIT_HIGH_WATER
+                    && conn.can_send(len)
+                {
+                    continue;
+                }
+            }
             if reads == READS_PER_WAKE {
                 cx.waker().wake_by_ref();
             }
@@ -478,14 +583,15 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
         reason: DisconnectReason::LocalClose,
         silent_for: Duration::ZERO,
     });
-    let mut inner = shared.lock();
-    inner.done.get_or_insert_with(|| d.clone());
-    if let Some(w) = inner.recv.take() {
-        w.wake();
+    if !shared.persistent {
+        shared.finish(d.clone());
     }
-    drop(inner);
-    shared.space.notify_waiters();
-    d
+    Ended {
+        disconnect: d,
+        handed_off: conn.is_handed_off().then_some(io),
+        session: conn.take_session(),
+        established,
+    }
 }
 
 fn deliver<S: Sink>(
@@ -494,24 +600,24 @@ fn deliver<S: Sink>(
     shared: &Shared,
     now: Instant,
     result: &mut Option<Disconnect>,
+    established: &mut bool,
 ) {
     while let Some(ev) = conn.poll_event() {
         match ev {
             ConnEvent::Hello(h) => match sink.hello(now, &h) {
-                Decision::Accept(cfg, session) => conn.accept(now, cfg, session),
+                Decision::Accept(cfg, session) => conn.accept(now, cfg, session.map(|b| *b)),
                 Decision::Refuse(code, text) => conn.refuse(now, code, &text),
             },
             ConnEvent::Closed(d) => {
                 *result = Some(d.clone());
-                {
-                    let mut inner = shared.lock();
-                    inner.done.get_or_insert_with(|| d.clone());
-                    if let Some(w) = inner.recv.take() {
-                        w.wake();
-                    }
+                if !shared.persistent {
+                    shared.finish(d.clone());
                 }
-                shared.space.notify_waiters();
                 sink.event(shared, ConnEvent::Closed(d));
+            }
+            ev @ ConnEvent::Established(_) => {
+                *established = true;
+                sink.event(shared, ev);
             }
             ev => sink.event(shared, ev),
         }

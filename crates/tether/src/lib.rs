@@ -19,10 +19,13 @@
 pub mod client;
 pub mod connection;
 pub mod driver;
+pub mod probe;
+pub mod proxy;
 pub mod server;
 pub mod sockopt;
+pub mod tunnel;
 
-pub use client::{Client, ClientConfig, ClientEvent, ClientSendError};
+pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
 pub use connection::{
     liveness_config, ConnectError, ConnectOptions, Connection, Disconnected, Sender,
 };

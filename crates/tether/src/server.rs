@@ -11,17 +11,19 @@
 //!
 //! Sending to a client looks it up in a sharded map (no global lock per message).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tether_proto::codec::Hello;
+use tether_proto::codec::{Hello, SessionGrant, TOKEN_LEN};
 use tether_proto::presence::{
     PresenceChange, PresenceCounts, PresenceState, Registry, RegistryConfig,
 };
+use tether_proto::session::{Session, SessionConfig};
 use tether_proto::{CloseCode, Conn, ConnConfig, ConnEvent, Disconnect, DisconnectReason, Policy};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
@@ -50,6 +52,11 @@ pub struct ServerConfig {
     pub registry: RegistryConfig,
     /// Bytes queued per client before `send` waits. Default: 1 MiB.
     pub outbox_bytes: usize,
+    /// How long a client's session is held after its connection ends, so it can resume
+    /// without losing or duplicating a message. `None` disables sessions. Default: 30 s.
+    pub session_linger: Option<Duration>,
+    /// Replay bounds and ACK timing of sessions. Default: `SessionConfig::default()`.
+    pub session: SessionConfig,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +69,8 @@ impl Default for ServerConfig {
             max_frame_len: tether_proto::codec::DEFAULT_MAX_FRAME_LEN,
             registry: RegistryConfig::default(),
             outbox_bytes: 1 << 20,
+            session_linger: Some(Duration::from_secs(30)),
+            session: SessionConfig::default(),
         }
     }
 }
@@ -92,6 +101,17 @@ impl ServerConfig {
     /// Sets the maximum frame length. Default: 1 MiB.
     pub fn max_frame_len(mut self, n: u32) -> Self {
         self.max_frame_len = n;
+        self
+    }
+    /// Sets how long sessions are held after a disconnect (`None` disables sessions).
+    /// Default: 30 s.
+    pub fn session_linger(mut self, linger: Option<Duration>) -> Self {
+        self.session_linger = linger;
+        self
+    }
+    /// Sets the session replay bounds. Default: `SessionConfig::default()`.
+    pub fn session_config(mut self, cfg: SessionConfig) -> Self {
+        self.session = cfg;
         self
     }
 }
@@ -126,6 +146,26 @@ pub enum ServerEvent {
         conn_id: u64,
         /// Why and how long it had been silent.
         disconnect: Disconnect,
+    },
+    /// A client resumed its session on a new connection; `replayed` of the server's
+    /// messages are being sent again.
+    Resumed {
+        /// Client id.
+        client_id: String,
+        /// The new connection id.
+        conn_id: u64,
+        /// Messages the server replays.
+        replayed: u64,
+    },
+    /// A client's session ended without being resumed (linger expired, or the client started
+    /// a new session): these server messages may not have been delivered.
+    SessionLost {
+        /// Client id.
+        client_id: String,
+        /// Sequence numbers sent but not acknowledged (may or may not have arrived).
+        unacked: Option<RangeInclusive<u64>>,
+        /// Messages queued for the client and never sent (certainly not delivered).
+        unsent: Vec<Bytes>,
     },
     /// A connection was refused (hello rejected, server full, handshake timeout, garbage).
     Refused {
@@ -189,6 +229,9 @@ pub enum SendError {
     /// No open connection for this client id.
     #[error("client {0:?} is not connected")]
     NotConnected(String),
+    /// The client is resuming and its backlog is full.
+    #[error("client {0:?} is resuming and its backlog is full")]
+    Backlogged(String),
     /// The connection ended while sending.
     #[error("connection to {client_id:?} ended: {reason}")]
     Disconnected {
@@ -226,6 +269,29 @@ struct Inner {
     open: AtomicUsize,
     next_conn_id: AtomicU64,
     totals: Totals,
+    sessions: Mutex<HashMap<String, SessionSlot>>,
+    next_session_id: AtomicU64,
+}
+
+/// A client's session as the server keeps it.
+struct SessionSlot {
+    id: u64,
+    token: [u8; TOKEN_LEN],
+    /// The connection the session is attached to (or was, while held).
+    conn_id: u64,
+    /// The session while no connection runs it (Resuming).
+    held: Option<Session>,
+    /// Messages for the client queued while it was resuming (never sent yet).
+    pending: VecDeque<Bytes>,
+    pending_bytes: usize,
+}
+
+fn random_token() -> [u8; TOKEN_LEN] {
+    let mut t = [0u8; TOKEN_LEN];
+    // The OS random source is required for unguessable tokens; without it, refuse to run
+    // sessions rather than hand out predictable ones.
+    getrandom::getrandom(&mut t).expect("the OS random source is unavailable");
+    t
 }
 
 /// Wake-ups for the registry's expiry task, kept outside `Inner` so the task can wait on them
@@ -265,12 +331,42 @@ impl Inner {
     fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
         let mut reg = lock(&self.registry);
         let r = f(&mut reg);
-        while let Some(ch) = reg.poll_change() {
-            let _ = self.presence_tx.send(ch);
-        }
+        let changes: Vec<PresenceChange> = std::iter::from_fn(|| reg.poll_change()).collect();
         drop(reg);
+        self.publish(changes);
         self.signals.registry_changed.notify_one();
         r
+    }
+
+    /// Publishes presence changes; a hold that ran out (Resuming → Offline) ends its session.
+    fn publish(&self, changes: Vec<PresenceChange>) {
+        for ch in changes {
+            if matches!(ch.from, Some(PresenceState::Resuming { .. }))
+                && matches!(ch.to, PresenceState::Offline { .. })
+            {
+                self.expire_session(&ch.id);
+            }
+            let _ = self.presence_tx.send(ch);
+        }
+    }
+
+    /// Drops a held session whose linger ended and tells the application what was lost.
+    fn expire_session(&self, id: &str) {
+        let slot = {
+            let mut sessions = lock(&self.sessions);
+            match sessions.get(id) {
+                Some(slot) if slot.held.is_some() => sessions.remove(id),
+                _ => None,
+            }
+        };
+        if let Some(mut slot) = slot {
+            let unacked = slot.held.take().and_then(|s| s.unacked_range());
+            let _ = self.events.send(ServerEvent::SessionLost {
+                client_id: id.to_owned(),
+                unacked,
+                unsent: slot.pending.into_iter().collect(),
+            });
+        }
     }
 }
 
@@ -319,6 +415,8 @@ impl Server {
             open: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             totals: Totals::default(),
+            sessions: Mutex::new(HashMap::new()),
+            next_session_id: AtomicU64::new(1),
         });
         let accept = tokio::spawn(accept_loop(listener, inner.clone()));
         tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));
@@ -381,15 +479,50 @@ impl ServerHandle {
             .map(|l| l.shared.clone())
     }
 
-    /// Sends `msg` to `client_id`, waiting while its outbox is full.
+    /// Sends `msg` to `client_id`, waiting while its outbox is full. While the client is
+    /// resuming, the message is queued (bounded by `outbox_bytes`) and sent after the resume.
     pub async fn send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
-        let shared = self
-            .live(client_id)
-            .ok_or_else(|| SendError::NotConnected(client_id.to_owned()))?;
-        shared.send(msg).await.map_err(|d| SendError::Disconnected {
-            client_id: client_id.to_owned(),
-            reason: d.reason,
-        })
+        // A session client may be between connections: its old connection ending, its
+        // session about to be held. Retry for that short window instead of failing.
+        let mut waited = Duration::ZERO;
+        loop {
+            let attached = match self.live(client_id) {
+                Some(shared) => match shared.send(msg.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(d) => {
+                        if !lock(&self.inner.sessions).contains_key(client_id) {
+                            return Err(SendError::Disconnected {
+                                client_id: client_id.to_owned(),
+                                reason: d.reason,
+                            });
+                        }
+                        true
+                    }
+                },
+                None => {
+                    let mut sessions = lock(&self.inner.sessions);
+                    match sessions.get_mut(client_id) {
+                        Some(slot) if slot.held.is_some() => {
+                            if slot.pending_bytes + msg.len() > self.inner.cfg.outbox_bytes {
+                                return Err(SendError::Backlogged(client_id.to_owned()));
+                            }
+                            slot.pending_bytes += msg.len();
+                            slot.pending.push_back(msg);
+                            return Ok(());
+                        }
+                        Some(_) => true,
+                        None => return Err(SendError::NotConnected(client_id.to_owned())),
+                    }
+                }
+            };
+            // The session is attached to a connection that is ending (or starting): wait.
+            if attached && waited < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                waited += Duration::from_millis(1);
+                continue;
+            }
+            return Err(SendError::NotConnected(client_id.to_owned()));
+        }
     }
 
     /// Queues `msg` to every connected client without waiting; returns how many took it
@@ -558,20 +691,34 @@ async fn run_connection(stream: TcpStream, remote: SocketAddr, inner: Arc<Inner>
     let cfg = ConnConfig {
         max_frame_len: inner.cfg.max_frame_len,
         handshake_timeout: inner.cfg.handshake_timeout,
+        session: inner.cfg.session,
     };
     let conn = Conn::server(now, cfg);
     let shared = Shared::new(Limits {
         outbox_bytes: inner.cfg.outbox_bytes,
         inbox_bytes: usize::MAX,
     });
+    let tag = Arc::new(Mutex::new(Tag::default()));
     let sink = ServerSink {
         inner: inner.clone(),
         conn_id,
         remote,
         client_id: None,
+        session_id: None,
         shared: shared.clone(),
+        tag: tag.clone(),
     };
-    driver::drive(stream, conn, shared.clone(), sink).await;
+    let ended = driver::drive(stream, conn, shared.clone(), sink).await;
+    let tag = std::mem::take(&mut *lock(&tag));
+    if let Some(stream) = ended.handed_off {
+        // A `tether probe` connection: the PROBE frame was its first frame.
+        if let Some(req) = tag.probe {
+            crate::probe::respond(stream, req).await;
+        }
+    }
+    if let (Some(session), Some(id), Some(d)) = (ended.session, tag.client_id, tag.closed) {
+        hold_session(&inner, &id, conn_id, session, &shared, d);
+    }
     // Fold this connection's counters into the totals.
     let s = shared.stats.snapshot();
     let t = &inner.totals;
@@ -582,21 +729,210 @@ async fn run_connection(stream: TcpStream, remote: SocketAddr, inner: Arc<Inner>
     inner.open.fetch_sub(1, Relaxed);
 }
 
+/// A session connection ended: hold its session for `session_linger` (the client shows
+/// `Resuming`), unless a newer session replaced it, in which case its losses are reported.
+fn hold_session(
+    inner: &Inner,
+    id: &str,
+    conn_id: u64,
+    session: Session,
+    shared: &Shared,
+    d: Disconnect,
+) {
+    let now = now();
+    let unsent = shared.take_outbox();
+    let linger = inner.cfg.session_linger.unwrap_or_default();
+    // An orderly end (the client said goodbye, or this server closed it) ends the session:
+    // nobody will resume it, so it is not held.
+    let finished = matches!(
+        d.reason,
+        DisconnectReason::PeerClose {
+            code: CloseCode::NORMAL,
+            ..
+        } | DisconnectReason::LocalClose
+    );
+    let held = {
+        let mut sessions = lock(&inner.sessions);
+        match sessions.get_mut(id) {
+            Some(slot) if finished && slot.id == session.id() && slot.conn_id == conn_id => {
+                sessions.remove(id);
+                Some(session)
+            }
+            Some(slot)
+                if slot.id == session.id() && slot.conn_id == conn_id && slot.held.is_none() =>
+            {
+                slot.pending_bytes += unsent.iter().map(Bytes::len).sum::<usize>();
+                for m in unsent.iter().rev() {
+                    slot.pending.push_front(m.clone());
+                }
+                slot.held = Some(session);
+                None
+            }
+            _ => Some(session),
+        }
+    };
+    match held {
+        None => {
+            inner.with_registry(|r| {
+                r.disconnected(
+                    now,
+                    id,
+                    conn_id,
+                    d.reason.clone(),
+                    d.silent_for,
+                    Some(now + linger),
+                )
+            });
+        }
+        Some(session) => {
+            // Finished, or replaced by a newer session: nothing will resume this one. Report
+            // whatever it leaves undelivered (nothing, after a clean goodbye).
+            inner.with_registry(|r| {
+                r.disconnected(now, id, conn_id, d.reason.clone(), d.silent_for, None)
+            });
+            let unacked = session.unacked_range();
+            if !(finished && unacked.is_none() && unsent.is_empty()) {
+                let _ = inner.events.send(ServerEvent::SessionLost {
+                    client_id: id.to_owned(),
+                    unacked,
+                    unsent,
+                });
+            }
+        }
+    }
+}
+
+/// What a connection task learns that its owner needs after the task ends.
+#[derive(Default)]
+struct Tag {
+    client_id: Option<String>,
+    probe: Option<Bytes>,
+    /// Set for session connections: the registry update waits until the session is held.
+    closed: Option<Disconnect>,
+}
+
 struct ServerSink {
     inner: Arc<Inner>,
     conn_id: u64,
     remote: SocketAddr,
     client_id: Option<String>,
+    session_id: Option<u64>,
     shared: Arc<Shared>,
+    tag: Arc<Mutex<Tag>>,
 }
 
 fn valid_client_id(id: &str) -> bool {
     !id.is_empty() && !id.chars().any(|c| c.is_control())
 }
 
+impl ServerSink {
+    /// Decides the session part of a HELLO: `Ok(None)` without a session, `Ok(Some(..))` with
+    /// a new or resumed one, `Err` for a refusal.
+    fn session_for(
+        &mut self,
+        hello: &Hello,
+    ) -> Result<Option<(SessionGrant, Session)>, (CloseCode, String)> {
+        let inner = &self.inner;
+        let Some(linger) = inner.cfg.session_linger else {
+            if hello.resume.is_some() {
+                return Err((
+                    CloseCode::SESSION_UNKNOWN,
+                    "sessions are disabled on this server".into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let id = &hello.client_id;
+        if let Some(r) = &hello.resume {
+            let mut sessions = lock(&inner.sessions);
+            let Some(slot) = sessions.get_mut(id) else {
+                return Err((
+                    CloseCode::SESSION_UNKNOWN,
+                    "unknown or expired session".into(),
+                ));
+            };
+            // The token is compared in constant time, and before anything else is revealed.
+            let token_ok = bool::from(subtle::ConstantTimeEq::ct_eq(&slot.token[..], &r.token[..]));
+            if !token_ok || slot.id != r.session_id {
+                return Err((
+                    CloseCode::SESSION_UNKNOWN,
+                    "unknown or expired session".into(),
+                ));
+            }
+            let Some(session) = slot.held.take() else {
+                // Still attached to the previous connection (the server has not noticed its
+                // death yet): close it; the client retries and finds the session held.
+                if let Some(live) = lock(inner.shard(id))
+                    .get(id)
+                    .filter(|l| l.conn_id == slot.conn_id)
+                {
+                    live.shared
+                        .close(CloseCode::REPLACED, "session resumed on a newer connection");
+                }
+                return Err((
+                    CloseCode::SESSION_BUSY,
+                    "session still attached to the previous connection; retry".into(),
+                ));
+            };
+            slot.conn_id = self.conn_id;
+            slot.pending_bytes = 0;
+            let pending: Vec<Bytes> = slot.pending.drain(..).collect();
+            drop(sessions);
+            self.shared.requeue_front(pending);
+            self.session_id = Some(session.id());
+            let grant = SessionGrant {
+                session_id: session.id(),
+                token: *session.token(),
+                resumed: true,
+                last_received: session.last_received(),
+                linger,
+            };
+            return Ok(Some((grant, session)));
+        }
+        if !hello.want_session {
+            return Ok(None);
+        }
+        let session_id = inner.next_session_id.fetch_add(1, Relaxed);
+        let token = random_token();
+        let old = lock(&inner.sessions).insert(
+            id.clone(),
+            SessionSlot {
+                id: session_id,
+                token,
+                conn_id: self.conn_id,
+                held: None,
+                pending: VecDeque::new(),
+                pending_bytes: 0,
+            },
+        );
+        if let Some(mut old) = old {
+            // The client started over: a held session of its will never resume.
+            if let Some(s) = old.held.take() {
+                let _ = inner.events.send(ServerEvent::SessionLost {
+                    client_id: id.clone(),
+                    unacked: s.unacked_range(),
+                    unsent: old.pending.into_iter().collect(),
+                });
+            }
+        }
+        self.session_id = Some(session_id);
+        let grant = SessionGrant {
+            session_id,
+            token,
+            resumed: false,
+            last_received: 0,
+            linger,
+        };
+        Ok(Some((
+            grant,
+            Session::new(session_id, token, inner.cfg.session),
+        )))
+    }
+}
+
 impl Sink for ServerSink {
     fn hello(&mut self, now: Instant, hello: &Hello) -> Decision {
-        let inner = &self.inner;
+        let inner = self.inner.clone();
         if !valid_client_id(&hello.client_id) {
             return Decision::Refuse(
                 CloseCode::BAD_HELLO,
@@ -612,6 +948,10 @@ impl Sink for ServerSink {
                 ),
             );
         }
+        let session = match self.session_for(hello) {
+            Ok(s) => s,
+            Err((code, text)) => return Decision::Refuse(code, text),
+        };
         let id = hello.client_id.clone();
         // Register the new connection first, then close the one it replaces.
         let old = lock(inner.shard(&id)).insert(
@@ -635,8 +975,12 @@ impl Sink for ServerSink {
             conn_id: self.conn_id,
             replaced,
         });
+        lock(&self.tag).client_id = Some(id.clone());
         self.client_id = Some(id);
-        Decision::Accept(liveness_config(&inner.cfg.policy, true), None)
+        Decision::Accept(
+            liveness_config(&inner.cfg.policy, true),
+            session.map(Box::new),
+        )
     }
 
     fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
@@ -662,6 +1006,15 @@ impl Sink for ServerSink {
                     inner.with_registry(|r| r.recovered(now, id, self.conn_id));
                 }
             }
+            ConnEvent::Resumed { replayed } => {
+                if let Some(id) = &self.client_id {
+                    let _ = inner.events.send(ServerEvent::Resumed {
+                        client_id: id.clone(),
+                        conn_id: self.conn_id,
+                        replayed,
+                    });
+                }
+            }
             ConnEvent::Closed(d) => {
                 if let Some(i) = DisconnectReason::LABELS
                     .iter()
@@ -677,17 +1030,22 @@ impl Sink for ServerSink {
                                 shard.remove(id);
                             }
                         }
-                        let now = now();
-                        inner.with_registry(|r| {
-                            r.disconnected(
-                                now,
-                                id,
-                                self.conn_id,
-                                d.reason.clone(),
-                                d.silent_for,
-                                None,
-                            )
-                        });
+                        if self.session_id.is_some() {
+                            // Presence waits until the session is held (after the task ends).
+                            lock(&self.tag).closed = Some(d.clone());
+                        } else {
+                            let now = now();
+                            inner.with_registry(|r| {
+                                r.disconnected(
+                                    now,
+                                    id,
+                                    self.conn_id,
+                                    d.reason.clone(),
+                                    d.silent_for,
+                                    None,
+                                )
+                            });
+                        }
                         let _ = inner.events.send(ServerEvent::Disconnected {
                             client_id: id.clone(),
                             conn_id: self.conn_id,
@@ -703,10 +1061,11 @@ impl Sink for ServerSink {
                     }
                 }
             }
+            ConnEvent::Probe(body) => lock(&self.tag).probe = Some(body),
             ConnEvent::Hello(_)
             | ConnEvent::Established(_)
-            | ConnEvent::Probe(_)
-            | ConnEvent::Rtt { .. } => {}
+            | ConnEvent::Rtt { .. }
+            | ConnEvent::SessionLost { .. } => {}
         }
     }
 }
@@ -723,10 +1082,11 @@ async fn expiry_loop(inner: std::sync::Weak<Inner>, signals: Arc<Signals>) {
             let now = now();
             let mut reg = lock(&strong.registry);
             reg.handle_timeout(now);
-            while let Some(ch) = reg.poll_change() {
-                let _ = strong.presence_tx.send(ch);
-            }
-            reg.poll_timeout()
+            let changes: Vec<PresenceChange> = std::iter::from_fn(|| reg.poll_change()).collect();
+            let next = reg.poll_timeout();
+            drop(reg);
+            strong.publish(changes);
+            next
         };
         let sleep = async {
             match next {

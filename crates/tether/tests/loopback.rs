@@ -199,3 +199,34 @@ async fn oversize_frame_is_protocol_error_before_allocation() {
         other => panic!("expected protocol error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_burst_larger_than_the_transmit_high_water_mark_flows_without_waiting_for_a_timer() {
+    // Regression: the driver stopped moving queued messages once 256 KiB were pending and only
+    // resumed at the next timer (a heartbeat, 10 s here). 20,000 × 64 B is ~1.4 MB.
+    let policy = tether::Policy::default();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p = policy.clone();
+    let server = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (mut conn, _) = Connection::accept(s, &p).await.unwrap();
+        let mut n = 0;
+        while n < 20_000 {
+            conn.recv().await.unwrap();
+            n += 1;
+        }
+        n
+    });
+    let c = Connection::connect(addr, "burst", &policy).await.unwrap();
+    let t0 = Instant::now();
+    for _ in 0..20_000 {
+        c.send(Bytes::from_static(&[7u8; 64])).await.unwrap();
+    }
+    let n = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("stalled until a timer")
+        .unwrap();
+    assert_eq!(n, 20_000);
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}

@@ -1,0 +1,265 @@
+//! `tether lab`: reproduce middlebox failures in network namespaces and compare detection
+//! methods side by side (needs root, nftables, conntrack, iproute2). The work happens in the
+//! `tether-lab` crate; this module parses arguments, shows progress and writes reports.
+//!
+//! Exit codes: 0 every check passed; 1 the lab could not run (not root, tool missing, …);
+//! 2 bad arguments; 4 a check failed (a tether side outside its bound + 25%, a death reported
+//! on the healthy control, or a run that errored).
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use tether_lab::{report, Cell, Fault, Lab, Method, PeerCommand, Progress, Scale, Shape};
+
+/// Arguments of `tether lab`.
+#[derive(Args, Debug)]
+pub(crate) struct LabArgs {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum LabCommand {
+    /// List the faults (with what they model), methods and topologies.
+    List,
+    /// Run one fault with one method and print what each side experienced.
+    Run {
+        /// The fault (see `tether lab list`).
+        #[arg(value_parser = parse::<Fault>)]
+        fault: Fault,
+        /// The detection method.
+        #[arg(long, short, value_parser = parse::<Method>, default_value = "tether")]
+        method: Method,
+        /// The topology.
+        #[arg(long, short, value_parser = parse::<Shape>, default_value = "outbound-nat")]
+        topology: Shape,
+        /// Write the result as JSON (one object per side) to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        scale: ScaleArgs,
+    },
+    /// Run every fault × method × topology with bounded parallelism and print the table.
+    Matrix {
+        /// Runs at once (most of a run is waiting, so more than the core count is fine).
+        #[arg(long, short, default_value_t = 16)]
+        jobs: usize,
+        /// Only these faults (repeatable). Default: all.
+        #[arg(long = "fault", value_parser = parse::<Fault>)]
+        faults: Vec<Fault>,
+        /// Only these methods (repeatable). Default: all.
+        #[arg(long = "method", value_parser = parse::<Method>)]
+        methods: Vec<Method>,
+        /// Only these topologies (repeatable). Default: both.
+        #[arg(long = "topology", value_parser = parse::<Shape>)]
+        topologies: Vec<Shape>,
+        /// Write one JSON object per cell and side to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write matrix.md (table) and matrix.svg (chart) into this directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        scale: ScaleArgs,
+    },
+    /// One side of a lab connection in its own process (used by process-crash).
+    #[command(hide = true)]
+    Peer {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The lab's time scale.
+#[derive(Args, Debug)]
+struct ScaleArgs {
+    /// The router's idle timeout in whole seconds.
+    #[arg(long, default_value_t = 4)]
+    middlebox_timeout: u64,
+    /// The detection bound every method is configured for, in seconds.
+    #[arg(long, default_value_t = 3.0)]
+    bound: f64,
+    /// How long to wait before reporting "not detected", in seconds.
+    #[arg(long, default_value_t = 12.0)]
+    cap: f64,
+    /// One lab second stands for this many real seconds (for the printed scale only).
+    #[arg(long, default_value_t = 60)]
+    scale_factor: u32,
+}
+
+impl ScaleArgs {
+    fn scale(&self) -> anyhow::Result<Scale> {
+        let secs = |what: &str, v: f64| {
+            Duration::try_from_secs_f64(v)
+                .with_context(|| format!("invalid value for --{what}: {v}"))
+        };
+        let scale = Scale {
+            factor: self.scale_factor,
+            middlebox_timeout: Duration::from_secs(self.middlebox_timeout),
+            bound: secs("bound", self.bound)?,
+            cap: secs("cap", self.cap)?,
+        };
+        scale
+            .validate()
+            .context("invalid value for the lab scale")?;
+        Ok(scale)
+    }
+}
+
+fn or_all<T: Copy>(chosen: Vec<T>, all: &[T]) -> Vec<T> {
+    if chosen.is_empty() {
+        all.to_vec()
+    } else {
+        chosen
+    }
+}
+
+fn parse<T: std::str::FromStr<Err = tether_lab::LabError>>(s: &str) -> Result<T, String> {
+    s.parse::<T>().map_err(|e| e.to_string())
+}
+
+fn lab(scale: Scale) -> anyhow::Result<Lab> {
+    let exe = std::env::current_exe().context("cannot find the tether executable")?;
+    let lab = Lab::new(scale).peer(PeerCommand::new(exe, &["lab", "peer"]));
+    lab.check()?;
+    Ok(lab)
+}
+
+/// Runs `tether lab`.
+pub(crate) fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        LabCommand::List => {
+            list();
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Peer { args } => Ok(tether_lab::peer_main(&args)),
+        LabCommand::Run {
+            fault,
+            method,
+            topology,
+            json,
+            scale,
+        } => {
+            let scale = scale.scale()?;
+            let lab = lab(scale)?;
+            println!("{}", scale.describe());
+            let cell = Cell {
+                fault,
+                method,
+                shape: topology,
+            };
+            eprintln!("running {cell} …");
+            let result = lab.run_cell(cell)?;
+            let bound = result
+                .bound
+                .map(|b| format!("{:.1}s", b.as_secs_f64()))
+                .unwrap_or_else(|| "none".into());
+            println!("{cell}  (bound {bound})");
+            for role in [tether_lab::Role::Client, tether_lab::Role::Server] {
+                println!("  {role:<6}  {}", report::short(result.side(role)));
+            }
+            let results = [result];
+            if let Some(path) = json {
+                report::write_json(&results, &scale, &path)?;
+            }
+            Ok(checks(&results))
+        }
+        LabCommand::Matrix {
+            jobs,
+            faults,
+            methods,
+            topologies,
+            json,
+            out,
+            scale,
+        } => {
+            let scale = scale.scale()?;
+            let lab = lab(scale)?;
+            let cells = tether_lab::cells(
+                &or_all(faults, &Fault::ALL),
+                &or_all(methods, &Method::ALL),
+                &or_all(topologies, &Shape::ALL),
+            );
+            println!("{}", scale.describe());
+            let started = Instant::now();
+            let tty = std::io::stderr().is_terminal();
+            let progress = |p: &Progress| {
+                let mut err = std::io::stderr().lock();
+                let line = format!(
+                    "[{:>3}/{} {:>4.0}s] {}",
+                    p.done,
+                    p.total,
+                    p.elapsed.as_secs_f64(),
+                    p.cell
+                );
+                let _ = if tty {
+                    write!(err, "\r\x1b[2K{line}")
+                } else {
+                    writeln!(err, "{line}")
+                };
+                let _ = err.flush();
+            };
+            let results = lab.run_matrix(&cells, jobs, &progress)?;
+            let wall = started.elapsed();
+            if tty {
+                eprintln!();
+            }
+            print!("{}", report::text_table(&results, &scale));
+            println!("\n{}", report::LEGEND);
+            println!(
+                "\n{} cells, wall time {:.0} s ({} jobs)",
+                results.len(),
+                wall.as_secs_f64(),
+                jobs
+            );
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            if let Some(path) = json {
+                report::write_json(&results, &scale, &path)?;
+                println!("wrote {}", path.display());
+            }
+            if let Some(dir) = out {
+                report::write_dir(&results, &scale, &dir, &command, wall)?;
+                println!("wrote {}/matrix.md and matrix.svg", dir.display());
+            }
+            Ok(checks(&results))
+        }
+    }
+}
+
+/// Prints the checks and returns the exit code (0 passed, 4 failed).
+fn checks(results: &[tether_lab::CellResult]) -> ExitCode {
+    let failures = report::check(results);
+    if failures.is_empty() {
+        println!("checks passed: tether within its bound + 25% (or survived); no death on the healthy control");
+        ExitCode::SUCCESS
+    } else {
+        println!("CHECKS FAILED:");
+        for f in &failures {
+            println!("  {f}");
+        }
+        ExitCode::from(4)
+    }
+}
+
+fn list() {
+    println!("faults:");
+    for f in Fault::ALL {
+        println!("  {:<14} {}", f.name(), f.models());
+        if f != Fault::None {
+            println!("  {:<14} source: {}", "", f.source());
+        }
+    }
+    println!("\nmethods:");
+    for m in Method::ALL {
+        println!("  {:<14} {}", m.name(), m.describe());
+    }
+    println!("\ntopologies:");
+    for s in Shape::ALL {
+        println!("  {:<14} {}", s.name(), s.describe());
+    }
+    println!("\ndefault {}", Scale::default().describe());
+}

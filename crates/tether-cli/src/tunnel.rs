@@ -1,0 +1,460 @@
+//! `tether tunnel entry|exit`: carry an unmodified program's TCP connections across a path
+//! that breaks (see `tether::tunnel` and docs/TUNNEL.md).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use tether::tunnel::{EntryConfig, ExitConfig, TunnelEvent};
+use tether::ServerConfig;
+use tether_proto::duration::Human;
+use tether_proto::policy::Policy;
+use tether_proto::presets::PathSpec;
+use tether_proto::session::SessionConfig;
+
+use crate::config::{parse_addr, parse_bytes, parse_duration, Layers};
+use crate::log;
+
+/// Keys common to both sides (flags, `TETHER_<KEY>`, TOML).
+const COMMON_KEYS: &[&str] = &[
+    "listen",
+    "detect_within",
+    "path",
+    "heartbeat",
+    "session_linger",
+    "replay_buffer",
+];
+
+/// `tether tunnel --help`: wired in main.rs with `#[command(long_about = tunnel::LONG_ABOUT)]`.
+pub(crate) const LONG_ABOUT: &str = "\
+Carry a program's TCP connections across a path that breaks.
+
+A pair: `tether tunnel entry` runs next to the program that connects (and cannot be changed),
+`tether tunnel exit` runs next to the server it connects to. The program connects to the entry
+instead of the server; each of its connections becomes one tether session to the exit, which
+opens a connection to the target for it. Between the two the tether protocol runs with
+heartbeats and resumable sessions:
+
+  - the path breaks and comes back within --session-linger: the program's connections stay
+    open, and no byte is lost, duplicated or reordered;
+  - it stays down longer: both application connections are reset (RST);
+  - a half-close (EOF) is forwarded as a half-close, a reset as a reset.
+
+Both sides log every tunnelled connection (open, path-down, path-up, close with the reason and
+the bytes moved) on stderr.
+
+Settings come from flags, then TETHER_<KEY> environment variables (e.g.
+TETHER_SESSION_LINGER=60s), then a TOML file given with --config (keys as the long flags), then
+defaults.
+
+Examples:
+  tether tunnel exit  --listen 0.0.0.0:7400 --target 127.0.0.1:1883
+  tether tunnel entry --listen 127.0.0.1:1883 --relay broker.example:7400 --path aws-nat-gw";
+
+/// Carry a program's TCP connections across a path that breaks (entry and exit).
+#[derive(Args, Debug)]
+pub(crate) struct TunnelArgs {
+    #[command(subcommand)]
+    side: Side,
+}
+
+#[derive(Subcommand, Debug)]
+enum Side {
+    /// Accept the program's connections and carry each one to the exit.
+    Entry(EntryArgs),
+    /// Accept tunnels from entries and connect each one to the target.
+    Exit(ExitArgs),
+}
+
+/// Flags of both sides.
+#[derive(Args, Debug)]
+struct Common {
+    /// Notice a silent path within this long (e.g. 10s, 500ms). [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    detect_within: Option<String>,
+    /// Idle timeout of the path between entry and exit: a preset name (`tether plan --list`)
+    /// or seconds. Heartbeats and keepalive are kept well under it.
+    #[arg(long, value_name = "PRESET|SECONDS")]
+    path: Option<String>,
+    /// Override the derived heartbeat interval (must stay valid for --detect-within and --path).
+    #[arg(long, value_name = "DURATION")]
+    heartbeat: Option<String>,
+    /// Longest outage ridden out; past it both application connections are reset. The entry
+    /// uses the smaller of its own and the exit's. [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    session_linger: Option<String>,
+    /// Unacknowledged bytes kept per connection for replay after a reconnect. [default: 4MiB]
+    #[arg(long, value_name = "BYTES")]
+    replay_buffer: Option<String>,
+    /// TOML file with any of these settings.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct EntryArgs {
+    /// Address the program connects to instead of its server.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Address of `tether tunnel exit`.
+    #[arg(long, value_name = "ADDR")]
+    relay: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct ExitArgs {
+    /// Address entries connect to.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// The program's real server: every tunnelled connection is connected here.
+    #[arg(long, value_name = "ADDR")]
+    target: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Policy, linger and session bounds, resolved.
+struct Shared {
+    policy: Policy,
+    linger: Duration,
+    session: SessionConfig,
+}
+
+fn keys(extra: &'static str) -> Vec<&'static str> {
+    let mut k = COMMON_KEYS.to_vec();
+    k.push(extra);
+    k
+}
+
+fn resolve_common(l: &Layers, c: &Common) -> Result<Shared> {
+    let detect = l
+        .get("detect_within", c.detect_within.as_deref(), parse_duration)?
+        .unwrap_or(Duration::from_secs(10));
+    let path = l.get("path", c.path.as_deref(), |s| {
+        PathSpec::parse(s).map_err(|e| e.to_string())
+    })?;
+    let mut b = Policy::builder(detect).path(path);
+    if let Some(h) = l.get("heartbeat", c.heartbeat.as_deref(), parse_duration)? {
+        b = b.heartbeat(h);
+    }
+    let policy = b
+        .build()
+        .context("the liveness settings are inconsistent")?;
+    let linger = l
+        .get(
+            "session_linger",
+            c.session_linger.as_deref(),
+            |s| match parse_duration(s) {
+                Ok(d) if d.is_zero() => Err("a tunnel needs a session linger above 0".to_owned()),
+                r => r,
+            },
+        )?
+        .unwrap_or(Duration::from_secs(30));
+    let mut session = SessionConfig::default();
+    if let Some(b) = l.get("replay_buffer", c.replay_buffer.as_deref(), parse_bytes)? {
+        if b < 64 << 10 {
+            bail!("invalid value {b} for the replay buffer: must be at least 64KiB");
+        }
+        session.max_replay_bytes = usize::try_from(b).unwrap_or(usize::MAX);
+    }
+    Ok(Shared {
+        policy,
+        linger,
+        session,
+    })
+}
+
+fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
+    match v {
+        Some(a) => Ok(a),
+        None => bail!("invalid value: {flag} is required"),
+    }
+}
+
+fn entry_config(a: &EntryArgs) -> Result<EntryConfig> {
+    let l = Layers::load(a.common.config.as_deref(), &keys("relay"))?;
+    let listen = required(
+        l.get("listen", a.listen.as_deref(), parse_addr)?,
+        "--listen",
+    )?;
+    let relay = required(l.get("relay", a.relay.as_deref(), parse_addr)?, "--relay")?;
+    let s = resolve_common(&l, &a.common)?;
+    let mut cfg = EntryConfig::new(listen, relay);
+    cfg.policy = s.policy;
+    cfg.linger = s.linger;
+    cfg.session = s.session;
+    Ok(cfg)
+}
+
+fn exit_config(a: &ExitArgs) -> Result<ExitConfig> {
+    let l = Layers::load(a.common.config.as_deref(), &keys("target"))?;
+    let listen = required(
+        l.get("listen", a.listen.as_deref(), parse_addr)?,
+        "--listen",
+    )?;
+    let target = required(
+        l.get("target", a.target.as_deref(), parse_addr)?,
+        "--target",
+    )?;
+    let s = resolve_common(&l, &a.common)?;
+    let mut cfg = ExitConfig::new(listen, target);
+    cfg.server = ServerConfig::new(listen)
+        .policy(s.policy)
+        .session_linger(Some(s.linger))
+        .session_config(s.session);
+    Ok(cfg)
+}
+
+/// Runs one side until Ctrl-C or SIGTERM.
+pub(crate) fn run(args: TunnelArgs) -> Result<ExitCode> {
+    enum Cfg {
+        Entry(EntryConfig),
+        Exit(ExitConfig),
+    }
+    // Resolve before starting anything, so bad settings exit with 2 at once.
+    let cfg = match &args.side {
+        Side::Entry(a) => Cfg::Entry(entry_config(a)?),
+        Side::Exit(a) => Cfg::Exit(exit_config(a)?),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        match cfg {
+            Cfg::Entry(c) => run_entry(c).await,
+            Cfg::Exit(c) => run_exit(c).await,
+        }
+    })
+}
+
+fn policy_line(p: &Policy, linger: Duration) -> String {
+    format!(
+        "heartbeat={} dead_after={} keepalive={} user_timeout={} linger={}",
+        Human(p.heartbeat_interval),
+        Human(p.dead_after),
+        p.keepalive
+            .map(|k| format!("{}+{}x{}", Human(k.idle), k.count, Human(k.interval)))
+            .unwrap_or_else(|| "off".into()),
+        p.user_timeout
+            .map(|u| Human(u).to_string())
+            .unwrap_or_else(|| "off".into()),
+        Human(linger),
+    )
+}
+
+/// Logs one event; returns +1 for an opened connection, -1 for a closed one.
+fn log_event(ev: &TunnelEvent) -> i64 {
+    match ev {
+        TunnelEvent::Opened { id, app } => {
+            log::line(id, "open", &format!("app={app}"));
+            1
+        }
+        TunnelEvent::PathDown { id, reason } => {
+            log::line(
+                id,
+                "path-down",
+                &format!("reason={reason}; holding the session"),
+            );
+            0
+        }
+        TunnelEvent::PathUp { id } => {
+            log::line(id, "path-up", "session resumed, nothing lost");
+            0
+        }
+        TunnelEvent::Closed {
+            id,
+            end,
+            bytes_from_app,
+            bytes_to_app,
+            outages,
+            duration,
+        } => {
+            log::line(
+                id,
+                "close",
+                &format!(
+                    "end={end} from_app={bytes_from_app} to_app={bytes_to_app} outages={outages} duration={}{}",
+                    Human(*duration),
+                    if end.is_failure() { " (reset)" } else { "" }
+                ),
+            );
+            -1
+        }
+        _ => 0,
+    }
+}
+
+/// What the loop needs of either side.
+trait Running {
+    async fn next(&mut self) -> Option<TunnelEvent>;
+    fn stop(&self);
+}
+
+impl Running for tether::tunnel::TunnelEntry {
+    async fn next(&mut self) -> Option<TunnelEvent> {
+        self.next_event().await
+    }
+    fn stop(&self) {
+        self.shutdown()
+    }
+}
+
+impl Running for tether::tunnel::TunnelExit {
+    async fn next(&mut self) -> Option<TunnelEvent> {
+        self.next_event().await
+    }
+    fn stop(&self) {
+        self.shutdown()
+    }
+}
+
+/// Logs events until Ctrl-C or SIGTERM, then resets what is open and logs those closes
+/// (waiting at most 3 s).
+async fn event_loop(mut side: impl Running) -> Result<ExitCode> {
+    let stop = log::shutdown_signal();
+    tokio::pin!(stop);
+    let mut open = 0;
+    loop {
+        tokio::select! {
+            ev = side.next() => match ev {
+                Some(ev) => open = (open + log_event(&ev)).max(0),
+                None => return Ok(ExitCode::SUCCESS),
+            },
+            _ = &mut stop => break,
+        }
+    }
+    log::line(
+        "-",
+        "shutdown",
+        &format!("resetting {open} tunnelled connection(s)"),
+    );
+    side.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while open > 0 {
+            match side.next().await {
+                Some(ev) => open += log_event(&ev),
+                None => break,
+            }
+        }
+    })
+    .await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_entry(cfg: EntryConfig) -> Result<ExitCode> {
+    let details = format!(
+        "relay={} {}",
+        cfg.relay,
+        policy_line(&cfg.policy, cfg.linger)
+    );
+    let entry = tether::tunnel::TunnelEntry::bind(cfg)
+        .await
+        .context("cannot start the tunnel entry")?;
+    log::line(
+        "-",
+        "listening",
+        &format!("entry addr={} {details}", entry.local_addr()),
+    );
+    event_loop(entry).await
+}
+
+async fn run_exit(cfg: ExitConfig) -> Result<ExitCode> {
+    let details = format!(
+        "target={} {}",
+        cfg.target,
+        policy_line(
+            &cfg.server.policy,
+            cfg.server.session_linger.unwrap_or_default()
+        )
+    );
+    let exit = tether::tunnel::TunnelExit::bind(cfg)
+        .await
+        .context("cannot start the tunnel exit")?;
+    log::line(
+        "-",
+        "listening",
+        &format!("exit addr={} {details}", exit.local_addr()),
+    );
+    event_loop(exit).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: TunnelArgs,
+    }
+
+    fn parse(args: &[&str]) -> TunnelArgs {
+        T::try_parse_from(std::iter::once("t").chain(args.iter().copied()))
+            .unwrap()
+            .a
+    }
+
+    #[test]
+    fn entry_flags_resolve() {
+        let a = parse(&[
+            "entry",
+            "--listen",
+            "127.0.0.1:9000",
+            "--relay",
+            "127.0.0.1:9001",
+            "--detect-within",
+            "5s",
+            "--session-linger",
+            "1m",
+            "--replay-buffer",
+            "1MiB",
+        ]);
+        let Side::Entry(e) = &a.side else {
+            panic!("not entry")
+        };
+        let c = entry_config(e).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.relay.port(), 9001);
+        assert_eq!(c.linger, Duration::from_secs(60));
+        assert_eq!(c.session.max_replay_bytes, 1 << 20);
+        assert!(c.policy.dead_after <= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn exit_needs_a_target_and_a_linger() {
+        let a = parse(&["exit", "--listen", "127.0.0.1:9000"]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        let err = exit_config(e).err().unwrap().to_string();
+        assert!(err.contains("--target"), "{err}");
+        let a = parse(&[
+            "exit",
+            "--listen",
+            "9000",
+            "--target",
+            "9001",
+            "--session-linger",
+            "0s",
+        ]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        let err = format!("{:#}", exit_config(e).err().unwrap());
+        assert!(err.contains("session linger"), "{err}");
+        let a = parse(&["exit", "--listen", "9000", "--target", "9001"]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        let c = exit_config(e).unwrap();
+        assert_eq!(c.server.session_linger, Some(Duration::from_secs(30)));
+        assert_eq!(c.target.port(), 9001);
+    }
+}

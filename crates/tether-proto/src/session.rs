@@ -1,0 +1,371 @@
+//! Sessions that lose nothing: sequence numbers, cumulative ACKs, a bounded replay buffer,
+//! and resumption after a reconnect (DESIGN.md §6, `docs/PROTOCOL.md` §"Sessions").
+//!
+//! ```text
+//!   send(msg) ──▶ replay buffer [acked+1 ..= last_seq]   (bounded in bytes and messages)
+//!                    │ SEQ_DATA(seq, msg) ──────────────▶ peer: seq == last_received+1 → deliver
+//!                    │                                          seq <= last_received  → duplicate, drop
+//!                    ◀─────────────────────── ACK(n) ◀── peer: after ack_every messages or ack_delay
+//!   on_ack(n): drop entries <= n
+//!
+//!   reconnect: HELLO(resume: id, token, last_received=R_c) ──▶ server: WELCOME(resumed, last_received=R_s)
+//!              client replays entries > R_s                     server replays entries > R_c
+//! ```
+//!
+//! A session is owned by one connection at a time ([`Conn`](crate::Conn)) and handed back
+//! when that connection ends, to be given to the next one. Each direction numbers its
+//! messages from 1. The state machine never reads the clock; the resume token is supplied
+//! by the caller (the driver draws it from the OS's random source).
+
+use std::collections::VecDeque;
+use std::ops::RangeInclusive;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use subtle::ConstantTimeEq;
+
+use crate::codec::TOKEN_LEN;
+
+/// Bounds and acknowledgement timing of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Unacknowledged bytes kept for replay; `send` waits beyond this. Default: 4 MiB.
+    pub max_replay_bytes: usize,
+    /// Unacknowledged messages kept for replay; `send` waits beyond this. Default: 4096.
+    pub max_replay_messages: usize,
+    /// Send a cumulative ACK after this many unacknowledged received messages. Default: 32.
+    pub ack_every: u32,
+    /// …or after this delay, whichever comes first. Default: 20 ms.
+    pub ack_delay: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_replay_bytes: 4 << 20,
+            max_replay_messages: 4096,
+            ack_every: 32,
+            ack_delay: Duration::from_millis(20),
+        }
+    }
+}
+
+/// What [`Session::on_data`] decided about a received sequenced message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// In order and new: deliver it.
+    Deliver,
+    /// Already delivered (a replay overlap): drop it.
+    Duplicate,
+    /// A gap: a sequence number was skipped. Over TCP this is a protocol violation.
+    Gap {
+        /// The sequence number that was expected.
+        expected: u64,
+    },
+}
+
+/// Why an ACK was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckBeyondSent {
+    /// The acknowledged sequence number.
+    pub acked: u64,
+    /// The highest sequence number sent.
+    pub sent: u64,
+}
+
+/// One side's session state.
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    token: [u8; TOKEN_LEN],
+    cfg: SessionConfig,
+    /// Sequence number of the last message pushed (0 = none).
+    last_seq: u64,
+    /// Highest sequence number the peer acknowledged.
+    acked: u64,
+    /// Unacknowledged messages, oldest first: seq `acked+1 ..= last_seq`.
+    replay: VecDeque<Bytes>,
+    replay_bytes: usize,
+    /// Sequence number of the last message transmitted on the current connection.
+    sent: u64,
+    /// Highest sequence number received in order.
+    last_received: u64,
+    /// Highest sequence number we acknowledged.
+    ack_sent: u64,
+    ack_deadline: Option<Instant>,
+    resumes: u64,
+}
+
+impl Session {
+    /// A new session with the given id and secret token.
+    pub fn new(id: u64, token: [u8; TOKEN_LEN], cfg: SessionConfig) -> Self {
+        Session {
+            id,
+            token,
+            cfg,
+            last_seq: 0,
+            acked: 0,
+            replay: VecDeque::new(),
+            replay_bytes: 0,
+            sent: 0,
+            last_received: 0,
+            ack_sent: 0,
+            ack_deadline: None,
+            resumes: 0,
+        }
+    }
+
+    /// The session id (not secret).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The resume token (secret).
+    pub fn token(&self) -> &[u8; TOKEN_LEN] {
+        &self.token
+    }
+
+    /// Compares `token` with this session's token in constant time.
+    pub fn token_matches(&self, token: &[u8; TOKEN_LEN]) -> bool {
+        bool::from(self.token.ct_eq(token))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// Highest sequence number received in order (what a RESUME hello or WELCOME carries).
+    pub fn last_received(&self) -> u64 {
+        self.last_received
+    }
+
+    /// Sequence number of the last message pushed.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Highest sequence number the peer acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Messages held for replay.
+    pub fn replay_len(&self) -> usize {
+        self.replay.len()
+    }
+
+    /// Bytes held for replay.
+    pub fn replay_bytes(&self) -> usize {
+        self.replay_bytes
+    }
+
+    /// How many times this session was resumed.
+    pub fn resumes(&self) -> u64 {
+        self.resumes
+    }
+
+    /// The messages that may not have been delivered if the session ended now.
+    pub fn unacked_range(&self) -> Option<RangeInclusive<u64>> {
+        (self.last_seq > self.acked).then(|| self.acked + 1..=self.last_seq)
+    }
+
+    /// True when a message of `len` bytes fits the replay bounds. An empty buffer always
+    /// takes one message (so a message larger than the byte bound is not stuck forever).
+    pub fn has_room(&self, len: usize) -> bool {
+        self.replay.is_empty()
+            || (self.replay.len() < self.cfg.max_replay_messages
+                && self.replay_bytes + len <= self.cfg.max_replay_bytes)
+    }
+
+    /// Takes a message for sending; returns its sequence number, or `None` when the replay
+    /// buffer is full (the caller waits for an ACK).
+    pub fn push(&mut self, msg: Bytes) -> Option<u64> {
+        if !self.has_room(msg.len()) {
+            return None;
+        }
+        self.last_seq += 1;
+        self.replay_bytes += msg.len();
+        self.replay.push_back(msg);
+        Some(self.last_seq)
+    }
+
+    /// The next message to transmit on the current connection, if any, marked as sent.
+    pub fn next_to_send(&mut self) -> Option<(u64, Bytes)> {
+        if self.sent >= self.last_seq {
+            return None;
+        }
+        self.sent += 1;
+        let idx = (self.sent - self.acked - 1) as usize;
+        self.replay.get(idx).map(|m| (self.sent, m.clone()))
+    }
+
+    /// The peer acknowledged everything up to `seq`.
+    pub fn on_ack(&mut self, seq: u64) -> Result<(), AckBeyondSent> {
+        if seq > self.last_seq {
+            return Err(AckBeyondSent {
+                acked: seq,
+                sent: self.last_seq,
+            });
+        }
+        while self.acked < seq {
+            if let Some(m) = self.replay.pop_front() {
+                self.replay_bytes -= m.len();
+            }
+            self.acked += 1;
+        }
+        if self.sent < self.acked {
+            self.sent = self.acked;
+        }
+        Ok(())
+    }
+
+    /// A new connection took the session over; the peer has received everything up to
+    /// `peer_last_received`. Everything after it will be replayed by
+    /// [`next_to_send`](Self::next_to_send). Returns how many messages will be replayed.
+    pub fn resume(&mut self, peer_last_received: u64) -> Result<u64, AckBeyondSent> {
+        self.on_ack(peer_last_received)?;
+        self.sent = self.acked;
+        self.ack_deadline = None;
+        // Our acknowledgement state went with the old connection: tell the peer again.
+        self.ack_sent = 0;
+        self.resumes += 1;
+        Ok(self.last_seq - self.acked)
+    }
+
+    /// A sequenced message arrived.
+    pub fn on_data(&mut self, now: Instant, seq: u64) -> Received {
+        if seq <= self.last_received {
+            return Received::Duplicate;
+        }
+        if seq != self.last_received + 1 {
+            return Received::Gap {
+                expected: self.last_received + 1,
+            };
+        }
+        self.last_received = seq;
+        if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + self.cfg.ack_delay);
+        }
+        Received::Deliver
+    }
+
+    /// The ACK to send now, if one is due at `now` (or `force`d, e.g. to piggyback on an
+    /// outgoing write). Marks it as sent.
+    pub fn poll_ack(&mut self, now: Instant, force: bool) -> Option<u64> {
+        if self.last_received <= self.ack_sent {
+            return None;
+        }
+        let due = force
+            || self.last_received - self.ack_sent >= u64::from(self.cfg.ack_every)
+            || self.ack_deadline.is_some_and(|d| now >= d);
+        if !due {
+            return None;
+        }
+        self.ack_sent = self.last_received;
+        self.ack_deadline = None;
+        Some(self.last_received)
+    }
+
+    /// When a delayed ACK falls due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.last_received > self.ack_sent {
+            self.ack_deadline
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s() -> Session {
+        Session::new(
+            1,
+            [7; TOKEN_LEN],
+            SessionConfig {
+                max_replay_messages: 3,
+                max_replay_bytes: 10,
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn push_send_ack() {
+        let mut a = s();
+        assert_eq!(a.push(Bytes::from_static(b"abc")), Some(1));
+        assert_eq!(a.push(Bytes::from_static(b"def")), Some(2));
+        assert_eq!(a.next_to_send().unwrap().0, 1);
+        assert_eq!(a.next_to_send().unwrap().0, 2);
+        assert!(a.next_to_send().is_none());
+        a.on_ack(1).unwrap();
+        assert_eq!(a.replay_len(), 1);
+        assert_eq!(a.unacked_range(), Some(2..=2));
+        assert!(a.on_ack(3).is_err());
+    }
+
+    #[test]
+    fn bounded_in_bytes_and_messages() {
+        let mut a = s();
+        assert!(a.push(Bytes::from_static(b"123456")).is_some());
+        assert!(
+            a.push(Bytes::from_static(b"12345")).is_none(),
+            "11 bytes > 10"
+        );
+        assert!(a.push(Bytes::from_static(b"1234")).is_some());
+        assert!(a.push(Bytes::new()).is_none() || a.replay_len() <= 3);
+        let mut b = s();
+        for _ in 0..3 {
+            assert!(b.push(Bytes::from_static(b"x")).is_some());
+        }
+        assert!(b.push(Bytes::from_static(b"x")).is_none(), "3 messages max");
+        // One oversized message still fits an empty buffer.
+        let mut c = s();
+        assert!(c.push(Bytes::from(vec![0; 100])).is_some());
+    }
+
+    #[test]
+    fn resume_replays_after_peer_position() {
+        let mut a = s();
+        for m in [b"a", b"b", b"c"] {
+            a.push(Bytes::from_static(m));
+        }
+        while a.next_to_send().is_some() {}
+        assert_eq!(a.resume(1).unwrap(), 2);
+        assert_eq!(a.next_to_send().unwrap(), (2, Bytes::from_static(b"b")));
+        assert_eq!(a.next_to_send().unwrap(), (3, Bytes::from_static(b"c")));
+        assert!(a.next_to_send().is_none());
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // one real Instant as the virtual clock's origin
+    fn receive_dedups_and_acks() {
+        let t = Instant::now();
+        let mut b = Session::new(
+            1,
+            [0; TOKEN_LEN],
+            SessionConfig {
+                ack_every: 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(b.on_data(t, 1), Received::Deliver);
+        assert_eq!(b.on_data(t, 1), Received::Duplicate);
+        assert_eq!(b.on_data(t, 3), Received::Gap { expected: 2 });
+        assert_eq!(
+            b.poll_ack(t, false),
+            None,
+            "1 < ack_every and delay not passed"
+        );
+        assert_eq!(b.poll_timeout(), Some(t + Duration::from_millis(20)));
+        assert_eq!(b.poll_ack(t + Duration::from_millis(20), false), Some(1));
+        assert_eq!(b.on_data(t, 2), Received::Deliver);
+        assert_eq!(b.on_data(t, 3), Received::Deliver);
+        assert_eq!(b.poll_ack(t, false), Some(3), "two unacked = ack_every");
+        assert!(b.token_matches(&[0; TOKEN_LEN]));
+        assert!(!b.token_matches(&[1; TOKEN_LEN]));
+    }
+}

@@ -1,0 +1,469 @@
+//! Wire codec v1: exact bytes of every frame (the examples in `docs/PROTOCOL.md` come from
+//! here), malformed input, and proptests for round-trips under random chunking and for a
+//! decoder that never panics and never buffers more than one frame.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use tether_proto::codec::{
+    self, check_preamble, DecodeError, Decoder, Frame, Hello, ResumeRequest, SessionGrant, Welcome,
+    HEADER_LEN, MAX_TEXT_LEN,
+};
+use tether_proto::CloseCode;
+
+fn enc(f: &Frame) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    codec::encode(f, &mut b);
+    b.to_vec()
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn decode_all(max: u32, bytes: &[u8]) -> Result<Vec<Frame>, DecodeError> {
+    let mut out = Vec::new();
+    Decoder::new(max).decode(bytes, |f| {
+        out.push(f);
+        true
+    })?;
+    Ok(out)
+}
+
+fn decode_one(bytes: &[u8]) -> Result<Frame, DecodeError> {
+    let mut v = decode_all(1 << 20, bytes)?;
+    assert_eq!(v.len(), 1, "exactly one frame in {bytes:02x?}");
+    Ok(v.remove(0))
+}
+
+/// (frame, its exact encoding). These are the byte diagrams of docs/PROTOCOL.md.
+fn golden() -> Vec<(Frame, Vec<u8>)> {
+    let token: [u8; 16] = core::array::from_fn(|i| 0xa0 + i as u8);
+    vec![
+        (Frame::Heartbeat, hex("00000000")),
+        (
+            Frame::Data(Bytes::from_static(b"hi")),
+            hex("00000003 01 6869"),
+        ),
+        (Frame::Data(Bytes::new()), hex("00000001 01")),
+        (
+            Frame::Ping(0x0102030405060708),
+            hex("00000009 02 0102030405060708"),
+        ),
+        (Frame::Pong(7), hex("00000009 03 0000000000000007")),
+        (
+            Frame::Close {
+                code: CloseCode::NORMAL,
+                text: "bye".into(),
+            },
+            hex("00000006 04 0000 627965"),
+        ),
+        (
+            Frame::Close {
+                code: CloseCode::APPLICATION_MIN,
+                text: String::new(),
+            },
+            hex("00000003 04 03e8"),
+        ),
+        (Frame::Ack(258), hex("00000009 05 0000000000000102")),
+        (
+            Frame::SeqData {
+                seq: 1,
+                payload: Bytes::from_static(b"x"),
+            },
+            hex("0000000a 06 0000000000000001 78"),
+        ),
+        (
+            Frame::Hello(Hello {
+                client_id: "c1".into(),
+                requested_heartbeat: Duration::from_millis(10_000),
+                want_session: false,
+                resume: None,
+            }),
+            hex("00000009 10 00 00002710 02 6331"),
+        ),
+        (
+            Frame::Hello(Hello {
+                client_id: "c1".into(),
+                requested_heartbeat: Duration::ZERO,
+                want_session: true,
+                resume: None,
+            }),
+            hex("00000009 10 01 00000000 02 6331"),
+        ),
+        (
+            Frame::Hello(Hello {
+                client_id: "c".into(),
+                requested_heartbeat: Duration::from_millis(1),
+                want_session: true,
+                resume: Some(ResumeRequest {
+                    session_id: 9,
+                    token,
+                    last_received: 5,
+                }),
+            }),
+            hex("00000028 10 03 00000001 01 63
+                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000005"),
+        ),
+        (
+            Frame::Welcome(Welcome {
+                heartbeat: Duration::from_millis(10_000),
+                dead_after: Duration::from_millis(30_000),
+                session: None,
+            }),
+            hex("0000000a 11 00 00002710 00007530"),
+        ),
+        (
+            Frame::Welcome(Welcome {
+                heartbeat: Duration::from_millis(1000),
+                dead_after: Duration::from_millis(3000),
+                session: Some(SessionGrant {
+                    session_id: 9,
+                    token,
+                    resumed: true,
+                    last_received: 4,
+                    linger: Duration::from_millis(60_000),
+                }),
+            }),
+            hex("0000002e 11 03 000003e8 00000bb8
+                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000004 0000ea60"),
+        ),
+        (
+            Frame::Refuse {
+                code: CloseCode::SERVER_FULL,
+                text: "full".into(),
+            },
+            hex("00000007 12 000a 66756c6c"),
+        ),
+        (
+            Frame::Probe(Bytes::from_static(b"\x01\x02")),
+            hex("00000003 20 0102"),
+        ),
+        (Frame::Extension(0x80), hex("00000001 80")),
+    ]
+}
+
+#[test]
+fn every_frame_has_the_documented_bytes_and_decodes_back() {
+    for (frame, bytes) in golden() {
+        assert_eq!(enc(&frame), bytes, "{frame:?}");
+        assert_eq!(decode_one(&bytes).unwrap(), frame);
+    }
+}
+
+#[test]
+fn preamble_is_magic_and_version() {
+    let mut b = BytesMut::new();
+    codec::encode_preamble(&mut b);
+    assert_eq!(&b[..], b"TTHR\x01");
+    assert_eq!(check_preamble(b"TTHR\x01"), Ok(()));
+    assert_eq!(
+        check_preamble(b"TTHX\x01"),
+        Err(DecodeError::BadMagic { found: *b"TTHX" })
+    );
+    assert_eq!(
+        check_preamble(b"TTHR\x02"),
+        Err(DecodeError::UnsupportedVersion { found: 2 })
+    );
+}
+
+#[test]
+fn extension_bodies_are_skipped_whole() {
+    // An unknown extension with a body, then a DATA: the DATA still arrives.
+    let mut bytes = hex("00000004 9f 010203");
+    bytes.extend(enc(&Frame::Data(Bytes::from_static(b"ok"))));
+    assert_eq!(
+        decode_all(1024, &bytes).unwrap(),
+        vec![
+            Frame::Extension(0x9f),
+            Frame::Data(Bytes::from_static(b"ok"))
+        ]
+    );
+}
+
+#[test]
+fn unknown_types_below_0x80_are_errors() {
+    for t in [0x00u8, 0x07, 0x0f, 0x13, 0x21, 0x7f] {
+        assert_eq!(
+            decode_all(1024, &[0, 0, 0, 1, t]),
+            Err(DecodeError::UnknownType(t))
+        );
+    }
+}
+
+#[test]
+fn malformed_bodies_are_errors_not_panics() {
+    let cases: &[(&str, &str)] = &[
+        ("00000001 02", "PING"),                    // no nonce
+        ("00000008 02 01020304050607", "PING"),     // 7-byte nonce
+        ("0000000a 03 010203040506070809", "PONG"), // 9-byte nonce
+        ("00000001 05", "ACK"),
+        ("00000005 06 01020304", "SEQ_DATA"),
+        ("00000002 04 00", "CLOSE"),       // half a code
+        ("00000004 12 000a ff", "REFUSE"), // text not UTF-8
+        ("00000001 10", "HELLO"),
+        ("00000007 10 00 00000000 00", "HELLO"), // empty id
+        ("00000008 10 04 00000000 01 63", "HELLO"), // unknown flag
+        ("00000008 10 00 00000000 05 63", "HELLO"), // id runs past the frame
+        ("00000009 10 00 00000000 01 63 00", "HELLO"), // trailing byte
+        ("00000009 10 02 00000000 01 63 00", "HELLO"), // resume flag, short resume
+        ("00000008 10 00 00000000 01 ff", "HELLO"), // id not UTF-8
+        ("00000009 11 00 00000001 000000", "WELCOME"), // short
+        ("0000000a 11 00 00000000 00000001", "WELCOME"), // zero heartbeat
+        ("0000000a 11 00 00000001 00000000", "WELCOME"), // zero dead_after
+        ("0000000a 11 02 00000001 00000001", "WELCOME"), // resumed without session
+        ("0000000a 11 01 00000001 00000001", "WELCOME"), // session flag, no fields
+        ("0000000a 11 08 00000001 00000001", "WELCOME"), // unknown flag
+        ("0000000b 11 00 00000001 00000001 00", "WELCOME"), // trailing
+    ];
+    for (h, name) in cases {
+        match decode_all(1024, &hex(h)) {
+            Err(DecodeError::Malformed { frame, .. }) => assert_eq!(frame, *name, "{h}"),
+            other => panic!("{h}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn text_longer_than_the_limit_is_truncated_on_encode_and_refused_on_decode() {
+    let long = "é".repeat(MAX_TEXT_LEN); // 2 bytes each
+    let bytes = enc(&Frame::Close {
+        code: CloseCode::NORMAL,
+        text: long,
+    });
+    let Frame::Close { text, .. } = decode_one(&bytes).unwrap() else {
+        panic!()
+    };
+    assert_eq!(text.len(), MAX_TEXT_LEN);
+    // A peer that sends 1025 bytes of text is malformed.
+    let mut raw = vec![0, 0, 0x04, 0x04, 0x04, 0, 0];
+    raw.extend(std::iter::repeat_n(b'a', MAX_TEXT_LEN + 1));
+    assert!(matches!(
+        decode_all(1 << 20, &raw),
+        Err(DecodeError::Malformed { frame: "CLOSE", .. })
+    ));
+}
+
+#[test]
+fn oversize_is_rejected_on_the_header_alone() {
+    let mut d = Decoder::new(100);
+    // Body of exactly the maximum is fine.
+    let mut ok = vec![0, 0, 0, 100, 0x01];
+    ok.extend([0u8; 99]);
+    assert_eq!(d.decode(&ok, |_| true).unwrap().frames, 1);
+    // 101 announced: refused after 4 bytes, nothing reserved.
+    let mut d = Decoder::new(100);
+    assert_eq!(
+        d.decode(&[0, 0, 0, 101], |_| true),
+        Err(DecodeError::Oversize { len: 101, max: 100 })
+    );
+    assert_eq!(d.buffer_capacity(), 0);
+    // Same with the header split over calls.
+    let mut d = Decoder::new(100);
+    d.decode(&[0xff, 0xff], |_| true).unwrap();
+    assert_eq!(
+        d.decode(&[0xff, 0xff], |_| true),
+        Err(DecodeError::Oversize {
+            len: u32::MAX,
+            max: 100
+        })
+    );
+    assert!(d.buffer_capacity() < 64);
+}
+
+#[test]
+fn a_stalled_large_frame_costs_what_was_sent_not_what_was_announced() {
+    let mut d = Decoder::new(1 << 20);
+    d.decode(&[0, 0x0f, 0, 0, 0x01, 1, 2, 3], |_| true).unwrap();
+    assert_eq!(d.buffered(), 8);
+    assert!(d.buffer_capacity() < 4096, "{}", d.buffer_capacity());
+}
+
+#[test]
+fn the_sink_can_stop_decoding() {
+    let mut bytes = enc(&Frame::Ping(1));
+    bytes.extend(enc(&Frame::Ping(2)));
+    let mut seen = Vec::new();
+    let stats = Decoder::new(64)
+        .decode(&bytes, |f| {
+            seen.push(f);
+            false
+        })
+        .unwrap();
+    assert_eq!(seen, vec![Frame::Ping(1)]);
+    assert_eq!(stats.frames, 1);
+}
+
+#[test]
+fn decode_stats_count_heartbeats() {
+    let mut bytes = enc(&Frame::Heartbeat);
+    bytes.extend(enc(&Frame::Ping(1)));
+    bytes.extend(enc(&Frame::Heartbeat));
+    let stats = Decoder::new(64).decode(&bytes, |_| true).unwrap();
+    assert_eq!((stats.frames, stats.heartbeats), (3, 2));
+}
+
+#[test]
+fn data_frame_len_matches_encode() {
+    for n in [0usize, 1, 64, 4096] {
+        let mut b = BytesMut::new();
+        codec::encode_data(&vec![0; n], &mut b);
+        assert_eq!(b.len(), codec::data_frame_len(n));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Property tests
+
+fn arb_text() -> impl Strategy<Value = String> {
+    prop::collection::vec(any::<char>(), 0..40).prop_map(|c| c.into_iter().collect())
+}
+
+fn arb_id() -> impl Strategy<Value = String> {
+    // 1..=255 bytes of UTF-8 (at most 63 four-byte chars).
+    prop::collection::vec(any::<char>(), 1..63).prop_map(|c| c.into_iter().collect())
+}
+
+fn arb_ms() -> impl Strategy<Value = Duration> {
+    any::<u32>().prop_map(|m| Duration::from_millis(u64::from(m)))
+}
+
+fn arb_pos_ms() -> impl Strategy<Value = Duration> {
+    (1u32..).prop_map(|m| Duration::from_millis(u64::from(m)))
+}
+
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    let bytes = || prop::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
+    prop_oneof![
+        Just(Frame::Heartbeat),
+        bytes().prop_map(Frame::Data),
+        (any::<u64>(), bytes()).prop_map(|(seq, payload)| Frame::SeqData { seq, payload }),
+        any::<u64>().prop_map(Frame::Ping),
+        any::<u64>().prop_map(Frame::Pong),
+        any::<u64>().prop_map(Frame::Ack),
+        (any::<u16>(), arb_text()).prop_map(|(c, text)| Frame::Close {
+            code: CloseCode(c),
+            text
+        }),
+        (any::<u16>(), arb_text()).prop_map(|(c, text)| Frame::Refuse {
+            code: CloseCode(c),
+            text
+        }),
+        (
+            arb_id(),
+            arb_ms(),
+            any::<bool>(),
+            prop::option::of((any::<u64>(), any::<[u8; 16]>(), any::<u64>()))
+        )
+            .prop_map(|(client_id, hb, want, resume)| Frame::Hello(Hello {
+                client_id,
+                requested_heartbeat: hb,
+                want_session: want || resume.is_some(),
+                resume: resume.map(|(session_id, token, last_received)| ResumeRequest {
+                    session_id,
+                    token,
+                    last_received
+                }),
+            })),
+        (
+            arb_pos_ms(),
+            arb_pos_ms(),
+            prop::option::of((
+                any::<u64>(),
+                any::<[u8; 16]>(),
+                any::<bool>(),
+                any::<u64>(),
+                arb_ms()
+            ))
+        )
+            .prop_map(|(heartbeat, dead_after, s)| Frame::Welcome(Welcome {
+                heartbeat,
+                dead_after,
+                session: s.map(|(session_id, token, resumed, last_received, linger)| {
+                    SessionGrant {
+                        session_id,
+                        token,
+                        resumed,
+                        last_received,
+                        linger,
+                    }
+                }),
+            })),
+        bytes().prop_map(Frame::Probe),
+        (0x80u8..=0xff).prop_map(Frame::Extension),
+    ]
+}
+
+/// Split points: sorted offsets in `0..=len`.
+fn split(bytes: &[u8], cuts: &[prop::sample::Index]) -> Vec<Vec<u8>> {
+    let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+    at.sort();
+    let mut out = Vec::new();
+    let mut prev = 0;
+    for a in at.into_iter().chain([bytes.len()]) {
+        out.push(bytes[prev..a].to_vec());
+        prev = a;
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Many frames, concatenated, split at random offsets (including empty chunks), decoded
+    /// incrementally: the same sequence comes out, and nothing stays buffered at the end.
+    #[test]
+    fn round_trip_under_random_chunking(
+        frames in prop::collection::vec(arb_frame(), 0..40),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
+    ) {
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            codec::encode(f, &mut wire);
+        }
+        let mut d = Decoder::new(1 << 20);
+        let mut out = Vec::new();
+        for chunk in split(&wire, &cuts) {
+            d.decode(&chunk, |f| { out.push(f); true }).unwrap();
+        }
+        prop_assert_eq!(out, frames);
+        prop_assert_eq!(d.buffered(), 0);
+        prop_assert_eq!(d.buffer_capacity(), 0);
+    }
+
+    /// Arbitrary bytes in arbitrary chunks: the decoder returns frames or an error, never
+    /// panics, and never holds more than one maximal frame (header + max body).
+    #[test]
+    fn decoder_survives_arbitrary_bytes(
+        max in 0u32..2048,
+        data in prop::collection::vec(any::<u8>(), 0..4096),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..30),
+    ) {
+        let mut d = Decoder::new(max);
+        for chunk in split(&data, &cuts) {
+            let r = d.decode(&chunk, |_| true);
+            prop_assert!(d.buffered() <= max as usize + HEADER_LEN);
+            if r.is_err() { break; }
+        }
+    }
+
+    /// Headers with small lengths and random bodies: errors are typed, never panics, and
+    /// what decodes re-encodes to a frame that decodes the same.
+    #[test]
+    fn random_bodies_decode_or_fail_cleanly(
+        body in prop::collection::vec(any::<u8>(), 1..80),
+    ) {
+        let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+        wire.extend(&body);
+        if let Ok(frames) = decode_all(1024, &wire) {
+            prop_assert_eq!(frames.len(), 1);
+            let again = decode_one(&enc(&frames[0])).unwrap();
+            prop_assert_eq!(&again, &frames[0]);
+        }
+    }
+}

@@ -1,0 +1,792 @@
+//! The probe client: opens the control connection and the rung connections, tests each rung
+//! when it is due, and feeds the results to the [`ladder`](super::ladder) plans.
+//!
+//! ```text
+//!  control task ── PING every grace/2 ──▶ responder ── PONG / REPORT ──▶ events
+//!  rung tasks (≤ slots per direction) ── Opened / Tested ──────────────▶ events
+//!  coordinator: events → DirectionPlan → open more rungs, cancel settled ones, progress
+//! ```
+//!
+//! A result is only accepted when the control connection answered a ping sent after the
+//! decisive test; a control ping unanswered for `max(3·grace, 1 s)`, a lost control
+//! connection, or a rung that cannot be opened makes the result inconclusive instead of wrong.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tether_proto::codec::{self, Frame, HEADER_LEN, PREAMBLE_LEN};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::ladder::{
+    self, Direction, DirectionPlan, DirectionResult, Expiry, LadderConfig, Outcome,
+};
+use super::{control, report, Mode, Request, ACK_BYTE, ECHO_BYTE, SERVER_BYTE, TEST_BYTE};
+
+/// Probe settings. Build with [`ProbeConfig::new`] and the setters.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    /// The responder (`tether serve`).
+    pub addr: SocketAddr,
+    /// Longest timeout considered; none below it reports "no timeout below max".
+    /// Default: 30 min.
+    pub max: Duration,
+    /// Shortest idle period tested. Default: 500 ms.
+    pub min: Duration,
+    /// Connections idling at once, over both directions (the control connection is extra).
+    /// Default: 96.
+    pub connections: usize,
+    /// Probe the client-speaks-first direction. Default: true.
+    pub client_first: bool,
+    /// Probe the server-speaks-first direction. Default: true.
+    pub server_first: bool,
+    /// Expected timeout: rungs are dense (1%) within ±15% of it (8% apart below). Default: none.
+    pub hint: Option<Duration>,
+    /// Rung ratio elsewhere. Default: 1.04.
+    pub ratio: f64,
+    /// How long an unanswered test waits; `None` derives it from the RTT:
+    /// `max(200 ms + 3·RTT, 300 ms)`. Default: `None`.
+    pub grace: Option<Duration>,
+    /// Connection set-up deadline. Default: 5 s.
+    pub connect_timeout: Duration,
+    /// Gap between connection opens. Default: 2 ms.
+    pub pace: Duration,
+}
+
+impl ProbeConfig {
+    /// Defaults, probing the responder at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        ProbeConfig {
+            addr,
+            max: Duration::from_secs(30 * 60),
+            min: Duration::from_millis(500),
+            connections: 96,
+            client_first: true,
+            server_first: true,
+            hint: None,
+            ratio: 1.04,
+            grace: None,
+            connect_timeout: Duration::from_secs(5),
+            pace: Duration::from_millis(2),
+        }
+    }
+    /// Sets the longest timeout considered. Default: 30 min.
+    pub fn max(mut self, max: Duration) -> Self {
+        self.max = max;
+        self
+    }
+    /// Sets the connection bound. Default: 96.
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n;
+        self
+    }
+    /// Chooses the directions. Default: both.
+    pub fn directions(mut self, client_first: bool, server_first: bool) -> Self {
+        self.client_first = client_first;
+        self.server_first = server_first;
+        self
+    }
+    /// Sets the hint. Default: none.
+    pub fn hint(mut self, hint: Option<Duration>) -> Self {
+        self.hint = hint;
+        self
+    }
+    /// Sets the grace period. Default: derived from the RTT.
+    pub fn grace(mut self, grace: Option<Duration>) -> Self {
+        self.grace = grace;
+        self
+    }
+}
+
+/// Why a probe could not run at all (a path that misbehaves during the probe gives an
+/// inconclusive [`ProbeReport`] instead).
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ProbeError {
+    /// The responder could not be reached.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// The responder.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The responder refused the probe.
+    #[error("{addr} refused the probe: {text}")]
+    Refused {
+        /// The responder.
+        addr: SocketAddr,
+        /// Its reason.
+        text: String,
+    },
+    /// The responder answered something that is not a probe answer.
+    #[error("{addr} is not a tether probe responder: {why}")]
+    Protocol {
+        /// The responder.
+        addr: SocketAddr,
+        /// What was wrong.
+        why: String,
+    },
+    /// Nothing to probe (no direction, or zero connections).
+    #[error("invalid probe settings: {0}")]
+    Config(String),
+}
+
+/// What the probe found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeReport {
+    /// The path keeps idle flows longer than this.
+    pub lower: Duration,
+    /// The path forgets idle flows after at most this; `None`: no timeout below `max`.
+    pub upper: Option<Duration>,
+    /// The longest timeout considered.
+    pub max: Duration,
+    /// Whether the bracket can be trusted.
+    pub conclusive: bool,
+    /// Why the result is inconclusive.
+    pub note: Option<String>,
+    /// Per direction.
+    pub directions: Vec<DirectionResult>,
+    /// Wall time of the whole probe, set-up included.
+    pub wall: Duration,
+    /// Round-trip time of the control connection's set-up.
+    pub rtt: Duration,
+    /// Grace period used for silent tests.
+    pub grace: Duration,
+    /// Rung connections opened.
+    pub connections: usize,
+}
+
+impl ProbeReport {
+    /// The result of one direction.
+    pub fn direction(&self, d: Direction) -> Option<&DirectionResult> {
+        self.directions.iter().find(|r| r.direction == d)
+    }
+}
+
+/// Where a running probe stands, for progress display.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Since the probe started.
+    pub elapsed: Duration,
+    /// Estimated time left (the latest test the result still depends on, plus grace).
+    pub remaining: Duration,
+    /// Current lower bound over the directions.
+    pub lower: Duration,
+    /// Current upper bound, once some idle period expired.
+    pub upper: Option<Duration>,
+    /// Tests done.
+    pub tests: usize,
+    /// Rung connections open now.
+    pub open: usize,
+}
+
+#[derive(Debug)]
+enum Event {
+    Opened {
+        dir: usize,
+        rung: usize,
+        since: Instant,
+    },
+    OpenFailed {
+        dir: usize,
+        rung: usize,
+    },
+    Tested {
+        dir: usize,
+        rung: usize,
+        at: Instant,
+        /// The idle period as measured.
+        age: Duration,
+        outcome: Option<Outcome>,
+    },
+    Pong {
+        sent: Instant,
+    },
+    Report {
+        index: u32,
+        outcome: u8,
+        /// The responder's measured idle period before it spoke, in microseconds.
+        idle_us: u64,
+    },
+    ControlLost(String),
+}
+
+fn index_of(dir: usize, rung: usize) -> u32 {
+    ((dir as u32) << 24) | (rung as u32 & 0x00ff_ffff)
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    super::is_reset(e)
+}
+
+/// Opens one probe connection: preamble + PROBE, then the answer (preamble + PROBE echo).
+async fn open(addr: SocketAddr, req: &Request) -> Result<TcpStream, ProbeError> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ProbeError::Connect { addr, source })?;
+    let _ = s.set_nodelay(true);
+    let mut out = BytesMut::new();
+    codec::encode_preamble(&mut out);
+    codec::encode(&Frame::Probe(req.encode()), &mut out);
+    let io_err = |source| ProbeError::Connect { addr, source };
+    s.write_all(&out).await.map_err(io_err)?;
+    let proto = |why: String| ProbeError::Protocol { addr, why };
+    let mut pre = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut pre).await.map_err(io_err)?;
+    codec::check_preamble(&pre).map_err(|e| proto(e.to_string()))?;
+    let mut hdr = [0u8; HEADER_LEN];
+    s.read_exact(&mut hdr).await.map_err(io_err)?;
+    let len = u32::from_be_bytes(hdr) as usize;
+    if len == 0 || len > 2048 {
+        return Err(proto(format!("answer frame of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.map_err(io_err)?;
+    match codec::parse_body(&body).map_err(|e| proto(e.to_string()))? {
+        Frame::Probe(b) if b[..] == req.answer()[..] => Ok(s),
+        Frame::Probe(_) => Err(proto("probe answer does not match the request".into())),
+        Frame::Refuse { text, .. } => Err(ProbeError::Refused { addr, text }),
+        other => Err(proto(format!("unexpected answer {other:?}"))),
+    }
+}
+
+fn abort(s: TcpStream) {
+    let _ = crate::sockopt::set_abortive_close(&s);
+    drop(s);
+}
+
+struct RungJob {
+    addr: SocketAddr,
+    req: Request,
+    dir: usize,
+    rung: usize,
+    start_at: Instant,
+    connect_timeout: Duration,
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+async fn run_rung(job: RungJob) {
+    let RungJob {
+        addr,
+        req,
+        dir,
+        rung,
+        start_at,
+        connect_timeout,
+        tx,
+    } = job;
+    tokio::time::sleep_until(start_at).await;
+    let mut s = match tokio::time::timeout(connect_timeout, open(addr, &req)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(rung, error = %e, "probe connection failed");
+            let _ = tx.send(Event::OpenFailed { dir, rung });
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send(Event::OpenFailed { dir, rung });
+            return;
+        }
+    };
+    let since = Instant::now();
+    let _ = tx.send(Event::Opened { dir, rung, since });
+    let mut at = since + req.delay;
+    let mut age = req.delay;
+    let mut buf = [0u8; 16];
+    let outcome = match req.mode {
+        Mode::ClientFirst => {
+            tokio::time::sleep_until(at).await;
+            // A late wake-up tests a longer idle period: record what was tested.
+            at = Instant::now();
+            age = at.duration_since(since);
+            match s.write_all(&[TEST_BYTE]).await {
+                Err(e) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
+                Err(_) => Some(Outcome::Expired(Expiry::Unknown)),
+                Ok(()) => match tokio::time::timeout(req.grace, s.read(&mut buf)).await {
+                    Ok(Ok(0)) => Some(Outcome::Expired(Expiry::Close)),
+                    Ok(Ok(n)) if buf[..n].contains(&ECHO_BYTE) => Some(Outcome::Alive),
+                    Ok(Ok(_)) => Some(Outcome::Expired(Expiry::Unknown)),
+                    Ok(Err(e)) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
+                    Ok(Err(_)) => Some(Outcome::Expired(Expiry::Unknown)),
+                    Err(_) => Some(Outcome::Expired(Expiry::SilentDrop)),
+                },
+            }
+        }
+        Mode::ServerFirst | Mode::Control => {
+            match tokio::time::timeout_at(at + req.grace, s.read(&mut buf)).await {
+                Ok(Ok(0)) => Some(Outcome::Expired(Expiry::Close)),
+                Ok(Ok(n)) if buf[..n].contains(&SERVER_BYTE) => {
+                    // Symmetric: the answer took as long to arrive as the byte did.
+                    age = since.elapsed();
+                    let _ = s.write_all(&[ACK_BYTE]).await;
+                    Some(Outcome::Alive)
+                }
+                Ok(Ok(_)) => Some(Outcome::Expired(Expiry::Unknown)),
+                Ok(Err(e)) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
+                Ok(Err(_)) => Some(Outcome::Expired(Expiry::Unknown)),
+                // Nothing arrived: the responder's REPORT tells what it saw.
+                Err(_) => None,
+            }
+        }
+    };
+    let _ = tx.send(Event::Tested {
+        dir,
+        rung,
+        at,
+        age,
+        outcome,
+    });
+    match outcome {
+        Some(Outcome::Alive) => {
+            // Let the acknowledgement reach the responder before the FIN.
+            let _ = s.shutdown().await;
+            let _ = tokio::time::timeout(req.grace, s.read(&mut buf)).await;
+        }
+        None => {
+            // Keep still until the responder has made up its mind: a close from this side
+            // must not be what it observes.
+            tokio::time::sleep(req.grace * 2).await;
+            abort(s);
+        }
+        _ => abort(s),
+    }
+}
+
+async fn run_control(
+    mut s: TcpStream,
+    interval: Duration,
+    outage_after: Duration,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let (mut rd, mut wr) = s.split();
+    let mut sent: HashMap<u64, Instant> = HashMap::new();
+    let mut seq: u64 = 0;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut buf = [0u8; super::CONTROL_MSG_LEN];
+    let mut got = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if let Some(oldest) = sent.values().min() {
+                    if now.duration_since(*oldest) > outage_after {
+                        let _ = tx.send(Event::ControlLost(format!(
+                            "the control connection went {} without an answer",
+                            super::secs(now.duration_since(*oldest))
+                        )));
+                        return;
+                    }
+                }
+                seq += 1;
+                sent.insert(seq, now);
+                if wr.write_all(&super::control_msg(control::PING, 0, 0, seq)).await.is_err() {
+                    let _ = tx.send(Event::ControlLost("the control connection failed".into()));
+                    return;
+                }
+            }
+            r = rd.read(&mut buf[got..]) => {
+                match r {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(Event::ControlLost("the control connection was closed".into()));
+                        return;
+                    }
+                    Ok(n) => {
+                        got += n;
+                        if got < buf.len() {
+                            continue;
+                        }
+                        got = 0;
+                        let (kind, outcome, index, value) = super::parse_control_msg(&buf);
+                        match kind {
+                            control::PONG => {
+                                if let Some(t) = sent.remove(&value) {
+                                    let _ = tx.send(Event::Pong { sent: t });
+                                }
+                            }
+                            control::REPORT => {
+                                let _ = tx.send(Event::Report { index, outcome, idle_us: value });
+                            }
+                            _ => {
+                                let _ = tx.send(Event::ControlLost(format!("unknown control message {kind}")));
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The responder's measured idle period, or `nominal` when it did not say.
+fn measured(idle_us: u64, nominal: Duration) -> Duration {
+    if idle_us == 0 {
+        nominal
+    } else {
+        Duration::from_micros(idle_us)
+    }
+}
+
+fn session_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // Unique enough within one responder: time and process id.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_be_bytes(b)
+}
+
+/// Runs a probe against the responder at `cfg.addr`, calling `progress` a few times per
+/// second. Returns once the bracket is settled in every direction probed, or as soon as the
+/// result cannot be trusted (inconclusive).
+pub async fn run(
+    cfg: ProbeConfig,
+    mut progress: impl FnMut(&Progress),
+) -> Result<ProbeReport, ProbeError> {
+    let dirs: Vec<Direction> = [
+        (cfg.client_first, Direction::ClientFirst),
+        (cfg.server_first, Direction::ServerFirst),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, d)| *d)
+    .collect();
+    if dirs.is_empty() {
+        return Err(ProbeError::Config("no direction to probe".into()));
+    }
+    if cfg.connections < dirs.len() {
+        return Err(ProbeError::Config(format!(
+            "--connections {} is below one per direction",
+            cfg.connections
+        )));
+    }
+    if cfg.max > super::MAX_DELAY {
+        return Err(ProbeError::Config(format!(
+            "max {} is above the longest idle period a responder accepts ({})",
+            super::secs(cfg.max),
+            super::secs(super::MAX_DELAY)
+        )));
+    }
+    if cfg
+        .grace
+        .is_some_and(|g| g.is_zero() || g > super::MAX_GRACE)
+    {
+        return Err(ProbeError::Config(format!(
+            "grace must be between 1 ms and {}",
+            super::secs(super::MAX_GRACE)
+        )));
+    }
+    if cfg.max < cfg.min {
+        return Err(ProbeError::Config(format!(
+            "max {} is below the shortest idle period tested ({})",
+            super::secs(cfg.max),
+            super::secs(cfg.min)
+        )));
+    }
+    let start = Instant::now();
+    let session = session_id();
+    let since_start = |t: Instant| t.saturating_duration_since(start);
+
+    // Control connection first: it measures the RTT and must exist before server-first
+    // connections report.
+    let control_req = Request {
+        mode: Mode::Control,
+        session,
+        index: u32::MAX,
+        delay: Duration::ZERO,
+        grace: Duration::from_secs(1),
+    };
+    let t0 = Instant::now();
+    let ctl = match tokio::time::timeout(cfg.connect_timeout, open(cfg.addr, &control_req)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ProbeError::Connect {
+                addr: cfg.addr,
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+            })
+        }
+    };
+    // Connect + request/answer: two round trips.
+    let rtt = t0.elapsed() / 2;
+    let grace = cfg
+        .grace
+        .unwrap_or_else(|| (Duration::from_millis(200) + rtt * 3).max(Duration::from_millis(300)));
+    let ping_interval = (grace / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let outage_after = (grace * 3).max(Duration::from_secs(1));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let control_task = tokio::spawn(run_control(ctl, ping_interval, outage_after, tx.clone()));
+
+    let per_dir = cfg.connections / dirs.len();
+    let mut plans: Vec<DirectionPlan> = dirs
+        .iter()
+        .map(|&d| {
+            let mut l = LadderConfig::new(cfg.max)
+                .hint(cfg.hint)
+                .slots(per_dir)
+                .ratio(cfg.ratio);
+            l.min = cfg.min;
+            DirectionPlan::new(d, &l)
+        })
+        .collect();
+    let mut tasks: HashMap<(usize, usize), JoinHandle<()>> = HashMap::new();
+    // Server-first tests that saw nothing: (test time, nominal age, deadline for the REPORT).
+    let mut awaiting_report: HashMap<(usize, usize), (Instant, Duration, Instant)> = HashMap::new();
+    let mut early_reports: HashMap<(usize, usize), (u8, u64)> = HashMap::new();
+    let mut next_open_at = Instant::now();
+    let mut opened = 0usize;
+    let mut last_pong_sent: Option<Instant> = None;
+    let mut failure: Option<String> = None;
+    let hard_cap = cfg.max * 3 + Duration::from_secs(30);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let report_outcome = |b: u8| match b {
+        report::ALIVE => None,
+        report::SILENT => Some(Outcome::Expired(Expiry::SilentDrop)),
+        report::RESET => Some(Outcome::Expired(Expiry::Reset)),
+        report::CLOSE => Some(Outcome::Expired(Expiry::Close)),
+        _ => Some(Outcome::Expired(Expiry::Unknown)),
+    };
+
+    let results = loop {
+        // Open rungs while slots are free, alternating directions.
+        let mut any = true;
+        while any {
+            any = false;
+            for (di, plan) in plans.iter_mut().enumerate() {
+                if let Some(k) = plan.next_open() {
+                    any = true;
+                    let now = Instant::now();
+                    let start_at = next_open_at.max(now);
+                    next_open_at = start_at + cfg.pace;
+                    opened += 1;
+                    let req = Request {
+                        mode: match plan.direction() {
+                            Direction::ClientFirst => Mode::ClientFirst,
+                            Direction::ServerFirst => Mode::ServerFirst,
+                        },
+                        session,
+                        index: index_of(di, k),
+                        delay: plan.age(k),
+                        grace,
+                    };
+                    let job = RungJob {
+                        addr: cfg.addr,
+                        req,
+                        dir: di,
+                        rung: k,
+                        start_at,
+                        connect_timeout: cfg.connect_timeout,
+                        tx: tx.clone(),
+                    };
+                    tasks.insert((di, k), tokio::spawn(run_rung(job)));
+                }
+            }
+        }
+
+        // Settled? Every direction has a result, and the control connection answered a ping
+        // sent after each decisive test (the path was up when the test failed).
+        let settled: Option<Vec<DirectionResult>> = plans.iter().map(|p| p.result()).collect();
+        if let Some(results) = settled {
+            let verified = results.iter().all(|r| match r.decided_at {
+                Some(d) => last_pong_sent.is_some_and(|p| since_start(p) >= d),
+                None => true,
+            });
+            if verified || failure.is_some() {
+                break results;
+            }
+        }
+        if let Some(f) = &failure {
+            // Not settled and not trustworthy: stop now with what there is.
+            let _ = f;
+            break plans
+                .iter()
+                .map(|p| {
+                    p.result().unwrap_or_else(|| {
+                        let (lower, upper) = p.bounds();
+                        DirectionResult {
+                            direction: p.direction(),
+                            lower,
+                            upper,
+                            expiry: None,
+                            conclusive: false,
+                            note: Some("not settled".into()),
+                            decided_at: None,
+                            tests: p.tests(),
+                        }
+                    })
+                })
+                .collect();
+        }
+
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = tick.tick() => None,
+        };
+        let now = Instant::now();
+        if since_start(now) > hard_cap {
+            failure = Some(format!(
+                "the probe ran for {} without settling",
+                super::secs(since_start(now))
+            ));
+        }
+        match ev {
+            Some(Event::Opened { dir, rung, since }) => plans[dir].opened(rung, since_start(since)),
+            Some(Event::OpenFailed { dir, rung }) => {
+                tasks.remove(&(dir, rung));
+                plans[dir].open_failed(rung);
+                failure.get_or_insert_with(|| "a probe connection could not be opened".into());
+            }
+            Some(Event::Tested {
+                dir,
+                rung,
+                at,
+                age,
+                outcome,
+            }) => {
+                tasks.remove(&(dir, rung));
+                let resolved = match outcome {
+                    Some(o) => Some((o, age)),
+                    None => match early_reports.remove(&(dir, rung)) {
+                        Some((b, idle_us)) => {
+                            report_outcome(b).map(|o| (o, measured(idle_us, age)))
+                        }
+                        None => {
+                            awaiting_report.insert((dir, rung), (at, age, now + grace * 2));
+                            None
+                        }
+                    },
+                };
+                if let Some((o, age)) = resolved {
+                    for c in plans[dir].resolve(rung, o, since_start(at), age) {
+                        if let Some(t) = tasks.remove(&(dir, c)) {
+                            t.abort();
+                        }
+                    }
+                }
+            }
+            Some(Event::Pong { sent }) => {
+                last_pong_sent = Some(last_pong_sent.map_or(sent, |p| p.max(sent)));
+            }
+            Some(Event::Report {
+                index,
+                outcome,
+                idle_us,
+            }) => {
+                let dir = (index >> 24) as usize;
+                let rung = (index & 0x00ff_ffff) as usize;
+                if dir < plans.len() && rung < plans[dir].ages().len() {
+                    if let Some(o) = report_outcome(outcome) {
+                        let at = match awaiting_report.remove(&(dir, rung)) {
+                            Some((at, _, _)) => Some(at),
+                            // Reported before the client's own deadline (an RST is immediate):
+                            // the test time is the rung's due time.
+                            None => plans[dir].due(rung).map(|d| start + d),
+                        };
+                        match at {
+                            Some(at) => {
+                                if let Some(t) = tasks.remove(&(dir, rung)) {
+                                    t.abort();
+                                }
+                                let age = measured(idle_us, plans[dir].age(rung));
+                                for c in plans[dir].resolve(rung, o, since_start(at), age) {
+                                    if let Some(t) = tasks.remove(&(dir, c)) {
+                                        t.abort();
+                                    }
+                                }
+                            }
+                            None => {
+                                early_reports.insert((dir, rung), (outcome, idle_us));
+                            }
+                        }
+                    }
+                }
+            }
+            Some(Event::ControlLost(why)) => {
+                failure.get_or_insert(why);
+            }
+            None => {}
+        }
+        // Server-first tests whose REPORT never came: the kind of expiry is unknown.
+        let overdue: Vec<_> = awaiting_report
+            .iter()
+            .filter(|(_, (_, _, deadline))| now >= *deadline)
+            .map(|(k, (at, age, _))| (*k, *at, *age))
+            .collect();
+        for ((dir, rung), at, age) in overdue {
+            awaiting_report.remove(&(dir, rung));
+            let unknown = Outcome::Expired(Expiry::Unknown);
+            for c in plans[dir].resolve(rung, unknown, since_start(at), age) {
+                if let Some(t) = tasks.remove(&(dir, c)) {
+                    t.abort();
+                }
+            }
+        }
+
+        let elapsed = since_start(now);
+        let (lower, upper) = {
+            let b: Vec<_> = plans.iter().map(|p| p.bounds()).collect();
+            (
+                b.iter().map(|b| b.0).min().unwrap_or_default(),
+                b.iter().filter_map(|b| b.1).min(),
+            )
+        };
+        let planned = plans
+            .iter()
+            .map(|p| p.planned_end())
+            .try_fold(Duration::ZERO, |acc, d| d.map(|d| acc.max(d)));
+        let remaining = match planned {
+            Some(end) => (end + grace).saturating_sub(elapsed),
+            // Rungs not yet open: at worst the top rung, opened now.
+            None => cfg.max + grace,
+        };
+        progress(&Progress {
+            elapsed,
+            remaining,
+            lower,
+            upper,
+            tests: plans.iter().map(|p| p.tests()).sum(),
+            open: plans.iter().map(|p| p.busy()).sum(),
+        });
+    };
+
+    let wall = start.elapsed();
+    for (_, t) in tasks.drain() {
+        t.abort();
+    }
+    control_task.abort();
+
+    let (lower, upper) = ladder::combine(&results);
+    let mut note = failure;
+    if note.is_none() {
+        note = results.iter().find_map(|r| {
+            r.note
+                .as_ref()
+                .map(|n| format!("{}: {n}", r.direction.name()))
+        });
+    }
+    Ok(ProbeReport {
+        lower,
+        upper,
+        max: cfg.max,
+        conclusive: note.is_none(),
+        note,
+        directions: results,
+        wall,
+        rtt,
+        grace,
+        connections: opened,
+    })
+}

@@ -1,0 +1,268 @@
+//! `tether probe` over loopback against a real `Server`, through an in-process userspace
+//! proxy that forgets flows idle for `T` or longer (like conntrack with loose pickup off) and
+//! then drops their packets silently or resets whoever sends next, and can blackhole
+//! everything.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether::probe::{self, Direction, Expiry, ProbeConfig};
+use tether::{Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AtExpiry {
+    Drop,
+    Reset,
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    blackhole: Arc<AtomicBool>,
+}
+
+async fn server() -> Server {
+    Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap()
+}
+
+/// A proxy to `upstream` that forgets a flow once it has been idle (no byte either way) for
+/// `timeout`: the first byte after that is dropped with everything after it (`Drop`), or
+/// the side that sent it is reset (`Reset`, like `ct state invalid reject with tcp reset`).
+async fn proxy(upstream: SocketAddr, timeout: Duration, at_expiry: AtExpiry) -> Proxy {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let blackhole = Arc::new(AtomicBool::new(false));
+    let bh = blackhole.clone();
+    tokio::spawn(async move {
+        while let Ok((c, _)) = l.accept().await {
+            let bh = bh.clone();
+            tokio::spawn(async move {
+                let Ok(u) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                flow(c, u, timeout, at_expiry, bh).await;
+            });
+        }
+    });
+    Proxy { addr, blackhole }
+}
+
+async fn flow(
+    c: TcpStream,
+    u: TcpStream,
+    timeout: Duration,
+    at_expiry: AtExpiry,
+    blackhole: Arc<AtomicBool>,
+) {
+    let mut c = Some(c);
+    let mut u = Some(u);
+    let mut last = Instant::now();
+    let mut expired = false;
+    let (mut bc, mut bu) = ([0u8; 4096], [0u8; 4096]);
+    loop {
+        // Read from whichever side is still there.
+        let (from_client, n) = tokio::select! {
+            r = async { c.as_mut().unwrap().read(&mut bc).await }, if c.is_some() => (true, r),
+            r = async { u.as_mut().unwrap().read(&mut bu).await }, if u.is_some() => (false, r),
+            else => return,
+        };
+        let n = match n {
+            // Once the flow is forgotten, a close on one side does not reach the other.
+            Ok(0) | Err(_) if expired => {
+                if from_client {
+                    c = None;
+                } else {
+                    u = None;
+                }
+                continue;
+            }
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if blackhole.load(Relaxed) {
+            continue;
+        }
+        let now = Instant::now();
+        if !expired && now.duration_since(last) >= timeout {
+            expired = true;
+            if at_expiry == AtExpiry::Reset {
+                // Reset the sender; the other side hears nothing.
+                let sender = if from_client { c.take() } else { u.take() };
+                if let Some(s) = sender {
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    drop(s);
+                }
+                continue;
+            }
+        }
+        if expired {
+            continue;
+        }
+        last = now;
+        let (data, to) = if from_client {
+            (&bc[..n], u.as_mut())
+        } else {
+            (&bu[..n], c.as_mut())
+        };
+        if let Some(to) = to {
+            if to.write_all(data).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn cfg(addr: SocketAddr, max: f64) -> ProbeConfig {
+    ProbeConfig::new(addr)
+        .max(Duration::from_secs_f64(max))
+        .connections(48)
+}
+
+#[tokio::test]
+async fn no_timeout_below_max() {
+    let s = server().await;
+    let r = probe::run(cfg(s.local_addr(), 2.0), |_| {}).await.unwrap();
+    assert!(r.conclusive, "{r:?}");
+    assert_eq!(r.upper, None, "{r:?}");
+    // The top rung is 2 s; measured ages are a little longer.
+    assert!(r.lower >= Duration::from_secs(2), "{r:?}");
+    assert!(r.lower < Duration::from_millis(2200), "{r:?}");
+    for d in [Direction::ClientFirst, Direction::ServerFirst] {
+        let dr = r.direction(d).unwrap();
+        assert_eq!((dr.upper, dr.expiry), (None, None), "{dr:?}");
+    }
+    // Loose two-sided bound: the top rung is tested at about 2 s after set-up.
+    assert!(
+        r.wall >= Duration::from_secs(2) && r.wall < Duration::from_secs(6),
+        "{r:?}"
+    );
+}
+
+async fn bracket(timeout: f64, at_expiry: AtExpiry) {
+    let s = server().await;
+    let p = proxy(s.local_addr(), Duration::from_secs_f64(timeout), at_expiry).await;
+    let r = probe::run(cfg(p.addr, 6.0), |_| {}).await.unwrap();
+    eprintln!("{r:?}");
+    assert!(r.conclusive, "{r:?}");
+    let (lower, upper) = (r.lower.as_secs_f64(), r.upper.unwrap().as_secs_f64());
+    assert!(
+        lower < timeout && timeout <= upper,
+        "T={timeout}: ({lower}, {upper}] {r:?}"
+    );
+    assert!(
+        upper - lower <= (0.05 * timeout).max(0.3),
+        "({lower}, {upper}]"
+    );
+    let want = match at_expiry {
+        AtExpiry::Drop => Expiry::SilentDrop,
+        AtExpiry::Reset => Expiry::Reset,
+    };
+    for d in [Direction::ClientFirst, Direction::ServerFirst] {
+        let dr = r.direction(d).unwrap();
+        assert_eq!(dr.expiry, Some(want), "{dr:?}");
+        let (l, u) = (dr.lower.as_secs_f64(), dr.upper.unwrap().as_secs_f64());
+        assert!(l < timeout && timeout <= u, "{dr:?}");
+    }
+    // Generous: this runs next to other tests on a shared machine.
+    assert!(r.wall.as_secs_f64() < 1.3 * timeout + 3.0, "{r:?}");
+}
+
+#[tokio::test]
+async fn idle_expiring_proxy_silent_drop_is_bracketed() {
+    bracket(1.55, AtExpiry::Drop).await;
+}
+
+#[tokio::test]
+async fn idle_expiring_proxy_reset_is_bracketed() {
+    bracket(1.33, AtExpiry::Reset).await;
+}
+
+#[tokio::test]
+async fn blackhole_mid_probe_is_inconclusive() {
+    let s = server().await;
+    let p = proxy(s.local_addr(), Duration::from_secs_f64(1.5), AtExpiry::Drop).await;
+    let bh = p.blackhole.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        bh.store(true, Relaxed);
+    });
+    let r = probe::run(cfg(p.addr, 6.0), |_| {}).await.unwrap();
+    assert!(!r.conclusive, "{r:?}");
+    assert!(r.note.as_deref().unwrap_or("").contains("control"), "{r:?}");
+    // It gives up soon after the outage, not at the end of the ladder.
+    assert!(r.wall < Duration::from_secs(4), "{r:?}");
+}
+
+#[tokio::test]
+async fn progress_is_reported_and_ends_near_zero() {
+    let s = server().await;
+    let mut last = None;
+    let mut calls = 0;
+    let r = probe::run(cfg(s.local_addr(), 1.0), |p| {
+        calls += 1;
+        last = Some(p.clone());
+    })
+    .await
+    .unwrap();
+    assert!(r.conclusive);
+    assert!(calls >= 3, "{calls}");
+    let last = last.unwrap();
+    assert!(
+        last.tests > 0 && last.remaining < Duration::from_secs(1),
+        "{last:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_a_responder_is_an_error() {
+    // Something that answers with garbage.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let e = probe::run(cfg(addr, 2.0), |_| {}).await.unwrap_err();
+    assert!(
+        e.to_string().contains("not a tether probe responder"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_request_is_refused_with_a_reason() {
+    let s = server().await;
+    let mut c = TcpStream::connect(s.local_addr()).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    tether_proto::codec::encode_preamble(&mut out);
+    tether_proto::codec::encode(
+        &tether_proto::codec::Frame::Probe(bytes::Bytes::from_static(&[9, 1, 2])),
+        &mut out,
+    );
+    c.write_all(&out).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("unsupported probe version 9"), "{text:?}");
+}
+
+#[tokio::test]
+async fn settings_a_responder_would_refuse_are_errors_up_front() {
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let too_long = ProbeConfig::new(addr).max(Duration::from_secs(25 * 3600));
+    let e = probe::run(too_long, |_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("longest idle period"), "{e}");
+    let no_dir = ProbeConfig::new(addr).directions(false, false);
+    let e = probe::run(no_dir, |_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("no direction"), "{e}");
+    let grace = ProbeConfig::new(addr).grace(Some(Duration::from_secs(61)));
+    let e = probe::run(grace, |_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("grace"), "{e}");
+}
