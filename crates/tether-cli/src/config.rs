@@ -7,7 +7,21 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use anyhow::{bail, Context, Result};
+use tether_proto::policy::Policy;
+use tether_proto::presets::PathSpec;
+
+/// The liveness flags shared by `serve`, `proxy` and `tunnel` (raw, as given on the command
+/// line; `None` when absent).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PolicyFlags<'a> {
+    pub(crate) detect_within: Option<&'a str>,
+    pub(crate) path: Option<&'a str>,
+    pub(crate) heartbeat: Option<&'a str>,
+    pub(crate) idle_timeout: Option<&'a str>,
+}
 
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +119,41 @@ impl Layers {
         }
     }
 
+    /// The liveness policy from the flags every long-running command shares
+    /// (`detect_within`, `path`, and the optional `heartbeat` / `idle_timeout` overrides).
+    pub(crate) fn policy(&self, f: PolicyFlags<'_>, default_detect: Duration) -> Result<Policy> {
+        let detect = self
+            .get("detect_within", f.detect_within, parse_duration)?
+            .unwrap_or(default_detect);
+        let path = self.get("path", f.path, |s| {
+            PathSpec::parse(s).map_err(|e| e.to_string())
+        })?;
+        let mut b = Policy::builder(detect).path(path);
+        if let Some(h) = self.get("heartbeat", f.heartbeat, parse_duration)? {
+            b = b.heartbeat(h);
+        }
+        if let Some(i) = self.get("idle_timeout", f.idle_timeout, parse_duration)? {
+            b = b.idle_timeout(Some(i));
+        }
+        b.build().context("the liveness settings are inconsistent")
+    }
+
+    /// An address that can be switched off with `off` or `none`; `default` when not given.
+    pub(crate) fn optional_addr(
+        &self,
+        key: &str,
+        flag: Option<&str>,
+        default: Option<SocketAddr>,
+    ) -> Result<Option<SocketAddr>> {
+        match self.raw(key, flag) {
+            Some((v, _)) if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") => {
+                Ok(None)
+            }
+            Some(_) => self.get(key, flag, parse_addr),
+            None => Ok(default),
+        }
+    }
+
     /// A boolean: a bare flag counts as true.
     pub(crate) fn flag(&self, key: &str, flag: bool) -> Result<bool> {
         Ok(self
@@ -128,10 +177,10 @@ pub(crate) fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 }
 
 /// A socket address; `host:port` names are resolved, a bare port means 127.0.0.1.
-pub(crate) fn parse_addr(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
+pub(crate) fn parse_addr(s: &str) -> std::result::Result<SocketAddr, String> {
     use std::net::ToSocketAddrs;
     if let Ok(port) = s.parse::<u16>() {
-        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
     if let Ok(a) = s.parse() {
         return Ok(a);

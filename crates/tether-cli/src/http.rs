@@ -37,6 +37,18 @@ pub(crate) trait StatusSource: Send + Sync + 'static {
     fn metrics(&self) -> MetricsSnapshot;
 }
 
+/// What the presence registry knows about one client, borrowed (from a registry `Entry` or
+/// from a server's `ClientInfo`).
+pub(crate) struct PresenceView<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) state: &'a PresenceState,
+    pub(crate) conn_id: u64,
+    pub(crate) remote: SocketAddr,
+    pub(crate) connected_since: Instant,
+    pub(crate) connects: u64,
+    pub(crate) disconnects: u64,
+}
+
 /// One client, as shown on the status page and in `/api/clients`.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ClientRow {
@@ -77,14 +89,29 @@ pub(crate) struct ClientRow {
 }
 
 impl ClientRow {
-    /// A row from a presence registry entry. `now` and `wall_now` are the same moment on the
-    /// monotonic and the wall clock (to convert instants). The per-connection figures the
-    /// registry does not keep (`rtt`, messages, bytes, and `last_seen_ago` while connected) are
-    /// left empty for the driver to fill from its connection counters; for a client that is
-    /// no longer connected, last seen is derived from the disconnect time and silence.
-    /// (Used by tests and by sources that hold a registry directly.)
+    /// A row from a presence registry entry (see [`ClientRow::from_view`]).
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn from_entry(id: &str, entry: &Entry, now: Instant, wall_now: SystemTime) -> Self {
+        let view = PresenceView {
+            id,
+            state: &entry.state,
+            conn_id: entry.conn_id,
+            remote: entry.remote,
+            connected_since: entry.connected_since,
+            connects: entry.connects,
+            disconnects: entry.disconnects,
+        };
+        ClientRow::from_view(&view, now, wall_now)
+    }
+
+    /// A row from what the presence registry knows. `now` and `wall_now` are the same moment
+    /// on the monotonic and the wall clock (to convert instants). The per-connection figures
+    /// the registry does not keep (`rtt`, messages, bytes, and `last_seen_ago` while
+    /// connected) are left empty for the caller to fill from its connection counters; for a
+    /// client that is no longer connected, last seen is derived from the disconnect time and
+    /// silence.
+    pub(crate) fn from_view(v: &PresenceView<'_>, now: Instant, wall_now: SystemTime) -> Self {
+        let (id, entry) = (v.id, v);
         let wall = |t: Instant| wall_now.checked_sub(now.saturating_duration_since(t));
         let (disconnected_at, silent_for, reason, hold_left) = match &entry.state {
             PresenceState::Online | PresenceState::Suspect => (None, None, None, None),

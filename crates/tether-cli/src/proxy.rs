@@ -19,13 +19,11 @@ use tether::proxy::{
     CopyMode, Proxy, ProxyConfig, ProxyEvent, ProxyHandle, ProxyMetrics, PROXY_REASONS,
 };
 use tether_proto::duration::Human;
-use tether_proto::policy::Policy;
-use tether_proto::presets::PathSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::config::{parse_addr, parse_count, parse_duration, Layers};
+use crate::config::{parse_addr, parse_count, parse_duration, Layers, PolicyFlags};
 use crate::log;
 
 const KEYS: &[&str] = &[
@@ -140,27 +138,14 @@ impl ProxyArgs {
         let upstream = l
             .get("upstream", self.upstream.as_deref(), parse_addr)?
             .ok_or(Missing("upstream"))?;
-        let http = match l.raw("http", self.http.as_deref()) {
-            None => None,
-            Some((v, _)) if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") => None,
-            Some(_) => l.get("http", self.http.as_deref(), parse_addr)?,
+        let http = l.optional_addr("http", self.http.as_deref(), None)?;
+        let flags = PolicyFlags {
+            detect_within: self.detect_within.as_deref(),
+            path: self.path.as_deref(),
+            idle_timeout: self.idle_timeout.as_deref(),
+            ..PolicyFlags::default()
         };
-        let detect = l
-            .get(
-                "detect_within",
-                self.detect_within.as_deref(),
-                parse_duration,
-            )?
-            .unwrap_or(Duration::from_secs(30));
-        let path = l.get("path", self.path.as_deref(), |s| {
-            PathSpec::parse(s).map_err(|e| e.to_string())
-        })?;
-        let idle = l.get("idle_timeout", self.idle_timeout.as_deref(), parse_duration)?;
-        let policy = Policy::builder(detect)
-            .path(path)
-            .idle_timeout(idle)
-            .build()
-            .context("the liveness settings are inconsistent")?;
+        let policy = l.policy(flags, Duration::from_secs(30))?;
         let mut config = ProxyConfig::new(listen, upstream).policy(policy);
         if let Some(t) = l.get(
             "connect_timeout",

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -12,10 +12,9 @@ use tether::{Server, ServerConfig, ServerEvent, ServerHandle};
 use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::presence::PresenceState;
-use tether_proto::presets::PathSpec;
 
-use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers};
-use crate::http::{self, ClientRow, MetricsSnapshot, StatusSource};
+use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
+use crate::http::{self, ClientRow, MetricsSnapshot, PresenceView, StatusSource};
 use crate::log;
 
 const KEYS: &[&str] = &[
@@ -120,33 +119,18 @@ impl ServeArgs {
         let listen = l
             .get("listen", self.listen.as_deref(), parse_addr)?
             .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7300)));
-        let http = match l.raw("http", self.http.as_deref()) {
-            Some((v, _)) if v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("none") => None,
-            _ => Some(
-                l.get("http", self.http.as_deref(), parse_addr)?
-                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7301))),
-            ),
+        let http = l.optional_addr(
+            "http",
+            self.http.as_deref(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 7301))),
+        )?;
+        let flags = PolicyFlags {
+            detect_within: self.detect_within.as_deref(),
+            path: self.path.as_deref(),
+            heartbeat: self.heartbeat.as_deref(),
+            idle_timeout: self.idle_timeout.as_deref(),
         };
-        let detect = l
-            .get(
-                "detect_within",
-                self.detect_within.as_deref(),
-                parse_duration,
-            )?
-            .unwrap_or(Duration::from_secs(30));
-        let path = l.get("path", self.path.as_deref(), |s| {
-            PathSpec::parse(s).map_err(|e| e.to_string())
-        })?;
-        let mut b = Policy::builder(detect).path(path);
-        if let Some(h) = l.get("heartbeat", self.heartbeat.as_deref(), parse_duration)? {
-            b = b.heartbeat(h);
-        }
-        if let Some(i) = l.get("idle_timeout", self.idle_timeout.as_deref(), parse_duration)? {
-            b = b.idle_timeout(Some(i));
-        }
-        let mut policy = b
-            .build()
-            .context("the liveness settings are inconsistent")?;
+        let mut policy = l.policy(flags, Duration::from_secs(30))?;
         // RTT for the status page: one PING every three heartbeat intervals (it replaces a
         // heartbeat, so it costs 9 bytes more, not an extra packet).
         policy
@@ -220,53 +204,25 @@ impl StatusSource for Status {
             .clients()
             .into_iter()
             .map(|c| {
-                let wall_of = |t: Instant| wall.checked_sub(now.saturating_duration_since(t));
-                let (disconnected_at, silent_for, reason, hold_left) = match &c.state {
-                    PresenceState::Online | PresenceState::Suspect => (None, None, None, None),
-                    PresenceState::Resuming {
-                        reason,
-                        at,
-                        silent_for,
-                        until,
-                    } => (
-                        Some(*at),
-                        Some(*silent_for),
-                        Some(reason.clone()),
-                        Some(until.saturating_duration_since(now)),
-                    ),
-                    PresenceState::Offline {
-                        reason,
-                        at,
-                        silent_for,
-                    } => (Some(*at), Some(*silent_for), Some(reason.clone()), None),
-                };
-                let s = c.stats.unwrap_or_default();
-                let last_seen_ago = match (s.last_rx, disconnected_at) {
-                    (Some(rx), None) => Some(now.saturating_duration_since(rx)),
-                    (_, Some(at)) => {
-                        Some(now.saturating_duration_since(at) + silent_for.unwrap_or_default())
-                    }
-                    _ => None,
-                };
-                ClientRow {
-                    id: c.id,
-                    state: c.state.kind(),
+                let view = PresenceView {
+                    id: &c.id,
+                    state: &c.state,
                     conn_id: c.conn_id,
-                    remote: Some(c.remote),
-                    connected_since: wall_of(c.connected_since),
-                    last_seen_ago,
-                    rtt: s.srtt,
-                    disconnected_at: disconnected_at.and_then(wall_of),
-                    silent_for,
-                    reason,
-                    hold_left,
-                    messages_in: s.messages_in,
-                    messages_out: s.messages_out,
-                    bytes_in: s.bytes_in,
-                    bytes_out: s.bytes_out,
+                    remote: c.remote,
+                    connected_since: c.connected_since,
                     connects: c.connects,
                     disconnects: c.disconnects,
+                };
+                let mut row = ClientRow::from_view(&view, now, wall);
+                if let Some(s) = c.stats {
+                    row.last_seen_ago = s.last_rx.map(|rx| now.saturating_duration_since(rx));
+                    row.rtt = s.srtt;
+                    row.messages_in = s.messages_in;
+                    row.messages_out = s.messages_out;
+                    row.bytes_in = s.bytes_in;
+                    row.bytes_out = s.bytes_out;
                 }
+                row
             })
             .collect()
     }

@@ -12,10 +12,9 @@ use tether::tunnel::{EntryConfig, ExitConfig, TunnelEvent};
 use tether::ServerConfig;
 use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
-use tether_proto::presets::PathSpec;
 use tether_proto::session::SessionConfig;
 
-use crate::config::{parse_addr, parse_bytes, parse_duration, Layers};
+use crate::config::{parse_addr, parse_bytes, parse_duration, Layers, PolicyFlags};
 use crate::log;
 
 /// Keys common to both sides (flags, `TETHER_<KEY>`, TOML).
@@ -132,19 +131,13 @@ fn keys(extra: &'static str) -> Vec<&'static str> {
 }
 
 fn resolve_common(l: &Layers, c: &Common) -> Result<Shared> {
-    let detect = l
-        .get("detect_within", c.detect_within.as_deref(), parse_duration)?
-        .unwrap_or(Duration::from_secs(10));
-    let path = l.get("path", c.path.as_deref(), |s| {
-        PathSpec::parse(s).map_err(|e| e.to_string())
-    })?;
-    let mut b = Policy::builder(detect).path(path);
-    if let Some(h) = l.get("heartbeat", c.heartbeat.as_deref(), parse_duration)? {
-        b = b.heartbeat(h);
-    }
-    let policy = b
-        .build()
-        .context("the liveness settings are inconsistent")?;
+    let flags = PolicyFlags {
+        detect_within: c.detect_within.as_deref(),
+        path: c.path.as_deref(),
+        heartbeat: c.heartbeat.as_deref(),
+        ..PolicyFlags::default()
+    };
+    let policy = l.policy(flags, Duration::from_secs(10))?;
     let linger = l
         .get(
             "session_linger",

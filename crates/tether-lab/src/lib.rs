@@ -45,7 +45,46 @@ pub use fault::{Fault, FaultKind};
 pub use method::{Method, Scale};
 pub use peer::{peer_main, PeerCommand};
 pub use run::{Cell, CellResult, Hook, Lab, Outcome, Progress};
-pub use sys::check_environment;
+pub use sys::{check_environment, enter_netns};
+
+/// Why the lab cannot run here — `TETHER_LAB_SKIP` is set, not root, or a tool is missing —
+/// or `None` when it can. Tests print it in a loud `SKIP` line and pass.
+pub fn skip_reason() -> Option<String> {
+    if std::env::var_os("TETHER_LAB_SKIP").is_some() {
+        return Some("TETHER_LAB_SKIP is set".into());
+    }
+    check_environment().err().map(|e| e.to_string())
+}
+
+/// Runs `f` on a new thread that first enters network namespace `ns`: every socket it makes
+/// belongs to that namespace. Panics (in that thread) when the namespace cannot be entered.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        if let Err(e) = enter_netns(&ns) {
+            panic!("cannot enter network namespace {ns}: {e}");
+        }
+        f()
+    })
+}
+
+/// Runs `fut` to completion on a current-thread tokio runtime, on a new thread inside
+/// network namespace `ns` (see [`spawn_in_netns`]).
+pub fn spawn_async_in_netns<T: Send + 'static>(
+    ns: &str,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    spawn_in_netns(ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+            .block_on(fut)
+    })
+}
 pub use topology::{Role, Shape, Topology};
 
 /// Every cell for the given faults, methods and shapes, in report order.

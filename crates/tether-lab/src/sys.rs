@@ -106,7 +106,7 @@ pub(crate) fn run_in(
 
 /// Moves the calling thread into network namespace `name` (`/run/netns/NAME`). Sockets the
 /// thread creates afterwards belong to that namespace and keep it for their whole life.
-pub(crate) fn enter_netns(name: &str) -> io::Result<()> {
+pub fn enter_netns(name: &str) -> io::Result<()> {
     let file = File::open(format!("/run/netns/{name}"))?;
     // SAFETY: setns takes a file descriptor and a flag; the descriptor is valid for the whole
     // call (`file` lives until the end of this function) and CLONE_NEWNET changes only the

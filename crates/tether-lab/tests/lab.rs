@@ -15,16 +15,9 @@ use tether_lab::{
     cells, Cell, CellResult, Fault, Lab, Method, Outcome, PeerCommand, Role, Scale, Shape,
 };
 
-fn skip_reason() -> Option<String> {
-    if std::env::var_os("TETHER_LAB_SKIP").is_some() {
-        return Some("TETHER_LAB_SKIP is set".into());
-    }
-    tether_lab::check_environment().err().map(|e| e.to_string())
-}
-
 /// The lab, or `None` after printing a loud SKIP line.
 fn lab(test: &str) -> Option<Lab> {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = tether_lab::skip_reason() {
         // Once per process, straight to stderr in one write with its own line breaks: the
         // harness captures print!/eprint! of passing tests, and this line must be seen
         // whole (scripts/test collects SKIP lines).

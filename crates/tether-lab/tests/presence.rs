@@ -14,35 +14,14 @@ use tether_proto::policy::Policy;
 use tether_proto::presence::PresenceState;
 
 fn skip() -> bool {
-    let why = if std::env::var_os("TETHER_LAB_SKIP").is_some() {
-        Some("TETHER_LAB_SKIP is set".to_string())
-    } else {
-        tether_lab::check_environment().err().map(|e| e.to_string())
-    };
-    if let Some(why) = why {
-        let _ = std::io::stderr()
-            .write_all(format!("\nSKIP tether-lab presence tests: {why}\n").as_bytes());
-        return true;
+    match tether_lab::skip_reason() {
+        Some(why) => {
+            let _ = std::io::stderr()
+                .write_all(format!("\nSKIP tether-lab presence tests: {why}\n").as_bytes());
+            true
+        }
+        None => false,
     }
-    false
-}
-
-fn in_netns<T: Send + 'static>(
-    ns: String,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("namespace exists");
-        // SAFETY: setns takes a valid descriptor (`f` lives across the call) and a flag; it
-        // only changes the calling thread's network namespace.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(fut)
-    })
 }
 
 const D: Duration = Duration::from_secs(3);
@@ -69,7 +48,7 @@ fn scenario(
     let (listen, connect) = (topo.listen_addr(), topo.connect_addr());
     let (fault_tx, fault_rx) = std::sync::mpsc::channel::<()>();
     let p = policy.clone();
-    let server = in_netns(topo.netns(Role::Server).to_string(), async move {
+    let server = tether_lab::spawn_async_in_netns(topo.netns(Role::Server), async move {
         let cfg = ServerConfig::new(listen).policy(p).session_linger(None);
         let srv = Server::bind(cfg).await.expect("bind");
         let mut changes = srv.subscribe();
@@ -84,7 +63,7 @@ fn scenario(
         }
     });
     let p = policy.clone();
-    let client = in_netns(topo.netns(Role::Client).to_string(), async move {
+    let client = tether_lab::spawn_async_in_netns(topo.netns(Role::Client), async move {
         let mut cfg = ClientConfig::new(connect, "phone-1");
         cfg.connect.policy = p;
         cfg.session = false;

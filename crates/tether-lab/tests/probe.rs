@@ -18,12 +18,7 @@ use tether_lab::topology::{Invalid, RouterConfig};
 use tether_lab::{Role, Shape, Topology};
 
 fn skip(test: &str) -> bool {
-    let why = if std::env::var_os("TETHER_LAB_SKIP").is_some() {
-        Some("TETHER_LAB_SKIP is set".to_string())
-    } else {
-        tether_lab::check_environment().err().map(|e| e.to_string())
-    };
-    if let Some(why) = why {
+    if let Some(why) = tether_lab::skip_reason() {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
             let line = format!("\nSKIP tether-lab probe tests (first: {test}): {why}\n");
@@ -32,30 +27,6 @@ fn skip(test: &str) -> bool {
         return true;
     }
     false
-}
-
-/// Moves this thread into namespace `ns`.
-fn enter_netns(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("namespace exists");
-    // SAFETY: setns takes a valid descriptor (`f` lives across the call) and a flag; it only
-    // changes the calling thread's network namespace.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-}
-
-/// Runs `fut` on a current-thread runtime on a new thread inside namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: String,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        enter_netns(&ns);
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(fut)
-    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,7 +88,7 @@ fn run_scenario(sc: Scenario) -> Run {
     let listen = topo.listen_addr();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = in_netns(topo.netns(Role::Server).to_string(), async move {
+    let server = tether_lab::spawn_async_in_netns(topo.netns(Role::Server), async move {
         let s = Server::bind(ServerConfig::new(listen)).await.expect("bind");
         let _ = ready_tx.send(());
         let _ = stop_rx.await;
@@ -133,7 +104,7 @@ fn run_scenario(sc: Scenario) -> Run {
     });
     let cfg = ProbeConfig::new(topo.connect_addr()).max(sc.max);
     let started = Instant::now();
-    let report = in_netns(topo.netns(Role::Client).to_string(), async move {
+    let report = tether_lab::spawn_async_in_netns(topo.netns(Role::Client), async move {
         probe::run(cfg, |_| {}).await
     })
     .join()

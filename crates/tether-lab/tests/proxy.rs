@@ -14,10 +14,8 @@
 //! They need root, nftables, conntrack, iproute2 and python3; without them (or with
 //! TETHER_LAB_SKIP set) each test prints a loud SKIP line and passes.
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -120,7 +118,7 @@ impl NsProxy {
         let (ev_tx, events) = mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            enter_netns(&ns).expect("enter the namespace");
+            tether_lab::enter_netns(&ns).expect("enter the namespace");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -168,18 +166,6 @@ impl Drop for NsProxy {
             let _ = t.join();
         }
     }
-}
-
-/// Moves the calling thread into network namespace `name`.
-fn enter_netns(name: &str) -> std::io::Result<()> {
-    let file = File::open(format!("/run/netns/{name}"))?;
-    // SAFETY: setns takes a file descriptor and a flag; the descriptor stays open for the
-    // whole call and CLONE_NEWNET changes only this thread's network namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Prints `got LINE` for every line received, on any number of connections.

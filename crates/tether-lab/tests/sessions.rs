@@ -32,35 +32,14 @@ const N: u64 = 100_000;
 const FLAPS: usize = 20;
 
 fn skip() -> bool {
-    let why = if std::env::var_os("TETHER_LAB_SKIP").is_some() {
-        Some("TETHER_LAB_SKIP is set".to_string())
-    } else {
-        tether_lab::check_environment().err().map(|e| e.to_string())
-    };
-    if let Some(why) = why {
-        let _ = std::io::stderr()
-            .write_all(format!("\nSKIP tether-lab sessions chaos test: {why}\n").as_bytes());
-        return true;
+    match tether_lab::skip_reason() {
+        Some(why) => {
+            let _ = std::io::stderr()
+                .write_all(format!("\nSKIP tether-lab sessions chaos test: {why}\n").as_bytes());
+            true
+        }
+        None => false,
     }
-    false
-}
-
-fn in_netns<T: Send + 'static>(
-    ns: String,
-    fut: impl std::future::Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("namespace exists");
-        // SAFETY: setns takes a valid descriptor (`f` lives across the call) and a flag; it
-        // only changes the calling thread's network namespace.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(fut)
-    })
 }
 
 fn numbered(i: u64) -> Bytes {
@@ -105,7 +84,7 @@ fn hundred_thousand_each_way_through_twenty_flaps() {
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (sg, st) = (server_got.clone(), stop.clone());
-    let server = in_netns(topo.netns(Role::Server).to_string(), async move {
+    let server = tether_lab::spawn_async_in_netns(topo.netns(Role::Server), async move {
         let cfg = ServerConfig::new(listen)
             .policy(policy())
             .session_linger(Some(Duration::from_secs(60)));
@@ -163,7 +142,7 @@ fn hundred_thousand_each_way_through_twenty_flaps() {
     ready_rx.recv().expect("server started");
 
     let (cg, st) = (client_got.clone(), stop.clone());
-    let client = in_netns(topo.netns(Role::Client).to_string(), async move {
+    let client = tether_lab::spawn_async_in_netns(topo.netns(Role::Client), async move {
         let mut cfg = ClientConfig::new(connect, "chaos-client");
         cfg.connect.policy = policy();
         cfg.backoff = BackoffConfig {

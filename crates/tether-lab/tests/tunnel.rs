@@ -47,10 +47,8 @@ const SINK_PORT: u16 = 7001;
 const ENTRY_PORT: u16 = 7002;
 
 fn skip(test: &str) -> bool {
-    let why = if std::env::var_os("TETHER_LAB_SKIP").is_some() {
-        Some("TETHER_LAB_SKIP is set".to_string())
-    } else if let Err(e) = tether_lab::check_environment() {
-        Some(e.to_string())
+    let why = if let Some(why) = tether_lab::skip_reason() {
+        Some(why)
     } else if Command::new("sha256sum")
         .arg("--version")
         .stdout(Stdio::null())
@@ -67,27 +65,6 @@ fn skip(test: &str) -> bool {
         return true;
     }
     false
-}
-
-/// Moves this thread into namespace `ns`.
-fn enter_netns(ns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("namespace exists");
-    // SAFETY: setns takes a valid descriptor (`f` lives across the call) and a flag; it only
-    // changes the calling thread's network namespace.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-}
-
-/// Runs `f` on a new thread inside namespace `ns`.
-fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let ns = ns.to_string();
-    std::thread::spawn(move || {
-        enter_netns(&ns);
-        f()
-    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -164,7 +141,7 @@ fn tunnel_across_a_flapping_path() {
     // that no second connection arrives (the first one never broke).
     let sink_addr = SocketAddr::from(([127, 0, 0, 1], SINK_PORT));
     let (sink_ready_tx, sink_ready_rx) = std::sync::mpsc::channel();
-    let sink = in_netns(topo.netns(Role::Server), move || {
+    let sink = tether_lab::spawn_in_netns(topo.netns(Role::Server), move || {
         let l = TcpListener::bind(sink_addr).expect("sink bind");
         sink_ready_tx.send(()).unwrap();
         let (mut s, _) = l.accept().expect("sink accept");
@@ -195,7 +172,7 @@ fn tunnel_across_a_flapping_path() {
     // The exit, next to the sink.
     let listen = topo.listen_addr();
     let (exit_tx, exit_rx) = std::sync::mpsc::channel();
-    let exit = in_netns(topo.netns(Role::Server), move || {
+    let exit = tether_lab::spawn_in_netns(topo.netns(Role::Server), move || {
         let rt = runtime();
         rt.block_on(async move {
             let mut cfg = ExitConfig::new(listen, sink_addr);
@@ -223,7 +200,7 @@ fn tunnel_across_a_flapping_path() {
     let entry_addr = SocketAddr::from(([127, 0, 0, 1], ENTRY_PORT));
     let relay = topo.connect_addr();
     let (entry_tx, entry_rx) = std::sync::mpsc::channel();
-    let entry = in_netns(topo.netns(Role::Client), move || {
+    let entry = tether_lab::spawn_in_netns(topo.netns(Role::Client), move || {
         let rt = runtime();
         let mut entry = rt.block_on(async move {
             let mut cfg = EntryConfig::new(entry_addr, relay);
@@ -245,7 +222,7 @@ fn tunnel_across_a_flapping_path() {
     entry_rx.recv().expect("entry started");
 
     // The app: 10 MiB, paced, one connection, then the verdict on the same connection.
-    let app = in_netns(topo.netns(Role::Client), move || {
+    let app = tether_lab::spawn_in_netns(topo.netns(Role::Client), move || {
         let mut s = TcpStream::connect(entry_addr).expect("app connect");
         let mut sha = Sha::new();
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;

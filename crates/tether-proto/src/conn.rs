@@ -201,6 +201,7 @@ pub struct Conn {
     last_rx: Instant,
     close_received: bool,
     handed_off: bool,
+    heartbeat_in_this_read: bool,
     session: Option<Session>,
     /// Client: a session was asked for. Server: the client's resume position, if it resumes.
     want_session: bool,
@@ -262,6 +263,7 @@ impl Conn {
             last_rx: now,
             close_received: false,
             handed_off: false,
+            heartbeat_in_this_read: false,
             session: None,
             want_session: false,
             peer_resume: None,
@@ -597,6 +599,7 @@ impl Conn {
         // (no intermediate Vec); `Decoder::new` does not allocate.
         let mut decoder =
             std::mem::replace(&mut self.decoder, Decoder::new(self.cfg.max_frame_len));
+        self.heartbeat_in_this_read = false;
         let result = decoder.decode(data, |f| {
             self.handle_frame(now, f);
             !self.is_closed()
@@ -663,8 +666,13 @@ impl Conn {
         match frame {
             Frame::Heartbeat => {
                 self.stats.heartbeats_in += 1;
-                if let Some(l) = &mut self.liveness {
-                    l.on_heartbeat_received(now);
+                // Heartbeats that arrive together (one read) count once towards the flood
+                // rule: they were queued behind a stall (ours or the peer's), not sent too often.
+                if !self.heartbeat_in_this_read {
+                    self.heartbeat_in_this_read = true;
+                    if let Some(l) = &mut self.liveness {
+                        l.on_heartbeat_received(now);
+                    }
                 }
             }
             Frame::Data(p) if self.session.is_none() => {
@@ -849,7 +857,12 @@ impl Conn {
     fn drain_liveness(&mut self, now: Instant) {
         while let Some(ev) = self.liveness.as_mut().and_then(|l| l.poll_event()) {
             match ev {
-                LivenessEvent::SendHeartbeat => codec::encode(&Frame::Heartbeat, &mut self.out),
+                // Bytes still waiting to be written already prove we are alive when they
+                // arrive; a heartbeat queued behind them would only pile up (DESIGN §4).
+                LivenessEvent::SendHeartbeat if self.out.is_empty() => {
+                    codec::encode(&Frame::Heartbeat, &mut self.out)
+                }
+                LivenessEvent::SendHeartbeat => {}
                 LivenessEvent::SendPing(n) => codec::encode(&Frame::Ping(n), &mut self.out),
                 LivenessEvent::PeerDead { silent_for } => {
                     self.close_with(
@@ -915,7 +928,12 @@ impl Conn {
 
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<ConnEvent> {
-        self.events.pop_front()
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Release the queue: an idle connection holds no event buffer.
+            self.events = VecDeque::new();
+        }
+        ev
     }
 }
 

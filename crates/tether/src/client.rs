@@ -287,9 +287,13 @@ async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, sh
                     liveness_config(&opts.policy, false),
                     session.take(),
                 );
-                let ended =
-                    driver::drive(stream, conn, shared.clone(), ClientSink { tx: tx.clone() })
-                        .await;
+                let ended = driver::drive(
+                    stream,
+                    Box::new(conn),
+                    shared.clone(),
+                    ClientSink { tx: tx.clone() },
+                )
+                .await;
                 session = ended.session;
                 if ended.established {
                     backoff.reset();

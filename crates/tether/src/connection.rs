@@ -229,7 +229,7 @@ impl Connection {
             hello: None,
             accept: None,
         };
-        tokio::spawn(driver::drive(io, conn, shared.clone(), sink));
+        tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
         match rx.await {
             Ok(Ok((welcome, _))) => Ok(Connection {
                 shared,
@@ -274,7 +274,7 @@ impl Connection {
             hello: None,
             accept: Some(liveness_config(policy, true)),
         };
-        tokio::spawn(driver::drive(io, conn, shared.clone(), sink));
+        tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
         match rx.await {
             Ok(Ok((welcome, Some(hello)))) => Ok((
                 Connection {

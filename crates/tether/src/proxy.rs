@@ -1068,28 +1068,8 @@ pub fn classify_timeout(probes: u8, retransmits: u8) -> DisconnectReason {
     }
 }
 
-#[cfg(target_os = "linux")]
 fn timeout_counters(sock: &TcpStream) -> Option<(u8, u8)> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `tcp_info` is plain old data; getsockopt writes at most `len` bytes into it and
-    // we pass its exact size. The fd is borrowed from a live socket for the call's duration.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        );
-        (rc == 0).then_some((info.tcpi_probes, info.tcpi_retransmits))
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn timeout_counters(_sock: &TcpStream) -> Option<(u8, u8)> {
-    None
+    crate::sockopt::tcp_info(sock).map(|i| (i.probes, i.retransmits))
 }
 
 #[cfg(test)]

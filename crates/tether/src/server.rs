@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::connection::liveness_config;
-use crate::driver::{self, Decision, Limits, Shared, Sink, StatsSnapshot};
+use crate::driver::{self, Backlog, Decision, Limits, Shared, Sink, StatsSnapshot};
 use crate::sockopt;
 
 const SHARDS: usize = 32;
@@ -57,6 +57,10 @@ pub struct ServerConfig {
     pub session_linger: Option<Duration>,
     /// Replay bounds and ACK timing of sessions. Default: `SessionConfig::default()`.
     pub session: SessionConfig,
+    /// Received messages waiting in [`Server::next_event`] before every connection stops
+    /// reading until the application catches up (TCP back-pressure to the clients; no false
+    /// deaths meanwhile). Default: 65,536.
+    pub max_queued_messages: usize,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +75,7 @@ impl Default for ServerConfig {
             outbox_bytes: 1 << 20,
             session_linger: Some(Duration::from_secs(30)),
             session: SessionConfig::default(),
+            max_queued_messages: 65_536,
         }
     }
 }
@@ -101,6 +106,12 @@ impl ServerConfig {
     /// Sets the maximum frame length. Default: 1 MiB.
     pub fn max_frame_len(mut self, n: u32) -> Self {
         self.max_frame_len = n;
+        self
+    }
+    /// Sets how many received messages may wait for the application before reading pauses.
+    /// Default: 65,536.
+    pub fn max_queued_messages(mut self, n: usize) -> Self {
+        self.max_queued_messages = n;
         self
     }
     /// Sets how long sessions are held after a disconnect (`None` disables sessions).
@@ -271,6 +282,7 @@ struct Inner {
     totals: Totals,
     sessions: Mutex<HashMap<String, SessionSlot>>,
     next_session_id: AtomicU64,
+    backlog: Arc<Backlog>,
 }
 
 /// A client's session as the server keeps it.
@@ -405,6 +417,7 @@ impl Server {
         let local_addr = listener.local_addr().unwrap_or(cfg.listen);
         let (tx, rx) = mpsc::unbounded_channel();
         let (presence_tx, _) = broadcast::channel(4096);
+        let cfg_max_queued = cfg.max_queued_messages;
         let inner = Arc::new(Inner {
             registry: Mutex::new(Registry::new(cfg.registry)),
             cfg,
@@ -417,6 +430,7 @@ impl Server {
             totals: Totals::default(),
             sessions: Mutex::new(HashMap::new()),
             next_session_id: AtomicU64::new(1),
+            backlog: Arc::new(Backlog::new(cfg_max_queued)),
         });
         let accept = tokio::spawn(accept_loop(listener, inner.clone()));
         tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));
@@ -431,8 +445,20 @@ impl Server {
     }
 
     /// The next event; `None` after shutdown.
+    ///
+    /// Drain it: received messages wait here, and above `max_queued_messages` every
+    /// connection stops reading until the application catches up.
     pub async fn next_event(&mut self) -> Option<ServerEvent> {
-        self.events.recv().await
+        let ev = self.events.recv().await;
+        if let Some(ServerEvent::Message { .. }) = &ev {
+            self.handle.inner.backlog.pop();
+        }
+        ev
+    }
+
+    /// Received messages waiting in [`next_event`](Self::next_event).
+    pub fn queued_messages(&self) -> usize {
+        self.handle.inner.backlog.queued()
     }
 
     /// A cloneable handle.
@@ -694,10 +720,13 @@ async fn run_connection(stream: TcpStream, remote: SocketAddr, inner: Arc<Inner>
         session: inner.cfg.session,
     };
     let conn = Conn::server(now, cfg);
-    let shared = Shared::new(Limits {
-        outbox_bytes: inner.cfg.outbox_bytes,
-        inbox_bytes: usize::MAX,
-    });
+    let shared = Shared::with_backlog(
+        Limits {
+            outbox_bytes: inner.cfg.outbox_bytes,
+            inbox_bytes: usize::MAX,
+        },
+        inner.backlog.clone(),
+    );
     let tag = Arc::new(Mutex::new(Tag::default()));
     let sink = ServerSink {
         inner: inner.clone(),
@@ -708,7 +737,7 @@ async fn run_connection(stream: TcpStream, remote: SocketAddr, inner: Arc<Inner>
         shared: shared.clone(),
         tag: tag.clone(),
     };
-    let ended = driver::drive(stream, conn, shared.clone(), sink).await;
+    let ended = driver::drive(stream, Box::new(conn), shared.clone(), sink).await;
     let tag = std::mem::take(&mut *lock(&tag));
     if let Some(stream) = ended.handed_off {
         // A `tether probe` connection: the PROBE frame was its first frame.
@@ -988,6 +1017,7 @@ impl Sink for ServerSink {
         match ev {
             ConnEvent::Message(msg) => {
                 if let Some(id) = &self.client_id {
+                    inner.backlog.push();
                     let _ = inner.events.send(ServerEvent::Message {
                         client_id: id.clone(),
                         msg,

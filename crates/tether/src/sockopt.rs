@@ -116,10 +116,20 @@ pub fn set_abortive_close<S: socket2_fd::AsSocket>(sock: &S) -> io::Result<()> {
     SockRef::from(sock).set_linger(Some(Duration::ZERO))
 }
 
-/// Bytes sent but not yet acknowledged by the peer (`SIOCOUTQ` minus unsent; Linux reads
-/// `tcpi_unacked` segments via `TCP_INFO`). `None` when unknown.
+/// The few `TCP_INFO` fields tether uses to tell why the kernel gave up on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpInfo {
+    /// Segments sent but not yet acknowledged (`tcpi_unacked`).
+    pub unacked: u32,
+    /// Unanswered keepalive probes (`tcpi_probes`).
+    pub probes: u8,
+    /// Retransmissions of the current unacknowledged data (`tcpi_retransmits`).
+    pub retransmits: u8,
+}
+
+/// Reads [`TcpInfo`] from the kernel (Linux; `None` elsewhere or on error).
 #[cfg(target_os = "linux")]
-pub fn unacked_segments<S: std::os::fd::AsRawFd>(sock: &S) -> Option<u32> {
+pub fn tcp_info<S: std::os::fd::AsRawFd>(sock: &S) -> Option<TcpInfo> {
     // SAFETY: `tcp_info` is plain old data; getsockopt writes at most `len` bytes into it and
     // we pass its exact size. The fd is borrowed from a live socket for the call's duration.
     unsafe {
@@ -132,8 +142,18 @@ pub fn unacked_segments<S: std::os::fd::AsRawFd>(sock: &S) -> Option<u32> {
             (&mut info as *mut libc::tcp_info).cast(),
             &mut len,
         );
-        (rc == 0).then_some(info.tcpi_unacked)
+        (rc == 0).then_some(TcpInfo {
+            unacked: info.tcpi_unacked,
+            probes: info.tcpi_probes,
+            retransmits: info.tcpi_retransmits,
+        })
     }
+}
+
+/// Reads [`TcpInfo`] from the kernel (Linux; `None` elsewhere or on error).
+#[cfg(not(target_os = "linux"))]
+pub fn tcp_info<S>(_sock: &S) -> Option<TcpInfo> {
+    None
 }
 
 /// Platform glue: what `SockRef::from` accepts.

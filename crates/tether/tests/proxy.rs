@@ -7,12 +7,13 @@
 //! uses `idle_timeout` here; keepalive and `TCP_USER_TIMEOUT` against real silent paths are
 //! tested in the lab (`crates/tether-lab`).
 
+mod common;
+
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Blackhole;
 use tether::proxy::{CopyMode, Leg, Proxy, ProxyConfig, ProxyEvent, ProxyHandle, RelayEnd};
 use tether::{DisconnectReason, Policy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -334,63 +335,6 @@ async fn reset_on_a_half_closed_leg_is_noticed_without_traffic() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(failed, "upstream was not reset");
-}
-
-/// A userspace blackhole (like tests/common): stops forwarding in both directions without
-/// closing anything.
-struct Blackhole {
-    addr: SocketAddr,
-    holed: Arc<AtomicBool>,
-}
-
-impl Blackhole {
-    async fn start(target: SocketAddr) -> Blackhole {
-        let (l, addr) = listener().await;
-        let holed = Arc::new(AtomicBool::new(false));
-        let h = holed.clone();
-        tokio::spawn(async move {
-            while let Ok((down, _)) = l.accept().await {
-                let Ok(up) = TcpStream::connect(target).await else {
-                    continue;
-                };
-                let (dr, dw) = down.into_split();
-                let (ur, uw) = up.into_split();
-                tokio::spawn(pump(dr, uw, h.clone()));
-                tokio::spawn(pump(ur, dw, h.clone()));
-            }
-        });
-        Blackhole { addr, holed }
-    }
-
-    fn set(&self, on: bool) {
-        self.holed.store(on, Ordering::SeqCst);
-    }
-}
-
-async fn pump(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    holed: Arc<AtomicBool>,
-) {
-    let mut buf = vec![0u8; 16384];
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                while holed.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                let _ = w.shutdown().await;
-                return;
-            }
-            Ok(n) => n,
-        };
-        if holed.load(Ordering::SeqCst) {
-            continue;
-        }
-        if w.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// An upstream that serves one connection at a time (echo) and never uses keepalive: while

@@ -402,3 +402,55 @@ async fn bad_version_gets_refusal() {
         CloseCode::UNSUPPORTED_VERSION.0
     );
 }
+
+#[tokio::test]
+async fn a_slow_application_pauses_reading_without_false_deaths() {
+    let (h, d) = (100u64, 500u64);
+    let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap())
+        .policy(fast_policy(h, d))
+        .max_queued_messages(200);
+    let mut srv = Server::bind(cfg).await.unwrap();
+    let c = Connection::connect(srv.local_addr(), "firehose", &fast_policy(h, d))
+        .await
+        .unwrap();
+    assert!(matches!(
+        srv.next_event().await,
+        Some(ServerEvent::Connected { .. })
+    ));
+    let sender = tokio::spawn(async move {
+        for i in 0u32..20_000 {
+            c.send(Bytes::copy_from_slice(&i.to_be_bytes()))
+                .await
+                .unwrap();
+        }
+        c
+    });
+    // The application does not read for 6 × dead_after.
+    tokio::time::sleep(Duration::from_millis(6 * d)).await;
+    let queued = srv.queued_messages();
+    // Bounded: the limit plus at most one wake-up's worth of reads (64 KiB of 9-byte frames).
+    assert!(queued <= 200 + 65_536 / 9 + 1, "queued {queued}");
+    assert!(
+        queued >= 200,
+        "reading should have filled the backlog first: {queued}"
+    );
+    // Nobody was declared dead while the application was the bottleneck.
+    assert_eq!(srv.presence_counts().offline, 0);
+    let mut next = 0u32;
+    while next < 20_000 {
+        match tokio::time::timeout(Duration::from_secs(5), srv.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ServerEvent::Message { msg, .. } => {
+                assert_eq!(u32::from_be_bytes(msg[..4].try_into().unwrap()), next);
+                next += 1;
+            }
+            ServerEvent::Disconnected { disconnect, .. } => panic!("disconnected: {disconnect:?}"),
+            _ => {}
+        }
+    }
+    let c = sender.await.unwrap();
+    assert!(c.disconnected().is_none(), "{:?}", c.disconnected());
+}

@@ -3,75 +3,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{fast_policy, Blackhole};
+use common::{fast_policy, Blackhole, Flaky};
 use tether::tunnel::{EntryConfig, ExitConfig, TunnelEnd, TunnelEntry, TunnelEvent, TunnelExit};
 use tether::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A TCP proxy whose connections can all be reset at once (RST both ways, like a NAT that
-/// forgot the flow and answers the next packet with a reset).
-struct Flaky {
-    addr: SocketAddr,
-    live: Arc<Mutex<HashMap<u64, (tokio::task::AbortHandle, tokio::task::AbortHandle)>>>,
-}
-
-impl Flaky {
-    async fn start(upstream: SocketAddr) -> Flaky {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let live: Arc<Mutex<HashMap<u64, _>>> = Arc::default();
-        let live2 = live.clone();
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while let Ok((down, _)) = l.accept().await {
-                let Ok(up) = TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                socket2::SockRef::from(&down)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-                socket2::SockRef::from(&up)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-                let (mut dr, mut dw) = down.into_split();
-                let (mut ur, mut uw) = up.into_split();
-                let a = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut dr, &mut uw).await;
-                });
-                let b = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut ur, &mut dw).await;
-                });
-                n += 1;
-                live2
-                    .lock()
-                    .unwrap()
-                    .insert(n, (a.abort_handle(), b.abort_handle()));
-            }
-        });
-        Flaky { addr, live }
-    }
-
-    /// Resets every connection through the proxy; how many were live.
-    fn reset_all(&self) -> usize {
-        let mut live = self.live.lock().unwrap();
-        let n = live
-            .values()
-            .filter(|(a, b)| !a.is_finished() && !b.is_finished())
-            .count();
-        for (_, (a, b)) in live.drain() {
-            a.abort();
-            b.abort();
-        }
-        n
-    }
-}
 
 /// A deterministic pseudo-random byte stream (xorshift64*): the receiver regenerates it and
 /// compares every byte, so a lost, duplicated or reordered byte is caught at its offset.

@@ -1,9 +1,10 @@
 //! Test helpers: a userspace blackhole proxy and raw-protocol peers.
 #![allow(dead_code, unreachable_pub)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tether_proto::{Keepalive, Policy};
@@ -135,4 +136,62 @@ pub fn raw_hello(id: &str) -> Vec<u8> {
     out.push(id.len() as u8);
     out.extend_from_slice(id.as_bytes());
     out
+}
+
+/// A TCP proxy whose connections can all be reset at once (RST both ways, like a NAT that
+/// forgot the flow and answers the next packet with a reset).
+pub struct Flaky {
+    pub addr: SocketAddr,
+    live: Arc<Mutex<HashMap<u64, (tokio::task::AbortHandle, tokio::task::AbortHandle)>>>,
+}
+
+impl Flaky {
+    pub async fn start(upstream: SocketAddr) -> Flaky {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let live: Arc<Mutex<HashMap<u64, _>>> = Arc::default();
+        let live2 = live.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Ok((down, _)) = l.accept().await {
+                let Ok(up) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                socket2::SockRef::from(&down)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                socket2::SockRef::from(&up)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                let (mut dr, mut dw) = down.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                let a = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut dr, &mut uw).await;
+                });
+                let b = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut dw).await;
+                });
+                n += 1;
+                live2
+                    .lock()
+                    .unwrap()
+                    .insert(n, (a.abort_handle(), b.abort_handle()));
+            }
+        });
+        Flaky { addr, live }
+    }
+
+    /// Resets every connection through the proxy; how many were live.
+    pub fn reset_all(&self) -> usize {
+        let mut live = self.live.lock().unwrap();
+        let n = live
+            .values()
+            .filter(|(a, b)| !a.is_finished() && !b.is_finished())
+            .count();
+        for (_, (a, b)) in live.drain() {
+            a.abort();
+            b.abort();
+        }
+        n
+    }
 }
