@@ -1,0 +1,186 @@
+//! What the bench reads from the kernel: a process's memory and CPU, socket memory, slabs, and a
+//! clock that is comparable between processes.
+
+use std::time::Instant;
+
+use anyhow::Context;
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process on this machine (and the
+/// one `Instant` uses on Linux), so the coordinator can compare times taken in its children.
+pub(crate) fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always available on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `at` (an `Instant` of this process) on the [`mono_ns`] clock.
+pub(crate) fn instant_ns(at: Instant) -> u64 {
+    let now = Instant::now();
+    let n = mono_ns();
+    match now.checked_duration_since(at) {
+        Some(ago) => n.saturating_sub(ago.as_nanos() as u64),
+        None => n + at.duration_since(now).as_nanos() as u64,
+    }
+}
+
+/// A process's resident memory in bytes (`VmRSS`).
+pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    field_kb(&s, "VmRSS:")
+        .map(|kb| kb * 1024)
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+fn field_kb(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A process's CPU time (user + system) in seconds: the sum of its threads' run time in
+/// nanoseconds from `/proc/PID/task/*/schedstat` (tick-based `/proc/PID/stat` has 10 ms
+/// resolution, too coarse for 1,000 idle clients), falling back to `/proc/PID/stat`.
+pub(crate) fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    if let Some(s) = schedstat_secs(pid) {
+        return Ok(s);
+    }
+    stat_cpu_secs(pid)
+}
+
+fn schedstat_secs(pid: u32) -> Option<f64> {
+    let mut ns: u64 = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = t.ok()?.path().join("schedstat");
+        let s = std::fs::read_to_string(path).ok()?;
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
+}
+
+/// A process's CPU time (user + system) in seconds, from `/proc/PID/stat`.
+pub(crate) fn stat_cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    parse_stat_cpu(&s).with_context(|| format!("unexpected /proc/{pid}/stat"))
+}
+
+fn parse_stat_cpu(stat: &str) -> Option<f64> {
+    // The command name (field 2) may contain spaces: count fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14, stime field 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tck = if tck > 0 { tck as f64 } else { 100.0 };
+    Some((utime + stime) as f64 / tck)
+}
+
+/// Kernel memory that grows with TCP connections, machine-wide (both ends of a loopback
+/// connection are counted): socket buffers and the slab caches for TCP sockets and their inodes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct KernelMem {
+    /// `/proc/net/sockstat` `TCP: ... mem` pages, in bytes (buffers charged to TCP sockets).
+    pub(crate) tcp_buffers: u64,
+    /// Slab bytes of `TCP`, `TCPv6`, `sock_inode_cache` (`None` without /proc/slabinfo access).
+    pub(crate) slabs: Option<u64>,
+}
+
+/// Slab caches counted by [`KernelMem::slabs`].
+pub(crate) const SLABS: &[&str] = &["TCP", "TCPv6", "sock_inode_cache"];
+
+pub(crate) fn kernel_mem() -> KernelMem {
+    let tcp_buffers = std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("TCP:"))?;
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let i = f.iter().position(|w| *w == "mem")?;
+            f.get(i + 1)?.parse::<u64>().ok()
+        })
+        .map(|pages| pages * page_size())
+        .unwrap_or(0);
+    let slabs = std::fs::read_to_string("/proc/slabinfo").ok().map(|s| {
+        s.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() < 4 || !SLABS.contains(&f[0]) {
+                    return None;
+                }
+                let objs: u64 = f[2].parse().ok()?;
+                let size: u64 = f[3].parse().ok()?;
+                Some(objs * size)
+            })
+            .sum()
+    });
+    KernelMem { tcp_buffers, slabs }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// The 1-minute load average.
+pub(crate) fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_cpu_skips_names_with_spaces() {
+        let stat = "42 (a b) c) S 1 1 1 0 -1 4194560 10 0 0 0 250 150 0 0 20 0 3 0 5 0 0";
+        // utime 250 + stime 150 ticks.
+        let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert_eq!(parse_stat_cpu(stat), Some(400.0 / tck));
+        assert_eq!(parse_stat_cpu("garbage"), None);
+    }
+
+    #[test]
+    fn status_field() {
+        let s = "Name:\tx\nVmRSS:\t  1234 kB\nRssAnon:\t 99 kB\n";
+        assert_eq!(field_kb(s, "VmRSS:"), Some(1234));
+        assert_eq!(field_kb(s, "VmHWM:"), None);
+    }
+
+    #[test]
+    fn own_process_is_readable_and_clocks_agree() {
+        let pid = std::process::id();
+        assert!(rss_bytes(pid).unwrap() > 0);
+        // Burn 20 ms of CPU (wall time would vary with the machine's load).
+        let start = cpu_secs(pid).unwrap();
+        while cpu_secs(pid).unwrap() < start + 0.02 {}
+        let sched = cpu_secs(pid).unwrap();
+        let stat = stat_cpu_secs(pid).unwrap();
+        assert!(sched >= 0.02, "{sched}");
+        assert!((sched - stat).abs() < 0.5, "{sched} vs {stat}");
+        let a = mono_ns();
+        let b = instant_ns(Instant::now());
+        let c = mono_ns();
+        assert!(a <= b + 1_000_000 && b <= c + 1_000_000, "{a} {b} {c}");
+    }
+}
