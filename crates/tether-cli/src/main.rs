@@ -4,6 +4,7 @@
 //! refused the connection (`connect`); 4 a lab check failed (`lab`) or the result is
 //! inconclusive (`probe`).
 
+mod bench;
 mod config;
 mod connect;
 mod http;
@@ -45,6 +46,8 @@ enum Command {
     /// Measure the idle timeout of the path to a `tether serve` (NAT, load balancer, firewall).
     #[command(long_about = probe::LONG_ABOUT)]
     Probe(probe::ProbeArgs),
+    /// Benchmarks: idle clients held, dead-peer detection, echo; tether vs mosquitto and tokio.
+    Bench(bench::BenchArgs),
     /// Reproduce middlebox failures in network namespaces and compare detection methods (root).
     Lab(lab::LabArgs),
 }
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Command::Plan(a) => plan::run(a),
         Command::Proxy(a) => proxy::run(a),
         Command::Lab(a) => lab::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Tunnel(a) => tunnel::run(a),
     };
