@@ -191,6 +191,19 @@ impl Liveness {
     /// A heartbeat frame arrived (call after [`on_receive`](Self::on_receive)).
     pub fn on_heartbeat_received(&mut self, now: Instant) {
         self.heartbeats_received += 1;
+        // Coalesce: if our own heartbeat is due within half an interval, send it now, in the
+        // same wake-up as the peer's arrival, instead of waking again for it. Never later
+        // than h after our last send, and it halves the wake-ups of an idle pair.
+        let half = self.cfg.heartbeat_interval / 2;
+        if !self.dead
+            && self
+                .deadline(Timer::Heartbeat)
+                .is_some_and(|d| d <= now + half)
+        {
+            self.last_tx = now;
+            self.heartbeats_sent += 1;
+            self.events.push_back(LivenessEvent::SendHeartbeat);
+        }
         let Some(h) = self.cfg.enforce_peer_heartbeat else {
             return;
         };

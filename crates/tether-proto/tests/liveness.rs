@@ -31,6 +31,15 @@ fn drain(l: &mut Liveness) -> Vec<LivenessEvent> {
     std::iter::from_fn(|| l.poll_event()).collect()
 }
 
+/// Like [`drain`] without the heartbeats a peer's heartbeat makes us send early (coalescing):
+/// for tests of the flood rule.
+fn drain_but_heartbeats(l: &mut Liveness) -> Vec<LivenessEvent> {
+    drain(l)
+        .into_iter()
+        .filter(|e| *e != LivenessEvent::SendHeartbeat)
+        .collect()
+}
+
 /// Calls `handle_timeout(at)` and returns what it produced.
 fn fire(l: &mut Liveness, at: Instant) -> Vec<LivenessEvent> {
     l.handle_timeout(at);
@@ -299,18 +308,33 @@ fn heartbeat_flood_is_a_policy_violation() {
         l.on_receive(t);
         l.on_heartbeat_received(t);
     }
-    assert_eq!(drain(&mut l), vec![]);
+    assert_eq!(drain_but_heartbeats(&mut l), vec![]);
     let t = t0 + ms(900);
     l.on_receive(t);
     l.on_heartbeat_received(t);
     assert_eq!(
-        drain(&mut l),
+        drain_but_heartbeats(&mut l),
         vec![LivenessEvent::HeartbeatFlood {
             count: 9,
             window: 4 * H
         }]
     );
     assert_eq!(l.heartbeats_received(), 9);
+}
+
+#[test]
+fn a_peer_heartbeat_brings_ours_forward_when_it_is_due_within_half_an_interval() {
+    let (t0, mut l) = engine(LivenessConfig::new(H, D));
+    // Ours is due at t0 + H. A peer heartbeat before t0 + H/2 does not bring it forward…
+    l.on_receive(t0 + H / 2 - NS);
+    l.on_heartbeat_received(t0 + H / 2 - NS);
+    assert_eq!(drain(&mut l), vec![]);
+    // …one at exactly H/2 before it does: ours goes out in the same wake-up.
+    l.on_receive(t0 + H / 2);
+    l.on_heartbeat_received(t0 + H / 2);
+    assert_eq!(drain(&mut l), vec![LivenessEvent::SendHeartbeat]);
+    // And the timer moved: the next one is due H after that send.
+    assert_eq!(l.deadline(Timer::Heartbeat), Some(t0 + H / 2 + H));
 }
 
 #[test]
@@ -325,7 +349,7 @@ fn heartbeat_flood_is_caught_across_any_window_not_only_aligned_ones() {
         let t = t0 + 4 * H - ms(800) + ms(100) * i;
         l.on_receive(t);
         l.on_heartbeat_received(t);
-        floods.extend(drain(&mut l).into_iter().map(|e| (i, e)));
+        floods.extend(drain_but_heartbeats(&mut l).into_iter().map(|e| (i, e)));
     }
     assert_eq!(
         floods,
@@ -349,7 +373,7 @@ fn heartbeats_at_the_agreed_rate_are_not_a_flood() {
         let t = t0 + H / 2 * i;
         l.on_receive(t);
         l.on_heartbeat_received(t);
-        assert_eq!(drain(&mut l), vec![], "at heartbeat {i}");
+        assert_eq!(drain_but_heartbeats(&mut l), vec![], "at heartbeat {i}");
     }
 }
 
@@ -524,7 +548,7 @@ proptest! {
         let mut flagged = None;
         for (i, at) in arrivals.iter().enumerate() {
             l.on_heartbeat_received(*at);
-            if let Some(ev) = l.poll_event() {
+            if let Some(ev) = drain_but_heartbeats(&mut l).pop() {
                 prop_assert_eq!(ev, LivenessEvent::HeartbeatFlood { count: 9, window: 4 * h });
                 flagged = Some(i);
                 break;

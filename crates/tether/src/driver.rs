@@ -46,6 +46,12 @@ pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn has_unacked(&self) -> Option<bool> {
         None
     }
+    /// Whether received bytes are waiting unread, if the transport can tell without reading
+    /// (registers for a wake-up when it says no). Used while reading is paused: a peer whose
+    /// bytes wait is alive; a peer with nothing waiting is silent however slow we are.
+    fn poll_unread(&mut self, _cx: &mut Context<'_>) -> Option<bool> {
+        None
+    }
 }
 
 impl Transport for TcpStream {
@@ -54,6 +60,11 @@ impl Transport for TcpStream {
     }
     fn has_unacked(&self) -> Option<bool> {
         crate::sockopt::tcp_info(self).map(|i| i.unacked > 0)
+    }
+    fn poll_unread(&mut self, cx: &mut Context<'_>) -> Option<bool> {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        Some(self.poll_peek(cx, &mut buf).is_ready())
     }
 }
 
@@ -518,9 +529,10 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                     Poll::Pending => break,
                 }
             }
-            if paused && !conn.is_closed() {
-                // Unread bytes may be waiting in the kernel: do not blame the peer for our
-                // application's slowness.
+            if paused && !conn.is_closed() && io.poll_unread(cx) != Some(false) {
+                // Bytes wait in the kernel (or the transport cannot tell): the peer is alive,
+                // our application is the bottleneck. A peer with nothing waiting is silent
+                // and is still declared dead on time.
                 conn.note_alive(now);
             }
 
