@@ -110,6 +110,22 @@ pub fn min_dead_after(heartbeat: Duration) -> Duration {
     heartbeat * 2 + margin_for(heartbeat)
 }
 
+/// `detect_within` must be positive, representable on the wire, and at least
+/// [`MIN_DETECT_WITHIN`].
+fn check_detect_within(d_w: Duration) -> Result<(), PolicyError> {
+    if d_w.is_zero() {
+        return Err(PolicyError::DetectWithinZero);
+    }
+    check_max("detect_within", d_w)?;
+    if d_w < MIN_DETECT_WITHIN {
+        return Err(PolicyError::DetectWithinTooSmall {
+            detect_within: d_w,
+            min: MIN_DETECT_WITHIN,
+        });
+    }
+    Ok(())
+}
+
 /// The concrete liveness settings for one connection.
 ///
 /// Build one with [`Policy::derive`] (or [`Policy::builder`] to override single values);
@@ -202,16 +218,7 @@ impl Policy {
     /// Checks every invariant of the [module docs](self); the error names the values.
     pub fn validate(&self) -> Result<(), PolicyError> {
         let d_w = self.detect_within;
-        if d_w.is_zero() {
-            return Err(PolicyError::DetectWithinZero);
-        }
-        check_max("detect_within", d_w)?;
-        if d_w < MIN_DETECT_WITHIN {
-            return Err(PolicyError::DetectWithinTooSmall {
-                detect_within: d_w,
-                min: MIN_DETECT_WITHIN,
-            });
-        }
+        check_detect_within(d_w)?;
         if let Some(p) = self.path_timeout {
             check_path(p)?;
         }
@@ -600,16 +607,7 @@ impl PolicyBuilder {
     pub fn build(self) -> Result<Policy, PolicyError> {
         let d_w = self.detect_within;
         // Input checks first, so the error is about what the user gave.
-        if d_w.is_zero() {
-            return Err(PolicyError::DetectWithinZero);
-        }
-        check_max("detect_within", d_w)?;
-        if d_w < MIN_DETECT_WITHIN {
-            return Err(PolicyError::DetectWithinTooSmall {
-                detect_within: d_w,
-                min: MIN_DETECT_WITHIN,
-            });
-        }
+        check_detect_within(d_w)?;
         let path_timeout = self.path.map(|p| p.timeout);
         if let Some(p) = path_timeout {
             check_path(p)?;
