@@ -339,6 +339,9 @@ fn cleanup_after_run_panic_and_signal() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn tether-lab-peer hold");
+    // Keep the child's stdin open until it has exited: `Child::wait` closes it first, and
+    // end-of-stdin is the holder's other way out (it would race the signal handler).
+    let stdin = child.stdin.take();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut line)
@@ -356,6 +359,7 @@ fn cleanup_after_run_panic_and_signal() {
         .expect("kill");
     assert!(status.success());
     let exit = child.wait().expect("wait");
+    drop(stdin);
     assert_eq!(exit.code(), Some(128 + 15), "{exit:?}");
     let live = netns_list();
     for n in &names {
