@@ -347,11 +347,8 @@ impl Plan {
             opt_secs(p.idle_timeout),
             opt_secs(p.ping_interval)
         );
-        j.push_str(",\"explain\":[");
-        for (i, e) in self.explanations.iter().enumerate() {
-            if i > 0 {
-                j.push(',');
-            }
+        j.push_str(",\"explain\":");
+        json_list(&mut j, '[', ']', &self.explanations, |j, e| {
             let _ = write!(
                 j,
                 "{{\"setting\":{},\"value\":{},\"why\":{}}}",
@@ -359,14 +356,11 @@ impl Plan {
                 json_str(&e.value),
                 json_str(&e.why)
             );
-        }
-        j.push_str("],\"warnings\":");
+        });
+        j.push_str(",\"warnings\":");
         json_strs(&mut j, &self.warnings);
-        j.push_str(",\"defaults\":[");
-        for (i, d) in self.defaults.iter().enumerate() {
-            if i > 0 {
-                j.push(',');
-            }
+        j.push_str(",\"defaults\":");
+        json_list(&mut j, '[', ']', &self.defaults, |j, d| {
             let _ = write!(
                 j,
                 "{{\"stack\":{},\"first_probe_s\":{},\"gives_up_after_s\":{},\"keeps_path_open\":{},\"source\":{}}}",
@@ -376,42 +370,36 @@ impl Plan {
                 opt_bool(d.keeps_path_open),
                 json_str(d.source)
             );
-        }
-        j.push_str("],\"stacks\":[");
-        for (i, s) in self.stacks.iter().enumerate() {
-            if i > 0 {
-                j.push(',');
-            }
+        });
+        j.push_str(",\"stacks\":");
+        json_list(&mut j, '[', ']', &self.stacks, |j, s| {
             let _ = write!(
                 j,
-                "{{\"id\":{},\"title\":{},\"scope\":{},\"settings\":{{",
+                "{{\"id\":{},\"title\":{},\"scope\":{},\"settings\":",
                 json_str(s.id),
                 json_str(s.title),
                 json_str(s.scope)
             );
-            for (k, st) in s.settings.iter().enumerate() {
-                if k > 0 {
-                    j.push(',');
-                }
+            json_list(j, '{', '}', &s.settings, |j, st| {
                 let v = match &st.value {
                     Value::Int(v) => v.to_string(),
                     Value::Bool(v) => v.to_string(),
                     Value::Text(v) => json_str(v),
                 };
                 let _ = write!(j, "{}:{v}", json_str(&st.name));
-            }
+            });
             let _ = write!(
                 j,
-                "}},\"snippet\":{},\"gives_up_after_s\":{},\"keeps_path_open\":{},\"meets_goal\":{},\"warnings\":",
+                ",\"snippet\":{},\"gives_up_after_s\":{},\"keeps_path_open\":{},\"meets_goal\":{},\"warnings\":",
                 json_str(&s.snippet),
                 opt_secs(s.gives_up_after),
                 opt_bool(s.keeps_path_open),
                 s.meets_goal(p.detect_within)
             );
-            json_strs(&mut j, &s.warnings);
+            json_strs(j, &s.warnings);
             j.push('}');
-        }
-        j.push_str("]}");
+        });
+        j.push('}');
         j
     }
 }
@@ -856,14 +844,25 @@ fn json_str(s: &str) -> String {
 }
 
 fn json_strs(j: &mut String, items: &[String]) {
-    j.push('[');
-    for (i, s) in items.iter().enumerate() {
+    json_list(j, '[', ']', items, |j, s| j.push_str(&json_str(s)));
+}
+
+/// Writes `items` between `open` and `close`, comma-separated, each with `item`.
+fn json_list<T>(
+    j: &mut String,
+    open: char,
+    close: char,
+    items: &[T],
+    mut item: impl FnMut(&mut String, &T),
+) {
+    j.push(open);
+    for (i, x) in items.iter().enumerate() {
         if i > 0 {
             j.push(',');
         }
-        j.push_str(&json_str(s));
+        item(j, x);
     }
-    j.push(']');
+    j.push(close);
 }
 
 /// Appends `text` wrapped at `width` columns, each line starting with `indent`.
