@@ -26,6 +26,11 @@ impl CloseCode {
     pub const REPLACED: CloseCode = CloseCode(5);
     /// The peer sent heartbeats or pings far more often than agreed.
     pub const POLICY_VIOLATION: CloseCode = CloseCode(6);
+    /// The peer's credential expired and was not refreshed in time (or a refresh was
+    /// refused).
+    pub const CREDENTIAL_EXPIRED: CloseCode = CloseCode(7);
+    /// The peer did not read: the bytes queued for it passed the sender's bound.
+    pub const SLOW_CONSUMER: CloseCode = CloseCode(8);
     /// Refusal: the server is at its connection limit.
     pub const SERVER_FULL: CloseCode = CloseCode(10);
     /// Refusal: the hello was malformed or the client id is not acceptable.
@@ -41,6 +46,13 @@ impl CloseCode {
     /// Refusal: the session is still attached to the previous connection, which the server
     /// is now closing; retry the resume shortly.
     pub const SESSION_BUSY: CloseCode = CloseCode(16);
+    /// Refusal: no credential, or the credential is invalid or expired.
+    pub const UNAUTHORIZED: CloseCode = CloseCode(17);
+    /// Refusal: the credential is valid but does not allow this client id (or this
+    /// principal may not replace or resume the id's connection or session).
+    pub const ID_NOT_ALLOWED: CloseCode = CloseCode(18);
+    /// Refusal: too many failed attempts from this address; retry after a backoff.
+    pub const THROTTLED: CloseCode = CloseCode(19);
     /// First code available to applications.
     pub const APPLICATION_MIN: CloseCode = CloseCode(1000);
 
@@ -54,6 +66,8 @@ impl CloseCode {
             4 => "idle-timeout",
             5 => "replaced",
             6 => "policy-violation",
+            7 => "credential-expired",
+            8 => "slow-consumer",
             10 => "server-full",
             11 => "bad-hello",
             12 => "unsupported-version",
@@ -61,6 +75,9 @@ impl CloseCode {
             14 => "session-unknown",
             15 => "refused",
             16 => "session-busy",
+            17 => "unauthorized",
+            18 => "id-not-allowed",
+            19 => "throttled",
             1000.. => "application",
             _ => "unknown",
         }
@@ -112,6 +129,15 @@ pub enum DisconnectReason {
     },
     /// Any other transport error (the `io::ErrorKind` name and message).
     Io(String),
+    /// The peer did not read what was sent to it: its unsent bytes passed the bound
+    /// (CLOSE code 8).
+    SlowConsumer,
+    /// The peer sent heartbeats or pings far more often than agreed (CLOSE code 6).
+    PolicyViolation,
+    /// Nothing listens at the address (the TCP connect was refused).
+    ConnectRefused,
+    /// The peer's credential expired and was not refreshed in time (CLOSE code 7).
+    CredentialExpired,
 }
 
 impl DisconnectReason {
@@ -130,11 +156,15 @@ impl DisconnectReason {
             DisconnectReason::LocalClose => "local-close",
             DisconnectReason::PeerClose { .. } => "peer-close",
             DisconnectReason::Io(_) => "io-error",
+            DisconnectReason::SlowConsumer => "slow-consumer",
+            DisconnectReason::PolicyViolation => "policy-violation",
+            DisconnectReason::ConnectRefused => "connect-refused",
+            DisconnectReason::CredentialExpired => "credential-expired",
         }
     }
 
     /// All labels, in a fixed order (for metrics that must list every reason).
-    pub const LABELS: [&'static str; 12] = [
+    pub const LABELS: [&'static str; 16] = [
         "peer-closed",
         "peer-reset",
         "heartbeat-timeout",
@@ -147,6 +177,10 @@ impl DisconnectReason {
         "local-close",
         "peer-close",
         "io-error",
+        "slow-consumer",
+        "policy-violation",
+        "connect-refused",
+        "credential-expired",
     ];
 
     /// True when the connection ended because something failed (as opposed to an orderly
