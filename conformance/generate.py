@@ -597,6 +597,15 @@ def exchanges():
     x.app_send(101, b"x", result="closed")
     xs.append(x)
 
+    x = X("client-close-flushes-ack",
+          "optional: an orderly close first sends the ACK owed, so the server does not report its last "
+          "messages as possibly lost", session=True, requires=["ack-on-close"])
+    hs_session(x)
+    x.recv(100, seq_data(1, b"a")).event(100, msg(b"a"))
+    x.app(105, "close", code=0, text="bye").send(105, ack(1) + close(0, "bye"))
+    x.event(105, closed("local-close", "never"))
+    xs.append(x)
+
     x = X("client-eof", "FIN without CLOSE: peer-closed")
     hs(x).eof(100).event(100, closed("peer-closed", "backoff")).nothing(100)
     xs.append(x)
