@@ -237,6 +237,8 @@ class _Link(asyncio.Protocol):
             self.client._feed(c, now)
             if self.client._closing and not self.client._outbox and not c.closed:
                 c.close(now, CloseCode.NORMAL, "client closing")
+        elif self.client._closing and not c.established and not c.closed:
+            c.close(now, CloseCode.NORMAL, "client closing")  # not established: nothing to flush
         while True:
             ev = c.poll_event()
             if ev is None:
