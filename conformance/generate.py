@@ -249,6 +249,17 @@ def frames():
                "session": session_fields(SID, TOK_A, 0, 30000, False), "credential_ttl_ms": 0},
               "ttl 0: the credential does not expire", requires=["auth"]),
         valid("auth", auth(JWT), {"type": "AUTH", "credential": hx(JWT)}, requires=["auth"]),
+        # The byte examples of PROTOCOL.md §5 and §13, exactly as printed there.
+        valid("doc-hello-credential", hello("demo", credential=b"tok"),
+              {"type": "HELLO", "flags": 4, "heartbeat_ms": 10000, "client_id": "demo",
+               "credential": hx(b"tok")}, "PROTOCOL.md §5", requires=["auth"]),
+        valid("doc-welcome-credential-ttl", welcome(10000, 30000, ttl=600000),
+              {"type": "WELCOME", "flags": 4, "heartbeat_ms": 10000, "dead_after_ms": 30000,
+               "credential_ttl_ms": 600000}, "PROTOCOL.md §5", requires=["auth"]),
+        valid("doc-auth", auth(b"tok2"), {"type": "AUTH", "credential": hx(b"tok2")}, "PROTOCOL.md §5",
+              requires=["auth"]),
+        valid("doc-auth-ok", auth_ok(600000), {"type": "AUTH_OK", "credential_ttl_ms": 600000},
+              "PROTOCOL.md §5", requires=["auth"]),
         valid("auth-ok", auth_ok(600000), {"type": "AUTH_OK", "credential_ttl_ms": 600000},
               requires=["auth"]),
         # Malformed.

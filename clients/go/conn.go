@@ -343,7 +343,8 @@ func (c *Conn) HandleInput(now time.Duration, data []byte) {
 			return
 		}
 		if !bytes.Equal(c.pre[:4], Preamble[:4]) {
-			c.finish(now, Disconnect{Reason: ReasonProtocolError, Text: fmt.Sprintf("bad magic %q", c.pre[:4])})
+			head := append(append([]byte(nil), c.pre...), data[:min(len(data), 11)]...)
+			c.finish(now, Disconnect{Reason: ReasonProtocolError, Text: fmt.Sprintf("not a tether server: it answered %q", head)})
 			return
 		}
 		if c.pre[4] != Version {
@@ -416,6 +417,13 @@ func (c *Conn) HandleTimeout(now time.Duration) {
 			c.out = append(c.out, 0, 0, 0, 0)
 		}
 	}
+}
+
+func min(a, b int) int {
+	if a < b {
+		return a
+	}
+	return b
 }
 
 func (c *Conn) onSend(now time.Duration) {

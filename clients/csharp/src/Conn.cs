@@ -237,7 +237,12 @@ namespace Tether
                 if (preGot < 5) return;
                 if (pre[0] != 'T' || pre[1] != 'T' || pre[2] != 'H' || pre[3] != 'R')
                 {
-                    Finish(now, new Disconnect(Reason.ProtocolError, null, "bad magic"));
+                    var head = new byte[5 + Math.Min(count, 11)];
+                    Buffer.BlockCopy(pre, 0, head, 0, 5);
+                    Buffer.BlockCopy(data, offset, head, 5, head.Length - 5);
+                    var shown = new StringBuilder();
+                    foreach (var b in head) shown.Append(b >= 0x20 && b < 0x7f ? ((char)b).ToString() : "\\x" + b.ToString("x2"));
+                    Finish(now, new Disconnect(Reason.ProtocolError, null, "not a tether server: it answered \"" + shown + "\""));
                     return;
                 }
                 if (pre[4] != Codec.Version)

@@ -298,7 +298,8 @@ class Conn:
             if len(self._pre) < 5:
                 return
             if self._pre[:4] != codec.MAGIC:
-                self._finish(now, Disconnect(PROTOCOL_ERROR, text="bad magic %r" % self._pre[:4]))
+                self._finish(now, Disconnect(PROTOCOL_ERROR, text="not a tether server: it answered %r"
+                                             % bytes(self._pre + bytes(data[:11]))))
                 return
             if self._pre[4] != codec.VERSION:
                 self._finish(now, Disconnect(PROTOCOL_ERROR, text="unsupported protocol version %d" % self._pre[4]))
