@@ -7,4 +7,5 @@ command -v mcs >/dev/null || { echo "mcs not found: apt-get install mono-mcs" >&
 mkdir -p build
 mcs -nologo -langversion:7.2 -warnaserror+ -target:library -out:build/Tether.dll -r:System.dll src/*.cs
 mcs -nologo -langversion:7.2 -warnaserror+ -target:exe -out:build/Tests.exe -r:build/Tether.dll -r:System.dll -r:System.Core.dll tests/*.cs
+mcs -nologo -langversion:7.2 -warnaserror+ -target:exe -out:build/LabClient.exe -r:build/Tether.dll lab/LabClient.cs
 exec mono --debug build/Tests.exe "$@"
