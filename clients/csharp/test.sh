@@ -8,4 +8,5 @@ mkdir -p build
 mcs -nologo -langversion:7.2 -warnaserror+ -target:library -out:build/Tether.dll -r:System.dll src/*.cs
 mcs -nologo -langversion:7.2 -warnaserror+ -target:exe -out:build/Tests.exe -r:build/Tether.dll -r:System.dll -r:System.Core.dll tests/*.cs
 mcs -nologo -langversion:7.2 -warnaserror+ -target:exe -out:build/LabClient.exe -r:build/Tether.dll lab/LabClient.cs
+mcs -nologo -langversion:7.2 -warnaserror+ -target:exe -out:build/Bench.exe -r:build/Tether.dll -r:System.Core.dll bench/Bench.cs
 exec mono --debug build/Tests.exe "$@"

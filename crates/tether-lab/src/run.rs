@@ -823,3 +823,31 @@ impl Drop for PeerChild {
         self.kill();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_output_contracts_are_understood() {
+        let now = Instant::now();
+        assert_eq!(parse_side_line("ready", now), Some(Event::Ready));
+        assert_eq!(parse_side_line("READY", now), Some(Event::Ready));
+        assert_eq!(parse_side_line("RECEIVED", now), Some(Event::Received(now)));
+        assert_eq!(
+            parse_side_line("DETECTED heartbeat-timeout", now),
+            Some(Event::Closed(now, "heartbeat-timeout".into()))
+        );
+        assert_eq!(
+            parse_side_line("closed peer-reset", now),
+            Some(Event::Closed(now, "peer-reset".into()))
+        );
+        assert_eq!(
+            parse_side_line("FAILED cannot connect", now),
+            Some(Event::Failed("cannot connect".into()))
+        );
+        assert_eq!(parse_side_line("listening", now), Some(Event::Listening));
+        assert_eq!(parse_side_line("some log line", now), None);
+        assert_eq!(parse_side_line("", now), None);
+    }
+}
