@@ -4,8 +4,10 @@
     python3 clients/python/bench.py throughput 127.0.0.1:7300 100000   # 64 B messages through a session
     python3 clients/python/bench.py idle 127.0.0.1:7300 1000           # RSS per idle connection
 
-throughput: N messages of 64 bytes sent, N echoes received, in order, over one session;
-prints messages per second each way. idle: opens N sessions, waits until all are connected
+throughput: N messages of 64 bytes sent, N echoes received, in order, over one session,
+at most WINDOW (1000) in flight; prints messages per second each way. (Unwindowed, a fast
+client can deadlock the reference echo server: its echo loop waits for room in the client's
+replay buffer while it has stopped reading, and so the client's ACKs.) idle: opens N sessions, waits until all are connected
 and the process has settled, prints the RSS growth divided by N."""
 
 import asyncio
@@ -15,6 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tether  # noqa: E402
+
+WINDOW = 1000
 
 
 def rss_kib():
@@ -32,9 +36,11 @@ async def throughput(host, port, n):
         pass
     payload = b"x" * 58
     started = time.monotonic()
+    window = asyncio.Semaphore(WINDOW)
 
     async def produce():
         for i in range(n):
+            await window.acquire()
             await c.send(b"%06d" % i + payload)
 
     prod = asyncio.get_running_loop().create_task(produce())
@@ -44,6 +50,7 @@ async def throughput(host, port, n):
         if isinstance(ev, tether.Message):
             assert int(ev.payload[:6]) == got, "out of order"
             got += 1
+            window.release()
     await prod
     elapsed = time.monotonic() - started
     await c.close()

@@ -3,7 +3,9 @@
 //   mono build/Bench.exe throughput 127.0.0.1:7300 100000   # 64 B messages through a session
 //   mono build/Bench.exe idle 127.0.0.1:7300 1000           # RSS per idle connection
 //
-// (test.sh builds build/Bench.exe.)
+// (test.sh builds build/Bench.exe.) throughput keeps at most 1000 messages in flight:
+// unwindowed, a fast client can deadlock the reference echo server (its echo loop waits for
+// room in the client's replay buffer while it has stopped reading, and so the client's ACKs).
 
 using System;
 using System.Collections.Concurrent;
@@ -38,10 +40,12 @@ static class Bench
             var done = new ManualResetEventSlim();
             int got = 0;
             bool ordered = true;
+            var window = new SemaphoreSlim(1000);
             c.Connected += (s, e) => connected.Set();
             c.MessageReceived += (s, e) =>
             {
                 if (int.Parse(Encoding.ASCII.GetString(e.Payload, 0, 6)) != got) ordered = false;
+                window.Release();
                 if (++got == n) done.Set();
             };
             c.Start();
@@ -50,7 +54,11 @@ static class Bench
             Task.Run(async () =>
             {
                 var pad = new string('x', 58);
-                for (int i = 0; i < n; i++) await c.SendAsync(Encoding.ASCII.GetBytes(i.ToString("D6") + pad)).ConfigureAwait(false);
+                for (int i = 0; i < n; i++)
+                {
+                    await window.WaitAsync().ConfigureAwait(false);
+                    await c.SendAsync(Encoding.ASCII.GetBytes(i.ToString("D6") + pad)).ConfigureAwait(false);
+                }
             });
             done.Wait();
             double el = sw.Elapsed.TotalSeconds;

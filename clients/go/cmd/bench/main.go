@@ -2,6 +2,10 @@
 //
 //	go run ./cmd/bench throughput 127.0.0.1:7300 100000   # 64 B messages through a session
 //	go run ./cmd/bench idle 127.0.0.1:7300 1000           # RSS per idle connection
+//
+// throughput keeps at most window (1000) messages in flight: unwindowed, a fast client can
+// deadlock the reference echo server (its echo loop waits for room in the client's replay
+// buffer while it has stopped reading, and so the client's ACKs).
 package main
 
 import (
@@ -57,9 +61,12 @@ func main() {
 		}
 		waitConnected(c)
 		started := time.Now()
+		const window = 1000
+		inflight := make(chan struct{}, window)
 		go func() {
 			payload := make([]byte, 64)
 			for i := 0; i < n; i++ {
+				inflight <- struct{}{}
 				copy(payload, fmt.Sprintf("%06d", i))
 				if err := c.Send(ctx, payload); err != nil {
 					panic(err)
@@ -76,6 +83,7 @@ func main() {
 					panic("out of order")
 				}
 				got++
+				<-inflight
 			}
 		}
 		el := time.Since(started).Seconds()
