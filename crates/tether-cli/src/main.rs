@@ -14,6 +14,7 @@ mod plan;
 mod probe;
 mod proxy;
 mod serve;
+mod token;
 mod tunnel;
 
 use std::process::ExitCode;
@@ -50,6 +51,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Reproduce middlebox failures in network namespaces and compare detection methods (root).
     Lab(lab::LabArgs),
+    /// Print a signed HS256 token (for tests and small deployments).
+    Token(token::TokenArgs),
 }
 
 fn init_tracing() {
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Tunnel(a) => tunnel::run(a),
+        Command::Token(a) => token::run(a),
     };
     match result {
         Ok(code) => code,
