@@ -11,7 +11,7 @@
 //!                                   --cert/--key for mutual TLS
 //! ```
 //!
-//! Liveness through TLS: the [`Transport`](crate::driver::Transport) methods look at the TCP
+//! Liveness through TLS: the [`Transport`] methods look at the TCP
 //! socket under the TLS session (`abort_on_close` sets `SO_LINGER 0`; `has_unacked` reads
 //! `TCP_INFO`; `poll_unread` says yes when rustls holds decrypted or undecrypted bytes, or the
 //! kernel holds bytes not yet read), so a paused reader still knows its peer is alive.
