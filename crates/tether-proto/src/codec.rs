@@ -88,8 +88,67 @@ pub const WELCOME_RESUMED: u8 = 0x02;
 /// WELCOME flag: the welcome carries `credential_ttl_ms:u32` after the optional session block.
 pub const WELCOME_CREDENTIAL_TTL: u8 = 0x04;
 
-/// A resume request inside a HELLO.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A credential carried by HELLO (flag CREDENTIAL) or AUTH: opaque bytes (a compact JWT in
+/// practice). A secret: its `Debug` shows only its length, so a logged `Hello` or `Frame`
+/// never carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential(pub Bytes);
+
+impl Credential {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential(<{} bytes>)", self.0.len())
+    }
+}
+
+impl std::ops::Deref for Credential {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Bytes> for Credential {
+    fn from(b: Bytes) -> Self {
+        Credential(b)
+    }
+}
+
+impl From<&'static [u8]> for Credential {
+    fn from(b: &'static [u8]) -> Self {
+        Credential(Bytes::from_static(b))
+    }
+}
+
+impl From<Vec<u8>> for Credential {
+    fn from(b: Vec<u8>) -> Self {
+        Credential(Bytes::from(b))
+    }
+}
+
+impl From<String> for Credential {
+    fn from(s: String) -> Self {
+        Credential(Bytes::from(s))
+    }
+}
+
+/// Shows a secret token as its length only.
+struct Redacted;
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A resume request inside a HELLO. `Debug` does not show the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ResumeRequest {
     /// The session id from the original welcome.
     pub session_id: u64,
@@ -97,6 +156,16 @@ pub struct ResumeRequest {
     pub token: [u8; TOKEN_LEN],
     /// The highest sequence number the client has received (0 = none).
     pub last_received: u64,
+}
+
+impl std::fmt::Debug for ResumeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeRequest")
+            .field("session_id", &self.session_id)
+            .field("token", &Redacted)
+            .field("last_received", &self.last_received)
+            .finish()
+    }
 }
 
 /// The client's first frame.
@@ -111,12 +180,12 @@ pub struct Hello {
     /// Present when the client resumes an earlier session.
     pub resume: Option<ResumeRequest>,
     /// The client's credential (flag CREDENTIAL): opaque to the protocol, a compact JWT in
-    /// practice; 1..=[`MAX_CREDENTIAL_LEN`] bytes. A secret: never log it.
-    pub credential: Option<Bytes>,
+    /// practice; 1..=[`MAX_CREDENTIAL_LEN`] bytes. Its `Debug` shows only its length.
+    pub credential: Option<Credential>,
 }
 
-/// Session parameters granted in a WELCOME.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Session parameters granted in a WELCOME. `Debug` does not show the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct SessionGrant {
     /// Session id (not secret; for lookups and logs).
     pub session_id: u64,
@@ -128,6 +197,18 @@ pub struct SessionGrant {
     pub last_received: u64,
     /// How long the server keeps the session after a disconnect.
     pub linger: Duration,
+}
+
+impl std::fmt::Debug for SessionGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionGrant")
+            .field("session_id", &self.session_id)
+            .field("token", &Redacted)
+            .field("resumed", &self.resumed)
+            .field("last_received", &self.last_received)
+            .field("linger", &self.linger)
+            .finish()
+    }
 }
 
 /// The server's answer to an accepted HELLO.
@@ -173,8 +254,9 @@ pub enum Frame {
     },
     /// Cumulative acknowledgement: every sequence number up to and including this one arrived.
     Ack(u64),
-    /// Credential refresh (client → server): the new credential (a secret: never log it).
-    Auth(Bytes),
+    /// Credential refresh (client → server): the new credential (`Debug` shows only its
+    /// length).
+    Auth(Credential),
     /// Credential refresh accepted (server → client): the new credential's time to live;
     /// `Duration::ZERO` means it does not expire.
     AuthOk(Duration),
@@ -524,7 +606,7 @@ pub fn parse_body(body: &[u8]) -> Result<Frame, DecodeError> {
             if rest.len() > MAX_CREDENTIAL_LEN {
                 return Err(malformed("AUTH", "credential longer than 8192 bytes"));
             }
-            Ok(Frame::Auth(Bytes::copy_from_slice(rest)))
+            Ok(Frame::Auth(Credential(Bytes::copy_from_slice(rest))))
         }
         ty::AUTH_OK => {
             if rest.len() != 4 {
@@ -597,7 +679,7 @@ fn parse_hello(mut b: &[u8]) -> Result<Hello, DecodeError> {
         }
         let c = Bytes::copy_from_slice(&b[..len]);
         b.advance(len);
-        Some(c)
+        Some(Credential(c))
     } else {
         None
     };

@@ -7,8 +7,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tether_proto::codec::{
-    self, check_credential, check_preamble, CredentialLenError, DecodeError, Decoder, Frame, Hello,
-    ResumeRequest, SessionGrant, Welcome, HEADER_LEN, MAX_CREDENTIAL_LEN, MAX_TEXT_LEN,
+    self, check_credential, check_preamble, Credential, CredentialLenError, DecodeError, Decoder,
+    Frame, Hello, ResumeRequest, SessionGrant, Welcome, HEADER_LEN, MAX_CREDENTIAL_LEN,
+    MAX_TEXT_LEN,
 };
 use tether_proto::CloseCode;
 
@@ -120,7 +121,7 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                 requested_heartbeat: Duration::from_millis(10_000),
                 want_session: false,
                 resume: None,
-                credential: Some(Bytes::from_static(b"tok")),
+                credential: Some(Credential::from(&b"tok"[..])),
             }),
             hex("0000000e 10 04 00002710 02 6331 0003 746f6b"),
         ),
@@ -135,7 +136,7 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                     token,
                     last_received: 5,
                 }),
-                credential: Some(Bytes::from_static(b"jwt")),
+                credential: Some(Credential::from(&b"jwt"[..])),
             }),
             hex("0000002d 10 07 00000001 01 63
                  0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000005
@@ -196,7 +197,7 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                  00000000"),
         ),
         (
-            Frame::Auth(Bytes::from_static(b"tok")),
+            Frame::Auth(Credential::from(&b"tok"[..])),
             hex("00000004 07 746f6b"),
         ),
         (
@@ -342,6 +343,12 @@ fn credentials_of_8192_bytes_pass_and_8193_are_malformed() {
         panic!()
     };
     assert_eq!(h.credential.as_deref(), Some(&max[..]));
+    // A logged hello never shows the credential.
+    assert!(!format!("{h:?}").contains("xxx"), "{h:?}");
+    assert!(
+        format!("{h:?}").contains("Credential(<8192 bytes>)"),
+        "{h:?}"
+    );
     for raw in [
         raw_hello_with_credential(8193, &over),
         // The length alone is refused, before the bytes it announces are looked at.
@@ -363,7 +370,7 @@ fn credentials_of_8192_bytes_pass_and_8193_are_malformed() {
     raw.extend(&max);
     assert_eq!(
         decode_one(&raw).unwrap(),
-        Frame::Auth(Bytes::from(max.clone()))
+        Frame::Auth(Credential::from(max.clone()))
     );
     let mut raw = ((MAX_CREDENTIAL_LEN + 2) as u32).to_be_bytes().to_vec();
     raw.push(0x07);
@@ -387,7 +394,7 @@ fn credentials_are_checked_at_the_edge_and_cut_at_the_limit_on_encode() {
     );
     // encode cannot fail: an unchecked oversize credential is cut, so the peer sees a
     // well-formed frame (and refuses the credential itself).
-    let long = Bytes::from(vec![b'y'; MAX_CREDENTIAL_LEN + 100]);
+    let long = Credential::from(vec![b'y'; MAX_CREDENTIAL_LEN + 100]);
     let hello = Frame::Hello(Hello {
         client_id: "c".into(),
         requested_heartbeat: Duration::ZERO,
@@ -403,6 +410,20 @@ fn credentials_are_checked_at_the_edge_and_cut_at_the_limit_on_encode() {
         panic!()
     };
     assert_eq!(c.len(), MAX_CREDENTIAL_LEN);
+}
+
+#[test]
+fn secrets_never_show_in_debug_output() {
+    // Credentials and resume tokens are secrets: a `{:?}` of a frame (a log line) shows
+    // neither, only what is needed to debug (lengths, ids, sequence numbers).
+    for (frame, _) in golden() {
+        let dbg = format!("{frame:?}");
+        assert!(!dbg.contains("160"), "token byte a0 = 160 in {dbg}");
+        assert!(!dbg.contains("116, 111, 107"), "credential bytes in {dbg}");
+        assert!(!dbg.contains("106, 119, 116"), "credential bytes in {dbg}");
+    }
+    let d = format!("{:?}", Credential::from(&b"secret"[..]));
+    assert_eq!(d, "Credential(<6 bytes>)");
 }
 
 #[test]
@@ -534,8 +555,8 @@ fn arb_pos_ms() -> impl Strategy<Value = Duration> {
     (1u32..).prop_map(|m| Duration::from_millis(u64::from(m)))
 }
 
-fn arb_credential() -> impl Strategy<Value = Bytes> {
-    prop::collection::vec(any::<u8>(), 1..300).prop_map(Bytes::from)
+fn arb_credential() -> impl Strategy<Value = Credential> {
+    prop::collection::vec(any::<u8>(), 1..300).prop_map(Credential::from)
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {

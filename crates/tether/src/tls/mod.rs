@@ -43,7 +43,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::{AllowedIds, Principal, Scheme};
-use crate::driver::Transport;
+use crate::Transport;
 
 pub use client::{ClientTlsOptions, TlsClient};
 pub use server::{ServerTlsFiles, TlsServer};
