@@ -4,17 +4,14 @@
 //! refused the connection (`connect`); 4 a lab check failed (`lab`) or the result is
 //! inconclusive (`probe`).
 
-mod bench;
+mod cmd;
 mod config;
-mod connect;
 mod http;
-mod lab;
 mod log;
-mod plan;
-mod probe;
-mod proxy;
-mod serve;
-mod tunnel;
+mod metrics;
+mod status;
+
+use cmd::{bench, connect, lab, plan, probe, proxy, serve, tunnel};
 
 use std::process::ExitCode;
 

@@ -246,7 +246,7 @@ fn render_text(addr: &str, r: &ProbeReport, advice: &Result<Policy, String>) -> 
     );
     out.push('\n');
     match advice {
-        Ok(policy) => out.push_str(&crate::plan::render_advice(policy)),
+        Ok(policy) => out.push_str(&crate::cmd::plan::render_advice(policy)),
         Err(why) => {
             let _ = writeln!(out, "no advice: {why}");
         }
@@ -448,7 +448,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("at expiry: rst"), "{text}");
-        assert!(text.ends_with(&crate::plan::render_advice(&a)), "{text}");
+        assert!(
+            text.ends_with(&crate::cmd::plan::render_advice(&a)),
+            "{text}"
+        );
     }
 
     #[test]

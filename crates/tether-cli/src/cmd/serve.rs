@@ -4,18 +4,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tether::{Server, ServerConfig, ServerEvent, ServerHandle};
+use tether::{Server, ServerConfig, ServerEvent};
 use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::presence::PresenceState;
 
 use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
-use crate::http::{self, ClientRow, MetricsSnapshot, PresenceView, StatusSource};
 use crate::log;
+use crate::status::metrics::ServerCollector;
+use crate::status::model::ServerSource;
 
 const KEYS: &[&str] = &[
     "listen",
@@ -191,60 +192,6 @@ impl ServeArgs {
     }
 }
 
-/// The status page's view of a running server.
-struct Status {
-    handle: ServerHandle,
-}
-
-impl StatusSource for Status {
-    fn clients(&self) -> Vec<ClientRow> {
-        let now = tokio::time::Instant::now().into_std();
-        let wall = SystemTime::now();
-        self.handle
-            .clients()
-            .into_iter()
-            .map(|c| {
-                let view = PresenceView {
-                    id: &c.id,
-                    state: &c.state,
-                    conn_id: c.conn_id,
-                    remote: c.remote,
-                    connected_since: c.connected_since,
-                    connects: c.connects,
-                    disconnects: c.disconnects,
-                };
-                let mut row = ClientRow::from_view(&view, now, wall);
-                if let Some(s) = c.stats {
-                    row.last_seen_ago = s.last_rx.map(|rx| now.saturating_duration_since(rx));
-                    row.rtt = s.srtt;
-                    row.messages_in = s.messages_in;
-                    row.messages_out = s.messages_out;
-                    row.bytes_in = s.bytes_in;
-                    row.bytes_out = s.bytes_out;
-                }
-                row
-            })
-            .collect()
-    }
-
-    fn metrics(&self) -> MetricsSnapshot {
-        let m = self.handle.metrics();
-        let mut disconnects = [0u64; tether_proto::DisconnectReason::LABELS.len()];
-        for (i, (_, n)) in m.disconnects.iter().enumerate().take(disconnects.len()) {
-            disconnects[i] = *n;
-        }
-        MetricsSnapshot {
-            connections: m.connections as u64,
-            presence: m.presence,
-            disconnects,
-            heartbeats_sent: m.heartbeats_sent,
-            heartbeats_received: m.heartbeats_received,
-            messages_received: m.messages_received,
-            messages_sent: m.messages_sent,
-        }
-    }
-}
-
 pub(crate) fn run(args: ServeArgs) -> Result<ExitCode> {
     let s = args.resolve()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -285,19 +232,25 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         ),
     );
     if let Some(addr) = s.http {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for the status page on {addr}"))?;
+        let listener = crate::http::bind(addr, "the status page").await?;
         log::line(
             "-",
             "status-page",
             &format!("http://{}/", listener.local_addr().unwrap_or(addr)),
         );
-        tokio::spawn(http::serve_status(
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(ServerCollector {
+            handle: server.handle(),
+        }));
+        let source = Arc::new(ServerSource {
+            handle: server.handle(),
+            rtt_every: s.policy.ping_interval,
+        });
+        let app = crate::status::router(source, Arc::new(registry));
+        tokio::spawn(crate::http::serve(
             listener,
-            Arc::new(Status {
-                handle: server.handle(),
-            }),
+            app,
+            crate::http::STATUS_LIMITS,
         ));
     }
     let mut presence = server.subscribe();
