@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::exit::UsageError;
 use tether_proto::policy::Policy;
 use tether_proto::presets::PathSpec;
 
@@ -54,29 +56,34 @@ impl Layers {
             return Ok(Layers { file: None });
         };
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let table: toml::Table = toml::from_str(&text)
-            .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            .with_context(|| UsageError(format!("cannot read config file {}", path.display())))?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| {
+            UsageError(format!("config file {} is not valid TOML", path.display()))
+        })?;
         let mut map = BTreeMap::new();
         for (k, v) in table {
             let key = k.replace('-', "_");
             if !known.contains(&key.as_str()) {
-                bail!(
+                return Err(UsageError(format!(
                     "unknown key `{k}` in config file {} (known keys: {})",
                     path.display(),
                     known.join(", ")
-                );
+                ))
+                .into());
             }
             let s = match v {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Float(f) => f.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
-                other => bail!(
-                    "key `{k}` in config file {} must be a string, number or boolean, not {}",
-                    path.display(),
-                    other.type_str()
-                ),
+                other => {
+                    return Err(UsageError(format!(
+                        "key `{k}` in config file {} must be a string, number or boolean, not {}",
+                        path.display(),
+                        other.type_str()
+                    ))
+                    .into())
+                }
             };
             map.insert(key, s);
         }
@@ -114,7 +121,7 @@ impl Layers {
             None => Ok(None),
             Some((v, src)) => match parse(v.trim()) {
                 Ok(t) => Ok(Some(t)),
-                Err(e) => bail!("invalid value {v:?} for {src}: {e}"),
+                Err(e) => Err(UsageError(format!("invalid value {v:?} for {src}: {e}")).into()),
             },
         }
     }

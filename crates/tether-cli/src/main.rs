@@ -1,11 +1,14 @@
 //! The `tether` command.
 //!
-//! Exit codes: 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server
-//! refused the connection (`connect`); 4 a lab check failed (`lab`) or the result is
-//! inconclusive (`probe`).
+//! Exit codes (also in `tether --help`; derived from the error's type in [`exit::classify`]):
+//! 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server refused the
+//! connection (`connect`); 4 a lab check failed (`lab`) or the result is inconclusive
+//! (`probe`); 5 replaced by a newer connection with the same client id (`connect`); 6
+//! messages read from stdin were not delivered (`connect`).
 
 mod cmd;
 mod config;
+mod exit;
 mod http;
 mod log;
 mod metrics;
@@ -20,7 +23,7 @@ use clap::{Parser, Subcommand};
 /// tether keeps long-lived TCP connections honest: both sides detect a dead peer within a
 /// bound you choose, and idle connections survive NAT and load-balancer timeouts.
 #[derive(Parser, Debug)]
-#[command(name = "tether", version, about, long_about = None, propagate_version = true)]
+#[command(name = "tether", version, about, long_about = None, propagate_version = true, after_help = exit::HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,19 +78,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            // Configuration problems are reported before anything runs.
-            ExitCode::from(if is_config_error(&e) { 2 } else { 1 })
+            exit::classify(&e).into()
         }
     }
-}
-
-fn is_config_error(e: &anyhow::Error) -> bool {
-    if e.chain().any(|c| {
-        c.downcast_ref::<tether_proto::policy::PolicyError>()
-            .is_some()
-    }) {
-        return true;
-    }
-    let s = format!("{e:#}");
-    s.contains("invalid value") || s.contains("config file") || s.contains("inconsistent")
 }

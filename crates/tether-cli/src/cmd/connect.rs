@@ -12,9 +12,10 @@ use tether_proto::backoff::BackoffConfig;
 use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::presets::PathSpec;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::{parse_addr, parse_duration, Layers};
+use crate::exit::{Exit, UsageError};
 use crate::log;
 
 const KEYS: &[&str] = &[
@@ -28,9 +29,6 @@ const KEYS: &[&str] = &[
     "linger",
 ];
 
-/// Exit code when the server refuses the connection.
-pub(crate) const EXIT_REFUSED: u8 = 3;
-
 /// Connect to a tether server; send stdin lines as messages, print what arrives.
 ///
 /// Each line read from stdin is sent as one message (without its newline); each message that
@@ -39,10 +37,19 @@ pub(crate) const EXIT_REFUSED: u8 = 3;
 /// the attempt and delay) go to stderr. When the connection dies the client reconnects with
 /// capped exponential backoff and full jitter, and resumes its session: messages sent into a
 /// dead connection are delivered after the reconnect, once and in order (or the log says
-/// which may be lost). End of stdin closes the connection in order after --linger.
+/// which may be lost). End of stdin closes the connection in order after --linger; Ctrl-C
+/// or SIGTERM closes it at once (within a second), even while stdin is still open.
 ///
-/// Exit codes: 0 after end of stdin, 1 on errors, 2 on bad arguments, 3 when the server
-/// refuses the connection.
+/// Delivery: a line counts as delivered once it left the local queue for a connection
+/// and the server did not report it lost (with a session, the server acknowledges what it
+/// received; a session it cannot resume names the unacknowledged lines, and those count as
+/// not delivered). Lines still queued at exit, or read while no connection was ever made
+/// (nothing listening: connect-refused), were not delivered: the exit code says so.
+///
+/// Exit codes: 0 every line delivered (after end of stdin, or a signal); 1 runtime error
+/// (gave up connecting); 2 bad arguments; 3 the server refused the connection;
+/// 5 replaced by a newer connection with the same --id (terminal: no reconnect);
+/// 6 lines read from stdin were not delivered.
 ///
 /// Examples:
 ///   tether connect 127.0.0.1:7300 --id alice
@@ -85,7 +92,7 @@ pub(crate) struct ConnectArgs {
 pub(crate) fn run(args: ConnectArgs) -> Result<ExitCode> {
     let l = Layers::load(args.config.as_deref(), KEYS)?;
     let addr = parse_addr(&args.addr)
-        .map_err(|e| anyhow::anyhow!("invalid server address {:?}: {e}", args.addr))?;
+        .map_err(|e| UsageError(format!("invalid server address {:?}: {e}", args.addr)))?;
     let id = l
         .get("id", args.id.as_deref(), |s| Ok::<_, String>(s.to_owned()))?
         .unwrap_or_else(|| {
@@ -147,11 +154,84 @@ pub(crate) fn run(args: ConnectArgs) -> Result<ExitCode> {
     rt.block_on(connect(cfg, linger))
 }
 
+/// What became of the lines read from stdin. The rule (also in `--help`): a line is
+/// delivered once it left this process's queue for a connection that the server did not
+/// name as lost; with a session (the default) the server acknowledges what it received and
+/// a session it could not resume names the unacknowledged sequence numbers
+/// (`session-lost`), which count as not delivered; without a session a line counts as
+/// delivered once written to a connection. Lines still queued at exit, or read while no
+/// connection was ever established, were not delivered.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Delivery {
+    /// Lines read from stdin and given to the client.
+    read: u64,
+    /// Whether any connection was established.
+    connected: bool,
+    /// Lines named by `session-lost` (may not have arrived).
+    lost: u64,
+}
+
+impl Delivery {
+    /// Lines not delivered, given how many are still queued in the client.
+    fn undelivered(&self, queued: u64) -> u64 {
+        if !self.connected {
+            return self.read;
+        }
+        (queued + self.lost).min(self.read)
+    }
+}
+
+/// How `connect` ends, for the exit code and the last words.
+enum End {
+    /// Stdin ended and the connection closed in order (or could not close in time).
+    Done,
+    /// Ctrl-C or SIGTERM.
+    Signal,
+    /// The server refused the connection for good.
+    Refused(String),
+    /// A newer connection with the same id took over (terminal: no reconnect).
+    Replaced,
+    /// The client gave up (a refusal retrying cannot fix, or attempts exhausted).
+    GaveUp(String),
+}
+
+/// Reads stdin lines on a thread of its own: a blocking read can neither be cancelled nor
+/// awaited at exit, so the thread is abandoned, never joined, and exit does not wait for
+/// Enter. `None` at end of input (or a read error).
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<Option<String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::stdin().lock().lines() {
+                match line {
+                    Ok(l) => {
+                        if tx.blocking_send(Some(l)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.blocking_send(None);
+        });
+    if spawned.is_err() {
+        // No thread: behave as if stdin were empty (the receiver sees the channel closed).
+        log::line(
+            "-",
+            "stdin",
+            "cannot start the stdin reader; reading nothing",
+        );
+    }
+    rx
+}
+
 async fn connect(cfg: ClientConfig, linger: Duration) -> Result<ExitCode> {
     let id = cfg.connect.client_id.clone();
     let addr = cfg.addr;
     let mut client = Client::start(cfg);
-    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin = stdin_lines();
     let mut stdout = tokio::io::stdout();
     let stop = log::shutdown_signal();
     tokio::pin!(stop);
@@ -161,27 +241,33 @@ async fn connect(cfg: ClientConfig, linger: Duration) -> Result<ExitCode> {
     let closing = tokio::time::sleep_until(far);
     tokio::pin!(closing);
     let mut closed_at: Option<tokio::time::Instant> = None;
-    loop {
+    let mut delivery = Delivery::default();
+    let mut last_reason: Option<DisconnectReason> = None;
+    let end = loop {
         tokio::select! {
             ev = client.next_event() => match ev {
                 Some(ClientEvent::Connected { welcome }) => {
+                    delivery.connected = true;
                     let session = match &welcome.session {
-                        Some(s) if s.resumed => format!(" session={} (resumed)", s.session_id),
-                        Some(s) => format!(" session={} linger={}", s.session_id, Human(s.linger)),
+                        Some(s) if s.resumed => format!(" session={} resumed=true", s.session_id),
+                        Some(s) => format!(" session={} linger={}", s.session_id, Human::ms(s.linger)),
                         None => String::new(),
                     };
                     log::line(
                         &id,
                         "connected",
-                        &format!("server={addr} heartbeat={} dead_after={}{session}", Human(welcome.heartbeat), Human(welcome.dead_after)),
+                        &format!("server={addr} heartbeat={} dead_after={}{session}", Human::ms(welcome.heartbeat), Human::ms(welcome.dead_after)),
                     )
                 }
                 Some(ClientEvent::Resumed { replayed }) => {
-                    log::line(&id, "resumed", &format!("replayed={replayed} message(s) the server had not received"))
+                    log::line(&id, "resumed", &log::kv(&[("replayed", &replayed.to_string()), ("note", "messages the server had not received are sent again")]))
                 }
                 Some(ClientEvent::SessionLost { unacked }) => {
-                    let what = match unacked {
-                        Some(r) => format!("messages {}..={} may not have been delivered", r.start(), r.end()),
+                    let what = match &unacked {
+                        Some(r) => {
+                            delivery.lost += r.end().saturating_sub(*r.start()) + 1;
+                            format!("messages {}..={} may not have been delivered", r.start(), r.end())
+                        }
                         None => "nothing was outstanding".to_owned(),
                     };
                     log::line(&id, "session-lost", &what)
@@ -192,38 +278,46 @@ async fn connect(cfg: ClientConfig, linger: Duration) -> Result<ExitCode> {
                     stdout.flush().await?;
                 }
                 Some(ClientEvent::Disconnected { disconnect }) => {
-                    if let DisconnectReason::Refused { code, text } = &disconnect.reason {
-                        if *code != tether::CloseCode::SESSION_UNKNOWN && *code != tether::CloseCode::SESSION_BUSY {
-                            eprintln!("error: the server at {addr} refused the connection: {text} (code {code})");
-                            return Ok(ExitCode::from(EXIT_REFUSED));
+                    let reason = disconnect.reason.clone();
+                    last_reason = Some(reason.clone());
+                    match &reason {
+                        DisconnectReason::Refused { code, text }
+                            if *code != tether::CloseCode::SESSION_UNKNOWN
+                                && *code != tether::CloseCode::SESSION_BUSY
+                                && *code != tether::CloseCode::THROTTLED =>
+                        {
+                            break End::Refused(format!("{text} (code {code})"));
                         }
+                        DisconnectReason::Replaced => break End::Replaced,
+                        DisconnectReason::PeerClose { code, .. } if *code == tether::CloseCode::REPLACED => {
+                            break End::Replaced
+                        }
+                        _ => {}
                     }
                     if closed_at.is_some() {
-                        return Ok(ExitCode::SUCCESS);
+                        break End::Done;
                     }
                     log::line(
                         &id,
                         "disconnected",
-                        &format!("reason={} silent_for={}", disconnect.reason, Human(disconnect.silent_for)),
+                        &format!("reason={} silent_for={}", log::quote(&reason.to_string()), Human::ms(disconnect.silent_for)),
                     );
                 }
                 Some(ClientEvent::Reconnecting { attempt, delay }) => {
-                    log::line(&id, "reconnecting", &format!("attempt={attempt} in {}", Human(delay)))
+                    log::line(&id, "reconnecting", &format!("attempt={attempt} in={}", Human::ms(delay)))
                 }
-                Some(ClientEvent::GaveUp { reason }) => {
-                    eprintln!("error: gave up connecting to {addr}: {reason}");
-                    return Ok(ExitCode::FAILURE);
-                }
+                Some(ClientEvent::GaveUp { reason }) => break End::GaveUp(reason.to_string()),
                 Some(_) => {}
-                None => return Ok(if closed_at.is_some() { ExitCode::SUCCESS } else { ExitCode::FAILURE }),
+                None => break if closed_at.is_some() { End::Done } else { End::GaveUp("the client stopped".into()) },
             },
-            line = stdin.next_line(), if stdin_open => match line {
-                Ok(Some(l)) => {
+            line = stdin.recv(), if stdin_open => match line {
+                Some(Some(l)) => {
+                    delivery.read += 1;
                     if let Err(e) = client.send(Bytes::from(l.into_bytes())).await {
                         log::line(&id, "send-failed", &e.to_string());
                     }
                 }
-                Ok(None) | Err(_) => {
+                Some(None) | None => {
                     stdin_open = false;
                     closing.as_mut().reset(tokio::time::Instant::now() + linger);
                 }
@@ -237,14 +331,91 @@ async fn connect(cfg: ClientConfig, linger: Duration) -> Result<ExitCode> {
                         closing.as_mut().reset(t + Duration::from_secs(2));
                     }
                     // The close did not complete in time (peer unreachable): give up waiting.
-                    Some(_) => return Ok(ExitCode::SUCCESS),
+                    Some(_) => break End::Done,
                 }
             }
-            _ = &mut stop => {
-                client.close();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                return Ok(ExitCode::SUCCESS);
+            _ = &mut stop => break End::Signal,
+        }
+    };
+    let queued = client.queued() as u64;
+    if matches!(end, End::Signal) {
+        // Close in order, but do not wait long: a service manager waits for us.
+        client.close();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while let Some(ev) = client.next_event().await {
+                if matches!(ev, ClientEvent::Disconnected { .. }) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    let undelivered = delivery.undelivered(queued);
+    let why = match (&end, &last_reason) {
+        (_, _) if !delivery.connected => match &last_reason {
+            Some(r) => format!("never connected to {addr} (last: {r})"),
+            None => format!("never connected to {addr}"),
+        },
+        _ => "the connection ended first".to_owned(),
+    };
+    let code = match end {
+        End::Refused(text) => {
+            eprintln!("error: the server at {addr} refused the connection: {text}");
+            Exit::Refused
+        }
+        End::Replaced => {
+            eprintln!(
+                "error: replaced: a newer connection with client id {id:?} took over; not reconnecting \
+                 ({queued} message(s) still queued here were not sent)"
+            );
+            Exit::Replaced
+        }
+        End::GaveUp(reason) => {
+            eprintln!("error: gave up connecting to {addr}: {reason}");
+            if undelivered > 0 {
+                Exit::NotDelivered
+            } else {
+                Exit::Failure
             }
         }
+        End::Done | End::Signal => {
+            if undelivered > 0 {
+                Exit::NotDelivered
+            } else {
+                Exit::Success
+            }
+        }
+    };
+    if undelivered > 0 && code != Exit::Replaced {
+        eprintln!(
+            "error: {undelivered} of {} message(s) read from stdin {} not delivered: {why}",
+            delivery.read,
+            if undelivered == 1 { "was" } else { "were" }
+        );
+    }
+    Ok(code.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_rule() {
+        let mut d = Delivery {
+            read: 3,
+            ..Delivery::default()
+        };
+        assert_eq!(
+            d.undelivered(0),
+            3,
+            "never connected: nothing was delivered"
+        );
+        d.connected = true;
+        assert_eq!(d.undelivered(0), 0);
+        assert_eq!(d.undelivered(2), 2, "still queued here");
+        d.lost = 2;
+        assert_eq!(d.undelivered(2), 3, "never more than was read");
+        assert_eq!(Delivery::default().undelivered(0), 0);
     }
 }

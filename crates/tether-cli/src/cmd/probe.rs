@@ -14,9 +14,7 @@ use tether_proto::plan::Plan;
 use tether_proto::policy::Policy;
 use tether_proto::presets::PathSpec;
 
-/// Exit code when the result is inconclusive (an outage during the probe, contradicting
-/// results, or connections that could not be opened).
-pub(crate) const EXIT_INCONCLUSIVE: u8 = 4;
+use crate::exit::{Exit, UsageError};
 
 /// Long help for `tether probe`.
 pub(crate) const LONG_ABOUT: &str = "\
@@ -96,22 +94,24 @@ pub(crate) struct ProbeArgs {
 /// Runs `tether probe`.
 pub(crate) fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let addr = crate::config::parse_addr(&args.addr)
-        .map_err(|e| anyhow::anyhow!("invalid value for ADDR {:?}: {e}", args.addr))?;
+        .map_err(|e| UsageError(format!("invalid value for ADDR {:?}: {e}", args.addr)))?;
     if args.max > probe::MAX_DELAY || args.max.is_zero() {
-        anyhow::bail!(
+        return Err(UsageError(format!(
             "invalid value for --max: {} (a responder accepts idle periods up to {})",
             Human(args.max),
             Human(probe::MAX_DELAY)
-        );
+        ))
+        .into());
     }
     if args
         .grace
         .is_some_and(|g| g.is_zero() || g > probe::MAX_GRACE)
     {
-        anyhow::bail!(
+        return Err(UsageError(format!(
             "invalid value for --grace: must be between 1ms and {}",
             Human(probe::MAX_GRACE)
-        );
+        ))
+        .into());
     }
     let (cf, sf) = match args.direction {
         DirectionArg::Both => (true, true),
@@ -146,7 +146,9 @@ pub(crate) fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     Ok(if report.conclusive {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_INCONCLUSIVE)
+        // Inconclusive (an outage during the probe, contradicting results, or connections
+        // that could not be opened).
+        Exit::CheckFailed.into()
     })
 }
 

@@ -21,6 +21,7 @@ use tether::proxy::{CopyMode, Proxy, ProxyConfig, ProxyEvent, ProxyHandle, PROXY
 use tether_proto::duration::Human;
 
 use crate::config::{parse_addr, parse_count, parse_duration, Layers, PolicyFlags};
+use crate::exit::UsageError;
 use crate::log;
 
 const KEYS: &[&str] = &[
@@ -108,33 +109,24 @@ fn parse_copy(s: &str) -> std::result::Result<CopyMode, String> {
     }
 }
 
-/// A required setting that no layer gave.
-#[derive(Debug)]
-struct Missing(&'static str);
-
-impl std::fmt::Display for Missing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let key = self.0;
-        write!(
-            f,
-            "missing --{} (or TETHER_{} or `{key}` in the config file)",
-            key.replace('_', "-"),
-            key.to_ascii_uppercase()
-        )
-    }
+/// A required setting that no layer gave: a usage error naming every place it can come from.
+fn missing(key: &str) -> UsageError {
+    UsageError(format!(
+        "missing --{} (or TETHER_{} or `{key}` in the config file)",
+        key.replace('_', "-"),
+        key.to_ascii_uppercase()
+    ))
 }
-
-impl std::error::Error for Missing {}
 
 impl ProxyArgs {
     pub(crate) fn resolve(&self) -> Result<ProxySettings> {
         let l = Layers::load(self.config.as_deref(), KEYS)?;
         let listen = l
             .get("listen", self.listen.as_deref(), parse_addr)?
-            .ok_or(Missing("listen"))?;
+            .ok_or_else(|| missing("listen"))?;
         let upstream = l
             .get("upstream", self.upstream.as_deref(), parse_addr)?
-            .ok_or(Missing("upstream"))?;
+            .ok_or_else(|| missing("upstream"))?;
         let http = l.optional_addr("http", self.http.as_deref(), None)?;
         let flags = PolicyFlags {
             detect_within: self.detect_within.as_deref(),
@@ -166,15 +158,7 @@ impl ProxyArgs {
 }
 
 pub(crate) fn run(args: ProxyArgs) -> Result<ExitCode> {
-    let s = match args.resolve() {
-        Ok(s) => s,
-        Err(e) if e.downcast_ref::<Missing>().is_some() => {
-            // A usage error: exit 2 like the other configuration errors.
-            eprintln!("error: {e:#}");
-            return Ok(ExitCode::from(2));
-        }
-        Err(e) => return Err(e),
-    };
+    let s = args.resolve()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -485,7 +469,7 @@ mod tests {
     #[test]
     fn missing_upstream_is_a_usage_error() {
         let e = parse(&["--listen", "7400"]).resolve().unwrap_err();
-        assert!(e.downcast_ref::<Missing>().is_some());
+        assert_eq!(crate::exit::classify(&e), crate::exit::Exit::Usage);
         assert!(e.to_string().contains("--upstream"), "{e}");
     }
 

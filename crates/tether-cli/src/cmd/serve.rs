@@ -42,6 +42,10 @@ const KEYS: &[&str] = &[
 /// keepalive and TCP_USER_TIMEOUT are set to match. Every connect, state change and
 /// disconnect is logged on stderr with its reason and how long the client had been silent.
 ///
+/// SIGHUP does not stop the server: it is logged ("reload") and ignored, since nothing can
+/// be reloaded yet (settings need a restart; TLS certificates will be reloaded on SIGHUP).
+/// Ctrl-C or SIGTERM closes every connection with CLOSE(going-away) and exits.
+///
 /// Settings come from flags, then `TETHER_<KEY>` environment variables (e.g.
 /// TETHER_DETECT_WITHIN=10s), then a TOML file given with --config (keys as the long flags,
 /// e.g. `detect_within = "10s"`), then defaults.
@@ -257,6 +261,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
     let handle = server.handle();
     let stop = log::shutdown_signal();
     tokio::pin!(stop);
+    let mut hangups = log::Hangups::install();
     loop {
         tokio::select! {
             ev = server.next_event() => match ev {
@@ -275,7 +280,11 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     log::line(
                         &client_id,
                         "disconnected",
-                        &format!("reason={} silent_for={} conn={conn_id}", disconnect.reason, Human(disconnect.silent_for)),
+                        &format!(
+                            "reason={} silent_for={} conn={conn_id}",
+                            log::quote(&disconnect.reason.to_string()),
+                            Human::ms(disconnect.silent_for)
+                        ),
                     );
                 }
                 Some(ServerEvent::Resumed { client_id, conn_id, replayed }) => {
@@ -286,25 +295,25 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                         Some(r) => format!("messages {}..={} may not have been delivered", r.start(), r.end()),
                         None => "nothing unacknowledged".to_owned(),
                     };
-                    log::line(&client_id, "session-lost", &format!("{what}; {} never sent", unsent.len()));
+                    log::line(&client_id, "session-lost", &log::kv(&[("lost", &what), ("never_sent", &unsent.len().to_string())]));
                 }
                 Some(ServerEvent::Refused { remote, reason }) => {
-                    log::line("-", "refused", &format!("remote={remote} reason={reason}"));
+                    log::line("-", "refused", &format!("remote={remote} reason={}", log::quote(&reason.to_string())));
                 }
                 Some(_) => {}
             },
             ch = presence.recv() => match ch {
                 Ok(ch) => match &ch.to {
-                    PresenceState::Suspect => log::line(&ch.id, "suspect", "silent past heartbeat + margin"),
+                    PresenceState::Suspect => log::line(&ch.id, "suspect", "note=\"silent past heartbeat + margin\""),
                     PresenceState::Online if matches!(ch.from, Some(PresenceState::Suspect)) => {
-                        log::line(&ch.id, "recovered", "heard from again")
+                        log::line(&ch.id, "recovered", "note=\"heard from again\"")
                     }
                     PresenceState::Offline { reason, silent_for, .. } => {
-                        log::line(&ch.id, "offline", &format!("reason={reason} silent_for={}", Human(*silent_for)))
+                        log::line(&ch.id, "offline", &format!("reason={} silent_for={}", log::quote(&reason.to_string()), Human::ms(*silent_for)))
                     }
                     PresenceState::Resuming { until, .. } => {
                         let left = until.saturating_duration_since(tokio::time::Instant::now().into_std());
-                        log::line(&ch.id, "resuming", &format!("session held for {}", Human(left)))
+                        log::line(&ch.id, "resuming", &format!("held_for={}", Human::ms(left)))
                     }
                     _ => {}
                 },
@@ -313,8 +322,11 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                 }
                 Err(_) => {}
             },
+            () = hangups.recv() => {
+                log::line("-", "reload", "signal=SIGHUP note=\"nothing to reload yet: settings need a restart; connections untouched\"");
+            }
             _ = &mut stop => {
-                log::line("-", "shutdown", "closing every connection (going-away)");
+                log::line("-", "shutdown", "close=going-away");
                 handle.shutdown(Duration::from_secs(3)).await;
                 break;
             }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -19,6 +19,7 @@ use tether_proto::policy::Policy;
 use tether_proto::session::SessionConfig;
 
 use crate::config::{parse_addr, parse_bytes, parse_duration, Layers, PolicyFlags};
+use crate::exit::UsageError;
 use crate::log;
 
 /// Keys common to both sides (flags, `TETHER_<KEY>`, TOML).
@@ -160,7 +161,10 @@ fn resolve_common(l: &Layers, c: &Common) -> Result<Shared> {
     let mut session = SessionConfig::default();
     if let Some(b) = l.get("replay_buffer", c.replay_buffer.as_deref(), parse_bytes)? {
         if b < 64 << 10 {
-            bail!("invalid value {b} for the replay buffer: must be at least 64KiB");
+            return Err(UsageError(format!(
+                "invalid value {b} for the replay buffer: must be at least 64KiB"
+            ))
+            .into());
         }
         session.max_replay_bytes = usize::try_from(b).unwrap_or(usize::MAX);
     }
@@ -176,7 +180,7 @@ fn resolve_common(l: &Layers, c: &Common) -> Result<Shared> {
 fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
     match v {
         Some(a) => Ok(a),
-        None => bail!("invalid value: {flag} is required"),
+        None => Err(UsageError(format!("invalid value: {flag} is required")).into()),
     }
 }
 
