@@ -176,6 +176,10 @@ mod tests {
         let a = parse(&["--path", "240"]).unwrap();
         assert_eq!(a.path.unwrap().timeout, Duration::from_secs(240));
 
+        // A configured timeout outside the preset's documented range is refused.
+        let e = parse(&["--path", "azure-lb=1m"]).unwrap_err().to_string();
+        assert!(e.contains("azure-lb=1m") && e.contains("4–100 min"), "{e}");
+        assert!(parse(&["--path", "azure-lb=100m"]).is_ok());
         let e = parse(&["--path", "azur-lb"]).unwrap_err().to_string();
         assert!(e.contains("did you mean azure-lb"), "{e}");
         let e = parse(&["--detect-within", "soon"]).unwrap_err().to_string();
