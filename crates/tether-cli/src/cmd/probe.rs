@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tether::probe::{self, Direction, DirectionResult, ProbeConfig, ProbeReport, Progress};
 use tether_proto::duration::{self, Human};
-use tether_proto::plan::Plan;
 use tether_proto::policy::Policy;
 use tether_proto::presets::PathSpec;
 
@@ -286,10 +285,7 @@ fn to_json(addr: &str, r: &ProbeReport, advice: &Result<Policy, String>) -> serd
         expiry.insert(key.into(), serde_json::json!(d.expiry.map(|e| e.name())));
     }
     let (advice, advice_error) = match advice {
-        Ok(p) => (
-            serde_json::from_str(&Plan::new(p).to_json()).unwrap_or(serde_json::Value::Null),
-            serde_json::Value::Null,
-        ),
+        Ok(p) => (crate::cmd::plan::json_value(p), serde_json::Value::Null),
         Err(why) => (serde_json::Value::Null, serde_json::json!(why)),
     };
     serde_json::json!({
