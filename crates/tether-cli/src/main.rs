@@ -18,7 +18,7 @@ use cmd::{bench, connect, lab, plan, probe, proxy, serve, tunnel};
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// tether keeps long-lived TCP connections honest: both sides detect a dead peer within a
 /// bound you choose, and idle connections survive NAT and load-balancer timeouts.
@@ -62,11 +62,17 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The subcommand's own matches: which flags were given (config layering).
+    let sub = matches
+        .subcommand()
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
     init_tracing();
     let result = match cli.command {
-        Command::Serve(a) => serve::run(a),
-        Command::Connect(a) => connect::run(a),
+        Command::Serve(a) => serve::run(a, &sub),
+        Command::Connect(a) => connect::run(a, &sub),
         Command::Plan(a) => plan::run(a),
         Command::Proxy(a) => proxy::run(a),
         Command::Lab(a) => lab::run(a),

@@ -1,5 +1,6 @@
 //! `tether connect`: a line-oriented tether client that reconnects on its own.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,8 +15,8 @@ use tether_proto::policy::Policy;
 use tether_proto::presets::PathSpec;
 use tokio::io::AsyncWriteExt;
 
-use crate::config::{parse_addr, parse_duration, Layers};
-use crate::exit::{Exit, UsageError};
+use crate::config::{parse_addr, parse_bool, parse_duration, parse_size, Layers};
+use crate::exit::Exit;
 use crate::log;
 
 const KEYS: &[&str] = &[
@@ -57,95 +58,65 @@ const KEYS: &[&str] = &[
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct ConnectArgs {
-    /// Server address (HOST:PORT).
-    #[arg(value_name = "ADDR")]
-    addr: String,
+    /// Server address (HOST:PORT, or a port on 127.0.0.1).
+    #[arg(value_name = "ADDR", value_parser = parse_addr)]
+    addr: SocketAddr,
     /// Client id (1-255 bytes, no control characters). [default: HOSTNAME-PID]
     #[arg(long, value_name = "NAME")]
     id: Option<String>,
-    /// Local detection bound for socket options; the server dictates heartbeats. [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    detect_within: Option<String>,
-    /// Idle timeout of the path: preset name or seconds (`tether plan --list`).
-    #[arg(long, value_name = "PRESET|SECONDS")]
-    path: Option<String>,
-    /// Reconnect after a disconnect (true/false). [default: true]
-    #[arg(long, value_name = "BOOL")]
-    reconnect: Option<String>,
-    /// Longest delay between reconnect attempts. [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    backoff_cap: Option<String>,
-    /// Ask for a resumable session (messages survive reconnects exactly once). [default: true]
-    #[arg(long, value_name = "BOOL")]
-    session: Option<String>,
-    /// Unacknowledged bytes kept for replay; sending waits beyond this. [default: 4MiB]
-    #[arg(long, value_name = "BYTES")]
-    replay_buffer: Option<String>,
-    /// After end of stdin, keep printing replies this long before closing. [default: 1s]
-    #[arg(long, value_name = "DURATION")]
-    linger: Option<String>,
+    /// Local detection bound for socket options; the server dictates heartbeats.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    detect_within: Duration,
+    /// Idle timeout of the path: a preset name (`tether plan --list`), PRESET=DURATION, or a
+    /// duration.
+    #[arg(long, value_name = "PRESET|DURATION", value_parser = PathSpec::parse)]
+    path: Option<PathSpec>,
+    /// Reconnect after a disconnect (true/false).
+    #[arg(long, value_name = "BOOL", default_value = "true", value_parser = parse_bool)]
+    reconnect: bool,
+    /// Longest delay between reconnect attempts.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    backoff_cap: Duration,
+    /// Ask for a resumable session (messages survive reconnects exactly once).
+    #[arg(long, value_name = "BOOL", default_value = "true", value_parser = parse_bool)]
+    session: bool,
+    /// Unacknowledged bytes kept for replay; sending waits beyond this.
+    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size)]
+    replay_buffer: usize,
+    /// After end of stdin, keep printing replies this long before closing.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    linger: Duration,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
-pub(crate) fn run(args: ConnectArgs) -> Result<ExitCode> {
-    let l = Layers::load(args.config.as_deref(), KEYS)?;
-    let addr = parse_addr(&args.addr)
-        .map_err(|e| UsageError(format!("invalid server address {:?}: {e}", args.addr)))?;
+pub(crate) fn run(args: ConnectArgs, matches: &clap::ArgMatches) -> Result<ExitCode> {
+    let l = Layers::load(args.config.as_deref(), KEYS)?.given(matches);
     let id = l
-        .get("id", args.id.as_deref(), |s| Ok::<_, String>(s.to_owned()))?
+        .pick_opt("id", args.id.clone(), |s| Ok::<_, String>(s.to_owned()))?
         .unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "client".into());
             format!("{host}-{}", std::process::id())
         });
-    let detect = l
-        .get(
-            "detect_within",
-            args.detect_within.as_deref(),
-            parse_duration,
-        )?
-        .unwrap_or(Duration::from_secs(30));
-    let path = l.get("path", args.path.as_deref(), |s| {
-        PathSpec::parse(s).map_err(|e| e.to_string())
-    })?;
+    let detect = l.pick("detect_within", args.detect_within, parse_duration)?;
+    let path = l.pick_opt("path", args.path, PathSpec::parse)?;
     let policy = Policy::derive(detect, path).context("the liveness settings are inconsistent")?;
-    let reconnect = l
-        .get(
-            "reconnect",
-            args.reconnect.as_deref(),
-            crate::config::parse_bool,
-        )?
-        .unwrap_or(true);
-    let cap = l
-        .get("backoff_cap", args.backoff_cap.as_deref(), parse_duration)?
-        .unwrap_or(Duration::from_secs(30));
-    let mut cfg = ClientConfig::new(addr, id);
+    let reconnect = l.pick("reconnect", args.reconnect, parse_bool)?;
+    let cap = l.pick("backoff_cap", args.backoff_cap, parse_duration)?;
+    let mut cfg = ClientConfig::new(args.addr, id);
     cfg.connect.policy = policy;
     cfg.backoff = BackoffConfig {
         cap,
         max_attempts: (!reconnect).then_some(0),
         ..BackoffConfig::default()
     };
-    cfg.session = l
-        .get(
-            "session",
-            args.session.as_deref(),
-            crate::config::parse_bool,
-        )?
-        .unwrap_or(true);
-    if let Some(b) = l.get(
-        "replay_buffer",
-        args.replay_buffer.as_deref(),
-        crate::config::parse_bytes,
-    )? {
-        cfg.session_config.max_replay_bytes = usize::try_from(b).unwrap_or(usize::MAX);
-    }
-    let linger = l
-        .get("linger", args.linger.as_deref(), parse_duration)?
-        .unwrap_or(Duration::from_secs(1));
+    cfg.session = l.pick("session", args.session, parse_bool)?;
+    cfg.session_config.max_replay_bytes =
+        l.pick("replay_buffer", args.replay_buffer, parse_size)?;
+    let linger = l.pick("linger", args.linger, parse_duration)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -13,10 +13,14 @@ use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::presence::PresenceState;
 
-use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
+use crate::config::{
+    parse_addr, parse_addr_or_off, parse_bool, parse_bytes, parse_count, parse_duration,
+    parse_duration_or_off, parse_size, Layers, Toggle, TypedPolicyFlags,
+};
 use crate::log;
 use crate::status::metrics::ServerCollector;
 use crate::status::model::ServerSource;
+use tether_proto::presets::PathSpec;
 
 const KEYS: &[&str] = &[
     "listen",
@@ -57,51 +61,60 @@ const KEYS: &[&str] = &[
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct ServeArgs {
-    /// Address to accept tether clients on. [default: 127.0.0.1:7300]
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Address of the status page (/, /api/clients, /metrics), or "off". [default: 127.0.0.1:7301]
-    #[arg(long, value_name = "ADDR|off")]
-    http: Option<String>,
-    /// Declare a silent client dead within this long (e.g. 30s, 500ms, 2m). [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    detect_within: Option<String>,
-    /// Idle timeout of the path in front of the server: a preset name (`tether plan --list`)
-    /// or seconds. Heartbeats and keepalive are kept well under it.
-    #[arg(long, value_name = "PRESET|SECONDS")]
-    path: Option<String>,
+    /// Address to accept tether clients on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7300", value_parser = parse_addr)]
+    listen: SocketAddr,
+    /// Address of the status page (/, /api/clients, /metrics), or "off".
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:7301", value_parser = parse_addr_or_off)]
+    http: Toggle<SocketAddr>,
+    /// Declare a silent client dead within this long (e.g. 30s, 500ms, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    detect_within: Duration,
+    /// Idle timeout of the path in front of the server: a preset name (`tether plan --list`),
+    /// PRESET=DURATION, or a duration. Heartbeats and keepalive are kept well under it.
+    #[arg(long, value_name = "PRESET|DURATION", value_parser = PathSpec::parse)]
+    path: Option<PathSpec>,
     /// Echo every message back to its sender (for demos and tests).
     #[arg(long)]
     echo: bool,
-    /// Refuse connections beyond this many (`server-full`). [default: 100000]
-    #[arg(long, value_name = "N")]
-    max_connections: Option<String>,
-    /// A client must say hello within this long. [default: 10s]
-    #[arg(long, value_name = "DURATION")]
-    handshake_timeout: Option<String>,
-    /// Longest frame accepted (e.g. 1MiB). [default: 1MiB]
-    #[arg(long, value_name = "BYTES")]
-    max_frame: Option<String>,
+    /// Refuse connections beyond this many (`server-full`).
+    #[arg(long, value_name = "N", default_value = "100000", value_parser = parse_count)]
+    max_connections: usize,
+    /// A client must say hello within this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Longest frame accepted (16 B to 1 GiB).
+    #[arg(long, value_name = "BYTES", default_value = "1MiB", value_parser = parse_max_frame)]
+    max_frame: u32,
     /// Override the derived heartbeat interval (must stay valid for --detect-within and --path).
-    #[arg(long, value_name = "DURATION")]
-    heartbeat: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    heartbeat: Option<Duration>,
     /// Close a client's connection after this long without application data (heartbeats do
     /// not count). Off by default.
-    #[arg(long, value_name = "DURATION")]
-    idle_timeout: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
     /// Hold a disconnected client's session this long so it can resume without losing or
-    /// duplicating a message (the client shows as `resuming`), or "off". [default: 30s]
-    #[arg(long, value_name = "DURATION|off")]
-    session_linger: Option<String>,
-    /// Unacknowledged bytes kept per session for replay; sending waits beyond this. [default: 4MiB]
-    #[arg(long, value_name = "BYTES")]
-    replay_buffer: Option<String>,
-    /// Unacknowledged messages kept per session for replay. [default: 4096]
-    #[arg(long, value_name = "N")]
-    replay_messages: Option<String>,
+    /// duplicating a message (the client shows as `resuming`), or "off".
+    #[arg(long, value_name = "DURATION|off", default_value = "30s", value_parser = parse_duration_or_off)]
+    session_linger: Toggle<Duration>,
+    /// Unacknowledged bytes kept per session for replay; sending waits beyond this.
+    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_size)]
+    replay_buffer: usize,
+    /// Unacknowledged messages kept per session for replay.
+    #[arg(long, value_name = "N", default_value = "4096", value_parser = parse_count)]
+    replay_messages: usize,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// A frame limit: 16 B to 1 GiB.
+fn parse_max_frame(s: &str) -> std::result::Result<u32, String> {
+    let n = parse_bytes(s)?;
+    if !(16..=1 << 30).contains(&n) {
+        return Err("must be between 16 B and 1 GiB".to_owned());
+    }
+    Ok(n as u32) // ≤ 1 GiB fits
 }
 
 /// Everything `serve` needs, resolved from the layers.
@@ -119,85 +132,48 @@ pub(crate) struct ServeSettings {
 }
 
 impl ServeArgs {
-    pub(crate) fn resolve(&self) -> Result<ServeSettings> {
-        let l = Layers::load(self.config.as_deref(), KEYS)?;
-        let listen = l
-            .get("listen", self.listen.as_deref(), parse_addr)?
-            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7300)));
-        let http = l.optional_addr(
-            "http",
-            self.http.as_deref(),
-            Some(SocketAddr::from(([127, 0, 0, 1], 7301))),
-        )?;
-        let flags = PolicyFlags {
-            detect_within: self.detect_within.as_deref(),
-            path: self.path.as_deref(),
-            heartbeat: self.heartbeat.as_deref(),
-            idle_timeout: self.idle_timeout.as_deref(),
-        };
-        let mut policy = l.policy(flags, Duration::from_secs(30))?;
+    /// The settings from the flags (given on the command line in `matches`), the
+    /// `TETHER_*` environment and the config file.
+    pub(crate) fn resolve(&self, matches: &clap::ArgMatches) -> Result<ServeSettings> {
+        let l = Layers::load(self.config.as_deref(), KEYS)?.given(matches);
+        let mut policy = l.typed_policy(TypedPolicyFlags {
+            detect_within: self.detect_within,
+            path: self.path,
+            heartbeat: self.heartbeat,
+            idle_timeout: self.idle_timeout,
+        })?;
         // RTT for the status page: one PING every three heartbeat intervals (it replaces a
         // heartbeat, so it costs 9 bytes more, not an extra packet).
         policy
             .ping_interval
             .get_or_insert(policy.heartbeat_interval * 3);
-        let max_frame = l.get("max_frame", self.max_frame.as_deref(), |s| {
-            let n = parse_bytes(s)?;
-            if !(16..=1 << 30).contains(&n) {
-                return Err("must be between 16 B and 1 GiB".to_owned());
-            }
-            Ok(n as u32)
-        })?;
-        let session_linger = match l.raw("session_linger", self.session_linger.as_deref()) {
-            Some((v, _)) if v.eq_ignore_ascii_case("off") => None,
-            _ => Some(
-                l.get(
-                    "session_linger",
-                    self.session_linger.as_deref(),
-                    parse_duration,
-                )?
-                .unwrap_or(Duration::from_secs(30)),
-            ),
+        let session = tether_proto::session::SessionConfig {
+            max_replay_bytes: l.pick("replay_buffer", self.replay_buffer, parse_size)?,
+            max_replay_messages: l.pick("replay_messages", self.replay_messages, parse_count)?,
+            ..Default::default()
         };
-        let mut session = tether_proto::session::SessionConfig::default();
-        if let Some(b) = l.get("replay_buffer", self.replay_buffer.as_deref(), parse_bytes)? {
-            session.max_replay_bytes = usize::try_from(b).unwrap_or(usize::MAX);
-        }
-        if let Some(n) = l.get(
-            "replay_messages",
-            self.replay_messages.as_deref(),
-            parse_count,
-        )? {
-            session.max_replay_messages = n;
-        }
         Ok(ServeSettings {
-            session_linger,
-            session,
-            listen,
-            http,
+            listen: l.pick("listen", self.listen, parse_addr)?,
+            http: l.pick("http", self.http, parse_addr_or_off)?.0,
             policy,
-            echo: l.flag("echo", self.echo)?,
-            max_connections: l
-                .get(
-                    "max_connections",
-                    self.max_connections.as_deref(),
-                    parse_count,
-                )?
-                .unwrap_or(100_000),
-            handshake_timeout: l
-                .get(
-                    "handshake_timeout",
-                    self.handshake_timeout.as_deref(),
-                    parse_duration,
-                )?
-                .unwrap_or(Duration::from_secs(10)),
-            max_frame: max_frame.unwrap_or(tether_proto::codec::DEFAULT_MAX_FRAME_LEN),
+            echo: l.pick("echo", self.echo, parse_bool)?,
+            max_connections: l.pick("max_connections", self.max_connections, parse_count)?,
+            handshake_timeout: l.pick(
+                "handshake_timeout",
+                self.handshake_timeout,
+                parse_duration,
+            )?,
+            max_frame: l.pick("max_frame", self.max_frame, parse_max_frame)?,
+            session_linger: l
+                .pick("session_linger", self.session_linger, parse_duration_or_off)?
+                .0,
+            session,
         })
     }
 }
 
-pub(crate) fn run(args: ServeArgs) -> Result<ExitCode> {
-    let s = args.resolve()?;
+pub(crate) fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<ExitCode> {
+    let s = args.resolve(matches)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
