@@ -199,13 +199,14 @@ fn stdin_lines() -> tokio::sync::mpsc::Receiver<Option<String>> {
 }
 
 async fn connect(cfg: ClientConfig, linger: Duration) -> Result<ExitCode> {
+    // Signal handlers first: a SIGTERM right after start must close in order, not kill.
+    let stop = log::shutdown_signal();
+    tokio::pin!(stop);
     let id = cfg.connect.client_id.clone();
     let addr = cfg.addr;
     let mut client = Client::start(cfg);
     let mut stdin = stdin_lines();
     let mut stdout = tokio::io::stdout();
-    let stop = log::shutdown_signal();
-    tokio::pin!(stop);
     // After end of stdin: keep printing replies for `linger`, then close in order.
     let mut stdin_open = true;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);

@@ -182,6 +182,11 @@ pub(crate) fn run(args: ServeArgs, matches: &clap::ArgMatches) -> Result<ExitCod
 }
 
 async fn serve(s: ServeSettings) -> Result<ExitCode> {
+    // Signal handlers before anything listens: SIGTERM or SIGHUP right after start-up must
+    // not kill the server without a CLOSE to anyone.
+    let stop = log::shutdown_signal();
+    tokio::pin!(stop);
+    let mut hangups = log::Hangups::install();
     let cfg = ServerConfig::new(s.listen)
         .policy(s.policy.clone())
         .max_connections(s.max_connections)
@@ -235,9 +240,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
     }
     let mut presence = server.subscribe();
     let handle = server.handle();
-    let stop = log::shutdown_signal();
-    tokio::pin!(stop);
-    let mut hangups = log::Hangups::install();
+
     loop {
         tokio::select! {
             ev = server.next_event() => match ev {
