@@ -17,8 +17,10 @@ use tether_proto::conn::{SendError, TransportError};
 use tether_proto::session::{Session, SessionConfig};
 use tether_proto::{CloseCode, Conn, ConnConfig, ConnEvent, DisconnectReason, LivenessConfig};
 
-/// Optional features the reference core implements (see conformance/README.md).
-const SUPPORTED: &[&str] = &["coalesce"];
+/// Optional features the reference core implements (see conformance/README.md), for frames
+/// (the codec) and for exchanges (the connection state machine).
+const FRAMES_SUPPORT: &[&str] = &["coalesce", "auth"];
+const EXCHANGES_SUPPORT: &[&str] = &["coalesce"];
 
 fn vectors(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -29,13 +31,13 @@ fn vectors(name: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn unsupported(v: &Value) -> Vec<String> {
+fn unsupported(v: &Value, supported: &[&str]) -> Vec<String> {
     v.get("requires")
         .and_then(Value::as_array)
         .map(|r| {
             r.iter()
                 .filter_map(Value::as_str)
-                .filter(|f| !SUPPORTED.contains(f))
+                .filter(|f| !supported.contains(f))
                 .map(str::to_owned)
                 .collect()
         })
@@ -98,6 +100,9 @@ fn frame_json(f: &Frame) -> Value {
             if h.resume.is_some() {
                 flags |= codec::HELLO_RESUME;
             }
+            if h.credential.is_some() {
+                flags |= codec::HELLO_CREDENTIAL;
+            }
             let mut o = json!({
                 "type": "HELLO",
                 "flags": flags,
@@ -112,6 +117,9 @@ fn frame_json(f: &Frame) -> Value {
                     "last_received": r.last_received.to_string(),
                 });
             }
+            if let Some(c) = &h.credential {
+                o["credential"] = json!(hex(c.as_bytes()));
+            }
             o
         }
         Frame::Welcome(w) => {
@@ -122,6 +130,9 @@ fn frame_json(f: &Frame) -> Value {
                     flags |= codec::WELCOME_RESUMED;
                 }
             }
+            if w.credential_ttl.is_some() {
+                flags |= codec::WELCOME_CREDENTIAL_TTL;
+            }
             let mut o = json!({
                 "type": "WELCOME",
                 "flags": flags,
@@ -131,8 +142,13 @@ fn frame_json(f: &Frame) -> Value {
             if let Some(s) = &w.session {
                 o["session"] = grant_json(s);
             }
+            if let Some(t) = w.credential_ttl {
+                o["credential_ttl_ms"] = json!(t.as_millis() as u64);
+            }
             o
         }
+        Frame::Auth(c) => json!({"type": "AUTH", "credential": hex(c.as_bytes())}),
+        Frame::AuthOk(t) => json!({"type": "AUTH_OK", "credential_ttl_ms": t.as_millis() as u64}),
         Frame::Probe(b) => json!({"type": "PROBE", "body": hex(b)}),
         Frame::Extension(t) => json!({"type": "EXTENSION", "ext_type": t}),
     }
@@ -188,7 +204,7 @@ fn frames() {
     let mut failures = Vec::new();
     for v in doc["frames"].as_array().expect("frames") {
         let name = text(v, "name");
-        let missing = unsupported(v);
+        let missing = unsupported(v, FRAMES_SUPPORT);
         if !missing.is_empty() {
             println!("SKIP frame {name}: requires {}", missing.join(", "));
             skipped += 1;
@@ -258,7 +274,7 @@ fn exchanges() {
     let mut failures = Vec::new();
     for x in doc["exchanges"].as_array().expect("exchanges") {
         let name = text(x, "name");
-        let missing = unsupported(x);
+        let missing = unsupported(x, EXCHANGES_SUPPORT);
         if !missing.is_empty() {
             println!("SKIP exchange {name}: requires {}", missing.join(", "));
             skipped += 1;
@@ -312,6 +328,7 @@ impl Runner {
                 requested_heartbeat: Duration::from_millis(num(c, "heartbeat_ms")),
                 want_session: c["session"] == json!(true),
                 resume: None,
+                credential: None,
             };
             let conn = Conn::client(base, conn_cfg.clone(), &hello, local(), None);
             (conn, Some(hello))
@@ -565,12 +582,18 @@ fn event_json(ev: &ConnEvent) -> Option<Value> {
                 "last_received": r.last_received.to_string(),
             })),
         }),
-        ConnEvent::Established(w) => json!({
-            "type": "established",
-            "heartbeat_ms": w.heartbeat.as_millis() as u64,
-            "dead_after_ms": w.dead_after.as_millis() as u64,
-            "session": w.session.as_ref().map(grant_json),
-        }),
+        ConnEvent::Established(w) => {
+            let mut o = json!({
+                "type": "established",
+                "heartbeat_ms": w.heartbeat.as_millis() as u64,
+                "dead_after_ms": w.dead_after.as_millis() as u64,
+                "session": w.session.as_ref().map(grant_json),
+            });
+            if let Some(t) = w.credential_ttl {
+                o["credential_ttl_ms"] = json!(t.as_millis() as u64);
+            }
+            o
+        }
         ConnEvent::Message(p) => json!({"type": "message", "payload": hex(p)}),
         ConnEvent::Resumed { replayed } => json!({"type": "resumed", "replayed": replayed}),
         ConnEvent::SessionLost { unacked } => json!({
