@@ -10,8 +10,8 @@
 //	                d.Retry() == "now": at once (a new session after SESSION_UNKNOWN)
 //	                d.Retry() == "never": SessionLost(unacked, unsent)? then Stopped(d)
 //
-// Each connection is one goroutine driving a sans-IO Conn, plus a reader and a writer
-// goroutine; the Conn is only ever touched by its driver.
+// Each connection is one goroutine driving a sans-IO Conn, plus a reader goroutine and, while
+// bytes are being written, a writer; the Conn is only ever touched by its driver.
 package tether
 
 import (
@@ -585,7 +585,6 @@ func (c *Client) feed(conn *Conn, now time.Duration) {
 func (c *Client) drive(ctx context.Context, conn *Conn, rw net.Conn, tcp *net.TCPConn) (Disconnect, bool, *Session) {
 	rx := make(chan []byte)
 	rxErr := make(chan error, 1)
-	wq := make(chan []byte)
 	wdone := make(chan error, 1)
 	authCh := make(chan []byte, 1)
 	quit := make(chan struct{})
@@ -607,20 +606,14 @@ func (c *Client) drive(ctx context.Context, conn *Conn, rw net.Conn, tcp *net.TC
 			}
 		}
 	}()
-	go func() {
-		for {
-			select {
-			case b := <-wq:
-				_, err := rw.Write(b)
-				wdone <- err
-				if err != nil {
-					return
-				}
-			case <-quit:
-				return
-			}
-		}
-	}()
+	// Writes run on a goroutine of their own, one at a time, so that timers keep firing while
+	// a write blocks; an idle connection has none.
+	write := func(b []byte) {
+		go func() {
+			_, err := rw.Write(b)
+			wdone <- err
+		}()
+	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	var disc Disconnect
@@ -668,7 +661,7 @@ func (c *Client) drive(ctx context.Context, conn *Conn, rw net.Conn, tcp *net.TC
 			}
 		}
 		if !writing && len(conn.PendingTransmit()) > 0 && !conn.Closed() {
-			wq <- conn.TakeTransmit()
+			write(conn.TakeTransmit())
 			writing = true
 			lastWrite = now
 		}

@@ -107,7 +107,10 @@ func main() {
 		time.Sleep(3 * time.Second)
 		runtime.GC()
 		after := rssKiB()
-		fmt.Printf("go idle: %d connections, RSS %d KiB -> %d KiB, %.1f KiB per connection\n", n, before, after, float64(after-before)/float64(n))
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		fmt.Printf("go idle: %d connections, RSS %d KiB -> %d KiB, %.1f KiB per connection (Go stacks %.1f KiB, heap %.1f KiB per connection)\n",
+			n, before, after, float64(after-before)/float64(n), float64(ms.StackInuse)/1024/float64(n), float64(ms.HeapInuse)/1024/float64(n))
 		for _, c := range cs {
 			_ = c.Close()
 		}
