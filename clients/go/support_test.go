@@ -60,7 +60,7 @@ type server struct {
 	log  []string
 }
 
-var listenRe = regexp.MustCompile(`listening\s.*addr=(\S+)`)
+var listenRe = regexp.MustCompile(`listening\s.*addr="?([^\s"]+)`)
 
 // startServer runs `tether serve --listen 127.0.0.1:0 --http off --echo --detect-within 2s`
 // and reads the address from its log.

@@ -88,7 +88,7 @@ namespace Tether.Tests
             {
                 if (e.Data == null) return;
                 lock (Log) Log.Add(e.Data);
-                var m = Regex.Match(e.Data, @"listening\s.*addr=\S+:(\d+)");
+                var m = Regex.Match(e.Data, @"listening\s.*addr=""?[^\s""]+:(\d+)");
                 if (m.Success) got.TrySetResult(int.Parse(m.Groups[1].Value));
             };
             proc.ErrorDataReceived += onLine;

@@ -50,7 +50,7 @@ class Server:
         def read():
             for line in self.proc.stdout:
                 self.lines.append(line.rstrip("\n"))
-                m = re.search(r"listening\s.*addr=(\S+):(\d+)", line)
+                m = re.search(r'listening\s.*addr="?([^\s"]+):(\d+)', line)
                 if m and self.port is None:
                     self.port = int(m.group(2))
                     got.set()
