@@ -175,6 +175,7 @@ class _Link(asyncio.Protocol):
         self.armed = None
         self.last_write = None
         self.finished = False
+        self.pump_soon = False
         self.disconnect = None
         self.ended = self.loop.create_future()   # the Disconnect, as soon as it is known
         self.gone = self.loop.create_future()    # the transport is closed
@@ -227,6 +228,17 @@ class _Link(asyncio.Protocol):
         self.pump()
 
     # driving
+
+    def schedule_pump(self):
+        """One pump per loop iteration for sends: messages queued together leave in one write
+        (one syscall), as the reference driver writes once per wake-up."""
+        if not self.pump_soon:
+            self.pump_soon = True
+            self.loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self):
+        self.pump_soon = False
+        self.pump()
 
     def pump(self):
         if self.finished:
@@ -441,7 +453,7 @@ class Client:
         self._outbox_bytes += len(payload)
         link = self._link
         if link is not None and link.established:
-            link.pump()
+            link.schedule_pump()
 
     async def next_event(self):
         """The next event; None after Stopped."""
