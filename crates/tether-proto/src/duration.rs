@@ -227,6 +227,35 @@ impl fmt::Display for Human {
     }
 }
 
+/// A [`Duration`] that displays like [`Human`] but rounded to the millisecond: for logs and
+/// messages meant for people (`silent_for=5.143s`, `in 99ms`; below half a millisecond
+/// but not zero: `<1ms`). Use [`Human`] where the exact value matters (values meant to be
+/// parsed back).
+///
+/// ```
+/// use std::time::Duration;
+/// use tether_proto::duration::Millis;
+/// assert_eq!(Millis(Duration::from_nanos(5_143_303_870)).to_string(), "5.143s");
+/// assert_eq!(Millis(Duration::from_nanos(98_916_615)).to_string(), "99ms");
+/// assert_eq!(Millis(Duration::from_secs(90)).to_string(), "1m30s");
+/// assert_eq!(Millis(Duration::from_micros(200)).to_string(), "<1ms");
+/// assert_eq!(Millis(Duration::ZERO).to_string(), "0s");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Millis(pub Duration);
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        if !d.is_zero() && d < Duration::from_micros(500) {
+            return f.write_str("<1ms");
+        }
+        let ms = (d.as_nanos() + 500_000) / 1_000_000;
+        let rounded = Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX));
+        Human(rounded).fmt(f)
+    }
+}
+
 /// Writes `whole.frac` where `frac` is in units of `1/per`, trailing zeros trimmed.
 fn write_decimal(f: &mut fmt::Formatter<'_>, whole: u64, frac: u32, per: u32) -> fmt::Result {
     write!(f, "{whole}")?;

@@ -241,7 +241,7 @@ impl Sink for ClientSink {
             ConnEvent::Established(welcome) => ClientEvent::Connected { welcome },
             ConnEvent::Resumed { replayed } => ClientEvent::Resumed { replayed },
             ConnEvent::SessionLost { unacked } => ClientEvent::SessionLost { unacked },
-            ConnEvent::Message(m) => ClientEvent::Message(m),
+            ConnEvent::Message { payload: m, .. } => ClientEvent::Message(m),
             ConnEvent::Closed(disconnect) => ClientEvent::Disconnected { disconnect },
             _ => return,
         };

@@ -150,7 +150,7 @@ impl Sink for ConnSink {
                 }
             }
             // Batched: the inbox lock is taken once per wake-up, not once per message.
-            ConnEvent::Message(m) => self.batch.push(m),
+            ConnEvent::Message { payload: m, .. } => self.batch.push(m),
             ConnEvent::Closed(d) => {
                 if let Some(tx) = self.ready.take() {
                     let _ = tx.send(Err(d));

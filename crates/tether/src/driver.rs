@@ -851,7 +851,7 @@ mod tests {
         ));
         for want in [&b"before"[..], b"during"] {
             match peer.next_event(&accept).await {
-                ConnEvent::Message(m) => assert_eq!(&m[..], want),
+                ConnEvent::Message { payload: m, .. } => assert_eq!(&m[..], want),
                 other => panic!("{other:?}"),
             }
             assert_eq!(

@@ -1015,7 +1015,7 @@ impl Sink for ServerSink {
     fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
         let inner = &self.inner;
         match ev {
-            ConnEvent::Message(msg) => {
+            ConnEvent::Message { payload: msg, .. } => {
                 if let Some(id) = &self.client_id {
                     inner.backlog.push();
                     let _ = inner.events.send(ServerEvent::Message {
