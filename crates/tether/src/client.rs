@@ -357,7 +357,7 @@ async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, sh
             attempt: backoff.attempt(),
             delay,
         });
-        let done = shared.space.notified();
+        let done = shared.changed.notified();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = done => if stopped(&shared) { return },

@@ -15,8 +15,9 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::driver::{self, Decision, Limits, Shared, Sink, StatsSnapshot, Transport};
+use crate::driver::{self, Decision, Limits, Shared, Sink, StatsSnapshot};
 use crate::sockopt;
+use crate::transport::Transport;
 
 /// How a connection ended: the reason and how long the peer had been silent.
 pub type Disconnected = Disconnect;
@@ -162,7 +163,7 @@ impl Sink for ConnSink {
 
     fn flush(&mut self, shared: &Shared) {
         if !self.batch.is_empty() {
-            driver::push_inbox(shared, std::mem::take(&mut self.batch));
+            shared.push_inbox(std::mem::take(&mut self.batch));
         }
     }
 }
@@ -322,7 +323,7 @@ impl Connection {
     /// Receives the next message; once the connection has ended and every received message
     /// was taken, returns how it ended (again on every later call).
     pub async fn recv(&mut self) -> Result<Bytes, Disconnected> {
-        poll_fn(|cx| driver::poll_recv(&self.shared, cx)).await
+        poll_fn(|cx| self.shared.poll_recv(cx)).await
     }
 
     /// Closes in order with `code` and `text` (CLOSE frame, then FIN).
@@ -337,13 +338,7 @@ impl Connection {
 
     /// Waits until the connection has ended (without taking messages).
     pub async fn closed(&self) -> Disconnected {
-        loop {
-            let n = self.shared.space.notified();
-            if let Some(d) = self.shared.done() {
-                return d;
-            }
-            n.await;
-        }
+        self.shared.closed().await
     }
 
     /// Counters, readable at any time.

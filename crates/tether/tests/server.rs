@@ -408,7 +408,7 @@ async fn a_slow_application_pauses_reading_without_false_deaths() {
     let (h, d) = (100u64, 500u64);
     let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap())
         .policy(fast_policy(h, d))
-        .max_queued_messages(200);
+        .max_queued_bytes(800);
     let mut srv = Server::bind(cfg).await.unwrap();
     let c = Connection::connect(srv.local_addr(), "firehose", &fast_policy(h, d))
         .await
@@ -427,11 +427,12 @@ async fn a_slow_application_pauses_reading_without_false_deaths() {
     });
     // The application does not read for 6 × dead_after.
     tokio::time::sleep(Duration::from_millis(6 * d)).await;
-    let queued = srv.queued_messages();
-    // Bounded: the limit plus at most one wake-up's worth of reads (64 KiB of 9-byte frames).
-    assert!(queued <= 200 + 65_536 / 9 + 1, "queued {queued}");
+    let queued = srv.queued_bytes();
+    // Bounded: the limit (200 messages of 4 bytes) plus at most one wake-up's worth of reads
+    // (64 KiB of 9-byte frames carrying 4 bytes each).
+    assert!(queued <= 800 + (65_536 / 9 + 1) * 4, "queued {queued}");
     assert!(
-        queued >= 200,
+        queued >= 800,
         "reading should have filled the backlog first: {queued}"
     );
     // Nobody was declared dead while the application was the bottleneck.

@@ -233,7 +233,7 @@ async fn wrong_or_foreign_token_is_refused_and_does_not_disturb_the_session() {
             .unwrap()
             .unwrap()
         {
-            ServerEvent::Message { client_id, msg } => {
+            ServerEvent::Message { client_id, msg, .. } => {
                 assert_eq!(client_id, "alice");
                 assert_eq!(&msg[..], b"still mine");
                 break;

@@ -216,6 +216,17 @@ enum State {
     Closed,
 }
 
+/// A frame received in part: what the decoder holds for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartialFrame {
+    /// Bytes held (header included).
+    pub len: usize,
+    /// Bytes allocated for them.
+    pub capacity: usize,
+    /// The frame's whole length (header included), once its header arrived.
+    pub total: Option<usize>,
+}
+
 /// Counters kept by a connection.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ConnStats {
@@ -254,6 +265,10 @@ pub struct Conn {
     close_received: bool,
     handed_off: bool,
     heartbeat_in_this_read: bool,
+    /// The first bytes (the length header) of the frame the decoder holds in part, and how
+    /// many of them arrived: a server charges a frame's announced size against its budget.
+    frame_head: [u8; codec::HEADER_LEN],
+    frame_head_got: u8,
     session: Option<Session>,
     /// Client: a session was asked for. Server: the client's resume position, if it resumes.
     want_session: bool,
@@ -319,6 +334,8 @@ impl Conn {
             close_received: false,
             handed_off: false,
             heartbeat_in_this_read: false,
+            frame_head: [0; codec::HEADER_LEN],
+            frame_head_got: 0,
             session: None,
             want_session: false,
             peer_resume: None,
@@ -374,10 +391,37 @@ impl Conn {
         self.decoder.buffer_capacity() + self.out.capacity()
     }
 
-    /// Capacity held for a partially received frame (0 between frames). A server bounds the
-    /// sum of these over its connections.
-    pub fn partial_frame_capacity(&self) -> usize {
-        self.decoder.buffer_capacity()
+    /// The frame received in part (all zero between frames). A server bounds the sum of
+    /// these over its connections.
+    pub fn partial_frame(&self) -> PartialFrame {
+        let total = (usize::from(self.frame_head_got) == codec::HEADER_LEN)
+            .then(|| codec::HEADER_LEN + u32::from_be_bytes(self.frame_head) as usize);
+        PartialFrame {
+            len: self.decoder.buffered(),
+            capacity: self.decoder.buffer_capacity(),
+            total,
+        }
+    }
+
+    /// Keeps the length header of the frame the decoder holds in part (`data` was just
+    /// decoded).
+    fn track_frame_head(&mut self, data: &[u8]) {
+        let held = self.decoder.buffered();
+        let got = usize::from(self.frame_head_got);
+        if held == 0 {
+            self.frame_head_got = 0;
+        } else if held <= data.len() {
+            // The partial frame starts within `data`.
+            let start = data.len() - held;
+            let n = held.min(codec::HEADER_LEN);
+            self.frame_head[..n].copy_from_slice(&data[start..start + n]);
+            self.frame_head_got = n as u8;
+        } else if got < codec::HEADER_LEN {
+            // It continues a frame started earlier whose header was not complete.
+            let n = (codec::HEADER_LEN - got).min(data.len());
+            self.frame_head[got..got + n].copy_from_slice(&data[..n]);
+            self.frame_head_got = (got + n) as u8;
+        }
     }
 
     /// The session running on this connection, if any.
@@ -426,6 +470,7 @@ impl Conn {
             !self.is_closed()
         });
         self.decoder = decoder;
+        self.track_frame_head(data);
         if let Err(e) = result {
             if !self.is_closed() {
                 self.protocol_error(now, e.to_string());
