@@ -210,7 +210,7 @@ async fn connect(cfg: ClientConfig, linger: Duration) -> Result<ExitCode> {
                 Some(ClientEvent::Reconnecting { attempt, delay }) => {
                     log::line(&id, "reconnecting", &format!("attempt={attempt} in {}", Human(delay)))
                 }
-                Some(ClientEvent::GaveUp { reason }) => {
+                Some(ClientEvent::GaveUp { reason, .. }) => {
                     eprintln!("error: gave up connecting to {addr}: {reason}");
                     return Ok(ExitCode::FAILURE);
                 }

@@ -41,7 +41,7 @@ pub mod sockopt;
 mod transport;
 pub mod tunnel;
 
-pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
+pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender, Connector};
 pub use connection::{
     liveness_config, ConnectError, ConnectOptions, Connection, Disconnected, Sender,
 };

@@ -653,7 +653,7 @@ impl Source for EntrySource {
                             return Inbound::PathDown(disconnect.reason.to_string());
                         }
                     }
-                    Some(ClientEvent::GaveUp { reason }) => {
+                    Some(ClientEvent::GaveUp { reason, .. }) => {
                         return Inbound::End(TunnelEnd::PathLost(format!("gave up: {reason}")))
                     }
                     Some(_) => {}

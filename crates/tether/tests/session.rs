@@ -130,7 +130,7 @@ async fn exactly_once_in_order_across_repeated_resets() {
                     down_since.get_or_insert_with(std::time::Instant::now);
                 }
                 ClientEvent::SessionLost { unacked } => panic!("session lost: {unacked:?}"),
-                ClientEvent::GaveUp { reason } => panic!("gave up: {reason}"),
+                ClientEvent::GaveUp { reason, .. } => panic!("gave up: {reason}"),
                 _ => {}
             },
         }

@@ -104,6 +104,9 @@ struct Driver<T, S> {
     read_done: bool,
     write_failed: bool,
     closing_since: Option<Instant>,
+    /// Close without waiting for the peer's FIN (a refused connection that sent nothing
+    /// more: evicted from the handshake, or refused at shutdown).
+    no_linger: bool,
     shut_down: bool,
     last_write: Option<Instant>,
     result: Option<Disconnect>,
@@ -134,6 +137,7 @@ pub(crate) fn drive<T: Transport, S: Sink + Send>(
         read_done: false,
         write_failed: false,
         closing_since: None,
+        no_linger: false,
         shut_down: false,
         last_write: None,
         result: None,

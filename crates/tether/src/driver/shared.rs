@@ -65,7 +65,8 @@ pub(crate) enum Command {
     Close(CloseCode, String),
     /// Close at once; queued messages stay in the outbox (for whoever takes it).
     CloseNow(CloseCode, String),
-    /// Refuse a connection still in the handshake (no effect once established).
+    /// Refuse a connection still in the handshake (no effect once established), without
+    /// waiting for the peer's FIN.
     Refuse(CloseCode, String),
 }
 

@@ -113,7 +113,12 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 }
             }
             Some(Command::CloseNow(code, text)) => conn.close(now, code, &text),
-            Some(Command::Refuse(code, text)) => conn.refuse(now, code, &text),
+            Some(Command::Refuse(code, text)) => {
+                if !conn.is_established() {
+                    conn.refuse(now, code, &text);
+                    self.no_linger = true;
+                }
+            }
             None => {}
         }
         let paused = inner.inbox_bytes > shared.limits.inbox_bytes
@@ -325,7 +330,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         {
             self.shut_down = true;
         }
-        if self.shut_down && self.read_done {
+        if self.shut_down && (self.read_done || self.no_linger) {
             return true;
         }
         if now >= since + CLOSE_LINGER {
