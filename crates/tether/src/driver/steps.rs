@@ -113,12 +113,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 }
             }
             Some(Command::CloseNow(code, text)) => conn.close(now, code, &text),
-            Some(Command::Refuse(code, text)) => {
-                if !conn.is_established() {
-                    conn.refuse(now, code, &text);
-                    self.no_linger = true;
-                }
+            Some(Command::Refuse(code, text)) if !conn.is_established() => {
+                conn.refuse(now, code, &text);
+                self.no_linger = true;
             }
+            Some(Command::Refuse(..)) => {}
             None => {}
         }
         let paused = inner.inbox_bytes > shared.limits.inbox_bytes
