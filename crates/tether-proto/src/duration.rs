@@ -227,32 +227,20 @@ impl fmt::Display for Human {
     }
 }
 
-/// A [`Duration`] that displays like [`Human`] but rounded to the millisecond: for logs and
-/// messages meant for people (`silent_for=5.143s`, `in 99ms`; below half a millisecond
-/// but not zero: `<1ms`). Use [`Human`] where the exact value matters (values meant to be
-/// parsed back).
-///
-/// ```
-/// use std::time::Duration;
-/// use tether_proto::duration::Millis;
-/// assert_eq!(Millis(Duration::from_nanos(5_143_303_870)).to_string(), "5.143s");
-/// assert_eq!(Millis(Duration::from_nanos(98_916_615)).to_string(), "99ms");
-/// assert_eq!(Millis(Duration::from_secs(90)).to_string(), "1m30s");
-/// assert_eq!(Millis(Duration::from_micros(200)).to_string(), "<1ms");
-/// assert_eq!(Millis(Duration::ZERO).to_string(), "0s");
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Millis(pub Duration);
+impl Human {
+    /// `d` truncated to the millisecond: how measured durations are shown in logs, tables
+    /// and the status page (`"5.143s"`, `"98ms"`, `"4m5.2s"`), never with nanoseconds.
+    pub fn ms(d: Duration) -> Human {
+        Human(Duration::from_millis(
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        ))
+    }
 
-impl fmt::Display for Millis {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let d = self.0;
-        if !d.is_zero() && d < Duration::from_micros(500) {
-            return f.write_str("<1ms");
-        }
-        let ms = (d.as_nanos() + 500_000) / 1_000_000;
-        let rounded = Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX));
-        Human(rounded).fmt(f)
+    /// `d` truncated to the microsecond, for round-trip times (`"1.234ms"`, `"87us"`).
+    pub fn us(d: Duration) -> Human {
+        Human(Duration::from_micros(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        ))
     }
 }
 
@@ -333,5 +321,25 @@ mod tests {
         assert_eq!(format(Duration::from_nanos(2_500_000)), "2.5ms");
         assert_eq!(format(ms(3_333)), "3.333s");
         assert_eq!(format(Duration::from_secs(90_000)), "25h");
+    }
+
+    #[test]
+    fn truncates_measured_durations() {
+        let d = Duration::from_nanos(5_143_303_870);
+        assert_eq!(Human::ms(d).to_string(), "5.143s");
+        assert_eq!(
+            Human::ms(Duration::from_nanos(98_916_615)).to_string(),
+            "98ms"
+        );
+        assert_eq!(Human::ms(Duration::from_micros(999)).to_string(), "0s");
+        assert_eq!(
+            Human::ms(Duration::from_millis(245_200)).to_string(),
+            "4m5.2s"
+        );
+        assert_eq!(
+            Human::us(Duration::from_nanos(1_234_567)).to_string(),
+            "1.234ms"
+        );
+        assert_eq!(Human::us(Duration::from_nanos(87_900)).to_string(), "87us");
     }
 }

@@ -411,7 +411,7 @@ async fn supervise<C: Connector>(
             Err(_) => {
                 let reason = DisconnectReason::Io(format!(
                     "connect timed out after {}",
-                    tether_proto::duration::Millis(opts.handshake_timeout)
+                    tether_proto::duration::Human::ms(opts.handshake_timeout)
                 ));
                 let _ = tx.send(ClientEvent::Disconnected {
                     disconnect: Disconnect {

@@ -26,7 +26,7 @@
 //! One dependency is enough: every type the API uses is re-exported here (the core's
 //! [`Policy`], [`DisconnectReason`], [`CloseCode`], presence and session types, …).
 //! Shared helpers: [`random`] (tokens and ids), [`DisconnectReason::from_io_error`] (the one
-//! mapping from `io::Error`), [`duration::Millis`] (durations for people, to the
+//! mapping from `io::Error`), [`duration::Human::ms`] (durations for people, to the
 //! millisecond).
 #![deny(unsafe_op_in_unsafe_fn)]
 
