@@ -170,6 +170,41 @@ impl Sink for ConnSink {
 
 /// One tether connection. Cheap to share for sending (`send` takes `&self`); receiving takes
 /// `&mut self`. Dropping the `Connection` closes it in order.
+///
+/// Without a [`Server`](crate::Server), both ends can be plain connections: the accepting
+/// side dictates the heartbeat interval and dead-after from its policy.
+///
+/// ```
+/// use std::time::Duration;
+/// use tether::{Bytes, CloseCode, Connection, DisconnectReason, Policy};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy = Policy::builder(Duration::from_secs(5)).build()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let addr = listener.local_addr()?;
+/// let p = policy.clone();
+/// let server = tokio::spawn(async move {
+///     let (stream, _) = listener.accept().await?;
+///     let (mut conn, hello) = Connection::accept(stream, &p).await?;
+///     let m = conn.recv().await?;
+///     conn.send(m).await?; // echo
+///     let end = conn.recv().await.unwrap_err();
+///     Ok::<_, Box<dyn std::error::Error + Send + Sync>>((hello.client_id, end.reason))
+/// });
+///
+/// let mut c = Connection::connect(addr, "desk-7", &policy).await?;
+/// assert_eq!(c.welcome().heartbeat, policy.heartbeat_interval);
+/// c.send(Bytes::from_static(b"ping")).await?;
+/// assert_eq!(&c.recv().await?[..], b"ping");
+/// c.close(CloseCode::NORMAL, "done");
+///
+/// let (id, reason) = server.await?.map_err(|e| e.to_string())?;
+/// assert_eq!(id, "desk-7");
+/// assert!(matches!(reason, DisconnectReason::PeerClose { code: CloseCode::NORMAL, .. }));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Connection {
     shared: Arc<Shared>,

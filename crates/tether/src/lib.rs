@@ -23,6 +23,46 @@
 //!  app ◀── recv() ◀── inbox ◀─────┘  (Conn + Sleep) └─◀ socket (read, stack buffer)
 //! ```
 //!
+//! A server and a client on loopback, with a policy that detects a vanished peer within
+//! 10 seconds:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tether::{Bytes, ClientConfig, Client, ClientEvent, Policy, Server, ServerConfig, ServerEvent};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let policy = Policy::builder(Duration::from_secs(10)).build()?;
+//! let cfg = ServerConfig::new("127.0.0.1:0".parse()?).policy(policy.clone());
+//! let mut server = Server::bind(cfg).await?;
+//!
+//! let mut cfg = ClientConfig::new(server.local_addr(), "phone-1");
+//! cfg.connect.policy = policy;
+//! let mut client = Client::start(cfg);
+//! client.send(Bytes::from_static(b"hello")).await?;
+//!
+//! // The server sees the client connect, then its message (with its session sequence number).
+//! loop {
+//!     match server.next_event().await {
+//!         Some(ServerEvent::Message { client_id, msg, seq }) => {
+//!             assert_eq!((client_id.as_str(), &msg[..], seq), ("phone-1", &b"hello"[..], Some(1)));
+//!             server.try_send(&client_id, Bytes::from_static(b"hi"))?;
+//!             break;
+//!         }
+//!         Some(_) => continue,
+//!         None => unreachable!("the server runs"),
+//!     }
+//! }
+//! loop {
+//!     if let Some(ClientEvent::Message(m)) = client.next_event().await {
+//!         assert_eq!(&m[..], b"hi");
+//!         break;
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! One dependency is enough: every type the API uses is re-exported here (the core's
 //! [`Policy`], [`DisconnectReason`], [`CloseCode`], presence and session types, …).
 //! Shared helpers: [`random`] (tokens and ids), [`DisconnectReason::from_io_error`] (the one

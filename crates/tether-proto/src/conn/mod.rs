@@ -79,6 +79,20 @@ pub struct Disconnect {
     pub silent_for: Duration,
 }
 
+impl std::fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (silent for {})",
+            self.reason,
+            crate::duration::Human::ms(self.silent_for)
+        )
+    }
+}
+
+/// A connection's end is what a send or receive on it fails with.
+impl std::error::Error for Disconnect {}
+
 /// What a transport reported, translated by the driver (see
 /// [`TransportError::from_io`] for the one mapping from `std::io::Error`).
 #[derive(Debug, Clone, PartialEq, Eq)]
