@@ -100,4 +100,6 @@ pub use tether_proto::presence::{
     PresenceChange, PresenceCounts, PresenceKind, PresenceState, RegistryConfig,
 };
 pub use tether_proto::session::SessionConfig;
-pub use tether_proto::{CloseCode, Disconnect, DisconnectReason, Keepalive, Policy};
+pub use tether_proto::{
+    CloseCode, ConnConfig, Disconnect, DisconnectReason, Keepalive, LivenessConfig, Policy,
+};
