@@ -55,15 +55,21 @@ async fn two_clients_with_one_id_replace_once_and_lose_nothing() {
     ));
     // A sends numbered messages until it is stopped.
     let sender = a.sender();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = count.clone();
     let sending = tokio::spawn(async move {
         let mut sent = 0u64;
         while sender.send(numbered(sent)).await.is_ok() {
             sent += 1;
+            counted.store(sent, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         sent
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // B arrives while A is in the middle of sending.
+    while count.load(std::sync::atomic::Ordering::Relaxed) < 50 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut b = start(2);
     assert!(matches!(
         b.next_event().await,
