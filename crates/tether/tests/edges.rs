@@ -441,3 +441,69 @@ async fn shutdown_returns_when_the_last_connection_ended() {
         ));
     }
 }
+
+/// `send` gives back-pressure: it waits (at most `send_wait`) for a client that is briefly
+/// slow, so nothing is lost; a client that stays slow past `send_wait` is closed as a slow
+/// consumer. `try_send` never waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_waits_for_a_briefly_slow_client_and_closes_one_that_stays_slow() {
+    let cfg = ServerConfig::new(addr0())
+        .policy(fast_policy(300, 3000))
+        .outbox_bytes(64 * 1024)
+        .send_wait(Duration::from_millis(500));
+    let mut srv = Server::bind(cfg).await.unwrap();
+    let addr = srv.local_addr();
+    let handle = srv.handle();
+    // Briefly slow: reads nothing for 200 ms, then everything.
+    let mut slow = Connection::connect(addr, "brief", &fast_policy(300, 3000))
+        .await
+        .unwrap();
+    let msg = Bytes::from(vec![3u8; 16 * 1024]);
+    const N: usize = 512; // 8 MiB: more than the kernel's socket buffers hold
+    let reader = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..N {
+            slow.recv().await.unwrap();
+        }
+        slow
+    });
+    let t = Instant::now();
+    for _ in 0..N {
+        handle.send("brief", msg.clone()).await.unwrap();
+    }
+    let slow = reader.await.unwrap();
+    assert!(slow.disconnected().is_none());
+    println!(
+        "8 MiB to a client that paused 200 ms: sent in {:?}",
+        t.elapsed()
+    );
+    // Stays slow: never reads.
+    let mut stuck = raw_connect(addr, "stuck").await;
+    let t = Instant::now();
+    let err = loop {
+        if let Err(e) = handle.send("stuck", msg.clone()).await {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "never gave up");
+    };
+    assert!(matches!(err, tether::SendError::SlowConsumer(_)), "{err}");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), srv.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ServerEvent::Disconnected {
+                client_id,
+                disconnect,
+                ..
+            } if client_id == "stuck" => {
+                assert_eq!(disconnect.reason, DisconnectReason::SlowConsumer);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let mut b = [0u8; 1];
+    let _ = stuck.read(&mut b).await;
+}

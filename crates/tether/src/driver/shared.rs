@@ -77,6 +77,8 @@ pub(crate) enum Offer {
     Queued,
     /// Queuing would pass the client's bound: the connection is being closed (slow consumer).
     SlowConsumer,
+    /// Queuing would pass the client's bound (asked not to close it).
+    Full,
     /// Queuing would pass the client's bound, and its connection already ended (the bytes
     /// would go to a held session's backlog).
     Backlogged,
@@ -97,7 +99,8 @@ pub(crate) struct Inner {
     pub(crate) inbox_bytes: usize,
     pub(crate) recv: Option<Waker>,
     pub(crate) done: Option<Disconnect>,
-    /// Bytes in the state machine's transmit buffer as of the task's last pass.
+    /// Bytes the state machine holds for the peer (transmit buffer, unacknowledged session
+    /// messages) as of the task's last pass.
     pub(crate) transmit_bytes: usize,
     /// What this connection counts against the server's unsent budget
     /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
@@ -229,10 +232,11 @@ impl Shared {
     }
 
     /// Server connections: queues a message without ever waiting. A client whose unsent
-    /// bytes (outbox and transmit buffer) would pass its bound is closed as a slow consumer
-    /// (the message is not queued). With `after_end`, a connection that already ended still
-    /// takes the message (its owner moves the outbox to the client's held session).
-    pub(crate) fn offer(&self, msg: Bytes, after_end: bool) -> Offer {
+    /// bytes (outbox, transmit buffer, unacknowledged session messages) would pass its bound is closed as a slow consumer
+    /// when `close_slow` (else [`Offer::Full`]); the message is not queued. With `after_end`,
+    /// a connection that already ended still takes the message (its owner moves the outbox
+    /// to the client's held session).
+    pub(crate) fn offer(&self, msg: Bytes, after_end: bool, close_slow: bool) -> Offer {
         let mut inner = self.lock();
         let ended = inner.done.is_some();
         if let Some(d) = &inner.done {
@@ -244,6 +248,9 @@ impl Shared {
         if unsent > 0 && unsent + msg.len() > self.limits.outbox_bytes {
             if ended {
                 return Offer::Backlogged;
+            }
+            if !close_slow {
+                return Offer::Full;
             }
             if !matches!(inner.command, Some(Command::CloseNow(..))) {
                 inner.command = Some(Command::CloseNow(

@@ -17,6 +17,12 @@ use super::{
 };
 use crate::transport::Transport;
 
+/// Bytes the state machine holds for the peer: not yet written, and (with a session) not yet
+/// acknowledged — what a server counts against a client's bound.
+fn held_for_peer(conn: &tether_proto::Conn) -> usize {
+    conn.pending_transmit().len() + conn.session().map_or(0, |s| s.replay_bytes())
+}
+
 /// What `take_commands` found out for the rest of the wake-up.
 struct Step {
     /// Reading is paused: the application (or the server's budgets) is the bottleneck.
@@ -126,7 +132,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 .as_ref()
                 .is_some_and(|b| b.backlog.is_full(cx.waker()));
         if moved {
-            inner.transmit_bytes = conn.pending_transmit().len();
+            inner.transmit_bytes = held_for_peer(conn);
             self.transmit_published = inner.transmit_bytes;
             shared.recharge(&mut inner);
         }
@@ -271,16 +277,21 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         }
     }
 
-    /// Counters for the handles; the transmit buffer's size for the server's unsent bound
-    /// (only when it changed: the lock is not taken twice per wake-up for nothing).
+    /// Counters for the handles; what the state machine holds for the peer, for the server's
+    /// unsent bounds (only when it changed: the lock is not taken twice per wake-up for
+    /// nothing). A sender waiting for the peer to take bytes is told when it did.
     fn publish(&mut self) {
         self.shared.stats.update(&self.conn);
-        let transmit = self.conn.pending_transmit().len();
-        if self.shared.budgets.is_some() && transmit != self.transmit_published {
+        let held = held_for_peer(&self.conn);
+        if self.shared.budgets.is_some() && held != self.transmit_published {
             let mut inner = self.shared.lock();
-            inner.transmit_bytes = transmit;
+            inner.transmit_bytes = held;
             self.shared.recharge(&mut inner);
-            self.transmit_published = transmit;
+            drop(inner);
+            if held < self.transmit_published {
+                self.shared.changed.notify_waiters();
+            }
+            self.transmit_published = held;
         }
     }
 

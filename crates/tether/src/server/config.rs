@@ -213,9 +213,9 @@ impl ServerConfig {
         self
     }
 
-    /// Sets the longest `ServerHandle::send` waits: for a resuming client's backlog to
-    /// drain, or for room in the server-wide budget. It never waits on one client's socket.
-    /// Default: 1 s.
+    /// Sets the longest `ServerHandle::send` waits: for a client at its bound to take bytes
+    /// (then it is closed as a slow consumer), for a resuming client's backlog, or for room
+    /// in the server-wide budget. `try_send` never waits. Default: 1 s.
     pub fn send_wait(mut self, t: Duration) -> Self {
         self.send_wait = t;
         self

@@ -198,7 +198,7 @@ impl Inner {
                 let Some(held) = rec.session.as_mut().and_then(|s| s.held.take()) else {
                     unreachable!("plan() resumes only a held session");
                 };
-                self.budgets.unsent.give(held.pending_bytes);
+                self.budgets.unsent.give(held.charged());
                 shared.requeue_front(held.pending.into_iter().collect());
                 let grant = sessions::resumed_grant(&held.session, linger.unwrap_or_default());
                 Some((grant, held.session))
@@ -250,6 +250,8 @@ impl Inner {
             replaced,
         });
         drop(shard);
+        // Senders waiting for a resuming client's backlog: it is attached again.
+        self.signals.room.notify_waiters();
         Decision::Accept(
             liveness_config(&self.cfg.policy, true),
             session.map(Box::new),
@@ -353,7 +355,10 @@ impl Inner {
             (Some(session), Some(until)) => {
                 let pending: VecDeque<Bytes> = shared.take_outbox().into();
                 let pending_bytes = pending.iter().map(Bytes::len).sum();
-                self.budgets.unsent.take(pending_bytes);
+                // A held session still holds its unacknowledged messages for the replay.
+                self.budgets
+                    .unsent
+                    .take(pending_bytes + session.replay_bytes());
                 if let Some(slot) = rec.session.as_mut() {
                     slot.held = Some(Held {
                         session,
@@ -413,7 +418,7 @@ impl Inner {
 
     /// A held session is dropped: tell the application what it leaves undelivered.
     fn session_lost(&self, id: &str, held: Held) {
-        self.budgets.unsent.give(held.pending_bytes);
+        self.budgets.unsent.give(held.charged());
         self.report_lost(
             id,
             held.session.unacked_range(),
@@ -446,8 +451,10 @@ impl Inner {
         });
     }
 
-    /// Queues `msg` for `id` without waiting: on its connection, or in its held session.
-    pub(super) fn try_send(&self, id: &str, msg: Bytes) -> Result<(), SendError> {
+    /// Queues `msg` for `id` without waiting: on its connection, or in its held session. A
+    /// connection at its bound is closed as a slow consumer when `close_slow`; otherwise the
+    /// caller gets `SlowConsumer` without the close (and may wait and retry).
+    pub(super) fn try_send(&self, id: &str, msg: Bytes, close_slow: bool) -> Result<(), SendError> {
         let mut shard = lock(self.clients.shard(id));
         let Some(rec) = shard.get_mut(id) else {
             return Err(SendError::NotConnected(id.to_owned()));
@@ -455,9 +462,9 @@ impl Inner {
         if let Some(live) = &rec.conn {
             // With a session, a connection that just ended still takes it: the outbox moves
             // into the held session (same lock, so nothing slips between).
-            return match live.shared.offer(msg, rec.session.is_some()) {
+            return match live.shared.offer(msg, rec.session.is_some(), close_slow) {
                 Offer::Queued => Ok(()),
-                Offer::SlowConsumer => Err(SendError::SlowConsumer(id.to_owned())),
+                Offer::SlowConsumer | Offer::Full => Err(SendError::SlowConsumer(id.to_owned())),
                 Offer::Backlogged => Err(SendError::Backlogged(id.to_owned())),
                 Offer::ServerFull => Err(SendError::ServerFull),
                 Offer::Ended(d) => Err(SendError::Disconnected {

@@ -244,13 +244,15 @@ impl ServerHandle {
     /// ([`SendError::SlowConsumer`]); a resuming client at that bound gives
     /// [`SendError::Backlogged`]; a spent server-wide budget gives [`SendError::ServerFull`].
     pub fn try_send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
-        self.inner.try_send(client_id, msg)
+        self.inner.try_send(client_id, msg, true)
     }
 
-    /// Like [`try_send`](Self::try_send), but waits — at most
-    /// [`send_wait`](ServerConfig::send_wait), by notification — while the client is
-    /// resuming with a full backlog or the server-wide budget is spent. It never waits on
-    /// one client's socket.
+    /// Like [`try_send`](Self::try_send), but waits — by notification, at most
+    /// [`send_wait`](ServerConfig::send_wait) — while the client's queue is at its bound
+    /// (then, still full, the client is closed as a slow consumer), while it is resuming with
+    /// a full backlog, or while the server-wide budget is spent. So a producer gets
+    /// back-pressure from a client that is briefly slow, and no caller waits on one client's
+    /// socket longer than `send_wait`.
     pub async fn send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
         let deadline = tokio::time::Instant::now() + self.inner.cfg.send_wait;
         loop {
@@ -258,7 +260,28 @@ impl ServerHandle {
             let room = self.inner.signals.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            match self.inner.try_send(client_id, msg.clone()) {
+            // The connection's "bytes taken" notification, registered before the attempt too.
+            let live = self.inner.clients.live_of(client_id);
+            let drained = live.as_ref().map(|s| s.changed.notified());
+            tokio::pin!(drained);
+            if let Some(n) = drained.as_mut().as_pin_mut() {
+                n.enable();
+            }
+            match self.inner.try_send(client_id, msg.clone(), false) {
+                Err(SendError::SlowConsumer(id)) => {
+                    // At its bound: wait for the connection to take bytes, then try again;
+                    // out of time, the client is a slow consumer after all.
+                    let waited = match drained.as_mut().as_pin_mut() {
+                        Some(n) => tokio::time::timeout_at(deadline, n).await.is_ok(),
+                        None => false,
+                    };
+                    if !waited {
+                        return match self.inner.try_send(client_id, msg, true) {
+                            Err(SendError::SlowConsumer(_)) => Err(SendError::SlowConsumer(id)),
+                            r => r,
+                        };
+                    }
+                }
                 Err(SendError::ServerFull) => {
                     let budget = self.inner.budgets.unsent.take_when_room(msg.len());
                     if tokio::time::timeout_at(deadline, budget).await.is_err() {
@@ -285,7 +308,9 @@ impl ServerHandle {
             .clients
             .live()
             .into_iter()
-            .filter(|(_, shared, _)| shared.offer(msg.clone(), false) == driver::Offer::Queued)
+            .filter(|(_, shared, _)| {
+                shared.offer(msg.clone(), false, true) == driver::Offer::Queued
+            })
             .count()
     }
 

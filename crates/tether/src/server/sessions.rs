@@ -36,6 +36,14 @@ pub(super) struct Held {
     pub(super) until: Instant,
 }
 
+impl Held {
+    /// What the held session counts against the server's unsent budget: the messages queued
+    /// for the client and the unacknowledged ones kept for the replay.
+    pub(super) fn charged(&self) -> usize {
+        self.pending_bytes + self.session.replay_bytes()
+    }
+}
+
 /// What a HELLO asks for, decided against the client's record.
 pub(super) enum Plan {
     /// No session.
