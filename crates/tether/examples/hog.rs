@@ -125,6 +125,7 @@ async fn hog_once(addr: SocketAddr, stop: &AtomicBool) -> Result<Duration, std::
         requested_heartbeat: Duration::ZERO,
         want_session: false,
         resume: None,
+        credential: None,
     };
     codec::encode(&Frame::Hello(hello), &mut out);
     s.write_all(&out).await?;

@@ -621,6 +621,8 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Pong(_) => "PONG",
         Frame::Close { .. } => "CLOSE",
         Frame::Ack(_) => "ACK",
+        Frame::Auth(_) => "AUTH",
+        Frame::AuthOk(_) => "AUTH_OK",
         Frame::Hello(_) => "HELLO",
         Frame::Welcome(_) => "WELCOME",
         Frame::Refuse { .. } => "REFUSE",
