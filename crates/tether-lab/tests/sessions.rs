@@ -187,7 +187,7 @@ fn hundred_thousand_each_way_through_twenty_flaps() {
                 ClientEvent::SessionLost { unacked } => {
                     panic!("client lost the session: {unacked:?}")
                 }
-                ClientEvent::GaveUp { reason } => panic!("client gave up: {reason}"),
+                ClientEvent::GaveUp { reason, .. } => panic!("client gave up: {reason}"),
                 _ => {}
             }
         }

@@ -153,7 +153,7 @@ fn conn_benches(c: &mut Criterion) {
                     server.handle_input(t0, black_box(&batch));
                     let mut n = 0;
                     while let Some(ev) = server.poll_event() {
-                        n += matches!(ev, ConnEvent::Message(_)) as usize;
+                        n += matches!(ev, ConnEvent::Message { .. }) as usize;
                     }
                     black_box(n)
                 },

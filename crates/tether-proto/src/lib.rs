@@ -33,7 +33,7 @@ pub mod reason;
 pub mod session;
 
 pub use codec::{Frame, Hello, Welcome};
-pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, Role, TransportError};
+pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, PartialFrame, Role, TransportError};
 pub use liveness::{Liveness, LivenessConfig, LivenessEvent};
 pub use policy::{Keepalive, Policy};
 pub use reason::{CloseCode, DisconnectReason};

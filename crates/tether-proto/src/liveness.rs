@@ -170,6 +170,17 @@ impl Liveness {
         }
     }
 
+    /// (Re)starts the engine with `cfg` at `now`, as when a handshake completes: every clock
+    /// but `last_rx` restarts at `now`, and `last_rx` moves up to `now` (the handshake
+    /// counted as traffic). What was received before stays recorded in `last_rx` only.
+    pub fn start(&mut self, now: Instant, cfg: LivenessConfig) {
+        let last_rx = self.last_rx.max(now);
+        let heartbeats_received = self.heartbeats_received;
+        *self = Liveness::new(now, cfg);
+        self.last_rx = last_rx;
+        self.heartbeats_received = heartbeats_received;
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &LivenessConfig {
         &self.cfg

@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::conn::ConnStats;
 use crate::reason::DisconnectReason;
 
 /// Settings for [`Registry`].
@@ -197,6 +198,9 @@ pub struct Entry {
     pub connects: u64,
     /// Connections of this id that ended (including replaced ones).
     pub disconnects: u64,
+    /// Counters of the last connection that ended (see [`Registry::record_counters`]), so a
+    /// client that is not connected still shows what its last connection did.
+    pub last_counters: Option<ConnStats>,
 }
 
 /// A state change, queued for the driver to publish (see [`Registry::poll_change`]).
@@ -277,6 +281,7 @@ impl Registry {
                         changed_at: now,
                         connects: 1,
                         disconnects: 0,
+                        last_counters: None,
                     },
                     timer: None,
                 },
@@ -430,6 +435,19 @@ impl Registry {
             self.add_offline(now, id);
         }
         true
+    }
+
+    /// Keeps the counters of connection `conn_id` of client `id`, which ended, for display
+    /// while the client is not connected. Ignored (returns false) for an unknown id or a
+    /// connection that is not the client's current or last one (a replaced connection).
+    pub fn record_counters(&mut self, id: &str, conn_id: u64, counters: ConnStats) -> bool {
+        match self.entries.get_mut(id) {
+            Some(slot) if slot.entry.conn_id == conn_id => {
+                slot.entry.last_counters = Some(counters);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Sets the state of an existing entry, keeps the counts, queues the change.

@@ -163,6 +163,15 @@ impl DisconnectReason {
         }
     }
 
+    /// The reason for a failed transport operation (connect, read, write). This is the one
+    /// mapping from `std::io::Error` (via [`TransportError::from_io`](crate::TransportError::from_io),
+    /// which also tells a user timeout from a keepalive timeout when the caller knows whether
+    /// data was in flight): refused → `connect-refused`, reset/broken pipe → `peer-reset`,
+    /// timed out → `keepalive-timeout`, anything else → `io-error`.
+    pub fn from_io_error(e: &std::io::Error) -> Self {
+        crate::conn::TransportError::from_io(e, || false).reason()
+    }
+
     /// All labels, in a fixed order (for metrics that must list every reason).
     pub const LABELS: [&'static str; 16] = [
         "peer-closed",

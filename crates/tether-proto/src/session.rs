@@ -115,6 +115,12 @@ impl Session {
         }
     }
 
+    /// Replaces the resume token (the server rotates it on every resume; the newest one is
+    /// the only one that works).
+    pub fn set_token(&mut self, token: [u8; TOKEN_LEN]) {
+        self.token = token;
+    }
+
     /// The session id (not secret).
     pub fn id(&self) -> u64 {
         self.id

@@ -47,6 +47,8 @@ struct App {
     pushed: Vec<u64>,
     /// Message indices the peer may have missed (named by SessionLost on our session).
     maybe_lost: Vec<u64>,
+    /// Sequence number of the last message received.
+    last_seq: u64,
 }
 
 impl App {
@@ -93,7 +95,16 @@ impl App {
         }
     }
 
-    fn record(&mut self, payload: &Bytes) {
+    fn record(&mut self, payload: &Bytes, seq: Option<u64>) {
+        // Messages carry their session sequence numbers: consecutive within a session (a
+        // new session starts again at 1), so an application can deduplicate on them.
+        let seq = seq.expect("session messages carry their sequence number");
+        assert!(
+            seq == self.last_seq + 1 || seq == 1,
+            "seq {seq} after {}",
+            self.last_seq
+        );
+        self.last_seq = seq;
         let i = u64::from_be_bytes(payload[..8].try_into().unwrap());
         self.received.push(i);
     }
@@ -269,14 +280,14 @@ fn scenario(seed: u64, cuts: usize, per_side: u64, forget_prob: u64, cfg: Sessio
                             }
                         }
                     }
-                    ConnEvent::Message(m) => server_app.record(&m),
+                    ConnEvent::Message { payload: m, seq } => server_app.record(&m, seq),
                     ConnEvent::Closed(_) => alive = false,
                     _ => {}
                 }
             }
             while let Some(ev) = client.poll_event() {
                 match ev {
-                    ConnEvent::Message(m) => client_app.record(&m),
+                    ConnEvent::Message { payload: m, seq } => client_app.record(&m, seq),
                     ConnEvent::SessionLost { unacked } => client_app.lost(unacked),
                     ConnEvent::Established(w) if !w.session.as_ref().is_some_and(|s| s.resumed) => {
                         client_app.pushed.clear();
@@ -317,7 +328,7 @@ fn scenario(seed: u64, cuts: usize, per_side: u64, forget_prob: u64, cfg: Sessio
             let rest = client_pending_flush(&mut server, &mut client, now);
             for ev in rest {
                 match ev {
-                    ConnEvent::Message(m) => client_app.record(&m),
+                    ConnEvent::Message { payload: m, seq } => client_app.record(&m, seq),
                     ConnEvent::SessionLost { unacked } => client_app.lost(unacked),
                     _ => {}
                 }

@@ -16,9 +16,19 @@
 //! that may not have arrived; the outbox's messages were never sent and go out on the new
 //! session.
 //!
-//! A refusal that cannot change by retrying (`bad-hello`, `unsupported-version`) ends the
-//! client with [`ClientEvent::GaveUp`]; everything else is retried.
+//! Some ends are terminal and stop the client with [`ClientEvent::GaveUp`], which names what
+//! may not have been delivered: a refusal that retrying cannot fix (`bad-hello`,
+//! `unsupported-version`, `unauthorized`, `id-not-allowed`), and being *replaced* — a newer
+//! connection with the same client id took over (`docs/PROTOCOL.md`: the newest connection
+//! wins; a replaced client must not reconnect by itself, or two clients with one id would
+//! replace each other forever). Everything else is retried with backoff (`throttled`
+//! included).
+//!
+//! The transport is TCP to [`ClientConfig::addr`] by default; [`Client::start_with`] takes any
+//! [`Connector`] (TLS, an in-memory stream in tests).
 
+use std::future::Future;
+use std::io;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +44,7 @@ use tokio::sync::mpsc;
 use crate::connection::{liveness_config, ConnectOptions};
 use crate::driver::{self, Limits, Shared, Sink};
 use crate::sockopt;
+use crate::transport::Transport;
 
 /// What a [`Client`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,10 +81,16 @@ pub enum ClientEvent {
         /// The jittered delay.
         delay: Duration,
     },
-    /// The client stopped trying: a refusal that retrying cannot fix, or attempts exhausted.
+    /// The client stopped: it was replaced by a newer connection with the same id, refused
+    /// for a reason retrying cannot fix, or out of attempts. Always the last event.
     GaveUp {
         /// The last reason.
         reason: DisconnectReason,
+        /// Sequence numbers of the session sent but never acknowledged: they may not have
+        /// been delivered (`None`: nothing outstanding, or no session).
+        unacked: Option<RangeInclusive<u64>>,
+        /// Messages given to `send` that were never sent: certainly not delivered.
+        unsent: Vec<Bytes>,
     },
 }
 
@@ -128,15 +145,92 @@ pub struct Client {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How a [`Client`] opens its transport, once per connection attempt. Implemented for
+/// closures returning a future of a [`Transport`], e.g. a TLS connector:
+///
+/// ```no_run
+/// # async fn run() {
+/// use tether::{Client, ClientConfig};
+/// let cfg = ClientConfig::new("127.0.0.1:7300".parse().unwrap(), "phone-1");
+/// let addr = cfg.addr;
+/// let client = Client::start_with(cfg, move || tokio::net::TcpStream::connect(addr));
+/// # }
+/// ```
+pub trait Connector: Send + 'static {
+    /// The transport a connection runs over.
+    type Io: Transport;
+    /// Opens one transport.
+    fn connect(&mut self) -> impl Future<Output = io::Result<Self::Io>> + Send;
+}
+
+impl<F, Fut, T> Connector for F
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = io::Result<T>> + Send,
+    T: Transport,
+{
+    type Io = T;
+    fn connect(&mut self) -> impl Future<Output = io::Result<T>> + Send {
+        self()
+    }
+}
+
+/// The default connector: TCP to the configured address, with the policy's socket options.
+struct Tcp {
+    addr: std::net::SocketAddr,
+    policy: tether_proto::Policy,
+}
+
+impl Connector for Tcp {
+    type Io = TcpStream;
+    async fn connect(&mut self) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect(self.addr).await?;
+        if let Err(e) = sockopt::apply(&stream, &self.policy) {
+            tracing::debug!(error = %e, "cannot set socket options");
+        }
+        Ok(stream)
+    }
+}
+
 impl Client {
-    /// Starts connecting in the background.
+    /// Starts connecting (TCP to `cfg.addr`) in the background.
+    ///
+    /// ```no_run
+    /// use bytes::Bytes;
+    /// use tether::{Client, ClientConfig, ClientEvent};
+    ///
+    /// # async fn run() {
+    /// let mut client = Client::start(ClientConfig::new("127.0.0.1:7300".parse().unwrap(), "phone-1"));
+    /// // Queued at once; sent right after the handshake, and again after a resume if needed.
+    /// client.send(Bytes::from_static(b"hello")).await.unwrap();
+    /// while let Some(ev) = client.next_event().await {
+    ///     match ev {
+    ///         ClientEvent::Message(m) => println!("got {m:?}"),
+    ///         ClientEvent::GaveUp { reason, unacked, unsent } => {
+    ///             eprintln!("stopped: {reason}; maybe lost: {unacked:?}, unsent: {}", unsent.len());
+    ///         }
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub fn start(cfg: ClientConfig) -> Client {
+        let tcp = Tcp {
+            addr: cfg.addr,
+            policy: cfg.connect.policy.clone(),
+        };
+        Client::start_with(cfg, tcp)
+    }
+
+    /// Starts connecting in the background, opening each connection with `connector`
+    /// (`cfg.addr` is then only used in messages).
+    pub fn start_with<C: Connector>(cfg: ClientConfig, connector: C) -> Client {
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Shared::persistent(Limits {
             outbox_bytes: cfg.outbox_bytes,
             inbox_bytes: usize::MAX,
         });
-        let task = tokio::spawn(supervise(cfg, tx, shared.clone()));
+        let task = tokio::spawn(supervise(cfg, connector, tx, shared.clone()));
         Client {
             events: rx,
             shared,
@@ -209,24 +303,20 @@ impl Drop for Client {
     }
 }
 
-fn os_seed() -> u64 {
-    let mut b = [0u8; 8];
-    if getrandom::getrandom(&mut b).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return t.as_nanos() as u64;
-    }
-    u64::from_le_bytes(b)
-}
-
+/// Whether the client may try again after `reason`. Being replaced is terminal (the newest
+/// connection with an id wins; reconnecting would take the id back and start a fight), and
+/// so are refusals that cannot change by retrying.
 fn retryable(reason: &DisconnectReason) -> bool {
     !matches!(
         reason,
-        DisconnectReason::Refused {
-            code: CloseCode::BAD_HELLO | CloseCode::UNSUPPORTED_VERSION,
-            ..
-        }
+        DisconnectReason::Replaced
+            | DisconnectReason::Refused {
+                code: CloseCode::BAD_HELLO
+                    | CloseCode::UNSUPPORTED_VERSION
+                    | CloseCode::UNAUTHORIZED
+                    | CloseCode::ID_NOT_ALLOWED,
+                ..
+            }
     )
 }
 
@@ -241,7 +331,7 @@ impl Sink for ClientSink {
             ConnEvent::Established(welcome) => ClientEvent::Connected { welcome },
             ConnEvent::Resumed { replayed } => ClientEvent::Resumed { replayed },
             ConnEvent::SessionLost { unacked } => ClientEvent::SessionLost { unacked },
-            ConnEvent::Message(m) => ClientEvent::Message(m),
+            ConnEvent::Message { payload: m, .. } => ClientEvent::Message(m),
             ConnEvent::Closed(disconnect) => ClientEvent::Disconnected { disconnect },
             _ => return,
         };
@@ -253,22 +343,23 @@ fn stopped(shared: &Shared) -> bool {
     shared.done().is_some()
 }
 
-async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, shared: Arc<Shared>) {
-    let mut backoff = Backoff::new(cfg.backoff, cfg.seed.unwrap_or_else(os_seed));
+async fn supervise<C: Connector>(
+    cfg: ClientConfig,
+    mut connector: C,
+    tx: mpsc::UnboundedSender<ClientEvent>,
+    shared: Arc<Shared>,
+) {
+    let mut backoff = Backoff::new(cfg.backoff, cfg.seed.unwrap_or_else(crate::random::u64));
     let mut session: Option<Session> = None;
     let opts = &cfg.connect;
     loop {
         if stopped(&shared) {
             return;
         }
-        let attempt =
-            tokio::time::timeout(opts.handshake_timeout, TcpStream::connect(cfg.addr)).await;
+        let attempt = tokio::time::timeout(opts.handshake_timeout, connector.connect()).await;
         let reason = match attempt {
-            Ok(Ok(stream)) => {
-                if let Err(e) = sockopt::apply(&stream, &opts.policy) {
-                    tracing::debug!(error = %e, "cannot set socket options");
-                }
-                let now = tokio::time::Instant::now().into_std();
+            Ok(Ok(io)) => {
+                let now = driver::now();
                 let hello = Hello {
                     client_id: opts.client_id.clone(),
                     requested_heartbeat: opts.policy.heartbeat_interval,
@@ -289,7 +380,7 @@ async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, sh
                     session.take(),
                 );
                 let ended = driver::drive(
-                    stream,
+                    io,
                     Box::new(conn),
                     shared.clone(),
                     ClientSink { tx: tx.clone() },
@@ -309,10 +400,7 @@ async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, sh
                 }
             }
             Ok(Err(e)) => {
-                let reason = match e.kind() {
-                    std::io::ErrorKind::ConnectionRefused => DisconnectReason::PeerReset,
-                    _ => DisconnectReason::Io(e.to_string()),
-                };
+                let reason = DisconnectReason::from_io_error(&e);
                 let _ = tx.send(ClientEvent::Disconnected {
                     disconnect: Disconnect {
                         reason: reason.clone(),
@@ -323,8 +411,8 @@ async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, sh
             }
             Err(_) => {
                 let reason = DisconnectReason::Io(format!(
-                    "connect timed out after {:?}",
-                    opts.handshake_timeout
+                    "connect timed out after {}",
+                    tether_proto::duration::Human::ms(opts.handshake_timeout)
                 ));
                 let _ = tx.send(ClientEvent::Disconnected {
                     disconnect: Disconnect {
@@ -338,30 +426,42 @@ async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, sh
         if stopped(&shared) {
             return;
         }
-        if !retryable(&reason) {
-            shared.finish(Disconnect {
-                reason: reason.clone(),
-                silent_for: Duration::ZERO,
-            });
-            let _ = tx.send(ClientEvent::GaveUp { reason });
-            return;
-        }
-        let Some(delay) = backoff.next_delay() else {
-            shared.finish(Disconnect {
-                reason: reason.clone(),
-                silent_for: Duration::ZERO,
-            });
-            let _ = tx.send(ClientEvent::GaveUp { reason });
+        let delay = if retryable(&reason) {
+            backoff.next_delay()
+        } else {
+            None
+        };
+        let Some(delay) = delay else {
+            give_up(&shared, &tx, reason, session.take());
             return;
         };
         let _ = tx.send(ClientEvent::Reconnecting {
             attempt: backoff.attempt(),
             delay,
         });
-        let done = shared.space.notified();
+        let done = shared.changed.notified();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = done => if stopped(&shared) { return },
         }
     }
+}
+
+/// The client stops for good: senders fail from now on, and the application learns what may
+/// not have been delivered.
+fn give_up(
+    shared: &Shared,
+    tx: &mpsc::UnboundedSender<ClientEvent>,
+    reason: DisconnectReason,
+    session: Option<Session>,
+) {
+    shared.finish(Disconnect {
+        reason: reason.clone(),
+        silent_for: Duration::ZERO,
+    });
+    let _ = tx.send(ClientEvent::GaveUp {
+        reason,
+        unacked: session.and_then(|s| s.unacked_range()),
+        unsent: shared.take_outbox(),
+    });
 }

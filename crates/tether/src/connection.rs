@@ -15,8 +15,9 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::driver::{self, Decision, Limits, Shared, Sink, StatsSnapshot, Transport};
+use crate::driver::{self, Decision, Limits, Shared, Sink, StatsSnapshot};
 use crate::sockopt;
+use crate::transport::Transport;
 
 /// How a connection ended: the reason and how long the peer had been silent.
 pub type Disconnected = Disconnect;
@@ -150,7 +151,7 @@ impl Sink for ConnSink {
                 }
             }
             // Batched: the inbox lock is taken once per wake-up, not once per message.
-            ConnEvent::Message(m) => self.batch.push(m),
+            ConnEvent::Message { payload: m, .. } => self.batch.push(m),
             ConnEvent::Closed(d) => {
                 if let Some(tx) = self.ready.take() {
                     let _ = tx.send(Err(d));
@@ -162,13 +163,48 @@ impl Sink for ConnSink {
 
     fn flush(&mut self, shared: &Shared) {
         if !self.batch.is_empty() {
-            driver::push_inbox(shared, std::mem::take(&mut self.batch));
+            shared.push_inbox(std::mem::take(&mut self.batch));
         }
     }
 }
 
 /// One tether connection. Cheap to share for sending (`send` takes `&self`); receiving takes
 /// `&mut self`. Dropping the `Connection` closes it in order.
+///
+/// Without a [`Server`](crate::Server), both ends can be plain connections: the accepting
+/// side dictates the heartbeat interval and dead-after from its policy.
+///
+/// ```
+/// use std::time::Duration;
+/// use tether::{Bytes, CloseCode, Connection, DisconnectReason, Policy};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let policy = Policy::builder(Duration::from_secs(5)).build()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let addr = listener.local_addr()?;
+/// let p = policy.clone();
+/// let server = tokio::spawn(async move {
+///     let (stream, _) = listener.accept().await?;
+///     let (mut conn, hello) = Connection::accept(stream, &p).await?;
+///     let m = conn.recv().await?;
+///     conn.send(m).await?; // echo
+///     let end = conn.recv().await.unwrap_err();
+///     Ok::<_, Box<dyn std::error::Error + Send + Sync>>((hello.client_id, end.reason))
+/// });
+///
+/// let mut c = Connection::connect(addr, "desk-7", &policy).await?;
+/// assert_eq!(c.welcome().heartbeat, policy.heartbeat_interval);
+/// c.send(Bytes::from_static(b"ping")).await?;
+/// assert_eq!(&c.recv().await?[..], b"ping");
+/// c.close(CloseCode::NORMAL, "done");
+///
+/// let (id, reason) = server.await?.map_err(|e| e.to_string())?;
+/// assert_eq!(id, "desk-7");
+/// assert!(matches!(reason, DisconnectReason::PeerClose { code: CloseCode::NORMAL, .. }));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Connection {
     shared: Arc<Shared>,
@@ -323,7 +359,7 @@ impl Connection {
     /// Receives the next message; once the connection has ended and every received message
     /// was taken, returns how it ended (again on every later call).
     pub async fn recv(&mut self) -> Result<Bytes, Disconnected> {
-        poll_fn(|cx| driver::poll_recv(&self.shared, cx)).await
+        poll_fn(|cx| self.shared.poll_recv(cx)).await
     }
 
     /// Closes in order with `code` and `text` (CLOSE frame, then FIN).
@@ -338,13 +374,7 @@ impl Connection {
 
     /// Waits until the connection has ended (without taking messages).
     pub async fn closed(&self) -> Disconnected {
-        loop {
-            let n = self.shared.space.notified();
-            if let Some(d) = self.shared.done() {
-                return d;
-            }
-            n.await;
-        }
+        self.shared.closed().await
     }
 
     /// Counters, readable at any time.

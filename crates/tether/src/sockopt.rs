@@ -156,6 +156,39 @@ pub fn tcp_info<S>(_sock: &S) -> Option<TcpInfo> {
     None
 }
 
+/// The process's soft limit on open file descriptors (`RLIMIT_NOFILE`), where the platform
+/// has one. A server derives its default connection limit from it.
+#[cfg(unix)]
+pub fn open_files_limit() -> Option<u64> {
+    // SAFETY: `rlimit` is plain old data and getrlimit writes exactly one into it.
+    let (rc, lim) = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), lim)
+    };
+    #[allow(clippy::useless_conversion)] // `rlim_t` is not `u64` on every Unix
+    (rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY).then(|| u64::from(lim.rlim_cur))
+}
+
+/// The process's soft limit on open file descriptors (`None`: not limited or unknown).
+#[cfg(not(unix))]
+pub fn open_files_limit() -> Option<u64> {
+    None
+}
+
+/// True for the errors `accept` returns when the process or the system is out of file
+/// descriptors or socket memory: waiting helps, retrying at once does not.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    if let Some(code) = e.raw_os_error() {
+        return matches!(
+            code,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        );
+    }
+    let _ = e;
+    false
+}
+
 /// Platform glue: what `SockRef::from` accepts.
 pub mod socket2_fd {
     #[cfg(unix)]

@@ -653,7 +653,7 @@ impl Source for EntrySource {
                             return Inbound::PathDown(disconnect.reason.to_string());
                         }
                     }
-                    Some(ClientEvent::GaveUp { reason }) => {
+                    Some(ClientEvent::GaveUp { reason, .. }) => {
                         return Inbound::End(TunnelEnd::PathLost(format!("gave up: {reason}")))
                     }
                     Some(_) => {}
@@ -934,7 +934,7 @@ async fn exit_route(
         tokio::select! {
             ev = server.next_event() => match ev {
                 None => break,
-                Some(ServerEvent::Message { client_id, msg }) => {
+                Some(ServerEvent::Message { client_id, msg, .. }) => {
                     if let Some(tx) = live.get(&client_id) {
                         let _ = tx.send(Inbound::Msg(msg));
                         continue;

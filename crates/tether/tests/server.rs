@@ -16,31 +16,126 @@ use tether_proto::presence::{PresenceKind, PresenceState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// Measures how late this process's timers fire (a busy machine starves the runtime): a
+/// task sleeps 5 ms again and again and keeps the largest overshoot.
+struct LagProbe {
+    max_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LagProbe {
+    fn start() -> LagProbe {
+        let max_us = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let m = max_us.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let t = Instant::now();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let late = t.elapsed().saturating_sub(Duration::from_millis(5));
+                m.fetch_max(
+                    late.as_micros() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        });
+        LagProbe { max_us, task }
+    }
+
+    fn max(&self) -> Duration {
+        Duration::from_micros(self.max_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for LagProbe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A raw client that sends heartbeats (and reads everything) until told to close with FIN.
+struct RawCloser {
+    close: tokio::sync::oneshot::Sender<()>,
+}
+
+impl RawCloser {
+    fn start(s: TcpStream, h_ms: u64) -> RawCloser {
+        let (close, mut closed) = tokio::sync::oneshot::channel();
+        let (mut r, mut w) = s.into_split();
+        tokio::spawn(async move {
+            let mut b = [0u8; 256];
+            while let Ok(n) = r.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(h_ms));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if w.write_all(&[0, 0, 0, 0]).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = &mut closed => {
+                        let _ = w.shutdown().await;
+                        // Keep the write half until the read half saw the server's FIN.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        });
+        RawCloser { close }
+    }
+
+    fn close(self) {
+        let _ = self.close.send(());
+    }
+}
+
 async fn server(h: u64, d: u64) -> Server {
+    // A generous handshake deadline: a busy machine may take longer than half a second to
+    // read a HELLO when a thousand clients connect at once.
     let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap())
         .policy(fast_policy(h, d))
-        .handshake_timeout(Duration::from_millis(500));
+        .handshake_timeout(Duration::from_secs(5));
     Server::bind(cfg).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_accuracy_1000_clients() {
-    let (h, d) = (300u64, 1500u64);
+    // Long enough that a busy machine's scheduling delays (2,000 connections in one debug
+    // process) stay well inside dead_after, short enough for a test.
+    let (h, d) = (500u64, 2500u64);
     let mut srv = server(h, d).await;
     let addr = srv.local_addr();
     let hole = Blackhole::start(addr).await;
     let policy = fast_policy(h, d);
+    // Connect 50 at a time: the sooner everyone is connected, the less time a busy machine
+    // has to starve a client past dead_after before the test even starts.
     let mut healthy = Vec::new();
     let mut silenced = Vec::new();
     let mut closers = Vec::new();
-    for i in 0..1000 {
-        let id = format!("c{i:04}");
-        if i < 100 {
-            silenced.push(Connection::connect(hole.addr, &id, &policy).await.unwrap());
-        } else if i < 200 {
-            closers.push(raw_connect(addr, &id).await);
-        } else {
-            healthy.push(Connection::connect(addr, &id, &policy).await.unwrap());
+    for batch in (0..1000).collect::<Vec<usize>>().chunks(50) {
+        let mut tasks = Vec::new();
+        for &i in batch {
+            let id = format!("c{i:04}");
+            let (policy, via) = (policy.clone(), if i < 100 { hole.addr } else { addr });
+            tasks.push(tokio::spawn(async move {
+                if (100..200).contains(&i) {
+                    Err(raw_connect(via, &id).await)
+                } else {
+                    Ok(Connection::connect(via, &id, &policy).await.unwrap())
+                }
+            }));
+        }
+        for (&i, t) in batch.iter().zip(tasks) {
+            match t.await.unwrap() {
+                Ok(c) if i < 100 => silenced.push(c),
+                Ok(c) => healthy.push(c),
+                Err(raw) => closers.push(RawCloser::start(raw, h)),
+            }
         }
     }
     // Drain connect events.
@@ -50,24 +145,25 @@ async fn presence_accuracy_1000_clients() {
             connected += 1;
         }
     }
-    // Raw clients never heartbeat, so some may already be Suspect; none is Offline.
+    // Raw clients heartbeat at the agreed interval (a silent one would be declared dead if
+    // connecting 1000 clients took longer than dead_after on a busy machine); none is Offline.
     let c = srv.presence_counts();
-    assert_eq!(c.online + c.suspect, 1000, "{c:?}");
+    let offline: Vec<String> = srv
+        .clients()
+        .into_iter()
+        .filter(|c| !c.state.is_connected())
+        .take(5)
+        .map(|c| format!("{} {:?}", c.id, c.state))
+        .collect();
+    assert_eq!(c.online + c.suspect, 1000, "{c:?}: {offline:?}");
     let mut presence = srv.subscribe();
 
     // 100 vanish without FIN; 100 close cleanly (FIN).
+    let lag = LagProbe::start();
     hole.set(true);
     let t0 = Instant::now();
-    for mut c in closers.drain(..) {
-        c.shutdown().await.unwrap();
-        tokio::spawn(async move {
-            let mut b = [0u8; 64];
-            while let Ok(n) = c.read(&mut b).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        });
+    for c in closers.drain(..) {
+        c.close();
     }
     let silenced_ids: HashSet<String> = (0..100).map(|i| format!("c{i:04}")).collect();
     let closer_ids: HashSet<String> = (100..200).map(|i| format!("c{i:04}")).collect();
@@ -86,16 +182,21 @@ async fn presence_accuracy_1000_clients() {
             } => {
                 if silenced_ids.contains(&ch.id) {
                     assert_eq!(reason, DisconnectReason::HeartbeatTimeout, "{}", ch.id);
+                    // Never before dead_after; after it by at most a quarter of it, plus how
+                    // late this process's timers run on a busy machine (measured alongside).
+                    let late = dd / 4 + lag.max();
                     assert!(
-                        silent_for >= dd && silent_for <= dd + dd / 4,
-                        "{}: silent_for {silent_for:?}",
-                        ch.id
-                    );
-                    assert!(
-                        t0.elapsed() <= dd + dd / 4,
-                        "{} detected after {:?}",
+                        silent_for >= dd && silent_for <= dd + late,
+                        "{}: silent_for {silent_for:?}, timers up to {:?} late",
                         ch.id,
-                        t0.elapsed()
+                        lag.max()
+                    );
+                    let detected = ch.at.saturating_duration_since(t0);
+                    assert!(
+                        detected <= dd + late,
+                        "{} detected after {detected:?}, timers up to {:?} late",
+                        ch.id,
+                        lag.max()
                     );
                     offline_silenced.insert(ch.id);
                 } else if closer_ids.contains(&ch.id) {
@@ -356,13 +457,8 @@ async fn client_reconnects_with_seeded_jitter_after_server_restart() {
                 );
             }
             ClientEvent::Disconnected { disconnect } => {
-                assert!(
-                    matches!(
-                        disconnect.reason,
-                        DisconnectReason::PeerReset | DisconnectReason::Io(_)
-                    ),
-                    "{disconnect:?}"
-                );
+                // Nothing listens while the server is down: the connect is refused.
+                assert_eq!(disconnect.reason, DisconnectReason::ConnectRefused);
             }
             ClientEvent::Connected { .. } => break,
             other => panic!("{other:?}"),
@@ -408,7 +504,7 @@ async fn a_slow_application_pauses_reading_without_false_deaths() {
     let (h, d) = (100u64, 500u64);
     let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap())
         .policy(fast_policy(h, d))
-        .max_queued_messages(200);
+        .max_queued_bytes(800);
     let mut srv = Server::bind(cfg).await.unwrap();
     let c = Connection::connect(srv.local_addr(), "firehose", &fast_policy(h, d))
         .await
@@ -427,11 +523,12 @@ async fn a_slow_application_pauses_reading_without_false_deaths() {
     });
     // The application does not read for 6 × dead_after.
     tokio::time::sleep(Duration::from_millis(6 * d)).await;
-    let queued = srv.queued_messages();
-    // Bounded: the limit plus at most one wake-up's worth of reads (64 KiB of 9-byte frames).
-    assert!(queued <= 200 + 65_536 / 9 + 1, "queued {queued}");
+    let queued = srv.queued_bytes();
+    // Bounded: the limit (200 messages of 4 bytes) plus at most one wake-up's worth of reads
+    // (64 KiB of 9-byte frames carrying 4 bytes each).
+    assert!(queued <= 800 + (65_536 / 9 + 1) * 4, "queued {queued}");
     assert!(
-        queued >= 200,
+        queued >= 800,
         "reading should have filled the backlog first: {queued}"
     );
     // Nobody was declared dead while the application was the bottleneck.

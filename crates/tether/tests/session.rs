@@ -130,7 +130,7 @@ async fn exactly_once_in_order_across_repeated_resets() {
                     down_since.get_or_insert_with(std::time::Instant::now);
                 }
                 ClientEvent::SessionLost { unacked } => panic!("session lost: {unacked:?}"),
-                ClientEvent::GaveUp { reason } => panic!("gave up: {reason}"),
+                ClientEvent::GaveUp { reason, .. } => panic!("gave up: {reason}"),
                 _ => {}
             },
         }
@@ -234,7 +234,7 @@ async fn wrong_or_foreign_token_is_refused_and_does_not_disturb_the_session() {
             .unwrap()
             .unwrap()
         {
-            ServerEvent::Message { client_id, msg } => {
+            ServerEvent::Message { client_id, msg, .. } => {
                 assert_eq!(client_id, "alice");
                 assert_eq!(&msg[..], b"still mine");
                 break;

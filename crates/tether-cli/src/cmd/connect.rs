@@ -278,7 +278,7 @@ async fn connect(cfg: ClientConfig, linger: Duration) -> Result<ExitCode> {
                 Some(ClientEvent::Reconnecting { attempt, delay }) => {
                     log::line(&id, "reconnecting", &format!("attempt={attempt} in={}", Human::ms(delay)))
                 }
-                Some(ClientEvent::GaveUp { reason }) => break End::GaveUp(reason.to_string()),
+                Some(ClientEvent::GaveUp { reason, .. }) => break End::GaveUp(reason.to_string()),
                 Some(_) => {}
                 None => break if closed_at.is_some() { End::Done } else { End::GaveUp("the client stopped".into()) },
             },

@@ -249,10 +249,12 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     let extra = replaced.map(|r| format!(" replaced_conn={r}")).unwrap_or_default();
                     log::line(&client_id, "connected", &format!("remote={remote} conn={conn_id}{extra}"));
                 }
-                Some(ServerEvent::Message { client_id, msg }) => {
+                Some(ServerEvent::Message { client_id, msg, .. }) => {
                     tracing::debug!(client = %client_id, bytes = msg.len(), "message");
                     if s.echo {
-                        let _ = handle.send(&client_id, msg).await;
+                        // Never await one client here: a client that does not read is closed
+                        // as a slow consumer instead of stalling everyone's echo.
+                        let _ = handle.try_send(&client_id, msg);
                     }
                 }
                 Some(ServerEvent::Disconnected { client_id, conn_id, disconnect }) => {

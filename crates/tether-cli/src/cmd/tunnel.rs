@@ -529,8 +529,8 @@ async fn run_exit(cfg: ExitConfig, http: Option<SocketAddr>) -> Result<ExitCode>
         "target={} {}",
         cfg.target,
         policy_line(
-            &cfg.server.policy,
-            cfg.server.session_linger.unwrap_or_default()
+            cfg.server.get_policy(),
+            cfg.server.get_session_linger().unwrap_or_default()
         )
     );
     let exit = tether::tunnel::TunnelExit::bind(cfg)
@@ -662,7 +662,7 @@ mod tests {
             panic!("not exit")
         };
         let (c, _) = exit_config(e).unwrap();
-        assert_eq!(c.server.session_linger, Some(Duration::from_secs(30)));
+        assert_eq!(c.server.get_session_linger(), Some(Duration::from_secs(30)));
         assert_eq!(c.target.port(), 9001);
     }
 }

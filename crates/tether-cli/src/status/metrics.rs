@@ -131,6 +131,7 @@ mod tests {
             messages_sent: 13,
             accepted: 7,
             refused: 1,
+            ..Default::default()
         };
         let mut r = Registry::default();
         r.register_collector(Box::new(Fixed(m)));

@@ -1,0 +1,632 @@
+//! One tether connection as a sans-IO state machine: preamble, handshake, frames, liveness.
+//!
+//! The driver feeds it what the transport delivered ([`Conn::handle_input`]), what happened
+//! to the transport ([`Conn::handle_eof`], [`Conn::handle_transport_error`]) and the time
+//! ([`Conn::handle_timeout`] when [`Conn::poll_timeout`] is due); it writes out
+//! [`Conn::pending_transmit`] and reports progress with [`Conn::transmitted`]; it hands
+//! [`Conn::poll_event`] to the application.
+//!
+//! ```text
+//!  client                                  server
+//!  ------                                  ------
+//!  preamble + HELLO  ───────────────────▶  AwaitPreamble → AwaitHello → Event::Hello
+//!                                          app: accept(welcome) | refuse(code, text)
+//!  Event::Established ◀─────────────────── preamble + WELCOME | REFUSE
+//!  DATA / heartbeats / PING / PONG  ◀────▶ DATA / heartbeats / PING / PONG
+//!  CLOSE(code, text) ─────────────────────▶ Event::Closed(PeerClose)
+//! ```
+//!
+//! The module is split by phase: `handshake.rs` (preamble, HELLO, WELCOME/REFUSE, the
+//! handshake deadline, resuming a session) and `established.rs` (frames after the handshake,
+//! sending, sessions, liveness events). This file holds the types, the dispatch and the end
+//! of a connection.
+//!
+//! Time: the [`Liveness`] engine exists from the start and is the one place that records
+//! when anything was last received (`last_rx`); before the handshake completes only the
+//! handshake deadline is armed.
+
+mod established;
+mod handshake;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::codec::{self, Decoder, Frame, Hello, Welcome, PREAMBLE_LEN};
+use crate::liveness::{Liveness, LivenessConfig};
+use crate::reason::{CloseCode, DisconnectReason};
+use crate::session::{Session, SessionConfig};
+
+/// Which end of the connection this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends HELLO, receives WELCOME.
+    Client,
+    /// Receives HELLO, answers WELCOME or REFUSE.
+    Server,
+}
+
+/// Settings that apply before and during the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnConfig {
+    /// Longest frame body accepted. Default: 1 MiB.
+    pub max_frame_len: u32,
+    /// The handshake must complete within this time. Default: 10 s.
+    pub handshake_timeout: Duration,
+    /// Bounds and ACK timing for a session created on this connection (client side; the
+    /// server passes its sessions in [`Conn::accept`]). Default: `SessionConfig::default()`.
+    pub session: SessionConfig,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        ConnConfig {
+            max_frame_len: codec::DEFAULT_MAX_FRAME_LEN,
+            handshake_timeout: Duration::from_secs(10),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disconnect {
+    /// Why.
+    pub reason: DisconnectReason,
+    /// How long nothing had been received from the peer when it ended.
+    pub silent_for: Duration,
+}
+
+impl std::fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (silent for {})",
+            self.reason,
+            crate::duration::Human::ms(self.silent_for)
+        )
+    }
+}
+
+/// A connection's end is what a send or receive on it fails with.
+impl std::error::Error for Disconnect {}
+
+/// What a transport reported, translated by the driver (see
+/// [`TransportError::from_io`] for the one mapping from `std::io::Error`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Connection reset (ECONNRESET, EPIPE).
+    Reset,
+    /// The kernel gave up (ETIMEDOUT). `unacked` says whether sent data was unacknowledged
+    /// (TCP_USER_TIMEOUT) or the connection was idle (keepalive probes).
+    TimedOut {
+        /// Sent data was still unacknowledged.
+        unacked: bool,
+    },
+    /// Nothing listens at the address (ECONNREFUSED).
+    Refused,
+    /// Anything else.
+    Other(String),
+}
+
+impl TransportError {
+    /// Translates an I/O error. `unacked` tells a timeout with data in flight
+    /// (`TCP_USER_TIMEOUT`) from an idle one (keepalive probes); it is only consulted for
+    /// `TimedOut`.
+    pub fn from_io(e: &std::io::Error, unacked: impl FnOnce() -> bool) -> Self {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::ConnectionReset | K::BrokenPipe | K::ConnectionAborted => TransportError::Reset,
+            K::ConnectionRefused => TransportError::Refused,
+            K::TimedOut => TransportError::TimedOut { unacked: unacked() },
+            kind => TransportError::Other(format!("{kind:?}: {e}")),
+        }
+    }
+
+    /// The disconnect reason this error stands for.
+    pub fn reason(self) -> DisconnectReason {
+        match self {
+            TransportError::Reset => DisconnectReason::PeerReset,
+            TransportError::TimedOut { unacked: true } => DisconnectReason::UserTimeout,
+            TransportError::TimedOut { unacked: false } => DisconnectReason::KeepaliveTimeout,
+            TransportError::Refused => DisconnectReason::ConnectRefused,
+            TransportError::Other(s) => DisconnectReason::Io(s),
+        }
+    }
+}
+
+/// Something the application should know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnEvent {
+    /// Server only: a client said hello. Answer with [`Conn::accept`] or [`Conn::refuse`].
+    Hello(Hello),
+    /// Server only: the peer asked for a probe exchange (the body after the PROBE type byte).
+    /// The connection is finished as far as this state machine goes; the driver hands the
+    /// transport to the probe responder.
+    Probe(Bytes),
+    /// The handshake completed with these parameters.
+    Established(Welcome),
+    /// An application message arrived.
+    Message {
+        /// The message.
+        payload: Bytes,
+        /// Its sequence number in the session (`None` without a session). Numbers are
+        /// consecutive from 1 and survive resumption: a receiver that remembers the last one
+        /// it processed sees each message exactly once.
+        seq: Option<u64>,
+    },
+    /// The peer has been silent past `suspect_after`.
+    Suspect {
+        /// How long.
+        silent_for: Duration,
+    },
+    /// A suspect peer sent something again.
+    Recovered {
+        /// How long it had been silent.
+        silent_for: Duration,
+    },
+    /// A new RTT sample.
+    Rtt {
+        /// This sample.
+        sample: Duration,
+        /// Smoothed RTT.
+        smoothed: Duration,
+    },
+    /// A session was resumed on this connection: `replayed` messages of ours are being sent
+    /// again (the peer had not received them).
+    Resumed {
+        /// Messages replayed by this side.
+        replayed: u64,
+    },
+    /// Client only: the session could not be resumed; these messages of ours may not have
+    /// been delivered (`None`: nothing was outstanding). A new session starts.
+    SessionLost {
+        /// Sequence numbers that may not have been delivered.
+        unacked: Option<std::ops::RangeInclusive<u64>>,
+    },
+    /// The connection ended. Always the last event.
+    Closed(Disconnect),
+}
+
+/// Why [`Conn::send`] refused a message.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The handshake has not completed yet.
+    #[error("connection not established yet")]
+    NotEstablished,
+    /// The connection has ended.
+    #[error("connection closed")]
+    Closed,
+    /// The session's replay buffer is full: wait for the peer's ACK and try again.
+    #[error("replay buffer full")]
+    Full,
+    /// The message is longer than the maximum frame length.
+    #[error("message of {len} bytes exceeds the maximum frame length {max}")]
+    TooLong {
+        /// Message length.
+        len: usize,
+        /// Largest payload accepted.
+        max: usize,
+    },
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting for the peer's preamble (`got` bytes so far).
+    Preamble { buf: [u8; PREAMBLE_LEN], got: usize },
+    /// Server: waiting for HELLO.
+    AwaitHello,
+    /// Server: HELLO delivered, waiting for the application's decision.
+    AwaitDecision,
+    /// Client: waiting for WELCOME or REFUSE.
+    AwaitWelcome,
+    /// Handshake complete.
+    Established,
+    /// Finished; only pending transmit bytes remain.
+    Closed,
+}
+
+/// A frame received in part: what the decoder holds for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartialFrame {
+    /// Bytes held (header included).
+    pub len: usize,
+    /// Bytes allocated for them.
+    pub capacity: usize,
+    /// The frame's whole length (header included), once its header arrived.
+    pub total: Option<usize>,
+}
+
+/// Counters kept by a connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Application messages received.
+    pub messages_in: u64,
+    /// Application messages sent.
+    pub messages_out: u64,
+    /// Bytes received (all of them).
+    pub bytes_in: u64,
+    /// Bytes handed to the transport.
+    pub bytes_out: u64,
+    /// Heartbeats received.
+    pub heartbeats_in: u64,
+    /// Heartbeats sent.
+    pub heartbeats_out: u64,
+}
+
+/// One connection's protocol state. See the module docs.
+#[derive(Debug)]
+pub struct Conn {
+    role: Role,
+    cfg: ConnConfig,
+    state: State,
+    decoder: Decoder,
+    out: BytesMut,
+    events: VecDeque<ConnEvent>,
+    /// The liveness engine. It exists from the start so that it is the one record of when
+    /// anything was received; its timers are consulted only once established.
+    liveness: Liveness,
+    /// True once the handshake completed (stays true after the end).
+    was_established: bool,
+    handshake_deadline: Option<Instant>,
+    /// Client: local liveness options applied once established (the WELCOME supplies the
+    /// heartbeat interval and dead-after).
+    local: Option<LivenessConfig>,
+    close_received: bool,
+    handed_off: bool,
+    heartbeat_in_this_read: bool,
+    /// The first bytes (the length header) of the frame the decoder holds in part, and how
+    /// many of them arrived: a server charges a frame's announced size against its budget.
+    frame_head: [u8; codec::HEADER_LEN],
+    frame_head_got: u8,
+    session: Option<Session>,
+    /// Client: a session was asked for. Server: the client's resume position, if it resumes.
+    want_session: bool,
+    peer_resume: Option<u64>,
+    stats: ConnStats,
+}
+
+impl Conn {
+    /// A client connection: queues the preamble and `hello` at once. `local` supplies the
+    /// options the server does not dictate (idle timeout, ping interval); the heartbeat
+    /// interval and dead-after come from the WELCOME.
+    ///
+    /// With `session`, the hello asks to resume it (its id, token and last received sequence
+    /// number replace `hello.resume`); without one, `hello.want_session` asks for a new session.
+    pub fn client(
+        now: Instant,
+        cfg: ConnConfig,
+        hello: &Hello,
+        local: LivenessConfig,
+        session: Option<Session>,
+    ) -> Self {
+        let mut c = Conn::new(now, Role::Client, cfg, local.clone());
+        let mut hello = hello.clone();
+        if let Some(s) = &session {
+            hello.want_session = true;
+            hello.resume = Some(codec::ResumeRequest {
+                session_id: s.id(),
+                token: *s.token(),
+                last_received: s.last_received(),
+            });
+        }
+        c.want_session = hello.want_session;
+        c.session = session;
+        codec::encode_preamble(&mut c.out);
+        codec::encode(&Frame::Hello(hello), &mut c.out);
+        c.local = Some(local);
+        c
+    }
+
+    /// A server connection: waits for the client's preamble and HELLO.
+    pub fn server(now: Instant, cfg: ConnConfig) -> Self {
+        // Placeholder liveness settings: only `last_rx` is used before the handshake; the
+        // real settings arrive with `accept`.
+        let t = cfg.handshake_timeout;
+        Conn::new(now, Role::Server, cfg, LivenessConfig::new(t, t))
+    }
+
+    fn new(now: Instant, role: Role, cfg: ConnConfig, liveness: LivenessConfig) -> Self {
+        Conn {
+            role,
+            decoder: Decoder::new(cfg.max_frame_len),
+            handshake_deadline: Some(now + cfg.handshake_timeout),
+            cfg,
+            state: State::Preamble {
+                buf: [0; PREAMBLE_LEN],
+                got: 0,
+            },
+            out: BytesMut::new(),
+            events: VecDeque::new(),
+            liveness: Liveness::new(now, liveness),
+            was_established: false,
+            local: None,
+            close_received: false,
+            handed_off: false,
+            heartbeat_in_this_read: false,
+            frame_head: [0; codec::HEADER_LEN],
+            frame_head_got: 0,
+            session: None,
+            want_session: false,
+            peer_resume: None,
+            stats: ConnStats::default(),
+        }
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// True once the handshake completed and until the connection ends.
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established)
+    }
+
+    /// True once the connection has ended (pending bytes may still need flushing).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// True when the peer asked for a probe exchange ([`ConnEvent::Probe`]): the driver hands
+    /// the transport to the probe responder instead of closing it.
+    pub fn is_handed_off(&self) -> bool {
+        self.handed_off
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ConnStats {
+        let mut s = self.stats;
+        s.heartbeats_out = self.liveness.heartbeats_sent();
+        s
+    }
+
+    /// Smoothed RTT, once measured.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.liveness.srtt()
+    }
+
+    /// When anything was last received (the liveness engine's record).
+    pub fn last_rx(&self) -> Instant {
+        self.liveness.last_rx()
+    }
+
+    /// The liveness engine, once established.
+    pub fn liveness(&self) -> Option<&Liveness> {
+        self.was_established.then_some(&self.liveness)
+    }
+
+    /// Capacity held by the decode and transmit buffers (0 for an idle connection).
+    pub fn buffer_capacity(&self) -> usize {
+        self.decoder.buffer_capacity() + self.out.capacity()
+    }
+
+    /// The frame received in part (all zero between frames). A server bounds the sum of
+    /// these over its connections.
+    pub fn partial_frame(&self) -> PartialFrame {
+        let total = (usize::from(self.frame_head_got) == codec::HEADER_LEN)
+            .then(|| codec::HEADER_LEN + u32::from_be_bytes(self.frame_head) as usize);
+        PartialFrame {
+            len: self.decoder.buffered(),
+            capacity: self.decoder.buffer_capacity(),
+            total,
+        }
+    }
+
+    /// Keeps the length header of the frame the decoder holds in part (`data` was just
+    /// decoded).
+    fn track_frame_head(&mut self, data: &[u8]) {
+        let held = self.decoder.buffered();
+        let got = usize::from(self.frame_head_got);
+        if held == 0 {
+            self.frame_head_got = 0;
+        } else if held <= data.len() {
+            // The partial frame starts within `data`.
+            let start = data.len() - held;
+            let n = held.min(codec::HEADER_LEN);
+            self.frame_head[..n].copy_from_slice(&data[start..start + n]);
+            self.frame_head_got = n as u8;
+        } else if got < codec::HEADER_LEN {
+            // It continues a frame started earlier whose header was not complete.
+            let n = (codec::HEADER_LEN - got).min(data.len());
+            self.frame_head[got..got + n].copy_from_slice(&data[..n]);
+            self.frame_head_got = (got + n) as u8;
+        }
+    }
+
+    /// The session running on this connection, if any.
+    pub fn session(&self) -> Option<&Session> {
+        self.session.as_ref()
+    }
+
+    /// Takes the session out (after the connection ended) to hand it to the next connection.
+    pub fn take_session(&mut self) -> Option<Session> {
+        self.session.take()
+    }
+
+    /// The transport reached end of stream (FIN).
+    pub fn handle_eof(&mut self, now: Instant) {
+        self.finish(now, DisconnectReason::PeerClosed);
+    }
+
+    /// The transport failed.
+    pub fn handle_transport_error(&mut self, now: Instant, err: TransportError) {
+        self.finish(now, err.reason());
+    }
+
+    /// The transport delivered `data`.
+    pub fn handle_input(&mut self, now: Instant, mut data: &[u8]) {
+        if self.is_closed() || data.is_empty() {
+            return;
+        }
+        self.stats.bytes_in += data.len() as u64;
+        self.liveness.on_receive(now);
+        // `Recovered` first, before any message these bytes carry (and even when they are
+        // only part of a frame).
+        self.drain_liveness(now);
+        if matches!(self.state, State::Preamble { .. }) {
+            data = self.handle_preamble(now, data);
+            if !matches!(self.state, State::AwaitHello | State::AwaitWelcome) {
+                return;
+            }
+        }
+        // The decoder is moved out for the loop so frames can be handled as they are parsed
+        // (no intermediate Vec); `Decoder::new` does not allocate.
+        let mut decoder =
+            std::mem::replace(&mut self.decoder, Decoder::new(self.cfg.max_frame_len));
+        self.heartbeat_in_this_read = false;
+        let result = decoder.decode(data, |f| {
+            self.handle_frame(now, f);
+            !self.is_closed()
+        });
+        self.decoder = decoder;
+        self.track_frame_head(data);
+        if let Err(e) = result {
+            if !self.is_closed() {
+                self.protocol_error(now, e.to_string());
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        match self.state {
+            State::Established => self.handle_established(now, frame),
+            State::Preamble { .. } | State::Closed => {}
+            _ => self.handle_handshake_frame(now, frame),
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is next needed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        if let Some(h) = self.handshake_deadline {
+            return Some(h);
+        }
+        let live = self.liveness.poll_timeout();
+        let ack = self.session.as_ref().and_then(|s| s.poll_timeout());
+        match (live, ack) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Acts on whatever is due at `now`. Harmless when nothing is.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        if let Some(h) = self.handshake_deadline {
+            if now >= h {
+                self.handshake_timed_out(now);
+            }
+            return;
+        }
+        self.send_due_ack(now);
+        self.liveness.handle_timeout(now);
+        self.drain_liveness(now);
+    }
+
+    /// Closes in order: queues CLOSE(code, text). The connection ends with the reason the
+    /// code stands for: `Replaced`, `IdleTimeout`, `SlowConsumer`, `PolicyViolation`,
+    /// `CredentialExpired` for those codes, `LocalClose` for any other.
+    pub fn close(&mut self, now: Instant, code: CloseCode, text: &str) {
+        let reason = match code {
+            CloseCode::REPLACED => DisconnectReason::Replaced,
+            CloseCode::IDLE_TIMEOUT => DisconnectReason::IdleTimeout,
+            CloseCode::SLOW_CONSUMER => DisconnectReason::SlowConsumer,
+            CloseCode::POLICY_VIOLATION => DisconnectReason::PolicyViolation,
+            CloseCode::CREDENTIAL_EXPIRED => DisconnectReason::CredentialExpired,
+            _ => DisconnectReason::LocalClose,
+        };
+        self.close_with(now, code, text, reason);
+    }
+
+    fn close_with(&mut self, now: Instant, code: CloseCode, text: &str, reason: DisconnectReason) {
+        if self.is_closed() {
+            return;
+        }
+        if matches!(self.state, State::Established) {
+            codec::encode(
+                &Frame::Close {
+                    code,
+                    text: text.to_owned(),
+                },
+                &mut self.out,
+            );
+        }
+        self.finish(now, reason);
+    }
+
+    fn finish(&mut self, now: Instant, reason: DisconnectReason) {
+        if self.is_closed() {
+            return;
+        }
+        self.state = State::Closed;
+        self.handshake_deadline = None;
+        let silent_for = self.liveness.silent_for(now);
+        self.events
+            .push_back(ConnEvent::Closed(Disconnect { reason, silent_for }));
+    }
+
+    fn protocol_error(&mut self, now: Instant, why: String) {
+        self.close_with(
+            now,
+            CloseCode::PROTOCOL_ERROR,
+            &why,
+            DisconnectReason::ProtocolError(why.clone()),
+        );
+    }
+
+    /// Bytes waiting to be written to the transport.
+    pub fn pending_transmit(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// The driver wrote `n` bytes of [`pending_transmit`](Self::pending_transmit).
+    pub fn transmitted(&mut self, n: usize) {
+        let n = n.min(self.out.len());
+        self.stats.bytes_out += n as u64;
+        if n == self.out.len() {
+            // Release the buffer: an idle connection holds none.
+            self.out = BytesMut::new();
+        } else {
+            let _ = self.out.split_to(n);
+        }
+    }
+
+    /// The next event for the application.
+    pub fn poll_event(&mut self) -> Option<ConnEvent> {
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Release the queue: an idle connection holds no event buffer.
+            self.events = VecDeque::new();
+        }
+        ev
+    }
+}
+
+/// A frame's name for error messages.
+pub fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Heartbeat => "HEARTBEAT",
+        Frame::Data(_) => "DATA",
+        Frame::SeqData { .. } => "SEQ_DATA",
+        Frame::Ping(_) => "PING",
+        Frame::Pong(_) => "PONG",
+        Frame::Close { .. } => "CLOSE",
+        Frame::Ack(_) => "ACK",
+        Frame::Auth(_) => "AUTH",
+        Frame::AuthOk(_) => "AUTH_OK",
+        Frame::Hello(_) => "HELLO",
+        Frame::Welcome(_) => "WELCOME",
+        Frame::Refuse { .. } => "REFUSE",
+        Frame::Probe(_) => "PROBE",
+        Frame::Extension(_) => "EXTENSION",
+    }
+}

@@ -1,0 +1,185 @@
+//! The per-connection task: drives a [`Conn`] over a [`Transport`].
+//!
+//! One task and one reusable `Sleep` per connection. A wake-up runs small steps, each its
+//! own method in `steps.rs` (quinn's `ConnectionDriver` is the model):
+//!
+//! ```text
+//!  take_commands   outbox → state machine (up to the transmit high-water mark), close or
+//!                  refuse commands, decide whether reading is paused
+//!  drive_read      socket → state machine, 16 KiB at a time on the stack, at most 4 reads;
+//!                  paused reading still peeks so a silent peer is still declared dead
+//!  drive_timer     fire what is due (heartbeat, dead-after, ACK delay, handshake deadline)
+//!  process_events  state machine → sink (HELLO decisions, messages, presence, the end)
+//!  drive_write     state machine → socket
+//!  drive_close     orderly close: FIN after the CLOSE frame, bounded linger for the peer's
+//!                  FIN, RST when the peer or the path failed (or the linger ran out)
+//!  arm_timer       re-arm the sleep only when the deadline moved earlier
+//! ```
+//!
+//! Loop-backs within one wake-up: the handshake just completed (what the application queued
+//! before or during it goes out now, not a timer later), the sleep already fired, or the
+//! socket took the whole transmit buffer while the outbox still holds messages.
+
+mod budget;
+mod frames;
+mod shared;
+mod stats;
+mod steps;
+#[cfg(test)]
+mod tests;
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_proto::codec::{Hello, SessionGrant};
+use tether_proto::session::Session;
+use tether_proto::{CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig};
+
+pub(crate) use shared::{Budgets, Command, Limits, Offer, Shared};
+pub use stats::StatsSnapshot;
+
+// The probe responder names the transport through the driver.
+pub(crate) use crate::transport::Transport;
+
+/// Bytes read per `read` call, on the stack.
+const READ_CHUNK: usize = 16 * 1024;
+/// Reads per wake-up before yielding to other tasks.
+// 4 × 16 KiB: a busy connection decodes at most ~64 KiB per wake-up before yielding, so
+// hundreds of busy connections cannot starve idle ones of their timers (heartbeats,
+// dead-after) for long.
+const READS_PER_WAKE: usize = 4;
+/// Stop moving messages from the outbox into the state machine above this many queued bytes.
+pub(crate) const TRANSMIT_HIGH_WATER: usize = 256 * 1024;
+/// How long an orderly close may take to flush and see the peer's FIN.
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// The application's answer to a HELLO.
+pub(crate) enum Decision {
+    /// Accept with these liveness settings, and this session (new or resumed).
+    Accept(LivenessConfig, Option<Box<(SessionGrant, Session)>>),
+    /// Refuse with this code and text.
+    Refuse(CloseCode, String),
+}
+
+/// Where a connection's events go.
+pub(crate) trait Sink {
+    /// Server side: a client said hello. Default: refuse.
+    fn hello(&mut self, _now: Instant, _hello: &Hello) -> Decision {
+        Decision::Refuse(CloseCode::REFUSED, "not accepting".into())
+    }
+    /// Any other event. `Message`s for a standalone connection go to the inbox.
+    fn event(&mut self, shared: &Shared, ev: ConnEvent);
+    /// The events of one wake-up have all been delivered (a sink that batches flushes here).
+    fn flush(&mut self, _shared: &Shared) {}
+}
+
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// How a driven connection ended.
+pub(crate) struct Ended<T, S> {
+    /// Why, and how long the peer had been silent.
+    pub(crate) disconnect: Disconnect,
+    /// The transport, when the state machine handed it off (a probe request).
+    pub(crate) handed_off: Option<T>,
+    /// The session that ran on the connection, for the next connection.
+    pub(crate) session: Option<Session>,
+    /// Whether the handshake completed.
+    pub(crate) established: bool,
+    /// The sink, with whatever it collected.
+    pub(crate) sink: S,
+}
+
+/// One connection's task state: the transport, the state machine, the sink, and what the
+/// steps remember between wake-ups.
+struct Driver<T, S> {
+    io: T,
+    conn: Box<Conn>,
+    shared: Arc<Shared>,
+    sink: S,
+    /// The instant the sleep is armed for.
+    armed: Option<Instant>,
+    read_done: bool,
+    write_failed: bool,
+    closing_since: Option<Instant>,
+    /// Close without waiting for the peer's FIN (a refused connection that sent nothing
+    /// more: evicted from the handshake, or refused at shutdown).
+    no_linger: bool,
+    shut_down: bool,
+    last_write: Option<Instant>,
+    result: Option<Disconnect>,
+    established: bool,
+    /// This connection's share of the server's partial-frame budget.
+    frames: frames::FrameRoom,
+    /// Transmit-buffer bytes last published to the shared state.
+    transmit_published: usize,
+}
+
+/// Runs one connection to its end.
+///
+/// Every idle connection keeps this future alive, so it is kept small: the state machine is
+/// boxed, and the arguments are moved into the `Driver` before the future exists (an async
+/// fn would keep them in the future twice, once as arguments and once in the body).
+pub(crate) fn drive<T: Transport, S: Sink + Send>(
+    io: T,
+    conn: Box<Conn>,
+    shared: Arc<Shared>,
+    sink: S,
+) -> impl std::future::Future<Output = Ended<T, S>> + Send {
+    let mut d = Driver {
+        io,
+        conn,
+        shared,
+        sink,
+        armed: None,
+        read_done: false,
+        write_failed: false,
+        closing_since: None,
+        no_linger: false,
+        shut_down: false,
+        last_write: None,
+        result: None,
+        established: false,
+        frames: frames::FrameRoom::default(),
+        transmit_published: 0,
+    };
+    async move {
+        let sleep = tokio::time::sleep_until(
+            tokio::time::Instant::now() + Duration::from_secs(86400 * 365),
+        );
+        tokio::pin!(sleep);
+        poll_fn(|cx| d.poll(cx, sleep.as_mut())).await;
+        d.end()
+    }
+}
+
+impl<T: Transport, S: Sink> Driver<T, S> {
+    /// Gives back what the connection held of the server's budgets and reports the end.
+    fn end(mut self) -> Ended<T, S> {
+        if let Some(b) = &self.shared.budgets {
+            self.frames.release(&b.frames);
+        }
+        {
+            let mut inner = self.shared.lock();
+            inner.transmit_bytes = 0;
+            self.shared.recharge(&mut inner);
+        }
+        let d = self.result.take().unwrap_or(Disconnect {
+            reason: DisconnectReason::LocalClose,
+            silent_for: Duration::ZERO,
+        });
+        if !self.shared.persistent {
+            self.shared.finish(d.clone());
+        }
+        let handed_off = self.conn.is_handed_off();
+        Ended {
+            disconnect: d,
+            session: self.conn.take_session(),
+            established: self.established,
+            handed_off: handed_off.then_some(self.io),
+            sink: self.sink,
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! The state a connection's task shares with the handles that talk to it: the outbox (to
+//! send), the inbox (received, for standalone connections), a command (close, refuse) and
+//! how the connection ended.
+//!
+//! One short `Mutex` per connection, taken once per wake-up by the task and once per call by
+//! a handle. Lock order: a server's client shard, then this lock (never the other way round);
+//! nothing else is locked while it is held, except a budget's waiter list.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use tether_proto::{CloseCode, Disconnect};
+use tokio::sync::Notify;
+
+use super::budget::Budget;
+use super::stats::Stats;
+
+/// Bounds on what a connection buffers for the application.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Bytes queued to send and not yet written. Standalone connections and clients: `send`
+    /// waits beyond this. Server connections: passing it closes the client (slow consumer).
+    pub(crate) outbox_bytes: usize,
+    /// Messages received but not yet taken by `recv`, in bytes, before reading pauses.
+    pub(crate) inbox_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            outbox_bytes: 1 << 20,
+            inbox_bytes: 4 << 20,
+        }
+    }
+}
+
+/// The server-wide budgets every server connection draws on (see [`Budget`]).
+#[derive(Debug)]
+pub(crate) struct Budgets {
+    /// Received messages not yet taken from `Server::next_event`. Above it every connection
+    /// stops reading (TCP back-pressure) until the application has taken half of it.
+    pub(crate) backlog: Budget,
+    /// Partially received frames (decoder buffers). A connection that needs more pauses.
+    pub(crate) frames: Budget,
+    /// Bytes queued for clients and not yet written. A send that does not fit is refused.
+    pub(crate) unsent: Budget,
+}
+
+impl Budgets {
+    pub(crate) fn new(backlog: usize, frames: usize, unsent: usize) -> Self {
+        Budgets {
+            backlog: Budget::new(backlog, backlog / 2),
+            frames: Budget::new(frames, frames - frames / 8),
+            unsent: Budget::new(unsent, unsent - unsent / 8),
+        }
+    }
+}
+
+/// What a handle asks the task to do besides sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Command {
+    /// Close in order once the messages queued before it went out.
+    Close(CloseCode, String),
+    /// Close at once; queued messages stay in the outbox (for whoever takes it).
+    CloseNow(CloseCode, String),
+    /// Refuse a connection still in the handshake (no effect once established), without
+    /// waiting for the peer's FIN.
+    Refuse(CloseCode, String),
+}
+
+/// The result of [`Shared::offer`] (server connections).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Offer {
+    /// Queued.
+    Queued,
+    /// Queuing would pass the client's bound: the connection is being closed (slow consumer).
+    SlowConsumer,
+    /// Queuing would pass the client's bound (asked not to close it).
+    Full,
+    /// Queuing would pass the client's bound, and its connection already ended (the bytes
+    /// would go to a held session's backlog).
+    Backlogged,
+    /// The server-wide budget of unsent bytes is exhausted.
+    ServerFull,
+    /// The connection ended.
+    Ended(Disconnect),
+}
+
+/// Commands, queues and results; see the module docs.
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    pub(crate) outbox: VecDeque<Bytes>,
+    pub(crate) outbox_bytes: usize,
+    pub(crate) command: Option<Command>,
+    pub(crate) driver: Option<Waker>,
+    pub(crate) inbox: VecDeque<Bytes>,
+    pub(crate) inbox_bytes: usize,
+    pub(crate) recv: Option<Waker>,
+    pub(crate) done: Option<Disconnect>,
+    /// Bytes the state machine holds for the peer (transmit buffer, unacknowledged session
+    /// messages) as of the task's last pass.
+    pub(crate) transmit_bytes: usize,
+    /// What this connection counts against the server's unsent budget
+    /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
+    charged: usize,
+}
+
+/// State shared by a connection task and the handles that talk to it.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    /// Outlives single connections (a reconnecting client's outbox): a connection's end does
+    /// not mark it done; its owner does with [`Shared::finish`].
+    pub(crate) persistent: bool,
+    /// Notified when the outbox gets room and when the connection ends.
+    pub(crate) changed: Notify,
+    pub(crate) stats: Stats,
+    pub(crate) limits: Limits,
+    /// Server connections: the server-wide budgets.
+    pub(crate) budgets: Option<Arc<Budgets>>,
+}
+
+impl Shared {
+    fn build(limits: Limits, persistent: bool, budgets: Option<Arc<Budgets>>) -> Arc<Self> {
+        Arc::new(Shared {
+            inner: Mutex::default(),
+            persistent,
+            changed: Notify::new(),
+            stats: Stats::default(),
+            limits,
+            budgets,
+        })
+    }
+
+    /// A standalone connection's state.
+    pub(crate) fn new(limits: Limits) -> Arc<Self> {
+        Shared::build(limits, false, None)
+    }
+
+    /// A server connection's state, drawing on the server's budgets.
+    pub(crate) fn server(limits: Limits, budgets: Arc<Budgets>) -> Arc<Self> {
+        Shared::build(limits, false, Some(budgets))
+    }
+
+    /// A state that outlives single connections (see `persistent`).
+    pub(crate) fn persistent(limits: Limits) -> Arc<Self> {
+        Shared::build(limits, true, None)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic elsewhere while holding it; the data is still usable
+        // (queues and flags only), so keep going rather than cascade the panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings this connection's share of the server's unsent budget in line with what it
+    /// holds. Call after changing `outbox_bytes` or `transmit_bytes`.
+    pub(crate) fn recharge(&self, inner: &mut Inner) {
+        let now = inner.outbox_bytes + inner.transmit_bytes;
+        if let Some(b) = &self.budgets {
+            b.unsent.adjust(inner.charged, now);
+        }
+        inner.charged = now;
+    }
+
+    /// Marks the owner finished: senders fail with `d` from now on.
+    pub(crate) fn finish(&self, d: Disconnect) {
+        let mut inner = self.lock();
+        inner.done.get_or_insert(d);
+        if let Some(w) = inner.recv.take() {
+            w.wake();
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// Messages still queued (never handed to a connection), oldest first.
+    pub(crate) fn take_outbox(&self) -> Vec<Bytes> {
+        let mut inner = self.lock();
+        inner.outbox_bytes = 0;
+        let v: Vec<Bytes> = inner.outbox.drain(..).collect();
+        self.recharge(&mut inner);
+        drop(inner);
+        self.changed.notify_waiters();
+        v
+    }
+
+    /// Puts messages at the front of the outbox (they were queued before the others).
+    pub(crate) fn requeue_front(&self, msgs: Vec<Bytes>) {
+        let mut inner = self.lock();
+        for m in msgs.into_iter().rev() {
+            inner.outbox_bytes += m.len();
+            inner.outbox.push_front(m);
+        }
+        self.recharge(&mut inner);
+        wake_driver(&mut inner);
+    }
+
+    /// Queues a message, waiting while the outbox is full. Fails once the connection ended.
+    pub(crate) async fn send(&self, msg: Bytes) -> Result<(), Disconnect> {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut inner = self.lock();
+                if let Some(d) = &inner.done {
+                    return Err(d.clone());
+                }
+                if inner.outbox_bytes == 0
+                    || inner.outbox_bytes + msg.len() <= self.limits.outbox_bytes
+                {
+                    push(&mut inner, msg);
+                    return Ok(());
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Queues a message without waiting; `false` when the outbox is full or the connection
+    /// ended.
+    pub(crate) fn try_send(&self, msg: Bytes) -> bool {
+        let mut inner = self.lock();
+        if inner.done.is_some()
+            || inner.outbox_bytes + msg.len() > self.limits.outbox_bytes.max(msg.len())
+        {
+            return false;
+        }
+        push(&mut inner, msg);
+        true
+    }
+
+    /// Server connections: queues a message without ever waiting. A client whose unsent
+    /// bytes (outbox, transmit buffer, unacknowledged session messages) would pass its bound is closed as a slow consumer
+    /// when `close_slow` (else [`Offer::Full`]); the message is not queued. With `after_end`,
+    /// a connection that already ended still takes the message (its owner moves the outbox
+    /// to the client's held session).
+    pub(crate) fn offer(&self, msg: Bytes, after_end: bool, close_slow: bool) -> Offer {
+        let mut inner = self.lock();
+        let ended = inner.done.is_some();
+        if let Some(d) = &inner.done {
+            if !after_end {
+                return Offer::Ended(d.clone());
+            }
+        }
+        let unsent = inner.outbox_bytes + inner.transmit_bytes;
+        if unsent > 0 && unsent + msg.len() > self.limits.outbox_bytes {
+            if ended {
+                return Offer::Backlogged;
+            }
+            if !close_slow {
+                return Offer::Full;
+            }
+            if !matches!(inner.command, Some(Command::CloseNow(..))) {
+                inner.command = Some(Command::CloseNow(
+                    CloseCode::SLOW_CONSUMER,
+                    format!(
+                        "more than {} bytes queued and not read",
+                        self.limits.outbox_bytes
+                    ),
+                ));
+                wake_driver(&mut inner);
+            }
+            return Offer::SlowConsumer;
+        }
+        if let Some(b) = &self.budgets {
+            if !b.unsent.try_take(msg.len()) {
+                return Offer::ServerFull;
+            }
+            inner.charged += msg.len();
+        }
+        inner.outbox_bytes += msg.len();
+        inner.outbox.push_back(msg);
+        wake_driver(&mut inner);
+        Offer::Queued
+    }
+
+    /// Asks the task to close the connection in order (after what is queued).
+    pub(crate) fn close(&self, code: CloseCode, text: &str) {
+        self.command(Command::Close(code, text.to_owned()));
+    }
+
+    /// Asks the task for `cmd` (a later command replaces an earlier one, except that an
+    /// immediate close is never downgraded).
+    pub(crate) fn command(&self, cmd: Command) {
+        let mut inner = self.lock();
+        if inner.done.is_some() || matches!(inner.command, Some(Command::CloseNow(..))) {
+            return;
+        }
+        if matches!(inner.command, Some(Command::Close(..))) && matches!(cmd, Command::Refuse(..)) {
+            return;
+        }
+        inner.command = Some(cmd);
+        wake_driver(&mut inner);
+    }
+
+    /// The disconnect, once the connection ended.
+    pub(crate) fn done(&self) -> Option<Disconnect> {
+        self.lock().done.clone()
+    }
+
+    /// Waits until the connection (or the persistent owner) has ended.
+    pub(crate) async fn closed(&self) -> Disconnect {
+        loop {
+            let n = self.changed.notified();
+            if let Some(d) = self.done() {
+                return d;
+            }
+            n.await;
+        }
+    }
+
+    /// Pushes received messages into a standalone connection's inbox.
+    pub(crate) fn push_inbox(&self, msgs: Vec<Bytes>) {
+        let mut inner = self.lock();
+        for msg in msgs {
+            inner.inbox_bytes += msg.len();
+            inner.inbox.push_back(msg);
+        }
+        if let Some(w) = inner.recv.take() {
+            w.wake();
+        }
+    }
+
+    /// Takes the next message from the inbox, or the disconnect once it is empty and closed.
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Bytes, Disconnect>> {
+        let mut inner = self.lock();
+        if let Some(m) = inner.inbox.pop_front() {
+            let was_paused = inner.inbox_bytes > self.limits.inbox_bytes;
+            inner.inbox_bytes -= m.len();
+            if was_paused && inner.inbox_bytes <= self.limits.inbox_bytes {
+                wake_driver(&mut inner);
+            }
+            return Poll::Ready(Ok(m));
+        }
+        if let Some(d) = &inner.done {
+            return Poll::Ready(Err(d.clone()));
+        }
+        match &inner.recv {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inner.recv = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let charged = self.lock().charged;
+        if let Some(b) = &self.budgets {
+            b.unsent.give(charged);
+        }
+    }
+}
+
+fn push(inner: &mut Inner, msg: Bytes) {
+    inner.outbox_bytes += msg.len();
+    inner.outbox.push_back(msg);
+    wake_driver(inner);
+}
+
+fn wake_driver(inner: &mut Inner) {
+    if let Some(w) = inner.driver.take() {
+        w.wake();
+    }
+}

@@ -1,0 +1,122 @@
+//! Per-connection counters, readable by any thread without locks.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use tether_proto::conn::ConnStats;
+use tether_proto::Conn;
+
+/// A process-wide origin for storing instants in atomics.
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(|| tokio::time::Instant::now().into_std())
+}
+
+/// Per-connection counters, updated by the connection's task once per wake-up.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    last_rx_us: AtomicU64,
+    srtt_us: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    heartbeats_in: AtomicU64,
+    heartbeats_out: AtomicU64,
+    /// Times the task re-armed its sleep (tests check it is not once per wake-up).
+    timer_resets: AtomicU64,
+}
+
+/// A connection's counters at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// When anything was last received (`None` before the first byte).
+    pub last_rx: Option<Instant>,
+    /// Smoothed RTT, once measured.
+    pub srtt: Option<Duration>,
+    /// Application messages received.
+    pub messages_in: u64,
+    /// Application messages sent.
+    pub messages_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Heartbeats received.
+    pub heartbeats_in: u64,
+    /// Heartbeats sent.
+    pub heartbeats_out: u64,
+}
+
+impl StatsSnapshot {
+    /// The counters without the instants (what the presence registry keeps after the end).
+    pub fn counters(&self) -> ConnStats {
+        ConnStats {
+            messages_in: self.messages_in,
+            messages_out: self.messages_out,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            heartbeats_in: self.heartbeats_in,
+            heartbeats_out: self.heartbeats_out,
+        }
+    }
+
+    /// A snapshot of counters kept after a connection ended (no RTT; `last_rx` as given).
+    pub fn from_counters(c: ConnStats, last_rx: Option<Instant>) -> Self {
+        StatsSnapshot {
+            last_rx,
+            srtt: None,
+            messages_in: c.messages_in,
+            messages_out: c.messages_out,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            heartbeats_in: c.heartbeats_in,
+            heartbeats_out: c.heartbeats_out,
+        }
+    }
+}
+
+impl Stats {
+    pub(crate) fn update(&self, conn: &Conn) {
+        let s = conn.stats();
+        self.last_rx_us.store(
+            conn.last_rx().saturating_duration_since(base()).as_micros() as u64 + 1,
+            Relaxed,
+        );
+        if let Some(r) = conn.srtt() {
+            self.srtt_us.store(r.as_micros() as u64, Relaxed);
+        }
+        self.messages_in.store(s.messages_in, Relaxed);
+        self.messages_out.store(s.messages_out, Relaxed);
+        self.bytes_in.store(s.bytes_in, Relaxed);
+        self.bytes_out.store(s.bytes_out, Relaxed);
+        self.heartbeats_in.store(s.heartbeats_in, Relaxed);
+        self.heartbeats_out.store(s.heartbeats_out, Relaxed);
+    }
+
+    pub(crate) fn timer_reset(&self) {
+        self.timer_resets.fetch_add(1, Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn timer_resets(&self) -> u64 {
+        self.timer_resets.load(Relaxed)
+    }
+
+    /// Reads every counter.
+    pub(crate) fn snapshot(&self) -> StatsSnapshot {
+        let rx = self.last_rx_us.load(Relaxed);
+        let rtt = self.srtt_us.load(Relaxed);
+        StatsSnapshot {
+            last_rx: (rx > 0).then(|| base() + Duration::from_micros(rx - 1)),
+            srtt: (rtt > 0).then(|| Duration::from_micros(rtt)),
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            heartbeats_in: self.heartbeats_in.load(Relaxed),
+            heartbeats_out: self.heartbeats_out.load(Relaxed),
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The steps of one wake-up (see the module docs of `driver`).
+
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tether_proto::{ConnEvent, DisconnectReason, TransportError};
+use tokio::io::ReadBuf;
+use tokio::time::Sleep;
+
+use super::{
+    now, Command, Decision, Driver, Sink, CLOSE_LINGER, READS_PER_WAKE, READ_CHUNK,
+    TRANSMIT_HIGH_WATER,
+};
+use crate::transport::Transport;
+
+/// Bytes the state machine holds for the peer: not yet written, and (with a session) not yet
+/// acknowledged — what a server counts against a client's bound.
+fn held_for_peer(conn: &tether_proto::Conn) -> usize {
+    conn.pending_transmit().len() + conn.session().map_or(0, |s| s.replay_bytes())
+}
+
+/// What `take_commands` found out for the rest of the wake-up.
+struct Step {
+    /// Reading is paused: the application (or the server's budgets) is the bottleneck.
+    paused: bool,
+    /// The length of the next outbox message when it stayed in the outbox because the
+    /// transmit buffer was at its high-water mark or the session's replay buffer was full.
+    waiting_front: Option<usize>,
+}
+
+impl<T: Transport, S: Sink> Driver<T, S> {
+    /// One wake-up: the steps in order, looping back while there is work that nothing else
+    /// would wake the task for.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>) -> Poll<()> {
+        loop {
+            let now = now();
+            let was_established = self.conn.is_established();
+            let step = self.take_commands(cx, now);
+            let reads = self.drive_read(cx, now, step.paused);
+            self.drive_timer(now);
+            // Events before writing: a HELLO decision queues the WELCOME.
+            self.process_events(now);
+            self.drive_write(cx, now);
+            // Writing may have ended the connection (a reset).
+            self.process_events(now);
+            self.publish();
+            if self.drive_close(cx, now) {
+                return Poll::Ready(());
+            }
+            // The handshake completed in this pass (WELCOME read, or HELLO accepted): the
+            // outbox was skipped while it was pending, so go back for what the application
+            // queued before or during the handshake. Nothing else would wake us for it
+            // before the next timer (a heartbeat interval later).
+            if !was_established && self.conn.is_established() {
+                continue;
+            }
+            if self.arm_timer(cx, sleep.as_mut()) {
+                continue;
+            }
+            // The socket took the whole transmit buffer: go back for the rest of the outbox
+            // (nothing else would wake us for it).
+            if self.outbox_can_move(step.waiting_front) {
+                continue;
+            }
+            if reads == READS_PER_WAKE {
+                // More may be waiting: yield, but come back.
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// Commands from the handles: registers the waker, moves the outbox into the state
+    /// machine (established only, up to the transmit high-water mark, and while a session's
+    /// replay buffer has room), applies close and refuse commands, and says whether reading
+    /// is paused.
+    fn take_commands(&mut self, cx: &mut Context<'_>, now: Instant) -> Step {
+        let shared = self.shared.clone();
+        let conn = &mut self.conn;
+        let mut inner = shared.lock();
+        match &inner.driver {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inner.driver = Some(cx.waker().clone()),
+        }
+        let mut moved = false;
+        let mut waiting_front = None;
+        if conn.is_established() {
+            while conn.pending_transmit().len() < TRANSMIT_HIGH_WATER {
+                // With a session, a full replay buffer leaves the message in the outbox until
+                // the peer's ACK makes room (back-pressure, no loss).
+                let Some(len) = inner.outbox.front().map(Bytes::len) else {
+                    break;
+                };
+                if !conn.can_send(len) {
+                    break;
+                }
+                let Some(msg) = inner.outbox.pop_front() else {
+                    break;
+                };
+                inner.outbox_bytes -= msg.len();
+                moved = true;
+                if let Err(e) = conn.send_bytes(now, &msg) {
+                    tracing::debug!(error = %e, "message dropped by the state machine");
+                }
+            }
+            waiting_front = inner.outbox.front().map(Bytes::len);
+        }
+        match inner.command.take() {
+            // An orderly close goes out after the messages queued before it.
+            Some(Command::Close(code, text)) => {
+                if inner.outbox.is_empty() || !conn.is_established() {
+                    conn.close(now, code, &text);
+                } else {
+                    inner.command = Some(Command::Close(code, text));
+                }
+            }
+            Some(Command::CloseNow(code, text)) => conn.close(now, code, &text),
+            Some(Command::Refuse(code, text)) if !conn.is_established() => {
+                conn.refuse(now, code, &text);
+                self.no_linger = true;
+            }
+            Some(Command::Refuse(..)) => {}
+            None => {}
+        }
+        let paused = inner.inbox_bytes > shared.limits.inbox_bytes
+            || shared
+                .budgets
+                .as_ref()
+                .is_some_and(|b| b.backlog.is_full(cx.waker()));
+        if moved {
+            inner.transmit_bytes = held_for_peer(conn);
+            self.transmit_published = inner.transmit_bytes;
+            shared.recharge(&mut inner);
+        }
+        drop(inner);
+        if moved {
+            shared.changed.notify_waiters();
+        }
+        Step {
+            paused,
+            waiting_front,
+        }
+    }
+
+    /// Socket → state machine. A paused connection does not read (the kernel applies TCP
+    /// back-pressure to the peer) but peeks: bytes waiting prove the peer alive, and a peer
+    /// with nothing waiting is still declared dead on time.
+    fn drive_read(&mut self, cx: &mut Context<'_>, now: Instant, paused: bool) -> usize {
+        let mut reads = 0;
+        let mut paused = paused;
+        while !self.read_done && reads < READS_PER_WAKE && (!paused || self.conn.is_closed()) {
+            // Server: room in the partial-frame budget for what this read may add.
+            let Some(reserved) = self.reserve_frame_room(cx) else {
+                paused = true;
+                break;
+            };
+            // Uninitialised: zeroing 16 KiB on every read attempt (Pending ones included)
+            // was most of the driver's CPU time. `ReadBuf` tracks what was filled.
+            let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+            let mut rb = ReadBuf::uninit(&mut buf);
+            let polled = Pin::new(&mut self.io).poll_read(cx, &mut rb);
+            let pending = polled.is_pending();
+            match polled {
+                Poll::Ready(Ok(())) => {
+                    reads += 1;
+                    if rb.filled().is_empty() {
+                        self.read_done = true;
+                        self.conn.handle_eof(now);
+                    } else {
+                        self.conn.handle_input(now, rb.filled());
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    self.read_done = true;
+                    let wrote = self.last_write.is_some_and(|w| w >= self.conn.last_rx());
+                    let io = &self.io;
+                    let err =
+                        TransportError::from_io(&e, || io.has_unacked().unwrap_or(false) || wrote);
+                    self.conn.handle_transport_error(now, err);
+                }
+                Poll::Pending => {}
+            }
+            self.settle_frame_room(reserved);
+            if pending {
+                break;
+            }
+        }
+        if paused && !self.conn.is_closed() && self.io.poll_unread(cx) != Some(false) {
+            // Bytes wait in the kernel (or the transport cannot tell): the peer is alive, our
+            // application is the bottleneck. A peer with nothing waiting is silent and is
+            // still declared dead on time.
+            self.conn.note_alive(now);
+        }
+        reads
+    }
+
+    /// Server connections: room in the partial-frame budget for one read (see `frames.rs`).
+    /// `None` when the budget has no room; `Some(0)` when there is no budget.
+    fn reserve_frame_room(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+        match &self.shared.budgets {
+            Some(b) if !self.conn.is_closed() => {
+                self.frames
+                    .reserve(self.conn.partial_frame(), &b.frames, cx)
+            }
+            _ => Some(0),
+        }
+    }
+
+    fn settle_frame_room(&mut self, reserved: usize) {
+        if let Some(b) = &self.shared.budgets {
+            self.frames
+                .settle(self.conn.partial_frame(), &b.frames, reserved);
+        }
+    }
+
+    /// Fires what is due.
+    fn drive_timer(&mut self, now: Instant) {
+        if self.conn.poll_timeout().is_some_and(|d| now >= d) {
+            self.conn.handle_timeout(now);
+        }
+    }
+
+    /// State machine → sink. HELLO decisions are applied at once (they queue the WELCOME or
+    /// the REFUSE); messages before the end reach the application before the end does.
+    fn process_events(&mut self, now: Instant) {
+        while let Some(ev) = self.conn.poll_event() {
+            match ev {
+                ConnEvent::Hello(h) => match self.sink.hello(now, &h) {
+                    Decision::Accept(cfg, session) => {
+                        self.conn.accept(now, cfg, session.map(|b| *b))
+                    }
+                    Decision::Refuse(code, text) => self.conn.refuse(now, code, &text),
+                },
+                ConnEvent::Closed(d) => {
+                    self.result = Some(d.clone());
+                    self.sink.flush(&self.shared);
+                    if !self.shared.persistent {
+                        self.shared.finish(d.clone());
+                    }
+                    self.sink.event(&self.shared, ConnEvent::Closed(d));
+                }
+                ev @ ConnEvent::Established(_) => {
+                    self.established = true;
+                    self.sink.event(&self.shared, ev);
+                }
+                ev => self.sink.event(&self.shared, ev),
+            }
+        }
+        self.sink.flush(&self.shared);
+    }
+
+    /// State machine → socket.
+    fn drive_write(&mut self, cx: &mut Context<'_>, now: Instant) {
+        let mut wrote_any = false;
+        while !self.write_failed && !self.conn.pending_transmit().is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, self.conn.pending_transmit()) {
+                Poll::Ready(Ok(0)) => self.write_failed = true,
+                Poll::Ready(Ok(n)) => {
+                    self.conn.transmitted(n);
+                    wrote_any = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    self.write_failed = true;
+                    let err = TransportError::from_io(&e, || true);
+                    self.conn.handle_transport_error(now, err);
+                }
+                Poll::Pending => break,
+            }
+        }
+        if wrote_any {
+            self.last_write = Some(now);
+            let _ = Pin::new(&mut self.io).poll_flush(cx);
+        }
+    }
+
+    /// Counters for the handles; what the state machine holds for the peer, for the server's
+    /// unsent bounds (only when it changed: the lock is not taken twice per wake-up for
+    /// nothing). A sender waiting for the peer to take bytes is told when it did.
+    fn publish(&mut self) {
+        self.shared.stats.update(&self.conn);
+        let held = held_for_peer(&self.conn);
+        if self.shared.budgets.is_some() && held != self.transmit_published {
+            let mut inner = self.shared.lock();
+            inner.transmit_bytes = held;
+            self.shared.recharge(&mut inner);
+            drop(inner);
+            if held < self.transmit_published {
+                self.shared.changed.notify_waiters();
+            }
+            self.transmit_published = held;
+        }
+    }
+
+    /// The end of a connection. Returns true when the task is finished.
+    ///
+    /// Abortive (RST) when the peer or the path failed: the kernel must not keep
+    /// retransmitting into a dead path. Refusals and protocol errors close in order so the
+    /// peer can read the REFUSE or CLOSE frame that explains why: FIN after it, then a
+    /// bounded wait for the peer's FIN so that no unread data turns our close into an RST.
+    /// When the linger runs out with bytes still unsent (a peer that does not read), the
+    /// close is abortive too.
+    fn drive_close(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        if self.conn.is_handed_off() {
+            return true;
+        }
+        if !self.conn.is_closed() {
+            return false;
+        }
+        let failure = self.result.as_ref().is_none_or(|d| {
+            matches!(
+                d.reason,
+                DisconnectReason::HeartbeatTimeout
+                    | DisconnectReason::KeepaliveTimeout
+                    | DisconnectReason::UserTimeout
+                    | DisconnectReason::PeerReset
+                    | DisconnectReason::ConnectRefused
+                    | DisconnectReason::Io(_)
+            )
+        });
+        let since = match self.closing_since {
+            Some(s) => s,
+            None => {
+                if failure {
+                    self.io.abort_on_close();
+                }
+                self.closing_since = Some(now);
+                now
+            }
+        };
+        if failure || self.write_failed {
+            return true;
+        }
+        if self.conn.pending_transmit().is_empty()
+            && !self.shut_down
+            && Pin::new(&mut self.io).poll_shutdown(cx).is_ready()
+        {
+            self.shut_down = true;
+        }
+        if self.shut_down && (self.read_done || self.no_linger) {
+            return true;
+        }
+        if now >= since + CLOSE_LINGER {
+            if !self.shut_down {
+                // Unsent bytes the peer never read: do not leave them to the kernel.
+                self.io.abort_on_close();
+            }
+            return true;
+        }
+        // Keep draining reads (discarded by the closed state machine) until EOF.
+        if self.shut_down && !self.read_done {
+            for _ in 0..READS_PER_WAKE {
+                let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut rb = ReadBuf::uninit(&mut buf);
+                match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => return true,
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(_)) => return true,
+                    Poll::Pending => return false,
+                }
+            }
+            cx.waker().wake_by_ref();
+        }
+        false
+    }
+
+    /// Sleeps until the next deadline. Re-arms only when it moved *earlier*: traffic keeps
+    /// pushing the heartbeat deadline later, and re-arming the timer on every wake-up would
+    /// cost more than one early wake-up, which is harmless (the state machine re-checks its
+    /// deadlines and the sleep is re-armed then). Returns true when the sleep fired.
+    fn arm_timer(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>) -> bool {
+        let linger = self.closing_since.map(|c| c + CLOSE_LINGER);
+        let deadline = match (self.conn.poll_timeout(), linger) {
+            (Some(d), Some(l)) => Some(d.min(l)),
+            (d, l) => d.or(l),
+        };
+        let Some(d) = deadline else {
+            return false;
+        };
+        if self.armed.is_none_or(|a| d < a) {
+            sleep.as_mut().reset(tokio::time::Instant::from_std(d));
+            self.armed = Some(d);
+            self.shared.stats.timer_reset();
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.armed = None;
+            return true;
+        }
+        false
+    }
+
+    /// True when the outbox holds a message that can move now (the transmit buffer drained
+    /// below its high-water mark and the session has room).
+    fn outbox_can_move(&self, waiting_front: Option<usize>) -> bool {
+        waiting_front.is_some_and(|len| {
+            !self.write_failed
+                && !self.conn.is_closed()
+                && self.conn.pending_transmit().len() < TRANSMIT_HIGH_WATER
+                && self.conn.can_send(len)
+        })
+    }
+}

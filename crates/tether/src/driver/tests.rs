@@ -1,0 +1,669 @@
+//! The driver's rules, each pinned in tokio's paused time over an in-memory transport.
+//!
+//! The far end is either a state machine driven by hand (`Peer`: exact instants, and it can
+//! misbehave: stay silent, stop reading) or a second driver.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tether_proto::codec::{self, Decoder, Frame, Hello, SessionGrant};
+use tether_proto::session::{Session, SessionConfig};
+use tether_proto::{CloseCode, Conn, ConnConfig, ConnEvent, DisconnectReason, LivenessConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::task::JoinHandle;
+
+use super::*;
+
+const H: Duration = Duration::from_secs(1);
+const D: Duration = Duration::from_secs(3);
+
+fn tnow() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+}
+
+fn liveness() -> LivenessConfig {
+    LivenessConfig::new(H, D)
+}
+
+/// Events a sink saw, with the instant.
+type Log = Arc<Mutex<Vec<(tokio::time::Instant, ConnEvent)>>>;
+
+/// Records events; messages also go to the inbox (so a full inbox pauses reading). Server
+/// side: accepts every HELLO, optionally putting `requeue` in front of the outbox first (as
+/// a server does with what it queued for a resuming client).
+#[derive(Default)]
+struct TestSink {
+    log: Log,
+    requeue: Vec<Bytes>,
+    session: bool,
+}
+
+impl Sink for TestSink {
+    fn hello(&mut self, _now: Instant, _hello: &Hello) -> Decision {
+        let session = self.session.then(|| {
+            let grant = SessionGrant {
+                session_id: 1,
+                token: [7; 16],
+                resumed: false,
+                last_received: 0,
+                linger: Duration::from_secs(30),
+            };
+            Box::new((grant, Session::new(1, [7; 16], SessionConfig::default())))
+        });
+        Decision::Accept(liveness(), session)
+    }
+
+    fn event(&mut self, shared: &Shared, ev: ConnEvent) {
+        if let ConnEvent::Established(_) = ev {
+            shared.requeue_front(std::mem::take(&mut self.requeue));
+        }
+        if let ConnEvent::Message { payload, .. } = &ev {
+            shared.push_inbox(vec![payload.clone()]);
+        }
+        self.log.lock().unwrap().push((tnow(), ev));
+    }
+}
+
+/// A duplex stream that can tell whether bytes wait, like a TCP socket's peek (one byte of
+/// look-ahead).
+struct Peekable {
+    io: DuplexStream,
+    stash: Option<u8>,
+}
+
+impl AsyncRead for Peekable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if let Some(b) = me.stash.take() {
+            buf.put_slice(&[b]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Peekable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl Transport for Peekable {
+    fn poll_unread(&mut self, cx: &mut Context<'_>) -> Option<bool> {
+        if self.stash.is_some() {
+            return Some(true);
+        }
+        let mut b = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut b);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if rb.filled().len() == 1 => {
+                self.stash = Some(b[0]);
+                Some(true)
+            }
+            // End of stream or an error: there is something to read (the end).
+            Poll::Ready(_) => Some(true),
+            Poll::Pending => Some(false),
+        }
+    }
+}
+
+use std::pin::Pin;
+
+/// The far end, driven by hand with the core's own state machine.
+struct Peer {
+    io: DuplexStream,
+    conn: Conn,
+}
+
+impl Peer {
+    fn server(io: DuplexStream) -> Peer {
+        Peer {
+            io,
+            conn: Conn::server(now(), ConnConfig::default()),
+        }
+    }
+
+    async fn client(io: DuplexStream) -> Peer {
+        let mut p = Peer {
+            io,
+            conn: Conn::client(
+                now(),
+                ConnConfig::default(),
+                &hello(false),
+                liveness(),
+                None,
+            ),
+        };
+        p.flush().await;
+        p
+    }
+
+    /// Reads once into the state machine; false at the end of the stream.
+    async fn read_some(&mut self) -> bool {
+        let mut buf = [0u8; 16 * 1024];
+        let n = self.io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            self.conn.handle_eof(now());
+            return false;
+        }
+        self.conn.handle_input(now(), &buf[..n]);
+        true
+    }
+
+    /// Reads until the state machine has an event; answers a HELLO (with a session when
+    /// `session`) and writes what the state machine queued.
+    async fn next_event(&mut self, session: bool) -> ConnEvent {
+        loop {
+            if let Some(ev) = self.conn.poll_event() {
+                if let ConnEvent::Hello(_) = ev {
+                    let mut sink = TestSink {
+                        session,
+                        ..Default::default()
+                    };
+                    let Decision::Accept(cfg, s) = sink.hello(now(), &hello(session)) else {
+                        unreachable!("the test sink accepts");
+                    };
+                    self.conn.accept(now(), cfg, s.map(|b| *b));
+                }
+                self.flush().await;
+                return ev;
+            }
+            assert!(self.read_some().await, "end of stream before an event");
+        }
+    }
+
+    async fn flush(&mut self) {
+        let out = self.conn.pending_transmit().to_vec();
+        self.io.write_all(&out).await.unwrap();
+        self.conn.transmitted(out.len());
+    }
+}
+
+fn hello(session: bool) -> Hello {
+    Hello {
+        client_id: "c".into(),
+        requested_heartbeat: H,
+        want_session: session,
+        resume: None,
+        credential: None,
+    }
+}
+
+fn client_conn(session: bool) -> Box<Conn> {
+    Box::new(Conn::client(
+        now(),
+        ConnConfig::default(),
+        &hello(session),
+        liveness(),
+        None,
+    ))
+}
+
+/// A client driver over a duplex of `cap` bytes each way, established with a hand-driven
+/// server peer.
+async fn client_with_peer(
+    cap: usize,
+    limits: Limits,
+    session: bool,
+) -> (
+    Arc<Shared>,
+    JoinHandle<Ended<Peekable, TestSink>>,
+    Peer,
+    Log,
+) {
+    let (io, far) = tokio::io::duplex(cap);
+    let shared = Shared::new(limits);
+    let sink = TestSink::default();
+    let log = sink.log.clone();
+    let io = Peekable { io, stash: None };
+    let task = tokio::spawn(drive(io, client_conn(session), shared.clone(), sink));
+    let mut peer = Peer::server(far);
+    assert!(matches!(
+        peer.next_event(session).await,
+        ConnEvent::Hello(_)
+    ));
+    assert!(matches!(
+        peer.next_event(session).await,
+        ConnEvent::Established(_)
+    ));
+    // Let the client read the WELCOME.
+    tokio::task::yield_now().await;
+    (shared, task, peer, log)
+}
+
+/// Raw frames from `io` until reading would wait, after the handshake.
+async fn frames_now(io: &mut DuplexStream, dec: &mut Decoder) -> Vec<Frame> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            biased;
+            r = io.read(&mut buf) => {
+                let n = r.unwrap();
+                if n == 0 {
+                    return out;
+                }
+                dec.decode(&buf[..n], |f| {
+                    out.push(f);
+                    true
+                })
+                .unwrap();
+            }
+            _ = tokio::task::yield_now() => return out,
+        }
+    }
+}
+
+/// Every idle connection keeps one of these futures alive: keep it small (the state
+/// machine lives behind a `Box`).
+#[test]
+fn the_connection_future_stays_small() {
+    let (io, _peer) = tokio::io::duplex(64);
+    let conn = Box::new(Conn::server(Instant::now(), ConnConfig::default()));
+    let fut = drive(
+        io,
+        conn,
+        Shared::new(Limits::default()),
+        TestSink::default(),
+    );
+    let size = std::mem::size_of_val(&fut);
+    println!("drive future: {size} bytes");
+    assert!(
+        size <= 640,
+        "the per-connection future grew to {size} bytes"
+    );
+}
+
+/// A message queued before the connection started and one queued while the HELLO is in
+/// flight both go out in the same instant the WELCOME arrives, not a heartbeat later.
+#[tokio::test(start_paused = true)]
+async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welcome() {
+    let h = Duration::from_secs(10);
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::new(Limits::default());
+    assert!(shared.try_send(Bytes::from_static(b"before")));
+    let hello = Hello {
+        requested_heartbeat: h,
+        ..hello(false)
+    };
+    let conn = Conn::client(
+        now(),
+        ConnConfig::default(),
+        &hello,
+        LivenessConfig::new(h, h * 3),
+        None,
+    );
+    tokio::spawn(drive(
+        io,
+        Box::new(conn),
+        shared.clone(),
+        TestSink::default(),
+    ));
+    let mut peer = Peer::server(far);
+    // Read the HELLO but answer only later: the handshake is in progress.
+    assert!(peer.read_some().await);
+    assert!(matches!(peer.conn.poll_event(), Some(ConnEvent::Hello(_))));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(shared.try_send(Bytes::from_static(b"during")));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    peer.conn.accept(now(), LivenessConfig::new(h, h * 3), None);
+    let welcomed = tnow();
+    peer.flush().await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    for want in [&b"before"[..], b"during"] {
+        match peer.next_event(false).await {
+            ConnEvent::Message { payload, .. } => assert_eq!(&payload[..], want),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            tnow() - welcomed,
+            Duration::ZERO,
+            "the queued message waited for a timer"
+        );
+    }
+}
+
+/// Server side of the same rule: what the server queued for a client before its HELLO was
+/// accepted (a resuming client's backlog) goes out with the WELCOME.
+#[tokio::test(start_paused = true)]
+async fn what_a_server_queued_for_a_client_goes_out_right_after_its_welcome() {
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::new(Limits::default());
+    let sink = TestSink {
+        requeue: vec![Bytes::from_static(b"held for you")],
+        ..Default::default()
+    };
+    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+    tokio::spawn(drive(io, conn, shared, sink));
+    tokio::time::sleep(Duration::from_millis(7)).await;
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    let welcomed = tnow();
+    match peer.next_event(false).await {
+        ConnEvent::Message { payload, .. } => assert_eq!(&payload[..], b"held for you"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(tnow() - welcomed, Duration::ZERO);
+}
+
+/// Traffic pushes the heartbeat deadline later on every message; the sleep is not re-armed
+/// for that (it fires early once and is re-armed then), so re-arms stay near one per
+/// heartbeat interval instead of one per message.
+#[tokio::test(start_paused = true)]
+async fn the_timer_is_not_rearmed_when_the_deadline_moves_later() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let client = Shared::new(Limits::default());
+    let server = Shared::new(Limits::default());
+    let server_sink = TestSink::default();
+    let server_log = server_sink.log.clone();
+    tokio::spawn(drive(
+        a,
+        client_conn(false),
+        client.clone(),
+        TestSink::default(),
+    ));
+    tokio::spawn(drive(
+        b,
+        Box::new(Conn::server(now(), ConnConfig::default())),
+        server,
+        server_sink,
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let before = client.stats.timer_resets();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(client.try_send(Bytes::from_static(b"tick")));
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let resets = client.stats.timer_resets() - before;
+    let got = server_log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| matches!(e, ConnEvent::Message { .. }))
+        .count();
+    assert_eq!(got, 50);
+    assert!(
+        (1..=12).contains(&resets),
+        "{resets} re-arms in 5 s of traffic (50 messages, heartbeat 1 s)"
+    );
+}
+
+/// A deadline that moves earlier (an ACK owed within 20 ms, heartbeat due in a second) is
+/// re-armed at once: the ACK goes out at exactly the ACK delay.
+#[tokio::test(start_paused = true)]
+async fn the_timer_is_rearmed_when_the_deadline_moves_earlier() {
+    let (_shared, _task, mut peer, _log) =
+        client_with_peer(64 * 1024, Limits::default(), true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    peer.conn.send(now(), b"one").unwrap();
+    peer.flush().await;
+    let sent = tnow();
+    while peer.conn.session().unwrap().acked() < 1 {
+        assert!(peer.read_some().await);
+    }
+    assert_eq!(tnow() - sent, SessionConfig::default().ack_delay);
+}
+
+/// Reading paused (the application does not take its messages) still declares a peer dead
+/// on time when nothing waits from it: the silence is the peer's.
+#[tokio::test(start_paused = true)]
+async fn paused_reading_still_declares_a_silent_peer_dead_on_time() {
+    let limits = Limits {
+        outbox_bytes: 1 << 20,
+        inbox_bytes: 10,
+    };
+    let (shared, task, mut peer, _log) = client_with_peer(64 * 1024, limits, false).await;
+    for _ in 0..3 {
+        peer.conn.send(now(), &[9; 100]).unwrap();
+    }
+    peer.flush().await;
+    let last_sent = tnow();
+    // The peer is silent from now on (no heartbeats); the client's inbox stays full.
+    let ended = task.await.unwrap();
+    assert_eq!(ended.disconnect.reason, DisconnectReason::HeartbeatTimeout);
+    assert_eq!(ended.disconnect.silent_for, D);
+    assert_eq!(tnow() - last_sent, D);
+    assert_eq!(
+        shared.lock().inbox.len(),
+        3,
+        "the messages wait for the app"
+    );
+}
+
+/// Reading paused does not blame a peer whose bytes wait unread: it is alive, the
+/// application is the bottleneck. Once the application catches up, reading resumes.
+#[tokio::test(start_paused = true)]
+async fn paused_reading_does_not_blame_a_peer_whose_bytes_wait() {
+    let limits = Limits {
+        outbox_bytes: 1 << 20,
+        inbox_bytes: 10,
+    };
+    let (shared, _task, mut peer, log) = client_with_peer(64 * 1024, limits, false).await;
+    for _ in 0..3 {
+        peer.conn.send(now(), &[9; 100]).unwrap();
+    }
+    peer.flush().await;
+    // The peer keeps talking (heartbeats) for 4 × dead-after; nobody reads them.
+    for _ in 0..(4 * D.as_millis() / 500) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peer.io.write_all(&[0, 0, 0, 0]).await.unwrap();
+    }
+    assert_eq!(
+        shared.done(),
+        None,
+        "a peer whose bytes wait was declared dead"
+    );
+    let heartbeats_before = shared.stats.snapshot().heartbeats_in;
+    // The application takes its messages: reading resumes and drains the heartbeats.
+    for _ in 0..3 {
+        let m = std::future::poll_fn(|cx| shared.poll_recv(cx))
+            .await
+            .unwrap();
+        assert_eq!(m.len(), 100);
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(shared.stats.snapshot().heartbeats_in >= heartbeats_before + 20);
+    assert!(!log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, e)| matches!(e, ConnEvent::Closed(_))));
+}
+
+/// An orderly close sends CLOSE and FIN, then waits for the peer's FIN — at most the
+/// linger, and no longer than the peer takes.
+#[tokio::test(start_paused = true)]
+async fn close_lingers_for_the_peers_fin_but_not_forever() {
+    for peer_closes_after in [None, Some(Duration::from_millis(100))] {
+        let (shared, task, mut peer, _log) =
+            client_with_peer(64 * 1024, Limits::default(), false).await;
+        shared.close(CloseCode::NORMAL, "bye");
+        // The peer reads CLOSE, then the FIN.
+        let closed_at = tnow();
+        match peer.next_event(false).await {
+            ConnEvent::Closed(d) => assert!(matches!(
+                d.reason,
+                DisconnectReason::PeerClose {
+                    code: CloseCode::NORMAL,
+                    ..
+                }
+            )),
+            other => panic!("{other:?}"),
+        }
+        let mut rest = Vec::new();
+        peer.io.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(tnow(), closed_at, "CLOSE and FIN went out at once");
+        if let Some(after) = peer_closes_after {
+            tokio::time::sleep(after).await;
+            peer.io.shutdown().await.unwrap();
+        }
+        let ended = task.await.unwrap();
+        assert_eq!(ended.disconnect.reason, DisconnectReason::LocalClose);
+        assert_eq!(
+            tnow() - closed_at,
+            peer_closes_after.unwrap_or(CLOSE_LINGER)
+        );
+    }
+}
+
+/// The outbox moves into the state machine only up to the transmit high-water mark (a peer
+/// that reads slowly costs at most that much copied), and moves on as soon as the socket
+/// takes bytes — never waiting for a timer.
+#[tokio::test(start_paused = true)]
+async fn transmit_high_water_bounds_the_copy_and_never_stalls() {
+    let limits = Limits {
+        outbox_bytes: 4 << 20,
+        inbox_bytes: 4 << 20,
+    };
+    let (shared, _task, mut peer, _log) = client_with_peer(8 * 1024, limits, false).await;
+    const N: usize = 64;
+    const LEN: usize = 16 * 1024;
+    for i in 0..N {
+        let mut m = BytesMut::with_capacity(LEN);
+        m.put_u32(i as u32);
+        m.resize(LEN, 0xAB);
+        assert!(shared.try_send(m.freeze()));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let still_queued = shared.lock().outbox_bytes;
+    assert!(
+        still_queued >= N * LEN - (TRANSMIT_HIGH_WATER + LEN + 8 * 1024),
+        "only {still_queued} bytes left in the outbox: the copy passed the high-water mark"
+    );
+    let start = tnow();
+    for i in 0..N {
+        match peer.next_event(false).await {
+            ConnEvent::Message { payload, .. } => {
+                assert_eq!(
+                    u32::from_be_bytes(payload[..4].try_into().unwrap()),
+                    i as u32
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        tnow() - start,
+        Duration::ZERO,
+        "the transfer waited for a timer"
+    );
+}
+
+/// A heartbeat is never queued behind bytes the socket has not taken: those bytes prove
+/// the sender alive when they arrive, and a heartbeat behind them would only pile up.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_never_queues_behind_unsent_bytes() {
+    let (shared, _task, mut peer, _log) = client_with_peer(1024, Limits::default(), false).await;
+    assert!(shared.try_send(Bytes::from(vec![5u8; 64 * 1024])));
+    // The peer does not read for 5 heartbeat intervals but keeps the client from declaring
+    // it dead.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        peer.io.write_all(&[0, 0, 0, 0]).await.unwrap();
+    }
+    let mut dec = Decoder::new(u32::MAX);
+    let mut got = Vec::new();
+    while !got.iter().any(|f| matches!(f, Frame::Data(_))) {
+        got.extend(frames_now(&mut peer.io, &mut dec).await);
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        matches!(got.as_slice(), [Frame::Data(d)] if d.len() == 64 * 1024),
+        "heartbeats queued behind the data: {:?}",
+        got.iter().map(codec_name).collect::<Vec<_>>()
+    );
+    // Liveness goes on: the next heartbeat within an interval.
+    let drained = tnow();
+    let mut next = Vec::new();
+    while next.is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        next = frames_now(&mut peer.io, &mut dec).await;
+    }
+    assert_eq!(next, vec![Frame::Heartbeat]);
+    assert!(tnow() - drained <= H);
+}
+
+fn codec_name(f: &Frame) -> &'static str {
+    tether_proto::conn::frame_name(f)
+}
+
+/// The server's partial-frame budget: connections sending large frames slowly pause when
+/// the budget is spent instead of allocating past it, and resume when it frees.
+#[tokio::test(start_paused = true)]
+async fn partial_frames_never_take_the_server_past_its_budget() {
+    const BODY: usize = 60 * 1024;
+    // Room for two such frames at their worst case (see `frames.rs`), not three.
+    const LIMIT: usize = 2 * (2 * (BODY + 5) + READ_CHUNK) + READ_CHUNK;
+    let budgets = Arc::new(Budgets::new(1 << 20, LIMIT, 1 << 20));
+    let mut peers = Vec::new();
+    let mut logs = Vec::new();
+    for _ in 0..3 {
+        let (io, far) = tokio::io::duplex(256 * 1024);
+        let shared = Shared::server(Limits::default(), budgets.clone());
+        let sink = TestSink::default();
+        logs.push(sink.log.clone());
+        let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+        tokio::spawn(drive(io, conn, shared, sink));
+        let mut peer = Peer::client(far).await;
+        assert!(matches!(
+            peer.next_event(false).await,
+            ConnEvent::Established(_)
+        ));
+        peers.push(peer);
+    }
+    // Every peer announces a 60 KiB message and sends all of it but the last byte.
+    let mut frame = BytesMut::new();
+    codec::encode_data(&vec![1u8; BODY], &mut frame);
+    for p in &mut peers {
+        p.io.write_all(&frame[..frame.len() - 1]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let used = budgets.frames.used();
+    assert!(
+        used <= LIMIT,
+        "{used} bytes of partial frames, budget {LIMIT}"
+    );
+    // Not everyone fits: the third frame waits, holding no more than its first read.
+    let admitted = 2 * (2 * (BODY + 5) + READ_CHUNK);
+    assert!(used >= admitted && used <= admitted + READ_CHUNK, "{used}");
+    // The last bytes arrive: every frame completes in turn, none is lost.
+    for p in &mut peers {
+        p.io.write_all(&frame[frame.len() - 1..]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for log in &logs {
+        let got = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(
+                |(_, e)| matches!(e, ConnEvent::Message { payload, .. } if payload.len() == BODY),
+            )
+            .count();
+        assert_eq!(got, 1);
+    }
+    assert_eq!(budgets.frames.used(), 0);
+}

@@ -1,0 +1,161 @@
+//! What a [`Server`](super::Server) reports: its events, a client as queries see it, its
+//! counters, and why a send failed.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tether_proto::presence::{PresenceCounts, PresenceState};
+use tether_proto::{Disconnect, DisconnectReason};
+use thiserror::Error;
+
+use crate::driver::StatsSnapshot;
+
+/// What happens on the server, in order per client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerEvent {
+    /// A client completed its handshake.
+    Connected {
+        /// Client id.
+        client_id: String,
+        /// Its address.
+        remote: SocketAddr,
+        /// Connection id (unique per server, increasing).
+        conn_id: u64,
+        /// The connection it replaced, if any.
+        replaced: Option<u64>,
+    },
+    /// A client sent a message.
+    Message {
+        /// Client id.
+        client_id: String,
+        /// The message.
+        msg: Bytes,
+        /// Its sequence number in the client's session (`None` without a session). Numbers
+        /// are consecutive from 1 within a session and survive resumption, so a consumer that
+        /// remembers the last `(client_id, seq)` it processed sees each message once.
+        seq: Option<u64>,
+    },
+    /// A client's connection ended.
+    Disconnected {
+        /// Client id.
+        client_id: String,
+        /// Connection id.
+        conn_id: u64,
+        /// Why and how long it had been silent.
+        disconnect: Disconnect,
+    },
+    /// A client resumed its session on a new connection; `replayed` of the server's
+    /// messages are being sent again.
+    Resumed {
+        /// Client id.
+        client_id: String,
+        /// The new connection id.
+        conn_id: u64,
+        /// Messages the server replays.
+        replayed: u64,
+    },
+    /// A client's session ended without being resumed (linger expired, the client started
+    /// a new session, it was replaced or closed as a slow consumer): these server messages
+    /// may not have been delivered.
+    SessionLost {
+        /// Client id.
+        client_id: String,
+        /// Sequence numbers sent but not acknowledged (may or may not have arrived).
+        unacked: Option<RangeInclusive<u64>>,
+        /// Messages queued for the client and never sent (certainly not delivered).
+        unsent: Vec<Bytes>,
+    },
+    /// A connection was refused (hello rejected, server full, handshake timeout, garbage).
+    Refused {
+        /// Its address.
+        remote: SocketAddr,
+        /// Why.
+        reason: DisconnectReason,
+    },
+}
+
+/// A client as the status page and the query API see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientInfo {
+    /// Client id.
+    pub id: String,
+    /// Presence state (with reason and silence for `Offline`).
+    pub state: PresenceState,
+    /// Remote address of the current (or last) connection.
+    pub remote: SocketAddr,
+    /// When the current (or last) connection was established.
+    pub connected_since: Instant,
+    /// When the state last changed.
+    pub changed_at: Instant,
+    /// Counters of the live connection, or of the last one when the client is not
+    /// connected (then without RTT; `last_rx` is when it was last heard from). `None` when
+    /// nothing is known yet.
+    pub stats: Option<StatsSnapshot>,
+    /// Connections registered for this id.
+    pub connects: u64,
+    /// Connections of this id that ended.
+    pub disconnects: u64,
+    /// The current (or last) connection id.
+    pub conn_id: u64,
+}
+
+/// Server-wide counters for `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerMetrics {
+    /// Open connections (handshaking included).
+    pub connections: usize,
+    /// Connections still in the handshake.
+    pub handshaking: usize,
+    /// Presence states.
+    pub presence: PresenceCounts,
+    /// Disconnects by [`DisconnectReason::label`], in `LABELS` order.
+    pub disconnects: Vec<(&'static str, u64)>,
+    /// Heartbeats sent, all connections ever.
+    pub heartbeats_sent: u64,
+    /// Heartbeats received, all connections ever.
+    pub heartbeats_received: u64,
+    /// Messages received, all connections ever.
+    pub messages_received: u64,
+    /// Messages sent, all connections ever.
+    pub messages_sent: u64,
+    /// Connections accepted since start.
+    pub accepted: u64,
+    /// Connections refused since start (refusals, limits, handshake timeouts).
+    pub refused: u64,
+    /// Bytes of received messages waiting in `Server::next_event`.
+    pub queued_bytes: usize,
+    /// Bytes of partially received frames.
+    pub partial_frame_bytes: usize,
+    /// Bytes queued for clients and not yet taken by them.
+    pub unsent_bytes: usize,
+}
+
+/// Why a server-side send failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No open connection and no held session for this client id.
+    #[error("client {0:?} is not connected")]
+    NotConnected(String),
+    /// The client is resuming and what waits for it is at its bound.
+    #[error("client {0:?} is resuming and its backlog is full")]
+    Backlogged(String),
+    /// The client did not take what was sent to it: the bytes queued for it passed its
+    /// bound, and it is being closed with reason `slow-consumer`.
+    #[error("client {0:?} is a slow consumer and is being closed")]
+    SlowConsumer(String),
+    /// The server-wide budget of unsent bytes is spent; try again later.
+    #[error("the server's budget of unsent bytes is spent")]
+    ServerFull,
+    /// The connection ended (and the client has no session to queue for).
+    #[error("connection to {client_id:?} ended: {reason}")]
+    Disconnected {
+        /// Client id.
+        client_id: String,
+        /// Why.
+        reason: DisconnectReason,
+    },
+}

@@ -1,0 +1,489 @@
+//! One owner for each client's lifecycle: every transition of a client id happens here,
+//! under that client's shard lock, whether or not the client has a session.
+//!
+//! ```text
+//!                 hello                         hello, same id, no resume
+//!   (no record) ───────▶ Connected(conn) ───────────────────────────────▶ Connected(conn')
+//!                          │     ▲            conn closed with REPLACED; its session (if
+//!      conn ended, session     │     │ hello (resume)    any) is reported lost when it ends
+//!      held (linger > 0)       ▼     │
+//!                          Held(session, pending) ── linger ran out ──▶ (no record)
+//!                          │                                            SessionLost; Offline
+//!      conn ended without a session (or it ends in order, or as a slow consumer):
+//!                          └──────────────────────────────────────────▶ (no record); Offline
+//! ```
+//!
+//! Connection ids are unique per server and increase: the current connection's id is the
+//! record's generation (a fencing token for state kept elsewhere, such as a cluster's).
+//!
+//! A record exists while its client is connected or its session is held; presence (the
+//! core's [`Registry`](tether_proto::presence::Registry)) keeps the longer view: offline
+//! clients, their reasons and their last connection's counters.
+//!
+//! Lock order (see also `server/mod.rs`): a client's shard → the presence registry → one
+//! connection's shared state (`driver::Shared`). Never a shard while holding the registry
+//! or a connection's state; never two shards at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tether_proto::codec::{Hello, SessionGrant};
+use tether_proto::presence::{PresenceChange, Registry};
+use tether_proto::session::Session;
+use tether_proto::{CloseCode, Disconnect, DisconnectReason};
+
+use super::events::{SendError, ServerEvent};
+use super::sessions::{self, Held, Plan, SessionSlot};
+use super::Inner;
+use crate::connection::liveness_config;
+use crate::driver::{Decision, Offer, Shared};
+
+const SHARDS: usize = 32;
+
+/// The records of every connected or resuming client, sharded by id.
+pub(super) struct Clients {
+    shards: Box<[Mutex<HashMap<String, Record>>]>,
+}
+
+/// One client id's lifecycle state.
+#[derive(Debug, Default)]
+struct Record {
+    /// Who the connection authenticated as, when authentication decides one. Only the same
+    /// principal may replace the connection or resume the session.
+    principal: Option<Arc<str>>,
+    /// The connection the id is on.
+    conn: Option<Live>,
+    /// The id's session: attached to `conn`, or held.
+    session: Option<SessionSlot>,
+}
+
+/// A client's live connection.
+#[derive(Debug)]
+pub(super) struct Live {
+    pub(super) conn_id: u64,
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Record {
+    fn is_idle(&self) -> bool {
+        self.conn.is_none() && self.session.is_none()
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Clients {
+    pub(super) fn new() -> Self {
+        Clients {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, id: &str) -> &Mutex<HashMap<String, Record>> {
+        // FNV-1a: cheap, and client ids are not attacker-chosen keys for a shared table
+        // (each shard is a HashMap with its own random hasher).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        &self.shards[(h % SHARDS as u64) as usize]
+    }
+
+    /// The live connections, one shard at a time: `(client id, state)`.
+    pub(super) fn live(&self) -> Vec<(String, Arc<Shared>, bool)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (id, r) in lock(shard).iter() {
+                if let Some(l) = &r.conn {
+                    out.push((id.clone(), l.shared.clone(), r.session.is_some()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The live connection of `id`.
+    pub(super) fn live_of(&self, id: &str) -> Option<Arc<Shared>> {
+        lock(self.shard(id))
+            .get(id)
+            .and_then(|r| r.conn.as_ref().map(|l| l.shared.clone()))
+    }
+}
+
+fn valid_client_id(id: &str) -> bool {
+    !id.is_empty() && !id.chars().any(|c| c.is_control())
+}
+
+impl Inner {
+    /// Runs `f` on the presence registry, then publishes its changes. Called with at most
+    /// one shard lock held (shard → registry).
+    pub(super) fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
+        let mut reg = lock(&self.registry);
+        let r = f(&mut reg);
+        let changes: Vec<PresenceChange> = std::iter::from_fn(|| reg.poll_change()).collect();
+        drop(reg);
+        for ch in changes {
+            let _ = self.presence_tx.send(ch);
+        }
+        self.signals.registry_changed.notify_one();
+        r
+    }
+
+    /// Who the HELLO authenticates as: the seam for authentication (the credential in the
+    /// HELLO, the client certificate). Without it every client is anonymous (`None`).
+    fn admit(&self, hello: &Hello) -> Result<Option<Arc<str>>, (CloseCode, String)> {
+        if !valid_client_id(&hello.client_id) {
+            return Err((
+                CloseCode::BAD_HELLO,
+                format!("invalid client id {:?}", hello.client_id),
+            ));
+        }
+        Ok(None)
+    }
+
+    /// Transition: a HELLO on connection `conn_id` — connect, replace, or resume.
+    pub(super) fn hello(
+        &self,
+        now: Instant,
+        conn_id: u64,
+        remote: SocketAddr,
+        shared: &Arc<Shared>,
+        hello: &Hello,
+    ) -> Decision {
+        let principal = match self.admit(hello) {
+            Ok(p) => p,
+            Err((code, text)) => return Decision::Refuse(code, text),
+        };
+        if self.established.load(Relaxed) >= self.max_connections {
+            return Decision::Refuse(
+                CloseCode::SERVER_FULL,
+                format!(
+                    "server is at its limit of {} connections",
+                    self.max_connections
+                ),
+            );
+        }
+        let id = &hello.client_id;
+        let linger = self.cfg.session_linger;
+        let mut shard = lock(self.clients.shard(id));
+        let rec = shard.entry(id.clone()).or_default();
+        if !rec.is_idle() && rec.principal != principal {
+            return Decision::Refuse(
+                CloseCode::ID_NOT_ALLOWED,
+                "this client id is in use by another principal".into(),
+            );
+        }
+        let plan = match sessions::plan(
+            hello,
+            rec.session.as_ref(),
+            rec.conn.as_ref(),
+            linger.is_some(),
+        ) {
+            Ok(p) => p,
+            Err((code, text)) => {
+                if rec.is_idle() {
+                    shard.remove(id);
+                }
+                return Decision::Refuse(code, text);
+            }
+        };
+        let session = match plan {
+            Plan::Resume => {
+                let Some(held) = rec.session.as_mut().and_then(|s| s.held.take()) else {
+                    unreachable!("plan() resumes only a held session");
+                };
+                self.budgets.unsent.give(held.charged());
+                shared.requeue_front(held.pending.into_iter().collect());
+                let grant = sessions::resumed_grant(&held.session, linger.unwrap_or_default());
+                Some((grant, held.session))
+            }
+            Plan::New | Plan::None => {
+                // Whatever session the id had will not be resumed: a held one is lost now,
+                // an attached one when its connection ends.
+                if let Some(old) = rec.session.take() {
+                    if let Some(held) = old.held {
+                        self.session_lost(id, held);
+                    }
+                }
+                if matches!(plan, Plan::New) {
+                    match self.new_session(linger.unwrap_or_default()) {
+                        Ok((slot, grant, session)) => {
+                            rec.session = Some(slot);
+                            Some((grant, session))
+                        }
+                        Err(text) => {
+                            if rec.is_idle() {
+                                shard.remove(id);
+                            }
+                            return Decision::Refuse(CloseCode::REFUSED, text);
+                        }
+                    }
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(old) = rec.conn.take() {
+            old.shared.close(
+                CloseCode::REPLACED,
+                "replaced by a newer connection with the same client id",
+            );
+        }
+        rec.conn = Some(Live {
+            conn_id,
+            shared: shared.clone(),
+        });
+        rec.principal = principal;
+        self.established.fetch_add(1, Relaxed);
+        self.totals.accepted.fetch_add(1, Relaxed);
+        let replaced = self.with_registry(|r| r.connected(now, id, conn_id, remote));
+        let _ = self.events.send(ServerEvent::Connected {
+            client_id: id.clone(),
+            remote,
+            conn_id,
+            replaced,
+        });
+        drop(shard);
+        // Senders waiting for a resuming client's backlog: it is attached again.
+        self.signals.room.notify_waiters();
+        Decision::Accept(
+            liveness_config(&self.cfg.policy, true),
+            session.map(Box::new),
+        )
+    }
+
+    fn new_session(
+        &self,
+        linger: std::time::Duration,
+    ) -> Result<(SessionSlot, SessionGrant, Session), String> {
+        let token = crate::random::secret()
+            .map_err(|e| format!("cannot draw a session token from the OS random source: {e}"))?;
+        let id = self.next_session_id.fetch_add(1, Relaxed);
+        let slot = SessionSlot {
+            id,
+            token,
+            held: None,
+        };
+        let grant = SessionGrant {
+            session_id: id,
+            token,
+            resumed: false,
+            last_received: 0,
+            linger,
+        };
+        Ok((slot, grant, Session::new(id, token, self.cfg.session)))
+    }
+
+    /// Transition: connection `conn_id` ended. For the id's current connection: hold the
+    /// session (the client is `Resuming`) or let the client go (`Offline`). For a replaced
+    /// connection: only report what its session leaves undelivered.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn ended(
+        &self,
+        now: Instant,
+        conn_id: u64,
+        client_id: Option<&str>,
+        remote: SocketAddr,
+        d: Disconnect,
+        session: Option<Session>,
+        shared: &Shared,
+    ) {
+        if let Some(i) = DisconnectReason::LABELS
+            .iter()
+            .position(|l| *l == d.reason.label())
+        {
+            self.totals.disconnects[i].fetch_add(1, Relaxed);
+        }
+        let Some(id) = client_id else {
+            self.totals.refused.fetch_add(1, Relaxed);
+            let _ = self.events.send(ServerEvent::Refused {
+                remote,
+                reason: d.reason,
+            });
+            return;
+        };
+        self.established.fetch_sub(1, Relaxed);
+        let counters = shared.stats.snapshot().counters();
+        let mut shard = lock(self.clients.shard(id));
+        let _ = self.events.send(ServerEvent::Disconnected {
+            client_id: id.to_owned(),
+            conn_id,
+            disconnect: d.clone(),
+        });
+        let current = shard
+            .get(id)
+            .is_some_and(|r| r.conn.as_ref().is_some_and(|l| l.conn_id == conn_id));
+        if !current {
+            // Replaced: the id lives on with a newer connection; this session will not be
+            // resumed.
+            if let Some(s) = session {
+                self.report_lost(id, s.unacked_range(), shared.take_outbox());
+            }
+            return;
+        }
+        let Some(rec) = shard.get_mut(id) else {
+            return;
+        };
+        rec.conn = None;
+        // An orderly end (the client said goodbye, or this server closed it) ends the
+        // session: nobody will resume it. A slow consumer is not held either.
+        let finished = matches!(
+            d.reason,
+            DisconnectReason::PeerClose {
+                code: CloseCode::NORMAL,
+                ..
+            } | DisconnectReason::LocalClose
+                | DisconnectReason::SlowConsumer
+        );
+        let linger = self.cfg.session_linger.filter(|l| !l.is_zero());
+        let ours = |s: &Session| rec.session.as_ref().is_some_and(|slot| slot.id == s.id());
+        let hold_until = match (&session, linger) {
+            (Some(s), Some(l)) if !finished && ours(s) => Some(now + l),
+            _ => None,
+        };
+        self.with_registry(|r| {
+            r.record_counters(id, conn_id, counters);
+            r.disconnected(now, id, conn_id, d.reason.clone(), d.silent_for, hold_until)
+        });
+        match (session, hold_until) {
+            (Some(session), Some(until)) => {
+                let pending: VecDeque<Bytes> = shared.take_outbox().into();
+                let pending_bytes = pending.iter().map(Bytes::len).sum();
+                // A held session still holds its unacknowledged messages for the replay.
+                self.budgets
+                    .unsent
+                    .take(pending_bytes + session.replay_bytes());
+                if let Some(slot) = rec.session.as_mut() {
+                    slot.held = Some(Held {
+                        session,
+                        pending,
+                        pending_bytes,
+                        until,
+                    });
+                }
+            }
+            (Some(session), None) => {
+                rec.session = None;
+                let unacked = session.unacked_range();
+                let unsent = shared.take_outbox();
+                // Nothing to report after a clean goodbye with nothing outstanding.
+                if !(finished && unacked.is_none() && unsent.is_empty())
+                    || matches!(d.reason, DisconnectReason::SlowConsumer)
+                {
+                    self.report_lost(id, unacked, unsent);
+                }
+            }
+            (None, _) => rec.session = None,
+        }
+        if rec.is_idle() {
+            shard.remove(id);
+        }
+        drop(shard);
+        // Senders waiting for this client's backlog may now queue into the held session.
+        self.signals.room.notify_waiters();
+    }
+
+    /// Transition: the hold of `id`'s session ran out (presence already shows `Offline`).
+    pub(super) fn expire(&self, now: Instant, id: &str) {
+        let mut shard = lock(self.clients.shard(id));
+        let Some(rec) = shard.get_mut(id) else {
+            return;
+        };
+        if rec.conn.is_some() {
+            return; // resumed in the meantime
+        }
+        let due = rec
+            .session
+            .as_ref()
+            .and_then(|s| s.held.as_ref())
+            .is_some_and(|h| h.until <= now);
+        if !due {
+            return;
+        }
+        if let Some(held) = rec.session.take().and_then(|s| s.held) {
+            self.session_lost(id, held);
+        }
+        if rec.is_idle() {
+            shard.remove(id);
+        }
+        drop(shard);
+        self.signals.room.notify_waiters();
+    }
+
+    /// A held session is dropped: tell the application what it leaves undelivered.
+    fn session_lost(&self, id: &str, held: Held) {
+        self.budgets.unsent.give(held.charged());
+        self.report_lost(
+            id,
+            held.session.unacked_range(),
+            held.pending.into_iter().collect(),
+        );
+    }
+
+    fn report_lost(
+        &self,
+        id: &str,
+        unacked: Option<std::ops::RangeInclusive<u64>>,
+        unsent: Vec<Bytes>,
+    ) {
+        let _ = self.events.send(ServerEvent::SessionLost {
+            client_id: id.to_owned(),
+            unacked,
+            unsent,
+        });
+    }
+
+    /// Presence only: connection `conn_id` of `id` went silent (`suspect`) or was heard from
+    /// again. No lifecycle state changes.
+    pub(super) fn liveness_changed(&self, now: Instant, id: &str, conn_id: u64, suspect: bool) {
+        self.with_registry(|r| {
+            if suspect {
+                r.suspect(now, id, conn_id)
+            } else {
+                r.recovered(now, id, conn_id)
+            }
+        });
+    }
+
+    /// Queues `msg` for `id` without waiting: on its connection, or in its held session. A
+    /// connection at its bound is closed as a slow consumer when `close_slow`; otherwise the
+    /// caller gets `SlowConsumer` without the close (and may wait and retry).
+    pub(super) fn try_send(&self, id: &str, msg: Bytes, close_slow: bool) -> Result<(), SendError> {
+        let mut shard = lock(self.clients.shard(id));
+        let Some(rec) = shard.get_mut(id) else {
+            return Err(SendError::NotConnected(id.to_owned()));
+        };
+        if let Some(live) = &rec.conn {
+            // With a session, a connection that just ended still takes it: the outbox moves
+            // into the held session (same lock, so nothing slips between).
+            return match live.shared.offer(msg, rec.session.is_some(), close_slow) {
+                Offer::Queued => Ok(()),
+                Offer::SlowConsumer | Offer::Full => Err(SendError::SlowConsumer(id.to_owned())),
+                Offer::Backlogged => Err(SendError::Backlogged(id.to_owned())),
+                Offer::ServerFull => Err(SendError::ServerFull),
+                Offer::Ended(d) => Err(SendError::Disconnected {
+                    client_id: id.to_owned(),
+                    reason: d.reason,
+                }),
+            };
+        }
+        let Some(held) = rec.session.as_mut().and_then(|s| s.held.as_mut()) else {
+            return Err(SendError::NotConnected(id.to_owned()));
+        };
+        if held.pending_bytes > 0 && held.pending_bytes + msg.len() > self.cfg.outbox_bytes {
+            return Err(SendError::Backlogged(id.to_owned()));
+        }
+        if !self.budgets.unsent.try_take(msg.len()) {
+            return Err(SendError::ServerFull);
+        }
+        held.pending_bytes += msg.len();
+        held.pending.push_back(msg);
+        Ok(())
+    }
+}

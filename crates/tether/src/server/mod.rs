@@ -1,0 +1,472 @@
+//! [`Server`]: accepts tether clients, knows who is online and why each one left.
+//!
+//! ```text
+//!  accept loop (accept.rs: fd, per-source and handshake limits)
+//!     └─▶ one task per connection: driver::drive(Conn::server, ServerSink)
+//!           │ HELLO ──────────▶ lifecycle: connect | replace | resume   (client's shard lock)
+//!           │ Message ────────▶ events channel ──▶ Server::next_event   (no lock; backlog budget)
+//!           │ Suspect/Recovered ▶ presence registry                      (registry lock)
+//!           └ task ended ─────▶ lifecycle: hold the session | offline    (client's shard lock)
+//!  expiry task: the registry's one timer ──▶ lifecycle: expire a held session
+//!  ServerHandle::send ──▶ lifecycle: the client's connection or held session (never waits on
+//!                         a socket; a client that does not read is closed: slow-consumer)
+//! ```
+//!
+//! Locks, in the order they may be taken (never the other way round):
+//! 1. a client's shard (`lifecycle::Clients`, 32 shards by client id): its lifecycle record;
+//! 2. the presence registry (`Inner::registry`): presence view and its single timer;
+//! 3. one connection's shared state (`driver::Shared`): its outbox and commands.
+//!
+//! Admission (`accept::Admission`) and the budgets' waiter lists are leaves: nothing else is
+//! taken while they are held. Waiting is by notification: `send` waits on `Signals::room`
+//! and the unsent budget, `shutdown` on `Signals::conn_ended`.
+
+mod accept;
+mod config;
+mod events;
+mod lifecycle;
+mod metrics;
+mod sessions;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tether_proto::presence::{PresenceChange, PresenceCounts, PresenceState, Registry};
+use tether_proto::CloseCode;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, Notify};
+
+pub use config::{default_max_connections, ServerConfig};
+pub use events::{ClientInfo, SendError, ServerEvent, ServerMetrics};
+
+use crate::driver::{self, Budgets, Command, StatsSnapshot};
+use accept::Admission;
+use lifecycle::{lock, Clients};
+use metrics::Totals;
+
+/// Everything the server's tasks and handles share.
+pub(crate) struct Inner {
+    cfg: ServerConfig,
+    /// `cfg.max_connections` resolved (the derived default unless set).
+    max_connections: usize,
+    clients: Clients,
+    registry: Mutex<Registry>,
+    admission: Admission,
+    budgets: Arc<Budgets>,
+    events: mpsc::UnboundedSender<ServerEvent>,
+    presence_tx: broadcast::Sender<PresenceChange>,
+    signals: Arc<Signals>,
+    totals: Totals,
+    /// Open connections (handshaking included).
+    open: AtomicUsize,
+    /// Connections whose HELLO was accepted and that have not ended.
+    established: AtomicUsize,
+    next_conn_id: AtomicU64,
+    next_session_id: AtomicU64,
+}
+
+/// Wake-ups, kept outside `Inner` so the expiry task can wait on them while holding only a
+/// weak reference to the server.
+#[derive(Default)]
+struct Signals {
+    /// The registry changed: its next deadline may be earlier.
+    registry_changed: Notify,
+    shutdown: Notify,
+    /// A connection ended (shutdown waits for the last; the accept loop, out of file
+    /// descriptors, for any).
+    conn_ended: Notify,
+    /// A resuming client's backlog may have room (it resumed, or its hold ended).
+    room: Notify,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.signals.shutdown.notify_one();
+    }
+}
+
+/// A running server. Take events with [`next_event`](Server::next_event); use
+/// [`handle`](Server::handle) to send, query and shut down from anywhere.
+///
+/// ```no_run
+/// use bytes::Bytes;
+/// use tether::{Server, ServerConfig, ServerEvent};
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let mut server = Server::bind(ServerConfig::new("127.0.0.1:7300".parse().unwrap())).await?;
+/// let handle = server.handle();
+/// while let Some(ev) = server.next_event().await {
+///     match ev {
+///         ServerEvent::Connected { client_id, remote, .. } => println!("{client_id} from {remote}"),
+///         // Echo: never waits on the client's socket (a client that does not read is
+///         // closed as a slow consumer).
+///         ServerEvent::Message { client_id, msg, .. } => {
+///             let _ = handle.try_send(&client_id, msg);
+///         }
+///         ServerEvent::Disconnected { client_id, disconnect, .. } => {
+///             println!("{client_id} left: {}", disconnect.reason)
+///         }
+///         _ => {}
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
+pub struct Server {
+    handle: ServerHandle,
+    events: mpsc::UnboundedReceiver<ServerEvent>,
+}
+
+/// A cloneable handle to a running server.
+#[derive(Clone)]
+pub struct ServerHandle {
+    inner: Arc<Inner>,
+    local_addr: SocketAddr,
+    accept: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Binds and starts accepting.
+    pub async fn bind(cfg: ServerConfig) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        Ok(Server::from_listener(listener, cfg))
+    }
+
+    /// Starts accepting on an already bound listener (`cfg`'s listen address is ignored).
+    pub fn from_listener(listener: TcpListener, cfg: ServerConfig) -> Server {
+        let local_addr = listener.local_addr().unwrap_or(cfg.listen);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (presence_tx, _) = broadcast::channel(4096);
+        let inner = Arc::new(Inner {
+            max_connections: cfg.get_max_connections(),
+            registry: Mutex::new(Registry::new(cfg.registry)),
+            budgets: Arc::new(Budgets::new(
+                cfg.max_queued_bytes,
+                cfg.get_max_partial_frame_bytes(),
+                cfg.max_unsent_bytes,
+            )),
+            cfg,
+            clients: Clients::new(),
+            admission: Admission::default(),
+            events: tx,
+            presence_tx,
+            signals: Arc::new(Signals::default()),
+            totals: Totals::default(),
+            open: AtomicUsize::new(0),
+            established: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            next_session_id: AtomicU64::new(1),
+        });
+        let accept = tokio::spawn(accept::accept_loop(listener, inner.clone()));
+        tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));
+        Server {
+            handle: ServerHandle {
+                inner,
+                local_addr,
+                accept: Arc::new(Mutex::new(Some(accept))),
+            },
+            events: rx,
+        }
+    }
+
+    /// The next event; `None` after shutdown.
+    ///
+    /// Drain it: received messages wait here, and above
+    /// [`max_queued_bytes`](ServerConfig::max_queued_bytes) every connection stops reading
+    /// until the application catches up.
+    pub async fn next_event(&mut self) -> Option<ServerEvent> {
+        let ev = self.events.recv().await;
+        if let Some(ServerEvent::Message { msg, .. }) = &ev {
+            self.handle.inner.budgets.backlog.give(msg.len());
+        }
+        ev
+    }
+
+    /// Bytes of received messages waiting in [`next_event`](Self::next_event).
+    pub fn queued_bytes(&self) -> usize {
+        self.handle.inner.budgets.backlog.used()
+    }
+
+    /// A cloneable handle.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.local_addr
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Stop accepting; open connections run until they end.
+        if let Some(t) = lock(&self.handle.accept).take() {
+            t.abort();
+        }
+    }
+}
+
+impl std::ops::Deref for Server {
+    type Target = ServerHandle;
+    fn deref(&self) -> &ServerHandle {
+        &self.handle
+    }
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.cfg
+    }
+
+    /// Queues `msg` for `client_id` without waiting: on its connection, or — while it is
+    /// resuming — in its held session, sent after the resume.
+    ///
+    /// Never waits on the client's socket. A client whose queued bytes would pass
+    /// [`outbox_bytes`](ServerConfig::outbox_bytes) is closed with reason `slow-consumer`
+    /// ([`SendError::SlowConsumer`]); a resuming client at that bound gives
+    /// [`SendError::Backlogged`]; a spent server-wide budget gives [`SendError::ServerFull`].
+    pub fn try_send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
+        self.inner.try_send(client_id, msg, true)
+    }
+
+    /// Like [`try_send`](Self::try_send), but waits — by notification, at most
+    /// [`send_wait`](ServerConfig::send_wait) — while the client's queue is at its bound
+    /// (then, still full, the client is closed as a slow consumer), while it is resuming with
+    /// a full backlog, or while the server-wide budget is spent. So a producer gets
+    /// back-pressure from a client that is briefly slow, and no caller waits on one client's
+    /// socket longer than `send_wait`.
+    pub async fn send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
+        let deadline = tokio::time::Instant::now() + self.inner.cfg.send_wait;
+        loop {
+            // Registered before trying, so a wake-up between the try and the wait counts.
+            let room = self.inner.signals.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            // The connection's "bytes taken" notification, registered before the attempt too.
+            let live = self.inner.clients.live_of(client_id);
+            let drained = live.as_ref().map(|s| s.changed.notified());
+            tokio::pin!(drained);
+            if let Some(n) = drained.as_mut().as_pin_mut() {
+                n.enable();
+            }
+            match self.inner.try_send(client_id, msg.clone(), false) {
+                Err(SendError::SlowConsumer(id)) => {
+                    // At its bound: wait for the connection to take bytes, then try again;
+                    // out of time, the client is a slow consumer after all.
+                    let waited = match drained.as_mut().as_pin_mut() {
+                        Some(n) => tokio::time::timeout_at(deadline, n).await.is_ok(),
+                        None => false,
+                    };
+                    if !waited {
+                        return match self.inner.try_send(client_id, msg, true) {
+                            Err(SendError::SlowConsumer(_)) => Err(SendError::SlowConsumer(id)),
+                            r => r,
+                        };
+                    }
+                }
+                Err(SendError::ServerFull) => {
+                    let budget = self.inner.budgets.unsent.take_when_room(msg.len());
+                    if tokio::time::timeout_at(deadline, budget).await.is_err() {
+                        return Err(SendError::ServerFull);
+                    }
+                    // The room was taken for us; give it back and queue for real.
+                    self.inner.budgets.unsent.give(msg.len());
+                }
+                Err(SendError::Backlogged(id)) => {
+                    if tokio::time::timeout_at(deadline, room).await.is_err() {
+                        return Err(SendError::Backlogged(id));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Queues `msg` to every connected client without waiting; returns how many took it.
+    /// A client that does not read is closed as a slow consumer (see
+    /// [`try_send`](Self::try_send)).
+    pub fn broadcast(&self, msg: Bytes) -> usize {
+        self.inner
+            .clients
+            .live()
+            .into_iter()
+            .filter(|(_, shared, _)| {
+                shared.offer(msg.clone(), false, true) == driver::Offer::Queued
+            })
+            .count()
+    }
+
+    /// Closes a client's connection with `code` and `text` (after what is queued for it);
+    /// false when not connected.
+    pub fn kick(&self, client_id: &str, code: CloseCode, text: &str) -> bool {
+        match self.inner.clients.live_of(client_id) {
+            Some(s) => {
+                s.close(code, text);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One client's presence and counters.
+    pub fn client(&self, client_id: &str) -> Option<ClientInfo> {
+        let live = self
+            .inner
+            .clients
+            .live_of(client_id)
+            .map(|s| s.stats.snapshot());
+        let reg = lock(&self.inner.registry);
+        reg.get(client_id).map(|e| client_info(client_id, e, live))
+    }
+
+    /// Every known client (connected, resuming, and recently offline), sorted by id.
+    pub fn clients(&self) -> Vec<ClientInfo> {
+        let live: std::collections::HashMap<String, StatsSnapshot> = self
+            .inner
+            .clients
+            .live()
+            .into_iter()
+            .map(|(id, s, _)| (id, s.stats.snapshot()))
+            .collect();
+        let reg = lock(&self.inner.registry);
+        let mut out: Vec<ClientInfo> = reg
+            .iter()
+            .map(|(id, e)| client_info(id, e, live.get(id).copied()))
+            .collect();
+        drop(reg);
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Counts per presence state.
+    pub fn presence_counts(&self) -> PresenceCounts {
+        lock(&self.inner.registry).counts()
+    }
+
+    /// Subscribes to presence changes (a bounded broadcast; a slow subscriber sees `Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<PresenceChange> {
+        self.inner.presence_tx.subscribe()
+    }
+
+    /// Server-wide counters.
+    pub fn metrics(&self) -> ServerMetrics {
+        self.inner.metrics()
+    }
+
+    /// Graceful shutdown: stop accepting, send CLOSE(going-away) to every client (REFUSE to
+    /// those still in the handshake), wait up to `wait` for the connections to end, then
+    /// leave the rest to end on their own.
+    pub async fn shutdown(&self, wait: Duration) {
+        if let Some(t) = lock(&self.accept).take() {
+            t.abort();
+        }
+        self.inner.signals.shutdown.notify_one();
+        for shared in self.inner.admission.pending() {
+            shared.command(Command::Refuse(
+                CloseCode::GOING_AWAY,
+                "server shutting down".into(),
+            ));
+        }
+        for (_, shared, _) in self.inner.clients.live() {
+            shared.close(CloseCode::GOING_AWAY, "server shutting down");
+        }
+        let all_ended = async {
+            loop {
+                let ended = self.inner.signals.conn_ended.notified();
+                if self.inner.open.load(Relaxed) == 0 {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        let _ = tokio::time::timeout(wait, all_ended).await;
+    }
+}
+
+/// A client as queries see it: presence from the registry, counters from the live
+/// connection or, when there is none, the last one's.
+fn client_info(
+    id: &str,
+    e: &tether_proto::presence::Entry,
+    live: Option<StatsSnapshot>,
+) -> ClientInfo {
+    let stats = if e.state.is_connected() {
+        live
+    } else {
+        let last_rx = match &e.state {
+            PresenceState::Offline { at, silent_for, .. }
+            | PresenceState::Resuming { at, silent_for, .. } => at.checked_sub(*silent_for),
+            _ => None,
+        };
+        e.last_counters
+            .map(|c| StatsSnapshot::from_counters(c, last_rx))
+    };
+    ClientInfo {
+        id: id.to_owned(),
+        state: e.state.clone(),
+        remote: e.remote,
+        connected_since: e.connected_since,
+        changed_at: e.changed_at,
+        stats,
+        connects: e.connects,
+        disconnects: e.disconnects,
+        conn_id: e.conn_id,
+    }
+}
+
+/// The registry's single timer: Resuming → Offline at the linger's end (the lifecycle then
+/// drops the held session), and forgetting old Offline entries.
+async fn expiry_loop(inner: std::sync::Weak<Inner>, signals: Arc<Signals>) {
+    loop {
+        let next = {
+            // Hold only a weak reference between wake-ups so the server can be dropped.
+            let Some(strong) = inner.upgrade() else {
+                return;
+            };
+            let now = driver::now();
+            let mut reg = lock(&strong.registry);
+            reg.handle_timeout(now);
+            let changes: Vec<PresenceChange> = std::iter::from_fn(|| reg.poll_change()).collect();
+            let next = reg.poll_timeout();
+            drop(reg);
+            for ch in changes {
+                if matches!(ch.from, Some(PresenceState::Resuming { .. }))
+                    && matches!(ch.to, PresenceState::Offline { .. })
+                {
+                    strong.expire(now, &ch.id);
+                }
+                let _ = strong.presence_tx.send(ch);
+            }
+            next
+        };
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = signals.registry_changed.notified() => {}
+            _ = signals.shutdown.notified() => return,
+        }
+    }
+}
