@@ -594,7 +594,7 @@ fn event_json(ev: &ConnEvent) -> Option<Value> {
             }
             o
         }
-        ConnEvent::Message(p) => json!({"type": "message", "payload": hex(p)}),
+        ConnEvent::Message { payload: p, .. } => json!({"type": "message", "payload": hex(p)}),
         ConnEvent::Resumed { replayed } => json!({"type": "resumed", "replayed": replayed}),
         ConnEvent::SessionLost { unacked } => json!({
             "type": "session-lost",
