@@ -144,6 +144,76 @@ async fn no_timeout_below_max() {
     );
 }
 
+/// The regression behind "no timeout below 3 s (idle periods up to 2.998 s survived)": a
+/// server-first idle period was timed by the client from when its task got round to reading
+/// the answer, which on a busy client is later than the answer arrived, so the top rung came
+/// out shorter than `--max`. The responder, which ends the idle period, times it now.
+///
+/// The client runtime is kept busy (a task that blocks it 25 ms at a time, like a loaded
+/// machine), the responder runs on its own runtime, and six single-rung probes run at once:
+/// the old measure came out below the rung in about half of the tests.
+#[test]
+fn a_busy_client_still_reports_every_surviving_idle_period_in_full() {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let responder = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let s = server().await;
+            addr_tx.send(s.local_addr()).unwrap();
+            let _ = stop_rx.await;
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let max = Duration::from_secs(1);
+    let reports = rt.block_on(async move {
+        let busy = tokio::spawn(async {
+            loop {
+                std::thread::sleep(Duration::from_millis(25));
+                tokio::task::yield_now().await;
+            }
+        });
+        let probes: Vec<_> = (0..6)
+            .map(|_| {
+                let mut c = ProbeConfig::new(addr).max(max).connections(2);
+                c.min = max;
+                tokio::spawn(probe::run(c, |_| {}))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for p in probes {
+            out.push(p.await.unwrap().unwrap());
+        }
+        busy.abort();
+        out
+    });
+    let _ = stop_tx.send(());
+    responder.join().unwrap();
+    for r in &reports {
+        assert!(r.conclusive, "{r:?}");
+        assert_eq!(r.upper, None, "{r:?}");
+        for d in [Direction::ClientFirst, Direction::ServerFirst] {
+            let dr = r.direction(d).unwrap();
+            assert_eq!(dr.tests, 1, "{dr:?}");
+            assert!(
+                dr.lower >= max,
+                "{d:?}: only {:?} of {max:?} counted: {r:?}",
+                dr.lower
+            );
+        }
+        // Loose upper side: a late wake-up tests a longer period, not a much longer one.
+        assert!(r.lower < max + Duration::from_millis(500), "{r:?}");
+    }
+}
+
 async fn bracket(timeout: f64, at_expiry: AtExpiry) {
     let s = server().await;
     let p = proxy(s.local_addr(), Duration::from_secs_f64(timeout), at_expiry).await;
