@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::{is_reset, CONTROL_IDLE_LIMIT};
-use crate::driver::Transport;
+use crate::Transport;
 
 /// A report for a control connection: (connection index, outcome byte, idle µs).
 type ReportMsg = (u32, u8, u64);
