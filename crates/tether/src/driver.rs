@@ -456,6 +456,7 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
     poll_fn(|cx: &mut Context<'_>| -> Poll<()> {
         loop {
             let now = now();
+            let was_established = conn.is_established();
             // 1. Commands from the handles.
             let paused;
             // The length of the next outbox message when the outbox could not be drained
@@ -651,6 +652,13 @@ pub(crate) async fn drive<T: Transport, S: Sink>(
                     continue;
                 }
             }
+            // The handshake completed in this pass (WELCOME read, or HELLO accepted): step 1
+            // skipped the outbox while it was pending, so go back for what the application
+            // queued before or during the handshake. Nothing else would wake us for it
+            // before the next timer (a heartbeat interval later).
+            if !was_established && conn.is_established() {
+                continue;
+            }
             // The socket took everything: go back for the rest of the outbox (nothing else
             // would wake us for it).
             if let Some(len) = waiting_front {
@@ -756,6 +764,103 @@ pub(crate) fn poll_recv(shared: &Shared, cx: &mut Context<'_>) -> Poll<Result<By
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tether_proto::ConnConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    /// The far end of an in-memory transport, run by the core's own server state machine.
+    struct Peer {
+        io: DuplexStream,
+        conn: Conn,
+    }
+
+    impl Peer {
+        fn server(io: DuplexStream) -> Peer {
+            Peer {
+                io,
+                conn: Conn::server(now(), ConnConfig::default()),
+            }
+        }
+
+        /// Reads until the state machine has an event; answers a HELLO with `accept`.
+        async fn next_event(&mut self, accept: &LivenessConfig) -> ConnEvent {
+            loop {
+                if let Some(ev) = self.conn.poll_event() {
+                    if let ConnEvent::Hello(_) = ev {
+                        self.conn.accept(now(), accept.clone(), None);
+                        self.flush().await;
+                    }
+                    return ev;
+                }
+                let mut buf = [0u8; 4096];
+                let n = self.io.read(&mut buf).await.unwrap();
+                self.conn.handle_input(now(), &buf[..n]);
+                if n == 0 {
+                    self.conn.handle_eof(now());
+                }
+            }
+        }
+
+        async fn flush(&mut self) {
+            let out = self.conn.pending_transmit().to_vec();
+            self.io.write_all(&out).await.unwrap();
+            self.conn.transmitted(out.len());
+        }
+    }
+
+    fn client_conn(h: Duration) -> Box<Conn> {
+        let hello = Hello {
+            client_id: "c".into(),
+            requested_heartbeat: h,
+            want_session: false,
+            resume: None,
+        };
+        Box::new(Conn::client(
+            now(),
+            ConnConfig::default(),
+            &hello,
+            LivenessConfig::new(h, h * 3),
+            None,
+        ))
+    }
+
+    /// A message queued before the connection started and one queued while the HELLO is in
+    /// flight both go out in the same instant the WELCOME arrives, not a heartbeat later.
+    #[tokio::test(start_paused = true)]
+    async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welcome() {
+        let h = Duration::from_secs(10);
+        let (io, far) = tokio::io::duplex(64 * 1024);
+        let shared = Shared::new(Limits::default());
+        assert!(shared.try_send(Bytes::from_static(b"before")));
+        tokio::spawn(drive(io, client_conn(h), shared.clone(), NoSink));
+        let mut peer = Peer::server(far);
+        // Read the HELLO but answer only later: the handshake is in progress.
+        let mut buf = [0u8; 4096];
+        let n = peer.io.read(&mut buf).await.unwrap();
+        peer.conn.handle_input(now(), &buf[..n]);
+        assert!(matches!(peer.conn.poll_event(), Some(ConnEvent::Hello(_))));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(shared.try_send(Bytes::from_static(b"during")));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        peer.conn.accept(now(), LivenessConfig::new(h, h * 3), None);
+        let welcomed = tokio::time::Instant::now();
+        peer.flush().await;
+        let accept = LivenessConfig::new(h, h * 3);
+        assert!(matches!(
+            peer.next_event(&accept).await,
+            ConnEvent::Established(_)
+        ));
+        for want in [&b"before"[..], b"during"] {
+            match peer.next_event(&accept).await {
+                ConnEvent::Message(m) => assert_eq!(&m[..], want),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(
+                tokio::time::Instant::now() - welcomed,
+                Duration::ZERO,
+                "the queued message waited for a timer"
+            );
+        }
+    }
 
     struct NoSink;
     impl Sink for NoSink {
