@@ -1,6 +1,6 @@
 //! `tether::proxy` on loopback: bytes unchanged both ways, half-close forwarding, RST vs FIN
-//! propagation, a vanished client freeing a one-slot upstream (idle timeout), setup failures
-//! and the counters.
+//! propagation, a vanished client freeing a one-slot upstream (idle timeout), half-closed
+//! connections released after the half-close timeout, setup failures and the counters.
 //!
 //! A userspace blackhole on loopback cannot stop the kernel from answering the proxy's
 //! keepalive probes (the blackhole process's socket ACKs them), so the vanished-client case
@@ -40,6 +40,10 @@ impl Harness {
         let cfg = ProxyConfig::new("127.0.0.1:0".parse().unwrap(), upstream)
             .policy(policy)
             .copy(copy);
+        Harness::with(cfg).await
+    }
+
+    async fn with(cfg: ProxyConfig) -> Harness {
         let proxy = Proxy::bind(cfg).await.unwrap();
         let addr = proxy.local_addr();
         let handle = proxy.handle();
@@ -520,4 +524,181 @@ async fn an_idle_connection_gives_its_channels_back() {
             // The connection itself stays open: the next round works the same way.
         }
     }
+}
+
+fn half_close_cfg(upstream: SocketAddr, copy: CopyMode, t: Option<Duration>) -> ProxyConfig {
+    ProxyConfig::new("127.0.0.1:0".parse().unwrap(), upstream)
+        .policy(policy())
+        .copy(copy)
+        .half_close_timeout(t)
+}
+
+/// Issue 11 §3: a peer that never closes its half held both legs forever. Now the proxy
+/// resets both legs once the open direction has been silent for the half-close timeout.
+#[tokio::test]
+async fn a_peer_that_never_closes_its_half_is_reset_after_the_half_close_timeout() {
+    let t = Duration::from_millis(400);
+    for copy in [CopyMode::Splice, CopyMode::Buffer] {
+        let (l, upstream) = listener().await;
+        let mut h = Harness::with(half_close_cfg(upstream, copy, Some(t))).await;
+        let mut c = TcpStream::connect(h.addr).await.unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        c.write_all(b"request").await.unwrap();
+        c.shutdown().await.unwrap();
+        // The upstream reads the request to its end, then keeps its half open, silent.
+        let mut req = Vec::new();
+        within(s.read_to_end(&mut req)).await.unwrap();
+        let fin_seen = Instant::now();
+        assert_eq!(req, b"request");
+        let mut buf = [0u8; 16];
+        let r = within(c.read(&mut buf)).await;
+        let after = fin_seen.elapsed();
+        assert_eq!(
+            r.expect_err("the client read EOF or data, not a reset")
+                .kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        assert!(
+            after >= t - Duration::from_millis(50) && after < t + Duration::from_secs(3),
+            "{copy:?}: reset {after:?} after the FIN (half-close timeout {t:?})"
+        );
+        let end = h.closed().await;
+        assert_eq!(end.reason, DisconnectReason::HalfCloseTimeout, "{end:?}");
+        assert_eq!(end.leg, Some(Leg::Upstream));
+        assert_eq!(end.first_fin, Some(Leg::Client));
+        assert!(end.abortive);
+        assert_eq!(h.handle.metrics().closed_with("half-close-timeout"), 1);
+        // The upstream was reset too.
+        let mut failed = false;
+        for _ in 0..50 {
+            if s.write_all(b"late").await.is_err() {
+                failed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(failed, "{copy:?}: upstream was not reset");
+    }
+}
+
+/// The half-close timeout counts silence, not age: a half-closed connection whose other
+/// direction keeps moving stays open, and is reset only once it falls silent.
+#[tokio::test]
+async fn bytes_keep_a_half_closed_connection_open() {
+    let t = Duration::from_millis(400);
+    let (l, upstream) = listener().await;
+    let mut h = Harness::with(half_close_cfg(upstream, CopyMode::default(), Some(t))).await;
+    let mut c = TcpStream::connect(h.addr).await.unwrap();
+    let (mut s, _) = l.accept().await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(within(s.read(&mut buf)).await.unwrap(), 0, "FIN forwarded");
+    // A slow reply: one byte every 150 ms for 1.2 s (three times the timeout), then silence.
+    let replier = tokio::spawn(async move {
+        for i in 0..8u8 {
+            s.write_all(&[b'0' + i]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        s
+    });
+    let mut got = Vec::new();
+    let mut last_byte = Instant::now();
+    let err = loop {
+        match within(c.read(&mut buf)).await {
+            Ok(0) => panic!("EOF: the upstream never closed"),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                last_byte = Instant::now();
+            }
+            Err(e) => break e,
+        }
+    };
+    let silent = last_byte.elapsed();
+    assert_eq!(
+        got, b"01234567",
+        "the slow reply arrived whole before the reset"
+    );
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    assert!(
+        silent >= t - Duration::from_millis(50) && silent < t + Duration::from_secs(3),
+        "reset {silent:?} after the last byte"
+    );
+    let end = h.closed().await;
+    assert_eq!(end.reason, DisconnectReason::HalfCloseTimeout);
+    assert_eq!(end.bytes_down, 8);
+    drop(replier.await.unwrap());
+}
+
+/// Open file descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// The measurement behind the issue (2,010 fds after 70 s): 200 connections half-closed by
+/// their clients, the upstream never closing its half. With the timeout the proxy gives all
+/// 400 of its sockets back; with it disabled it holds them.
+#[tokio::test]
+async fn half_closed_connections_give_their_sockets_back() {
+    const N: usize = 200;
+    let t = Duration::from_millis(500);
+    let (l, upstream) = listener().await;
+    // The upstream keeps every connection it accepts, open and silent.
+    let held = tokio::spawn(async move {
+        let mut keep = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            keep.push(s);
+        }
+    });
+    let on = Harness::with(half_close_cfg(upstream, CopyMode::default(), Some(t))).await;
+    let off = Harness::with(half_close_cfg(upstream, CopyMode::default(), None)).await;
+    let before = open_fds();
+    let mut clients = Vec::new();
+    for h in [&on, &off] {
+        for _ in 0..N {
+            let c = TcpStream::connect(h.addr).await.unwrap();
+            c.set_nodelay(true).unwrap();
+            let mut c = c;
+            c.shutdown().await.unwrap();
+            clients.push(c);
+        }
+    }
+    // Every connection is up (both legs) before the clock starts.
+    let t0 = Instant::now();
+    while on.handle.metrics().open < N as u64 || off.handle.metrics().open < N as u64 {
+        assert!(t0.elapsed() < LIMIT, "connections never all opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let loaded = open_fds();
+    let t1 = Instant::now();
+    while on.handle.metrics().open > 0 {
+        assert!(
+            t1.elapsed() < t + LIMIT,
+            "half-closed connections were never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let released_after = t1.elapsed();
+    // Give the disabled proxy the same time and more: it must still hold everything.
+    tokio::time::sleep(t).await;
+    let after = open_fds();
+    let (on_open, off_open) = (on.handle.metrics().open, off.handle.metrics().open);
+    println!(
+        "half-close: {N} half-closed connections per proxy; process fds {before} before, \
+         {loaded} with all open, {after} after {:?} (timeout {t:?}: open {on_open}, \
+         disabled: open {off_open})",
+        released_after + t
+    );
+    assert_eq!(on_open, 0);
+    assert_eq!(off_open, N as u64, "without the timeout they are held");
+    assert_eq!(
+        on.handle.metrics().closed_with("half-close-timeout"),
+        N as u64
+    );
+    // The released proxy gave back both legs of each connection.
+    assert!(
+        loaded - after >= 2 * N,
+        "only {} fds released for {N} connections",
+        loaded - after
+    );
+    held.abort();
 }

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use super::{Leg, RelayEnd};
 
 /// The reasons a proxied connection can end with, in the order of [`ProxyMetrics::closed`].
-pub const PROXY_REASONS: [&str; 6] = [
+pub const PROXY_REASONS: [&str; 7] = [
     "peer-closed",
     "peer-reset",
     "keepalive-timeout",
     "user-timeout",
     "idle-timeout",
+    "half-close-timeout",
     "io-error",
 ];
 

@@ -28,6 +28,7 @@
 //!   | `ETIMEDOUT` after unanswered keepalive probes    | `keepalive-timeout` | RST            |
 //!   | `ETIMEDOUT` with data unacknowledged             | `user-timeout`      | RST            |
 //!   | no byte either way for `idle_timeout`            | `idle-timeout`      | RST (both legs)|
+//!   | half-closed, no byte for `half_close_timeout`    | `half-close-timeout`| RST (both legs)|
 //!   | any other socket error                           | `io-error`          | RST            |
 //!
 //!   RST is `SO_LINGER` 0 then close ([`sockopt::set_abortive_close`]): the program behind the
@@ -35,7 +36,10 @@
 //!   retransmitting into a dead path.
 //! - **Half-closes are forwarded**: a FIN from one side becomes `shutdown(Write)` towards the
 //!   other, and the opposite direction keeps flowing until it closes too (request/response
-//!   programs that `shutdown(SHUT_WR)` after the request keep working).
+//!   programs that `shutdown(SHUT_WR)` after the request keep working) — but not forever:
+//!   once half-closed, a connection whose open direction moves no byte for
+//!   [`ProxyConfig::half_close_timeout`] (60 s by default) is reset on both legs, so a peer
+//!   that never closes its half cannot pile up sockets.
 //! - **A leg that dies while we are not reading from it is still noticed**: after a FIN from
 //!   the client, the proxy no longer reads the client socket, and a later RST or keepalive
 //!   timeout on it would only show up on the next write. An error-readiness watch on each
@@ -164,7 +168,14 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// How bytes are moved. Default: [`CopyMode::default`].
     pub copy: CopyMode,
+    /// Once one side has half-closed, the other direction moving nothing for this long
+    /// resets both legs (`half-close-timeout`); `None` holds half-closed connections for as
+    /// long as the other side keeps its half open. Default: 60 s.
+    pub half_close_timeout: Option<Duration>,
 }
+
+/// Default of [`ProxyConfig::half_close_timeout`].
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ProxyConfig {
     /// Defaults, forwarding `listen` to `upstream`.
@@ -176,6 +187,7 @@ impl ProxyConfig {
             connect_timeout: None,
             max_connections: 10_000,
             copy: CopyMode::default(),
+            half_close_timeout: Some(DEFAULT_HALF_CLOSE_TIMEOUT),
         }
     }
     /// Sets the policy. Default: `Policy::default()`.
@@ -196,6 +208,11 @@ impl ProxyConfig {
     /// Sets the copy mode. Default: [`CopyMode::default`].
     pub fn copy(mut self, copy: CopyMode) -> Self {
         self.copy = copy;
+        self
+    }
+    /// Sets the half-close timeout (`None` disables it). Default: 60 s.
+    pub fn half_close_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.half_close_timeout = timeout;
         self
     }
 
@@ -394,6 +411,7 @@ async fn handle_connection<F>(
     });
     let opts = RelayOptions {
         idle_timeout: cfg.policy.idle_timeout,
+        half_close_timeout: cfg.half_close_timeout,
         copy: cfg.copy,
     };
     let end = relay_counted(client, upstream, &opts, Some(counters)).await;

@@ -25,6 +25,11 @@ pub struct RelayOptions {
     /// No byte in either direction for this long ends the connection with RST on both legs.
     /// `None` disables. Default: `None`.
     pub idle_timeout: Option<Duration>,
+    /// Once one side has half-closed (sent FIN), the other direction moving no byte for this
+    /// long ends the connection with RST on both legs (`half-close-timeout`): a peer that
+    /// never closes its side must not hold both sockets forever. `None` disables.
+    /// Default: `None` (the proxy's own default is in [`ProxyConfig`](super::ProxyConfig)).
+    pub half_close_timeout: Option<Duration>,
     /// How bytes are moved. Default: [`CopyMode::default`].
     pub copy: CopyMode,
 }
@@ -35,10 +40,11 @@ pub struct RelayOptions {
 pub struct RelayEnd {
     /// Why it ended: `peer-closed` (both directions closed by FIN) or a failure.
     pub reason: DisconnectReason,
-    /// The leg whose event ended it (for `peer-closed`, the leg that closed *last*); `None`
-    /// for `idle-timeout`, which concerns both.
+    /// The leg whose event ended it (for `peer-closed`, the leg that closed *last*; for
+    /// `half-close-timeout`, the leg that never closed); `None` for `idle-timeout`, which
+    /// concerns both.
     pub leg: Option<Leg>,
-    /// For `peer-closed`: the leg that sent the first FIN.
+    /// For `peer-closed` and `half-close-timeout`: the leg that sent the first FIN.
     pub first_fin: Option<Leg>,
     /// Both legs were closed with RST (`SO_LINGER` 0), because the cause was a failure.
     pub abortive: bool,
@@ -69,6 +75,7 @@ enum Step {
     DirectionDone(Leg),
     Fault(Fault),
     IdleCheck,
+    HalfCloseCheck,
 }
 
 pub(super) async fn relay_counted(
@@ -117,6 +124,10 @@ pub(super) async fn relay_counted(
         let mut upstream_err = pin!(watch_error(&upstream, Leg::Upstream));
         let idle = opts.idle_timeout;
         let mut idle_sleep = pin!(tokio::time::sleep_until(start + idle.unwrap_or_default()));
+        let half = opts.half_close_timeout;
+        // Armed at the first FIN.
+        let mut half_since: Option<Instant> = None;
+        let mut half_sleep = pin!(tokio::time::sleep_until(start));
         let (mut up_done, mut down_done) = (false, false);
         let mut first_fin = None;
 
@@ -147,6 +158,10 @@ pub(super) async fn relay_counted(
                 if idle.is_some() && idle_sleep.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Step::IdleCheck);
                 }
+                if half.is_some() && half_since.is_some() && half_sleep.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Step::HalfCloseCheck);
+                }
                 Poll::Pending
             })
             .await;
@@ -159,6 +174,11 @@ pub(super) async fn relay_counted(
                     first_fin.get_or_insert(leg);
                     if up_done && down_done {
                         break (DisconnectReason::PeerClosed, Some(leg), false);
+                    }
+                    if let Some(limit) = half {
+                        let now = Instant::now();
+                        half_since = Some(now);
+                        half_sleep.as_mut().reset(now + limit);
                     }
                 }
                 Step::Fault(f) => {
@@ -177,6 +197,17 @@ pub(super) async fn relay_counted(
                     }
                     idle_sleep.as_mut().reset(deadline);
                 }
+                Step::HalfCloseCheck => {
+                    // Lazy as well: bytes of the open direction push the deadline.
+                    let limit = half.unwrap_or_default();
+                    let since = half_since.unwrap_or(start).max(activity.last());
+                    let deadline = since + limit;
+                    if Instant::now() >= deadline {
+                        let open = if up_done { Leg::Upstream } else { Leg::Client };
+                        break (DisconnectReason::HalfCloseTimeout, Some(open), true);
+                    }
+                    half_sleep.as_mut().reset(deadline);
+                }
             }
         };
         (reason, leg, failure, first_fin)
@@ -188,10 +219,14 @@ pub(super) async fn relay_counted(
     }
     drop(client);
     drop(upstream);
+    let first_fin = match reason {
+        DisconnectReason::PeerClosed | DisconnectReason::HalfCloseTimeout => first_fin,
+        _ => None,
+    };
     RelayEnd {
         reason,
         leg,
-        first_fin: if failure { None } else { first_fin },
+        first_fin,
         abortive: failure,
         bytes_up: up_bytes.load(Relaxed),
         bytes_down: down_bytes.load(Relaxed),
