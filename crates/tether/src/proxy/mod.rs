@@ -174,6 +174,10 @@ pub struct ProxyConfig {
     pub half_close_timeout: Option<Duration>,
 }
 
+/// After a failed `accept`, the longest wait before trying again when none of our
+/// connections ended meanwhile.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// Default of [`ProxyConfig::half_close_timeout`].
 pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -280,7 +284,8 @@ pub enum ProxyEvent {
         /// The limit.
         limit: usize,
     },
-    /// `accept` failed (for example out of file descriptors); retried after 100 ms.
+    /// `accept` failed (for example out of file descriptors); retried as soon as a relayed
+    /// connection ends, or after 100 ms.
     AcceptFailed {
         /// The error.
         error: io::Error,
@@ -344,7 +349,14 @@ impl Proxy {
                         Ok(a) => a,
                         Err(error) => {
                             on_event(ProxyEvent::AcceptFailed { error });
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            // Out of file descriptors, typically: try again as soon as one of
+                            // our connections ends (or after a while, for descriptors freed
+                            // elsewhere), never in a spin.
+                            let retry = tokio::time::sleep(ACCEPT_RETRY);
+                            tokio::select! {
+                                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                                _ = retry => {}
+                            }
                             continue;
                         }
                     };
