@@ -14,7 +14,7 @@ use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::session::SessionConfig;
 
-use crate::config::{parse_addr, parse_bytes, parse_duration, Layers, PolicyFlags};
+use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
 use crate::log;
 
 /// Keys common to both sides (flags, `TETHER_<KEY>`, TOML).
@@ -113,6 +113,10 @@ struct ExitArgs {
     /// The program's real server: every tunnelled connection is connected here.
     #[arg(long, value_name = "ADDR")]
     target: Option<String>,
+    /// Tunnelled connections open at once; a connection beyond it is reset at once (no
+    /// target connection is made for it). [default: 10000]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -124,9 +128,9 @@ struct Shared {
     session: SessionConfig,
 }
 
-fn keys(extra: &'static str) -> Vec<&'static str> {
+fn keys(extra: &[&'static str]) -> Vec<&'static str> {
     let mut k = COMMON_KEYS.to_vec();
-    k.push(extra);
+    k.extend_from_slice(extra);
     k
 }
 
@@ -170,7 +174,7 @@ fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
 }
 
 fn entry_config(a: &EntryArgs) -> Result<EntryConfig> {
-    let l = Layers::load(a.common.config.as_deref(), &keys("relay"))?;
+    let l = Layers::load(a.common.config.as_deref(), &keys(&["relay"]))?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
         "--listen",
@@ -185,7 +189,10 @@ fn entry_config(a: &EntryArgs) -> Result<EntryConfig> {
 }
 
 fn exit_config(a: &ExitArgs) -> Result<ExitConfig> {
-    let l = Layers::load(a.common.config.as_deref(), &keys("target"))?;
+    let l = Layers::load(
+        a.common.config.as_deref(),
+        &keys(&["target", "max_connections"]),
+    )?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
         "--listen",
@@ -200,6 +207,9 @@ fn exit_config(a: &ExitArgs) -> Result<ExitConfig> {
         .policy(s.policy)
         .session_linger(Some(s.linger))
         .session_config(s.session);
+    if let Some(n) = l.get("max_connections", a.max_connections.as_deref(), parse_count)? {
+        cfg = cfg.max_connections(n);
+    }
     Ok(cfg)
 }
 
@@ -258,6 +268,14 @@ fn log_event(ev: &TunnelEvent) -> i64 {
         }
         TunnelEvent::PathUp { id } => {
             log::line(id, "path-up", "session resumed, nothing lost");
+            0
+        }
+        TunnelEvent::Rejected { id, limit } => {
+            log::line(
+                id,
+                "rejected",
+                &format!("at the limit of {limit} connections (--max-connections); reset"),
+            );
             0
         }
         TunnelEvent::Closed {
@@ -359,8 +377,9 @@ async fn run_entry(cfg: EntryConfig) -> Result<ExitCode> {
 
 async fn run_exit(cfg: ExitConfig) -> Result<ExitCode> {
     let details = format!(
-        "target={} {}",
+        "target={} max_connections={} {}",
         cfg.target,
+        cfg.max_connections,
         policy_line(
             &cfg.server.policy,
             cfg.server.session_linger.unwrap_or_default()
@@ -449,5 +468,37 @@ mod tests {
         let c = exit_config(e).unwrap();
         assert_eq!(c.server.session_linger, Some(Duration::from_secs(30)));
         assert_eq!(c.target.port(), 9001);
+        assert_eq!(c.max_connections, 10_000, "default");
+    }
+
+    #[test]
+    fn exit_max_connections() {
+        let a = parse(&[
+            "exit",
+            "--listen",
+            "9000",
+            "--target",
+            "9001",
+            "--max-connections",
+            "3",
+        ]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        assert_eq!(exit_config(e).unwrap().max_connections, 3);
+        let a = parse(&[
+            "exit",
+            "--listen",
+            "9000",
+            "--target",
+            "9001",
+            "--max-connections",
+            "many",
+        ]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        let err = format!("{:#}", exit_config(e).err().unwrap());
+        assert!(err.contains("max"), "{err}");
     }
 }
