@@ -13,15 +13,8 @@ use tether_lab::{Role, Shape, Topology};
 use tether_proto::policy::Policy;
 use tether_proto::presence::PresenceState;
 
-fn skip() -> bool {
-    match tether_lab::skip_reason() {
-        Some(why) => {
-            let _ = std::io::stderr()
-                .write_all(format!("\nSKIP tether-lab presence tests: {why}\n").as_bytes());
-            true
-        }
-        None => false,
-    }
+fn skip(test: &str) -> bool {
+    tether_lab::skip_test(test)
 }
 
 const D: Duration = Duration::from_secs(3);
@@ -94,7 +87,7 @@ fn scenario(
 
 #[test]
 fn vanishing_clients_go_offline_within_the_bound_and_notice_it_themselves() {
-    if skip() {
+    if skip("vanishing_clients_go_offline_within_the_bound_and_notice_it_themselves") {
         return;
     }
     let runs: Vec<_> = ["blackhole", "host-crash"]
