@@ -50,8 +50,13 @@ pub use sys::{check_environment, enter_netns};
 /// Why the lab cannot run here — `TETHER_LAB_SKIP` is set, not root, or a tool is missing —
 /// or `None` when it can. Tests report it with [`report_skip`] and return.
 pub fn skip_reason() -> Option<String> {
-    if std::env::var_os("TETHER_LAB_SKIP").is_some() {
-        return Some("TETHER_LAB_SKIP is set".into());
+    if let Some(v) = std::env::var_os("TETHER_LAB_SKIP") {
+        let v = v.to_string_lossy();
+        return Some(if v.is_empty() || v == "1" {
+            "TETHER_LAB_SKIP is set".into()
+        } else {
+            format!("TETHER_LAB_SKIP is set ({v})")
+        });
     }
     check_environment().err().map(|e| e.to_string())
 }
