@@ -1,6 +1,11 @@
 //! Layered configuration: command-line flags win over `TETHER_*` environment variables, which
 //! win over a TOML file (`--config`), which wins over built-in defaults. A bad value is an
-//! error that names the key, where the value came from, and the value.
+//! error that names the key, where the value came from, and the value (exit 2).
+//!
+//! Flags are typed by clap value parsers and carry their defaults (`default_value`, shown in
+//! `--help`): the one place a default is written. [`Layers::pick`] takes the parsed flag and
+//! asks clap whether it was given on the command line; if not, a `TETHER_<KEY>` variable or
+//! the file's key (parsed by the same parser) replaces the default.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -9,7 +14,9 @@ use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::exit::UsageError;
 use tether_proto::policy::Policy;
 use tether_proto::presets::PathSpec;
 
@@ -21,6 +28,43 @@ pub(crate) struct PolicyFlags<'a> {
     pub(crate) path: Option<&'a str>,
     pub(crate) heartbeat: Option<&'a str>,
     pub(crate) idle_timeout: Option<&'a str>,
+}
+
+/// The liveness flags, typed by clap (`detect_within` with its default applied).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TypedPolicyFlags {
+    pub(crate) detect_within: Duration,
+    pub(crate) path: Option<PathSpec>,
+    pub(crate) heartbeat: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+/// A setting that can be switched off with `off` or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Toggle<T>(pub(crate) Option<T>);
+
+impl<T> Toggle<T> {
+    /// Parses `off`/`none`, or the value with `parse`.
+    pub(crate) fn parse<E: fmt::Display>(
+        s: &str,
+        parse: impl FnOnce(&str) -> std::result::Result<T, E>,
+    ) -> std::result::Result<Toggle<T>, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("off") || s.eq_ignore_ascii_case("none") {
+            return Ok(Toggle(None));
+        }
+        parse(s).map(|v| Toggle(Some(v))).map_err(|e| e.to_string())
+    }
+}
+
+/// An address, or `off`.
+pub(crate) fn parse_addr_or_off(s: &str) -> std::result::Result<Toggle<SocketAddr>, String> {
+    Toggle::parse(s, parse_addr)
+}
+
+/// A duration, or `off`.
+pub(crate) fn parse_duration_or_off(s: &str) -> std::result::Result<Toggle<Duration>, String> {
+    Toggle::parse(s, parse_duration)
 }
 
 /// Where a setting's value came from.
@@ -44,6 +88,8 @@ impl fmt::Display for Source {
 /// The layers for one subcommand.
 pub(crate) struct Layers {
     file: Option<(PathBuf, BTreeMap<String, String>)>,
+    /// Argument ids given on the command line (from clap's `ArgMatches`).
+    given: std::collections::HashSet<String>,
 }
 
 impl Layers {
@@ -51,38 +97,101 @@ impl Layers {
     /// other key in the file is an error naming it.
     pub(crate) fn load(path: Option<&Path>, known: &[&str]) -> Result<Layers> {
         let Some(path) = path else {
-            return Ok(Layers { file: None });
+            return Ok(Layers {
+                file: None,
+                given: Default::default(),
+            });
         };
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
-        let table: toml::Table = toml::from_str(&text)
-            .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            .with_context(|| UsageError(format!("cannot read config file {}", path.display())))?;
+        let table: toml::Table = toml::from_str(&text).with_context(|| {
+            UsageError(format!("config file {} is not valid TOML", path.display()))
+        })?;
         let mut map = BTreeMap::new();
         for (k, v) in table {
             let key = k.replace('-', "_");
             if !known.contains(&key.as_str()) {
-                bail!(
+                return Err(UsageError(format!(
                     "unknown key `{k}` in config file {} (known keys: {})",
                     path.display(),
                     known.join(", ")
-                );
+                ))
+                .into());
             }
             let s = match v {
                 toml::Value::String(s) => s,
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Float(f) => f.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
-                other => bail!(
-                    "key `{k}` in config file {} must be a string, number or boolean, not {}",
-                    path.display(),
-                    other.type_str()
-                ),
+                other => {
+                    return Err(UsageError(format!(
+                        "key `{k}` in config file {} must be a string, number or boolean, not {}",
+                        path.display(),
+                        other.type_str()
+                    ))
+                    .into())
+                }
             };
             map.insert(key, s);
         }
         Ok(Layers {
             file: Some((path.to_owned(), map)),
+            given: Default::default(),
         })
+    }
+
+    /// Records which flags were given on the command line (clap's `ValueSource`).
+    pub(crate) fn given(mut self, matches: &clap::ArgMatches) -> Self {
+        self.given = matches
+            .ids()
+            .filter(|id| {
+                matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.as_str().to_owned())
+            .collect();
+        self
+    }
+
+    /// The value of `key`: `flag` (clap's parsed value) when given on the command line, else
+    /// `TETHER_<KEY>` or the file's key parsed with `parse`, else `flag` (its default).
+    pub(crate) fn pick<T, E: fmt::Display>(
+        &self,
+        key: &str,
+        flag: T,
+        parse: impl FnOnce(&str) -> std::result::Result<T, E>,
+    ) -> Result<T> {
+        if self.given.contains(key) {
+            return Ok(flag);
+        }
+        match self.raw(key, None) {
+            None => Ok(flag),
+            Some((v, src)) => parse(v.trim())
+                .map_err(|e| UsageError(format!("invalid value {v:?} for {src}: {e}")).into()),
+        }
+    }
+
+    /// [`Layers::pick`] for a flag without a default.
+    pub(crate) fn pick_opt<T, E: fmt::Display>(
+        &self,
+        key: &str,
+        flag: Option<T>,
+        parse: impl FnOnce(&str) -> std::result::Result<T, E>,
+    ) -> Result<Option<T>> {
+        self.pick(key, flag, |s| parse(s).map(Some))
+    }
+
+    /// The liveness policy from typed flags (see [`Layers::policy`]).
+    pub(crate) fn typed_policy(&self, f: TypedPolicyFlags) -> Result<Policy> {
+        let detect = self.pick("detect_within", f.detect_within, parse_duration)?;
+        let path = self.pick_opt("path", f.path, PathSpec::parse)?;
+        let mut b = Policy::builder(detect).path(path);
+        if let Some(h) = self.pick_opt("heartbeat", f.heartbeat, parse_duration)? {
+            b = b.heartbeat(h);
+        }
+        if let Some(i) = self.pick_opt("idle_timeout", f.idle_timeout, parse_duration)? {
+            b = b.idle_timeout(Some(i));
+        }
+        b.build().context("the liveness settings are inconsistent")
     }
 
     /// The raw value of `key` (snake_case) with its source: the flag value if given, else
@@ -114,7 +223,7 @@ impl Layers {
             None => Ok(None),
             Some((v, src)) => match parse(v.trim()) {
                 Ok(t) => Ok(Some(t)),
-                Err(e) => bail!("invalid value {v:?} for {src}: {e}"),
+                Err(e) => Err(UsageError(format!("invalid value {v:?} for {src}: {e}")).into()),
             },
         }
     }
@@ -153,13 +262,6 @@ impl Layers {
             None => Ok(default),
         }
     }
-
-    /// A boolean: a bare flag counts as true.
-    pub(crate) fn flag(&self, key: &str, flag: bool) -> Result<bool> {
-        Ok(self
-            .get(key, flag.then_some("true"), parse_bool)?
-            .unwrap_or(false))
-    }
 }
 
 /// `true/false/yes/no/on/off/1/0`.
@@ -174,6 +276,11 @@ pub(crate) fn parse_bool(s: &str) -> std::result::Result<bool, String> {
 /// A human duration (`30s`, `500ms`, `4m`, bare number = seconds).
 pub(crate) fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     tether_proto::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// A byte count that fits in memory.
+pub(crate) fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    usize::try_from(parse_bytes(s)?).map_err(|_| "too large".to_owned())
 }
 
 /// A socket address; `host:port` names are resolved, a bare port means 127.0.0.1.
@@ -285,6 +392,52 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("unknown key `listne`"), "{e}");
+    }
+
+    #[test]
+    fn typed_flags_win_only_when_given() {
+        use clap::{CommandFactory, FromArgMatches, Parser};
+        #[derive(Parser, Debug)]
+        struct T {
+            #[arg(long, default_value = "30s", value_parser = parse_duration)]
+            zz_typed_a: Duration,
+            #[arg(long, default_value = "off", value_parser = parse_duration_or_off)]
+            zz_typed_b: Toggle<Duration>,
+        }
+        let parse = |argv: &[&str]| {
+            let m = T::command().try_get_matches_from(argv).unwrap();
+            let t = T::from_arg_matches(&m).unwrap();
+            (t, Layers::load(None, &[]).unwrap().given(&m))
+        };
+        // Default, then env over the default, then the flag over env.
+        let (t, l) = parse(&["t"]);
+        assert_eq!(
+            l.pick("zz_typed_a", t.zz_typed_a, parse_duration).unwrap(),
+            Duration::from_secs(30)
+        );
+        std::env::set_var("TETHER_ZZ_TYPED_A", "5s");
+        assert_eq!(
+            l.pick("zz_typed_a", t.zz_typed_a, parse_duration).unwrap(),
+            Duration::from_secs(5)
+        );
+        let (t, l) = parse(&["t", "--zz-typed-a", "7s", "--zz-typed-b", "1m"]);
+        assert_eq!(
+            l.pick("zz_typed_a", t.zz_typed_a, parse_duration).unwrap(),
+            Duration::from_secs(7)
+        );
+        assert_eq!(t.zz_typed_b, Toggle(Some(Duration::from_secs(60))));
+        std::env::set_var("TETHER_ZZ_TYPED_A", "soon");
+        let (t, l) = parse(&["t"]);
+        let e = l
+            .pick("zz_typed_a", t.zz_typed_a, parse_duration)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("TETHER_ZZ_TYPED_A") && e.contains("\"soon\""),
+            "{e}"
+        );
+        std::env::remove_var("TETHER_ZZ_TYPED_A");
+        assert_eq!(t.zz_typed_b, Toggle(None));
     }
 
     #[test]

@@ -1,5 +1,10 @@
-//! The human-readable event log on stderr: `TIME  CLIENT  EVENT  details`.
+//! The human-readable event log on stderr: `TIME  CLIENT  EVENT  key=value …`.
+//!
+//! Values with spaces, quotes, `=` or nothing at all are written in double quotes with `"`
+//! and `\` escaped (`reason="peer-close (code 1: server shutting down)"`), so that a line
+//! splits into pairs unambiguously. Durations are `Human::ms` (`silent_for=5.143s`).
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,6 +33,44 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// A log value, quoted when it needs to be (see the [module docs](self)).
+pub(crate) fn quote(v: &str) -> Cow<'_, str> {
+    let plain = !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c.is_whitespace() || c == '"' || c == '=' || c == '\\' || c.is_control());
+    if plain {
+        return Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    Cow::Owned(out)
+}
+
+/// `key=value` pairs, values quoted when needed.
+pub(crate) fn kv(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(k);
+        out.push('=');
+        out.push_str(&quote(v));
+    }
+    out
+}
+
 /// Writes one event line to stderr.
 pub(crate) fn line(client: &str, event: &str, details: &str) {
     let mut err = std::io::stderr().lock();
@@ -38,26 +81,63 @@ pub(crate) fn line(client: &str, event: &str, details: &str) {
     );
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called
+/// (inside the runtime), not when the future is first polled: a signal that arrives right
+/// after start-up is handled, not fatal. Call it before starting anything.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut t), Some(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Resolves on each SIGHUP (never on platforms without it). `serve` handles it instead of
+/// dying: nothing is reloadable yet; TLS certificates will be reloaded here.
+pub(crate) struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    /// Installs the handler (from then on SIGHUP no longer terminates the process).
+    pub(crate) fn install() -> Hangups {
+        #[cfg(unix)]
+        {
+            Hangups(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok())
+        }
+        #[cfg(not(unix))]
+        {
+            Hangups()
+        }
+    }
+
+    /// The next SIGHUP.
+    pub(crate) async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.0 {
+            if s.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
     }
 }
 
@@ -65,6 +145,19 @@ pub(crate) async fn shutdown_signal() {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn values_with_spaces_are_quoted() {
+        assert_eq!(quote("peer-reset"), "peer-reset");
+        assert_eq!(quote("a b"), "\"a b\"");
+        assert_eq!(quote(""), "\"\"");
+        assert_eq!(quote("say \"hi\""), "\"say \\\"hi\\\"\"");
+        assert_eq!(quote("k=v"), "\"k=v\"");
+        assert_eq!(
+            kv(&[("reason", "peer-close (code 1: bye)"), ("conn", "7")]),
+            "reason=\"peer-close (code 1: bye)\" conn=7"
+        );
+    }
 
     #[test]
     fn formats_utc() {

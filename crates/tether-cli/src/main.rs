@@ -1,29 +1,29 @@
 //! The `tether` command.
 //!
-//! Exit codes: 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server
-//! refused the connection (`connect`); 4 a lab check failed (`lab`) or the result is
-//! inconclusive (`probe`).
+//! Exit codes (also in `tether --help`; derived from the error's type in [`exit::classify`]):
+//! 0 success; 1 runtime error; 2 bad arguments or configuration; 3 the server refused the
+//! connection (`connect`); 4 a lab check failed (`lab`) or the result is inconclusive
+//! (`probe`); 5 replaced by a newer connection with the same client id (`connect`); 6
+//! messages read from stdin were not delivered (`connect`).
 
-mod bench;
+mod cmd;
 mod config;
-mod connect;
+mod exit;
 mod http;
-mod lab;
 mod log;
-mod plan;
-mod probe;
-mod proxy;
-mod serve;
-mod tunnel;
+mod metrics;
+mod status;
+
+use cmd::{bench, connect, lab, plan, probe, proxy, serve, tunnel};
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// tether keeps long-lived TCP connections honest: both sides detect a dead peer within a
 /// bound you choose, and idle connections survive NAT and load-balancer timeouts.
 #[derive(Parser, Debug)]
-#[command(name = "tether", version, about, long_about = None, propagate_version = true)]
+#[command(name = "tether", version, about, long_about = None, propagate_version = true, after_help = exit::HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -62,11 +62,17 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The subcommand's own matches: which flags were given (config layering).
+    let sub = matches
+        .subcommand()
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default();
     init_tracing();
     let result = match cli.command {
-        Command::Serve(a) => serve::run(a),
-        Command::Connect(a) => connect::run(a),
+        Command::Serve(a) => serve::run(a, &sub),
+        Command::Connect(a) => connect::run(a, &sub),
         Command::Plan(a) => plan::run(a),
         Command::Proxy(a) => proxy::run(a),
         Command::Lab(a) => lab::run(a),
@@ -78,19 +84,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            // Configuration problems are reported before anything runs.
-            ExitCode::from(if is_config_error(&e) { 2 } else { 1 })
+            exit::classify(&e).into()
         }
     }
-}
-
-fn is_config_error(e: &anyhow::Error) -> bool {
-    if e.chain().any(|c| {
-        c.downcast_ref::<tether_proto::policy::PolicyError>()
-            .is_some()
-    }) {
-        return true;
-    }
-    let s = format!("{e:#}");
-    s.contains("invalid value") || s.contains("config file") || s.contains("inconsistent")
 }

@@ -37,7 +37,8 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 fn state_of(addr: &str, id: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(&http_get(addr, "/api/clients")).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&http_get(addr, "/api/clients?limit=1000")).unwrap();
     v["clients"]
         .as_array()
         .unwrap()
@@ -130,20 +131,55 @@ fn serve_two_clients_status_metrics_and_sigkill() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim_end(), "ping from alice");
 
+    // A scrape, as Prometheus does it: OpenMetrics text, conventional names and labels.
     let metrics = http_get(&http, "/metrics");
-    assert!(metrics.contains("tether_connections 2"), "{metrics}");
-    assert!(
-        metrics.contains("tether_presence{state=\"online\"} 2"),
+    let sample = |name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    assert_eq!(sample("tether_connections"), Some(2.0), "{metrics}");
+    assert_eq!(
+        sample("tether_presence{state=\"online\"}"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample("tether_messages_received_total"),
+        Some(1.0),
+        "{metrics}"
+    );
+    // The echo's counter is folded in by the connection's driver after the write, which can
+    // be a moment after the client already read it.
+    wait_for("the echo counted", Duration::from_secs(5), || {
+        http_get(&http, "/metrics").contains("\ntether_messages_sent_total 1\n")
+    });
+    assert_eq!(
+        sample("tether_connections_accepted_total"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample("tether_disconnects_total{reason=\"heartbeat-timeout\"}"),
+        Some(0.0),
         "{metrics}"
     );
     assert!(
-        metrics.contains("tether_messages_received_total 1"),
+        metrics.contains("# TYPE tether_disconnects counter"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("# TYPE tether_disconnects_total counter"),
-        "{metrics}"
-    );
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    // The API pages: one client per page, the cursor leads to the other.
+    let page: serde_json::Value =
+        serde_json::from_str(&http_get(&http, "/api/clients?limit=1")).unwrap();
+    assert_eq!(page["clients"][0]["id"], "alice", "{page}");
+    assert_eq!(page["next_cursor"], "alice", "{page}");
+    let page: serde_json::Value =
+        serde_json::from_str(&http_get(&http, "/api/clients?limit=1&cursor=alice")).unwrap();
+    assert_eq!(page["clients"][0]["id"], "bob", "{page}");
+    let one: serde_json::Value =
+        serde_json::from_str(&http_get(&http, "/api/clients/alice")).unwrap();
+    assert_eq!(one["counters"]["messages_in"], 1, "{one}");
 
     // The status page renders the client table (headless Chromium, when installed).
     let browser = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/browser-check");

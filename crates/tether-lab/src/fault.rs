@@ -1,5 +1,5 @@
 //! The faults the lab injects, each with the real-world cause it models and where that
-//! behaviour is documented (`data/middlebox-presets.md` carries the sources).
+//! behaviour is documented (`docs/middlebox-presets.md` carries the sources).
 
 use std::str::FromStr;
 
@@ -133,7 +133,7 @@ impl Fault {
             Fault::NatIdleRst => "docs.aws.amazon.com/elasticloadbalancing/latest/network/network-load-balancers.html (350 s, RST to whoever sends next); docs.aws.amazon.com/vpc/latest/userguide/nat-gateway-troubleshooting.html (350 s, RST)",
             Fault::Blackhole | Fault::HostCrash => "RFC 1122 4.2.3.6 (keepalive exists for exactly this); tcp_retries2 in kernel ip-sysctl.txt (~15 min with data in flight)",
             Fault::ProcessCrash => "the kernel closes a killed process's sockets (FIN, or RST with unread data): tcp(7)",
-            Fault::RouterReboot => "kernel nf_conntrack-sysctl.rst (nf_conntrack_tcp_loose=0: no mid-stream pickup); k8s-node row of middlebox-presets.md (INVALID dropped)",
+            Fault::RouterReboot => "kernel nf_conntrack-sysctl.rst (nf_conntrack_tcp_loose=0: no mid-stream pickup); k8s-node row of docs/middlebox-presets.md (INVALID dropped)",
             Fault::PeerReboot => "RFC 793 3.4 (a segment for a connection that does not exist draws a reset)",
         }
     }

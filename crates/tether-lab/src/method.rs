@@ -27,7 +27,7 @@ pub enum Method {
     /// `SO_KEEPALIVE` switched on but left at the OS's timings (Linux: first probe after
     /// 7200 s, 9 probes 75 s apart; a fresh namespace starts with these defaults): what an
     /// application gets from "enable keepalive" without tuning. Shows that the default is
-    /// far too slow for every middlebox timeout in `middlebox-presets.md`.
+    /// far too slow for every middlebox timeout in `docs/middlebox-presets.md`.
     OsKeepalive,
     /// Tuned TCP keepalive only (`SO_KEEPALIVE`, `TCP_KEEPIDLE`/`INTVL`/`CNT` via socket2),
     /// the application just reads. Probes keep idle flows alive and detect a dead peer, but

@@ -227,6 +227,23 @@ impl fmt::Display for Human {
     }
 }
 
+impl Human {
+    /// `d` truncated to the millisecond: how measured durations are shown in logs, tables
+    /// and the status page (`"5.143s"`, `"98ms"`, `"4m5.2s"`), never with nanoseconds.
+    pub fn ms(d: Duration) -> Human {
+        Human(Duration::from_millis(
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        ))
+    }
+
+    /// `d` truncated to the microsecond, for round-trip times (`"1.234ms"`, `"87us"`).
+    pub fn us(d: Duration) -> Human {
+        Human(Duration::from_micros(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+        ))
+    }
+}
+
 /// Writes `whole.frac` where `frac` is in units of `1/per`, trailing zeros trimmed.
 fn write_decimal(f: &mut fmt::Formatter<'_>, whole: u64, frac: u32, per: u32) -> fmt::Result {
     write!(f, "{whole}")?;
@@ -304,5 +321,25 @@ mod tests {
         assert_eq!(format(Duration::from_nanos(2_500_000)), "2.5ms");
         assert_eq!(format(ms(3_333)), "3.333s");
         assert_eq!(format(Duration::from_secs(90_000)), "25h");
+    }
+
+    #[test]
+    fn truncates_measured_durations() {
+        let d = Duration::from_nanos(5_143_303_870);
+        assert_eq!(Human::ms(d).to_string(), "5.143s");
+        assert_eq!(
+            Human::ms(Duration::from_nanos(98_916_615)).to_string(),
+            "98ms"
+        );
+        assert_eq!(Human::ms(Duration::from_micros(999)).to_string(), "0s");
+        assert_eq!(
+            Human::ms(Duration::from_millis(245_200)).to_string(),
+            "4m5.2s"
+        );
+        assert_eq!(
+            Human::us(Duration::from_nanos(1_234_567)).to_string(),
+            "1.234ms"
+        );
+        assert_eq!(Human::us(Duration::from_nanos(87_900)).to_string(), "87us");
     }
 }

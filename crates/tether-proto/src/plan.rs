@@ -7,19 +7,19 @@
 //! a one-line warning wherever it cannot meet the goal.
 //!
 //! ```text
-//!   Policy ──► Plan { explanations, warnings, defaults, stacks[] } ──► render_text() (people)
-//!                                                                  └─► to_json()     (scripts)
+//!   Policy ──► Plan { warnings, defaults, stacks[] } ──► rendered by the CLI (`tether plan`):
+//!                                                        text for people, JSON for scripts
 //! ```
 //!
 //! Stacks: Linux per socket and sysctl, Windows registry and per socket, Go
 //! `net.KeepAliveConfig` (1.23+), .NET `Socket` options (Core 3.0+), HAProxy, nginx stream.
-//! The core has no serde; [`Plan::to_json`] writes JSON by hand (the CLI tests parse it).
+//! Presentation (text, JSON, the "why" of each policy value) lives in the CLI; the core keeps
+//! the computation.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::duration::Human;
-use crate::policy::{Explanation, Keepalive, Policy};
+use crate::policy::{Keepalive, Policy};
 use crate::presets::{PathSpec, STACK_DEFAULTS};
 
 /// A setting's value, typed for JSON.
@@ -108,8 +108,6 @@ pub struct DefaultCheck {
 pub struct Plan {
     /// The policy the advice is for.
     pub policy: Policy,
-    /// The policy's settings and why.
-    pub explanations: Vec<Explanation>,
     /// Plan-wide warnings (path ignores keepalive, coarse keepalive, …).
     pub warnings: Vec<String>,
     /// What the usual defaults would do on this path.
@@ -198,7 +196,6 @@ impl Plan {
         ];
         Plan {
             policy: policy.clone(),
-            explanations: policy.explain(),
             warnings,
             defaults,
             stacks,
@@ -208,199 +205,6 @@ impl Plan {
     /// Finds a stack's advice by id.
     pub fn stack(&self, id: &str) -> Option<&StackAdvice> {
         self.stacks.iter().find(|s| s.id == id)
-    }
-
-    /// The advice as text for a terminal: the policy and why first, then each stack.
-    pub fn render_text(&self) -> String {
-        let p = &self.policy;
-        let mut out = String::new();
-        let _ = write!(
-            out,
-            "Goal: detect a dead peer within {}",
-            Human(p.detect_within)
-        );
-        match p.path() {
-            Some(path) => {
-                let _ = write!(
-                    out,
-                    " across a path with idle timeout {}",
-                    Human(path.timeout)
-                );
-                if let Some(pr) = path.preset {
-                    let _ = write!(
-                        out,
-                        " ({}: {}; at expiry: {})",
-                        pr.name, pr.title, pr.expiry_text
-                    );
-                }
-                out.push('\n');
-            }
-            None => out
-                .push_str(" (no path idle timeout given: use --path to keep NAT/LB flows open)\n"),
-        }
-
-        out.push_str("\ntether policy\n");
-        for e in &self.explanations {
-            let _ = writeln!(out, "  {:<17} {}", e.setting, e.value);
-            wrap_into(&mut out, &e.why, "      ", 92);
-        }
-
-        if !self.warnings.is_empty() {
-            out.push_str("\nwarnings\n");
-            for w in &self.warnings {
-                wrap_into(&mut out, &format!("! {w}"), "  ", 92);
-            }
-        }
-
-        out.push_str("\nusual defaults\n");
-        for d in &self.defaults {
-            let _ = write!(
-                out,
-                "  {:<20} first probe after {:<6} gives up after {}",
-                d.stack,
-                Human(d.first_probe).to_string(),
-                Human(d.gives_up_after)
-            );
-            match d.keeps_path_open {
-                Some(true) => out.push_str(", keeps the path open"),
-                Some(false) => out.push_str(", path expires first"),
-                None => {}
-            }
-            out.push('\n');
-        }
-
-        for s in &self.stacks {
-            let verdict = if s.meets_goal(p.detect_within) {
-                "meets the goal"
-            } else {
-                "falls short"
-            };
-            let _ = writeln!(out, "\n{} [{}] — {}", s.title, s.scope, verdict);
-            for line in s.snippet.lines() {
-                let _ = writeln!(out, "    {line}");
-            }
-            for w in &s.warnings {
-                wrap_into(&mut out, &format!("! {w}"), "  ", 92);
-            }
-        }
-        out
-    }
-
-    /// The advice as a JSON object (hand-written: the core has no serde). Durations are
-    /// numbers of seconds (`*_s` keys); absent values are `null`.
-    pub fn to_json(&self) -> String {
-        let p = &self.policy;
-        let mut j = String::from("{");
-        let _ = write!(j, "\"detect_within_s\":{}", secs(p.detect_within));
-        j.push_str(",\"path\":");
-        match p.path() {
-            None => j.push_str("null"),
-            Some(path) => {
-                let _ = write!(
-                    j,
-                    "{{\"spec\":{},\"timeout_s\":{},\"tcp_keepalive_counts\":{}",
-                    json_str(&path.to_string()),
-                    secs(path.timeout),
-                    path.tcp_keepalive_counts()
-                );
-                match path.preset {
-                    Some(pr) => {
-                        let _ = write!(
-                            j,
-                            ",\"preset\":{},\"title\":{},\"expiry\":{},\"expiry_text\":{},\"source\":{}}}",
-                            json_str(pr.name),
-                            json_str(pr.title),
-                            json_str(pr.expiry.name()),
-                            json_str(pr.expiry_text),
-                            json_str(pr.source)
-                        );
-                    }
-                    None => j.push_str(",\"preset\":null}"),
-                }
-            }
-        }
-        let _ = write!(
-            j,
-            ",\"policy\":{{\"heartbeat_s\":{},\"dead_after_s\":{},\"suspect_after_s\":{},\"margin_s\":{},\"keepalive\":",
-            secs(p.heartbeat_interval),
-            secs(p.dead_after),
-            secs(p.suspect_after()),
-            secs(p.margin())
-        );
-        match p.keepalive {
-            Some(k) => {
-                let _ = write!(
-                    j,
-                    "{{\"idle_s\":{},\"interval_s\":{},\"count\":{},\"gives_up_after_s\":{}}}",
-                    secs(k.idle),
-                    secs(k.interval),
-                    k.count,
-                    secs(k.total())
-                );
-            }
-            None => j.push_str("null"),
-        }
-        let _ = write!(
-            j,
-            ",\"user_timeout_s\":{},\"idle_timeout_s\":{},\"ping_interval_s\":{}}}",
-            opt_secs(p.user_timeout),
-            opt_secs(p.idle_timeout),
-            opt_secs(p.ping_interval)
-        );
-        j.push_str(",\"explain\":");
-        json_list(&mut j, '[', ']', &self.explanations, |j, e| {
-            let _ = write!(
-                j,
-                "{{\"setting\":{},\"value\":{},\"why\":{}}}",
-                json_str(e.setting),
-                json_str(&e.value),
-                json_str(&e.why)
-            );
-        });
-        j.push_str(",\"warnings\":");
-        json_strs(&mut j, &self.warnings);
-        j.push_str(",\"defaults\":");
-        json_list(&mut j, '[', ']', &self.defaults, |j, d| {
-            let _ = write!(
-                j,
-                "{{\"stack\":{},\"first_probe_s\":{},\"gives_up_after_s\":{},\"keeps_path_open\":{},\"source\":{}}}",
-                json_str(d.stack),
-                secs(d.first_probe),
-                secs(d.gives_up_after),
-                opt_bool(d.keeps_path_open),
-                json_str(d.source)
-            );
-        });
-        j.push_str(",\"stacks\":");
-        json_list(&mut j, '[', ']', &self.stacks, |j, s| {
-            let _ = write!(
-                j,
-                "{{\"id\":{},\"title\":{},\"scope\":{},\"settings\":",
-                json_str(s.id),
-                json_str(s.title),
-                json_str(s.scope)
-            );
-            json_list(j, '{', '}', &s.settings, |j, st| {
-                let v = match &st.value {
-                    Value::Int(v) => v.to_string(),
-                    Value::Bool(v) => v.to_string(),
-                    Value::Text(v) => json_str(v),
-                };
-                let _ = write!(j, "{}:{v}", json_str(&st.name));
-            });
-            let _ = write!(
-                j,
-                ",\"snippet\":{},\"gives_up_after_s\":{},\"keeps_path_open\":{},\"meets_goal\":{},\"warnings\":",
-                json_str(&s.snippet),
-                opt_secs(s.gives_up_after),
-                opt_bool(s.keeps_path_open),
-                s.meets_goal(p.detect_within)
-            );
-            json_strs(j, &s.warnings);
-            j.push('}');
-        });
-        j.push('}');
-        j
     }
 }
 
@@ -787,23 +591,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn secs(d: Duration) -> String {
-    // f64 Display never uses exponent notation and prints integers without ".0": valid JSON.
-    format!("{}", d.as_secs_f64())
-}
-
-fn opt_secs(d: Option<Duration>) -> String {
-    d.map_or_else(|| "null".to_string(), secs)
-}
-
-fn opt_bool(b: Option<bool>) -> &'static str {
-    match b {
-        Some(true) => "true",
-        Some(false) => "false",
-        None => "null",
-    }
-}
-
 /// A Go duration literal: `15 * time.Second`, `1500 * time.Millisecond`.
 fn go_duration(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
@@ -822,83 +609,9 @@ fn proxy_time(d: Duration) -> String {
     }
 }
 
-/// A JSON string literal with the escapes RFC 8259 requires.
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn json_strs(j: &mut String, items: &[String]) {
-    json_list(j, '[', ']', items, |j, s| j.push_str(&json_str(s)));
-}
-
-/// Writes `items` between `open` and `close`, comma-separated, each with `item`.
-fn json_list<T>(
-    j: &mut String,
-    open: char,
-    close: char,
-    items: &[T],
-    mut item: impl FnMut(&mut String, &T),
-) {
-    j.push(open);
-    for (i, x) in items.iter().enumerate() {
-        if i > 0 {
-            j.push(',');
-        }
-        item(j, x);
-    }
-    j.push(close);
-}
-
-/// Appends `text` wrapped at `width` columns, each line starting with `indent`.
-fn wrap_into(out: &mut String, text: &str, indent: &str, width: usize) {
-    let mut line = String::new();
-    for word in text.split_whitespace() {
-        if !line.is_empty()
-            && indent.len() + line.chars().count() + 1 + word.chars().count() > width
-        {
-            let _ = writeln!(out, "{indent}{line}");
-            line.clear();
-            // Continuation lines of a "! warning" align under its text.
-            if text.starts_with("! ") {
-                line.push_str("  ");
-            }
-        }
-        if !line.is_empty() && !line.ends_with("  ") {
-            line.push(' ');
-        }
-        line.push_str(word);
-    }
-    if !line.trim().is_empty() {
-        let _ = writeln!(out, "{indent}{line}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_escapes() {
-        assert_eq!(json_str("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
-        assert_eq!(secs(Duration::from_millis(1500)), "1.5");
-        assert_eq!(secs(Duration::from_secs(240)), "240");
-    }
 
     #[test]
     fn windows_retransmissions_fit_the_bound() {
@@ -909,15 +622,5 @@ mod tests {
             1
         );
         assert!(windows_max_data_retransmissions(Duration::from_secs(4_000_000)) < 255);
-    }
-
-    #[test]
-    fn wrapping_keeps_words_and_width() {
-        let mut out = String::new();
-        let text = "one two three four five six seven eight nine ten eleven twelve";
-        wrap_into(&mut out, text, "  ", 20);
-        assert!(out.lines().all(|l| l.chars().count() <= 20), "{out}");
-        let words: Vec<_> = out.split_whitespace().collect();
-        assert_eq!(words.join(" "), text);
     }
 }

@@ -354,129 +354,11 @@ impl Policy {
         notes
     }
 
-    /// One line per setting: the value and why it has that value, for `tether plan` and logs.
-    pub fn explain(&self) -> Vec<Explanation> {
-        let d_w = self.detect_within;
-        let h = self.heartbeat_interval;
-        let mut out = Vec::new();
-
-        // Bounds are shown to the millisecond: "3.333s", not "3.333333333s".
-        let approx = |d: Duration| Human(Duration::from_millis(d.as_millis() as u64));
-        let mut bounds = vec![format!("detect_within/3 = {}", approx(d_w / 3))];
-        if d_w < Duration::from_millis(300) {
-            bounds.push(format!(
-                "(detect_within − 100ms)/2 = {}",
-                approx(d_w.saturating_sub(MIN_MARGIN) / 2)
-            ));
-        }
-        if let Some(p) = self.path_timeout {
-            bounds.push(format!("path/3 = {}", approx(p / 3)));
-        }
-        let derived_h = derive_heartbeat(self.dead_after, self.path_timeout);
-        let mut why = format!(
-            "a side silent this long sends an empty frame; at most {}, rounded down, so that \
-             dead_after holds two heartbeats plus margin{}",
-            if bounds.len() == 1 {
-                bounds[0].clone()
-            } else {
-                format!("min({})", bounds.join(", "))
-            },
-            if self.path_timeout.is_some() {
-                ", and a late heartbeat still refreshes the path's idle timer"
-            } else {
-                ""
-            }
-        );
-        if derived_h != h {
-            why = format!("set explicitly (derived: {}); {why}", Human(derived_h));
-        }
-        out.push(Explanation::new("heartbeat", Human(h).to_string(), why));
-
-        let why = format!(
-            "no byte at all for this long declares the peer dead; ≤ detect_within ({}) and ≥ \
-             2 × heartbeat + margin max(heartbeat/2, 100ms) = {}, so one late heartbeat is not a death",
-            Human(d_w),
-            Human(min_dead_after(h))
-        );
-        out.push(Explanation::new(
-            "dead_after",
-            Human(self.dead_after).to_string(),
-            why,
-        ));
-
-        out.push(Explanation::new(
-            "suspect_after",
-            Human(self.suspect_after()).to_string(),
-            "heartbeat + margin: the server shows a silent client as Suspect before it is dead"
-                .to_string(),
-        ));
-
-        match self.keepalive {
-            Some(k) => {
-                let path = match (self.path_timeout, self.path_preset) {
-                    (Some(_), Some(p)) if !p.tcp_keepalive_counts => format!(
-                        "; {} ignores TCP keepalive, so only heartbeats keep it open",
-                        p.name
-                    ),
-                    (Some(p), _) => format!(
-                        "; idle and interval ≤ path/3 ({}) keep the path open by themselves",
-                        Human(p / 3)
-                    ),
-                    _ => String::new(),
-                };
-                out.push(Explanation::new(
-                    "tcp_keepalive",
-                    format!(
-                        "idle {} interval {} count {}",
-                        Human(k.idle),
-                        Human(k.interval),
-                        k.count
-                    ),
-                    format!(
-                        "second line of defence in whole seconds: the kernel gives up after \
-                         idle + count × interval = {} (goal: ≤ detect_within {}){path}",
-                        Human(k.total()),
-                        Human(d_w)
-                    ),
-                ));
-            }
-            None => out.push(Explanation::new(
-                "tcp_keepalive",
-                "off".to_string(),
-                "disabled: heartbeats are the only liveness check".to_string(),
-            )),
-        }
-        out.push(match self.user_timeout {
-            Some(u) => Explanation::new(
-                "tcp_user_timeout",
-                Human(u).to_string(),
-                "data unacknowledged this long aborts the connection (instead of ~15 min of \
-                 retransmissions); catches one-way failures; = detect_within"
-                    .to_string(),
-            ),
-            None => Explanation::new(
-                "tcp_user_timeout",
-                "off".to_string(),
-                "disabled: unacknowledged data is retransmitted for ~15 min (tcp_retries2)"
-                    .to_string(),
-            ),
-        });
-        if let Some(i) = self.idle_timeout {
-            out.push(Explanation::new(
-                "idle_timeout",
-                Human(i).to_string(),
-                "no application data this long closes the connection, heartbeats notwithstanding"
-                    .to_string(),
-            ));
-        }
-        if let Some(p) = self.ping_interval {
-            out.push(Explanation::new(
-                "ping_interval",
-                Human(p).to_string(),
-                "a PING this often measures the round-trip time".to_string(),
-            ));
-        }
-        out
+    /// The heartbeat interval the derivation would choose for this policy's `dead_after` and
+    /// path: `min(dead_after/3, (dead_after − 100ms)/2, path/3)`, rounded down. Differs from
+    /// `heartbeat_interval` when that was set explicitly.
+    pub fn derived_heartbeat(&self) -> Duration {
+        derive_heartbeat(self.dead_after, self.path_timeout)
     }
 }
 
@@ -510,27 +392,6 @@ impl fmt::Display for Policy {
             write!(f, ", ping {}", Human(p))?;
         }
         Ok(())
-    }
-}
-
-/// One setting of a policy, its value, and why (see [`Policy::explain`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Explanation {
-    /// The setting (`"heartbeat"`, `"dead_after"`, `"tcp_keepalive"`, …).
-    pub setting: &'static str,
-    /// Its value, human-formatted.
-    pub value: String,
-    /// The rule that produced it.
-    pub why: String,
-}
-
-impl Explanation {
-    fn new(setting: &'static str, value: String, why: String) -> Explanation {
-        Explanation {
-            setting,
-            value,
-            why,
-        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Middlebox idle-timeout presets and OS/stack keepalive defaults, as data.
 //!
-//! Transcribed from `data/middlebox-presets.md` (vendor documentation and standards; every row
+//! Transcribed from `docs/middlebox-presets.md` (vendor documentation and standards; every row
 //! keeps its source). A preset names a *path*: the middlebox between two endpoints that forgets
 //! a TCP flow after some idle time. `--path azure-lb` means "this connection crosses an Azure
 //! Load Balancer with its default 240 s idle timeout".
@@ -80,6 +80,8 @@ pub struct Preset {
     pub timeout: Duration,
     /// How the timeout can be configured, as the source states it (`"4–100 min"`, `"fixed"`).
     pub configurable: &'static str,
+    /// The same, checked: `NAME=DURATION` must stay within it.
+    pub adjustable: Adjustable,
     /// What happens at expiry, classified.
     pub expiry: Expiry,
     /// What happens at expiry, as the source states it.
@@ -91,17 +93,41 @@ pub struct Preset {
     pub source: &'static str,
 }
 
+/// The values a preset's idle timeout can be configured to, as its source documents them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Adjustable {
+    /// Between `min` and `max`, inclusive.
+    Range {
+        /// The smallest documented value.
+        min: Duration,
+        /// The largest documented value.
+        max: Duration,
+    },
+    /// Not configurable: only the default exists.
+    Fixed,
+    /// Configurable, without a documented range (a sysctl, a flag).
+    Undocumented,
+}
+
+impl Adjustable {
+    const fn range(min: Duration, max: Duration) -> Adjustable {
+        Adjustable::Range { min, max }
+    }
+}
+
 const fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-/// Every path preset, in the order of `data/middlebox-presets.md`.
+/// Every path preset, in the order of `docs/middlebox-presets.md` (its "Paths" table).
 pub static PRESETS: &[Preset] = &[
     Preset {
         name: "azure-lb",
         title: "Azure Load Balancer",
         timeout: secs(240),
         configurable: "4–100 min",
+        adjustable: Adjustable::range(secs(240), secs(6000)),
         expiry: Expiry::SilentDrop,
         expiry_text: "silent drop",
         tcp_keepalive_counts: true,
@@ -112,6 +138,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Azure Load Balancer with TCP reset on idle",
         timeout: secs(240),
         configurable: "4–100 min",
+        adjustable: Adjustable::range(secs(240), secs(6000)),
         expiry: Expiry::RstBoth,
         expiry_text: "RST to both client and server at expiry (ESTABLISHED only)",
         tcp_keepalive_counts: true,
@@ -122,6 +149,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Azure NAT Gateway",
         timeout: secs(240),
         configurable: "4–120 min",
+        adjustable: Adjustable::range(secs(240), secs(7200)),
         expiry: Expiry::RstToNextSender,
         expiry_text: "silent; one-way RST to whichever side sends next",
         tcp_keepalive_counts: true,
@@ -132,6 +160,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Azure VM default outbound / public IP",
         timeout: secs(240),
         configurable: "fixed for outbound-originated flows; inbound 4–30 min",
+        adjustable: Adjustable::range(secs(240), secs(1800)),
         expiry: Expiry::Undocumented,
         expiry_text: "undocumented (treat as silent)",
         tcp_keepalive_counts: true,
@@ -142,6 +171,7 @@ pub static PRESETS: &[Preset] = &[
         title: "AKS load balancer outbound",
         timeout: secs(1800),
         configurable: "4–120 min",
+        adjustable: Adjustable::range(secs(240), secs(7200)),
         expiry: Expiry::SilentDrop,
         expiry_text: "as Azure LB",
         tcp_keepalive_counts: true,
@@ -152,6 +182,7 @@ pub static PRESETS: &[Preset] = &[
         title: "AWS Network Load Balancer",
         timeout: secs(350),
         configurable: "60–6000 s (TLS listeners fixed 350 s)",
+        adjustable: Adjustable::range(secs(60), secs(6000)),
         expiry: Expiry::RstToNextSender,
         expiry_text: "silent; RST to whoever sends next",
         tcp_keepalive_counts: true,
@@ -162,6 +193,7 @@ pub static PRESETS: &[Preset] = &[
         title: "AWS NAT Gateway",
         timeout: secs(350),
         configurable: "fixed",
+        adjustable: Adjustable::Fixed,
         expiry: Expiry::RstToNextSender,
         expiry_text: "RST (not FIN) to the inside host that continues",
         tcp_keepalive_counts: true,
@@ -172,6 +204,7 @@ pub static PRESETS: &[Preset] = &[
         title: "AWS Application Load Balancer (L7)",
         timeout: secs(60),
         configurable: "1–4000 s",
+        adjustable: Adjustable::range(secs(1), secs(4000)),
         expiry: Expiry::ProxyClose,
         expiry_text: "proxy closes; only payload bytes reset the timer (TCP keepalive and HTTP/2 PING do not)",
         tcp_keepalive_counts: false,
@@ -182,6 +215,7 @@ pub static PRESETS: &[Preset] = &[
         title: "AWS Classic Load Balancer (L7 proxy)",
         timeout: secs(60),
         configurable: "1–3600 s",
+        adjustable: Adjustable::range(secs(1), secs(3600)),
         expiry: Expiry::ProxyClose,
         expiry_text: "proxy closes; TCP keepalives do not count",
         tcp_keepalive_counts: false,
@@ -192,6 +226,7 @@ pub static PRESETS: &[Preset] = &[
         title: "AWS Gateway Load Balancer",
         timeout: secs(350),
         configurable: "60–6000 s",
+        adjustable: Adjustable::range(secs(60), secs(6000)),
         expiry: Expiry::SilentDrop,
         expiry_text: "silent (RST if send_tcp_reset.on_idle_timeout is enabled)",
         tcp_keepalive_counts: true,
@@ -202,6 +237,7 @@ pub static PRESETS: &[Preset] = &[
         title: "AWS Network Firewall",
         timeout: secs(350),
         configurable: "60–6000 s",
+        adjustable: Adjustable::range(secs(60), secs(6000)),
         expiry: Expiry::SilentDrop,
         expiry_text: "data dropped silently",
         tcp_keepalive_counts: true,
@@ -212,6 +248,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Google Cloud NAT",
         timeout: secs(1200),
         configurable: "configurable",
+        adjustable: Adjustable::Undocumented,
         expiry: Expiry::Undocumented,
         expiry_text: "undocumented",
         tcp_keepalive_counts: true,
@@ -222,6 +259,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Google Cloud VPC firewall (connection tracking)",
         timeout: secs(600),
         configurable: "fixed",
+        adjustable: Adjustable::Fixed,
         expiry: Expiry::OutboundRevives,
         expiry_text: "inbound silently denied until the VM sends; outbound revives",
         tcp_keepalive_counts: true,
@@ -232,6 +270,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Google Cloud external HTTP(S) LB, LB to backend (L7)",
         timeout: secs(600),
         configurable: "fixed",
+        adjustable: Adjustable::Fixed,
         expiry: Expiry::ProxyClose,
         expiry_text: "LB closes",
         tcp_keepalive_counts: false,
@@ -242,6 +281,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Linux conntrack (nf_conntrack_tcp_timeout_established)",
         timeout: secs(432_000),
         configurable: "per-namespace sysctl",
+        adjustable: Adjustable::Undocumented,
         expiry: Expiry::OutboundRevives,
         expiry_text: "with loose pickup, outbound revives",
         tcp_keepalive_counts: true,
@@ -252,6 +292,7 @@ pub static PRESETS: &[Preset] = &[
         title: "Kubernetes node (kube-proxy conntrack)",
         timeout: secs(86_400),
         configurable: "kube-proxy flag",
+        adjustable: Adjustable::Undocumented,
         expiry: Expiry::SilentDrop,
         expiry_text: "as linux-conntrack; INVALID packets dropped",
         tcp_keepalive_counts: true,
@@ -262,6 +303,7 @@ pub static PRESETS: &[Preset] = &[
         title: "RFC 5382 minimum for a compliant NAT",
         timeout: secs(7440),
         configurable: "—",
+        adjustable: Adjustable::Undocumented,
         expiry: Expiry::NotApplicable,
         expiry_text: "the minimum a compliant NAT may use",
         tcp_keepalive_counts: true,
@@ -362,9 +404,30 @@ impl PathSpec {
         };
         if let Some((name, value)) = t.split_once('=') {
             let preset = lookup(name)?;
+            let timeout = timeout(value)?;
+            match preset.adjustable {
+                Adjustable::Range { min, max } if timeout < min || timeout > max => {
+                    return Err(PathSpecError::OutOfRange {
+                        input: s.trim().to_string(),
+                        preset: preset.name,
+                        value: timeout,
+                        min,
+                        max,
+                        documented: preset.configurable,
+                    });
+                }
+                Adjustable::Fixed if timeout != preset.timeout => {
+                    return Err(PathSpecError::Fixed {
+                        input: s.trim().to_string(),
+                        preset: preset.name,
+                        fixed: preset.timeout,
+                    });
+                }
+                _ => {}
+            }
             return Ok(PathSpec {
                 preset: Some(preset),
-                timeout: timeout(value)?,
+                timeout,
             });
         }
         if t.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
@@ -427,6 +490,32 @@ pub enum PathSpecError {
         /// Close preset names, closest first (may be empty).
         suggestions: Vec<&'static str>,
     },
+    /// `NAME=DURATION` outside the preset's documented range.
+    #[error("{input}: {} is outside the range documented for {preset}: {}–{} ({documented}); give a bare timeout (--path {}) for a path that is not a {preset}", Human(*.value), Human(*.min), Human(*.max), Human(*.value))]
+    OutOfRange {
+        /// The whole value as given.
+        input: String,
+        /// The preset.
+        preset: &'static str,
+        /// The timeout given.
+        value: Duration,
+        /// The smallest documented value.
+        min: Duration,
+        /// The largest documented value.
+        max: Duration,
+        /// The range as the source states it.
+        documented: &'static str,
+    },
+    /// `NAME=DURATION` for a preset whose timeout cannot be configured.
+    #[error("{input}: the idle timeout of {preset} is fixed at {} and cannot be configured; give a bare timeout for a different path", Human(*.fixed))]
+    Fixed {
+        /// The whole value as given.
+        input: String,
+        /// The preset.
+        preset: &'static str,
+        /// Its only timeout.
+        fixed: Duration,
+    },
     /// The timeout part is not a duration.
     #[error("bad path timeout in {input:?}")]
     BadTimeout {
@@ -466,7 +555,7 @@ pub struct StackDefault {
     pub source: &'static str,
 }
 
-/// OS and stack defaults, in the order of `data/middlebox-presets.md`.
+/// OS and stack defaults, in the order of `docs/middlebox-presets.md`.
 pub static STACK_DEFAULTS: &[StackDefault] = &[
     StackDefault {
         stack: "Linux",
@@ -585,6 +674,50 @@ mod tests {
         for p in PRESETS {
             assert!(!p.source.is_empty() && p.name == p.name.to_ascii_lowercase());
         }
+    }
+
+    #[test]
+    fn configured_timeouts_stay_within_the_documented_range() {
+        for p in PRESETS {
+            if let Adjustable::Range { min, max } = p.adjustable {
+                assert!(min <= p.timeout && p.timeout <= max, "{}", p.name);
+                assert!(PathSpec::parse(&format!("{}={}", p.name, Human(min))).is_ok());
+                assert!(PathSpec::parse(&format!("{}={}", p.name, Human(max))).is_ok());
+                let below = PathSpec::parse(&format!(
+                    "{}={}",
+                    p.name,
+                    Human(min - Duration::from_millis(1))
+                ));
+                assert!(
+                    matches!(below, Err(PathSpecError::OutOfRange { .. })),
+                    "{}",
+                    p.name
+                );
+            }
+            // Every preset accepts its own default.
+            assert!(
+                PathSpec::parse(&format!("{}={}", p.name, Human(p.timeout))).is_ok(),
+                "{}",
+                p.name
+            );
+        }
+        let e = PathSpec::parse("azure-lb=1m").unwrap_err().to_string();
+        assert!(
+            e.contains("azure-lb=1m")
+                && e.contains("1m")
+                && e.contains("4m–1h40m")
+                && e.contains("4–100 min"),
+            "{e}"
+        );
+        assert!(PathSpec::parse("azure-lb=101m").is_err());
+        assert_eq!(PathSpec::parse("azure-lb=30m").unwrap().timeout, secs(1800));
+        let e = PathSpec::parse("aws-nat-gw=10m").unwrap_err().to_string();
+        assert!(e.contains("fixed at 5m50s"), "{e}");
+        assert!(PathSpec::parse("aws-nat-gw=350s").is_ok());
+        assert!(
+            PathSpec::parse("linux-conntrack=1h").is_ok(),
+            "no documented range"
+        );
     }
 
     #[test]

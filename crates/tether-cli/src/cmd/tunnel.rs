@@ -6,20 +6,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use tether::tunnel::{EntryConfig, ExitConfig, TunnelEvent};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tether::tunnel::{EntryConfig, ExitConfig, TunnelEnd, TunnelEvent};
 use tether::ServerConfig;
 use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::session::SessionConfig;
 
 use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
+use crate::exit::UsageError;
 use crate::log;
 
 /// Keys common to both sides (flags, `TETHER_<KEY>`, TOML).
 const COMMON_KEYS: &[&str] = &[
     "listen",
+    "http",
     "detect_within",
     "path",
     "heartbeat",
@@ -88,6 +94,9 @@ struct Common {
     /// Unacknowledged bytes kept per connection for replay after a reconnect. [default: 4MiB]
     #[arg(long, value_name = "BYTES")]
     replay_buffer: Option<String>,
+    /// Serve Prometheus /metrics on this address, or "off". [default: off]
+    #[arg(long, value_name = "ADDR|off")]
+    http: Option<String>,
     /// TOML file with any of these settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -121,11 +130,12 @@ struct ExitArgs {
     common: Common,
 }
 
-/// Policy, linger and session bounds, resolved.
+/// Policy, linger, session bounds and the metrics address, resolved.
 struct Shared {
     policy: Policy,
     linger: Duration,
     session: SessionConfig,
+    http: Option<SocketAddr>,
 }
 
 fn keys(extra: &[&'static str]) -> Vec<&'static str> {
@@ -155,25 +165,30 @@ fn resolve_common(l: &Layers, c: &Common) -> Result<Shared> {
     let mut session = SessionConfig::default();
     if let Some(b) = l.get("replay_buffer", c.replay_buffer.as_deref(), parse_bytes)? {
         if b < 64 << 10 {
-            bail!("invalid value {b} for the replay buffer: must be at least 64KiB");
+            return Err(UsageError(format!(
+                "invalid value {b} for the replay buffer: must be at least 64KiB"
+            ))
+            .into());
         }
         session.max_replay_bytes = usize::try_from(b).unwrap_or(usize::MAX);
     }
+    let http = l.optional_addr("http", c.http.as_deref(), None)?;
     Ok(Shared {
         policy,
         linger,
         session,
+        http,
     })
 }
 
 fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
     match v {
         Some(a) => Ok(a),
-        None => bail!("invalid value: {flag} is required"),
+        None => Err(UsageError(format!("invalid value: {flag} is required")).into()),
     }
 }
 
-fn entry_config(a: &EntryArgs) -> Result<EntryConfig> {
+fn entry_config(a: &EntryArgs) -> Result<(EntryConfig, Option<SocketAddr>)> {
     let l = Layers::load(a.common.config.as_deref(), &keys(&["relay"]))?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
@@ -185,10 +200,10 @@ fn entry_config(a: &EntryArgs) -> Result<EntryConfig> {
     cfg.policy = s.policy;
     cfg.linger = s.linger;
     cfg.session = s.session;
-    Ok(cfg)
+    Ok((cfg, s.http))
 }
 
-fn exit_config(a: &ExitArgs) -> Result<ExitConfig> {
+fn exit_config(a: &ExitArgs) -> Result<(ExitConfig, Option<SocketAddr>)> {
     let l = Layers::load(
         a.common.config.as_deref(),
         &keys(&["target", "max_connections"]),
@@ -210,14 +225,14 @@ fn exit_config(a: &ExitArgs) -> Result<ExitConfig> {
     if let Some(n) = l.get("max_connections", a.max_connections.as_deref(), parse_count)? {
         cfg = cfg.max_connections(n);
     }
-    Ok(cfg)
+    Ok((cfg, s.http))
 }
 
 /// Runs one side until Ctrl-C or SIGTERM.
 pub(crate) fn run(args: TunnelArgs) -> Result<ExitCode> {
     enum Cfg {
-        Entry(EntryConfig),
-        Exit(ExitConfig),
+        Entry((EntryConfig, Option<SocketAddr>)),
+        Exit((ExitConfig, Option<SocketAddr>)),
     }
     // Resolve before starting anything, so bad settings exit with 2 at once.
     let cfg = match &args.side {
@@ -230,8 +245,8 @@ pub(crate) fn run(args: TunnelArgs) -> Result<ExitCode> {
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         match cfg {
-            Cfg::Entry(c) => run_entry(c).await,
-            Cfg::Exit(c) => run_exit(c).await,
+            Cfg::Entry((c, http)) => run_entry(c, http).await,
+            Cfg::Exit((c, http)) => run_exit(c, http).await,
         }
     })
 }
@@ -325,12 +340,163 @@ impl Running for tether::tunnel::TunnelExit {
     }
 }
 
+/// Counters of the tunnelled connections, counted where the events are logged:
+///
+/// ```text
+///   tether_tunnel_opened_total               tunnelled connections started
+///   tether_tunnel_open                       gauge: tunnelled connections now
+///   tether_tunnel_closed_total{end}          ended: closed, local-reset, peer-aborted,
+///                                            path-lost, protocol-error, shutdown
+///   tether_tunnel_path_down_total            path outages (sessions held for a resume)
+///   tether_tunnel_path_up_total              sessions resumed, nothing lost
+///   tether_tunnel_bytes_total{direction}     bytes of ended connections: from_app, to_app
+/// ```
+///
+/// The exit also serves its tether server's metrics (`tether_connections`, …).
+#[derive(Debug, Clone, Default)]
+struct TunnelMetrics {
+    opened: Counter,
+    open: Gauge,
+    closed: Family<[(&'static str, &'static str); 1], Counter>,
+    path_down: Counter,
+    path_up: Counter,
+    bytes: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+/// The label of how a tunnelled connection ended.
+fn end_label(end: &TunnelEnd) -> &'static str {
+    match end {
+        TunnelEnd::Closed => "closed",
+        TunnelEnd::LocalReset(_) => "local-reset",
+        TunnelEnd::PeerAborted(_) => "peer-aborted",
+        TunnelEnd::PathLost(_) => "path-lost",
+        TunnelEnd::Protocol(_) => "protocol-error",
+        TunnelEnd::Shutdown => "shutdown",
+        _ => "other",
+    }
+}
+
+impl TunnelMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let m = TunnelMetrics::default();
+        for end in [
+            "closed",
+            "local-reset",
+            "peer-aborted",
+            "path-lost",
+            "protocol-error",
+            "shutdown",
+        ] {
+            let _ = m.closed.get_or_create(&[("end", end)]);
+        }
+        for d in ["from_app", "to_app"] {
+            let _ = m.bytes.get_or_create(&[("direction", d)]);
+        }
+        r.register(
+            "tether_tunnel_opened",
+            "Tunnelled connections started.",
+            m.opened.clone(),
+        );
+        r.register(
+            "tether_tunnel_open",
+            "Tunnelled connections now.",
+            m.open.clone(),
+        );
+        r.register(
+            "tether_tunnel_closed",
+            "Tunnelled connections that ended, by how.",
+            m.closed.clone(),
+        );
+        r.register(
+            "tether_tunnel_path_down",
+            "Path outages ridden out (session held for a resume).",
+            m.path_down.clone(),
+        );
+        r.register(
+            "tether_tunnel_path_up",
+            "Sessions resumed after an outage, nothing lost.",
+            m.path_up.clone(),
+        );
+        r.register(
+            "tether_tunnel_bytes",
+            "Bytes of ended tunnelled connections: from_app (read from this side's application), to_app.",
+            m.bytes.clone(),
+        );
+        m
+    }
+
+    fn count(&self, ev: &TunnelEvent) {
+        match ev {
+            TunnelEvent::Opened { .. } => {
+                self.opened.inc();
+                self.open.inc();
+            }
+            TunnelEvent::PathDown { .. } => {
+                self.path_down.inc();
+            }
+            TunnelEvent::PathUp { .. } => {
+                self.path_up.inc();
+            }
+            TunnelEvent::Closed {
+                end,
+                bytes_from_app,
+                bytes_to_app,
+                ..
+            } => {
+                self.closed.get_or_create(&[("end", end_label(end))]).inc();
+                self.bytes
+                    .get_or_create(&[("direction", "from_app")])
+                    .inc_by(*bytes_from_app);
+                self.bytes
+                    .get_or_create(&[("direction", "to_app")])
+                    .inc_by(*bytes_to_app);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Starts `/metrics` on `http` (if given) and returns the counters to count into.
+async fn start_metrics(
+    http: Option<SocketAddr>,
+    server: Option<tether::ServerHandle>,
+) -> Result<TunnelMetrics> {
+    let mut registry = Registry::default();
+    let m = TunnelMetrics::register(&mut registry);
+    if let Some(handle) = server {
+        registry.register_collector(Box::new(crate::status::metrics::ServerCollector { handle }));
+    }
+    if let Some(addr) = http {
+        let listener = crate::http::bind(addr, "/metrics").await?;
+        log::line(
+            "-",
+            "metrics",
+            &format!("http://{}/metrics", listener.local_addr().unwrap_or(addr)),
+        );
+        let app = crate::metrics::route(std::sync::Arc::new(registry));
+        tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            crate::http::METRICS_LIMITS,
+        ));
+    }
+    Ok(m)
+}
+
 /// Logs events until Ctrl-C or SIGTERM, then resets what is open and logs those closes
 /// (waiting at most 3 s).
-async fn event_loop(mut side: impl Running) -> Result<ExitCode> {
+async fn event_loop(mut side: impl Running, metrics: TunnelMetrics) -> Result<ExitCode> {
     let stop = log::shutdown_signal();
     tokio::pin!(stop);
     let mut open = 0;
+    let log_event = |ev: &TunnelEvent| {
+        metrics.count(ev);
+        let d = log_event(ev);
+        if d < 0 && metrics.open.get() > 0 {
+            metrics.open.dec();
+        }
+        d
+    };
     loop {
         tokio::select! {
             ev = side.next() => match ev {
@@ -358,7 +524,7 @@ async fn event_loop(mut side: impl Running) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_entry(cfg: EntryConfig) -> Result<ExitCode> {
+async fn run_entry(cfg: EntryConfig, http: Option<SocketAddr>) -> Result<ExitCode> {
     let details = format!(
         "relay={} {}",
         cfg.relay,
@@ -372,10 +538,11 @@ async fn run_entry(cfg: EntryConfig) -> Result<ExitCode> {
         "listening",
         &format!("entry addr={} {details}", entry.local_addr()),
     );
-    event_loop(entry).await
+    let metrics = start_metrics(http, None).await?;
+    event_loop(entry, metrics).await
 }
 
-async fn run_exit(cfg: ExitConfig) -> Result<ExitCode> {
+async fn run_exit(cfg: ExitConfig, http: Option<SocketAddr>) -> Result<ExitCode> {
     let details = format!(
         "target={} max_connections={} {}",
         cfg.target,
@@ -393,7 +560,8 @@ async fn run_exit(cfg: ExitConfig) -> Result<ExitCode> {
         "listening",
         &format!("exit addr={} {details}", exit.local_addr()),
     );
-    event_loop(exit).await
+    let metrics = start_metrics(http, Some(exit.server().clone())).await?;
+    event_loop(exit, metrics).await
 }
 
 #[cfg(test)]
@@ -431,12 +599,59 @@ mod tests {
         let Side::Entry(e) = &a.side else {
             panic!("not entry")
         };
-        let c = entry_config(e).unwrap();
+        let (c, http) = entry_config(e).unwrap();
+        assert_eq!(http, None);
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.relay.port(), 9001);
         assert_eq!(c.linger, Duration::from_secs(60));
         assert_eq!(c.session.max_replay_bytes, 1 << 20);
         assert!(c.policy.dead_after <= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn counts_every_event_with_conventional_names() {
+        let mut r = Registry::default();
+        let m = TunnelMetrics::register(&mut r);
+        m.count(&TunnelEvent::Opened {
+            id: "t1".into(),
+            app: "127.0.0.1:1".parse().unwrap(),
+        });
+        m.count(&TunnelEvent::PathDown {
+            id: "t1".into(),
+            reason: "peer-reset".into(),
+        });
+        m.count(&TunnelEvent::PathUp { id: "t1".into() });
+        m.count(&TunnelEvent::Closed {
+            id: "t1".into(),
+            end: TunnelEnd::PathLost("linger".into()),
+            bytes_from_app: 10,
+            bytes_to_app: 20,
+            outages: 1,
+            duration: Duration::from_secs(1),
+        });
+        let text = crate::metrics::render(&r);
+        crate::metrics::check::well_formed(&text);
+        use crate::metrics::check::value;
+        assert_eq!(
+            value(&text, "tether_tunnel_opened_total"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(value(&text, "tether_tunnel_open"), Some(1.0), "{text}");
+        assert_eq!(value(&text, "tether_tunnel_path_down_total"), Some(1.0));
+        assert_eq!(value(&text, "tether_tunnel_path_up_total"), Some(1.0));
+        assert_eq!(
+            value(&text, "tether_tunnel_closed_total{end=\"path-lost\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&text, "tether_tunnel_closed_total{end=\"closed\"}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&text, "tether_tunnel_bytes_total{direction=\"to_app\"}"),
+            Some(20.0)
+        );
     }
 
     #[test]
@@ -465,7 +680,7 @@ mod tests {
         let Side::Exit(e) = &a.side else {
             panic!("not exit")
         };
-        let c = exit_config(e).unwrap();
+        let (c, _) = exit_config(e).unwrap();
         assert_eq!(c.server.session_linger, Some(Duration::from_secs(30)));
         assert_eq!(c.target.port(), 9001);
         assert_eq!(c.max_connections, 10_000, "default");
@@ -485,7 +700,7 @@ mod tests {
         let Side::Exit(e) = &a.side else {
             panic!("not exit")
         };
-        assert_eq!(exit_config(e).unwrap().max_connections, 3);
+        assert_eq!(exit_config(e).unwrap().0.max_connections, 3);
         let a = parse(&[
             "exit",
             "--listen",

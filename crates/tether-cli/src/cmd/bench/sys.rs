@@ -176,8 +176,10 @@ mod tests {
         while cpu_secs(pid).unwrap() < start + 0.02 {}
         let sched = cpu_secs(pid).unwrap();
         let stat = stat_cpu_secs(pid).unwrap();
-        assert!(sched >= 0.02, "{sched}");
-        assert!((sched - stat).abs() < 0.5, "{sched} vs {stat}");
+        // schedstat sums the live threads only (other tests' threads come and go), /proc/PID/stat
+        // keeps what exited threads used too: the latter is the monotonic one.
+        assert!(stat >= 0.02, "{stat}");
+        assert!(sched <= stat + 0.5, "{sched} vs {stat}");
         let a = mono_ns();
         let b = instant_ns(Instant::now());
         let c = mono_ns();

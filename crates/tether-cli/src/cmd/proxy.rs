@@ -2,9 +2,8 @@
 //! (keepalive and `TCP_USER_TIMEOUT` on both legs, the other leg closed at once when one
 //! dies), with an event log on stderr and Prometheus `/metrics`.
 //!
-//! The relay itself is `tether::proxy`; this module resolves the settings, logs events and
-//! serves `/metrics` with a deliberately tiny HTTP/1.1 responder (GET/HEAD `/metrics` only,
-//! 8 KiB head read within 5 s, at most 16 requests at once, `Connection: close`).
+//! The relay itself is `tether::proxy`; this module resolves the settings, logs events,
+//! counts them, and serves `/metrics` on the shared HTTP stack ([`crate::http`]).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -15,15 +14,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tether::proxy::{
-    CopyMode, Proxy, ProxyConfig, ProxyEvent, ProxyHandle, ProxyMetrics, PROXY_REASONS,
-};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tether::proxy::{CopyMode, Proxy, ProxyConfig, ProxyEvent, ProxyHandle, PROXY_REASONS};
 use tether_proto::duration::Human;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::config::{parse_addr, parse_count, parse_duration, Layers, PolicyFlags};
+use crate::exit::UsageError;
 use crate::log;
 
 const KEYS: &[&str] = &[
@@ -126,33 +124,24 @@ fn parse_copy(s: &str) -> std::result::Result<CopyMode, String> {
     }
 }
 
-/// A required setting that no layer gave.
-#[derive(Debug)]
-struct Missing(&'static str);
-
-impl std::fmt::Display for Missing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let key = self.0;
-        write!(
-            f,
-            "missing --{} (or TETHER_{} or `{key}` in the config file)",
-            key.replace('_', "-"),
-            key.to_ascii_uppercase()
-        )
-    }
+/// A required setting that no layer gave: a usage error naming every place it can come from.
+fn missing(key: &str) -> UsageError {
+    UsageError(format!(
+        "missing --{} (or TETHER_{} or `{key}` in the config file)",
+        key.replace('_', "-"),
+        key.to_ascii_uppercase()
+    ))
 }
-
-impl std::error::Error for Missing {}
 
 impl ProxyArgs {
     pub(crate) fn resolve(&self) -> Result<ProxySettings> {
         let l = Layers::load(self.config.as_deref(), KEYS)?;
         let listen = l
             .get("listen", self.listen.as_deref(), parse_addr)?
-            .ok_or(Missing("listen"))?;
+            .ok_or_else(|| missing("listen"))?;
         let upstream = l
             .get("upstream", self.upstream.as_deref(), parse_addr)?
-            .ok_or(Missing("upstream"))?;
+            .ok_or_else(|| missing("upstream"))?;
         let http = l.optional_addr("http", self.http.as_deref(), None)?;
         let flags = PolicyFlags {
             detect_within: self.detect_within.as_deref(),
@@ -191,15 +180,7 @@ impl ProxyArgs {
 }
 
 pub(crate) fn run(args: ProxyArgs) -> Result<ExitCode> {
-    let s = match args.resolve() {
-        Ok(s) => s,
-        Err(e) if e.downcast_ref::<Missing>().is_some() => {
-            // A usage error: exit 2 like the other configuration errors.
-            eprintln!("error: {e:#}");
-            return Ok(ExitCode::from(2));
-        }
-        Err(e) => return Err(e),
-    };
+    let s = args.resolve()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -236,18 +217,27 @@ async fn proxy(s: ProxySettings) -> Result<ExitCode> {
     for note in p.notes() {
         log::line("-", "note", &note.to_string());
     }
+    let mut registry = Registry::default();
+    let counted = Counted::register(&mut registry);
+    registry.register_collector(Box::new(Snapshot(proxy.handle())));
     if let Some(addr) = s.http {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen for /metrics on {addr}"))?;
+        let listener = crate::http::bind(addr, "/metrics").await?;
         log::line(
             "-",
             "metrics",
             &format!("http://{}/metrics", listener.local_addr().unwrap_or(addr)),
         );
-        tokio::spawn(serve_metrics(listener, proxy.handle()));
+        let app = crate::metrics::route(Arc::new(registry));
+        tokio::spawn(crate::http::serve(
+            listener,
+            app,
+            crate::http::METRICS_LIMITS,
+        ));
     }
-    let run = proxy.run(log_event);
+    let run = proxy.run(move |ev| {
+        counted.count(&ev);
+        log_event(ev);
+    });
     let stop = log::shutdown_signal();
     tokio::select! {
         () = run => {}
@@ -315,193 +305,139 @@ fn log_event(ev: ProxyEvent) {
 
 // ---- /metrics -------------------------------------------------------------------------------
 
-/// `/metrics` in the Prometheus text exposition format (0.0.4); every leg × reason pair is
-/// listed even when zero.
-pub(crate) fn render_metrics(m: &ProxyMetrics) -> String {
-    let mut out = String::with_capacity(2048);
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    family(
-        &mut out,
-        "tether_proxy_connections_open",
-        "gauge",
-        "Connections being relayed now.",
-    );
-    let _ = writeln!(out, "tether_proxy_connections_open {}", m.open);
-    family(
-        &mut out,
-        "tether_proxy_channels",
-        "gauge",
-        "Pipes or 64 KiB buffers held now (busy directions; idle connections hold none).",
-    );
-    let _ = writeln!(out, "tether_proxy_channels {}", m.channels);
-    family(
-        &mut out,
-        "tether_proxy_connections_total",
-        "counter",
-        "Connections accepted (including rejected and failed ones).",
-    );
-    let _ = writeln!(out, "tether_proxy_connections_total {}", m.accepted);
-    family(
-        &mut out,
-        "tether_proxy_closed_total",
-        "counter",
-        "Relayed connections that ended, by the leg whose event ended them and the reason.",
-    );
-    for (leg, row) in ["client", "upstream", "none"].iter().zip(&m.closed) {
-        for (reason, n) in PROXY_REASONS.iter().zip(row) {
-            let _ = writeln!(
-                out,
-                "tether_proxy_closed_total{{leg=\"{leg}\",reason=\"{reason}\"}} {n}"
-            );
-        }
-    }
-    family(
-        &mut out,
-        "tether_proxy_setup_failed_total",
-        "counter",
-        "Connections reset because the upstream leg could not be set up.",
-    );
-    let _ = writeln!(out, "tether_proxy_setup_failed_total {}", m.setup_failed);
-    family(
-        &mut out,
-        "tether_proxy_rejected_total",
-        "counter",
-        "Connections reset because max_connections were open.",
-    );
-    let _ = writeln!(out, "tether_proxy_rejected_total {}", m.rejected);
-    family(
-        &mut out,
-        "tether_proxy_bytes_total",
-        "counter",
-        "Bytes relayed; up = client to upstream, down = upstream to client.",
-    );
-    let _ = writeln!(
-        out,
-        "tether_proxy_bytes_total{{direction=\"up\"}} {}",
-        m.bytes_up
-    );
-    let _ = writeln!(
-        out,
-        "tether_proxy_bytes_total{{direction=\"down\"}} {}",
-        m.bytes_down
-    );
-    out
+/// Counters of what the event log sees, counted where the events are handled:
+///
+/// ```text
+///   tether_proxy_opened_total                   connections whose both legs came up
+///   tether_proxy_closed_total{leg,reason}       relayed connections that ended: the leg whose
+///                                               event ended it (client, upstream; none for
+///                                               idle-timeout) and the DisconnectReason label
+///   tether_proxy_setup_failed_total{leg}        connections reset because a leg failed to set up
+///   tether_proxy_rejected_total                 connections reset at max_connections
+///   tether_proxy_accept_failed_total            accept errors (e.g. out of file descriptors)
+/// ```
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Counted {
+    opened: Counter,
+    closed: Family<[(&'static str, &'static str); 2], Counter>,
+    setup_failed: Family<[(&'static str, &'static str); 1], Counter>,
+    rejected: Counter,
+    accept_failed: Counter,
 }
 
-const MAX_HEAD: usize = 8 * 1024;
-const HEAD_DEADLINE: Duration = Duration::from_secs(5);
-const MAX_CONCURRENT: usize = 16;
-
-async fn serve_metrics(listener: TcpListener, handle: ProxyHandle) {
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
-    loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return; // never closed
-        };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics server: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+impl Counted {
+    /// Registers the counters (every leg × reason pair listed from the start, at 0).
+    pub(crate) fn register(registry: &mut Registry) -> Counted {
+        let c = Counted::default();
+        for reason in PROXY_REASONS {
+            let legs: &[&str] = if reason == "idle-timeout" {
+                &["none"]
+            } else {
+                &["client", "upstream"]
+            };
+            for leg in legs {
+                let _ = c.closed.get_or_create(&[("leg", leg), ("reason", reason)]);
             }
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            answer(stream, &handle).await;
-        });
+        }
+        for leg in ["client", "upstream"] {
+            let _ = c.setup_failed.get_or_create(&[("leg", leg)]);
+        }
+        registry.register(
+            "tether_proxy_opened",
+            "Connections whose both legs came up.",
+            c.opened.clone(),
+        );
+        registry.register(
+            "tether_proxy_closed",
+            "Relayed connections that ended, by the leg whose event ended them and the reason.",
+            c.closed.clone(),
+        );
+        registry.register(
+            "tether_proxy_setup_failed",
+            "Connections reset because a leg could not be set up.",
+            c.setup_failed.clone(),
+        );
+        registry.register(
+            "tether_proxy_rejected",
+            "Connections reset because max_connections were open.",
+            c.rejected.clone(),
+        );
+        registry.register(
+            "tether_proxy_accept_failed",
+            "Accept errors (for example out of file descriptors).",
+            c.accept_failed.clone(),
+        );
+        c
     }
-}
 
-async fn answer(mut stream: TcpStream, handle: &ProxyHandle) {
-    let head = match tokio::time::timeout(HEAD_DEADLINE, read_head(&mut stream)).await {
-        Ok(Some(h)) => h,
-        Ok(None) => return,
-        Err(_) => {
-            let _ = write_response(&mut stream, 408, "", false).await;
-            return;
-        }
-    };
-    let (status, body, head_only) = respond(&head, handle);
-    let _ = tokio::time::timeout(
-        HEAD_DEADLINE,
-        write_response(&mut stream, status, &body, head_only),
-    )
-    .await;
-}
-
-/// Status, body, and whether to omit the body (HEAD).
-fn respond(head: &[u8], handle: &ProxyHandle) -> (u16, String, bool) {
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/metrics") => (200, render_metrics(&handle.metrics()), method == "HEAD"),
-        ("GET" | "HEAD", _) => (
-            404,
-            "404 Not Found: try /metrics\n".into(),
-            method == "HEAD",
-        ),
-        ("", _) => (400, "400 Bad Request\n".into(), false),
-        _ => (405, "405 Method Not Allowed\n".into(), false),
-    }
-}
-
-/// The request head (up to the blank line), or `None` if the peer closed first or it is too
-/// large (then the connection is just closed).
-async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            buf.truncate(i);
-            return Some(buf);
-        }
-        if buf.len() >= MAX_HEAD {
-            return None;
-        }
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+    /// Counts one event.
+    pub(crate) fn count(&self, ev: &ProxyEvent) {
+        match ev {
+            ProxyEvent::Opened { .. } => {
+                self.opened.inc();
+            }
+            ProxyEvent::Closed { end, .. } => {
+                let leg = end.leg.map_or("none", |l| l.label());
+                self.closed
+                    .get_or_create(&[("leg", leg), ("reason", end.reason.label())])
+                    .inc();
+            }
+            ProxyEvent::SetupFailed { leg, .. } => {
+                self.setup_failed
+                    .get_or_create(&[("leg", leg.label())])
+                    .inc();
+            }
+            ProxyEvent::Rejected { .. } => {
+                self.rejected.inc();
+            }
+            ProxyEvent::AcceptFailed { .. } => {
+                self.accept_failed.inc();
+            }
+            _ => {}
         }
     }
 }
 
-async fn write_response(
-    stream: &mut TcpStream,
-    status: u16,
-    body: &str,
-    head_only: bool,
-) -> std::io::Result<()> {
-    let phrase = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        _ => "Error",
-    };
-    let ctype = if status == 200 {
-        "text/plain; version=0.0.4; charset=utf-8"
-    } else {
-        "text/plain; charset=utf-8"
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {phrase}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if !head_only {
-        out.extend_from_slice(body.as_bytes());
+/// What only the relay knows, read on every scrape:
+///
+/// ```text
+///   tether_proxy_connections_open               gauge    connections being relayed now
+///   tether_proxy_channels                       gauge    pipes or 64 KiB buffers held now
+///   tether_proxy_connections_total              counter  connections accepted
+///   tether_proxy_bytes_total{direction}         counter  bytes relayed (up: client to upstream)
+/// ```
+#[derive(Debug)]
+struct Snapshot(ProxyHandle);
+
+impl prometheus_client::collector::Collector for Snapshot {
+    fn encode(&self, encoder: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use crate::metrics::{gauge_value, Families};
+        let m = self.0.metrics();
+        let mut f = Families::new(encoder);
+        f.gauge(
+            "tether_proxy_connections_open",
+            "Connections being relayed now.",
+            gauge_value(m.open),
+        )?;
+        f.gauge(
+            "tether_proxy_channels",
+            "Pipes or 64 KiB buffers held now (busy directions; idle connections hold none).",
+            gauge_value(m.channels),
+        )?;
+        f.counter(
+            "tether_proxy_connections",
+            "Connections accepted (including rejected and failed ones).",
+            m.accepted,
+        )?;
+        f.counters(
+            "tether_proxy_bytes",
+            "Bytes relayed; up = client to upstream, down = upstream to client.",
+            [
+                ([("direction", "up")], m.bytes_up),
+                ([("direction", "down")], m.bytes_down),
+            ],
+        )
     }
-    stream.write_all(&out).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
@@ -577,7 +513,7 @@ mod tests {
     #[test]
     fn missing_upstream_is_a_usage_error() {
         let e = parse(&["--listen", "7400"]).resolve().unwrap_err();
-        assert!(e.downcast_ref::<Missing>().is_some());
+        assert_eq!(crate::exit::classify(&e), crate::exit::Exit::Usage);
         assert!(e.to_string().contains("--upstream"), "{e}");
     }
 
@@ -597,63 +533,67 @@ mod tests {
         assert!(format!("{e:#}").contains("inconsistent"), "{e:#}");
     }
 
-    #[test]
-    fn metrics_list_every_leg_and_reason() {
-        let mut m = ProxyMetrics {
-            open: 2,
-            accepted: 9,
-            bytes_up: 100,
-            bytes_down: 2000,
-            channels: 3,
-            ..Default::default()
-        };
-        m.closed[1][1] = 3; // upstream peer-reset
-        let text = render_metrics(&m);
-        assert!(text.contains("tether_proxy_connections_open 2\n"));
-        assert!(text.contains("tether_proxy_connections_total 9\n"));
-        assert!(text.contains("tether_proxy_channels 3\n"));
-        assert!(
-            text.contains("tether_proxy_closed_total{leg=\"upstream\",reason=\"peer-reset\"} 3\n")
+    #[tokio::test]
+    async fn metrics_count_events_and_read_the_relay() {
+        use crate::http::testing::{get, header};
+        use crate::metrics::check;
+        use tokio::net::TcpListener;
+
+        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = ProxyConfig::new("127.0.0.1:0".parse().unwrap(), up.local_addr().unwrap());
+        let proxy = Proxy::bind(cfg).await.unwrap();
+        let mut registry = Registry::default();
+        let counted = Counted::register(&mut registry);
+        registry.register_collector(Box::new(Snapshot(proxy.handle())));
+        let client: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        counted.count(&ProxyEvent::Rejected { client, limit: 1 });
+        counted.count(&ProxyEvent::SetupFailed {
+            id: 1,
+            client,
+            leg: tether::proxy::Leg::Upstream,
+            error: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(crate::http::serve(
+            l,
+            crate::metrics::route(Arc::new(registry)),
+            crate::http::METRICS_LIMITS,
+        ));
+        let (status, head, text) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            header(&head, "content-type"),
+            Some(crate::metrics::CONTENT_TYPE)
         );
-        assert!(
-            text.contains("tether_proxy_closed_total{leg=\"none\",reason=\"idle-timeout\"} 0\n")
-        );
-        assert!(text.contains("tether_proxy_bytes_total{direction=\"down\"} 2000\n"));
+        check::well_formed(&text);
+        for (sample, v) in [
+            ("tether_proxy_connections_open", 0.0),
+            ("tether_proxy_channels", 0.0),
+            ("tether_proxy_connections_total", 0.0),
+            ("tether_proxy_bytes_total{direction=\"up\"}", 0.0),
+            ("tether_proxy_rejected_total", 1.0),
+            ("tether_proxy_setup_failed_total{leg=\"upstream\"}", 1.0),
+            (
+                "tether_proxy_closed_total{leg=\"upstream\",reason=\"peer-reset\"}",
+                0.0,
+            ),
+            (
+                "tether_proxy_closed_total{leg=\"none\",reason=\"idle-timeout\"}",
+                0.0,
+            ),
+            ("tether_proxy_opened_total", 0.0),
+        ] {
+            assert_eq!(check::value(&text, sample), Some(v), "{sample} in\n{text}");
+        }
         assert_eq!(
             text.lines()
                 .filter(|l| l.starts_with("tether_proxy_closed_total{"))
                 .count(),
-            3 * PROXY_REASONS.len()
+            2 * PROXY_REASONS.len() - 1
         );
-    }
-
-    #[tokio::test]
-    async fn metrics_endpoint_answers_get_head_and_404() {
-        let up = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let cfg = ProxyConfig::new("127.0.0.1:0".parse().unwrap(), up.local_addr().unwrap());
-        let proxy = Proxy::bind(cfg).await.unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(serve_metrics(l, proxy.handle()));
-        async fn get(addr: SocketAddr, req: &str) -> String {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(req.as_bytes()).await.unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        }
-        let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
-        assert!(r.contains("tether_proxy_connections_open 0"), "{r}");
-        let r = get(addr, "HEAD /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(
-            r.starts_with("HTTP/1.1 200") && !r.contains("tether_proxy"),
-            "{r}"
-        );
-        let r = get(addr, "GET / HTTP/1.1\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
-        let r = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
-        assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+        let (status, _, _) = get(addr, "/").await;
+        assert_eq!(status, 404);
         server.abort();
     }
 }

@@ -1,6 +1,9 @@
 //! `tether plan`: turn "detect a dead peer within D across path P" into a tether policy and
-//! the equivalent settings for other stacks. All the logic is in `tether_proto::plan`; this
-//! module parses flags and prints.
+//! the equivalent settings for other stacks. The computation is in `tether_proto::plan`;
+//! this module parses flags, and [`render`] shows the result (text, JSON, the why of each
+//! value).
+
+mod render;
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -85,15 +88,18 @@ pub(crate) fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
 /// The `tether plan` text advice for a policy (the policy carries its path, if any), for
 /// commands that end with advice, such as `tether probe`.
 pub(crate) fn render_advice(policy: &Policy) -> String {
-    Plan::new(policy).render_text()
+    render::text(&Plan::new(policy))
 }
 
-/// The plan as pretty JSON (the core writes compact JSON without serde; parsing it here also
-/// proves it is valid).
+/// The plan as a JSON value (for documents that embed it, such as `tether probe --json`).
+pub(crate) fn json_value(policy: &Policy) -> serde_json::Value {
+    // Serializing plain structs of numbers and strings into a Value cannot fail.
+    serde_json::to_value(render::json(&Plan::new(policy))).unwrap_or(serde_json::Value::Null)
+}
+
+/// The plan as pretty JSON.
 pub(crate) fn pretty_json(plan: &Plan) -> anyhow::Result<String> {
-    let value: serde_json::Value =
-        serde_json::from_str(&plan.to_json()).context("plan JSON from the core is invalid")?;
-    Ok(serde_json::to_string_pretty(&value)?)
+    Ok(serde_json::to_string_pretty(&render::json(plan))?)
 }
 
 fn list_text() -> String {
@@ -176,6 +182,10 @@ mod tests {
         let a = parse(&["--path", "240"]).unwrap();
         assert_eq!(a.path.unwrap().timeout, Duration::from_secs(240));
 
+        // A configured timeout outside the preset's documented range is refused.
+        let e = parse(&["--path", "azure-lb=1m"]).unwrap_err().to_string();
+        assert!(e.contains("azure-lb=1m") && e.contains("4–100 min"), "{e}");
+        assert!(parse(&["--path", "azure-lb=100m"]).is_ok());
         let e = parse(&["--path", "azur-lb"]).unwrap_err().to_string();
         assert!(e.contains("did you mean azure-lb"), "{e}");
         let e = parse(&["--detect-within", "soon"]).unwrap_err().to_string();
@@ -207,7 +217,7 @@ mod tests {
             )
             .unwrap();
             let plan = Plan::new(&policy);
-            let v: serde_json::Value = serde_json::from_str(&plan.to_json()).unwrap();
+            let v = json_value(&policy);
             assert_eq!(v["detect_within_s"], 30.0);
             assert_eq!(v["policy"]["heartbeat_s"], 10.0);
             assert_eq!(v["policy"]["dead_after_s"], 30.0);

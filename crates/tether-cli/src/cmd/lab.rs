@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use tether_lab::{report, Cell, Fault, Lab, Method, PeerCommand, Progress, Scale, Shape};
+use tether_proto::duration;
+
+use crate::exit::{Exit, UsageError};
 
 /// Arguments of `tether lab`.
 #[derive(Args, Debug)]
@@ -77,15 +80,15 @@ enum LabCommand {
 /// The lab's time scale.
 #[derive(Args, Debug)]
 struct ScaleArgs {
-    /// The router's idle timeout in whole seconds.
-    #[arg(long, default_value_t = 4)]
-    middlebox_timeout: u64,
-    /// The detection bound every method is configured for, in seconds.
-    #[arg(long, default_value_t = 3.0)]
-    bound: f64,
-    /// How long to wait before reporting "not detected", in seconds.
-    #[arg(long, default_value_t = 12.0)]
-    cap: f64,
+    /// The router's idle timeout (whole seconds: the kernel's conntrack timeout unit).
+    #[arg(long, value_name = "DURATION", default_value = "4s", value_parser = duration::parse)]
+    middlebox_timeout: Duration,
+    /// The detection bound every method is configured for.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = duration::parse)]
+    bound: Duration,
+    /// How long to wait before reporting "not detected".
+    #[arg(long, value_name = "DURATION", default_value = "12s", value_parser = duration::parse)]
+    cap: Duration,
     /// One lab second stands for this many real seconds (for the printed scale only).
     #[arg(long, default_value_t = 60)]
     scale_factor: u32,
@@ -93,19 +96,23 @@ struct ScaleArgs {
 
 impl ScaleArgs {
     fn scale(&self) -> anyhow::Result<Scale> {
-        let secs = |what: &str, v: f64| {
-            Duration::try_from_secs_f64(v)
-                .with_context(|| format!("invalid value for --{what}: {v}"))
-        };
+        let t = self.middlebox_timeout;
+        if t.subsec_nanos() != 0 || t.is_zero() {
+            return Err(UsageError(format!(
+                "invalid value for --middlebox-timeout: {} (whole seconds, at least 1s)",
+                duration::Human(t)
+            ))
+            .into());
+        }
         let scale = Scale {
             factor: self.scale_factor,
-            middlebox_timeout: Duration::from_secs(self.middlebox_timeout),
-            bound: secs("bound", self.bound)?,
-            cap: secs("cap", self.cap)?,
+            middlebox_timeout: t,
+            bound: self.bound,
+            cap: self.cap,
         };
         scale
             .validate()
-            .context("invalid value for the lab scale")?;
+            .map_err(|e| UsageError(format!("invalid value for the lab scale: {e}")))?;
         Ok(scale)
     }
 }
@@ -241,7 +248,7 @@ fn checks(results: &[tether_lab::CellResult]) -> ExitCode {
         for f in &failures {
             println!("  {f}");
         }
-        ExitCode::from(4)
+        Exit::CheckFailed.into()
     }
 }
 
@@ -262,4 +269,49 @@ fn list() {
         println!("  {:<14} {}", s.name(), s.describe());
     }
     println!("\ndefault {}", Scale::default().describe());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        s: ScaleArgs,
+    }
+
+    #[test]
+    fn every_time_flag_takes_a_duration() {
+        let t = T::try_parse_from([
+            "t",
+            "--bound",
+            "3s",
+            "--cap",
+            "1m",
+            "--middlebox-timeout",
+            "4s",
+        ])
+        .unwrap();
+        let s = t.s.scale().unwrap();
+        assert_eq!(
+            (s.bound, s.cap),
+            (Duration::from_secs(3), Duration::from_secs(60))
+        );
+        let t = T::try_parse_from(["t", "--bound", "2.5"]).unwrap();
+        assert_eq!(
+            t.s.bound,
+            Duration::from_millis(2500),
+            "a bare number is seconds"
+        );
+        let e = T::try_parse_from(["t", "--bound", "soon"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("\"soon\""), "{e}");
+        let t = T::try_parse_from(["t", "--middlebox-timeout", "4.5s"]).unwrap();
+        let e = t.s.scale().unwrap_err();
+        assert_eq!(crate::exit::classify(&e), Exit::Usage, "{e}");
+    }
 }

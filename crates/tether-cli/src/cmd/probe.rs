@@ -10,13 +10,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tether::probe::{self, Direction, DirectionResult, ProbeConfig, ProbeReport, Progress};
 use tether_proto::duration::{self, Human};
-use tether_proto::plan::Plan;
 use tether_proto::policy::Policy;
 use tether_proto::presets::PathSpec;
 
-/// Exit code when the result is inconclusive (an outage during the probe, contradicting
-/// results, or connections that could not be opened).
-pub(crate) const EXIT_INCONCLUSIVE: u8 = 4;
+use crate::exit::{Exit, UsageError};
 
 /// Long help for `tether probe`.
 pub(crate) const LONG_ABOUT: &str = "\
@@ -96,22 +93,24 @@ pub(crate) struct ProbeArgs {
 /// Runs `tether probe`.
 pub(crate) fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     let addr = crate::config::parse_addr(&args.addr)
-        .map_err(|e| anyhow::anyhow!("invalid value for ADDR {:?}: {e}", args.addr))?;
+        .map_err(|e| UsageError(format!("invalid value for ADDR {:?}: {e}", args.addr)))?;
     if args.max > probe::MAX_DELAY || args.max.is_zero() {
-        anyhow::bail!(
+        return Err(UsageError(format!(
             "invalid value for --max: {} (a responder accepts idle periods up to {})",
             Human(args.max),
             Human(probe::MAX_DELAY)
-        );
+        ))
+        .into());
     }
     if args
         .grace
         .is_some_and(|g| g.is_zero() || g > probe::MAX_GRACE)
     {
-        anyhow::bail!(
+        return Err(UsageError(format!(
             "invalid value for --grace: must be between 1ms and {}",
             Human(probe::MAX_GRACE)
-        );
+        ))
+        .into());
     }
     let (cf, sf) = match args.direction {
         DirectionArg::Both => (true, true),
@@ -146,7 +145,9 @@ pub(crate) fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
     Ok(if report.conclusive {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(EXIT_INCONCLUSIVE)
+        // Inconclusive (an outage during the probe, contradicting results, or connections
+        // that could not be opened).
+        Exit::CheckFailed.into()
     })
 }
 
@@ -246,7 +247,7 @@ fn render_text(addr: &str, r: &ProbeReport, advice: &Result<Policy, String>) -> 
     );
     out.push('\n');
     match advice {
-        Ok(policy) => out.push_str(&crate::plan::render_advice(policy)),
+        Ok(policy) => out.push_str(&crate::cmd::plan::render_advice(policy)),
         Err(why) => {
             let _ = writeln!(out, "no advice: {why}");
         }
@@ -284,10 +285,7 @@ fn to_json(addr: &str, r: &ProbeReport, advice: &Result<Policy, String>) -> serd
         expiry.insert(key.into(), serde_json::json!(d.expiry.map(|e| e.name())));
     }
     let (advice, advice_error) = match advice {
-        Ok(p) => (
-            serde_json::from_str(&Plan::new(p).to_json()).unwrap_or(serde_json::Value::Null),
-            serde_json::Value::Null,
-        ),
+        Ok(p) => (crate::cmd::plan::json_value(p), serde_json::Value::Null),
         Err(why) => (serde_json::Value::Null, serde_json::json!(why)),
     };
     serde_json::json!({
@@ -448,7 +446,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("at expiry: rst"), "{text}");
-        assert!(text.ends_with(&crate::plan::render_advice(&a)), "{text}");
+        assert!(
+            text.ends_with(&crate::cmd::plan::render_advice(&a)),
+            "{text}"
+        );
     }
 
     #[test]

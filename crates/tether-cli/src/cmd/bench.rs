@@ -1,0 +1,458 @@
+//! `tether bench`: what it costs to hold many idle clients, how precisely the dead ones are
+//! noticed, and what the framing costs, side by side with mosquitto and plain tokio.
+//!
+//! ```text
+//!                     ┌──────────── coordinator (this process) ─────────────┐
+//!                     │ reads /proc/PID/{status,stat}, /proc/net/sockstat,   │
+//!                     │ /proc/slabinfo; prints tables; writes --json         │
+//!                     └──┬────────────────────┬──────────────────────────────┘
+//!           JSON lines   │                    │  JSON lines
+//!   ┌────────────────────▼───┐   loopback  ┌──▼──────────────────────────────┐
+//!   │ server: agent server   │◀────────────│ agent clients ×k (127.0.0.x src)│
+//!   │ (tether) or mosquitto  │   N conns   │ tether Connection or MQTT 3.1.1 │
+//!   └────────────────────────┘             └─────────────────────────────────┘
+//! ```
+//!
+//! The server runs alone in its process, so its RSS and CPU time belong to it. Scenarios:
+//! `hold` (idle clients, 30 s heartbeats: memory, CPU per heartbeat, connect rate; the same
+//! against mosquitto with keepalive 30 s), `detect` (10 % blackholed at once under message
+//! load: time to `Offline`, false `Offline`s), `echo` (tether `Connection` against tokio +
+//! `LengthDelimitedCodec`), `all`. Targets are shown next to the figures, not asserted.
+
+mod agent;
+mod detect;
+mod echo;
+mod hold;
+mod procs;
+mod sys;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use detect::{detect_one, print_detect, DetectResult};
+use hold::{hold_one, print_hold, HoldResult};
+use procs::Agent;
+
+/// Benchmarks: hold, detect, echo.
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    #[command(subcommand)]
+    cmd: BenchCmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum BenchCmd {
+    /// N idle clients with 30 s heartbeats: server memory and CPU per connection, tether and
+    /// mosquitto side by side.
+    Hold(HoldArgs),
+    /// 10 % of N clients blackholed at once under message load: time to Offline, false Offlines.
+    Detect(DetectArgs),
+    /// Round trips and throughput, tether Connection vs tokio + LengthDelimitedCodec.
+    Echo(EchoArgs),
+    /// hold, detect and echo in one run.
+    All(AllArgs),
+    /// Internal: the bench's child processes.
+    #[command(hide = true, subcommand)]
+    Agent(agent::AgentCmd),
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    tether_proto::duration::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct HoldOpts {
+    /// How long to hold the idle clients after they connected (CPU is measured over this).
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    hold: Duration,
+    /// Heartbeat interval (tether) and MQTT keepalive.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// Skip the mosquitto comparison.
+    #[arg(long)]
+    no_mosquitto: bool,
+    /// Load-generator processes (default: one per 6,500 clients, 1–4).
+    #[arg(long)]
+    agents: Option<usize>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct DetectOpts {
+    /// The detection bound the server's policy is derived from.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    detect_within: Duration,
+    /// Clients that send messages as fast as they can during the test (among the 90 %, at
+    /// most N/10; they run in a process of their own).
+    #[arg(long, default_value_t = 256)]
+    loaders: usize,
+    /// Size of the load messages in bytes.
+    #[arg(long, default_value_t = 64)]
+    msg_size: usize,
+    /// Load-generator processes (default: one per 6,500 clients, 1–4).
+    #[arg(long)]
+    detect_agents: Option<usize>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct EchoOpts {
+    /// Messages per throughput run at 64 B (4 KiB runs use an eighth).
+    #[arg(long, default_value_t = 400_000)]
+    messages: usize,
+    /// Round trips timed for latency.
+    #[arg(long, default_value_t = 20_000)]
+    rtt_samples: usize,
+    /// Runs per case; the best is kept.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+#[derive(clap::Args, Debug)]
+struct HoldArgs {
+    /// Client counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    n: Vec<usize>,
+    #[command(flatten)]
+    opts: HoldOpts,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct DetectArgs {
+    /// Client counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    n: Vec<usize>,
+    #[command(flatten)]
+    opts: DetectOpts,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct EchoArgs {
+    #[command(flatten)]
+    opts: EchoOpts,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct AllArgs {
+    /// Client counts for hold.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,19000")]
+    hold_n: Vec<usize>,
+    /// Client counts for detect.
+    #[arg(long, value_delimiter = ',', default_value = "1000,19000")]
+    detect_n: Vec<usize>,
+    #[command(flatten)]
+    hold: HoldOpts,
+    #[command(flatten)]
+    detect: DetectOpts,
+    #[command(flatten)]
+    echo: EchoOpts,
+    /// Also write the figures as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Runs `tether bench ...`.
+pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let BenchCmd::Agent(a) = args.cmd {
+        return agent::run(a);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(coordinate(args.cmd))
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    machine: Value,
+    command: String,
+    started: String,
+    load_before: f64,
+    hold: Vec<HoldResult>,
+    detect: Vec<DetectResult>,
+    echo: Vec<echo::EchoResult>,
+    load_after: f64,
+}
+
+async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
+    let mut rep = Report {
+        machine: machine(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        started: utc_now(),
+        load_before: sys::loadavg(),
+        ..Default::default()
+    };
+    println!(
+        "tether bench — {} — load {:.2} — {}",
+        rep.machine["cpu"].as_str().unwrap_or("?"),
+        rep.load_before,
+        rep.started
+    );
+    let (hold_n, detect_n, hold, detect, echo, json) = match cmd {
+        BenchCmd::Hold(a) => (a.n, vec![], Some(a.opts), None, None, a.json),
+        BenchCmd::Detect(a) => (vec![], a.n, None, Some(a.opts), None, a.json),
+        BenchCmd::Echo(a) => (vec![], vec![], None, None, Some(a.opts), a.json),
+        BenchCmd::All(a) => (
+            a.hold_n,
+            a.detect_n,
+            Some(a.hold),
+            Some(a.detect),
+            Some(a.echo),
+            a.json,
+        ),
+        BenchCmd::Agent(_) => unreachable!("handled in run"),
+    };
+    if let Some(h) = &hold {
+        for &n in &hold_n {
+            rep.hold.push(hold_one(Server::Tether, n, h).await?);
+            if !h.no_mosquitto {
+                match hold_one(Server::Mosquitto, n, h).await {
+                    Ok(r) => rep.hold.push(r),
+                    Err(e) => eprintln!("mosquitto at N={n} skipped: {e:#}"),
+                }
+            }
+            save(&rep, json.as_ref())?;
+        }
+    }
+    if let Some(d) = &detect {
+        for &n in &detect_n {
+            rep.detect.push(detect_one(n, d).await?);
+            save(&rep, json.as_ref())?;
+        }
+    }
+    if let Some(e) = &echo {
+        println!("\n== echo: tether Connection vs tokio + LengthDelimitedCodec ==");
+        let opts = echo::EchoOpts {
+            rtt_samples: e.rtt_samples,
+            messages: e.messages,
+            rounds: e.rounds,
+        };
+        // Its own runtime with a worker per core, as an application would have (the
+        // coordinator's runtime has one worker).
+        rep.echo = tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?
+                .block_on(echo::run(&opts))
+        })
+        .await
+        .context("echo panicked")??;
+        print_echo(&rep.echo);
+    }
+    rep.load_after = sys::loadavg();
+    if !rep.hold.is_empty() {
+        print_hold(&rep.hold);
+    }
+    if !rep.detect.is_empty() {
+        print_detect(&rep.detect);
+    }
+    println!(
+        "\nload average {:.2} → {:.2}",
+        rep.load_before, rep.load_after
+    );
+    save(&rep, json.as_ref())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn save(rep: &Report, path: Option<&PathBuf>) -> anyhow::Result<()> {
+    if let Some(p) = path {
+        let s = serde_json::to_string_pretty(rep)?;
+        std::fs::write(p, s).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
+    json!({"cpu": cpu, "cores": cores, "mem_gib": mem_kb as f64 / 1048576.0,
+           "kernel": kernel, "nofile": nofile.rlim_cur})
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Server {
+    Tether,
+    Mosquitto,
+}
+
+/// Source addresses rotate between scenarios so TIME_WAIT left by one run never collides
+/// with the next.
+static SRC_SALT: AtomicUsize = AtomicUsize::new(0);
+
+fn agents_for(n: usize, explicit: Option<usize>) -> usize {
+    explicit
+        .unwrap_or(n.div_ceil(6500))
+        .clamp(1, 8)
+        .min(n.max(1))
+}
+
+/// Starts `k` client agents for `n` clients and connects them all; prints progress.
+#[allow(clippy::too_many_arguments)]
+async fn connect_clients(
+    kind: &str,
+    addr: std::net::SocketAddr,
+    first_id: usize,
+    n: usize,
+    k: usize,
+    heartbeat_ms: u64,
+    detect_within_ms: u64,
+) -> anyhow::Result<(Vec<Agent>, f64, u64, Option<String>)> {
+    let salt = SRC_SALT.fetch_add(1, Relaxed);
+    let mut agents = Vec::with_capacity(k);
+    let mut first = first_id;
+    for i in 0..k {
+        let count = n / k + usize::from(i < n % k);
+        let src: IpAddr = [127, 0, 0, (2 + (salt * 8 + i) % 250) as u8].into();
+        let args: Vec<String> = vec![
+            "clients".into(),
+            "--kind".into(),
+            kind.into(),
+            "--addr".into(),
+            addr.to_string(),
+            "--src".into(),
+            src.to_string(),
+            "--first".into(),
+            first.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--heartbeat-ms".into(),
+            heartbeat_ms.to_string(),
+            "--detect-within-ms".into(),
+            detect_within_ms.to_string(),
+        ];
+        first += count;
+        let mut a = Agent::spawn(&args)?;
+        a.expect("ready", Duration::from_secs(10)).await?;
+        agents.push(a);
+    }
+    let t0 = Instant::now();
+    for a in &mut agents {
+        a.send("go").await?;
+    }
+    let mut secs: f64 = 0.0;
+    let mut failed = 0;
+    let mut error = None;
+    let mut last_print = Instant::now();
+    for i in 0..agents.len() {
+        loop {
+            match agents[i].expect("connected", Duration::from_secs(1)).await {
+                Ok(v) => {
+                    secs = secs.max(v["secs"].as_f64().unwrap_or(0.0));
+                    failed += v["failed"].as_u64().unwrap_or(0);
+                    if error.is_none() {
+                        error = v["error"].as_str().map(str::to_owned);
+                    }
+                    break;
+                }
+                Err(e) if format!("{e:#}").contains("exited") => return Err(e),
+                Err(_) if t0.elapsed() < Duration::from_secs(300) => {
+                    if last_print.elapsed() >= Duration::from_secs(2) {
+                        let c: u64 = agents.iter().map(|a| a.progress.load(Relaxed)).sum();
+                        eprintln!(
+                            "  connecting: ~{c}/{n} after {:.0} s",
+                            t0.elapsed().as_secs_f64()
+                        );
+                        last_print = Instant::now();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok((agents, secs, failed, error))
+}
+
+fn print_echo(rows: &[echo::EchoResult]) {
+    println!(
+        "{:<22} {:>6} {:>10} {:>10} {:>12} {:>10}",
+        "transport", "size", "RTT p50 µs", "RTT p99 µs", "msgs/s", "MiB/s"
+    );
+    for r in rows {
+        println!(
+            "{:<22} {:>6} {:>10.1} {:>10.1} {:>12.0} {:>10.1}",
+            r.transport, r.size, r.rtt_p50_us, r.rtt_p99_us, r.msgs_per_s, r.mib_per_s
+        );
+    }
+    for size in [64, 4096] {
+        let t = rows
+            .iter()
+            .find(|r| r.size == size && r.transport == "tether");
+        let p = rows
+            .iter()
+            .find(|r| r.size == size && r.transport != "tether");
+        if let (Some(t), Some(p)) = (t, p) {
+            println!(
+                "{size} B: tether/plain throughput {:.2}× (target ≥ 0.95), RTT p50 {:.2}×",
+                t.msgs_per_s / p.msgs_per_s,
+                t.rtt_p50_us / p.rtt_p50_us
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_share_the_clients() {
+        assert_eq!(agents_for(1000, None), 1);
+        assert_eq!(agents_for(19_000, None), 3);
+        assert_eq!(agents_for(19_000, Some(4)), 4);
+        assert_eq!(agents_for(2, Some(8)), 2);
+    }
+}

@@ -1,0 +1,330 @@
+//! `tether bench hold`: idle clients held by the server (tether or mosquitto): memory and CPU
+//! per connection and per heartbeat.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use super::procs::{Agent, Mosquitto};
+use super::{agents_for, connect_clients, sys, HoldOpts, Server};
+
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct HoldResult {
+    server: Server,
+    server_version: String,
+    n: usize,
+    agents: usize,
+    connected: u64,
+    failed: u64,
+    connect_error: Option<String>,
+    connect_secs: f64,
+    connects_per_s: f64,
+    rss_before: u64,
+    rss_idle: u64,
+    rss_end: u64,
+    rss_per_conn: f64,
+    rss_end_per_conn: f64,
+    /// tether only: malloc'd bytes in use per connection (glibc `mallinfo2`).
+    heap_per_conn: Option<f64>,
+    kernel_tcp_buffers_per_conn: f64,
+    kernel_slab_per_conn_both_ends: Option<f64>,
+    hold_secs: f64,
+    heartbeat_s: f64,
+    cpu_secs: f64,
+    /// tether: heartbeat frames received + sent; mosquitto: PINGREQ received + PINGRESP sent.
+    liveness_msgs: u64,
+    /// `None` when no liveness message was exchanged during the hold (a hold shorter than
+    /// a heartbeat interval): there is nothing to divide by.
+    cpu_us_per_liveness_msg: Option<f64>,
+    /// Server CPU per client per heartbeat interval (the unit that matters to an operator).
+    cpu_us_per_client_interval: f64,
+    closed_during_hold: u64,
+}
+
+pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::Result<HoldResult> {
+    println!(
+        "\n== hold: {server:?}, N={n}, heartbeat {:?}, hold {:?} ==",
+        o.heartbeat, o.hold
+    );
+    let hb_ms = o.heartbeat.as_millis() as u64;
+    // The policy around a 30 s heartbeat: detect within 3 heartbeats.
+    let dw_ms = hb_ms * 3;
+    let mut tether_agent = None;
+    let mut mosq = None;
+    let (pid, addr, version) = match server {
+        Server::Tether => {
+            let mut a = Agent::spawn(&[
+                "server".into(),
+                "--detect-within-ms".into(),
+                dw_ms.to_string(),
+                "--heartbeat-ms".into(),
+                hb_ms.to_string(),
+            ])?;
+            let v = a.expect("listening", Duration::from_secs(10)).await?;
+            let addr = v["addr"].as_str().context("no addr")?.parse()?;
+            let pid = a.pid;
+            tether_agent = Some(a);
+            (pid, addr, format!("tether {}", env!("CARGO_PKG_VERSION")))
+        }
+        Server::Mosquitto => {
+            let m = Mosquitto::start().await?;
+            let r = (m.pid, m.addr, m.version.clone());
+            mosq = Some(m);
+            r
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let heap_before = heap(&mut tether_agent).await?;
+    let rss_before = sys::rss_bytes(pid)?;
+    let k0 = sys::kernel_mem();
+    let kind = match server {
+        Server::Tether => "tether",
+        Server::Mosquitto => "mqtt",
+    };
+    let k = agents_for(n, o.agents);
+    let (mut agents, connect_secs, failed, connect_error) =
+        connect_clients(kind, addr, 0, n, k, hb_ms, dw_ms).await?;
+    let connected = n as u64 - failed;
+    println!(
+        "  connected {connected}/{n} in {connect_secs:.2} s ({:.0}/s){}",
+        connected as f64 / connect_secs.max(1e-9),
+        connect_error
+            .as_deref()
+            .map(|e| format!("; first error: {e}"))
+            .unwrap_or_default()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = sys::rss_bytes(pid)?;
+    let heap_idle = heap(&mut tether_agent).await?;
+    let k1 = sys::kernel_mem();
+    let cpu0 = sys::cpu_secs(pid)?;
+    let hb0 = liveness_count(&mut agents, &mut tether_agent).await?;
+    let t0 = Instant::now();
+    while t0.elapsed() < o.hold {
+        let left = o.hold.saturating_sub(t0.elapsed());
+        tokio::time::sleep(left.min(Duration::from_secs(10))).await;
+        let hb = liveness_count(&mut agents, &mut tether_agent).await?;
+        eprintln!(
+            "  holding: {:.0}/{:.0} s, {} liveness messages, server CPU {:.2} s",
+            t0.elapsed().as_secs_f64(),
+            o.hold.as_secs_f64(),
+            hb - hb0,
+            sys::cpu_secs(pid)? - cpu0
+        );
+    }
+    let hb1 = liveness_count(&mut agents, &mut tether_agent).await?;
+    let cpu1 = sys::cpu_secs(pid)?;
+    let hold_secs = t0.elapsed().as_secs_f64();
+    let rss_end = sys::rss_bytes(pid)?;
+    let mut closed = 0;
+    for a in agents.iter_mut() {
+        closed += a.ask("stats", "stats").await?["closed"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    for a in agents {
+        a.quit().await;
+    }
+    if let Some(t) = tether_agent {
+        t.quit().await;
+    }
+    if let Some(m) = mosq {
+        m.stop().await;
+    }
+    // Let the sockets go before the next scenario measures the kernel.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let nc = connected.max(1) as f64;
+    let cpu = cpu1 - cpu0;
+    let msgs = hb1 - hb0;
+    let intervals = nc * hold_secs / o.heartbeat.as_secs_f64();
+    let r = HoldResult {
+        server,
+        server_version: version,
+        n,
+        agents: k,
+        connected,
+        failed,
+        connect_error,
+        connect_secs,
+        connects_per_s: connected as f64 / connect_secs.max(1e-9),
+        rss_before,
+        rss_idle,
+        rss_end,
+        rss_per_conn: (rss_idle as f64 - rss_before as f64) / nc,
+        rss_end_per_conn: (rss_end as f64 - rss_before as f64) / nc,
+        heap_per_conn: match (heap_before, heap_idle) {
+            (Some(a), Some(b)) => Some((b as f64 - a as f64) / nc),
+            _ => None,
+        },
+        kernel_tcp_buffers_per_conn: (k1.tcp_buffers as f64 - k0.tcp_buffers as f64) / nc,
+        kernel_slab_per_conn_both_ends: match (k0.slabs, k1.slabs) {
+            (Some(a), Some(b)) => Some((b as f64 - a as f64) / nc),
+            _ => None,
+        },
+        hold_secs,
+        heartbeat_s: o.heartbeat.as_secs_f64(),
+        cpu_secs: cpu,
+        liveness_msgs: msgs,
+        cpu_us_per_liveness_msg: (msgs > 0).then(|| cpu * 1e6 / msgs as f64),
+        cpu_us_per_client_interval: cpu * 1e6 / intervals.max(1.0),
+        closed_during_hold: closed,
+    };
+    println!("  {}", hold_summary(&r));
+    Ok(r)
+}
+
+/// The tether server's heap in use (`None` for mosquitto).
+async fn heap(tether: &mut Option<Agent>) -> anyhow::Result<Option<u64>> {
+    match tether {
+        Some(t) => Ok(t.ask("metrics", "metrics").await?["heap"].as_u64()),
+        None => Ok(None),
+    }
+}
+
+/// Liveness messages handled so far: tether heartbeats in + out (server metrics); for
+/// mosquitto, PINGREQ in + PINGRESP out (counted by the clients as answered pings × 2).
+async fn liveness_count(agents: &mut [Agent], tether: &mut Option<Agent>) -> anyhow::Result<u64> {
+    match tether {
+        Some(t) => {
+            let m = t.ask("metrics", "metrics").await?;
+            Ok(m["hb_sent"].as_u64().unwrap_or(0) + m["hb_received"].as_u64().unwrap_or(0))
+        }
+        None => {
+            let mut pings = 0;
+            for a in agents.iter_mut() {
+                pings += a.ask("stats", "stats").await?["pings"]
+                    .as_u64()
+                    .unwrap_or(0);
+            }
+            Ok(pings * 2)
+        }
+    }
+}
+
+pub(super) fn print_hold(rows: &[HoldResult]) {
+    println!(
+        "\n== hold: idle clients, heartbeat/keepalive {} s ==",
+        rows.first().map_or(30.0, |r| r.heartbeat_s)
+    );
+    println!(
+        "{:<10} {:>6} {:>9} {:>11} {:>11} {:>10} {:>11} {:>10} {:>12} {:>13} {:>7}",
+        "server",
+        "N",
+        "conn/s",
+        "RSS/conn B",
+        "end RSS/c",
+        "heap/c",
+        "kern buf/c",
+        "slab/c*",
+        "CPU µs/msg",
+        "CPU µs/cl/hb",
+        "closed"
+    );
+    for r in rows {
+        println!(
+            "{:<10} {:>6} {:>9.0} {:>11.0} {:>11.0} {:>10} {:>11.0} {:>10} {:>12} {:>13.2} {:>7}",
+            format!("{:?}", r.server).to_lowercase(),
+            r.n,
+            r.connects_per_s,
+            r.rss_per_conn,
+            r.rss_end_per_conn,
+            r.heap_per_conn.map_or("-".into(), |v| format!("{v:.0}")),
+            r.kernel_tcp_buffers_per_conn,
+            r.kernel_slab_per_conn_both_ends
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            r.cpu_us_per_liveness_msg
+                .map_or("-".into(), |v| format!("{v:.2}")),
+            r.cpu_us_per_client_interval,
+            r.closed_during_hold
+        );
+    }
+    let by_n: HashMap<(usize, Server), &HoldResult> =
+        rows.iter().map(|r| ((r.n, r.server), r)).collect();
+    let mut ns: Vec<usize> = rows.iter().map(|r| r.n).collect();
+    ns.dedup();
+    for n in ns {
+        if let (Some(t), Some(m)) = (
+            by_n.get(&(n, Server::Tether)),
+            by_n.get(&(n, Server::Mosquitto)),
+        ) {
+            let cpu = match (t.cpu_us_per_liveness_msg, m.cpu_us_per_liveness_msg) {
+                (Some(a), Some(b)) => format!("{:.2}×", a / b),
+                _ => "n/a (no liveness messages during the hold)".to_owned(),
+            };
+            println!(
+                "tether/mosquitto at N={n}: RSS/conn {:.2}× (target < 1), CPU/msg {cpu} (target ≤ 1), connect rate {:.2}×",
+                t.rss_per_conn / m.rss_per_conn,
+                t.connects_per_s / m.connects_per_s
+            );
+        }
+    }
+    println!("* slab/c: kernel TCP + sock_inode_cache slabs per connection, both ends (loopback)");
+}
+
+/// The one-line result of a hold run. With no liveness message during the hold (a hold
+/// shorter than the heartbeat interval) it says so instead of dividing the CPU time by zero.
+fn hold_summary(r: &HoldResult) -> String {
+    let cpu = match r.cpu_us_per_liveness_msg {
+        Some(each) => format!(
+            "CPU {:.2} s for {} liveness messages = {each:.1} µs each",
+            r.cpu_secs, r.liveness_msgs
+        ),
+        None => format!(
+            "CPU {:.2} s; no liveness messages during the {:.1} s hold (shorter than the {:.0} s heartbeat): \
+             no CPU per message to report",
+            r.cpu_secs, r.hold_secs, r.heartbeat_s
+        ),
+    };
+    format!(
+        "RSS/conn {:.0} B (end of hold {:.0} B), {cpu}",
+        r.rss_per_conn, r.rss_end_per_conn
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(msgs: u64) -> HoldResult {
+        HoldResult {
+            server: Server::Tether,
+            server_version: String::new(),
+            n: 1000,
+            agents: 1,
+            connected: 1000,
+            failed: 0,
+            connect_error: None,
+            connect_secs: 0.1,
+            connects_per_s: 10_000.0,
+            rss_before: 0,
+            rss_idle: 0,
+            rss_end: 0,
+            rss_per_conn: 3700.0,
+            rss_end_per_conn: 3700.0,
+            heap_per_conn: None,
+            kernel_tcp_buffers_per_conn: 0.0,
+            kernel_slab_per_conn_both_ends: None,
+            hold_secs: 5.0,
+            heartbeat_s: 30.0,
+            cpu_secs: 0.0008,
+            liveness_msgs: msgs,
+            cpu_us_per_liveness_msg: (msgs > 0).then(|| 800.0 / msgs as f64),
+            cpu_us_per_client_interval: 0.8,
+            closed_during_hold: 0,
+        }
+    }
+
+    #[test]
+    fn a_hold_without_liveness_messages_says_there_were_none() {
+        let s = hold_summary(&result(0));
+        assert!(
+            s.contains("no liveness messages during the 5.0 s hold"),
+            "{s}"
+        );
+        assert!(!s.contains("µs each"), "{s}");
+        let s = hold_summary(&result(2000));
+        assert!(s.contains("2000 liveness messages = 0.4 µs each"), "{s}");
+    }
+}
