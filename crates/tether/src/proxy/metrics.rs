@@ -17,7 +17,8 @@ pub const PROXY_REASONS: [&str; 7] = [
     "io-error",
 ];
 
-/// Counters of a [`Proxy`] (see [`Proxy::handle`] and [`ProxyHandle::metrics`]).
+/// Counters of a [`Proxy`](super::Proxy) (see [`Proxy::handle`](super::Proxy::handle) and
+/// [`ProxyHandle::metrics`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProxyMetrics {
     /// Connections being relayed now.
@@ -35,7 +36,7 @@ pub struct ProxyMetrics {
     pub bytes_up: u64,
     /// Bytes relayed upstream → client.
     pub bytes_down: u64,
-    /// Channels (pipes or buffers, each up to [`CHANNEL_BYTES`]) held now: at most two per
+    /// Channels (pipes or buffers, each up to [`CHANNEL_BYTES`](super::CHANNEL_BYTES)) held now: at most two per
     /// busy connection, none for an idle one.
     pub channels: u64,
 }

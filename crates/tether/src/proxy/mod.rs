@@ -18,7 +18,7 @@
 //!   The keepalive keeps a NAT or load balancer on either leg from forgetting an idle flow
 //!   (idle ≤ path/3) and detects a vanished peer within `detect_within`.
 //! - **When a leg dies, the other one learns at once.** The end is classified
-//!   ([`DisconnectReason`]) and the other leg is closed:
+//!   ([`DisconnectReason`](tether_proto::DisconnectReason)) and the other leg is closed:
 //!
 //!   | cause on one leg                                 | reason              | other leg gets |
 //!   |--------------------------------------------------|---------------------|----------------|

@@ -10,8 +10,8 @@
 //! ```
 //!
 //! **One tether session per application connection.** Each accepted application connection
-//! gets its own [`Client`] with a unique client id (`tun-` + 16 random hex digits); the exit
-//! runs one [`Server`] with sessions and opens one target connection per id. This is the
+//! gets its own [`Client`](crate::Client) with a unique client id (`tun-` + 16 random hex digits); the exit
+//! runs one [`Server`](crate::Server) with sessions and opens one target connection per id. This is the
 //! simplest design that gives every guarantee per connection for free: the session's
 //! exactly-once, in-order delivery is exactly TCP's byte-stream contract, a slow application
 //! stalls only its own session (no head-of-line blocking between connections, no fair
