@@ -40,11 +40,13 @@ fn scenario(
     let policy = Policy::derive(D, Some(Duration::from_secs(4).into())).expect("policy");
     let (listen, connect) = (topo.listen_addr(), topo.connect_addr());
     let (fault_tx, fault_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let p = policy.clone();
     let server = tether_lab::spawn_async_in_netns(topo.netns(Role::Server), async move {
         let cfg = ServerConfig::new(listen).policy(p).session_linger(None);
         let srv = Server::bind(cfg).await.expect("bind");
         let mut changes = srv.subscribe();
+        let _ = ready_tx.send(());
         loop {
             let ch = changes.recv().await.expect("presence");
             if let PresenceState::Offline {
@@ -55,6 +57,9 @@ fn scenario(
             }
         }
     });
+    // The client's first event must be Connected: it may only dial once the server listens
+    // (a refused first attempt made it Reconnecting, 1 run in 20 under load).
+    ready_rx.recv().expect("server started");
     let p = policy.clone();
     let client = tether_lab::spawn_async_in_netns(topo.netns(Role::Client), async move {
         let mut cfg = ClientConfig::new(connect, "phone-1");

@@ -629,9 +629,36 @@ async fn bytes_keep_a_half_closed_connection_open() {
     drop(replier.await.unwrap());
 }
 
-/// Open file descriptors of this process.
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+/// TCP sockets that belong to a proxy listening on port `proxy` and relaying to port
+/// `upstream` on loopback: its client legs (local port `proxy`, not the listener) and its
+/// upstream legs (remote port `upstream`), from `/proc/net/tcp`. Unlike the process's open
+/// file descriptors, other tests running at the same time cannot change this count.
+fn proxy_sockets(proxy: u16, upstream: u16) -> usize {
+    const LISTEN: &str = "0A";
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
+            let (local, remote, state) = (port(f[1]), port(f[2]), f[3]);
+            (local == Some(proxy) && state != LISTEN)
+                || (remote == Some(upstream) && local != Some(upstream))
+        })
+        .count()
+}
+
+/// An upstream that keeps every connection it accepts, open and silent.
+async fn holding_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (l, addr) = listener().await;
+    let task = tokio::spawn(async move {
+        let mut keep = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            keep.push(s);
+        }
+    });
+    (addr, task)
 }
 
 /// The measurement behind the issue (2,010 fds after 70 s): 200 connections half-closed by
@@ -641,23 +668,15 @@ fn open_fds() -> usize {
 async fn half_closed_connections_give_their_sockets_back() {
     const N: usize = 200;
     let t = Duration::from_millis(500);
-    let (l, upstream) = listener().await;
-    // The upstream keeps every connection it accepts, open and silent.
-    let held = tokio::spawn(async move {
-        let mut keep = Vec::new();
-        while let Ok((s, _)) = l.accept().await {
-            keep.push(s);
-        }
-    });
-    let on = Harness::with(half_close_cfg(upstream, CopyMode::default(), Some(t))).await;
-    let off = Harness::with(half_close_cfg(upstream, CopyMode::default(), None)).await;
-    let before = open_fds();
+    let (up_on, held_on) = holding_upstream().await;
+    let (up_off, held_off) = holding_upstream().await;
+    let on = Harness::with(half_close_cfg(up_on, CopyMode::default(), Some(t))).await;
+    let off = Harness::with(half_close_cfg(up_off, CopyMode::default(), None)).await;
+    let sockets = |h: &Harness, up: SocketAddr| proxy_sockets(h.addr.port(), up.port());
     let mut clients = Vec::new();
     for h in [&on, &off] {
         for _ in 0..N {
-            let c = TcpStream::connect(h.addr).await.unwrap();
-            c.set_nodelay(true).unwrap();
-            let mut c = c;
+            let mut c = TcpStream::connect(h.addr).await.unwrap();
             c.shutdown().await.unwrap();
             clients.push(c);
         }
@@ -668,7 +687,7 @@ async fn half_closed_connections_give_their_sockets_back() {
         assert!(t0.elapsed() < LIMIT, "connections never all opened");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let loaded = open_fds();
+    let loaded = (sockets(&on, up_on), sockets(&off, up_off));
     let t1 = Instant::now();
     while on.handle.metrics().open > 0 {
         assert!(
@@ -680,25 +699,24 @@ async fn half_closed_connections_give_their_sockets_back() {
     let released_after = t1.elapsed();
     // Give the disabled proxy the same time and more: it must still hold everything.
     tokio::time::sleep(t).await;
-    let after = open_fds();
-    let (on_open, off_open) = (on.handle.metrics().open, off.handle.metrics().open);
+    let after = (sockets(&on, up_on), sockets(&off, up_off));
     println!(
-        "half-close: {N} half-closed connections per proxy; process fds {before} before, \
-         {loaded} with all open, {after} after {:?} (timeout {t:?}: open {on_open}, \
-         disabled: open {off_open})",
-        released_after + t
+        "half-close: {N} half-closed connections per proxy; proxy sockets with all open: \
+         {} (timeout {t:?}) and {} (disabled); {:?} later: {} and {}",
+        loaded.0,
+        loaded.1,
+        released_after + t,
+        after.0,
+        after.1
     );
-    assert_eq!(on_open, 0);
-    assert_eq!(off_open, N as u64, "without the timeout they are held");
+    assert_eq!(loaded, (2 * N, 2 * N), "two legs per connection");
+    assert_eq!(after, (0, 2 * N), "released with the timeout, held without");
+    assert_eq!(on.handle.metrics().open, 0);
+    assert_eq!(off.handle.metrics().open, N as u64);
     assert_eq!(
         on.handle.metrics().closed_with("half-close-timeout"),
         N as u64
     );
-    // The released proxy gave back both legs of each connection.
-    assert!(
-        loaded - after >= 2 * N,
-        "only {} fds released for {N} connections",
-        loaded - after
-    );
-    held.abort();
+    held_on.abort();
+    held_off.abort();
 }
