@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -629,12 +630,21 @@ async fn bytes_keep_a_half_closed_connection_open() {
     drop(replier.await.unwrap());
 }
 
-/// TCP sockets that belong to a proxy listening on port `proxy` and relaying to port
-/// `upstream` on loopback: its client legs (local port `proxy`, not the listener) and its
-/// upstream legs (remote port `upstream`), from `/proc/net/tcp`. Unlike the process's open
-/// file descriptors, other tests running at the same time cannot change this count.
-fn proxy_sockets(proxy: u16, upstream: u16) -> usize {
-    const LISTEN: &str = "0A";
+/// TCP sockets on loopback that belong to a proxy listening on port `proxy` and relaying to
+/// port `upstream`, from `/proc/net/tcp`: its client legs (local port `proxy`, remote port
+/// one of `clients`) and its upstream legs (remote port `upstream`), counting only sockets
+/// this process holds open (TIME_WAIT leftovers have no descriptor). Unlike the process's
+/// number of open descriptors, other tests running at the same time cannot change it (a
+/// listener may even share its port number with another test's outgoing connection).
+fn proxy_sockets(proxy: u16, upstream: u16, clients: &HashSet<u16>) -> usize {
+    let ours: HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
     let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     table
         .lines()
@@ -642,9 +652,10 @@ fn proxy_sockets(proxy: u16, upstream: u16) -> usize {
         .filter(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
-            let (local, remote, state) = (port(f[1]), port(f[2]), f[3]);
-            (local == Some(proxy) && state != LISTEN)
-                || (remote == Some(upstream) && local != Some(upstream))
+            let (local, remote, inode) = (port(f[1]), port(f[2]), f[9]);
+            let client_leg = local == Some(proxy) && remote.is_some_and(|r| clients.contains(&r));
+            let upstream_leg = remote == Some(upstream) && local != Some(upstream);
+            ours.contains(inode) && (client_leg || upstream_leg)
         })
         .count()
 }
@@ -672,22 +683,31 @@ async fn half_closed_connections_give_their_sockets_back() {
     let (up_off, held_off) = holding_upstream().await;
     let on = Harness::with(half_close_cfg(up_on, CopyMode::default(), Some(t))).await;
     let off = Harness::with(half_close_cfg(up_off, CopyMode::default(), None)).await;
-    let sockets = |h: &Harness, up: SocketAddr| proxy_sockets(h.addr.port(), up.port());
     let mut clients = Vec::new();
-    for h in [&on, &off] {
+    let mut ports = [HashSet::new(), HashSet::new()];
+    for (h, ports) in [&on, &off].into_iter().zip(&mut ports) {
         for _ in 0..N {
-            let mut c = TcpStream::connect(h.addr).await.unwrap();
-            c.shutdown().await.unwrap();
+            let c = TcpStream::connect(h.addr).await.unwrap();
+            ports.insert(c.local_addr().unwrap().port());
             clients.push(c);
         }
     }
-    // Every connection is up (both legs) before the clock starts.
+    let sockets = |h: &Harness, up: SocketAddr, ports: &HashSet<u16>| {
+        proxy_sockets(h.addr.port(), up.port(), ports)
+    };
+    // Every connection is up (both legs) before any half-closes: the clock starts at the FIN.
     let t0 = Instant::now();
     while on.handle.metrics().open < N as u64 || off.handle.metrics().open < N as u64 {
         assert!(t0.elapsed() < LIMIT, "connections never all opened");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let loaded = (sockets(&on, up_on), sockets(&off, up_off));
+    let loaded = (
+        sockets(&on, up_on, &ports[0]),
+        sockets(&off, up_off, &ports[1]),
+    );
+    for c in &mut clients {
+        c.shutdown().await.unwrap();
+    }
     let t1 = Instant::now();
     while on.handle.metrics().open > 0 {
         assert!(
@@ -699,10 +719,13 @@ async fn half_closed_connections_give_their_sockets_back() {
     let released_after = t1.elapsed();
     // Give the disabled proxy the same time and more: it must still hold everything.
     tokio::time::sleep(t).await;
-    let after = (sockets(&on, up_on), sockets(&off, up_off));
+    let after = (
+        sockets(&on, up_on, &ports[0]),
+        sockets(&off, up_off, &ports[1]),
+    );
     println!(
-        "half-close: {N} half-closed connections per proxy; proxy sockets with all open: \
-         {} (timeout {t:?}) and {} (disabled); {:?} later: {} and {}",
+        "half-close: {N} connections per proxy; proxy sockets with all open: {} (timeout \
+         {t:?}) and {} (disabled); all half-closed, {:?} later: {} and {}",
         loaded.0,
         loaded.1,
         released_after + t,
