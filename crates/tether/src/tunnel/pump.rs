@@ -95,7 +95,10 @@ pub(super) async fn pump(
                 Err(e) => break e,
             },
             _ = stop.changed() => break TunnelEnd::Shutdown,
-            inbound = src.next() => match inbound {
+            // After DONE the peer has nothing more to say and everything it sent is here:
+            // what is left (writing to the application) is local, and a path that ends now
+            // must not turn a complete connection into a failed one.
+            inbound = src.next(), if !done_seen => match inbound {
                 Inbound::End(e) => break e,
                 Inbound::PathDown(reason) => {
                     outages += 1;
