@@ -342,6 +342,7 @@ impl Conn {
             heartbeat: cfg.heartbeat_interval,
             dead_after: cfg.dead_after,
             session: grant.clone(),
+            credential_ttl: None,
         };
         codec::encode_preamble(&mut self.out);
         codec::encode(&Frame::Welcome(welcome.clone()), &mut self.out);
@@ -947,6 +948,8 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Pong(_) => "PONG",
         Frame::Close { .. } => "CLOSE",
         Frame::Ack(_) => "ACK",
+        Frame::Auth(_) => "AUTH",
+        Frame::AuthOk(_) => "AUTH_OK",
         Frame::Hello(_) => "HELLO",
         Frame::Welcome(_) => "WELCOME",
         Frame::Refuse { .. } => "REFUSE",

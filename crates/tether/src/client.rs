@@ -274,6 +274,7 @@ async fn supervise(cfg: ClientConfig, tx: mpsc::UnboundedSender<ClientEvent>, sh
                     requested_heartbeat: opts.policy.heartbeat_interval,
                     want_session: cfg.session,
                     resume: None,
+                    credential: None,
                 };
                 let conn_cfg = ConnConfig {
                     max_frame_len: opts.max_frame_len,

@@ -813,6 +813,7 @@ mod tests {
             requested_heartbeat: h,
             want_session: false,
             resume: None,
+            credential: None,
         };
         Box::new(Conn::client(
             now(),

@@ -16,6 +16,7 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod auth;
 pub mod client;
 pub mod connection;
 pub mod driver;
@@ -23,6 +24,7 @@ pub mod probe;
 pub mod proxy;
 pub mod server;
 pub mod sockopt;
+pub mod tls;
 pub mod tunnel;
 
 pub use client::{Client, ClientConfig, ClientEvent, ClientSendError, ClientSender};
