@@ -384,3 +384,28 @@ fn report_bytes_map_to_outcomes() {
     assert_eq!(Outcome::from_report(3), Outcome::Expired(Expiry::Close));
     assert_eq!(Outcome::from_report(200), Outcome::Expired(Expiry::Unknown));
 }
+
+#[test]
+fn a_survived_test_counts_for_the_reported_period_less_the_allowance() {
+    let rtt = Duration::from_millis(2);
+    let mut r = ServerFirstReports::with_allowance(rtt);
+    r.tested(KEY, Some(Outcome::Alive), secs(3.1), secs(2.99), secs(3.7));
+    let got = r
+        .report(KEY, Outcome::Alive, Some(secs(3.0025)), None, secs(3.0))
+        .unwrap();
+    assert_eq!(
+        got.age,
+        secs(3.0025) - rtt,
+        "survived: the least it can have idled"
+    );
+    // Expired: the flow cannot have idled longer than the responder timed.
+    r.tested((1, 5), None, secs(3.3), secs(3.0), secs(4.0));
+    let got = r.report(
+        (1, 5),
+        Outcome::from_report(1),
+        Some(secs(3.0025)),
+        None,
+        secs(3.0),
+    );
+    assert_eq!(got.unwrap().age, secs(3.0025));
+}

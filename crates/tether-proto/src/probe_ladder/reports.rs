@@ -8,8 +8,8 @@
 //! ```
 //!
 //! In a server-first test the responder ends the idle period, so the responder times it and
-//! its REPORT carries the period it tested: that is the age a test counts for, whatever the
-//! outcome. The client's clock for the same period starts when its task gets round to
+//! its REPORT carries the period it tested: that is the age a test counts for (less a round
+//! trip when it survived, see [`ServerFirstReports::with_allowance`]). The client's clock for the same period starts when its task gets round to
 //! reading the answer, which on a busy client is well after the answer arrived; measured
 //! there, the 3 s top rung of a `--max 3s` probe came out as 2.95–2.998 s, and a probe that
 //! found no timeout below 3 s reported that only 2.95 s had survived. The client's own
@@ -58,12 +58,26 @@ struct Early {
 pub struct ServerFirstReports {
     waiting: BTreeMap<RungKey, Waiting>,
     early: BTreeMap<RungKey, Early>,
+    allowance: Duration,
 }
 
 impl ServerFirstReports {
-    /// An empty set.
+    /// An empty set, counting reported idle periods as they are.
     pub fn new() -> Self {
         ServerFirstReports::default()
+    }
+
+    /// An empty set whose surviving tests count for the reported idle period minus
+    /// `allowance` (a round trip). The responder times from its write of the answer, but the
+    /// flow idles from the last packet to cross the path, the client's acknowledgement of
+    /// the answer, up to a round trip later: a survived test proves only the shorter period.
+    /// (An expired test counts for the reported period: the flow cannot have idled longer.)
+    /// The client asks for idle periods `allowance` longer to make up for it.
+    pub fn with_allowance(allowance: Duration) -> Self {
+        ServerFirstReports {
+            allowance,
+            ..ServerFirstReports::default()
+        }
     }
 
     /// The client is done with server-first test `key`, tested at `at`: it saw the server's
@@ -93,7 +107,14 @@ impl ServerFirstReports {
         }
         let saw_server_byte = saw == Some(Outcome::Alive);
         if let Some(r) = self.early.remove(&key) {
-            return Some(pair(key, saw_server_byte, r, at, client_age));
+            return Some(pair(
+                key,
+                saw_server_byte,
+                r,
+                at,
+                client_age,
+                self.allowance,
+            ));
         }
         self.waiting.insert(
             key,
@@ -125,7 +146,14 @@ impl ServerFirstReports {
             idle,
         };
         if let Some(w) = self.waiting.remove(&key) {
-            return Some(pair(key, w.saw_server_byte, r, w.at, w.client_age));
+            return Some(pair(
+                key,
+                w.saw_server_byte,
+                r,
+                w.at,
+                w.client_age,
+                self.allowance,
+            ));
         }
         match (reported, due) {
             (Outcome::Expired(_), Some(due)) => Some(Resolved {
@@ -191,16 +219,22 @@ fn pair(
     r: Early,
     at: Duration,
     client_age: Duration,
+    allowance: Duration,
 ) -> Resolved {
     let outcome = match (saw_server_byte, r.outcome) {
         (true, _) => Outcome::Alive,
         (false, Outcome::Alive) => Outcome::Expired(Expiry::Unknown),
         (false, e) => e,
     };
+    let age = match (r.idle, outcome) {
+        (Some(idle), Outcome::Alive) => idle.saturating_sub(allowance),
+        (Some(idle), _) => idle,
+        (None, _) => client_age,
+    };
     Resolved {
         key,
         outcome,
         at,
-        age: r.idle.unwrap_or(client_age),
+        age,
     }
 }

@@ -294,6 +294,8 @@ pub async fn run(
     let grace = cfg
         .grace
         .unwrap_or_else(|| (Duration::from_millis(200) + rtt * 3).max(Duration::from_millis(300)));
+    // The round trip in whole milliseconds, rounded up (requests carry milliseconds).
+    let rtt_ms = Duration::from_millis(u64::try_from(rtt.as_micros().div_ceil(1000)).unwrap_or(0));
     let ping_interval = (grace / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let outage_after = (grace * 3).max(Duration::from_secs(1));
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -314,7 +316,7 @@ pub async fn run(
     let mut rungs = Rungs {
         plans,
         tasks: HashMap::new(),
-        reports: ServerFirstReports::new(),
+        reports: ServerFirstReports::with_allowance(rtt_ms),
     };
     let mut next_open_at = Instant::now();
     let mut opened = 0usize;
@@ -343,7 +345,13 @@ pub async fn run(
                         },
                         session,
                         index: index_of(di, k),
-                        delay: plan.age(k),
+                        // Server-first: the responder times from its write of the answer,
+                        // the flow idles from the client's acknowledgement of it, up to a
+                        // round trip later; ask for that much more (see `with_allowance`).
+                        delay: match plan.direction() {
+                            Direction::ClientFirst => plan.age(k),
+                            Direction::ServerFirst => plan.age(k) + rtt_ms,
+                        },
                         grace,
                     };
                     let job = RungJob {
@@ -403,6 +411,7 @@ pub async fn run(
                 rung,
                 at,
                 age,
+                age_max,
                 outcome,
             }) => {
                 // The task finishes on its own (a surviving connection closes in order).
@@ -410,11 +419,17 @@ pub async fn run(
                 let key = (dir, rung);
                 let at = since_start(at);
                 let resolved = match (rungs.plans[dir].direction(), outcome) {
+                    // A survived test counts for the least its idle period can have
+                    // lasted, an expired one for the most: both bounds stay true.
                     (Direction::ClientFirst, Some(outcome)) => Some(Resolved {
                         key,
                         outcome,
                         at,
-                        age,
+                        age: if outcome == Outcome::Alive {
+                            age
+                        } else {
+                            age_max
+                        },
                     }),
                     // Server-first: the responder timed the idle period; its REPORT says
                     // how long it was (and, when the client saw nothing, what happened).

@@ -36,8 +36,11 @@ pub(super) enum Event {
         dir: usize,
         rung: usize,
         at: Instant,
-        /// The idle period as measured.
+        /// The idle period as measured: at least this long (what a surviving test counts
+        /// for).
         age: Duration,
+        /// At most this long (what an expired test counts for).
+        age_max: Duration,
         outcome: Option<Outcome>,
     },
     Pong {
@@ -102,6 +105,27 @@ pub(super) struct RungJob {
     pub(super) tx: mpsc::UnboundedSender<Event>,
 }
 
+/// An upper bound of the kernel's tick: `TCP_INFO` gives the time since the last segment in
+/// whole ticks (1 ms at HZ=1000, 4 ms at 250, 10 ms at 100).
+const KERNEL_TICK: Duration = Duration::from_millis(10);
+
+/// When the idle period of a freshly opened connection began, as `(earliest, latest)`. The
+/// answer's arrival is the last traffic before it (the client's kernel acknowledges it at
+/// once), and the task that read it at `read_at` may have waited for the CPU long after
+/// that: under load, a client-first test timed from `read_at` idled 100 ms longer than it
+/// counted, and expired rungs claimed a timeout below the true one. The kernel timestamped
+/// the arrival (`tcpi_last_data_recv`, within a tick).
+fn idle_start(s: &TcpStream, read_at: Instant) -> (Instant, Instant) {
+    match crate::sockopt::tcp_info(s) {
+        Some(i) => {
+            let arrived = read_at.checked_sub(i.last_data_recv).unwrap_or(read_at);
+            let earliest = arrived.checked_sub(KERNEL_TICK).unwrap_or(arrived);
+            (earliest, read_at.min(arrived + KERNEL_TICK))
+        }
+        None => (read_at, read_at),
+    }
+}
+
 pub(super) async fn run_rung(job: RungJob) {
     let RungJob {
         addr,
@@ -125,17 +149,25 @@ pub(super) async fn run_rung(job: RungJob) {
             return;
         }
     };
-    let since = Instant::now();
+    let read_at = Instant::now();
+    let (earliest, since) = match req.mode {
+        Mode::ClientFirst => idle_start(&s, read_at),
+        Mode::ServerFirst | Mode::Control => (read_at, read_at),
+    };
     let _ = tx.send(Event::Opened { dir, rung, since });
     let mut at = since + req.delay;
     let mut age = req.delay;
+    let mut age_max = req.delay;
     let mut buf = [0u8; 16];
     let outcome = match req.mode {
         Mode::ClientFirst => {
+            // Timed from the latest the idle period can have begun: it lasts at least
+            // `delay`, and at most a kernel tick or two more.
             tokio::time::sleep_until(at).await;
             // A late wake-up tests a longer idle period: record what was tested.
             at = Instant::now();
             age = at.duration_since(since);
+            age_max = at.duration_since(earliest);
             match s.write_all(&[TEST_BYTE]).await {
                 Err(e) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
                 Err(_) => Some(Outcome::Expired(Expiry::Unknown)),
@@ -153,8 +185,9 @@ pub(super) async fn run_rung(job: RungJob) {
             match tokio::time::timeout_at(at + req.grace, s.read(&mut buf)).await {
                 Ok(Ok(0)) => Some(Outcome::Expired(Expiry::Close)),
                 Ok(Ok(n)) if buf[..n].contains(&SERVER_BYTE) => {
-                    // Symmetric: the answer took as long to arrive as the byte did.
+                    // Only a fallback: the responder timed this idle period (its REPORT).
                     age = since.elapsed();
+                    age_max = age;
                     let _ = s.write_all(&[ACK_BYTE]).await;
                     Some(Outcome::Alive)
                 }
@@ -171,6 +204,7 @@ pub(super) async fn run_rung(job: RungJob) {
         rung,
         at,
         age,
+        age_max,
         outcome,
     });
     match outcome {
