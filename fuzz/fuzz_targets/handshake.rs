@@ -76,6 +76,7 @@ fuzz_target!(|data: &[u8]| {
         requested_heartbeat: Duration::from_millis(100),
         want_session: false,
         resume: None,
+        credential: None,
     };
     run(
         Conn::server(t0, cfg.clone()),
@@ -94,6 +95,7 @@ fuzz_target!(|data: &[u8]| {
         heartbeat: Duration::from_millis(100),
         dead_after: Duration::from_millis(300),
         session: None,
+        credential_ttl: None,
     };
     run(client, &Frame::Welcome(welcome), data, t0);
 });

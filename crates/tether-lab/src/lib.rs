@@ -50,12 +50,41 @@ pub use run::{Cell, CellResult, Hook, Lab, Outcome, Progress};
 pub use sys::{check_environment, enter_netns};
 
 /// Why the lab cannot run here — `TETHER_LAB_SKIP` is set, not root, or a tool is missing —
-/// or `None` when it can. Tests print it in a loud `SKIP` line and pass.
+/// or `None` when it can. Tests report it with [`report_skip`] and return.
 pub fn skip_reason() -> Option<String> {
-    if std::env::var_os("TETHER_LAB_SKIP").is_some() {
-        return Some("TETHER_LAB_SKIP is set".into());
+    if let Some(v) = std::env::var_os("TETHER_LAB_SKIP") {
+        let v = v.to_string_lossy();
+        return Some(if v.is_empty() || v == "1" {
+            "TETHER_LAB_SKIP is set".into()
+        } else {
+            format!("TETHER_LAB_SKIP is set ({v})")
+        });
     }
     check_environment().err().map(|e| e.to_string())
+}
+
+/// Reports that test `test` did not run, and why, in the form `scripts/test` collects: one
+/// line `SKIP: <test>: <reason>` on stderr. It is written straight to the stream in one
+/// write (the test harness captures `eprintln!` of passing tests, and parallel tests must not
+/// interleave inside a line), so the script can count the skipped tests of each test binary
+/// and never report them as passed.
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let why = why.replace('\n', " ");
+    let line = format!("\nSKIP: {test}: {why}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// [`skip_reason`], reported for `test` with [`report_skip`]: `true` when the test must
+/// return without running.
+pub fn skip_test(test: &str) -> bool {
+    match skip_reason() {
+        Some(why) => {
+            report_skip(test, &why);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Runs `f` on a new thread that first enters network namespace `ns`: every socket it makes

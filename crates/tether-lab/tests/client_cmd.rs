@@ -1,16 +1,15 @@
 //! Bring your own client: the Python client of this repository (`clients/python/lab_client.py`)
 //! run through `--client-cmd` in a real lab run. Needs root, the lab's tools and `python3`;
-//! without them the test prints a loud SKIP line and passes.
+//! without them the test reports `SKIP: <test>: <reason>` and returns (scripts/test lists it
+//! as skipped).
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use tether_lab::report::BOUND_SLACK;
 use tether_lab::{Cell, ClientCommand, Fault, Lab, Method, Outcome, PeerCommand, Scale, Shape};
 
 fn skip(why: &str) {
-    let line = format!("\nSKIP tether-lab client_cmd: {why}\n");
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    tether_lab::report_skip("a_client_command_is_measured_like_tether", why);
 }
 
 #[test]

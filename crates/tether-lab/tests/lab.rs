@@ -1,11 +1,11 @@
 //! Lab tests: real namespaces, real conntrack. They need root and nftables/conntrack/iproute2;
-//! without them (or with TETHER_LAB_SKIP set) each test prints a loud SKIP line and passes.
+//! without them (or with TETHER_LAB_SKIP set) each test reports `SKIP: <test>: <reason>` and returns (scripts/test lists it as skipped).
 //!
 //! The scenario tests share one parallel run of every cell they need (about a minute of
 //! wall time); each test then asserts its own claim on those results.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -15,17 +15,9 @@ use tether_lab::{
     cells, Cell, CellResult, Fault, Lab, Method, Outcome, PeerCommand, Role, Scale, Shape,
 };
 
-/// The lab, or `None` after printing a loud SKIP line.
+/// The lab, or `None` after reporting the test as skipped (`SKIP: test: why`).
 fn lab(test: &str) -> Option<Lab> {
-    if let Some(why) = tether_lab::skip_reason() {
-        // Once per process, straight to stderr in one write with its own line breaks: the
-        // harness captures print!/eprint! of passing tests, and this line must be seen
-        // whole (scripts/test collects SKIP lines).
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            let line = format!("\nSKIP tether-lab (all lab tests, first: {test}): {why}\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
-        });
+    if tether_lab::skip_test(test) {
         return None;
     }
     Some(

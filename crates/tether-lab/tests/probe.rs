@@ -6,9 +6,8 @@
 //!
 //! All scenarios run once, in parallel (each in its own namespaces); each test then asserts
 //! its claim on its scenario. Without root or the lab tools (or with TETHER_LAB_SKIP set)
-//! each test prints a loud SKIP line and passes.
+//! each test reports `SKIP: <test>: <reason>` and returns (scripts/test lists it as skipped).
 
-use std::io::Write;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -18,15 +17,7 @@ use tether_lab::topology::{Invalid, RouterConfig};
 use tether_lab::{Role, Shape, Topology};
 
 fn skip(test: &str) -> bool {
-    if let Some(why) = tether_lab::skip_reason() {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            let line = format!("\nSKIP tether-lab probe tests (first: {test}): {why}\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
-        });
-        return true;
-    }
-    false
+    tether_lab::skip_test(test)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

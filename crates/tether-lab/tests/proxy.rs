@@ -12,9 +12,9 @@
 //!   RST) and a new client gets in; without the proxy the slot stays taken.
 //!
 //! They need root, nftables, conntrack, iproute2 and python3; without them (or with
-//! TETHER_LAB_SKIP set) each test prints a loud SKIP line and passes.
+//! TETHER_LAB_SKIP set) each test reports `SKIP: <test>: <reason>` and returns (scripts/test lists it as skipped).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -44,8 +44,7 @@ fn skip(test: &str) -> bool {
     };
     match why {
         Some(why) => {
-            let line = format!("\nSKIP tether-lab proxy ({test}): {why}\n");
-            let _ = std::io::stderr().write_all(line.as_bytes());
+            tether_lab::report_skip(test, &why);
             true
         }
         None => false,

@@ -31,15 +31,8 @@ use tether_proto::policy::Policy;
 const N: u64 = 100_000;
 const FLAPS: usize = 20;
 
-fn skip() -> bool {
-    match tether_lab::skip_reason() {
-        Some(why) => {
-            let _ = std::io::stderr()
-                .write_all(format!("\nSKIP tether-lab sessions chaos test: {why}\n").as_bytes());
-            true
-        }
-        None => false,
-    }
+fn skip(test: &str) -> bool {
+    tether_lab::skip_test(test)
 }
 
 fn numbered(i: u64) -> Bytes {
@@ -67,7 +60,7 @@ async fn pace(i: u64) {
 
 #[test]
 fn hundred_thousand_each_way_through_twenty_flaps() {
-    if skip() {
+    if skip("hundred_thousand_each_way_through_twenty_flaps") {
         return;
     }
     let topo = Arc::new(Topology::create(Shape::OutboundNat).expect("topology"));

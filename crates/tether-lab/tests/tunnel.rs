@@ -20,8 +20,8 @@
 //! connection that ends with EOF after all 10 MiB, the app must never see an error, and the
 //! entry must report the connection closed in order after riding out the outages.
 //!
-//! Without root or the lab tools (or with TETHER_LAB_SKIP set) the test prints a loud SKIP
-//! line and passes.
+//! Without root or the lab tools (or with TETHER_LAB_SKIP set) the test reports
+//! `SKIP: <test>: <reason>` and returns (scripts/test lists it as skipped).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -60,8 +60,7 @@ fn skip(test: &str) -> bool {
         None
     };
     if let Some(why) = why {
-        let line = format!("\nSKIP tether-lab tunnel test ({test}): {why}\n");
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        tether_lab::report_skip(test, &why);
         return true;
     }
     false

@@ -29,8 +29,10 @@ pub mod plan;
 pub mod policy;
 pub mod presence;
 pub mod presets;
+pub mod probe_ladder;
 pub mod reason;
 pub mod session;
+pub mod wire;
 
 pub use codec::{Frame, Hello, Welcome};
 pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, PartialFrame, Role, TransportError};

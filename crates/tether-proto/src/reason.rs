@@ -138,6 +138,9 @@ pub enum DisconnectReason {
     ConnectRefused,
     /// The peer's credential expired and was not refreshed in time (CLOSE code 7).
     CredentialExpired,
+    /// A half-closed connection (one side sent FIN) moved no byte in the other direction
+    /// for the half-close timeout (`tether proxy`).
+    HalfCloseTimeout,
 }
 
 impl DisconnectReason {
@@ -160,6 +163,7 @@ impl DisconnectReason {
             DisconnectReason::PolicyViolation => "policy-violation",
             DisconnectReason::ConnectRefused => "connect-refused",
             DisconnectReason::CredentialExpired => "credential-expired",
+            DisconnectReason::HalfCloseTimeout => "half-close-timeout",
         }
     }
 
@@ -173,7 +177,7 @@ impl DisconnectReason {
     }
 
     /// All labels, in a fixed order (for metrics that must list every reason).
-    pub const LABELS: [&'static str; 16] = [
+    pub const LABELS: [&'static str; 17] = [
         "peer-closed",
         "peer-reset",
         "heartbeat-timeout",
@@ -190,6 +194,7 @@ impl DisconnectReason {
         "policy-violation",
         "connect-refused",
         "credential-expired",
+        "half-close-timeout",
     ];
 
     /// True when the connection ended because something failed (as opposed to an orderly

@@ -116,7 +116,8 @@ pub fn set_abortive_close<S: socket2_fd::AsSocket>(sock: &S) -> io::Result<()> {
     SockRef::from(sock).set_linger(Some(Duration::ZERO))
 }
 
-/// The few `TCP_INFO` fields tether uses to tell why the kernel gave up on a connection.
+/// The few `TCP_INFO` fields tether uses: why the kernel gave up on a connection, and when
+/// data last arrived (the probe's idle periods).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpInfo {
     /// Segments sent but not yet acknowledged (`tcpi_unacked`).
@@ -125,6 +126,9 @@ pub struct TcpInfo {
     pub probes: u8,
     /// Retransmissions of the current unacknowledged data (`tcpi_retransmits`).
     pub retransmits: u8,
+    /// Time since the last data segment arrived (`tcpi_last_data_recv`), in the kernel's
+    /// ticks (1–10 ms).
+    pub last_data_recv: Duration,
 }
 
 /// Reads [`TcpInfo`] from the kernel (Linux; `None` elsewhere or on error).
@@ -146,6 +150,7 @@ pub fn tcp_info<S: std::os::fd::AsRawFd>(sock: &S) -> Option<TcpInfo> {
             unacked: info.tcpi_unacked,
             probes: info.tcpi_probes,
             retransmits: info.tcpi_retransmits,
+            last_data_recv: Duration::from_millis(u64::from(info.tcpi_last_data_recv)),
         })
     }
 }

@@ -144,6 +144,136 @@ async fn no_timeout_below_max() {
     );
 }
 
+/// The regression behind "no timeout below 3 s (idle periods up to 2.998 s survived)": a
+/// server-first idle period was timed by the client from when its task got round to reading
+/// the answer, which on a busy client is later than the answer arrived, so the top rung came
+/// out shorter than `--max`. The responder, which ends the idle period, times it now.
+///
+/// The client runtime is kept busy (a task that blocks it 25 ms at a time, like a loaded
+/// machine), the responder runs on its own runtime, and six single-rung probes run at once:
+/// the old measure came out below the rung in about half of the tests.
+#[test]
+fn a_busy_client_still_reports_every_surviving_idle_period_in_full() {
+    let (addr, _stop) = responder_thread(None);
+    let max = Duration::from_secs(1);
+    let probes = (0..6)
+        .map(|_| {
+            let mut c = ProbeConfig::new(addr).max(max).connections(2);
+            c.min = max;
+            c
+        })
+        .collect();
+    let reports = on_a_busy_runtime(Duration::from_millis(25), probes);
+    for r in &reports {
+        assert!(r.conclusive, "{r:?}");
+        assert_eq!(r.upper, None, "{r:?}");
+        for d in [Direction::ClientFirst, Direction::ServerFirst] {
+            let dr = r.direction(d).unwrap();
+            assert_eq!(dr.tests, 1, "{dr:?}");
+            assert!(
+                dr.lower >= max,
+                "{d:?}: only {:?} of {max:?} counted: {r:?}",
+                dr.lower
+            );
+        }
+        // Loose upper side: a late wake-up tests a longer period, not a much longer one.
+        assert!(r.lower < max + Duration::from_millis(500), "{r:?}");
+    }
+}
+
+/// Runs the responder, and an idle-expiring proxy in front of it when `expiry` is given, on
+/// a runtime of their own (so that a busy probe client does not slow them down); returns the
+/// address to probe and a guard that stops them.
+fn responder_thread(expiry: Option<(Duration, AtExpiry)>) -> (SocketAddr, impl Drop) {
+    struct Stop(
+        Option<tokio::sync::oneshot::Sender<()>>,
+        Option<std::thread::JoinHandle<()>>,
+    );
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(tx) = self.0.take() {
+                let _ = tx.send(());
+            }
+            if let Some(t) = self.1.take() {
+                let _ = t.join();
+            }
+        }
+    }
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let s = server().await;
+            let addr = match expiry {
+                Some((t, at)) => proxy(s.local_addr(), t, at).await.addr,
+                None => s.local_addr(),
+            };
+            addr_tx.send(addr).unwrap();
+            let _ = stop_rx.await;
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    (addr, Stop(Some(stop_tx), Some(thread)))
+}
+
+/// Runs `probes` on a current-thread runtime that a task keeps busy, blocking it `block` at
+/// a time (like a loaded machine): the probe client's tasks wake late, by up to `block`.
+fn on_a_busy_runtime(block: Duration, probes: Vec<ProbeConfig>) -> Vec<tether::probe::ProbeReport> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let busy = tokio::spawn(async move {
+            loop {
+                std::thread::sleep(block);
+                tokio::task::yield_now().await;
+            }
+        });
+        let running: Vec<_> = probes
+            .into_iter()
+            .map(|c| tokio::spawn(probe::run(c, |_| {})))
+            .collect();
+        let mut out = Vec::new();
+        for p in running {
+            out.push(p.await.unwrap().unwrap());
+        }
+        busy.abort();
+        out
+    })
+}
+
+/// The other half of the same fault, client-first: a test timed from when a late task read
+/// the answer idled longer than it counted, and an expired test then claimed a timeout
+/// below the true one (the lab saw `(2.751, 2.902]` for a 3 s router). The start of the idle
+/// period now comes from the kernel's timestamp of the answer, each test counts for the
+/// least (survived) or the most (expired) its idle period can have lasted, and the bracket
+/// holds the truth however late the client runs.
+#[test]
+fn a_busy_client_still_brackets_the_true_timeout() {
+    // 30 ms above the 1.40 s rung: a client 30-100 ms late expired that rung and claimed
+    // a timeout of at most 1.40 s, in most runs of three probes at once.
+    let timeout = 1.43;
+    let (addr, _stop) = responder_thread(Some((Duration::from_secs_f64(timeout), AtExpiry::Drop)));
+    let reports = on_a_busy_runtime(Duration::from_millis(100), vec![cfg(addr, 3.0); 3]);
+    for r in &reports {
+        eprintln!("{r:?}");
+        for d in [Direction::ClientFirst, Direction::ServerFirst] {
+            let dr = r.direction(d).unwrap();
+            let (l, u) = (dr.lower.as_secs_f64(), dr.upper.map(|u| u.as_secs_f64()));
+            assert!(
+                l < timeout && u.is_some_and(|u| timeout <= u),
+                "{d:?}: ({l}, {u:?}] does not hold T = {timeout}: {r:?}"
+            );
+        }
+    }
+}
+
 async fn bracket(timeout: f64, at_expiry: AtExpiry) {
     let s = server().await;
     let p = proxy(s.local_addr(), Duration::from_secs_f64(timeout), at_expiry).await;

@@ -1,6 +1,6 @@
 //! `tether::proxy` on loopback: bytes unchanged both ways, half-close forwarding, RST vs FIN
-//! propagation, a vanished client freeing a one-slot upstream (idle timeout), setup failures
-//! and the counters.
+//! propagation, a vanished client freeing a one-slot upstream (idle timeout), half-closed
+//! connections released after the half-close timeout, setup failures and the counters.
 //!
 //! A userspace blackhole on loopback cannot stop the kernel from answering the proxy's
 //! keepalive probes (the blackhole process's socket ACKs them), so the vanished-client case
@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -40,6 +41,10 @@ impl Harness {
         let cfg = ProxyConfig::new("127.0.0.1:0".parse().unwrap(), upstream)
             .policy(policy)
             .copy(copy);
+        Harness::with(cfg).await
+    }
+
+    async fn with(cfg: ProxyConfig) -> Harness {
         let proxy = Proxy::bind(cfg).await.unwrap();
         let addr = proxy.local_addr();
         let handle = proxy.handle();
@@ -520,4 +525,221 @@ async fn an_idle_connection_gives_its_channels_back() {
             // The connection itself stays open: the next round works the same way.
         }
     }
+}
+
+fn half_close_cfg(upstream: SocketAddr, copy: CopyMode, t: Option<Duration>) -> ProxyConfig {
+    ProxyConfig::new("127.0.0.1:0".parse().unwrap(), upstream)
+        .policy(policy())
+        .copy(copy)
+        .half_close_timeout(t)
+}
+
+/// Issue 11 §3: a peer that never closes its half held both legs forever. Now the proxy
+/// resets both legs once the open direction has been silent for the half-close timeout.
+#[tokio::test]
+async fn a_peer_that_never_closes_its_half_is_reset_after_the_half_close_timeout() {
+    let t = Duration::from_millis(400);
+    for copy in [CopyMode::Splice, CopyMode::Buffer] {
+        let (l, upstream) = listener().await;
+        let mut h = Harness::with(half_close_cfg(upstream, copy, Some(t))).await;
+        let mut c = TcpStream::connect(h.addr).await.unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        c.write_all(b"request").await.unwrap();
+        c.shutdown().await.unwrap();
+        // The upstream reads the request to its end, then keeps its half open, silent.
+        let mut req = Vec::new();
+        within(s.read_to_end(&mut req)).await.unwrap();
+        let fin_seen = Instant::now();
+        assert_eq!(req, b"request");
+        let mut buf = [0u8; 16];
+        let r = within(c.read(&mut buf)).await;
+        let after = fin_seen.elapsed();
+        assert_eq!(
+            r.expect_err("the client read EOF or data, not a reset")
+                .kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        assert!(
+            after >= t - Duration::from_millis(50) && after < t + Duration::from_secs(3),
+            "{copy:?}: reset {after:?} after the FIN (half-close timeout {t:?})"
+        );
+        let end = h.closed().await;
+        assert_eq!(end.reason, DisconnectReason::HalfCloseTimeout, "{end:?}");
+        assert_eq!(end.leg, Some(Leg::Upstream));
+        assert_eq!(end.first_fin, Some(Leg::Client));
+        assert!(end.abortive);
+        assert_eq!(h.handle.metrics().closed_with("half-close-timeout"), 1);
+        // The upstream was reset too.
+        let mut failed = false;
+        for _ in 0..50 {
+            if s.write_all(b"late").await.is_err() {
+                failed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(failed, "{copy:?}: upstream was not reset");
+    }
+}
+
+/// The half-close timeout counts silence, not age: a half-closed connection whose other
+/// direction keeps moving stays open, and is reset only once it falls silent.
+#[tokio::test]
+async fn bytes_keep_a_half_closed_connection_open() {
+    let t = Duration::from_millis(400);
+    let (l, upstream) = listener().await;
+    let mut h = Harness::with(half_close_cfg(upstream, CopyMode::default(), Some(t))).await;
+    let mut c = TcpStream::connect(h.addr).await.unwrap();
+    let (mut s, _) = l.accept().await.unwrap();
+    c.shutdown().await.unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(within(s.read(&mut buf)).await.unwrap(), 0, "FIN forwarded");
+    // A slow reply: one byte every 150 ms for 1.2 s (three times the timeout), then silence.
+    let replier = tokio::spawn(async move {
+        for i in 0..8u8 {
+            s.write_all(&[b'0' + i]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        s
+    });
+    let mut got = Vec::new();
+    let mut last_byte = Instant::now();
+    let err = loop {
+        match within(c.read(&mut buf)).await {
+            Ok(0) => panic!("EOF: the upstream never closed"),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                last_byte = Instant::now();
+            }
+            Err(e) => break e,
+        }
+    };
+    let silent = last_byte.elapsed();
+    assert_eq!(
+        got, b"01234567",
+        "the slow reply arrived whole before the reset"
+    );
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    assert!(
+        silent >= t - Duration::from_millis(50) && silent < t + Duration::from_secs(3),
+        "reset {silent:?} after the last byte"
+    );
+    let end = h.closed().await;
+    assert_eq!(end.reason, DisconnectReason::HalfCloseTimeout);
+    assert_eq!(end.bytes_down, 8);
+    drop(replier.await.unwrap());
+}
+
+/// TCP sockets on loopback that belong to a proxy listening on port `proxy` and relaying to
+/// port `upstream`, from `/proc/net/tcp`: its client legs (local port `proxy`, remote port
+/// one of `clients`) and its upstream legs (remote port `upstream`), counting only sockets
+/// this process holds open (TIME_WAIT leftovers have no descriptor). Unlike the process's
+/// number of open descriptors, other tests running at the same time cannot change it (a
+/// listener may even share its port number with another test's outgoing connection).
+fn proxy_sockets(proxy: u16, upstream: u16, clients: &HashSet<u16>) -> usize {
+    let ours: HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
+            let (local, remote, inode) = (port(f[1]), port(f[2]), f[9]);
+            let client_leg = local == Some(proxy) && remote.is_some_and(|r| clients.contains(&r));
+            let upstream_leg = remote == Some(upstream) && local != Some(upstream);
+            ours.contains(inode) && (client_leg || upstream_leg)
+        })
+        .count()
+}
+
+/// An upstream that keeps every connection it accepts, open and silent.
+async fn holding_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (l, addr) = listener().await;
+    let task = tokio::spawn(async move {
+        let mut keep = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            keep.push(s);
+        }
+    });
+    (addr, task)
+}
+
+/// The measurement behind the issue (2,010 fds after 70 s): 200 connections half-closed by
+/// their clients, the upstream never closing its half. With the timeout the proxy gives all
+/// 400 of its sockets back; with it disabled it holds them.
+#[tokio::test]
+async fn half_closed_connections_give_their_sockets_back() {
+    const N: usize = 200;
+    let t = Duration::from_millis(500);
+    let (up_on, held_on) = holding_upstream().await;
+    let (up_off, held_off) = holding_upstream().await;
+    let on = Harness::with(half_close_cfg(up_on, CopyMode::default(), Some(t))).await;
+    let off = Harness::with(half_close_cfg(up_off, CopyMode::default(), None)).await;
+    let mut clients = Vec::new();
+    let mut ports = [HashSet::new(), HashSet::new()];
+    for (h, ports) in [&on, &off].into_iter().zip(&mut ports) {
+        for _ in 0..N {
+            let c = TcpStream::connect(h.addr).await.unwrap();
+            ports.insert(c.local_addr().unwrap().port());
+            clients.push(c);
+        }
+    }
+    let sockets = |h: &Harness, up: SocketAddr, ports: &HashSet<u16>| {
+        proxy_sockets(h.addr.port(), up.port(), ports)
+    };
+    // Every connection is up (both legs) before any half-closes: the clock starts at the FIN.
+    let t0 = Instant::now();
+    while on.handle.metrics().open < N as u64 || off.handle.metrics().open < N as u64 {
+        assert!(t0.elapsed() < LIMIT, "connections never all opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let loaded = (
+        sockets(&on, up_on, &ports[0]),
+        sockets(&off, up_off, &ports[1]),
+    );
+    for c in &mut clients {
+        c.shutdown().await.unwrap();
+    }
+    let t1 = Instant::now();
+    while on.handle.metrics().open > 0 {
+        assert!(
+            t1.elapsed() < t + LIMIT,
+            "half-closed connections were never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let released_after = t1.elapsed();
+    // Give the disabled proxy the same time and more: it must still hold everything.
+    tokio::time::sleep(t).await;
+    let after = (
+        sockets(&on, up_on, &ports[0]),
+        sockets(&off, up_off, &ports[1]),
+    );
+    println!(
+        "half-close: {N} connections per proxy; proxy sockets with all open: {} (timeout \
+         {t:?}) and {} (disabled); all half-closed, {:?} later: {} and {}",
+        loaded.0,
+        loaded.1,
+        released_after + t,
+        after.0,
+        after.1
+    );
+    assert_eq!(loaded, (2 * N, 2 * N), "two legs per connection");
+    assert_eq!(after, (0, 2 * N), "released with the timeout, held without");
+    assert_eq!(on.handle.metrics().open, 0);
+    assert_eq!(off.handle.metrics().open, N as u64);
+    assert_eq!(
+        on.handle.metrics().closed_with("half-close-timeout"),
+        N as u64
+    );
+    held_on.abort();
+    held_off.abort();
 }

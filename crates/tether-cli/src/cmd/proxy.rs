@@ -34,6 +34,7 @@ const KEYS: &[&str] = &[
     "connect_timeout",
     "max_connections",
     "copy",
+    "half_close_timeout",
 ];
 
 /// Relay TCP connections to an upstream and make both legs honest.
@@ -82,6 +83,11 @@ pub(crate) struct ProxyArgs {
     /// Reset connections beyond this many open at once. [default: 10000]
     #[arg(long, value_name = "N")]
     max_connections: Option<String>,
+    /// Once one side has half-closed (sent FIN), reset both legs when the other direction
+    /// moves nothing for this long, or "off" to wait for the other side's FIN forever.
+    /// [default: 60s]
+    #[arg(long, value_name = "DURATION|off")]
+    half_close_timeout: Option<String>,
     /// Serve Prometheus /metrics on this address, or "off". [default: off]
     #[arg(long, value_name = "ADDR|off")]
     http: Option<String>,
@@ -99,6 +105,15 @@ pub(crate) struct ProxyArgs {
 pub(crate) struct ProxySettings {
     pub(crate) config: ProxyConfig,
     pub(crate) http: Option<SocketAddr>,
+}
+
+/// A duration, or "off"/"none" for none.
+fn parse_optional_duration(s: &str) -> std::result::Result<Option<Duration>, String> {
+    if s.eq_ignore_ascii_case("off") || s.eq_ignore_ascii_case("none") {
+        Ok(None)
+    } else {
+        parse_duration(s).map(Some)
+    }
 }
 
 fn parse_copy(s: &str) -> std::result::Result<CopyMode, String> {
@@ -152,6 +167,13 @@ impl ProxyArgs {
         }
         if let Some(c) = l.get("copy", self.copy.as_deref(), parse_copy)? {
             config = config.copy(c);
+        }
+        if let Some(t) = l.get(
+            "half_close_timeout",
+            self.half_close_timeout.as_deref(),
+            parse_optional_duration,
+        )? {
+            config = config.half_close_timeout(t);
         }
         Ok(ProxySettings { config, http })
     }
@@ -464,6 +486,28 @@ mod tests {
         assert!(k.idle <= Duration::from_secs(80), "{k:?}"); // azure-lb 240 s / 3
         assert_eq!(c.copy, CopyMode::Buffer);
         assert!(s.http.is_some());
+        assert_eq!(
+            c.half_close_timeout,
+            Some(Duration::from_secs(60)),
+            "default"
+        );
+    }
+
+    #[test]
+    fn half_close_timeout_takes_a_duration_or_off() {
+        let base = ["--listen", "7400", "--upstream", "127.0.0.1:7401"];
+        let with = |v: &str| {
+            let mut a = base.to_vec();
+            a.extend(["--half-close-timeout", v]);
+            parse(&a).resolve().map(|s| s.config.half_close_timeout)
+        };
+        assert_eq!(with("5s").unwrap(), Some(Duration::from_secs(5)));
+        assert_eq!(with("off").unwrap(), None);
+        let e = with("soon").unwrap_err().to_string();
+        assert!(
+            e.contains("half-close-timeout") || e.contains("half_close_timeout"),
+            "{e}"
+        );
     }
 
     #[test]

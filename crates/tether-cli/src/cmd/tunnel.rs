@@ -18,7 +18,7 @@ use tether_proto::duration::Human;
 use tether_proto::policy::Policy;
 use tether_proto::session::SessionConfig;
 
-use crate::config::{parse_addr, parse_bytes, parse_duration, Layers, PolicyFlags};
+use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
 use crate::exit::UsageError;
 use crate::log;
 
@@ -122,6 +122,10 @@ struct ExitArgs {
     /// The program's real server: every tunnelled connection is connected here.
     #[arg(long, value_name = "ADDR")]
     target: Option<String>,
+    /// Tunnelled connections open at once; a connection beyond it is reset at once (no
+    /// target connection is made for it). [default: 10000]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -134,9 +138,9 @@ struct Shared {
     http: Option<SocketAddr>,
 }
 
-fn keys(extra: &'static str) -> Vec<&'static str> {
+fn keys(extra: &[&'static str]) -> Vec<&'static str> {
     let mut k = COMMON_KEYS.to_vec();
-    k.push(extra);
+    k.extend_from_slice(extra);
     k
 }
 
@@ -185,7 +189,7 @@ fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
 }
 
 fn entry_config(a: &EntryArgs) -> Result<(EntryConfig, Option<SocketAddr>)> {
-    let l = Layers::load(a.common.config.as_deref(), &keys("relay"))?;
+    let l = Layers::load(a.common.config.as_deref(), &keys(&["relay"]))?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
         "--listen",
@@ -200,7 +204,10 @@ fn entry_config(a: &EntryArgs) -> Result<(EntryConfig, Option<SocketAddr>)> {
 }
 
 fn exit_config(a: &ExitArgs) -> Result<(ExitConfig, Option<SocketAddr>)> {
-    let l = Layers::load(a.common.config.as_deref(), &keys("target"))?;
+    let l = Layers::load(
+        a.common.config.as_deref(),
+        &keys(&["target", "max_connections"]),
+    )?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
         "--listen",
@@ -215,6 +222,9 @@ fn exit_config(a: &ExitArgs) -> Result<(ExitConfig, Option<SocketAddr>)> {
         .policy(s.policy)
         .session_linger(Some(s.linger))
         .session_config(s.session);
+    if let Some(n) = l.get("max_connections", a.max_connections.as_deref(), parse_count)? {
+        cfg = cfg.max_connections(n);
+    }
     Ok((cfg, s.http))
 }
 
@@ -273,6 +283,14 @@ fn log_event(ev: &TunnelEvent) -> i64 {
         }
         TunnelEvent::PathUp { id } => {
             log::line(id, "path-up", "session resumed, nothing lost");
+            0
+        }
+        TunnelEvent::Rejected { id, limit } => {
+            log::line(
+                id,
+                "rejected",
+                &format!("at the limit of {limit} connections (--max-connections); reset"),
+            );
             0
         }
         TunnelEvent::Closed {
@@ -526,8 +544,9 @@ async fn run_entry(cfg: EntryConfig, http: Option<SocketAddr>) -> Result<ExitCod
 
 async fn run_exit(cfg: ExitConfig, http: Option<SocketAddr>) -> Result<ExitCode> {
     let details = format!(
-        "target={} {}",
+        "target={} max_connections={} {}",
         cfg.target,
+        cfg.max_connections,
         policy_line(
             cfg.server.get_policy(),
             cfg.server.get_session_linger().unwrap_or_default()
@@ -664,5 +683,37 @@ mod tests {
         let (c, _) = exit_config(e).unwrap();
         assert_eq!(c.server.get_session_linger(), Some(Duration::from_secs(30)));
         assert_eq!(c.target.port(), 9001);
+        assert_eq!(c.max_connections, 10_000, "default");
+    }
+
+    #[test]
+    fn exit_max_connections() {
+        let a = parse(&[
+            "exit",
+            "--listen",
+            "9000",
+            "--target",
+            "9001",
+            "--max-connections",
+            "3",
+        ]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        assert_eq!(exit_config(e).unwrap().0.max_connections, 3);
+        let a = parse(&[
+            "exit",
+            "--listen",
+            "9000",
+            "--target",
+            "9001",
+            "--max-connections",
+            "many",
+        ]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        let err = format!("{:#}", exit_config(e).err().unwrap());
+        assert!(err.contains("max"), "{err}");
     }
 }

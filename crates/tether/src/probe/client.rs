@@ -15,19 +15,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tether_proto::codec::{self, Frame, HEADER_LEN, PREAMBLE_LEN};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::conns::{index_of, open, run_control, run_rung, Event, RungJob};
 use super::ladder::{
-    self, Direction, DirectionPlan, DirectionResult, Expiry, LadderConfig, Outcome,
+    self, Direction, DirectionPlan, DirectionResult, LadderConfig, Outcome, Resolved, RungKey,
+    ServerFirstReports,
 };
-use super::{control, report, Mode, Request, ACK_BYTE, ECHO_BYTE, SERVER_BYTE, TEST_BYTE};
+use super::{Mode, Request};
 
 /// Probe settings. Build with [`ProbeConfig::new`] and the setters.
 #[derive(Debug, Clone)]
@@ -188,251 +186,24 @@ pub struct Progress {
     pub open: usize,
 }
 
-#[derive(Debug)]
-enum Event {
-    Opened {
-        dir: usize,
-        rung: usize,
-        since: Instant,
-    },
-    OpenFailed {
-        dir: usize,
-        rung: usize,
-    },
-    Tested {
-        dir: usize,
-        rung: usize,
-        at: Instant,
-        /// The idle period as measured.
-        age: Duration,
-        outcome: Option<Outcome>,
-    },
-    Pong {
-        sent: Instant,
-    },
-    Report {
-        index: u32,
-        outcome: u8,
-        /// The responder's measured idle period before it spoke, in microseconds.
-        idle_us: u64,
-    },
-    ControlLost(String),
+/// The rung plans of every direction, their running connection tasks, and the server-first
+/// tests waiting for the responder's REPORT.
+struct Rungs {
+    plans: Vec<DirectionPlan>,
+    tasks: HashMap<RungKey, JoinHandle<()>>,
+    reports: ServerFirstReports,
 }
 
-fn index_of(dir: usize, rung: usize) -> u32 {
-    ((dir as u32) << 24) | (rung as u32 & 0x00ff_ffff)
-}
-
-fn is_reset(e: &std::io::Error) -> bool {
-    super::is_reset(e)
-}
-
-/// Opens one probe connection: preamble + PROBE, then the answer (preamble + PROBE echo).
-async fn open(addr: SocketAddr, req: &Request) -> Result<TcpStream, ProbeError> {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .map_err(|source| ProbeError::Connect { addr, source })?;
-    let _ = s.set_nodelay(true);
-    let mut out = BytesMut::new();
-    codec::encode_preamble(&mut out);
-    codec::encode(&Frame::Probe(req.encode()), &mut out);
-    let io_err = |source| ProbeError::Connect { addr, source };
-    s.write_all(&out).await.map_err(io_err)?;
-    let proto = |why: String| ProbeError::Protocol { addr, why };
-    let mut pre = [0u8; PREAMBLE_LEN];
-    s.read_exact(&mut pre).await.map_err(io_err)?;
-    codec::check_preamble(&pre).map_err(|e| proto(e.to_string()))?;
-    let mut hdr = [0u8; HEADER_LEN];
-    s.read_exact(&mut hdr).await.map_err(io_err)?;
-    let len = u32::from_be_bytes(hdr) as usize;
-    if len == 0 || len > 2048 {
-        return Err(proto(format!("answer frame of {len} bytes")));
-    }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await.map_err(io_err)?;
-    match codec::parse_body(&body).map_err(|e| proto(e.to_string()))? {
-        Frame::Probe(b) if b[..] == req.answer()[..] => Ok(s),
-        Frame::Probe(_) => Err(proto("probe answer does not match the request".into())),
-        Frame::Refuse { text, .. } => Err(ProbeError::Refused { addr, text }),
-        other => Err(proto(format!("unexpected answer {other:?}"))),
-    }
-}
-
-fn abort(s: TcpStream) {
-    let _ = crate::sockopt::set_abortive_close(&s);
-    drop(s);
-}
-
-struct RungJob {
-    addr: SocketAddr,
-    req: Request,
-    dir: usize,
-    rung: usize,
-    start_at: Instant,
-    connect_timeout: Duration,
-    tx: mpsc::UnboundedSender<Event>,
-}
-
-async fn run_rung(job: RungJob) {
-    let RungJob {
-        addr,
-        req,
-        dir,
-        rung,
-        start_at,
-        connect_timeout,
-        tx,
-    } = job;
-    tokio::time::sleep_until(start_at).await;
-    let mut s = match tokio::time::timeout(connect_timeout, open(addr, &req)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!(rung, error = %e, "probe connection failed");
-            let _ = tx.send(Event::OpenFailed { dir, rung });
-            return;
-        }
-        Err(_) => {
-            let _ = tx.send(Event::OpenFailed { dir, rung });
-            return;
-        }
-    };
-    let since = Instant::now();
-    let _ = tx.send(Event::Opened { dir, rung, since });
-    let mut at = since + req.delay;
-    let mut age = req.delay;
-    let mut buf = [0u8; 16];
-    let outcome = match req.mode {
-        Mode::ClientFirst => {
-            tokio::time::sleep_until(at).await;
-            // A late wake-up tests a longer idle period: record what was tested.
-            at = Instant::now();
-            age = at.duration_since(since);
-            match s.write_all(&[TEST_BYTE]).await {
-                Err(e) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
-                Err(_) => Some(Outcome::Expired(Expiry::Unknown)),
-                Ok(()) => match tokio::time::timeout(req.grace, s.read(&mut buf)).await {
-                    Ok(Ok(0)) => Some(Outcome::Expired(Expiry::Close)),
-                    Ok(Ok(n)) if buf[..n].contains(&ECHO_BYTE) => Some(Outcome::Alive),
-                    Ok(Ok(_)) => Some(Outcome::Expired(Expiry::Unknown)),
-                    Ok(Err(e)) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
-                    Ok(Err(_)) => Some(Outcome::Expired(Expiry::Unknown)),
-                    Err(_) => Some(Outcome::Expired(Expiry::SilentDrop)),
-                },
+impl Rungs {
+    /// Records a test result; closes the rungs it made pointless.
+    fn resolve(&mut self, r: Resolved) {
+        let (dir, rung) = r.key;
+        for c in self.plans[dir].resolve(rung, r.outcome, r.at, r.age) {
+            self.reports.forget((dir, c));
+            if let Some(t) = self.tasks.remove(&(dir, c)) {
+                t.abort();
             }
         }
-        Mode::ServerFirst | Mode::Control => {
-            match tokio::time::timeout_at(at + req.grace, s.read(&mut buf)).await {
-                Ok(Ok(0)) => Some(Outcome::Expired(Expiry::Close)),
-                Ok(Ok(n)) if buf[..n].contains(&SERVER_BYTE) => {
-                    // Symmetric: the answer took as long to arrive as the byte did.
-                    age = since.elapsed();
-                    let _ = s.write_all(&[ACK_BYTE]).await;
-                    Some(Outcome::Alive)
-                }
-                Ok(Ok(_)) => Some(Outcome::Expired(Expiry::Unknown)),
-                Ok(Err(e)) if is_reset(&e) => Some(Outcome::Expired(Expiry::Reset)),
-                Ok(Err(_)) => Some(Outcome::Expired(Expiry::Unknown)),
-                // Nothing arrived: the responder's REPORT tells what it saw.
-                Err(_) => None,
-            }
-        }
-    };
-    let _ = tx.send(Event::Tested {
-        dir,
-        rung,
-        at,
-        age,
-        outcome,
-    });
-    match outcome {
-        Some(Outcome::Alive) => {
-            // Let the acknowledgement reach the responder before the FIN.
-            let _ = s.shutdown().await;
-            let _ = tokio::time::timeout(req.grace, s.read(&mut buf)).await;
-        }
-        None => {
-            // Keep still until the responder has made up its mind: a close from this side
-            // must not be what it observes.
-            tokio::time::sleep(req.grace * 2).await;
-            abort(s);
-        }
-        _ => abort(s),
-    }
-}
-
-async fn run_control(
-    mut s: TcpStream,
-    interval: Duration,
-    outage_after: Duration,
-    tx: mpsc::UnboundedSender<Event>,
-) {
-    let (mut rd, mut wr) = s.split();
-    let mut sent: HashMap<u64, Instant> = HashMap::new();
-    let mut seq: u64 = 0;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut buf = [0u8; super::CONTROL_MSG_LEN];
-    let mut got = 0;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let now = Instant::now();
-                if let Some(oldest) = sent.values().min() {
-                    if now.duration_since(*oldest) > outage_after {
-                        let _ = tx.send(Event::ControlLost(format!(
-                            "the control connection went {} without an answer",
-                            super::secs(now.duration_since(*oldest))
-                        )));
-                        return;
-                    }
-                }
-                seq += 1;
-                sent.insert(seq, now);
-                if wr.write_all(&super::control_msg(control::PING, 0, 0, seq)).await.is_err() {
-                    let _ = tx.send(Event::ControlLost("the control connection failed".into()));
-                    return;
-                }
-            }
-            r = rd.read(&mut buf[got..]) => {
-                match r {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(Event::ControlLost("the control connection was closed".into()));
-                        return;
-                    }
-                    Ok(n) => {
-                        got += n;
-                        if got < buf.len() {
-                            continue;
-                        }
-                        got = 0;
-                        let (kind, outcome, index, value) = super::parse_control_msg(&buf);
-                        match kind {
-                            control::PONG => {
-                                if let Some(t) = sent.remove(&value) {
-                                    let _ = tx.send(Event::Pong { sent: t });
-                                }
-                            }
-                            control::REPORT => {
-                                let _ = tx.send(Event::Report { index, outcome, idle_us: value });
-                            }
-                            _ => {
-                                let _ = tx.send(Event::ControlLost(format!("unknown control message {kind}")));
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The responder's measured idle period, or `nominal` when it did not say.
-fn measured(idle_us: u64, nominal: Duration) -> Duration {
-    if idle_us == 0 {
-        nominal
-    } else {
-        Duration::from_micros(idle_us)
     }
 }
 
@@ -523,13 +294,15 @@ pub async fn run(
     let grace = cfg
         .grace
         .unwrap_or_else(|| (Duration::from_millis(200) + rtt * 3).max(Duration::from_millis(300)));
+    // The round trip in whole milliseconds, rounded up (requests carry milliseconds).
+    let rtt_ms = Duration::from_millis(u64::try_from(rtt.as_micros().div_ceil(1000)).unwrap_or(0));
     let ping_interval = (grace / 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let outage_after = (grace * 3).max(Duration::from_secs(1));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let control_task = tokio::spawn(run_control(ctl, ping_interval, outage_after, tx.clone()));
 
     let per_dir = cfg.connections / dirs.len();
-    let mut plans: Vec<DirectionPlan> = dirs
+    let plans: Vec<DirectionPlan> = dirs
         .iter()
         .map(|&d| {
             let mut l = LadderConfig::new(cfg.max)
@@ -540,10 +313,11 @@ pub async fn run(
             DirectionPlan::new(d, &l)
         })
         .collect();
-    let mut tasks: HashMap<(usize, usize), JoinHandle<()>> = HashMap::new();
-    // Server-first tests that saw nothing: (test time, nominal age, deadline for the REPORT).
-    let mut awaiting_report: HashMap<(usize, usize), (Instant, Duration, Instant)> = HashMap::new();
-    let mut early_reports: HashMap<(usize, usize), (u8, u64)> = HashMap::new();
+    let mut rungs = Rungs {
+        plans,
+        tasks: HashMap::new(),
+        reports: ServerFirstReports::with_allowance(rtt_ms),
+    };
     let mut next_open_at = Instant::now();
     let mut opened = 0usize;
     let mut last_pong_sent: Option<Instant> = None;
@@ -552,20 +326,12 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let report_outcome = |b: u8| match b {
-        report::ALIVE => None,
-        report::SILENT => Some(Outcome::Expired(Expiry::SilentDrop)),
-        report::RESET => Some(Outcome::Expired(Expiry::Reset)),
-        report::CLOSE => Some(Outcome::Expired(Expiry::Close)),
-        _ => Some(Outcome::Expired(Expiry::Unknown)),
-    };
-
     let results = loop {
         // Open rungs while slots are free, alternating directions.
         let mut any = true;
         while any {
             any = false;
-            for (di, plan) in plans.iter_mut().enumerate() {
+            for (di, plan) in rungs.plans.iter_mut().enumerate() {
                 if let Some(k) = plan.next_open() {
                     any = true;
                     let now = Instant::now();
@@ -579,7 +345,13 @@ pub async fn run(
                         },
                         session,
                         index: index_of(di, k),
-                        delay: plan.age(k),
+                        // Server-first: the responder times from its write of the answer,
+                        // the flow idles from the client's acknowledgement of it, up to a
+                        // round trip later; ask for that much more (see `with_allowance`).
+                        delay: match plan.direction() {
+                            Direction::ClientFirst => plan.age(k),
+                            Direction::ServerFirst => plan.age(k) + rtt_ms,
+                        },
                         grace,
                     };
                     let job = RungJob {
@@ -591,14 +363,15 @@ pub async fn run(
                         connect_timeout: cfg.connect_timeout,
                         tx: tx.clone(),
                     };
-                    tasks.insert((di, k), tokio::spawn(run_rung(job)));
+                    rungs.tasks.insert((di, k), tokio::spawn(run_rung(job)));
                 }
             }
         }
 
         // Settled? Every direction has a result, and the control connection answered a ping
         // sent after each decisive test (the path was up when the test failed).
-        let settled: Option<Vec<DirectionResult>> = plans.iter().map(|p| p.result()).collect();
+        let settled: Option<Vec<DirectionResult>> =
+            rungs.plans.iter().map(|p| p.result()).collect();
         if let Some(results) = settled {
             let verified = results.iter().all(|r| match r.decided_at {
                 Some(d) => last_pong_sent.is_some_and(|p| since_start(p) >= d),
@@ -608,27 +381,9 @@ pub async fn run(
                 break results;
             }
         }
-        if let Some(f) = &failure {
+        if failure.is_some() {
             // Not settled and not trustworthy: stop now with what there is.
-            let _ = f;
-            break plans
-                .iter()
-                .map(|p| {
-                    p.result().unwrap_or_else(|| {
-                        let (lower, upper) = p.bounds();
-                        DirectionResult {
-                            direction: p.direction(),
-                            lower,
-                            upper,
-                            expiry: None,
-                            conclusive: false,
-                            note: Some("not settled".into()),
-                            decided_at: None,
-                            tests: p.tests(),
-                        }
-                    })
-                })
-                .collect();
+            break rungs.plans.iter().map(unsettled).collect();
         }
 
         let ev = tokio::select! {
@@ -643,10 +398,12 @@ pub async fn run(
             ));
         }
         match ev {
-            Some(Event::Opened { dir, rung, since }) => plans[dir].opened(rung, since_start(since)),
+            Some(Event::Opened { dir, rung, since }) => {
+                rungs.plans[dir].opened(rung, since_start(since))
+            }
             Some(Event::OpenFailed { dir, rung }) => {
-                tasks.remove(&(dir, rung));
-                plans[dir].open_failed(rung);
+                rungs.tasks.remove(&(dir, rung));
+                rungs.plans[dir].open_failed(rung);
                 failure.get_or_insert_with(|| "a probe connection could not be opened".into());
             }
             Some(Event::Tested {
@@ -654,27 +411,35 @@ pub async fn run(
                 rung,
                 at,
                 age,
+                age_max,
                 outcome,
             }) => {
-                tasks.remove(&(dir, rung));
-                let resolved = match outcome {
-                    Some(o) => Some((o, age)),
-                    None => match early_reports.remove(&(dir, rung)) {
-                        Some((b, idle_us)) => {
-                            report_outcome(b).map(|o| (o, measured(idle_us, age)))
-                        }
-                        None => {
-                            awaiting_report.insert((dir, rung), (at, age, now + grace * 2));
-                            None
-                        }
-                    },
-                };
-                if let Some((o, age)) = resolved {
-                    for c in plans[dir].resolve(rung, o, since_start(at), age) {
-                        if let Some(t) = tasks.remove(&(dir, c)) {
-                            t.abort();
-                        }
+                // The task finishes on its own (a surviving connection closes in order).
+                rungs.tasks.remove(&(dir, rung));
+                let key = (dir, rung);
+                let at = since_start(at);
+                let resolved = match (rungs.plans[dir].direction(), outcome) {
+                    // A survived test counts for the least its idle period can have
+                    // lasted, an expired one for the most: both bounds stay true.
+                    (Direction::ClientFirst, Some(outcome)) => Some(Resolved {
+                        key,
+                        outcome,
+                        at,
+                        age: if outcome == Outcome::Alive {
+                            age
+                        } else {
+                            age_max
+                        },
+                    }),
+                    // Server-first: the responder timed the idle period; its REPORT says
+                    // how long it was (and, when the client saw nothing, what happened).
+                    (_, outcome) => {
+                        let deadline = since_start(now) + grace * 2;
+                        rungs.reports.tested(key, outcome, at, age, deadline)
                     }
+                };
+                if let Some(r) = resolved {
+                    rungs.resolve(r);
                 }
             }
             Some(Event::Pong { sent }) => {
@@ -685,32 +450,24 @@ pub async fn run(
                 outcome,
                 idle_us,
             }) => {
-                let dir = (index >> 24) as usize;
-                let rung = (index & 0x00ff_ffff) as usize;
-                if dir < plans.len() && rung < plans[dir].ages().len() {
-                    if let Some(o) = report_outcome(outcome) {
-                        let at = match awaiting_report.remove(&(dir, rung)) {
-                            Some((at, _, _)) => Some(at),
-                            // Reported before the client's own deadline (an RST is immediate):
-                            // the test time is the rung's due time.
-                            None => plans[dir].due(rung).map(|d| start + d),
-                        };
-                        match at {
-                            Some(at) => {
-                                if let Some(t) = tasks.remove(&(dir, rung)) {
-                                    t.abort();
-                                }
-                                let age = measured(idle_us, plans[dir].age(rung));
-                                for c in plans[dir].resolve(rung, o, since_start(at), age) {
-                                    if let Some(t) = tasks.remove(&(dir, c)) {
-                                        t.abort();
-                                    }
-                                }
-                            }
-                            None => {
-                                early_reports.insert((dir, rung), (outcome, idle_us));
-                            }
+                let key = ((index >> 24) as usize, (index & 0x00ff_ffff) as usize);
+                let (dir, rung) = key;
+                let server_first = rungs
+                    .plans
+                    .get(dir)
+                    .is_some_and(|p| p.direction() == Direction::ServerFirst);
+                if server_first && rung < rungs.plans[dir].ages().len() {
+                    let plan = &rungs.plans[dir];
+                    let idle = (idle_us > 0).then(|| Duration::from_micros(idle_us));
+                    let reported = Outcome::from_report(outcome);
+                    let (due, nominal) = (plan.due(rung), plan.age(rung));
+                    if let Some(r) = rungs.reports.report(key, reported, idle, due, nominal) {
+                        // Reported before the client's own result (an RST is immediate):
+                        // the connection has nothing left to tell.
+                        if let Some(t) = rungs.tasks.remove(&key) {
+                            t.abort();
                         }
+                        rungs.resolve(r);
                     }
                 }
             }
@@ -719,23 +476,13 @@ pub async fn run(
             }
             None => {}
         }
-        // Server-first tests whose REPORT never came: the kind of expiry is unknown.
-        let overdue: Vec<_> = awaiting_report
-            .iter()
-            .filter(|(_, (_, _, deadline))| now >= *deadline)
-            .map(|(k, (at, age, _))| (*k, *at, *age))
-            .collect();
-        for ((dir, rung), at, age) in overdue {
-            awaiting_report.remove(&(dir, rung));
-            let unknown = Outcome::Expired(Expiry::Unknown);
-            for c in plans[dir].resolve(rung, unknown, since_start(at), age) {
-                if let Some(t) = tasks.remove(&(dir, c)) {
-                    t.abort();
-                }
-            }
+        // Server-first tests whose REPORT never came.
+        for r in rungs.reports.overdue(since_start(now)) {
+            rungs.resolve(r);
         }
 
         let elapsed = since_start(now);
+        let plans = &rungs.plans;
         let (lower, upper) = {
             let b: Vec<_> = plans.iter().map(|p| p.bounds()).collect();
             (
@@ -763,7 +510,7 @@ pub async fn run(
     };
 
     let wall = start.elapsed();
-    for (_, t) in tasks.drain() {
+    for (_, t) in rungs.tasks.drain() {
         t.abort();
     }
     control_task.abort();
@@ -788,5 +535,22 @@ pub async fn run(
         rtt,
         grace,
         connections: opened,
+    })
+}
+
+/// A direction that had not settled when the probe stopped: its partial bounds, flagged.
+fn unsettled(p: &DirectionPlan) -> DirectionResult {
+    p.result().unwrap_or_else(|| {
+        let (lower, upper) = p.bounds();
+        DirectionResult {
+            direction: p.direction(),
+            lower,
+            upper,
+            expiry: None,
+            conclusive: false,
+            note: Some("not settled".into()),
+            decided_at: None,
+            tests: p.tests(),
+        }
     })
 }

@@ -1,0 +1,270 @@
+//! One tunnelled connection's bytes, both ways, with credit ([`pump`]), and its ending
+//! ([`finish`]).
+//!
+//! ```text
+//!  app ──read (≤ credit)──▶ DATA ──▶ peer          peer ──DATA──▶ write ──▶ app
+//!       EOF ──────────────▶ FIN                         FIN ───▶ shutdown(Write)
+//!       credit ◀── WINDOW ◀── peer wrote our bytes      wrote ≥ ¼ window ──▶ WINDOW
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tether_proto::wire::tunnel::{kind, Msg};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use super::app::AppStream;
+use super::link::{Inbound, Outbound, Source};
+use super::{TunnelEnd, TunnelEvent, CHUNK, WINDOW};
+
+/// Return credit once this much was written (fewer, larger WINDOW messages).
+const GRANT_EVERY: u64 = WINDOW as u64 / 4;
+/// How long a closing tunnel waits for its last messages to be queued or flushed.
+pub(super) const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Counters of one tunnelled connection.
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) from_app: AtomicU64,
+    pub(super) to_app: AtomicU64,
+    /// Credit the peer granted us (WINDOW), on top of the initial window.
+    granted_to_us: AtomicU64,
+    /// Credit we granted the peer (WINDOW sent), on top of the initial window.
+    granted_by_us: AtomicU64,
+}
+
+/// Result of [`pump`]: how it ended, and the outages seen.
+pub(super) struct Pumped {
+    pub(super) end: TunnelEnd,
+    pub(super) outages: u32,
+}
+
+/// Who is pumping: the tunnel id, which side (the entry's completion needs DONE), its
+/// counters and where its events go.
+#[derive(Clone, Copy)]
+pub(super) struct Ctx<'a> {
+    pub(super) id: &'a str,
+    pub(super) is_entry: bool,
+    pub(super) n: &'a Counters,
+    pub(super) events: &'a mpsc::UnboundedSender<TunnelEvent>,
+}
+
+/// Sends `m`, giving up after [`FLUSH_WAIT`] (for the last word of a tunnel that is ending).
+pub(super) async fn send_last(out: &impl Outbound, m: Msg) {
+    let _ = tokio::time::timeout(FLUSH_WAIT, out.send(m.encode())).await;
+}
+
+/// Moves bytes both ways until the connection ends.
+pub(super) async fn pump(
+    app: &impl AppStream,
+    out: &impl Outbound,
+    src: &mut impl Source,
+    ctx: Ctx<'_>,
+    stop: &mut watch::Receiver<bool>,
+) -> Pumped {
+    let Ctx {
+        id,
+        is_entry,
+        n,
+        events,
+    } = ctx;
+    let credit = Semaphore::new(WINDOW as usize);
+    let (to_app, mut to_app_rx) = mpsc::unbounded_channel();
+    let reader = app_to_peer(app, &credit, out, n);
+    let writer = peer_to_app(app, &mut to_app_rx, out, n);
+    tokio::pin!(reader, writer);
+    let (mut reader_done, mut writer_done, mut done_seen, mut fin_seen) =
+        (false, false, false, false);
+    let mut received: u64 = 0;
+    let mut outages = 0;
+    let end = loop {
+        if reader_done && writer_done && (done_seen || !is_entry) {
+            break TunnelEnd::Closed;
+        }
+        if *stop.borrow() {
+            break TunnelEnd::Shutdown;
+        }
+        tokio::select! {
+            r = &mut reader, if !reader_done => match r {
+                Ok(()) => reader_done = true,
+                Err(e) => break e,
+            },
+            w = &mut writer, if !writer_done => match w {
+                Ok(()) => writer_done = true,
+                Err(e) => break e,
+            },
+            _ = stop.changed() => break TunnelEnd::Shutdown,
+            // After DONE the peer has nothing more to say and everything it sent is here:
+            // what is left (writing to the application) is local, and a path that ends now
+            // must not turn a complete connection into a failed one.
+            inbound = src.next(), if !done_seen => match inbound {
+                Inbound::End(e) => break e,
+                Inbound::PathDown(reason) => {
+                    outages += 1;
+                    let _ = events.send(TunnelEvent::PathDown { id: id.to_owned(), reason });
+                }
+                Inbound::PathUp => {
+                    let _ = events.send(TunnelEvent::PathUp { id: id.to_owned() });
+                }
+                Inbound::Msg(m) => match Msg::decode(&m) {
+                    Err(e) => break TunnelEnd::Protocol(e.to_string()),
+                    Ok(Msg::Data(d)) => {
+                        received += d.len() as u64;
+                        let allowed = u64::from(WINDOW) + n.granted_by_us.load(Relaxed);
+                        if fin_seen {
+                            break TunnelEnd::Protocol("DATA after FIN".into());
+                        }
+                        if received > allowed {
+                            break TunnelEnd::Protocol(format!(
+                                "peer sent {received} bytes with credit for {allowed}"
+                            ));
+                        }
+                        let _ = to_app.send(ToApp::Data(d));
+                    }
+                    Ok(Msg::Fin) => {
+                        if fin_seen {
+                            break TunnelEnd::Protocol("second FIN".into());
+                        }
+                        fin_seen = true;
+                        let _ = to_app.send(ToApp::Fin);
+                    }
+                    Ok(Msg::Window(g)) => {
+                        let total = n.granted_to_us.fetch_add(u64::from(g), Relaxed) + u64::from(g);
+                        if total > n.from_app.load(Relaxed) {
+                            break TunnelEnd::Protocol(format!(
+                                "peer granted credit for {total} bytes, only {} sent",
+                                n.from_app.load(Relaxed)
+                            ));
+                        }
+                        credit.add_permits(g as usize);
+                    }
+                    Ok(Msg::Abort(reason)) => break TunnelEnd::PeerAborted(reason),
+                    Ok(Msg::Done) if is_entry => {
+                        if !fin_seen {
+                            break TunnelEnd::Protocol("DONE before FIN".into());
+                        }
+                        done_seen = true;
+                    }
+                    Ok(Msg::Done) => break TunnelEnd::Protocol("DONE sent to the exit".into()),
+                    Ok(Msg::Open(_)) => break TunnelEnd::Protocol("OPEN on an open tunnel".into()),
+                },
+            },
+        }
+    };
+    Pumped { end, outages }
+}
+
+/// After [`pump`]: close the application connection with FIN (orderly) or RST (any failure),
+/// then tell the peer what it must know.
+pub(super) async fn finish(
+    app: impl AppStream,
+    out: &impl Outbound,
+    end: &TunnelEnd,
+    is_entry: bool,
+) {
+    let tell = match end {
+        TunnelEnd::Closed if !is_entry => Some(Msg::Done),
+        TunnelEnd::Closed => None,
+        TunnelEnd::LocalReset(s) => Some(Msg::Abort(s.clone())),
+        TunnelEnd::Protocol(s) => Some(Msg::Abort(format!("protocol error: {s}"))),
+        TunnelEnd::Shutdown => Some(Msg::Abort("tunnel shutting down".into())),
+        TunnelEnd::PeerAborted(_) | TunnelEnd::PathLost(_) => None,
+    };
+    if end.is_failure() {
+        app.set_abortive();
+    }
+    drop(app);
+    if let Some(m) = tell {
+        send_last(out, m).await;
+    }
+}
+
+/// Application → peer: read only what the credit allows, one DATA message per read; FIN at EOF.
+async fn app_to_peer(
+    app: &impl AppStream,
+    credit: &Semaphore,
+    out: &impl Outbound,
+    n: &Counters,
+) -> Result<(), TunnelEnd> {
+    // One reusable read buffer with the DATA kind byte in front (the encoding of
+    // `Msg::Data`); each message is copied out at its exact size, so a stream of small reads
+    // does not pin a chunk-sized allocation per queued message.
+    let mut buf = vec![0u8; 1 + CHUNK];
+    buf[0] = kind::DATA;
+    loop {
+        // Wait for at least one byte of credit, then take what is there (up to a chunk).
+        // This future is the only consumer of the semaphore.
+        match credit.acquire().await {
+            Ok(p) => p.forget(),
+            Err(_) => return Err(TunnelEnd::Shutdown),
+        }
+        let mut allowed = 1;
+        let extra = credit.available_permits().min(CHUNK - 1);
+        if extra > 0 {
+            if let Ok(p) = credit.try_acquire_many(extra as u32) {
+                p.forget();
+                allowed += extra;
+            }
+        }
+        // Exactly the credit's worth of room: a read can never take more than was granted.
+        let read = match app.read_some(&mut buf[1..1 + allowed]).await {
+            Ok(r) => r,
+            Err(e) => return Err(TunnelEnd::LocalReset(format!("read: {e}"))),
+        };
+        if read < allowed {
+            credit.add_permits(allowed - read);
+        }
+        if read == 0 {
+            out.send(Msg::Fin.encode())
+                .await
+                .map_err(TunnelEnd::PathLost)?;
+            return Ok(());
+        }
+        n.from_app.fetch_add(read as u64, Relaxed);
+        out.send(Bytes::copy_from_slice(&buf[..1 + read]))
+            .await
+            .map_err(TunnelEnd::PathLost)?;
+    }
+}
+
+enum ToApp {
+    Data(Bytes),
+    Fin,
+}
+
+/// Peer → application: write DATA, return credit after writing; FIN → shutdown(Write).
+async fn peer_to_app(
+    app: &impl AppStream,
+    rx: &mut mpsc::UnboundedReceiver<ToApp>,
+    out: &impl Outbound,
+    n: &Counters,
+) -> Result<(), TunnelEnd> {
+    let mut ungranted: u64 = 0;
+    loop {
+        match rx.recv().await {
+            Some(ToApp::Data(d)) => {
+                app.write_all(&d)
+                    .await
+                    .map_err(|e| TunnelEnd::LocalReset(format!("write: {e}")))?;
+                n.to_app.fetch_add(d.len() as u64, Relaxed);
+                ungranted += d.len() as u64;
+                if ungranted >= GRANT_EVERY {
+                    n.granted_by_us.fetch_add(ungranted, Relaxed);
+                    let g = ungranted as u32;
+                    ungranted = 0;
+                    out.send(Msg::Window(g).encode())
+                        .await
+                        .map_err(TunnelEnd::PathLost)?;
+                }
+            }
+            Some(ToApp::Fin) => {
+                app.shutdown_write()
+                    .await
+                    .map_err(|e| TunnelEnd::LocalReset(format!("shutdown: {e}")))?;
+                return Ok(());
+            }
+            None => return Err(TunnelEnd::Shutdown),
+        }
+    }
+}
