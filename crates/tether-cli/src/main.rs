@@ -13,6 +13,7 @@ mod http;
 mod log;
 mod metrics;
 mod status;
+mod token;
 
 use cmd::{bench, connect, lab, plan, probe, proxy, serve, tunnel};
 
@@ -50,6 +51,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Reproduce middlebox failures in network namespaces and compare detection methods (root).
     Lab(lab::LabArgs),
+    /// Print a signed HS256 token (for tests and small deployments).
+    Token(token::TokenArgs),
 }
 
 fn init_tracing() {
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Probe(a) => probe::run(a),
         Command::Tunnel(a) => tunnel::run(a),
+        Command::Token(a) => token::run(a),
     };
     match result {
         Ok(code) => code,

@@ -123,6 +123,7 @@ fn conn_benches(c: &mut Criterion) {
         requested_heartbeat: Duration::from_secs(10),
         want_session: false,
         resume: None,
+        credential: None,
     };
     let live = LivenessConfig::new(Duration::from_secs(10), Duration::from_secs(30));
     let established = || {

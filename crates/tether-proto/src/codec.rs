@@ -40,6 +40,9 @@ pub const MAX_CLIENT_ID_LEN: usize = 255;
 pub const MAX_TEXT_LEN: usize = 1024;
 /// Length of a session resume token, in bytes (128 bits).
 pub const TOKEN_LEN: usize = 16;
+/// Longest credential carried by HELLO (flag CREDENTIAL) and AUTH, in bytes. A credential
+/// is never empty.
+pub const MAX_CREDENTIAL_LEN: usize = 8192;
 
 /// Frame type bytes (`docs/PROTOCOL.md` §"Frame types").
 pub mod ty {
@@ -55,6 +58,10 @@ pub mod ty {
     pub const ACK: u8 = 0x05;
     /// Application message with a sequence number: seq:u64 payload (session connections).
     pub const SEQ_DATA: u8 = 0x06;
+    /// Credential refresh (client → server): the new credential, 1..=8192 bytes.
+    pub const AUTH: u8 = 0x07;
+    /// Credential refresh accepted (server → client): credential_ttl_ms:u32, 0 = no expiry.
+    pub const AUTH_OK: u8 = 0x08;
     /// Client hello (first frame a client sends).
     pub const HELLO: u8 = 0x10;
     /// Server welcome (answer to HELLO).
@@ -71,13 +78,77 @@ pub mod ty {
 pub const HELLO_SESSION: u8 = 0x01;
 /// HELLO flag: the hello carries a resume request (session id, token, last received seq).
 pub const HELLO_RESUME: u8 = 0x02;
+/// HELLO flag: the hello carries a credential (`cred_len:u16` + credential) after the client
+/// id and the optional resume block.
+pub const HELLO_CREDENTIAL: u8 = 0x04;
 /// WELCOME flag: a session is granted; the welcome carries its id and token.
 pub const WELCOME_SESSION: u8 = 0x01;
 /// WELCOME flag: the requested session was resumed.
 pub const WELCOME_RESUMED: u8 = 0x02;
+/// WELCOME flag: the welcome carries `credential_ttl_ms:u32` after the optional session block.
+pub const WELCOME_CREDENTIAL_TTL: u8 = 0x04;
 
-/// A resume request inside a HELLO.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A credential carried by HELLO (flag CREDENTIAL) or AUTH: opaque bytes (a compact JWT in
+/// practice). A secret: its `Debug` shows only its length, so a logged `Hello` or `Frame`
+/// never carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential(pub Bytes);
+
+impl Credential {
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential(<{} bytes>)", self.0.len())
+    }
+}
+
+impl std::ops::Deref for Credential {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Bytes> for Credential {
+    fn from(b: Bytes) -> Self {
+        Credential(b)
+    }
+}
+
+impl From<&'static [u8]> for Credential {
+    fn from(b: &'static [u8]) -> Self {
+        Credential(Bytes::from_static(b))
+    }
+}
+
+impl From<Vec<u8>> for Credential {
+    fn from(b: Vec<u8>) -> Self {
+        Credential(Bytes::from(b))
+    }
+}
+
+impl From<String> for Credential {
+    fn from(s: String) -> Self {
+        Credential(Bytes::from(s))
+    }
+}
+
+/// Shows a secret token as its length only.
+struct Redacted;
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A resume request inside a HELLO. `Debug` does not show the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ResumeRequest {
     /// The session id from the original welcome.
     pub session_id: u64,
@@ -85,6 +156,16 @@ pub struct ResumeRequest {
     pub token: [u8; TOKEN_LEN],
     /// The highest sequence number the client has received (0 = none).
     pub last_received: u64,
+}
+
+impl std::fmt::Debug for ResumeRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeRequest")
+            .field("session_id", &self.session_id)
+            .field("token", &Redacted)
+            .field("last_received", &self.last_received)
+            .finish()
+    }
 }
 
 /// The client's first frame.
@@ -98,10 +179,13 @@ pub struct Hello {
     pub want_session: bool,
     /// Present when the client resumes an earlier session.
     pub resume: Option<ResumeRequest>,
+    /// The client's credential (flag CREDENTIAL): opaque to the protocol, a compact JWT in
+    /// practice; 1..=[`MAX_CREDENTIAL_LEN`] bytes. Its `Debug` shows only its length.
+    pub credential: Option<Credential>,
 }
 
-/// Session parameters granted in a WELCOME.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Session parameters granted in a WELCOME. `Debug` does not show the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct SessionGrant {
     /// Session id (not secret; for lookups and logs).
     pub session_id: u64,
@@ -115,6 +199,18 @@ pub struct SessionGrant {
     pub linger: Duration,
 }
 
+impl std::fmt::Debug for SessionGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionGrant")
+            .field("session_id", &self.session_id)
+            .field("token", &Redacted)
+            .field("resumed", &self.resumed)
+            .field("last_received", &self.last_received)
+            .field("linger", &self.linger)
+            .finish()
+    }
+}
+
 /// The server's answer to an accepted HELLO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
@@ -124,6 +220,11 @@ pub struct Welcome {
     pub dead_after: Duration,
     /// Session parameters, when the client asked for one and the server grants it.
     pub session: Option<SessionGrant>,
+    /// How long the client's credential stays valid (flag CREDENTIAL_TTL): the server closes
+    /// the connection with CLOSE(CREDENTIAL_EXPIRED) when it runs out unless the client
+    /// refreshed it with AUTH. `Some(Duration::ZERO)` means the credential does not expire;
+    /// `None` means the welcome does not carry the field (no credential was negotiated).
+    pub credential_ttl: Option<Duration>,
 }
 
 /// One decoded frame.
@@ -153,6 +254,12 @@ pub enum Frame {
     },
     /// Cumulative acknowledgement: every sequence number up to and including this one arrived.
     Ack(u64),
+    /// Credential refresh (client → server): the new credential (`Debug` shows only its
+    /// length).
+    Auth(Credential),
+    /// Credential refresh accepted (server → client): the new credential's time to live;
+    /// `Duration::ZERO` means it does not expire.
+    AuthOk(Duration),
     /// Client hello.
     Hello(Hello),
     /// Server welcome.
@@ -230,6 +337,52 @@ fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
+/// A credential time to live in wire milliseconds. `0` on the wire means "does not expire",
+/// so a non-zero ttl below one millisecond is sent as 1 ms (never as "no expiry"); a ttl
+/// beyond `u32::MAX` ms (~49.7 days) is sent as `u32::MAX` (the client refreshes early).
+fn ttl_millis(d: Duration) -> u32 {
+    if d.is_zero() {
+        0
+    } else {
+        millis_u32(d).max(1)
+    }
+}
+
+/// The credential bytes that fit on the wire (longer ones are cut; see [`encode`]).
+fn wire_credential(c: &[u8]) -> &[u8] {
+    &c[..c.len().min(MAX_CREDENTIAL_LEN)]
+}
+
+/// Why a credential cannot be carried by HELLO or AUTH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum CredentialLenError {
+    /// A credential is never empty.
+    #[error("credential is empty")]
+    Empty,
+    /// Longer than [`MAX_CREDENTIAL_LEN`].
+    #[error("credential of {len} bytes exceeds the maximum of {max}")]
+    TooLong {
+        /// The credential's length.
+        len: usize,
+        /// [`MAX_CREDENTIAL_LEN`].
+        max: usize,
+    },
+}
+
+/// Checks that a credential fits HELLO and AUTH (1..=[`MAX_CREDENTIAL_LEN`] bytes). Callers
+/// check at the edge (configuration), as they do for client ids: [`encode`] cannot fail.
+pub fn check_credential(credential: &[u8]) -> Result<(), CredentialLenError> {
+    match credential.len() {
+        0 => Err(CredentialLenError::Empty),
+        len if len > MAX_CREDENTIAL_LEN => Err(CredentialLenError::TooLong {
+            len,
+            max: MAX_CREDENTIAL_LEN,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn truncate_text(text: &str) -> &str {
     if text.len() <= MAX_TEXT_LEN {
         return text;
@@ -244,7 +397,9 @@ fn truncate_text(text: &str) -> &str {
 /// Appends one encoded frame (header included) to `out`.
 ///
 /// Texts longer than [`MAX_TEXT_LEN`] are truncated at a character boundary; a client id
-/// longer than [`MAX_CLIENT_ID_LEN`] is truncated likewise (callers validate ids first).
+/// longer than [`MAX_CLIENT_ID_LEN`] is truncated likewise (callers validate ids first); a
+/// credential longer than [`MAX_CREDENTIAL_LEN`] is cut there (callers check credentials with
+/// [`check_credential`] first; an empty one is sent as given and the peer refuses it).
 pub fn encode(frame: &Frame, out: &mut BytesMut) {
     fn with_len(out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
         let start = out.len();
@@ -272,6 +427,17 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_u8(ty::ACK);
             out.put_u64(*seq);
         }
+        Frame::Auth(credential) => {
+            let c = wire_credential(credential);
+            out.put_u32(1 + c.len() as u32);
+            out.put_u8(ty::AUTH);
+            out.put_slice(c);
+        }
+        Frame::AuthOk(ttl) => {
+            out.put_u32(5);
+            out.put_u8(ty::AUTH_OK);
+            out.put_u32(ttl_millis(*ttl));
+        }
         Frame::Close { code, text } | Frame::Refuse { code, text } => {
             let t = if matches!(frame, Frame::Close { .. }) {
                 ty::CLOSE
@@ -293,6 +459,9 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             if h.resume.is_some() {
                 flags |= HELLO_RESUME;
             }
+            if h.credential.is_some() {
+                flags |= HELLO_CREDENTIAL;
+            }
             out.put_u8(flags);
             out.put_u32(millis_u32(h.requested_heartbeat));
             let mut id_len = h.client_id.len().min(MAX_CLIENT_ID_LEN);
@@ -306,6 +475,11 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                 out.put_slice(&r.token);
                 out.put_u64(r.last_received);
             }
+            if let Some(c) = &h.credential {
+                let c = wire_credential(c);
+                out.put_u16(c.len() as u16);
+                out.put_slice(c);
+            }
         }),
         Frame::Welcome(w) => with_len(out, |out| {
             out.put_u8(ty::WELCOME);
@@ -316,6 +490,9 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                     flags |= WELCOME_RESUMED;
                 }
             }
+            if w.credential_ttl.is_some() {
+                flags |= WELCOME_CREDENTIAL_TTL;
+            }
             out.put_u8(flags);
             out.put_u32(millis_u32(w.heartbeat));
             out.put_u32(millis_u32(w.dead_after));
@@ -324,6 +501,9 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                 out.put_slice(&s.token);
                 out.put_u64(s.last_received);
                 out.put_u32(millis_u32(s.linger));
+            }
+            if let Some(ttl) = w.credential_ttl {
+                out.put_u32(ttl_millis(ttl));
             }
         }),
         Frame::Probe(body) => {
@@ -419,6 +599,26 @@ pub fn parse_body(body: &[u8]) -> Result<Frame, DecodeError> {
                 Frame::Refuse { code, text }
             })
         }
+        ty::AUTH => {
+            if rest.is_empty() {
+                return Err(malformed("AUTH", "empty credential"));
+            }
+            if rest.len() > MAX_CREDENTIAL_LEN {
+                return Err(malformed("AUTH", "credential longer than 8192 bytes"));
+            }
+            Ok(Frame::Auth(Credential(Bytes::copy_from_slice(rest))))
+        }
+        ty::AUTH_OK => {
+            if rest.len() != 4 {
+                return Err(malformed(
+                    "AUTH_OK",
+                    "body must be exactly 4 bytes after the type",
+                ));
+            }
+            Ok(Frame::AuthOk(Duration::from_millis(u64::from(
+                rest.get_u32(),
+            ))))
+        }
         ty::HELLO => parse_hello(rest).map(Frame::Hello),
         ty::WELCOME => parse_welcome(rest).map(Frame::Welcome),
         ty::PROBE => Ok(Frame::Probe(Bytes::copy_from_slice(rest))),
@@ -433,7 +633,7 @@ fn parse_hello(mut b: &[u8]) -> Result<Hello, DecodeError> {
         return Err(malformed(F, "too short"));
     }
     let flags = b.get_u8();
-    if flags & !(HELLO_SESSION | HELLO_RESUME) != 0 {
+    if flags & !(HELLO_SESSION | HELLO_RESUME | HELLO_CREDENTIAL) != 0 {
         return Err(malformed(F, "unknown flag bits"));
     }
     let requested_heartbeat = Duration::from_millis(u64::from(b.get_u32()));
@@ -448,7 +648,7 @@ fn parse_hello(mut b: &[u8]) -> Result<Hello, DecodeError> {
         .map_err(|_| malformed(F, "client id is not UTF-8"))?;
     b.advance(id_len);
     let resume = if flags & HELLO_RESUME != 0 {
-        if b.len() != 8 + TOKEN_LEN + 8 {
+        if b.len() < 8 + TOKEN_LEN + 8 {
             return Err(malformed(F, "resume fields must be 32 bytes"));
         }
         let session_id = b.get_u64();
@@ -461,16 +661,37 @@ fn parse_hello(mut b: &[u8]) -> Result<Hello, DecodeError> {
             last_received,
         })
     } else {
-        if !b.is_empty() {
-            return Err(malformed(F, "trailing bytes"));
-        }
         None
     };
+    let credential = if flags & HELLO_CREDENTIAL != 0 {
+        if b.len() < 2 {
+            return Err(malformed(F, "credential flag without a credential length"));
+        }
+        let len = usize::from(b.get_u16());
+        if len == 0 {
+            return Err(malformed(F, "empty credential"));
+        }
+        if len > MAX_CREDENTIAL_LEN {
+            return Err(malformed(F, "credential longer than 8192 bytes"));
+        }
+        if b.len() < len {
+            return Err(malformed(F, "credential runs past the frame"));
+        }
+        let c = Bytes::copy_from_slice(&b[..len]);
+        b.advance(len);
+        Some(Credential(c))
+    } else {
+        None
+    };
+    if !b.is_empty() {
+        return Err(malformed(F, "trailing bytes"));
+    }
     Ok(Hello {
         client_id,
         requested_heartbeat,
         want_session: flags & HELLO_SESSION != 0 || resume.is_some(),
         resume,
+        credential,
     })
 }
 
@@ -480,7 +701,7 @@ fn parse_welcome(mut b: &[u8]) -> Result<Welcome, DecodeError> {
         return Err(malformed(F, "too short"));
     }
     let flags = b.get_u8();
-    if flags & !(WELCOME_SESSION | WELCOME_RESUMED) != 0 {
+    if flags & !(WELCOME_SESSION | WELCOME_RESUMED | WELCOME_CREDENTIAL_TTL) != 0 {
         return Err(malformed(F, "unknown flag bits"));
     }
     let heartbeat = Duration::from_millis(u64::from(b.get_u32()));
@@ -489,7 +710,7 @@ fn parse_welcome(mut b: &[u8]) -> Result<Welcome, DecodeError> {
         return Err(malformed(F, "heartbeat and dead_after must be positive"));
     }
     let session = if flags & WELCOME_SESSION != 0 {
-        if b.len() != 8 + TOKEN_LEN + 8 + 4 {
+        if b.len() < 8 + TOKEN_LEN + 8 + 4 {
             return Err(malformed(F, "session fields must be 36 bytes"));
         }
         let session_id = b.get_u64();
@@ -508,15 +729,24 @@ fn parse_welcome(mut b: &[u8]) -> Result<Welcome, DecodeError> {
         if flags & WELCOME_RESUMED != 0 {
             return Err(malformed(F, "resumed flag without a session"));
         }
-        if !b.is_empty() {
-            return Err(malformed(F, "trailing bytes"));
-        }
         None
     };
+    let credential_ttl = if flags & WELCOME_CREDENTIAL_TTL != 0 {
+        if b.len() < 4 {
+            return Err(malformed(F, "credential ttl flag without the 4-byte ttl"));
+        }
+        Some(Duration::from_millis(u64::from(b.get_u32())))
+    } else {
+        None
+    };
+    if !b.is_empty() {
+        return Err(malformed(F, "trailing bytes"));
+    }
     Ok(Welcome {
         heartbeat,
         dead_after,
         session,
+        credential_ttl,
     })
 }
 

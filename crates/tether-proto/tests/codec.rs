@@ -7,8 +7,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tether_proto::codec::{
-    self, check_preamble, DecodeError, Decoder, Frame, Hello, ResumeRequest, SessionGrant, Welcome,
-    HEADER_LEN, MAX_TEXT_LEN,
+    self, check_credential, check_preamble, Credential, CredentialLenError, DecodeError, Decoder,
+    Frame, Hello, ResumeRequest, SessionGrant, Welcome, HEADER_LEN, MAX_CREDENTIAL_LEN,
+    MAX_TEXT_LEN,
 };
 use tether_proto::CloseCode;
 
@@ -84,6 +85,7 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                 requested_heartbeat: Duration::from_millis(10_000),
                 want_session: false,
                 resume: None,
+                credential: None,
             }),
             hex("00000009 10 00 00002710 02 6331"),
         ),
@@ -93,6 +95,7 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                 requested_heartbeat: Duration::ZERO,
                 want_session: true,
                 resume: None,
+                credential: None,
             }),
             hex("00000009 10 01 00000000 02 6331"),
         ),
@@ -106,17 +109,57 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                     token,
                     last_received: 5,
                 }),
+                credential: None,
             }),
             hex("00000028 10 03 00000001 01 63
                  0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000005"),
+        ),
+        // CREDENTIAL (0x04): cred_len:u16 + credential after the id.
+        (
+            Frame::Hello(Hello {
+                client_id: "c1".into(),
+                requested_heartbeat: Duration::from_millis(10_000),
+                want_session: false,
+                resume: None,
+                credential: Some(Credential::from(&b"tok"[..])),
+            }),
+            hex("0000000e 10 04 00002710 02 6331 0003 746f6b"),
+        ),
+        // SESSION | RESUME | CREDENTIAL: the credential follows the 32-byte resume block.
+        (
+            Frame::Hello(Hello {
+                client_id: "c".into(),
+                requested_heartbeat: Duration::from_millis(1),
+                want_session: true,
+                resume: Some(ResumeRequest {
+                    session_id: 9,
+                    token,
+                    last_received: 5,
+                }),
+                credential: Some(Credential::from(&b"jwt"[..])),
+            }),
+            hex("0000002d 10 07 00000001 01 63
+                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000005
+                 0003 6a7774"),
         ),
         (
             Frame::Welcome(Welcome {
                 heartbeat: Duration::from_millis(10_000),
                 dead_after: Duration::from_millis(30_000),
                 session: None,
+                credential_ttl: None,
             }),
             hex("0000000a 11 00 00002710 00007530"),
+        ),
+        // CREDENTIAL_TTL (0x04): credential_ttl_ms:u32 after dead_after (no session).
+        (
+            Frame::Welcome(Welcome {
+                heartbeat: Duration::from_millis(10_000),
+                dead_after: Duration::from_millis(30_000),
+                session: None,
+                credential_ttl: Some(Duration::from_secs(3600)),
+            }),
+            hex("0000000e 11 04 00002710 00007530 0036ee80"),
         ),
         (
             Frame::Welcome(Welcome {
@@ -129,10 +172,39 @@ fn golden() -> Vec<(Frame, Vec<u8>)> {
                     last_received: 4,
                     linger: Duration::from_millis(60_000),
                 }),
+                credential_ttl: None,
             }),
             hex("0000002e 11 03 000003e8 00000bb8
                  0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000004 0000ea60"),
         ),
+        // SESSION | RESUMED | CREDENTIAL_TTL, ttl 0 = the credential does not expire: the ttl
+        // follows the 36-byte session block.
+        (
+            Frame::Welcome(Welcome {
+                heartbeat: Duration::from_millis(1000),
+                dead_after: Duration::from_millis(3000),
+                session: Some(SessionGrant {
+                    session_id: 9,
+                    token,
+                    resumed: true,
+                    last_received: 4,
+                    linger: Duration::from_millis(60_000),
+                }),
+                credential_ttl: Some(Duration::ZERO),
+            }),
+            hex("00000032 11 07 000003e8 00000bb8
+                 0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000004 0000ea60
+                 00000000"),
+        ),
+        (
+            Frame::Auth(Credential::from(&b"tok"[..])),
+            hex("00000004 07 746f6b"),
+        ),
+        (
+            Frame::AuthOk(Duration::from_secs(3600)),
+            hex("00000005 08 0036ee80"),
+        ),
+        (Frame::AuthOk(Duration::ZERO), hex("00000005 08 00000000")),
         (
             Frame::Refuse {
                 code: CloseCode::SERVER_FULL,
@@ -188,7 +260,7 @@ fn extension_bodies_are_skipped_whole() {
 
 #[test]
 fn unknown_types_below_0x80_are_errors() {
-    for t in [0x00u8, 0x07, 0x0f, 0x13, 0x21, 0x7f] {
+    for t in [0x00u8, 0x09, 0x0f, 0x13, 0x21, 0x7f] {
         assert_eq!(
             decode_all(1024, &[0, 0, 0, 1, t]),
             Err(DecodeError::UnknownType(t))
@@ -208,7 +280,7 @@ fn malformed_bodies_are_errors_not_panics() {
         ("00000004 12 000a ff", "REFUSE"), // text not UTF-8
         ("00000001 10", "HELLO"),
         ("00000007 10 00 00000000 00", "HELLO"), // empty id
-        ("00000008 10 04 00000000 01 63", "HELLO"), // unknown flag
+        ("00000008 10 08 00000000 01 63", "HELLO"), // unknown flag
         ("00000008 10 00 00000000 05 63", "HELLO"), // id runs past the frame
         ("00000009 10 00 00000000 01 63 00", "HELLO"), // trailing byte
         ("00000009 10 02 00000000 01 63 00", "HELLO"), // resume flag, short resume
@@ -220,6 +292,29 @@ fn malformed_bodies_are_errors_not_panics() {
         ("0000000a 11 01 00000001 00000001", "WELCOME"), // session flag, no fields
         ("0000000a 11 08 00000001 00000001", "WELCOME"), // unknown flag
         ("0000000b 11 00 00000001 00000001 00", "WELCOME"), // trailing
+        // CREDENTIAL / CREDENTIAL_TTL / AUTH / AUTH_OK
+        ("00000008 10 04 00000000 01 63", "HELLO"), // credential flag, no cred_len
+        ("00000009 10 04 00000000 01 63 00", "HELLO"), // half a cred_len
+        ("0000000a 10 04 00000000 01 63 0000", "HELLO"), // cred_len 0
+        ("0000000b 10 04 00000000 01 63 0002 61", "HELLO"), // credential runs past the frame
+        ("0000000c 10 04 00000000 01 63 0001 61 00", "HELLO"), // trailing after the credential
+        ("0000000b 10 00 00000000 01 63 0001 61", "HELLO"), // credential without the flag
+        // RESUME | CREDENTIAL with the resume block cut short by the credential.
+        ("00000010 10 06 00000000 01 63 0003 746f6b 000000", "HELLO"),
+        ("0000000a 11 04 00000001 00000001", "WELCOME"), // ttl flag, no ttl
+        ("0000000c 11 04 00000001 00000001 0000", "WELCOME"), // half a ttl
+        ("0000000f 11 04 00000001 00000001 00000001 00", "WELCOME"), // trailing after ttl
+        ("0000000e 11 00 00000001 00000001 00000001", "WELCOME"), // ttl without the flag
+        // SESSION | CREDENTIAL_TTL with the session block but no ttl after it.
+        (
+            "0000002e 11 05 00000001 00000001
+             0000000000000009 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf 0000000000000004 0000ea60",
+            "WELCOME",
+        ),
+        ("00000001 07", "AUTH"),               // empty credential
+        ("00000004 08 000000", "AUTH_OK"),     // short ttl
+        ("00000006 08 0000000000", "AUTH_OK"), // long ttl
+        ("00000001 08", "AUTH_OK"),            // no ttl
     ];
     for (h, name) in cases {
         match decode_all(1024, &hex(h)) {
@@ -227,6 +322,129 @@ fn malformed_bodies_are_errors_not_panics() {
             other => panic!("{h}: {other:?}"),
         }
     }
+}
+
+/// A HELLO with flag CREDENTIAL whose credential is `cred` (any length, for limit tests).
+fn raw_hello_with_credential(cred_len: u16, cred: &[u8]) -> Vec<u8> {
+    let mut body = hex("10 04 00000000 01 63");
+    body.extend(cred_len.to_be_bytes());
+    body.extend(cred);
+    let mut raw = (body.len() as u32).to_be_bytes().to_vec();
+    raw.extend(body);
+    raw
+}
+
+#[test]
+fn credentials_of_8192_bytes_pass_and_8193_are_malformed() {
+    let max = vec![b'x'; MAX_CREDENTIAL_LEN];
+    let over = vec![b'x'; MAX_CREDENTIAL_LEN + 1];
+    // HELLO
+    let Frame::Hello(h) = decode_one(&raw_hello_with_credential(8192, &max)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.credential.as_deref(), Some(&max[..]));
+    // A logged hello never shows the credential.
+    assert!(!format!("{h:?}").contains("xxx"), "{h:?}");
+    assert!(
+        format!("{h:?}").contains("Credential(<8192 bytes>)"),
+        "{h:?}"
+    );
+    for raw in [
+        raw_hello_with_credential(8193, &over),
+        // The length alone is refused, before the bytes it announces are looked at.
+        raw_hello_with_credential(8193, b"x"),
+        raw_hello_with_credential(u16::MAX, b""),
+    ] {
+        assert!(
+            matches!(
+                decode_all(1 << 20, &raw),
+                Err(DecodeError::Malformed { frame: "HELLO", .. })
+            ),
+            "{:?}",
+            decode_all(1 << 20, &raw)
+        );
+    }
+    // AUTH
+    let mut raw = ((MAX_CREDENTIAL_LEN + 1) as u32).to_be_bytes().to_vec();
+    raw.push(0x07);
+    raw.extend(&max);
+    assert_eq!(
+        decode_one(&raw).unwrap(),
+        Frame::Auth(Credential::from(max.clone()))
+    );
+    let mut raw = ((MAX_CREDENTIAL_LEN + 2) as u32).to_be_bytes().to_vec();
+    raw.push(0x07);
+    raw.extend(&over);
+    assert!(matches!(
+        decode_all(1 << 20, &raw),
+        Err(DecodeError::Malformed { frame: "AUTH", .. })
+    ));
+}
+
+#[test]
+fn credentials_are_checked_at_the_edge_and_cut_at_the_limit_on_encode() {
+    assert_eq!(check_credential(b""), Err(CredentialLenError::Empty));
+    assert_eq!(check_credential(&[1; MAX_CREDENTIAL_LEN]), Ok(()));
+    assert_eq!(
+        check_credential(&[1; MAX_CREDENTIAL_LEN + 1]),
+        Err(CredentialLenError::TooLong {
+            len: MAX_CREDENTIAL_LEN + 1,
+            max: MAX_CREDENTIAL_LEN
+        })
+    );
+    // encode cannot fail: an unchecked oversize credential is cut, so the peer sees a
+    // well-formed frame (and refuses the credential itself).
+    let long = Credential::from(vec![b'y'; MAX_CREDENTIAL_LEN + 100]);
+    let hello = Frame::Hello(Hello {
+        client_id: "c".into(),
+        requested_heartbeat: Duration::ZERO,
+        want_session: false,
+        resume: None,
+        credential: Some(long.clone()),
+    });
+    let Frame::Hello(h) = decode_one(&enc(&hello)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(h.credential.unwrap().len(), MAX_CREDENTIAL_LEN);
+    let Frame::Auth(c) = decode_one(&enc(&Frame::Auth(long))).unwrap() else {
+        panic!()
+    };
+    assert_eq!(c.len(), MAX_CREDENTIAL_LEN);
+}
+
+#[test]
+fn secrets_never_show_in_debug_output() {
+    // Credentials and resume tokens are secrets: a `{:?}` of a frame (a log line) shows
+    // neither, only what is needed to debug (lengths, ids, sequence numbers).
+    for (frame, _) in golden() {
+        let dbg = format!("{frame:?}");
+        assert!(!dbg.contains("160"), "token byte a0 = 160 in {dbg}");
+        assert!(!dbg.contains("116, 111, 107"), "credential bytes in {dbg}");
+        assert!(!dbg.contains("106, 119, 116"), "credential bytes in {dbg}");
+    }
+    let d = format!("{:?}", Credential::from(&b"secret"[..]));
+    assert_eq!(d, "Credential(<6 bytes>)");
+}
+
+#[test]
+fn a_credential_ttl_below_one_millisecond_is_never_sent_as_no_expiry() {
+    // 0 on the wire means "does not expire": a tiny ttl must round up, not down.
+    assert_eq!(
+        enc(&Frame::AuthOk(Duration::from_micros(500))),
+        hex("00000005 08 00000001")
+    );
+    let w = Frame::Welcome(Welcome {
+        heartbeat: Duration::from_millis(1),
+        dead_after: Duration::from_millis(1),
+        session: None,
+        credential_ttl: Some(Duration::from_nanos(1)),
+    });
+    assert_eq!(enc(&w), hex("0000000e 11 04 00000001 00000001 00000001"));
+    // Beyond u32::MAX ms it saturates (the client refreshes early, never late).
+    assert_eq!(
+        enc(&Frame::AuthOk(Duration::from_secs(u64::from(u32::MAX)))),
+        hex("00000005 08 ffffffff")
+    );
 }
 
 #[test]
@@ -337,6 +555,10 @@ fn arb_pos_ms() -> impl Strategy<Value = Duration> {
     (1u32..).prop_map(|m| Duration::from_millis(u64::from(m)))
 }
 
+fn arb_credential() -> impl Strategy<Value = Credential> {
+    prop::collection::vec(any::<u8>(), 1..300).prop_map(Credential::from)
+}
+
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let bytes = || prop::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
     prop_oneof![
@@ -358,18 +580,22 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             arb_id(),
             arb_ms(),
             any::<bool>(),
-            prop::option::of((any::<u64>(), any::<[u8; 16]>(), any::<u64>()))
+            prop::option::of((any::<u64>(), any::<[u8; 16]>(), any::<u64>())),
+            prop::option::of(arb_credential()),
         )
-            .prop_map(|(client_id, hb, want, resume)| Frame::Hello(Hello {
-                client_id,
-                requested_heartbeat: hb,
-                want_session: want || resume.is_some(),
-                resume: resume.map(|(session_id, token, last_received)| ResumeRequest {
-                    session_id,
-                    token,
-                    last_received
-                }),
-            })),
+            .prop_map(
+                |(client_id, hb, want, resume, credential)| Frame::Hello(Hello {
+                    client_id,
+                    requested_heartbeat: hb,
+                    want_session: want || resume.is_some(),
+                    resume: resume.map(|(session_id, token, last_received)| ResumeRequest {
+                        session_id,
+                        token,
+                        last_received
+                    }),
+                    credential,
+                })
+            ),
         (
             arb_pos_ms(),
             arb_pos_ms(),
@@ -379,21 +605,27 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 any::<bool>(),
                 any::<u64>(),
                 arb_ms()
-            ))
+            )),
+            prop::option::of(arb_ms()),
         )
-            .prop_map(|(heartbeat, dead_after, s)| Frame::Welcome(Welcome {
-                heartbeat,
-                dead_after,
-                session: s.map(|(session_id, token, resumed, last_received, linger)| {
-                    SessionGrant {
-                        session_id,
-                        token,
-                        resumed,
-                        last_received,
-                        linger,
-                    }
-                }),
-            })),
+            .prop_map(|(heartbeat, dead_after, s, credential_ttl)| Frame::Welcome(
+                Welcome {
+                    heartbeat,
+                    dead_after,
+                    session: s.map(|(session_id, token, resumed, last_received, linger)| {
+                        SessionGrant {
+                            session_id,
+                            token,
+                            resumed,
+                            last_received,
+                            linger,
+                        }
+                    }),
+                    credential_ttl,
+                }
+            )),
+        arb_credential().prop_map(Frame::Auth),
+        arb_ms().prop_map(Frame::AuthOk),
         bytes().prop_map(Frame::Probe),
         (0x80u8..=0xff).prop_map(Frame::Extension),
     ]
@@ -449,6 +681,33 @@ proptest! {
             let r = d.decode(&chunk, |_| true);
             prop_assert!(d.buffered() <= max as usize + HEADER_LEN);
             if r.is_err() { break; }
+        }
+    }
+
+    /// HELLO, WELCOME, AUTH and AUTH_OK bodies with random flags and fields (the credential
+    /// additions' parsers): each decodes or fails as malformed, never panics, and what decodes
+    /// re-encodes to a frame that decodes the same (the bytes may differ only where the
+    /// encoder normalises: RESUME without SESSION gains the SESSION bit).
+    #[test]
+    fn auth_bearing_bodies_decode_or_fail_cleanly(
+        t in prop::sample::select(vec![0x10u8, 0x11, 0x07, 0x08]),
+        flags in 0u8..16,
+        rest in prop::collection::vec(any::<u8>(), 0..120),
+    ) {
+        let mut body = vec![t];
+        if t >= 0x10 {
+            body.push(flags);
+        }
+        body.extend(&rest);
+        let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+        wire.extend(&body);
+        match decode_all(1 << 20, &wire) {
+            Ok(frames) => {
+                prop_assert_eq!(frames.len(), 1);
+                let again = decode_one(&enc(&frames[0])).unwrap();
+                prop_assert_eq!(&again, &frames[0]);
+            }
+            Err(e) => prop_assert!(matches!(e, DecodeError::Malformed { .. }), "{:?}", e),
         }
     }
 

@@ -33,6 +33,7 @@ fn hello(id: &str) -> Hello {
         requested_heartbeat: ms(1500),
         want_session: false,
         resume: None,
+        credential: None,
     }
 }
 
@@ -225,6 +226,7 @@ fn handshake_in_memory_then_messages_both_ways() {
         heartbeat: H,
         dead_after: D,
         session: None,
+        credential_ttl: None,
     };
     assert_eq!(
         p.server_events,
@@ -980,6 +982,7 @@ fn session_frames_without_a_session_and_handshake_frames_after_it_are_errors() {
             heartbeat: H,
             dead_after: D,
             session: None,
+            credential_ttl: None,
         }),
     ] {
         let mut p = Pair::established();
@@ -1053,6 +1056,7 @@ fn protocol_document_worked_example() {
         requested_heartbeat: s(10),
         want_session: false,
         resume: None,
+        credential: None,
     };
     let live = LivenessConfig::new(s(10), s(30));
     let mut client = Conn::client(t0, ConnConfig::default(), &demo, live.clone(), None);

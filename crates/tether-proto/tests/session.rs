@@ -189,6 +189,7 @@ fn scenario(seed: u64, cuts: usize, per_side: u64, forget_prob: u64, cfg: Sessio
             requested_heartbeat: H,
             want_session: true,
             resume: None,
+            credential: None,
         };
         let mut client = Conn::client(
             now,

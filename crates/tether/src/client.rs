@@ -365,6 +365,7 @@ async fn supervise<C: Connector>(
                     requested_heartbeat: opts.policy.heartbeat_interval,
                     want_session: cfg.session,
                     resume: None,
+                    credential: None,
                 };
                 let conn_cfg = ConnConfig {
                     max_frame_len: opts.max_frame_len,

@@ -225,6 +225,7 @@ impl Connection {
             requested_heartbeat: opts.policy.heartbeat_interval,
             want_session: false,
             resume: None,
+            credential: None,
         };
         let cfg = ConnConfig {
             max_frame_len: opts.max_frame_len,

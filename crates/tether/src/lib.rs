@@ -30,6 +30,7 @@
 //! millisecond).
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod auth;
 pub mod client;
 pub mod connection;
 mod driver;
@@ -38,6 +39,7 @@ pub mod proxy;
 pub mod random;
 pub mod server;
 pub mod sockopt;
+pub mod tls;
 mod transport;
 pub mod tunnel;
 

@@ -180,6 +180,7 @@ async fn raw_resume(
             token,
             last_received: 0,
         }),
+        credential: None,
     };
     codec::encode(&Frame::Hello(hello), &mut out);
     s.write_all(&out).await.unwrap();
@@ -271,6 +272,7 @@ async fn held_session_shows_resuming_then_offline_with_session_lost_at_the_linge
         requested_heartbeat: Duration::ZERO,
         want_session: true,
         resume: None,
+        credential: None,
     };
     codec::encode(&Frame::Hello(hello), &mut out);
     s.write_all(&out).await.unwrap();

@@ -117,6 +117,7 @@ impl Conn {
             heartbeat: cfg.heartbeat_interval,
             dead_after: cfg.dead_after,
             session: grant.clone(),
+            credential_ttl: None,
         };
         codec::encode_preamble(&mut self.out);
         codec::encode(&Frame::Welcome(welcome.clone()), &mut self.out);

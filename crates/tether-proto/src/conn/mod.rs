@@ -611,6 +611,8 @@ pub fn frame_name(f: &Frame) -> &'static str {
         Frame::Welcome(_) => "WELCOME",
         Frame::Refuse { .. } => "REFUSE",
         Frame::Probe(_) => "PROBE",
+        Frame::Auth(_) => "AUTH",
+        Frame::AuthOk(_) => "AUTH_OK",
         Frame::Extension(_) => "EXTENSION",
     }
 }

@@ -201,6 +201,7 @@ fn hello(session: bool) -> Hello {
         requested_heartbeat: H,
         want_session: session,
         resume: None,
+        credential: None,
     }
 }
 
