@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod client_id;
 pub mod codec;
 pub mod conn;
 pub mod duration;
@@ -32,6 +33,7 @@ pub mod presets;
 pub mod reason;
 pub mod session;
 
+pub use client_id::{check_client_id, ClientIdError};
 pub use codec::{Frame, Hello, Welcome};
 pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, PartialFrame, Role, TransportError};
 pub use liveness::{Liveness, LivenessConfig, LivenessEvent};

@@ -33,6 +33,7 @@
 pub mod auth;
 pub mod client;
 pub mod connection;
+pub mod credential;
 mod driver;
 pub mod probe;
 pub mod proxy;

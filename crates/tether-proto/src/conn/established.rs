@@ -10,7 +10,7 @@ use crate::liveness::LivenessEvent;
 use crate::reason::{CloseCode, DisconnectReason};
 use crate::session::Received;
 
-use super::{frame_name, Conn, ConnEvent, SendError, State};
+use super::{frame_name, Conn, ConnEvent, Role, SendError, State};
 
 impl Conn {
     pub(super) fn handle_established(&mut self, now: Instant, frame: Frame) {
@@ -77,11 +77,27 @@ impl Conn {
                 self.close_received = true;
                 let reason = match code {
                     CloseCode::REPLACED => DisconnectReason::Replaced,
+                    // The server enforces the credential's expiry: the client's reason names it.
+                    CloseCode::CREDENTIAL_EXPIRED if self.role == Role::Client => {
+                        DisconnectReason::CredentialExpired
+                    }
                     _ => DisconnectReason::PeerClose { code, text },
                 };
                 self.finish(now, reason);
             }
             Frame::Extension(_) => {}
+            Frame::Auth(credential) => {
+                self.on_auth(now, credential);
+                if self.is_closed() {
+                    return;
+                }
+            }
+            Frame::AuthOk(ttl) => {
+                self.on_auth_ok(now, ttl);
+                if self.is_closed() {
+                    return;
+                }
+            }
             f @ (Frame::SeqData { .. } | Frame::Ack(_)) => self.protocol_error(
                 now,
                 format!("{} without a negotiated session", frame_name(&f)),
