@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use tether_proto::codec::Hello;
+use tether_proto::session::Session;
 use tether_proto::{Conn, ConnConfig, ConnEvent, LivenessConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -18,10 +19,16 @@ pub struct Manual<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Manual<S> {
     /// Says `hello` over `io` (timers of a minute: the test drives no heartbeats).
     pub fn new(io: S, hello: &Hello) -> Self {
+        Self::resume(io, hello, None)
+    }
+
+    /// Says `hello` over `io`, resuming `session` (taken from an earlier connection with
+    /// `conn.take_session()`) when given.
+    pub fn resume(io: S, hello: &Hello, session: Option<Session>) -> Self {
         let live = LivenessConfig::new(Duration::from_secs(60), Duration::from_secs(180));
         Manual {
             io,
-            conn: Conn::client(Instant::now(), ConnConfig::default(), hello, live, None),
+            conn: Conn::client(Instant::now(), ConnConfig::default(), hello, live, session),
             events: Vec::new(),
         }
     }
