@@ -1244,7 +1244,7 @@ fn welcome_of(evs: &[(Duration, ConnEvent)]) -> Welcome {
         .expect("established")
 }
 
-fn at<'a>(evs: &'a [(Duration, ConnEvent)], pred: impl Fn(&ConnEvent) -> bool) -> Vec<Duration> {
+fn at(evs: &[(Duration, ConnEvent)], pred: impl Fn(&ConnEvent) -> bool) -> Vec<Duration> {
     evs.iter()
         .filter(|(_, e)| pred(e))
         .map(|(t, _)| *t)

@@ -26,7 +26,7 @@ use tether_proto::{
 use tokio::net::{TcpListener, TcpStream};
 
 use super::events::ServerEvent;
-use super::lifecycle::lock;
+use super::lifecycle::{lock, Admitted};
 use super::Inner;
 use crate::auth::{AuthDecision, AuthRequest, Denial, PendingDecision, Principal, PrincipalKey};
 use crate::driver::{
@@ -484,8 +484,10 @@ impl ServerSink {
             self.remote,
             &self.shared,
             hello,
-            principal,
-            ttl,
+            Admitted {
+                principal,
+                credential_ttl: ttl,
+            },
         );
         if let Decision::Accept(..) = d {
             self.client_id = Some(hello.client_id.clone());

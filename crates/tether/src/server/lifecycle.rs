@@ -119,6 +119,14 @@ impl Clients {
     }
 }
 
+/// What admission decided about a HELLO before its lifecycle transition.
+pub(super) struct Admitted<'a> {
+    /// The principal it authenticated as (`None` on a server without authorization).
+    pub(super) principal: Option<&'a PrincipalKey>,
+    /// When the principal's credential runs out, from now (`None`: it does not).
+    pub(super) credential_ttl: Option<Duration>,
+}
+
 impl Inner {
     /// Runs `f` on the presence registry, then publishes its changes. Called with at most
     /// one shard lock held (shard → registry).
@@ -153,9 +161,12 @@ impl Inner {
         remote: SocketAddr,
         shared: &Arc<Shared>,
         hello: &Hello,
-        principal: Option<&PrincipalKey>,
-        credential_ttl: Option<Duration>,
+        admitted: Admitted<'_>,
     ) -> Decision {
+        let Admitted {
+            principal,
+            credential_ttl,
+        } = admitted;
         if self.established.load(Relaxed) >= self.max_connections {
             return Decision::Refuse(
                 CloseCode::SERVER_FULL,
