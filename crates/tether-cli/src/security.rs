@@ -20,12 +20,13 @@ use std::time::SystemTime;
 use anyhow::{Context, Result};
 use clap::Args;
 use tether::auth::{
-    AuthError, Authorize, Builtin, CredentialVerifier, JwtConfig, JwtVerifier, Principal,
+    AllowedIds, AuthError, Authorize, Builtin, CredentialVerifier, JwtConfig, JwtVerifier,
+    Principal,
 };
 use tether::credential::Credentials;
 use tether::tls::{ClientTlsOptions, ServerTlsFiles, TlsClient, TlsServer};
 
-use crate::config::Layers;
+use crate::config::{parse_bool, Layers};
 use crate::exit::UsageError;
 
 /// TLS and authentication flags of a listener (`serve`, `tunnel exit`).
@@ -91,6 +92,12 @@ fn path(s: &str) -> std::result::Result<PathBuf, String> {
 
 fn text(s: &str) -> std::result::Result<String, String> {
     Ok(s.to_owned())
+}
+
+/// A path flag as the layers take it (a flag that is given wins over `TETHER_*` and the
+/// file; the layers then parse it like the others).
+fn flag(p: &Option<PathBuf>) -> Option<&str> {
+    p.as_deref().and_then(Path::to_str)
 }
 
 /// Where the JWT keys come from.
@@ -164,9 +171,9 @@ impl ServerSecurity {
     /// Reads the flags (then `TETHER_*`, then the file) and loads every file; errors name
     /// the file and what is wrong (exit 2).
     pub(crate) fn resolve(a: &ServerSecurityArgs, l: &Layers) -> Result<ServerSecurity> {
-        let cert = l.pick_opt("tls_cert", a.tls_cert.clone(), path)?;
-        let key = l.pick_opt("tls_key", a.tls_key.clone(), path)?;
-        let client_ca = l.pick_opt("client_ca", a.client_ca.clone(), path)?;
+        let cert = l.get("tls_cert", flag(&a.tls_cert), path)?;
+        let key = l.get("tls_key", flag(&a.tls_key), path)?;
+        let client_ca = l.get("client_ca", flag(&a.client_ca), path)?;
         let tls = match (cert, key) {
             (Some(cert), Some(key)) => {
                 let mut files = ServerTlsFiles::new(cert, key);
@@ -182,11 +189,11 @@ impl ServerSecurity {
             (None, None) => None,
             _ => return Err(UsageError("TLS needs both --tls-cert and --tls-key".into()).into()),
         };
-        let secret = l.pick_opt("auth_secret", a.auth_secret.clone(), path)?;
-        let public = l.pick_opt("auth_public_key", a.auth_public_key.clone(), path)?;
-        let jwks = l.pick_opt("auth_jwks", a.auth_jwks.clone(), path)?;
-        let issuer = l.pick_opt("auth_issuer", a.auth_issuer.clone(), text)?;
-        let audience = l.pick_opt("auth_audience", a.auth_audience.clone(), text)?;
+        let secret = l.get("auth_secret", flag(&a.auth_secret), path)?;
+        let public = l.get("auth_public_key", flag(&a.auth_public_key), path)?;
+        let jwks = l.get("auth_jwks", flag(&a.auth_jwks), path)?;
+        let issuer = l.get("auth_issuer", a.auth_issuer.as_deref(), text)?;
+        let audience = l.get("auth_audience", a.auth_audience.as_deref(), text)?;
         let sources: Vec<KeySource> = [
             secret.map(KeySource::Secret),
             public.map(KeySource::PublicKey),
@@ -233,7 +240,9 @@ impl ServerSecurity {
             tls,
             keys,
             mtls: client_ca.is_some(),
-            insecure: l.pick("insecure", a.insecure, crate::config::parse_bool)?,
+            insecure: l
+                .get("insecure", a.insecure.then_some("true"), parse_bool)?
+                .unwrap_or(false),
         })
     }
 
@@ -245,10 +254,22 @@ impl ServerSecurity {
     /// The authorization rule: JWTs checked by the loaded keys, client certificates as
     /// principals under mutual TLS. `None` without either (every client is anonymous).
     pub(crate) fn authorizer(&self) -> Option<Arc<dyn Authorize>> {
+        self.authorizer_with_ids(None)
+    }
+
+    /// [`ServerSecurity::authorizer`], with every authenticated principal allowed exactly
+    /// `ids` when given (the tunnel exit: `tun-*`).
+    pub(crate) fn authorizer_with_ids(
+        &self,
+        ids: Option<AllowedIds>,
+    ) -> Option<Arc<dyn Authorize>> {
         if !self.authenticates() {
             return None;
         }
         let mut b = Builtin::new().mtls(self.mtls);
+        if let Some(ids) = ids {
+            b = b.allowed_ids(ids);
+        }
         if let Some(k) = &self.keys {
             b = b.credentials(Reloadable(k.clone()));
         }
@@ -384,11 +405,13 @@ impl ClientSecurity {
     /// address as the user wrote it: the server name to verify unless --server-name says
     /// otherwise.
     pub(crate) fn resolve(a: &ClientSecurityArgs, l: &Layers, host: &str) -> Result<Self> {
-        let ca = l.pick_opt("ca", a.ca.clone(), path)?;
-        let server_name = l.pick_opt("server_name", a.server_name.clone(), text)?;
-        let cert = l.pick_opt("cert", a.cert.clone(), path)?;
-        let key = l.pick_opt("key", a.key.clone(), path)?;
-        let on = l.pick("tls", a.tls, crate::config::parse_bool)?
+        let ca = l.get("ca", flag(&a.ca), path)?;
+        let server_name = l.get("server_name", a.server_name.as_deref(), text)?;
+        let cert = l.get("cert", flag(&a.cert), path)?;
+        let key = l.get("key", flag(&a.key), path)?;
+        let on = l
+            .get("tls", a.tls.then_some("true"), parse_bool)?
+            .unwrap_or(false)
             || ca.is_some()
             || server_name.is_some()
             || cert.is_some();
@@ -405,8 +428,8 @@ impl ClientSecurity {
         } else {
             None
         };
-        let token = l.pick_opt("token", a.token.clone(), text)?;
-        let token_file = l.pick_opt("token_file", a.token_file.clone(), path)?;
+        let token = l.get("token", a.token.as_deref(), text)?;
+        let token_file = l.get("token_file", flag(&a.token_file), path)?;
         let credentials = match (token, token_file) {
             (Some(_), Some(_)) => {
                 return Err(UsageError("give --token or --token-file, not both".into()).into())

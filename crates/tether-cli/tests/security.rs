@@ -438,3 +438,136 @@ fn the_status_page_and_api_take_a_bearer_token_and_warn_when_exposed_without_one
     let l = wait_line(&rx, &["warning"], Duration::from_secs(5));
     assert!(l.contains("--http-token-file"), "{l}");
 }
+
+/// Starts `tether tunnel SIDE args`; returns it and the address from its `listening` line.
+fn tunnel(side: &str, args: &[&str]) -> (Kill, String, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .args(["tunnel", side])
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let l = wait_line(&rx, &["listening"], Duration::from_secs(10));
+    let addr = l
+        .split("addr=")
+        .nth(1)
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    (Kill(child), addr, rx)
+}
+
+#[test]
+fn a_tunnel_exit_needs_tls_and_auth_beyond_loopback_and_carries_authenticated_entries() {
+    let out = Command::new(BIN)
+        .args([
+            "tunnel",
+            "exit",
+            "--listen",
+            "0.0.0.0:0",
+            "--target",
+            "127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("refusing to accept tunnels on 0.0.0.0:0 without TLS and authentication"),
+        "{err}"
+    );
+
+    // A target that echoes.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = target.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in target.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let d = dir("tunnel");
+    let ca = Ca::new();
+    let ca_file = d.join("ca.pem");
+    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+    ca.server(&d, "exit");
+    std::fs::write(d.join("secret"), "a shared secret of forty bytes, or more!").unwrap();
+    let (crt, key, sec) = (d.join("server.crt"), d.join("server.key"), d.join("secret"));
+    let (exit, exit_addr, exit_rx) = tunnel(
+        "exit",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            &target_addr,
+            "--tls-cert",
+            crt.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--auth-secret",
+            sec.to_str().unwrap(),
+        ],
+    );
+    let round_trip = |entry_addr: &str| -> Option<String> {
+        let mut s = std::net::TcpStream::connect(entry_addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"through the tunnel").unwrap();
+        let mut buf = [0u8; 18];
+        s.read_exact(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf).into_owned())
+    };
+    // Without a token: the application connection is reset, nothing reaches the target.
+    let (_entry, entry_addr, _) = tunnel(
+        "entry",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &exit_addr,
+            "--ca",
+            ca_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(round_trip(&entry_addr), None);
+    // With one: through.
+    let tok = d.join("entry.jwt");
+    std::fs::write(&tok, token(&sec, "entry-1", "1h")).unwrap();
+    let (_entry, entry_addr, _) = tunnel(
+        "entry",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &exit_addr,
+            "--ca",
+            ca_file.to_str().unwrap(),
+            "--token-file",
+            tok.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        round_trip(&entry_addr).as_deref(),
+        Some("through the tunnel")
+    );
+    // SIGHUP reloads the exit's files.
+    sighup(&exit.0);
+    wait_line(
+        &exit_rx,
+        &["reloaded", "tls certificate"],
+        Duration::from_secs(5),
+    );
+}

@@ -68,8 +68,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::client::{Client, ClientConfig, ClientEvent, ClientSender};
+use crate::credential::Credentials;
 use crate::server::{SendError, Server, ServerConfig, ServerEvent, ServerHandle};
 use crate::sockopt;
+use crate::tls::TlsClient;
 
 /// Protocol version carried in OPEN.
 pub const VERSION: u8 = 1;
@@ -238,6 +240,11 @@ pub struct EntryConfig {
     pub session: SessionConfig,
     /// Reconnect backoff. Default: 50 ms base, 1 s cap, retry until the linger runs out.
     pub backoff: BackoffConfig,
+    /// Speak TLS to the exit. Default: none (plain TCP).
+    pub tls: Option<TlsClient>,
+    /// The credential presented to the exit (it must allow the ids `tun-*`, or the exit must
+    /// accept any id of an authenticated entry, as `tether tunnel exit` does). Default: none.
+    pub credential: Option<Credentials>,
 }
 
 impl EntryConfig {
@@ -254,6 +261,8 @@ impl EntryConfig {
                 cap: Duration::from_secs(1),
                 max_attempts: None,
             },
+            tls: None,
+            credential: None,
         }
     }
 }
@@ -865,6 +874,8 @@ async fn entry_conn(
     ccfg.backoff = cfg.backoff;
     ccfg.session_config = cfg.session;
     ccfg.outbox_bytes = 2 * WINDOW as usize;
+    ccfg.connect.tls = cfg.tls.clone();
+    ccfg.connect.credential = cfg.credential.clone();
     let client = Client::start(ccfg);
     let out = Out::Client(client.sender());
     let _ = events.send(TunnelEvent::Opened {

@@ -549,6 +549,7 @@ pub trait CredentialVerifier: Send + Sync + 'static {
 pub struct Builtin {
     jwt: Option<Box<dyn CredentialVerifier>>,
     mtls: bool,
+    ids: Option<AllowedIds>,
 }
 
 impl fmt::Debug for Builtin {
@@ -556,6 +557,7 @@ impl fmt::Debug for Builtin {
         f.debug_struct("Builtin")
             .field("jwt", &self.jwt.is_some())
             .field("mtls", &self.mtls)
+            .field("ids", &self.ids)
             .finish()
     }
 }
@@ -566,6 +568,7 @@ impl Builtin {
         Builtin {
             jwt: None,
             mtls: false,
+            ids: None,
         }
     }
 
@@ -579,6 +582,16 @@ impl Builtin {
     /// credential. Default: off.
     pub fn mtls(mut self, on: bool) -> Self {
         self.mtls = on;
+        self
+    }
+
+    /// Every authenticated principal may use exactly `ids`, whatever its credential names.
+    /// For servers whose client ids are not names, such as the tunnel exit (an entry's
+    /// tunnels are `tun-<random>`): authentication decides who gets in, and ids, connections
+    /// and sessions stay bound to the principal that opened them. Default: the credential's
+    /// ids (a certificate's: its name).
+    pub fn allowed_ids(mut self, ids: AllowedIds) -> Self {
+        self.ids = Some(ids);
         self
     }
 }
@@ -606,6 +619,10 @@ impl Authorize for Builtin {
         };
         if principal.is_expired(req.now) {
             return AuthDecision::Deny(AuthError::Expired.denial());
+        }
+        let mut principal = principal;
+        if let Some(ids) = &self.ids {
+            principal.allowed = ids.clone();
         }
         if !principal.allows(req.client_id) {
             return AuthDecision::Deny(
@@ -788,6 +805,26 @@ mod tests {
         let old = Builtin::new().credentials(Fixed(Ok(bob.clone().with_expiry(now))));
         assert_eq!(
             code(old.authorize(&with("bob"))),
+            Err(CloseCode::UNAUTHORIZED)
+        );
+    }
+
+    #[test]
+    fn allowed_ids_replace_what_the_credential_names() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let carol = Principal::new(Scheme::Mtls, "carol", AllowedIds::only("carol"));
+        let tunnels = Builtin::new()
+            .mtls(true)
+            .allowed_ids(AllowedIds::parse(["tun-*"]).unwrap());
+        let req = |id| AuthRequest::new(id, now).tls_principal(Some(&carol));
+        assert_eq!(code(tunnels.authorize(&req("tun-0a1b"))), Ok(carol.key()));
+        assert_eq!(
+            code(tunnels.authorize(&req("carol"))),
+            Err(CloseCode::ID_NOT_ALLOWED)
+        );
+        // Still nobody without a credential or certificate.
+        assert_eq!(
+            code(tunnels.authorize(&AuthRequest::new("tun-0a1b", now))),
             Err(CloseCode::UNAUTHORIZED)
         );
     }
