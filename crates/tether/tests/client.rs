@@ -241,3 +241,86 @@ async fn unauthorized_refusals_are_terminal_and_throttled_is_retried() {
         }
     }
 }
+
+/// The client presents its credential, is asked for a new one at exactly 90 % of the ttl,
+/// sends it (a fresh fetch from its source) in AUTH, and is asked again 90 % of the new ttl
+/// after the AUTH_OK. When the server leaves an AUTH unanswered, the connection ends at the
+/// expiry (`credential-expired`) and the client reconnects with a freshly fetched credential.
+#[tokio::test(start_paused = true)]
+async fn the_client_refreshes_its_credential_at_90_percent_of_the_ttl() {
+    use tether::credential::Credentials;
+    use tether_proto::codec::Credential;
+    let fetched = Arc::new(AtomicUsize::new(0));
+    let f = fetched.clone();
+    let mut cfg = config();
+    cfg.connect.credential = Some(Credentials::from_fn(move || {
+        let n = f.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(Credential::from(format!("token-{n}"))) }
+    }));
+    let (mut c, mut ends, attempts) = client(cfg);
+    let mut peer = Peer::new(ends.recv().await.unwrap());
+    let ConnEvent::Hello(hello) = peer.next_event().await else {
+        panic!("expected HELLO");
+    };
+    assert_eq!(hello.credential.as_deref(), Some(&b"token-0"[..]));
+    let ttl = Duration::from_secs(20);
+    peer.conn
+        .accept_authenticated(now(), LivenessConfig::new(H, 3 * H), None, Some(ttl));
+    let welcomed = tokio::time::Instant::now();
+    peer.flush().await;
+    assert!(matches!(peer.next_event().await, ConnEvent::Established(_)));
+    // 90 % of 20 s: 18 s, to the instant.
+    let ConnEvent::Auth(cred) = peer.next_event().await else {
+        panic!("expected AUTH");
+    };
+    assert_eq!(
+        tokio::time::Instant::now() - welcomed,
+        Duration::from_secs(18)
+    );
+    assert_eq!(cred.as_bytes(), b"token-1");
+    peer.conn.auth_ok(now(), Some(ttl));
+    let answered = tokio::time::Instant::now();
+    peer.flush().await;
+    loop {
+        match c.next_event().await.unwrap() {
+            ClientEvent::CredentialRefreshed { ttl: t } => {
+                assert_eq!(t, ttl);
+                break;
+            }
+            ClientEvent::Connected { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // The next refresh: 18 s after the AUTH_OK. This one is left unanswered.
+    let ConnEvent::Auth(cred) = peer.next_event().await else {
+        panic!("expected AUTH");
+    };
+    assert_eq!(
+        tokio::time::Instant::now() - answered,
+        Duration::from_secs(18)
+    );
+    assert_eq!(cred.as_bytes(), b"token-2");
+    let expiry = peer.conn.credential_expires_at().unwrap();
+    assert_eq!(expiry, answered.into_std() + ttl);
+    tokio::time::sleep_until(expiry.into()).await;
+    peer.conn.handle_timeout(now());
+    peer.flush().await;
+    loop {
+        match c.next_event().await.unwrap() {
+            ClientEvent::Disconnected { disconnect } => {
+                assert_eq!(disconnect.reason, DisconnectReason::CredentialExpired);
+                assert_eq!(tokio::time::Instant::now(), expiry.into());
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // It reconnects with a new credential.
+    let mut peer = Peer::new(ends.recv().await.unwrap());
+    let ConnEvent::Hello(hello) = peer.next_event().await else {
+        panic!("expected HELLO");
+    };
+    assert_eq!(hello.credential.as_deref(), Some(&b"token-3"[..]));
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(fetched.load(Ordering::SeqCst), 4);
+}
