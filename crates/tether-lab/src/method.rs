@@ -42,6 +42,10 @@ pub enum Method {
     /// The full tether policy through the library: heartbeat frames, dead-after, keepalive
     /// and `TCP_USER_TIMEOUT` as second lines of defence.
     Tether,
+    /// [`Method::Tether`] over TLS (rustls): the same policy, with the heartbeats and every
+    /// other frame inside TLS records. Not in [`Method::ALL`] (the default matrix); pick it
+    /// with `--method tether-tls` to compare it with the `tether` row.
+    TetherTls,
 }
 
 impl Method {
@@ -55,6 +59,23 @@ impl Method {
         Method::Tether,
     ];
 
+    /// Every method that can be named on the command line: [`Method::ALL`] and
+    /// [`Method::TetherTls`].
+    pub const SELECTABLE: [Method; 7] = [
+        Method::OsDefault,
+        Method::OsKeepalive,
+        Method::Keepalive,
+        Method::UserTimeout,
+        Method::IdleTimer,
+        Method::Tether,
+        Method::TetherTls,
+    ];
+
+    /// Whether this is tether (in clear or over TLS): held to tether's detection bound.
+    pub fn is_tether(self) -> bool {
+        matches!(self, Method::Tether | Method::TetherTls)
+    }
+
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -64,6 +85,7 @@ impl Method {
             Method::UserTimeout => "user-timeout",
             Method::IdleTimer => "idle-timer",
             Method::Tether => "tether",
+            Method::TetherTls => "tether-tls",
         }
     }
 
@@ -76,6 +98,7 @@ impl Method {
             Method::UserTimeout => "TCP_USER_TIMEOUT from the policy; sends after the fault",
             Method::IdleTimer => "read deadline = dead_after; no heartbeats",
             Method::Tether => "tether::Connection with the derived policy",
+            Method::TetherTls => "tether::Connection with the derived policy, over TLS",
         }
     }
 
@@ -95,7 +118,7 @@ impl Method {
             Method::Keepalive => p.keepalive.map(|k| k.total()),
             Method::UserTimeout => p.user_timeout,
             Method::IdleTimer => Some(p.dead_after),
-            Method::Tether => Some(p.detect_within),
+            Method::Tether | Method::TetherTls => Some(p.detect_within),
         }
     }
 }
@@ -109,13 +132,13 @@ impl std::fmt::Display for Method {
 impl FromStr for Method {
     type Err = LabError;
     fn from_str(s: &str) -> Result<Method, LabError> {
-        Method::ALL
+        Method::SELECTABLE
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or_else(|| LabError::Invalid {
                 what: "method",
                 value: s.to_string(),
-                expected: Method::ALL.map(Method::name).join(", "),
+                expected: Method::SELECTABLE.map(Method::name).join(", "),
             })
     }
 }
