@@ -82,36 +82,19 @@ pub(crate) async fn accept(
         .map_err(|e| format!("tether accept: {e}"))
 }
 
-/// The lab's TLS material: a CA and a server certificate for the name `tether-lab`, fixed
-/// (embedded here, valid until 2126) so that a side in the peer process (`process-crash`)
-/// and a side in the lab process trust each other. Test material only: the key is public.
-const CA_PEM: &str = include_str!("tls/ca.pem");
-const SERVER_PEM: &str = include_str!("tls/server.pem");
-const SERVER_KEY: &str = include_str!("tls/server.key");
-
-/// The server and client TLS configurations, loaded once per process (from the embedded
-/// files written to a private temporary directory: the TLS module loads from files, as
-/// `tether serve` does).
+/// The server and client TLS configurations ([`crate::test_tls`]), loaded once per process
+/// (written to a temporary directory: the TLS module loads from files, as `tether serve`
+/// does).
 fn lab_tls() -> Result<&'static (TlsServer, TlsClient), String> {
     static TLS: OnceLock<Result<(TlsServer, TlsClient), String>> = OnceLock::new();
     TLS.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("tether-lab-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
-            Ok::<_, String>(p)
-        };
-        let (ca, cert, key) = (
-            write("ca.pem", CA_PEM)?,
-            write("server.pem", SERVER_PEM)?,
-            write("server.key", SERVER_KEY)?,
-        );
-        let server = TlsServer::from_files(ServerTlsFiles::new(cert, key))
+        let f = crate::test_tls::write(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let server = TlsServer::from_files(ServerTlsFiles::new(f.cert, f.key))
             .map_err(|e| format!("lab tls server: {e:#}"))?;
         let client = TlsClient::new(&ClientTlsOptions {
-            ca: Some(ca),
-            server_name: Some("tether-lab".into()),
+            ca: Some(f.ca),
+            server_name: Some(crate::test_tls::SERVER_NAME.into()),
             ..Default::default()
         })
         .map_err(|e| format!("lab tls client: {e:#}"))?;
