@@ -46,6 +46,10 @@ pub enum Method {
     /// other frame inside TLS records. Not in [`Method::ALL`] (the default matrix); pick it
     /// with `--method tether-tls` to compare it with the `tether` row.
     TetherTls,
+    /// Your own client ([`ClientCommand`](crate::ClientCommand), `tether lab --client-cmd`)
+    /// against a tether server with the lab's policy. Not in [`Method::ALL`]: it runs only
+    /// when a command is given.
+    ClientCmd,
 }
 
 impl Method {
@@ -71,7 +75,7 @@ impl Method {
         Method::TetherTls,
     ];
 
-    /// Whether this is tether (in clear or over TLS): held to tether's detection bound.
+    /// Whether a side of this method runs `tether::Connection` (in clear or over TLS).
     pub fn is_tether(self) -> bool {
         matches!(self, Method::Tether | Method::TetherTls)
     }
@@ -86,6 +90,7 @@ impl Method {
             Method::IdleTimer => "idle-timer",
             Method::Tether => "tether",
             Method::TetherTls => "tether-tls",
+            Method::ClientCmd => "client-cmd",
         }
     }
 
@@ -99,6 +104,23 @@ impl Method {
             Method::IdleTimer => "read deadline = dead_after; no heartbeats",
             Method::Tether => "tether::Connection with the derived policy",
             Method::TetherTls => "tether::Connection with the derived policy, over TLS",
+            Method::ClientCmd => {
+                "your client (--client-cmd) against a tether server with the policy"
+            }
+        }
+    }
+
+    /// Whether the checks hold this method to the bound (tether in clear or over TLS, and a
+    /// client command, which is measured against the bound the tether server dictates).
+    pub fn is_checked(self) -> bool {
+        matches!(self, Method::Tether | Method::TetherTls | Method::ClientCmd)
+    }
+
+    /// The method a side of this cell runs: a client command's server side is tether.
+    pub fn for_side(self, role: crate::Role) -> Method {
+        match (self, role) {
+            (Method::ClientCmd, crate::Role::Server) => Method::Tether,
+            (m, _) => m,
         }
     }
 
@@ -118,7 +140,7 @@ impl Method {
             Method::Keepalive => p.keepalive.map(|k| k.total()),
             Method::UserTimeout => p.user_timeout,
             Method::IdleTimer => Some(p.dead_after),
-            Method::Tether | Method::TetherTls => Some(p.detect_within),
+            Method::Tether | Method::TetherTls | Method::ClientCmd => Some(p.detect_within),
         }
     }
 }

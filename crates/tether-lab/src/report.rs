@@ -68,7 +68,7 @@ pub fn check(results: &[CellResult]) -> Vec<CheckFailure> {
                     ))),
                 }
             }
-            if !r.cell.method.is_tether() {
+            if !r.cell.method.is_checked() {
                 continue;
             }
             match (r.cell.fault.kind(), o, r.bound) {
@@ -324,6 +324,7 @@ fn method_color(m: Method) -> RGBColor {
         Method::IdleTimer => RGBColor(148, 103, 189),
         Method::Tether => RGBColor(44, 160, 44),
         Method::TetherTls => RGBColor(23, 100, 60),
+        Method::ClientCmd => RGBColor(214, 39, 40),
         #[allow(unreachable_patterns)]
         _ => RGBColor(0, 0, 0),
     }

@@ -1289,9 +1289,13 @@ fn without_a_refresh_the_server_closes_exactly_at_expiry_and_the_client_is_asked
         at(&p.server_events, |e| matches!(e, ConnEvent::Closed(_))),
         vec![ttl]
     );
+    // The client sees the server's CLOSE(7) as a peer close with that code.
     assert_eq!(
         closed(&events_of(&p.client_events)).unwrap().reason,
-        DisconnectReason::CredentialExpired
+        DisconnectReason::PeerClose {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            text: "credential expired without a refresh".into()
+        }
     );
     let close = p
         .wire
@@ -1396,7 +1400,10 @@ fn a_refused_refresh_closes_with_credential_expired_and_the_servers_text() {
     );
     assert_eq!(
         closed(&events_of(&p.client_events)).unwrap().reason,
-        DisconnectReason::CredentialExpired
+        DisconnectReason::PeerClose {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            text: "not you".into()
+        }
     );
 }
 

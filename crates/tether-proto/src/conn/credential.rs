@@ -28,10 +28,12 @@ use super::{Conn, ConnEvent, Role, State};
 /// on the wire, so the timer is too (the two must agree).
 const MIN_TTL: Duration = Duration::from_millis(1);
 
-/// A client refreshes its credential once this fraction of the ttl has passed (nine tenths).
+/// A client refreshes its credential once nine tenths of the ttl have passed, in whole
+/// milliseconds rounded down (`docs/PROTOCOL.md` §13: "at the WELCOME's arrival +
+/// ⌊ttl × 9/10⌋ ms").
 fn refresh_after(ttl: Duration) -> Duration {
-    let n = ttl.as_nanos() * 9 / 10;
-    Duration::from_nanos(u64::try_from(n).unwrap_or(u64::MAX))
+    let ms = ttl.as_millis() * 9 / 10;
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 /// What a connection knows about its credential.
@@ -105,13 +107,9 @@ impl Conn {
         self.cred.expires_at = ttl.map(|t| now + t);
     }
 
-    /// Client: the WELCOME arrived with `ttl` (`None` or zero: no expiry).
+    /// Client: the WELCOME arrived with `ttl` (`None` or zero: no expiry). A ttl without a
+    /// credential in the HELLO was refused as a protocol error before this.
     pub(super) fn client_welcome_ttl(&mut self, now: Instant, ttl: Option<Duration>) {
-        if !self.cred.negotiated {
-            // A server sends the ttl only in answer to a credential; without one there is
-            // nothing to refresh, so the field is ignored.
-            return;
-        }
         self.schedule_refresh(now, ttl.unwrap_or(Duration::ZERO));
     }
 
@@ -249,19 +247,15 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn refresh_comes_at_nine_tenths_of_the_ttl_to_the_nanosecond() {
+    fn refresh_comes_at_nine_tenths_of_the_ttl_in_whole_milliseconds() {
         let s = Duration::from_secs;
+        let ms = Duration::from_millis;
         assert_eq!(refresh_after(s(10)), s(9));
         assert_eq!(refresh_after(s(3600)), s(3240));
-        assert_eq!(
-            refresh_after(Duration::from_millis(1)),
-            Duration::from_micros(900)
-        );
-        assert_eq!(
-            refresh_after(Duration::from_nanos(19)),
-            Duration::from_nanos(17)
-        );
-        let max = Duration::from_millis(u64::from(u32::MAX));
+        // ⌊1001 × 9/10⌋ = 900 ms (not 900.9).
+        assert_eq!(refresh_after(ms(1001)), ms(900));
+        assert_eq!(refresh_after(ms(1)), ms(0));
+        let max = ms(u64::from(u32::MAX));
         assert!(refresh_after(max) < max);
     }
 }

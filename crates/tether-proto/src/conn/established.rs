@@ -10,7 +10,7 @@ use crate::liveness::LivenessEvent;
 use crate::reason::{CloseCode, DisconnectReason};
 use crate::session::Received;
 
-use super::{frame_name, Conn, ConnEvent, Role, SendError, State};
+use super::{frame_name, Conn, ConnEvent, SendError, State};
 
 impl Conn {
     pub(super) fn handle_established(&mut self, now: Instant, frame: Frame) {
@@ -77,10 +77,8 @@ impl Conn {
                 self.close_received = true;
                 let reason = match code {
                     CloseCode::REPLACED => DisconnectReason::Replaced,
-                    // The server enforces the credential's expiry: the client's reason names it.
-                    CloseCode::CREDENTIAL_EXPIRED if self.role == Role::Client => {
-                        DisconnectReason::CredentialExpired
-                    }
+                    // CREDENTIAL_EXPIRED (7) stays a peer close with its code and text, as in
+                    // the conformance vectors (`client-credential-refresh`).
                     _ => DisconnectReason::PeerClose { code, text },
                 };
                 self.finish(now, reason);

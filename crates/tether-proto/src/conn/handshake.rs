@@ -67,6 +67,14 @@ impl Conn {
             (State::AwaitDecision, f) => {
                 self.protocol_error(now, format!("{} sent before WELCOME", frame_name(&f)))
             }
+            (State::AwaitWelcome, Frame::Welcome(w))
+                if w.credential_ttl.is_some() && !self.cred.negotiated =>
+            {
+                self.protocol_error(
+                    now,
+                    "WELCOME carries CREDENTIAL_TTL but the hello carried no credential".into(),
+                )
+            }
             (State::AwaitWelcome, Frame::Welcome(w)) => {
                 let mut cfg = self
                     .local

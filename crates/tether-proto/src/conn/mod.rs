@@ -565,6 +565,11 @@ impl Conn {
             return;
         }
         if matches!(self.state, State::Established) {
+            // The ACK owed goes first: otherwise the peer reports the messages it sent last as
+            // possibly lost (conformance vector `client-close-flushes-ack`).
+            if let Some(a) = self.session.as_mut().and_then(|s| s.poll_ack(now, true)) {
+                codec::encode(&Frame::Ack(a), &mut self.out);
+            }
             codec::encode(
                 &Frame::Close {
                     code,
