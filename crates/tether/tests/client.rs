@@ -309,26 +309,23 @@ async fn the_client_refreshes_its_credential_at_90_percent_of_the_ttl() {
     tokio::time::sleep_until(expiry.into()).await;
     peer.conn.handle_timeout(now());
     peer.flush().await;
-    loop {
-        match c.next_event().await.unwrap() {
-            ClientEvent::Disconnected { disconnect } => {
-                // The server's CLOSE(7) reaches the client as a peer close with that code.
-                assert!(
-                    matches!(
-                        disconnect.reason,
-                        DisconnectReason::PeerClose {
-                            code: CloseCode::CREDENTIAL_EXPIRED,
-                            ..
-                        }
-                    ),
-                    "{:?}",
-                    disconnect.reason
-                );
-                assert_eq!(tokio::time::Instant::now(), expiry.into());
-                break;
-            }
-            other => panic!("{other:?}"),
+    match c.next_event().await.unwrap() {
+        ClientEvent::Disconnected { disconnect } => {
+            // The server's CLOSE(7) reaches the client as a peer close with that code.
+            assert!(
+                matches!(
+                    disconnect.reason,
+                    DisconnectReason::PeerClose {
+                        code: CloseCode::CREDENTIAL_EXPIRED,
+                        ..
+                    }
+                ),
+                "{:?}",
+                disconnect.reason
+            );
+            assert_eq!(tokio::time::Instant::now(), expiry.into());
         }
+        other => panic!("{other:?}"),
     }
     // It reconnects with a new credential.
     let mut peer = Peer::new(ends.recv().await.unwrap());
