@@ -10,8 +10,10 @@ mod cmd;
 mod config;
 mod exit;
 mod http;
+mod http_auth;
 mod log;
 mod metrics;
+mod security;
 mod status;
 mod token;
 

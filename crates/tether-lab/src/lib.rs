@@ -38,6 +38,7 @@ pub mod report;
 pub mod run;
 mod side;
 pub mod sys;
+pub mod test_tls;
 mod tether_method;
 pub mod topology;
 

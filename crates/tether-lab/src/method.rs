@@ -42,6 +42,10 @@ pub enum Method {
     /// The full tether policy through the library: heartbeat frames, dead-after, keepalive
     /// and `TCP_USER_TIMEOUT` as second lines of defence.
     Tether,
+    /// [`Method::Tether`] over TLS (rustls): the same policy, with the heartbeats and every
+    /// other frame inside TLS records. Not in [`Method::ALL`] (the default matrix); pick it
+    /// with `--method tether-tls` to compare it with the `tether` row.
+    TetherTls,
     /// Your own client ([`ClientCommand`](crate::ClientCommand), `tether lab --client-cmd`)
     /// against a tether server with the lab's policy. Not in [`Method::ALL`]: it runs only
     /// when a command is given.
@@ -59,6 +63,23 @@ impl Method {
         Method::Tether,
     ];
 
+    /// Every method that can be named on the command line: [`Method::ALL`] and
+    /// [`Method::TetherTls`].
+    pub const SELECTABLE: [Method; 7] = [
+        Method::OsDefault,
+        Method::OsKeepalive,
+        Method::Keepalive,
+        Method::UserTimeout,
+        Method::IdleTimer,
+        Method::Tether,
+        Method::TetherTls,
+    ];
+
+    /// Whether a side of this method runs `tether::Connection` (in clear or over TLS).
+    pub fn is_tether(self) -> bool {
+        matches!(self, Method::Tether | Method::TetherTls)
+    }
+
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -68,6 +89,7 @@ impl Method {
             Method::UserTimeout => "user-timeout",
             Method::IdleTimer => "idle-timer",
             Method::Tether => "tether",
+            Method::TetherTls => "tether-tls",
             Method::ClientCmd => "client-cmd",
         }
     }
@@ -81,16 +103,17 @@ impl Method {
             Method::UserTimeout => "TCP_USER_TIMEOUT from the policy; sends after the fault",
             Method::IdleTimer => "read deadline = dead_after; no heartbeats",
             Method::Tether => "tether::Connection with the derived policy",
+            Method::TetherTls => "tether::Connection with the derived policy, over TLS",
             Method::ClientCmd => {
                 "your client (--client-cmd) against a tether server with the policy"
             }
         }
     }
 
-    /// Whether the checks hold this method to the bound (tether and a client command, which
-    /// is measured against the bound the tether server dictates).
+    /// Whether the checks hold this method to the bound (tether in clear or over TLS, and a
+    /// client command, which is measured against the bound the tether server dictates).
     pub fn is_checked(self) -> bool {
-        matches!(self, Method::Tether | Method::ClientCmd)
+        matches!(self, Method::Tether | Method::TetherTls | Method::ClientCmd)
     }
 
     /// The method a side of this cell runs: a client command's server side is tether.
@@ -117,7 +140,7 @@ impl Method {
             Method::Keepalive => p.keepalive.map(|k| k.total()),
             Method::UserTimeout => p.user_timeout,
             Method::IdleTimer => Some(p.dead_after),
-            Method::Tether | Method::ClientCmd => Some(p.detect_within),
+            Method::Tether | Method::TetherTls | Method::ClientCmd => Some(p.detect_within),
         }
     }
 }
@@ -131,13 +154,13 @@ impl std::fmt::Display for Method {
 impl FromStr for Method {
     type Err = LabError;
     fn from_str(s: &str) -> Result<Method, LabError> {
-        Method::ALL
+        Method::SELECTABLE
             .into_iter()
             .find(|x| x.name() == s)
             .ok_or_else(|| LabError::Invalid {
                 what: "method",
                 value: s.to_string(),
-                expected: Method::ALL.map(Method::name).join(", "),
+                expected: Method::SELECTABLE.map(Method::name).join(", "),
             })
     }
 }

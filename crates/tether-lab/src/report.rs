@@ -323,6 +323,7 @@ fn method_color(m: Method) -> RGBColor {
         Method::UserTimeout => RGBColor(255, 127, 14),
         Method::IdleTimer => RGBColor(148, 103, 189),
         Method::Tether => RGBColor(44, 160, 44),
+        Method::TetherTls => RGBColor(23, 100, 60),
         Method::ClientCmd => RGBColor(214, 39, 40),
         #[allow(unreachable_patterns)]
         _ => RGBColor(0, 0, 0),

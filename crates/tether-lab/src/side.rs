@@ -178,8 +178,9 @@ async fn establish(spec: &SideSpec, emit: &mut impl FnMut(Event)) -> Result<Conn
                 .map_err(|e| format!("accept: {e}"))?;
             stream
         }
-        Role::Client if spec.method == Method::Tether => {
-            return crate::tether_method::connect(spec.addr, &spec.policy)
+        Role::Client if spec.method.is_tether() => {
+            let tls = spec.method == Method::TetherTls;
+            return crate::tether_method::connect(spec.addr, &spec.policy, tls)
                 .await
                 .map(Conn::Tether);
         }
@@ -188,8 +189,9 @@ async fn establish(spec: &SideSpec, emit: &mut impl FnMut(Event)) -> Result<Conn
             .map_err(|_| format!("connect {}: timed out", spec.addr))?
             .map_err(|e| format!("connect {}: {e}", spec.addr))?,
     };
-    if spec.method == Method::Tether {
-        return crate::tether_method::accept(stream, &spec.policy)
+    if spec.method.is_tether() {
+        let tls = spec.method == Method::TetherTls;
+        return crate::tether_method::accept(stream, &spec.policy, tls)
             .await
             .map(Conn::Tether);
     }

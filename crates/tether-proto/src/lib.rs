@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod client_id;
 pub mod codec;
 pub mod conn;
 pub mod duration;
@@ -34,6 +35,7 @@ pub mod reason;
 pub mod session;
 pub mod wire;
 
+pub use client_id::{check_client_id, ClientIdError};
 pub use codec::{Frame, Hello, Welcome};
 pub use conn::{Conn, ConnConfig, ConnEvent, Disconnect, PartialFrame, Role, TransportError};
 pub use liveness::{Liveness, LivenessConfig, LivenessEvent};

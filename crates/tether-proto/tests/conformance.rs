@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use serde_json::{json, Map, Value};
-use tether_proto::codec::{self, DecodeError, Decoder, Frame, Hello, SessionGrant, TOKEN_LEN};
+use tether_proto::codec::{
+    self, Credential, DecodeError, Decoder, Frame, Hello, SessionGrant, TOKEN_LEN,
+};
 use tether_proto::conn::{SendError, TransportError};
 use tether_proto::session::{Session, SessionConfig};
 use tether_proto::{CloseCode, Conn, ConnConfig, ConnEvent, DisconnectReason, LivenessConfig};
@@ -20,7 +22,13 @@ use tether_proto::{CloseCode, Conn, ConnConfig, ConnEvent, DisconnectReason, Liv
 /// Optional features the reference core implements (see conformance/README.md), for frames
 /// (the codec) and for exchanges (the connection state machine).
 const FRAMES_SUPPORT: &[&str] = &["coalesce", "auth"];
-const EXCHANGES_SUPPORT: &[&str] = &["coalesce"];
+const EXCHANGES_SUPPORT: &[&str] = &[
+    "coalesce",
+    "token-rotation",
+    "auth",
+    "ack-on-close",
+    "policy-violation",
+];
 
 fn vectors(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -328,7 +336,10 @@ impl Runner {
                 requested_heartbeat: Duration::from_millis(num(c, "heartbeat_ms")),
                 want_session: c["session"] == json!(true),
                 resume: None,
-                credential: None,
+                credential: c
+                    .get("credential")
+                    .and_then(Value::as_str)
+                    .map(|h| Credential::from(unhex(h))),
             };
             let conn = Conn::client(base, conn_cfg.clone(), &hello, local(), None);
             (conn, Some(hello))
@@ -487,6 +498,12 @@ impl Runner {
                 let code = CloseCode(num(app, "code") as u16);
                 self.conn.close(now, code, &text(app, "text"));
             }
+            "auth" if self.client => {
+                let c = Credential::from(unhex(app["credential"].as_str().unwrap_or_default()));
+                self.conn
+                    .refresh_credential(now, c)
+                    .map_err(|e| format!("auth: {e}"))?;
+            }
             "reconnect" if self.client => {
                 let session = self.conn.take_session();
                 let hello = self.hello.clone().expect("client hello");
@@ -594,8 +611,13 @@ fn event_json(ev: &ConnEvent) -> Option<Value> {
             }
             o
         }
-        ConnEvent::Message { payload: p, .. } => json!({"type": "message", "payload": hex(p)}),
+        ConnEvent::Message { payload, .. } => json!({"type": "message", "payload": hex(payload)}),
         ConnEvent::Resumed { replayed } => json!({"type": "resumed", "replayed": replayed}),
+        ConnEvent::RefreshCredential { .. } => json!({"type": "auth-due"}),
+        ConnEvent::CredentialRefreshed { ttl } => {
+            json!({"type": "auth-ok", "credential_ttl_ms": ttl.as_millis() as u64})
+        }
+        ConnEvent::Auth(c) => json!({"type": "auth", "credential": hex(c.as_bytes())}),
         ConnEvent::SessionLost { unacked } => json!({
             "type": "session-lost",
             "unacked": unacked.as_ref().map(|r| json!([r.start().to_string(), r.end().to_string()])),

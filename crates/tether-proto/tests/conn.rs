@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tether_proto::codec::{self, Decoder, Frame, Hello, Welcome};
-use tether_proto::conn::SendError;
+use tether_proto::codec::{self, Credential, Decoder, Frame, Hello, Welcome};
+use tether_proto::conn::{RefreshError, SendError};
 use tether_proto::{
     CloseCode, Conn, ConnConfig, ConnEvent, Disconnect, DisconnectReason, LivenessConfig,
 };
@@ -108,12 +108,32 @@ struct Pair {
     cut_client_to_server: bool,
     cut_server_to_client: bool,
     accept: Option<LivenessConfig>,
+    /// The server accepts with this credential ttl (`accept_authenticated`) when set.
+    server_ttl: Option<Option<Duration>>,
+    /// How the server answers AUTH.
+    auth_answer: AuthAnswer,
+    /// The client answers `RefreshCredential` with this credential when set.
+    refresh_with: Option<&'static [u8]>,
+}
+
+/// How a test server answers an AUTH.
+#[derive(Debug, Clone, Copy)]
+enum AuthAnswer {
+    /// AUTH_OK with this ttl.
+    Ok(Option<Duration>),
+    /// CLOSE(credential-expired).
+    Refuse,
+    /// Not at all (the application is still deciding).
+    Later,
 }
 
 impl Pair {
     fn new() -> Pair {
         let t0 = base();
         Pair {
+            server_ttl: None,
+            auth_answer: AuthAnswer::Later,
+            refresh_with: None,
             t0,
             now: t0,
             client: Conn::client(t0, cfg(), &hello("c1"), LivenessConfig::new(H, D), None),
@@ -159,16 +179,30 @@ impl Pair {
             }
             for ev in events(&mut self.server) {
                 moved = true;
-                if let ConnEvent::Hello(_) = &ev {
-                    match self.accept.clone() {
-                        Some(l) => self.server.accept(self.now, l, None),
-                        None => self.server.refuse(self.now, CloseCode::SERVER_FULL, "full"),
-                    }
+                match &ev {
+                    ConnEvent::Hello(_) => match (self.accept.clone(), self.server_ttl) {
+                        (Some(l), None) => self.server.accept(self.now, l, None),
+                        (Some(l), Some(ttl)) => {
+                            self.server.accept_authenticated(self.now, l, None, ttl)
+                        }
+                        (None, _) => self.server.refuse(self.now, CloseCode::SERVER_FULL, "full"),
+                    },
+                    ConnEvent::Auth(_) => match self.auth_answer {
+                        AuthAnswer::Ok(ttl) => self.server.auth_ok(self.now, ttl),
+                        AuthAnswer::Refuse => self.server.auth_refused(self.now, "not you"),
+                        AuthAnswer::Later => {}
+                    },
+                    _ => {}
                 }
                 self.server_events.push((self.now - self.t0, ev));
             }
             for ev in events(&mut self.client) {
                 moved = true;
+                if let (ConnEvent::RefreshCredential { .. }, Some(c)) = (&ev, self.refresh_with) {
+                    self.client
+                        .refresh_credential(self.now, Credential::from(c))
+                        .expect("refresh");
+                }
                 self.client_events.push((self.now - self.t0, ev));
             }
             if !moved {
@@ -1180,4 +1214,364 @@ proptest::proptest! {
         proptest::prop_assert_eq!(&d.reason, &DisconnectReason::HeartbeatTimeout);
         proptest::prop_assert_eq!(d.silent_for, D);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Credentials: expiry and in-band refresh (AUTH / AUTH_OK)
+
+/// A pair whose client says hello with a credential and whose server accepts it with `ttl`.
+fn credential_pair(ttl: Option<Duration>) -> Pair {
+    let t0 = base();
+    let mut h = hello("alice");
+    h.credential = Some(Credential::from(&b"token-1"[..]));
+    let mut p = Pair::new();
+    p.t0 = t0;
+    p.now = t0;
+    p.client = Conn::client(t0, cfg(), &h, LivenessConfig::new(H, D), None);
+    p.server = Conn::server(t0, cfg());
+    p.server_ttl = Some(ttl);
+    p.pump();
+    assert!(p.client.is_established() && p.server.is_established());
+    p
+}
+
+fn welcome_of(evs: &[(Duration, ConnEvent)]) -> Welcome {
+    evs.iter()
+        .find_map(|(_, e)| match e {
+            ConnEvent::Established(w) => Some(w.clone()),
+            _ => None,
+        })
+        .expect("established")
+}
+
+fn at(evs: &[(Duration, ConnEvent)], pred: impl Fn(&ConnEvent) -> bool) -> Vec<Duration> {
+    evs.iter()
+        .filter(|(_, e)| pred(e))
+        .map(|(t, _)| *t)
+        .collect()
+}
+
+#[test]
+fn without_a_refresh_the_server_closes_exactly_at_expiry_and_the_client_is_asked_at_90_percent() {
+    let ttl = Duration::from_secs(10);
+    let mut p = credential_pair(Some(ttl));
+    let t0 = p.t0;
+    // Both sides see the ttl: the WELCOME carries it, the server armed it.
+    assert_eq!(welcome_of(&p.client_events).credential_ttl, Some(ttl));
+    assert_eq!(welcome_of(&p.server_events).credential_ttl, Some(ttl));
+    assert_eq!(p.server.credential_expires_at(), Some(t0 + ttl));
+    assert_eq!(p.client.credential_expires_at(), Some(t0 + ttl));
+    // One nanosecond before expiry the connection is up (heartbeats keep it alive).
+    p.run_until(t0 + ttl - NS);
+    assert!(p.server.is_established() && p.client.is_established());
+    // The client was asked for a new credential at exactly 9 s, once, with 1 s left.
+    let asked: Vec<(Duration, ConnEvent)> = p
+        .client_events
+        .iter()
+        .filter(|(_, e)| matches!(e, ConnEvent::RefreshCredential { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(
+        asked,
+        vec![(
+            Duration::from_secs(9),
+            ConnEvent::RefreshCredential {
+                expires_in: Duration::from_secs(1)
+            }
+        )]
+    );
+    // At expiry: CLOSE(7), reason credential-expired on both sides, at that instant.
+    p.run_until(t0 + ttl);
+    let s = closed(&events_of(&p.server_events)).cloned().unwrap();
+    assert_eq!(s.reason, DisconnectReason::CredentialExpired);
+    assert_eq!(s.reason.label(), "credential-expired");
+    assert_eq!(
+        at(&p.server_events, |e| matches!(e, ConnEvent::Closed(_))),
+        vec![ttl]
+    );
+    // The client sees the server's CLOSE(7) as a peer close with that code.
+    assert_eq!(
+        closed(&events_of(&p.client_events)).unwrap().reason,
+        DisconnectReason::PeerClose {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            text: "credential expired without a refresh".into()
+        }
+    );
+    let close = p
+        .wire
+        .iter()
+        .rev()
+        .find(|(_, from_client, _)| !from_client)
+        .unwrap();
+    assert_eq!(close.0, ttl);
+    assert!(matches!(
+        frames(&close.2)[..],
+        [Frame::Close {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn refreshing_at_90_percent_keeps_the_connection_up_and_restarts_the_expiry() {
+    let ttl = Duration::from_secs(10);
+    let mut p = credential_pair(Some(ttl));
+    let t0 = p.t0;
+    p.refresh_with = Some(b"token-2");
+    p.auth_answer = AuthAnswer::Ok(Some(ttl));
+    p.run_until(t0 + Duration::from_secs(100));
+    assert!(p.server.is_established() && p.client.is_established());
+    // The client refreshed at 9 s, then every 9 s after each AUTH_OK: 9, 18, …, 99.
+    let refreshes = at(&p.server_events, |e| matches!(e, ConnEvent::Auth(_)));
+    let expected: Vec<Duration> = (1..=11).map(|k| Duration::from_secs(9 * k)).collect();
+    assert_eq!(refreshes, expected);
+    assert_eq!(
+        at(&p.client_events, |e| matches!(
+            e,
+            ConnEvent::CredentialRefreshed { ttl: t } if *t == ttl
+        )),
+        expected
+    );
+    // The server holds the new credential's bytes and the new expiry.
+    assert!(p
+        .server_events
+        .iter()
+        .any(|(_, e)| matches!(e, ConnEvent::Auth(c) if c.as_bytes() == b"token-2")));
+    assert_eq!(
+        p.server.credential_expires_at(),
+        Some(t0 + Duration::from_secs(99) + ttl)
+    );
+    // On the wire: AUTH "token-2", then AUTH_OK(10 000 ms), as the document shows.
+    let auth_wire: Vec<Frame> = p
+        .wire
+        .iter()
+        .filter(|(t, _, _)| *t == Duration::from_secs(9))
+        .flat_map(|(_, _, b)| frames(b))
+        .collect();
+    assert_eq!(
+        auth_wire,
+        vec![
+            Frame::Auth(Credential::from(&b"token-2"[..])),
+            Frame::AuthOk(ttl)
+        ]
+    );
+}
+
+#[test]
+fn a_refresh_answered_late_still_ends_at_the_old_expiry() {
+    let ttl = Duration::from_secs(10);
+    let mut p = credential_pair(Some(ttl));
+    let t0 = p.t0;
+    p.refresh_with = Some(b"token-2");
+    p.auth_answer = AuthAnswer::Later;
+    p.run_until(t0 + ttl - NS);
+    assert!(p.server.is_established());
+    // The refresh is still being decided at expiry: the old credential's end applies.
+    p.run_until(t0 + ttl);
+    assert_eq!(
+        closed(&events_of(&p.server_events)).unwrap().reason,
+        DisconnectReason::CredentialExpired
+    );
+    // An answer after the end does nothing.
+    p.server.auth_ok(t0 + ttl, Some(ttl));
+    assert!(p.server.pending_transmit().is_empty());
+}
+
+#[test]
+fn a_refused_refresh_closes_with_credential_expired_and_the_servers_text() {
+    let mut p = credential_pair(Some(Duration::from_secs(10)));
+    p.auth_answer = AuthAnswer::Refuse;
+    p.client
+        .refresh_credential(p.now, Credential::from(&b"someone-else"[..]))
+        .unwrap();
+    p.pump();
+    assert_eq!(
+        closed(&events_of(&p.server_events)).unwrap().reason,
+        DisconnectReason::CredentialExpired
+    );
+    let close = p.wire.iter().rev().find(|(_, c, _)| !c).unwrap();
+    assert_eq!(
+        frames(&close.2),
+        vec![Frame::Close {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            text: "not you".into()
+        }]
+    );
+    assert_eq!(
+        closed(&events_of(&p.client_events)).unwrap().reason,
+        DisconnectReason::PeerClose {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            text: "not you".into()
+        }
+    );
+}
+
+#[test]
+fn a_credential_that_does_not_expire_is_sent_as_zero_and_arms_nothing() {
+    let mut p = credential_pair(None);
+    let t0 = p.t0;
+    assert_eq!(
+        welcome_of(&p.client_events).credential_ttl,
+        Some(Duration::ZERO)
+    );
+    assert_eq!(p.server.credential_expires_at(), None);
+    assert_eq!(p.client.credential_expires_at(), None);
+    p.run_until(t0 + Duration::from_secs(3600));
+    assert!(p.server.is_established() && p.client.is_established());
+    assert!(p
+        .client_events
+        .iter()
+        .all(|(_, e)| !matches!(e, ConnEvent::RefreshCredential { .. })));
+    // AUTH_OK(0) to a refresh: still no expiry.
+    p.auth_answer = AuthAnswer::Ok(None);
+    p.client
+        .refresh_credential(p.now, Credential::from(&b"t"[..]))
+        .unwrap();
+    p.pump();
+    assert!(p.client_events.iter().any(|(_, e)| matches!(
+        e,
+        ConnEvent::CredentialRefreshed { ttl } if ttl.is_zero()
+    )));
+    assert_eq!(p.server.credential_expires_at(), None);
+}
+
+#[test]
+fn an_expiry_without_a_credential_in_the_hello_closes_but_the_welcome_carries_no_ttl() {
+    // A client-certificate principal expires too; such a client cannot refresh in band.
+    let mut p = Pair::new();
+    let t0 = p.t0;
+    p.server_ttl = Some(Some(Duration::from_secs(5)));
+    p.pump();
+    assert_eq!(welcome_of(&p.client_events).credential_ttl, None);
+    assert_eq!(p.client.credential_expires_at(), None);
+    assert_eq!(
+        p.client
+            .refresh_credential(p.now, Credential::from(&b"t"[..])),
+        Err(RefreshError::NoCredential)
+    );
+    p.run_until(t0 + Duration::from_secs(5));
+    assert_eq!(
+        at(&p.server_events, |e| matches!(
+            e,
+            ConnEvent::Closed(Disconnect {
+                reason: DisconnectReason::CredentialExpired,
+                ..
+            })
+        )),
+        vec![Duration::from_secs(5)]
+    );
+}
+
+#[test]
+fn a_sub_millisecond_ttl_is_one_millisecond_on_both_sides() {
+    let mut p = credential_pair(Some(Duration::from_micros(10)));
+    assert_eq!(
+        welcome_of(&p.client_events).credential_ttl,
+        Some(Duration::from_millis(1))
+    );
+    assert_eq!(
+        p.server.credential_expires_at(),
+        Some(p.t0 + Duration::from_millis(1))
+    );
+    let t0 = p.t0;
+    p.run_until(t0 + Duration::from_millis(1));
+    assert!(p.server.is_closed());
+}
+
+#[test]
+fn auth_misuse_is_a_protocol_error() {
+    // AUTH when the HELLO carried no credential.
+    let mut p = Pair::established();
+    p.server
+        .handle_input(p.now, &enc(&Frame::Auth(Credential::from(&b"t"[..]))));
+    assert!(matches!(
+        &closed(&events(&mut p.server)).unwrap().reason,
+        DisconnectReason::ProtocolError(w) if w.contains("no credential")
+    ));
+    // A second AUTH before the first was answered.
+    let mut p = credential_pair(Some(Duration::from_secs(10)));
+    let auth = enc(&Frame::Auth(Credential::from(&b"t"[..])));
+    p.server.handle_input(p.now, &auth);
+    assert!(matches!(events(&mut p.server)[..], [ConnEvent::Auth(_)]));
+    p.server.handle_input(p.now, &auth);
+    assert!(matches!(
+        &closed(&events(&mut p.server)).unwrap().reason,
+        DisconnectReason::ProtocolError(w) if w.contains("previous AUTH")
+    ));
+    // AUTH_OK at a client that sent no AUTH; AUTH at a client; AUTH_OK at a server.
+    let mut p = credential_pair(Some(Duration::from_secs(10)));
+    p.client.handle_input(p.now, &enc(&Frame::AuthOk(ms(5))));
+    assert!(matches!(
+        &closed(&events(&mut p.client)).unwrap().reason,
+        DisconnectReason::ProtocolError(w) if w.contains("without an AUTH")
+    ));
+    let mut p = credential_pair(Some(Duration::from_secs(10)));
+    p.client.handle_input(p.now, &auth);
+    assert!(matches!(
+        &closed(&events(&mut p.client)).unwrap().reason,
+        DisconnectReason::ProtocolError(_)
+    ));
+    let mut p = credential_pair(Some(Duration::from_secs(10)));
+    p.server.handle_input(p.now, &enc(&Frame::AuthOk(ms(5))));
+    assert!(matches!(
+        &closed(&events(&mut p.server)).unwrap().reason,
+        DisconnectReason::ProtocolError(_)
+    ));
+    // AUTH before WELCOME (the server is still deciding on the HELLO).
+    let t0 = base();
+    let mut server = Conn::server(t0, cfg());
+    let mut h = hello("a");
+    h.credential = Some(Credential::from(&b"t"[..]));
+    let mut bytes = preamble();
+    bytes.extend(enc(&Frame::Hello(h)));
+    bytes.extend(&auth);
+    server.handle_input(t0, &bytes);
+    assert!(matches!(
+        &closed(&events(&mut server)).unwrap().reason,
+        DisconnectReason::ProtocolError(w) if w.contains("AUTH sent before WELCOME")
+    ));
+}
+
+#[test]
+fn refresh_credential_says_why_it_cannot_send() {
+    let t0 = base();
+    let mut h = hello("a");
+    h.credential = Some(Credential::from(&b"t"[..]));
+    let mut c = Conn::client(t0, cfg(), &h, LivenessConfig::new(H, D), None);
+    assert_eq!(
+        c.refresh_credential(t0, Credential::from(&b"t"[..])),
+        Err(RefreshError::NotEstablished)
+    );
+    let mut p = credential_pair(Some(Duration::from_secs(10)));
+    assert_eq!(
+        p.server
+            .refresh_credential(p.now, Credential::from(&b"t"[..])),
+        Err(RefreshError::NotClient)
+    );
+    assert!(matches!(
+        p.client
+            .refresh_credential(p.now, Credential::from(Vec::new())),
+        Err(RefreshError::Length(_))
+    ));
+    assert!(matches!(
+        p.client
+            .refresh_credential(p.now, Credential::from(vec![b'x'; 8193])),
+        Err(RefreshError::Length(_))
+    ));
+    p.client
+        .refresh_credential(p.now, Credential::from(&b"t"[..]))
+        .unwrap();
+    assert_eq!(
+        p.client
+            .refresh_credential(p.now, Credential::from(&b"t"[..])),
+        Err(RefreshError::InFlight)
+    );
+    // The AUTH counted as a send: the next heartbeat is H after it.
+    let sent_at = p.now + ms(300);
+    let mut p = credential_pair(Some(Duration::from_secs(10)));
+    p.client
+        .refresh_credential(sent_at, Credential::from(&b"t"[..]))
+        .unwrap();
+    assert_eq!(p.client.poll_timeout(), Some(sent_at + H));
 }

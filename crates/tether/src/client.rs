@@ -42,8 +42,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::connection::{liveness_config, ConnectOptions};
+use crate::credential::Credentials;
 use crate::driver::{self, Limits, Shared, Sink};
 use crate::sockopt;
+use crate::tls::{ClientTlsStream, TlsClient};
 use crate::transport::Transport;
 
 /// What a [`Client`] reports.
@@ -69,6 +71,13 @@ pub enum ClientEvent {
     },
     /// A message from the server.
     Message(Bytes),
+    /// The server accepted the refreshed credential (sent on its own at 90 % of the ttl,
+    /// fetched from [`ConnectOptions::credential`]); it now runs out in `ttl`
+    /// (`Duration::ZERO`: it does not expire).
+    CredentialRefreshed {
+        /// The new credential's time to live.
+        ttl: Duration,
+    },
     /// The connection ended (or a connection attempt failed).
     Disconnected {
         /// Why, and how long the server had been silent.
@@ -192,6 +201,24 @@ impl Connector for Tcp {
     }
 }
 
+/// TLS over [`Tcp`] (when [`ConnectOptions::tls`] is set).
+struct Tls {
+    tcp: Tcp,
+    tls: TlsClient,
+}
+
+impl Connector for Tls {
+    type Io = ClientTlsStream<TcpStream>;
+    async fn connect(&mut self) -> io::Result<ClientTlsStream<TcpStream>> {
+        let stream = self.tcp.connect().await?;
+        let host = self.tcp.addr.ip().to_string();
+        self.tls.connect(&host, stream).await.map_err(|e| {
+            // Says it was TLS (a certificate not trusted, a name that does not match).
+            io::Error::new(e.kind(), format!("tls handshake: {e}"))
+        })
+    }
+}
+
 impl Client {
     /// Starts connecting (TCP to `cfg.addr`) in the background.
     ///
@@ -214,12 +241,17 @@ impl Client {
     /// }
     /// # }
     /// ```
+    ///
+    /// With [`ConnectOptions::tls`] set, each connection speaks TLS over that TCP.
     pub fn start(cfg: ClientConfig) -> Client {
         let tcp = Tcp {
             addr: cfg.addr,
             policy: cfg.connect.policy.clone(),
         };
-        Client::start_with(cfg, tcp)
+        match cfg.connect.tls.clone() {
+            Some(tls) => Client::start_with(cfg, Tls { tcp, tls }),
+            None => Client::start_with(cfg, tcp),
+        }
     }
 
     /// Starts connecting in the background, opening each connection with `connector`
@@ -320,14 +352,23 @@ fn retryable(reason: &DisconnectReason) -> bool {
     )
 }
 
-/// Forwards a connection's events to the client's event channel.
+/// Forwards a connection's events to the client's event channel; fetches a new credential
+/// when the state machine asks for one.
 struct ClientSink {
     tx: mpsc::UnboundedSender<ClientEvent>,
+    credentials: Option<Credentials>,
 }
 
 impl Sink for ClientSink {
-    fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
+    fn event(&mut self, shared: &Arc<Shared>, ev: ConnEvent) {
         let out = match ev {
+            ConnEvent::RefreshCredential { .. } => {
+                if let Some(c) = &self.credentials {
+                    c.refresh_into(shared);
+                }
+                return;
+            }
+            ConnEvent::CredentialRefreshed { ttl } => ClientEvent::CredentialRefreshed { ttl },
             ConnEvent::Established(welcome) => ClientEvent::Connected { welcome },
             ConnEvent::Resumed { replayed } => ClientEvent::Resumed { replayed },
             ConnEvent::SessionLost { unacked } => ClientEvent::SessionLost { unacked },
@@ -356,16 +397,41 @@ async fn supervise<C: Connector>(
         if stopped(&shared) {
             return;
         }
-        let attempt = tokio::time::timeout(opts.handshake_timeout, connector.connect()).await;
+        // A credential per attempt: a refreshed one after an expiry, a rotated token file.
+        let credential = match &opts.credential {
+            None => Ok(None),
+            Some(c) => match tokio::time::timeout(opts.handshake_timeout, c.fetch()).await {
+                Ok(Ok(c)) => Ok(Some(c)),
+                Ok(Err(e)) => Err(format!("cannot get a credential: {e}")),
+                Err(_) => Err("the credential source did not answer in time".to_owned()),
+            },
+        };
+        let attempt = match credential {
+            Ok(credential) => Ok((
+                tokio::time::timeout(opts.handshake_timeout, connector.connect()).await,
+                credential,
+            )),
+            Err(why) => Err(why),
+        };
         let reason = match attempt {
-            Ok(Ok(io)) => {
+            Err(why) => {
+                let reason = DisconnectReason::Io(why);
+                let _ = tx.send(ClientEvent::Disconnected {
+                    disconnect: Disconnect {
+                        reason: reason.clone(),
+                        silent_for: Duration::ZERO,
+                    },
+                });
+                reason
+            }
+            Ok((Ok(Ok(io)), credential)) => {
                 let now = driver::now();
                 let hello = Hello {
                     client_id: opts.client_id.clone(),
                     requested_heartbeat: opts.policy.heartbeat_interval,
                     want_session: cfg.session,
                     resume: None,
-                    credential: None,
+                    credential,
                 };
                 let conn_cfg = ConnConfig {
                     max_frame_len: opts.max_frame_len,
@@ -383,7 +449,10 @@ async fn supervise<C: Connector>(
                     io,
                     Box::new(conn),
                     shared.clone(),
-                    ClientSink { tx: tx.clone() },
+                    ClientSink {
+                        tx: tx.clone(),
+                        credentials: opts.credential.clone(),
+                    },
                 )
                 .await;
                 session = ended.session;
@@ -399,7 +468,7 @@ async fn supervise<C: Connector>(
                     r => r,
                 }
             }
-            Ok(Err(e)) => {
+            Ok((Ok(Err(e)), _)) => {
                 let reason = DisconnectReason::from_io_error(&e);
                 let _ = tx.send(ClientEvent::Disconnected {
                     disconnect: Disconnect {
@@ -409,7 +478,7 @@ async fn supervise<C: Connector>(
                 });
                 reason
             }
-            Err(_) => {
+            Ok((Err(_), _)) => {
                 let reason = DisconnectReason::Io(format!(
                     "connect timed out after {}",
                     tether_proto::duration::Human::ms(opts.handshake_timeout)

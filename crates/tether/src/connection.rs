@@ -15,8 +15,10 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use crate::credential::{CredentialError, Credentials};
 use crate::driver::{self, Decision, Limits, Shared, Sink, StatsSnapshot};
 use crate::sockopt;
+use crate::tls::TlsClient;
 use crate::transport::Transport;
 
 /// How a connection ended: the reason and how long the peer had been silent.
@@ -52,6 +54,12 @@ pub struct ConnectOptions {
     pub max_frame_len: u32,
     /// TCP connect plus handshake must finish within this. Default: 10 s.
     pub handshake_timeout: Duration,
+    /// The credential presented in the HELLO and refreshed in band at 90 % of its ttl.
+    /// Default: none.
+    pub credential: Option<Credentials>,
+    /// Speak TLS to the server (its certificate verified against this client's roots, for
+    /// the address's IP unless the `TlsClient` names the server). Default: none (plain TCP).
+    pub tls: Option<TlsClient>,
 }
 
 impl ConnectOptions {
@@ -62,7 +70,21 @@ impl ConnectOptions {
             policy: Policy::default(),
             max_frame_len: tether_proto::codec::DEFAULT_MAX_FRAME_LEN,
             handshake_timeout: Duration::from_secs(10),
+            credential: None,
+            tls: None,
         }
+    }
+
+    /// Sets the credential source (see [`Credentials`]). Default: none.
+    pub fn credential(mut self, c: Credentials) -> Self {
+        self.credential = Some(c);
+        self
+    }
+
+    /// Connects with TLS. Default: plain TCP.
+    pub fn tls(mut self, tls: TlsClient) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Sets the policy. Default: `Policy::default()`.
@@ -100,12 +122,27 @@ pub enum ConnectError {
     /// Setting socket options failed.
     #[error("cannot set socket options")]
     SocketOptions(#[source] std::io::Error),
-    /// The client id is empty or longer than 255 bytes.
-    #[error("invalid client id {id:?}: must be 1-255 bytes")]
+    /// The client id is not acceptable (see [`tether_proto::client_id`]).
+    #[error("invalid client id {id:?}")]
     InvalidClientId {
         /// The id.
         id: String,
+        /// What is wrong with it.
+        #[source]
+        source: tether_proto::ClientIdError,
     },
+    /// The TLS handshake failed (certificate not trusted, wrong name, no client certificate).
+    #[error("tls handshake with {addr} failed")]
+    Tls {
+        /// Where.
+        addr: SocketAddr,
+        /// What rustls said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The credential could not be had.
+    #[error("no credential")]
+    Credential(#[source] CredentialError),
     /// The server refused the connection.
     #[error("refused by server: {code}: {text}")]
     Refused {
@@ -132,19 +169,26 @@ struct ConnSink {
     accept: Option<LivenessConfig>,
     /// Messages of the current wake-up, pushed to the inbox together.
     batch: Vec<Bytes>,
+    /// Client: where a refreshed credential comes from.
+    credentials: Option<Credentials>,
 }
 
 impl Sink for ConnSink {
     fn hello(&mut self, _now: std::time::Instant, hello: &Hello) -> Decision {
         self.hello = Some(hello.clone());
         match self.accept.take() {
-            Some(cfg) => Decision::Accept(cfg, None),
+            Some(cfg) => Decision::Accept(cfg, None, None),
             None => Decision::Refuse(CloseCode::REFUSED, "not accepting".into()),
         }
     }
 
-    fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
+    fn event(&mut self, shared: &Arc<Shared>, ev: ConnEvent) {
         match ev {
+            ConnEvent::RefreshCredential { .. } => {
+                if let Some(c) = &self.credentials {
+                    c.refresh_into(shared);
+                }
+            }
             ConnEvent::Established(w) => {
                 if let Some(tx) = self.ready.take() {
                     let _ = tx.send(Ok((w, self.hello.take())));
@@ -233,7 +277,16 @@ impl Connection {
                 .await
                 .map_err(|source| ConnectError::Connect { addr, source })?;
             sockopt::apply(&stream, &opts.policy).map_err(ConnectError::SocketOptions)?;
-            let mut c = Connection::client_over(stream, opts).await?;
+            let mut c = match &opts.tls {
+                None => Connection::client_over(stream, opts).await?,
+                Some(tls) => {
+                    let stream = tls
+                        .connect(&addr.ip().to_string(), stream)
+                        .await
+                        .map_err(|source| ConnectError::Tls { addr, source })?;
+                    Connection::client_over(stream, opts).await?
+                }
+            };
             c.peer = Some(addr);
             Ok(c)
         };
@@ -247,20 +300,23 @@ impl Connection {
         io: T,
         opts: &ConnectOptions,
     ) -> Result<Connection, ConnectError> {
-        if opts.client_id.is_empty()
-            || opts.client_id.len() > tether_proto::codec::MAX_CLIENT_ID_LEN
-        {
-            return Err(ConnectError::InvalidClientId {
+        tether_proto::check_client_id(&opts.client_id).map_err(|source| {
+            ConnectError::InvalidClientId {
                 id: opts.client_id.clone(),
-            });
-        }
+                source,
+            }
+        })?;
+        let credential = match &opts.credential {
+            Some(c) => Some(c.fetch().await.map_err(ConnectError::Credential)?),
+            None => None,
+        };
         let now = tokio::time::Instant::now().into_std();
         let hello = Hello {
             client_id: opts.client_id.clone(),
             requested_heartbeat: opts.policy.heartbeat_interval,
             want_session: false,
             resume: None,
-            credential: None,
+            credential,
         };
         let cfg = ConnConfig {
             max_frame_len: opts.max_frame_len,
@@ -275,6 +331,7 @@ impl Connection {
             hello: None,
             accept: None,
             batch: Vec::new(),
+            credentials: opts.credential.clone(),
         };
         tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
         match rx.await {
@@ -321,6 +378,7 @@ impl Connection {
             hello: None,
             accept: Some(liveness_config(policy, true)),
             batch: Vec::new(),
+            credentials: None,
         };
         tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
         match rx.await {

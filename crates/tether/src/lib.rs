@@ -13,9 +13,23 @@
 //! - [`Connection`]: one connection, either side, over TCP or any [`Transport`].
 //! - [`proxy`], [`tunnel`], [`probe`]: a liveness-aware TCP relay, a tunnel that survives
 //!   path failures, and a prober that measures a path's idle timeout.
+//! - Security ([`tls`], [`auth`], [`credential`]): TLS on every listener and client
+//!   (rustls; [`ServerConfig::tls`], [`ConnectOptions::tls`]), credentials in the HELLO
+//!   (JWT, or the client certificate) judged by one hook ([`ServerConfig::authorize`]) that
+//!   binds client ids, connections and sessions to a principal, credential expiry with
+//!   in-band refresh, resume tokens stored hashed and rotated on every resume, and a
+//!   per-address throttle for failures. `docs/SECURITY.md` has the threat model.
 //!
-//! What it deliberately does not do: TLS (bring your own stream and implement
-//! [`Transport`]), message schemas (messages are opaque `Bytes`).
+//! ```text
+//!  client: Credentials ─▶ HELLO(id, credential) ══ TLS ══▶ server: tls handshake (deadline, slot)
+//!                                                          ─▶ Authorize (may be pending)
+//!                                                          ─▶ lifecycle: same principal only
+//!          refresh at 90 % ─▶ AUTH(credential) ═══════════▶ AUTH_OK(ttl) | CLOSE(7) at expiry
+//! ```
+//!
+//! What it deliberately does not do: message schemas (messages are opaque `Bytes`),
+//! per-message authorization (the application decides what a principal may send), and
+//! certificate or token revocation (keep them short-lived).
 //!
 //! ```text
 //!  app ── send(Bytes) ──▶ outbox ─┐                 ┌─▶ socket (write)
@@ -73,6 +87,7 @@
 pub mod auth;
 pub mod client;
 pub mod connection;
+pub mod credential;
 mod driver;
 pub mod probe;
 pub mod proxy;

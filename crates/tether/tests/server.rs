@@ -266,10 +266,27 @@ async fn refusals_and_misbehaving_peers_do_not_disturb_others() {
     let p = fast_policy(200, 1000);
     let mut good = Connection::connect(addr, "good", &p).await.unwrap();
 
-    // Bad hello: control characters in the id → refusal frame with bad-hello.
+    // Bad ids: the client refuses to send them; a raw HELLO gets a refusal with bad-hello,
+    // for control characters, bidi overrides (U+202E) and line separators (U+2028) alike.
     match Connection::connect(addr, "bad\nid", &p).await {
-        Err(ConnectError::Refused { code, .. }) => assert_eq!(code, CloseCode::BAD_HELLO),
-        other => panic!("expected refusal, got {other:?}"),
+        Err(ConnectError::InvalidClientId { id, .. }) => assert_eq!(id, "bad\nid"),
+        other => panic!("expected a local refusal, got {other:?}"),
+    }
+    for bad in ["bad\nid", "bob\u{202E}ecila", "a\u{2028}b", "ali\u{200B}ce"] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&raw_hello(bad)).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..5], b"TTHR\x01", "{bad:?}");
+        assert_eq!(buf[9], 0x12, "REFUSE frame for {bad:?}");
+        assert_eq!(
+            u16::from_be_bytes([buf[10], buf[11]]),
+            CloseCode::BAD_HELLO.0,
+            "{bad:?}"
+        );
     }
 
     // Silent peer: closed at the handshake deadline with a HANDSHAKE_TIMEOUT refusal.

@@ -78,6 +78,10 @@ struct HoldOpts {
     /// Skip the mosquitto comparison.
     #[arg(long)]
     no_mosquitto: bool,
+    /// Also hold the tether clients over TLS (rustls, the lab's test certificate): a
+    /// `tether-tls` row beside the plain one.
+    #[arg(long)]
+    tls: bool,
     /// Load-generator processes (default: one per 6,500 clients, 1–4).
     #[arg(long)]
     agents: Option<usize>,
@@ -111,6 +115,10 @@ struct EchoOpts {
     /// Runs per case; the best is kept.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Also run the tether transport over TLS (rustls, the lab's test certificate): a
+    /// `tether+tls` row beside the plain one.
+    #[arg(long = "tls")]
+    echo_tls: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -221,6 +229,9 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     if let Some(h) = &hold {
         for &n in &hold_n {
             rep.hold.push(hold_one(Server::Tether, n, h).await?);
+            if h.tls {
+                rep.hold.push(hold_one(Server::TetherTls, n, h).await?);
+            }
             if !h.no_mosquitto {
                 match hold_one(Server::Mosquitto, n, h).await {
                     Ok(r) => rep.hold.push(r),
@@ -242,6 +253,7 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             rtt_samples: e.rtt_samples,
             messages: e.messages,
             rounds: e.rounds,
+            tls: e.echo_tls,
         };
         // Its own runtime with a worker per core, as an application would have (the
         // coordinator's runtime has one worker).
@@ -326,7 +338,29 @@ fn machine() -> Value {
 #[serde(rename_all = "lowercase")]
 enum Server {
     Tether,
+    /// tether over TLS (`--tls`).
+    #[serde(rename = "tether-tls")]
+    TetherTls,
     Mosquitto,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Tether => "tether",
+            Server::TetherTls => "tether-tls",
+            Server::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// The test TLS material (`tether_lab::test_tls`) in a directory of this run, for the
+/// agents' `--tls-dir`.
+fn tls_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tether-bench-tls-{}", std::process::id()));
+    tether_lab::test_tls::write(&dir)
+        .with_context(|| format!("cannot write the test certificate to {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Source addresses rotate between scenarios so TIME_WAIT left by one run never collides
@@ -350,6 +384,7 @@ async fn connect_clients(
     k: usize,
     heartbeat_ms: u64,
     detect_within_ms: u64,
+    extra: &[String],
 ) -> anyhow::Result<(Vec<Agent>, f64, u64, Option<String>)> {
     let salt = SRC_SALT.fetch_add(1, Relaxed);
     let mut agents = Vec::with_capacity(k);
@@ -374,6 +409,7 @@ async fn connect_clients(
             "--detect-within-ms".into(),
             detect_within_ms.to_string(),
         ];
+        let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
         first += count;
         let mut a = Agent::spawn(&args)?;
         a.expect("ready", Duration::from_secs(10)).await?;
@@ -428,17 +464,21 @@ fn print_echo(rows: &[echo::EchoResult]) {
         );
     }
     for size in [64, 4096] {
-        let t = rows
-            .iter()
-            .find(|r| r.size == size && r.transport == "tether");
-        let p = rows
-            .iter()
-            .find(|r| r.size == size && r.transport != "tether");
+        let row = |name: &str| rows.iter().find(|r| r.size == size && r.transport == name);
+        let t = row("tether");
+        let p = row("tokio+LengthDelimited");
         if let (Some(t), Some(p)) = (t, p) {
             println!(
                 "{size} B: tether/plain throughput {:.2}× (target ≥ 0.95), RTT p50 {:.2}×",
                 t.msgs_per_s / p.msgs_per_s,
                 t.rtt_p50_us / p.rtt_p50_us
+            );
+        }
+        if let (Some(s), Some(t)) = (row("tether+tls"), t) {
+            println!(
+                "{size} B: tether+tls/tether throughput {:.2}×, RTT p50 {:.2}×",
+                s.msgs_per_s / t.msgs_per_s,
+                s.rtt_p50_us / t.rtt_p50_us
             );
         }
     }

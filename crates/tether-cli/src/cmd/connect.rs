@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use crate::config::{parse_addr, parse_bool, parse_duration, parse_size, Layers};
 use crate::exit::Exit;
 use crate::log;
+use crate::security::{host_of, ClientSecurity, ClientSecurityArgs, CLIENT_KEYS};
 
 const KEYS: &[&str] = &[
     "id",
@@ -52,16 +53,23 @@ const KEYS: &[&str] = &[
 /// 5 replaced by a newer connection with the same --id (terminal: no reconnect);
 /// 6 lines read from stdin were not delivered.
 ///
+/// Security: --tls (or --ca, --server-name, --cert) speaks TLS and verifies the server's
+/// certificate for the host as written in ADDR; --token or --token-file presents a
+/// credential, refreshed in band before it expires when the file has a newer one. A refusal
+/// for the credential (unauthorized, id-not-allowed) is final: exit 3.
+///
 /// Examples:
 ///   tether connect 127.0.0.1:7300 --id alice
 ///   echo hello | tether connect 127.0.0.1:7300 --id bot --path aws-nlb
+///   tether connect tether.example.com:7300 --tls --id alice --token-file alice.jwt
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct ConnectArgs {
     /// Server address (HOST:PORT, or a port on 127.0.0.1).
-    #[arg(value_name = "ADDR", value_parser = parse_addr)]
-    addr: SocketAddr,
-    /// Client id (1-255 bytes, no control characters). [default: HOSTNAME-PID]
+    #[arg(value_name = "ADDR", value_parser = parse_target)]
+    addr: Target,
+    /// Client id (1-255 bytes; no control or invisible format characters, no line separators).
+    /// [default: HOSTNAME-PID]
     #[arg(long, value_name = "NAME")]
     id: Option<String>,
     /// Local detection bound for socket options; the server dictates heartbeats.
@@ -89,10 +97,27 @@ pub(crate) struct ConnectArgs {
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
+}
+
+/// The server address as written (its host names the server for TLS) and resolved.
+#[derive(Debug, Clone)]
+struct Target {
+    host: String,
+    addr: SocketAddr,
+}
+
+fn parse_target(s: &str) -> std::result::Result<Target, String> {
+    Ok(Target {
+        host: host_of(s),
+        addr: parse_addr(s)?,
+    })
 }
 
 pub(crate) fn run(args: ConnectArgs, matches: &clap::ArgMatches) -> Result<ExitCode> {
-    let l = Layers::load(args.config.as_deref(), KEYS)?.given(matches);
+    let keys: Vec<&str> = KEYS.iter().chain(CLIENT_KEYS).copied().collect();
+    let l = Layers::load(args.config.as_deref(), &keys)?.given(matches);
     let id = l
         .pick_opt("id", args.id.clone(), |s| Ok::<_, String>(s.to_owned()))?
         .unwrap_or_else(|| {
@@ -106,8 +131,15 @@ pub(crate) fn run(args: ConnectArgs, matches: &clap::ArgMatches) -> Result<ExitC
     let policy = Policy::derive(detect, path).context("the liveness settings are inconsistent")?;
     let reconnect = l.pick("reconnect", args.reconnect, parse_bool)?;
     let cap = l.pick("backoff_cap", args.backoff_cap, parse_duration)?;
-    let mut cfg = ClientConfig::new(args.addr, id);
+    let id_check = tether_proto::check_client_id(&id);
+    if let Err(e) = id_check {
+        return Err(crate::exit::UsageError(format!("--id {id:?}: {e}")).into());
+    }
+    let sec = ClientSecurity::resolve(&args.security, &l, &args.addr.host)?;
+    let mut cfg = ClientConfig::new(args.addr.addr, id);
     cfg.connect.policy = policy;
+    cfg.connect.tls = sec.tls;
+    cfg.connect.credential = sec.credentials;
     cfg.backoff = BackoffConfig {
         cap,
         max_attempts: (!reconnect).then_some(0),

@@ -303,7 +303,7 @@ fn list() {
         }
     }
     println!("\nmethods:");
-    for m in Method::ALL {
+    for m in Method::SELECTABLE {
         println!("  {:<14} {}", m.name(), m.describe());
     }
     println!("\ntopologies:");

@@ -18,6 +18,7 @@ use crate::config::{
     parse_duration_or_off, parse_size, Layers, Toggle, TypedPolicyFlags,
 };
 use crate::log;
+use crate::security::{read_http_token, ServerSecurity, ServerSecurityArgs, SERVER_KEYS};
 use crate::status::metrics::ServerCollector;
 use crate::status::model::ServerSource;
 use tether_proto::presets::PathSpec;
@@ -36,6 +37,7 @@ const KEYS: &[&str] = &[
     "session_linger",
     "replay_buffer",
     "replay_messages",
+    "http_token_file",
 ];
 
 /// Run a tether server that knows who is online.
@@ -46,9 +48,16 @@ const KEYS: &[&str] = &[
 /// keepalive and TCP_USER_TIMEOUT are set to match. Every connect, state change and
 /// disconnect is logged on stderr with its reason and how long the client had been silent.
 ///
-/// SIGHUP does not stop the server: it is logged ("reload") and ignored, since nothing can
-/// be reloaded yet (settings need a restart; TLS certificates will be reloaded on SIGHUP).
-/// Ctrl-C or SIGTERM closes every connection with CLOSE(going-away) and exits.
+/// Security: beyond loopback the server refuses to start without TLS (--tls-cert,
+/// --tls-key) and authentication (--auth-secret, --auth-public-key, --auth-jwks, or
+/// --client-ca), unless --insecure is given. With authentication a client may only claim the
+/// ids its credential allows, and only the same principal may replace its connection or
+/// resume its session. The status page and API take a bearer token (--http-token-file).
+///
+/// SIGHUP reloads the TLS certificate, key and client CA and the JWT keys from their files
+/// (new handshakes use them; established connections are untouched; a file that fails to
+/// load keeps the old one and says why). Other settings need a restart. Ctrl-C or SIGTERM
+/// closes every connection with CLOSE(going-away) and exits.
 ///
 /// Settings come from flags, then `TETHER_<KEY>` environment variables (e.g.
 /// TETHER_DETECT_WITHIN=10s), then a TOML file given with --config (keys as the long flags,
@@ -57,6 +66,8 @@ const KEYS: &[&str] = &[
 /// Examples:
 ///   tether serve                                   # 127.0.0.1:7300, status page on :7301
 ///   tether serve --path azure-lb --detect-within 20s --echo
+///   tether serve --listen 0.0.0.0:7300 --tls-cert server.crt --tls-key server.key \
+///       --auth-secret secret.key --http-token-file http.token
 ///   tether serve --listen 0.0.0.0:7300 --http off --config /etc/tether.toml
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -103,9 +114,15 @@ pub(crate) struct ServeArgs {
     /// Unacknowledged messages kept per session for replay.
     #[arg(long, value_name = "N", default_value = "4096", value_parser = parse_count)]
     replay_messages: usize,
+    /// Require `Authorization: Bearer TOKEN` (or HTTP Basic with TOKEN as the password, for
+    /// browsers) on the status page and API, with TOKEN read from this file.
+    #[arg(long, value_name = "FILE")]
+    http_token_file: Option<PathBuf>,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    security: ServerSecurityArgs,
 }
 
 /// A frame limit: 16 B to 1 GiB.
@@ -118,7 +135,6 @@ fn parse_max_frame(s: &str) -> std::result::Result<u32, String> {
 }
 
 /// Everything `serve` needs, resolved from the layers.
-#[derive(Debug)]
 pub(crate) struct ServeSettings {
     pub(crate) listen: SocketAddr,
     pub(crate) http: Option<SocketAddr>,
@@ -129,13 +145,16 @@ pub(crate) struct ServeSettings {
     pub(crate) max_frame: u32,
     pub(crate) session_linger: Option<Duration>,
     pub(crate) session: tether_proto::session::SessionConfig,
+    pub(crate) security: ServerSecurity,
+    pub(crate) http_token: Option<String>,
 }
 
 impl ServeArgs {
     /// The settings from the flags (given on the command line in `matches`), the
     /// `TETHER_*` environment and the config file.
     pub(crate) fn resolve(&self, matches: &clap::ArgMatches) -> Result<ServeSettings> {
-        let l = Layers::load(self.config.as_deref(), KEYS)?.given(matches);
+        let keys: Vec<&str> = KEYS.iter().chain(SERVER_KEYS).copied().collect();
+        let l = Layers::load(self.config.as_deref(), &keys)?.given(matches);
         let mut policy = l.typed_policy(TypedPolicyFlags {
             detect_within: self.detect_within,
             path: self.path,
@@ -168,6 +187,13 @@ impl ServeArgs {
                 .pick("session_linger", self.session_linger, parse_duration_or_off)?
                 .0,
             session,
+            security: ServerSecurity::resolve(&self.security, &l)?,
+            http_token: l
+                .pick_opt("http_token_file", self.http_token_file.clone(), |s| {
+                    Ok::<_, String>(PathBuf::from(s))
+                })?
+                .map(|p| read_http_token(&p))
+                .transpose()?,
         })
     }
 }
@@ -187,13 +213,20 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
     let stop = log::shutdown_signal();
     tokio::pin!(stop);
     let mut hangups = log::Hangups::install();
-    let cfg = ServerConfig::new(s.listen)
+    s.security.check_exposure(s.listen, "listen")?;
+    let mut cfg = ServerConfig::new(s.listen)
         .policy(s.policy.clone())
         .max_connections(s.max_connections)
         .handshake_timeout(s.handshake_timeout)
         .max_frame_len(s.max_frame)
         .session_linger(s.session_linger)
         .session_config(s.session);
+    if let Some(tls) = &s.security.tls {
+        cfg = cfg.tls(tls.clone());
+    }
+    if let Some(hook) = s.security.authorizer() {
+        cfg = cfg.authorize(hook);
+    }
     let mut server = Server::bind(cfg)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
@@ -202,8 +235,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         "-",
         "listening",
         &format!(
-            "addr={} heartbeat={} dead_after={} suspect_after={} keepalive={} user_timeout={}{}",
+            "addr={} {} heartbeat={} dead_after={} suspect_after={} keepalive={} user_timeout={}{}",
             server.local_addr(),
+            s.security.describe(),
             Human(p.heartbeat_interval),
             Human(p.dead_after),
             Human(p.suspect_after()),
@@ -231,7 +265,22 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             handle: server.handle(),
             rtt_every: s.policy.ping_interval,
         });
-        let app = crate::status::router(source, Arc::new(registry));
+        if !addr.ip().is_loopback() && s.http_token.is_none() {
+            log::line(
+                "-",
+                "warning",
+                &log::kv(&[(
+                    "note",
+                    &format!(
+                        "the status page and API on {addr} are open to anyone who can reach                          them (every client's id and address): add --http-token-file FILE"
+                    ),
+                )]),
+            );
+        }
+        let app = crate::http_auth::protect(
+            crate::status::router(source, Arc::new(registry)),
+            s.http_token.clone(),
+        );
         tokio::spawn(crate::http::serve(
             listener,
             app,
@@ -304,7 +353,14 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                 Err(_) => {}
             },
             () = hangups.recv() => {
-                log::line("-", "reload", "signal=SIGHUP note=\"nothing to reload yet: settings need a restart; connections untouched\"");
+                let done = s.security.reload();
+                if done.is_empty() {
+                    log::line("-", "reload", "signal=SIGHUP note=\"nothing to reload: no TLS or auth files; settings need a restart\"");
+                }
+                for (ok, what) in done {
+                    let event = if ok { "reloaded" } else { "reload-failed" };
+                    log::line("-", event, &log::kv(&[("signal", "SIGHUP"), ("what", &what), ("connections", "untouched")]));
+                }
             }
             _ = &mut stop => {
                 log::line("-", "shutdown", "close=going-away");

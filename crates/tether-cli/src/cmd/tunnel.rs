@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -21,6 +22,10 @@ use tether_proto::session::SessionConfig;
 use crate::config::{parse_addr, parse_bytes, parse_count, parse_duration, Layers, PolicyFlags};
 use crate::exit::UsageError;
 use crate::log;
+use crate::security::{
+    host_of, ClientSecurity, ClientSecurityArgs, ServerSecurity, ServerSecurityArgs, CLIENT_KEYS,
+    SERVER_KEYS,
+};
 
 /// Keys common to both sides (flags, `TETHER_<KEY>`, TOML).
 const COMMON_KEYS: &[&str] = &[
@@ -55,9 +60,19 @@ Settings come from flags, then TETHER_<KEY> environment variables (e.g.
 TETHER_SESSION_LINGER=60s), then a TOML file given with --config (keys as the long flags), then
 defaults.
 
+Security: the exit refuses to listen beyond loopback without TLS (--tls-cert, --tls-key) and
+authentication (--auth-secret, --auth-public-key, --auth-jwks, or --client-ca for entry
+certificates) unless --insecure is given: an unauthenticated entry is refused at its HELLO and
+its OPEN never reaches the target. The entry speaks TLS with --tls (or --ca, --server-name,
+--cert) and presents --token / --token-file (a token from `tether token --sub NAME`: the exit
+lets any authenticated entry open tunnels, and no entry can touch another's). SIGHUP makes the
+exit reload its certificate and keys; open tunnels are untouched.
+
 Examples:
-  tether tunnel exit  --listen 0.0.0.0:7400 --target 127.0.0.1:1883
-  tether tunnel entry --listen 127.0.0.1:1883 --relay broker.example:7400 --path aws-nat-gw";
+  tether tunnel exit  --listen 0.0.0.0:7400 --target 127.0.0.1:1883 \
+      --tls-cert exit.crt --tls-key exit.key --auth-secret tunnel.secret
+  tether tunnel entry --listen 127.0.0.1:1883 --relay broker.example:7400 --path aws-nat-gw \
+      --tls --token-file entry.jwt";
 
 /// Carry a program's TCP connections across a path that breaks (entry and exit).
 #[derive(Args, Debug)]
@@ -112,6 +127,8 @@ struct EntryArgs {
     relay: Option<String>,
     #[command(flatten)]
     common: Common,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
 }
 
 #[derive(Args, Debug)]
@@ -128,6 +145,8 @@ struct ExitArgs {
     max_connections: Option<String>,
     #[command(flatten)]
     common: Common,
+    #[command(flatten)]
+    security: ServerSecurityArgs,
 }
 
 /// Policy, linger, session bounds and the metrics address, resolved.
@@ -138,9 +157,10 @@ struct Shared {
     http: Option<SocketAddr>,
 }
 
-fn keys(extra: &[&'static str]) -> Vec<&'static str> {
+fn keys(extra: &[&'static str], security: &[&'static str]) -> Vec<&'static str> {
     let mut k = COMMON_KEYS.to_vec();
     k.extend_from_slice(extra);
+    k.extend_from_slice(security);
     k
 }
 
@@ -189,24 +209,34 @@ fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
 }
 
 fn entry_config(a: &EntryArgs) -> Result<(EntryConfig, Option<SocketAddr>)> {
-    let l = Layers::load(a.common.config.as_deref(), &keys(&["relay"]))?;
+    let l = Layers::load(a.common.config.as_deref(), &keys(&["relay"], CLIENT_KEYS))?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
         "--listen",
     )?;
     let relay = required(l.get("relay", a.relay.as_deref(), parse_addr)?, "--relay")?;
+    let relay_host = l
+        .raw("relay", a.relay.as_deref())
+        .map(|(v, _)| host_of(v.trim()))
+        .unwrap_or_default();
+    let sec = ClientSecurity::resolve(&a.security, &l, &relay_host)?;
     let s = resolve_common(&l, &a.common)?;
     let mut cfg = EntryConfig::new(listen, relay);
+    cfg.tls = sec.tls;
+    cfg.credential = sec.credentials;
     cfg.policy = s.policy;
     cfg.linger = s.linger;
     cfg.session = s.session;
     Ok((cfg, s.http))
 }
 
-fn exit_config(a: &ExitArgs) -> Result<(ExitConfig, Option<SocketAddr>)> {
+/// The exit's settings, its metrics address and its TLS and authentication (for SIGHUP).
+type ExitSetup = (ExitConfig, Option<SocketAddr>, Arc<ServerSecurity>);
+
+fn exit_config(a: &ExitArgs) -> Result<ExitSetup> {
     let l = Layers::load(
         a.common.config.as_deref(),
-        &keys(&["target", "max_connections"]),
+        &keys(&["target", "max_connections"], SERVER_KEYS),
     )?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
@@ -217,6 +247,8 @@ fn exit_config(a: &ExitArgs) -> Result<(ExitConfig, Option<SocketAddr>)> {
         "--target",
     )?;
     let s = resolve_common(&l, &a.common)?;
+    let sec = ServerSecurity::resolve(&a.security, &l)?;
+    sec.check_exposure(listen, "accept tunnels")?;
     let mut cfg = ExitConfig::new(listen, target);
     cfg.server = ServerConfig::new(listen)
         .policy(s.policy)
@@ -225,14 +257,23 @@ fn exit_config(a: &ExitArgs) -> Result<(ExitConfig, Option<SocketAddr>)> {
     if let Some(n) = l.get("max_connections", a.max_connections.as_deref(), parse_count)? {
         cfg = cfg.max_connections(n);
     }
-    Ok((cfg, s.http))
+    if let Some(tls) = &sec.tls {
+        cfg.server = cfg.server.tls(tls.clone());
+    }
+    // Tunnel ids are random (`tun-…`): any authenticated entry may open them; each stays
+    // bound to the entry that opened it.
+    let tunnels = tether::auth::AllowedIds::parse(["tun-*"]).expect("a valid pattern");
+    if let Some(hook) = sec.authorizer_with_ids(Some(tunnels)) {
+        cfg.server = cfg.server.authorize(hook);
+    }
+    Ok((cfg, s.http, Arc::new(sec)))
 }
 
 /// Runs one side until Ctrl-C or SIGTERM.
 pub(crate) fn run(args: TunnelArgs) -> Result<ExitCode> {
     enum Cfg {
         Entry((EntryConfig, Option<SocketAddr>)),
-        Exit((ExitConfig, Option<SocketAddr>)),
+        Exit(ExitSetup),
     }
     // Resolve before starting anything, so bad settings exit with 2 at once.
     let cfg = match &args.side {
@@ -246,7 +287,7 @@ pub(crate) fn run(args: TunnelArgs) -> Result<ExitCode> {
     rt.block_on(async move {
         match cfg {
             Cfg::Entry((c, http)) => run_entry(c, http).await,
-            Cfg::Exit((c, http)) => run_exit(c, http).await,
+            Cfg::Exit((c, http, sec)) => run_exit(c, http, sec).await,
         }
     })
 }
@@ -484,10 +525,16 @@ async fn start_metrics(
 }
 
 /// Logs events until Ctrl-C or SIGTERM, then resets what is open and logs those closes
-/// (waiting at most 3 s).
-async fn event_loop(mut side: impl Running, metrics: TunnelMetrics) -> Result<ExitCode> {
+/// (waiting at most 3 s). SIGHUP reloads `security`'s files (the exit's certificate and
+/// keys), if any.
+async fn event_loop(
+    mut side: impl Running,
+    metrics: TunnelMetrics,
+    security: Option<Arc<ServerSecurity>>,
+) -> Result<ExitCode> {
     let stop = log::shutdown_signal();
     tokio::pin!(stop);
+    let mut hangups = log::Hangups::install();
     let mut open = 0;
     let log_event = |ev: &TunnelEvent| {
         metrics.count(ev);
@@ -503,6 +550,16 @@ async fn event_loop(mut side: impl Running, metrics: TunnelMetrics) -> Result<Ex
                 Some(ev) => open = (open + log_event(&ev)).max(0),
                 None => return Ok(ExitCode::SUCCESS),
             },
+            () = hangups.recv() => {
+                let done = security.as_ref().map(|s| s.reload()).unwrap_or_default();
+                if done.is_empty() {
+                    log::line("-", "reload", "signal=SIGHUP note=\"nothing to reload: no TLS or auth files\"");
+                }
+                for (ok, what) in done {
+                    let event = if ok { "reloaded" } else { "reload-failed" };
+                    log::line("-", event, &log::kv(&[("signal", "SIGHUP"), ("what", &what), ("tunnels", "untouched")]));
+                }
+            }
             _ = &mut stop => break,
         }
     }
@@ -526,8 +583,14 @@ async fn event_loop(mut side: impl Running, metrics: TunnelMetrics) -> Result<Ex
 
 async fn run_entry(cfg: EntryConfig, http: Option<SocketAddr>) -> Result<ExitCode> {
     let details = format!(
-        "relay={} {}",
+        "relay={} tls={} token={} {}",
         cfg.relay,
+        if cfg.tls.is_some() { "on" } else { "off" },
+        if cfg.credential.is_some() {
+            "on"
+        } else {
+            "off"
+        },
         policy_line(&cfg.policy, cfg.linger)
     );
     let entry = tether::tunnel::TunnelEntry::bind(cfg)
@@ -539,10 +602,14 @@ async fn run_entry(cfg: EntryConfig, http: Option<SocketAddr>) -> Result<ExitCod
         &format!("entry addr={} {details}", entry.local_addr()),
     );
     let metrics = start_metrics(http, None).await?;
-    event_loop(entry, metrics).await
+    event_loop(entry, metrics, None).await
 }
 
-async fn run_exit(cfg: ExitConfig, http: Option<SocketAddr>) -> Result<ExitCode> {
+async fn run_exit(
+    cfg: ExitConfig,
+    http: Option<SocketAddr>,
+    security: Arc<ServerSecurity>,
+) -> Result<ExitCode> {
     let details = format!(
         "target={} max_connections={} {}",
         cfg.target,
@@ -558,10 +625,14 @@ async fn run_exit(cfg: ExitConfig, http: Option<SocketAddr>) -> Result<ExitCode>
     log::line(
         "-",
         "listening",
-        &format!("exit addr={} {details}", exit.local_addr()),
+        &format!(
+            "exit addr={} {} {details}",
+            exit.local_addr(),
+            security.describe()
+        ),
     );
     let metrics = start_metrics(http, Some(exit.server().clone())).await?;
-    event_loop(exit, metrics).await
+    event_loop(exit, metrics, Some(security)).await
 }
 
 #[cfg(test)]
@@ -680,7 +751,7 @@ mod tests {
         let Side::Exit(e) = &a.side else {
             panic!("not exit")
         };
-        let (c, _) = exit_config(e).unwrap();
+        let (c, _, _) = exit_config(e).unwrap();
         assert_eq!(c.server.get_session_linger(), Some(Duration::from_secs(30)));
         assert_eq!(c.target.port(), 9001);
         assert_eq!(c.max_connections, 10_000, "default");

@@ -77,11 +77,25 @@ impl Conn {
                 self.close_received = true;
                 let reason = match code {
                     CloseCode::REPLACED => DisconnectReason::Replaced,
+                    // CREDENTIAL_EXPIRED (7) stays a peer close with its code and text, as in
+                    // the conformance vectors (`client-credential-refresh`).
                     _ => DisconnectReason::PeerClose { code, text },
                 };
                 self.finish(now, reason);
             }
             Frame::Extension(_) => {}
+            Frame::Auth(credential) => {
+                self.on_auth(now, credential);
+                if self.is_closed() {
+                    return;
+                }
+            }
+            Frame::AuthOk(ttl) => {
+                self.on_auth_ok(now, ttl);
+                if self.is_closed() {
+                    return;
+                }
+            }
             f @ (Frame::SeqData { .. } | Frame::Ack(_)) => self.protocol_error(
                 now,
                 format!("{} without a negotiated session", frame_name(&f)),

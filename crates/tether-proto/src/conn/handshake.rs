@@ -52,6 +52,7 @@ impl Conn {
             (State::AwaitHello, Frame::Hello(h)) => {
                 self.state = State::AwaitDecision;
                 self.peer_resume = h.resume.as_ref().map(|r| r.last_received);
+                self.cred.negotiated = h.credential.is_some();
                 self.events.push_back(ConnEvent::Hello(h));
             }
             (State::AwaitHello, Frame::Probe(body)) => {
@@ -66,6 +67,14 @@ impl Conn {
             (State::AwaitDecision, f) => {
                 self.protocol_error(now, format!("{} sent before WELCOME", frame_name(&f)))
             }
+            (State::AwaitWelcome, Frame::Welcome(w))
+                if w.credential_ttl.is_some() && !self.cred.negotiated =>
+            {
+                self.protocol_error(
+                    now,
+                    "WELCOME carries CREDENTIAL_TTL but the hello carried no credential".into(),
+                )
+            }
             (State::AwaitWelcome, Frame::Welcome(w)) => {
                 let mut cfg = self
                     .local
@@ -74,6 +83,7 @@ impl Conn {
                 cfg.heartbeat_interval = w.heartbeat;
                 cfg.dead_after = w.dead_after;
                 self.establish(now, cfg);
+                self.client_welcome_ttl(now, w.credential_ttl);
                 let grant = w.session.clone();
                 self.events.push_back(ConnEvent::Established(w));
                 self.client_session(now, grant);
@@ -100,11 +110,24 @@ impl Conn {
     /// `cfg.heartbeat_interval` and `cfg.dead_after`. With `session`, the connection runs the
     /// session (sequenced data, ACKs): a new one when `grant.resumed` is false, or the held one
     /// resumed from the client's last received sequence number (its replay starts at once).
+    ///
+    /// A connection whose credential expires is accepted with
+    /// [`accept_authenticated`](Self::accept_authenticated).
     pub fn accept(
         &mut self,
         now: Instant,
         cfg: LivenessConfig,
         session: Option<(SessionGrant, Session)>,
+    ) {
+        self.accept_inner(now, cfg, session, None);
+    }
+
+    pub(super) fn accept_inner(
+        &mut self,
+        now: Instant,
+        cfg: LivenessConfig,
+        session: Option<(SessionGrant, Session)>,
+        credential_ttl: Option<std::time::Duration>,
     ) {
         if !matches!(self.state, State::AwaitDecision) {
             return;
@@ -117,11 +140,12 @@ impl Conn {
             heartbeat: cfg.heartbeat_interval,
             dead_after: cfg.dead_after,
             session: grant.clone(),
-            credential_ttl: None,
+            credential_ttl: self.welcome_ttl(credential_ttl),
         };
         codec::encode_preamble(&mut self.out);
         codec::encode(&Frame::Welcome(welcome.clone()), &mut self.out);
         self.establish(now, cfg);
+        self.arm_expiry(now, credential_ttl);
         self.events.push_back(ConnEvent::Established(welcome));
         let Some(mut s) = session else { return };
         if grant.is_some_and(|g| g.resumed) {

@@ -17,16 +17,20 @@
 //! ```
 //!
 //! The module is split by phase: `handshake.rs` (preamble, HELLO, WELCOME/REFUSE, the
-//! handshake deadline, resuming a session) and `established.rs` (frames after the handshake,
-//! sending, sessions, liveness events). This file holds the types, the dispatch and the end
-//! of a connection.
+//! handshake deadline, resuming a session), `established.rs` (frames after the handshake,
+//! sending, sessions, liveness events) and `credential.rs` (credential expiry and in-band
+//! refresh: AUTH / AUTH_OK). This file holds the types, the dispatch and the end of a
+//! connection.
 //!
 //! Time: the [`Liveness`] engine exists from the start and is the one place that records
 //! when anything was last received (`last_rx`); before the handshake completes only the
 //! handshake deadline is armed.
 
+mod credential;
 mod established;
 mod handshake;
+
+pub use credential::RefreshError;
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -187,6 +191,23 @@ pub enum ConnEvent {
         /// Sequence numbers that may not have been delivered.
         unacked: Option<std::ops::RangeInclusive<u64>>,
     },
+    /// Server only: the client refreshed its credential (AUTH). Check it (same principal,
+    /// still allows the client id) and answer with [`Conn::auth_ok`] or
+    /// [`Conn::auth_refused`]; the old credential's expiry still applies until then.
+    Auth(codec::Credential),
+    /// Client only: 90 % of the credential's ttl has passed; send a new credential with
+    /// [`Conn::refresh_credential`] before it runs out, or the server closes the connection
+    /// (`credential-expired`).
+    RefreshCredential {
+        /// Time left until the credential runs out.
+        expires_in: Duration,
+    },
+    /// Client only: the server accepted the refreshed credential (AUTH_OK); it now runs out
+    /// in `ttl` (`Duration::ZERO`: it does not expire).
+    CredentialRefreshed {
+        /// The new credential's time to live.
+        ttl: Duration,
+    },
     /// The connection ended. Always the last event.
     Closed(Disconnect),
 }
@@ -287,6 +308,8 @@ pub struct Conn {
     /// Client: a session was asked for. Server: the client's resume position, if it resumes.
     want_session: bool,
     peer_resume: Option<u64>,
+    /// The credential: expiry (server), refresh (client), AUTH in progress.
+    cred: credential::CredentialState,
     stats: ConnStats,
 }
 
@@ -315,6 +338,7 @@ impl Conn {
             });
         }
         c.want_session = hello.want_session;
+        c.cred.negotiated = hello.credential.is_some();
         c.session = session;
         codec::encode_preamble(&mut c.out);
         codec::encode(&Frame::Hello(hello), &mut c.out);
@@ -353,6 +377,7 @@ impl Conn {
             session: None,
             want_session: false,
             peer_resume: None,
+            cred: credential::CredentialState::default(),
             stats: ConnStats::default(),
         }
     }
@@ -510,10 +535,8 @@ impl Conn {
         }
         let live = self.liveness.poll_timeout();
         let ack = self.session.as_ref().and_then(|s| s.poll_timeout());
-        match (live, ack) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let cred = self.credential_timeout();
+        [live, ack, cred].into_iter().flatten().min()
     }
 
     /// Acts on whatever is due at `now`. Harmless when nothing is.
@@ -525,6 +548,10 @@ impl Conn {
             if now >= h {
                 self.handshake_timed_out(now);
             }
+            return;
+        }
+        self.credential_timer(now);
+        if self.is_closed() {
             return;
         }
         self.send_due_ack(now);
@@ -552,6 +579,11 @@ impl Conn {
             return;
         }
         if matches!(self.state, State::Established) {
+            // The ACK owed goes first: otherwise the peer reports the messages it sent last as
+            // possibly lost (conformance vector `client-close-flushes-ack`).
+            if let Some(a) = self.session.as_mut().and_then(|s| s.poll_ack(now, true)) {
+                codec::encode(&Frame::Ack(a), &mut self.out);
+            }
             codec::encode(
                 &Frame::Close {
                     code,

@@ -32,7 +32,10 @@ pub mod resume;
 pub mod throttle;
 
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
@@ -352,19 +355,66 @@ impl Denial {
 }
 
 /// The answer to an [`AuthRequest`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum AuthDecision {
-    /// Accept; the connection belongs to this principal.
+    /// Accept; the connection belongs to this principal. The principal must allow the
+    /// requested client id and must not have expired (the server checks both again).
     Allow(Principal),
     /// Refuse with this code and text.
     Deny(Denial),
+    /// Not decided yet: the server awaits the future (on a task of its own) and acts on its
+    /// answer. For a HELLO the handshake deadline bounds the wait (past it the client is
+    /// refused with HANDSHAKE_TIMEOUT); for an AUTH the credential's expiry does (the
+    /// connection is closed when it runs out, answer or not). A future that answers
+    /// `Pending` again is taken as a denial.
+    Pending(PendingDecision),
+}
+
+/// A decision still being made (an HTTP call to a backend, a database lookup): see
+/// [`AuthDecision::Pending`].
+///
+/// ```
+/// use tether::auth::{AuthDecision, AuthRequest, Authorize, Denial, PendingDecision};
+///
+/// struct Webhook;
+/// impl Authorize for Webhook {
+///     fn authorize(&self, req: &AuthRequest<'_>) -> AuthDecision {
+///         // Copy what the call needs: the request borrows from the connection.
+///         let id = req.client_id.to_owned();
+///         AuthDecision::Pending(PendingDecision::new(async move {
+///             // ... ask the backend about `id` ...
+///             AuthDecision::Deny(Denial::unauthorized(format!("backend says no to {id}")))
+///         }))
+///     }
+/// }
+/// ```
+pub struct PendingDecision(Pin<Box<dyn Future<Output = AuthDecision> + Send + 'static>>);
+
+impl PendingDecision {
+    /// Wraps the future that decides.
+    pub fn new(decide: impl Future<Output = AuthDecision> + Send + 'static) -> Self {
+        PendingDecision(Box::pin(decide))
+    }
+}
+
+impl Future for PendingDecision {
+    type Output = AuthDecision;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AuthDecision> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for PendingDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PendingDecision(..)")
+    }
 }
 
 /// Judges a HELLO: the hook behind `ServerConfig::authorize`. Implement it for an
 /// application's own scheme; [`Builtin`] covers JWT and mutual TLS.
 ///
-/// Called on the connection's task during the handshake: it must not block (no network
-/// calls; verify signatures, look up tables).
+/// Called on the connection's task during the handshake: it must not block. Checks that
+/// need I/O (a backend, a database) answer [`AuthDecision::Pending`] with a future.
 pub trait Authorize: Send + Sync + 'static {
     /// Allow (with the principal) or deny (with the code and text to send).
     fn authorize(&self, req: &AuthRequest<'_>) -> AuthDecision;
@@ -373,21 +423,32 @@ pub trait Authorize: Send + Sync + 'static {
     /// default authorizes the new credential like a HELLO for the same id and then requires
     /// the same principal. A denial closes the connection with CLOSE(CREDENTIAL_EXPIRED).
     fn refresh(&self, current: &Principal, req: &AuthRequest<'_>) -> AuthDecision {
-        match self.authorize(req) {
-            AuthDecision::Allow(p) if p.is_same(current) => AuthDecision::Allow(p),
-            AuthDecision::Allow(p) => AuthDecision::Deny(Denial {
-                code: CloseCode::CREDENTIAL_EXPIRED,
-                text: format!(
-                    "refreshed credential names {}, not {}",
-                    p.key(),
-                    current.key()
-                ),
-            }),
-            AuthDecision::Deny(d) => AuthDecision::Deny(Denial {
-                code: CloseCode::CREDENTIAL_EXPIRED,
-                text: d.text,
-            }),
-        }
+        same_principal(current.key(), self.authorize(req))
+    }
+}
+
+/// A refresh's decision from an authorization of the new credential: allowed only for the
+/// same principal; denials become CREDENTIAL_EXPIRED (the code that closes the connection).
+fn same_principal(current: PrincipalKey, d: AuthDecision) -> AuthDecision {
+    match d {
+        AuthDecision::Allow(p) if p.key() == current => AuthDecision::Allow(p),
+        AuthDecision::Allow(p) => AuthDecision::Deny(Denial {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            text: format!("refreshed credential names {}, not {current}", p.key()),
+        }),
+        AuthDecision::Deny(d) => AuthDecision::Deny(Denial {
+            code: CloseCode::CREDENTIAL_EXPIRED,
+            text: d.text,
+        }),
+        AuthDecision::Pending(f) => AuthDecision::Pending(PendingDecision::new(async move {
+            match f.await {
+                AuthDecision::Pending(_) => AuthDecision::Deny(Denial {
+                    code: CloseCode::CREDENTIAL_EXPIRED,
+                    text: "authorization did not decide".into(),
+                }),
+                d => same_principal(current, d),
+            }
+        })),
     }
 }
 
@@ -488,6 +549,7 @@ pub trait CredentialVerifier: Send + Sync + 'static {
 pub struct Builtin {
     jwt: Option<Box<dyn CredentialVerifier>>,
     mtls: bool,
+    ids: Option<AllowedIds>,
 }
 
 impl fmt::Debug for Builtin {
@@ -495,6 +557,7 @@ impl fmt::Debug for Builtin {
         f.debug_struct("Builtin")
             .field("jwt", &self.jwt.is_some())
             .field("mtls", &self.mtls)
+            .field("ids", &self.ids)
             .finish()
     }
 }
@@ -505,6 +568,7 @@ impl Builtin {
         Builtin {
             jwt: None,
             mtls: false,
+            ids: None,
         }
     }
 
@@ -518,6 +582,16 @@ impl Builtin {
     /// credential. Default: off.
     pub fn mtls(mut self, on: bool) -> Self {
         self.mtls = on;
+        self
+    }
+
+    /// Every authenticated principal may use exactly `ids`, whatever its credential names.
+    /// For servers whose client ids are not names, such as the tunnel exit (an entry's
+    /// tunnels are `tun-<random>`): authentication decides who gets in, and ids, connections
+    /// and sessions stay bound to the principal that opened them. Default: the credential's
+    /// ids (a certificate's: its name).
+    pub fn allowed_ids(mut self, ids: AllowedIds) -> Self {
+        self.ids = Some(ids);
         self
     }
 }
@@ -545,6 +619,10 @@ impl Authorize for Builtin {
         };
         if principal.is_expired(req.now) {
             return AuthDecision::Deny(AuthError::Expired.denial());
+        }
+        let mut principal = principal;
+        if let Some(ids) = &self.ids {
+            principal.allowed = ids.clone();
         }
         if !principal.allows(req.client_id) {
             return AuthDecision::Deny(
@@ -665,6 +743,7 @@ mod tests {
         match d {
             AuthDecision::Allow(p) => Ok(p.key()),
             AuthDecision::Deny(d) => Err(d.code),
+            AuthDecision::Pending(_) => panic!("the builtin rule decides at once"),
         }
     }
 
@@ -726,6 +805,26 @@ mod tests {
         let old = Builtin::new().credentials(Fixed(Ok(bob.clone().with_expiry(now))));
         assert_eq!(
             code(old.authorize(&with("bob"))),
+            Err(CloseCode::UNAUTHORIZED)
+        );
+    }
+
+    #[test]
+    fn allowed_ids_replace_what_the_credential_names() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let carol = Principal::new(Scheme::Mtls, "carol", AllowedIds::only("carol"));
+        let tunnels = Builtin::new()
+            .mtls(true)
+            .allowed_ids(AllowedIds::parse(["tun-*"]).unwrap());
+        let req = |id| AuthRequest::new(id, now).tls_principal(Some(&carol));
+        assert_eq!(code(tunnels.authorize(&req("tun-0a1b"))), Ok(carol.key()));
+        assert_eq!(
+            code(tunnels.authorize(&req("carol"))),
+            Err(CloseCode::ID_NOT_ALLOWED)
+        );
+        // Still nobody without a credential or certificate.
+        assert_eq!(
+            code(tunnels.authorize(&AuthRequest::new("tun-0a1b", now))),
             Err(CloseCode::UNAUTHORIZED)
         );
     }

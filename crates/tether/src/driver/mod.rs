@@ -32,11 +32,13 @@ use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether_proto::codec::{Hello, SessionGrant};
+use tether_proto::codec::{Credential, Hello, SessionGrant};
 use tether_proto::session::Session;
 use tether_proto::{CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig};
 
 pub(crate) use shared::{Budgets, Command, Limits, Offer, Shared};
+
+use crate::auth::AuthDecision;
 pub use stats::StatsSnapshot;
 
 // The probe responder names the transport through the driver.
@@ -56,10 +58,48 @@ pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// The application's answer to a HELLO.
 pub(crate) enum Decision {
-    /// Accept with these liveness settings, and this session (new or resumed).
-    Accept(LivenessConfig, Option<Box<(SessionGrant, Session)>>),
+    /// Accept with these liveness settings, this session (new or resumed), and a credential
+    /// that runs out after this long (`None`: it does not expire).
+    Accept(
+        LivenessConfig,
+        Option<Box<(SessionGrant, Session)>>,
+        Option<Duration>,
+    ),
     /// Refuse with this code and text.
     Refuse(CloseCode, String),
+    /// Not decided yet: the answer comes through [`Shared::resolve`] (the handshake deadline
+    /// still runs).
+    Pending,
+}
+
+/// The application's answer to an in-band credential refresh (AUTH).
+pub(crate) enum RefreshAnswer {
+    /// AUTH_OK: the new credential runs out after this long (`None`: it does not expire).
+    Ok(Option<Duration>),
+    /// CLOSE(credential-expired) with this text.
+    Refuse(String),
+    /// Not decided yet: the answer comes through [`Shared::resolve`] (the old credential's
+    /// expiry still runs).
+    Pending,
+}
+
+/// A decision made off the connection's task, handed to it through [`Shared::resolve`].
+#[derive(Debug)]
+pub(crate) enum Resolved {
+    /// Server: the authorizer's verdict on the HELLO ([`Decision::Pending`]).
+    Hello(AuthDecision),
+    /// Server: the authorizer's verdict on an AUTH ([`RefreshAnswer::Pending`]).
+    Refresh(AuthDecision),
+    /// Client: a fresh credential to send in an AUTH frame.
+    Credential(Credential),
+}
+
+/// What the sink makes of a [`Resolved`] verdict.
+pub(crate) enum Resolution {
+    /// The answer to the HELLO.
+    Hello(Decision),
+    /// The answer to the AUTH.
+    Refresh(RefreshAnswer),
 }
 
 /// Where a connection's events go.
@@ -68,8 +108,20 @@ pub(crate) trait Sink {
     fn hello(&mut self, _now: Instant, _hello: &Hello) -> Decision {
         Decision::Refuse(CloseCode::REFUSED, "not accepting".into())
     }
+    /// Server side: the client refreshed its credential (AUTH). Default: refuse (close with
+    /// credential-expired).
+    fn refresh(&mut self, _now: Instant, _credential: &Credential) -> RefreshAnswer {
+        RefreshAnswer::Refuse("this server does not accept credential refreshes".into())
+    }
+    /// Server side: a deferred verdict arrived. Default: refuse.
+    fn resolved(&mut self, _now: Instant, r: Resolved) -> Resolution {
+        match r {
+            Resolved::Refresh(_) => Resolution::Refresh(RefreshAnswer::Refuse("refused".into())),
+            _ => Resolution::Hello(Decision::Refuse(CloseCode::REFUSED, "not accepting".into())),
+        }
+    }
     /// Any other event. `Message`s for a standalone connection go to the inbox.
-    fn event(&mut self, shared: &Shared, ev: ConnEvent);
+    fn event(&mut self, shared: &Arc<Shared>, ev: ConnEvent);
     /// The events of one wake-up have all been delivered (a sink that batches flushes here).
     fn flush(&mut self, _shared: &Shared) {}
 }

@@ -105,6 +105,8 @@ pub(crate) struct Inner {
     /// What this connection counts against the server's unsent budget
     /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
     charged: usize,
+    /// A decision made off the task ([`Shared::resolve`]), for the task to apply.
+    pub(crate) resolved: Option<Box<super::Resolved>>,
 }
 
 /// State shared by a connection task and the handles that talk to it.
@@ -293,6 +295,32 @@ impl Shared {
         }
         inner.command = Some(cmd);
         wake_driver(&mut inner);
+    }
+
+    /// Hands the task a decision made elsewhere (an authorizer's verdict, a fresh
+    /// credential). A later one replaces an earlier one not yet applied.
+    pub(crate) fn resolve(&self, r: super::Resolved) {
+        let mut inner = self.lock();
+        if inner.done.is_some() {
+            return;
+        }
+        inner.resolved = Some(Box::new(r));
+        wake_driver(&mut inner);
+    }
+
+    /// Ready with the pending command once a handle asked to close or refuse (registers the
+    /// task's waker like the driver does): lets a task that is not driving yet — a server
+    /// connection in its TLS handshake — be evicted or shut down.
+    pub(crate) fn poll_command(&self, cx: &mut Context<'_>) -> Poll<Command> {
+        let mut inner = self.lock();
+        if let Some(c) = &inner.command {
+            return Poll::Ready(c.clone());
+        }
+        match &inner.driver {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inner.driver = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// The disconnect, once the connection ended.

@@ -12,8 +12,8 @@ use tokio::io::ReadBuf;
 use tokio::time::Sleep;
 
 use super::{
-    now, Command, Decision, Driver, Sink, CLOSE_LINGER, READS_PER_WAKE, READ_CHUNK,
-    TRANSMIT_HIGH_WATER,
+    now, Command, Decision, Driver, RefreshAnswer, Resolution, Resolved, Sink, CLOSE_LINGER,
+    READS_PER_WAKE, READ_CHUNK, TRANSMIT_HIGH_WATER,
 };
 use crate::transport::Transport;
 
@@ -126,6 +126,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             Some(Command::Refuse(..)) => {}
             None => {}
         }
+        let resolved = inner.resolved.take();
         let paused = inner.inbox_bytes > shared.limits.inbox_bytes
             || shared
                 .budgets
@@ -139,6 +140,9 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         drop(inner);
         if moved {
             shared.changed.notify_waiters();
+        }
+        if let Some(r) = resolved {
+            self.apply_resolved(now, *r);
         }
         Step {
             paused,
@@ -224,17 +228,54 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         }
     }
 
+    /// A decision made off the task: a deferred verdict goes to the sink, a fresh credential
+    /// into an AUTH frame.
+    fn apply_resolved(&mut self, now: Instant, r: Resolved) {
+        match r {
+            Resolved::Credential(c) => {
+                if let Err(e) = self.conn.refresh_credential(now, c) {
+                    tracing::debug!(error = %e, "credential refresh not sent");
+                }
+            }
+            r => match self.sink.resolved(now, r) {
+                Resolution::Hello(d) => self.decide(now, d),
+                Resolution::Refresh(a) => self.answer_refresh(now, a),
+            },
+        }
+    }
+
+    fn decide(&mut self, now: Instant, d: Decision) {
+        match d {
+            Decision::Accept(cfg, session, ttl) => {
+                self.conn
+                    .accept_authenticated(now, cfg, session.map(|b| *b), ttl)
+            }
+            Decision::Refuse(code, text) => self.conn.refuse(now, code, &text),
+            Decision::Pending => {}
+        }
+    }
+
+    fn answer_refresh(&mut self, now: Instant, a: RefreshAnswer) {
+        match a {
+            RefreshAnswer::Ok(ttl) => self.conn.auth_ok(now, ttl),
+            RefreshAnswer::Refuse(text) => self.conn.auth_refused(now, &text),
+            RefreshAnswer::Pending => {}
+        }
+    }
+
     /// State machine → sink. HELLO decisions are applied at once (they queue the WELCOME or
     /// the REFUSE); messages before the end reach the application before the end does.
     fn process_events(&mut self, now: Instant) {
         while let Some(ev) = self.conn.poll_event() {
             match ev {
-                ConnEvent::Hello(h) => match self.sink.hello(now, &h) {
-                    Decision::Accept(cfg, session) => {
-                        self.conn.accept(now, cfg, session.map(|b| *b))
-                    }
-                    Decision::Refuse(code, text) => self.conn.refuse(now, code, &text),
-                },
+                ConnEvent::Hello(h) => {
+                    let d = self.sink.hello(now, &h);
+                    self.decide(now, d);
+                }
+                ConnEvent::Auth(c) => {
+                    let a = self.sink.refresh(now, &c);
+                    self.answer_refresh(now, a);
+                }
                 ConnEvent::Closed(d) => {
                     self.result = Some(d.clone());
                     self.sink.flush(&self.shared);

@@ -52,10 +52,10 @@ impl Sink for TestSink {
             };
             Box::new((grant, Session::new(1, [7; 16], SessionConfig::default())))
         });
-        Decision::Accept(liveness(), session)
+        Decision::Accept(liveness(), session, None)
     }
 
-    fn event(&mut self, shared: &Shared, ev: ConnEvent) {
+    fn event(&mut self, shared: &Arc<Shared>, ev: ConnEvent) {
         if let ConnEvent::Established(_) = ev {
             shared.requeue_front(std::mem::take(&mut self.requeue));
         }
@@ -176,7 +176,7 @@ impl Peer {
                         session,
                         ..Default::default()
                     };
-                    let Decision::Accept(cfg, s) = sink.hello(now(), &hello(session)) else {
+                    let Decision::Accept(cfg, s, _) = sink.hello(now(), &hello(session)) else {
                         unreachable!("the test sink accepts");
                     };
                     self.conn.accept(now(), cfg, s.map(|b| *b));

@@ -15,16 +15,26 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::future::poll_fn;
+use std::time::SystemTime;
+
 use bytes::Bytes;
-use tether_proto::codec::Hello;
-use tether_proto::{CloseCode, Conn, ConnConfig, ConnEvent};
+use tether_proto::codec::{self, Credential, Frame, Hello};
+use tether_proto::{
+    check_client_id, CloseCode, Conn, ConnConfig, ConnEvent, Disconnect, DisconnectReason,
+};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::events::ServerEvent;
-use super::lifecycle::lock;
+use super::lifecycle::{lock, Admitted};
 use super::Inner;
-use crate::driver::{self, Command, Decision, Limits, Shared, Sink};
+use crate::auth::{AuthDecision, AuthRequest, Denial, PendingDecision, Principal, PrincipalKey};
+use crate::driver::{
+    self, Command, Decision, Limits, RefreshAnswer, Resolution, Resolved, Shared, Sink,
+};
 use crate::sockopt;
+use crate::tls::{ServerTlsStream, TlsServer};
+use crate::transport::Transport;
 
 /// Connections still in the handshake (oldest first) and open connections per source.
 #[derive(Debug, Default)]
@@ -168,35 +178,34 @@ async fn run_connection(
     if let Err(e) = sockopt::apply(&stream, &inner.cfg.policy) {
         tracing::debug!(%remote, error = %e, "cannot set socket options");
     }
-    let cfg = ConnConfig {
-        max_frame_len: inner.cfg.max_frame_len,
-        handshake_timeout: inner.cfg.handshake_timeout,
-        session: inner.cfg.session,
-    };
-    let conn = Conn::server(driver::now(), cfg);
-    let sink = ServerSink {
-        inner: inner.clone(),
-        conn_id,
+    // The handshake deadline counts from the accept: a TLS handshake is part of it.
+    let started = driver::now();
+    let c = Connection {
         remote,
-        shared: shared.clone(),
-        client_id: None,
-        probe: None,
+        conn_id,
+        started,
+        shared: &shared,
+        inner: &inner,
     };
-    let ended = driver::drive(stream, Box::new(conn), shared.clone(), sink).await;
-    let sink = ended.sink;
-    inner.admission.end_handshake(conn_id);
-    match (ended.handed_off, sink.probe) {
-        // A `tether probe` connection: the PROBE frame was its first frame. It is no client.
-        (Some(stream), Some(req)) => crate::probe::respond(stream, req).await,
-        _ => inner.ended(
-            driver::now(),
-            conn_id,
-            sink.client_id.as_deref(),
-            remote,
-            ended.disconnect,
-            ended.session,
-            &shared,
-        ),
+    match inner.cfg.tls.clone() {
+        None => c.serve(stream, None).await,
+        Some(tls) => {
+            let deadline = started + inner.cfg.handshake_timeout;
+            match tls_handshake(&tls, stream, &shared, deadline).await {
+                Ok(stream) => {
+                    let principal = match crate::tls::peer_principal(&stream) {
+                        None => None,
+                        Some(Ok(p)) => Some(p),
+                        Some(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "client certificate names no principal");
+                            None
+                        }
+                    };
+                    c.serve(stream, principal).await
+                }
+                Err(reason) => c.failed(reason),
+            }
+        }
     }
     inner.totals.fold(&shared.stats.snapshot());
     inner.admission.close(remote.ip());
@@ -204,9 +213,155 @@ async fn run_connection(
     inner.signals.conn_ended.notify_waiters();
 }
 
-/// Connects one connection's events to the server: the HELLO to the lifecycle, messages to
-/// the event stream, liveness changes to presence. The end is handled after the task
-/// (`Inner::ended`), when the session is back from the state machine.
+/// One accepted connection, from its transport to its end.
+struct Connection<'a> {
+    remote: SocketAddr,
+    conn_id: u64,
+    started: Instant,
+    shared: &'a Arc<Shared>,
+    inner: &'a Arc<Inner>,
+}
+
+impl Connection<'_> {
+    /// Runs the tether protocol over `io` (TCP, or TLS with the client certificate's
+    /// principal) until the connection ends.
+    async fn serve<T: Transport>(&self, io: T, tls_principal: Option<Principal>) {
+        let inner = self.inner;
+        let cfg = ConnConfig {
+            max_frame_len: inner.cfg.max_frame_len,
+            handshake_timeout: inner.cfg.handshake_timeout,
+            session: inner.cfg.session,
+        };
+        let conn = Conn::server(self.started, cfg);
+        let auth = (inner.cfg.authorize.is_some() || tls_principal.is_some()).then(|| {
+            Box::new(SinkAuth {
+                tls_principal,
+                principal: None,
+                pending: None,
+            })
+        });
+        let sink = ServerSink {
+            inner: inner.clone(),
+            conn_id: self.conn_id,
+            remote: self.remote,
+            shared: self.shared.clone(),
+            client_id: None,
+            probe: None,
+            auth,
+        };
+        let ended = driver::drive(io, Box::new(conn), self.shared.clone(), sink).await;
+        let sink = ended.sink;
+        inner.admission.end_handshake(self.conn_id);
+        match (ended.handed_off, sink.probe) {
+            // A `tether probe` connection: the PROBE frame was its first frame. It is no client.
+            (Some(stream), Some(req)) => crate::probe::respond(stream, req).await,
+            _ => inner.ended(
+                driver::now(),
+                self.conn_id,
+                sink.client_id.as_deref(),
+                self.remote,
+                ended.disconnect,
+                ended.session,
+                self.shared,
+            ),
+        }
+    }
+
+    /// The TLS handshake failed, timed out or was cut short: a refused connection.
+    fn failed(&self, reason: DisconnectReason) {
+        let now = driver::now();
+        let d = Disconnect {
+            reason,
+            silent_for: now.saturating_duration_since(self.started),
+        };
+        self.shared.finish(d.clone());
+        self.inner.admission.end_handshake(self.conn_id);
+        self.inner
+            .ended(now, self.conn_id, None, self.remote, d, None, self.shared);
+    }
+}
+
+/// What a plain-TCP tether client is told by a TLS listener.
+const REQUIRES_TLS: &str = "this server requires TLS: connect with TLS (tether connect --tls)";
+
+/// The server side of a TLS handshake, within the tether handshake's deadline, and cut
+/// short when the connection is evicted from the handshake slots or the server shuts down.
+async fn tls_handshake(
+    tls: &TlsServer,
+    stream: TcpStream,
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<ServerTlsStream<TcpStream>, DisconnectReason> {
+    let work = async {
+        // A client speaking plain tether (its preamble starts with 'T'; a TLS record with
+        // 0x16) is told why in its own protocol instead of getting a TLS alert it cannot read.
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            Ok(0) => return Err(DisconnectReason::PeerClosed),
+            Ok(_) => {}
+            Err(e) => return Err(DisconnectReason::from_io_error(&e)),
+        }
+        if first[0] == codec::MAGIC[0] {
+            refuse_plain(stream).await;
+            return Err(DisconnectReason::Refused {
+                code: CloseCode::BAD_HELLO,
+                text: REQUIRES_TLS.into(),
+            });
+        }
+        tls.acceptor()
+            .accept(stream)
+            .await
+            .map_err(|e| DisconnectReason::ProtocolError(format!("tls handshake failed: {e}")))
+    };
+    let command = poll_fn(|cx| shared.poll_command(cx));
+    tokio::select! {
+        r = work => r,
+        cmd = command => Err(match cmd {
+            Command::Refuse(code, text) | Command::Close(code, text) | Command::CloseNow(code, text) => {
+                DisconnectReason::Refused { code, text }
+            }
+        }),
+        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+            Err(DisconnectReason::ProtocolError("handshake timeout (in the tls handshake)".into()))
+        }
+    }
+}
+
+/// Answers a plain tether client on a TLS listener: preamble + REFUSE(BAD_HELLO), then an
+/// orderly close once its HELLO was read (bounded by the caller's deadline), so the REFUSE
+/// is not lost to a reset.
+async fn refuse_plain(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out = bytes::BytesMut::new();
+    codec::encode_preamble(&mut out);
+    codec::encode(
+        &Frame::Refuse {
+            code: CloseCode::BAD_HELLO,
+            text: REQUIRES_TLS.into(),
+        },
+        &mut out,
+    );
+    if stream.write_all(&out).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 1024];
+    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+}
+
+/// Authentication state of a server connection (boxed: most idle connections of a server
+/// without authorization carry none).
+struct SinkAuth {
+    /// The client certificate's principal (mutual TLS).
+    tls_principal: Option<Principal>,
+    /// The principal the connection was accepted as.
+    principal: Option<Principal>,
+    /// The HELLO while the authorizer decides.
+    pending: Option<Hello>,
+}
+
+/// Connects one connection's events to the server: the HELLO to authorization and then the
+/// lifecycle, messages to the event stream, liveness changes to presence. The end is handled
+/// after the task (`Inner::ended`), when the session is back from the state machine.
 struct ServerSink {
     inner: Arc<Inner>,
     conn_id: u64,
@@ -216,21 +371,225 @@ struct ServerSink {
     client_id: Option<String>,
     /// A probe request (the connection's first frame was PROBE).
     probe: Option<Bytes>,
+    /// Authentication, when the server authorizes or the client presented a certificate.
+    auth: Option<Box<SinkAuth>>,
 }
 
-impl Sink for ServerSink {
-    fn hello(&mut self, now: Instant, hello: &Hello) -> Decision {
+impl ServerSink {
+    fn auth(&mut self) -> &mut SinkAuth {
+        self.auth.get_or_insert_with(|| {
+            Box::new(SinkAuth {
+                tls_principal: None,
+                principal: None,
+                pending: None,
+            })
+        })
+    }
+
+    fn refuse(&self, code: CloseCode, text: String) -> Decision {
         self.inner.admission.end_handshake(self.conn_id);
-        let d = self
-            .inner
-            .hello(now, self.conn_id, self.remote, &self.shared, hello);
+        Decision::Refuse(code, text)
+    }
+
+    /// THROTTLED when the source address failed too often.
+    fn throttled(&self) -> Option<Decision> {
+        let t = self.inner.throttle.as_ref()?;
+        let Err(t) = lock(t).check(self.remote.ip(), driver::now()) else {
+            return None;
+        };
+        Some(self.refuse(
+            CloseCode::THROTTLED,
+            format!(
+                "too many failed attempts from this address; retry in {}",
+                tether_proto::duration::Human::ms(t.retry_after)
+            ),
+        ))
+    }
+
+    /// The request the authorizer judges.
+    fn request<'a>(&'a self, client_id: &'a str, credential: Option<&'a [u8]>) -> AuthRequest<'a> {
+        AuthRequest::new(client_id, SystemTime::now())
+            .credential(credential)
+            .remote(Some(self.remote))
+            .tls_principal(self.auth.as_ref().and_then(|a| a.tls_principal.as_ref()))
+    }
+
+    /// Awaits a pending verdict on a task of its own (at most the handshake timeout) and
+    /// hands it to the connection's task.
+    fn defer(&self, decision: PendingDecision, wrap: fn(AuthDecision) -> Resolved) {
+        let shared = Arc::downgrade(&self.shared);
+        let limit = self.inner.cfg.handshake_timeout;
+        tokio::spawn(async move {
+            let d = tokio::time::timeout(limit, decision)
+                .await
+                .unwrap_or_else(|_| {
+                    AuthDecision::Deny(Denial::unauthorized("authorization timed out"))
+                });
+            if let Some(shared) = shared.upgrade() {
+                shared.resolve(wrap(d));
+            }
+        });
+    }
+
+    /// Acts on the authorizer's verdict on `hello`.
+    fn judged(&mut self, now: Instant, hello: &Hello, d: AuthDecision) -> Decision {
+        let p = match d {
+            AuthDecision::Allow(p) => p,
+            AuthDecision::Deny(d) => {
+                self.inner.record_failure(self.remote);
+                return self.refuse(d.code, d.text);
+            }
+            AuthDecision::Pending(_) => {
+                return self.refuse(
+                    CloseCode::UNAUTHORIZED,
+                    "authorization did not decide".into(),
+                )
+            }
+        };
+        // Checked here too, whatever the hook: a principal for another id, or expired, is
+        // never accepted.
+        let wall = SystemTime::now();
+        if p.is_expired(wall) {
+            self.inner.record_failure(self.remote);
+            return self.refuse(CloseCode::UNAUTHORIZED, "credential expired".into());
+        }
+        if !p.allows(&hello.client_id) {
+            self.inner.record_failure(self.remote);
+            return self.refuse(
+                CloseCode::ID_NOT_ALLOWED,
+                format!("{} may not use client id {:?}", p.key(), hello.client_id),
+            );
+        }
+        let ttl = Some(p.wire_ttl(wall)).filter(|t| !t.is_zero());
+        let key = p.key();
+        let d = self.connect(now, hello, Some(&key), ttl);
+        if let Decision::Accept(..) = d {
+            self.auth().principal = Some(p);
+        }
+        d
+    }
+
+    /// The lifecycle transition for an admitted HELLO.
+    fn connect(
+        &mut self,
+        now: Instant,
+        hello: &Hello,
+        principal: Option<&PrincipalKey>,
+        ttl: Option<Duration>,
+    ) -> Decision {
+        self.inner.admission.end_handshake(self.conn_id);
+        let d = self.inner.hello(
+            now,
+            self.conn_id,
+            self.remote,
+            &self.shared,
+            hello,
+            Admitted {
+                principal,
+                credential_ttl: ttl,
+            },
+        );
         if let Decision::Accept(..) = d {
             self.client_id = Some(hello.client_id.clone());
         }
         d
     }
 
-    fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
+    /// Acts on the authorizer's verdict on an AUTH.
+    fn refreshed(&mut self, d: AuthDecision) -> RefreshAnswer {
+        let id = self.client_id.clone().unwrap_or_default();
+        let p = match d {
+            AuthDecision::Allow(p) => p,
+            AuthDecision::Deny(d) => {
+                self.inner.record_failure(self.remote);
+                return RefreshAnswer::Refuse(d.text);
+            }
+            AuthDecision::Pending(_) => {
+                return RefreshAnswer::Refuse("authorization did not decide".into())
+            }
+        };
+        let wall = SystemTime::now();
+        let current = self.auth().principal.as_ref().map(Principal::key);
+        if current.as_ref() != Some(&p.key()) {
+            self.inner.record_failure(self.remote);
+            return RefreshAnswer::Refuse(format!(
+                "refreshed credential names {}, not the connection's principal",
+                p.key()
+            ));
+        }
+        if p.is_expired(wall) {
+            return RefreshAnswer::Refuse("refreshed credential already expired".into());
+        }
+        if !p.allows(&id) {
+            return RefreshAnswer::Refuse(format!(
+                "{} may no longer use client id {id:?}",
+                p.key()
+            ));
+        }
+        let ttl = Some(p.wire_ttl(wall)).filter(|t| !t.is_zero());
+        self.auth().principal = Some(p);
+        RefreshAnswer::Ok(ttl)
+    }
+}
+
+impl Sink for ServerSink {
+    fn hello(&mut self, now: Instant, hello: &Hello) -> Decision {
+        if let Err(e) = check_client_id(&hello.client_id) {
+            return self.refuse(CloseCode::BAD_HELLO, e.to_string());
+        }
+        let Some(hook) = self.inner.cfg.authorize.clone() else {
+            if hello.resume.is_some() {
+                if let Some(d) = self.throttled() {
+                    return d;
+                }
+            }
+            return self.connect(now, hello, None, None);
+        };
+        if let Some(d) = self.throttled() {
+            return d;
+        }
+        let req = self.request(&hello.client_id, hello.credential.as_deref());
+        match hook.0.authorize(&req) {
+            AuthDecision::Pending(f) => {
+                self.auth().pending = Some(hello.clone());
+                self.defer(f, Resolved::Hello);
+                Decision::Pending
+            }
+            d => self.judged(now, hello, d),
+        }
+    }
+
+    fn refresh(&mut self, _now: Instant, credential: &Credential) -> RefreshAnswer {
+        let Some(hook) = self.inner.cfg.authorize.clone() else {
+            // Nothing was checked at the HELLO either: the credential does not expire.
+            return RefreshAnswer::Ok(None);
+        };
+        let Some(current) = self.auth.as_ref().and_then(|a| a.principal.clone()) else {
+            return RefreshAnswer::Refuse("no principal to refresh".into());
+        };
+        let id = self.client_id.clone().unwrap_or_default();
+        let req = self.request(&id, Some(credential));
+        match hook.0.refresh(&current, &req) {
+            AuthDecision::Pending(f) => {
+                self.defer(f, Resolved::Refresh);
+                RefreshAnswer::Pending
+            }
+            d => self.refreshed(d),
+        }
+    }
+
+    fn resolved(&mut self, now: Instant, r: Resolved) -> Resolution {
+        match r {
+            Resolved::Hello(d) => match self.auth().pending.take() {
+                Some(hello) => Resolution::Hello(self.judged(now, &hello, d)),
+                None => Resolution::Hello(Decision::Pending),
+            },
+            Resolved::Refresh(d) => Resolution::Refresh(self.refreshed(d)),
+            Resolved::Credential(_) => Resolution::Refresh(RefreshAnswer::Pending),
+        }
+    }
+
+    fn event(&mut self, _shared: &Arc<Shared>, ev: ConnEvent) {
         let inner = &self.inner;
         match ev {
             ConnEvent::Message { payload, seq } => {
@@ -263,6 +622,9 @@ impl Sink for ServerSink {
             | ConnEvent::Established(_)
             | ConnEvent::Rtt { .. }
             | ConnEvent::SessionLost { .. }
+            | ConnEvent::Auth(_)
+            | ConnEvent::RefreshCredential { .. }
+            | ConnEvent::CredentialRefreshed { .. }
             | ConnEvent::Closed(_) => {}
         }
     }

@@ -18,11 +18,16 @@
 //! under 256 MiB in all. Kernel socket buffers are not counted (they are the kernel's).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tether_proto::presence::RegistryConfig;
 use tether_proto::session::SessionConfig;
 use tether_proto::Policy;
+
+use crate::auth::throttle::ThrottleConfig;
+use crate::auth::Authorize;
+use crate::tls::TlsServer;
 
 /// Server settings. Build with [`ServerConfig::new`] and the setters; read back with the
 /// `get_*` methods (the setters own the plain names, as in `std::process::Command`).
@@ -56,6 +61,19 @@ pub struct ServerConfig {
     pub(crate) max_partial_frame_bytes: usize,
     pub(crate) max_unsent_bytes: usize,
     pub(crate) send_wait: Duration,
+    pub(crate) tls: Option<Arc<TlsServer>>,
+    pub(crate) authorize: Option<AuthHook>,
+    pub(crate) throttle: Option<ThrottleConfig>,
+}
+
+/// The authorization hook, shared by every connection.
+#[derive(Clone)]
+pub(crate) struct AuthHook(pub(crate) Arc<dyn Authorize>);
+
+impl std::fmt::Debug for AuthHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Authorize(..)")
+    }
 }
 
 impl Default for ServerConfig {
@@ -76,6 +94,9 @@ impl Default for ServerConfig {
             max_partial_frame_bytes: 32 << 20,
             max_unsent_bytes: 64 << 20,
             send_wait: Duration::from_secs(1),
+            tls: None,
+            authorize: None,
+            throttle: Some(ThrottleConfig::default()),
         }
     }
 }
@@ -219,6 +240,57 @@ impl ServerConfig {
     pub fn send_wait(mut self, t: Duration) -> Self {
         self.send_wait = t;
         self
+    }
+
+    /// Speaks TLS on every accepted connection with `tls`'s certificate (and, when it has a
+    /// client CA, requires client certificates: mutual TLS). The acceptor is taken from `tls`
+    /// per connection, so [`TlsServer::reload`] (on SIGHUP) applies to the next handshake
+    /// while established connections keep theirs. The TLS handshake runs on the
+    /// connection's own task, counts as part of the tether handshake (the
+    /// [`handshake_timeout`](Self::handshake_timeout) covers both) and holds one of the
+    /// [`max_handshakes`](Self::max_handshakes) slots. A client that speaks plain tether
+    /// to it is refused with BAD_HELLO ("this server requires TLS"). Default: none (plain
+    /// TCP).
+    pub fn tls(mut self, tls: Arc<TlsServer>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Judges every HELLO with `hook` (and every in-band credential refresh with its
+    /// [`refresh`](Authorize::refresh)): a client is accepted only as a principal the hook
+    /// allows, for a client id that principal may use, and only the same principal may
+    /// replace the id's connection, resume its session or take over a held one (REFUSE 18
+    /// ID_NOT_ALLOWED otherwise). No credential or a bad one is REFUSE 17 UNAUTHORIZED;
+    /// both are decided before any state of the client id is touched. A connection is
+    /// closed with CLOSE(CREDENTIAL_EXPIRED) when its principal's credential runs out,
+    /// unless the client refreshed it. The hook may answer later
+    /// ([`AuthDecision::Pending`](crate::auth::AuthDecision::Pending)) for checks that need
+    /// I/O. Use [`Builtin`](crate::auth::Builtin) for JWT and mutual TLS. Default: none
+    /// (every client is anonymous; any connection may take over any id).
+    pub fn authorize(mut self, hook: Arc<dyn Authorize>) -> Self {
+        self.authorize = Some(AuthHook(hook));
+        self
+    }
+
+    /// Throttles failed attempts per source address (refused credentials, resumes with a
+    /// wrong token or by another principal): past the limit the address's HELLOs that carry
+    /// a credential or a resume (all of them when [`authorize`](Self::authorize) is set)
+    /// are refused with REFUSE 19 THROTTLED until its bucket refills. `None` turns it off.
+    /// Default: `ThrottleConfig::default()` (10 failures, then one per 6 s).
+    pub fn auth_throttle(mut self, cfg: Option<ThrottleConfig>) -> Self {
+        self.throttle = cfg;
+        self
+    }
+
+    /// The TLS configuration, if the server speaks TLS.
+    pub fn get_tls(&self) -> Option<&Arc<TlsServer>> {
+        self.tls.as_ref()
+    }
+
+    /// The authorization hook, if any (for layers that add their own checks, such as a
+    /// gateway's webhook, around it).
+    pub fn get_authorize(&self) -> Option<Arc<dyn Authorize>> {
+        self.authorize.as_ref().map(|h| h.0.clone())
     }
 
     /// The address to listen on.

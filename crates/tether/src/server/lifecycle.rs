@@ -28,10 +28,10 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tether_proto::codec::{Hello, SessionGrant};
+use tether_proto::codec::{Hello, SessionGrant, TOKEN_LEN};
 use tether_proto::presence::{PresenceChange, Registry};
 use tether_proto::session::Session;
 use tether_proto::{CloseCode, Disconnect, DisconnectReason};
@@ -39,6 +39,8 @@ use tether_proto::{CloseCode, Disconnect, DisconnectReason};
 use super::events::{SendError, ServerEvent};
 use super::sessions::{self, Held, Plan, SessionSlot};
 use super::Inner;
+use crate::auth::resume::ResumeCredential;
+use crate::auth::PrincipalKey;
 use crate::connection::liveness_config;
 use crate::driver::{Decision, Offer, Shared};
 
@@ -52,9 +54,10 @@ pub(super) struct Clients {
 /// One client id's lifecycle state.
 #[derive(Debug, Default)]
 struct Record {
-    /// Who the connection authenticated as, when authentication decides one. Only the same
-    /// principal may replace the connection or resume the session.
-    principal: Option<Arc<str>>,
+    /// Who the connection authenticated as (`None` on a server without authorization).
+    /// Only the same principal may replace the connection, resume the session, take over a
+    /// held session or start a new one while another principal's is held.
+    principal: Option<PrincipalKey>,
     /// The connection the id is on.
     conn: Option<Live>,
     /// The id's session: attached to `conn`, or held.
@@ -116,8 +119,12 @@ impl Clients {
     }
 }
 
-fn valid_client_id(id: &str) -> bool {
-    !id.is_empty() && !id.chars().any(|c| c.is_control())
+/// What admission decided about a HELLO before its lifecycle transition.
+pub(super) struct Admitted<'a> {
+    /// The principal it authenticated as (`None` on a server without authorization).
+    pub(super) principal: Option<&'a PrincipalKey>,
+    /// When the principal's credential runs out, from now (`None`: it does not).
+    pub(super) credential_ttl: Option<Duration>,
 }
 
 impl Inner {
@@ -135,19 +142,18 @@ impl Inner {
         r
     }
 
-    /// Who the HELLO authenticates as: the seam for authentication (the credential in the
-    /// HELLO, the client certificate). Without it every client is anonymous (`None`).
-    fn admit(&self, hello: &Hello) -> Result<Option<Arc<str>>, (CloseCode, String)> {
-        if !valid_client_id(&hello.client_id) {
-            return Err((
-                CloseCode::BAD_HELLO,
-                format!("invalid client id {:?}", hello.client_id),
-            ));
+    /// Counts a failed attempt (a refused credential, a wrong or used resume token) from
+    /// `remote` against its throttle.
+    pub(super) fn record_failure(&self, remote: SocketAddr) {
+        if let Some(t) = &self.throttle {
+            lock(t).record_failure(remote.ip(), crate::driver::now());
         }
-        Ok(None)
     }
 
-    /// Transition: a HELLO on connection `conn_id` — connect, replace, or resume.
+    /// Transition: a HELLO on connection `conn_id`, already admitted (a valid id; the
+    /// principal it authenticated as, if the server authorizes) — connect, replace, or
+    /// resume. Only the same principal may touch a record that is not idle: a live
+    /// connection, a held or attached session.
     pub(super) fn hello(
         &self,
         now: Instant,
@@ -155,11 +161,12 @@ impl Inner {
         remote: SocketAddr,
         shared: &Arc<Shared>,
         hello: &Hello,
+        admitted: Admitted<'_>,
     ) -> Decision {
-        let principal = match self.admit(hello) {
-            Ok(p) => p,
-            Err((code, text)) => return Decision::Refuse(code, text),
-        };
+        let Admitted {
+            principal,
+            credential_ttl,
+        } = admitted;
         if self.established.load(Relaxed) >= self.max_connections {
             return Decision::Refuse(
                 CloseCode::SERVER_FULL,
@@ -173,7 +180,10 @@ impl Inner {
         let linger = self.cfg.session_linger;
         let mut shard = lock(self.clients.shard(id));
         let rec = shard.entry(id.clone()).or_default();
-        if !rec.is_idle() && rec.principal != principal {
+        if !rec.is_idle() && rec.principal.as_ref() != principal {
+            if hello.resume.is_some() {
+                self.record_failure(remote);
+            }
             return Decision::Refuse(
                 CloseCode::ID_NOT_ALLOWED,
                 "this client id is in use by another principal".into(),
@@ -181,26 +191,42 @@ impl Inner {
         }
         let plan = match sessions::plan(
             hello,
+            principal,
             rec.session.as_ref(),
             rec.conn.as_ref(),
             linger.is_some(),
         ) {
             Ok(p) => p,
-            Err((code, text)) => {
+            Err(r) => {
                 if rec.is_idle() {
                     shard.remove(id);
                 }
-                return Decision::Refuse(code, text);
+                if r.failure {
+                    self.record_failure(remote);
+                }
+                return Decision::Refuse(r.code, r.text);
             }
         };
         let session = match plan {
             Plan::Resume => {
+                // Rotate first: a token that cannot be replaced leaves the session held.
+                let token = match rec.session.as_mut().map(|s| s.resume.rotate()) {
+                    Some(Ok(t)) => t,
+                    Some(Err(e)) => {
+                        return Decision::Refuse(
+                            CloseCode::REFUSED,
+                            format!("cannot draw a session token from the OS random source: {e}"),
+                        )
+                    }
+                    None => unreachable!("plan() resumes only a held session"),
+                };
                 let Some(held) = rec.session.as_mut().and_then(|s| s.held.take()) else {
                     unreachable!("plan() resumes only a held session");
                 };
                 self.budgets.unsent.give(held.charged());
                 shared.requeue_front(held.pending.into_iter().collect());
-                let grant = sessions::resumed_grant(&held.session, linger.unwrap_or_default());
+                let grant =
+                    sessions::resumed_grant(&held.session, token, linger.unwrap_or_default());
                 Some((grant, held.session))
             }
             Plan::New | Plan::None => {
@@ -212,7 +238,7 @@ impl Inner {
                     }
                 }
                 if matches!(plan, Plan::New) {
-                    match self.new_session(linger.unwrap_or_default()) {
+                    match self.new_session(id, principal, linger.unwrap_or_default()) {
                         Ok((slot, grant, session)) => {
                             rec.session = Some(slot);
                             Some((grant, session))
@@ -239,7 +265,7 @@ impl Inner {
             conn_id,
             shared: shared.clone(),
         });
-        rec.principal = principal;
+        rec.principal = principal.cloned();
         self.established.fetch_add(1, Relaxed);
         self.totals.accepted.fetch_add(1, Relaxed);
         let replaced = self.with_registry(|r| r.connected(now, id, conn_id, remote));
@@ -255,19 +281,24 @@ impl Inner {
         Decision::Accept(
             liveness_config(&self.cfg.policy, true),
             session.map(Box::new),
+            credential_ttl,
         )
     }
 
+    /// A new session for client `client_id` of `principal`: its grant carries the token,
+    /// the slot only the token's hash.
     fn new_session(
         &self,
-        linger: std::time::Duration,
+        client_id: &str,
+        principal: Option<&PrincipalKey>,
+        linger: Duration,
     ) -> Result<(SessionSlot, SessionGrant, Session), String> {
-        let token = crate::random::secret()
+        let (resume, token) = ResumeCredential::issue(client_id, principal.cloned())
             .map_err(|e| format!("cannot draw a session token from the OS random source: {e}"))?;
         let id = self.next_session_id.fetch_add(1, Relaxed);
         let slot = SessionSlot {
             id,
-            token,
+            resume,
             held: None,
         };
         let grant = SessionGrant {
@@ -277,7 +308,9 @@ impl Inner {
             last_received: 0,
             linger,
         };
-        Ok((slot, grant, Session::new(id, token, self.cfg.session)))
+        // The server's copy carries no token (the slot holds its hash).
+        let session = Session::new(id, [0; TOKEN_LEN], self.cfg.session);
+        Ok((slot, grant, session))
     }
 
     /// Transition: connection `conn_id` ended. For the id's current connection: hold the

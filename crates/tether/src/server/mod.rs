@@ -42,6 +42,7 @@ use tokio::sync::{broadcast, mpsc, Notify};
 pub use config::{default_max_connections, ServerConfig};
 pub use events::{ClientInfo, SendError, ServerEvent, ServerMetrics};
 
+use crate::auth::throttle::FailureThrottle;
 use crate::driver::{self, Budgets, Command, StatsSnapshot};
 use accept::Admission;
 use lifecycle::{lock, Clients};
@@ -66,6 +67,8 @@ pub(crate) struct Inner {
     established: AtomicUsize,
     next_conn_id: AtomicU64,
     next_session_id: AtomicU64,
+    /// Failed attempts per source address (a leaf lock: nothing is taken while it is held).
+    throttle: Option<Mutex<FailureThrottle>>,
 }
 
 /// Wake-ups, kept outside `Inner` so the expiry task can wait on them while holding only a
@@ -148,6 +151,7 @@ impl Server {
         let local_addr = listener.local_addr().unwrap_or(cfg.listen);
         let (tx, rx) = mpsc::unbounded_channel();
         let (presence_tx, _) = broadcast::channel(4096);
+        let cfg_throttle = cfg.throttle;
         let inner = Arc::new(Inner {
             max_connections: cfg.get_max_connections(),
             registry: Mutex::new(Registry::new(cfg.registry)),
@@ -167,6 +171,7 @@ impl Server {
             established: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
             next_session_id: AtomicU64::new(1),
+            throttle: cfg_throttle.map(|t| Mutex::new(FailureThrottle::new(t))),
         });
         let accept = tokio::spawn(accept::accept_loop(listener, inner.clone()));
         tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));

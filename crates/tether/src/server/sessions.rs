@@ -9,18 +9,24 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tether_proto::codec::{Hello, SessionGrant, TOKEN_LEN};
+use tether_proto::codec::{Hello, SessionGrant};
 use tether_proto::session::Session;
 use tether_proto::CloseCode;
 
 use super::lifecycle::Live;
+use crate::auth::resume::ResumeCredential;
+use crate::auth::PrincipalKey;
 use crate::driver::Command;
 
-/// A client's session: its id and resume token, and the session itself while it is held.
+/// A client's session: its id, what authenticates its next resume (a hash of the token,
+/// bound to the client id and the principal), and the session itself while it is held.
+///
+/// The token itself is never kept: it goes out in the WELCOME and is forgotten. The
+/// server's copy of the session (`tether_proto::session::Session`) carries a zero token.
 #[derive(Debug)]
 pub(super) struct SessionSlot {
     pub(super) id: u64,
-    pub(super) token: [u8; TOKEN_LEN],
+    pub(super) resume: ResumeCredential,
     /// `Some` between connections; `None` while a connection runs the session.
     pub(super) held: Option<Held>,
 }
@@ -54,19 +60,28 @@ pub(super) enum Plan {
     Resume,
 }
 
+/// A refused session request: the REFUSE code and text, and whether it counts as a failed
+/// attempt for the source address (a wrong or used token, another principal's session).
+pub(super) struct Refusal {
+    pub(super) code: CloseCode,
+    pub(super) text: String,
+    pub(super) failure: bool,
+}
+
 /// Decides the session part of `hello` for a client whose session slot is `slot` and whose
-/// live connection (if any) is `live`. `sessions_on`: the server holds sessions at all.
+/// live connection (if any) is `live`, as `principal`. `sessions_on`: the server holds
+/// sessions at all.
 pub(super) fn plan(
     hello: &Hello,
+    principal: Option<&PrincipalKey>,
     slot: Option<&SessionSlot>,
     live: Option<&Live>,
     sessions_on: bool,
-) -> Result<Plan, (CloseCode, String)> {
-    let unknown = || {
-        (
-            CloseCode::SESSION_UNKNOWN,
-            "unknown or expired session".to_owned(),
-        )
+) -> Result<Plan, Refusal> {
+    let unknown = |failure| Refusal {
+        code: CloseCode::SESSION_UNKNOWN,
+        text: "unknown or expired session".to_owned(),
+        failure,
     };
     let Some(r) = &hello.resume else {
         return Ok(if hello.want_session && sessions_on {
@@ -76,18 +91,26 @@ pub(super) fn plan(
         });
     };
     if !sessions_on {
-        return Err((
-            CloseCode::SESSION_UNKNOWN,
-            "sessions are disabled on this server".into(),
-        ));
+        return Err(Refusal {
+            code: CloseCode::SESSION_UNKNOWN,
+            text: "sessions are disabled on this server".into(),
+            failure: false,
+        });
     }
+    // No session for this id: nothing to guess at (a server restart or an expired hold
+    // sends every client here), so it does not count as a failure.
     let Some(slot) = slot else {
-        return Err(unknown());
+        return Err(unknown(false));
     };
-    // The token is compared in constant time, and before anything else is revealed.
-    let token_ok = bool::from(subtle::ConstantTimeEq::ct_eq(&slot.token[..], &r.token[..]));
-    if !token_ok || slot.id != r.session_id {
-        return Err(unknown());
+    // The id, the principal and the token (in constant time, against its hash), before
+    // anything about the session is revealed; the same answer for every mismatch.
+    if slot
+        .resume
+        .check(&hello.client_id, principal, &r.token)
+        .is_err()
+        || slot.id != r.session_id
+    {
+        return Err(unknown(true));
     }
     if slot.held.is_some() {
         return Ok(Plan::Resume);
@@ -100,17 +123,22 @@ pub(super) fn plan(
             "session resumed on a newer connection".into(),
         ));
     }
-    Err((
-        CloseCode::SESSION_BUSY,
-        "session still attached to the previous connection; retry".into(),
-    ))
+    Err(Refusal {
+        code: CloseCode::SESSION_BUSY,
+        text: "session still attached to the previous connection; retry".into(),
+        failure: false,
+    })
 }
 
-/// The grant for a session resumed from `session`.
-pub(super) fn resumed_grant(session: &Session, linger: std::time::Duration) -> SessionGrant {
+/// The grant for a session resumed from `session`, with its new (rotated) token.
+pub(super) fn resumed_grant(
+    session: &Session,
+    token: [u8; tether_proto::codec::TOKEN_LEN],
+    linger: std::time::Duration,
+) -> SessionGrant {
     SessionGrant {
         session_id: session.id(),
-        token: *session.token(),
+        token,
         resumed: true,
         last_received: session.last_received(),
         linger,

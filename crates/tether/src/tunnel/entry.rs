@@ -130,6 +130,8 @@ async fn entry_conn(
     ccfg.backoff = cfg.backoff;
     ccfg.session_config = cfg.session;
     ccfg.outbox_bytes = 2 * WINDOW as usize;
+    ccfg.connect.tls = cfg.tls.clone();
+    ccfg.connect.credential = cfg.credential.clone();
     let client = Client::start(ccfg);
     let out = client.sender();
     let _ = events.send(TunnelEvent::Opened {

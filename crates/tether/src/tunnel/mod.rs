@@ -71,7 +71,9 @@ use tether_proto::backoff::BackoffConfig;
 use tether_proto::session::SessionConfig;
 use tether_proto::Policy;
 
+use crate::credential::Credentials;
 use crate::server::ServerConfig;
+use crate::tls::TlsClient;
 
 mod app;
 mod entry;
@@ -203,6 +205,11 @@ pub struct EntryConfig {
     pub session: SessionConfig,
     /// Reconnect backoff. Default: 50 ms base, 1 s cap, retry until the linger runs out.
     pub backoff: BackoffConfig,
+    /// Speak TLS to the exit. Default: none (plain TCP).
+    pub tls: Option<TlsClient>,
+    /// The credential presented to the exit (it must allow the ids `tun-*`, or the exit must
+    /// accept any id of an authenticated entry, as `tether tunnel exit` does). Default: none.
+    pub credential: Option<Credentials>,
 }
 
 impl EntryConfig {
@@ -219,6 +226,8 @@ impl EntryConfig {
                 cap: Duration::from_secs(1),
                 max_attempts: None,
             },
+            tls: None,
+            credential: None,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Test helpers: a userspace blackhole proxy and raw-protocol peers.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod manual;
+pub mod pki;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -48,6 +48,9 @@ pub(crate) struct ServerAgentArgs {
     /// Heartbeat interval in milliseconds (derived from the bound when absent).
     #[arg(long)]
     pub(crate) heartbeat_ms: Option<u64>,
+    /// Speak TLS with the test certificate in this directory (`tether_lab::test_tls`).
+    #[arg(long)]
+    pub(crate) tls_dir: Option<std::path::PathBuf>,
 }
 
 /// Which protocol the load generator speaks.
@@ -86,6 +89,28 @@ pub(crate) struct ClientAgentArgs {
     /// The tether policy's detection bound, in milliseconds.
     #[arg(long)]
     pub(crate) detect_within_ms: u64,
+    /// Speak TLS, trusting the test CA in this directory (`tether_lab::test_tls`).
+    #[arg(long)]
+    pub(crate) tls_dir: Option<std::path::PathBuf>,
+}
+
+/// The bench's TLS server configuration from the test material in `dir`.
+fn tls_server(dir: &std::path::Path) -> anyhow::Result<tether::tls::TlsServer> {
+    tether::tls::TlsServer::from_files(tether::tls::ServerTlsFiles::new(
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ))
+    .context("bench tls server")
+}
+
+/// The bench's TLS client configuration (trusting the test CA in `dir`).
+fn tls_client(dir: &std::path::Path) -> anyhow::Result<tether::tls::TlsClient> {
+    tether::tls::TlsClient::new(&tether::tls::ClientTlsOptions {
+        ca: Some(dir.join("ca.pem")),
+        server_name: Some(tether_lab::test_tls::SERVER_NAME.into()),
+        ..Default::default()
+    })
+    .context("bench tls client")
 }
 
 pub(crate) fn run(cmd: AgentCmd) -> anyhow::Result<std::process::ExitCode> {
@@ -119,9 +144,12 @@ pub(crate) fn policy(detect_within_ms: u64, heartbeat_ms: Option<u64>) -> anyhow
 
 async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
     let policy = policy(a.detect_within_ms, a.heartbeat_ms)?;
-    let cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+    let mut cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
         .policy(policy.clone())
         .max_connections(1_000_000);
+    if let Some(dir) = &a.tls_dir {
+        cfg = cfg.tls(Arc::new(tls_server(dir)?));
+    }
     let mut server = Server::bind(cfg).await.context("cannot bind")?;
     let handle = server.handle();
     let mut presence = handle.subscribe();
@@ -327,7 +355,9 @@ struct Counters {
 }
 
 async fn client_agent(a: ClientAgentArgs) -> anyhow::Result<()> {
-    let a = Arc::new(a);
+    let tls = a.tls_dir.as_deref().map(tls_client).transpose()?;
+    let a = Arc::new((a, tls));
+    let n_first = a.0.first;
     let counters = Arc::new(Counters::default());
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     emit(json!({"ev": "ready"}));
@@ -341,13 +371,13 @@ async fn client_agent(a: ClientAgentArgs) -> anyhow::Result<()> {
         }
     }
     let t0 = std::time::Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(a.concurrency.max(1)));
-    let mut tasks = Vec::with_capacity(a.count);
-    for i in 0..a.count {
+    let sem = Arc::new(tokio::sync::Semaphore::new(a.0.concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(a.0.count);
+    for i in 0..a.0.count {
         let permit = sem.clone().acquire_owned().await?;
         let (a, c, first_error) = (a.clone(), counters.clone(), first_error.clone());
         tasks.push(tokio::spawn(async move {
-            let r = connect_one(&a, a.first + i, &c, permit).await;
+            let r = connect_one(&a.0, a.1.as_ref(), a.0.first + i, &c, permit).await;
             match r {
                 Ok(h) => {
                     c.connected.fetch_add(1, Relaxed);
@@ -370,7 +400,7 @@ async fn client_agent(a: ClientAgentArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let mut held: Vec<Option<Held>> = Vec::with_capacity(a.count);
+    let mut held: Vec<Option<Held>> = Vec::with_capacity(a.0.count);
     for t in tasks {
         held.push(t.await.ok().flatten());
     }
@@ -396,10 +426,10 @@ async fn client_agent(a: ClientAgentArgs) -> anyhow::Result<()> {
                 let t = mono_ns();
                 for (i, h) in held.iter().enumerate() {
                     if let Some(Held::Tether { hole, .. }) = h {
-                        if (a.first + i) % m == 0 {
+                        if (n_first + i) % m == 0 {
                             hole.holed.store(true, Relaxed);
                             out.push(json!([
-                                format!("c{}", a.first + i),
+                                format!("c{}", n_first + i),
                                 hole.last_write_ns.load(Relaxed)
                             ]));
                         }
@@ -467,6 +497,7 @@ async fn client_agent(a: ClientAgentArgs) -> anyhow::Result<()> {
 
 async fn connect_one(
     a: &ClientAgentArgs,
+    tls: Option<&tether::tls::TlsClient>,
     index: usize,
     counters: &Arc<Counters>,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -485,9 +516,18 @@ async fn connect_one(
                     hole: hole.clone(),
                 };
                 let p = policy(a.detect_within_ms, Some(a.heartbeat_ms))?;
-                let conn = Connection::client_over(io, &ConnectOptions::new(id).policy(p))
-                    .await
-                    .context("tether handshake")?;
+                let opts = ConnectOptions::new(id).policy(p);
+                let conn = match tls {
+                    None => Connection::client_over(io, &opts).await,
+                    Some(tls) => {
+                        let io = tls
+                            .connect(tether_lab::test_tls::SERVER_NAME, io)
+                            .await
+                            .context("tls handshake")?;
+                        Connection::client_over(io, &opts).await
+                    }
+                }
+                .context("tether handshake")?;
                 Ok(Held::Tether { conn, hole })
             }
             Kind::Mqtt => {

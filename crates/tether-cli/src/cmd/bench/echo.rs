@@ -6,6 +6,7 @@
 //! last echo arrives.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -31,6 +32,25 @@ pub(crate) struct EchoOpts {
     pub(crate) rtt_samples: usize,
     pub(crate) messages: usize,
     pub(crate) rounds: usize,
+    /// Also run tether over TLS (`tether+tls`).
+    pub(crate) tls: bool,
+}
+
+/// The TLS pair for `tether+tls`: the test certificate of `tether_lab::test_tls`.
+type Tls = Arc<(tether::tls::TlsServer, tether::tls::TlsClient)>;
+
+fn tls_pair() -> anyhow::Result<Tls> {
+    let dir = std::env::temp_dir().join(format!("tether-echo-tls-{}", std::process::id()));
+    let f = tether_lab::test_tls::write(&dir)?;
+    let server =
+        tether::tls::TlsServer::from_files(tether::tls::ServerTlsFiles::new(f.cert, f.key))?;
+    let client = tether::tls::TlsClient::new(&tether::tls::ClientTlsOptions {
+        ca: Some(f.ca),
+        server_name: Some(tether_lab::test_tls::SERVER_NAME.into()),
+        ..Default::default()
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Arc::new((server, client)))
 }
 
 fn policy() -> Policy {
@@ -46,10 +66,21 @@ pub(crate) async fn run(opts: &EchoOpts) -> anyhow::Result<Vec<EchoResult>> {
         } else {
             opts.messages
         };
-        let t = best_of(opts.rounds, || tether_once(size, opts.rtt_samples, msgs)).await?;
+        let t = best_of(opts.rounds, || {
+            tether_once(size, opts.rtt_samples, msgs, None)
+        })
+        .await?;
         let p = best_of(opts.rounds, || plain_once(size, opts.rtt_samples, msgs)).await?;
         out.push(t);
         out.push(p);
+        if opts.tls {
+            let tls = tls_pair()?;
+            let s = best_of(opts.rounds, || {
+                tether_once(size, opts.rtt_samples, msgs, Some(tls.clone()))
+            })
+            .await?;
+            out.push(s);
+        }
     }
     Ok(out)
 }
@@ -113,12 +144,25 @@ fn result(
     }
 }
 
-async fn tether_once(size: usize, samples: usize, msgs: usize) -> anyhow::Result<EchoResult> {
+async fn tether_once(
+    size: usize,
+    samples: usize,
+    msgs: usize,
+    tls: Option<Tls>,
+) -> anyhow::Result<EchoResult> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let server_tls = tls.clone();
     let server = tokio::spawn(async move {
         let (s, _) = listener.accept().await?;
-        let (mut conn, _) = Connection::accept(s, &policy()).await?;
+        let (mut conn, _) = match &server_tls {
+            None => Connection::accept(s, &policy()).await?,
+            Some(t) => {
+                tether::sockopt::apply(&s, &policy())?;
+                let s = t.0.accept(s).await?;
+                Connection::accept_over(s, &policy(), &Default::default()).await?
+            }
+        };
         while let Ok(m) = conn.recv().await {
             if conn.send(m).await.is_err() {
                 break;
@@ -126,7 +170,11 @@ async fn tether_once(size: usize, samples: usize, msgs: usize) -> anyhow::Result
         }
         anyhow::Ok(())
     });
-    let mut conn = Connection::connect(addr, "echo", &policy()).await?;
+    let mut opts = tether::ConnectOptions::new("echo").policy(policy());
+    if let Some(t) = &tls {
+        opts = opts.tls(t.1.clone());
+    }
+    let mut conn = Connection::connect_with(addr, &opts).await?;
     let msg = Bytes::from(vec![0xa5; size]);
     let mut rtts = Vec::with_capacity(samples);
     for i in 0..samples + samples / 10 {
@@ -162,7 +210,12 @@ async fn tether_once(size: usize, samples: usize, msgs: usize) -> anyhow::Result
     writer.await?;
     drop(conn);
     let _ = server.await;
-    Ok(result("tether", size, rtts, msgs, took))
+    let name = if tls.is_some() {
+        "tether+tls"
+    } else {
+        "tether"
+    };
+    Ok(result(name, size, rtts, msgs, took))
 }
 
 async fn plain_once(size: usize, samples: usize, msgs: usize) -> anyhow::Result<EchoResult> {
@@ -230,9 +283,11 @@ mod tests {
             rtt_samples: 50,
             messages: 2000,
             rounds: 1,
+            tls: true,
         };
         let r = run(&opts).await.unwrap();
-        assert_eq!(r.len(), 4);
+        assert_eq!(r.len(), 6);
+        assert_eq!(r.iter().filter(|e| e.transport == "tether+tls").count(), 2);
         for e in &r {
             assert!(e.msgs_per_s > 0.0 && e.rtt_p50_us > 0.0, "{e:?}");
             assert!(e.rtt_p50_us <= e.rtt_p99_us, "{e:?}");

@@ -45,23 +45,35 @@ pub(super) struct HoldResult {
 
 pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::Result<HoldResult> {
     println!(
-        "\n== hold: {server:?}, N={n}, heartbeat {:?}, hold {:?} ==",
-        o.heartbeat, o.hold
+        "\n== hold: {}, N={n}, heartbeat {:?}, hold {:?} ==",
+        server.name(),
+        o.heartbeat,
+        o.hold
     );
     let hb_ms = o.heartbeat.as_millis() as u64;
     // The policy around a 30 s heartbeat: detect within 3 heartbeats.
     let dw_ms = hb_ms * 3;
     let mut tether_agent = None;
     let mut mosq = None;
+    // Over TLS: the server and the clients load the test certificate from one directory.
+    let tls: Vec<String> = match server {
+        Server::TetherTls => vec![
+            "--tls-dir".into(),
+            super::tls_dir()?.to_string_lossy().into_owned(),
+        ],
+        _ => Vec::new(),
+    };
     let (pid, addr, version) = match server {
-        Server::Tether => {
-            let mut a = Agent::spawn(&[
+        Server::Tether | Server::TetherTls => {
+            let mut args: Vec<String> = vec![
                 "server".into(),
                 "--detect-within-ms".into(),
                 dw_ms.to_string(),
                 "--heartbeat-ms".into(),
                 hb_ms.to_string(),
-            ])?;
+            ];
+            args.extend(tls.iter().cloned());
+            let mut a = Agent::spawn(&args)?;
             let v = a.expect("listening", Duration::from_secs(10)).await?;
             let addr = v["addr"].as_str().context("no addr")?.parse()?;
             let pid = a.pid;
@@ -80,12 +92,12 @@ pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::
     let rss_before = sys::rss_bytes(pid)?;
     let k0 = sys::kernel_mem();
     let kind = match server {
-        Server::Tether => "tether",
+        Server::Tether | Server::TetherTls => "tether",
         Server::Mosquitto => "mqtt",
     };
     let k = agents_for(n, o.agents);
     let (mut agents, connect_secs, failed, connect_error) =
-        connect_clients(kind, addr, 0, n, k, hb_ms, dw_ms).await?;
+        connect_clients(kind, addr, 0, n, k, hb_ms, dw_ms, &tls).await?;
     let connected = n as u64 - failed;
     println!(
         "  connected {connected}/{n} in {connect_secs:.2} s ({:.0}/s){}",
@@ -225,7 +237,7 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
     for r in rows {
         println!(
             "{:<10} {:>6} {:>9.0} {:>11.0} {:>11.0} {:>10} {:>11.0} {:>10} {:>12} {:>13.2} {:>7}",
-            format!("{:?}", r.server).to_lowercase(),
+            r.server.name(),
             r.n,
             r.connects_per_s,
             r.rss_per_conn,
@@ -257,6 +269,28 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
                 "tether/mosquitto at N={n}: RSS/conn {:.2}× (target < 1), CPU/msg {cpu} (target ≤ 1), connect rate {:.2}×",
                 t.rss_per_conn / m.rss_per_conn,
                 t.connects_per_s / m.connects_per_s
+            );
+        }
+    }
+    for n in rows
+        .iter()
+        .map(|r| r.n)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        if let (Some(t), Some(s)) = (
+            by_n.get(&(n, Server::Tether)),
+            by_n.get(&(n, Server::TetherTls)),
+        ) {
+            let cpu = match (t.cpu_us_per_liveness_msg, s.cpu_us_per_liveness_msg) {
+                (Some(a), Some(b)) => format!("{:.2}×", b / a),
+                _ => "n/a (no liveness messages during the hold)".to_owned(),
+            };
+            println!(
+                "tether-tls/tether at N={n}: RSS/conn {:.0} B vs {:.0} B ({:+.0} B per TLS connection), CPU/msg {cpu}, connect rate {:.2}×",
+                s.rss_per_conn,
+                t.rss_per_conn,
+                s.rss_per_conn - t.rss_per_conn,
+                s.connects_per_s / t.connects_per_s
             );
         }
     }
