@@ -70,7 +70,10 @@ async fn out_of_file_descriptors_the_accept_loop_waits_and_recovers() {
         "{} connections held; out of descriptors for {wall:?}: {cpu:?} of CPU",
         held.len()
     );
-    assert!(cpu < wall / 4, "{cpu:?} of CPU in {wall:?}: the accept loop spins");
+    assert!(
+        cpu < wall / 4,
+        "{cpu:?} of CPU in {wall:?}: the accept loop spins"
+    );
     // Descriptors free up: the server serves again.
     drop(held);
     let t = Instant::now();

@@ -271,7 +271,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                 Some(ServerEvent::Resumed { client_id, conn_id, replayed }) => {
                     log::line(&client_id, "resumed", &format!("conn={conn_id} replayed={replayed}"));
                 }
-                Some(ServerEvent::SessionLost { client_id, unacked, unsent }) => {
+                Some(ServerEvent::SessionLost { client_id, unacked, unsent, .. }) => {
                     let what = match unacked {
                         Some(r) => format!("messages {}..={} may not have been delivered", r.start(), r.end()),
                         None => "nothing unacknowledged".to_owned(),

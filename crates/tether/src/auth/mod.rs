@@ -391,6 +391,65 @@ pub trait Authorize: Send + Sync + 'static {
     }
 }
 
+/// An [`AuthRequest`] that owns its data, for an authorizer that answers later
+/// ([`AsyncAuthorize`]). Its `Debug` shows the credential's length only.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AuthQuery {
+    /// The client id the HELLO claims.
+    pub client_id: String,
+    /// The HELLO's credential, if any. A secret: never log it.
+    pub credential: Option<tether_proto::codec::Credential>,
+    /// The peer's address.
+    pub remote: Option<SocketAddr>,
+    /// The principal from the client certificate, on a mutual-TLS connection.
+    pub tls_principal: Option<Principal>,
+    /// The HELLO resumes a session (the server still checks the resume token itself).
+    pub resume: bool,
+    /// When the HELLO arrived (wall clock).
+    pub now: SystemTime,
+}
+
+impl AuthQuery {
+    /// A query for `client_id` at `now`, with nothing else known.
+    pub fn new(client_id: impl Into<String>, now: SystemTime) -> Self {
+        AuthQuery {
+            client_id: client_id.into(),
+            credential: None,
+            remote: None,
+            tls_principal: None,
+            resume: false,
+            now,
+        }
+    }
+
+    /// The borrowed form, for a synchronous [`Authorize`].
+    pub fn as_request(&self) -> AuthRequest<'_> {
+        AuthRequest::new(&self.client_id, self.now)
+            .credential(self.credential.as_ref().map(|c| c.as_bytes()))
+            .remote(self.remote)
+            .tls_principal(self.tls_principal.as_ref())
+    }
+}
+
+/// A decision that arrives later.
+pub type PendingDecision =
+    std::pin::Pin<Box<dyn std::future::Future<Output = AuthDecision> + Send>>;
+
+/// Judges a HELLO by asking something that answers later (a webhook: `tether serve
+/// --auth-webhook`). The server polls the returned future on the connection's own task: a
+/// slow answer delays only that handshake, which stays bounded by the handshake deadline
+/// and counts against the cap on connections in the handshake (dropping the future cancels
+/// the question). An implementation decides what an unreachable authority means; the
+/// webhook refuses (fails closed).
+///
+/// Resumes and replacements are judged like any HELLO; the server then still requires the
+/// same principal as the connection or session it takes over.
+pub trait AsyncAuthorize: Send + Sync + 'static {
+    /// Allow (with the principal) or deny, eventually.
+    fn authorize(&self, query: AuthQuery) -> PendingDecision;
+}
+
 /// Why a credential was not accepted. Each maps to a refusal code ([`AuthError::code`]).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]

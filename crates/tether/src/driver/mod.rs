@@ -60,6 +60,10 @@ pub(crate) enum Decision {
     Accept(LivenessConfig, Option<Box<(SessionGrant, Session)>>),
     /// Refuse with this code and text.
     Refuse(CloseCode, String),
+    /// Not decided yet (an authorization that waits on the network): the driver asks
+    /// [`Sink::poll_decision`] on every wake-up until it is. The handshake deadline still
+    /// runs, and the connection still counts as handshaking.
+    Pending,
 }
 
 /// Where a connection's events go.
@@ -67,6 +71,15 @@ pub(crate) trait Sink {
     /// Server side: a client said hello. Default: refuse.
     fn hello(&mut self, _now: Instant, _hello: &Hello) -> Decision {
         Decision::Refuse(CloseCode::REFUSED, "not accepting".into())
+    }
+    /// Server side: the decision on a HELLO answered with [`Decision::Pending`]. Polled with
+    /// the connection task's context (the sink registers its waker). Default: never ready.
+    fn poll_decision(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+        _now: Instant,
+    ) -> std::task::Poll<Decision> {
+        std::task::Poll::Pending
     }
     /// Any other event. `Message`s for a standalone connection go to the inbox.
     fn event(&mut self, shared: &Shared, ev: ConnEvent);
@@ -115,6 +128,8 @@ struct Driver<T, S> {
     frames: frames::FrameRoom,
     /// Transmit-buffer bytes last published to the shared state.
     transmit_published: usize,
+    /// The sink answered the HELLO with `Decision::Pending`.
+    awaiting_decision: bool,
 }
 
 /// Runs one connection to its end.
@@ -144,6 +159,7 @@ pub(crate) fn drive<T: Transport, S: Sink + Send>(
         established: false,
         frames: frames::FrameRoom::default(),
         transmit_published: 0,
+        awaiting_decision: false,
     };
     async move {
         let sleep = tokio::time::sleep_until(

@@ -38,6 +38,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             self.drive_timer(now);
             // Events before writing: a HELLO decision queues the WELCOME.
             self.process_events(now);
+            self.drive_decision(cx, now);
             self.drive_write(cx, now);
             // Writing may have ended the connection (a reset).
             self.process_events(now);
@@ -97,8 +98,15 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 };
                 inner.outbox_bytes -= msg.len();
                 moved = true;
-                if let Err(e) = conn.send_bytes(now, &msg) {
-                    tracing::debug!(error = %e, "message dropped by the state machine");
+                match conn.send_bytes(now, &msg) {
+                    Ok(()) => {
+                        if let Some(b) = inner.seq_base.as_mut() {
+                            *b += 1;
+                        }
+                    }
+                    // Senders on a server check the length first (`SendError::TooLarge`), so
+                    // the numbers promised by `seq_base` stay true.
+                    Err(e) => tracing::debug!(error = %e, "message dropped by the state machine"),
                 }
             }
             waiting_front = inner.outbox.front().map(Bytes::len);
@@ -223,12 +231,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     fn process_events(&mut self, now: Instant) {
         while let Some(ev) = self.conn.poll_event() {
             match ev {
-                ConnEvent::Hello(h) => match self.sink.hello(now, &h) {
-                    Decision::Accept(cfg, session) => {
-                        self.conn.accept(now, cfg, session.map(|b| *b))
-                    }
-                    Decision::Refuse(code, text) => self.conn.refuse(now, code, &text),
-                },
+                ConnEvent::Hello(h) => {
+                    let d = self.sink.hello(now, &h);
+                    self.apply_decision(now, d);
+                }
                 ConnEvent::Closed(d) => {
                     self.result = Some(d.clone());
                     self.sink.flush(&self.shared);
@@ -245,6 +251,27 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             }
         }
         self.sink.flush(&self.shared);
+    }
+
+    /// A HELLO decision that was pending (see `Decision::Pending`): apply it once the sink
+    /// has it. A connection that ended meanwhile (handshake deadline, refused to make room)
+    /// asks no more.
+    fn drive_decision(&mut self, cx: &mut Context<'_>, now: Instant) {
+        if !self.awaiting_decision || self.conn.is_closed() {
+            return;
+        }
+        if let Poll::Ready(d) = self.sink.poll_decision(cx, now) {
+            self.awaiting_decision = false;
+            self.apply_decision(now, d);
+        }
+    }
+
+    fn apply_decision(&mut self, now: Instant, d: Decision) {
+        match d {
+            Decision::Accept(cfg, session) => self.conn.accept(now, cfg, session.map(|b| *b)),
+            Decision::Refuse(code, text) => self.conn.refuse(now, code, &text),
+            Decision::Pending => self.awaiting_decision = true,
+        }
     }
 
     /// State machine → socket.

@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tether_proto::codec::Hello;
@@ -23,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::events::ServerEvent;
 use super::lifecycle::lock;
 use super::Inner;
+use crate::auth::{AuthDecision, AuthQuery, PendingDecision};
 use crate::driver::{self, Command, Decision, Limits, Shared, Sink};
 use crate::sockopt;
 
@@ -180,7 +182,9 @@ async fn run_connection(
         remote,
         shared: shared.clone(),
         client_id: None,
+        session: None,
         probe: None,
+        pending: None,
     };
     let ended = driver::drive(stream, Box::new(conn), shared.clone(), sink).await;
     let sink = ended.sink;
@@ -214,20 +218,83 @@ struct ServerSink {
     shared: Arc<Shared>,
     /// Set once the HELLO was accepted.
     client_id: Option<String>,
+    /// The session the connection runs, once accepted.
+    session: Option<u64>,
     /// A probe request (the connection's first frame was PROBE).
     probe: Option<Bytes>,
+    /// A HELLO waiting for the asynchronous authorizer's answer (polled on this task).
+    pending: Option<(Hello, PendingDecision)>,
+}
+
+impl ServerSink {
+    fn decided(&mut self, d: &Decision, hello: &Hello) {
+        if let Decision::Accept(_, session) = d {
+            self.client_id = Some(hello.client_id.clone());
+            self.session = session.as_ref().map(|s| s.0.session_id);
+        }
+    }
 }
 
 impl Sink for ServerSink {
     fn hello(&mut self, now: Instant, hello: &Hello) -> Decision {
+        if let Some(authorizer) = &self.inner.cfg.authorize_async {
+            // Checked here first (the client id, and any synchronous rule); the connection
+            // stays in the handshake (its deadline and the handshake cap bound the wait).
+            if let Err((code, text)) = self.inner.admit(hello) {
+                self.inner.admission.end_handshake(self.conn_id);
+                return Decision::Refuse(code, text);
+            }
+            let mut query = AuthQuery::new(hello.client_id.clone(), SystemTime::now());
+            query.credential = hello.credential.clone();
+            query.remote = Some(self.remote);
+            query.resume = hello.resume.is_some();
+            let answer = authorizer.0.authorize(query);
+            self.pending = Some((hello.clone(), answer));
+            return Decision::Pending;
+        }
         self.inner.admission.end_handshake(self.conn_id);
         let d = self
             .inner
             .hello(now, self.conn_id, self.remote, &self.shared, hello);
-        if let Decision::Accept(..) = d {
-            self.client_id = Some(hello.client_id.clone());
-        }
+        self.decided(&d, hello);
         d
+    }
+
+    fn poll_decision(&mut self, cx: &mut Context<'_>, now: Instant) -> Poll<Decision> {
+        let Some((_, answer)) = self.pending.as_mut() else {
+            return Poll::Pending;
+        };
+        let Poll::Ready(answer) = answer.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        let Some((hello, _)) = self.pending.take() else {
+            return Poll::Pending; // unreachable: matched just above
+        };
+        self.inner.admission.end_handshake(self.conn_id);
+        let d = match answer {
+            AuthDecision::Allow(p) if p.is_expired(SystemTime::now()) => Decision::Refuse(
+                CloseCode::UNAUTHORIZED,
+                "the authorization has already expired".into(),
+            ),
+            AuthDecision::Allow(p) if !p.allows(&hello.client_id) => Decision::Refuse(
+                CloseCode::ID_NOT_ALLOWED,
+                format!("{} may not use client id {:?}", p.key(), hello.client_id),
+            ),
+            AuthDecision::Allow(p) => {
+                let principal: Arc<str> = Arc::from(p.key().to_string());
+                self.inner.hello_as(
+                    now,
+                    self.conn_id,
+                    self.remote,
+                    &self.shared,
+                    &hello,
+                    Some(principal),
+                )
+            }
+            AuthDecision::Deny(denial) => Decision::Refuse(denial.code, denial.text),
+        };
+        self.decided(&d, &hello);
+        Poll::Ready(d)
     }
 
     fn event(&mut self, _shared: &Shared, ev: ConnEvent) {
@@ -240,6 +307,7 @@ impl Sink for ServerSink {
                         client_id: id.clone(),
                         msg: payload,
                         seq,
+                        session: self.session,
                     });
                 }
             }

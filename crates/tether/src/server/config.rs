@@ -18,11 +18,14 @@
 //! under 256 MiB in all. Kernel socket buffers are not counted (they are the kernel's).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tether_proto::presence::RegistryConfig;
 use tether_proto::session::SessionConfig;
 use tether_proto::Policy;
+
+use crate::auth::AsyncAuthorize;
 
 /// Server settings. Build with [`ServerConfig::new`] and the setters; read back with the
 /// `get_*` methods (the setters own the plain names, as in `std::process::Command`).
@@ -56,6 +59,17 @@ pub struct ServerConfig {
     pub(crate) max_partial_frame_bytes: usize,
     pub(crate) max_unsent_bytes: usize,
     pub(crate) send_wait: Duration,
+    pub(crate) authorize_async: Option<AsyncAuthorizer>,
+}
+
+/// The asynchronous authorizer, with a `Debug` that does not need one from it.
+#[derive(Clone)]
+pub(crate) struct AsyncAuthorizer(pub(crate) Arc<dyn AsyncAuthorize>);
+
+impl std::fmt::Debug for AsyncAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AsyncAuthorize")
+    }
 }
 
 impl Default for ServerConfig {
@@ -76,6 +90,7 @@ impl Default for ServerConfig {
             max_partial_frame_bytes: 32 << 20,
             max_unsent_bytes: 64 << 20,
             send_wait: Duration::from_secs(1),
+            authorize_async: None,
         }
     }
 }
@@ -218,6 +233,16 @@ impl ServerConfig {
     /// Default: 1 s.
     pub fn send_wait(mut self, t: Duration) -> Self {
         self.send_wait = t;
+        self
+    }
+
+    /// Sets an authorizer that answers later (a webhook): every HELLO waits for its
+    /// decision on its own connection's task, within the handshake deadline
+    /// ([`handshake_timeout`](Self::handshake_timeout)) and counted against
+    /// [`max_handshakes`](Self::max_handshakes), so a slow or dead authority delays only the
+    /// handshakes that wait for it. Default: none (every well-formed HELLO is accepted).
+    pub fn authorize_async(mut self, a: Arc<dyn AsyncAuthorize>) -> Self {
+        self.authorize_async = Some(AsyncAuthorizer(a));
         self
     }
 

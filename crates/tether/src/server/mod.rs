@@ -34,13 +34,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tether_proto::presence::{PresenceChange, PresenceCounts, PresenceState, Registry};
+use tether_proto::presence::{
+    PresenceChange, PresenceCounts, PresenceKind, PresenceState, Registry,
+};
 use tether_proto::CloseCode;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, Notify};
 
 pub use config::{default_max_connections, ServerConfig};
-pub use events::{ClientInfo, SendError, ServerEvent, ServerMetrics};
+pub use events::{
+    Broadcast, ClientInfo, ClientPage, Delivery, SendError, ServerEvent, ServerMetrics,
+};
 
 use crate::driver::{self, Budgets, Command, StatsSnapshot};
 use accept::Admission;
@@ -166,7 +170,7 @@ impl Server {
             open: AtomicUsize::new(0),
             established: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
-            next_session_id: AtomicU64::new(1),
+            next_session_id: AtomicU64::new(first_session_id()),
         });
         let accept = tokio::spawn(accept::accept_loop(listener, inner.clone()));
         tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));
@@ -244,6 +248,15 @@ impl ServerHandle {
     /// ([`SendError::SlowConsumer`]); a resuming client at that bound gives
     /// [`SendError::Backlogged`]; a spent server-wide budget gives [`SendError::ServerFull`].
     pub fn try_send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
+        self.inner.try_send(client_id, msg).map(|_| ())
+    }
+
+    /// [`try_send`](Self::try_send) that says what happened: the client's session and the
+    /// sequence number the message carries in it (the number the client acknowledges and a
+    /// [`ServerEvent::SessionLost`] names), and whether it waits in a held session for the
+    /// client's resume. A message longer than a frame carries is refused
+    /// ([`SendError::TooLarge`]).
+    pub fn try_deliver(&self, client_id: &str, msg: Bytes) -> Result<Delivery, SendError> {
         self.inner.try_send(client_id, msg)
     }
 
@@ -272,21 +285,17 @@ impl ServerHandle {
                         return Err(SendError::Backlogged(id));
                     }
                 }
-                r => return r,
+                r => return r.map(|_| ()),
             }
         }
     }
 
-    /// Queues `msg` to every connected client without waiting; returns how many took it.
-    /// A client that does not read is closed as a slow consumer (see
-    /// [`try_send`](Self::try_send)).
-    pub fn broadcast(&self, msg: Bytes) -> usize {
-        self.inner
-            .clients
-            .live()
-            .into_iter()
-            .filter(|(_, shared, _)| shared.offer(msg.clone(), false) == driver::Offer::Queued)
-            .count()
+    /// Queues `msg` to every connected client, and into the held session of every resuming
+    /// one, without waiting; says how many took it. A client that does not read is closed as
+    /// a slow consumer (see [`try_send`](Self::try_send)). Fails only for a message longer
+    /// than a frame carries.
+    pub fn broadcast(&self, msg: Bytes) -> Result<Broadcast, SendError> {
+        self.inner.broadcast(msg)
     }
 
     /// Closes a client's connection with `code` and `text` (after what is queued for it);
@@ -329,6 +338,47 @@ impl ServerHandle {
         drop(reg);
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// One page of clients in id order: at most `limit` after the id `after`, only those in
+    /// state `kind` when given. Costs O(log n + limit) whatever the number of clients (the
+    /// registry keeps ids sorted, per state too); pass the page's `next_cursor` as `after`
+    /// for the next one. Stable while clients come and go: no client is skipped or shown
+    /// twice because another appeared.
+    pub fn clients_page(
+        &self,
+        kind: Option<PresenceKind>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> ClientPage {
+        let reg = lock(&self.inner.registry);
+        let counts = reg.counts();
+        let (entries, more) = reg.page(kind, after, limit);
+        let entries: Vec<(String, tether_proto::presence::Entry)> = entries
+            .into_iter()
+            .map(|(id, e)| (id.to_owned(), e.clone()))
+            .collect();
+        drop(reg);
+        // Live counters after the registry lock (lock order: a shard before the registry).
+        let clients: Vec<ClientInfo> = entries
+            .iter()
+            .map(|(id, e)| {
+                let live = e
+                    .state
+                    .is_connected()
+                    .then(|| self.inner.clients.live_of(id))
+                    .flatten()
+                    .map(|s| s.stats.snapshot());
+                client_info(id, e, live)
+            })
+            .collect();
+        let next_cursor = more.then(|| clients.last().map(|c| c.id.clone())).flatten();
+        ClientPage {
+            matching: kind.map_or(counts.total(), |k| counts.get(k)),
+            counts,
+            clients,
+            next_cursor,
+        }
     }
 
     /// Counts per presence state.
@@ -376,6 +426,17 @@ impl ServerHandle {
     }
 }
 
+/// The first session id of this server: the wall-clock time in milliseconds times 1000, so
+/// that session ids of a restarted server never repeat earlier ones (a consumer that keys
+/// messages by `(client id, session, seq)` is not fooled by a restart). A server would have
+/// to open more than a million sessions per second on average to reach the next start's ids.
+fn first_session_id() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    ms.saturating_mul(1000).max(1)
+}
+
 /// A client as queries see it: presence from the registry, counters from the live
 /// connection or, when there is none, the last one's.
 fn client_info(
@@ -419,16 +480,18 @@ async fn expiry_loop(inner: std::sync::Weak<Inner>, signals: Arc<Signals>) {
             let now = driver::now();
             let mut reg = lock(&strong.registry);
             reg.handle_timeout(now);
-            let changes: Vec<PresenceChange> = std::iter::from_fn(|| reg.poll_change()).collect();
+            let changes = lifecycle::drain_changes(&mut reg);
             let next = reg.poll_timeout();
             drop(reg);
-            for ch in changes {
-                if matches!(ch.from, Some(PresenceState::Resuming { .. }))
-                    && matches!(ch.to, PresenceState::Offline { .. })
-                {
-                    strong.expire(now, &ch.id);
+            for (ch, remote) in changes {
+                let expired = matches!(ch.from, Some(PresenceState::Resuming { .. }))
+                    && matches!(ch.to, PresenceState::Offline { .. });
+                let id = ch.id.clone();
+                // The client goes offline, then its session is reported lost.
+                strong.publish(ch, remote);
+                if expired {
+                    strong.expire(now, &id);
                 }
-                let _ = strong.presence_tx.send(ch);
             }
             next
         };
