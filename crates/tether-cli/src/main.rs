@@ -9,6 +9,7 @@
 mod cmd;
 mod config;
 mod exit;
+mod gateway;
 mod http;
 mod log;
 mod metrics;

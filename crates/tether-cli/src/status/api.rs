@@ -100,12 +100,6 @@ pub(crate) struct Client {
     disconnects: u64,
 }
 
-/// An error answer.
-#[derive(Debug, Serialize)]
-struct ErrorJson {
-    error: String,
-}
-
 pub(crate) fn unix_ms(t: Option<SystemTime>) -> Option<u64> {
     let d = t?.duration_since(UNIX_EPOCH).ok()?;
     u64::try_from(d.as_millis()).ok()
@@ -170,7 +164,7 @@ pub(crate) fn clients_page(
 }
 
 fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(ErrorJson { error: message })).into_response()
+    crate::gateway::api::error(status, message)
 }
 
 /// `GET /api/clients`.
@@ -182,7 +176,7 @@ pub(crate) async fn list(
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let page = model::page(source.clients(), &q);
+    let page = source.page(&q);
     Json(clients_page(
         page,
         q.limit,

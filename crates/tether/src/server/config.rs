@@ -60,6 +60,7 @@ pub struct ServerConfig {
     pub(crate) max_unsent_bytes: usize,
     pub(crate) send_wait: Duration,
     pub(crate) authorize_async: Option<AsyncAuthorizer>,
+    pub(crate) presence_events: bool,
 }
 
 /// The asynchronous authorizer, with a `Debug` that does not need one from it.
@@ -91,6 +92,7 @@ impl Default for ServerConfig {
             max_unsent_bytes: 64 << 20,
             send_wait: Duration::from_secs(1),
             authorize_async: None,
+            presence_events: false,
         }
     }
 }
@@ -243,6 +245,16 @@ impl ServerConfig {
     /// handshakes that wait for it. Default: none (every well-formed HELLO is accepted).
     pub fn authorize_async(mut self, a: Arc<dyn AsyncAuthorize>) -> Self {
         self.authorize_async = Some(AsyncAuthorizer(a));
+        self
+    }
+
+    /// Sets whether presence changes also come out of `Server::next_event` as
+    /// `ServerEvent::Presence`, in order with the client's other events and never dropped
+    /// (what a consumer that must not miss one needs: `tether serve`'s event stream).
+    /// [`ServerHandle::subscribe`](super::ServerHandle::subscribe) has them either way, but
+    /// drops them for a subscriber that lags. Default: false.
+    pub fn presence_events(mut self, on: bool) -> Self {
+        self.presence_events = on;
         self
     }
 

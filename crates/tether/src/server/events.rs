@@ -77,7 +77,8 @@ pub enum ServerEvent {
         /// promised the `unsent` messages, in order (`None` when there are none).
         unsent_seqs: Option<RangeInclusive<u64>>,
     },
-    /// A client's presence changed (the same changes as
+    /// A client's presence changed, with
+    /// [`ServerConfig::presence_events`](super::ServerConfig::presence_events) on (the same changes as
     /// [`ServerHandle::subscribe`](super::ServerHandle::subscribe), but never dropped, and in
     /// order with the other events of the client: `Online` before its first message, its
     /// last message before `Resuming` or `Offline`).

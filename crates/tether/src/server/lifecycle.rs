@@ -137,10 +137,12 @@ impl Inner {
 
     /// A presence change to the event stream (lossless, in order) and to subscribers.
     pub(super) fn publish(&self, ch: PresenceChange, remote: Option<SocketAddr>) {
-        let _ = self.events.send(ServerEvent::Presence {
-            change: ch.clone(),
-            remote,
-        });
+        if self.cfg.presence_events {
+            let _ = self.events.send(ServerEvent::Presence {
+                change: ch.clone(),
+                remote,
+            });
+        }
         let _ = self.presence_tx.send(ch);
     }
 
