@@ -366,12 +366,14 @@ pub(crate) async fn close(
     if !body.iter().all(u8::is_ascii_whitespace) {
         let v: serde_json::Value = match serde_json::from_slice(&body) {
             Ok(v) => v,
-            Err(e) => return error(
-                StatusCode::BAD_REQUEST,
-                format!(
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
                     "body is not JSON ({e}); send {{\"code\": 1000, \"reason\": \"…\"}} or nothing"
                 ),
-            ),
+                )
+            }
         };
         let Some(obj) = v.as_object() else {
             return error(StatusCode::BAD_REQUEST, "body must be a JSON object".into());
