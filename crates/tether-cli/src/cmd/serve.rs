@@ -344,7 +344,16 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             keepalive: Duration::from_secs(15),
         });
         let api = crate::status::api_routes(source.clone()).merge(crate::gateway::routes(gw));
-        let app = crate::status::page_routes(source, Arc::new(registry))
+        // With a token, the page's first render carries no client data (a navigation cannot
+        // send the token); its script fetches the rows from the API with it.
+        let page_source: Arc<dyn crate::status::model::StatusSource> = if api_auth.has_token() {
+            Arc::new(crate::status::model::Shell {
+                rtt_every: s.policy.ping_interval,
+            })
+        } else {
+            source
+        };
+        let app = crate::status::page_routes(page_source, Arc::new(registry))
             .merge(crate::gateway::protect(api, api_auth));
         tokio::spawn(crate::http::serve(
             listener,

@@ -194,6 +194,27 @@ impl StatusSource for ServerSource {
     }
 }
 
+/// What the page's first render shows when the API needs a token: nothing (the page's
+/// script fetches the rows with the token; a browser's navigation cannot send it).
+pub(crate) struct Shell {
+    /// How often the server pings for RTT (the page's hint).
+    pub(crate) rtt_every: Option<Duration>,
+}
+
+impl StatusSource for Shell {
+    fn clients(&self) -> Vec<ClientRow> {
+        Vec::new()
+    }
+
+    fn client(&self, _id: &str) -> Option<ClientRow> {
+        None
+    }
+
+    fn rtt_every(&self) -> Option<Duration> {
+        self.rtt_every
+    }
+}
+
 /// The largest page.
 pub(crate) const MAX_LIMIT: usize = 1000;
 /// The page size when none is asked for.
