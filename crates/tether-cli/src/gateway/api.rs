@@ -15,6 +15,9 @@
 //! Request bodies are read within a deadline and up to a bound in bytes, before anything is
 //! parsed.
 
+// Refusals are answers: an axum `Response` in the `Err` of cold-path helpers, not boxed.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -5,6 +5,9 @@
 //! One axum middleware ([`require`]), applied to every `/api/` route (the status page's
 //! `/api/clients` included). The token is compared in constant time.
 
+// Refusals are answers: an axum `Response` in the `Err` of cold-path helpers, not boxed.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;

@@ -582,54 +582,6 @@ async fn mqtt_keepalive(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mqtt_connect_bytes() {
-        let p = mqtt_connect("c1", 30);
-        assert_eq!(
-            p,
-            vec![0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 2, b'c', b'1']
-        );
-        // Remaining length above 127 takes two bytes.
-        let long = "x".repeat(200);
-        let p = mqtt_connect(&long, 30);
-        assert_eq!(&p[..3], &[0x10, (212 % 128) as u8 | 0x80, 1]);
-    }
-
-    #[tokio::test]
-    async fn blackholed_client_sends_nothing_and_never_closes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = tokio::spawn(async move {
-            let s = connect_from("127.0.0.1".parse().unwrap(), addr)
-                .await
-                .unwrap();
-            let hole = Arc::new(Hole::default());
-            let mut io = Holeable {
-                s: Some(s),
-                hole: hole.clone(),
-            };
-            io.write_all(b"hi").await.unwrap();
-            assert!(hole.last_write_ns.load(Relaxed) > 0);
-            hole.holed.store(true, Relaxed);
-            io.write_all(b"swallowed").await.unwrap();
-            io.shutdown().await.unwrap();
-            drop(io);
-        });
-        let (mut srv, _) = listener.accept().await.unwrap();
-        client.await.unwrap();
-        let mut buf = [0u8; 16];
-        let n = srv.read(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"hi");
-        // Neither data nor FIN follows.
-        let r = tokio::time::timeout(Duration::from_millis(200), srv.read(&mut buf)).await;
-        assert!(r.is_err(), "expected silence, got {r:?}");
-    }
-}
-
 /// `api-clients`: `count` tether `Client`s; each message received is stamped with its send
 /// time (`t` + 20 digits of `CLOCK_MONOTONIC` ns), so the receipt gives the latency.
 /// Commands: `count`, `stats` (and reset the samples), `send K` (every client sends K stamped
@@ -717,4 +669,52 @@ async fn api_client_agent(a: ApiClientArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mqtt_connect_bytes() {
+        let p = mqtt_connect("c1", 30);
+        assert_eq!(
+            p,
+            vec![0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 2, b'c', b'1']
+        );
+        // Remaining length above 127 takes two bytes.
+        let long = "x".repeat(200);
+        let p = mqtt_connect(&long, 30);
+        assert_eq!(&p[..3], &[0x10, (212 % 128) as u8 | 0x80, 1]);
+    }
+
+    #[tokio::test]
+    async fn blackholed_client_sends_nothing_and_never_closes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let s = connect_from("127.0.0.1".parse().unwrap(), addr)
+                .await
+                .unwrap();
+            let hole = Arc::new(Hole::default());
+            let mut io = Holeable {
+                s: Some(s),
+                hole: hole.clone(),
+            };
+            io.write_all(b"hi").await.unwrap();
+            assert!(hole.last_write_ns.load(Relaxed) > 0);
+            hole.holed.store(true, Relaxed);
+            io.write_all(b"swallowed").await.unwrap();
+            io.shutdown().await.unwrap();
+            drop(io);
+        });
+        let (mut srv, _) = listener.accept().await.unwrap();
+        client.await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = srv.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"hi");
+        // Neither data nor FIN follows.
+        let r = tokio::time::timeout(Duration::from_millis(200), srv.read(&mut buf)).await;
+        assert!(r.is_err(), "expected silence, got {r:?}");
+    }
 }
