@@ -12,7 +12,7 @@
 //!             "disconnected_at_unix_ms", "silent_for_ms", "reason" (a DisconnectReason
 //!             label), "reason_text", "hold_left_ms",
 //!             "counters": {"messages_in","messages_out","bytes_in","bytes_out"} | null,
-//!             "connects", "disconnects"}
+//!             "connects", "disconnects", "session" (its session id while it has one)}
 //! ```
 //!
 //! Absent values are `null` (never a made-up 0). `state` is one of `online`, `suspect`,
@@ -98,6 +98,7 @@ pub(crate) struct Client {
     counters: Option<CountersJson>,
     connects: u64,
     disconnects: u64,
+    session: Option<u64>,
 }
 
 pub(crate) fn unix_ms(t: Option<SystemTime>) -> Option<u64> {
@@ -134,6 +135,7 @@ impl From<ClientRow> for Client {
             }),
             connects: r.connects,
             disconnects: r.disconnects,
+            session: r.session,
             id: r.id,
         }
     }

@@ -85,6 +85,8 @@ pub(crate) struct ClientRow {
     pub(crate) connects: u64,
     /// Connections of this id that ended.
     pub(crate) disconnects: u64,
+    /// Its session id while it has one (connected with a session, or resuming).
+    pub(crate) session: Option<u64>,
 }
 
 impl ClientRow {
@@ -141,6 +143,7 @@ impl ClientRow {
             }),
             connects: c.connects,
             disconnects: c.disconnects,
+            session: c.session,
         }
     }
 }
@@ -378,6 +381,7 @@ pub(crate) mod tests {
             }),
             connects: 2,
             disconnects: 1,
+            session: (!gone).then_some(1_700_003_723_000_001),
         }
     }
 
@@ -497,6 +501,7 @@ pub(crate) mod tests {
             connects: e.connects,
             disconnects: e.disconnects,
             conn_id: e.conn_id,
+            session: None,
         };
         let b = ClientRow::from_info(&info, now, wall_now);
         assert_eq!(b.state, PresenceKind::Resuming);

@@ -120,6 +120,9 @@ pub struct ClientInfo {
     pub disconnects: u64,
     /// The current (or last) connection id.
     pub conn_id: u64,
+    /// The client's session id, while it has one (attached to its connection, or held
+    /// while it is resuming).
+    pub session: Option<u64>,
 }
 
 /// One page of [`ServerHandle::clients_page`](super::ServerHandle::clients_page).

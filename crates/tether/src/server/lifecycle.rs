@@ -108,6 +108,13 @@ impl Clients {
         out
     }
 
+    /// The session id of `id`, while it has one.
+    pub(super) fn session_of(&self, id: &str) -> Option<u64> {
+        lock(self.shard(id))
+            .get(id)
+            .and_then(|r| r.session.as_ref().map(|s| s.id))
+    }
+
     /// The live connection of `id`.
     pub(super) fn live_of(&self, id: &str) -> Option<Arc<Shared>> {
         lock(self.shard(id))

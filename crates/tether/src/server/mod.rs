@@ -317,11 +317,14 @@ impl ServerHandle {
             .clients
             .live_of(client_id)
             .map(|s| s.stats.snapshot());
+        let session = self.inner.clients.session_of(client_id);
         let reg = lock(&self.inner.registry);
-        reg.get(client_id).map(|e| client_info(client_id, e, live))
+        reg.get(client_id)
+            .map(|e| client_info(client_id, e, live, session))
     }
 
-    /// Every known client (connected, resuming, and recently offline), sorted by id.
+    /// Every known client (connected, resuming, and recently offline), sorted by id (without
+    /// session ids; see [`clients_page`](Self::clients_page) for a page that has them).
     pub fn clients(&self) -> Vec<ClientInfo> {
         let live: std::collections::HashMap<String, StatsSnapshot> = self
             .inner
@@ -333,7 +336,7 @@ impl ServerHandle {
         let reg = lock(&self.inner.registry);
         let mut out: Vec<ClientInfo> = reg
             .iter()
-            .map(|(id, e)| client_info(id, e, live.get(id).copied()))
+            .map(|(id, e)| client_info(id, e, live.get(id).copied(), None))
             .collect();
         drop(reg);
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -369,7 +372,13 @@ impl ServerHandle {
                     .then(|| self.inner.clients.live_of(id))
                     .flatten()
                     .map(|s| s.stats.snapshot());
-                client_info(id, e, live)
+                let session = matches!(
+                    e.state,
+                    PresenceState::Online | PresenceState::Suspect | PresenceState::Resuming { .. }
+                )
+                .then(|| self.inner.clients.session_of(id))
+                .flatten();
+                client_info(id, e, live, session)
             })
             .collect();
         let next_cursor = more.then(|| clients.last().map(|c| c.id.clone())).flatten();
@@ -443,6 +452,7 @@ fn client_info(
     id: &str,
     e: &tether_proto::presence::Entry,
     live: Option<StatsSnapshot>,
+    session: Option<u64>,
 ) -> ClientInfo {
     let stats = if e.state.is_connected() {
         live
@@ -465,6 +475,7 @@ fn client_info(
         connects: e.connects,
         disconnects: e.disconnects,
         conn_id: e.conn_id,
+        session,
     }
 }
 
