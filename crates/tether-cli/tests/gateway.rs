@@ -744,8 +744,22 @@ async fn python_backend_example_answers_and_resumes_after_a_restart() {
     c.send(Bytes::from_static(b"ping 1")).await.unwrap();
     let got = next_message(&mut c, Duration::from_secs(10)).await;
     assert_eq!(got.as_deref(), Some(&b"echo: ping 1"[..]));
-    let printed = py_out.lock().unwrap().join("\n");
-    assert!(printed.contains("py-client online"), "{printed}");
+    // Its output is read on a thread: wait for the line rather than race it.
+    let printed = |out: &Arc<Mutex<Vec<String>>>, want: &str| {
+        let t = Instant::now();
+        loop {
+            let text = out.lock().unwrap().join("\n");
+            if text.contains(want) {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no {want:?} in:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    printed(&py_out, "py-client online");
 
     // Killed (no goodbye) once it has recorded ping 1 as handled (a kill between answering
     // and recording would make it answer again after the restart: at-least-once, as
@@ -783,8 +797,7 @@ async fn python_backend_example_answers_and_resumes_after_a_restart() {
         None,
         "ping 1 is not answered again, ping 2 once"
     );
-    let printed = py2_out.lock().unwrap().join("\n");
-    assert!(printed.contains("resuming after event"), "{printed}");
+    printed(&py2_out, "resuming after event");
     drop(py2);
     let _ = std::fs::remove_dir_all(&dir);
 }
