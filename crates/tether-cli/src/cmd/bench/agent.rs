@@ -47,7 +47,8 @@ pub(crate) struct ApiClientArgs {
     /// Server address.
     #[arg(long)]
     pub(crate) addr: SocketAddr,
-    /// Source address of the client sockets.
+    /// Source addresses of the client sockets: `127.B.0.0` spreads them over `127.B.x.y`,
+    /// 250 clients per address.
     #[arg(long)]
     pub(crate) src: IpAddr,
     /// Global index of the first client (ids are `c<index>`).
@@ -596,7 +597,16 @@ async fn api_client_agent(a: ApiClientArgs) -> anyhow::Result<()> {
     for i in 0..a.count {
         let mut cfg = ClientConfig::new(a.addr, format!("c{}", a.first + i));
         cfg.connect.policy = policy(60_000, None)?;
-        let (addr, src) = (a.addr, a.src);
+        // A source address per 250 clients (127.B.x.y): the server's per-source limit is
+        // an eighth of its connection limit.
+        let src = match a.src {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                IpAddr::from([o[0], o[1], (i / 250) as u8, (i % 250 + 1) as u8])
+            }
+            other => other,
+        };
+        let addr = a.addr;
         let mut client = Client::start_with(cfg, move || async move {
             let sock = if addr.is_ipv4() {
                 TcpSocket::new_v4()?

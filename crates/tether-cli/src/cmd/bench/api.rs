@@ -185,7 +185,7 @@ pub(crate) async fn run_one(n: usize, o: &ApiOpts) -> anyhow::Result<ApiResult> 
             "--addr",
             &serve.listen.to_string(),
             "--src",
-            &format!("127.0.0.{}", 2 + k),
+            &format!("127.{}.0.0", 2 + k),
             "--first",
             &first.to_string(),
             "--count",
