@@ -29,6 +29,7 @@
 //! Unlike the core crate, the lab uses `unsafe` for three libc calls (`setns`, `geteuid`,
 //! `kill`), each with a SAFETY comment.
 
+pub mod client_cmd;
 pub mod error;
 pub mod fault;
 pub mod method;
@@ -40,6 +41,7 @@ pub mod sys;
 mod tether_method;
 pub mod topology;
 
+pub use client_cmd::ClientCommand;
 pub use error::LabError;
 pub use fault::{Fault, FaultKind};
 pub use method::{Method, Scale};

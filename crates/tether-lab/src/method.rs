@@ -42,6 +42,10 @@ pub enum Method {
     /// The full tether policy through the library: heartbeat frames, dead-after, keepalive
     /// and `TCP_USER_TIMEOUT` as second lines of defence.
     Tether,
+    /// Your own client ([`ClientCommand`](crate::ClientCommand), `tether lab --client-cmd`)
+    /// against a tether server with the lab's policy. Not in [`Method::ALL`]: it runs only
+    /// when a command is given.
+    ClientCmd,
 }
 
 impl Method {
@@ -64,6 +68,7 @@ impl Method {
             Method::UserTimeout => "user-timeout",
             Method::IdleTimer => "idle-timer",
             Method::Tether => "tether",
+            Method::ClientCmd => "client-cmd",
         }
     }
 
@@ -76,6 +81,23 @@ impl Method {
             Method::UserTimeout => "TCP_USER_TIMEOUT from the policy; sends after the fault",
             Method::IdleTimer => "read deadline = dead_after; no heartbeats",
             Method::Tether => "tether::Connection with the derived policy",
+            Method::ClientCmd => {
+                "your client (--client-cmd) against a tether server with the policy"
+            }
+        }
+    }
+
+    /// Whether the checks hold this method to the bound (tether and a client command, which
+    /// is measured against the bound the tether server dictates).
+    pub fn is_checked(self) -> bool {
+        matches!(self, Method::Tether | Method::ClientCmd)
+    }
+
+    /// The method a side of this cell runs: a client command's server side is tether.
+    pub fn for_side(self, role: crate::Role) -> Method {
+        match (self, role) {
+            (Method::ClientCmd, crate::Role::Server) => Method::Tether,
+            (m, _) => m,
         }
     }
 
@@ -95,7 +117,7 @@ impl Method {
             Method::Keepalive => p.keepalive.map(|k| k.total()),
             Method::UserTimeout => p.user_timeout,
             Method::IdleTimer => Some(p.dead_after),
-            Method::Tether => Some(p.detect_within),
+            Method::Tether | Method::ClientCmd => Some(p.detect_within),
         }
     }
 }

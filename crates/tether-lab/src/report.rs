@@ -68,7 +68,7 @@ pub fn check(results: &[CellResult]) -> Vec<CheckFailure> {
                     ))),
                 }
             }
-            if r.cell.method != Method::Tether {
+            if !r.cell.method.is_checked() {
                 continue;
             }
             match (r.cell.fault.kind(), o, r.bound) {
@@ -323,6 +323,7 @@ fn method_color(m: Method) -> RGBColor {
         Method::UserTimeout => RGBColor(255, 127, 14),
         Method::IdleTimer => RGBColor(148, 103, 189),
         Method::Tether => RGBColor(44, 160, 44),
+        Method::ClientCmd => RGBColor(214, 39, 40),
         #[allow(unreachable_patterns)]
         _ => RGBColor(0, 0, 0),
     }

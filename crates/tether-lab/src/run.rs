@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::client_cmd::ClientCommand;
 use crate::error::LabError;
 use crate::fault::{Fault, FaultKind};
 use crate::method::{Method, Scale};
@@ -149,11 +150,12 @@ impl CellResult {
 /// panic inside a run).
 pub type Hook = Arc<dyn Fn(&Topology) + Send + Sync>;
 
-/// The lab: a scale, how to start the peer process, and an optional hook.
+/// The lab: a scale, how to start the peer process, an optional client command and hook.
 #[derive(Clone)]
 pub struct Lab {
     scale: Scale,
     peer: Option<PeerCommand>,
+    client_cmd: Option<ClientCommand>,
     hook: Option<Hook>,
 }
 
@@ -162,6 +164,7 @@ impl std::fmt::Debug for Lab {
         f.debug_struct("Lab")
             .field("scale", &self.scale)
             .field("peer", &self.peer)
+            .field("client_cmd", &self.client_cmd)
             .field("hook", &self.hook.is_some())
             .finish()
     }
@@ -186,8 +189,16 @@ impl Lab {
         Lab {
             scale,
             peer: PeerCommand::find(),
+            client_cmd: None,
             hook: None,
         }
+    }
+
+    /// Sets the client command the `client-cmd` method runs (see [`ClientCommand`]).
+    /// Default: none (cells with `client-cmd` fail).
+    pub fn client_command(mut self, cmd: ClientCommand) -> Lab {
+        self.client_cmd = Some(cmd);
+        self
     }
 
     /// Sets how the peer process is started (`process-crash`). Default: [`PeerCommand::find`].
@@ -369,20 +380,30 @@ impl Lab {
                 Role::Server => topo.listen_addr(),
                 Role::Client => topo.connect_addr(),
             };
-            if in_child == Some(role) {
-                let peer = self.peer.as_ref().ok_or(LabError::NoPeerProgram)?;
-                let args = peer::side_args(role, cell.method, addr, scale);
-                sides.child = Some(PeerChild::spawn(
-                    peer,
+            let method = cell.method.for_side(role);
+            if method == Method::ClientCmd {
+                let cmd = self.client_cmd.as_ref().ok_or_else(|| LabError::Invalid {
+                    what: "method",
+                    value: "client-cmd".into(),
+                    expected: "a client command (--client-cmd)".into(),
+                })?;
+                let child = PeerChild::spawn_shell(
                     topo.netns(role),
-                    &args,
+                    &cmd.render(addr),
+                    addr,
                     role,
                     ev_tx.clone(),
-                )?);
+                )?;
+                sides.children.push((role, child));
+            } else if in_child == Some(role) {
+                let peer = self.peer.as_ref().ok_or(LabError::NoPeerProgram)?;
+                let args = peer::side_args(role, method, addr, scale);
+                let child = PeerChild::spawn(peer, topo.netns(role), &args, role, ev_tx.clone())?;
+                sides.children.push((role, child));
             } else {
                 let spec = SideSpec {
                     role,
-                    method: cell.method,
+                    method,
                     policy: scale.policy(),
                     addr,
                     lifetime,
@@ -428,11 +449,7 @@ impl Lab {
                         topo.flush_conntrack()?
                     }
                     (Fault::HostCrash, Some(v)) => topo.isolate(v)?,
-                    (Fault::ProcessCrash, Some(_)) => {
-                        if let Some(child) = sides.child.as_mut() {
-                            child.kill();
-                        }
-                    }
+                    (Fault::ProcessCrash, Some(v)) => sides.kill(v),
                     (Fault::PeerReboot, Some(v)) => {
                         topo.host_down(v, true)?;
                         topo.kill_sockets(v)?;
@@ -586,14 +603,28 @@ impl Collector {
 struct Sides {
     cmds: [Option<UnboundedSender<Cmd>>; 2],
     threads: Vec<JoinHandle<()>>,
-    child: Option<PeerChild>,
+    children: Vec<(Role, PeerChild)>,
 }
 
 impl Sides {
-    fn send_all(&self, roles: &[Role]) {
+    fn send_all(&mut self, roles: &[Role]) {
         for r in roles {
             if let Some(tx) = &self.cmds[*r as usize] {
                 let _ = tx.send(Cmd::Send);
+            }
+            for (role, child) in &mut self.children {
+                if role == r {
+                    child.send();
+                }
+            }
+        }
+    }
+
+    /// SIGKILLs `role`'s process (`process-crash`).
+    fn kill(&mut self, role: Role) {
+        for (r, child) in &mut self.children {
+            if *r == role {
+                child.kill();
             }
         }
     }
@@ -605,7 +636,7 @@ impl Sides {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        if let Some(mut c) = self.child.take() {
+        for (_, mut c) in self.children.drain(..) {
             c.kill();
         }
     }
@@ -618,7 +649,7 @@ impl Drop for Sides {
         for tx in self.cmds.iter_mut().filter_map(Option::take) {
             let _ = tx.send(Cmd::Finish);
         }
-        if let Some(mut c) = self.child.take() {
+        for (_, mut c) in self.children.drain(..) {
             c.kill();
         }
     }
@@ -660,11 +691,27 @@ fn spawn_side_thread(
     Ok((tx, thread))
 }
 
-/// A side in its own process (`ip netns exec NS peer side …`), killed on drop.
+/// A side in its own process (`ip netns exec NS peer side …`, or a client command), killed on
+/// drop.
 struct PeerChild {
     child: Child,
     pid: u32,
     reaped: bool,
+}
+
+/// A line of a side process's output: the peer's (`ready`, `closed REASON`, …) or a client
+/// command's ([`ClientCommand`]: `READY`, `RECEIVED`, `DETECTED REASON`, `FAILED WHY`).
+fn parse_side_line(line: &str, now: Instant) -> Option<Event> {
+    let line = line.trim_end();
+    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+    Some(match word {
+        "listening" => Event::Listening,
+        "ready" | "READY" => Event::Ready,
+        "received" | "RECEIVED" => Event::Received(now),
+        "closed" | "DETECTED" => Event::Closed(now, rest.trim().to_string()),
+        "failed" | "FAILED" => Event::Failed(rest.trim().to_string()),
+        _ => return None,
+    })
 }
 
 impl PeerChild {
@@ -681,11 +728,49 @@ impl PeerChild {
             .arg(&peer.program)
             .args(&peer.prefix)
             .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
             .stderr(Stdio::null());
+        let what = format!("{} (lab peer)", peer.program.display());
+        PeerChild::start(cmd, what, role, events)
+    }
+
+    /// A client command ([`ClientCommand`]): `sh -c "exec CMD"` in the namespace (so the pid
+    /// is the command's and SIGKILL reaches it), its standard error passed through.
+    fn spawn_shell(
+        ns: &str,
+        command: &str,
+        server: std::net::SocketAddr,
+        role: Role,
+        events: mpsc::Sender<(Role, Event)>,
+    ) -> Result<PeerChild, LabError> {
+        let ip = sys::find_tool("ip").unwrap_or_else(|| "ip".into());
+        let mut cmd = Command::new(ip);
+        cmd.args(["netns", "exec", ns, "sh", "-c"])
+            .arg(format!("exec {command}"))
+            .env("TETHER_LAB_SERVER", server.to_string())
+            .stderr(Stdio::piped());
+        let mut child = PeerChild::start(cmd, format!("{command} (client command)"), role, events)?;
+        if let Some(err) = child.child.stderr.take() {
+            let _ = std::thread::Builder::new()
+                .name("lab-client-err".into())
+                .spawn(move || {
+                    use std::io::BufRead;
+                    for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                        eprintln!("[client-cmd] {line}");
+                    }
+                });
+        }
+        Ok(child)
+    }
+
+    fn start(
+        mut cmd: Command,
+        what: String,
+        role: Role,
+        events: mpsc::Sender<(Role, Event)>,
+    ) -> Result<PeerChild, LabError> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
-            command: format!("{} (lab peer)", peer.program.display()),
+            command: what,
             source,
         })?;
         let pid = child.id();
@@ -697,14 +782,8 @@ impl PeerChild {
                     use std::io::BufRead;
                     for line in std::io::BufReader::new(out).lines() {
                         let Ok(line) = line else { break };
-                        let now = Instant::now();
-                        let ev = match line.split_once(' ') {
-                            _ if line == "listening" => Event::Listening,
-                            _ if line == "ready" => Event::Ready,
-                            _ if line == "received" => Event::Received(now),
-                            Some(("closed", r)) => Event::Closed(now, r.to_string()),
-                            Some(("failed", e)) => Event::Failed(e.to_string()),
-                            _ => continue,
+                        let Some(ev) = parse_side_line(&line, Instant::now()) else {
+                            continue;
                         };
                         if events.send((role, ev)).is_err() {
                             break;
@@ -717,6 +796,14 @@ impl PeerChild {
             pid,
             reaped: false,
         })
+    }
+
+    /// Tells a client command to send one message (`SEND` on its standard input).
+    fn send(&mut self) {
+        use std::io::Write;
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(b"SEND\n").and_then(|()| stdin.flush());
+        }
     }
 
     /// SIGKILL (`ip netns exec` execs the peer, so the pid is the peer's) and reap.
@@ -734,5 +821,33 @@ impl PeerChild {
 impl Drop for PeerChild {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_output_contracts_are_understood() {
+        let now = Instant::now();
+        assert_eq!(parse_side_line("ready", now), Some(Event::Ready));
+        assert_eq!(parse_side_line("READY", now), Some(Event::Ready));
+        assert_eq!(parse_side_line("RECEIVED", now), Some(Event::Received(now)));
+        assert_eq!(
+            parse_side_line("DETECTED heartbeat-timeout", now),
+            Some(Event::Closed(now, "heartbeat-timeout".into()))
+        );
+        assert_eq!(
+            parse_side_line("closed peer-reset", now),
+            Some(Event::Closed(now, "peer-reset".into()))
+        );
+        assert_eq!(
+            parse_side_line("FAILED cannot connect", now),
+            Some(Event::Failed("cannot connect".into()))
+        );
+        assert_eq!(parse_side_line("listening", now), Some(Event::Listening));
+        assert_eq!(parse_side_line("some log line", now), None);
+        assert_eq!(parse_side_line("", now), None);
     }
 }

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use tether_lab::{report, Cell, Fault, Lab, Method, PeerCommand, Progress, Scale, Shape};
+use tether_lab::{
+    report, Cell, ClientCommand, Fault, Lab, Method, PeerCommand, Progress, Scale, Shape,
+};
 use tether_proto::duration;
 
 use crate::exit::{Exit, UsageError};
@@ -44,6 +46,8 @@ enum LabCommand {
         #[arg(long)]
         json: Option<PathBuf>,
         #[command(flatten)]
+        client: ClientCmdArgs,
+        #[command(flatten)]
         scale: ScaleArgs,
     },
     /// Run every fault × method × topology with bounded parallelism and print the table.
@@ -67,6 +71,8 @@ enum LabCommand {
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
+        client: ClientCmdArgs,
+        #[command(flatten)]
         scale: ScaleArgs,
     },
     /// One side of a lab connection in its own process (used by process-crash).
@@ -75,6 +81,26 @@ enum LabCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// Bring your own client (docs/LAB.md, "Bring your own client").
+#[derive(Args, Debug)]
+struct ClientCmdArgs {
+    /// Measure your own client: run this command in the client namespace against a tether
+    /// server with the lab's policy, as method `client-cmd` (`{server}` becomes HOST:PORT; it
+    /// prints READY / RECEIVED / DETECTED <reason>, see docs/LAB.md). With it, `matrix` runs
+    /// only `client-cmd` unless --method is given too.
+    #[arg(long, value_name = "CMD")]
+    client_cmd: Option<String>,
+}
+
+impl ClientCmdArgs {
+    fn command(&self) -> anyhow::Result<Option<ClientCommand>> {
+        Ok(match &self.client_cmd {
+            Some(c) => Some(ClientCommand::new(c.clone())?),
+            None => None,
+        })
+    }
 }
 
 /// The lab's time scale.
@@ -129,9 +155,12 @@ fn parse<T: std::str::FromStr<Err = tether_lab::LabError>>(s: &str) -> Result<T,
     s.parse::<T>().map_err(|e| e.to_string())
 }
 
-fn lab(scale: Scale) -> anyhow::Result<Lab> {
+fn lab(scale: Scale, client: Option<ClientCommand>) -> anyhow::Result<Lab> {
     let exe = std::env::current_exe().context("cannot find the tether executable")?;
-    let lab = Lab::new(scale).peer(PeerCommand::new(exe, &["lab", "peer"]));
+    let mut lab = Lab::new(scale).peer(PeerCommand::new(exe, &["lab", "peer"]));
+    if let Some(c) = client {
+        lab = lab.client_command(c);
+    }
     lab.check()?;
     Ok(lab)
 }
@@ -149,10 +178,17 @@ pub(crate) fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             method,
             topology,
             json,
+            client,
             scale,
         } => {
             let scale = scale.scale()?;
-            let lab = lab(scale)?;
+            let client = client.command()?;
+            let method = if client.is_some() {
+                Method::ClientCmd
+            } else {
+                method
+            };
+            let lab = lab(scale, client)?;
             println!("{}", scale.describe());
             let cell = Cell {
                 fault,
@@ -182,13 +218,19 @@ pub(crate) fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
             topologies,
             json,
             out,
+            client,
             scale,
         } => {
             let scale = scale.scale()?;
-            let lab = lab(scale)?;
+            let client = client.command()?;
+            let methods = match &client {
+                Some(_) => methods.into_iter().chain([Method::ClientCmd]).collect(),
+                None => or_all(methods, &Method::ALL),
+            };
+            let lab = lab(scale, client)?;
             let cells = tether_lab::cells(
                 &or_all(faults, &Fault::ALL),
-                &or_all(methods, &Method::ALL),
+                &methods,
                 &or_all(topologies, &Shape::ALL),
             );
             println!("{}", scale.describe());

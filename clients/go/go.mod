@@ -1,0 +1,3 @@
+module example.invalid/tether/clients/go
+
+go 1.19
