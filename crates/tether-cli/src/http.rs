@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderValue};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -45,6 +46,15 @@ pub(crate) const STATUS_LIMITS: Limits = Limits {
     head_deadline: Duration::from_secs(5),
     write_deadline: Duration::from_secs(5),
     max_connections: 64,
+};
+
+/// `serve`'s listener: the status page, the server API and its event streams. A backend
+/// holds one connection per event stream and a few for requests; an event stream that
+/// cannot write for 15 s is cut (the backend resumes it with `Last-Event-ID`).
+pub(crate) const GATEWAY_LIMITS: Limits = Limits {
+    write_deadline: Duration::from_secs(15),
+    max_connections: 256,
+    ..STATUS_LIMITS
 };
 
 /// A `/metrics` listener of `proxy` or `tunnel`: scrapers only.
@@ -80,6 +90,8 @@ pub(crate) async fn serve(listener: TcpListener, app: Router, limits: Limits) {
             let mut io = TimeoutStream::new(stream);
             io.set_write_timeout(Some(limits.write_deadline));
             let io = TokioIo::new(Box::pin(io));
+            // Handlers that care who asks (the API's loopback rule) read the peer address.
+            let app = app.layer(axum::Extension(ConnectInfo(peer)));
             let result = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.head_deadline)

@@ -47,9 +47,12 @@ async fn check(State(token): State<Arc<String>>, req: Request, next: Next) -> Re
     if authorized(req.headers(), &token) {
         return next.run(req).await;
     }
+    // JSON like every other refusal of the API (`{"error": …}`), readable in a browser too.
     let mut r = (
         StatusCode::UNAUTHORIZED,
-        "unauthorized: send Authorization: Bearer TOKEN (the token of --http-token-file)\n",
+        axum::Json(serde_json::json!({
+            "error": "unauthorized: send Authorization: Bearer TOKEN (the token of --http-token-file), or log in with HTTP Basic (any user, the token as the password)"
+        })),
     )
         .into_response();
     let h = r.headers_mut();

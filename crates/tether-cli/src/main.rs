@@ -9,6 +9,7 @@
 mod cmd;
 mod config;
 mod exit;
+mod gateway;
 mod http;
 mod http_auth;
 mod log;

@@ -279,6 +279,17 @@ impl ServerSecurity {
     /// Refuses a listener beyond loopback without both TLS and authentication, unless
     /// --insecure was given; the message says what to add.
     pub(crate) fn check_exposure(&self, listen: SocketAddr, what: &str) -> Result<()> {
+        self.check_exposure_with(listen, what, false)
+    }
+
+    /// [`check_exposure`](Self::check_exposure) when something else (`serve
+    /// --auth-webhook`) authenticates clients if `other_auth`.
+    pub(crate) fn check_exposure_with(
+        &self,
+        listen: SocketAddr,
+        what: &str,
+        other_auth: bool,
+    ) -> Result<()> {
         if listen.ip().is_loopback() || self.insecure {
             return Ok(());
         }
@@ -286,7 +297,7 @@ impl ServerSecurity {
         if self.tls.is_none() {
             missing.push("TLS (--tls-cert FILE --tls-key FILE)");
         }
-        if !self.authenticates() {
+        if !self.authenticates() && !other_auth {
             missing.push(
                 "authentication (--auth-secret FILE, --auth-public-key FILE, --auth-jwks FILE, \
                  or --client-ca FILE for client certificates)",
@@ -303,7 +314,7 @@ impl ServerSecurity {
                 .map(|m| m.split(' ').next().unwrap_or(m))
                 .collect::<Vec<_>>()
                 .join(" and "),
-            if self.tls.is_none() && !self.authenticates() {
+            if self.tls.is_none() && !self.authenticates() && !other_auth {
                 "read the traffic and take over any client id"
             } else if self.tls.is_none() {
                 "read the traffic, resume tokens and credentials included"

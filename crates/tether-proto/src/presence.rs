@@ -33,8 +33,9 @@
 //! `offline_retention`, and at most `max_offline` of them are kept (the oldest go first).
 //! The change queue grows until the driver drains it with [`Registry::poll_change`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use crate::conn::ConnStats;
@@ -219,6 +220,15 @@ pub struct PresenceChange {
     pub at: Instant,
 }
 
+fn kind_index(k: PresenceKind) -> usize {
+    match k {
+        PresenceKind::Online => 0,
+        PresenceKind::Suspect => 1,
+        PresenceKind::Resuming => 2,
+        PresenceKind::Offline => 3,
+    }
+}
+
 /// Capacity the change queue keeps once drained; a burst beyond it is given back.
 const CHANGES_KEPT_CAPACITY: usize = 1024;
 
@@ -226,7 +236,11 @@ const CHANGES_KEPT_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub struct Registry {
     cfg: RegistryConfig,
-    entries: HashMap<String, Slot>,
+    /// In id order: a page of clients is a range, not a sort of all of them.
+    entries: BTreeMap<String, Slot>,
+    /// Ids per state ([`PresenceKind::ALL`] order), in id order: a page of the clients in
+    /// one state is a range too. Changed only on transitions.
+    by_kind: [BTreeSet<String>; 4],
     /// `Resuming` entries by (hold end, sequence).
     holds: BTreeMap<(Instant, u64), String>,
     /// `Offline` entries by (time they became offline, sequence): oldest first.
@@ -248,7 +262,8 @@ impl Registry {
     pub fn new(cfg: RegistryConfig) -> Self {
         Registry {
             cfg,
-            entries: HashMap::new(),
+            entries: BTreeMap::new(),
+            by_kind: Default::default(),
             holds: BTreeMap::new(),
             offline: BTreeMap::new(),
             counts: PresenceCounts::default(),
@@ -287,6 +302,7 @@ impl Registry {
                 },
             );
             self.counts.online += 1;
+            self.by_kind[kind_index(PresenceKind::Online)].insert(id.to_owned());
             self.changes.push_back(PresenceChange {
                 id: id.to_owned(),
                 conn_id,
@@ -322,6 +338,7 @@ impl Registry {
         let from = std::mem::replace(&mut entry.state, PresenceState::Online);
         *self.counts.get_mut(from.kind()) -= 1;
         self.counts.online += 1;
+        self.reindex(id, from.kind(), PresenceKind::Online);
         self.changes.push_back(PresenceChange {
             id: id.to_owned(),
             conn_id,
@@ -376,6 +393,7 @@ impl Registry {
         *self.counts.get_mut(to.kind()) += 1;
         entry.changed_at = now;
         let old = std::mem::replace(&mut entry.state, to.clone());
+        self.reindex(id, from, to.kind());
         self.changes.push_back(PresenceChange {
             id: id.to_owned(),
             conn_id,
@@ -460,9 +478,11 @@ impl Registry {
         *self.counts.get_mut(to.kind()) += 1;
         entry.changed_at = now;
         let from = std::mem::replace(&mut entry.state, to.clone());
+        let conn_id = entry.conn_id;
+        self.reindex(id, from.kind(), to.kind());
         self.changes.push_back(PresenceChange {
             id: id.to_owned(),
-            conn_id: entry.conn_id,
+            conn_id,
             from: Some(from),
             to,
             at: now,
@@ -491,6 +511,7 @@ impl Registry {
         if self.entries.get(id).is_some_and(|s| s.timer == Some(key)) {
             self.entries.remove(id);
             self.counts.offline -= 1;
+            self.by_kind[kind_index(PresenceKind::Offline)].remove(id);
         }
     }
 
@@ -571,7 +592,51 @@ impl Registry {
         self.entries.get(id).map(|s| &s.entry)
     }
 
-    /// Every entry, in no particular order.
+    /// Moves `id` from the `from` index to the `to` index.
+    fn reindex(&mut self, id: &str, from: PresenceKind, to: PresenceKind) {
+        if from != to {
+            self.by_kind[kind_index(from)].remove(id);
+            self.by_kind[kind_index(to)].insert(id.to_owned());
+        }
+    }
+
+    /// One page of entries in id order: at most `limit` entries whose id comes after
+    /// `after` (all of them without it), only those in state `kind` when given. The bool
+    /// says whether more follow. Costs O(log n + limit), however many clients there are.
+    pub fn page(
+        &self,
+        kind: Option<PresenceKind>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(&str, &Entry)>, bool) {
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let range = (from, Bound::Unbounded);
+        let mut ids: Box<dyn Iterator<Item = &str> + '_> = match kind {
+            Some(k) => Box::new(
+                self.by_kind[kind_index(k)]
+                    .range::<str, _>(range)
+                    .map(String::as_str),
+            ),
+            None => Box::new(
+                self.entries
+                    .range::<str, _>(range)
+                    .map(|(id, _)| id.as_str()),
+            ),
+        };
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for id in ids.by_ref().take(limit) {
+            if let Some(slot) = self.entries.get(id) {
+                out.push((id, &slot.entry));
+            }
+        }
+        let more = ids.next().is_some();
+        (out, more)
+    }
+
+    /// Every entry, in id order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> + '_ {
         self.entries.iter().map(|(id, s)| (id.as_str(), &s.entry))
     }

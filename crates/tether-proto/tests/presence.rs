@@ -559,6 +559,31 @@ proptest! {
             }
             prop_assert_eq!(r.counts(), recount);
             prop_assert_eq!(r.counts().total(), r.len());
+            // Pages (per state and of all) walk the same entries as a filtered, sorted scan.
+            for kind in [None, Some(PresenceKind::Online), Some(PresenceKind::Suspect),
+                         Some(PresenceKind::Resuming), Some(PresenceKind::Offline)] {
+                let mut want: Vec<String> = r
+                    .iter()
+                    .filter(|(_, e)| kind.is_none_or(|k| e.state.kind() == k))
+                    .map(|(id, _)| id.to_owned())
+                    .collect();
+                want.sort();
+                let mut got = Vec::new();
+                let mut after: Option<String> = None;
+                loop {
+                    let (page, more) = r.page(kind, after.as_deref(), 3);
+                    prop_assert!(page.len() <= 3);
+                    for (id, e) in &page {
+                        prop_assert!(kind.is_none_or(|k| e.state.kind() == k));
+                        got.push((*id).to_owned());
+                    }
+                    match (more, page.last()) {
+                        (true, Some((id, _))) => after = Some((*id).to_owned()),
+                        _ => break,
+                    }
+                }
+                prop_assert_eq!(got, want);
+            }
             prop_assert!(r.counts().offline <= max_offline);
             prop_assert!(r.len() <= 12);
             if let Some(t) = r.poll_timeout() {

@@ -104,7 +104,8 @@ pub use connection::{
 };
 pub use driver::StatsSnapshot;
 pub use server::{
-    ClientInfo, SendError, Server, ServerConfig, ServerEvent, ServerHandle, ServerMetrics,
+    Broadcast, ClientInfo, ClientPage, Delivery, SendError, Server, ServerConfig, ServerEvent,
+    ServerHandle, ServerMetrics,
 };
 pub use transport::Transport;
 

@@ -327,6 +327,7 @@ async fn held_session_shows_resuming_then_offline_with_session_lost_at_the_linge
                 client_id,
                 unacked,
                 unsent,
+                ..
             } => {
                 assert_eq!(client_id, "leaver");
                 assert_eq!(unacked, None);

@@ -20,6 +20,7 @@
 //! `LengthDelimitedCodec`), `all`. Targets are shown next to the figures, not asserted.
 
 mod agent;
+mod api;
 mod detect;
 mod echo;
 mod hold;
@@ -56,6 +57,9 @@ enum BenchCmd {
     Detect(DetectArgs),
     /// Round trips and throughput, tether Connection vs tokio + LengthDelimitedCodec.
     Echo(EchoArgs),
+    /// The gateway: messages per second from a backend through the HTTP API to N clients,
+    /// broadcast fan-out, and client messages through the event stream, with latencies.
+    Api(ApiArgs),
     /// hold, detect and echo in one run.
     All(AllArgs),
     /// Internal: the bench's child processes.
@@ -155,6 +159,25 @@ struct EchoArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// Client counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    n: Vec<usize>,
+    /// Messages sent through POST /api/clients/{id}/messages per client count.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Broadcasts per client count.
+    #[arg(long, default_value_t = 10)]
+    broadcasts: usize,
+    /// API calls in flight (one HTTP connection each).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Messages each client sends for the event-stream measurement.
+    #[arg(long, default_value_t = 10)]
+    client_msgs: usize,
+}
+
+#[derive(clap::Args, Debug)]
 struct AllArgs {
     /// Client counts for hold.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,19000")]
@@ -178,12 +201,43 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let BenchCmd::Agent(a) = args.cmd {
         return agent::run(a);
     }
+    if let BenchCmd::Api(a) = args.cmd {
+        // The backend's side gets both cores' worth of threads: it is the load generator.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?;
+        return rt.block_on(run_api(a));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(coordinate(args.cmd))
+}
+
+async fn run_api(a: ApiArgs) -> anyhow::Result<ExitCode> {
+    println!(
+        "tether bench api — {} — load {:.2} — {}",
+        machine()["cpu"].as_str().unwrap_or("?"),
+        sys::loadavg(),
+        utc_now()
+    );
+    let opts = api::ApiOpts {
+        messages: a.messages,
+        broadcasts: a.broadcasts,
+        concurrency: a.concurrency,
+        client_msgs: a.client_msgs,
+    };
+    let mut out = Vec::new();
+    for n in a.n {
+        println!("api: {n} clients …");
+        out.push(api::run_one(n, &opts).await?);
+    }
+    api::print(&out);
+    println!("load after: {:.2}", sys::loadavg());
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -224,7 +278,7 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             Some(a.echo),
             a.json,
         ),
-        BenchCmd::Agent(_) => unreachable!("handled in run"),
+        BenchCmd::Agent(_) | BenchCmd::Api(_) => unreachable!("handled in run"),
     };
     if let Some(h) = &hold {
         for &n in &hold_n {

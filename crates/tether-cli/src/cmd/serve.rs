@@ -17,6 +17,10 @@ use crate::config::{
     parse_addr, parse_addr_or_off, parse_bool, parse_bytes, parse_count, parse_duration,
     parse_duration_or_off, parse_size, Layers, Toggle, TypedPolicyFlags,
 };
+use crate::gateway::event::{self, StartInfo};
+use crate::gateway::journal::Journal;
+use crate::gateway::webhook::Webhook;
+use crate::gateway::Gateway;
 use crate::log;
 use crate::security::{read_http_token, ServerSecurity, ServerSecurityArgs, SERVER_KEYS};
 use crate::status::metrics::ServerCollector;
@@ -38,6 +42,11 @@ const KEYS: &[&str] = &[
     "replay_buffer",
     "replay_messages",
     "http_token_file",
+    "api_max_body",
+    "event_ring_bytes",
+    "event_ring_events",
+    "auth_webhook",
+    "auth_webhook_timeout",
 ];
 
 /// Run a tether server that knows who is online.
@@ -63,19 +72,26 @@ const KEYS: &[&str] = &[
 /// TETHER_DETECT_WITHIN=10s), then a TOML file given with --config (keys as the long flags,
 /// e.g. `detect_within = "10s"`), then defaults.
 ///
+/// The HTTP listener (--http) is also the gateway for a backend in any language
+/// (docs/API.md): send to a client (POST /api/clients/ID/messages), broadcast, close, list
+/// clients, and read every presence change and client message from GET /api/events (SSE or
+/// NDJSON), resumable with Last-Event-ID from a ring bounded by --event-ring-bytes and
+/// --event-ring-events. Without --api-token-file the API answers only on loopback.
+///
 /// Examples:
-///   tether serve                                   # 127.0.0.1:7300, status page on :7301
+///   tether serve                                   # 127.0.0.1:7300, status page and API on :7301
 ///   tether serve --path azure-lb --detect-within 20s --echo
 ///   tether serve --listen 0.0.0.0:7300 --tls-cert server.crt --tls-key server.key \
 ///       --auth-secret secret.key --http-token-file http.token
 ///   tether serve --listen 0.0.0.0:7300 --http off --config /etc/tether.toml
+///   tether serve --http 0.0.0.0:7301 --api-token-file /etc/tether/api-token --auth-webhook http://127.0.0.1:8080/auth
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub(crate) struct ServeArgs {
     /// Address to accept tether clients on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7300", value_parser = parse_addr)]
     listen: SocketAddr,
-    /// Address of the status page (/, /api/clients, /metrics), or "off".
+    /// Address of the status page, the server API (/api/) and /metrics, or "off".
     #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:7301", value_parser = parse_addr_or_off)]
     http: Toggle<SocketAddr>,
     /// Declare a silent client dead within this long (e.g. 30s, 500ms, 2m).
@@ -85,7 +101,8 @@ pub(crate) struct ServeArgs {
     /// PRESET=DURATION, or a duration. Heartbeats and keepalive are kept well under it.
     #[arg(long, value_name = "PRESET|DURATION", value_parser = PathSpec::parse)]
     path: Option<PathSpec>,
-    /// Echo every message back to its sender (for demos and tests).
+    /// Also echo every message back to its sender (demos and tests; messages still go to
+    /// the event stream).
     #[arg(long)]
     echo: bool,
     /// Refuse connections beyond this many (`server-full`).
@@ -118,6 +135,23 @@ pub(crate) struct ServeArgs {
     /// browsers) on the status page and API, with TOKEN read from this file.
     #[arg(long, value_name = "FILE")]
     http_token_file: Option<PathBuf>,
+    /// Largest request body the API reads (a message is at most --max-frame less 9 bytes).
+    #[arg(long, value_name = "BYTES", default_value = "2MiB", value_parser = parse_size)]
+    api_max_body: usize,
+    /// Bytes of events kept for backends that reconnect (GET /api/events with
+    /// Last-Event-ID); older events are dropped and a late reader gets a `gap` event.
+    #[arg(long, value_name = "BYTES", default_value = "64MiB", value_parser = parse_size)]
+    event_ring_bytes: usize,
+    /// Events kept for backends that reconnect, at most.
+    #[arg(long, value_name = "N", default_value = "100000", value_parser = parse_count)]
+    event_ring_events: usize,
+    /// Ask this URL (POST, JSON) whether each HELLO may connect (docs/API.md); a webhook
+    /// that does not answer in time refuses the connection (fail closed).
+    #[arg(long, value_name = "URL")]
+    auth_webhook: Option<String>,
+    /// How long a HELLO waits for the webhook (less than --handshake-timeout).
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    auth_webhook_timeout: Duration,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -147,6 +181,10 @@ pub(crate) struct ServeSettings {
     pub(crate) session: tether_proto::session::SessionConfig,
     pub(crate) security: ServerSecurity,
     pub(crate) http_token: Option<String>,
+    pub(crate) api_max_body: usize,
+    pub(crate) event_ring: crate::gateway::journal::Bounds,
+    pub(crate) auth_webhook: Option<String>,
+    pub(crate) auth_webhook_timeout: Duration,
 }
 
 impl ServeArgs {
@@ -194,6 +232,19 @@ impl ServeArgs {
                 })?
                 .map(|p| read_http_token(&p))
                 .transpose()?,
+            api_max_body: l.pick("api_max_body", self.api_max_body, parse_size)?,
+            event_ring: crate::gateway::journal::Bounds {
+                max_bytes: l.pick("event_ring_bytes", self.event_ring_bytes, parse_size)?,
+                max_events: l.pick("event_ring_events", self.event_ring_events, parse_count)?,
+            },
+            auth_webhook: l.pick_opt("auth_webhook", self.auth_webhook.clone(), |s| {
+                Ok::<_, String>(s.to_owned())
+            })?,
+            auth_webhook_timeout: l.pick(
+                "auth_webhook_timeout",
+                self.auth_webhook_timeout,
+                parse_duration,
+            )?,
         })
     }
 }
@@ -213,19 +264,39 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
     let stop = log::shutdown_signal();
     tokio::pin!(stop);
     let mut hangups = log::Hangups::install();
-    s.security.check_exposure(s.listen, "listen")?;
+    s.security
+        .check_exposure_with(s.listen, "listen", s.auth_webhook.is_some())?;
     let mut cfg = ServerConfig::new(s.listen)
         .policy(s.policy.clone())
         .max_connections(s.max_connections)
         .handshake_timeout(s.handshake_timeout)
         .max_frame_len(s.max_frame)
         .session_linger(s.session_linger)
-        .session_config(s.session);
+        .session_config(s.session)
+        .presence_events(true);
     if let Some(tls) = &s.security.tls {
         cfg = cfg.tls(tls.clone());
     }
-    if let Some(hook) = s.security.authorizer() {
-        cfg = cfg.authorize(hook);
+    match (&s.auth_webhook, s.security.authorizer()) {
+        (Some(_), Some(_)) => {
+            return Err(crate::exit::UsageError(
+                "--auth-webhook decides who connects on its own: give it without --auth-secret, --auth-public-key, --auth-jwks or --client-ca".into(),
+            )
+            .into())
+        }
+        (Some(url), None) => {
+            if s.auth_webhook_timeout >= s.handshake_timeout {
+                return Err(crate::exit::UsageError(format!(
+                    "--auth-webhook-timeout ({}) must be shorter than --handshake-timeout ({})",
+                    Human(s.auth_webhook_timeout),
+                    Human(s.handshake_timeout)
+                ))
+                .into());
+            }
+            cfg = cfg.authorize(Arc::new(Webhook::new(url, s.auth_webhook_timeout)?));
+        }
+        (None, Some(hook)) => cfg = cfg.authorize(hook),
+        (None, None) => {}
     }
     let mut server = Server::bind(cfg)
         .await
@@ -250,18 +321,46 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             if s.echo { " echo=on" } else { "" }
         ),
     );
+    // The event journal exists with the HTTP listener (nobody could read it otherwise).
+    let mut journal: Option<Arc<Journal>> = None;
     if let Some(addr) = s.http {
-        let listener = crate::http::bind(addr, "the status page").await?;
+        let listener = crate::http::bind(addr, "the status page and API").await?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        log::line("-", "status-page", &format!("http://{bound}/"));
         log::line(
             "-",
-            "status-page",
-            &format!("http://{}/", listener.local_addr().unwrap_or(addr)),
+            "api",
+            &format!(
+                "url=http://{bound}/api/ events=http://{bound}/api/events access={}",
+                if s.http_token.is_some() {
+                    "bearer-token"
+                } else {
+                    "loopback-only"
+                }
+            ),
+        );
+        let j = Arc::new(Journal::new(
+            Journal::first_id_at(event::now_unix_ms()),
+            s.event_ring,
+        ));
+        event::start(
+            &j,
+            StartInfo {
+                listen: server.local_addr().to_string(),
+                version: env!("CARGO_PKG_VERSION"),
+                first_id: j.run_first(),
+                ring_events: s.event_ring.max_events,
+                ring_bytes: s.event_ring.max_bytes,
+                session_linger_ms: s
+                    .session_linger
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            },
         );
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(ServerCollector {
             handle: server.handle(),
         }));
-        let source = Arc::new(ServerSource {
+        let source: Arc<dyn crate::status::model::StatusSource> = Arc::new(ServerSource {
             handle: server.handle(),
             rtt_every: s.policy.ping_interval,
         });
@@ -272,85 +371,48 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                 &log::kv(&[(
                     "note",
                     &format!(
-                        "the status page and API on {addr} are open to anyone who can reach                          them (every client's id and address): add --http-token-file FILE"
+                        "the status page and API on {addr} are open to anyone who can reach them (every client's id and address): add --http-token-file FILE"
                     ),
                 )]),
             );
         }
+        let gw = Arc::new(Gateway {
+            handle: server.handle(),
+            journal: j.clone(),
+            max_body: s.api_max_body,
+            body_deadline: crate::gateway::api::BODY_DEADLINE,
+            keepalive: Duration::from_secs(15),
+        });
+        let api = crate::status::api_routes(source.clone()).merge(crate::gateway::routes(gw));
+        // Without a token the API (which can send to and close any client) answers loopback
+        // peers only; with one, every route needs it.
+        let api = match &s.http_token {
+            Some(_) => api,
+            None => crate::gateway::loopback_only(api),
+        };
         let app = crate::http_auth::protect(
-            crate::status::router(source, Arc::new(registry)),
+            crate::status::page_routes(source, Arc::new(registry)).merge(api),
             s.http_token.clone(),
         );
         tokio::spawn(crate::http::serve(
             listener,
             app,
-            crate::http::STATUS_LIMITS,
+            crate::http::GATEWAY_LIMITS,
         ));
+        journal = Some(j);
     }
-    let mut presence = server.subscribe();
     let handle = server.handle();
 
     loop {
         tokio::select! {
             ev = server.next_event() => match ev {
                 None => break,
-                Some(ServerEvent::Connected { client_id, remote, conn_id, replaced }) => {
-                    let extra = replaced.map(|r| format!(" replaced_conn={r}")).unwrap_or_default();
-                    log::line(&client_id, "connected", &format!("remote={remote} conn={conn_id}{extra}"));
-                }
-                Some(ServerEvent::Message { client_id, msg, .. }) => {
-                    tracing::debug!(client = %client_id, bytes = msg.len(), "message");
-                    if s.echo {
-                        // Never await one client here: a client that does not read is closed
-                        // as a slow consumer instead of stalling everyone's echo.
-                        let _ = handle.try_send(&client_id, msg);
+                Some(ev) => {
+                    if let Some(j) = &journal {
+                        event::record(j, &ev);
                     }
+                    log_event(&handle, ev, s.echo);
                 }
-                Some(ServerEvent::Disconnected { client_id, conn_id, disconnect }) => {
-                    log::line(
-                        &client_id,
-                        "disconnected",
-                        &format!(
-                            "reason={} silent_for={} conn={conn_id}",
-                            log::quote(&disconnect.reason.to_string()),
-                            Human::ms(disconnect.silent_for)
-                        ),
-                    );
-                }
-                Some(ServerEvent::Resumed { client_id, conn_id, replayed }) => {
-                    log::line(&client_id, "resumed", &format!("conn={conn_id} replayed={replayed}"));
-                }
-                Some(ServerEvent::SessionLost { client_id, unacked, unsent }) => {
-                    let what = match unacked {
-                        Some(r) => format!("messages {}..={} may not have been delivered", r.start(), r.end()),
-                        None => "nothing unacknowledged".to_owned(),
-                    };
-                    log::line(&client_id, "session-lost", &log::kv(&[("lost", &what), ("never_sent", &unsent.len().to_string())]));
-                }
-                Some(ServerEvent::Refused { remote, reason }) => {
-                    log::line("-", "refused", &format!("remote={remote} reason={}", log::quote(&reason.to_string())));
-                }
-                Some(_) => {}
-            },
-            ch = presence.recv() => match ch {
-                Ok(ch) => match &ch.to {
-                    PresenceState::Suspect => log::line(&ch.id, "suspect", "note=\"silent past heartbeat + margin\""),
-                    PresenceState::Online if matches!(ch.from, Some(PresenceState::Suspect)) => {
-                        log::line(&ch.id, "recovered", "note=\"heard from again\"")
-                    }
-                    PresenceState::Offline { reason, silent_for, .. } => {
-                        log::line(&ch.id, "offline", &format!("reason={} silent_for={}", log::quote(&reason.to_string()), Human::ms(*silent_for)))
-                    }
-                    PresenceState::Resuming { until, .. } => {
-                        let left = until.saturating_duration_since(tokio::time::Instant::now().into_std());
-                        log::line(&ch.id, "resuming", &format!("held_for={}", Human::ms(left)))
-                    }
-                    _ => {}
-                },
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    log::line("-", "log-lagged", &format!("{n} presence changes not logged"));
-                }
-                Err(_) => {}
             },
             () = hangups.recv() => {
                 let done = s.security.reload();
@@ -365,9 +427,132 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             _ = &mut stop => {
                 log::line("-", "shutdown", "close=going-away");
                 handle.shutdown(Duration::from_secs(3)).await;
+                // What the shutdown itself produced (clients going offline) still goes out.
+                while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), server.next_event()).await {
+                    if let Some(j) = &journal {
+                        event::record(j, &ev);
+                    }
+                    log_event(&handle, ev, false);
+                }
                 break;
             }
         }
     }
+    if let Some(j) = &journal {
+        event::stop(j, "shutdown");
+        j.close();
+        // Give open event streams a moment to send the last events.
+        let t = tokio::time::Instant::now();
+        while j.readers() > 0 && t.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs one server event on stderr (and echoes messages with `--echo`).
+fn log_event(handle: &tether::ServerHandle, ev: ServerEvent, echo: bool) {
+    match ev {
+        ServerEvent::Connected {
+            client_id,
+            remote,
+            conn_id,
+            replaced,
+        } => {
+            let extra = replaced
+                .map(|r| format!(" replaced_conn={r}"))
+                .unwrap_or_default();
+            log::line(
+                &client_id,
+                "connected",
+                &format!("remote={remote} conn={conn_id}{extra}"),
+            );
+        }
+        ServerEvent::Message { client_id, msg, .. } => {
+            tracing::debug!(client = %client_id, bytes = msg.len(), "message");
+            if echo {
+                // Never await one client here: a client that does not read is closed as a
+                // slow consumer instead of stalling everyone's echo.
+                let _ = handle.try_send(&client_id, msg);
+            }
+        }
+        ServerEvent::Disconnected {
+            client_id,
+            conn_id,
+            disconnect,
+        } => {
+            log::line(
+                &client_id,
+                "disconnected",
+                &format!(
+                    "reason={} silent_for={} conn={conn_id}",
+                    log::quote(&disconnect.reason.to_string()),
+                    Human::ms(disconnect.silent_for)
+                ),
+            );
+        }
+        ServerEvent::Resumed {
+            client_id,
+            conn_id,
+            replayed,
+        } => {
+            log::line(
+                &client_id,
+                "resumed",
+                &format!("conn={conn_id} replayed={replayed}"),
+            );
+        }
+        ServerEvent::SessionLost {
+            client_id,
+            unacked,
+            unsent,
+            ..
+        } => {
+            let what = match unacked {
+                Some(r) => format!(
+                    "messages {}..={} may not have been delivered",
+                    r.start(),
+                    r.end()
+                ),
+                None => "nothing unacknowledged".to_owned(),
+            };
+            log::line(
+                &client_id,
+                "session-lost",
+                &log::kv(&[("lost", &what), ("never_sent", &unsent.len().to_string())]),
+            );
+        }
+        ServerEvent::Refused { remote, reason } => {
+            log::line(
+                "-",
+                "refused",
+                &format!("remote={remote} reason={}", log::quote(&reason.to_string())),
+            );
+        }
+        ServerEvent::Presence { change: ch, .. } => match &ch.to {
+            PresenceState::Suspect => {
+                log::line(&ch.id, "suspect", "note=\"silent past heartbeat + margin\"")
+            }
+            PresenceState::Online if matches!(ch.from, Some(PresenceState::Suspect)) => {
+                log::line(&ch.id, "recovered", "note=\"heard from again\"")
+            }
+            PresenceState::Offline {
+                reason, silent_for, ..
+            } => log::line(
+                &ch.id,
+                "offline",
+                &format!(
+                    "reason={} silent_for={}",
+                    log::quote(&reason.to_string()),
+                    Human::ms(*silent_for)
+                ),
+            ),
+            PresenceState::Resuming { until, .. } => {
+                let left = until.saturating_duration_since(ch.at);
+                log::line(&ch.id, "resuming", &format!("held_for={}", Human::ms(left)))
+            }
+            _ => {}
+        },
+        _ => {}
+    }
 }

@@ -12,7 +12,7 @@
 //!             "disconnected_at_unix_ms", "silent_for_ms", "reason" (a DisconnectReason
 //!             label), "reason_text", "hold_left_ms",
 //!             "counters": {"messages_in","messages_out","bytes_in","bytes_out"} | null,
-//!             "connects", "disconnects"}
+//!             "connects", "disconnects", "session" (its session id while it has one)}
 //! ```
 //!
 //! Absent values are `null` (never a made-up 0). `state` is one of `online`, `suspect`,
@@ -98,12 +98,7 @@ pub(crate) struct Client {
     counters: Option<CountersJson>,
     connects: u64,
     disconnects: u64,
-}
-
-/// An error answer.
-#[derive(Debug, Serialize)]
-struct ErrorJson {
-    error: String,
+    session: Option<u64>,
 }
 
 pub(crate) fn unix_ms(t: Option<SystemTime>) -> Option<u64> {
@@ -140,6 +135,7 @@ impl From<ClientRow> for Client {
             }),
             connects: r.connects,
             disconnects: r.disconnects,
+            session: r.session,
             id: r.id,
         }
     }
@@ -170,7 +166,7 @@ pub(crate) fn clients_page(
 }
 
 fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(ErrorJson { error: message })).into_response()
+    crate::gateway::api::error(status, message)
 }
 
 /// `GET /api/clients`.
@@ -182,7 +178,7 @@ pub(crate) async fn list(
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let page = model::page(source.clients(), &q);
+    let page = source.page(&q);
     Json(clients_page(
         page,
         q.limit,

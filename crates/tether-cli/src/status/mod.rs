@@ -9,8 +9,10 @@
 //!   GET /metrics                OpenMetrics text (see metrics.rs)
 //! ```
 //!
-//! The page is a client of the JSON API: one model ([`model`]), two renderings of it.
-//! The gateway API (issue 14) adds its routes to [`router`] beside these.
+//! The page is a client of the JSON API: one model ([`model`]), two renderings of it; the
+//! page's script fetches `/api/clients` like any backend (with the API token when the
+//! server has one: open the page as `/#token=…`). The gateway (`crate::gateway`) adds the
+//! write side and the event stream beside [`api_routes`].
 
 pub(crate) mod api;
 pub(crate) mod html;
@@ -30,8 +32,23 @@ use prometheus_client::registry::Registry;
 
 use model::StatusSource;
 
-/// Every route of the status server.
+/// Every route of the status server, unprotected (tests; `serve` protects the API with
+/// [`crate::gateway::protect`]).
+#[cfg(test)]
 pub(crate) fn router(source: Arc<dyn StatusSource>, registry: Arc<Registry>) -> Router {
+    page_routes(source.clone(), registry).merge(api_routes(source))
+}
+
+/// The JSON API's read side: `/api/clients` and `/api/clients/{id}`.
+pub(crate) fn api_routes(source: Arc<dyn StatusSource>) -> Router {
+    Router::new()
+        .route("/api/clients", get(clients))
+        .route("/api/clients/{id}", get(api::one))
+        .with_state(source)
+}
+
+/// The page, its assets and `/metrics`.
+pub(crate) fn page_routes(source: Arc<dyn StatusSource>, registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/index.html", get(page))
@@ -43,8 +60,6 @@ pub(crate) fn router(source: Arc<dyn StatusSource>, registry: Arc<Registry>) -> 
             "/status.css",
             get(|| async { asset("text/css; charset=utf-8", html::STYLE) }),
         )
-        .route("/api/clients", get(clients))
-        .route("/api/clients/{id}", get(api::one))
         .with_state(source)
         .merge(crate::metrics::route(registry))
 }
@@ -73,7 +88,7 @@ async fn page(
         Ok(q) => q,
         Err(e) => return (axum::http::StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    let p = model::page(source.clients(), &q);
+    let p = source.page(&q);
     let body = html::render(&p, &q, source.rtt_every(), SystemTime::now());
     (
         [

@@ -2,9 +2,9 @@
 //! [`StatusSource`] on every request, filtered and paginated by a [`ClientQuery`] (pure).
 //!
 //! ```text
-//!   ServerHandle::clients() ──▶ ServerSource ──▶ Vec<ClientRow> (sorted by id)
-//!                                                    │ ClientQuery { state, cursor, limit }
-//!                                                    ▼
+//!   ServerHandle::clients_page(state, cursor, limit) ──▶ ServerSource::page
+//!     (a range of the server's sorted registry: O(log n + limit))   │ ClientQuery
+//!                                                                    ▼
 //!                                                  Page { rows ≤ limit, next_cursor, counts }
 //!                                                    ├──▶ api.rs  (JSON, serde)
 //!                                                    └──▶ html.rs (first render; the page's
@@ -27,6 +27,11 @@ use tether_proto::DisconnectReason;
 pub(crate) trait StatusSource: Send + Sync + 'static {
     /// One row per client the server knows, sorted by id.
     fn clients(&self) -> Vec<ClientRow>;
+    /// One page of rows. The default filters and slices [`clients`](Self::clients); a
+    /// source that can give a page without listing every client overrides it.
+    fn page(&self, q: &ClientQuery) -> Page {
+        page(self.clients(), q)
+    }
     /// One client's row.
     fn client(&self, id: &str) -> Option<ClientRow>;
     /// How often the RTT is measured (`None`: never), for the page's hint.
@@ -80,6 +85,8 @@ pub(crate) struct ClientRow {
     pub(crate) connects: u64,
     /// Connections of this id that ended.
     pub(crate) disconnects: u64,
+    /// Its session id while it has one (connected with a session, or resuming).
+    pub(crate) session: Option<u64>,
 }
 
 impl ClientRow {
@@ -136,6 +143,7 @@ impl ClientRow {
             }),
             connects: c.connects,
             disconnects: c.disconnects,
+            session: c.session,
         }
     }
 }
@@ -164,6 +172,24 @@ impl StatusSource for ServerSource {
         self.handle
             .client(id)
             .map(|c| ClientRow::from_info(&c, now, wall))
+    }
+
+    /// From the server's sorted registry: O(log n + limit), not a listing of every client.
+    fn page(&self, q: &ClientQuery) -> Page {
+        let (now, wall) = (tokio::time::Instant::now().into_std(), SystemTime::now());
+        let p = self
+            .handle
+            .clients_page(q.state, q.cursor.as_deref(), q.limit);
+        Page {
+            rows: p
+                .clients
+                .iter()
+                .map(|c| ClientRow::from_info(c, now, wall))
+                .collect(),
+            next_cursor: p.next_cursor,
+            matching: p.matching,
+            counts: p.counts,
+        }
     }
 
     fn rtt_every(&self) -> Option<Duration> {
@@ -334,6 +360,7 @@ pub(crate) mod tests {
             }),
             connects: 2,
             disconnects: 1,
+            session: (!gone).then_some(1_700_003_723_000_001),
         }
     }
 
@@ -453,6 +480,7 @@ pub(crate) mod tests {
             connects: e.connects,
             disconnects: e.disconnects,
             conn_id: e.conn_id,
+            session: None,
         };
         let b = ClientRow::from_info(&info, now, wall_now);
         assert_eq!(b.state, PresenceKind::Resuming);

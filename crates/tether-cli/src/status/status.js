@@ -1,6 +1,6 @@
 "use strict";
 // The status page's script: polls /api/clients with the page's own query (state, cursor,
-// limit) every 2 s and re-renders the table. Formats are those of status/html.rs (integer
+// limit) every 2 s and re-renders the table: a client of the server API like any backend. Formats are those of status/html.rs (integer
 // arithmetic, so both agree): durations as tether's Human truncated to the millisecond,
 // RTT to the microsecond, times of day HH:MM:SS UTC.
 
@@ -123,12 +123,31 @@ function render(d, query) {
   document.getElementById("clients").dataset.updated = d.now_unix_ms;
 }
 
+// The API token, when the server has one (--http-token-file; a browser that logged in with HTTP Basic needs none): given once as /#token=…, kept
+// for this tab only, sent as a bearer token like any backend's. The fragment never leaves
+// the browser and is removed from the address bar.
+function apiToken() {
+  const m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
+  if (m) {
+    sessionStorage.setItem("tether-api-token", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("tether-api-token");
+}
+
 async function refresh() {
   const query = new URLSearchParams(location.search);
   const api = new URLSearchParams();
   for (const k of ["state", "cursor", "limit"]) if (query.get(k)) api.set(k, query.get(k));
+  const token = apiToken();
   try {
-    const r = await fetch("/api/clients?" + api.toString(), { cache: "no-store" });
+    const r = await fetch("/api/clients?" + api.toString(), {
+      cache: "no-store",
+      headers: token ? { Authorization: "Bearer " + token } : {},
+    });
+    if (r.status === 401 || r.status === 403) {
+      throw new Error("HTTP " + r.status + ": the API needs its token; open this page as /#token=<token>");
+    }
     if (!r.ok) throw new Error("HTTP " + r.status);
     render(await r.json(), query);
   } catch (e) {

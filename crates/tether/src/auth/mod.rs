@@ -290,6 +290,9 @@ pub struct AuthRequest<'a> {
     pub remote: Option<SocketAddr>,
     /// The principal from the client certificate, on a mutual-TLS connection.
     pub tls_principal: Option<&'a Principal>,
+    /// The HELLO asks to resume a session (the server still checks the resume token and
+    /// that the session's principal is the same). False for an AUTH refresh.
+    pub resume: bool,
     /// The current time (wall clock: credentials carry absolute times).
     pub now: SystemTime,
 }
@@ -302,8 +305,15 @@ impl<'a> AuthRequest<'a> {
             credential: None,
             remote: None,
             tls_principal: None,
+            resume: false,
             now,
         }
+    }
+
+    /// Sets whether the HELLO resumes a session.
+    pub fn resume(mut self, resume: bool) -> Self {
+        self.resume = resume;
+        self
     }
 
     /// Sets the credential.

@@ -73,8 +73,8 @@ pub(crate) enum Command {
 /// The result of [`Shared::offer`] (server connections).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Offer {
-    /// Queued.
-    Queued,
+    /// Queued; with a session, the sequence number it will carry (see [`Inner::seq_base`]).
+    Queued(Option<u64>),
     /// Queuing would pass the client's bound: the connection is being closed (slow consumer).
     SlowConsumer,
     /// Queuing would pass the client's bound (asked not to close it).
@@ -107,6 +107,12 @@ pub(crate) struct Inner {
     charged: usize,
     /// A decision made off the task ([`Shared::resolve`]), for the task to apply.
     pub(crate) resolved: Option<Box<super::Resolved>>,
+    /// With a session: the sequence number the outbox's front message will get when it moves
+    /// into the state machine. The outbox is FIFO and every message moved gets the next
+    /// number, so the message at outbox index `i` will carry `seq_base + i`: a sender learns
+    /// its message's number when it queues it. Set by the server when a session attaches
+    /// (`None`: no session), advanced by the driver as messages move (same lock).
+    pub(crate) seq_base: Option<u64>,
 }
 
 /// State shared by a connection task and the handles that talk to it.
@@ -272,10 +278,18 @@ impl Shared {
             }
             inner.charged += msg.len();
         }
+        let seq = inner.seq_base.map(|b| b + inner.outbox.len() as u64);
         inner.outbox_bytes += msg.len();
         inner.outbox.push_back(msg);
         wake_driver(&mut inner);
-        Offer::Queued
+        Offer::Queued(seq)
+    }
+
+    /// Server connections: the sequence number the next message queued will carry (`None`
+    /// without a session). Called when a session attaches, before any sender can reach the
+    /// connection.
+    pub(crate) fn set_seq_base(&self, base: Option<u64>) {
+        self.lock().seq_base = base;
     }
 
     /// Asks the task to close the connection in order (after what is queued).

@@ -103,8 +103,15 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 };
                 inner.outbox_bytes -= msg.len();
                 moved = true;
-                if let Err(e) = conn.send_bytes(now, &msg) {
-                    tracing::debug!(error = %e, "message dropped by the state machine");
+                match conn.send_bytes(now, &msg) {
+                    Ok(()) => {
+                        if let Some(b) = inner.seq_base.as_mut() {
+                            *b += 1;
+                        }
+                    }
+                    // Senders on a server check the length first (`SendError::TooLarge`), so
+                    // the numbers promised by `seq_base` stay true.
+                    Err(e) => tracing::debug!(error = %e, "message dropped by the state machine"),
                 }
             }
             waiting_front = inner.outbox.front().map(Bytes::len);

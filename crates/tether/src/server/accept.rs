@@ -246,6 +246,7 @@ impl Connection<'_> {
             remote: self.remote,
             shared: self.shared.clone(),
             client_id: None,
+            session: None,
             probe: None,
             auth,
         };
@@ -369,6 +370,8 @@ struct ServerSink {
     shared: Arc<Shared>,
     /// Set once the HELLO was accepted.
     client_id: Option<String>,
+    /// The session the connection runs, once accepted.
+    session: Option<u64>,
     /// A probe request (the connection's first frame was PROBE).
     probe: Option<Bytes>,
     /// Authentication, when the server authorizes or the client presented a certificate.
@@ -489,8 +492,9 @@ impl ServerSink {
                 credential_ttl: ttl,
             },
         );
-        if let Decision::Accept(..) = d {
+        if let Decision::Accept(_, session, _) = &d {
             self.client_id = Some(hello.client_id.clone());
+            self.session = session.as_ref().map(|s| s.0.session_id);
         }
         d
     }
@@ -548,7 +552,9 @@ impl Sink for ServerSink {
         if let Some(d) = self.throttled() {
             return d;
         }
-        let req = self.request(&hello.client_id, hello.credential.as_deref());
+        let req = self
+            .request(&hello.client_id, hello.credential.as_deref())
+            .resume(hello.resume.is_some());
         match hook.0.authorize(&req) {
             AuthDecision::Pending(f) => {
                 self.auth().pending = Some(hello.clone());
@@ -599,6 +605,7 @@ impl Sink for ServerSink {
                         client_id: id.clone(),
                         msg: payload,
                         seq,
+                        session: self.session,
                     });
                 }
             }

@@ -64,6 +64,7 @@ pub struct ServerConfig {
     pub(crate) tls: Option<Arc<TlsServer>>,
     pub(crate) authorize: Option<AuthHook>,
     pub(crate) throttle: Option<ThrottleConfig>,
+    pub(crate) presence_events: bool,
 }
 
 /// The authorization hook, shared by every connection.
@@ -97,6 +98,7 @@ impl Default for ServerConfig {
             tls: None,
             authorize: None,
             throttle: Some(ThrottleConfig::default()),
+            presence_events: false,
         }
     }
 }
@@ -291,6 +293,16 @@ impl ServerConfig {
     /// gateway's webhook, around it).
     pub fn get_authorize(&self) -> Option<Arc<dyn Authorize>> {
         self.authorize.as_ref().map(|h| h.0.clone())
+    }
+
+    /// Sets whether presence changes also come out of `Server::next_event` as
+    /// `ServerEvent::Presence`, in order with the client's other events and never dropped
+    /// (what a consumer that must not miss one needs: `tether serve`'s event stream).
+    /// [`ServerHandle::subscribe`](super::ServerHandle::subscribe) has them either way, but
+    /// drops them for a subscriber that lags. Default: false.
+    pub fn presence_events(mut self, on: bool) -> Self {
+        self.presence_events = on;
+        self
     }
 
     /// The address to listen on.

@@ -6,7 +6,7 @@ use std::ops::RangeInclusive;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tether_proto::presence::{PresenceCounts, PresenceState};
+use tether_proto::presence::{PresenceChange, PresenceCounts, PresenceState};
 use tether_proto::{Disconnect, DisconnectReason};
 use thiserror::Error;
 
@@ -35,8 +35,12 @@ pub enum ServerEvent {
         msg: Bytes,
         /// Its sequence number in the client's session (`None` without a session). Numbers
         /// are consecutive from 1 within a session and survive resumption, so a consumer that
-        /// remembers the last `(client_id, seq)` it processed sees each message once.
+        /// remembers the last `(client_id, session, seq)` it processed sees each message once.
         seq: Option<u64>,
+        /// The client's session id (`None` without a session). A new session (the old one
+        /// could not be resumed) numbers its messages from 1 again; session ids are unique
+        /// across server restarts too (see [`ServerConfig`](super::ServerConfig)).
+        session: Option<u64>,
     },
     /// A client's connection ended.
     Disconnected {
@@ -63,10 +67,26 @@ pub enum ServerEvent {
     SessionLost {
         /// Client id.
         client_id: String,
+        /// The session's id.
+        session: u64,
         /// Sequence numbers sent but not acknowledged (may or may not have arrived).
         unacked: Option<RangeInclusive<u64>>,
         /// Messages queued for the client and never sent (certainly not delivered).
         unsent: Vec<Bytes>,
+        /// The sequence numbers [`ServerHandle::try_deliver`](super::ServerHandle::try_deliver)
+        /// promised the `unsent` messages, in order (`None` when there are none).
+        unsent_seqs: Option<RangeInclusive<u64>>,
+    },
+    /// A client's presence changed, with
+    /// [`ServerConfig::presence_events`](super::ServerConfig::presence_events) on (the same changes as
+    /// [`ServerHandle::subscribe`](super::ServerHandle::subscribe), but never dropped, and in
+    /// order with the other events of the client: `Online` before its first message, its
+    /// last message before `Resuming` or `Offline`).
+    Presence {
+        /// The change.
+        change: PresenceChange,
+        /// The address of the client's current (or last) connection.
+        remote: Option<SocketAddr>,
     },
     /// A connection was refused (hello rejected, server full, handshake timeout, garbage).
     Refused {
@@ -100,6 +120,23 @@ pub struct ClientInfo {
     pub disconnects: u64,
     /// The current (or last) connection id.
     pub conn_id: u64,
+    /// The client's session id, while it has one (attached to its connection, or held
+    /// while it is resuming).
+    pub session: Option<u64>,
+}
+
+/// One page of [`ServerHandle::clients_page`](super::ServerHandle::clients_page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientPage {
+    /// The clients, in id order.
+    pub clients: Vec<ClientInfo>,
+    /// The id to pass as `after` for the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+    /// Clients in the state asked for (all pages).
+    pub matching: usize,
+    /// Clients per state (all of them).
+    pub counts: PresenceCounts,
 }
 
 /// Server-wide counters for `/metrics`.
@@ -158,4 +195,38 @@ pub enum SendError {
         /// Why.
         reason: DisconnectReason,
     },
+    /// The message is longer than one frame can carry.
+    #[error("message of {len} bytes is longer than the {max} bytes a frame can carry")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The longest message (the frame limit less the session header).
+        max: usize,
+    },
+}
+
+/// What [`ServerHandle::try_deliver`](super::ServerHandle::try_deliver) did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The client's session (`None`: the client has no session).
+    pub session: Option<u64>,
+    /// The sequence number the message carries in that session: the client acknowledges
+    /// it, and a [`ServerEvent::SessionLost`] names it if it may not have arrived.
+    pub seq: Option<u64>,
+    /// Queued in the client's held session: it goes out when the client resumes.
+    pub held: bool,
+}
+
+/// What [`ServerHandle::broadcast`](super::ServerHandle::broadcast) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Broadcast {
+    /// Queued on a live connection.
+    pub sent: usize,
+    /// Queued in a held session (goes out when the client resumes).
+    pub held: usize,
+    /// Not queued: the client's bound was reached (it is being closed as a slow consumer,
+    /// or its held backlog is full) or the server-wide budget was spent.
+    pub refused: usize,
 }

@@ -36,7 +36,7 @@ use tether_proto::presence::{PresenceChange, Registry};
 use tether_proto::session::Session;
 use tether_proto::{CloseCode, Disconnect, DisconnectReason};
 
-use super::events::{SendError, ServerEvent};
+use super::events::{Broadcast, Delivery, SendError, ServerEvent};
 use super::sessions::{self, Held, Plan, SessionSlot};
 use super::Inner;
 use crate::auth::resume::ResumeCredential;
@@ -111,6 +111,13 @@ impl Clients {
         out
     }
 
+    /// The session id of `id`, while it has one.
+    pub(super) fn session_of(&self, id: &str) -> Option<u64> {
+        lock(self.shard(id))
+            .get(id)
+            .and_then(|r| r.session.as_ref().map(|s| s.id))
+    }
+
     /// The live connection of `id`.
     pub(super) fn live_of(&self, id: &str) -> Option<Arc<Shared>> {
         lock(self.shard(id))
@@ -133,10 +140,10 @@ impl Inner {
     pub(super) fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
         let mut reg = lock(&self.registry);
         let r = f(&mut reg);
-        let changes: Vec<PresenceChange> = std::iter::from_fn(|| reg.poll_change()).collect();
+        let changes = drain_changes(&mut reg);
         drop(reg);
-        for ch in changes {
-            let _ = self.presence_tx.send(ch);
+        for (ch, remote) in changes {
+            self.publish(ch, remote);
         }
         self.signals.registry_changed.notify_one();
         r
@@ -148,6 +155,17 @@ impl Inner {
         if let Some(t) = &self.throttle {
             lock(t).record_failure(remote.ip(), crate::driver::now());
         }
+    }
+
+    /// A presence change to the event stream (lossless, in order) and to subscribers.
+    pub(super) fn publish(&self, ch: PresenceChange, remote: Option<SocketAddr>) {
+        if self.cfg.presence_events {
+            let _ = self.events.send(ServerEvent::Presence {
+                change: ch.clone(),
+                remote,
+            });
+        }
+        let _ = self.presence_tx.send(ch);
     }
 
     /// Transition: a HELLO on connection `conn_id`, already admitted (a valid id; the
@@ -261,6 +279,8 @@ impl Inner {
                 "replaced by a newer connection with the same client id",
             );
         }
+        // Before any sender can reach the connection: the number its first message gets.
+        shared.set_seq_base(session.as_ref().map(|(_, s)| s.last_seq() + 1));
         rec.conn = Some(Live {
             conn_id,
             shared: shared.clone(),
@@ -356,7 +376,7 @@ impl Inner {
             // Replaced: the id lives on with a newer connection; this session will not be
             // resumed.
             if let Some(s) = session {
-                self.report_lost(id, s.unacked_range(), shared.take_outbox());
+                self.report_lost(id, &s, shared.take_outbox());
             }
             return;
         }
@@ -403,13 +423,12 @@ impl Inner {
             }
             (Some(session), None) => {
                 rec.session = None;
-                let unacked = session.unacked_range();
                 let unsent = shared.take_outbox();
                 // Nothing to report after a clean goodbye with nothing outstanding.
-                if !(finished && unacked.is_none() && unsent.is_empty())
+                if !(finished && session.unacked_range().is_none() && unsent.is_empty())
                     || matches!(d.reason, DisconnectReason::SlowConsumer)
                 {
-                    self.report_lost(id, unacked, unsent);
+                    self.report_lost(id, &session, unsent);
                 }
             }
             (None, _) => rec.session = None,
@@ -452,23 +471,20 @@ impl Inner {
     /// A held session is dropped: tell the application what it leaves undelivered.
     fn session_lost(&self, id: &str, held: Held) {
         self.budgets.unsent.give(held.charged());
-        self.report_lost(
-            id,
-            held.session.unacked_range(),
-            held.pending.into_iter().collect(),
-        );
+        self.report_lost(id, &held.session, held.pending.into_iter().collect());
     }
 
-    fn report_lost(
-        &self,
-        id: &str,
-        unacked: Option<std::ops::RangeInclusive<u64>>,
-        unsent: Vec<Bytes>,
-    ) {
+    /// `session` ends without a resume, with `unsent` messages never handed to it: they
+    /// were promised the numbers after its last one, in order.
+    fn report_lost(&self, id: &str, session: &Session, unsent: Vec<Bytes>) {
+        let first = session.last_seq() + 1;
+        let unsent_seqs = (!unsent.is_empty()).then(|| first..=first + unsent.len() as u64 - 1);
         let _ = self.events.send(ServerEvent::SessionLost {
             client_id: id.to_owned(),
-            unacked,
+            session: session.id(),
+            unacked: session.unacked_range(),
             unsent,
+            unsent_seqs,
         });
     }
 
@@ -484,19 +500,75 @@ impl Inner {
         });
     }
 
+    /// The longest message one frame carries (with the session header).
+    fn max_message(&self) -> usize {
+        (self.cfg.max_frame_len as usize).saturating_sub(9)
+    }
+
     /// Queues `msg` for `id` without waiting: on its connection, or in its held session. A
     /// connection at its bound is closed as a slow consumer when `close_slow`; otherwise the
     /// caller gets `SlowConsumer` without the close (and may wait and retry).
-    pub(super) fn try_send(&self, id: &str, msg: Bytes, close_slow: bool) -> Result<(), SendError> {
+    pub(super) fn try_send(
+        &self,
+        id: &str,
+        msg: Bytes,
+        close_slow: bool,
+    ) -> Result<Delivery, SendError> {
+        let max = self.max_message();
+        if msg.len() > max {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
         let mut shard = lock(self.clients.shard(id));
-        let Some(rec) = shard.get_mut(id) else {
-            return Err(SendError::NotConnected(id.to_owned()));
-        };
+        match shard.get_mut(id) {
+            Some(rec) => self.offer(id, rec, msg, close_slow),
+            None => Err(SendError::NotConnected(id.to_owned())),
+        }
+    }
+
+    /// Queues `msg` for every connected or resuming client, one shard at a time.
+    pub(super) fn broadcast(&self, msg: Bytes) -> Result<Broadcast, SendError> {
+        let max = self.max_message();
+        if msg.len() > max {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
+        let mut b = Broadcast::default();
+        for shard in self.clients.shards.iter() {
+            for (id, rec) in lock(shard).iter_mut() {
+                match self.offer(id, rec, msg.clone(), true) {
+                    Ok(d) if d.held => b.held += 1,
+                    Ok(_) => b.sent += 1,
+                    Err(SendError::NotConnected(_) | SendError::Disconnected { .. }) => {}
+                    Err(_) => b.refused += 1,
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// Queues `msg` on `rec` (its shard locked): its connection, or its held session.
+    fn offer(
+        &self,
+        id: &str,
+        rec: &mut Record,
+        msg: Bytes,
+        close_slow: bool,
+    ) -> Result<Delivery, SendError> {
+        let session = rec.session.as_ref().map(|s| s.id);
         if let Some(live) = &rec.conn {
             // With a session, a connection that just ended still takes it: the outbox moves
             // into the held session (same lock, so nothing slips between).
             return match live.shared.offer(msg, rec.session.is_some(), close_slow) {
-                Offer::Queued => Ok(()),
+                Offer::Queued(seq) => Ok(Delivery {
+                    session,
+                    seq,
+                    held: false,
+                }),
                 Offer::SlowConsumer | Offer::Full => Err(SendError::SlowConsumer(id.to_owned())),
                 Offer::Backlogged => Err(SendError::Backlogged(id.to_owned())),
                 Offer::ServerFull => Err(SendError::ServerFull),
@@ -515,8 +587,24 @@ impl Inner {
         if !self.budgets.unsent.try_take(msg.len()) {
             return Err(SendError::ServerFull);
         }
+        // Held messages go out first on resume, after the session's last number.
+        let seq = held.session.last_seq() + 1 + held.pending.len() as u64;
         held.pending_bytes += msg.len();
         held.pending.push_back(msg);
-        Ok(())
+        Ok(Delivery {
+            session,
+            seq: Some(seq),
+            held: true,
+        })
     }
+}
+
+/// The registry's queued changes, each with the client's current address.
+pub(super) fn drain_changes(reg: &mut Registry) -> Vec<(PresenceChange, Option<SocketAddr>)> {
+    let mut out = Vec::new();
+    while let Some(ch) = reg.poll_change() {
+        let remote = reg.get(&ch.id).map(|e| e.remote);
+        out.push((ch, remote));
+    }
+    out
 }

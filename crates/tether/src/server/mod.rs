@@ -34,13 +34,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tether_proto::presence::{PresenceChange, PresenceCounts, PresenceState, Registry};
+use tether_proto::presence::{
+    PresenceChange, PresenceCounts, PresenceKind, PresenceState, Registry,
+};
 use tether_proto::CloseCode;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, Notify};
 
 pub use config::{default_max_connections, ServerConfig};
-pub use events::{ClientInfo, SendError, ServerEvent, ServerMetrics};
+pub use events::{
+    Broadcast, ClientInfo, ClientPage, Delivery, SendError, ServerEvent, ServerMetrics,
+};
 
 use crate::auth::throttle::FailureThrottle;
 use crate::driver::{self, Budgets, Command, StatsSnapshot};
@@ -170,7 +174,7 @@ impl Server {
             open: AtomicUsize::new(0),
             established: AtomicUsize::new(0),
             next_conn_id: AtomicU64::new(1),
-            next_session_id: AtomicU64::new(1),
+            next_session_id: AtomicU64::new(first_session_id()),
             throttle: cfg_throttle.map(|t| Mutex::new(FailureThrottle::new(t))),
         });
         let accept = tokio::spawn(accept::accept_loop(listener, inner.clone()));
@@ -249,6 +253,15 @@ impl ServerHandle {
     /// ([`SendError::SlowConsumer`]); a resuming client at that bound gives
     /// [`SendError::Backlogged`]; a spent server-wide budget gives [`SendError::ServerFull`].
     pub fn try_send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
+        self.inner.try_send(client_id, msg, true).map(|_| ())
+    }
+
+    /// [`try_send`](Self::try_send) that says what happened: the client's session and the
+    /// sequence number the message carries in it (the number the client acknowledges and a
+    /// [`ServerEvent::SessionLost`] names), and whether it waits in a held session for the
+    /// client's resume. A message longer than a frame carries is refused
+    /// ([`SendError::TooLarge`]).
+    pub fn try_deliver(&self, client_id: &str, msg: Bytes) -> Result<Delivery, SendError> {
         self.inner.try_send(client_id, msg, true)
     }
 
@@ -283,7 +296,7 @@ impl ServerHandle {
                     if !waited {
                         return match self.inner.try_send(client_id, msg, true) {
                             Err(SendError::SlowConsumer(_)) => Err(SendError::SlowConsumer(id)),
-                            r => r,
+                            r => r.map(|_| ()),
                         };
                     }
                 }
@@ -300,23 +313,17 @@ impl ServerHandle {
                         return Err(SendError::Backlogged(id));
                     }
                 }
-                r => return r,
+                r => return r.map(|_| ()),
             }
         }
     }
 
-    /// Queues `msg` to every connected client without waiting; returns how many took it.
-    /// A client that does not read is closed as a slow consumer (see
-    /// [`try_send`](Self::try_send)).
-    pub fn broadcast(&self, msg: Bytes) -> usize {
-        self.inner
-            .clients
-            .live()
-            .into_iter()
-            .filter(|(_, shared, _)| {
-                shared.offer(msg.clone(), false, true) == driver::Offer::Queued
-            })
-            .count()
+    /// Queues `msg` to every connected client, and into the held session of every resuming
+    /// one, without waiting; says how many took it. A client that does not read is closed as
+    /// a slow consumer (see [`try_send`](Self::try_send)). Fails only for a message longer
+    /// than a frame carries.
+    pub fn broadcast(&self, msg: Bytes) -> Result<Broadcast, SendError> {
+        self.inner.broadcast(msg)
     }
 
     /// Closes a client's connection with `code` and `text` (after what is queued for it);
@@ -338,11 +345,14 @@ impl ServerHandle {
             .clients
             .live_of(client_id)
             .map(|s| s.stats.snapshot());
+        let session = self.inner.clients.session_of(client_id);
         let reg = lock(&self.inner.registry);
-        reg.get(client_id).map(|e| client_info(client_id, e, live))
+        reg.get(client_id)
+            .map(|e| client_info(client_id, e, live, session))
     }
 
-    /// Every known client (connected, resuming, and recently offline), sorted by id.
+    /// Every known client (connected, resuming, and recently offline), sorted by id (without
+    /// session ids; see [`clients_page`](Self::clients_page) for a page that has them).
     pub fn clients(&self) -> Vec<ClientInfo> {
         let live: std::collections::HashMap<String, StatsSnapshot> = self
             .inner
@@ -354,11 +364,58 @@ impl ServerHandle {
         let reg = lock(&self.inner.registry);
         let mut out: Vec<ClientInfo> = reg
             .iter()
-            .map(|(id, e)| client_info(id, e, live.get(id).copied()))
+            .map(|(id, e)| client_info(id, e, live.get(id).copied(), None))
             .collect();
         drop(reg);
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
+    }
+
+    /// One page of clients in id order: at most `limit` after the id `after`, only those in
+    /// state `kind` when given. Costs O(log n + limit) whatever the number of clients (the
+    /// registry keeps ids sorted, per state too); pass the page's `next_cursor` as `after`
+    /// for the next one. Stable while clients come and go: no client is skipped or shown
+    /// twice because another appeared.
+    pub fn clients_page(
+        &self,
+        kind: Option<PresenceKind>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> ClientPage {
+        let reg = lock(&self.inner.registry);
+        let counts = reg.counts();
+        let (entries, more) = reg.page(kind, after, limit);
+        let entries: Vec<(String, tether_proto::presence::Entry)> = entries
+            .into_iter()
+            .map(|(id, e)| (id.to_owned(), e.clone()))
+            .collect();
+        drop(reg);
+        // Live counters after the registry lock (lock order: a shard before the registry).
+        let clients: Vec<ClientInfo> = entries
+            .iter()
+            .map(|(id, e)| {
+                let live = e
+                    .state
+                    .is_connected()
+                    .then(|| self.inner.clients.live_of(id))
+                    .flatten()
+                    .map(|s| s.stats.snapshot());
+                let session = matches!(
+                    e.state,
+                    PresenceState::Online | PresenceState::Suspect | PresenceState::Resuming { .. }
+                )
+                .then(|| self.inner.clients.session_of(id))
+                .flatten();
+                client_info(id, e, live, session)
+            })
+            .collect();
+        let next_cursor = more.then(|| clients.last().map(|c| c.id.clone())).flatten();
+        ClientPage {
+            matching: kind.map_or(counts.total(), |k| counts.get(k)),
+            counts,
+            clients,
+            next_cursor,
+        }
     }
 
     /// Counts per presence state.
@@ -406,12 +463,24 @@ impl ServerHandle {
     }
 }
 
+/// The first session id of this server: the wall-clock time in milliseconds times 1000, so
+/// that session ids of a restarted server never repeat earlier ones (a consumer that keys
+/// messages by `(client id, session, seq)` is not fooled by a restart). A server would have
+/// to open more than a million sessions per second on average to reach the next start's ids.
+fn first_session_id() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    ms.saturating_mul(1000).max(1)
+}
+
 /// A client as queries see it: presence from the registry, counters from the live
 /// connection or, when there is none, the last one's.
 fn client_info(
     id: &str,
     e: &tether_proto::presence::Entry,
     live: Option<StatsSnapshot>,
+    session: Option<u64>,
 ) -> ClientInfo {
     let stats = if e.state.is_connected() {
         live
@@ -434,6 +503,7 @@ fn client_info(
         connects: e.connects,
         disconnects: e.disconnects,
         conn_id: e.conn_id,
+        session,
     }
 }
 
@@ -449,16 +519,18 @@ async fn expiry_loop(inner: std::sync::Weak<Inner>, signals: Arc<Signals>) {
             let now = driver::now();
             let mut reg = lock(&strong.registry);
             reg.handle_timeout(now);
-            let changes: Vec<PresenceChange> = std::iter::from_fn(|| reg.poll_change()).collect();
+            let changes = lifecycle::drain_changes(&mut reg);
             let next = reg.poll_timeout();
             drop(reg);
-            for ch in changes {
-                if matches!(ch.from, Some(PresenceState::Resuming { .. }))
-                    && matches!(ch.to, PresenceState::Offline { .. })
-                {
-                    strong.expire(now, &ch.id);
+            for (ch, remote) in changes {
+                let expired = matches!(ch.from, Some(PresenceState::Resuming { .. }))
+                    && matches!(ch.to, PresenceState::Offline { .. });
+                let id = ch.id.clone();
+                // The client goes offline, then its session is reported lost.
+                strong.publish(ch, remote);
+                if expired {
+                    strong.expire(now, &id);
                 }
-                let _ = strong.presence_tx.send(ch);
             }
             next
         };

@@ -37,6 +37,26 @@ pub(crate) enum AgentCmd {
     Server(ServerAgentArgs),
     /// A load generator holding a share of the clients.
     Clients(ClientAgentArgs),
+    /// Reconnecting tether clients (with sessions) that time what they receive (bench api).
+    ApiClients(ApiClientArgs),
+}
+
+/// `api-clients` settings.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ApiClientArgs {
+    /// Server address.
+    #[arg(long)]
+    pub(crate) addr: SocketAddr,
+    /// Source addresses of the client sockets: `127.B.0.0` spreads them over `127.B.x.y`,
+    /// 250 clients per address.
+    #[arg(long)]
+    pub(crate) src: IpAddr,
+    /// Global index of the first client (ids are `c<index>`).
+    #[arg(long)]
+    pub(crate) first: usize,
+    /// How many clients.
+    #[arg(long)]
+    pub(crate) count: usize,
 }
 
 /// Server agent settings.
@@ -122,6 +142,7 @@ pub(crate) fn run(cmd: AgentCmd) -> anyhow::Result<std::process::ExitCode> {
         match cmd {
             AgentCmd::Server(a) => server_agent(a).await,
             AgentCmd::Clients(a) => client_agent(a).await,
+            AgentCmd::ApiClients(a) => api_client_agent(a).await,
         }
     })?;
     Ok(std::process::ExitCode::SUCCESS)
@@ -600,6 +621,104 @@ async fn mqtt_keepalive(
         }
         counters.pings.fetch_add(1, Relaxed);
     }
+}
+
+/// `api-clients`: `count` tether `Client`s; each message received is stamped with its send
+/// time (`t` + 20 digits of `CLOCK_MONOTONIC` ns), so the receipt gives the latency.
+/// Commands: `count`, `stats` (and reset the samples), `send K` (every client sends K stamped
+/// messages), `quit`.
+async fn api_client_agent(a: ApiClientArgs) -> anyhow::Result<()> {
+    use tether::{Client, ClientConfig, ClientEvent};
+    let received = Arc::new(AtomicU64::new(0));
+    let connected = Arc::new(AtomicU64::new(0));
+    let samples: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut senders = Vec::with_capacity(a.count);
+    let mut started = 0u64;
+    for i in 0..a.count {
+        let mut cfg = ClientConfig::new(a.addr, format!("c{}", a.first + i));
+        cfg.connect.policy = policy(60_000, None)?;
+        // A source address per 250 clients (127.B.x.y): the server's per-source limit is
+        // an eighth of its connection limit.
+        let src = match a.src {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                IpAddr::from([o[0], o[1], (i / 250) as u8, (i % 250 + 1) as u8])
+            }
+            other => other,
+        };
+        let addr = a.addr;
+        let mut client = Client::start_with(cfg, move || async move {
+            let sock = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            sock.bind(SocketAddr::new(src, 0))?;
+            let s = sock.connect(addr).await?;
+            s.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(s)
+        });
+        senders.push(client.sender());
+        let (got, up, lat) = (received.clone(), connected.clone(), samples.clone());
+        tokio::spawn(async move {
+            while let Some(ev) = client.next_event().await {
+                match ev {
+                    ClientEvent::Connected { .. } => {
+                        up.fetch_add(1, Relaxed);
+                    }
+                    ClientEvent::Message(m) => {
+                        let stamp = m
+                            .get(1..21)
+                            .and_then(|d| std::str::from_utf8(d).ok())
+                            .and_then(|d| d.parse::<u64>().ok());
+                        if let Some(ts) = stamp {
+                            let us = mono_ns().saturating_sub(ts) / 1000;
+                            lat.lock().unwrap_or_else(|e| e.into_inner()).push(us);
+                        }
+                        got.fetch_add(1, Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        started += 1;
+        // Batches of 256: the server's handshake cap is 1,024.
+        if started % 256 == 0 {
+            while connected.load(Relaxed) < started {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    while connected.load(Relaxed) < started {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    emit(json!({"ev": "ready", "clients": a.count}));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("count") => emit(json!({"ev": "count", "received": received.load(Relaxed)})),
+            Some("stats") => {
+                let lat: Vec<u64> =
+                    std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+                emit(json!({"ev": "stats", "received": received.swap(0, Relaxed), "lat_us": lat}));
+            }
+            Some("send") => {
+                let k: usize = words.next().and_then(|w| w.parse().ok()).unwrap_or(1);
+                for _ in 0..k {
+                    for s in &senders {
+                        let mut b = format!("t{:020}", mono_ns()).into_bytes();
+                        b.resize(32, b'.');
+                        let _ = s.send(Bytes::from(b)).await;
+                    }
+                }
+                emit(json!({"ev": "sent"}));
+            }
+            Some("quit") | None => break,
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
