@@ -584,7 +584,13 @@ async fn a_wrong_api_token_is_refused() {
     // Basic: any user name, the token as the password).
     let (status, _) = call(s.http, "GET", "/status.js", &[], "").await;
     assert_eq!(status, 401);
-    let basic = format!("Basic {}", base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"any:s3cret-0123456789abcdef"));
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            b"any:s3cret-0123456789abcdef"
+        )
+    );
     let (status, _) = call(s.http, "GET", "/", &[("authorization", basic.as_str())], "").await;
     assert_eq!(status, 200);
     let _ = std::fs::remove_dir_all(&dir);
@@ -805,4 +811,3 @@ async fn python_backend_example_answers_and_resumes_after_a_restart() {
     drop(py2);
     let _ = std::fs::remove_dir_all(&dir);
 }
-

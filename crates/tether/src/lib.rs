@@ -58,7 +58,7 @@
 //! // The server sees the client connect, then its message (with its session sequence number).
 //! loop {
 //!     match server.next_event().await {
-//!         Some(ServerEvent::Message { client_id, msg, seq }) => {
+//!         Some(ServerEvent::Message { client_id, msg, seq, .. }) => {
 //!             assert_eq!((client_id.as_str(), &msg[..], seq), ("phone-1", &b"hello"[..], Some(1)));
 //!             server.try_send(&client_id, Bytes::from_static(b"hi"))?;
 //!             break;

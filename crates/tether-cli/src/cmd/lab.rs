@@ -88,7 +88,7 @@ enum LabCommand {
 struct ClientCmdArgs {
     /// Measure your own client: run this command in the client namespace against a tether
     /// server with the lab's policy, as method `client-cmd` (`{server}` becomes HOST:PORT; it
-    /// prints READY / RECEIVED / DETECTED <reason>, see docs/LAB.md). With it, `matrix` runs
+    /// prints READY / RECEIVED / DETECTED `<reason>`, see docs/LAB.md). With it, `matrix` runs
     /// only `client-cmd` unless --method is given too.
     #[arg(long, value_name = "CMD")]
     client_cmd: Option<String>,
