@@ -442,10 +442,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         event::stop(j, "shutdown");
         j.close();
         // Give open event streams a moment to send the last events.
-        let t = tokio::time::Instant::now();
-        while j.readers() > 0 && t.elapsed() < Duration::from_secs(2) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), j.readers_gone()).await;
     }
     Ok(ExitCode::SUCCESS)
 }
