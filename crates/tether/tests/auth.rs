@@ -431,6 +431,15 @@ async fn a_wrong_or_reused_resume_token_is_refused_and_the_session_is_untouched(
         ConnEvent::Message { payload, .. } => assert_eq!(&payload[..], b"queued"),
         other => panic!("{other:?}"),
     }
+    // Alice speaks on the resumed connection: she read the WELCOME, so she has g2.
+    m.send(b"got it").await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), srv.next_event()).await {
+            Ok(Some(ServerEvent::Message { msg, .. })) => break assert_eq!(&msg[..], b"got it"),
+            Ok(Some(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
     abort(m);
     state_of(&srv, "alice", resuming).await;
 
@@ -464,6 +473,58 @@ async fn a_wrong_or_reused_resume_token_is_refused_and_the_session_is_untouched(
     {
         assert!(!matches!(ev, ServerEvent::SessionLost { .. }), "{ev:?}");
     }
+}
+
+/// The connection that carried a resume's WELCOME (and its new token) dies before the client
+/// read it: the token the client resumed with still resumes, once more. It dies as soon as
+/// the client speaks on a connection with the token it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_lost_with_its_connection_does_not_lose_the_session() {
+    let srv = server().await;
+    let addr = srv.local_addr();
+    let resuming = |s: &PresenceState| matches!(s, PresenceState::Resuming { .. });
+    let (ev, m) = alice_session(addr, None).await;
+    let g1 = grant(&ev);
+    abort(m);
+    state_of(&srv, "alice", resuming).await;
+
+    // Resumed with g1; the WELCOME (carrying g2) is "lost": the client never reads it and
+    // the connection is reset.
+    let h = Hello {
+        client_id: "alice".into(),
+        requested_heartbeat: Duration::from_millis(300),
+        want_session: true,
+        resume: Some(resume_with(&g1, g1.token)),
+        credential: Some(Credential::from(token("alice", Duration::from_secs(600)))),
+    };
+    let mut io = TcpStream::connect(addr).await.unwrap();
+    let mut hello = bytes::BytesMut::new();
+    tether_proto::codec::encode_preamble(&mut hello);
+    tether_proto::codec::encode(&tether_proto::codec::Frame::Hello(h), &mut hello);
+    tokio::io::AsyncWriteExt::write_all(&mut io, &hello)
+        .await
+        .unwrap();
+    state_of(&srv, "alice", |s| matches!(s, PresenceState::Online { .. })).await;
+    socket2::SockRef::from(&io)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(io);
+    state_of(&srv, "alice", resuming).await;
+
+    // g1 is all the client has: it still resumes, and the session is the same one.
+    let (ev, mut m) = alice_session(addr, Some(resume_with(&g1, g1.token))).await;
+    let g3 = grant(&ev);
+    assert!(g3.resumed);
+    assert_eq!(g3.session_id, g1.session_id);
+    // Now the client speaks with g3 in hand: g1 is dead from then on.
+    m.send(b"here").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    abort(m);
+    state_of(&srv, "alice", resuming).await;
+    let (ev, _) = alice_session(addr, Some(resume_with(&g1, g1.token))).await;
+    assert_eq!(refusal(&ev), CloseCode::SESSION_UNKNOWN);
+    let (ev, _m) = alice_session(addr, Some(resume_with(&g1, g3.token))).await;
+    assert!(grant(&ev).resumed);
 }
 
 #[tokio::test]

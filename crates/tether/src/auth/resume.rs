@@ -82,6 +82,10 @@ pub fn new_token() -> Result<ResumeToken, getrandom::Error> {
 #[derive(Clone)]
 pub struct ResumeCredential {
     hash: TokenHash,
+    /// The token the last rotation replaced, still accepted until the client shows it has the
+    /// new one ([`ResumeCredential::confirm`]): a WELCOME lost with its connection must not
+    /// leave the client holding only a dead token.
+    previous: Option<TokenHash>,
     client_id: String,
     principal: Option<PrincipalKey>,
 }
@@ -100,6 +104,7 @@ impl ResumeCredential {
     pub fn new(token: &ResumeToken, client_id: &str, principal: Option<PrincipalKey>) -> Self {
         ResumeCredential {
             hash: TokenHash::of(token),
+            previous: None,
             client_id: client_id.into(),
             principal,
         }
@@ -123,7 +128,10 @@ impl ResumeCredential {
         principal: Option<&PrincipalKey>,
         presented: &ResumeToken,
     ) -> Result<(), ResumeRefusal> {
-        let token_ok = self.hash.matches(presented);
+        // Both compared whenever both exist (constant time for each).
+        let current = self.hash.matches(presented);
+        let previous = self.previous.as_ref().is_some_and(|h| h.matches(presented));
+        let token_ok = current | previous;
         if self.client_id != client_id {
             return Err(ResumeRefusal::OtherId);
         }
@@ -136,17 +144,27 @@ impl ResumeCredential {
         Ok(())
     }
 
-    /// Replaces the token after a successful resume: the old one is dead from now on.
-    /// Returns the new token to send in the WELCOME.
-    pub fn rotate(&mut self) -> Result<ResumeToken, getrandom::Error> {
+    /// Replaces the token after a successful resume with `presented` (the token that
+    /// resume used). Returns the new token to send in the WELCOME. `presented` stays valid
+    /// until [`confirm`](Self::confirm): the WELCOME may be lost with its connection (a path
+    /// that fails right after the resume), and the client then still holds only
+    /// `presented`. Every other earlier token is dead.
+    pub fn rotate(&mut self, presented: &ResumeToken) -> Result<ResumeToken, getrandom::Error> {
         let token = new_token()?;
-        self.rotate_to(&token);
+        self.rotate_to(presented, &token);
         Ok(token)
     }
 
-    /// [`ResumeCredential::rotate`] with a given token (tests, deterministic callers).
-    pub fn rotate_to(&mut self, token: &ResumeToken) {
+    /// [`ResumeCredential::rotate`] with a given new token (tests, deterministic callers).
+    pub fn rotate_to(&mut self, presented: &ResumeToken, token: &ResumeToken) {
+        self.previous = Some(TokenHash::of(presented));
         self.hash = TokenHash::of(token);
+    }
+
+    /// The client has the newest token (it spoke on the connection whose WELCOME carried
+    /// it): the token it resumed with is dead from now on, single use as it should be.
+    pub fn confirm(&mut self) {
+        self.previous = None;
     }
 
     /// The client id the session belongs to.
@@ -225,19 +243,31 @@ mod tests {
     }
 
     #[test]
-    fn rotation_kills_the_old_token() {
+    fn rotation_kills_the_old_token_once_the_client_has_the_new_one() {
         let (mut c, t1) = ResumeCredential::issue("alice", None).unwrap();
         assert_eq!(c.check("alice", None, &t1), Ok(()));
-        let t2 = c.rotate().unwrap();
+        let t2 = c.rotate(&t1).unwrap();
         assert_ne!(t1, t2);
+        // The WELCOME with t2 may have been lost: t1 still resumes, until confirmed.
+        assert_eq!(c.check("alice", None, &t1), Ok(()));
+        assert_eq!(c.check("alice", None, &t2), Ok(()));
+        c.confirm();
         assert_eq!(
             c.check("alice", None, &t1),
             Err(ResumeRefusal::WrongToken),
             "a used token is dead"
         );
         assert_eq!(c.check("alice", None, &t2), Ok(()));
-        c.rotate_to(&[9; TOKEN_LEN]);
+        // A resume with the lost-WELCOME token again: the never-delivered t2 dies at once.
+        let t3 = c.rotate(&t2).unwrap();
+        let t4 = c.rotate(&t2).unwrap();
+        assert_eq!(c.check("alice", None, &t3), Err(ResumeRefusal::WrongToken));
+        assert_eq!(c.check("alice", None, &t2), Ok(()));
+        assert_eq!(c.check("alice", None, &t4), Ok(()));
+        c.rotate_to(&t4, &[9; TOKEN_LEN]);
+        c.confirm();
         assert_eq!(c.check("alice", None, &t2), Err(ResumeRefusal::WrongToken));
+        assert_eq!(c.check("alice", None, &t4), Err(ResumeRefusal::WrongToken));
         assert_eq!(c.check("alice", None, &[9; TOKEN_LEN]), Ok(()));
         assert_eq!(c.client_id(), "alice");
         assert_eq!(c.principal(), None);

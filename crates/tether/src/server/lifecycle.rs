@@ -228,7 +228,8 @@ impl Inner {
         let session = match plan {
             Plan::Resume => {
                 // Rotate first: a token that cannot be replaced leaves the session held.
-                let token = match rec.session.as_mut().map(|s| s.resume.rotate()) {
+                let presented = hello.resume.as_ref().map(|r| r.token).unwrap_or_default();
+                let token = match rec.session.as_mut().map(|s| s.resume.rotate(&presented)) {
                     Some(Ok(t)) => t,
                     Some(Err(e)) => {
                         return Decision::Refuse(
@@ -384,6 +385,16 @@ impl Inner {
             return;
         };
         rec.conn = None;
+        // The client spoke on this connection, so it read its WELCOME and holds the
+        // session's newest resume token: the token it resumed with dies now (until then a
+        // WELCOME lost with its connection left it the only token the client had).
+        if counters.messages_in + counters.heartbeats_in > 0
+            || matches!(d.reason, DisconnectReason::PeerClose { .. })
+        {
+            if let Some(slot) = rec.session.as_mut() {
+                slot.resume.confirm();
+            }
+        }
         // An orderly end (the client said goodbye, or this server closed it) ends the
         // session: nobody will resume it. A slow consumer is not held either.
         let finished = matches!(
