@@ -155,6 +155,19 @@ impl Node {
         self.count(what) > 0
     }
 
+    /// Waits (10 s at most) for a log line: the node's stderr is read by a thread, a moment
+    /// after what the line reports is visible through the API.
+    fn wait_logged(&self, what: &str) -> bool {
+        let t = Instant::now();
+        while !self.logged(what) {
+            if t.elapsed() > WITHIN {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     fn count(&self, what: &str) -> usize {
         self.log
             .lock()
@@ -412,7 +425,7 @@ async fn api_send_and_close_on_b_reach_a_client_on_a_and_broadcast_reaches_every
         }
         assert!(t.elapsed() < WITHIN);
     }
-    assert!(a.logged("phone-a"), "a logged its client");
+    assert!(a.wait_logged("phone-a"), "a logged its client");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,7 +474,7 @@ async fn kill_9_of_a_node_marks_its_clients_node_lost_on_the_others_within_the_b
         "node-lost after {took:?}, expected within 1.3–2.7 s (loose: 1–4.5 s)"
     );
     println!("node-lost after the kill: {took:?}");
-    assert!(b.logged("node-lost") || c.logged("node-lost"));
+    assert!(b.wait_logged("node-lost") || c.wait_logged("node-lost"));
     // The clients reconnect to b: online there, and nowhere twice.
     drop(clients);
     let mut moved = Vec::new();
@@ -530,7 +543,7 @@ async fn a_client_that_connects_on_b_while_online_on_a_is_online_on_b_only() {
         );
     }
     assert!(
-        a.logged("cluster-replaced"),
+        a.wait_logged("cluster-replaced"),
         "a says why it closed the old connection"
     );
     // A message sent on a reaches the new connection on b.
@@ -558,14 +571,15 @@ async fn redis_down_keeps_local_clients_and_the_cluster_recovers_by_itself() {
     wait_seen(b.http, "phone-a", "online", "a", WITHIN).await;
     drop(redis); // SIGKILL: every key is gone with it (no persistence)
     let t = Instant::now();
+    // The gauge, and the log line (read from the node's stderr a moment later).
     while !get_text(a.http, "/metrics")
         .await
         .contains("tether_cluster_redis_up 0")
+        || !a.logged("cluster-degraded")
     {
         assert!(t.elapsed() < WITHIN, "a never said Redis is down");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(a.logged("cluster-degraded"));
     // a still serves its own client.
     let (st, v) = call(
         a.http,
@@ -613,7 +627,7 @@ async fn redis_down_keeps_local_clients_and_the_cluster_recovers_by_itself() {
         assert!(t.elapsed() < WITHIN, "phone-a never re-claimed: {rec:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(a.logged("cluster-reclaim"));
+    assert!(a.wait_logged("cluster-reclaim"));
     wait_seen(b.http, "phone-a", "online", "a", WITHIN).await;
     let (st, v) = call(
         b.http,
@@ -626,5 +640,140 @@ async fn redis_down_keeps_local_clients_and_the_cluster_recovers_by_itself() {
     assert_eq!(
         next_message(&mut pa, WITHIN).await.unwrap(),
         Bytes::from("again")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_releases_its_clients_at_once() {
+    let redis = redis_or_skip!("a_node_stopped_with_sigterm_releases_its_clients_at_once");
+    // A dead bound far longer than the test: only the orderly leave can explain what b sees.
+    let (a, b) = (node(&redis, "a", "60s"), node(&redis, "b", "60s"));
+    let mut pa = client(a.listen, "phone-a");
+    connected(&mut pa).await;
+    wait_seen(b.http, "phone-a", "online", "a", WITHIN).await;
+    let pid = i32::try_from(a.child.id()).unwrap();
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    wait_seen(b.http, "phone-a", "offline", "a", Duration::from_secs(5)).await;
+    let (_, _, reason) = seen(b.http, "phone-a").await.unwrap();
+    assert_ne!(reason, "node-lost", "an orderly stop is not a lost node");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(a.wait_logged("cluster-left"));
+    drop(pa);
+}
+
+/// A load balancer in front of the nodes: forwards each new connection to the current
+/// upstream; `switch` changes the upstream and drops the open connections (the node sees them
+/// end without a goodbye, as when a node's link dies).
+struct Lb {
+    addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
+    pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.task.abort();
+        for p in self.pipes.lock().unwrap().drain(..) {
+            p.abort();
+        }
+    }
+}
+
+impl Lb {
+    async fn start(upstream: SocketAddr) -> Lb {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let upstream = Arc::new(Mutex::new(upstream));
+        let pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (u, p) = (upstream.clone(), pipes.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                let to = *u.lock().unwrap();
+                p.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        Lb {
+            addr,
+            upstream,
+            pipes,
+            task,
+        }
+    }
+
+    fn switch(&self, to: SocketAddr) {
+        *self.upstream.lock().unwrap() = to;
+        for p in self.pipes.lock().unwrap().drain(..) {
+            p.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_moves() {
+    let redis =
+        redis_or_skip!("a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_moves");
+    let (a, b) = (node(&redis, "a", "3s"), node(&redis, "b", "3s"));
+    let lb = Lb::start(a.listen).await;
+    let mut phone = client(lb.addr, "phone");
+    connected(&mut phone).await;
+    wait_seen(b.http, "phone", "online", "a", WITHIN).await;
+    let (st, v) = call(
+        a.http,
+        "POST",
+        "/api/clients/phone/messages",
+        r#"{"text":"one"}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await.unwrap(),
+        Bytes::from("one")
+    );
+    // Something the server has not acknowledged yet when the link dies.
+    phone.send(Bytes::from("up")).await.unwrap();
+    // The link to a dies; the balancer sends the reconnect to b, which holds no session for
+    // it: the resume is refused and the client says so, then starts a new session there.
+    lb.switch(b.listen);
+    let t = Instant::now();
+    let mut lost = false;
+    loop {
+        match tokio::time::timeout(WITHIN, phone.next_event())
+            .await
+            .expect("events in time")
+        {
+            Some(ClientEvent::SessionLost { .. }) => lost = true,
+            Some(ClientEvent::Connected { .. }) if lost => break,
+            Some(ClientEvent::GaveUp { reason, .. }) => panic!("gave up: {reason}"),
+            Some(_) => {}
+            None => panic!("client stopped"),
+        }
+        assert!(
+            t.elapsed() < WITHIN,
+            "no session-lost and reconnect within {WITHIN:?}"
+        );
+    }
+    // a still holds the old session (resuming), but the cluster shows the client on b, and
+    // a's API routes to b.
+    for n in [&a, &b] {
+        wait_seen(n.http, "phone", "online", "b", WITHIN).await;
+    }
+    let (st, v) = call(
+        a.http,
+        "POST",
+        "/api/clients/phone/messages",
+        r#"{"text":"two"}"#,
+    )
+    .await;
+    assert_eq!((st, v["node"].as_str()), (202, Some("b")), "{v}");
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await.unwrap(),
+        Bytes::from("two")
     );
 }

@@ -166,6 +166,8 @@ pub(crate) struct Cluster {
     stats: Stats,
     /// A transition was dropped or a write failed: reconcile at the next tick.
     dirty: AtomicBool,
+    /// Shutting down: no more heartbeats (they would announce the node again).
+    leaving: AtomicBool,
     tx: mpsc::Sender<Transition>,
 }
 
@@ -223,6 +225,7 @@ impl Cluster {
             own: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             dirty: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             tx,
         });
         let (started_tx, started_rx) = watch::channel(false);
@@ -309,7 +312,7 @@ impl Cluster {
                     // Before the start-up clean-up: the reconcile after it writes everything.
                     Some(_) => self.dirty.store(true, Ordering::Relaxed),
                 },
-                _ = tick.tick() => {
+                _ = tick.tick(), if !self.leaving.load(Ordering::Relaxed) => {
                     ticks += 1;
                     let fresh = self.beat(&mut is_started).await;
                     if is_started && !*started.borrow() {
@@ -367,6 +370,8 @@ impl Cluster {
             .arg(STREAM_MAX)
             .arg(ms(self.settings.offline_retention))
             .arg(&also)
+            .arg("node-lost")
+            .arg("0")
             .invoke_async(&mut con)
             .await;
         match r {
@@ -401,6 +406,52 @@ impl Cluster {
                 self.set_up(false, Some(&e));
                 None
             }
+        }
+    }
+
+    /// Leaves the cluster in order (on shutdown): waits up to `within` for the queued
+    /// transitions (the clients going offline) to be written, then marks what this node still
+    /// claims `offline` with reason `node-left` and removes its heartbeat, so the others do
+    /// not wait for the dead bound.
+    pub(crate) async fn leave(&self, within: Duration) {
+        self.leaving.store(true, Ordering::Relaxed);
+        let t = tokio::time::Instant::now();
+        while self.tx.capacity() < self.tx.max_capacity() && t.elapsed() < within {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut con = self.con.clone();
+        let r: redis::RedisResult<Vec<String>> = scripts::reap()
+            .arg(&self.prefix)
+            .arg(ms(self.settings.dead_after))
+            .arg(STREAM_MAX)
+            .arg(ms(self.settings.offline_retention))
+            .arg(&self.node)
+            .arg("node-left")
+            .arg("1")
+            .invoke_async(&mut con)
+            .await;
+        match r {
+            Ok(out) => {
+                let n = out
+                    .chunks(2)
+                    .find(|p| p.first() == Some(&self.node))
+                    .and_then(|p| p.get(1).cloned())
+                    .unwrap_or_default();
+                log::line(
+                    "-",
+                    "cluster-left",
+                    &log::kv(&[("node", &self.node), ("clients_offline", &n)]),
+                );
+            }
+            Err(e) => log::line(
+                "-",
+                "cluster-left",
+                &log::kv(&[
+                    ("node", &self.node),
+                    ("error", &e.to_string()),
+                    ("note", "the others declare this node dead after the bound"),
+                ]),
+            ),
         }
     }
 

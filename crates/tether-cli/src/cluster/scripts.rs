@@ -93,21 +93,25 @@ return {{fresh, now}}
     ))
 }
 
-/// `reap(prefix, dead_after_ms, maxlen, retention_ms, also)`: declares dead every node whose
-/// last heartbeat is older than the bound (and the node `also`, when not empty: a node that
-/// starts clears what its previous run claimed), marks each client such a node still claims
-/// `offline` with reason `node-lost`, and forgets offline records older than the retention
+/// `reap(prefix, dead_after_ms, maxlen, retention_ms, also, also_reason, also_leaves)`:
+/// declares dead every node whose last heartbeat is older than the bound (and the node `also`,
+/// when not empty: a node that starts clears what its previous run claimed, a node that stops
+/// releases what it still claims), marks each client such a node still claims `offline` with
+/// reason `node-lost` (`also_reason` for `also`), and forgets offline records older than the retention
 /// (1000 a run at most). Runs on every node; the first to run it does the work (atomic).
 /// Returns `{node, lost, node, lost, …}` and the live nodes' count as the last element.
 pub(crate) fn reap() -> Script {
     Script::new(&format!(
         "{NOW}
 local p, dead, maxlen, keep, also = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local also_reason, also_leaves = ARGV[6], ARGV[7] == '1'
 local nodes = redis.call('ZRANGEBYSCORE', p .. ':hb', '-inf', now - dead - 1)
 if also ~= '' then table.insert(nodes, also) end
 local out = {{}}
 for _, n in ipairs(nodes) do
-  if n ~= also then redis.call('ZREM', p .. ':hb', n) end
+  if n ~= also or also_leaves then redis.call('ZREM', p .. ':hb', n) end
+  local why = 'node-lost'
+  if n == also then why = also_reason end
   local set = p .. ':node:' .. n .. ':clients'
   local lost = 0
   for _, id in ipairs(redis.call('SMEMBERS', set)) do
@@ -116,7 +120,7 @@ for _, n in ipairs(nodes) do
       local r = cjson.decode(prev)
       if r.node == n and r.state ~= 'offline' then
         r.state = 'offline'
-        r.reason = 'node-lost'
+        r.reason = why
         r.since = now
         local j = cjson.encode(r)
         redis.call('HSET', p .. ':clients', id, j)

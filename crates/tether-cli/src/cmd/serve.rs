@@ -517,6 +517,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     }
                     log_event(&handle, ev, false);
                 }
+                if let Some(c) = &cluster {
+                    c.leave(Duration::from_secs(1)).await;
+                }
                 break;
             }
         }
