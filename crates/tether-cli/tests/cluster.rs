@@ -777,3 +777,44 @@ async fn a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_mov
         Bytes::from("two")
     );
 }
+
+/// One metric's value from a node's `/metrics`.
+async fn metric(n: &Node, name: &str) -> f64 {
+    let text = get_text(n.http, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_cost_no_redis_writes_only_the_nodes_heartbeat() {
+    let redis = redis_or_skip!("idle_clients_cost_no_redis_writes_only_the_nodes_heartbeat");
+    let (a, b) = (node(&redis, "a", "1500ms"), node(&redis, "b", "1500ms"));
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut c = client(a.listen, &format!("idle-{i}"));
+        connected(&mut c).await;
+        clients.push(c);
+    }
+    for i in 0..40 {
+        wait_seen(b.http, &format!("idle-{i}"), "online", "a", WITHIN).await;
+    }
+    let writes = metric(&a, "tether_cluster_presence_writes_total").await;
+    assert!(writes >= 40.0, "one claim per client at least: {writes}");
+    let beats = metric(&a, "tether_cluster_heartbeats_total").await;
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = t.elapsed();
+    // Nothing changed for the clients: no record written. The node heartbeats every 500 ms.
+    assert_eq!(
+        metric(&a, "tether_cluster_presence_writes_total").await,
+        writes
+    );
+    let beats = metric(&a, "tether_cluster_heartbeats_total").await - beats;
+    let expected = idle.as_secs_f64() / 0.5;
+    assert!(
+        beats >= expected - 2.0 && beats <= expected + 2.0,
+        "{beats} heartbeats in {idle:?}, expected about {expected}"
+    );
+    drop(clients);
+}

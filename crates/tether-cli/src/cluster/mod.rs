@@ -1175,3 +1175,46 @@ impl prometheus_client::collector::Collector for ClusterCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_and_cluster_names_are_safe_in_keys() {
+        assert_eq!(parse_name("node-a.1_x").unwrap(), "node-a.1_x");
+        for bad in ["", "a b", "a:b", "a{b}", "ä", &"x".repeat(65)] {
+            assert!(parse_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_redis_urls_are_taken() {
+        assert!(parse_url("redis://127.0.0.1:6379").is_ok());
+        assert!(parse_url("rediss://redis.example:6380/2").is_ok());
+        assert!(parse_url("http://127.0.0.1:6379").is_err());
+        assert!(parse_url("127.0.0.1:6379").is_err());
+    }
+
+    #[test]
+    fn stream_ids_order_and_succeed_numerically() {
+        assert!(id_lt("9-5", "10-0"));
+        assert!(id_lt("10-2", "10-10"));
+        assert!(!id_lt("10-10", "10-10"));
+        assert_eq!(next_id("1700000000000-9"), "1700000000000-10");
+        assert_eq!(next_id("0-0"), "0-1");
+    }
+
+    #[test]
+    fn records_as_the_scripts_write_them_parse() {
+        // cjson writes numbers as doubles (%.14g) and leaves out nil fields.
+        let r: Record = serde_json::from_str(
+            r#"{"state":"offline","gen":12,"reason":"node-lost","remote":"127.0.0.1:5","id":"p","node":"a","session":"","since":1796013608048}"#,
+        )
+        .unwrap();
+        assert_eq!((r.gen as u64, r.since as u64), (12, 1_796_013_608_048));
+        assert_eq!(r.reason.as_deref(), Some("node-lost"));
+        let gone: Record = serde_json::from_str(r#"{"id":"p","state":"gone"}"#).unwrap();
+        assert_eq!(gone.state, "gone");
+    }
+}
