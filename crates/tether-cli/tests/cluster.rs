@@ -326,6 +326,10 @@ async fn presence_is_seen_from_every_node_with_its_node() {
     // The status page shows the node too.
     let page = get_text(c.http, "/").await;
     assert!(
+        page.contains("this is node c · Redis up · 3 nodes alive"),
+        "status page without the cluster line"
+    );
+    assert!(
         page.contains("on a</span>") && page.contains("on b</span>"),
         "status page without nodes"
     );
@@ -580,6 +584,12 @@ async fn redis_down_keeps_local_clients_and_the_cluster_recovers_by_itself() {
         assert!(t.elapsed() < WITHIN, "a never said Redis is down");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(
+        get_text(a.http, "/")
+            .await
+            .contains("DEGRADED: Redis does not answer"),
+        "the status page says the cluster is degraded"
+    );
     // a still serves its own client.
     let (st, v) = call(
         a.http,

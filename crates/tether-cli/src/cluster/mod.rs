@@ -1079,6 +1079,22 @@ impl StatusSource for ClusterSource {
     fn rtt_every(&self) -> Option<Duration> {
         self.local.rtt_every()
     }
+
+    fn note(&self) -> Option<String> {
+        let s = &self.cluster.stats;
+        Some(if s.redis_up.load(Ordering::Relaxed) {
+            format!(
+                "cluster: this is node {} · Redis up · {} nodes alive",
+                self.cluster.node,
+                s.nodes_alive.load(Ordering::Relaxed)
+            )
+        } else {
+            format!(
+                "cluster: this is node {} · DEGRADED: Redis does not answer; this node's clients are current, the other nodes' as last known",
+                self.cluster.node
+            )
+        })
+    }
 }
 
 /// The cluster's metric families.

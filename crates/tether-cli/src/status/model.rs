@@ -36,6 +36,10 @@ pub(crate) trait StatusSource: Send + Sync + 'static {
     fn client(&self, id: &str) -> Option<ClientRow>;
     /// How often the RTT is measured (`None`: never), for the page's hint.
     fn rtt_every(&self) -> Option<Duration>;
+    /// A line about where the rows come from, shown above the counts (the cluster's state).
+    fn note(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Counters of a client's current (or, once the library keeps them, last) connection.
