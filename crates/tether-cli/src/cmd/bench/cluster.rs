@@ -91,7 +91,8 @@ async fn start_node(redis: &Redis, id: &str, dead_after: Duration) -> anyhow::Re
     let exe = std::env::current_exe().context("cannot find the tether executable")?;
     let mut child = tokio::process::Command::new(exe)
         .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(["--detect-within", "60s", "--max-connections", "19000"])
+        // All clients come from 127.0.0.1: the per-source limit is an eighth of this.
+        .args(["--detect-within", "60s", "--max-connections", "100000"])
         .args(["--cluster", &format!("redis://127.0.0.1:{}", redis.port)])
         .args(["--node-id", id, "--cluster-dead-after"])
         .arg(format!("{}ms", dead_after.as_millis()))
@@ -119,8 +120,18 @@ async fn start_node(redis: &Redis, id: &str, dead_after: Duration) -> anyhow::Re
                 .and_then(|a| a.trim_end_matches('/').parse().ok());
         }
     }
-    // Keep draining its log (a full pipe would stall it).
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Keep draining its log (a full pipe would stall it); say what went wrong.
+    let who = id.to_owned();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if ["refused", "degraded", "failed", "error"]
+                .iter()
+                .any(|w| l.contains(w))
+            {
+                eprintln!("node {who}: {l}");
+            }
+        }
+    });
     Ok(Node {
         child,
         listen: listen.context("no listen address")?,
