@@ -82,12 +82,19 @@ const KEYS: &[&str] = &[
 /// NDJSON), resumable with Last-Event-ID from a ring bounded by --event-ring-bytes and
 /// --event-ring-events. Without --api-token-file the API answers only on loopback.
 ///
+/// With --cluster redis://HOST:PORT --node-id NAME, several nodes behind one load balancer
+/// share presence (every node lists every client with its node), detect a dead node within
+/// --cluster-dead-after (its clients go offline, node-lost), close the older connection when a
+/// client connects on two nodes, and route API sends and closes to the node that holds the
+/// client (docs/CLUSTER.md).
+///
 /// Examples:
 ///   tether serve                                   # 127.0.0.1:7300, status page and API on :7301
 ///   tether serve --path azure-lb --detect-within 20s --echo
 ///   tether serve --listen 0.0.0.0:7300 --tls-cert server.crt --tls-key server.key \
 ///       --auth-secret secret.key --http-token-file http.token
 ///   tether serve --listen 0.0.0.0:7300 --http off --config /etc/tether.toml
+///   tether serve --cluster redis://10.0.0.5:6379 --node-id node-a
 ///   tether serve --http 0.0.0.0:7301 --api-token-file /etc/tether/api-token --auth-webhook http://127.0.0.1:8080/auth
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
