@@ -6,6 +6,7 @@
 //! (`probe`); 5 replaced by a newer connection with the same client id (`connect`); 6
 //! messages read from stdin were not delivered (`connect`).
 
+mod cluster;
 mod cmd;
 mod config;
 mod exit;

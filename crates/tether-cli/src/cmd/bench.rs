@@ -21,6 +21,7 @@
 
 mod agent;
 mod api;
+mod cluster;
 mod detect;
 mod echo;
 mod hold;
@@ -60,6 +61,10 @@ enum BenchCmd {
     /// The gateway: messages per second from a backend through the HTTP API to N clients,
     /// broadcast fan-out, and client messages through the event stream, with latencies.
     Api(ApiArgs),
+    /// The cluster (docs/CLUSTER.md): two `serve --cluster` nodes and a private redis-server;
+    /// cross-node send latency and throughput, presence writes per node against N, failover
+    /// time after a kill -9. Needs redis-server.
+    Cluster(ClusterArgs),
     /// hold, detect and echo in one run.
     All(AllArgs),
     /// Internal: the bench's child processes.
@@ -178,6 +183,25 @@ struct ApiArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// Client counts on node a, comma-separated (added up to each in turn).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,4000")]
+    n: Vec<usize>,
+    /// Messages for the throughput measurement (latency: at most 2000, one at a time).
+    #[arg(long, default_value_t = 5000)]
+    messages: usize,
+    /// API calls in flight for the throughput measurement.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// --cluster-dead-after of the nodes.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    dead_after: Duration,
+    /// Idle window over which each node's Redis writes are counted.
+    #[arg(long, default_value = "6s", value_parser = parse_duration)]
+    idle: Duration,
+}
+
+#[derive(clap::Args, Debug)]
 struct AllArgs {
     /// Client counts for hold.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,19000")]
@@ -200,6 +224,20 @@ struct AllArgs {
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let BenchCmd::Agent(a) = args.cmd {
         return agent::run(a);
+    }
+    if let BenchCmd::Cluster(c) = args.cmd {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?;
+        rt.block_on(cluster::run(cluster::ClusterOpts {
+            n: c.n,
+            messages: c.messages,
+            concurrency: c.concurrency,
+            dead_after: c.dead_after,
+            idle: c.idle,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
     }
     if let BenchCmd::Api(a) = args.cmd {
         // The backend's side gets both cores' worth of threads: it is the load generator.
@@ -278,7 +316,9 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             Some(a.echo),
             a.json,
         ),
-        BenchCmd::Agent(_) | BenchCmd::Api(_) => unreachable!("handled in run"),
+        BenchCmd::Agent(_) | BenchCmd::Api(_) | BenchCmd::Cluster(_) => {
+            unreachable!("handled in run")
+        }
     };
     if let Some(h) = &hold {
         for &n in &hold_n {

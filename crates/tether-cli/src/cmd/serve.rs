@@ -47,6 +47,10 @@ const KEYS: &[&str] = &[
     "event_ring_events",
     "auth_webhook",
     "auth_webhook_timeout",
+    "cluster",
+    "node_id",
+    "cluster_name",
+    "cluster_dead_after",
 ];
 
 /// Run a tether server that knows who is online.
@@ -78,12 +82,19 @@ const KEYS: &[&str] = &[
 /// NDJSON), resumable with Last-Event-ID from a ring bounded by --event-ring-bytes and
 /// --event-ring-events. Without --api-token-file the API answers only on loopback.
 ///
+/// With --cluster redis://HOST:PORT --node-id NAME, several nodes behind one load balancer
+/// share presence (every node lists every client with its node), detect a dead node within
+/// --cluster-dead-after (its clients go offline, node-lost), close the older connection when a
+/// client connects on two nodes, and route API sends and closes to the node that holds the
+/// client (docs/CLUSTER.md).
+///
 /// Examples:
 ///   tether serve                                   # 127.0.0.1:7300, status page and API on :7301
 ///   tether serve --path azure-lb --detect-within 20s --echo
 ///   tether serve --listen 0.0.0.0:7300 --tls-cert server.crt --tls-key server.key \
 ///       --auth-secret secret.key --http-token-file http.token
 ///   tether serve --listen 0.0.0.0:7300 --http off --config /etc/tether.toml
+///   tether serve --cluster redis://10.0.0.5:6379 --node-id node-a
 ///   tether serve --http 0.0.0.0:7301 --api-token-file /etc/tether/api-token --auth-webhook http://127.0.0.1:8080/auth
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -154,6 +165,20 @@ pub(crate) struct ServeArgs {
     /// How long a HELLO waits for the webhook (less than --handshake-timeout).
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
     auth_webhook_timeout: Duration,
+    /// Share presence and routing with the other nodes of a cluster through this Redis
+    /// (redis://HOST:PORT or rediss://HOST:PORT for TLS; docs/CLUSTER.md). Needs --node-id.
+    #[arg(long, value_name = "URL", value_parser = crate::cluster::parse_url)]
+    cluster: Option<String>,
+    /// This node's id in the cluster (letters, digits, '.', '_', '-'; unique per node).
+    #[arg(long, value_name = "NAME", value_parser = crate::cluster::parse_name)]
+    node_id: Option<String>,
+    /// The cluster's name: nodes with the same Redis and name form one cluster.
+    #[arg(long, value_name = "NAME", default_value = "tether", value_parser = crate::cluster::parse_name)]
+    cluster_name: String,
+    /// Declare a node that stopped heartbeating in Redis dead (its clients `node-lost`)
+    /// within this long; nodes heartbeat every third of it.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_dead_after)]
+    cluster_dead_after: Duration,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -168,6 +193,15 @@ fn parse_max_frame(s: &str) -> std::result::Result<u32, String> {
         return Err("must be between 16 B and 1 GiB".to_owned());
     }
     Ok(n as u32) // ≤ 1 GiB fits
+}
+
+/// A node dead bound: 300 ms to 10 min (heartbeats every third of it).
+fn parse_dead_after(s: &str) -> std::result::Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if !(Duration::from_millis(300)..=Duration::from_secs(600)).contains(&d) {
+        return Err("must be between 300ms and 10m".to_owned());
+    }
+    Ok(d)
 }
 
 /// Everything `serve` needs, resolved from the layers.
@@ -187,6 +221,7 @@ pub(crate) struct ServeSettings {
     pub(crate) event_ring: crate::gateway::journal::Bounds,
     pub(crate) auth_webhook: Option<String>,
     pub(crate) auth_webhook_timeout: Duration,
+    pub(crate) cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 impl ServeArgs {
@@ -211,7 +246,41 @@ impl ServeArgs {
             max_replay_messages: l.pick("replay_messages", self.replay_messages, parse_count)?,
             ..Default::default()
         };
+        let cluster = match (
+            l.pick_opt("cluster", self.cluster.clone(), crate::cluster::parse_url)?,
+            l.pick_opt("node_id", self.node_id.clone(), crate::cluster::parse_name)?,
+        ) {
+            (None, None) => None,
+            (Some(url), Some(node_id)) => Some(crate::cluster::ClusterSettings {
+                url,
+                node_id,
+                name: l.pick(
+                    "cluster_name",
+                    self.cluster_name.clone(),
+                    crate::cluster::parse_name,
+                )?,
+                dead_after: l.pick(
+                    "cluster_dead_after",
+                    self.cluster_dead_after,
+                    parse_dead_after,
+                )?,
+                offline_retention: Duration::from_secs(3600),
+            }),
+            (Some(_), None) => {
+                return Err(crate::exit::UsageError(
+                    "--cluster needs --node-id NAME (unique per node)".into(),
+                )
+                .into())
+            }
+            (None, Some(_)) => {
+                return Err(crate::exit::UsageError(
+                    "--node-id is for a cluster: give --cluster redis://HOST:PORT too".into(),
+                )
+                .into())
+            }
+        };
         Ok(ServeSettings {
+            cluster,
             listen: l.pick("listen", self.listen, parse_addr)?,
             http: l.pick("http", self.http, parse_addr_or_off)?.0,
             policy,
@@ -323,6 +392,10 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             if s.echo { " echo=on" } else { "" }
         ),
     );
+    let cluster = match &s.cluster {
+        Some(c) => Some(crate::cluster::Cluster::start(c.clone(), server.handle())?),
+        None => None,
+    };
     // The event journal exists with the HTTP listener (nobody could read it otherwise).
     let mut journal: Option<Arc<Journal>> = None;
     if let Some(addr) = s.http {
@@ -362,10 +435,20 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         registry.register_collector(Box::new(ServerCollector {
             handle: server.handle(),
         }));
-        let source: Arc<dyn crate::status::model::StatusSource> = Arc::new(ServerSource {
+        let local = ServerSource {
             handle: server.handle(),
             rtt_every: s.policy.ping_interval,
-        });
+        };
+        let source: Arc<dyn crate::status::model::StatusSource> = match &cluster {
+            Some(c) => {
+                registry.register_collector(Box::new(crate::cluster::ClusterCollector(c.clone())));
+                Arc::new(crate::cluster::ClusterSource {
+                    local,
+                    cluster: c.clone(),
+                })
+            }
+            None => Arc::new(local),
+        };
         if !addr.ip().is_loopback() && s.http_token.is_none() {
             log::line(
                 "-",
@@ -384,6 +467,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             max_body: s.api_max_body,
             body_deadline: crate::gateway::api::BODY_DEADLINE,
             keepalive: Duration::from_secs(15),
+            cluster: cluster.clone(),
         });
         let api = crate::status::api_routes(source.clone()).merge(crate::gateway::routes(gw));
         // Without a token the API (which can send to and close any client) answers loopback
@@ -413,6 +497,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     if let Some(j) = &journal {
                         event::record(j, &ev);
                     }
+                    if let Some(c) = &cluster {
+                        c.observe(&ev);
+                    }
                     log_event(&handle, ev, s.echo);
                 }
             },
@@ -434,7 +521,13 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     if let Some(j) = &journal {
                         event::record(j, &ev);
                     }
+                    if let Some(c) = &cluster {
+                        c.observe(&ev);
+                    }
                     log_event(&handle, ev, false);
+                }
+                if let Some(c) = &cluster {
+                    c.leave(Duration::from_secs(1)).await;
                 }
                 break;
             }

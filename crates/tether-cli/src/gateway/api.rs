@@ -6,8 +6,13 @@
 //!        202 {"status": "queued" | "held", "client_id", "session", "seq"}
 //!        404 unknown id · 409 offline / slow consumer · 413 too large · 429 backlog full
 //!        503 server-wide budget spent (Retry-After: 1)
+//!        with --cluster, for a client another node holds:
+//!        202 {"status": "routed", "client_id", "node"} (handed to that node's inbox in Redis)
+//!        503 when Redis does not take it
 //!   POST /api/broadcast               same body; 202 {"status", "sent", "held", "refused"}
+//!                                     (+ "cluster": "published" | "failed" with --cluster)
 //!   POST /api/clients/{id}/close      {"code"?, "reason"?}; 200 {"status": "closing"}
+//!                                     (or {"status": "routed", "node"} with --cluster)
 //!   GET  /api/events                  SSE, or NDJSON (Accept: application/x-ndjson or
 //!                                     ?format=ndjson); Last-Event-ID or ?last_event_id=
 //! ```
@@ -282,6 +287,12 @@ pub(crate) async fn send(
         Ok(m) => m,
         Err(r) => return r,
     };
+    if let Some(node) = remote_owner(&gw, &id) {
+        return match gw.cluster.as_ref() {
+            Some(c) => routed(&id, &node, c.route_send(&node, &id, &msg).await),
+            None => not_there(&gw, &id, "no cluster"),
+        };
+    }
     match gw.handle.try_deliver(&id, msg) {
         Ok(d) => (
             StatusCode::ACCEPTED,
@@ -297,12 +308,40 @@ pub(crate) async fn send(
     }
 }
 
+/// With `--cluster`: the node that holds `id` when it is another one and the client is not
+/// connected here (a client online here is served here whatever the mirror says).
+fn remote_owner(gw: &Gateway, id: &str) -> Option<String> {
+    let node = gw.cluster.as_ref()?.remote_owner(id)?;
+    let here = gw
+        .handle
+        .client(id)
+        .is_some_and(|c| matches!(c.state, PresenceState::Online | PresenceState::Suspect));
+    (!here).then_some(node)
+}
+
+/// The answer to a send or close handed to another node.
+fn routed(id: &str, node: &str, r: anyhow::Result<()>) -> Response {
+    match r {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"status": "routed", "client_id": id, "node": node})),
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("client {id:?} is on node {node} and the cluster cannot reach it now ({e}); retry later"),
+        ),
+    }
+}
+
 #[derive(Serialize)]
 struct Broadcasted {
     status: &'static str,
     sent: usize,
     held: usize,
     refused: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<&'static str>,
 }
 
 /// `POST /api/broadcast`.
@@ -315,6 +354,13 @@ pub(crate) async fn broadcast(State(gw): State<Arc<Gateway>>, req: Request) -> R
         Ok(m) => m,
         Err(r) => return r,
     };
+    let cluster = match &gw.cluster {
+        Some(c) => Some(match c.publish_broadcast(&msg).await {
+            Ok(()) => "published",
+            Err(_) => "failed",
+        }),
+        None => None,
+    };
     match gw.handle.broadcast(msg) {
         Ok(b) => (
             StatusCode::ACCEPTED,
@@ -323,6 +369,7 @@ pub(crate) async fn broadcast(State(gw): State<Arc<Gateway>>, req: Request) -> R
                 sent: b.sent,
                 held: b.held,
                 refused: b.refused,
+                cluster,
             }),
         )
             .into_response(),
@@ -405,6 +452,17 @@ pub(crate) async fn close(
                 }
             }
         }
+    }
+    if let (Some(node), Some(c)) = (remote_owner(&gw, &id), gw.cluster.as_ref()) {
+        let r = c.route_close(&node, &id, code, &text).await;
+        return match r {
+            Ok(()) => (
+                StatusCode::OK,
+                Json(serde_json::json!({"status": "routed", "client_id": id, "node": node, "code": code.0})),
+            )
+                .into_response(),
+            Err(_) => routed(&id, &node, r),
+        };
     }
     if gw.handle.kick(&id, code, &text) {
         (

@@ -42,6 +42,8 @@ pub(crate) struct Gateway {
     pub(crate) body_deadline: Duration,
     /// An idle event stream sends a keep-alive this often.
     pub(crate) keepalive: Duration,
+    /// With `--cluster`: routes sends, closes and broadcasts to the other nodes.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// The gateway's own routes (the read side, `/api/clients`, is in `status::api`).

@@ -12,7 +12,8 @@
 //!             "disconnected_at_unix_ms", "silent_for_ms", "reason" (a DisconnectReason
 //!             label), "reason_text", "hold_left_ms",
 //!             "counters": {"messages_in","messages_out","bytes_in","bytes_out"} | null,
-//!             "connects", "disconnects", "session" (its session id while it has one)}
+//!             "connects", "disconnects", "session" (its session id while it has one),
+//!             "node" (the node that holds it with `serve --cluster`, else null)}
 //! ```
 //!
 //! Absent values are `null` (never a made-up 0). `state` is one of `online`, `suspect`,
@@ -92,13 +93,14 @@ pub(crate) struct Client {
     rtt_us: Option<u64>,
     disconnected_at_unix_ms: Option<u64>,
     silent_for_ms: Option<u64>,
-    reason: Option<&'static str>,
+    reason: Option<String>,
     reason_text: Option<String>,
     hold_left_ms: Option<u64>,
     counters: Option<CountersJson>,
     connects: u64,
     disconnects: u64,
     session: Option<u64>,
+    node: Option<String>,
 }
 
 pub(crate) fn unix_ms(t: Option<SystemTime>) -> Option<u64> {
@@ -124,8 +126,16 @@ impl From<ClientRow> for Client {
                 .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             disconnected_at_unix_ms: unix_ms(r.disconnected_at),
             silent_for_ms: r.silent_for.map(ms),
-            reason: r.reason.as_ref().map(DisconnectReason::label),
-            reason_text: r.reason.as_ref().map(ToString::to_string),
+            reason: r
+                .reason
+                .as_ref()
+                .map(|x| DisconnectReason::label(x).to_owned())
+                .or_else(|| r.reason_label.clone()),
+            reason_text: r
+                .reason
+                .as_ref()
+                .map(ToString::to_string)
+                .or_else(|| r.reason_label.clone()),
             hold_left_ms: r.hold_left.map(ms),
             counters: r.counters.map(|c| CountersJson {
                 messages_in: c.messages_in,
@@ -136,6 +146,7 @@ impl From<ClientRow> for Client {
             connects: r.connects,
             disconnects: r.disconnects,
             session: r.session,
+            node: r.node,
             id: r.id,
         }
     }

@@ -114,7 +114,14 @@ fn row_html(out: &mut String, r: &ClientRow) {
             Some(_) => format!("{state} since {}", clock(r.state_since)),
             None => String::new(),
         },
-        remote = r.remote.map(|a| a.to_string()).unwrap_or_default(),
+        remote = match &r.node {
+            Some(n) => format!(
+                "{} <span class=\"node\">on {}</span>",
+                r.remote.map(|a| a.to_string()).unwrap_or_default(),
+                escape(n)
+            ),
+            None => r.remote.map(|a| a.to_string()).unwrap_or_default(),
+        },
         seen = r
             .last_seen_ago
             .map(|d| format!("{} ago", Human::ms(d)))
@@ -215,6 +222,7 @@ fn reason_text(r: &ClientRow) -> String {
         .reason
         .as_ref()
         .map(|x| escape(&x.to_string()))
+        .or_else(|| r.reason_label.as_deref().map(escape))
         .unwrap_or_default();
     if let Some(left) = r.hold_left {
         let _ = write!(text, " · held {} more", Human::ms(left));

@@ -89,7 +89,18 @@ async fn page(
         Err(e) => return (axum::http::StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
     let p = source.page(&q);
-    let body = html::render(&p, &q, source.rtt_every(), SystemTime::now());
+    let mut body = html::render(&p, &q, source.rtt_every(), SystemTime::now());
+    if let Some(note) = source.note() {
+        // A line above the counts (the cluster's state): static, the script leaves it alone.
+        body = body.replacen(
+            "<p id=\"summary\">",
+            &format!(
+                "<p id=\"cluster\">{}</p>\n<p id=\"summary\">",
+                html::escape(&note)
+            ),
+            1,
+        );
+    }
     (
         [
             (

@@ -36,6 +36,10 @@ pub(crate) trait StatusSource: Send + Sync + 'static {
     fn client(&self, id: &str) -> Option<ClientRow>;
     /// How often the RTT is measured (`None`: never), for the page's hint.
     fn rtt_every(&self) -> Option<Duration>;
+    /// A line about where the rows come from, shown above the counts (the cluster's state).
+    fn note(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Counters of a client's current (or, once the library keeps them, last) connection.
@@ -76,6 +80,9 @@ pub(crate) struct ClientRow {
     pub(crate) silent_for: Option<Duration>,
     /// For `Resuming`/`Offline`: why it ended.
     pub(crate) reason: Option<DisconnectReason>,
+    /// For `Resuming`/`Offline`: a reason label from the cluster when `reason` is unknown
+    /// here (`node-lost`, or the label another node wrote).
+    pub(crate) reason_label: Option<String>,
     /// For `Resuming`: how long the session is still held.
     pub(crate) hold_left: Option<Duration>,
     /// Message and byte counters; `None` when the library has none for this client (shown
@@ -87,6 +94,8 @@ pub(crate) struct ClientRow {
     pub(crate) disconnects: u64,
     /// Its session id while it has one (connected with a session, or resuming).
     pub(crate) session: Option<u64>,
+    /// The node that holds it (`serve --cluster`); `None` without a cluster.
+    pub(crate) node: Option<String>,
 }
 
 impl ClientRow {
@@ -134,6 +143,7 @@ impl ClientRow {
             disconnected_at: disconnected_at.and_then(wall),
             silent_for,
             reason,
+            reason_label: None,
             hold_left,
             counters: c.stats.map(|s| Counters {
                 messages_in: s.messages_in,
@@ -144,6 +154,7 @@ impl ClientRow {
             connects: c.connects,
             disconnects: c.disconnects,
             session: c.session,
+            node: None,
         }
     }
 }
@@ -351,6 +362,7 @@ pub(crate) mod tests {
             disconnected_at: gone.then(|| wall(1_700_003_800)), // 23:16:40 UTC
             silent_for: gone.then_some(Duration::from_millis(9_100)),
             reason: gone.then_some(DisconnectReason::HeartbeatTimeout),
+            reason_label: None,
             hold_left: None,
             counters: (!gone).then_some(Counters {
                 messages_in: 12,
@@ -361,6 +373,7 @@ pub(crate) mod tests {
             connects: 2,
             disconnects: 1,
             session: (!gone).then_some(1_700_003_723_000_001),
+            node: None,
         }
     }
 

@@ -91,7 +91,7 @@ function render(d, query) {
     st.className = "st st-" + r.state; st.textContent = r.state;
     cell(tr, "").appendChild(st);
     cell(tr, r.state_since_unix_ms === null ? "" : r.state + " since " + clock(r.state_since_unix_ms));
-    cell(tr, r.remote || "");
+    cell(tr, (r.remote || "") + (r.node ? " on " + r.node : ""));
     cell(tr, r.last_seen_ms_ago === null ? "" : human(r.last_seen_ms_ago) + " ago");
     const connected = r.state === "online" || r.state === "suspect";
     const rt = cell(tr, r.rtt_us === null ? "" : rtt(r.rtt_us), "num");

@@ -1,0 +1,1236 @@
+//! `tether serve --cluster redis://…`: several nodes share presence and routing through Redis
+//! (docs/CLUSTER.md is the reference: keys, writes, failure cases).
+//!
+//! ```text
+//!   Server ──ServerEvent::Presence──▶ serve loop ──observe() (try_send, bounded)──▶ writer task
+//!                                                                                   │ claim / update
+//!   writer task ── every dead_after/3: heartbeat, reap dead nodes ───────────────────▶ Redis
+//!   reader task ◀── XREAD BLOCK: presence stream, broadcast stream, this node's inbox ── Redis
+//!        │ records ──▶ mirror (every client of the cluster, by id) ──▶ /api/clients, status page
+//!        │ inbox: send / close / replaced ──▶ ServerHandle::try_deliver / kick
+//!   POST /api/clients/{id}/messages for a client on node N ──XADD──▶ N's inbox
+//! ```
+//!
+//! The library (`tether`) knows nothing of Redis: this layer consumes the server's presence
+//! events and calls its handle. The serve loop never waits on Redis: transitions go through a
+//! bounded channel; when it is full the transition is dropped, counted
+//! (`tether_cluster_presence_dropped_total`) and repaired by the reconcile pass (every
+//! `dead_after`, O(own clients), only when something was dropped or failed).
+//!
+//! What it deliberately does not do: move a session between nodes (a resume on another node
+//! is refused by that node and the client gets an explicit session-lost), or merge the event
+//! streams of the nodes (each node's `/api/events` carries its own clients' events).
+
+mod scripts;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::StreamReadReply;
+use redis::Value;
+use serde::Deserialize;
+use tether::{ServerEvent, ServerHandle};
+use tether_proto::presence::{PresenceKind, PresenceState};
+use tether_proto::CloseCode;
+use tokio::sync::{mpsc, watch};
+
+use crate::log;
+use crate::metrics::{gauge_value, Families};
+use crate::status::model::{ClientQuery, ClientRow, Page, ServerSource, StatusSource};
+
+/// Transitions waiting for the writer task, at most (each is a client id and a state, well
+/// under 200 bytes: this bounds the queue at a few hundred KiB).
+const QUEUE: usize = 4096;
+/// Entries a presence, broadcast or inbox stream keeps (`XADD MAXLEN ~`).
+const STREAM_MAX: u64 = 100_000;
+/// Broadcasts kept in the broadcast stream.
+const BROADCAST_MAX: u64 = 1000;
+/// Entries read from the streams per XREAD.
+const READ_BATCH: usize = 256;
+/// How long an XREAD blocks on Redis.
+const READ_BLOCK: Duration = Duration::from_secs(1);
+
+/// The cluster settings of `serve`.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterSettings {
+    /// `redis://HOST:PORT[/DB]` or `rediss://…`.
+    pub(crate) url: String,
+    /// This node's id (letters, digits, `.`, `_`, `-`; at most 64).
+    pub(crate) node_id: String,
+    /// The cluster's name: the key prefix is `tether:{NAME}`.
+    pub(crate) name: String,
+    /// A node that has not heartbeaten for this long is dead; heartbeats every third of it.
+    pub(crate) dead_after: Duration,
+    /// Offline client records are forgotten after this long.
+    pub(crate) offline_retention: Duration,
+}
+
+/// Checks a node id or cluster name: it becomes part of Redis keys.
+pub(crate) fn parse_name(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("expected 1 to 64 letters, digits, '.', '_' or '-'".into());
+    }
+    Ok(s.to_owned())
+}
+
+/// Checks a Redis URL (`redis://` or `rediss://`).
+pub(crate) fn parse_url(s: &str) -> std::result::Result<String, String> {
+    if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+        return Err("expected redis://HOST:PORT or rediss://HOST:PORT".into());
+    }
+    redis::Client::open(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+/// One client record as stored in Redis (`tether:{C}:clients`, JSON written by the scripts).
+#[derive(Debug, Clone, Deserialize)]
+struct Record {
+    id: String,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    gen: f64,
+    state: String,
+    #[serde(default)]
+    since: f64,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    remote: String,
+    #[serde(default)]
+    session: String,
+}
+
+/// What this node last wrote for one of its clients.
+#[derive(Debug, Clone)]
+struct Own {
+    gen: u64,
+    state: &'static str,
+    reason: String,
+}
+
+/// A transition of one of this node's clients, for the writer task.
+#[derive(Debug)]
+enum Transition {
+    /// A new connection (or a resume) of the client on this node.
+    Claim(String),
+    /// Another state of a client this node holds.
+    Update {
+        id: String,
+        state: &'static str,
+        reason: String,
+    },
+}
+
+/// The counters behind `/metrics`.
+#[derive(Debug, Default)]
+struct Stats {
+    redis_up: AtomicBool,
+    nodes_alive: AtomicU64,
+    presence_writes: AtomicU64,
+    heartbeats: AtomicU64,
+    dropped: AtomicU64,
+    stale_writes: AtomicU64,
+    routed_out: AtomicU64,
+    routed_in: AtomicU64,
+    route_failed: AtomicU64,
+    clients_lost: AtomicU64,
+    replaced: AtomicU64,
+}
+
+/// The cluster layer of one node.
+pub(crate) struct Cluster {
+    node: String,
+    prefix: String,
+    settings: ClusterSettings,
+    /// Writes, scripts and routing (multiplexed; never a blocking command).
+    con: ConnectionManager,
+    /// The blocking reads (a connection of their own: XREAD BLOCK would stall the others).
+    reader: ConnectionManager,
+    handle: ServerHandle,
+    /// Every client record of the cluster, by id (from the presence stream).
+    mirror: Mutex<BTreeMap<String, Record>>,
+    /// What this node wrote for its own clients.
+    own: Mutex<HashMap<String, Own>>,
+    stats: Stats,
+    /// A transition was dropped or a write failed: reconcile at the next tick.
+    dirty: AtomicBool,
+    /// Shutting down: no more heartbeats (they would announce the node again).
+    leaving: AtomicBool,
+    tx: mpsc::Sender<Transition>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn state_label(s: &PresenceState) -> &'static str {
+    s.kind().label()
+}
+
+fn reason_of(s: &PresenceState) -> String {
+    match s {
+        PresenceState::Offline { reason, .. } | PresenceState::Resuming { reason, .. } => {
+            reason.label().to_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+impl Cluster {
+    /// Starts the cluster layer: its writer and reader tasks run until the process ends.
+    /// Does not wait for Redis: a node whose Redis is down serves its own clients and says it
+    /// is degraded until Redis answers.
+    pub(crate) fn start(settings: ClusterSettings, handle: ServerHandle) -> Result<Arc<Cluster>> {
+        if settings.url.starts_with("rediss://") {
+            // redis-rs builds its rustls config from the process default: ring, as everywhere
+            // else in tether. An error means one is installed already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = redis::Client::open(settings.url.as_str())
+            .with_context(|| format!("bad --cluster URL {:?}", settings.url))?;
+        let beat = settings.dead_after / 3;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(beat))
+            .set_response_timeout(Some(beat))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let con = ConnectionManager::new_lazy_with_config(client.clone(), cfg.clone())
+            .context("cannot set up the Redis connection")?;
+        let reader = ConnectionManager::new_lazy_with_config(
+            client,
+            cfg.set_response_timeout(Some(READ_BLOCK + beat)),
+        )
+        .context("cannot set up the Redis connection")?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let c = Arc::new(Cluster {
+            node: settings.node_id.clone(),
+            prefix: format!("tether:{{{}}}", settings.name),
+            settings,
+            con,
+            reader,
+            handle,
+            mirror: Mutex::new(BTreeMap::new()),
+            own: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            dirty: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            tx,
+        });
+        let (started_tx, started_rx) = watch::channel(false);
+        tokio::spawn(c.clone().writer(rx, started_tx));
+        tokio::spawn(c.clone().read_loop(started_rx));
+        log::line(
+            "-",
+            "cluster",
+            &log::kv(&[
+                ("node", &c.node),
+                ("keys", &format!("{}:*", c.prefix)),
+                (
+                    "dead_after",
+                    &tether_proto::duration::Human(c.settings.dead_after).to_string(),
+                ),
+                (
+                    "heartbeat",
+                    &tether_proto::duration::Human(beat).to_string(),
+                ),
+            ]),
+        );
+        Ok(c)
+    }
+
+    /// This node's id.
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    fn inbox_of(&self, node: &str) -> String {
+        format!("{}:node:{node}:inbox", self.prefix)
+    }
+
+    /// Takes one server event (from the serve loop; never waits).
+    pub(crate) fn observe(&self, ev: &ServerEvent) {
+        let ServerEvent::Presence { change, .. } = ev else {
+            return;
+        };
+        let t = match (&change.from, &change.to) {
+            (
+                Some(PresenceState::Online | PresenceState::Suspect),
+                PresenceState::Online | PresenceState::Suspect,
+            ) => Transition::Update {
+                id: change.id.clone(),
+                state: state_label(&change.to),
+                reason: String::new(),
+            },
+            (_, PresenceState::Online | PresenceState::Suspect) => {
+                Transition::Claim(change.id.clone())
+            }
+            (_, to) => Transition::Update {
+                id: change.id.clone(),
+                state: state_label(to),
+                reason: reason_of(to),
+            },
+        };
+        if self.tx.try_send(t).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    // --- the writer task ---------------------------------------------------------------
+
+    async fn writer(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Transition>,
+        started: watch::Sender<bool>,
+    ) {
+        let beat = self.settings.dead_after / 3;
+        let mut tick = tokio::time::interval(beat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut is_started = false;
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                t = rx.recv() => match t {
+                    None => return,
+                    Some(t) if is_started => self.apply(t).await,
+                    // Before the start-up clean-up: the reconcile after it writes everything.
+                    Some(_) => self.dirty.store(true, Ordering::Relaxed),
+                },
+                _ = tick.tick(), if !self.leaving.load(Ordering::Relaxed) => {
+                    ticks += 1;
+                    let fresh = self.beat(&mut is_started).await;
+                    if is_started && !*started.borrow() {
+                        let _ = started.send(true);
+                    }
+                    if fresh == Some(false) {
+                        // Declared dead (or it could have been): every claim is re-made.
+                        lock(&self.own).clear();
+                        self.dirty.store(true, Ordering::Relaxed);
+                        log::line("-", "cluster-reclaim", "note=\"no heartbeat within the bound: re-claiming the clients this node still holds\"");
+                    }
+                    // Reconcile when something was dropped, and every 30 ticks regardless.
+                    if is_started && (self.dirty.swap(false, Ordering::Relaxed) || ticks % 30 == 0) {
+                        self.reconcile().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heartbeat, start-up clean-up and reaping. `Some(fresh)` when Redis answered.
+    async fn beat(&self, is_started: &mut bool) -> Option<bool> {
+        let mut con = self.con.clone();
+        let r: redis::RedisResult<(i64, i64)> = scripts::heartbeat()
+            .arg(&self.prefix)
+            .arg(&self.node)
+            .arg(ms(self.settings.dead_after))
+            .invoke_async(&mut con)
+            .await;
+        let fresh = match r {
+            Ok((fresh, _)) => fresh == 1,
+            Err(e) => {
+                self.set_up(false, Some(&e));
+                return None;
+            }
+        };
+        self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+        let also = if *is_started {
+            String::new()
+        } else {
+            // What a previous run of this node claimed is lost: clear it before claiming.
+            let r: redis::RedisResult<()> = redis::cmd("DEL")
+                .arg(self.inbox_of(&self.node))
+                .query_async(&mut con)
+                .await;
+            if let Err(e) = r {
+                self.set_up(false, Some(&e));
+                return None;
+            }
+            self.node.clone()
+        };
+        let r: redis::RedisResult<Vec<String>> = scripts::reap()
+            .arg(&self.prefix)
+            .arg(ms(self.settings.dead_after))
+            .arg(STREAM_MAX)
+            .arg(ms(self.settings.offline_retention))
+            .arg(&also)
+            .arg("node-lost")
+            .arg("0")
+            .invoke_async(&mut con)
+            .await;
+        match r {
+            Ok(mut out) => {
+                let alive = out.pop().and_then(|s| s.parse().ok()).unwrap_or(0);
+                self.stats.nodes_alive.store(alive, Ordering::Relaxed);
+                for pair in out.chunks(2) {
+                    if let [node, lost] = pair {
+                        let n: u64 = lost.parse().unwrap_or(0);
+                        self.stats.clients_lost.fetch_add(n, Ordering::Relaxed);
+                        let what = if *node == self.node {
+                            "previous-run-cleared"
+                        } else {
+                            "node-lost"
+                        };
+                        log::line(
+                            "-",
+                            what,
+                            &log::kv(&[
+                                ("node", node),
+                                ("clients_offline", lost),
+                                ("reason", "node-lost"),
+                            ]),
+                        );
+                    }
+                }
+                *is_started = true;
+                self.set_up(true, None);
+                Some(fresh || also == self.node)
+            }
+            Err(e) => {
+                self.set_up(false, Some(&e));
+                None
+            }
+        }
+    }
+
+    /// Leaves the cluster in order (on shutdown): waits up to `within` for the queued
+    /// transitions (the clients going offline) to be written, then marks what this node still
+    /// claims `offline` with reason `node-left` and removes its heartbeat, so the others do
+    /// not wait for the dead bound.
+    pub(crate) async fn leave(&self, within: Duration) {
+        self.leaving.store(true, Ordering::Relaxed);
+        let t = tokio::time::Instant::now();
+        while self.tx.capacity() < self.tx.max_capacity() && t.elapsed() < within {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut con = self.con.clone();
+        let r: redis::RedisResult<Vec<String>> = scripts::reap()
+            .arg(&self.prefix)
+            .arg(ms(self.settings.dead_after))
+            .arg(STREAM_MAX)
+            .arg(ms(self.settings.offline_retention))
+            .arg(&self.node)
+            .arg("node-left")
+            .arg("1")
+            .invoke_async(&mut con)
+            .await;
+        match r {
+            Ok(out) => {
+                let n = out
+                    .chunks(2)
+                    .find(|p| p.first() == Some(&self.node))
+                    .and_then(|p| p.get(1).cloned())
+                    .unwrap_or_default();
+                log::line(
+                    "-",
+                    "cluster-left",
+                    &log::kv(&[("node", &self.node), ("clients_offline", &n)]),
+                );
+            }
+            Err(e) => log::line(
+                "-",
+                "cluster-left",
+                &log::kv(&[
+                    ("node", &self.node),
+                    ("error", &e.to_string()),
+                    ("note", "the others declare this node dead after the bound"),
+                ]),
+            ),
+        }
+    }
+
+    fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
+        let was = self.stats.redis_up.swap(up, Ordering::Relaxed);
+        if was != up {
+            if up {
+                log::line("-", "cluster-up", &log::kv(&[("node", &self.node)]));
+            } else {
+                let e = err.map(ToString::to_string).unwrap_or_default();
+                log::line(
+                    "-",
+                    "cluster-degraded",
+                    &log::kv(&[
+                        ("node", &self.node),
+                        ("error", &e),
+                        ("note", "serving local clients only; cluster presence and routing resume when Redis answers"),
+                    ]),
+                );
+            }
+        }
+    }
+
+    async fn apply(&self, t: Transition) {
+        match t {
+            Transition::Claim(id) => {
+                // Only a connection that is still here: a late claim for one already gone
+                // would take the client from a newer owner.
+                let Some(c) = self.handle.client(&id) else {
+                    return;
+                };
+                if !matches!(c.state, PresenceState::Online | PresenceState::Suspect) {
+                    return;
+                }
+                self.claim(&c, "new").await;
+            }
+            Transition::Update { id, state, reason } => {
+                let own = lock(&self.own).get(&id).cloned();
+                match own {
+                    Some(o) => self.update(&id, o.gen, state, &reason).await,
+                    // Never claimed (Redis was down, or the claim was dropped): the
+                    // reconcile writes it if it is still here.
+                    None if state != "offline" => self.dirty.store(true, Ordering::Relaxed),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    async fn claim(&self, c: &tether::ClientInfo, mode: &str) {
+        let state = state_label(&c.state);
+        let mut con = self.con.clone();
+        let r: redis::RedisResult<(i64, String)> = scripts::claim()
+            .arg(&self.prefix)
+            .arg(&c.id)
+            .arg(&self.node)
+            .arg(mode)
+            .arg(c.remote.to_string())
+            .arg(c.session.map(|s| s.to_string()).unwrap_or_default())
+            .arg(state)
+            .arg(STREAM_MAX)
+            .invoke_async(&mut con)
+            .await;
+        match r {
+            Ok((gen, owner)) if gen < 0 => {
+                // Another node holds it now (it connected there while this node was cut
+                // off): the newer connection wins.
+                lock(&self.own).remove(&c.id);
+                if self.handle.kick(
+                    &c.id,
+                    CloseCode::REPLACED,
+                    &format!("replaced by a newer connection on node {owner}"),
+                ) {
+                    self.stats.replaced.fetch_add(1, Ordering::Relaxed);
+                    log::line(&c.id, "cluster-replaced", &log::kv(&[("by_node", &owner)]));
+                }
+            }
+            Ok((gen, _)) => {
+                self.stats.presence_writes.fetch_add(1, Ordering::Relaxed);
+                let gen = u64::try_from(gen).unwrap_or(0);
+                lock(&self.own).insert(
+                    c.id.clone(),
+                    Own {
+                        gen,
+                        state,
+                        reason: reason_of(&c.state),
+                    },
+                );
+            }
+            Err(e) => {
+                self.dirty.store(true, Ordering::Relaxed);
+                self.set_up(false, Some(&e));
+            }
+        }
+    }
+
+    async fn update(&self, id: &str, gen: u64, state: &'static str, reason: &str) {
+        let mut con = self.con.clone();
+        let r: redis::RedisResult<i64> = scripts::update()
+            .arg(&self.prefix)
+            .arg(id)
+            .arg(&self.node)
+            .arg(gen)
+            .arg(state)
+            .arg(reason)
+            .arg(STREAM_MAX)
+            .invoke_async(&mut con)
+            .await;
+        match r {
+            Ok(1) => {
+                self.stats.presence_writes.fetch_add(1, Ordering::Relaxed);
+                let mut own = lock(&self.own);
+                if state == "offline" {
+                    own.remove(id);
+                } else if let Some(o) = own.get_mut(id) {
+                    o.state = state;
+                    o.reason = reason.to_owned();
+                }
+            }
+            Ok(_) => {
+                // Fenced: a newer claim (another node, or this node's own re-claim) owns it.
+                self.stats.stale_writes.fetch_add(1, Ordering::Relaxed);
+                let mut own = lock(&self.own);
+                if own.get(id).is_some_and(|o| o.gen == gen) {
+                    own.remove(id);
+                }
+            }
+            Err(e) => {
+                self.dirty.store(true, Ordering::Relaxed);
+                self.set_up(false, Some(&e));
+            }
+        }
+    }
+
+    /// Writes what differs between this node's clients and what it last wrote: O(own
+    /// clients), run only after a dropped transition or a failed write, and every 30
+    /// heartbeats.
+    async fn reconcile(&self) {
+        let clients = self.handle.clients();
+        for c in &clients {
+            let state = state_label(&c.state);
+            let reason = reason_of(&c.state);
+            let own = lock(&self.own).get(&c.id).cloned();
+            match own {
+                Some(o) if o.state == state && o.reason == reason => {}
+                Some(o) => self.update(&c.id, o.gen, state, &reason).await,
+                None if state == "offline" => {}
+                None => self.claim(c, "re").await,
+            }
+            if !self.stats.redis_up.load(Ordering::Relaxed) {
+                self.dirty.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+        // Clients the server has forgotten.
+        let known: std::collections::HashSet<&str> =
+            clients.iter().map(|c| c.id.as_str()).collect();
+        lock(&self.own).retain(|id, _| known.contains(id.as_str()));
+    }
+
+    // --- the reader task ---------------------------------------------------------------
+
+    async fn read_loop(self: Arc<Self>, mut started: watch::Receiver<bool>) {
+        // The inbox is cleared at start-up by the writer: read it only after that.
+        if started.wait_for(|s| *s).await.is_err() {
+            return;
+        }
+        let mut ids: Option<[String; 3]> = None;
+        loop {
+            match self.read_once(&mut ids).await {
+                Ok(()) => {}
+                Err(e) => {
+                    self.set_up(false, Some(&e));
+                    // Reload the mirror when Redis is back (the presence entries missed
+                    // meanwhile may be trimmed), but keep the inbox and broadcast positions:
+                    // what was routed during the blip is still in the streams.
+                    if let Some(ids) = ids.as_mut() {
+                        ids[0].clear();
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// The last id of a stream (`0-0` when empty).
+    async fn last_id(&self, con: &mut ConnectionManager, key: &str) -> redis::RedisResult<String> {
+        let r: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(con)
+            .await?;
+        Ok(r.ids
+            .first()
+            .map(|e| e.id.clone())
+            .unwrap_or_else(|| "0-0".into()))
+    }
+
+    /// Loads every record into the mirror; returns the presence stream's position to read on
+    /// from (taken before the load, so nothing between is missed; re-applying is harmless).
+    async fn load_mirror(&self, con: &mut ConnectionManager) -> redis::RedisResult<String> {
+        let from = self.last_id(con, &self.key("presence")).await?;
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key("clients"))
+            .query_async(con)
+            .await?;
+        let mut m = BTreeMap::new();
+        for (id, json) in all {
+            if let Ok(r) = serde_json::from_str::<Record>(&json) {
+                m.insert(id, r);
+            }
+        }
+        *lock(&self.mirror) = m;
+        Ok(from)
+    }
+
+    async fn read_once(&self, ids: &mut Option<[String; 3]>) -> redis::RedisResult<()> {
+        let mut con = self.reader.clone();
+        let keys = [
+            self.key("presence"),
+            self.key("broadcast"),
+            self.inbox_of(&self.node),
+        ];
+        let pos = match ids {
+            Some(p) => p,
+            None => {
+                let b = self.last_id(&mut con, &keys[1]).await?;
+                ids.insert([String::new(), b, "0-0".into()])
+            }
+        };
+        if pos[0].is_empty() {
+            pos[0] = self.load_mirror(&mut con).await?;
+        }
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(READ_BATCH)
+            .arg("BLOCK")
+            .arg(ms(READ_BLOCK))
+            .arg("STREAMS")
+            .arg(&keys)
+            .arg(&pos[..])
+            .query_async(&mut con)
+            .await?;
+        self.set_up(true, None);
+        let Some(reply) = reply else { return Ok(()) };
+        for sk in reply.keys {
+            let which = keys.iter().position(|k| *k == sk.key);
+            let full = sk.ids.len() >= READ_BATCH;
+            for e in sk.ids {
+                match which {
+                    Some(0) => self.on_presence(&e.map),
+                    Some(1) => self.on_broadcast(&e.map),
+                    Some(2) => self.on_inbox(&e.map),
+                    _ => {}
+                }
+                if let Some(i) = which {
+                    pos[i] = e.id;
+                }
+            }
+            if which == Some(2) {
+                // What was handled leaves the inbox (MINID keeps what came after it).
+                let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
+                    .arg(&keys[2])
+                    .arg("MINID")
+                    .arg(next_id(&pos[2]))
+                    .query_async(&mut con)
+                    .await;
+            }
+            if which == Some(0) && full {
+                // Behind: if the stream was trimmed past our position, reload.
+                let first: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                    .arg(&keys[0])
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut con)
+                    .await?;
+                if first.ids.first().is_some_and(|f| id_lt(&pos[0], &f.id)) {
+                    pos[0].clear();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_presence(&self, map: &HashMap<String, Value>) {
+        let Some(json) = field::<String>(map, "r") else {
+            return;
+        };
+        let Ok(r) = serde_json::from_str::<Record>(&json) else {
+            return;
+        };
+        let mut m = lock(&self.mirror);
+        if r.state == "gone" {
+            m.remove(&r.id);
+            return;
+        }
+        // Records of one client arrive in generation order except around a reload: keep the
+        // newer one.
+        if m.get(&r.id).is_some_and(|old| old.gen > r.gen) {
+            return;
+        }
+        m.insert(r.id.clone(), r);
+    }
+
+    fn on_broadcast(&self, map: &HashMap<String, Value>) {
+        if field::<String>(map, "origin").as_deref() == Some(self.node.as_str()) {
+            return;
+        }
+        if let Some(p) = field::<Vec<u8>>(map, "p") {
+            self.stats.routed_in.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.handle.broadcast(Bytes::from(p)) {
+                self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                log::line(
+                    "-",
+                    "cluster-broadcast-failed",
+                    &log::kv(&[("error", &e.to_string())]),
+                );
+            }
+        }
+    }
+
+    fn on_inbox(&self, map: &HashMap<String, Value>) {
+        let (Some(kind), Some(id)) = (field::<String>(map, "k"), field::<String>(map, "id")) else {
+            return;
+        };
+        match kind.as_str() {
+            "send" => {
+                let Some(p) = field::<Vec<u8>>(map, "p") else {
+                    return;
+                };
+                self.stats.routed_in.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.handle.try_deliver(&id, Bytes::from(p)) {
+                    self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                    log::line(
+                        &id,
+                        "routed-send-failed",
+                        &log::kv(&[("error", &e.to_string())]),
+                    );
+                }
+            }
+            "close" => {
+                let code = field::<u16>(map, "code")
+                    .map(CloseCode)
+                    .unwrap_or(CloseCode::NORMAL);
+                let text = field::<String>(map, "text").unwrap_or_default();
+                self.stats.routed_in.fetch_add(1, Ordering::Relaxed);
+                if !self.handle.kick(&id, code, &text) {
+                    self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            "replaced" => {
+                let gen = field::<u64>(map, "gen").unwrap_or(0);
+                let by = field::<String>(map, "by").unwrap_or_default();
+                let mine = lock(&self.own).get(&id).map(|o| o.gen);
+                if mine.is_some_and(|g| g < gen) {
+                    lock(&self.own).remove(&id);
+                    if self.handle.kick(
+                        &id,
+                        CloseCode::REPLACED,
+                        &format!("replaced by a newer connection on node {by}"),
+                    ) {
+                        self.stats.replaced.fetch_add(1, Ordering::Relaxed);
+                        log::line(&id, "cluster-replaced", &log::kv(&[("by_node", &by)]));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // --- routing (from the API) --------------------------------------------------------
+
+    /// The node that holds `id` when it is another one and the client is not offline there.
+    pub(crate) fn remote_owner(&self, id: &str) -> Option<String> {
+        let m = lock(&self.mirror);
+        let r = m.get(id)?;
+        (r.node != self.node && r.state != "offline").then(|| r.node.clone())
+    }
+
+    /// Sends `msg` to `id` through `node`'s inbox.
+    pub(crate) async fn route_send(&self, node: &str, id: &str, msg: &[u8]) -> Result<()> {
+        self.route(node, &[("k", b"send"), ("id", id.as_bytes()), ("p", msg)])
+            .await
+    }
+
+    /// Closes `id`'s connection on `node`.
+    pub(crate) async fn route_close(
+        &self,
+        node: &str,
+        id: &str,
+        code: CloseCode,
+        text: &str,
+    ) -> Result<()> {
+        let code = code.0.to_string();
+        self.route(
+            node,
+            &[
+                ("k", b"close"),
+                ("id", id.as_bytes()),
+                ("code", code.as_bytes()),
+                ("text", text.as_bytes()),
+            ],
+        )
+        .await
+    }
+
+    async fn route(&self, node: &str, fields: &[(&str, &[u8])]) -> Result<()> {
+        let mut con = self.con.clone();
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.inbox_of(node))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(STREAM_MAX)
+            .arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        match xadd(&mut con, &cmd).await {
+            Ok(_) => {
+                self.stats.routed_out.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                log::line(
+                    "-",
+                    "cluster-route-failed",
+                    &log::kv(&[
+                        ("error", &e.to_string()),
+                        ("retried", &not_sent(&e).to_string()),
+                    ]),
+                );
+                self.set_up(false, Some(&e));
+                Err(anyhow::anyhow!("redis: {e}"))
+            }
+        }
+    }
+
+    /// Hands a broadcast to every other node (the caller broadcast locally already).
+    pub(crate) async fn publish_broadcast(&self, msg: &[u8]) -> Result<()> {
+        let mut con = self.con.clone();
+        let mut r = redis::cmd("XADD");
+        r.arg(self.key("broadcast"))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(BROADCAST_MAX)
+            .arg("*")
+            .arg("origin")
+            .arg(&self.node)
+            .arg("p")
+            .arg(msg);
+        match xadd(&mut con, &r).await {
+            Ok(_) => {
+                self.stats.routed_out.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                log::line(
+                    "-",
+                    "cluster-route-failed",
+                    &log::kv(&[
+                        ("error", &e.to_string()),
+                        ("retried", &not_sent(&e).to_string()),
+                    ]),
+                );
+                self.set_up(false, Some(&e));
+                Err(anyhow::anyhow!("redis: {e}"))
+            }
+        }
+    }
+
+    /// The row of a client held by another node.
+    fn remote_row(&self, r: &Record) -> ClientRow {
+        let kind = PresenceKind::ALL
+            .into_iter()
+            .find(|k| k.label() == r.state)
+            .unwrap_or(PresenceKind::Offline);
+        let since = (r.since > 0.0).then(|| UNIX_EPOCH + Duration::from_millis(r.since as u64));
+        let gone = matches!(kind, PresenceKind::Offline | PresenceKind::Resuming);
+        ClientRow {
+            id: r.id.clone(),
+            state: kind,
+            state_since: since,
+            conn_id: 0,
+            remote: r.remote.parse::<SocketAddr>().ok(),
+            connected_since: None,
+            last_seen_ago: None,
+            rtt: None,
+            disconnected_at: if gone { since } else { None },
+            silent_for: None,
+            reason: None,
+            reason_label: r.reason.clone(),
+            hold_left: None,
+            counters: None,
+            connects: 0,
+            disconnects: 0,
+            session: r.session.parse().ok(),
+            node: Some(r.node.clone()),
+        }
+    }
+}
+
+/// An XADD, tried a second time when the first could not even be written (the connection
+/// manager's connection broke while Redis restarted: it reconnects on that error). Never
+/// retried after the command may have reached Redis (a reset or EOF while waiting for the
+/// reply), so a routed message is never added twice.
+async fn xadd(con: &mut ConnectionManager, cmd: &redis::Cmd) -> redis::RedisResult<String> {
+    match cmd.query_async::<String>(con).await {
+        Err(e) if not_sent(&e) => cmd.query_async::<String>(con).await,
+        r => r,
+    }
+}
+
+fn not_sent(e: &redis::RedisError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionRefused, NotConnected};
+    e.is_connection_refusal()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| matches!(io.kind(), BrokenPipe | NotConnected | ConnectionRefused))
+        // The connection manager hands out a clone of its stored error, which keeps only the
+        // kind and the text: "broken pipe" is redis-rs's own error for a connection it already
+        // knows is closed (nothing was written).
+        || (e.is_io_error() && e.to_string() == "broken pipe")
+}
+
+/// The next stream id after `id` (for XTRIM MINID).
+fn next_id(id: &str) -> String {
+    match id.split_once('-') {
+        Some((ms, seq)) => match seq.parse::<u64>() {
+            Ok(s) => format!("{ms}-{}", s.saturating_add(1)),
+            Err(_) => id.to_owned(),
+        },
+        None => id.to_owned(),
+    }
+}
+
+/// Stream id order.
+fn id_lt(a: &str, b: &str) -> bool {
+    let p = |s: &str| {
+        let (m, q) = s.split_once('-').unwrap_or((s, "0"));
+        (m.parse::<u64>().unwrap_or(0), q.parse::<u64>().unwrap_or(0))
+    };
+    p(a) < p(b)
+}
+
+fn field<T: redis::FromRedisValue>(map: &HashMap<String, Value>, k: &str) -> Option<T> {
+    map.get(k)
+        .and_then(|v| redis::from_redis_value(v.clone()).ok())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The status page's and `/api/clients`' view of the whole cluster: this node's clients
+/// from its server (with every detail), the others' from the mirror (state, node, since,
+/// reason, remote, session). Listing is O(clients of the cluster) per request.
+pub(crate) struct ClusterSource {
+    /// This node's server.
+    pub(crate) local: ServerSource,
+    /// The cluster layer.
+    pub(crate) cluster: Arc<Cluster>,
+}
+
+impl ClusterSource {
+    /// The row to show for `id`: the local one unless another node holds the client (the
+    /// mirror's record for it is another node's and not offline, or the client is not known
+    /// here at all).
+    fn pick(&self, local: Option<ClientRow>, remote: Option<&Record>) -> Option<ClientRow> {
+        let node = self.cluster.node();
+        match (local, remote) {
+            (Some(l), Some(r))
+                if r.node != node
+                    && !matches!(l.state, PresenceKind::Online | PresenceKind::Suspect)
+                    && (r.state != "offline" || l.state == PresenceKind::Offline) =>
+            {
+                Some(self.cluster.remote_row(r))
+            }
+            (Some(mut l), _) => {
+                l.node = Some(node.to_owned());
+                Some(l)
+            }
+            (None, Some(r)) => Some(self.cluster.remote_row(r)),
+            (None, None) => None,
+        }
+    }
+}
+
+impl StatusSource for ClusterSource {
+    fn clients(&self) -> Vec<ClientRow> {
+        let mut local: BTreeMap<String, ClientRow> = self
+            .local
+            .clients()
+            .into_iter()
+            .map(|r| (r.id.clone(), r))
+            .collect();
+        let mirror = lock(&self.cluster.mirror);
+        let mut out = Vec::with_capacity(local.len().max(mirror.len()));
+        for (id, r) in mirror.iter() {
+            if let Some(row) = self.pick(local.remove(id), Some(r)) {
+                out.push(row);
+            }
+        }
+        drop(mirror);
+        out.extend(local.into_values().filter_map(|l| self.pick(Some(l), None)));
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    fn page(&self, q: &ClientQuery) -> Page {
+        crate::status::model::page(self.clients(), q)
+    }
+
+    fn client(&self, id: &str) -> Option<ClientRow> {
+        let remote = lock(&self.cluster.mirror).get(id).cloned();
+        self.pick(self.local.client(id), remote.as_ref())
+    }
+
+    fn rtt_every(&self) -> Option<Duration> {
+        self.local.rtt_every()
+    }
+
+    fn note(&self) -> Option<String> {
+        let s = &self.cluster.stats;
+        Some(if s.redis_up.load(Ordering::Relaxed) {
+            format!(
+                "cluster: this is node {} · Redis up · {} nodes alive",
+                self.cluster.node,
+                s.nodes_alive.load(Ordering::Relaxed)
+            )
+        } else {
+            format!(
+                "cluster: this is node {} · DEGRADED: Redis does not answer; this node's clients are current, the other nodes' as last known",
+                self.cluster.node
+            )
+        })
+    }
+}
+
+/// The cluster's metric families.
+///
+/// ```text
+///   tether_cluster_redis_up                    gauge    1 when the last Redis call worked
+///   tether_cluster_nodes_alive                 gauge    nodes with a fresh heartbeat
+///   tether_cluster_heartbeats_total            counter  heartbeats written by this node
+///   tether_cluster_presence_writes_total       counter  client records written by this node
+///   tether_cluster_presence_dropped_total      counter  transitions dropped (queue full)
+///   tether_cluster_stale_writes_total          counter  writes fenced off by a newer owner
+///   tether_cluster_routed_out_total            counter  sends, closes, broadcasts to other nodes
+///   tether_cluster_routed_in_total             counter  the same, received from other nodes
+///   tether_cluster_route_failed_total          counter  routing that failed (either side)
+///   tether_cluster_clients_lost_total          counter  clients this node marked node-lost
+///   tether_cluster_replaced_total              counter  local connections closed for a newer one elsewhere
+/// ```
+#[derive(Debug)]
+pub(crate) struct ClusterCollector(pub(crate) Arc<Cluster>);
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.node).finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for ClusterCollector {
+    fn encode(
+        &self,
+        encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::result::Result<(), std::fmt::Error> {
+        let s = &self.0.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut f = Families::new(encoder);
+        f.gauge(
+            "tether_cluster_redis_up",
+            "1 when this node's last Redis call worked.",
+            gauge_value(u64::from(s.redis_up.load(Ordering::Relaxed))),
+        )?;
+        f.gauge(
+            "tether_cluster_nodes_alive",
+            "Nodes with a heartbeat within the bound, at the last heartbeat.",
+            gauge_value(g(&s.nodes_alive)),
+        )?;
+        for (name, help, a) in [
+            (
+                "tether_cluster_heartbeats",
+                "Heartbeats this node wrote.",
+                &s.heartbeats,
+            ),
+            (
+                "tether_cluster_presence_writes",
+                "Client records this node wrote.",
+                &s.presence_writes,
+            ),
+            (
+                "tether_cluster_presence_dropped",
+                "Presence transitions dropped (queue full); repaired by the reconcile.",
+                &s.dropped,
+            ),
+            (
+                "tether_cluster_stale_writes",
+                "Writes fenced off by a newer owner.",
+                &s.stale_writes,
+            ),
+            (
+                "tether_cluster_routed_out",
+                "Sends, closes and broadcasts handed to other nodes.",
+                &s.routed_out,
+            ),
+            (
+                "tether_cluster_routed_in",
+                "Sends, closes and broadcasts received from other nodes.",
+                &s.routed_in,
+            ),
+            (
+                "tether_cluster_route_failed",
+                "Routing that failed, on either side.",
+                &s.route_failed,
+            ),
+            (
+                "tether_cluster_clients_lost",
+                "Clients this node marked offline (node-lost).",
+                &s.clients_lost,
+            ),
+            (
+                "tether_cluster_replaced",
+                "Local connections closed for a newer one on another node.",
+                &s.replaced,
+            ),
+        ] {
+            f.counter(name, help, g(a))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_and_cluster_names_are_safe_in_keys() {
+        assert_eq!(parse_name("node-a.1_x").unwrap(), "node-a.1_x");
+        for bad in ["", "a b", "a:b", "a{b}", "ä", &"x".repeat(65)] {
+            assert!(parse_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn only_redis_urls_are_taken() {
+        assert!(parse_url("redis://127.0.0.1:6379").is_ok());
+        assert!(parse_url("rediss://redis.example:6380/2").is_ok());
+        assert!(parse_url("http://127.0.0.1:6379").is_err());
+        assert!(parse_url("127.0.0.1:6379").is_err());
+    }
+
+    #[test]
+    fn stream_ids_order_and_succeed_numerically() {
+        assert!(id_lt("9-5", "10-0"));
+        assert!(id_lt("10-2", "10-10"));
+        assert!(!id_lt("10-10", "10-10"));
+        assert_eq!(next_id("1700000000000-9"), "1700000000000-10");
+        assert_eq!(next_id("0-0"), "0-1");
+    }
+
+    #[test]
+    fn records_as_the_scripts_write_them_parse() {
+        // cjson writes numbers as doubles (%.14g) and leaves out nil fields.
+        let r: Record = serde_json::from_str(
+            r#"{"state":"offline","gen":12,"reason":"node-lost","remote":"127.0.0.1:5","id":"p","node":"a","session":"","since":1796013608048}"#,
+        )
+        .unwrap();
+        assert_eq!((r.gen as u64, r.since as u64), (12, 1_796_013_608_048));
+        assert_eq!(r.reason.as_deref(), Some("node-lost"));
+        let gone: Record = serde_json::from_str(r#"{"id":"p","state":"gone"}"#).unwrap();
+        assert_eq!(gone.state, "gone");
+    }
+}

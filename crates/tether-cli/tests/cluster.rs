@@ -1,0 +1,833 @@
+//! End-to-end: several `tether serve --cluster` nodes on loopback sharing presence and
+//! routing through a real `redis-server` on a private port (docs/CLUSTER.md). Clients are the
+//! `tether` library's `Client`. Timing bounds are loose and two-sided.
+//!
+//! Without `redis-server` every test prints `SKIP: <test>: redis-server not installed` and
+//! returns (scripts/test installs it as root and counts those lines as skipped).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tether::{BackoffConfig, Client, ClientConfig, ClientEvent};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+/// A private `redis-server`, killed (by its pid) when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Redis {
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts one on a free port; `None` when redis-server is not installed.
+    fn start() -> Option<Redis> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Redis::on(port)
+    }
+
+    fn on(port: u16) -> Option<Redis> {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let r = Redis { child, port };
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "redis-server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(r)
+    }
+}
+
+/// The redis-server of a test, or a SKIP line and return.
+macro_rules! redis_or_skip {
+    ($name:literal) => {
+        match Redis::start() {
+            Some(r) => r,
+            None => {
+                println!(concat!("SKIP: ", $name, ": redis-server not installed"));
+                return;
+            }
+        }
+    };
+}
+
+/// A running `tether serve --cluster`, killed (SIGKILL, by its pid) when dropped.
+struct Node {
+    child: Child,
+    listen: SocketAddr,
+    http: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the node said, for the failure's diagnosis.
+            for l in self.log.lock().unwrap().iter() {
+                eprintln!("node {}: {l}", self.http);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(redis: &Redis, id: &str, dead_after: &str) -> Node {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args([
+            "--detect-within",
+            "3s",
+            "--cluster",
+            &redis.url(),
+            "--node-id",
+            id,
+        ])
+        .args(["--cluster-dead-after", dead_after])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let keep = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            keep.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    let (mut listen, mut http) = (None, None);
+    while listen.is_none() || http.is_none() {
+        let l = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("serve printed its addresses");
+        if let Some(a) = l.split("addr=").nth(1) {
+            listen = a.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+        if l.contains("status-page") {
+            if let Some(a) = l.split("http://").nth(1) {
+                http = a.trim_end_matches('/').parse().ok();
+            }
+        }
+    }
+    Node {
+        child,
+        listen: listen.unwrap(),
+        http: http.unwrap(),
+        log,
+    }
+}
+
+impl Node {
+    fn logged(&self, what: &str) -> bool {
+        self.count(what) > 0
+    }
+
+    /// Waits (10 s at most) for a log line: the node's stderr is read by a thread, a moment
+    /// after what the line reports is visible through the API.
+    fn wait_logged(&self, what: &str) -> bool {
+        let t = Instant::now();
+        while !self.logged(what) {
+            if t.elapsed() > WITHIN {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn count(&self, what: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(what))
+            .count()
+    }
+}
+
+/// One API call: (status, JSON body).
+async fn call(http: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{http}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("answered within 10 s")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn get_text(http: SocketAddr, path: &str) -> String {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::builder()
+        .uri(format!("http://{http}{path}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("answered within 10 s")
+        .unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// (state, node, reason) of a client as `http` sees it.
+async fn seen(http: SocketAddr, id: &str) -> Option<(String, String, String)> {
+    let (status, v) = call(http, "GET", &format!("/api/clients/{id}"), "").await;
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+    (status == 200).then(|| (s("state"), s("node"), s("reason")))
+}
+
+/// Waits until `http` sees `id` in `state` on `node`; returns how long that took.
+async fn wait_seen(
+    http: SocketAddr,
+    id: &str,
+    state: &str,
+    node: &str,
+    within: Duration,
+) -> Duration {
+    let t = Instant::now();
+    loop {
+        let s = seen(http, id).await;
+        if s.as_ref()
+            .is_some_and(|(st, n, _)| st == state && n == node)
+        {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "{http} never saw {id} {state} on {node} within {within:?} (last: {s:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every client `http` lists, as (id, state, node).
+async fn listed(http: SocketAddr) -> Vec<(String, String, String)> {
+    let (status, v) = call(http, "GET", "/api/clients?limit=1000", "").await;
+    assert_eq!(status, 200, "{v}");
+    v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or("").to_owned();
+            (s("id"), s("state"), s("node"))
+        })
+        .collect()
+}
+
+fn client(addr: SocketAddr, id: &str) -> Client {
+    let mut cfg = ClientConfig::new(addr, id);
+    cfg.backoff = BackoffConfig {
+        base: Duration::from_millis(50),
+        cap: Duration::from_millis(200),
+        max_attempts: None,
+    };
+    Client::start(cfg)
+}
+
+async fn connected(c: &mut Client) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), c.next_event())
+            .await
+            .expect("connected within 10 s")
+        {
+            Some(ClientEvent::Connected { .. }) => return,
+            Some(ClientEvent::GaveUp { reason, .. }) => panic!("client gave up: {reason}"),
+            Some(_) => {}
+            None => panic!("client stopped"),
+        }
+    }
+}
+
+/// The client's next message within `within`, skipping connection events.
+async fn next_message(c: &mut Client, within: Duration) -> Option<Bytes> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, c.next_event()).await {
+            Ok(Some(ClientEvent::Message(m))) => return Some(m),
+            Ok(Some(ClientEvent::GaveUp { reason, .. })) => panic!("client gave up: {reason}"),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+const WITHIN: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_seen_from_every_node_with_its_node() {
+    let redis = redis_or_skip!("presence_is_seen_from_every_node_with_its_node");
+    let (a, b, c) = (
+        node(&redis, "a", "3s"),
+        node(&redis, "b", "3s"),
+        node(&redis, "c", "3s"),
+    );
+    let mut pa = client(a.listen, "phone-a");
+    let mut pb = client(b.listen, "phone-b");
+    connected(&mut pa).await;
+    connected(&mut pb).await;
+    for n in [&a, &b, &c] {
+        wait_seen(n.http, "phone-a", "online", "a", WITHIN).await;
+        wait_seen(n.http, "phone-b", "online", "b", WITHIN).await;
+    }
+    let on_c = listed(c.http).await;
+    assert!(
+        on_c.contains(&("phone-a".into(), "online".into(), "a".into())),
+        "{on_c:?}"
+    );
+    assert!(
+        on_c.contains(&("phone-b".into(), "online".into(), "b".into())),
+        "{on_c:?}"
+    );
+    // The status page shows the node too.
+    // The cluster line counts the nodes at c's last heartbeat (every second here).
+    let t = Instant::now();
+    let mut page = get_text(c.http, "/").await;
+    while !page.contains("this is node c · Redis up · 3 nodes alive") {
+        assert!(t.elapsed() < WITHIN, "status page without the cluster line");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        page = get_text(c.http, "/").await;
+    }
+    assert!(
+        page.contains("on a</span>") && page.contains("on b</span>"),
+        "status page without nodes"
+    );
+    // A transition travels too: phone-a leaves, every node sees it gone from online.
+    pa.close();
+    let t = Instant::now();
+    loop {
+        let s = seen(c.http, "phone-a").await.unwrap();
+        if s.0 != "online" && s.0 != "suspect" {
+            assert_eq!(s.1, "a", "{s:?}");
+            break;
+        }
+        assert!(t.elapsed() < WITHIN, "c still sees phone-a {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(pb);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_send_and_close_on_b_reach_a_client_on_a_and_broadcast_reaches_every_node() {
+    let redis = redis_or_skip!(
+        "api_send_and_close_on_b_reach_a_client_on_a_and_broadcast_reaches_every_node"
+    );
+    let (a, b) = (node(&redis, "a", "3s"), node(&redis, "b", "3s"));
+    let mut pa = client(a.listen, "phone-a");
+    let mut pb = client(b.listen, "phone-b");
+    connected(&mut pa).await;
+    connected(&mut pb).await;
+    wait_seen(b.http, "phone-a", "online", "a", WITHIN).await;
+    wait_seen(a.http, "phone-b", "online", "b", WITHIN).await;
+
+    for i in 0..20 {
+        let (st, v) = call(
+            b.http,
+            "POST",
+            "/api/clients/phone-a/messages",
+            &serde_json::json!({ "text": format!("m{i}") }).to_string(),
+        )
+        .await;
+        assert_eq!(st, 202, "{v}");
+        assert_eq!(v["status"], "routed", "{v}");
+        assert_eq!(v["node"], "a", "{v}");
+    }
+    for i in 0..20 {
+        let m = next_message(&mut pa, WITHIN)
+            .await
+            .expect("routed message arrives");
+        assert_eq!(m, Bytes::from(format!("m{i}")), "in order");
+    }
+
+    let (st, v) = call(b.http, "POST", "/api/broadcast", r#"{"text":"all"}"#).await;
+    assert_eq!(st, 202, "{v}");
+    assert_eq!(v["cluster"], "published", "{v}");
+    assert_eq!(
+        next_message(&mut pb, WITHIN).await.unwrap(),
+        Bytes::from("all")
+    );
+    assert_eq!(
+        next_message(&mut pa, WITHIN).await.unwrap(),
+        Bytes::from("all")
+    );
+
+    // An unknown client is still a 404 on any node.
+    let (st, _) = call(
+        b.http,
+        "POST",
+        "/api/clients/nobody/messages",
+        r#"{"text":"x"}"#,
+    )
+    .await;
+    assert_eq!(st, 404);
+
+    let (st, v) = call(
+        b.http,
+        "POST",
+        "/api/clients/phone-a/close",
+        r#"{"code":1000,"reason":"bye"}"#,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["status"], "routed", "{v}");
+    let t = Instant::now();
+    loop {
+        match tokio::time::timeout(WITHIN, pa.next_event())
+            .await
+            .expect("closed in time")
+        {
+            Some(ClientEvent::Disconnected { disconnect }) => {
+                assert!(
+                    disconnect.reason.to_string().contains("bye"),
+                    "{disconnect:?}"
+                );
+                break;
+            }
+            Some(ClientEvent::GaveUp { .. }) | None => break,
+            Some(_) => {}
+        }
+        assert!(t.elapsed() < WITHIN);
+    }
+    assert!(a.wait_logged("phone-a"), "a logged its client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_marks_its_clients_node_lost_on_the_others_within_the_bound() {
+    let redis = redis_or_skip!(
+        "kill_9_of_a_node_marks_its_clients_node_lost_on_the_others_within_the_bound"
+    );
+    let mut a = node(&redis, "a", "2s");
+    let b = node(&redis, "b", "2s");
+    let c = node(&redis, "c", "2s");
+    let ids: Vec<String> = (0..5).map(|i| format!("dev-{i}")).collect();
+    let mut clients = Vec::new();
+    for id in &ids {
+        let mut cl = client(a.listen, id);
+        connected(&mut cl).await;
+        clients.push(cl);
+    }
+    let mut on_b = client(b.listen, "dev-b");
+    connected(&mut on_b).await;
+    for id in &ids {
+        wait_seen(b.http, id, "online", "a", WITHIN).await;
+        wait_seen(c.http, id, "online", "a", WITHIN).await;
+    }
+    // kill -9: no goodbye, no last write.
+    a.child.kill().unwrap();
+    let killed = Instant::now();
+    let _ = a.child.wait();
+    // Declared dead within dead_after (2 s) + one heartbeat period (0.67 s) after its last
+    // heartbeat, which was at most one period before the kill: from 1.3 s to 2.7 s, plus
+    // scheduling and polling slack.
+    for id in &ids {
+        wait_seen(b.http, id, "offline", "a", Duration::from_secs(6)).await;
+    }
+    let took = killed.elapsed();
+    for n in [&b, &c] {
+        for id in &ids {
+            let (st, node, reason) = seen(n.http, id).await.unwrap();
+            assert_eq!(
+                (st.as_str(), node.as_str(), reason.as_str()),
+                ("offline", "a", "node-lost")
+            );
+        }
+    }
+    assert!(
+        took >= Duration::from_millis(1000) && took <= Duration::from_millis(4500),
+        "node-lost after {took:?}, expected within 1.3–2.7 s (loose: 1–4.5 s)"
+    );
+    println!("node-lost after the kill: {took:?}");
+    assert!(b.wait_logged("node-lost") || c.wait_logged("node-lost"));
+    // The clients reconnect to b: online there, and nowhere twice.
+    drop(clients);
+    let mut moved = Vec::new();
+    for id in &ids {
+        let mut cl = client(b.listen, id);
+        connected(&mut cl).await;
+        moved.push(cl);
+    }
+    for id in &ids {
+        wait_seen(c.http, id, "online", "b", WITHIN).await;
+    }
+    for n in [&b, &c] {
+        let l = listed(n.http).await;
+        let online: Vec<_> = l
+            .iter()
+            .filter(|(_, s, _)| s == "online" || s == "suspect")
+            .collect();
+        let mut seen_ids: Vec<&String> = online.iter().map(|(id, _, _)| id).collect();
+        seen_ids.sort();
+        seen_ids.dedup();
+        assert_eq!(seen_ids.len(), online.len(), "a client online twice: {l:?}");
+        assert!(online.iter().all(|(_, _, node)| node == "b"), "{l:?}");
+        assert_eq!(online.len(), ids.len() + 1, "{l:?}");
+    }
+    drop(on_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_connects_on_b_while_online_on_a_is_online_on_b_only() {
+    let redis = redis_or_skip!("a_client_that_connects_on_b_while_online_on_a_is_online_on_b_only");
+    let (a, b) = (node(&redis, "a", "3s"), node(&redis, "b", "3s"));
+    let mut old = client(a.listen, "phone");
+    connected(&mut old).await;
+    wait_seen(b.http, "phone", "online", "a", WITHIN).await;
+    // The same id on b: the newest connection wins, a closes its old one with REPLACED.
+    let mut new = client(b.listen, "phone");
+    connected(&mut new).await;
+    let t = Instant::now();
+    loop {
+        match tokio::time::timeout(WITHIN, old.next_event())
+            .await
+            .expect("old connection closed in time")
+        {
+            Some(ClientEvent::GaveUp { reason, .. }) => {
+                assert!(reason.to_string().contains("replaced"), "{reason}");
+                break;
+            }
+            Some(_) => {}
+            None => break,
+        }
+        assert!(t.elapsed() < WITHIN);
+    }
+    for n in [&a, &b] {
+        wait_seen(n.http, "phone", "online", "b", WITHIN).await;
+    }
+    // And it stays so: a's late writes for its old connection are fenced off.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in [&a, &b] {
+        let l = listed(n.http).await;
+        let phones: Vec<_> = l.iter().filter(|(id, _, _)| id == "phone").collect();
+        assert_eq!(phones.len(), 1, "{l:?}");
+        assert_eq!(
+            (phones[0].1.as_str(), phones[0].2.as_str()),
+            ("online", "b"),
+            "{l:?}"
+        );
+    }
+    assert!(
+        a.wait_logged("cluster-replaced"),
+        "a says why it closed the old connection"
+    );
+    // A message sent on a reaches the new connection on b.
+    let (st, v) = call(
+        a.http,
+        "POST",
+        "/api/clients/phone/messages",
+        r#"{"text":"hi"}"#,
+    )
+    .await;
+    assert_eq!((st, v["node"].as_str()), (202, Some("b")), "{v}");
+    assert_eq!(
+        next_message(&mut new, WITHIN).await.unwrap(),
+        Bytes::from("hi")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_keeps_local_clients_and_the_cluster_recovers_by_itself() {
+    let redis = redis_or_skip!("redis_down_keeps_local_clients_and_the_cluster_recovers_by_itself");
+    let port = redis.port;
+    let (a, b) = (node(&redis, "a", "1500ms"), node(&redis, "b", "1500ms"));
+    let mut pa = client(a.listen, "phone-a");
+    connected(&mut pa).await;
+    wait_seen(b.http, "phone-a", "online", "a", WITHIN).await;
+    drop(redis); // SIGKILL: every key is gone with it (no persistence)
+    let t = Instant::now();
+    // The gauge, and the log line (read from the node's stderr a moment later).
+    while !get_text(a.http, "/metrics")
+        .await
+        .contains("tether_cluster_redis_up 0")
+        || !a.logged("cluster-degraded")
+    {
+        assert!(t.elapsed() < WITHIN, "a never said Redis is down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        get_text(a.http, "/")
+            .await
+            .contains("DEGRADED: Redis does not answer"),
+        "the status page says the cluster is degraded"
+    );
+    // a still serves its own client.
+    let (st, v) = call(
+        a.http,
+        "POST",
+        "/api/clients/phone-a/messages",
+        r#"{"text":"local"}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    assert_eq!(
+        next_message(&mut pa, WITHIN).await.unwrap(),
+        Bytes::from("local")
+    );
+    assert_eq!(seen(a.http, "phone-a").await.unwrap().0, "online");
+    // Redis comes back empty: a re-claims what it holds, b sees it again.
+    let _redis = Redis::on(port).expect("redis-server restarts");
+    for n in [&a, &b] {
+        let t = Instant::now();
+        while n.count("cluster-up") < 2
+            || !get_text(n.http, "/metrics")
+                .await
+                .contains("tether_cluster_redis_up 1")
+        {
+            assert!(t.elapsed() < WITHIN, "{} never said Redis is back", n.http);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The record is in the new Redis again (written by a's re-claim, not left from before).
+    let t = Instant::now();
+    loop {
+        let out = Command::new("redis-cli")
+            .args([
+                "-p",
+                &port.to_string(),
+                "HGET",
+                "tether:{tether}:clients",
+                "phone-a",
+            ])
+            .output()
+            .expect("redis-cli runs (it comes with redis-server)");
+        let rec = String::from_utf8_lossy(&out.stdout).into_owned();
+        if rec.contains("\"node\":\"a\"") && rec.contains("\"state\":\"online\"") {
+            break;
+        }
+        assert!(t.elapsed() < WITHIN, "phone-a never re-claimed: {rec:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(a.wait_logged("cluster-reclaim"));
+    wait_seen(b.http, "phone-a", "online", "a", WITHIN).await;
+    let (st, v) = call(
+        b.http,
+        "POST",
+        "/api/clients/phone-a/messages",
+        r#"{"text":"again"}"#,
+    )
+    .await;
+    assert_eq!((st, v["node"].as_str()), (202, Some("a")), "{v}");
+    assert_eq!(
+        next_message(&mut pa, WITHIN).await.unwrap(),
+        Bytes::from("again")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_releases_its_clients_at_once() {
+    let redis = redis_or_skip!("a_node_stopped_with_sigterm_releases_its_clients_at_once");
+    // A dead bound far longer than the test: only the orderly leave can explain what b sees.
+    let (a, b) = (node(&redis, "a", "60s"), node(&redis, "b", "60s"));
+    let mut pa = client(a.listen, "phone-a");
+    connected(&mut pa).await;
+    wait_seen(b.http, "phone-a", "online", "a", WITHIN).await;
+    let pid = i32::try_from(a.child.id()).unwrap();
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    wait_seen(b.http, "phone-a", "offline", "a", Duration::from_secs(5)).await;
+    let (_, _, reason) = seen(b.http, "phone-a").await.unwrap();
+    assert_ne!(reason, "node-lost", "an orderly stop is not a lost node");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(a.wait_logged("cluster-left"));
+    drop(pa);
+}
+
+/// A load balancer in front of the nodes: forwards each new connection to the current
+/// upstream; `switch` changes the upstream and drops the open connections (the node sees them
+/// end without a goodbye, as when a node's link dies).
+struct Lb {
+    addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
+    pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        self.task.abort();
+        for p in self.pipes.lock().unwrap().drain(..) {
+            p.abort();
+        }
+    }
+}
+
+impl Lb {
+    async fn start(upstream: SocketAddr) -> Lb {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let upstream = Arc::new(Mutex::new(upstream));
+        let pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (u, p) = (upstream.clone(), pipes.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = l.accept().await {
+                let to = *u.lock().unwrap();
+                p.lock().unwrap().push(tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                }));
+            }
+        });
+        Lb {
+            addr,
+            upstream,
+            pipes,
+            task,
+        }
+    }
+
+    fn switch(&self, to: SocketAddr) {
+        *self.upstream.lock().unwrap() = to;
+        for p in self.pipes.lock().unwrap().drain(..) {
+            p.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_moves() {
+    let redis =
+        redis_or_skip!("a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_moves");
+    let (a, b) = (node(&redis, "a", "3s"), node(&redis, "b", "3s"));
+    let lb = Lb::start(a.listen).await;
+    let mut phone = client(lb.addr, "phone");
+    connected(&mut phone).await;
+    wait_seen(b.http, "phone", "online", "a", WITHIN).await;
+    let (st, v) = call(
+        a.http,
+        "POST",
+        "/api/clients/phone/messages",
+        r#"{"text":"one"}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await.unwrap(),
+        Bytes::from("one")
+    );
+    // Something the server has not acknowledged yet when the link dies.
+    phone.send(Bytes::from("up")).await.unwrap();
+    // The link to a dies; the balancer sends the reconnect to b, which holds no session for
+    // it: the resume is refused and the client says so, then starts a new session there.
+    lb.switch(b.listen);
+    let t = Instant::now();
+    let mut lost = false;
+    loop {
+        match tokio::time::timeout(WITHIN, phone.next_event())
+            .await
+            .expect("events in time")
+        {
+            Some(ClientEvent::SessionLost { .. }) => lost = true,
+            Some(ClientEvent::Connected { .. }) if lost => break,
+            Some(ClientEvent::GaveUp { reason, .. }) => panic!("gave up: {reason}"),
+            Some(_) => {}
+            None => panic!("client stopped"),
+        }
+        assert!(
+            t.elapsed() < WITHIN,
+            "no session-lost and reconnect within {WITHIN:?}"
+        );
+    }
+    // a still holds the old session (resuming), but the cluster shows the client on b, and
+    // a's API routes to b.
+    for n in [&a, &b] {
+        wait_seen(n.http, "phone", "online", "b", WITHIN).await;
+    }
+    let (st, v) = call(
+        a.http,
+        "POST",
+        "/api/clients/phone/messages",
+        r#"{"text":"two"}"#,
+    )
+    .await;
+    assert_eq!((st, v["node"].as_str()), (202, Some("b")), "{v}");
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await.unwrap(),
+        Bytes::from("two")
+    );
+}
+
+/// One metric's value from a node's `/metrics`.
+async fn metric(n: &Node, name: &str) -> f64 {
+    let text = get_text(n.http, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_cost_no_redis_writes_only_the_nodes_heartbeat() {
+    let redis = redis_or_skip!("idle_clients_cost_no_redis_writes_only_the_nodes_heartbeat");
+    let (a, b) = (node(&redis, "a", "1500ms"), node(&redis, "b", "1500ms"));
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let mut c = client(a.listen, &format!("idle-{i}"));
+        connected(&mut c).await;
+        clients.push(c);
+    }
+    for i in 0..40 {
+        wait_seen(b.http, &format!("idle-{i}"), "online", "a", WITHIN).await;
+    }
+    let writes = metric(&a, "tether_cluster_presence_writes_total").await;
+    assert!(writes >= 40.0, "one claim per client at least: {writes}");
+    let beats = metric(&a, "tether_cluster_heartbeats_total").await;
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = t.elapsed();
+    // Nothing changed for the clients: no record written. The node heartbeats every 500 ms.
+    assert_eq!(
+        metric(&a, "tether_cluster_presence_writes_total").await,
+        writes
+    );
+    let beats = metric(&a, "tether_cluster_heartbeats_total").await - beats;
+    let expected = idle.as_secs_f64() / 0.5;
+    assert!(
+        beats >= expected - 2.0 && beats <= expected + 2.0,
+        "{beats} heartbeats in {idle:?}, expected about {expected}"
+    );
+    drop(clients);
+}
