@@ -117,6 +117,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 }
             }
             waiting_front = inner.outbox.front().map(Bytes::len);
+            if inner.outbox.is_empty() && inner.outbox.capacity() > 0 {
+                // Release the queue: an idle connection holds no buffer capacity.
+                inner.outbox = std::collections::VecDeque::new();
+            }
         }
         match inner.command.take() {
             // An orderly close goes out after the messages queued before it.

@@ -734,7 +734,7 @@ mod sizes {
         let task = run_connection(s, remote, 1, shared.clone(), inner.clone());
         let rows = [
             ("task future (run_connection)", size_of_val(&task), 768),
-            ("Conn (boxed)", std::mem::size_of::<Conn>(), 1024),
+            ("Conn (boxed)", std::mem::size_of::<Conn>(), 768),
             ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 400),
             (
                 "ServerSink (in the task)",
