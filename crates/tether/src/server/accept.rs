@@ -435,8 +435,8 @@ struct ServerSink {
     conn_id: u64,
     remote: SocketAddr,
     shared: Arc<Shared>,
-    /// Set once the HELLO was accepted.
-    client_id: Option<String>,
+    /// Set once the HELLO was accepted (shared with the client's record).
+    client_id: Option<Arc<str>>,
     /// The session the connection runs, once accepted.
     session: Option<u64>,
     /// A probe request (the connection's first frame was PROBE).
@@ -548,6 +548,7 @@ impl ServerSink {
         ttl: Option<Duration>,
     ) -> Decision {
         self.inner.admission.end_handshake(self.conn_id);
+        let key: Arc<str> = Arc::from(hello.client_id.as_str());
         let d = self.inner.hello(
             now,
             self.conn_id,
@@ -557,10 +558,11 @@ impl ServerSink {
             Admitted {
                 principal,
                 credential_ttl: ttl,
+                key: &key,
             },
         );
         if let Decision::Accept(_, session, _) = &d {
-            self.client_id = Some(hello.client_id.clone());
+            self.client_id = Some(key);
             self.session = session.as_ref().map(|s| s.0.session_id);
         }
         d
@@ -669,7 +671,7 @@ impl Sink for ServerSink {
                 if let Some(id) = &self.client_id {
                     inner.budgets.backlog.take(payload.len());
                     let _ = inner.events.send(ServerEvent::Message {
-                        client_id: id.clone(),
+                        client_id: id.to_string(),
                         msg: payload,
                         seq,
                         session: self.session,
@@ -685,7 +687,7 @@ impl Sink for ServerSink {
             ConnEvent::Resumed { replayed } => {
                 if let Some(id) = &self.client_id {
                     let _ = inner.events.send(ServerEvent::Resumed {
-                        client_id: id.clone(),
+                        client_id: id.to_string(),
                         conn_id: self.conn_id,
                         replayed,
                     });
@@ -740,6 +742,16 @@ mod sizes {
                 "ServerSink (in the task)",
                 std::mem::size_of::<ServerSink>(),
                 160,
+            ),
+            (
+                "Record (per client id)",
+                super::super::lifecycle::RECORD_SIZE,
+                64,
+            ),
+            (
+                "presence Entry (per client id)",
+                std::mem::size_of::<tether_proto::presence::Entry>(),
+                256,
             ),
         ];
         for (what, size, bound) in rows {
