@@ -293,9 +293,9 @@ class ServerPromises(unittest.TestCase):
             run(main(srv.port), 30)
 
     def test_held_session_survives_a_resume_claiming_too_much(self):
-        """RESUME with last_received beyond what the server sent: WELCOME then
-        CLOSE(PROTOCOL_ERROR), and the held session is untouched: a correct resume still
-        succeeds and replays."""
+        """RESUME with last_received beyond what the server sent: REFUSE(BAD_HELLO) before
+        the token rotates, and the held session is untouched: a correct resume with the same
+        token still succeeds and replays."""
 
         async def main(port):
             cfg = ConnConfig()
@@ -315,8 +315,10 @@ class ServerPromises(unittest.TestCase):
             liar.last_received = 99
             bad = Conn(0, cfg, hello, liar)
             events, (r2, w2) = await raw(port, bad, (Closed,))
-            self.assertIsInstance(events[0], Established)
-            self.assertTrue(events[0].welcome.session.resumed)
+            # Refused before the token rotates (docs/PROTOCOL.md §12): no WELCOME.
+            self.assertFalse(any(isinstance(e, Established) for e in events), events)
+            self.assertEqual(events[-1].disconnect.reason, "refused", events)
+            self.assertEqual(events[-1].disconnect.code, codec.CloseCode.BAD_HELLO, events)
             w2.close()
             await asyncio.sleep(0.2)
 

@@ -82,14 +82,16 @@ fn serve(extra: &[&str]) -> (Kill, String, mpsc::Receiver<String>) {
 /// Waits for a log line containing every word of `words`.
 fn wait_line(rx: &mpsc::Receiver<String>, words: &[&str], within: Duration) -> String {
     let t = Instant::now();
+    let mut seen = Vec::new();
     while t.elapsed() < within {
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
             if words.iter().all(|w| l.contains(w)) {
                 return l;
             }
+            seen.push(l);
         }
     }
-    panic!("no line with {words:?} within {within:?}");
+    panic!("no line with {words:?} within {within:?}; seen: {seen:#?}");
 }
 
 fn sigterm(child: &Child) {

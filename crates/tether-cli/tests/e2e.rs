@@ -220,8 +220,14 @@ fn serve_two_clients_status_metrics_and_sigkill() {
         .find(|c| c["id"] == "bob")
         .unwrap()
         .clone();
-    assert_eq!(bob["reason"], "peer-closed", "{bob}");
+    // The kernel of a killed process closes its socket with FIN, or with RST when bytes it had
+    // not read were waiting (a heartbeat or RTT ping that arrived just before the kill).
+    assert!(
+        bob["reason"] == "peer-closed" || bob["reason"] == "peer-reset",
+        "{bob}"
+    );
     // The event log names the client, the event and the reason.
+    let reason = format!("reason={}", bob["reason"].as_str().unwrap_or_default());
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
@@ -229,7 +235,7 @@ fn serve_two_clients_status_metrics_and_sigkill() {
         }
         if log
             .iter()
-            .any(|l| l.contains("bob") && l.contains("offline") && l.contains("reason=peer-closed"))
+            .any(|l| l.contains("bob") && l.contains("offline") && l.contains(&reason))
         {
             break;
         }
@@ -237,7 +243,7 @@ fn serve_two_clients_status_metrics_and_sigkill() {
     assert!(
         log.iter().any(|l| l.contains("bob")
             && l.contains("offline")
-            && l.contains("reason=peer-closed")
+            && l.contains(&reason)
             && l.contains("silent_for=")),
         "{log:#?}"
     );

@@ -132,8 +132,10 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "N", default_value = "4096", value_parser = parse_count)]
     replay_messages: usize,
     /// Require `Authorization: Bearer TOKEN` (or HTTP Basic with TOKEN as the password, for
-    /// browsers) on the status page and API, with TOKEN read from this file.
-    #[arg(long, value_name = "FILE")]
+    /// browsers) on every route of the HTTP listener (status page, /metrics, /api/), with TOKEN
+    /// read from this file. Without it /api/ answers loopback peers only. Also accepted as
+    /// --api-token-file.
+    #[arg(long, value_name = "FILE", alias = "api-token-file")]
     http_token_file: Option<PathBuf>,
     /// Largest request body the API reads (a message is at most --max-frame less 9 bytes).
     #[arg(long, value_name = "BYTES", default_value = "2MiB", value_parser = parse_size)]
@@ -442,10 +444,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         event::stop(j, "shutdown");
         j.close();
         // Give open event streams a moment to send the last events.
-        let t = tokio::time::Instant::now();
-        while j.readers() > 0 && t.elapsed() < Duration::from_secs(2) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), j.readers_gone()).await;
     }
     Ok(ExitCode::SUCCESS)
 }

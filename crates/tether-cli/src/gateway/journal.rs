@@ -104,8 +104,9 @@ pub(crate) struct Journal {
     run_first: u64,
     /// The last id published (`run_first - 1` before the first), and closing.
     latest: watch::Sender<u64>,
-    /// Readers (event streams) open now.
-    readers: std::sync::atomic::AtomicUsize,
+    /// Readers (event streams) open now; watched so that shutdown waits for the last one by
+    /// notification.
+    readers: watch::Sender<usize>,
 }
 
 /// Counts a reader while it lives.
@@ -113,16 +114,14 @@ pub(crate) struct ReaderGuard(std::sync::Arc<Journal>);
 
 impl ReaderGuard {
     pub(crate) fn new(j: std::sync::Arc<Journal>) -> Self {
-        j.readers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        j.readers.send_modify(|n| *n += 1);
         ReaderGuard(j)
     }
 }
 
 impl Drop for ReaderGuard {
     fn drop(&mut self) {
-        self.0
-            .readers
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.readers.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -151,7 +150,7 @@ impl Journal {
             },
             run_first,
             latest: watch::channel(run_first - 1).0,
-            readers: std::sync::atomic::AtomicUsize::new(0),
+            readers: watch::channel(0).0,
         }
     }
 
@@ -272,9 +271,10 @@ impl Journal {
         ring.events.front().map_or(ring.next_id, |e| e.id)
     }
 
-    /// Event streams open now.
-    pub(crate) fn readers(&self) -> usize {
-        self.readers.load(std::sync::atomic::Ordering::Relaxed)
+    /// Returns once no event stream is open (at once if none is).
+    pub(crate) async fn readers_gone(&self) {
+        let mut rx = self.readers.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// Events and bytes held.
@@ -297,6 +297,31 @@ mod tests {
                 max_events,
             },
         )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_the_last_reader_by_notification() {
+        let j = std::sync::Arc::new(journal(10, 1 << 20));
+        // No reader: at once.
+        let t = tokio::time::Instant::now();
+        j.readers_gone().await;
+        assert_eq!(t.elapsed(), std::time::Duration::ZERO);
+        let a = ReaderGuard::new(j.clone());
+        let b = ReaderGuard::new(j.clone());
+        let waiter = tokio::spawn({
+            let j = j.clone();
+            async move {
+                j.readers_gone().await;
+                tokio::time::Instant::now()
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        drop(a);
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert!(!waiter.is_finished(), "one reader is still open");
+        drop(b);
+        let done = waiter.await.unwrap();
+        assert_eq!(done - t, std::time::Duration::from_millis(700));
     }
 
     fn put(j: &Journal, n: usize) {

@@ -124,13 +124,19 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         }
         match inner.command.take() {
             // An orderly close goes out after the messages queued before it.
-            Some(Command::Close(code, text)) => {
-                if inner.outbox.is_empty() || !conn.is_established() {
-                    conn.close(now, code, &text);
-                } else {
-                    inner.command = Some(Command::Close(code, text));
-                }
+            // A client that sent its HELLO waits for the answer first (the handshake deadline
+            // bounds it): closed now it could only drop the connection without a CLOSE, and
+            // the server, which may already have welcomed it, would hold its session for a
+            // resume that never comes.
+            Some(Command::Close(code, text))
+                if (conn.is_established() && !inner.outbox.is_empty())
+                    || (!conn.is_established()
+                        && !conn.is_closed()
+                        && conn.role() == tether_proto::Role::Client) =>
+            {
+                inner.command = Some(Command::Close(code, text));
             }
+            Some(Command::Close(code, text)) => conn.close(now, code, &text),
             Some(Command::CloseNow(code, text)) => conn.close(now, code, &text),
             Some(Command::Refuse(code, text)) if !conn.is_established() => {
                 conn.refuse(now, code, &text);

@@ -342,6 +342,64 @@ async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welc
     }
 }
 
+/// A client asked to close while its HELLO is unanswered closes right after the WELCOME, with
+/// a CLOSE: the server, which welcomed it, ends the session instead of holding it for a
+/// resume that never comes (`tether connect` got SIGTERM just after connecting).
+#[tokio::test(start_paused = true)]
+async fn a_close_asked_during_the_handshake_goes_out_as_close_right_after_welcome() {
+    let h = Duration::from_secs(10);
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::new(Limits::default());
+    let hello = Hello {
+        requested_heartbeat: h,
+        ..hello(false)
+    };
+    let conn = Conn::client(
+        now(),
+        ConnConfig::default(),
+        &hello,
+        LivenessConfig::new(h, h * 3),
+        None,
+    );
+    tokio::spawn(drive(
+        io,
+        Box::new(conn),
+        shared.clone(),
+        TestSink::default(),
+    ));
+    let mut peer = Peer::server(far);
+    assert!(peer.read_some().await);
+    assert!(matches!(peer.conn.poll_event(), Some(ConnEvent::Hello(_))));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    shared.close(CloseCode::NORMAL, "client closing");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    peer.conn.accept(now(), LivenessConfig::new(h, h * 3), None);
+    let welcomed = tnow();
+    peer.flush().await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    match peer.next_event(false).await {
+        ConnEvent::Closed(d) => assert!(
+            matches!(
+                d.reason,
+                DisconnectReason::PeerClose {
+                    code: CloseCode::NORMAL,
+                    ..
+                }
+            ),
+            "{d:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        tnow() - welcomed,
+        Duration::ZERO,
+        "the CLOSE waited for a timer"
+    );
+}
+
 /// Server side of the same rule: what the server queued for a client before its HELLO was
 /// accepted (a resuming client's backlog) goes out with the WELCOME.
 #[tokio::test(start_paused = true)]

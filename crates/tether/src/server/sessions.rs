@@ -112,7 +112,20 @@ pub(super) fn plan(
     {
         return Err(unknown(true));
     }
-    if slot.held.is_some() {
+    if let Some(held) = &slot.held {
+        // A claim beyond what this session sent is refused before the token rotates: the
+        // held session (and the token its owner holds) stays as it was.
+        let sent = held.session.last_seq();
+        if r.last_received > sent {
+            return Err(Refusal {
+                code: CloseCode::BAD_HELLO,
+                text: format!(
+                    "resume claims message {} received; this session sent {sent}",
+                    r.last_received
+                ),
+                failure: false,
+            });
+        }
         return Ok(Plan::Resume);
     }
     // Still attached to the previous connection (the server has not noticed its death
