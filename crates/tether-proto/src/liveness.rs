@@ -376,6 +376,12 @@ impl Liveness {
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<LivenessEvent> {
-        self.events.pop_front()
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Release the queue: an idle connection holds no event buffer (every heartbeat
+            // passes through it, so it would otherwise stay allocated for good).
+            self.events = VecDeque::new();
+        }
+        ev
     }
 }

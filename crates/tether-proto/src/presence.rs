@@ -36,6 +36,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::ops::Bound;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::conn::ConnStats;
@@ -237,10 +238,13 @@ const CHANGES_KEPT_CAPACITY: usize = 1024;
 pub struct Registry {
     cfg: RegistryConfig,
     /// In id order: a page of clients is a range, not a sort of all of them.
-    entries: BTreeMap<String, Slot>,
+    ///
+    /// The ids are `Arc<str>`, one allocation per id shared with `by_kind` (a million
+    /// connected clients would otherwise keep two copies of every id).
+    entries: BTreeMap<Arc<str>, Slot>,
     /// Ids per state ([`PresenceKind::ALL`] order), in id order: a page of the clients in
     /// one state is a range too. Changed only on transitions.
-    by_kind: [BTreeSet<String>; 4],
+    by_kind: [BTreeSet<Arc<str>>; 4],
     /// `Resuming` entries by (hold end, sequence).
     holds: BTreeMap<(Instant, u64), String>,
     /// `Offline` entries by (time they became offline, sequence): oldest first.
@@ -285,8 +289,9 @@ impl Registry {
         remote: SocketAddr,
     ) -> Option<u64> {
         let Some(slot) = self.entries.get_mut(id) else {
+            let key: Arc<str> = Arc::from(id);
             self.entries.insert(
-                id.to_owned(),
+                key.clone(),
                 Slot {
                     entry: Entry {
                         state: PresenceState::Online,
@@ -302,7 +307,7 @@ impl Registry {
                 },
             );
             self.counts.online += 1;
-            self.by_kind[kind_index(PresenceKind::Online)].insert(id.to_owned());
+            self.by_kind[kind_index(PresenceKind::Online)].insert(key);
             self.changes.push_back(PresenceChange {
                 id: id.to_owned(),
                 conn_id,
@@ -538,7 +543,7 @@ impl Registry {
                 break;
             }
             let (key, id) = entry.remove_entry();
-            let Some(slot) = self.entries.get_mut(&id) else {
+            let Some(slot) = self.entries.get_mut(id.as_str()) else {
                 continue;
             };
             if slot.timer != Some(key) {
@@ -596,7 +601,11 @@ impl Registry {
     fn reindex(&mut self, id: &str, from: PresenceKind, to: PresenceKind) {
         if from != to {
             self.by_kind[kind_index(from)].remove(id);
-            self.by_kind[kind_index(to)].insert(id.to_owned());
+            let key = self
+                .entries
+                .get_key_value(id)
+                .map_or_else(|| Arc::from(id), |(k, _)| k.clone());
+            self.by_kind[kind_index(to)].insert(key);
         }
     }
 
@@ -618,13 +627,9 @@ impl Registry {
             Some(k) => Box::new(
                 self.by_kind[kind_index(k)]
                     .range::<str, _>(range)
-                    .map(String::as_str),
+                    .map(|id| &**id),
             ),
-            None => Box::new(
-                self.entries
-                    .range::<str, _>(range)
-                    .map(|(id, _)| id.as_str()),
-            ),
+            None => Box::new(self.entries.range::<str, _>(range).map(|(id, _)| &**id)),
         };
         let mut out = Vec::with_capacity(limit.min(1024));
         for id in ids.by_ref().take(limit) {
@@ -638,7 +643,7 @@ impl Registry {
 
     /// Every entry, in id order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> + '_ {
-        self.entries.iter().map(|(id, s)| (id.as_str(), &s.entry))
+        self.entries.iter().map(|(id, s)| (&**id, &s.entry))
     }
 
     /// How many entries are in each state.

@@ -79,6 +79,7 @@ impl Conn {
                 let mut cfg = self
                     .local
                     .take()
+                    .map(|b| *b)
                     .unwrap_or_else(|| LivenessConfig::new(w.heartbeat, w.dead_after));
                 cfg.heartbeat_interval = w.heartbeat;
                 cfg.dead_after = w.dead_after;
@@ -159,14 +160,14 @@ impl Conn {
                     self.events.push_back(ConnEvent::Resumed { replayed: n })
                 }
                 Err(e) => {
-                    self.session = Some(s);
+                    self.session = Some(Box::new(s));
                     let why = format!("resume from {} but only {} were sent", e.acked, e.sent);
                     self.protocol_error(now, why);
                     return;
                 }
             }
         }
-        self.session = Some(s);
+        self.session = Some(Box::new(s));
         self.pump_session(now);
     }
 
@@ -255,7 +256,11 @@ impl Conn {
                     });
                 }
                 if let Some(g) = grant.filter(|_| self.want_session) {
-                    self.session = Some(Session::new(g.session_id, g.token, self.cfg.session));
+                    self.session = Some(Box::new(Session::new(
+                        g.session_id,
+                        g.token,
+                        self.cfg.session,
+                    )));
                 }
             }
         }

@@ -296,7 +296,8 @@ pub struct Conn {
     handshake_deadline: Option<Instant>,
     /// Client: local liveness options applied once established (the WELCOME supplies the
     /// heartbeat interval and dead-after).
-    local: Option<LivenessConfig>,
+    /// (Boxed: used once, and never on a server.)
+    local: Option<Box<LivenessConfig>>,
     close_received: bool,
     handed_off: bool,
     heartbeat_in_this_read: bool,
@@ -304,7 +305,8 @@ pub struct Conn {
     /// many of them arrived: a server charges a frame's announced size against its budget.
     frame_head: [u8; codec::HEADER_LEN],
     frame_head_got: u8,
-    session: Option<Session>,
+    /// Boxed: a connection without a session (most idle ones) carries 8 bytes for it.
+    session: Option<Box<Session>>,
     /// Client: a session was asked for. Server: the client's resume position, if it resumes.
     want_session: bool,
     peer_resume: Option<u64>,
@@ -339,10 +341,10 @@ impl Conn {
         }
         c.want_session = hello.want_session;
         c.cred.negotiated = hello.credential.is_some();
-        c.session = session;
+        c.session = session.map(Box::new);
         codec::encode_preamble(&mut c.out);
         codec::encode(&Frame::Hello(hello), &mut c.out);
-        c.local = Some(local);
+        c.local = Some(Box::new(local));
         c
     }
 
@@ -465,12 +467,12 @@ impl Conn {
 
     /// The session running on this connection, if any.
     pub fn session(&self) -> Option<&Session> {
-        self.session.as_ref()
+        self.session.as_deref()
     }
 
     /// Takes the session out (after the connection ended) to hand it to the next connection.
     pub fn take_session(&mut self) -> Option<Session> {
-        self.session.take()
+        self.session.take().map(|s| *s)
     }
 
     /// The transport reached end of stream (FIN).

@@ -53,6 +53,9 @@ const READ_CHUNK: usize = 16 * 1024;
 const READS_PER_WAKE: usize = 4;
 /// Stop moving messages from the outbox into the state machine above this many queued bytes.
 pub(crate) const TRANSMIT_HIGH_WATER: usize = 256 * 1024;
+/// A sleep armed for a deadline that has since moved later is re-armed when it would fire
+/// within this long (a wake-up for nothing, see `arm_timer`).
+pub(crate) const REARM_SLACK: Duration = Duration::from_millis(50);
 /// How long an orderly close may take to flush and see the peer's FIN.
 pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
 

@@ -26,6 +26,9 @@ pub(crate) struct Stats {
     heartbeats_out: AtomicU64,
     /// Times the task re-armed its sleep (tests check it is not once per wake-up).
     timer_resets: AtomicU64,
+    /// Times the task was polled (tests count the wake-ups of an idle connection).
+    #[cfg(test)]
+    polls: AtomicU64,
 }
 
 /// A connection's counters at one instant.
@@ -97,6 +100,16 @@ impl Stats {
 
     pub(crate) fn timer_reset(&self) {
         self.timer_resets.fetch_add(1, Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn polled(&self) {
+        self.polls.fetch_add(1, Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn polls(&self) -> u64 {
+        self.polls.load(Relaxed)
     }
 
     #[cfg(test)]

@@ -13,7 +13,7 @@ use tokio::time::Sleep;
 
 use super::{
     now, Command, Decision, Driver, RefreshAnswer, Resolution, Resolved, Sink, CLOSE_LINGER,
-    READS_PER_WAKE, READ_CHUNK, TRANSMIT_HIGH_WATER,
+    READS_PER_WAKE, READ_CHUNK, REARM_SLACK, TRANSMIT_HIGH_WATER,
 };
 use crate::transport::Transport;
 
@@ -36,6 +36,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// One wake-up: the steps in order, looping back while there is work that nothing else
     /// would wake the task for.
     pub(super) fn poll(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>) -> Poll<()> {
+        #[cfg(test)]
+        self.shared.stats.polled();
         loop {
             let now = now();
             let was_established = self.conn.is_established();
@@ -58,7 +60,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             if !was_established && self.conn.is_established() {
                 continue;
             }
-            if self.arm_timer(cx, sleep.as_mut()) {
+            if self.arm_timer(cx, now, sleep.as_mut()) {
                 continue;
             }
             // The socket took the whole transmit buffer: go back for the rest of the outbox
@@ -115,6 +117,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 }
             }
             waiting_front = inner.outbox.front().map(Bytes::len);
+            if inner.outbox.is_empty() && inner.outbox.capacity() > 0 {
+                // Release the queue: an idle connection holds no buffer capacity.
+                inner.outbox = std::collections::VecDeque::new();
+            }
         }
         match inner.command.take() {
             // An orderly close goes out after the messages queued before it.
@@ -421,11 +427,17 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         false
     }
 
-    /// Sleeps until the next deadline. Re-arms only when it moved *earlier*: traffic keeps
+    /// Sleeps until the next deadline. Re-arms when it moved *earlier* (or later while the
+    /// sleep is about to fire for nothing, see below), not on every change: traffic keeps
     /// pushing the heartbeat deadline later, and re-arming the timer on every wake-up would
     /// cost more than one early wake-up, which is harmless (the state machine re-checks its
     /// deadlines and the sleep is re-armed then). Returns true when the sleep fired.
-    fn arm_timer(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>) -> bool {
+    fn arm_timer(
+        &mut self,
+        cx: &mut Context<'_>,
+        now: Instant,
+        mut sleep: Pin<&mut Sleep>,
+    ) -> bool {
         let linger = self.closing_since.map(|c| c + CLOSE_LINGER);
         let deadline = match (self.conn.poll_timeout(), linger) {
             (Some(d), Some(l)) => Some(d.min(l)),
@@ -434,7 +446,13 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         let Some(d) = deadline else {
             return false;
         };
-        if self.armed.is_none_or(|a| d < a) {
+        // Also re-armed when the deadline moved later and the sleep would fire within
+        // `REARM_SLACK` for nothing: an idle server answers the client's heartbeat in the
+        // wake-up that reads it, at about the instant its own heartbeat was due, and without
+        // this its sleep would wake the task a second time per interval to do nothing. A
+        // reset costs less than a wake-up, and it happens at most once per deadline.
+        let stale_soon = |a: Instant| d > a && a <= now + REARM_SLACK;
+        if self.armed.is_none_or(|a| d < a || stale_soon(a)) {
             sleep.as_mut().reset(tokio::time::Instant::from_std(d));
             self.armed = Some(d);
             self.shared.stats.timer_reset();

@@ -469,6 +469,56 @@ async fn the_timer_is_not_rearmed_when_the_deadline_moves_later() {
     );
 }
 
+/// A client whose heartbeat arrives just before the server's own is due: the server
+/// answers it in the wake-up that reads it (its heartbeat goes out then, never later than h
+/// after its last send), and the sleep armed for the old deadline is re-armed rather than
+/// left to wake the task a second time for nothing. One wake-up per interval.
+#[tokio::test(start_paused = true)]
+async fn an_idle_server_connection_wakes_once_per_heartbeat_interval() {
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let server = Shared::new(Limits::default());
+    tokio::spawn(drive(
+        io,
+        Box::new(Conn::server(now(), ConnConfig::default())),
+        server.clone(),
+        TestSink::default(),
+    ));
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    let early = Duration::from_millis(10);
+    let mut hb = BytesMut::new();
+    codec::encode(&Frame::Heartbeat, &mut hb);
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    // Settle: the first answer puts the server's deadline just after the peer's rhythm.
+    for _ in 0..2 {
+        tokio::time::sleep(H - early).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        frames_now(&mut peer.io, &mut dec).await;
+    }
+    let polls0 = server.stats.polls();
+    let out0 = server.stats.snapshot().heartbeats_out;
+    let intervals = 20u64;
+    for _ in 0..intervals {
+        tokio::time::sleep(H - early - Duration::from_millis(1)).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let got = frames_now(&mut peer.io, &mut dec).await;
+        assert_eq!(got, vec![Frame::Heartbeat], "the server answers at once");
+    }
+    let polls = server.stats.polls() - polls0;
+    let out = server.stats.snapshot().heartbeats_out - out0;
+    assert!(server.done().is_none());
+    assert_eq!(out, intervals, "one heartbeat of the server's per interval");
+    assert!(
+        polls <= intervals + 1,
+        "{polls} wake-ups of the server's task in {intervals} intervals"
+    );
+}
+
 /// A deadline that moves earlier (an ACK owed within 20 ms, heartbeat due in a second) is
 /// re-armed at once: the ACK goes out at exactly the ACK delay.
 #[tokio::test(start_paused = true)]

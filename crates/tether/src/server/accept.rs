@@ -168,45 +168,70 @@ pub(super) async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
     }
 }
 
-async fn run_connection(
+/// One accepted connection's task. Not async itself: every idle connection keeps this
+/// future, so it is assembled from parts that are only as big as they need to be — the
+/// plain-TCP driver future plus a few words (an async fn would also keep its arguments, and
+/// room for the TLS handshake, across the await).
+fn run_connection(
     stream: TcpStream,
     remote: SocketAddr,
     conn_id: u64,
     shared: Arc<Shared>,
     inner: Arc<Inner>,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
+    use futures::future::{Either, FutureExt as _};
     if let Err(e) = sockopt::apply(&stream, &inner.cfg.policy) {
         tracing::debug!(%remote, error = %e, "cannot set socket options");
     }
     // The handshake deadline counts from the accept: a TLS handshake is part of it.
     let started = driver::now();
-    let c = Connection {
-        remote,
-        conn_id,
-        started,
-        shared: &shared,
-        inner: &inner,
-    };
     match inner.cfg.tls.clone() {
-        None => c.serve(stream, None).await,
-        Some(tls) => {
-            let deadline = started + inner.cfg.handshake_timeout;
-            match tls_handshake(&tls, stream, &shared, deadline).await {
-                Ok(stream) => {
-                    let principal = match crate::tls::peer_principal(&stream) {
-                        None => None,
-                        Some(Ok(p)) => Some(p),
-                        Some(Err(e)) => {
-                            tracing::debug!(%remote, error = %e, "client certificate names no principal");
-                            None
-                        }
-                    };
-                    c.serve(stream, principal).await
-                }
-                Err(reason) => c.failed(reason),
+        None => {
+            let drive = Connection {
+                remote,
+                conn_id,
+                started,
+                shared: &shared,
+                inner: &inner,
             }
+            .drive(stream, None);
+            Either::Left(drive.then(move |ended| {
+                let probe = Connection {
+                    remote,
+                    conn_id,
+                    started,
+                    shared: &shared,
+                    inner: &inner,
+                }
+                .ended(ended);
+                async move {
+                    if let Some((stream, req)) = probe {
+                        // Boxed: rare, and it would otherwise take room in every task.
+                        Box::pin(crate::probe::respond(stream, req)).await
+                    }
+                    connection_gone(&inner, &shared, remote);
+                }
+            }))
         }
+        // Boxed: the TLS handshake and the TLS stream are several KiB of future, and every
+        // idle plain connection would carry that room in its task otherwise.
+        Some(tls) => Either::Right(Box::pin(async move {
+            Connection {
+                remote,
+                conn_id,
+                started,
+                shared: &shared,
+                inner: &inner,
+            }
+            .serve_tls(tls, stream)
+            .await;
+            connection_gone(&inner, &shared, remote);
+        })),
     }
+}
+
+/// The connection's socket is closed: its counters go to the totals, its slots back.
+fn connection_gone(inner: &Inner, shared: &Shared, remote: SocketAddr) {
     inner.totals.fold(&shared.stats.snapshot());
     inner.admission.close(remote.ip());
     inner.open.fetch_sub(1, Relaxed);
@@ -223,16 +248,73 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
+    /// The TLS handshake, then the tether protocol over the TLS stream.
+    async fn serve_tls(&self, tls: Arc<TlsServer>, stream: TcpStream) {
+        let deadline = self.started + self.inner.cfg.handshake_timeout;
+        match tls_handshake(&tls, stream, self.shared, deadline).await {
+            Ok(stream) => {
+                let principal = match crate::tls::peer_principal(&stream) {
+                    None => None,
+                    Some(Ok(p)) => Some(p),
+                    Some(Err(e)) => {
+                        tracing::debug!(remote = %self.remote, error = %e, "client certificate names no principal");
+                        None
+                    }
+                };
+                self.serve(stream, principal).await
+            }
+            Err(reason) => self.failed(reason),
+        }
+    }
+
     /// Runs the tether protocol over `io` (TCP, or TLS with the client certificate's
     /// principal) until the connection ends.
     async fn serve<T: Transport>(&self, io: T, tls_principal: Option<Principal>) {
+        let ended = self.drive(io, tls_principal).await;
+        if let Some((stream, req)) = self.ended(ended) {
+            Box::pin(crate::probe::respond(stream, req)).await
+        }
+    }
+
+    /// The driver is done: tells the lifecycle, or gives back the transport and the request
+    /// of a `tether probe` connection (its first frame was PROBE; it is no client). Not
+    /// async, so what the driver handed back is not kept in the task across an await.
+    fn ended<T>(&self, ended: driver::Ended<T, ServerSink>) -> Option<(T, Bytes)> {
+        let inner = self.inner;
+        let sink = ended.sink;
+        inner.admission.end_handshake(self.conn_id);
+        match (ended.handed_off, sink.probe) {
+            (Some(stream), Some(req)) => Some((stream, req)),
+            _ => {
+                inner.ended(
+                    driver::now(),
+                    self.conn_id,
+                    sink.client_id.as_deref(),
+                    self.remote,
+                    ended.disconnect,
+                    ended.session,
+                    self.shared,
+                );
+                None
+            }
+        }
+    }
+
+    /// What [`serve`](Self::serve) awaits. Not async: the state machine and the sink are
+    /// moved into the driver's future before it exists, so the task holds them once (an
+    /// async fn would keep room for its locals across the await).
+    fn drive<T: Transport>(
+        &self,
+        io: T,
+        tls_principal: Option<Principal>,
+    ) -> impl std::future::Future<Output = driver::Ended<T, ServerSink>> + Send {
         let inner = self.inner;
         let cfg = ConnConfig {
             max_frame_len: inner.cfg.max_frame_len,
             handshake_timeout: inner.cfg.handshake_timeout,
             session: inner.cfg.session,
         };
-        let conn = Conn::server(self.started, cfg);
+        let conn = Box::new(Conn::server(self.started, cfg));
         let auth = (inner.cfg.authorize.is_some() || tls_principal.is_some()).then(|| {
             Box::new(SinkAuth {
                 tls_principal,
@@ -250,22 +332,7 @@ impl Connection<'_> {
             probe: None,
             auth,
         };
-        let ended = driver::drive(io, Box::new(conn), self.shared.clone(), sink).await;
-        let sink = ended.sink;
-        inner.admission.end_handshake(self.conn_id);
-        match (ended.handed_off, sink.probe) {
-            // A `tether probe` connection: the PROBE frame was its first frame. It is no client.
-            (Some(stream), Some(req)) => crate::probe::respond(stream, req).await,
-            _ => inner.ended(
-                driver::now(),
-                self.conn_id,
-                sink.client_id.as_deref(),
-                self.remote,
-                ended.disconnect,
-                ended.session,
-                self.shared,
-            ),
-        }
+        driver::drive(io, conn, self.shared.clone(), sink)
     }
 
     /// The TLS handshake failed, timed out or was cut short: a refused connection.
@@ -368,8 +435,8 @@ struct ServerSink {
     conn_id: u64,
     remote: SocketAddr,
     shared: Arc<Shared>,
-    /// Set once the HELLO was accepted.
-    client_id: Option<String>,
+    /// Set once the HELLO was accepted (shared with the client's record).
+    client_id: Option<Arc<str>>,
     /// The session the connection runs, once accepted.
     session: Option<u64>,
     /// A probe request (the connection's first frame was PROBE).
@@ -481,6 +548,7 @@ impl ServerSink {
         ttl: Option<Duration>,
     ) -> Decision {
         self.inner.admission.end_handshake(self.conn_id);
+        let key: Arc<str> = Arc::from(hello.client_id.as_str());
         let d = self.inner.hello(
             now,
             self.conn_id,
@@ -490,10 +558,11 @@ impl ServerSink {
             Admitted {
                 principal,
                 credential_ttl: ttl,
+                key: &key,
             },
         );
         if let Decision::Accept(_, session, _) = &d {
-            self.client_id = Some(hello.client_id.clone());
+            self.client_id = Some(key);
             self.session = session.as_ref().map(|s| s.0.session_id);
         }
         d
@@ -602,7 +671,7 @@ impl Sink for ServerSink {
                 if let Some(id) = &self.client_id {
                     inner.budgets.backlog.take(payload.len());
                     let _ = inner.events.send(ServerEvent::Message {
-                        client_id: id.clone(),
+                        client_id: id.to_string(),
                         msg: payload,
                         seq,
                         session: self.session,
@@ -618,7 +687,7 @@ impl Sink for ServerSink {
             ConnEvent::Resumed { replayed } => {
                 if let Some(id) = &self.client_id {
                     let _ = inner.events.send(ServerEvent::Resumed {
-                        client_id: id.clone(),
+                        client_id: id.to_string(),
                         conn_id: self.conn_id,
                         replayed,
                     });
@@ -633,6 +702,64 @@ impl Sink for ServerSink {
             | ConnEvent::RefreshCredential { .. }
             | ConnEvent::CredentialRefreshed { .. }
             | ConnEvent::Closed(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    //! What an idle plain-TCP connection keeps in its task (issue 17). Printed with
+    //! `cargo test -p tether --lib idle_connection_sizes -- --nocapture`; the bounds fail
+    //! when a change makes every idle connection bigger again. Debug builds (what the tests
+    //! run) lay futures out less tightly than release; the bounds allow for it.
+
+    use super::*;
+
+    fn size_of_val<T>(_: &T) -> usize {
+        std::mem::size_of::<T>()
+    }
+
+    #[tokio::test]
+    async fn idle_connection_sizes() {
+        let server = crate::Server::bind(crate::ServerConfig::new(
+            "127.0.0.1:0".parse().expect("an address"),
+        ))
+        .await
+        .expect("bind");
+        let inner = server.handle().inner.clone();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let _peer = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (s, remote) = l.accept().await.expect("accept");
+        let shared = Shared::server(Limits::default(), inner.budgets.clone());
+        let task = run_connection(s, remote, 1, shared.clone(), inner.clone());
+        let rows = [
+            ("task future (run_connection)", size_of_val(&task), 768),
+            ("Conn (boxed)", std::mem::size_of::<Conn>(), 768),
+            ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 400),
+            (
+                "ServerSink (in the task)",
+                std::mem::size_of::<ServerSink>(),
+                160,
+            ),
+            (
+                "Record (per client id)",
+                super::super::lifecycle::RECORD_SIZE,
+                64,
+            ),
+            (
+                "presence Entry (per client id)",
+                std::mem::size_of::<tether_proto::presence::Entry>(),
+                256,
+            ),
+        ];
+        for (what, size, bound) in rows {
+            eprintln!("{what:<32} {size:>6} B (bound {bound})");
+        }
+        drop(task);
+        for (what, size, bound) in rows {
+            assert!(size <= bound, "{what}: {size} B > {bound} B");
         }
     }
 }

@@ -48,8 +48,12 @@ const SHARDS: usize = 32;
 
 /// The records of every connected or resuming client, sharded by id.
 pub(super) struct Clients {
-    shards: Box<[Mutex<HashMap<String, Record>>]>,
+    shards: Box<[Shard]>,
 }
+
+/// Records by client id, keyed by the id the connection's sink holds too (one allocation
+/// for both).
+type Shard = Mutex<HashMap<Arc<str>, Record>>;
 
 /// One client id's lifecycle state.
 #[derive(Debug, Default)]
@@ -57,11 +61,12 @@ struct Record {
     /// Who the connection authenticated as (`None` on a server without authorization).
     /// Only the same principal may replace the connection, resume the session, take over a
     /// held session or start a new one while another principal's is held.
-    principal: Option<PrincipalKey>,
+    /// (Boxed, as is the session: a client without either costs 8 bytes for each.)
+    principal: Option<Box<PrincipalKey>>,
     /// The connection the id is on.
     conn: Option<Live>,
     /// The id's session: attached to `conn`, or held.
-    session: Option<SessionSlot>,
+    session: Option<Box<SessionSlot>>,
 }
 
 /// A client's live connection.
@@ -88,7 +93,7 @@ impl Clients {
         }
     }
 
-    fn shard(&self, id: &str) -> &Mutex<HashMap<String, Record>> {
+    fn shard(&self, id: &str) -> &Shard {
         // FNV-1a: cheap, and client ids are not attacker-chosen keys for a shared table
         // (each shard is a HashMap with its own random hasher).
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -104,7 +109,7 @@ impl Clients {
         for shard in self.shards.iter() {
             for (id, r) in lock(shard).iter() {
                 if let Some(l) = &r.conn {
-                    out.push((id.clone(), l.shared.clone(), r.session.is_some()));
+                    out.push((id.to_string(), l.shared.clone(), r.session.is_some()));
                 }
             }
         }
@@ -132,6 +137,8 @@ pub(super) struct Admitted<'a> {
     pub(super) principal: Option<&'a PrincipalKey>,
     /// When the principal's credential runs out, from now (`None`: it does not).
     pub(super) credential_ttl: Option<Duration>,
+    /// The HELLO's client id, as the connection keeps it (the record shares it).
+    pub(super) key: &'a Arc<str>,
 }
 
 impl Inner {
@@ -184,6 +191,7 @@ impl Inner {
         let Admitted {
             principal,
             credential_ttl,
+            key,
         } = admitted;
         if self.established.load(Relaxed) >= self.max_connections {
             return Decision::Refuse(
@@ -197,8 +205,8 @@ impl Inner {
         let id = &hello.client_id;
         let linger = self.cfg.session_linger;
         let mut shard = lock(self.clients.shard(id));
-        let rec = shard.entry(id.clone()).or_default();
-        if !rec.is_idle() && rec.principal.as_ref() != principal {
+        let rec = shard.entry(key.clone()).or_default();
+        if !rec.is_idle() && rec.principal.as_deref() != principal {
             if hello.resume.is_some() {
                 self.record_failure(remote);
             }
@@ -210,14 +218,14 @@ impl Inner {
         let plan = match sessions::plan(
             hello,
             principal,
-            rec.session.as_ref(),
+            rec.session.as_deref(),
             rec.conn.as_ref(),
             linger.is_some(),
         ) {
             Ok(p) => p,
             Err(r) => {
                 if rec.is_idle() {
-                    shard.remove(id);
+                    shard.remove(id.as_str());
                 }
                 if r.failure {
                     self.record_failure(remote);
@@ -259,12 +267,12 @@ impl Inner {
                 if matches!(plan, Plan::New) {
                     match self.new_session(id, principal, linger.unwrap_or_default()) {
                         Ok((slot, grant, session)) => {
-                            rec.session = Some(slot);
+                            rec.session = Some(Box::new(slot));
                             Some((grant, session))
                         }
                         Err(text) => {
                             if rec.is_idle() {
-                                shard.remove(id);
+                                shard.remove(id.as_str());
                             }
                             return Decision::Refuse(CloseCode::REFUSED, text);
                         }
@@ -286,7 +294,7 @@ impl Inner {
             conn_id,
             shared: shared.clone(),
         });
-        rec.principal = principal.cloned();
+        rec.principal = principal.cloned().map(Box::new);
         self.established.fetch_add(1, Relaxed);
         self.totals.accepted.fetch_add(1, Relaxed);
         let replaced = self.with_registry(|r| r.connected(now, id, conn_id, remote));
@@ -619,3 +627,7 @@ pub(super) fn drain_changes(reg: &mut Registry) -> Vec<(PresenceChange, Option<S
     }
     out
 }
+
+/// The size of one client's record (the size test in `accept.rs` bounds it).
+#[cfg(test)]
+pub(super) const RECORD_SIZE: usize = std::mem::size_of::<Record>();
