@@ -265,3 +265,41 @@ fn replaced_by_a_newer_connection_exits_5() {
     );
     drop(newer);
 }
+
+/// Issue 11 §1: a line written right at start (before or during the handshake) is echoed at
+/// once, not after a heartbeat interval (it took the default 10 s). Real sockets, so the bound
+/// is loose: well under the 1 s heartbeat given to the server.
+#[test]
+fn a_line_written_at_start_is_echoed_at_once() {
+    let (_serve, addr, _rx) = serve(&["--echo", "--detect-within", "3s"]);
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut child = Kill(
+            Command::new(BIN)
+                .args(["connect", &addr, "--id", "quick"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Written at once; stdin stays open (a terminal).
+        let mut stdin = child.0.stdin.take().unwrap();
+        stdin.write_all(b"first words\n").unwrap();
+        let out = child.0.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no echo within 10 s");
+        let took = t.elapsed();
+        println!("echo of a line written at start: {took:?} (process start included)");
+        assert_eq!(line, "first words");
+        assert!(took < Duration::from_millis(900), "echoed after {took:?}");
+        drop(stdin);
+    }
+}
