@@ -12,8 +12,6 @@
 //! here), so the latency is measured from the API call (or the client's send) to the
 //! receipt, across processes.
 
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +22,6 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use tokio::io::AsyncBufReadExt as _;
 
 use super::procs::Agent;
 use super::sys::mono_ns;
@@ -64,61 +61,21 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 }
 
 /// The server under test: `tether serve` in its own process.
-struct Serve {
-    child: tokio::process::Child,
-    listen: SocketAddr,
-    http: SocketAddr,
-}
-
-async fn start_serve() -> anyhow::Result<Serve> {
-    let exe = std::env::current_exe().context("cannot find the tether executable")?;
-    let mut child = tokio::process::Command::new(exe)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--detect-within",
-            "60s",
-            "--max-connections",
-            "19000",
-            "--event-ring-events",
-            "1000000",
-            "--event-ring-bytes",
-            "512MiB",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start tether serve")?;
-    let err = child.stderr.take().context("no stderr")?;
-    let mut lines = tokio::io::BufReader::new(err).lines();
-    let (mut listen, mut http) = (None, None);
-    while listen.is_none() || http.is_none() {
-        let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .context("serve did not start")??
-            .context("serve exited")?;
-        if let Some(a) = l.split("addr=").nth(1) {
-            listen = a.split_whitespace().next().and_then(|a| a.parse().ok());
-        }
-        if l.contains("status-page") {
-            http = l
-                .split("http://")
-                .nth(1)
-                .and_then(|a| a.trim_end_matches('/').parse().ok());
-        }
-    }
-    // Keep draining its log (a full pipe would stall it).
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Serve {
-        child,
-        listen: listen.context("no listen address")?,
-        http: http.context("no http address")?,
-    })
+async fn start_serve() -> anyhow::Result<super::procs::ServeChild> {
+    let args: Vec<String> = [
+        "--detect-within",
+        "60s",
+        "--max-connections",
+        "19000",
+        "--event-ring-events",
+        "1000000",
+        "--event-ring-bytes",
+        "512MiB",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    super::procs::spawn_serve(&args, None).await
 }
 
 type Http = HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;

@@ -25,7 +25,6 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use tether::{Client, ClientConfig, ClientEvent};
-use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
 
 use super::sys::mono_ns;
@@ -81,62 +80,26 @@ async fn start_redis() -> anyhow::Result<Redis> {
     })
 }
 
-struct Node {
-    child: tokio::process::Child,
-    listen: SocketAddr,
-    http: SocketAddr,
-}
+type Node = super::procs::ServeChild;
 
 async fn start_node(redis: &Redis, id: &str, dead_after: Duration) -> anyhow::Result<Node> {
-    let exe = std::env::current_exe().context("cannot find the tether executable")?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+    let args: Vec<String> = [
         // All clients come from 127.0.0.1: the per-source limit is an eighth of this.
-        .args(["--detect-within", "60s", "--max-connections", "100000"])
-        .args(["--cluster", &format!("redis://127.0.0.1:{}", redis.port)])
-        .args(["--node-id", id, "--cluster-dead-after"])
-        .arg(format!("{}ms", dead_after.as_millis()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start tether serve")?;
-    let err = child.stderr.take().context("no stderr")?;
-    let mut lines = tokio::io::BufReader::new(err).lines();
-    let (mut listen, mut http) = (None, None);
-    while listen.is_none() || http.is_none() {
-        let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .context("serve did not start")??
-            .context("serve exited")?;
-        if let Some(a) = l.split("addr=").nth(1) {
-            listen = a.split_whitespace().next().and_then(|a| a.parse().ok());
-        }
-        if l.contains("status-page") {
-            http = l
-                .split("http://")
-                .nth(1)
-                .and_then(|a| a.trim_end_matches('/').parse().ok());
-        }
-    }
-    // Keep draining its log (a full pipe would stall it); say what went wrong.
-    let who = id.to_owned();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if ["refused", "degraded", "failed", "error"]
-                .iter()
-                .any(|w| l.contains(w))
-            {
-                eprintln!("node {who}: {l}");
-            }
-        }
-    });
-    Ok(Node {
-        child,
-        listen: listen.context("no listen address")?,
-        http: http.context("no http address")?,
-    })
+        "--detect-within",
+        "60s",
+        "--max-connections",
+        "100000",
+        "--cluster",
+        &format!("redis://127.0.0.1:{}", redis.port),
+        "--node-id",
+        id,
+        "--cluster-dead-after",
+        &format!("{}ms", dead_after.as_millis()),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    super::procs::spawn_serve(&args, Some(&format!("node {id}"))).await
 }
 
 async fn request(

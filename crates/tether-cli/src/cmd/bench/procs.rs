@@ -1,4 +1,4 @@
-//! Child processes of the coordinator: agents (this executable) and mosquitto.
+//! Child processes of the coordinator: agents (this executable), `tether serve` and mosquitto.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -215,4 +215,66 @@ impl Mosquitto {
         let _ = self.child.kill().await;
         let _ = std::fs::remove_file(&self.conf);
     }
+}
+
+/// A `tether serve` child (this executable) and the addresses it logged.
+pub(crate) struct ServeChild {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) listen: SocketAddr,
+    pub(crate) http: SocketAddr,
+}
+
+/// Starts `tether serve --listen 127.0.0.1:0 --http 127.0.0.1:0 <args>` and waits for the
+/// addresses in its log. The log is drained for as long as it runs (a full pipe would stall
+/// it); with `label`, lines that report trouble are echoed on stderr under that label.
+pub(crate) async fn spawn_serve(
+    args: &[String],
+    label: Option<&str>,
+) -> anyhow::Result<ServeChild> {
+    let exe = std::env::current_exe().context("cannot find the tether executable")?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start tether serve")?;
+    let err = child.stderr.take().context("no stderr")?;
+    let mut lines = tokio::io::BufReader::new(err).lines();
+    let (mut listen, mut http) = (None, None);
+    while listen.is_none() || http.is_none() {
+        let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("serve did not start")??
+            .context("serve exited")?;
+        if let Some(a) = l.split("addr=").nth(1) {
+            listen = a.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+        if l.contains("status-page") {
+            http = l
+                .split("http://")
+                .nth(1)
+                .and_then(|a| a.trim_end_matches('/').parse().ok());
+        }
+    }
+    let label = label.map(str::to_owned);
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if let Some(who) = &label {
+                if ["refused", "degraded", "failed", "error"]
+                    .iter()
+                    .any(|w| l.contains(w))
+                {
+                    eprintln!("{who}: {l}");
+                }
+            }
+        }
+    });
+    Ok(ServeChild {
+        child,
+        listen: listen.context("no listen address")?,
+        http: http.context("no http address")?,
+    })
 }
