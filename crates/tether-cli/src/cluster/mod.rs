@@ -864,7 +864,6 @@ impl Cluster {
     }
 
     async fn route(&self, node: &str, fields: &[(&str, &[u8])]) -> Result<()> {
-        let mut con = self.con.clone();
         let mut cmd = redis::cmd("XADD");
         cmd.arg(self.inbox_of(node))
             .arg("MAXLEN")
@@ -874,30 +873,11 @@ impl Cluster {
         for (k, v) in fields {
             cmd.arg(*k).arg(*v);
         }
-        match xadd(&mut con, &cmd).await {
-            Ok(_) => {
-                self.stats.routed_out.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
-                log::line(
-                    "-",
-                    "cluster-route-failed",
-                    &log::kv(&[
-                        ("error", &e.to_string()),
-                        ("retried", &not_sent(&e).to_string()),
-                    ]),
-                );
-                self.set_up(false, Some(&e));
-                Err(anyhow::anyhow!("redis: {e}"))
-            }
-        }
+        self.send_stream(&cmd).await
     }
 
     /// Hands a broadcast to every other node (the caller broadcast locally already).
     pub(crate) async fn publish_broadcast(&self, msg: &[u8]) -> Result<()> {
-        let mut con = self.con.clone();
         let mut r = redis::cmd("XADD");
         r.arg(self.key("broadcast"))
             .arg("MAXLEN")
@@ -908,7 +888,14 @@ impl Cluster {
             .arg(&self.node)
             .arg("p")
             .arg(msg);
-        match xadd(&mut con, &r).await {
+        self.send_stream(&r).await
+    }
+
+    /// Adds to a stream (one retry when the command never left), counting and reporting the
+    /// outcome: a failure marks Redis down.
+    async fn send_stream(&self, cmd: &redis::Cmd) -> Result<()> {
+        let mut con = self.con.clone();
+        match xadd(&mut con, cmd).await {
             Ok(_) => {
                 self.stats.routed_out.fetch_add(1, Ordering::Relaxed);
                 Ok(())
