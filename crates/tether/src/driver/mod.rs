@@ -95,6 +95,9 @@ pub(crate) enum Resolved {
     Refresh(AuthDecision),
     /// Client: a fresh credential to send in an AUTH frame.
     Credential(Credential),
+    /// Server: the session source's fetch for the HELLO is done (what it found, if
+    /// anything, is installed as a held session already).
+    SessionFetched,
 }
 
 /// What the sink makes of a [`Resolved`] verdict.
