@@ -369,6 +369,14 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         (None, Some(hook)) => cfg = cfg.authorize(hook),
         (None, None) => {}
     }
+    // With a cluster, a resume of a session another node holds takes it over from there.
+    let sessions = s
+        .cluster
+        .as_ref()
+        .map(|_| Arc::new(crate::cluster::ClusterSessions::default()));
+    if let Some(src) = &sessions {
+        cfg = cfg.session_source(src.clone());
+    }
     let mut server = Server::bind(cfg)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
@@ -396,6 +404,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         Some(c) => Some(crate::cluster::Cluster::start(c.clone(), server.handle())?),
         None => None,
     };
+    if let (Some(src), Some(c)) = (&sessions, &cluster) {
+        src.bind(c);
+    }
     // The event journal exists with the HTTP listener (nobody could read it otherwise).
     let mut journal: Option<Arc<Journal>> = None;
     if let Some(addr) = s.http {
