@@ -43,11 +43,15 @@ impl SessionSource for FromServer {
 }
 
 /// A load balancer in miniature: forwards to the current upstream; `switch` changes the
-/// upstream and resets every connection through it.
+/// upstream and resets every connection through it on the client's side. With `half_open`,
+/// the server's side of each connection is kept open and silent (a path that died without
+/// telling the server: it still holds the connection, attached).
 struct Switch {
     addr: SocketAddr,
     upstream: Arc<Mutex<SocketAddr>>,
-    live: Arc<Mutex<Vec<(tokio::task::AbortHandle, tokio::task::AbortHandle)>>>,
+    cut: Arc<tokio::sync::Notify>,
+    half_open: Arc<std::sync::atomic::AtomicBool>,
+    zombies: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Switch {
@@ -55,46 +59,58 @@ impl Switch {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let upstream = Arc::new(Mutex::new(upstream));
-        let live: Arc<Mutex<Vec<_>>> = Arc::default();
-        let (up2, live2) = (upstream.clone(), live.clone());
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let half_open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let zombies: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (up2, cut2, half2, z2) = (
+            upstream.clone(),
+            cut.clone(),
+            half_open.clone(),
+            zombies.clone(),
+        );
         tokio::spawn(async move {
-            while let Ok((down, _)) = l.accept().await {
+            while let Ok((mut down, _)) = l.accept().await {
                 let to = *up2.lock().unwrap();
-                let Ok(up) = TcpStream::connect(to).await else {
+                let Ok(mut up) = TcpStream::connect(to).await else {
                     continue;
                 };
-                for s in [&down, &up] {
-                    socket2::SockRef::from(s)
-                        .set_linger(Some(Duration::ZERO))
-                        .unwrap();
-                }
-                let (mut dr, mut dw) = down.into_split();
-                let (mut ur, mut uw) = up.into_split();
-                let a = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut dr, &mut uw).await;
+                socket2::SockRef::from(&down)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                let (cut, half, z) = (cut2.clone(), half2.clone(), z2.clone());
+                tokio::spawn(async move {
+                    let cutting = cut.notified();
+                    tokio::pin!(cutting);
+                    cutting.as_mut().enable();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        _ = cutting => {
+                            if half.load(std::sync::atomic::Ordering::SeqCst) {
+                                z.lock().unwrap().push(up);
+                            } else {
+                                socket2::SockRef::from(&up)
+                                    .set_linger(Some(Duration::ZERO))
+                                    .unwrap();
+                            }
+                        }
+                    }
                 });
-                let b = tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut ur, &mut dw).await;
-                });
-                live2
-                    .lock()
-                    .unwrap()
-                    .push((a.abort_handle(), b.abort_handle()));
             }
         });
         Switch {
             addr,
             upstream,
-            live,
+            cut,
+            half_open,
+            zombies,
         }
     }
 
-    fn switch(&self, to: SocketAddr) {
+    fn switch(&self, to: SocketAddr, half_open: bool) {
+        self.half_open
+            .store(half_open, std::sync::atomic::Ordering::SeqCst);
         *self.upstream.lock().unwrap() = to;
-        for (a, b) in self.live.lock().unwrap().drain(..) {
-            a.abort();
-            b.abort();
-        }
+        self.cut.notify_waiters();
     }
 }
 
@@ -118,8 +134,32 @@ fn client_cfg(addr: SocketAddr, id: &str) -> ClientConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_moves_to_another_server_exactly_once_both_ways() {
+    let took = move_mid_stream(false).await;
+    assert!(took < Duration::from_secs(2), "resume took {took:?}");
+}
+
+/// The old server has not noticed the path's death (its connection is still attached, and
+/// it would not declare it dead for 5 s): the take closes it and waits for its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_still_attached_on_the_old_server_moves_when_it_is_closed() {
+    let took = move_mid_stream(true).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "resume took {took:?}: the old server's own detection (5 s) did it, not the take"
+    );
+}
+
+/// Streams both ways through a switch to A, moves the client to B mid-stream, checks
+/// exactly-once in order both ways; returns how long the resume took after the cut.
+async fn move_mid_stream(half_open: bool) -> Duration {
     const N: u64 = 2000;
-    let mut a = Server::bind(server_cfg()).await.unwrap();
+    let a_cfg = if half_open {
+        // Slow to notice a dead path: the session is still attached when B asks for it.
+        server_cfg().policy(fast_policy(1000, 5000))
+    } else {
+        server_cfg()
+    };
+    let mut a = Server::bind(a_cfg).await.unwrap();
     let mut b = Server::bind(server_cfg().session_source(Arc::new(FromServer(a.handle()))))
         .await
         .unwrap();
@@ -176,7 +216,7 @@ async fn a_session_moves_to_another_server_exactly_once_both_ways() {
             client_got.len()
         );
         if switched.is_none() && client_got.len() as u64 >= N / 3 {
-            lb.switch(b.local_addr());
+            lb.switch(b.local_addr(), half_open);
             switched = Some(Instant::now());
         }
         tokio::select! {
@@ -212,10 +252,10 @@ async fn a_session_moves_to_another_server_exactly_once_both_ways() {
     );
     let took = resumed_after.expect("resumed on B");
     println!(
-        "moved after {} of {N} client messages; resumed on B {took:?} after the cut",
-        a_got.len()
+        "half_open={half_open}: moved after {} of {N} client messages; resumed on B {took:?} after the cut; {} zombie connections",
+        a_got.len(),
+        lb.zombies.lock().unwrap().len()
     );
-    assert!(took < Duration::from_secs(2), "resume took {took:?}");
     // Gone from A: offline there (replaced), online on B.
     let on_a = a.client("mover").unwrap();
     assert!(
@@ -235,6 +275,7 @@ async fn a_session_moves_to_another_server_exactly_once_both_ways() {
         a.try_send("mover", numbered(0)),
         Err(SendError::NotConnected(_))
     ));
+    took
 }
 
 /// A raw HELLO that resumes `session_id` with `token`; the first frame's type and body.

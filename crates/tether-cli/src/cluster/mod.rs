@@ -17,9 +17,20 @@
 //! (`tether_cluster_presence_dropped_total`) and repaired by the reconcile pass (every
 //! `dead_after`, O(own clients), only when something was dropped or failed).
 //!
-//! What it deliberately does not do: move a session between nodes (a resume on another node
-//! is refused by that node and the client gets an explicit session-lost), or merge the event
-//! streams of the nodes (each node's `/api/events` carries its own clients' events).
+//! Sessions move: a resume on node B of a session node A holds makes B ask A for it through
+//! A's inbox (`k=take`); A hands it over ([`ServerHandle::take_session`], `k=session` with
+//! the export's bytes) and B installs it before the normal resume check (B's server has
+//! [`ClusterSessions`] as its `SessionSource`). Bounded: no answer within min(2 s,
+//! `dead_after`/3) → SESSION_UNKNOWN, the client's explicit session-lost.
+//!
+//! ```text
+//!   B: HELLO(resume S) ─▶ SessionSource::fetch ──XADD k=take──▶ A's inbox
+//!   A: take_session ──XADD k=session data=… ──▶ B's inbox ──▶ fetch resolves ─▶ import, resume
+//! ```
+//!
+//! What it deliberately does not do: keep a durable copy of sessions (a session whose node
+//! died is lost, explicitly), or merge the event streams of the nodes (each node's
+//! `/api/events` carries its own clients' events).
 
 mod scripts;
 

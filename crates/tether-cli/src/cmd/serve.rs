@@ -85,8 +85,8 @@ const KEYS: &[&str] = &[
 /// With --cluster redis://HOST:PORT --node-id NAME, several nodes behind one load balancer
 /// share presence (every node lists every client with its node), detect a dead node within
 /// --cluster-dead-after (its clients go offline, node-lost), close the older connection when a
-/// client connects on two nodes, and route API sends and closes to the node that holds the
-/// client (docs/CLUSTER.md).
+/// client connects on two nodes, route API sends and closes to the node that holds the
+/// client, and move a client's session to the node its reconnect lands on (docs/CLUSTER.md).
 ///
 /// Examples:
 ///   tether serve                                   # 127.0.0.1:7300, status page and API on :7301

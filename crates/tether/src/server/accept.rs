@@ -387,7 +387,10 @@ async fn tls_handshake(
     tokio::select! {
         r = work => r,
         cmd = command => Err(match cmd {
-            Command::Refuse(code, text) | Command::Close(code, text) | Command::CloseNow(code, text) => {
+            Command::Refuse(code, text)
+            | Command::Close(code, text)
+            | Command::CloseNow(code, text)
+            | Command::Abandon(code, text) => {
                 DisconnectReason::Refused { code, text }
             }
         }),

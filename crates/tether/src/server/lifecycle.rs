@@ -43,7 +43,7 @@ use super::Inner;
 use crate::auth::resume::ResumeCredential;
 use crate::auth::PrincipalKey;
 use crate::connection::liveness_config;
-use crate::driver::{Decision, Offer, Shared};
+use crate::driver::{Command, Decision, Offer, Shared};
 
 const SHARDS: usize = 32;
 
@@ -575,8 +575,12 @@ impl Inner {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         slot.taker = Some(tx);
-        live.shared
-            .close(CloseCode::REPLACED, "session resumed on another node");
+        // Its peer is most likely gone (it resumes elsewhere): the CLOSE gets a moment to
+        // leave, the peer's FIN is not waited for.
+        live.shared.command(Command::Abandon(
+            CloseCode::REPLACED,
+            "session resumed on another node".into(),
+        ));
         Take::Wait(rx)
     }
 
