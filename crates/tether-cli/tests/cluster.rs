@@ -104,22 +104,16 @@ impl Drop for Node {
 }
 
 fn node(redis: &Redis, id: &str, dead_after: &str) -> Node {
-    node_with(redis, id, dead_after, &[])
+    node_with(&redis.url(), id, dead_after, &[])
 }
 
-fn node_with(redis: &Redis, id: &str, dead_after: &str, extra: &[&str]) -> Node {
+/// A node on the Redis at `url`, with `extra` flags.
+fn node_with(url: &str, id: &str, dead_after: &str, extra: &[&str]) -> Node {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(extra)
-        .args([
-            "--detect-within",
-            "3s",
-            "--cluster",
-            &redis.url(),
-            "--node-id",
-            id,
-        ])
+        .args(["--detect-within", "3s", "--cluster", url, "--node-id", id])
         .args(["--cluster-dead-after", dead_after])
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -740,8 +734,8 @@ async fn a_client_moved_from_a_to_b_by_its_reconnect_resumes_exactly_once_both_w
     );
     const N: usize = 300;
     let (a, b) = (
-        node_with(&redis, "a", "3s", &["--echo"]),
-        node_with(&redis, "b", "3s", &["--echo"]),
+        node_with(&redis.url(), "a", "3s", &["--echo"]),
+        node_with(&redis.url(), "b", "3s", &["--echo"]),
     );
     let lb = Lb::start(a.listen).await;
     let mut phone = client(lb.addr, "phone");
@@ -947,4 +941,185 @@ async fn idle_clients_cost_no_redis_writes_only_the_nodes_heartbeat() {
         "{beats} heartbeats in {idle:?}, expected about {expected}"
     );
     drop(clients);
+}
+
+/// A private `redis-server` that speaks only TLS (`--port 0 --tls-port P`), with a
+/// certificate from a CA made here and a password; `None` when redis-server is missing or
+/// built without TLS. Files in `dir`: `ca.pem`, `password`.
+fn redis_tls(dir: &std::path::Path) -> Option<Redis> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "cluster test ca");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = p.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let srv = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("redis.crt"), srv.pem()).unwrap();
+    std::fs::write(dir.join("redis.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("password"), "correct horse battery\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    let mut child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--tls-cert-file",
+            &f("redis.crt"),
+            "--tls-key-file",
+            &f("redis.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &f("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--requirepass", "correct horse battery"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(_)) = child.try_wait() {
+            return None; // built without TLS: it refuses --tls-port
+        }
+        assert!(t.elapsed() < WITHIN, "redis-server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Redis { child, port })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_password_file_forms_a_cluster() {
+    let dir = std::env::temp_dir().join(format!("tether-cluster-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIP: rediss_with_a_private_ca_and_a_password_file_forms_a_cluster: redis-server not installed");
+        return;
+    }
+    let Some(redis) = redis_tls(&dir) else {
+        println!("SKIP: rediss_with_a_private_ca_and_a_password_file_forms_a_cluster: redis-server has no TLS (--tls-port refused)");
+        return;
+    };
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let (ca, pw) = (
+        dir.join("ca.pem").to_str().unwrap().to_owned(),
+        dir.join("password").to_str().unwrap().to_owned(),
+    );
+    let secure = ["--cluster-ca", &ca, "--cluster-password-file", &pw];
+    let a = node_with(&url, "a", "3s", &secure);
+    let b = node_with(&url, "b", "3s", &secure);
+    // The control: the right password but the system's roots, which do not know this CA.
+    let untrusting = node_with(&url, "c", "3s", &["--cluster-password-file", &pw]);
+    // And the right CA with no password.
+    let no_password = node_with(&url, "d", "3s", &["--cluster-ca", &ca]);
+    let mut phone = client(a.listen, "phone-tls");
+    connected(&mut phone).await;
+    let took = wait_seen(b.http, "phone-tls", "online", "a", WITHIN).await;
+    assert!(took < WITHIN, "{took:?}");
+    assert!(
+        a.wait_logged("cluster-up"),
+        "a never reached Redis over TLS"
+    );
+    assert!(
+        untrusting.wait_logged("cluster-degraded"),
+        "a node that does not trust Redis's certificate must not use it"
+    );
+    assert!(
+        no_password.wait_logged("cluster-degraded"),
+        "a node without the password must not use Redis"
+    );
+    for n in [&untrusting, &no_password] {
+        assert!(!n.logged("cluster-up"), "{:?}", n.log.lock().unwrap());
+        assert!(seen(n.http, "phone-tls").await.is_none());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_redis_beyond_loopback_needs_tls_and_a_password_or_insecure() {
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args(["--node-id", "a"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let plain = run(&["--cluster", "redis://192.0.2.7:6379"]);
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rediss://")
+            && err.contains("--cluster-password-file")
+            && err.contains("--insecure"),
+        "the refusal names what to add: {err}"
+    );
+    let dir = std::env::temp_dir().join(format!("tether-cluster-pw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pw"), "s3cret\n").unwrap();
+    let pw = dir.join("pw").to_str().unwrap().to_owned();
+    let tls_no_pw = run(&["--cluster", "rediss://192.0.2.7:6379"]);
+    let err = String::from_utf8_lossy(&tls_no_pw.stderr);
+    assert_eq!(tls_no_pw.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--cluster-password-file") && !err.contains("rediss://192"),
+        "only the password is missing: {err}"
+    );
+    let ca_plain = run(&["--cluster", "redis://127.0.0.1:6379", "--cluster-ca", &pw]);
+    let err = String::from_utf8_lossy(&ca_plain.stderr);
+    assert_eq!(ca_plain.status.code(), Some(2), "{err}");
+    assert!(err.contains("--cluster-ca"), "{err}");
+    // With both, or with --insecure, it starts (and says Redis does not answer): it is killed
+    // as soon as it listens.
+    for extra in [
+        vec![
+            "--cluster",
+            "rediss://192.0.2.7:6379",
+            "--cluster-password-file",
+            &pw,
+        ],
+        vec!["--cluster", "redis://192.0.2.7:6379", "--insecure"],
+    ] {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args(["--node-id", "a"])
+            .args(&extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let mut listening = false;
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("listening") {
+                listening = true;
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listening, "{extra:?} must start");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

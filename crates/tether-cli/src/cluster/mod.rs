@@ -81,6 +81,115 @@ pub(crate) struct ClusterSettings {
     pub(crate) dead_after: Duration,
     /// Offline client records are forgotten after this long.
     pub(crate) offline_retention: Duration,
+    /// PEM roots a `rediss://` Redis is checked against (`None`: the system's).
+    pub(crate) ca: Option<Vec<u8>>,
+    /// The Redis user's password (`--cluster-password-file`), when not in the URL.
+    pub(crate) password: Option<String>,
+}
+
+impl ClusterSettings {
+    /// Secure by default: a Redis beyond loopback is reached over TLS (`rediss://`) and with a
+    /// password, or the operator says `--insecure`. Whoever can write to the cluster's keys
+    /// can send to, close and take over any client of any node.
+    pub(crate) fn check_exposure(&self, insecure: bool) -> Result<()> {
+        let info = self.connection_info()?;
+        let (host, tls) = match info.addr() {
+            redis::ConnectionAddr::Tcp(h, _) => (h.as_str(), false),
+            redis::ConnectionAddr::TcpTls { host, .. } => (host.as_str(), true),
+            _ => return Ok(()), // a Unix socket: local by definition
+        };
+        if self.ca.is_some() && !tls {
+            return Err(crate::exit::UsageError(format!(
+                "--cluster-ca is for TLS to Redis: write the URL as rediss://{host}:PORT"
+            ))
+            .into());
+        }
+        let local = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if local || insecure {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        if !tls {
+            missing.push("TLS (a rediss:// URL)");
+        }
+        if info.redis_settings().password().is_none() {
+            missing.push("a password (--cluster-password-file FILE)");
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(crate::exit::UsageError(format!(
+            "refusing to use the Redis at {host} without {}: anyone on the path could read \
+             the cluster's traffic or write to its keys, and so send to, close or take over \
+             any client. Add {}, or --insecure to accept that",
+            missing
+                .iter()
+                .map(|m| m.split(" (").next().unwrap_or(m))
+                .collect::<Vec<_>>()
+                .join(" and "),
+            missing.join(" and ")
+        ))
+        .into())
+    }
+
+    /// The URL with the password from `--cluster-password-file`.
+    fn connection_info(&self) -> Result<redis::ConnectionInfo> {
+        use redis::IntoConnectionInfo as _;
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .with_context(|| format!("bad --cluster URL {:?}", self.url))?;
+        Ok(match &self.password {
+            Some(p) => {
+                let redis = info.redis_settings().clone().set_password(p);
+                info.set_redis_settings(redis)
+            }
+            None => info,
+        })
+    }
+}
+
+/// Reads `--cluster-ca`: PEM with at least one certificate.
+pub(crate) fn read_ca(path: &std::path::Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| {
+        crate::exit::UsageError(format!("cannot read --cluster-ca {}", path.display()))
+    })?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(crate::exit::UsageError(format!(
+            "--cluster-ca {}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(pem)
+}
+
+/// Reads `--cluster-password-file` (trimmed; not empty).
+pub(crate) fn read_password(path: &std::path::Path) -> Result<String> {
+    let raw = std::fs::read_to_string(path).with_context(|| {
+        crate::exit::UsageError(format!(
+            "cannot read --cluster-password-file {}",
+            path.display()
+        ))
+    })?;
+    let p = raw.trim();
+    if p.is_empty() {
+        return Err(crate::exit::UsageError(format!(
+            "--cluster-password-file {} is empty",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(p.to_owned())
 }
 
 /// Checks a node id or cluster name: it becomes part of Redis keys.
@@ -149,6 +258,9 @@ enum Transition {
 #[derive(Debug, Default)]
 struct Stats {
     redis_up: AtomicBool,
+    /// Whether a Redis call has ended yet (the first one is logged whatever its outcome: a
+    /// node that never reaches Redis says so).
+    redis_known: AtomicBool,
     nodes_alive: AtomicU64,
     presence_writes: AtomicU64,
     heartbeats: AtomicU64,
@@ -222,8 +334,18 @@ impl Cluster {
             // else in tether. An error means one is installed already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(settings.url.as_str())
-            .with_context(|| format!("bad --cluster URL {:?}", settings.url))?;
+        let info = settings.connection_info()?;
+        let client = match &settings.ca {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .with_context(|| format!("bad --cluster URL {:?}", settings.url))?;
         let beat = settings.dead_after / 3;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(beat))
@@ -484,7 +606,8 @@ impl Cluster {
 
     fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
         let was = self.stats.redis_up.swap(up, Ordering::Relaxed);
-        if was != up {
+        let first = !self.stats.redis_known.swap(true, Ordering::Relaxed);
+        if was != up || first {
             if up {
                 log::line("-", "cluster-up", &log::kv(&[("node", &self.node)]));
             } else {

@@ -51,6 +51,8 @@ const KEYS: &[&str] = &[
     "node_id",
     "cluster_name",
     "cluster_dead_after",
+    "cluster_ca",
+    "cluster_password_file",
 ];
 
 /// Run a tether server that knows who is online.
@@ -179,6 +181,14 @@ pub(crate) struct ServeArgs {
     /// within this long; nodes heartbeat every third of it.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_dead_after)]
     cluster_dead_after: Duration,
+    /// PEM file with the CA certificates a rediss:// Redis is checked against (default: the
+    /// system's roots).
+    #[arg(long, value_name = "FILE")]
+    cluster_ca: Option<PathBuf>,
+    /// File with the password of the Redis user (AUTH; the user may be named in the URL as
+    /// rediss://USER@HOST:PORT). Keeps the password out of the URL, the environment and `ps`.
+    #[arg(long, value_name = "FILE")]
+    cluster_password_file: Option<PathBuf>,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -265,6 +275,18 @@ impl ServeArgs {
                     parse_dead_after,
                 )?,
                 offline_retention: Duration::from_secs(3600),
+                ca: l
+                    .pick_opt("cluster_ca", self.cluster_ca.clone(), crate::security::path)?
+                    .map(|p| crate::cluster::read_ca(&p))
+                    .transpose()?,
+                password: l
+                    .pick_opt(
+                        "cluster_password_file",
+                        self.cluster_password_file.clone(),
+                        crate::security::path,
+                    )?
+                    .map(|p| crate::cluster::read_password(&p))
+                    .transpose()?,
             }),
             (Some(_), None) => {
                 return Err(crate::exit::UsageError(
@@ -337,6 +359,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
     let mut hangups = log::Hangups::install();
     s.security
         .check_exposure_with(s.listen, "listen", s.auth_webhook.is_some())?;
+    if let Some(c) = &s.cluster {
+        c.check_exposure(s.security.insecure)?;
+    }
     let mut cfg = ServerConfig::new(s.listen)
         .policy(s.policy.clone())
         .max_connections(s.max_connections)
