@@ -411,3 +411,87 @@ async fn a_take_waits_for_the_attached_connection_and_a_wrong_token_moves_nothin
     };
     assert_eq!(lost, Some(1..=5), "the unacknowledged messages are named");
 }
+
+/// Opens a session on `addr` by hand and drops the connection without a goodbye (the
+/// server holds the session); returns its id and token.
+async fn session_left_held(addr: SocketAddr, id: &str) -> (u64, [u8; 16]) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut out = BytesMut::new();
+    codec::encode_preamble(&mut out);
+    let hello = Hello {
+        client_id: id.into(),
+        requested_heartbeat: Duration::ZERO,
+        want_session: true,
+        resume: None,
+        credential: None,
+    };
+    codec::encode(&Frame::Hello(hello), &mut out);
+    s.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(3), s.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(r > 0, "closed before the WELCOME");
+        // Preamble (5), then the WELCOME: u32 length and body.
+        if buf.len() >= 9 {
+            let len = u32::from_be_bytes(buf[5..9].try_into().unwrap()) as usize;
+            if buf.len() >= 9 + len {
+                match codec::parse_body(&buf[9..9 + len]) {
+                    Ok(Frame::Welcome(w)) => {
+                        let g = w.session.expect("a session");
+                        return (g.session_id, g.token);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    }
+}
+
+async fn until_resuming(s: &Server, id: &str) {
+    let t = Instant::now();
+    while !matches!(
+        s.client(id).map(|c| c.state),
+        Some(PresenceState::Resuming { .. })
+    ) {
+        assert!(t.elapsed() < Duration::from_secs(3), "{id} not held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_replaces_an_older_held_session_of_the_client_and_reports_it_lost() {
+    let mut b = Server::bind(server_cfg()).await.unwrap();
+    let c = Server::bind(server_cfg()).await.unwrap();
+    // The client's old session, held on b; then a newer one, held on c.
+    let (old, _) = session_left_held(b.local_addr(), "back").await;
+    until_resuming(&b, "back").await;
+    let (newer, token) = session_left_held(c.local_addr(), "back").await;
+    until_resuming(&c, "back").await;
+    assert_ne!(old, newer);
+    let req = SessionRequest {
+        client_id: "back".into(),
+        session_id: newer,
+        token_hash: TokenHash::of(&token),
+        principal: None,
+    };
+    let export = c
+        .take_session(&req, Duration::from_millis(100))
+        .await
+        .expect("held on c: taken at once");
+    // The client resumes its newer session on b: b's old one will never be resumed.
+    b.import_session(export).unwrap();
+    assert_eq!(b.client("back").unwrap().session, Some(newer));
+    let lost = loop {
+        match tokio::time::timeout(Duration::from_secs(2), b.next_event()).await {
+            Ok(Some(ServerEvent::SessionLost { session, .. })) => break session,
+            Ok(Some(_)) => {}
+            e => panic!("no session-lost: {e:?}"),
+        }
+    };
+    assert_eq!(lost, old, "the older session is reported lost");
+    let (ty, _) = raw_resume(b.local_addr(), "back", newer, token).await;
+    assert_eq!(ty, codec::ty::WELCOME);
+}

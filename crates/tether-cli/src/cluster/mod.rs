@@ -942,7 +942,7 @@ impl Cluster {
                 match self.handle.try_deliver(&id, p.clone()) {
                     Err(tether::SendError::NotConnected(_)) if self.moved_to(&id).is_some() => {
                         // Its session moved to another node after this was routed here.
-                        self.forward(&id, p);
+                        self.forward_if_moved(&id, p);
                     }
                     Err(e) => {
                         self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
@@ -1004,8 +1004,9 @@ impl Cluster {
             .map(|(n, _)| n.clone())
     }
 
-    /// Forwards a send routed here to the node the client's session moved to.
-    fn forward(self: &Arc<Self>, id: &str, p: Bytes) {
+    /// Forwards a send for `id` (routed here, or this node's echo) to the node the
+    /// client's session moved to lately, if it moved.
+    pub(crate) fn forward_if_moved(self: &Arc<Self>, id: &str, p: Bytes) {
         let Some(node) = self.moved_to(id) else {
             return;
         };

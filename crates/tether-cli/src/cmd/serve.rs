@@ -536,7 +536,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     if let Some(c) = &cluster {
                         c.observe(&ev);
                     }
-                    log_event(&handle, ev, s.echo);
+                    log_event(&handle, ev, s.echo, cluster.as_ref());
                 }
             },
             () = hangups.recv() => {
@@ -560,7 +560,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     if let Some(c) = &cluster {
                         c.observe(&ev);
                     }
-                    log_event(&handle, ev, false);
+                    log_event(&handle, ev, false, cluster.as_ref());
                 }
                 if let Some(c) = &cluster {
                     c.leave(Duration::from_secs(1)).await;
@@ -579,7 +579,12 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
 }
 
 /// Logs one server event on stderr (and echoes messages with `--echo`).
-fn log_event(handle: &tether::ServerHandle, ev: ServerEvent, echo: bool) {
+fn log_event(
+    handle: &tether::ServerHandle,
+    ev: ServerEvent,
+    echo: bool,
+    cluster: Option<&Arc<crate::cluster::Cluster>>,
+) {
     match ev {
         ServerEvent::Connected {
             client_id,
@@ -601,7 +606,15 @@ fn log_event(handle: &tether::ServerHandle, ev: ServerEvent, echo: bool) {
             if echo {
                 // Never await one client here: a client that does not read is closed as a
                 // slow consumer instead of stalling everyone's echo.
-                let _ = handle.try_send(&client_id, msg);
+                if let Err(tether::SendError::NotConnected(_)) =
+                    handle.try_send(&client_id, msg.clone())
+                {
+                    // Received here just before its session moved to another node: the
+                    // echo follows it there.
+                    if let Some(c) = cluster {
+                        c.forward_if_moved(&client_id, msg);
+                    }
+                }
             }
         }
         ServerEvent::Disconnected {

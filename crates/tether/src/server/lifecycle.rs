@@ -586,9 +586,11 @@ impl Inner {
 
     /// Installs a session handed over by another server as held here (for the linger: the
     /// client is `Resuming`), so the next HELLO that resumes it goes through the normal
-    /// check. `key` is the connection's copy of the client id, when one waits. When it
-    /// cannot be held (sessions are off here, or the client id has a connection or a
-    /// session here), it is reported lost at once ([`ServerEvent::SessionLost`]).
+    /// check. `key` is the connection's copy of the client id, when one waits. A session
+    /// of the same principal held here for the id is older and reported lost. When the
+    /// export cannot be held (sessions are off here, the client id has a connection here,
+    /// or another principal's session), it is reported lost at once
+    /// ([`ServerEvent::SessionLost`]).
     pub(super) fn import(
         &self,
         now: Instant,
@@ -608,6 +610,19 @@ impl Inner {
             .cloned()
             .unwrap_or_else(|| Arc::from(id.as_str()));
         let rec = shard.entry(key).or_default();
+        // A session of the same owner held here is older (the client moved on from it:
+        // it resumes another one): it will not be resumed, it is lost now — as when the
+        // client starts a new session.
+        let same_owner = rec.principal.as_deref() == export.principal.as_ref();
+        if rec.conn.is_none()
+            && same_owner
+            && rec.session.as_ref().is_some_and(|s| s.held.is_some())
+        {
+            if let Some(held) = rec.session.take().and_then(|s| s.held) {
+                self.session_lost(&id, held);
+                self.with_registry(|r| r.end_hold(now, &id, DisconnectReason::Replaced));
+            }
+        }
         if !rec.is_idle() {
             drop(shard);
             self.report_export_lost(&export);

@@ -354,9 +354,11 @@ impl ServerHandle {
 
     /// Installs a session another server handed over as held here (for
     /// [`session_linger`](ServerConfig::session_linger); the client is `resuming`): the
-    /// client's next HELLO resumes it with the normal check. Fails when sessions are off or
-    /// the client id has a connection or a session here; the session is then reported lost
-    /// ([`ServerEvent::SessionLost`]), so nothing vanishes.
+    /// client's next HELLO resumes it with the normal check. A session of the same
+    /// principal held here for the id is older (the client moved on) and is reported lost.
+    /// Fails when sessions are off, or the client id has a connection here or another
+    /// principal's session; the export is then reported lost ([`ServerEvent::SessionLost`]),
+    /// so nothing vanishes.
     pub fn import_session(&self, export: SessionExport) -> Result<(), ImportError> {
         let remote = SocketAddr::from(([0, 0, 0, 0], 0));
         self.inner.import(driver::now(), export, None, remote)
