@@ -99,6 +99,24 @@ pub struct SessionState {
     pub replay: Vec<Bytes>,
 }
 
+impl SessionState {
+    /// Whether the state is consistent: `acked <= last_seq`, and the replay holds exactly
+    /// the unacknowledged messages.
+    pub fn check(&self) -> Result<(), SessionStateError> {
+        let (acked, last_seq) = (self.acked, self.last_seq);
+        if acked > last_seq {
+            return Err(SessionStateError::AckedBeyondSent { acked, last_seq });
+        }
+        if self.replay.len() as u64 != last_seq - acked {
+            return Err(SessionStateError::ReplayMismatch {
+                held: self.replay.len(),
+                expected: last_seq - acked,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Why a [`SessionState`] cannot become a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -185,6 +203,7 @@ impl Session {
         cfg: SessionConfig,
         state: SessionState,
     ) -> Result<Session, SessionStateError> {
+        state.check()?;
         let SessionState {
             id,
             last_seq,
@@ -193,15 +212,6 @@ impl Session {
             resumes,
             replay,
         } = state;
-        if acked > last_seq {
-            return Err(SessionStateError::AckedBeyondSent { acked, last_seq });
-        }
-        if replay.len() as u64 != last_seq - acked {
-            return Err(SessionStateError::ReplayMismatch {
-                held: replay.len(),
-                expected: last_seq - acked,
-            });
-        }
         let replay_bytes = replay.iter().map(Bytes::len).sum();
         Ok(Session {
             id,

@@ -18,7 +18,6 @@ use tether::{
 };
 use tether_proto::backoff::BackoffConfig;
 use tether_proto::codec::{self, Frame, Hello, ResumeRequest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn numbered(i: u64) -> Bytes {
@@ -278,36 +277,25 @@ async fn move_mid_stream(half_open: bool) -> Duration {
     took
 }
 
-/// A raw HELLO that resumes `session_id` with `token`; the first frame's type and body.
-async fn raw_resume(addr: SocketAddr, id: &str, session_id: u64, token: [u8; 16]) -> (u8, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut out = BytesMut::new();
-    codec::encode_preamble(&mut out);
-    let hello = Hello {
+fn hello(id: &str, resume: Option<ResumeRequest>) -> Hello {
+    Hello {
         client_id: id.into(),
         requested_heartbeat: Duration::ZERO,
         want_session: true,
-        resume: Some(ResumeRequest {
-            session_id,
-            token,
-            last_received: 0,
-        }),
+        resume,
         credential: None,
-    };
-    codec::encode(&Frame::Hello(hello), &mut out);
-    s.write_all(&out).await.unwrap();
-    let mut buf = vec![0u8; 512];
-    let mut n = 0;
-    // Preamble (5) + frame header (4) + at least the type.
-    while n < 12 {
-        let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf[n..]))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(r > 0, "closed after {n} bytes");
-        n += r;
     }
-    (buf[9], buf[10..n].to_vec())
+}
+
+/// A raw HELLO that resumes `session_id` with `token`; the first frame's type and body.
+async fn raw_resume(addr: SocketAddr, id: &str, session_id: u64, token: [u8; 16]) -> (u8, Vec<u8>) {
+    let resume = ResumeRequest {
+        session_id,
+        token,
+        last_received: 0,
+    };
+    let body = common::raw_first_frame(addr, hello(id, Some(resume))).await;
+    (body[0], body[1..].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,38 +403,13 @@ async fn a_take_waits_for_the_attached_connection_and_a_wrong_token_moves_nothin
 /// Opens a session on `addr` by hand and drops the connection without a goodbye (the
 /// server holds the session); returns its id and token.
 async fn session_left_held(addr: SocketAddr, id: &str) -> (u64, [u8; 16]) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut out = BytesMut::new();
-    codec::encode_preamble(&mut out);
-    let hello = Hello {
-        client_id: id.into(),
-        requested_heartbeat: Duration::ZERO,
-        want_session: true,
-        resume: None,
-        credential: None,
-    };
-    codec::encode(&Frame::Hello(hello), &mut out);
-    s.write_all(&out).await.unwrap();
-    let mut buf = BytesMut::new();
-    loop {
-        let r = tokio::time::timeout(Duration::from_secs(3), s.read_buf(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(r > 0, "closed before the WELCOME");
-        // Preamble (5), then the WELCOME: u32 length and body.
-        if buf.len() >= 9 {
-            let len = u32::from_be_bytes(buf[5..9].try_into().unwrap()) as usize;
-            if buf.len() >= 9 + len {
-                match codec::parse_body(&buf[9..9 + len]) {
-                    Ok(Frame::Welcome(w)) => {
-                        let g = w.session.expect("a session");
-                        return (g.session_id, g.token);
-                    }
-                    other => panic!("{other:?}"),
-                }
-            }
+    let body = common::raw_first_frame(addr, hello(id, None)).await;
+    match codec::parse_body(&body) {
+        Ok(Frame::Welcome(w)) => {
+            let g = w.session.expect("a session");
+            (g.session_id, g.token)
         }
+        other => panic!("{other:?}"),
     }
 }
 

@@ -144,20 +144,7 @@ impl ResumeCredential {
         principal: Option<&PrincipalKey>,
         presented: &ResumeToken,
     ) -> Result<(), ResumeRefusal> {
-        // Both compared whenever both exist (constant time for each).
-        let current = self.hash.matches(presented);
-        let previous = self.previous.as_ref().is_some_and(|h| h.matches(presented));
-        let token_ok = current | previous;
-        if self.client_id != client_id {
-            return Err(ResumeRefusal::OtherId);
-        }
-        if self.principal.as_ref() != principal {
-            return Err(ResumeRefusal::OtherPrincipal);
-        }
-        if !token_ok {
-            return Err(ResumeRefusal::WrongToken);
-        }
-        Ok(())
+        self.check_hash(client_id, principal, &TokenHash::of(presented))
     }
 
     /// [`check`](Self::check) with the presented token's hash instead of the token (another
@@ -168,6 +155,7 @@ impl ResumeCredential {
         principal: Option<&PrincipalKey>,
         presented: &TokenHash,
     ) -> Result<(), ResumeRefusal> {
+        // Both compared whenever both exist (constant time for each).
         let current = self.hash.same(presented);
         let previous = self.previous.as_ref().is_some_and(|h| h.same(presented));
         if self.client_id != client_id {

@@ -249,38 +249,26 @@ impl SessionExport {
         if !r.0.is_empty() {
             return Err(ExportError::Trailing(r.0.len()));
         }
-        if acked > last_seq {
-            return Err(invalid(
-                "acked",
-                format!("{acked} is beyond last_seq {last_seq}"),
-            ));
-        }
-        if replay.len() as u64 != last_seq - acked {
-            return Err(invalid(
-                "replay",
-                format!(
-                    "{} messages for the {} unacknowledged ones",
-                    replay.len(),
-                    last_seq - acked
-                ),
-            ));
-        }
         if last_seq.checked_add(pending.len() as u64).is_none() {
             return Err(invalid("pending", "numbers beyond 2^64".into()));
         }
+        let state = SessionState {
+            id,
+            last_seq,
+            acked,
+            last_received,
+            resumes,
+            replay,
+        };
+        state
+            .check()
+            .map_err(|e| invalid("session state", e.to_string()))?;
         Ok(SessionExport {
             client_id,
             principal,
             hash,
             previous,
-            state: SessionState {
-                id,
-                last_seq,
-                acked,
-                last_received,
-                resumes,
-                replay,
-            },
+            state,
             pending,
         })
     }
@@ -608,7 +596,7 @@ mod tests {
         let e = SessionExport::from_bytes(bad.to_bytes()).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "replay is not valid: 1 messages for the 2 unacknowledged ones"
+            "session state is not valid: replay holds 1 messages; 2 are unacknowledged"
         );
         bad = sample();
         bad.client_id = "a\nb".into();

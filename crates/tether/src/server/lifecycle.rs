@@ -628,6 +628,16 @@ impl Inner {
             self.report_export_lost(&export);
             return Err(ImportError::Busy);
         }
+        let session =
+            match Session::from_state([0; TOKEN_LEN], self.cfg.session, export.state.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    shard.remove(id.as_str());
+                    drop(shard);
+                    self.report_export_lost(&export);
+                    return Err(ImportError::Invalid(e));
+                }
+            };
         let SessionExport {
             client_id,
             principal,
@@ -636,22 +646,6 @@ impl Inner {
             state,
             pending,
         } = export;
-        let session = match Session::from_state([0; TOKEN_LEN], self.cfg.session, state.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                shard.remove(id.as_str());
-                drop(shard);
-                self.report_export_lost(&SessionExport {
-                    client_id,
-                    principal,
-                    hash,
-                    previous,
-                    state,
-                    pending,
-                });
-                return Err(ImportError::Invalid(e));
-            }
-        };
         let pending_bytes = pending.iter().map(Bytes::len).sum();
         let until = now + linger;
         let held = Held {
