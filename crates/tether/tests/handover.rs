@@ -385,8 +385,14 @@ async fn a_take_waits_for_the_attached_connection_and_a_wrong_token_moves_nothin
         u16::from_be_bytes([body[0], body[1]]),
         CloseCode::SESSION_UNKNOWN.0
     );
-    let (ty, body) = raw_resume(b.local_addr(), "held", grant.session_id, grant.token).await;
-    assert_eq!(ty, codec::ty::WELCOME, "{body:?}");
+    let resume = ResumeRequest {
+        session_id: grant.session_id,
+        token: grant.token,
+        last_received: 0,
+    };
+    // Kept open: the client is connected on B for what follows.
+    let (_conn, body) = common::raw_hello_answer(b.local_addr(), hello("held", Some(resume))).await;
+    assert_eq!(body[0], codec::ty::WELCOME, "{body:?}");
     // A second import of the same client id while it is connected there is refused and
     // reported lost, not dropped.
     assert_eq!(b.import_session(export), Err(tether::ImportError::Busy));

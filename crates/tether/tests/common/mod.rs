@@ -117,15 +117,24 @@ pub async fn raw_accept(listener: &TcpListener, h_ms: u32, d_ms: u32) -> TcpStre
 /// first frame the server answers with (its type byte first). The connection is dropped
 /// without a goodbye on return.
 pub async fn raw_first_frame(addr: SocketAddr, hello: tether_proto::codec::Hello) -> Vec<u8> {
+    raw_hello_answer(addr, hello).await.1
+}
+
+/// [`raw_first_frame`] that keeps the connection open: the stream and the answer's body.
+pub async fn raw_hello_answer(
+    addr: SocketAddr,
+    hello: tether_proto::codec::Hello,
+) -> (TcpStream, Vec<u8>) {
     use tether_proto::codec::{self, Frame};
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut out = bytes::BytesMut::new();
     codec::encode_preamble(&mut out);
     codec::encode(&Frame::Hello(hello), &mut out);
     s.write_all(&out).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(3), read_first_frame(&mut s))
+    let body = tokio::time::timeout(Duration::from_secs(3), read_first_frame(&mut s))
         .await
-        .expect("answered within 3 s")
+        .expect("answered within 3 s");
+    (s, body)
 }
 
 /// The server's preamble, then the body of its first frame.
