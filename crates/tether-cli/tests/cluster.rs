@@ -846,6 +846,31 @@ async fn a_client_moved_from_a_to_b_by_its_reconnect_resumes_exactly_once_both_w
     for n in [&a, &b] {
         wait_seen(n.http, "phone", "online", "b", WITHIN).await;
     }
+    // A send another node routed to a before it learnt of the move reaches a's inbox after
+    // the hand-over: a forwards it to b.
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("tether:{tether}:node:a:inbox")
+        .arg("*")
+        .arg("k")
+        .arg("send")
+        .arg("id")
+        .arg("phone")
+        .arg("p")
+        .arg("late")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await,
+        Some(Bytes::from("late")),
+        "forwarded by a to b"
+    );
+    assert!(a.wait_logged("routed-send-forwarded"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
