@@ -15,78 +15,26 @@
 //! socat is a child process. Everything shares the same cores, so absolute figures depend on
 //! the machine: read the ratios.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::{env_or, one_way, spawn_server, start_socat};
 use tether::proxy::{CopyMode, Proxy, ProxyConfig};
 use tether::Policy;
 
-const CHUNK: usize = 256 * 1024;
 const MSG: usize = 64;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A server that, per connection, either discards everything (reporting the count) or echoes.
-fn spawn_server(echo: bool) -> (SocketAddr, std::sync::mpsc::Receiver<(u64, Instant)>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_nodelay(true);
-                let mut buf = vec![0u8; CHUNK];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            total += n as u64;
-                            if echo && s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = tx.send((total, Instant::now()));
-            });
-        }
-    });
-    (addr, rx)
-}
 
 fn throughput(
     target: SocketAddr,
     done: &std::sync::mpsc::Receiver<(u64, Instant)>,
     bytes: u64,
 ) -> f64 {
-    let mut best = 0f64;
-    let chunk = vec![0x5au8; CHUNK];
-    for _ in 0..3 {
-        let mut c = TcpStream::connect(target).unwrap();
-        let t0 = Instant::now();
-        let mut sent = 0u64;
-        while sent < bytes {
-            let n = (bytes - sent).min(CHUNK as u64) as usize;
-            c.write_all(&chunk[..n]).unwrap();
-            sent += n as u64;
-        }
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        let (got, at) = done.recv().unwrap();
-        assert_eq!(got, bytes, "bytes lost");
-        let secs = (at - t0).as_secs_f64();
-        best = best.max(bytes as f64 / secs / (1 << 20) as f64);
-    }
-    best
+    (0..3)
+        .map(|_| one_way(target, done, bytes))
+        .fold(0f64, f64::max)
 }
 
 fn latency(target: SocketAddr, rounds: usize) -> (Duration, Duration) {
@@ -108,44 +56,6 @@ fn latency(target: SocketAddr, rounds: usize) -> (Duration, Duration) {
     (pct(0.50), pct(0.99))
 }
 
-struct Socat(Child);
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start_socat(upstream: SocketAddr) -> Option<(SocketAddr, Socat)> {
-    let port = free_port();
-    let child = Command::new("socat")
-        .arg(format!("TCP-LISTEN:{port},reuseaddr,fork"))
-        .arg(format!("TCP:{upstream}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let guard = Socat(child);
-    for _ in 0..100 {
-        if TcpStream::connect(addr).is_ok() {
-            // That probe connection reached the upstream; harmless for both servers.
-            return Some((addr, guard));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
 fn start_proxy(rt: &tokio::runtime::Runtime, upstream: SocketAddr, copy: CopyMode) -> SocketAddr {
     rt.block_on(async {
         let cfg = ProxyConfig::new("127.0.0.1:0".parse().unwrap(), upstream)
@@ -159,8 +69,7 @@ fn start_proxy(rt: &tokio::runtime::Runtime, upstream: SocketAddr, copy: CopyMod
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` runs this too: keep that quick.
-    let quick = !std::env::args().any(|a| a == "--bench");
+    let quick = common::quick();
     let mb = env_or("PROXY_BENCH_MB", if quick { 8 } else { 256 });
     let rounds = env_or("PROXY_BENCH_RTTS", if quick { 500 } else { 20_000 });
     let bytes = (mb as u64) << 20;

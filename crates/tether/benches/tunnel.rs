@@ -1,0 +1,246 @@
+//! Benchmark (not a test): throughput of one connection through `tether tunnel` (entry →
+//! exit, sessions on) against a direct loopback connection and against `socat` forwarding
+//! the same connection (issue 17, target 5: the tunnel ≥ socat).
+//!
+//! ```text
+//! cargo bench -p tether --bench tunnel                      # 256 MiB, 5 rounds
+//! TUNNEL_BENCH_MB=512 TUNNEL_BENCH_ROUNDS=7 cargo bench -p tether --bench tunnel
+//! TUNNEL_BENCH_PATHS=tunnel cargo bench -p tether --bench tunnel   # one path (profiling)
+//! ```
+//!
+//! ```text
+//!  direct   program ──────────────────────────────────────────▶ sink
+//!  socat    program ──▶ socat ─────────────────────────────────▶ sink
+//!           (as installed: 8 KiB buffer; and `socat-256k`: `-b 262144`)
+//!  tunnel   program ──▶ entry ══ tether session ══▶ exit ──────▶ sink
+//! ```
+//!
+//! Two modes, each a fresh connection per run: **one way** (the program writes
+//! `TUNNEL_BENCH_MB` MiB in 256 KiB writes and half-closes; timed until the sink has read the
+//! last byte) and **both ways** (the program and the server each write that much at once and
+//! half-close; timed until both have read EOF; the figure counts both directions). Every run
+//! checks the byte counts, and the tunnel's connections must end `closed`. The paths take
+//! turns within each round (the order rotates), so load from elsewhere hits all of them;
+//! printed: median, lowest and highest MiB/s per path, and tunnel/socat of the medians.
+//!
+//! The programs are blocking std threads; the entry and the exit each run on their own tokio
+//! runtime with 2 workers (as two `tether tunnel` processes would); socat is a child process.
+//! Everything shares the machine's cores, so read the ratios, measured in the same run.
+//! Under `cargo test --benches` (scripts/test) one quick pass with 4 MiB checks that every
+//! path works, no timing.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::{
+    env_or, load, mib_per_s, one_way, read_all, send_all, spawn_server, start_socat_with,
+};
+use tether::tunnel::{EntryConfig, ExitConfig, TunnelEntry, TunnelEvent, TunnelExit};
+
+/// A server that, per connection, writes `bytes` and reads to EOF at once; reports what it
+/// read and when both were done.
+fn spawn_both_server(bytes: u64) -> (SocketAddr, mpsc::Receiver<(u64, Instant)>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_nodelay(true);
+                let mut w = s.try_clone().unwrap();
+                let writer = std::thread::spawn(move || send_all(&mut w, bytes));
+                let got = read_all(&mut s).unwrap_or(0);
+                // A readiness probe (socat's) closes at once: writing to it fails.
+                let _ = writer.join();
+                let _ = tx.send((got, Instant::now()));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// One connection that writes `bytes` and reads `bytes` at once; MiB/s of both directions
+/// together, until both ends have read EOF.
+fn both_ways(target: SocketAddr, done: &mpsc::Receiver<(u64, Instant)>, bytes: u64) -> f64 {
+    let mut c = TcpStream::connect(target).unwrap();
+    let _ = c.set_nodelay(true);
+    let t0 = Instant::now();
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || send_all(&mut w, bytes));
+    let got = read_all(&mut c).unwrap();
+    let ours = Instant::now();
+    writer.join().unwrap().unwrap();
+    let (theirs, at) = done.recv().unwrap();
+    assert_eq!((got, theirs), (bytes, bytes), "bytes lost");
+    mib_per_s(2 * bytes, ours.max(at) - t0)
+}
+
+/// An exit to `target` and an entry to it, each on its own runtime. Tunnelled connections
+/// that end in any way but `closed` are counted in `failures`.
+struct Tunnel {
+    addr: SocketAddr,
+    _rts: [tokio::runtime::Runtime; 2],
+}
+
+fn start_tunnel(target: SocketAddr, failures: &Arc<AtomicUsize>) -> Tunnel {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (rx, re) = (runtime(), runtime());
+    let relay = rx.block_on(async {
+        let mut cfg = ExitConfig::new("127.0.0.1:0".parse().unwrap(), target);
+        cfg.server = cfg.server.session_linger(Some(Duration::from_secs(30)));
+        let mut exit = TunnelExit::bind(cfg).await.unwrap();
+        let relay = exit.local_addr();
+        let failures = failures.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = exit.next_event().await {
+                note(ev, &failures);
+            }
+        });
+        relay
+    });
+    let addr = re.block_on(async {
+        let cfg = EntryConfig::new("127.0.0.1:0".parse().unwrap(), relay);
+        let mut entry = TunnelEntry::bind(cfg).await.unwrap();
+        let addr = entry.local_addr();
+        let failures = failures.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = entry.next_event().await {
+                note(ev, &failures);
+            }
+        });
+        addr
+    });
+    Tunnel {
+        addr,
+        _rts: [rx, re],
+    }
+}
+
+/// Counts a tunnelled connection that ended in any way but `closed`.
+fn note(ev: TunnelEvent, failures: &AtomicUsize) {
+    if let TunnelEvent::Closed { id, end, .. } = ev {
+        if end.is_failure() {
+            eprintln!("tunnel {id} ended {end}");
+            failures.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// One path of the benchmark: where the program connects for each mode.
+struct Path {
+    name: &'static str,
+    one_way: SocketAddr,
+    both: SocketAddr,
+    /// MiB/s per round: one way, both ways.
+    figures: [Vec<f64>; 2],
+}
+
+fn main() {
+    let quick = common::quick();
+    let mb = env_or("TUNNEL_BENCH_MB", if quick { 4 } else { 256 });
+    let rounds = env_or("TUNNEL_BENCH_ROUNDS", if quick { 1 } else { 5 }).max(1);
+    let only = std::env::var("TUNNEL_BENCH_PATHS").unwrap_or_default();
+    let bytes = (mb as u64) << 20;
+    let failures = Arc::new(AtomicUsize::new(0));
+
+    let (sink, sink_done) = spawn_server(false);
+    let (both, both_done) = spawn_both_server(bytes);
+    let mut paths = vec![Path {
+        name: "direct",
+        one_way: sink,
+        both,
+        figures: Default::default(),
+    }];
+    // socat as installed (8 KiB buffer), and with a 256 KiB buffer (what the programs write).
+    let socats = [("socat", &[][..]), ("socat-256k", &["-b", "262144"][..])].map(|(name, opts)| {
+        let pair = (start_socat_with(sink, opts), start_socat_with(both, opts));
+        (name, pair)
+    });
+    for (name, pair) in &socats {
+        match pair {
+            (Some((a, _)), Some((b, _))) => {
+                // Discard the readiness probes' (empty) reports.
+                let _ = sink_done.recv_timeout(Duration::from_secs(2));
+                let _ = both_done.recv_timeout(Duration::from_secs(2));
+                paths.push(Path {
+                    name,
+                    one_way: *a,
+                    both: *b,
+                    figures: Default::default(),
+                });
+            }
+            _ => eprintln!("socat not found: skipping {name} (apt-get install -y socat)"),
+        }
+    }
+    let tunnels = (start_tunnel(sink, &failures), start_tunnel(both, &failures));
+    paths.push(Path {
+        name: "tunnel",
+        one_way: tunnels.0.addr,
+        both: tunnels.1.addr,
+        figures: Default::default(),
+    });
+    if !only.is_empty() {
+        paths.retain(|p| only.split(',').any(|o| o == p.name));
+    }
+
+    println!(
+        "tunnel benchmark: {mb} MiB per direction per run, {rounds} rounds, paths interleaved; \
+         load {} at the start",
+        load()
+    );
+    for round in 0..rounds {
+        let n = paths.len();
+        for i in 0..n {
+            let p = &mut paths[(i + round) % n];
+            p.figures[0].push(one_way(p.one_way, &sink_done, bytes));
+            p.figures[1].push(both_ways(p.both, &both_done, bytes));
+        }
+    }
+    assert_eq!(failures.load(Relaxed), 0, "a tunnelled connection failed");
+    if quick {
+        println!("test mode: every path moved {mb} MiB each way; no figures");
+        return;
+    }
+    println!(
+        "{:<8} {:>22} {:>22}",
+        "MiB/s", "one way: median (range)", "both ways: median (range)"
+    );
+    let cell = |v: &[f64]| {
+        let (m, lo, hi) = common::spread(v);
+        format!("{m:.0} ({lo:.0}-{hi:.0})")
+    };
+    for p in &paths {
+        println!(
+            "{:<8} {:>22} {:>22}",
+            p.name,
+            cell(&p.figures[0]),
+            cell(&p.figures[1])
+        );
+    }
+    let median = |name: &str, k: usize| {
+        paths
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| common::spread(&p.figures[k]).0)
+    };
+    for (k, mode) in ["one way", "both ways"].iter().enumerate() {
+        for socat in ["socat", "socat-256k"] {
+            if let (Some(t), Some(s)) = (median("tunnel", k), median(socat, k)) {
+                println!("tunnel/{socat} {mode}: {:.2}x", t / s);
+            }
+        }
+    }
+    println!("load {} at the end", load());
+}
