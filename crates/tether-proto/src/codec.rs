@@ -627,6 +627,22 @@ pub fn parse_body(body: &[u8]) -> Result<Frame, DecodeError> {
     }
 }
 
+/// [`parse_body`] of a body held in a `Bytes` of its own: a DATA or SEQ_DATA payload is a
+/// slice of it (no copy; it keeps the whole buffer alive while it lives).
+fn parse_body_shared(body: Bytes) -> Result<Frame, DecodeError> {
+    match body.first() {
+        Some(&ty::DATA) => Ok(Frame::Data(body.slice(1..))),
+        Some(&ty::SEQ_DATA) if body.len() >= 9 => {
+            let seq = (&body[1..9]).get_u64();
+            Ok(Frame::SeqData {
+                seq,
+                payload: body.slice(9..),
+            })
+        }
+        _ => parse_body(&body),
+    }
+}
+
 fn parse_hello(mut b: &[u8]) -> Result<Hello, DecodeError> {
     const F: &str = "HELLO";
     if b.len() < 6 {
@@ -843,19 +859,29 @@ impl Decoder {
             let total = HEADER_LEN + len as usize;
             let take = (total - self.partial.len()).min(input.len());
             // Grow only with bytes actually received: a peer that announces a large frame
-            // and stalls costs what it sent, not what it announced.
+            // and stalls costs what it sent (at most four times it), not what it announced.
+            // Four times, up to the frame's size, rather than doubling: a 256 KiB frame that
+            // arrives in 16 KiB reads is moved to a larger buffer twice, not four times.
+            // (The capacity stays within twice the frame, what a server's frame budget
+            // charges for it.)
+            let need = self.partial.len() + take;
+            if need > self.partial.capacity() {
+                let grow_to = need.saturating_mul(4).min(total).max(need);
+                self.partial.reserve(grow_to - self.partial.len());
+            }
             self.partial.extend_from_slice(&input[..take]);
             input = &input[take..];
             if self.partial.len() < total {
                 return Ok(stats);
             }
+            // Whole: the buffer goes with the frame (a DATA or SEQ_DATA payload is a slice
+            // of it, not a copy), and the decoder holds none until the next partial frame.
+            let whole = std::mem::take(&mut self.partial).freeze();
             let frame = if len == 0 {
                 Frame::Heartbeat
             } else {
-                parse_body(&self.partial[HEADER_LEN..])?
+                parse_body_shared(whole.slice(HEADER_LEN..))?
             };
-            // Release the buffer: an idle connection holds none.
-            self.partial = BytesMut::new();
             if !emit(frame, &mut stats) {
                 return Ok(stats);
             }

@@ -726,3 +726,33 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_large_frame_read_in_pieces_is_whole_and_its_buffer_stays_within_twice_its_size() {
+    // A 256 KiB SEQ_DATA arriving in 16 KiB reads (as the driver reads): the payload is
+    // exact, and the decoder never holds more than twice the frame (what a server's frame
+    // budget charges for an admitted frame).
+    let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut wire = BytesMut::new();
+    codec::encode_seq_data(7, &payload, &mut wire);
+    let total = wire.len();
+    let mut d = Decoder::new(1 << 20);
+    let mut got = Vec::new();
+    for piece in wire.chunks(16 * 1024) {
+        d.decode(piece, |f| {
+            got.push(f);
+            true
+        })
+        .unwrap();
+        assert!(
+            d.buffer_capacity() <= 2 * total,
+            "{} held for a frame of {total}",
+            d.buffer_capacity()
+        );
+    }
+    assert_eq!(d.buffer_capacity(), 0);
+    match got.as_slice() {
+        [Frame::SeqData { seq: 7, payload: p }] => assert_eq!(&p[..], &payload[..]),
+        other => panic!("decoded {} frames", other.len()),
+    }
+}
