@@ -4,7 +4,7 @@
 //! ```text
 //!  kind  name    direction     body
 //!  0x01  OPEN    entry → exit  u8 version (1): open a connection to the target
-//!  0x02  DATA    both          1.. bytes of the application stream (one read, ≤ 64 KiB)
+//!  0x02  DATA    both          1.. bytes of the application stream (one read, ≤ 256 KiB)
 //!  0x03  FIN     both          —  the sender's application half-closed: no more DATA
 //!  0x04  ABORT   both          UTF-8 reason: the sender's application connection failed
 //!                              (reset, error, target unreachable): reset yours

@@ -8,14 +8,16 @@
 
 use std::io;
 
+use bytes::{BufMut, BytesMut};
 use tokio::net::TcpStream;
 
 use crate::sockopt;
 
 /// An application connection as the tunnel uses it.
 pub(super) trait AppStream: Send + Sync + 'static {
-    /// Reads what is there (at least one byte; 0 at EOF).
-    async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads what is there, at most `max` bytes, appended to `buf` (at least one byte; 0 at
+    /// EOF). Into `buf`'s spare room: the bytes are not copied again on their way out.
+    async fn read_some(&self, buf: &mut BytesMut, max: usize) -> io::Result<usize>;
     /// Writes all of `b`.
     async fn write_all(&self, b: &[u8]) -> io::Result<()>;
     /// Half-closes: the application reads EOF, the other direction keeps flowing.
@@ -25,10 +27,11 @@ pub(super) trait AppStream: Send + Sync + 'static {
 }
 
 impl AppStream for TcpStream {
-    async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+    async fn read_some(&self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        buf.reserve(max);
         loop {
             self.readable().await?;
-            match self.try_read(buf) {
+            match self.try_read_buf(&mut (&mut *buf).limit(max)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return r,
             }

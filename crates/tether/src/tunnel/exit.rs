@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use super::app::AppStream;
 use super::link::{Inbound, Outbound, ServerOut, Source};
 use super::pump::{finish, pump, send_last, Counters, Ctx, Pumped, FLUSH_WAIT};
-use super::{ExitConfig, TunnelEnd, TunnelError, TunnelEvent, WINDOW};
+use super::{ExitConfig, TunnelEnd, TunnelError, TunnelEvent, CHUNK, WINDOW};
 use crate::server::{Server, ServerEvent, ServerHandle};
 
 /// A running `tether tunnel exit`. Dropping it shuts it down (every tunnelled connection is
@@ -44,6 +44,9 @@ impl TunnelExit {
         }
         // Room for a full window of DATA plus WINDOW/FIN/DONE messages while resuming.
         cfg.server.outbox_bytes = cfg.server.outbox_bytes.max(2 * WINDOW as usize);
+        // A frame must carry a full DATA: a chunk, its kind byte, the session's sequence
+        // number and frame type.
+        cfg.server.max_frame_len = cfg.server.max_frame_len.max((CHUNK + 1 + 9) as u32);
         cfg.max_connections = cfg.max_connections.max(1);
         let addr = cfg.server.listen;
         let server = Server::bind(cfg.server.clone())

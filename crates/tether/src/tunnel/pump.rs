@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tether_proto::wire::tunnel::{kind, Msg};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -20,6 +20,10 @@ use super::{TunnelEnd, TunnelEvent, CHUNK, WINDOW};
 
 /// Return credit once this much was written (fewer, larger WINDOW messages).
 const GRANT_EVERY: u64 = WINDOW as u64 / 4;
+/// A read buffer with less room than this left is replaced by a new one (see `app_to_peer`).
+const MIN_READ: usize = 4096;
+/// Reads at least this large leave in their read buffer (no copy); smaller ones are copied.
+const SHARE_FROM: usize = 16 * 1024;
 /// How long a closing tunnel waits for its last messages to be queued or flushed.
 pub(super) const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
@@ -187,11 +191,13 @@ async fn app_to_peer(
     out: &impl Outbound,
     n: &Counters,
 ) -> Result<(), TunnelEnd> {
-    // One reusable read buffer with the DATA kind byte in front (the encoding of
-    // `Msg::Data`); each message is copied out at its exact size, so a stream of small reads
-    // does not pin a chunk-sized allocation per queued message.
-    let mut buf = vec![0u8; 1 + CHUNK];
-    buf[0] = kind::DATA;
+    // Each read lands behind a DATA kind byte in this buffer's spare room. A large read
+    // leaves as a message that shares the buffer (no copy; the next read goes on in the rest
+    // of it, or in a new buffer once less than `MIN_READ` is left); a small one is copied out
+    // at its exact size and the buffer is reused, so a stream of small reads does not pin a
+    // buffer per queued message. Queued messages pin little more than their own bytes, and
+    // the pump holds one buffer (1 + CHUNK bytes) of its own.
+    let mut buf = BytesMut::new();
     loop {
         // Wait for at least one byte of credit, then take what is there (up to a chunk).
         // This future is the only consumer of the semaphore.
@@ -207,8 +213,13 @@ async fn app_to_peer(
                 allowed += extra;
             }
         }
-        // Exactly the credit's worth of room: a read can never take more than was granted.
-        let read = match app.read_some(&mut buf[1..1 + allowed]).await {
+        if buf.capacity() < 1 + allowed.min(MIN_READ) {
+            buf = BytesMut::with_capacity(1 + CHUNK);
+        }
+        let room = allowed.min(buf.capacity() - 1);
+        buf.put_u8(kind::DATA);
+        // At most the credit's worth: a read can never take more than was granted.
+        let read = match app.read_some(&mut buf, room).await {
             Ok(r) => r,
             Err(e) => return Err(TunnelEnd::LocalReset(format!("read: {e}"))),
         };
@@ -222,9 +233,14 @@ async fn app_to_peer(
             return Ok(());
         }
         n.from_app.fetch_add(read as u64, Relaxed);
-        out.send(Bytes::copy_from_slice(&buf[..1 + read]))
-            .await
-            .map_err(TunnelEnd::PathLost)?;
+        let msg = if read < SHARE_FROM {
+            let m = Bytes::copy_from_slice(&buf);
+            buf.clear();
+            m
+        } else {
+            buf.split().freeze()
+        };
+        out.send(msg).await.map_err(TunnelEnd::PathLost)?;
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tether_proto::wire::tunnel::{Msg, VERSION};
 use tokio::io::{duplex, split, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -49,8 +49,13 @@ impl MemApp {
 }
 
 impl AppStream for MemApp {
-    async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.rd.lock().await.read(buf).await
+    async fn read_some(&self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        buf.reserve(max);
+        self.rd
+            .lock()
+            .await
+            .read_buf(&mut (&mut *buf).limit(max))
+            .await
     }
     async fn write_all(&self, b: &[u8]) -> io::Result<()> {
         self.wr.lock().await.write_all(b).await
