@@ -12,6 +12,8 @@
 //!  direct   program ──────────────────────────────────────────▶ sink
 //!  socat    program ──▶ socat ─────────────────────────────────▶ sink
 //!           (as installed: 8 KiB buffer; and `socat-256k`: `-b 262144`)
+//!  socat-2hops  program ──▶ socat ──▶ socat ─────────────────────▶ sink   (both -b 262144:
+//!           the tunnel's shape, two relays and three TCP connections, without its guarantees)
 //!  tunnel   program ──▶ entry ══ tether session ══▶ exit ──────▶ sink
 //! ```
 //!
@@ -184,6 +186,28 @@ fn main() {
             _ => eprintln!("socat not found: skipping {name} (apt-get install -y socat)"),
         }
     }
+    // Two socat hops in a row (-b 256k): the tunnel's shape (two relays, three TCP
+    // connections) without its guarantees.
+    let chain = socats[1]
+        .1
+         .0
+        .as_ref()
+        .zip(socats[1].1 .1.as_ref())
+        .and_then(|(a, b)| {
+            let first = (
+                start_socat_with(a.0, &["-b", "262144"])?,
+                start_socat_with(b.0, &["-b", "262144"])?,
+            );
+            let _ = sink_done.recv_timeout(Duration::from_secs(2));
+            let _ = both_done.recv_timeout(Duration::from_secs(2));
+            paths.push(Path {
+                name: "socat-2hops",
+                one_way: first.0 .0,
+                both: first.1 .0,
+                figures: Default::default(),
+            });
+            Some(first)
+        });
     let tunnels = (start_tunnel(sink, &failures), start_tunnel(both, &failures));
     paths.push(Path {
         name: "tunnel",
@@ -236,11 +260,12 @@ fn main() {
             .map(|p| common::spread(&p.figures[k]).0)
     };
     for (k, mode) in ["one way", "both ways"].iter().enumerate() {
-        for socat in ["socat", "socat-256k"] {
+        for socat in ["socat", "socat-256k", "socat-2hops"] {
             if let (Some(t), Some(s)) = (median("tunnel", k), median(socat, k)) {
                 println!("tunnel/{socat} {mode}: {:.2}x", t / s);
             }
         }
     }
     println!("load {} at the end", load());
+    drop(chain);
 }
