@@ -6,7 +6,8 @@
 //! ```text
 //!  take_commands   outbox → state machine (up to the transmit high-water mark), close or
 //!                  refuse commands, decide whether reading is paused
-//!  drive_read      socket → state machine, 16 KiB at a time on the stack, at most 4 reads;
+//!  drive_read      socket → state machine, up to 64 KiB a read on the stack, at most 64 KiB
+//!                  or 4 reads a wake-up;
 //!                  paused reading still peeks so a silent peer is still declared dead
 //!  drive_timer     fire what is due (heartbeat, dead-after, ACK delay, handshake deadline)
 //!  process_events  state machine → sink (HELLO decisions, messages, presence, the end)
@@ -45,12 +46,16 @@ pub use stats::StatsSnapshot;
 pub(crate) use crate::transport::Transport;
 
 /// Bytes read per `read` call, on the stack.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 64 * 1024;
 /// Reads per wake-up before yielding to other tasks.
-// 4 × 16 KiB: a busy connection decodes at most ~64 KiB per wake-up before yielding, so
-// hundreds of busy connections cannot starve idle ones of their timers (heartbeats,
-// dead-after) for long.
 const READS_PER_WAKE: usize = 4;
+/// Bytes read per wake-up before yielding to other tasks.
+// 64 KiB: a busy connection decodes at most ~64 KiB per wake-up before yielding, so
+// hundreds of busy connections cannot starve idle ones of their timers (heartbeats,
+// dead-after) for long. In one read of 64 KiB when that much waits (it was four reads of
+// 16 KiB: a bulk stream of large frames, the tunnel's, spent ~10-20 % less CPU per byte
+// with a quarter of the `recv` calls; issue 17 target 5, `benches/tunnel.rs`).
+const READ_BUDGET: usize = 64 * 1024;
 /// Stop moving messages from the outbox into the state machine above this many queued bytes.
 pub(crate) const TRANSMIT_HIGH_WATER: usize = 256 * 1024;
 /// A sleep armed for a deadline that has since moved later is re-armed when it would fire

@@ -13,7 +13,7 @@ use tokio::time::Sleep;
 
 use super::{
     now, Command, Decision, Driver, RefreshAnswer, Resolution, Resolved, Sink, CLOSE_LINGER,
-    READS_PER_WAKE, READ_CHUNK, REARM_SLACK, TRANSMIT_HIGH_WATER,
+    READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK, TRANSMIT_HIGH_WATER,
 };
 use crate::transport::Transport;
 
@@ -51,7 +51,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             let now = now();
             let was_established = self.conn.is_established();
             let step = self.take_commands(cx, now);
-            let reads = self.drive_read(cx, now, step.paused);
+            let more_to_read = self.drive_read(cx, now, step.paused);
             self.drive_timer(now);
             // Events before writing: a HELLO decision queues the WELCOME.
             self.process_events(now);
@@ -77,7 +77,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             if self.outbox_can_move(step.waiting_front) {
                 continue;
             }
-            if reads == READS_PER_WAKE {
+            if more_to_read {
                 // More may be waiting: yield, but come back.
                 cx.waker().wake_by_ref();
             }
@@ -185,25 +185,31 @@ impl<T: Transport, S: Sink> Driver<T, S> {
 
     /// Socket → state machine. A paused connection does not read (the kernel applies TCP
     /// back-pressure to the peer) but peeks: bytes waiting prove the peer alive, and a peer
-    /// with nothing waiting is still declared dead on time.
-    fn drive_read(&mut self, cx: &mut Context<'_>, now: Instant, paused: bool) -> usize {
-        let mut reads = 0;
+    /// with nothing waiting is still declared dead on time. True when the wake-up's reads or
+    /// bytes ran out (more may be waiting).
+    fn drive_read(&mut self, cx: &mut Context<'_>, now: Instant, paused: bool) -> bool {
+        let (mut reads, mut bytes) = (0, 0);
         let mut paused = paused;
-        while !self.read_done && reads < READS_PER_WAKE && (!paused || self.conn.is_closed()) {
+        while !self.read_done
+            && reads < READS_PER_WAKE
+            && bytes < READ_BUDGET
+            && (!paused || self.conn.is_closed())
+        {
             // Server: room in the partial-frame budget for what this read may add.
             let Some(reserved) = self.reserve_frame_room(cx) else {
                 paused = true;
                 break;
             };
-            // Uninitialised: zeroing 16 KiB on every read attempt (Pending ones included)
+            // Uninitialised: zeroing the buffer on every read attempt (Pending ones included)
             // was most of the driver's CPU time. `ReadBuf` tracks what was filled.
             let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-            let mut rb = ReadBuf::uninit(&mut buf);
+            let mut rb = ReadBuf::uninit(&mut buf[..READ_CHUNK.min(READ_BUDGET - bytes)]);
             let polled = Pin::new(&mut self.io).poll_read(cx, &mut rb);
             let pending = polled.is_pending();
             match polled {
                 Poll::Ready(Ok(())) => {
                     reads += 1;
+                    bytes += rb.filled().len();
                     if rb.filled().is_empty() {
                         self.read_done = true;
                         self.conn.handle_eof(now);
@@ -232,7 +238,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             // still declared dead on time.
             self.conn.note_alive(now);
         }
-        reads
+        reads == READS_PER_WAKE || bytes >= READ_BUDGET
     }
 
     /// Server connections: room in the partial-frame budget for one read (see `frames.rs`).
