@@ -53,8 +53,9 @@ const READS_PER_WAKE: usize = 4;
 // 64 KiB: a busy connection decodes at most ~64 KiB per wake-up before yielding, so
 // hundreds of busy connections cannot starve idle ones of their timers (heartbeats,
 // dead-after) for long. In one read of 64 KiB when that much waits (it was four reads of
-// 16 KiB: a bulk stream of large frames, the tunnel's, spent ~10-20 % less CPU per byte
-// with a quarter of the `recv` calls; issue 17 target 5, `benches/tunnel.rs`).
+// 16 KiB: a quarter of the `recv` calls for a bulk stream of large frames; the tunnel
+// spent 5.8-6.0 s of CPU for 2.25 GiB instead of 6.7-8.0 s in two noisy alternations,
+// issue 17 target 5, `benches/tunnel.rs`).
 const READ_BUDGET: usize = 64 * 1024;
 /// Stop moving messages from the outbox into the state machine above this many queued bytes.
 pub(crate) const TRANSMIT_HIGH_WATER: usize = 256 * 1024;
