@@ -320,9 +320,9 @@ fn remote_owner(gw: &Gateway, id: &str) -> Option<String> {
 }
 
 /// The answer to a send or close handed to another node.
-fn routed(id: &str, node: &str, r: anyhow::Result<()>) -> Response {
+fn routed(id: &str, node: &str, r: anyhow::Result<String>) -> Response {
     match r {
-        Ok(()) => (
+        Ok(node) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({"status": "routed", "client_id": id, "node": node})),
         )
@@ -456,7 +456,7 @@ pub(crate) async fn close(
     if let (Some(node), Some(c)) = (remote_owner(&gw, &id), gw.cluster.as_ref()) {
         let r = c.route_close(&node, &id, code, &text).await;
         return match r {
-            Ok(()) => (
+            Ok(node) => (
                 StatusCode::OK,
                 Json(serde_json::json!({"status": "routed", "client_id": id, "node": node, "code": code.0})),
             )
