@@ -725,7 +725,13 @@ impl Cluster {
             .query_async(&mut con)
             .await?;
         self.set_up(true, None);
-        let Some(reply) = reply else { return Ok(()) };
+        let Some(mut reply) = reply else {
+            return Ok(());
+        };
+        // The inbox before the presence stream: a claim moves a client's pending sends into
+        // this inbox and writes its record in one script; once the mirror shows the client
+        // here, the API delivers to it locally, so what was moved must be delivered first.
+        reply.keys.sort_by_key(|sk| sk.key != keys[2]);
         for sk in reply.keys {
             let which = keys.iter().position(|k| *k == sk.key);
             let full = sk.ids.len() >= READ_BATCH;
@@ -855,6 +861,11 @@ impl Cluster {
     }
 
     // --- routing (from the API) --------------------------------------------------------
+
+    /// Whether this node's last Redis call worked.
+    pub(crate) fn is_up(&self) -> bool {
+        self.stats.redis_up.load(Ordering::Relaxed)
+    }
 
     /// The node that holds `id` when it is another one and the client is not offline there.
     pub(crate) fn remote_owner(&self, id: &str) -> Option<String> {
