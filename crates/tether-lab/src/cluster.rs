@@ -31,7 +31,7 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -321,9 +321,7 @@ impl Drop for HealthChecks {
 #[derive(Debug)]
 pub struct LabProcess {
     name: String,
-    child: Child,
-    pid: u32,
-    reaped: bool,
+    proc: topology::Reaped,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -344,18 +342,19 @@ impl LabProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
             command: what,
             source,
         })?;
-        let pid = child.id();
-        topology::register_pid(pid);
+        let mut proc = topology::Reaped::new(child);
         let log = Arc::new(Mutex::new(Vec::new()));
-        let out = child
+        let out = proc
+            .child
             .stdout
             .take()
             .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>);
-        let err = child
+        let err = proc
+            .child
             .stderr
             .take()
             .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>);
@@ -372,9 +371,7 @@ impl LabProcess {
         }
         Ok(LabProcess {
             name: name.to_owned(),
-            child,
-            pid,
-            reaped: false,
+            proc,
             log,
         })
     }
@@ -386,7 +383,7 @@ impl LabProcess {
 
     /// Its pid.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.proc.pid()
     }
 
     /// Every output line so far (stdout and stderr, each in order).
@@ -417,33 +414,17 @@ impl LabProcess {
 
     /// Whether it has exited (reaped here).
     pub fn exited(&mut self) -> bool {
-        if self.reaped {
-            return true;
-        }
-        match self.child.try_wait() {
-            Ok(Some(_)) => {
-                topology::unregister_pid(self.pid);
-                self.reaped = true;
-                true
-            }
-            _ => false,
-        }
+        self.proc.exited()
     }
 
-    /// SIGKILL and reap.
+    /// SIGSTOP: the process hangs (its kernel still accepts connections and data for it,
+    /// nothing is read or answered) until killed.
+    pub fn freeze(&self) {
+        self.proc.signal(libc::SIGSTOP);
+    }
+
+    /// SIGKILL and reap (also when dropped).
     pub fn kill(&mut self) {
-        if self.reaped {
-            return;
-        }
-        let _ = self.child.kill();
-        topology::unregister_pid(self.pid);
-        let _ = self.child.wait();
-        self.reaped = true;
-    }
-}
-
-impl Drop for LabProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.proc.kill();
     }
 }

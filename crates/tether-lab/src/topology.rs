@@ -169,12 +169,78 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(crate) fn register_pid(pid: u32) {
+fn register_pid(pid: u32) {
     lock(&LIVE_PIDS).push(pid);
 }
 
-pub(crate) fn unregister_pid(pid: u32) {
+fn unregister_pid(pid: u32) {
     lock(&LIVE_PIDS).retain(|p| *p != pid);
+}
+
+/// A child process of the lab (a peer, a client command, a cluster node): known to the
+/// SIGINT/SIGTERM handler from its start, SIGKILLed (by its pid) and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct Reaped {
+    /// The process (its pipes are the owner's to take).
+    pub(crate) child: std::process::Child,
+    pid: u32,
+    reaped: bool,
+}
+
+impl Reaped {
+    /// Takes over `child`.
+    pub(crate) fn new(child: std::process::Child) -> Reaped {
+        let pid = child.id();
+        register_pid(pid);
+        Reaped {
+            child,
+            pid,
+            reaped: false,
+        }
+    }
+
+    /// Its pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends `signal` unless it has been reaped.
+    pub(crate) fn signal(&self, signal: i32) {
+        if self.reaped {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.pid) {
+            // SAFETY: kill only sends a signal; the pid is our child and not reaped yet, so
+            // it cannot have been reused.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// Whether it has exited (reaped here if so).
+    pub(crate) fn exited(&mut self) -> bool {
+        if !self.reaped && matches!(self.child.try_wait(), Ok(Some(_))) {
+            unregister_pid(self.pid);
+            self.reaped = true;
+        }
+        self.reaped
+    }
+
+    /// SIGKILL (`ip netns exec` execs the program, so the pid is the program's) and reap.
+    pub(crate) fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let _ = self.child.kill();
+        unregister_pid(self.pid);
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Installs (once per process) a SIGINT/SIGTERM handler that deletes every live lab
