@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a server that knows who is online (status page, metrics, event log).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Connect to a server: stdin lines out, messages in, reconnects on its own.
     Connect(connect::ConnectArgs),
     /// Turn a detection bound and a path's idle timeout into settings for tether and other stacks.
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
         .unwrap_or_default();
     init_tracing();
     let result = match cli.command {
-        Command::Serve(a) => serve::run(a, &sub),
+        Command::Serve(a) => serve::run(*a, &sub),
         Command::Connect(a) => connect::run(a, &sub),
         Command::Plan(a) => plan::run(a),
         Command::Proxy(a) => proxy::run(a),

@@ -83,7 +83,7 @@ pub(crate) const SERVER_KEYS: &[&str] = &[
     "insecure",
 ];
 
-fn path(s: &str) -> std::result::Result<PathBuf, String> {
+pub(crate) fn path(s: &str) -> std::result::Result<PathBuf, String> {
     if s.is_empty() {
         return Err("empty path".into());
     }
@@ -164,7 +164,7 @@ pub(crate) struct ServerSecurity {
     pub(crate) tls: Option<Arc<TlsServer>>,
     keys: Option<Arc<KeyFiles>>,
     mtls: bool,
-    insecure: bool,
+    pub(crate) insecure: bool,
 }
 
 impl ServerSecurity {

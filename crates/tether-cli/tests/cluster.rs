@@ -104,17 +104,16 @@ impl Drop for Node {
 }
 
 fn node(redis: &Redis, id: &str, dead_after: &str) -> Node {
+    node_with(&redis.url(), id, dead_after, &[])
+}
+
+/// A node on the Redis at `url`, with `extra` flags.
+fn node_with(url: &str, id: &str, dead_after: &str, extra: &[&str]) -> Node {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args([
-            "--detect-within",
-            "3s",
-            "--cluster",
-            &redis.url(),
-            "--node-id",
-            id,
-        ])
+        .args(["--detect-within", "3s", "--cluster", url, "--node-id", id])
         .args(["--cluster-dead-after", dead_after])
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -729,30 +728,164 @@ impl Lb {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_moves() {
-    let redis =
-        redis_or_skip!("a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_moves");
+async fn a_client_moved_from_a_to_b_by_its_reconnect_resumes_exactly_once_both_ways() {
+    let redis = redis_or_skip!(
+        "a_client_moved_from_a_to_b_by_its_reconnect_resumes_exactly_once_both_ways"
+    );
+    const N: usize = 300;
+    let (a, b) = (
+        node_with(&redis.url(), "a", "3s", &["--echo"]),
+        node_with(&redis.url(), "b", "3s", &["--echo"]),
+    );
+    let lb = Lb::start(a.listen).await;
+    let mut phone = client(lb.addr, "phone");
+    connected(&mut phone).await;
+    wait_seen(b.http, "phone", "online", "a", WITHIN).await;
+
+    // Client → server: numbered messages, echoed by whichever node holds the session.
+    let up = phone.sender();
+    let ups = tokio::spawn(async move {
+        for i in 0..N {
+            up.send(Bytes::from(format!("c{i}"))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    // Server → client: numbered API sends, always on node a (local before the move, routed
+    // to b after it). A send in the hand-over window is refused explicitly (409/404);
+    // every accepted one must arrive.
+    let http_a = a.http;
+    let downs = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        let mut refused = 0;
+        for i in 0..N {
+            let (st, v) = call(
+                http_a,
+                "POST",
+                "/api/clients/phone/messages",
+                &serde_json::json!({ "text": format!("s{i}") }).to_string(),
+            )
+            .await;
+            match st {
+                202 => accepted.push(i),
+                404 | 409 | 503 => refused += 1,
+                _ => panic!("s{i}: {st} {v}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (accepted, refused)
+    });
+
+    let (mut echoes, mut downs_got) = (Vec::new(), Vec::new());
+    let mut switched: Option<Instant> = None;
+    let mut resumed_after = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while echoes.len() < N || !downs.is_finished() {
+        if switched.is_none() && echoes.len() >= N / 3 {
+            // The link to a dies; the balancer sends the reconnect to b.
+            lb.switch(b.listen);
+            switched = Some(Instant::now());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stuck: {} echoes, {} api messages",
+            echoes.len(),
+            downs_got.len()
+        );
+        match tokio::time::timeout(Duration::from_millis(200), phone.next_event()).await {
+            Ok(Some(ClientEvent::Message(m))) => {
+                let t = String::from_utf8(m.to_vec()).unwrap();
+                let n: usize = t[1..].parse().unwrap();
+                match &t[..1] {
+                    "c" => echoes.push(n),
+                    _ => downs_got.push(n),
+                }
+            }
+            Ok(Some(ClientEvent::Resumed { .. })) => resumed_after = switched.map(|t| t.elapsed()),
+            Ok(Some(ClientEvent::SessionLost { unacked })) => {
+                panic!("session lost ({unacked:?})")
+            }
+            Ok(Some(ClientEvent::GaveUp { reason, .. })) => panic!("gave up: {reason}"),
+            Ok(Some(_)) | Err(_) => {}
+            Ok(None) => panic!("client stopped"),
+        }
+    }
+    ups.await.unwrap();
+    let (accepted, refused) = downs.await.unwrap();
+    // What is still on its way after the last API answer.
+    while downs_got.len() < accepted.len() {
+        match next_message(&mut phone, WITHIN).await {
+            Some(m) => downs_got.push(String::from_utf8_lossy(&m)[1..].parse().unwrap()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        echoes,
+        (0..N).collect::<Vec<_>>(),
+        "client → server → client: no gap, no duplicate, in order"
+    );
+    assert_eq!(
+        downs_got, accepted,
+        "API → client: every accepted message once, in order"
+    );
+    assert!(
+        refused <= N / 10,
+        "{refused} API sends refused around the move"
+    );
+    let took = resumed_after.expect("the client resumed on b");
+    println!(
+        "resumed on b {took:?} after the cut; {} API sends accepted, {refused} refused in the window",
+        accepted.len()
+    );
+    assert!(
+        took >= Duration::from_millis(1) && took <= Duration::from_secs(3),
+        "resume took {took:?}"
+    );
+    assert!(a.wait_logged("session-handed-over"), "a handed it over");
+    assert!(b.wait_logged("session-taken-over"), "b took it over");
+    assert!(!a.logged("session-lost") && !b.logged("session-lost"));
+    for n in [&a, &b] {
+        wait_seen(n.http, "phone", "online", "b", WITHIN).await;
+    }
+    // A send another node routed to a before it learnt of the move reaches a's inbox after
+    // the hand-over: a forwards it to b.
+    let mut con = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("tether:{tether}:node:a:inbox")
+        .arg("*")
+        .arg("k")
+        .arg("send")
+        .arg("id")
+        .arg("phone")
+        .arg("p")
+        .arg("late")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await,
+        Some(Bytes::from("late")),
+        "forwarded by a to b"
+    );
+    assert!(a.wait_logged("routed-send-forwarded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_of_a_session_nobody_holds_is_an_explicit_session_lost() {
+    let redis = redis_or_skip!("a_resume_of_a_session_nobody_holds_is_an_explicit_session_lost");
     let (a, b) = (node(&redis, "a", "3s"), node(&redis, "b", "3s"));
     let lb = Lb::start(a.listen).await;
     let mut phone = client(lb.addr, "phone");
     connected(&mut phone).await;
     wait_seen(b.http, "phone", "online", "a", WITHIN).await;
-    let (st, v) = call(
-        a.http,
-        "POST",
-        "/api/clients/phone/messages",
-        r#"{"text":"one"}"#,
-    )
-    .await;
-    assert_eq!(st, 202, "{v}");
-    assert_eq!(
-        next_message(&mut phone, WITHIN).await.unwrap(),
-        Bytes::from("one")
-    );
-    // Something the server has not acknowledged yet when the link dies.
+    // Something the server has not acknowledged yet when a dies.
     phone.send(Bytes::from("up")).await.unwrap();
-    // The link to a dies; the balancer sends the reconnect to b, which holds no session for
-    // it: the resume is refused and the client says so, then starts a new session there.
+    // a is killed: b finds the holder gone (its take is never answered) and the client is
+    // told so: session-lost, then a new session on b.
+    drop(a);
     lb.switch(b.listen);
     let t = Instant::now();
     let mut lost = false;
@@ -772,19 +905,22 @@ async fn a_resume_on_another_node_is_an_explicit_session_lost_and_the_client_mov
             "no session-lost and reconnect within {WITHIN:?}"
         );
     }
-    // a still holds the old session (resuming), but the cluster shows the client on b, and
-    // a's API routes to b.
-    for n in [&a, &b] {
-        wait_seen(n.http, "phone", "online", "b", WITHIN).await;
-    }
+    let took = t.elapsed();
+    // At most the fetch wait (a third of dead-after: 1 s) plus reconnects.
+    assert!(
+        took <= Duration::from_secs(4),
+        "session-lost after {took:?}"
+    );
+    assert!(b.wait_logged("session-takeover-failed"));
+    wait_seen(b.http, "phone", "online", "b", WITHIN).await;
     let (st, v) = call(
-        a.http,
+        b.http,
         "POST",
         "/api/clients/phone/messages",
         r#"{"text":"two"}"#,
     )
     .await;
-    assert_eq!((st, v["node"].as_str()), (202, Some("b")), "{v}");
+    assert_eq!(st, 202, "{v}");
     assert_eq!(
         next_message(&mut phone, WITHIN).await.unwrap(),
         Bytes::from("two")
@@ -830,4 +966,185 @@ async fn idle_clients_cost_no_redis_writes_only_the_nodes_heartbeat() {
         "{beats} heartbeats in {idle:?}, expected about {expected}"
     );
     drop(clients);
+}
+
+/// A private `redis-server` that speaks only TLS (`--port 0 --tls-port P`), with a
+/// certificate from a CA made here and a password; `None` when redis-server is missing or
+/// built without TLS. Files in `dir`: `ca.pem`, `password`.
+fn redis_tls(dir: &std::path::Path) -> Option<Redis> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, "cluster test ca");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = p.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let srv = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("redis.crt"), srv.pem()).unwrap();
+    std::fs::write(dir.join("redis.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("password"), "correct horse battery\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = |n: &str| dir.join(n).to_str().unwrap().to_owned();
+    let mut child = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--tls-cert-file",
+            &f("redis.crt"),
+            "--tls-key-file",
+            &f("redis.key"),
+        ])
+        .args([
+            "--tls-ca-cert-file",
+            &f("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+        ])
+        .args(["--requirepass", "correct horse battery"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(_)) = child.try_wait() {
+            return None; // built without TLS: it refuses --tls-port
+        }
+        assert!(t.elapsed() < WITHIN, "redis-server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Redis { child, port })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_a_password_file_forms_a_cluster() {
+    let dir = std::env::temp_dir().join(format!("tether-cluster-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIP: rediss_with_a_private_ca_and_a_password_file_forms_a_cluster: redis-server not installed");
+        return;
+    }
+    let Some(redis) = redis_tls(&dir) else {
+        println!("SKIP: rediss_with_a_private_ca_and_a_password_file_forms_a_cluster: redis-server has no TLS (--tls-port refused)");
+        return;
+    };
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let (ca, pw) = (
+        dir.join("ca.pem").to_str().unwrap().to_owned(),
+        dir.join("password").to_str().unwrap().to_owned(),
+    );
+    let secure = ["--cluster-ca", &ca, "--cluster-password-file", &pw];
+    let a = node_with(&url, "a", "3s", &secure);
+    let b = node_with(&url, "b", "3s", &secure);
+    // The control: the right password but the system's roots, which do not know this CA.
+    let untrusting = node_with(&url, "c", "3s", &["--cluster-password-file", &pw]);
+    // And the right CA with no password.
+    let no_password = node_with(&url, "d", "3s", &["--cluster-ca", &ca]);
+    let mut phone = client(a.listen, "phone-tls");
+    connected(&mut phone).await;
+    let took = wait_seen(b.http, "phone-tls", "online", "a", WITHIN).await;
+    assert!(took < WITHIN, "{took:?}");
+    assert!(
+        a.wait_logged("cluster-up"),
+        "a never reached Redis over TLS"
+    );
+    assert!(
+        untrusting.wait_logged("cluster-degraded"),
+        "a node that does not trust Redis's certificate must not use it"
+    );
+    assert!(
+        no_password.wait_logged("cluster-degraded"),
+        "a node without the password must not use Redis"
+    );
+    for n in [&untrusting, &no_password] {
+        assert!(!n.logged("cluster-up"), "{:?}", n.log.lock().unwrap());
+        assert!(seen(n.http, "phone-tls").await.is_none());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_redis_beyond_loopback_needs_tls_and_a_password_or_insecure() {
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args(["--node-id", "a"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let plain = run(&["--cluster", "redis://192.0.2.7:6379"]);
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rediss://")
+            && err.contains("--cluster-password-file")
+            && err.contains("--insecure"),
+        "the refusal names what to add: {err}"
+    );
+    let dir = std::env::temp_dir().join(format!("tether-cluster-pw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("pw"), "s3cret\n").unwrap();
+    let pw = dir.join("pw").to_str().unwrap().to_owned();
+    let tls_no_pw = run(&["--cluster", "rediss://192.0.2.7:6379"]);
+    let err = String::from_utf8_lossy(&tls_no_pw.stderr);
+    assert_eq!(tls_no_pw.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--cluster-password-file") && !err.contains("rediss://192"),
+        "only the password is missing: {err}"
+    );
+    let ca_plain = run(&["--cluster", "redis://127.0.0.1:6379", "--cluster-ca", &pw]);
+    let err = String::from_utf8_lossy(&ca_plain.stderr);
+    assert_eq!(ca_plain.status.code(), Some(2), "{err}");
+    assert!(err.contains("--cluster-ca"), "{err}");
+    // With both, or with --insecure, it starts (and says Redis does not answer): it is killed
+    // as soon as it listens.
+    for extra in [
+        vec![
+            "--cluster",
+            "rediss://192.0.2.7:6379",
+            "--cluster-password-file",
+            &pw,
+        ],
+        vec!["--cluster", "redis://192.0.2.7:6379", "--insecure"],
+    ] {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args(["--node-id", "a"])
+            .args(&extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let mut listening = false;
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("listening") {
+                listening = true;
+                break;
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listening, "{extra:?} must start");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -460,6 +460,115 @@ impl Registry {
         true
     }
 
+    /// A session of client `id` that is not connected here is held for a reconnect until
+    /// `until` (a session handed over by another server): the client is `Resuming`, from
+    /// nothing or from `Offline`. Ignored (returns false) when the client is connected or
+    /// already resuming here, or `until` is not after `now`.
+    pub fn held(
+        &mut self,
+        now: Instant,
+        id: &str,
+        remote: SocketAddr,
+        reason: DisconnectReason,
+        until: Instant,
+    ) -> bool {
+        if until <= now {
+            return false;
+        }
+        match self.entries.get_mut(id) {
+            Some(slot) => {
+                if !matches!(slot.entry.state, PresenceState::Offline { .. }) {
+                    return false;
+                }
+                if let Some(key) = slot.timer.take() {
+                    self.offline.remove(&key);
+                }
+                slot.entry.remote = remote;
+            }
+            None => {
+                self.next_seq += 1;
+                let timer = (until, self.next_seq);
+                self.holds.insert(timer, id.to_owned());
+                let key: Arc<str> = Arc::from(id);
+                let state = PresenceState::Resuming {
+                    reason,
+                    at: now,
+                    silent_for: Duration::ZERO,
+                    until,
+                };
+                self.entries.insert(
+                    key.clone(),
+                    Slot {
+                        entry: Entry {
+                            state: state.clone(),
+                            conn_id: 0,
+                            remote,
+                            connected_since: now,
+                            changed_at: now,
+                            connects: 0,
+                            disconnects: 0,
+                            last_counters: None,
+                        },
+                        timer: Some(timer),
+                    },
+                );
+                self.counts.resuming += 1;
+                self.by_kind[kind_index(PresenceKind::Resuming)].insert(key);
+                self.changes.push_back(PresenceChange {
+                    id: id.to_owned(),
+                    conn_id: 0,
+                    from: None,
+                    to: state,
+                    at: now,
+                });
+                return true;
+            }
+        }
+        self.next_seq += 1;
+        let key = (until, self.next_seq);
+        self.holds.insert(key, id.to_owned());
+        if let Some(slot) = self.entries.get_mut(id) {
+            slot.timer = Some(key);
+        }
+        self.set_state(
+            now,
+            id,
+            PresenceState::Resuming {
+                reason,
+                at: now,
+                silent_for: Duration::ZERO,
+                until,
+            },
+        );
+        true
+    }
+
+    /// The hold of `id`'s session ends early (the session moved to another server): the
+    /// client is `Offline` with `reason` at once. Ignored (returns false) unless it is
+    /// `Resuming`.
+    pub fn end_hold(&mut self, now: Instant, id: &str, reason: DisconnectReason) -> bool {
+        let Some(slot) = self.entries.get_mut(id) else {
+            return false;
+        };
+        let PresenceState::Resuming { at, silent_for, .. } = slot.entry.state else {
+            return false;
+        };
+        if let Some(key) = slot.timer.take() {
+            self.holds.remove(&key);
+        }
+        self.set_state(
+            now,
+            id,
+            PresenceState::Offline {
+                reason,
+                at,
+                silent_for,
+            },
+        );
+        self.add_offline(now, id);
+        true
+    }
+
     /// Keeps the counters of connection `conn_id` of client `id`, which ended, for display
     /// while the client is not connected. Ignored (returns false) for an unknown id or a
     /// connection that is not the client's current or last one (a replaced connection).

@@ -73,6 +73,72 @@ pub struct AckBeyondSent {
     pub sent: u64,
 }
 
+/// What a [`Session`] carries from one server to another (a session hand-over between the
+/// nodes of a cluster): its numbering, acknowledgement position and the unacknowledged
+/// messages kept for the replay. Not its token (a server keeps only the token's hash) nor
+/// its configuration (each server has its own).
+///
+/// ```text
+///   acked ──┐        replay = messages acked+1 ..= last_seq (oldest first)
+///           ▼
+///   1 2 3 [4 5 6]      last_seq = 6, acked = 3, last_received = what the peer sent, in order
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    /// The session id.
+    pub id: u64,
+    /// Sequence number of the last message pushed (0 = none).
+    pub last_seq: u64,
+    /// Highest sequence number the peer acknowledged.
+    pub acked: u64,
+    /// Highest sequence number received in order.
+    pub last_received: u64,
+    /// How many times the session was resumed.
+    pub resumes: u64,
+    /// The unacknowledged messages, `acked+1 ..= last_seq`, oldest first.
+    pub replay: Vec<Bytes>,
+}
+
+impl SessionState {
+    /// Whether the state is consistent: `acked <= last_seq`, and the replay holds exactly
+    /// the unacknowledged messages.
+    pub fn check(&self) -> Result<(), SessionStateError> {
+        let (acked, last_seq) = (self.acked, self.last_seq);
+        if acked > last_seq {
+            return Err(SessionStateError::AckedBeyondSent { acked, last_seq });
+        }
+        if self.replay.len() as u64 != last_seq - acked {
+            return Err(SessionStateError::ReplayMismatch {
+                held: self.replay.len(),
+                expected: last_seq - acked,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Why a [`SessionState`] cannot become a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionStateError {
+    /// The peer acknowledged more than was sent.
+    #[error("acknowledged {acked} beyond the last sequence number {last_seq}")]
+    AckedBeyondSent {
+        /// The acknowledged number.
+        acked: u64,
+        /// The last sequence number.
+        last_seq: u64,
+    },
+    /// The replay does not hold exactly the unacknowledged messages.
+    #[error("replay holds {held} messages; {expected} are unacknowledged")]
+    ReplayMismatch {
+        /// Messages in the replay.
+        held: usize,
+        /// `last_seq - acked`.
+        expected: u64,
+    },
+}
+
 /// One side's session state.
 #[derive(Debug)]
 pub struct Session {
@@ -113,6 +179,56 @@ impl Session {
             ack_deadline: None,
             resumes: 0,
         }
+    }
+
+    /// The state to hand to another server ([`from_state`](Self::from_state) there). The
+    /// messages are shared, not copied.
+    pub fn state(&self) -> SessionState {
+        SessionState {
+            id: self.id,
+            last_seq: self.last_seq,
+            acked: self.acked,
+            last_received: self.last_received,
+            resumes: self.resumes,
+            replay: self.replay.iter().cloned().collect(),
+        }
+    }
+
+    /// A session continued from `state` (taken from another server), with this server's
+    /// token and bounds. It is between connections: the next connection
+    /// [`resume`](Self::resume)s it, replaying what the peer has not received. A replay
+    /// beyond this server's bounds is kept whole; new messages wait until ACKs make room.
+    pub fn from_state(
+        token: [u8; TOKEN_LEN],
+        cfg: SessionConfig,
+        state: SessionState,
+    ) -> Result<Session, SessionStateError> {
+        state.check()?;
+        let SessionState {
+            id,
+            last_seq,
+            acked,
+            last_received,
+            resumes,
+            replay,
+        } = state;
+        let replay_bytes = replay.iter().map(Bytes::len).sum();
+        Ok(Session {
+            id,
+            token,
+            cfg,
+            last_seq,
+            acked,
+            replay: replay.into(),
+            replay_bytes,
+            sent: acked,
+            last_received,
+            // The previous server acknowledged what it acknowledged; the resume tells the
+            // peer the position again (`resume` resets this).
+            ack_sent: last_received,
+            ack_deadline: None,
+            resumes,
+        })
     }
 
     /// Replaces the resume token (the server rotates it on every resume; the newest one is
@@ -331,6 +447,44 @@ mod tests {
         // One oversized message still fits an empty buffer.
         let mut c = s();
         assert!(c.push(Bytes::from(vec![0; 100])).is_some());
+    }
+
+    #[test]
+    fn state_moves_a_session_between_servers() {
+        let mut a = s();
+        for m in [b"a", b"b", b"c"] {
+            a.push(Bytes::from_static(m));
+        }
+        while a.next_to_send().is_some() {}
+        a.on_ack(1).unwrap();
+        #[allow(clippy::disallowed_methods)] // one real Instant as the virtual clock's origin
+        let t = Instant::now();
+        assert_eq!(a.on_data(t, 1), Received::Deliver);
+        assert_eq!(a.on_data(t, 2), Received::Deliver);
+        let st = a.state();
+        assert_eq!((st.last_seq, st.acked, st.last_received), (3, 1, 2));
+        let mut b = Session::from_state([0; TOKEN_LEN], *a.config(), st.clone()).unwrap();
+        assert_eq!(b.last_received(), 2);
+        assert_eq!(b.on_data(t, 2), Received::Duplicate, "dedupe moves with it");
+        assert_eq!(b.resume(2).unwrap(), 1);
+        assert_eq!(b.next_to_send().unwrap(), (3, Bytes::from_static(b"c")));
+        assert_eq!(
+            b.push(Bytes::from_static(b"d")),
+            Some(4),
+            "numbering goes on"
+        );
+        let mut bad = st.clone();
+        bad.replay.pop();
+        assert_eq!(
+            Session::from_state([0; TOKEN_LEN], *a.config(), bad).unwrap_err(),
+            SessionStateError::ReplayMismatch {
+                held: 1,
+                expected: 2
+            }
+        );
+        let mut bad = st;
+        bad.acked = 9;
+        assert!(Session::from_state([0; TOKEN_LEN], *a.config(), bad).is_err());
     }
 
     #[test]

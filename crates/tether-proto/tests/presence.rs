@@ -611,3 +611,95 @@ proptest! {
         prop_assert_eq!(r.poll_timeout(), None);
     }
 }
+
+/// A session handed over by another server: held here (`Resuming`, with the usual expiry),
+/// and the hold of a session that moved away ends at once.
+#[test]
+fn a_session_handed_over_is_held_and_one_moved_away_ends_its_hold() {
+    let c = Clock::new();
+    let mut r = registry(60_000, 100);
+    // Held from nothing: Resuming, expiring at `until`.
+    assert!(r.held(
+        c.at(0),
+        "in",
+        addr(1),
+        DisconnectReason::Replaced,
+        c.at(1000)
+    ));
+    assert_eq!(
+        kinds(&drain(&mut r)),
+        vec![("in".into(), None, PresenceKind::Resuming)]
+    );
+    assert_eq!(r.counts(), counts(0, 0, 1, 0));
+    assert_eq!(r.poll_timeout(), Some(c.at(1000)));
+    // Not twice, and never over a connected client.
+    assert!(!r.held(
+        c.at(1),
+        "in",
+        addr(1),
+        DisconnectReason::Replaced,
+        c.at(2000)
+    ));
+    r.connected(c.at(0), "on", 7, addr(2));
+    drain(&mut r);
+    assert!(!r.held(
+        c.at(1),
+        "on",
+        addr(2),
+        DisconnectReason::Replaced,
+        c.at(2000)
+    ));
+    // Resumed here: Online, the hold's timer is gone.
+    r.connected(c.at(10), "in", 8, addr(1));
+    assert_eq!(
+        kinds(&drain(&mut r)),
+        vec![(
+            "in".into(),
+            Some(PresenceKind::Resuming),
+            PresenceKind::Online
+        )]
+    );
+    assert_eq!(r.poll_timeout(), None);
+
+    // Moved away: the hold ends at once, Offline with the given reason.
+    r.disconnected(
+        c.at(20),
+        "on",
+        7,
+        DisconnectReason::PeerReset,
+        Duration::ZERO,
+        Some(c.at(5000)),
+    );
+    drain(&mut r);
+    assert!(r.end_hold(c.at(30), "on", DisconnectReason::Replaced));
+    let ch = drain(&mut r);
+    assert_eq!(
+        kinds(&ch),
+        vec![(
+            "on".into(),
+            Some(PresenceKind::Resuming),
+            PresenceKind::Offline
+        )]
+    );
+    assert!(matches!(
+        &ch[0].to,
+        tether_proto::presence::PresenceState::Offline {
+            reason: DisconnectReason::Replaced,
+            ..
+        }
+    ));
+    assert!(!r.end_hold(c.at(31), "on", DisconnectReason::Replaced));
+    // The retention of the offline entry is the only timer left.
+    assert_eq!(r.poll_timeout(), Some(c.at(30 + 60_000)));
+    // From Offline a handed-over session is held again.
+    assert!(r.held(
+        c.at(40),
+        "on",
+        addr(3),
+        DisconnectReason::Replaced,
+        c.at(1040)
+    ));
+    assert_eq!(r.counts(), counts(1, 0, 1, 0));
+    r.handle_timeout(c.at(1040));
+    assert_eq!(r.counts(), counts(1, 0, 0, 1));
+}

@@ -103,6 +103,9 @@ pub use connection::{
     liveness_config, ConnectError, ConnectOptions, Connection, Disconnected, Sender,
 };
 pub use driver::StatsSnapshot;
+pub use server::handover::{
+    ExportError, ImportError, SessionExport, SessionFetch, SessionRequest, SessionSource,
+};
 pub use server::{
     Broadcast, ClientInfo, ClientPage, Delivery, SendError, Server, ServerConfig, ServerEvent,
     ServerHandle, ServerMetrics,

@@ -168,9 +168,6 @@ async fn raw_resume(
     session_id: u64,
     token: [u8; 16],
 ) -> (CloseCode, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut out = BytesMut::new();
-    codec::encode_preamble(&mut out);
     let hello = Hello {
         client_id: id.into(),
         requested_heartbeat: Duration::ZERO,
@@ -182,16 +179,10 @@ async fn raw_resume(
         }),
         credential: None,
     };
-    codec::encode(&Frame::Hello(hello), &mut out);
-    s.write_all(&out).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf))
-        .await
-        .unwrap()
-        .ok();
-    assert_eq!(buf[9], 0x12, "expected REFUSE, got {buf:?}");
-    let code = CloseCode(u16::from_be_bytes([buf[10], buf[11]]));
-    (code, String::from_utf8_lossy(&buf[12..]).into_owned())
+    let body = common::raw_first_frame(addr, hello).await;
+    assert_eq!(body[0], 0x12, "expected REFUSE, got {body:?}");
+    let code = CloseCode(u16::from_be_bytes([body[1], body[2]]));
+    (code, String::from_utf8_lossy(&body[3..]).into_owned())
 }
 
 #[tokio::test]

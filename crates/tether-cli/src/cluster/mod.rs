@@ -17,9 +17,20 @@
 //! (`tether_cluster_presence_dropped_total`) and repaired by the reconcile pass (every
 //! `dead_after`, O(own clients), only when something was dropped or failed).
 //!
-//! What it deliberately does not do: move a session between nodes (a resume on another node
-//! is refused by that node and the client gets an explicit session-lost), or merge the event
-//! streams of the nodes (each node's `/api/events` carries its own clients' events).
+//! Sessions move: a resume on node B of a session node A holds makes B ask A for it through
+//! A's inbox (`k=take`); A hands it over ([`ServerHandle::take_session`], `k=session` with
+//! the export's bytes) and B installs it before the normal resume check (B's server has
+//! [`ClusterSessions`] as its `SessionSource`). Bounded: no answer within min(2 s,
+//! `dead_after`/3) → SESSION_UNKNOWN, the client's explicit session-lost.
+//!
+//! ```text
+//!   B: HELLO(resume S) ─▶ SessionSource::fetch ──XADD k=take──▶ A's inbox
+//!   A: take_session ──XADD k=session data=… ──▶ B's inbox ──▶ fetch resolves ─▶ import, resume
+//! ```
+//!
+//! What it deliberately does not do: keep a durable copy of sessions (a session whose node
+//! died is lost, explicitly), or merge the event streams of the nodes (each node's
+//! `/api/events` carries its own clients' events).
 
 mod scripts;
 
@@ -35,14 +46,15 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::StreamReadReply;
 use redis::Value;
 use serde::Deserialize;
-use tether::{ServerEvent, ServerHandle};
+use tether::{ServerEvent, ServerHandle, SessionExport, SessionFetch, SessionRequest};
 use tether_proto::presence::{PresenceKind, PresenceState};
 use tether_proto::CloseCode;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::log;
 use crate::metrics::{gauge_value, Families};
 use crate::status::model::{ClientQuery, ClientRow, Page, ServerSource, StatusSource};
+use tether_proto::duration::Human;
 
 /// Transitions waiting for the writer task, at most (each is a client id and a state, well
 /// under 200 bytes: this bounds the queue at a few hundred KiB).
@@ -69,6 +81,115 @@ pub(crate) struct ClusterSettings {
     pub(crate) dead_after: Duration,
     /// Offline client records are forgotten after this long.
     pub(crate) offline_retention: Duration,
+    /// PEM roots a `rediss://` Redis is checked against (`None`: the system's).
+    pub(crate) ca: Option<Vec<u8>>,
+    /// The Redis user's password (`--cluster-password-file`), when not in the URL.
+    pub(crate) password: Option<String>,
+}
+
+impl ClusterSettings {
+    /// Secure by default: a Redis beyond loopback is reached over TLS (`rediss://`) and with a
+    /// password, or the operator says `--insecure`. Whoever can write to the cluster's keys
+    /// can send to, close and take over any client of any node.
+    pub(crate) fn check_exposure(&self, insecure: bool) -> Result<()> {
+        let info = self.connection_info()?;
+        let (host, tls) = match info.addr() {
+            redis::ConnectionAddr::Tcp(h, _) => (h.as_str(), false),
+            redis::ConnectionAddr::TcpTls { host, .. } => (host.as_str(), true),
+            _ => return Ok(()), // a Unix socket: local by definition
+        };
+        if self.ca.is_some() && !tls {
+            return Err(crate::exit::UsageError(format!(
+                "--cluster-ca is for TLS to Redis: write the URL as rediss://{host}:PORT"
+            ))
+            .into());
+        }
+        let local = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if local || insecure {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        if !tls {
+            missing.push("TLS (a rediss:// URL)");
+        }
+        if info.redis_settings().password().is_none() {
+            missing.push("a password (--cluster-password-file FILE)");
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(crate::exit::UsageError(format!(
+            "refusing to use the Redis at {host} without {}: anyone on the path could read \
+             the cluster's traffic or write to its keys, and so send to, close or take over \
+             any client. Add {}, or --insecure to accept that",
+            missing
+                .iter()
+                .map(|m| m.split(" (").next().unwrap_or(m))
+                .collect::<Vec<_>>()
+                .join(" and "),
+            missing.join(" and ")
+        ))
+        .into())
+    }
+
+    /// The URL with the password from `--cluster-password-file`.
+    fn connection_info(&self) -> Result<redis::ConnectionInfo> {
+        use redis::IntoConnectionInfo as _;
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .with_context(|| format!("bad --cluster URL {:?}", self.url))?;
+        Ok(match &self.password {
+            Some(p) => {
+                let redis = info.redis_settings().clone().set_password(p);
+                info.set_redis_settings(redis)
+            }
+            None => info,
+        })
+    }
+}
+
+/// Reads `--cluster-ca`: PEM with at least one certificate.
+pub(crate) fn read_ca(path: &std::path::Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| {
+        crate::exit::UsageError(format!("cannot read --cluster-ca {}", path.display()))
+    })?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(crate::exit::UsageError(format!(
+            "--cluster-ca {}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(pem)
+}
+
+/// Reads `--cluster-password-file` (trimmed; not empty).
+pub(crate) fn read_password(path: &std::path::Path) -> Result<String> {
+    let raw = std::fs::read_to_string(path).with_context(|| {
+        crate::exit::UsageError(format!(
+            "cannot read --cluster-password-file {}",
+            path.display()
+        ))
+    })?;
+    let p = raw.trim();
+    if p.is_empty() {
+        return Err(crate::exit::UsageError(format!(
+            "--cluster-password-file {} is empty",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(p.to_owned())
 }
 
 /// Checks a node id or cluster name: it becomes part of Redis keys.
@@ -137,6 +258,9 @@ enum Transition {
 #[derive(Debug, Default)]
 struct Stats {
     redis_up: AtomicBool,
+    /// Whether a Redis call has ended yet (the first one is logged whatever its outcome: a
+    /// node that never reaches Redis says so).
+    redis_known: AtomicBool,
     nodes_alive: AtomicU64,
     presence_writes: AtomicU64,
     heartbeats: AtomicU64,
@@ -147,6 +271,9 @@ struct Stats {
     route_failed: AtomicU64,
     clients_lost: AtomicU64,
     replaced: AtomicU64,
+    sessions_in: AtomicU64,
+    sessions_out: AtomicU64,
+    session_fetch_failed: AtomicU64,
 }
 
 /// The cluster layer of one node.
@@ -169,7 +296,16 @@ pub(crate) struct Cluster {
     /// Shutting down: no more heartbeats (they would announce the node again).
     leaving: AtomicBool,
     tx: mpsc::Sender<Transition>,
+    /// Session fetches waiting for the holder's answer, by request number.
+    fetches: Mutex<HashMap<u64, oneshot::Sender<Option<SessionExport>>>>,
+    next_fetch: AtomicU64,
+    /// Clients whose session this node handed to another node lately: client id → (node,
+    /// when). Sends routed here for them afterwards are forwarded there.
+    moved: Mutex<HashMap<String, (String, std::time::Instant)>>,
 }
+
+/// How long a hand-over is remembered for forwarding sends routed to the old node.
+const MOVED_KEPT: Duration = Duration::from_secs(60);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -198,8 +334,18 @@ impl Cluster {
             // else in tether. An error means one is installed already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = redis::Client::open(settings.url.as_str())
-            .with_context(|| format!("bad --cluster URL {:?}", settings.url))?;
+        let info = settings.connection_info()?;
+        let client = match &settings.ca {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .with_context(|| format!("bad --cluster URL {:?}", settings.url))?;
         let beat = settings.dead_after / 3;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(beat))
@@ -227,6 +373,9 @@ impl Cluster {
             dirty: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             tx,
+            fetches: Mutex::new(HashMap::new()),
+            next_fetch: AtomicU64::new(1),
+            moved: Mutex::new(HashMap::new()),
         });
         let (started_tx, started_rx) = watch::channel(false);
         tokio::spawn(c.clone().writer(rx, started_tx));
@@ -457,7 +606,8 @@ impl Cluster {
 
     fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
         let was = self.stats.redis_up.swap(up, Ordering::Relaxed);
-        if was != up {
+        let first = !self.stats.redis_known.swap(true, Ordering::Relaxed);
+        if was != up || first {
             if up {
                 log::line("-", "cluster-up", &log::kv(&[("node", &self.node)]));
             } else {
@@ -671,7 +821,7 @@ impl Cluster {
         Ok(from)
     }
 
-    async fn read_once(&self, ids: &mut Option<[String; 3]>) -> redis::RedisResult<()> {
+    async fn read_once(self: &Arc<Self>, ids: &mut Option<[String; 3]>) -> redis::RedisResult<()> {
         let mut con = self.reader.clone();
         let keys = [
             self.key("presence"),
@@ -778,7 +928,7 @@ impl Cluster {
         }
     }
 
-    fn on_inbox(&self, map: &HashMap<String, Value>) {
+    fn on_inbox(self: &Arc<Self>, map: &HashMap<String, Value>) {
         let (Some(kind), Some(id)) = (field::<String>(map, "k"), field::<String>(map, "id")) else {
             return;
         };
@@ -788,15 +938,25 @@ impl Cluster {
                     return;
                 };
                 self.stats.routed_in.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.handle.try_deliver(&id, Bytes::from(p)) {
-                    self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
-                    log::line(
-                        &id,
-                        "routed-send-failed",
-                        &log::kv(&[("error", &e.to_string())]),
-                    );
+                let p = Bytes::from(p);
+                match self.handle.try_deliver(&id, p.clone()) {
+                    Err(tether::SendError::NotConnected(_)) if self.moved_to(&id).is_some() => {
+                        // Its session moved to another node after this was routed here.
+                        self.forward_if_moved(&id, p);
+                    }
+                    Err(e) => {
+                        self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                        log::line(
+                            &id,
+                            "routed-send-failed",
+                            &log::kv(&[("error", &e.to_string())]),
+                        );
+                    }
+                    Ok(_) => {}
                 }
             }
+            "take" => self.on_take(&id, map),
+            "session" | "no-session" => self.on_session(&kind, &id, map),
             "close" => {
                 let code = field::<u16>(map, "code")
                     .map(CloseCode)
@@ -824,6 +984,259 @@ impl Cluster {
                 }
             }
             _ => {}
+        }
+    }
+
+    // --- session hand-over -------------------------------------------------------------
+
+    /// How long a node waits for another to hand a session over: at most 2 s, at most a
+    /// heartbeat period (a third of `dead_after`) — the resuming client's handshake waits
+    /// this long at worst before it is told SESSION_UNKNOWN.
+    fn fetch_wait(&self) -> Duration {
+        (self.settings.dead_after / 3).min(Duration::from_secs(2))
+    }
+
+    /// The node a session was handed to lately, for `id`.
+    fn moved_to(&self, id: &str) -> Option<String> {
+        lock(&self.moved)
+            .get(id)
+            .filter(|(_, at)| at.elapsed() < MOVED_KEPT)
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Forwards a send for `id` (routed here, or this node's echo) to the node the
+    /// client's session moved to lately, if it moved.
+    pub(crate) fn forward_if_moved(self: &Arc<Self>, id: &str, p: Bytes) {
+        let Some(node) = self.moved_to(id) else {
+            return;
+        };
+        let c = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let r = c.route_send(&node, &id, &p).await;
+            log::line(
+                &id,
+                "routed-send-forwarded",
+                &log::kv(&[("to_node", &node), ("ok", &r.is_ok().to_string())]),
+            );
+        });
+    }
+
+    /// Asks the node that holds `req`'s session (by the mirror) to hand it over: `None` at
+    /// once when no other live node holds that session of the client.
+    fn fetch(self: &Arc<Self>, req: SessionRequest) -> SessionFetch {
+        let holder = {
+            let m = lock(&self.mirror);
+            m.get(&req.client_id)
+                .filter(|r| {
+                    r.node != self.node
+                        && r.state != "offline"
+                        && r.session == req.session_id.to_string()
+                })
+                .map(|r| r.node.clone())
+        };
+        let Some(holder) = holder else {
+            return SessionFetch::none();
+        };
+        let n = self.next_fetch.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.fetches).insert(n, tx);
+        let c = self.clone();
+        let wait = self.fetch_wait();
+        SessionFetch::new(async move {
+            let t = std::time::Instant::now();
+            let q = req.to_bytes();
+            let n_s = n.to_string();
+            let wait_ms = ms(wait).to_string();
+            let sent = c
+                .route(
+                    &holder,
+                    &[
+                        ("k", b"take"),
+                        ("id", req.client_id.as_bytes()),
+                        ("req", n_s.as_bytes()),
+                        ("reply", c.node.as_bytes()),
+                        ("wait", wait_ms.as_bytes()),
+                        ("q", &q),
+                    ],
+                )
+                .await;
+            let got = match sent {
+                Ok(()) => tokio::time::timeout(wait, rx)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten(),
+                Err(_) => None,
+            };
+            // An answer after this is installed by `on_session` (held, then reported lost).
+            lock(&c.fetches).remove(&n);
+            let took = Human(t.elapsed()).to_string();
+            match &got {
+                Some(e) => {
+                    c.stats.sessions_in.fetch_add(1, Ordering::Relaxed);
+                    log::line(
+                        &req.client_id,
+                        "session-taken-over",
+                        &log::kv(&[
+                            ("from_node", &holder),
+                            ("session", &e.session_id().to_string()),
+                            ("replay", &e.state().replay.len().to_string()),
+                            ("pending", &e.pending().len().to_string()),
+                            ("took", &took),
+                        ]),
+                    );
+                }
+                None => {
+                    c.stats.session_fetch_failed.fetch_add(1, Ordering::Relaxed);
+                    log::line(
+                        &req.client_id,
+                        "session-takeover-failed",
+                        &log::kv(&[
+                            ("from_node", &holder),
+                            ("session", &req.session_id.to_string()),
+                            ("took", &took),
+                            (
+                                "note",
+                                "the client is told SESSION_UNKNOWN and reports session-lost",
+                            ),
+                        ]),
+                    );
+                }
+            }
+            got
+        })
+    }
+
+    /// `k=take`: another node asks for a session this node holds.
+    fn on_take(self: &Arc<Self>, id: &str, map: &HashMap<String, Value>) {
+        let (Some(n), Some(reply), Some(q)) = (
+            field::<String>(map, "req"),
+            field::<String>(map, "reply"),
+            field::<Vec<u8>>(map, "q"),
+        ) else {
+            return;
+        };
+        let Ok(req) = SessionRequest::from_bytes(Bytes::from(q)) else {
+            return;
+        };
+        if req.client_id != id || parse_name(&reply).is_err() {
+            return;
+        }
+        // Half of the asker's wait for a connection still attached here to end, so the
+        // answer reaches it in time.
+        let wait = field::<u64>(map, "wait")
+            .map(Duration::from_millis)
+            .unwrap_or_else(|| self.fetch_wait())
+            / 2;
+        let c = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let export = c.handle.take_session(&req, wait).await;
+            let r = match &export {
+                Some(e) => {
+                    lock(&c.own).remove(&id);
+                    {
+                        let mut m = lock(&c.moved);
+                        m.retain(|_, (_, at)| at.elapsed() < MOVED_KEPT);
+                        m.insert(id.clone(), (reply.clone(), std::time::Instant::now()));
+                    }
+                    let data = e.to_bytes();
+                    c.route(
+                        &reply,
+                        &[
+                            ("k", b"session"),
+                            ("id", id.as_bytes()),
+                            ("req", n.as_bytes()),
+                            ("data", &data),
+                        ],
+                    )
+                    .await
+                }
+                None => {
+                    c.route(
+                        &reply,
+                        &[
+                            ("k", b"no-session"),
+                            ("id", id.as_bytes()),
+                            ("req", n.as_bytes()),
+                        ],
+                    )
+                    .await
+                }
+            };
+            match (export, r) {
+                (Some(e), Err(err)) => {
+                    // Redis did not take the answer: keep the session here (held; the
+                    // client may come back, or it is reported lost when the hold ends).
+                    lock(&c.moved).remove(&id);
+                    let kept = c.handle.import_session(e);
+                    log::line(
+                        &id,
+                        "session-handover-failed",
+                        &log::kv(&[
+                            ("to_node", &reply),
+                            ("error", &err.to_string()),
+                            ("kept_here", &kept.is_ok().to_string()),
+                        ]),
+                    );
+                }
+                (Some(e), Ok(())) => {
+                    c.stats.sessions_out.fetch_add(1, Ordering::Relaxed);
+                    log::line(
+                        &id,
+                        "session-handed-over",
+                        &log::kv(&[
+                            ("to_node", &reply),
+                            ("session", &e.session_id().to_string()),
+                            ("bytes", &e.message_bytes().to_string()),
+                        ]),
+                    );
+                }
+                (None, _) => {}
+            }
+        });
+    }
+
+    /// `k=session` / `k=no-session`: the answer to a fetch of this node.
+    fn on_session(&self, kind: &str, id: &str, map: &HashMap<String, Value>) {
+        let n = field::<u64>(map, "req").unwrap_or(0);
+        let export = match kind {
+            "session" => {
+                let Some(data) = field::<Vec<u8>>(map, "data") else {
+                    return;
+                };
+                match SessionExport::from_bytes(Bytes::from(data)) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        self.stats
+                            .session_fetch_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        log::line(
+                            id,
+                            "session-handover-unreadable",
+                            &log::kv(&[("error", &e.to_string()), ("note", "the session is lost")]),
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let waiter = lock(&self.fetches).remove(&n);
+        let late = match waiter {
+            Some(tx) => tx.send(export).err().flatten(),
+            None => export,
+        };
+        if let Some(e) = late {
+            // The handshake stopped waiting: hold it here (its client may resume again);
+            // when the hold ends it is reported lost, never dropped silently.
+            let r = self.handle.import_session(e);
+            log::line(
+                id,
+                "session-handover-late",
+                &log::kv(&[("held_here", &r.is_ok().to_string())]),
+            );
         }
     }
 
@@ -943,6 +1356,27 @@ impl Cluster {
             disconnects: 0,
             session: r.session.parse().ok(),
             node: Some(r.node.clone()),
+        }
+    }
+}
+
+/// The cluster's [`tether::SessionSource`]: set before the server starts, bound to the
+/// cluster layer once that exists (it needs the server's handle).
+#[derive(Default)]
+pub(crate) struct ClusterSessions(std::sync::OnceLock<std::sync::Weak<Cluster>>);
+
+impl ClusterSessions {
+    /// Binds the source to the cluster layer.
+    pub(crate) fn bind(&self, c: &Arc<Cluster>) {
+        let _ = self.0.set(Arc::downgrade(c));
+    }
+}
+
+impl tether::SessionSource for ClusterSessions {
+    fn fetch(&self, req: SessionRequest) -> SessionFetch {
+        match self.0.get().and_then(std::sync::Weak::upgrade) {
+            Some(c) => c.fetch(req),
+            None => SessionFetch::none(),
         }
     }
 }
@@ -1098,6 +1532,9 @@ impl StatusSource for ClusterSource {
 ///   tether_cluster_route_failed_total          counter  routing that failed (either side)
 ///   tether_cluster_clients_lost_total          counter  clients this node marked node-lost
 ///   tether_cluster_replaced_total              counter  local connections closed for a newer one elsewhere
+///   tether_cluster_sessions_in_total           counter  sessions taken over from other nodes
+///   tether_cluster_sessions_out_total          counter  sessions handed over to other nodes
+///   tether_cluster_session_fetch_failed_total  counter  resumes of another node's session that found none
 /// ```
 #[derive(Debug)]
 pub(crate) struct ClusterCollector(pub(crate) Arc<Cluster>);
@@ -1171,6 +1608,21 @@ impl prometheus_client::collector::Collector for ClusterCollector {
                 "tether_cluster_replaced",
                 "Local connections closed for a newer one on another node.",
                 &s.replaced,
+            ),
+            (
+                "tether_cluster_sessions_in",
+                "Sessions taken over from another node (a client resumed here).",
+                &s.sessions_in,
+            ),
+            (
+                "tether_cluster_sessions_out",
+                "Sessions handed over to another node.",
+                &s.sessions_out,
+            ),
+            (
+                "tether_cluster_session_fetch_failed",
+                "Resumes of another node's session that got no session (SESSION_UNKNOWN).",
+                &s.session_fetch_failed,
             ),
         ] {
             f.counter(name, help, g(a))?;

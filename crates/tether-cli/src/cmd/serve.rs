@@ -51,6 +51,8 @@ const KEYS: &[&str] = &[
     "node_id",
     "cluster_name",
     "cluster_dead_after",
+    "cluster_ca",
+    "cluster_password_file",
 ];
 
 /// Run a tether server that knows who is online.
@@ -85,8 +87,8 @@ const KEYS: &[&str] = &[
 /// With --cluster redis://HOST:PORT --node-id NAME, several nodes behind one load balancer
 /// share presence (every node lists every client with its node), detect a dead node within
 /// --cluster-dead-after (its clients go offline, node-lost), close the older connection when a
-/// client connects on two nodes, and route API sends and closes to the node that holds the
-/// client (docs/CLUSTER.md).
+/// client connects on two nodes, route API sends and closes to the node that holds the
+/// client, and move a client's session to the node its reconnect lands on (docs/CLUSTER.md).
 ///
 /// Examples:
 ///   tether serve                                   # 127.0.0.1:7300, status page and API on :7301
@@ -179,6 +181,14 @@ pub(crate) struct ServeArgs {
     /// within this long; nodes heartbeat every third of it.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_dead_after)]
     cluster_dead_after: Duration,
+    /// PEM file with the CA certificates a rediss:// Redis is checked against (default: the
+    /// system's roots).
+    #[arg(long, value_name = "FILE")]
+    cluster_ca: Option<PathBuf>,
+    /// File with the password of the Redis user (AUTH; the user may be named in the URL as
+    /// rediss://USER@HOST:PORT). Keeps the password out of the URL, the environment and `ps`.
+    #[arg(long, value_name = "FILE")]
+    cluster_password_file: Option<PathBuf>,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -265,6 +275,18 @@ impl ServeArgs {
                     parse_dead_after,
                 )?,
                 offline_retention: Duration::from_secs(3600),
+                ca: l
+                    .pick_opt("cluster_ca", self.cluster_ca.clone(), crate::security::path)?
+                    .map(|p| crate::cluster::read_ca(&p))
+                    .transpose()?,
+                password: l
+                    .pick_opt(
+                        "cluster_password_file",
+                        self.cluster_password_file.clone(),
+                        crate::security::path,
+                    )?
+                    .map(|p| crate::cluster::read_password(&p))
+                    .transpose()?,
             }),
             (Some(_), None) => {
                 return Err(crate::exit::UsageError(
@@ -337,6 +359,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
     let mut hangups = log::Hangups::install();
     s.security
         .check_exposure_with(s.listen, "listen", s.auth_webhook.is_some())?;
+    if let Some(c) = &s.cluster {
+        c.check_exposure(s.security.insecure)?;
+    }
     let mut cfg = ServerConfig::new(s.listen)
         .policy(s.policy.clone())
         .max_connections(s.max_connections)
@@ -369,6 +394,14 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         (None, Some(hook)) => cfg = cfg.authorize(hook),
         (None, None) => {}
     }
+    // With a cluster, a resume of a session another node holds takes it over from there.
+    let sessions = s
+        .cluster
+        .as_ref()
+        .map(|_| Arc::new(crate::cluster::ClusterSessions::default()));
+    if let Some(src) = &sessions {
+        cfg = cfg.session_source(src.clone());
+    }
     let mut server = Server::bind(cfg)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
@@ -396,6 +429,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         Some(c) => Some(crate::cluster::Cluster::start(c.clone(), server.handle())?),
         None => None,
     };
+    if let (Some(src), Some(c)) = (&sessions, &cluster) {
+        src.bind(c);
+    }
     // The event journal exists with the HTTP listener (nobody could read it otherwise).
     let mut journal: Option<Arc<Journal>> = None;
     if let Some(addr) = s.http {
@@ -500,7 +536,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     if let Some(c) = &cluster {
                         c.observe(&ev);
                     }
-                    log_event(&handle, ev, s.echo);
+                    log_event(&handle, ev, s.echo, cluster.as_ref());
                 }
             },
             () = hangups.recv() => {
@@ -524,7 +560,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                     if let Some(c) = &cluster {
                         c.observe(&ev);
                     }
-                    log_event(&handle, ev, false);
+                    log_event(&handle, ev, false, cluster.as_ref());
                 }
                 if let Some(c) = &cluster {
                     c.leave(Duration::from_secs(1)).await;
@@ -543,7 +579,12 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
 }
 
 /// Logs one server event on stderr (and echoes messages with `--echo`).
-fn log_event(handle: &tether::ServerHandle, ev: ServerEvent, echo: bool) {
+fn log_event(
+    handle: &tether::ServerHandle,
+    ev: ServerEvent,
+    echo: bool,
+    cluster: Option<&Arc<crate::cluster::Cluster>>,
+) {
     match ev {
         ServerEvent::Connected {
             client_id,
@@ -565,7 +606,15 @@ fn log_event(handle: &tether::ServerHandle, ev: ServerEvent, echo: bool) {
             if echo {
                 // Never await one client here: a client that does not read is closed as a
                 // slow consumer instead of stalling everyone's echo.
-                let _ = handle.try_send(&client_id, msg);
+                if let Err(tether::SendError::NotConnected(_)) =
+                    handle.try_send(&client_id, msg.clone())
+                {
+                    // Received here just before its session moved to another node: the
+                    // echo follows it there.
+                    if let Some(c) = cluster {
+                        c.forward_if_moved(&client_id, msg);
+                    }
+                }
             }
         }
         ServerEvent::Disconnected {

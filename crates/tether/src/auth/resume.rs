@@ -43,7 +43,23 @@ impl TokenHash {
 
     /// Whether `presented` hashes to this, compared in constant time.
     pub fn matches(&self, presented: &ResumeToken) -> bool {
-        bool::from(self.0.ct_eq(&TokenHash::of(presented).0))
+        self.same(&TokenHash::of(presented))
+    }
+
+    /// Whether `other` is this hash, compared in constant time.
+    pub fn same(&self, other: &TokenHash) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
+
+    /// The hash's bytes (to move a session's credential to another server; a hash does not
+    /// resume anything by itself, but keep it out of logs all the same).
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// A hash from its bytes ([`to_bytes`](Self::to_bytes)).
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        TokenHash(b)
     }
 }
 
@@ -128,20 +144,51 @@ impl ResumeCredential {
         principal: Option<&PrincipalKey>,
         presented: &ResumeToken,
     ) -> Result<(), ResumeRefusal> {
+        self.check_hash(client_id, principal, &TokenHash::of(presented))
+    }
+
+    /// [`check`](Self::check) with the presented token's hash instead of the token (another
+    /// server asks for the session on behalf of a client that presented the token there).
+    pub fn check_hash(
+        &self,
+        client_id: &str,
+        principal: Option<&PrincipalKey>,
+        presented: &TokenHash,
+    ) -> Result<(), ResumeRefusal> {
         // Both compared whenever both exist (constant time for each).
-        let current = self.hash.matches(presented);
-        let previous = self.previous.as_ref().is_some_and(|h| h.matches(presented));
-        let token_ok = current | previous;
+        let current = self.hash.same(presented);
+        let previous = self.previous.as_ref().is_some_and(|h| h.same(presented));
         if self.client_id != client_id {
             return Err(ResumeRefusal::OtherId);
         }
         if self.principal.as_ref() != principal {
             return Err(ResumeRefusal::OtherPrincipal);
         }
-        if !token_ok {
+        if !(current | previous) {
             return Err(ResumeRefusal::WrongToken);
         }
         Ok(())
+    }
+
+    /// The current token's hash and the previous one's (still accepted until
+    /// [`confirm`](Self::confirm)).
+    pub fn hashes(&self) -> (&TokenHash, Option<&TokenHash>) {
+        (&self.hash, self.previous.as_ref())
+    }
+
+    /// A credential from the hashes another server kept ([`hashes`](Self::hashes)).
+    pub fn from_hashes(
+        hash: TokenHash,
+        previous: Option<TokenHash>,
+        client_id: &str,
+        principal: Option<PrincipalKey>,
+    ) -> Self {
+        ResumeCredential {
+            hash,
+            previous,
+            client_id: client_id.into(),
+            principal,
+        }
     }
 
     /// Replaces the token after a successful resume with `presented` (the token that

@@ -59,6 +59,8 @@ pub(crate) const TRANSMIT_HIGH_WATER: usize = 256 * 1024;
 pub(crate) const REARM_SLACK: Duration = Duration::from_millis(50);
 /// How long an orderly close may take to flush and see the peer's FIN.
 pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How long an abandoned connection's CLOSE may take to leave ([`Command::Abandon`]).
+pub(crate) const HANDOVER_LINGER: Duration = Duration::from_millis(100);
 
 /// The application's answer to a HELLO.
 pub(crate) enum Decision {
@@ -96,6 +98,9 @@ pub(crate) enum Resolved {
     Refresh(AuthDecision),
     /// Client: a fresh credential to send in an AUTH frame.
     Credential(Credential),
+    /// Server: the session source's fetch for the HELLO is done (what it found, if
+    /// anything, is installed as a held session already).
+    SessionFetched,
 }
 
 /// What the sink makes of a [`Resolved`] verdict.
@@ -163,6 +168,9 @@ struct Driver<T, S> {
     /// Close without waiting for the peer's FIN (a refused connection that sent nothing
     /// more: evicted from the handshake, or refused at shutdown).
     no_linger: bool,
+    /// Abandoned (`Command::Abandon`): the close lingers `HANDOVER_LINGER`, not
+    /// `CLOSE_LINGER`.
+    abandoned: bool,
     shut_down: bool,
     last_write: Option<Instant>,
     result: Option<Disconnect>,
@@ -194,6 +202,7 @@ pub(crate) fn drive<T: Transport, S: Sink + Send>(
         write_failed: false,
         closing_since: None,
         no_linger: false,
+        abandoned: false,
         shut_down: false,
         last_write: None,
         result: None,

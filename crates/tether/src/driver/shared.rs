@@ -65,6 +65,10 @@ pub(crate) enum Command {
     Close(CloseCode, String),
     /// Close at once; queued messages stay in the outbox (for whoever takes it).
     CloseNow(CloseCode, String),
+    /// Close at once and leave: queued messages stay in the outbox, the CLOSE frame gets
+    /// `HANDOVER_LINGER` to go out, and the peer's FIN is not waited for (the connection's
+    /// session was taken over by another server: its peer is most likely gone).
+    Abandon(CloseCode, String),
     /// Refuse a connection still in the handshake (no effect once established), without
     /// waiting for the peer's FIN.
     Refuse(CloseCode, String),
@@ -301,7 +305,12 @@ impl Shared {
     /// immediate close is never downgraded).
     pub(crate) fn command(&self, cmd: Command) {
         let mut inner = self.lock();
-        if inner.done.is_some() || matches!(inner.command, Some(Command::CloseNow(..))) {
+        if inner.done.is_some()
+            || matches!(
+                inner.command,
+                Some(Command::CloseNow(..) | Command::Abandon(..))
+            )
+        {
             return;
         }
         if matches!(inner.command, Some(Command::Close(..))) && matches!(cmd, Command::Refuse(..)) {

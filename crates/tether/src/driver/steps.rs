@@ -33,6 +33,15 @@ struct Step {
 }
 
 impl<T: Transport, S: Sink> Driver<T, S> {
+    /// How long the close may wait for the CLOSE to leave and the peer's FIN.
+    fn close_linger(&self) -> std::time::Duration {
+        if self.abandoned {
+            super::HANDOVER_LINGER
+        } else {
+            CLOSE_LINGER
+        }
+    }
+
     /// One wake-up: the steps in order, looping back while there is work that nothing else
     /// would wake the task for.
     pub(super) fn poll(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>) -> Poll<()> {
@@ -138,6 +147,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             }
             Some(Command::Close(code, text)) => conn.close(now, code, &text),
             Some(Command::CloseNow(code, text)) => conn.close(now, code, &text),
+            Some(Command::Abandon(code, text)) => {
+                conn.close(now, code, &text);
+                self.no_linger = true;
+                self.abandoned = true;
+            }
             Some(Command::Refuse(code, text)) if !conn.is_established() => {
                 conn.refuse(now, code, &text);
                 self.no_linger = true;
@@ -403,7 +417,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         if self.shut_down && (self.read_done || self.no_linger) {
             return true;
         }
-        if now >= since + CLOSE_LINGER {
+        if now >= since + self.close_linger() {
             if !self.shut_down {
                 // Unsent bytes the peer never read: do not leave them to the kernel.
                 self.io.abort_on_close();
@@ -438,7 +452,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         now: Instant,
         mut sleep: Pin<&mut Sleep>,
     ) -> bool {
-        let linger = self.closing_since.map(|c| c + CLOSE_LINGER);
+        let linger = self.closing_since.map(|c| c + self.close_linger());
         let deadline = match (self.conn.poll_timeout(), linger) {
             (Some(d), Some(l)) => Some(d.min(l)),
             (d, l) => d.or(l),

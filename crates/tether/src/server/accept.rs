@@ -320,6 +320,8 @@ impl Connection<'_> {
                 tls_principal,
                 principal: None,
                 pending: None,
+                fetching: None,
+                fetched: false,
             })
         });
         let sink = ServerSink {
@@ -385,7 +387,10 @@ async fn tls_handshake(
     tokio::select! {
         r = work => r,
         cmd = command => Err(match cmd {
-            Command::Refuse(code, text) | Command::Close(code, text) | Command::CloseNow(code, text) => {
+            Command::Refuse(code, text)
+            | Command::Close(code, text)
+            | Command::CloseNow(code, text)
+            | Command::Abandon(code, text) => {
                 DisconnectReason::Refused { code, text }
             }
         }),
@@ -425,6 +430,17 @@ struct SinkAuth {
     principal: Option<Principal>,
     /// The HELLO while the authorizer decides.
     pending: Option<Hello>,
+    /// The HELLO while the session source fetches the session it resumes.
+    fetching: Option<Box<Fetching>>,
+    /// The session source was asked once already (it is asked at most once per connection).
+    fetched: bool,
+}
+
+/// A HELLO admitted and waiting for the session source.
+struct Fetching {
+    hello: Hello,
+    principal: Option<PrincipalKey>,
+    ttl: Option<Duration>,
 }
 
 /// Connects one connection's events to the server: the HELLO to authorization and then the
@@ -452,6 +468,8 @@ impl ServerSink {
                 tls_principal: None,
                 principal: None,
                 pending: None,
+                fetching: None,
+                fetched: false,
             })
         })
     }
@@ -533,10 +551,68 @@ impl ServerSink {
         let ttl = Some(p.wire_ttl(wall)).filter(|t| !t.is_zero());
         let key = p.key();
         let d = self.connect(now, hello, Some(&key), ttl);
-        if let Decision::Accept(..) = d {
+        if let Decision::Accept(..) | Decision::Pending = d {
             self.auth().principal = Some(p);
         }
         d
+    }
+
+    /// Asks the session source for the session `hello` resumes when this server does not
+    /// hold it (once per connection): `Some(Pending)` while it fetches. What it finds is
+    /// installed as a held session on the fetch's own task — whether or not this connection
+    /// is still there to resume it — and then the connection's task runs the normal
+    /// transition ([`resolved`](Sink::resolved) → [`connect`](Self::connect)).
+    fn fetch_session(
+        &mut self,
+        hello: &Hello,
+        principal: Option<&PrincipalKey>,
+        ttl: Option<Duration>,
+    ) -> Option<Decision> {
+        let source = self.inner.cfg.session_source.clone()?;
+        let r = hello.resume.as_ref()?;
+        self.inner.cfg.session_linger.filter(|l| !l.is_zero())?;
+        if self.auth.as_ref().is_some_and(|a| a.fetched)
+            || self.inner.clients.session_of(&hello.client_id) == Some(r.session_id)
+        {
+            return None;
+        }
+        let req = crate::server::handover::SessionRequest {
+            client_id: hello.client_id.clone(),
+            session_id: r.session_id,
+            token_hash: crate::auth::resume::TokenHash::of(&r.token),
+            principal: principal.cloned(),
+        };
+        let a = self.auth();
+        a.fetched = true;
+        a.fetching = Some(Box::new(Fetching {
+            hello: hello.clone(),
+            principal: principal.cloned(),
+            ttl,
+        }));
+        let fetch = source.0.fetch(req);
+        let shared = Arc::downgrade(&self.shared);
+        let inner = self.inner.clone();
+        let limit = inner.cfg.handshake_timeout;
+        let remote = self.remote;
+        let client_id = hello.client_id.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(export)) = tokio::time::timeout(limit, fetch).await {
+                if export.client_id() == client_id {
+                    // Installed even if the connection is gone: held, then reported lost.
+                    if let Err(e) = inner.import(driver::now(), export, None, remote) {
+                        tracing::debug!(client = %client_id, error = %e, "fetched session not installed (reported lost)");
+                    }
+                } else {
+                    // A source that answers with another client's session: not this
+                    // client's to resume; it is held for its own client.
+                    let _ = inner.import(driver::now(), export, None, remote);
+                }
+            }
+            if let Some(shared) = shared.upgrade() {
+                shared.resolve(Resolved::SessionFetched);
+            }
+        });
+        Some(Decision::Pending)
     }
 
     /// The lifecycle transition for an admitted HELLO.
@@ -547,6 +623,9 @@ impl ServerSink {
         principal: Option<&PrincipalKey>,
         ttl: Option<Duration>,
     ) -> Decision {
+        if let Some(d) = self.fetch_session(hello, principal, ttl) {
+            return d;
+        }
         self.inner.admission.end_handshake(self.conn_id);
         let key: Arc<str> = Arc::from(hello.client_id.as_str());
         let d = self.inner.hello(
@@ -661,6 +740,12 @@ impl Sink for ServerSink {
             },
             Resolved::Refresh(d) => Resolution::Refresh(self.refreshed(d)),
             Resolved::Credential(_) => Resolution::Refresh(RefreshAnswer::Pending),
+            Resolved::SessionFetched => match self.auth().fetching.take() {
+                Some(f) => {
+                    Resolution::Hello(self.connect(now, &f.hello, f.principal.as_ref(), f.ttl))
+                }
+                None => Resolution::Hello(Decision::Pending),
+            },
         }
     }
 

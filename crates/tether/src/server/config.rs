@@ -25,6 +25,7 @@ use tether_proto::presence::RegistryConfig;
 use tether_proto::session::SessionConfig;
 use tether_proto::Policy;
 
+use super::handover::SessionSource;
 use crate::auth::throttle::ThrottleConfig;
 use crate::auth::Authorize;
 use crate::tls::TlsServer;
@@ -63,6 +64,7 @@ pub struct ServerConfig {
     pub(crate) send_wait: Duration,
     pub(crate) tls: Option<Arc<TlsServer>>,
     pub(crate) authorize: Option<AuthHook>,
+    pub(crate) session_source: Option<SourceHook>,
     pub(crate) throttle: Option<ThrottleConfig>,
     pub(crate) presence_events: bool,
 }
@@ -74,6 +76,16 @@ pub(crate) struct AuthHook(pub(crate) Arc<dyn Authorize>);
 impl std::fmt::Debug for AuthHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Authorize(..)")
+    }
+}
+
+/// The session source, shared by every connection.
+#[derive(Clone)]
+pub(crate) struct SourceHook(pub(crate) Arc<dyn SessionSource>);
+
+impl std::fmt::Debug for SourceHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionSource(..)")
     }
 }
 
@@ -97,6 +109,7 @@ impl Default for ServerConfig {
             send_wait: Duration::from_secs(1),
             tls: None,
             authorize: None,
+            session_source: None,
             throttle: Some(ThrottleConfig::default()),
             presence_events: false,
         }
@@ -271,6 +284,16 @@ impl ServerConfig {
     /// (every client is anonymous; any connection may take over any id).
     pub fn authorize(mut self, hook: Arc<dyn Authorize>) -> Self {
         self.authorize = Some(AuthHook(hook));
+        self
+    }
+
+    /// Asks `source` for a session this server does not hold when a HELLO resumes it (a
+    /// session held by another node of a cluster): the handshake waits for the fetch (at
+    /// most the handshake timeout), the session is installed as held here, and the normal
+    /// resume check runs. Nothing found → REFUSE SESSION_UNKNOWN as without a source. See
+    /// [`handover`](super::handover). Default: none.
+    pub fn session_source(mut self, source: Arc<dyn SessionSource>) -> Self {
+        self.session_source = Some(SourceHook(source));
         self
     }
 

@@ -37,12 +37,13 @@ use tether_proto::session::Session;
 use tether_proto::{CloseCode, Disconnect, DisconnectReason};
 
 use super::events::{Broadcast, Delivery, SendError, ServerEvent};
+use super::handover::{SessionExport, SessionRequest};
 use super::sessions::{self, Held, Plan, SessionSlot};
 use super::Inner;
 use crate::auth::resume::ResumeCredential;
 use crate::auth::PrincipalKey;
 use crate::connection::liveness_config;
-use crate::driver::{Decision, Offer, Shared};
+use crate::driver::{Command, Decision, Offer, Shared};
 
 const SHARDS: usize = 32;
 
@@ -329,6 +330,7 @@ impl Inner {
             id,
             resume,
             held: None,
+            taker: None,
         };
         let grant = SessionGrant {
             session_id: id,
@@ -401,6 +403,39 @@ impl Inner {
         {
             if let Some(slot) = rec.session.as_mut() {
                 slot.resume.confirm();
+            }
+        }
+        // The session is being taken over by another server: it goes there, whatever the
+        // reason the connection ended (this server closed it for the take).
+        let taker = rec.session.as_mut().and_then(|s| s.taker.take());
+        if let (Some(tx), Some(s)) = (taker, &session) {
+            if rec.session.as_ref().is_some_and(|slot| slot.id == s.id()) {
+                self.with_registry(|r| {
+                    r.record_counters(id, conn_id, counters);
+                    r.disconnected(
+                        now,
+                        id,
+                        conn_id,
+                        DisconnectReason::Replaced,
+                        d.silent_for,
+                        None,
+                    )
+                });
+                let pending = shared.take_outbox();
+                if let (Some(slot), Some(s)) = (rec.session.take(), session) {
+                    let export = SessionExport::new(id, &slot.resume, &s, pending);
+                    if let Err(export) = tx.send(export) {
+                        // The taker gave up waiting (its client was told the session is
+                        // unknown): report what it leaves undelivered.
+                        self.report_export_lost(&export);
+                    }
+                }
+                if rec.is_idle() {
+                    shard.remove(id);
+                }
+                drop(shard);
+                self.signals.room.notify_waiters();
+                return;
             }
         }
         // An orderly end (the client said goodbye, or this server closed it) ends the
@@ -485,6 +520,166 @@ impl Inner {
         }
         drop(shard);
         self.signals.room.notify_waiters();
+    }
+
+    /// Hands session `req` over to another server: a held session at once (the client goes
+    /// offline here, reason `replaced`); an attached one once its connection, closed here
+    /// with REPLACED, has ended (the receiver gets it). Nothing unless the session id, the
+    /// client id, the principal and the token hash all match: a wrong token moves nothing.
+    pub(super) fn take(&self, now: Instant, req: &SessionRequest) -> Take {
+        let id = req.client_id.as_str();
+        let mut shard = lock(self.clients.shard(id));
+        let Some(rec) = shard.get_mut(id) else {
+            return Take::No;
+        };
+        let Some(slot) = rec.session.as_deref_mut() else {
+            return Take::No;
+        };
+        if slot.id != req.session_id
+            || slot
+                .resume
+                .check_hash(id, req.principal.as_ref(), &req.token_hash)
+                .is_err()
+        {
+            return Take::No;
+        }
+        if slot.held.is_some() {
+            let Some(slot) = rec.session.take() else {
+                return Take::No;
+            };
+            let SessionSlot { resume, held, .. } = *slot;
+            let Some(held) = held else {
+                return Take::No;
+            };
+            self.budgets.unsent.give(held.charged());
+            let export = SessionExport::new(
+                id,
+                &resume,
+                &held.session,
+                held.pending.into_iter().collect(),
+            );
+            self.with_registry(|r| r.end_hold(now, id, DisconnectReason::Replaced));
+            if rec.is_idle() {
+                shard.remove(id);
+            }
+            drop(shard);
+            // Senders waiting for the held session's room: it is gone.
+            self.signals.room.notify_waiters();
+            return Take::Taken(Box::new(export));
+        }
+        let Some(live) = &rec.conn else {
+            return Take::No;
+        };
+        if slot.taker.is_some() {
+            return Take::No; // another take is under way
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        slot.taker = Some(tx);
+        // Its peer is most likely gone (it resumes elsewhere): the CLOSE gets a moment to
+        // leave, the peer's FIN is not waited for.
+        live.shared.command(Command::Abandon(
+            CloseCode::REPLACED,
+            "session resumed on another node".into(),
+        ));
+        Take::Wait(rx)
+    }
+
+    /// Installs a session handed over by another server as held here (for the linger: the
+    /// client is `Resuming`), so the next HELLO that resumes it goes through the normal
+    /// check. `key` is the connection's copy of the client id, when one waits. A session
+    /// of the same principal held here for the id is older and reported lost. When the
+    /// export cannot be held (sessions are off here, the client id has a connection here,
+    /// or another principal's session), it is reported lost at once
+    /// ([`ServerEvent::SessionLost`]).
+    pub(super) fn import(
+        &self,
+        now: Instant,
+        export: SessionExport,
+        key: Option<&Arc<str>>,
+        remote: SocketAddr,
+    ) -> Result<(), super::handover::ImportError> {
+        use super::handover::ImportError;
+        let Some(linger) = self.cfg.session_linger.filter(|l| !l.is_zero()) else {
+            self.report_export_lost(&export);
+            return Err(ImportError::SessionsOff);
+        };
+        let id = export.client_id.clone();
+        let mut shard = lock(self.clients.shard(&id));
+        let key = key
+            .filter(|k| &***k == id.as_str())
+            .cloned()
+            .unwrap_or_else(|| Arc::from(id.as_str()));
+        let rec = shard.entry(key).or_default();
+        // A session of the same owner held here is older (the client moved on from it:
+        // it resumes another one): it will not be resumed, it is lost now — as when the
+        // client starts a new session.
+        let same_owner = rec.principal.as_deref() == export.principal.as_ref();
+        if rec.conn.is_none()
+            && same_owner
+            && rec.session.as_ref().is_some_and(|s| s.held.is_some())
+        {
+            if let Some(held) = rec.session.take().and_then(|s| s.held) {
+                self.session_lost(&id, held);
+                self.with_registry(|r| r.end_hold(now, &id, DisconnectReason::Replaced));
+            }
+        }
+        if !rec.is_idle() {
+            drop(shard);
+            self.report_export_lost(&export);
+            return Err(ImportError::Busy);
+        }
+        let session =
+            match Session::from_state([0; TOKEN_LEN], self.cfg.session, export.state.clone()) {
+                Ok(s) => s,
+                Err(e) => {
+                    shard.remove(id.as_str());
+                    drop(shard);
+                    self.report_export_lost(&export);
+                    return Err(ImportError::Invalid(e));
+                }
+            };
+        let SessionExport {
+            client_id,
+            principal,
+            hash,
+            previous,
+            state,
+            pending,
+        } = export;
+        let pending_bytes = pending.iter().map(Bytes::len).sum();
+        let until = now + linger;
+        let held = Held {
+            session,
+            pending: pending.into(),
+            pending_bytes,
+            until,
+        };
+        self.budgets.unsent.take(held.charged());
+        rec.session = Some(Box::new(SessionSlot {
+            id: state.id,
+            resume: ResumeCredential::from_hashes(hash, previous, &client_id, principal.clone()),
+            held: Some(held),
+            taker: None,
+        }));
+        rec.principal = principal.map(Box::new);
+        self.with_registry(|r| r.held(now, &id, remote, DisconnectReason::Replaced, until));
+        drop(shard);
+        Ok(())
+    }
+
+    /// An export that will not be resumed anywhere: what it leaves undelivered.
+    fn report_export_lost(&self, e: &SessionExport) {
+        let st = &e.state;
+        let first = st.last_seq + 1;
+        let unsent_seqs =
+            (!e.pending.is_empty()).then(|| first..=first + e.pending.len() as u64 - 1);
+        let _ = self.events.send(ServerEvent::SessionLost {
+            client_id: e.client_id.clone(),
+            session: st.id,
+            unacked: (st.last_seq > st.acked).then(|| st.acked + 1..=st.last_seq),
+            unsent: e.pending.clone(),
+            unsent_seqs,
+        });
     }
 
     /// A held session is dropped: tell the application what it leaves undelivered.
@@ -616,6 +811,16 @@ impl Inner {
             held: true,
         })
     }
+}
+
+/// What [`Inner::take`] found.
+pub(super) enum Take {
+    /// Nothing to hand over (unknown session, or it does not match).
+    No,
+    /// The held session, taken.
+    Taken(Box<SessionExport>),
+    /// Attached: its connection is closing; the session comes here when it has ended.
+    Wait(tokio::sync::oneshot::Receiver<SessionExport>),
 }
 
 /// The registry's queued changes, each with the client's current address.

@@ -24,6 +24,7 @@
 mod accept;
 mod config;
 mod events;
+pub mod handover;
 mod lifecycle;
 mod metrics;
 mod sessions;
@@ -49,7 +50,8 @@ pub use events::{
 use crate::auth::throttle::FailureThrottle;
 use crate::driver::{self, Budgets, Command, StatsSnapshot};
 use accept::Admission;
-use lifecycle::{lock, Clients};
+use handover::{ImportError, SessionExport, SessionRequest};
+use lifecycle::{lock, Clients, Take};
 use metrics::Totals;
 
 /// Everything the server's tasks and handles share.
@@ -324,6 +326,42 @@ impl ServerHandle {
     /// than a frame carries.
     pub fn broadcast(&self, msg: Bytes) -> Result<Broadcast, SendError> {
         self.inner.broadcast(msg)
+    }
+
+    /// Hands the session `req` names over to another server (which asked for it through its
+    /// [`SessionSource`](handover::SessionSource)): `None` unless this server has session
+    /// `req.session_id` of `req.client_id`, owned by `req.principal`, whose resume token
+    /// hashes to `req.token_hash` (a wrong token moves nothing, disturbs nothing).
+    ///
+    /// A held session is taken at once: the client goes `offline` here with reason
+    /// `replaced`, no [`ServerEvent::SessionLost`] (it moved), and its messages leave this
+    /// server's unsent budget. A session still attached to a connection (this server has
+    /// not noticed its death yet) is taken when that connection, closed with
+    /// CLOSE(REPLACED, "session resumed on another node"), has ended: waited for by
+    /// notification, at most `wait`. If the wait runs out first, the session is reported
+    /// lost here when the connection ends.
+    pub async fn take_session(
+        &self,
+        req: &SessionRequest,
+        wait: Duration,
+    ) -> Option<SessionExport> {
+        match self.inner.take(driver::now(), req) {
+            Take::No => None,
+            Take::Taken(e) => Some(*e),
+            Take::Wait(rx) => tokio::time::timeout(wait, rx).await.ok()?.ok(),
+        }
+    }
+
+    /// Installs a session another server handed over as held here (for
+    /// [`session_linger`](ServerConfig::session_linger); the client is `resuming`): the
+    /// client's next HELLO resumes it with the normal check. A session of the same
+    /// principal held here for the id is older (the client moved on) and is reported lost.
+    /// Fails when sessions are off, or the client id has a connection here or another
+    /// principal's session; the export is then reported lost ([`ServerEvent::SessionLost`]),
+    /// so nothing vanishes.
+    pub fn import_session(&self, export: SessionExport) -> Result<(), ImportError> {
+        let remote = SocketAddr::from(([0, 0, 0, 0], 0));
+        self.inner.import(driver::now(), export, None, remote)
     }
 
     /// Closes a client's connection with `code` and `text` (after what is queued for it);

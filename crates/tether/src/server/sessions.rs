@@ -29,6 +29,9 @@ pub(super) struct SessionSlot {
     pub(super) resume: ResumeCredential,
     /// `Some` between connections; `None` while a connection runs the session.
     pub(super) held: Option<Held>,
+    /// Another server takes the session over: when the attached connection ends, the
+    /// session goes here instead of being held (`ServerHandle::take_session`).
+    pub(super) taker: Option<tokio::sync::oneshot::Sender<super::handover::SessionExport>>,
 }
 
 /// A session between connections.

@@ -113,16 +113,46 @@ pub async fn raw_accept(listener: &TcpListener, h_ms: u32, d_ms: u32) -> TcpStre
     s
 }
 
-/// Performs the client side of the handshake by hand and returns the raw stream.
-pub async fn raw_connect(addr: SocketAddr, id: &str) -> TcpStream {
+/// Sends the preamble and `hello` on a new connection to `addr` and returns the body of the
+/// first frame the server answers with (its type byte first). The connection is dropped
+/// without a goodbye on return.
+pub async fn raw_first_frame(addr: SocketAddr, hello: tether_proto::codec::Hello) -> Vec<u8> {
+    raw_hello_answer(addr, hello).await.1
+}
+
+/// [`raw_first_frame`] that keeps the connection open: the stream and the answer's body.
+pub async fn raw_hello_answer(
+    addr: SocketAddr,
+    hello: tether_proto::codec::Hello,
+) -> (TcpStream, Vec<u8>) {
+    use tether_proto::codec::{self, Frame};
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&raw_hello(id)).await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    codec::encode_preamble(&mut out);
+    codec::encode(&Frame::Hello(hello), &mut out);
+    s.write_all(&out).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(3), read_first_frame(&mut s))
+        .await
+        .expect("answered within 3 s");
+    (s, body)
+}
+
+/// The server's preamble, then the body of its first frame.
+async fn read_first_frame(s: &mut TcpStream) -> Vec<u8> {
     let mut pre = [0u8; 5];
     s.read_exact(&mut pre).await.unwrap();
     assert_eq!(&pre, b"TTHR\x01");
     let len = s.read_u32().await.unwrap();
     let mut body = vec![0u8; len as usize];
     s.read_exact(&mut body).await.unwrap();
+    body
+}
+
+/// Performs the client side of the handshake by hand and returns the raw stream.
+pub async fn raw_connect(addr: SocketAddr, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&raw_hello(id)).await.unwrap();
+    let body = read_first_frame(&mut s).await;
     assert_eq!(body[0], 0x11, "expected WELCOME, got {body:?}");
     s
 }
