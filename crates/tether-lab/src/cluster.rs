@@ -19,7 +19,7 @@
 //!
 //! Every namespace routes everything through the router (default route via its /31 peer), so
 //! the router's forward chain sees every packet between any two hosts and a partition is one
-//! nft rule. B is the run's /28 block (see [`topology`](crate::topology)); the slot is claimed
+//! nft rule. B is the run's /28 block (see [`topology`]); the slot is claimed
 //! like every lab run's, so cluster runs and matrix runs never collide. Point-to-point /31
 //! links (RFC 3021) fit five nodes, the clients, Redis and the VIP in 16 addresses.
 //!
