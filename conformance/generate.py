@@ -934,6 +934,26 @@ def exchanges():
     x.send_frames(180, [{"type": "CLOSE", "code": 6}])
     xs.append(x)
 
+    x = srv("server-answers-heartbeats",
+            "optional (PROTOCOL.md §7 rule 1): the server answers a client heartbeat at once when "
+            "it sent nothing for h/2; its own heartbeat is a fallback h + h/8 after its last send; "
+            "dead still exactly d after the last byte",
+            requires=["answer"])
+    x.recv(0, PRE + hello("demo"))
+    x.event(0, {"type": "hello", "client_id": "demo", "want_session": False, "resume": None})
+    x.app(0, "accept", heartbeat_ms=1000, dead_after_ms=3000, enforce_heartbeat=True,
+          answer_heartbeats=True)
+    x.send(0, PRE + welcome(1000, 3000)).event(0, est())
+    x.recv(1000, HB).send(1000, HB)
+    x.recv(2010, HB).send(2010, HB)
+    # Less than h/2 after the server's last send: not answered (and not a flood).
+    x.recv(2300, HB).nothing(2300)
+    x.nothing(3134).send(3135, HB)
+    x.send(4260, HB)
+    x.event(5300, closed("heartbeat-timeout"))
+    x.send_frames(5300, [{"type": "CLOSE", "code": 3}])
+    xs.append(x)
+
     held = {"session_id": s(SID), "token": hx(TOK_A), "linger_ms": 30000,
             "sent": [hx(b"s1"), hx(b"s2"), hx(b"s3")], "acked": 0, "received": 2}
 

@@ -19,6 +19,8 @@
 //! - [`Fault`]: what breaks, each documented with the real-world cause and its source.
 //! - [`Method`]: how the application detects it (`os-default`, `keepalive`, `user-timeout`,
 //!   `idle-timer`, `tether`), all configured from one derived policy ([`Scale::policy`]).
+//! - [`cluster::ClusterTopology`]: clients, a load-balancing router, N `tether serve
+//!   --cluster` hosts and Redis, for the cluster's failure tests (`tests/cluster.rs`).
 //! - [`Lab`]: runs cells; [`report`] turns results into tables, JSON and a chart, and
 //!   [`report::check`] tests the claims (tether within its bound + 25%, no false deaths).
 //!
@@ -30,6 +32,7 @@
 //! `kill`), each with a SAFETY comment.
 
 pub mod client_cmd;
+pub mod cluster;
 pub mod error;
 pub mod fault;
 pub mod method;

@@ -15,7 +15,7 @@
 //!  Finish every side, join threads, kill peer process, drop Topology (namespaces deleted)
 //! ```
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -694,9 +694,7 @@ fn spawn_side_thread(
 /// A side in its own process (`ip netns exec NS peer side …`, or a client command), killed on
 /// drop.
 struct PeerChild {
-    child: Child,
-    pid: u32,
-    reaped: bool,
+    proc: topology::Reaped,
 }
 
 /// A line of a side process's output: the peer's (`ready`, `closed REASON`, …) or a client
@@ -749,7 +747,7 @@ impl PeerChild {
             .env("TETHER_LAB_SERVER", server.to_string())
             .stderr(Stdio::piped());
         let mut child = PeerChild::start(cmd, format!("{command} (client command)"), role, events)?;
-        if let Some(err) = child.child.stderr.take() {
+        if let Some(err) = child.proc.child.stderr.take() {
             let _ = std::thread::Builder::new()
                 .name("lab-client-err".into())
                 .spawn(move || {
@@ -773,8 +771,6 @@ impl PeerChild {
             command: what,
             source,
         })?;
-        let pid = child.id();
-        topology::register_pid(pid);
         if let Some(out) = child.stdout.take() {
             let _ = std::thread::Builder::new()
                 .name("lab-peer-out".into())
@@ -792,35 +788,21 @@ impl PeerChild {
                 });
         }
         Ok(PeerChild {
-            child,
-            pid,
-            reaped: false,
+            proc: topology::Reaped::new(child),
         })
     }
 
     /// Tells a client command to send one message (`SEND` on its standard input).
     fn send(&mut self) {
         use std::io::Write;
-        if let Some(stdin) = self.child.stdin.as_mut() {
+        if let Some(stdin) = self.proc.child.stdin.as_mut() {
             let _ = stdin.write_all(b"SEND\n").and_then(|()| stdin.flush());
         }
     }
 
-    /// SIGKILL (`ip netns exec` execs the peer, so the pid is the peer's) and reap.
+    /// SIGKILL and reap (also when dropped).
     fn kill(&mut self) {
-        if self.reaped {
-            return;
-        }
-        let _ = self.child.kill();
-        topology::unregister_pid(self.pid);
-        let _ = self.child.wait();
-        self.reaped = true;
-    }
-}
-
-impl Drop for PeerChild {
-    fn drop(&mut self) {
-        self.kill();
+        self.proc.kill();
     }
 }
 

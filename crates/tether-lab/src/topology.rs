@@ -169,12 +169,78 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(crate) fn register_pid(pid: u32) {
+fn register_pid(pid: u32) {
     lock(&LIVE_PIDS).push(pid);
 }
 
-pub(crate) fn unregister_pid(pid: u32) {
+fn unregister_pid(pid: u32) {
     lock(&LIVE_PIDS).retain(|p| *p != pid);
+}
+
+/// A child process of the lab (a peer, a client command, a cluster node): known to the
+/// SIGINT/SIGTERM handler from its start, SIGKILLed (by its pid) and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct Reaped {
+    /// The process (its pipes are the owner's to take).
+    pub(crate) child: std::process::Child,
+    pid: u32,
+    reaped: bool,
+}
+
+impl Reaped {
+    /// Takes over `child`.
+    pub(crate) fn new(child: std::process::Child) -> Reaped {
+        let pid = child.id();
+        register_pid(pid);
+        Reaped {
+            child,
+            pid,
+            reaped: false,
+        }
+    }
+
+    /// Its pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends `signal` unless it has been reaped.
+    pub(crate) fn signal(&self, signal: i32) {
+        if self.reaped {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.pid) {
+            // SAFETY: kill only sends a signal; the pid is our child and not reaped yet, so
+            // it cannot have been reused.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
+    /// Whether it has exited (reaped here if so).
+    pub(crate) fn exited(&mut self) -> bool {
+        if !self.reaped && matches!(self.child.try_wait(), Ok(Some(_))) {
+            unregister_pid(self.pid);
+            self.reaped = true;
+        }
+        self.reaped
+    }
+
+    /// SIGKILL (`ip netns exec` execs the program, so the pid is the program's) and reap.
+    pub(crate) fn kill(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let _ = self.child.kill();
+        unregister_pid(self.pid);
+        let _ = self.child.wait();
+        self.reaped = true;
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// Installs (once per process) a SIGINT/SIGTERM handler that deletes every live lab
@@ -240,6 +306,55 @@ fn cleanup_all() {
     }
 }
 
+/// Claims a free slot for a run: creates its router namespace `tlab{slot}r` (exclusive
+/// across processes, so whoever creates it owns the slot), after the root check and with the
+/// signal cleanup installed. The caller owns `tlab{slot}r` from here on and deletes it with
+/// [`delete_netns`].
+pub(crate) fn claim_slot() -> Result<u32, LabError> {
+    sys::check_environment()?;
+    install_signal_cleanup();
+    let start = (std::process::id().wrapping_mul(2_654_435_761) >> 7)
+        .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(7));
+    for i in 0..SLOTS {
+        let slot = (start.wrapping_add(i)) % SLOTS;
+        let router = format!("tlab{slot}r");
+        lock(&LIVE_NETNS).push(router.clone());
+        match sys::run("ip", &["netns", "add", &router], None) {
+            Ok(_) => return Ok(slot),
+            Err(LabError::Command { stderr, .. }) if stderr.contains("exists") => {
+                lock(&LIVE_NETNS).retain(|n| *n != router);
+            }
+            Err(e) => {
+                lock(&LIVE_NETNS).retain(|n| *n != router);
+                return Err(e);
+            }
+        }
+    }
+    Err(LabError::NoSlot {
+        live: SLOTS as usize,
+    })
+}
+
+/// Creates namespace `name`, known to the signal handler from before it exists.
+pub(crate) fn add_netns(name: &str) -> Result<(), LabError> {
+    lock(&LIVE_NETNS).push(name.to_owned());
+    sys::run("ip", &["netns", "add", name], None).map(drop)
+}
+
+/// Deletes namespaces `names` (and with them their veths, nft rules and conntrack entries);
+/// errors are ignored (a namespace that was never created).
+pub(crate) fn delete_netns(names: &[String]) {
+    for name in names {
+        let _ = sys::run("ip", &["netns", "delete", name], None);
+    }
+    lock(&LIVE_NETNS).retain(|n| !names.contains(n));
+}
+
+/// The first address of `slot`'s /28 block in 198.18.0.0/15.
+pub(crate) fn slot_base(slot: u32) -> u32 {
+    u32::from(Ipv4Addr::new(198, 18, 0, 0)) + slot * 16
+}
+
 fn ip4(base: u32, offset: u32) -> Ipv4Addr {
     Ipv4Addr::from(base + offset)
 }
@@ -248,34 +363,7 @@ impl Topology {
     /// Creates the three namespaces and the veths, addresses and routes for `shape`. The
     /// router is not configured yet: see [`Topology::configure_router`].
     pub fn create(shape: Shape) -> Result<Topology, LabError> {
-        sys::check_environment()?;
-        install_signal_cleanup();
-        let start = (std::process::id().wrapping_mul(2_654_435_761) >> 7)
-            .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(7));
-        let mut claimed = None;
-        for i in 0..SLOTS {
-            let slot = (start.wrapping_add(i)) % SLOTS;
-            let router = format!("tlab{slot}r");
-            // `ip netns add` creates /run/netns/NAME exclusively: whoever creates the router
-            // namespace owns the slot, across processes too.
-            lock(&LIVE_NETNS).push(router.clone());
-            match sys::run("ip", &["netns", "add", &router], None) {
-                Ok(_) => {
-                    claimed = Some(slot);
-                    break;
-                }
-                Err(LabError::Command { stderr, .. }) if stderr.contains("exists") => {
-                    lock(&LIVE_NETNS).retain(|n| *n != router);
-                }
-                Err(e) => {
-                    lock(&LIVE_NETNS).retain(|n| *n != router);
-                    return Err(e);
-                }
-            }
-        }
-        let slot = claimed.ok_or(LabError::NoSlot {
-            live: SLOTS as usize,
-        })?;
+        let slot = claim_slot()?;
         let topo = Topology {
             shape,
             slot,
@@ -287,15 +375,14 @@ impl Topology {
         };
         // From here on `topo`'s Drop cleans up whatever was made.
         for name in [&topo.names[0], &topo.names[2]] {
-            lock(&LIVE_NETNS).push(name.clone());
-            sys::run("ip", &["netns", "add", name], None)?;
+            add_netns(name)?;
         }
         topo.wire()?;
         Ok(topo)
     }
 
     fn base(&self) -> u32 {
-        u32::from(Ipv4Addr::new(198, 18, 0, 0)) + self.slot * 16
+        slot_base(self.slot)
     }
 
     /// The shape.
@@ -501,9 +588,6 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        for name in &self.names {
-            let _ = sys::run("ip", &["netns", "delete", name], None);
-        }
-        lock(&LIVE_NETNS).retain(|n| !self.names.contains(n));
+        delete_netns(&self.names);
     }
 }

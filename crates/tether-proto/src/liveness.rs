@@ -7,7 +7,9 @@
 //! spurious or early `handle_timeout` is harmless.
 //!
 //! ```text
-//!   last_tx ──h──▶ send HEARTBEAT          (only if nothing was sent for h)
+//!   last_tx ──h──▶ send HEARTBEAT          (only if nothing was sent for h; h + h/8 for a
+//!                                           side that answers the peer's heartbeats)
+//!   peer HB ─────▶ send HEARTBEAT          (at once, if nothing was sent for h/2)
 //!   last_rx ──s──▶ Suspect                 (s = suspect_after, optional)
 //!   last_rx ──d──▶ PeerDead                (never earlier than d)
 //!   last_app ─i──▶ IdleTimeout             (application data only, optional)
@@ -36,6 +38,27 @@ pub struct LivenessConfig {
     /// Close with a policy violation when the peer sends heartbeats much more often than once
     /// per this interval (more than 8 in any window of 4 intervals). `None` disables.
     pub enforce_peer_heartbeat: Option<Duration>,
+    /// Answer the peer's heartbeats, MQTT's PINGRESP way (the server's side, whose peer
+    /// heartbeats at the interval it dictated): a peer heartbeat that arrives at least h/2
+    /// after our last send is answered at once, and our own heartbeat timer becomes a
+    /// fallback at `h + h/8` after the last send (see [`answer_grace`]). While the peer
+    /// heartbeats, its heartbeat arrives before the fallback and this side wakes once per
+    /// interval (the read that answers) instead of twice (its timer, then the read).
+    /// Default: false (the timer runs at h; the peer's heartbeat is answered only when ours is
+    /// due within h/2).
+    pub answer_peer_heartbeat: bool,
+}
+
+/// How much later than h the fallback heartbeat of an answering side
+/// ([`LivenessConfig::answer_peer_heartbeat`]) goes out: h/8.
+///
+/// Large enough that a peer heartbeating every h (its timer a little late, the path a
+/// little slow) is answered before the fallback fires — one wake-up per interval; small
+/// enough that the peer's detector keeps its margin: a policy's `d ≥ 2h + max(h/2, 100 ms)`
+/// still covers two fallback gaps (`2 × 1.125 h`) plus a quarter interval (at least 50 ms)
+/// for the round trip.
+pub fn answer_grace(heartbeat_interval: Duration) -> Duration {
+    heartbeat_interval / 8
 }
 
 impl LivenessConfig {
@@ -48,6 +71,17 @@ impl LivenessConfig {
             idle_timeout: None,
             ping_interval: None,
             enforce_peer_heartbeat: None,
+            answer_peer_heartbeat: false,
+        }
+    }
+
+    /// How long after the last send this side's own heartbeat goes out: h, or `h + h/8`
+    /// when it answers the peer's heartbeats (a fallback).
+    pub fn own_heartbeat_after(&self) -> Duration {
+        if self.answer_peer_heartbeat {
+            self.heartbeat_interval + answer_grace(self.heartbeat_interval)
+        } else {
+            self.heartbeat_interval
         }
     }
 }
@@ -55,7 +89,8 @@ impl LivenessConfig {
 /// The engine's timers. Deadlines are derived from recorded times, never stored as futures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Timer {
-    /// Send a heartbeat (`last_tx + heartbeat_interval`).
+    /// Send a heartbeat (`last_tx + heartbeat_interval`; `+ h/8` for a side that answers the
+    /// peer's heartbeats).
     Heartbeat,
     /// Declare the peer dead (`last_rx + dead_after`).
     Dead,
@@ -202,15 +237,13 @@ impl Liveness {
     /// A heartbeat frame arrived (call after [`on_receive`](Self::on_receive)).
     pub fn on_heartbeat_received(&mut self, now: Instant) {
         self.heartbeats_received += 1;
-        // Coalesce: if our own heartbeat is due within half an interval, send it now, in the
-        // same wake-up as the peer's arrival, instead of waking again for it. Never later
-        // than h after our last send, and it halves the wake-ups of an idle pair.
+        // Coalesce: once half an interval has passed since our last send, send ours now, in
+        // the same wake-up as the peer's arrival, instead of waking again for it (never less
+        // than h/2 after our previous send, PROTOCOL.md §7 rule 1). With a timer at h this is
+        // "ours is due within h/2"; a side that answers the peer's heartbeats answers every
+        // one the peer sends at its interval, and its own timer (at h + h/8) never fires.
         let half = self.cfg.heartbeat_interval / 2;
-        if !self.dead
-            && self
-                .deadline(Timer::Heartbeat)
-                .is_some_and(|d| d <= now + half)
-        {
+        if !self.dead && now >= self.last_tx + half {
             self.last_tx = now;
             self.heartbeats_sent += 1;
             self.events.push_back(LivenessEvent::SendHeartbeat);
@@ -316,7 +349,7 @@ impl Liveness {
             return None;
         }
         match timer {
-            Timer::Heartbeat => Some(self.last_tx + self.cfg.heartbeat_interval),
+            Timer::Heartbeat => Some(self.last_tx + self.cfg.own_heartbeat_after()),
             Timer::Dead => Some(self.last_rx + self.cfg.dead_after),
             Timer::Suspect => match (self.cfg.suspect_after, self.suspect) {
                 (Some(s), false) => Some(self.last_rx + s),

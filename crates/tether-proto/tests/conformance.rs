@@ -24,6 +24,7 @@ use tether_proto::{CloseCode, Conn, ConnConfig, ConnEvent, DisconnectReason, Liv
 const FRAMES_SUPPORT: &[&str] = &["coalesce", "auth"];
 const EXCHANGES_SUPPORT: &[&str] = &[
     "coalesce",
+    "answer",
     "token-rotation",
     "auth",
     "ack-on-close",
@@ -516,6 +517,7 @@ impl Runner {
                 if app["enforce_heartbeat"] == json!(true) {
                     cfg.enforce_peer_heartbeat = Some(h);
                 }
+                cfg.answer_peer_heartbeat = app["answer_heartbeats"] == json!(true);
                 let session = if let Some(s) = app.get("session") {
                     let grant = SessionGrant {
                         session_id: u64_str(s, "session_id"),

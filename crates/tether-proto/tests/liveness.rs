@@ -400,11 +400,16 @@ struct Pair {
 
 impl Pair {
     fn new(cfg: LivenessConfig, delay: Duration) -> Pair {
+        Pair::with(cfg.clone(), cfg, delay)
+    }
+
+    /// A pair whose sides are configured differently (a client `a`, a server `b`).
+    fn with(a: LivenessConfig, b: LivenessConfig, delay: Duration) -> Pair {
         let t0 = base();
         Pair {
             t0,
-            a: Liveness::new(t0, cfg.clone()),
-            b: Liveness::new(t0, cfg),
+            a: Liveness::new(t0, a),
+            b: Liveness::new(t0, b),
             delay,
             in_flight: Vec::new(),
             log: Vec::new(),
@@ -487,6 +492,147 @@ fn one_side_going_silent_is_detected_at_exactly_d_after_its_last_heartbeat_arriv
             LivenessEvent::PeerDead { silent_for: D }
         )]
     );
+}
+
+/// The server's side of the pair: answers the client's heartbeats, enforces the interval it
+/// dictated, reports suspects (as `tether::liveness_config` builds it).
+fn answering(h: Duration, d: Duration) -> LivenessConfig {
+    let mut cfg = LivenessConfig::new(h, d);
+    cfg.suspect_after = Some(h + h / 2);
+    cfg.enforce_peer_heartbeat = Some(h);
+    cfg.answer_peer_heartbeat = true;
+    cfg
+}
+
+#[test]
+fn an_answering_side_falls_back_to_its_own_heartbeat_h_plus_an_eighth_after_its_last_send() {
+    let (t0, mut l) = engine(answering(H, D));
+    let fallback = H + H / 8;
+    assert_eq!(l.deadline(Timer::Heartbeat), Some(t0 + fallback));
+    assert_eq!(fire(&mut l, t0 + fallback - NS), vec![]);
+    assert_eq!(
+        fire(&mut l, t0 + fallback),
+        vec![LivenessEvent::SendHeartbeat]
+    );
+    assert_eq!(l.deadline(Timer::Heartbeat), Some(t0 + 2 * fallback));
+    // A peer heartbeat less than h/2 after our last send is not answered (never two sends
+    // closer than h/2)…
+    let t = t0 + fallback + H / 2 - NS;
+    l.on_receive(t);
+    l.on_heartbeat_received(t);
+    assert_eq!(drain(&mut l), vec![]);
+    // …one at h/2 is, and the fallback moves to h + h/8 after the answer.
+    let t = t0 + fallback + H / 2;
+    l.on_receive(t);
+    l.on_heartbeat_received(t);
+    assert_eq!(drain(&mut l), vec![LivenessEvent::SendHeartbeat]);
+    assert_eq!(l.deadline(Timer::Heartbeat), Some(t + fallback));
+}
+
+#[test]
+fn an_answering_side_answers_every_peer_heartbeat_and_its_own_timer_never_fires() {
+    // a: a client (heartbeat at h, and it enforces the rate on its peer too, to show that the
+    // answers never look like a flood); b: the server, answering.
+    let mut client = LivenessConfig::new(H, D);
+    client.enforce_peer_heartbeat = Some(H);
+    let mut p = Pair::with(client, answering(H, D), ms(40));
+    // Up to the arrival of the client's 60th heartbeat.
+    while p.step() < p.t0 + 20 * D + ms(40) {}
+    assert!(!p.a.is_dead() && !p.b.is_dead());
+    for (at, is_a, ev) in &p.log {
+        assert_eq!(*ev, LivenessEvent::SendHeartbeat, "at {at:?} (a={is_a})");
+    }
+    let sent = |a: bool| -> Vec<Duration> {
+        p.log
+            .iter()
+            .filter(|(_, is_a, _)| *is_a == a)
+            .map(|(at, _, _)| *at)
+            .collect()
+    };
+    let (client_sent, server_sent) = (sent(true), sent(false));
+    // The client heartbeats every h from the start; the answers do not bring its own forward.
+    assert_eq!(
+        client_sent,
+        (1..=60u32).map(|i| H * i).collect::<Vec<_>>(),
+        "the client's heartbeats"
+    );
+    // Every server heartbeat is an answer, sent the instant the client's arrived: its own
+    // timer (at h + h/8) never fired.
+    assert_eq!(
+        server_sent,
+        client_sent.iter().map(|t| *t + ms(40)).collect::<Vec<_>>(),
+        "the server's heartbeats"
+    );
+    assert_eq!(p.b.heartbeats_sent(), 60);
+}
+
+#[test]
+fn an_answering_side_whose_peer_goes_silent_heartbeats_at_its_fallback_and_detects_at_exactly_d() {
+    let mut p = Pair::with(LivenessConfig::new(H, D), answering(H, D), ms(40));
+    while p.step() < p.t0 + 5 * D {}
+    // The client stops sending (host crash: nothing leaves it any more).
+    let last_arrival = p.b.last_rx();
+    let last_answer = p.b.last_tx();
+    assert_eq!(
+        last_answer, last_arrival,
+        "the last client heartbeat was answered"
+    );
+    let before = p.log.len();
+    loop {
+        p.in_flight.retain(|(_, to_b)| !*to_b);
+        p.step();
+        if p.b.is_dead() {
+            break;
+        }
+    }
+    let server_after: Vec<_> = p.log[before..]
+        .iter()
+        .filter(|(_, is_a, _)| !*is_a)
+        .map(|(at, _, ev)| (p.t0 + *at, ev.clone()))
+        .collect();
+    let fallback = H + H / 8;
+    assert_eq!(
+        server_after,
+        vec![
+            (last_answer + fallback, LivenessEvent::SendHeartbeat),
+            (
+                last_arrival + H + H / 2,
+                LivenessEvent::Suspect {
+                    silent_for: H + H / 2
+                }
+            ),
+            (last_answer + 2 * fallback, LivenessEvent::SendHeartbeat),
+            (last_arrival + D, LivenessEvent::PeerDead { silent_for: D }),
+        ]
+    );
+}
+
+/// The peer's detector keeps its margin: while it sends no heartbeats (only data, or it is
+/// stalled), the answering side still sends something at least every h + h/8, and a policy's
+/// `d >= 2h + max(h/2, 100 ms)` covers two such gaps with room for the round trip.
+#[test]
+fn an_answering_sides_longest_gap_fits_twice_in_every_policys_dead_after() {
+    let mut checked = 0;
+    for d_ms in [120u64, 200, 301, 1_000, 5_000, 30_000, 300_000] {
+        // The derived heartbeat, and every override up to the largest the policy accepts.
+        let overrides = (1..=50u64).map(|i| Some(ms(d_ms * i / 100)));
+        for h in std::iter::once(None).chain(overrides) {
+            let mut b = tether_proto::Policy::builder(ms(d_ms));
+            if let Some(h) = h {
+                b = b.heartbeat(h);
+            }
+            let Ok(p) = b.build() else { continue };
+            let h = p.heartbeat_interval;
+            let gap = answering(h, p.dead_after).own_heartbeat_after();
+            assert!(
+                p.dead_after >= 2 * gap + (h / 4).max(ms(50)),
+                "D = {d_ms} ms: h {h:?}, fallback gap {gap:?}, d {:?}",
+                p.dead_after
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "only {checked} policies were accepted");
 }
 
 proptest! {

@@ -27,8 +27,9 @@ pub type Disconnected = Disconnect;
 /// The liveness settings a side applies, derived from a [`Policy`].
 ///
 /// The server dictates heartbeat and dead-after in the WELCOME; the client adopts them. The
-/// server also marks a silent client `Suspect` after [`Policy::suspect_after`] and enforces
-/// the heartbeat interval it dictated.
+/// server also marks a silent client `Suspect` after [`Policy::suspect_after`], enforces
+/// the heartbeat interval it dictated, and answers the client's heartbeats (its own timer is
+/// a fallback at `h + h/8`, PROTOCOL.md §7 rule 1): one wake-up per idle client per interval.
 pub fn liveness_config(policy: &Policy, server: bool) -> LivenessConfig {
     let h = policy.heartbeat_interval;
     let suspect = policy.suspect_after().min(policy.dead_after.mul_f64(0.9));
@@ -39,6 +40,7 @@ pub fn liveness_config(policy: &Policy, server: bool) -> LivenessConfig {
         idle_timeout: policy.idle_timeout,
         ping_interval: policy.ping_interval,
         enforce_peer_heartbeat: server.then_some(h),
+        answer_peer_heartbeat: server,
     }
 }
 

@@ -296,6 +296,9 @@ pub(crate) struct Cluster {
     /// Shutting down: no more heartbeats (they would announce the node again).
     leaving: AtomicBool,
     tx: mpsc::Sender<Transition>,
+    /// Redis's clock as of the last answered heartbeat: (when the answer came, Redis's time
+    /// in ms, the call's round trip). Routed entries carry a deadline on that clock.
+    redis_clock: Mutex<Option<(tokio::time::Instant, u64, Duration)>>,
     /// Session fetches waiting for the holder's answer, by request number.
     fetches: Mutex<HashMap<u64, oneshot::Sender<Option<SessionExport>>>>,
     next_fetch: AtomicU64,
@@ -373,6 +376,7 @@ impl Cluster {
             dirty: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             tx,
+            redis_clock: Mutex::new(None),
             fetches: Mutex::new(HashMap::new()),
             next_fetch: AtomicU64::new(1),
             moved: Mutex::new(HashMap::new()),
@@ -453,6 +457,8 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut is_started = false;
         let mut ticks: u64 = 0;
+        // When the last heartbeat that Redis answered was sent.
+        let mut last_answered: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 t = rx.recv() => match t {
@@ -463,7 +469,22 @@ impl Cluster {
                 },
                 _ = tick.tick(), if !self.leaving.load(Ordering::Relaxed) => {
                     ticks += 1;
-                    let fresh = self.beat(&mut is_started).await;
+                    let began = tokio::time::Instant::now();
+                    let mut fresh = self.beat(&mut is_started).await;
+                    if fresh.is_some() {
+                        // Redis's answer alone is not enough: a heartbeat sent while Redis was
+                        // unreachable, whose answer this node never saw (timed out), still sits
+                        // in the connection's TCP send queue and runs when the path heals —
+                        // after the others reaped this node, re-adding its heartbeat. The next
+                        // heartbeat then looks fresh and the reaped claims were never re-made.
+                        // So: no answered heartbeat within the bound → re-claim regardless.
+                        if last_answered.is_some_and(|t: tokio::time::Instant| {
+                            t.elapsed() > self.settings.dead_after
+                        }) {
+                            fresh = Some(false);
+                        }
+                        last_answered = Some(began);
+                    }
                     if is_started && !*started.borrow() {
                         let _ = started.send(true);
                     }
@@ -485,6 +506,7 @@ impl Cluster {
     /// Heartbeat, start-up clean-up and reaping. `Some(fresh)` when Redis answered.
     async fn beat(&self, is_started: &mut bool) -> Option<bool> {
         let mut con = self.con.clone();
+        let sent = tokio::time::Instant::now();
         let r: redis::RedisResult<(i64, i64)> = scripts::heartbeat()
             .arg(&self.prefix)
             .arg(&self.node)
@@ -492,7 +514,11 @@ impl Cluster {
             .invoke_async(&mut con)
             .await;
         let fresh = match r {
-            Ok((fresh, _)) => fresh == 1,
+            Ok((fresh, now)) => {
+                let at = tokio::time::Instant::now();
+                *lock(&self.redis_clock) = Some((at, now.max(0) as u64, at - sent));
+                fresh == 1
+            }
             Err(e) => {
                 self.set_up(false, Some(&e));
                 return None;
@@ -849,13 +875,20 @@ impl Cluster {
             .query_async(&mut con)
             .await?;
         self.set_up(true, None);
-        let Some(reply) = reply else { return Ok(()) };
+        let Some(mut reply) = reply else {
+            return Ok(());
+        };
+        // The inbox before the presence stream: a claim moves a client's pending sends into
+        // this inbox and writes its record in one script; once the mirror shows the client
+        // here, the API delivers to it locally, so what was moved must be delivered first.
+        reply.keys.sort_by_key(|sk| sk.key != keys[2]);
         for sk in reply.keys {
             let which = keys.iter().position(|k| *k == sk.key);
             let full = sk.ids.len() >= READ_BATCH;
             for e in sk.ids {
                 match which {
                     Some(0) => self.on_presence(&e.map),
+                    Some(1 | 2) if self.expired(&e.id, &e.map) => {}
                     Some(1) => self.on_broadcast(&e.map),
                     Some(2) => self.on_inbox(&e.map),
                     _ => {}
@@ -1049,7 +1082,7 @@ impl Cluster {
             let n_s = n.to_string();
             let wait_ms = ms(wait).to_string();
             let sent = c
-                .route(
+                .route_to(
                     &holder,
                     &[
                         ("k", b"take"),
@@ -1142,7 +1175,7 @@ impl Cluster {
                         m.insert(id.clone(), (reply.clone(), std::time::Instant::now()));
                     }
                     let data = e.to_bytes();
-                    c.route(
+                    c.route_to(
                         &reply,
                         &[
                             ("k", b"session"),
@@ -1154,7 +1187,7 @@ impl Cluster {
                     .await
                 }
                 None => {
-                    c.route(
+                    c.route_to(
                         &reply,
                         &[
                             ("k", b"no-session"),
@@ -1242,6 +1275,11 @@ impl Cluster {
 
     // --- routing (from the API) --------------------------------------------------------
 
+    /// Whether this node's last Redis call worked.
+    pub(crate) fn is_up(&self) -> bool {
+        self.stats.redis_up.load(Ordering::Relaxed)
+    }
+
     /// The node that holds `id` when it is another one and the client is not offline there.
     pub(crate) fn remote_owner(&self, id: &str) -> Option<String> {
         let m = lock(&self.mirror);
@@ -1249,10 +1287,15 @@ impl Cluster {
         (r.node != self.node && r.state != "offline").then(|| r.node.clone())
     }
 
-    /// Sends `msg` to `id` through `node`'s inbox.
-    pub(crate) async fn route_send(&self, node: &str, id: &str, msg: &[u8]) -> Result<()> {
-        self.route(node, &[("k", b"send"), ("id", id.as_bytes()), ("p", msg)])
-            .await
+    /// Sends `msg` to `id` through the inbox of the node that holds it (`node` in this
+    /// node's mirror; Redis's record decides). Returns the node it went to.
+    pub(crate) async fn route_send(&self, node: &str, id: &str, msg: &[u8]) -> Result<String> {
+        self.route(
+            node,
+            id,
+            &[("k", b"send"), ("id", id.as_bytes()), ("p", msg)],
+        )
+        .await
     }
 
     /// Closes `id`'s connection on `node`.
@@ -1262,10 +1305,11 @@ impl Cluster {
         id: &str,
         code: CloseCode,
         text: &str,
-    ) -> Result<()> {
+    ) -> Result<String> {
         let code = code.0.to_string();
         self.route(
             node,
+            id,
             &[
                 ("k", b"close"),
                 ("id", id.as_bytes()),
@@ -1276,7 +1320,9 @@ impl Cluster {
         .await
     }
 
-    async fn route(&self, node: &str, fields: &[(&str, &[u8])]) -> Result<()> {
+    /// Adds `fields` to node `node`'s inbox (a session hand-over's request or answer: it
+    /// goes to that node whoever holds the client, and is never dropped for being late).
+    async fn route_to(&self, node: &str, fields: &[(&str, &[u8])]) -> Result<()> {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(self.inbox_of(node))
             .arg("MAXLEN")
@@ -1287,6 +1333,90 @@ impl Cluster {
             cmd.arg(*k).arg(*v);
         }
         self.send_stream(&cmd).await
+    }
+
+    /// Adds `fields` to the inbox of the node that holds `id` by Redis's record (the mirror's
+    /// `node` may lag a claim by a moment: a send routed to a node the client just left
+    /// would stay there undelivered), within this call's deadline. Returns that node.
+    async fn route(&self, node: &str, id: &str, fields: &[(&str, &[u8])]) -> Result<String> {
+        let script = scripts::route();
+        let mut call = script.prepare_invoke();
+        call.arg(&self.prefix)
+            .arg(id)
+            .arg(STREAM_MAX)
+            .arg(self.deadline().map(|d| d.to_string()).unwrap_or_default());
+        for (k, v) in fields {
+            call.arg(*k).arg(*v);
+        }
+        let mut con = self.con.clone();
+        match call.invoke_async::<String>(&mut con).await {
+            Ok(to) if to.is_empty() => Err(anyhow::anyhow!(
+                "not queued: the client is offline now, or Redis ran this too late"
+            )),
+            Ok(to) => {
+                self.stats.routed_out.fetch_add(1, Ordering::Relaxed);
+                Ok(to)
+            }
+            Err(e) => {
+                self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                log::line(
+                    id,
+                    "cluster-route-failed",
+                    &log::kv(&[("node", node), ("error", &e.to_string())]),
+                );
+                self.set_up(false, Some(&e));
+                Err(anyhow::anyhow!("redis: {e}"))
+            }
+        }
+    }
+
+    /// The latest time on Redis's clock (ms) at which a write sent now may still take
+    /// effect: after that, this node has given up waiting for the answer (its response
+    /// timeout) and told its caller that the write failed. A write sent while Redis was
+    /// unreachable sits in the connection's TCP send queue and runs when the path heals,
+    /// seconds later — after the caller retried through another node, which delivered the
+    /// message already (the lab's cluster test saw it arrive twice). The estimate of Redis's
+    /// clock now, plus the response timeout, plus the estimate's own error (the calibrating
+    /// heartbeat's round trip). `None` before the first answered heartbeat.
+    fn deadline(&self) -> Option<u64> {
+        let (at, redis_ms, rtt) = (*lock(&self.redis_clock))?;
+        let timeout = self.settings.dead_after / 3;
+        Some(redis_ms + ms(at.elapsed() + timeout + rtt))
+    }
+
+    /// Adds field `dl`, the [`deadline`](Self::deadline), to a stream entry: its readers drop
+    /// it when it was added later than that.
+    fn with_deadline(&self, cmd: &mut redis::Cmd) {
+        if let Some(dl) = self.deadline() {
+            cmd.arg("dl").arg(dl);
+        }
+    }
+
+    /// Whether stream entry `id` (its first part is Redis's clock when it was added) came
+    /// after its sender's deadline (`dl`, see [`with_deadline`](Self::with_deadline)): its
+    /// sender reported it failed, so it must not take effect. Logged and counted.
+    fn expired(&self, id: &str, map: &HashMap<String, Value>) -> bool {
+        let Some(dl) = field::<u64>(map, "dl") else {
+            return false;
+        };
+        let added = id.split('-').next().and_then(|t| t.parse::<u64>().ok());
+        match added {
+            Some(added) if added > dl => {
+                self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                let late = (added - dl).to_string();
+                let who = field::<String>(map, "id").unwrap_or_else(|| "-".into());
+                log::line(
+                    &who,
+                    "routed-expired",
+                    &log::kv(&[
+                        ("late_ms", &late),
+                        ("note", "added after its sender gave up on it: dropped"),
+                    ]),
+                );
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Hands a broadcast to every other node (the caller broadcast locally already).
@@ -1301,6 +1431,7 @@ impl Cluster {
             .arg(&self.node)
             .arg("p")
             .arg(msg);
+        self.with_deadline(&mut r);
         self.send_stream(&r).await
     }
 

@@ -39,8 +39,31 @@ redis.call('SADD', p .. ':node:' .. node .. ':clients', id)
 if not redis.call('ZSCORE', p .. ':hb', node) then redis.call('ZADD', p .. ':hb', now, node) end
 if pr and pr.node ~= node then
   redis.call('SREM', p .. ':node:' .. pr.node .. ':clients', id)
+  -- Sends routed to the previous owner and not handled there move with the client (a dead
+  -- or cut-off owner would never deliver them): in their order, ahead of anything routed
+  -- here from now on. One past its sender's deadline is dropped (see route); the moved copy
+  -- carries none (it was added in time).
+  local old = p .. ':node:' .. pr.node .. ':inbox'
+  for _, e in ipairs(redis.call('XRANGE', old, '-', '+')) do
+    local f, kind, who, dl = e[2], nil, nil, nil
+    for i = 1, #f, 2 do
+      if f[i] == 'k' then kind = f[i + 1] elseif f[i] == 'id' then who = f[i + 1]
+      elseif f[i] == 'dl' then dl = tonumber(f[i + 1]) end
+    end
+    if kind == 'send' and who == id then
+      redis.call('XDEL', old, e[1])
+      local added = tonumber(string.match(e[1], '^(%d+)'))
+      if not dl or added <= dl then
+        local keep = {{}}
+        for i = 1, #f, 2 do
+          if f[i] ~= 'dl' then table.insert(keep, f[i]); table.insert(keep, f[i + 1]) end
+        end
+        redis.call('XADD', p .. ':node:' .. node .. ':inbox', 'MAXLEN', '~', ARGV[8], '*', unpack(keep))
+      end
+    end
+  end
   if pr.state ~= 'offline' then
-    redis.call('XADD', p .. ':node:' .. pr.node .. ':inbox', 'MAXLEN', '~', ARGV[8], '*',
+    redis.call('XADD', old, 'MAXLEN', '~', ARGV[8], '*',
       'k', 'replaced', 'id', id, 'gen', gen, 'by', node)
   end
 end
@@ -73,6 +96,28 @@ if ARGV[5] == 'offline' then
 end
 redis.call('XADD', p .. ':presence', 'MAXLEN', '~', ARGV[7], '*', 'r', j)
 return 1
+"
+    ))
+}
+
+/// `route(prefix, id, maxlen, deadline, field, value, …)`: adds the entry to the inbox of the
+/// node that holds `id` **now** (the record, not the caller's mirror, which may lag a claim
+/// by a moment), unless the record is offline or absent, or Redis's clock is past
+/// `deadline` (ms; empty: none) — the caller gave up waiting for this answer and reported
+/// a failure. Returns the node, or `''` when nothing was added.
+pub(crate) fn route() -> Script {
+    Script::new(&format!(
+        "{NOW}
+local p, id, maxlen, dl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if dl ~= '' and now > tonumber(dl) then return '' end
+local prev = redis.call('HGET', p .. ':clients', id)
+if not prev then return '' end
+local r = cjson.decode(prev)
+if r.state == 'offline' then return '' end
+local args = {{p .. ':node:' .. r.node .. ':inbox', 'MAXLEN', '~', maxlen, '*'}}
+for i = 5, #ARGV do table.insert(args, ARGV[i]) end
+redis.call('XADD', unpack(args))
+return r.node
 "
     ))
 }
@@ -131,7 +176,9 @@ for _, n in ipairs(nodes) do
     end
   end
   redis.call('DEL', set)
-  if n ~= also then redis.call('DEL', p .. ':node:' .. n .. ':inbox') end
+  -- Its inbox stays (for the retention): a node that was only cut off reads on where it
+  -- stopped, and a claim elsewhere moves a client's sends out of it.
+  if n ~= also then redis.call('PEXPIRE', p .. ':node:' .. n .. ':inbox', keep) end
   table.insert(out, n)
   table.insert(out, tostring(lost))
 end

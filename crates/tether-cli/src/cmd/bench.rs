@@ -111,6 +111,14 @@ struct DetectOpts {
     /// Load-generator processes (default: one per 6,500 clients, 1–4).
     #[arg(long)]
     detect_agents: Option<usize>,
+    /// Nice value of the processes holding the measured (idle) clients; the server and the
+    /// loaders stay at 0. The idle clients stand in for devices with CPUs of their own: a
+    /// negative value keeps a saturating load from starving them (so a false Offline cannot
+    /// be their own late timers). Below 0 needs root. Default: 0 (measured on 2026-11-30:
+    /// at -10 the false Offlines under 256 loaders remained, the server's silences caused
+    /// them, see BENCHMARKS.md).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    client_nice: i32,
 }
 
 #[derive(clap::Args, Debug, Clone)]

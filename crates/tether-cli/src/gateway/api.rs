@@ -287,7 +287,7 @@ pub(crate) async fn send(
         Ok(m) => m,
         Err(r) => return r,
     };
-    if let Some(node) = remote_owner(&gw, &id) {
+    if let Some(node) = remote_owner(&gw, &id, true) {
         return match gw.cluster.as_ref() {
             Some(c) => routed(&id, &node, c.route_send(&node, &id, &msg).await),
             None => not_there(&gw, &id, "no cluster"),
@@ -308,21 +308,26 @@ pub(crate) async fn send(
     }
 }
 
-/// With `--cluster`: the node that holds `id` when it is another one and the client is not
-/// connected here (a client online here is served here whatever the mirror says).
-fn remote_owner(gw: &Gateway, id: &str) -> Option<String> {
-    let node = gw.cluster.as_ref()?.remote_owner(id)?;
+/// With `--cluster`: the node that holds `id` by the mirror when it is another one and the
+/// client is not connected here (a client online here is served here whatever the mirror
+/// says) — except a `send` to a client that has just connected here, whose claim the mirror
+/// does not show yet, while Redis answers: sends routed to its previous node may be on their
+/// way here (the claim moves them into this node's inbox), so this one goes the same way,
+/// behind them, to keep the sending node's order.
+fn remote_owner(gw: &Gateway, id: &str, send: bool) -> Option<String> {
+    let cluster = gw.cluster.as_ref()?;
+    let node = cluster.remote_owner(id)?;
     let here = gw
         .handle
         .client(id)
         .is_some_and(|c| matches!(c.state, PresenceState::Online | PresenceState::Suspect));
-    (!here).then_some(node)
+    (!here || (send && cluster.is_up())).then_some(node)
 }
 
 /// The answer to a send or close handed to another node.
-fn routed(id: &str, node: &str, r: anyhow::Result<()>) -> Response {
+fn routed(id: &str, node: &str, r: anyhow::Result<String>) -> Response {
     match r {
-        Ok(()) => (
+        Ok(node) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({"status": "routed", "client_id": id, "node": node})),
         )
@@ -453,10 +458,10 @@ pub(crate) async fn close(
             }
         }
     }
-    if let (Some(node), Some(c)) = (remote_owner(&gw, &id), gw.cluster.as_ref()) {
+    if let (Some(node), Some(c)) = (remote_owner(&gw, &id, false), gw.cluster.as_ref()) {
         let r = c.route_close(&node, &id, code, &text).await;
         return match r {
-            Ok(()) => (
+            Ok(node) => (
                 StatusCode::OK,
                 Json(serde_json::json!({"status": "routed", "client_id": id, "node": node, "code": code.0})),
             )

@@ -14,7 +14,8 @@
 //!  drive_write     state machine → socket
 //!  drive_close     orderly close: FIN after the CLOSE frame, bounded linger for the peer's
 //!                  FIN, RST when the peer or the path failed (or the linger ran out)
-//!  arm_timer       re-arm the sleep only when the deadline moved earlier
+//!  arm_timer       re-arm the sleep when the deadline moved earlier, or so much later that
+//!                  the armed sleep would soon fire for nothing
 //! ```
 //!
 //! Loop-backs within one wake-up: the handshake just completed (what the application queued

@@ -447,8 +447,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         false
     }
 
-    /// Sleeps until the next deadline. Re-arms when it moved *earlier* (or later while the
-    /// sleep is about to fire for nothing, see below), not on every change: traffic keeps
+    /// Sleeps until the next deadline. Re-arms when it moved *earlier* (or much later, so the
+    /// sleep would soon fire for nothing, see below), not on every change: traffic keeps
     /// pushing the heartbeat deadline later, and re-arming the timer on every wake-up would
     /// cost more than one early wake-up, which is harmless (the state machine re-checks its
     /// deadlines and the sleep is re-armed then). Returns true when the sleep fired.
@@ -466,13 +466,19 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         let Some(d) = deadline else {
             return false;
         };
-        // Also re-armed when the deadline moved later and the sleep would fire within
-        // `REARM_SLACK` for nothing: an idle server answers the client's heartbeat in the
-        // wake-up that reads it, at about the instant its own heartbeat was due, and without
-        // this its sleep would wake the task a second time per interval to do nothing. A
-        // reset costs less than a wake-up, and it happens at most once per deadline.
-        let stale_soon = |a: Instant| d > a && a <= now + REARM_SLACK;
-        if self.armed.is_none_or(|a| d < a || stale_soon(a)) {
+        // Also re-armed when the deadline moved later and the sleep would fire for nothing
+        // in less than half the remaining wait (or within `REARM_SLACK`). An idle server
+        // answers the client's heartbeat in the wake-up that reads it: its deadline moves
+        // from about now + h/8 (the fallback armed after the previous answer) to now + 9h/8,
+        // and without a reset the old sleep would wake the task a second time per interval to
+        // do nothing. A reset costs less than a wake-up (which ends in a reset anyway). Traffic,
+        // which pushes the deadline a little later on every wake-up, re-arms at most about
+        // twice per interval, not once per message.
+        let stale = |a: Instant| {
+            let early = a.saturating_duration_since(now);
+            d > a && (early <= REARM_SLACK || early < d.saturating_duration_since(now) / 2)
+        };
+        if self.armed.is_none_or(|a| d < a || stale(a)) {
             sleep.as_mut().reset(tokio::time::Instant::from_std(d));
             self.armed = Some(d);
             self.shared.stats.timer_reset();

@@ -38,6 +38,9 @@ struct TestSink {
     log: Log,
     requeue: Vec<Bytes>,
     session: bool,
+    /// Accept as `tether::Server` does: answer the client's heartbeats (the server's own
+    /// timer a fallback at h + h/8) and enforce the dictated interval.
+    answer: bool,
 }
 
 impl Sink for TestSink {
@@ -52,7 +55,12 @@ impl Sink for TestSink {
             };
             Box::new((grant, Session::new(1, [7; 16], SessionConfig::default())))
         });
-        Decision::Accept(liveness(), session, None)
+        let mut cfg = liveness();
+        if self.answer {
+            cfg.answer_peer_heartbeat = true;
+            cfg.enforce_peer_heartbeat = Some(H);
+        }
+        Decision::Accept(cfg, session, None)
     }
 
     fn event(&mut self, shared: &Arc<Shared>, ev: ConnEvent) {
@@ -774,4 +782,175 @@ async fn partial_frames_never_take_the_server_past_its_budget() {
         assert_eq!(got, 1);
     }
     assert_eq!(budgets.frames.used(), 0);
+}
+
+/// A server driver accepting as `tether::Server` does (answering heartbeats), and a
+/// hand-driven client established with it. Returns the server's shared state, its task, the
+/// client and the instant of the WELCOME.
+async fn answering_server() -> (
+    Arc<Shared>,
+    JoinHandle<Ended<DuplexStream, TestSink>>,
+    Peer,
+    tokio::time::Instant,
+) {
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let server = Shared::new(Limits::default());
+    let sink = TestSink {
+        answer: true,
+        ..Default::default()
+    };
+    let task = tokio::spawn(drive(
+        io,
+        Box::new(Conn::server(now(), ConnConfig::default())),
+        server.clone(),
+        sink,
+    ));
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    (server, task, peer, tnow())
+}
+
+/// A heartbeat frame's bytes.
+fn heartbeat_bytes() -> BytesMut {
+    let mut hb = BytesMut::new();
+    codec::encode(&Frame::Heartbeat, &mut hb);
+    hb
+}
+
+/// The server answers each client heartbeat in the wake-up that reads it, and its own
+/// heartbeat timer — now a fallback at h + h/8 — never fires while the client heartbeats:
+/// one wake-up of the server's task per interval, even when the client's heartbeat arrives a
+/// little after the instant the server's own used to be due (the client's timer and the path
+/// add 0–20 ms, varying from one interval to the next), and the sleep armed for the old
+/// fallback is re-armed rather than left to fire for nothing.
+#[tokio::test(start_paused = true)]
+async fn a_server_whose_client_heartbeats_never_fires_its_own_heartbeat_timer() {
+    let (server, _task, mut peer, welcomed) = answering_server().await;
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let lateness = [0u64, 5, 20, 1, 0, 12, 3, 20];
+    let polls0 = server.stats.polls();
+    let out0 = server.stats.snapshot().heartbeats_out;
+    let intervals = 24u32;
+    for k in 1..=intervals {
+        // The client's timer: h after its previous heartbeat, from the WELCOME, plus the path.
+        let late = Duration::from_millis(lateness[k as usize % lateness.len()]);
+        tokio::time::sleep_until(welcomed + H * k + late).await;
+        let sent = tnow();
+        peer.io.write_all(&hb).await.unwrap();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            tokio::task::yield_now().await;
+            got = frames_now(&mut peer.io, &mut dec).await;
+        }
+        assert_eq!(got, vec![Frame::Heartbeat], "interval {k}");
+        assert_eq!(tnow(), sent, "interval {k}: answered in the same instant");
+    }
+    let polls = server.stats.polls() - polls0;
+    let out = server.stats.snapshot().heartbeats_out - out0;
+    assert!(server.done().is_none());
+    assert_eq!(
+        out,
+        u64::from(intervals),
+        "one heartbeat of the server's per interval"
+    );
+    assert!(
+        polls <= u64::from(intervals),
+        "{polls} wake-ups of the server's task in {intervals} intervals (one read each)"
+    );
+}
+
+/// The fallback keeps both detection bounds when the client goes silent: the server sends
+/// its own heartbeat h + h/8 after its last answer (and again after that), so a client that
+/// is alive but stalled still hears from it well within d, and the server declares the
+/// silent client dead exactly d after its last byte (CLOSE(HEARTBEAT_TIMEOUT)).
+#[tokio::test(start_paused = true)]
+async fn a_server_whose_client_goes_silent_heartbeats_at_its_fallback_and_detects_it_at_d() {
+    let (_server, task, mut peer, welcomed) = answering_server().await;
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    for k in 1..=3u32 {
+        tokio::time::sleep_until(welcomed + H * k).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(
+            frames_now(&mut peer.io, &mut dec).await,
+            vec![Frame::Heartbeat]
+        );
+    }
+    let last = tnow();
+    // Silent from now on; the client's end only reads.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = peer.io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        dec.decode(&buf[..n], |f| {
+            seen.push((tnow() - last, codec_name(&f)));
+            true
+        })
+        .unwrap();
+    }
+    let fallback = H + H / 8;
+    assert_eq!(
+        seen,
+        vec![
+            (fallback, "HEARTBEAT"),
+            (fallback * 2, "HEARTBEAT"),
+            (D, "CLOSE"),
+        ]
+    );
+    let ended = task.await.unwrap();
+    assert_eq!(ended.disconnect.reason, DisconnectReason::HeartbeatTimeout);
+    assert_eq!(ended.disconnect.silent_for, D);
+}
+
+/// Two drivers, as in `tether bench hold`: an idle client and a server that answers. The
+/// client heartbeats every h; each heartbeat costs the server one wake-up; nobody is declared
+/// dead or flooding; the client's own heartbeats stay h apart (the answers do not bring them
+/// forward).
+#[tokio::test(start_paused = true)]
+async fn an_idle_pair_costs_the_server_one_wake_up_per_interval() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let client = Shared::new(Limits::default());
+    let server = Shared::new(Limits::default());
+    tokio::spawn(drive(
+        a,
+        client_conn(false),
+        client.clone(),
+        TestSink::default(),
+    ));
+    let sink = TestSink {
+        answer: true,
+        ..Default::default()
+    };
+    tokio::spawn(drive(
+        b,
+        Box::new(Conn::server(now(), ConnConfig::default())),
+        server.clone(),
+        sink,
+    ));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let polls0 = server.stats.polls();
+    let (c0, s0) = (
+        client.stats.snapshot().heartbeats_out,
+        server.stats.snapshot().heartbeats_out,
+    );
+    let intervals = 30u32;
+    tokio::time::sleep(H * intervals).await;
+    let polls = server.stats.polls() - polls0;
+    let c = client.stats.snapshot().heartbeats_out - c0;
+    let s = server.stats.snapshot().heartbeats_out - s0;
+    assert!(client.done().is_none() && server.done().is_none());
+    assert_eq!(c, u64::from(intervals), "the client heartbeats once per h");
+    assert_eq!(s, c, "the server answers each one");
+    assert!(
+        polls <= u64::from(intervals) + 1,
+        "{polls} wake-ups of the server's task in {intervals} intervals"
+    );
 }

@@ -76,8 +76,8 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
     let dead_ms = v["dead_after_ms"].as_u64().unwrap_or(0);
     println!(
         "\n== detect: N={n}, detect_within {dw_ms} ms (heartbeat {hb_ms} ms, dead_after {dead_ms} ms), \
-         10% blackholed, {} loaders × {} B ==",
-        o.loaders, o.msg_size
+         10% blackholed, {} loaders × {} B, idle clients at nice {} ==",
+        o.loaders, o.msg_size, o.client_nice
     );
     // The loaders live in their own process: a load generator that starves its own idle
     // clients would make them miss heartbeats and blame the server for it.
@@ -86,6 +86,14 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
     let k = agents_for(n_idle, o.detect_agents);
     let (mut agents, connect_secs, failed, err) =
         connect_clients("tether", addr, 0, n_idle, k, hb_ms, dw_ms, &[]).await?;
+    if o.client_nice != 0 {
+        for a in &agents {
+            match sys::set_nice(a.pid, o.client_nice) {
+                Ok(_) => {}
+                Err(e) => println!("  note: idle clients keep nice 0 ({e:#})"),
+            }
+        }
+    }
     let (mut load_agents, _, load_failed, _) =
         connect_clients("tether", addr, n_idle, n_load, 1, hb_ms, dw_ms, &[]).await?;
     let failed = failed + load_failed;
