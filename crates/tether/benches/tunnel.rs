@@ -33,38 +33,27 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::{
-    env_or, load, mib_per_s, one_way, read_all, send_all, spawn_server, start_socat_with,
+    env_or, load, mib_per_s, one_way, read_all, send_all, serve, spawn_server, start_socat_with,
 };
 use tether::tunnel::{EntryConfig, ExitConfig, TunnelEntry, TunnelEvent, TunnelExit};
 
 /// A server that, per connection, writes `bytes` and reads to EOF at once; reports what it
 /// read and when both were done.
 fn spawn_both_server(bytes: u64) -> (SocketAddr, mpsc::Receiver<(u64, Instant)>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_nodelay(true);
-                let mut w = s.try_clone().unwrap();
-                let writer = std::thread::spawn(move || send_all(&mut w, bytes));
-                let got = read_all(&mut s).unwrap_or(0);
-                // A readiness probe (socat's) closes at once: writing to it fails.
-                let _ = writer.join();
-                let _ = tx.send((got, Instant::now()));
-            });
-        }
-    });
-    (addr, rx)
+    serve(move |mut s| {
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || send_all(&mut w, bytes));
+        let got = read_all(&mut s).unwrap_or(0);
+        // A readiness probe (socat's) closes at once: writing to it fails.
+        let _ = writer.join();
+        got
+    })
 }
 
 /// One connection that writes `bytes` and reads `bytes` at once; MiB/s of both directions

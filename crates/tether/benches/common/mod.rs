@@ -25,36 +25,46 @@ pub fn quick() -> bool {
     !std::env::args().any(|a| a == "--bench")
 }
 
-/// A server that, per connection, either discards everything (reporting the count and the
-/// instant of EOF) or echoes.
-pub fn spawn_server(echo: bool) -> (SocketAddr, mpsc::Receiver<(u64, Instant)>) {
+/// A server that runs `handle` on each connection in a thread of its own and reports what
+/// it returned (the bytes it read) and when it returned.
+pub fn serve(
+    handle: impl Fn(TcpStream) -> u64 + Clone + Send + 'static,
+) -> (SocketAddr, mpsc::Receiver<(u64, Instant)>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let tx = tx.clone();
+            let Ok(s) = s else { continue };
+            let (tx, handle) = (tx.clone(), handle.clone());
             std::thread::spawn(move || {
                 let _ = s.set_nodelay(true);
-                let mut buf = vec![0u8; CHUNK];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            total += n as u64;
-                            if echo && s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                let _ = tx.send((total, Instant::now()));
+                let got = handle(s);
+                let _ = tx.send((got, Instant::now()));
             });
         }
     });
     (addr, rx)
+}
+
+/// A server that, per connection, either discards everything (reporting the count and the
+/// instant of EOF) or echoes.
+pub fn spawn_server(echo: bool) -> (SocketAddr, mpsc::Receiver<(u64, Instant)>) {
+    serve(move |mut s| {
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => {
+                    total += n as u64;
+                    if echo && s.write_all(&buf[..n]).is_err() {
+                        return total;
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Writes `bytes` in [`CHUNK`] writes, then half-closes.
