@@ -540,6 +540,11 @@ pub const fn data_frame_len(len: usize) -> usize {
     HEADER_LEN + 1 + len
 }
 
+/// The encoded size of a SEQ_DATA frame with a payload of `len` bytes.
+pub const fn seq_data_frame_len(len: usize) -> usize {
+    HEADER_LEN + 9 + len
+}
+
 fn malformed(frame: &'static str, why: &'static str) -> DecodeError {
     DecodeError::Malformed { frame, why }
 }
@@ -549,6 +554,41 @@ fn take_text(frame: &'static str, b: &[u8]) -> Result<String, DecodeError> {
         return Err(malformed(frame, "text longer than 1024 bytes"));
     }
     String::from_utf8(b.to_vec()).map_err(|_| malformed(frame, "text is not UTF-8"))
+}
+
+/// The length of the complete frames at the start of `input` and how many there are. Stops
+/// at a frame longer than `max` (the decoder reports it).
+fn complete_prefix(input: &[u8], max: u32) -> (usize, usize) {
+    let (mut at, mut count) = (0, 0);
+    while let Some(h) = input.get(at..at + HEADER_LEN) {
+        let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        let total = HEADER_LEN + len as usize;
+        if len > max || input.len() - at < total {
+            break;
+        }
+        at += total;
+        count += 1;
+    }
+    (at, count)
+}
+
+/// [`parse_body`] for the body at `block[start..end]` (never empty): DATA and SEQ_DATA
+/// payloads are slices of `block`, not copies.
+fn parse_shared(block: &Bytes, start: usize, end: usize) -> Result<Frame, DecodeError> {
+    let body = &block[start..end];
+    match body[0] {
+        ty::DATA => Ok(Frame::Data(block.slice(start + 1..end))),
+        ty::SEQ_DATA if body.len() >= 9 => {
+            let seq = u64::from_be_bytes([
+                body[1], body[2], body[3], body[4], body[5], body[6], body[7], body[8],
+            ]);
+            Ok(Frame::SeqData {
+                seq,
+                payload: block.slice(start + 9..end),
+            })
+        }
+        _ => parse_body(body),
+    }
 }
 
 /// Parses one frame body (everything after the length prefix). `body` is never empty here:
@@ -886,23 +926,33 @@ impl Decoder {
                 return Ok(stats);
             }
         }
-        while input.len() >= HEADER_LEN {
-            let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]);
+        // Two or more complete frames: copied once into one block that their payloads are
+        // sliced from (one allocation per read, not one per message; tokio-util's
+        // `LengthDelimitedCodec` shares its read buffer the same way). Only complete frames
+        // go into the block, so it holds no more than the messages it carries (and their
+        // headers) and is freed with the last of them; a single frame is copied on its own.
+        let (complete, count) = complete_prefix(input, self.max_frame_len);
+        let block = (count >= 2).then(|| Bytes::copy_from_slice(&input[..complete]));
+        let mut at = 0;
+        while input.len() - at >= HEADER_LEN {
+            let rest = &input[at..];
+            let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
             self.check_len(len)?;
             let total = HEADER_LEN + len as usize;
-            if input.len() < total {
+            if rest.len() < total {
                 break;
             }
-            let frame = if len == 0 {
-                Frame::Heartbeat
-            } else {
-                parse_body(&input[HEADER_LEN..total])?
+            let frame = match &block {
+                _ if len == 0 => Frame::Heartbeat,
+                Some(b) if at + total <= complete => parse_shared(b, at + HEADER_LEN, at + total)?,
+                _ => parse_body(&rest[HEADER_LEN..total])?,
             };
-            input = &input[total..];
+            at += total;
             if !emit(frame, &mut stats) {
                 return Ok(stats);
             }
         }
+        input = &input[at..];
         if !input.is_empty() {
             self.partial.extend_from_slice(input);
         }

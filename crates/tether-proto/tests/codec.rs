@@ -632,6 +632,56 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
 }
 
 /// Split points: sorted offsets in `0..=len`.
+/// The complete DATA and SEQ_DATA frames of one read share one copy of their bytes (one
+/// allocation per read, not per message); the incomplete tail is not part of it, and a lone
+/// frame is copied on its own.
+#[test]
+fn complete_frames_of_one_read_share_one_block_without_the_tail() {
+    let mut wire = enc(&Frame::Data(Bytes::from_static(b"first")));
+    wire.extend(enc(&Frame::Heartbeat));
+    wire.extend(enc(&Frame::SeqData {
+        seq: 9,
+        payload: Bytes::from_static(b"second"),
+    }));
+    wire.extend(enc(&Frame::Data(Bytes::from_static(b"third"))));
+    let whole = wire.len();
+    // The next frame, incomplete: a 100-byte body of which 3 bytes arrived.
+    wire.extend([0, 0, 0, 100, 1, 0xaa, 0xbb]);
+    let mut d = Decoder::new(1 << 20);
+    let mut frames = Vec::new();
+    d.decode(&wire, |f| {
+        frames.push(f);
+        true
+    })
+    .unwrap();
+    let [Frame::Data(a), Frame::Heartbeat, Frame::SeqData { seq: 9, payload: b }, Frame::Data(c)] =
+        &frames[..]
+    else {
+        panic!("unexpected frames {frames:?}");
+    };
+    assert_eq!(
+        (&a[..], &b[..], &c[..]),
+        (&b"first"[..], &b"second"[..], &b"third"[..])
+    );
+    // One block: each payload sits where the wire put it relative to the first one.
+    let base = a.as_ptr() as usize - (HEADER_LEN + 1);
+    assert_eq!(b.as_ptr() as usize - base, 10 + 4 + HEADER_LEN + 9);
+    assert_eq!(c.as_ptr() as usize - base, whole - 5);
+    // The tail went to the decoder's own buffer.
+    assert_eq!(d.buffered(), 7);
+
+    // A single complete frame is copied on its own (exactly its payload).
+    let lone = enc(&Frame::Data(Bytes::from_static(b"lone")));
+    let mut out = Vec::new();
+    Decoder::new(1 << 20)
+        .decode(&lone, |f| {
+            out.push(f);
+            true
+        })
+        .unwrap();
+    assert_eq!(out, vec![Frame::Data(Bytes::from_static(b"lone"))]);
+}
+
 fn split(bytes: &[u8], cuts: &[prop::sample::Index]) -> Vec<Vec<u8>> {
     let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
     at.sort();

@@ -1,6 +1,7 @@
 //! [`Connection`]: one tether connection over TCP (or any [`Transport`]), driven by its own
 //! task.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -256,6 +257,11 @@ pub struct Connection {
     shared: Arc<Shared>,
     welcome: Welcome,
     peer: Option<SocketAddr>,
+    /// Received messages taken from the inbox in one go, handed out by `recv` without the
+    /// lock (see [`Shared::poll_recv_batch`]).
+    batch: VecDeque<Bytes>,
+    /// What `batch` weighed when it was taken (still counted against the inbox bound).
+    batch_bytes: usize,
 }
 
 impl Connection {
@@ -341,6 +347,8 @@ impl Connection {
                 shared,
                 welcome,
                 peer: None,
+                batch: VecDeque::new(),
+                batch_bytes: 0,
             }),
             Ok(Err(Disconnect {
                 reason: DisconnectReason::Refused { code, text },
@@ -389,6 +397,8 @@ impl Connection {
                     shared,
                     welcome,
                     peer: None,
+                    batch: VecDeque::new(),
+                    batch_bytes: 0,
                 },
                 hello,
             )),
@@ -419,7 +429,14 @@ impl Connection {
     /// Receives the next message; once the connection has ended and every received message
     /// was taken, returns how it ended (again on every later call).
     pub async fn recv(&mut self) -> Result<Bytes, Disconnected> {
-        poll_fn(|cx| self.shared.poll_recv(cx)).await
+        if let Some(m) = self.batch.pop_front() {
+            return Ok(m);
+        }
+        poll_fn(|cx| {
+            self.shared
+                .poll_recv_batch(cx, &mut self.batch, &mut self.batch_bytes)
+        })
+        .await
     }
 
     /// Closes in order with `code` and `text` (CLOSE frame, then FIN).

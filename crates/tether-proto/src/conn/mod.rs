@@ -622,6 +622,12 @@ impl Conn {
         &self.out
     }
 
+    /// Makes room for `additional` more bytes of [`pending_transmit`](Self::pending_transmit)
+    /// in one allocation, before queuing that many (a driver moving a batch of messages).
+    pub fn reserve_transmit(&mut self, additional: usize) {
+        self.out.reserve(additional);
+    }
+
     /// The driver wrote `n` bytes of [`pending_transmit`](Self::pending_transmit).
     pub fn transmitted(&mut self, n: usize) {
         let n = n.min(self.out.len());

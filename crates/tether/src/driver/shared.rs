@@ -374,17 +374,30 @@ impl Shared {
         }
     }
 
-    /// Takes the next message from the inbox, or the disconnect once it is empty and closed.
-    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Result<Bytes, Disconnect>> {
+    /// Takes every message in the inbox at once into `batch` (empty when called) and returns
+    /// the first, or the disconnect once the inbox is empty and closed: a receiver hands the
+    /// rest out without the lock. `held` is what the previous batch weighed (all taken by
+    /// now): a batch counts against the inbox bound until its receiver comes back for more,
+    /// so reading pauses on what the application holds, inbox and batch together.
+    pub(crate) fn poll_recv_batch(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<Bytes>,
+        held: &mut usize,
+    ) -> Poll<Result<Bytes, Disconnect>> {
         let mut inner = self.lock();
-        if let Some(m) = inner.inbox.pop_front() {
-            let was_paused = inner.inbox_bytes > self.limits.inbox_bytes;
-            inner.inbox_bytes -= m.len();
-            if was_paused && inner.inbox_bytes <= self.limits.inbox_bytes {
-                wake_driver(&mut inner);
-            }
+        let was_paused = inner.inbox_bytes > self.limits.inbox_bytes;
+        inner.inbox_bytes -= std::mem::take(held);
+        if was_paused && inner.inbox_bytes <= self.limits.inbox_bytes {
+            wake_driver(&mut inner);
+        }
+        std::mem::swap(batch, &mut inner.inbox);
+        if let Some(m) = batch.pop_front() {
+            *held = inner.inbox_bytes;
             return Poll::Ready(Ok(m));
         }
+        // Nothing was waiting: the inbox keeps its (empty) queue.
+        std::mem::swap(batch, &mut inner.inbox);
         if let Some(d) = &inner.done {
             return Poll::Ready(Err(d.clone()));
         }

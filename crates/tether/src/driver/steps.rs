@@ -100,6 +100,17 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         let mut moved = false;
         let mut waiting_front = None;
         if conn.is_established() {
+            // Room for what is about to move, reserved at once: grown frame by frame, the
+            // transmit buffer was reallocated a dozen times per wake-up.
+            let mut room = 0;
+            let front_moves = inner.outbox.front().is_some_and(|m| conn.can_send(m.len()));
+            for m in inner.outbox.iter().take_while(|_| front_moves) {
+                if conn.pending_transmit().len() + room >= TRANSMIT_HIGH_WATER {
+                    break;
+                }
+                room += tether_proto::codec::seq_data_frame_len(m.len());
+            }
+            conn.reserve_transmit(room);
             while conn.pending_transmit().len() < TRANSMIT_HIGH_WATER {
                 // With a session, a full replay buffer leaves the message in the outbox until
                 // the peer's ACK makes room (back-pressure, no loss).
@@ -215,6 +226,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                         self.conn.handle_eof(now);
                     } else {
                         self.conn.handle_input(now, rb.filled());
+                        // Hand this read's events over before the next read: the event queue
+                        // stays as short as one read's frames (a wake-up's worth grew it to
+                        // hundreds of KiB, allocated and freed on every wake-up).
+                        self.process_events(now);
                     }
                 }
                 Poll::Ready(Err(e)) => {

@@ -593,13 +593,20 @@ async fn paused_reading_does_not_blame_a_peer_whose_bytes_wait() {
         "a peer whose bytes wait was declared dead"
     );
     let heartbeats_before = shared.stats.snapshot().heartbeats_in;
-    // The application takes its messages: reading resumes and drains the heartbeats.
-    for _ in 0..3 {
-        let m = std::future::poll_fn(|cx| shared.poll_recv(cx))
-            .await
-            .unwrap();
-        assert_eq!(m.len(), 100);
-    }
+    // The application takes its messages (as `Connection::recv` does: the inbox in one go,
+    // then one by one) and asks for more: reading resumes and drains the heartbeats.
+    let (mut batch, mut held) = (std::collections::VecDeque::new(), 0);
+    let first = std::future::poll_fn(|cx| shared.poll_recv_batch(cx, &mut batch, &mut held))
+        .await
+        .unwrap();
+    assert_eq!((first.len(), batch.len(), held), (100, 2, 300));
+    assert!(batch.iter().all(|m| m.len() == 100));
+    batch.clear();
+    assert!(futures::FutureExt::now_or_never(std::future::poll_fn(|cx| {
+        shared.poll_recv_batch(cx, &mut batch, &mut held)
+    }))
+    .is_none());
+    assert_eq!(held, 0);
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(shared.stats.snapshot().heartbeats_in >= heartbeats_before + 20);
     assert!(!log
