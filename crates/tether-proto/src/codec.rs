@@ -573,7 +573,7 @@ fn complete_prefix(input: &[u8], max: u32) -> (usize, usize) {
 }
 
 /// [`parse_body`] for the body at `block[start..end]` (never empty): DATA and SEQ_DATA
-/// payloads are slices of `block`, not copies.
+/// payloads are slices of `block`, not copies (they keep the block alive while they live).
 fn parse_shared(block: &Bytes, start: usize, end: usize) -> Result<Frame, DecodeError> {
     let body = &block[start..end];
     match body[0] {
@@ -664,22 +664,6 @@ pub fn parse_body(body: &[u8]) -> Result<Frame, DecodeError> {
         ty::PROBE => Ok(Frame::Probe(Bytes::copy_from_slice(rest))),
         t if t >= ty::EXTENSION_MIN => Ok(Frame::Extension(t)),
         t => Err(DecodeError::UnknownType(t)),
-    }
-}
-
-/// [`parse_body`] of a body held in a `Bytes` of its own: a DATA or SEQ_DATA payload is a
-/// slice of it (no copy; it keeps the whole buffer alive while it lives).
-fn parse_body_shared(body: Bytes) -> Result<Frame, DecodeError> {
-    match body.first() {
-        Some(&ty::DATA) => Ok(Frame::Data(body.slice(1..))),
-        Some(&ty::SEQ_DATA) if body.len() >= 9 => {
-            let seq = (&body[1..9]).get_u64();
-            Ok(Frame::SeqData {
-                seq,
-                payload: body.slice(9..),
-            })
-        }
-        _ => parse_body(&body),
     }
 }
 
@@ -920,7 +904,7 @@ impl Decoder {
             let frame = if len == 0 {
                 Frame::Heartbeat
             } else {
-                parse_body_shared(whole.slice(HEADER_LEN..))?
+                parse_shared(&whole, HEADER_LEN, total)?
             };
             if !emit(frame, &mut stats) {
                 return Ok(stats);
