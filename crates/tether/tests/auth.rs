@@ -388,6 +388,19 @@ fn refusal(ev: &ConnEvent) -> CloseCode {
 }
 
 /// Ends a connection abortively (RST), as a path failure would: the session is held.
+fn is_resuming(s: &PresenceState) -> bool {
+    matches!(s, PresenceState::Resuming { .. })
+}
+
+/// Alice opens a session and her connection is reset: the session is held. Its grant.
+async fn alice_held(srv: &Server) -> SessionGrant {
+    let (ev, m) = alice_session(srv.local_addr(), None).await;
+    let g = grant(&ev);
+    abort(m);
+    state_of(srv, "alice", is_resuming).await;
+    g
+}
+
 fn abort(m: Manual<TcpStream>) {
     socket2::SockRef::from(&m.io)
         .set_linger(Some(Duration::ZERO))
@@ -406,11 +419,7 @@ fn resume_with(g: &SessionGrant, token: [u8; 16]) -> ResumeRequest {
 async fn a_wrong_or_reused_resume_token_is_refused_and_the_session_is_untouched() {
     let mut srv = server().await;
     let addr = srv.local_addr();
-    let resuming = |s: &PresenceState| matches!(s, PresenceState::Resuming { .. });
-    let (ev, m) = alice_session(addr, None).await;
-    let g1 = grant(&ev);
-    abort(m);
-    state_of(&srv, "alice", resuming).await;
+    let g1 = alice_held(&srv).await;
     srv.try_send("alice", Bytes::from_static(b"queued"))
         .unwrap();
 
@@ -419,7 +428,7 @@ async fn a_wrong_or_reused_resume_token_is_refused_and_the_session_is_untouched(
     wrong[0] ^= 1;
     let (ev, _) = alice_session(addr, Some(resume_with(&g1, wrong))).await;
     assert_eq!(refusal(&ev), CloseCode::SESSION_UNKNOWN);
-    assert!(resuming(&srv.client("alice").unwrap().state));
+    assert!(is_resuming(&srv.client("alice").unwrap().state));
 
     // The right token resumes; the WELCOME carries a new token; the queued message arrives.
     let (ev, mut m) = alice_session(addr, Some(resume_with(&g1, g1.token))).await;
@@ -441,12 +450,12 @@ async fn a_wrong_or_reused_resume_token_is_refused_and_the_session_is_untouched(
         }
     }
     abort(m);
-    state_of(&srv, "alice", resuming).await;
+    state_of(&srv, "alice", is_resuming).await;
 
     // The used (pre-rotation) token is dead; the new one works.
     let (ev, _) = alice_session(addr, Some(resume_with(&g1, g1.token))).await;
     assert_eq!(refusal(&ev), CloseCode::SESSION_UNKNOWN);
-    assert!(resuming(&srv.client("alice").unwrap().state));
+    assert!(is_resuming(&srv.client("alice").unwrap().state));
     // Bound to the principal: bob holding alice's current token (sniffed, say) with a
     // credential that allows the id gets nowhere.
     let bob_wide = token_at(
@@ -462,7 +471,7 @@ async fn a_wrong_or_reused_resume_token_is_refused_and_the_session_is_untouched(
     };
     let mut b = Manual::new(TcpStream::connect(addr).await.unwrap(), &h);
     assert_eq!(refusal(&b.handshake().await), CloseCode::ID_NOT_ALLOWED);
-    assert!(resuming(&srv.client("alice").unwrap().state));
+    assert!(is_resuming(&srv.client("alice").unwrap().state));
 
     let (ev, _m) = alice_session(addr, Some(resume_with(&g1, g2.token))).await;
     let g3 = grant(&ev);
@@ -482,11 +491,7 @@ async fn a_wrong_or_reused_resume_token_is_refused_and_the_session_is_untouched(
 async fn a_welcome_lost_with_its_connection_does_not_lose_the_session() {
     let srv = server().await;
     let addr = srv.local_addr();
-    let resuming = |s: &PresenceState| matches!(s, PresenceState::Resuming { .. });
-    let (ev, m) = alice_session(addr, None).await;
-    let g1 = grant(&ev);
-    abort(m);
-    state_of(&srv, "alice", resuming).await;
+    let g1 = alice_held(&srv).await;
 
     // Resumed with g1; the WELCOME (carrying g2) is "lost": the client never reads it and
     // the connection is reset.
@@ -509,7 +514,7 @@ async fn a_welcome_lost_with_its_connection_does_not_lose_the_session() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(io);
-    state_of(&srv, "alice", resuming).await;
+    state_of(&srv, "alice", is_resuming).await;
 
     // g1 is all the client has: it still resumes, and the session is the same one.
     let (ev, mut m) = alice_session(addr, Some(resume_with(&g1, g1.token))).await;
@@ -520,7 +525,7 @@ async fn a_welcome_lost_with_its_connection_does_not_lose_the_session() {
     m.send(b"here").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     abort(m);
-    state_of(&srv, "alice", resuming).await;
+    state_of(&srv, "alice", is_resuming).await;
     let (ev, _) = alice_session(addr, Some(resume_with(&g1, g1.token))).await;
     assert_eq!(refusal(&ev), CloseCode::SESSION_UNKNOWN);
     let (ev, _m) = alice_session(addr, Some(resume_with(&g1, g3.token))).await;

@@ -298,14 +298,10 @@ fn the_connection_future_stays_small() {
     );
 }
 
-/// A message queued before the connection started and one queued while the HELLO is in
-/// flight both go out in the same instant the WELCOME arrives, not a heartbeat later.
-#[tokio::test(start_paused = true)]
-async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welcome() {
-    let h = Duration::from_secs(10);
+/// A client with heartbeat `h` driven over a duplex, whose HELLO the peer (a server) has read
+/// and not answered yet: the handshake is in progress.
+async fn client_in_handshake(h: Duration, shared: &Arc<Shared>) -> Peer {
     let (io, far) = tokio::io::duplex(64 * 1024);
-    let shared = Shared::new(Limits::default());
-    assert!(shared.try_send(Bytes::from_static(b"before")));
     let hello = Hello {
         requested_heartbeat: h,
         ..hello(false)
@@ -324,12 +320,13 @@ async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welc
         TestSink::default(),
     ));
     let mut peer = Peer::server(far);
-    // Read the HELLO but answer only later: the handshake is in progress.
     assert!(peer.read_some().await);
     assert!(matches!(peer.conn.poll_event(), Some(ConnEvent::Hello(_))));
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    assert!(shared.try_send(Bytes::from_static(b"during")));
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    peer
+}
+
+/// The peer (a server) answers the HELLO with a WELCOME; the instant it did.
+async fn welcome(peer: &mut Peer, h: Duration) -> tokio::time::Instant {
     peer.conn.accept(now(), LivenessConfig::new(h, h * 3), None);
     let welcomed = tnow();
     peer.flush().await;
@@ -337,6 +334,21 @@ async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welc
         peer.next_event(false).await,
         ConnEvent::Established(_)
     ));
+    welcomed
+}
+
+/// A message queued before the connection started and one queued while the HELLO is in
+/// flight both go out in the same instant the WELCOME arrives, not a heartbeat later.
+#[tokio::test(start_paused = true)]
+async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welcome() {
+    let h = Duration::from_secs(10);
+    let shared = Shared::new(Limits::default());
+    assert!(shared.try_send(Bytes::from_static(b"before")));
+    let mut peer = client_in_handshake(h, &shared).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(shared.try_send(Bytes::from_static(b"during")));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let welcomed = welcome(&mut peer, h).await;
     for want in [&b"before"[..], b"during"] {
         match peer.next_event(false).await {
             ConnEvent::Message { payload, .. } => assert_eq!(&payload[..], want),
@@ -356,38 +368,12 @@ async fn messages_queued_before_and_during_the_handshake_go_out_right_after_welc
 #[tokio::test(start_paused = true)]
 async fn a_close_asked_during_the_handshake_goes_out_as_close_right_after_welcome() {
     let h = Duration::from_secs(10);
-    let (io, far) = tokio::io::duplex(64 * 1024);
     let shared = Shared::new(Limits::default());
-    let hello = Hello {
-        requested_heartbeat: h,
-        ..hello(false)
-    };
-    let conn = Conn::client(
-        now(),
-        ConnConfig::default(),
-        &hello,
-        LivenessConfig::new(h, h * 3),
-        None,
-    );
-    tokio::spawn(drive(
-        io,
-        Box::new(conn),
-        shared.clone(),
-        TestSink::default(),
-    ));
-    let mut peer = Peer::server(far);
-    assert!(peer.read_some().await);
-    assert!(matches!(peer.conn.poll_event(), Some(ConnEvent::Hello(_))));
+    let mut peer = client_in_handshake(h, &shared).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     shared.close(CloseCode::NORMAL, "client closing");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    peer.conn.accept(now(), LivenessConfig::new(h, h * 3), None);
-    let welcomed = tnow();
-    peer.flush().await;
-    assert!(matches!(
-        peer.next_event(false).await,
-        ConnEvent::Established(_)
-    ));
+    let welcomed = welcome(&mut peer, h).await;
     match peer.next_event(false).await {
         ConnEvent::Closed(d) => assert!(
             matches!(
