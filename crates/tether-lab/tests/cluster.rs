@@ -954,6 +954,15 @@ fn run_scenario(tools: Tools, durable: bool) -> Outcome {
                     .map(|(t, _, _)| *t - t_kill)
             })
             .collect();
+        // What a user feels: back on a live node within the take wait (dead-after / 3) plus
+        // the reconnect backoff (at most 500 ms) and the balancer's health check (250 ms),
+        // with room for a busy machine; measured 1.03-1.25 s.
+        let slowest = times.iter().max().copied().unwrap_or_default();
+        assert!(
+            times.len() == on_killed.len() && slowest <= Duration::from_secs(5),
+            "reconnect after the kill: {times:?} for {} clients",
+            on_killed.len()
+        );
         // A hung node may fail its health check before it is killed.
         let lb_out = lb
             .changes()
