@@ -89,12 +89,12 @@ impl Conn {
     pub fn accept_authenticated(
         &mut self,
         now: Instant,
-        cfg: crate::liveness::LivenessConfig,
+        cfg: impl Into<std::sync::Arc<crate::liveness::LivenessConfig>>,
         session: Option<(codec::SessionGrant, crate::session::Session)>,
         credential_ttl: Option<Duration>,
     ) {
         let ttl = credential_ttl.map(|t| t.max(MIN_TTL));
-        self.accept_inner(now, cfg, session, ttl);
+        self.accept_inner(now, cfg.into(), session, ttl);
     }
 
     /// The WELCOME's `credential_ttl` field for a server accepting with `ttl`.

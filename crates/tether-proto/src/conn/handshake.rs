@@ -1,6 +1,7 @@
 //! The handshake: preamble, HELLO → WELCOME | REFUSE, the handshake deadline, and setting up
 //! or resuming the session (`docs/PROTOCOL.md` §"Handshake").
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::codec::{self, DecodeError, Frame, SessionGrant, PREAMBLE_LEN};
@@ -83,7 +84,7 @@ impl Conn {
                     .unwrap_or_else(|| LivenessConfig::new(w.heartbeat, w.dead_after));
                 cfg.heartbeat_interval = w.heartbeat;
                 cfg.dead_after = w.dead_after;
-                self.establish(now, cfg);
+                self.establish(now, Arc::new(cfg));
                 self.client_welcome_ttl(now, w.credential_ttl);
                 let grant = w.session.clone();
                 self.events.push_back(ConnEvent::Established(w));
@@ -117,16 +118,16 @@ impl Conn {
     pub fn accept(
         &mut self,
         now: Instant,
-        cfg: LivenessConfig,
+        cfg: impl Into<Arc<LivenessConfig>>,
         session: Option<(SessionGrant, Session)>,
     ) {
-        self.accept_inner(now, cfg, session, None);
+        self.accept_inner(now, cfg.into(), session, None);
     }
 
     pub(super) fn accept_inner(
         &mut self,
         now: Instant,
-        cfg: LivenessConfig,
+        cfg: Arc<LivenessConfig>,
         session: Option<(SessionGrant, Session)>,
         credential_ttl: Option<std::time::Duration>,
     ) {
@@ -215,7 +216,7 @@ impl Conn {
         }
     }
 
-    fn establish(&mut self, now: Instant, cfg: LivenessConfig) {
+    fn establish(&mut self, now: Instant, cfg: Arc<LivenessConfig>) {
         self.state = State::Established;
         self.was_established = true;
         self.handshake_deadline = None;

@@ -33,6 +33,7 @@ mod handshake;
 pub use credential::RefreshError;
 
 use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -283,7 +284,8 @@ pub struct ConnStats {
 #[derive(Debug)]
 pub struct Conn {
     role: Role,
-    cfg: ConnConfig,
+    /// Shared: a server passes one `Arc` to all its connections.
+    cfg: Arc<ConnConfig>,
     state: State,
     decoder: Decoder,
     out: BytesMut,
@@ -324,12 +326,12 @@ impl Conn {
     /// number replace `hello.resume`); without one, `hello.want_session` asks for a new session.
     pub fn client(
         now: Instant,
-        cfg: ConnConfig,
+        cfg: impl Into<Arc<ConnConfig>>,
         hello: &Hello,
         local: LivenessConfig,
         session: Option<Session>,
     ) -> Self {
-        let mut c = Conn::new(now, Role::Client, cfg, local.clone());
+        let mut c = Conn::new(now, Role::Client, cfg.into(), Arc::new(local.clone()));
         let mut hello = hello.clone();
         if let Some(s) = &session {
             hello.want_session = true;
@@ -348,15 +350,21 @@ impl Conn {
         c
     }
 
-    /// A server connection: waits for the client's preamble and HELLO.
-    pub fn server(now: Instant, cfg: ConnConfig) -> Self {
-        // Placeholder liveness settings: only `last_rx` is used before the handshake; the
+    /// A server connection: waits for the client's preamble and HELLO. `cfg` may be shared
+    /// by every connection of a server (one `Arc`).
+    pub fn server(now: Instant, cfg: impl Into<Arc<ConnConfig>>) -> Self {
+        // Placeholder liveness settings, shared by every connection in the handshake: only
+        // `last_rx` is used before the handshake (no timer of the engine is consulted); the
         // real settings arrive with `accept`.
-        let t = cfg.handshake_timeout;
-        Conn::new(now, Role::Server, cfg, LivenessConfig::new(t, t))
+        static PLACEHOLDER: OnceLock<Arc<LivenessConfig>> = OnceLock::new();
+        let placeholder = PLACEHOLDER.get_or_init(|| {
+            let t = Duration::from_secs(10);
+            Arc::new(LivenessConfig::new(t, t))
+        });
+        Conn::new(now, Role::Server, cfg.into(), placeholder.clone())
     }
 
-    fn new(now: Instant, role: Role, cfg: ConnConfig, liveness: LivenessConfig) -> Self {
+    fn new(now: Instant, role: Role, cfg: Arc<ConnConfig>, liveness: Arc<LivenessConfig>) -> Self {
         Conn {
             role,
             decoder: Decoder::new(cfg.max_frame_len),

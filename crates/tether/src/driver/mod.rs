@@ -73,7 +73,7 @@ pub(crate) enum Decision {
     /// Accept with these liveness settings, this session (new or resumed), and a credential
     /// that runs out after this long (`None`: it does not expire).
     Accept(
-        LivenessConfig,
+        Arc<LivenessConfig>,
         Option<Box<(SessionGrant, Session)>>,
         Option<Duration>,
     ),

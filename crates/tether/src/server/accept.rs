@@ -20,9 +20,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use tether_proto::codec::{self, Credential, Frame, Hello};
-use tether_proto::{
-    check_client_id, CloseCode, Conn, ConnConfig, ConnEvent, Disconnect, DisconnectReason,
-};
+use tether_proto::{check_client_id, CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::events::ServerEvent;
@@ -309,12 +307,7 @@ impl Connection<'_> {
         tls_principal: Option<Principal>,
     ) -> impl std::future::Future<Output = driver::Ended<T, ServerSink>> + Send {
         let inner = self.inner;
-        let cfg = ConnConfig {
-            max_frame_len: inner.cfg.max_frame_len,
-            handshake_timeout: inner.cfg.handshake_timeout,
-            session: inner.cfg.session,
-        };
-        let conn = Box::new(Conn::server(self.started, cfg));
+        let conn = Box::new(Conn::server(self.started, inner.conn_cfg.clone()));
         let auth = (inner.cfg.authorize.is_some() || tls_principal.is_some()).then(|| {
             Box::new(SinkAuth {
                 tls_principal,
@@ -821,7 +814,12 @@ mod sizes {
         let task = run_connection(s, remote, 1, shared.clone(), inner.clone());
         let rows = [
             ("task future (run_connection)", size_of_val(&task), 768),
-            ("Conn (boxed)", std::mem::size_of::<Conn>(), 768),
+            ("Conn (boxed)", std::mem::size_of::<Conn>(), 448),
+            (
+                "  of which Liveness",
+                std::mem::size_of::<tether_proto::Liveness>(),
+                160,
+            ),
             ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 400),
             (
                 "ServerSink (in the task)",

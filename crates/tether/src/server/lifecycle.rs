@@ -42,7 +42,6 @@ use super::sessions::{self, Held, Plan, SessionSlot};
 use super::Inner;
 use crate::auth::resume::ResumeCredential;
 use crate::auth::PrincipalKey;
-use crate::connection::liveness_config;
 use crate::driver::{Command, Decision, Offer, Shared};
 
 const SHARDS: usize = 32;
@@ -308,11 +307,7 @@ impl Inner {
         drop(shard);
         // Senders waiting for a resuming client's backlog: it is attached again.
         self.signals.room.notify_waiters();
-        Decision::Accept(
-            liveness_config(&self.cfg.policy, true),
-            session.map(Box::new),
-            credential_ttl,
-        )
+        Decision::Accept(self.liveness.clone(), session.map(Box::new), credential_ttl)
     }
 
     /// A new session for client `client_id` of `principal`: its grant carries the token,
