@@ -142,7 +142,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 inner.outbox = std::collections::VecDeque::new();
             }
         }
-        match inner.command.take() {
+        match inner.take_command() {
             // An orderly close goes out after the messages queued before it.
             // A client that sent its HELLO waits for the answer first (the handshake deadline
             // bounds it): closed now it could only drop the connection without a CLOSE, and

@@ -820,7 +820,7 @@ mod sizes {
                 std::mem::size_of::<tether_proto::Liveness>(),
                 160,
             ),
-            ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 400),
+            ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 232),
             (
                 "ServerSink (in the task)",
                 std::mem::size_of::<ServerSink>(),
