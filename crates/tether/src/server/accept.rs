@@ -832,9 +832,9 @@ mod sizes {
                 64,
             ),
             (
-                "presence Entry (per client id)",
-                std::mem::size_of::<tether_proto::presence::Entry>(),
-                256,
+                "presence slot (per client id)",
+                tether_proto::presence::SLOT_SIZE,
+                112,
             ),
         ];
         for (what, size, bound) in rows {

@@ -297,7 +297,7 @@ impl Inner {
         rec.principal = principal.cloned().map(Box::new);
         self.established.fetch_add(1, Relaxed);
         self.totals.accepted.fetch_add(1, Relaxed);
-        let replaced = self.with_registry(|r| r.connected(now, id, conn_id, remote));
+        let replaced = self.with_registry(|r| r.connected_shared(now, key, conn_id, remote));
         let _ = self.events.send(ServerEvent::Connected {
             client_id: id.clone(),
             remote,

@@ -397,7 +397,7 @@ impl ServerHandle {
         let session = self.inner.clients.session_of(client_id);
         let reg = lock(&self.inner.registry);
         reg.get(client_id)
-            .map(|e| client_info(client_id, e, live, session))
+            .map(|e| client_info(client_id, &e, live, session))
     }
 
     /// Every known client (connected, resuming, and recently offline), sorted by id (without
@@ -413,7 +413,7 @@ impl ServerHandle {
         let reg = lock(&self.inner.registry);
         let mut out: Vec<ClientInfo> = reg
             .iter()
-            .map(|(id, e)| client_info(id, e, live.get(id).copied(), None))
+            .map(|(id, e)| client_info(id, &e, live.get(id).copied(), None))
             .collect();
         drop(reg);
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -436,7 +436,7 @@ impl ServerHandle {
         let (entries, more) = reg.page(kind, after, limit);
         let entries: Vec<(String, tether_proto::presence::Entry)> = entries
             .into_iter()
-            .map(|(id, e)| (id.to_owned(), e.clone()))
+            .map(|(id, e)| (id.to_owned(), e))
             .collect();
         drop(reg);
         // Live counters after the registry lock (lock order: a shard before the registry).
