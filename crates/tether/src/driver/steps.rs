@@ -331,7 +331,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     self.answer_refresh(now, a);
                 }
                 ConnEvent::Closed(d) => {
-                    self.result = Some(d.clone());
+                    self.result = Some(Box::new(d.clone()));
                     self.sink.flush(&self.shared);
                     if !self.shared.persistent {
                         self.shared.finish(d.clone());
@@ -405,7 +405,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         if !self.conn.is_closed() {
             return false;
         }
-        let failure = self.result.as_ref().is_none_or(|d| {
+        let failure = self.result.as_deref().is_none_or(|d| {
             matches!(
                 d.reason,
                 DisconnectReason::HeartbeatTimeout
