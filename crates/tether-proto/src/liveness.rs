@@ -265,6 +265,12 @@ impl Liveness {
         self.epoch + Duration::from_nanos(off)
     }
 
+    /// The instant the engine was created or last [started](Self::start): every time it
+    /// records is kept as an offset from it.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &LivenessConfig {
         &self.cfg

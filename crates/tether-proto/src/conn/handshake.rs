@@ -53,13 +53,15 @@ impl Conn {
             (State::AwaitHello, Frame::Hello(h)) => {
                 self.state = State::AwaitDecision;
                 self.peer_resume = h.resume.as_ref().map(|r| r.last_received);
-                self.cred.negotiated = h.credential.is_some();
+                if h.credential.is_some() {
+                    self.cred_mut().negotiated = true;
+                }
                 self.events.push_back(ConnEvent::Hello(h));
             }
             (State::AwaitHello, Frame::Probe(body)) => {
                 self.state = State::Closed;
                 self.handed_off = true;
-                self.handshake_deadline = None;
+                self.handshaking = false;
                 self.events.push_back(ConnEvent::Probe(body));
             }
             (State::AwaitHello, f) => {
@@ -69,7 +71,7 @@ impl Conn {
                 self.protocol_error(now, format!("{} sent before WELCOME", frame_name(&f)))
             }
             (State::AwaitWelcome, Frame::Welcome(w))
-                if w.credential_ttl.is_some() && !self.cred.negotiated =>
+                if w.credential_ttl.is_some() && !self.cred().negotiated =>
             {
                 self.protocol_error(
                     now,
@@ -219,7 +221,7 @@ impl Conn {
     fn establish(&mut self, now: Instant, cfg: Arc<LivenessConfig>) {
         self.state = State::Established;
         self.was_established = true;
-        self.handshake_deadline = None;
+        self.handshaking = false;
         // The handshake itself counted as traffic.
         self.liveness.start(now, cfg);
     }

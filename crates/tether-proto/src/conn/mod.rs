@@ -295,7 +295,9 @@ pub struct Conn {
     liveness: Liveness,
     /// True once the handshake completed (stays true after the end).
     was_established: bool,
-    handshake_deadline: Option<Instant>,
+    /// The handshake deadline is armed: it falls `cfg.handshake_timeout` after the
+    /// connection's start (the liveness engine's epoch until the handshake completes).
+    handshaking: bool,
     /// Client: local liveness options applied once established (the WELCOME supplies the
     /// heartbeat interval and dead-after).
     /// (Boxed: used once, and never on a server.)
@@ -313,7 +315,8 @@ pub struct Conn {
     want_session: bool,
     peer_resume: Option<u64>,
     /// The credential: expiry (server), refresh (client), AUTH in progress.
-    cred: credential::CredentialState,
+    /// Boxed, created on first use: a connection without a credential carries 8 bytes.
+    cred: Option<Box<credential::CredentialState>>,
     stats: ConnStats,
 }
 
@@ -342,7 +345,9 @@ impl Conn {
             });
         }
         c.want_session = hello.want_session;
-        c.cred.negotiated = hello.credential.is_some();
+        if hello.credential.is_some() {
+            c.cred_mut().negotiated = true;
+        }
         c.session = session.map(Box::new);
         codec::encode_preamble(&mut c.out);
         codec::encode(&Frame::Hello(hello), &mut c.out);
@@ -368,7 +373,7 @@ impl Conn {
         Conn {
             role,
             decoder: Decoder::new(cfg.max_frame_len),
-            handshake_deadline: Some(now + cfg.handshake_timeout),
+            handshaking: true,
             cfg,
             state: State::Preamble {
                 buf: [0; PREAMBLE_LEN],
@@ -387,9 +392,15 @@ impl Conn {
             session: None,
             want_session: false,
             peer_resume: None,
-            cred: credential::CredentialState::default(),
+            cred: None,
             stats: ConnStats::default(),
         }
+    }
+
+    /// When the handshake must have completed, while it has not.
+    fn handshake_deadline(&self) -> Option<Instant> {
+        self.handshaking
+            .then(|| self.liveness.epoch() + self.cfg.handshake_timeout)
     }
 
     /// This end's role.
@@ -540,7 +551,7 @@ impl Conn {
         if self.is_closed() {
             return None;
         }
-        if let Some(h) = self.handshake_deadline {
+        if let Some(h) = self.handshake_deadline() {
             return Some(h);
         }
         let live = self.liveness.poll_timeout();
@@ -554,7 +565,7 @@ impl Conn {
         if self.is_closed() {
             return;
         }
-        if let Some(h) = self.handshake_deadline {
+        if let Some(h) = self.handshake_deadline() {
             if now >= h {
                 self.handshake_timed_out(now);
             }
@@ -610,7 +621,7 @@ impl Conn {
             return;
         }
         self.state = State::Closed;
-        self.handshake_deadline = None;
+        self.handshaking = false;
         let silent_for = self.liveness.silent_for(now);
         self.events
             .push_back(ConnEvent::Closed(Disconnect { reason, silent_for }));

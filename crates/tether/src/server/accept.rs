@@ -825,7 +825,7 @@ mod sizes {
             // tokio's task cell is the future + 104 B, rounded up to 128 B (x86-64): at most
             // 408 B of future keeps it at 512 B (it was 640 B with 520 B of future).
             ("task future (run_connection)", size_of_val(&task), 408),
-            ("Conn (boxed)", std::mem::size_of::<Conn>(), 448),
+            ("Conn (boxed)", std::mem::size_of::<Conn>(), 384),
             (
                 "  of which Liveness",
                 std::mem::size_of::<tether_proto::Liveness>(),
