@@ -90,9 +90,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             if self.outbox_can_move(step.waiting_front) {
                 continue;
             }
-            // Messages wait in the state machine for room: register for the backlog's
-            // wake-up (one place in its queue), or go back at once if there is room now.
-            if self.holds_message() && !step.inbox_full && !self.wait_for_backlog(cx) {
+            // Stopped at data (a held message or a frame partly read) by the backlog:
+            // register for its wake-up (one place in its queue), or go back at once if there
+            // is room now. Nothing else would wake us: with bytes waiting, the peek registers
+            // no read interest (a stopped connection waited for its next timer, ~h).
+            if self.paused_at_data() && !step.inbox_full && !self.wait_for_backlog(cx) {
                 continue;
             }
             if more_to_read {

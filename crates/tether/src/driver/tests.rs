@@ -722,6 +722,36 @@ async fn a_message_read_during_a_pause_waits_for_room_and_then_goes_out() {
     assert_eq!(shared.lock().inbox.back().map(|m| m[0]), Some(7));
 }
 
+/// A connection that stopped reading in the middle of a message frame (the backlog filled
+/// meanwhile) resumes as soon as the application makes room, not at its next timer: the rest
+/// of the frame waits in the transport, so only the backlog can wake it.
+#[tokio::test(start_paused = true)]
+async fn a_connection_stopped_inside_a_frame_resumes_when_the_backlog_has_room() {
+    let budgets = Arc::new(Budgets::new(150, 1 << 20, 1 << 20));
+    let (shared, _task, mut peer, log) = budgeted_server(&budgets).await;
+    for _ in 0..2 {
+        peer.conn.send(now(), &[9; 100]).unwrap();
+    }
+    peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
+    // The next message arrives in two halves; the first is read while paused.
+    peer.conn.send(now(), &[7; 100]).unwrap();
+    let frame = peer.conn.pending_transmit().to_vec();
+    peer.conn.transmitted(frame.len());
+    let (head, tail) = frame.split_at(frame.len() / 2);
+    peer.io.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    peer.io.write_all(tail).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(messages(&log), 2, "paused");
+    // The application takes everything: the message follows at once.
+    budgets.backlog.give(200);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (100, 3));
+    assert!(shared.done().is_none());
+}
+
 /// A drained backlog wakes the connections it paused a batch at a time, oldest first, not
 /// all at once: 100 connections each holding a message; a give at or below the resume mark
 /// lets `WAKE_BATCH` of them deliver, and taking everything lets the rest.
