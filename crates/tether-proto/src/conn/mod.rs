@@ -659,6 +659,12 @@ impl Conn {
         }
     }
 
+    /// The next event, left in the queue: a driver whose application has no room for
+    /// messages looks before it takes (the messages wait here, in order with what follows).
+    pub fn peek_event(&self) -> Option<&ConnEvent> {
+        self.events.front()
+    }
+
     /// The next event for the application.
     pub fn poll_event(&mut self) -> Option<ConnEvent> {
         let ev = self.events.pop_front();

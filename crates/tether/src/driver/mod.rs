@@ -7,8 +7,10 @@
 //!  take_commands   outbox → state machine (up to the transmit high-water mark), close or
 //!                  refuse commands, decide whether reading is paused
 //!  drive_read      socket → state machine, up to 64 KiB a read on the stack, at most 64 KiB
-//!                  or 4 reads a wake-up;
-//!                  paused reading still peeks so a silent peer is still declared dead
+//!                  or 4 reads a wake-up; paused (a full inbox or server backlog), 512 B
+//!                  reads that stop at the first message: heartbeats and ACKs are still
+//!                  read and answered, messages wait in the state machine; stopped, it peeks
+//!                  so a silent peer is still declared dead
 //!  drive_timer     fire what is due (heartbeat, dead-after, ACK delay, handshake deadline)
 //!  process_events  state machine → sink (HELLO decisions, messages, presence, the end)
 //!  drive_write     state machine → socket
@@ -19,8 +21,16 @@
 //! ```
 //!
 //! Loop-backs within one wake-up: the handshake just completed (what the application queued
-//! before or during it goes out now, not a timer later), the sleep already fired, or the
-//! socket took the whole transmit buffer while the outbox still holds messages.
+//! before or during it goes out now, not a timer later), the sleep already fired, the
+//! socket took the whole transmit buffer while the outbox still holds messages, or messages
+//! held by a pause find the backlog has room after all.
+//!
+//! A connection that used its whole read budget yields through tokio's deferred wake-up
+//! (`yield_now`), not by waking itself: a self-woken task goes straight back into its
+//! worker's local run queue, ahead of every task in the global queue, and under a
+//! saturating load the connections woken by a timer or a heartbeat waited there for
+//! seconds (the detection bench, BENCHMARKS.md). Deferred, it runs again after the worker
+//! has polled the I/O driver and the timers and run what they woke.
 
 mod budget;
 mod frames;
@@ -50,6 +60,10 @@ pub(crate) use crate::transport::Transport;
 const READ_CHUNK: usize = 64 * 1024;
 /// Reads per wake-up before yielding to other tasks.
 const READS_PER_WAKE: usize = 4;
+/// Bytes read at a time while reading is paused: enough for the liveness frames that arrive
+/// in an interval, and the most payload a paused connection holds (the server's backlog may
+/// pass its bound by at most this much per connection).
+pub(crate) const PAUSED_READ: usize = 512;
 /// Bytes read per wake-up before yielding to other tasks.
 // 64 KiB: a busy connection decodes at most ~64 KiB per wake-up before yielding, so
 // hundreds of busy connections cannot starve idle ones of their timers (heartbeats,
@@ -186,6 +200,11 @@ struct Driver<T, S> {
     frames: frames::FrameRoom,
     /// Transmit-buffer bytes last published to the shared state.
     transmit_published: usize,
+    /// Reading is paused for this pass (a full inbox or server backlog): messages wait in the
+    /// state machine.
+    paused: bool,
+    /// This connection's place in the server backlog's queue of waiters.
+    backlog_ticket: budget::Ticket,
 }
 
 /// Runs one connection to its end.
@@ -216,6 +235,8 @@ pub(crate) fn drive<T: Transport, S: Sink + Send>(
         established: false,
         frames: frames::FrameRoom::default(),
         transmit_published: 0,
+        paused: false,
+        backlog_ticket: 0,
     };
     async move {
         let sleep = tokio::time::sleep_until(

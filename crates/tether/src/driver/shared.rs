@@ -39,8 +39,9 @@ impl Default for Limits {
 /// The server-wide budgets every server connection draws on (see [`Budget`]).
 #[derive(Debug)]
 pub(crate) struct Budgets {
-    /// Received messages not yet taken from `Server::next_event`. Above it every connection
-    /// stops reading (TCP back-pressure) until the application has taken half of it.
+    /// Received messages not yet taken from `Server::next_event`. Above it connections stop
+    /// taking messages (TCP back-pressure; liveness frames are still read, see `drive_read`)
+    /// until the application has taken half of it.
     pub(crate) backlog: Budget,
     /// Partially received frames (decoder buffers). A connection that needs more pauses.
     pub(crate) frames: Budget,

@@ -13,7 +13,7 @@ use tokio::time::Sleep;
 
 use super::{
     now, Command, Decision, Driver, RefreshAnswer, Resolution, Resolved, Sink, CLOSE_LINGER,
-    READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK, TRANSMIT_HIGH_WATER,
+    PAUSED_READ, READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK, TRANSMIT_HIGH_WATER,
 };
 use crate::transport::Transport;
 
@@ -23,10 +23,22 @@ fn held_for_peer(conn: &tether_proto::Conn) -> usize {
     conn.pending_transmit().len() + conn.session().map_or(0, |s| s.replay_bytes())
 }
 
+/// Yields through tokio's deferred wake-up (see the module docs of `driver`): the task runs
+/// again after its worker has polled the I/O driver and the timers, behind what they woke,
+/// not ahead of it.
+fn yield_deferred(cx: &mut Context<'_>) {
+    // The first poll of `yield_now` puts our waker on the scheduler's deferred list (outside
+    // a runtime it wakes at once) and returns Pending; the waker stays there when the future
+    // is dropped.
+    let y = std::pin::pin!(tokio::task::yield_now());
+    let _ = y.poll(cx);
+}
+
 /// What `take_commands` found out for the rest of the wake-up.
 struct Step {
-    /// Reading is paused: the application (or the server's budgets) is the bottleneck.
-    paused: bool,
+    /// The application holds more than the inbox bound (standalone connections): messages
+    /// wait in the state machine until it takes some (`Shared::poll_recv_batch` wakes us).
+    inbox_full: bool,
     /// The length of the next outbox message when it stayed in the outbox because the
     /// transmit buffer was at its high-water mark or the session's replay buffer was full.
     waiting_front: Option<usize>,
@@ -51,7 +63,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             let now = now();
             let was_established = self.conn.is_established();
             let step = self.take_commands(cx, now);
-            let more_to_read = self.drive_read(cx, now, step.paused);
+            self.paused = step.inbox_full || self.backlog_full();
+            let more_to_read = self.drive_read(cx, now);
             self.drive_timer(now);
             // Events before writing: a HELLO decision queues the WELCOME.
             self.process_events(now);
@@ -77,9 +90,16 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             if self.outbox_can_move(step.waiting_front) {
                 continue;
             }
+            // Stopped at data (a held message or a frame partly read) by the backlog:
+            // register for its wake-up (one place in its queue), or go back at once if there
+            // is room now. Nothing else would wake us: with bytes waiting, the peek registers
+            // no read interest (a stopped connection waited for its next timer, ~h).
+            if self.paused_at_data() && !step.inbox_full && !self.wait_for_backlog(cx) {
+                continue;
+            }
             if more_to_read {
                 // More may be waiting: yield, but come back.
-                cx.waker().wake_by_ref();
+                yield_deferred(cx);
             }
             return Poll::Pending;
         }
@@ -171,11 +191,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             None => {}
         }
         let resolved = inner.resolved.take();
-        let paused = inner.inbox_bytes > shared.limits.inbox_bytes
-            || shared
-                .budgets
-                .as_ref()
-                .is_some_and(|b| b.backlog.is_full(cx.waker()));
+        let inbox_full = inner.inbox_bytes > shared.limits.inbox_bytes;
         if moved {
             inner.transmit_bytes = held_for_peer(conn);
             self.transmit_published = inner.transmit_bytes;
@@ -189,32 +205,68 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             self.apply_resolved(now, *r);
         }
         Step {
-            paused,
+            inbox_full,
             waiting_front,
         }
     }
 
-    /// Socket → state machine. A paused connection does not read (the kernel applies TCP
-    /// back-pressure to the peer) but peeks: bytes waiting prove the peer alive, and a peer
-    /// with nothing waiting is still declared dead on time. True when the wake-up's reads or
-    /// bytes ran out (more may be waiting).
-    fn drive_read(&mut self, cx: &mut Context<'_>, now: Instant, paused: bool) -> bool {
+    /// True while the server's backlog is at its limit (the application has not taken
+    /// `max_queued_bytes` of received messages).
+    fn backlog_full(&self) -> bool {
+        self.shared
+            .budgets
+            .as_ref()
+            .is_some_and(|b| b.backlog.at_limit())
+    }
+
+    /// True when the next event is a message held back by a pause (it goes to the
+    /// application once there is room).
+    fn holds_message(&self) -> bool {
+        !self.conn.is_closed() && matches!(self.conn.peek_event(), Some(ConnEvent::Message { .. }))
+    }
+
+    /// Registers for the backlog's wake-up (keeping this connection's place in its queue).
+    /// False when there is room already (nothing to wait for).
+    fn wait_for_backlog(&mut self, cx: &mut Context<'_>) -> bool {
+        match &self.shared.budgets {
+            Some(b) => b.backlog.is_full(cx.waker(), &mut self.backlog_ticket),
+            None => false,
+        }
+    }
+
+    /// Socket → state machine. True when the wake-up's reads or bytes ran out (more may be
+    /// waiting).
+    ///
+    /// Paused (the application, or the server's backlog, holds as much as it may), a
+    /// connection still reads, [`PAUSED_READ`] bytes at a time, so that what keeps it
+    /// alive — heartbeats, ACKs, PINGs — is read and answered on time: those add nothing to
+    /// the backlog. It stops at the first message (held in the state machine's event queue
+    /// until there is room: at most one paused read of payload per connection) or at the
+    /// start of a frame it cannot finish in one paused read. Stopped, it peeks: bytes
+    /// waiting prove the peer alive, and a peer with nothing waiting is still declared dead
+    /// on time.
+    fn drive_read(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
         let (mut reads, mut bytes) = (0, 0);
-        let mut paused = paused;
+        let mut stalled = false;
         while !self.read_done
             && reads < READS_PER_WAKE
             && bytes < READ_BUDGET
-            && (!paused || self.conn.is_closed())
+            && (!self.paused_at_data() || self.conn.is_closed())
         {
             // Server: room in the partial-frame budget for what this read may add.
             let Some(reserved) = self.reserve_frame_room(cx) else {
-                paused = true;
+                stalled = true;
                 break;
+            };
+            let chunk = if self.paused && !self.conn.is_closed() {
+                PAUSED_READ
+            } else {
+                READ_CHUNK
             };
             // Uninitialised: zeroing the buffer on every read attempt (Pending ones included)
             // was most of the driver's CPU time. `ReadBuf` tracks what was filled.
             let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-            let mut rb = ReadBuf::uninit(&mut buf[..READ_CHUNK.min(READ_BUDGET - bytes)]);
+            let mut rb = ReadBuf::uninit(&mut buf[..chunk.min(READ_BUDGET - bytes)]);
             let polled = Pin::new(&mut self.io).poll_read(cx, &mut rb);
             let pending = polled.is_pending();
             match polled {
@@ -230,6 +282,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                         // stays as short as one read's frames (a wake-up's worth grew it to
                         // hundreds of KiB, allocated and freed on every wake-up).
                         self.process_events(now);
+                        // The backlog may have filled with this read's messages.
+                        self.paused = self.paused || self.backlog_full();
                     }
                 }
                 Poll::Ready(Err(e)) => {
@@ -247,13 +301,22 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 break;
             }
         }
-        if paused && !self.conn.is_closed() && self.io.poll_unread(cx) != Some(false) {
+        if (stalled || self.paused_at_data())
+            && !self.conn.is_closed()
+            && self.io.poll_unread(cx) != Some(false)
+        {
             // Bytes wait in the kernel (or the transport cannot tell): the peer is alive, our
             // application is the bottleneck. A peer with nothing waiting is silent and is
             // still declared dead on time.
             self.conn.note_alive(now);
         }
         reads == READS_PER_WAKE || bytes >= READ_BUDGET
+    }
+
+    /// Paused and stopped at data: a message is held, or a frame is partly read (most likely
+    /// a message: liveness frames are a few bytes and arrive whole).
+    fn paused_at_data(&self) -> bool {
+        self.paused && (self.holds_message() || self.conn.partial_frame().len > 0)
     }
 
     /// Server connections: room in the partial-frame budget for one read (see `frames.rs`).
@@ -320,7 +383,14 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// State machine → sink. HELLO decisions are applied at once (they queue the WELCOME or
     /// the REFUSE); messages before the end reach the application before the end does.
     fn process_events(&mut self, now: Instant) {
-        while let Some(ev) = self.conn.poll_event() {
+        loop {
+            // Paused: messages (and what follows them, in order) wait in the state machine.
+            if self.paused && self.holds_message() {
+                break;
+            }
+            let Some(ev) = self.conn.poll_event() else {
+                break;
+            };
             match ev {
                 ConnEvent::Hello(h) => {
                     let d = self.sink.hello(now, &h);

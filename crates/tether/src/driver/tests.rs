@@ -69,6 +69,11 @@ impl Sink for TestSink {
         }
         if let ConnEvent::Message { payload, .. } = &ev {
             shared.push_inbox(vec![payload.clone()]);
+            // A server connection's messages count against the server's backlog (as
+            // `ServerSink` does); the test gives them back as its application.
+            if let Some(b) = &shared.budgets {
+                b.backlog.take(payload.len());
+            }
         }
         self.log.lock().unwrap().push((tnow(), ev));
     }
@@ -556,7 +561,9 @@ async fn paused_reading_still_declares_a_silent_peer_dead_on_time() {
 }
 
 /// Reading paused does not blame a peer whose bytes wait unread: it is alive, the
-/// application is the bottleneck. Once the application catches up, reading resumes.
+/// application is the bottleneck. A paused connection reads on until the first message (held
+/// in the state machine) and then stops: what the peer sends after it — heartbeats here —
+/// waits in the transport. Once the application catches up, reading resumes.
 #[tokio::test(start_paused = true)]
 async fn paused_reading_does_not_blame_a_peer_whose_bytes_wait() {
     let limits = Limits {
@@ -568,6 +575,10 @@ async fn paused_reading_does_not_blame_a_peer_whose_bytes_wait() {
         peer.conn.send(now(), &[9; 100]).unwrap();
     }
     peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // The inbox is full: this message is read and held, and reading stops behind it.
+    peer.conn.send(now(), &[8; 100]).unwrap();
+    peer.flush().await;
     // The peer keeps talking (heartbeats) for 4 × dead-after; nobody reads them.
     for _ in 0..(4 * D.as_millis() / 500) {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -578,9 +589,11 @@ async fn paused_reading_does_not_blame_a_peer_whose_bytes_wait() {
         None,
         "a peer whose bytes wait was declared dead"
     );
+    assert_eq!(shared.lock().inbox.len(), 3, "the fourth message is held");
     let heartbeats_before = shared.stats.snapshot().heartbeats_in;
     // The application takes its messages (as `Connection::recv` does: the inbox in one go,
-    // then one by one) and asks for more: reading resumes and drains the heartbeats.
+    // then one by one) and asks for more: the held message follows and reading resumes and
+    // drains the heartbeats.
     let (mut batch, mut held) = (std::collections::VecDeque::new(), 0);
     let first = std::future::poll_fn(|cx| shared.poll_recv_batch(cx, &mut batch, &mut held))
         .await
@@ -588,18 +601,197 @@ async fn paused_reading_does_not_blame_a_peer_whose_bytes_wait() {
     assert_eq!((first.len(), batch.len(), held), (100, 2, 300));
     assert!(batch.iter().all(|m| m.len() == 100));
     batch.clear();
-    assert!(futures::FutureExt::now_or_never(std::future::poll_fn(|cx| {
-        shared.poll_recv_batch(cx, &mut batch, &mut held)
-    }))
-    .is_none());
-    assert_eq!(held, 0);
     tokio::time::sleep(Duration::from_millis(10)).await;
+    let fourth = std::future::poll_fn(|cx| shared.poll_recv_batch(cx, &mut batch, &mut held))
+        .await
+        .unwrap();
+    assert_eq!(&fourth[..], &[8; 100][..]);
     assert!(shared.stats.snapshot().heartbeats_in >= heartbeats_before + 20);
     assert!(!log
         .lock()
         .unwrap()
         .iter()
         .any(|(_, e)| matches!(e, ConnEvent::Closed(_))));
+}
+
+/// A server connection drawing on `budgets` (accepting as `tether::Server` does: it answers
+/// heartbeats), established with a hand-driven client.
+async fn budgeted_server(
+    budgets: &Arc<Budgets>,
+) -> (
+    Arc<Shared>,
+    JoinHandle<Ended<DuplexStream, TestSink>>,
+    Peer,
+    Log,
+) {
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::server(Limits::default(), budgets.clone());
+    let sink = TestSink {
+        answer: true,
+        ..Default::default()
+    };
+    let log = sink.log.clone();
+    let task = tokio::spawn(drive(
+        io,
+        Box::new(Conn::server(now(), ConnConfig::default())),
+        shared.clone(),
+        sink,
+    ));
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    (shared, task, peer, log)
+}
+
+fn messages(log: &Log) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| matches!(e, ConnEvent::Message { .. }))
+        .count()
+}
+
+/// A connection paused by a full server backlog still reads its client's heartbeats and
+/// answers each in the instant it arrives (they add nothing to the backlog), so neither end
+/// declares the other dead however long the application takes; its messages wait. When the
+/// peer then goes silent, it is declared dead exactly d after its last heartbeat — the pause
+/// does not count as hearing from it.
+#[tokio::test(start_paused = true)]
+async fn a_connection_paused_by_a_full_backlog_answers_heartbeats_and_detects_silence_at_d() {
+    let budgets = Arc::new(Budgets::new(150, 1 << 20, 1 << 20));
+    let (shared, task, mut peer, log) = budgeted_server(&budgets).await;
+    for _ in 0..2 {
+        peer.conn.send(now(), &[9; 100]).unwrap();
+    }
+    peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let start = tnow();
+    let beats = 4 * D.as_secs() as u32;
+    for k in 1..=beats {
+        tokio::time::sleep_until(start + H * k).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(
+            frames_now(&mut peer.io, &mut dec).await,
+            vec![Frame::Heartbeat],
+            "heartbeat {k} answered at once"
+        );
+    }
+    assert!(shared.done().is_none());
+    assert_eq!(shared.stats.snapshot().heartbeats_in, u64::from(beats));
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
+    // Silent from now on (the backlog stays full).
+    let last = tnow();
+    let ended = task.await.unwrap();
+    assert_eq!(ended.disconnect.reason, DisconnectReason::HeartbeatTimeout);
+    assert_eq!(ended.disconnect.silent_for, D);
+    assert_eq!(tnow() - last, D);
+}
+
+/// A message that arrives while the backlog is full is read but held — the backlog passes
+/// its bound by nothing — and goes to the application once it has taken its share.
+#[tokio::test(start_paused = true)]
+async fn a_message_read_during_a_pause_waits_for_room_and_then_goes_out() {
+    let budgets = Arc::new(Budgets::new(150, 1 << 20, 1 << 20));
+    let (shared, _task, mut peer, log) = budgeted_server(&budgets).await;
+    for fill in [9u8, 8] {
+        peer.conn.send(now(), &[fill; 100]).unwrap();
+        peer.flush().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The first message filled nothing (100 < 150), the second did (200 ≥ 150).
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
+    peer.conn.send(now(), &[7; 100]).unwrap();
+    peer.flush().await;
+    tokio::time::sleep(H * 5).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2), "held");
+    assert!(shared.done().is_none());
+    // The application takes one message: 100 ≤ the resume mark (75)? Not yet.
+    budgets.backlog.give(100);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (100, 2));
+    // And the other: the held message goes out.
+    budgets.backlog.give(100);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (100, 3));
+    assert_eq!(shared.lock().inbox.back().map(|m| m[0]), Some(7));
+}
+
+/// A connection that stopped reading in the middle of a message frame (the backlog filled
+/// meanwhile) resumes as soon as the application makes room, not at its next timer: the rest
+/// of the frame waits in the transport, so only the backlog can wake it.
+#[tokio::test(start_paused = true)]
+async fn a_connection_stopped_inside_a_frame_resumes_when_the_backlog_has_room() {
+    let budgets = Arc::new(Budgets::new(150, 1 << 20, 1 << 20));
+    let (shared, _task, mut peer, log) = budgeted_server(&budgets).await;
+    for _ in 0..2 {
+        peer.conn.send(now(), &[9; 100]).unwrap();
+    }
+    peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
+    // The next message arrives in two halves; the first is read while paused.
+    peer.conn.send(now(), &[7; 100]).unwrap();
+    let frame = peer.conn.pending_transmit().to_vec();
+    peer.conn.transmitted(frame.len());
+    let (head, tail) = frame.split_at(frame.len() / 2);
+    peer.io.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    peer.io.write_all(tail).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(messages(&log), 2, "paused");
+    // The application takes everything: the message follows at once.
+    budgets.backlog.give(200);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (100, 3));
+    assert!(shared.done().is_none());
+}
+
+/// A drained backlog wakes the connections it paused a batch at a time, oldest first, not
+/// all at once: 100 connections each holding a message; a give at or below the resume mark
+/// lets `WAKE_BATCH` of them deliver, and taking everything lets the rest.
+#[tokio::test(start_paused = true)]
+async fn a_drained_backlog_wakes_at_most_a_batch_of_paused_connections_per_step() {
+    const N: usize = 100;
+    let budgets = Arc::new(Budgets::new(10_000, 1 << 20, 1 << 20));
+    let mut conns = Vec::new();
+    for _ in 0..N {
+        conns.push(budgeted_server(&budgets).await);
+    }
+    // Other clients' messages fill the backlog.
+    budgets.backlog.take(10_000);
+    for (_, _, peer, _) in conns.iter_mut() {
+        peer.conn.send(now(), &[9; 100]).unwrap();
+        peer.flush().await;
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let delivered = |conns: &Vec<(Arc<Shared>, _, Peer, Log)>| -> usize {
+        conns.iter().map(|(_, _, _, log)| messages(log)).sum()
+    };
+    assert_eq!(delivered(&conns), 0);
+    assert_eq!(
+        budgets.backlog.waiters_len(),
+        N,
+        "each holds its message, once"
+    );
+    // The application takes 6,000 bytes: 4,000 in use, at or below the resume mark (5,000).
+    budgets.backlog.give(6_000);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let k = super::budget::WAKE_BATCH;
+    assert_eq!(delivered(&conns), k, "one give, one batch");
+    assert_eq!(budgets.backlog.used(), 4_000 + 100 * k);
+    assert_eq!(budgets.backlog.waiters_len(), N - k);
+    // Taking everything wakes the rest (no give would come for them otherwise).
+    budgets.backlog.give(budgets.backlog.used());
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(delivered(&conns), N);
+    assert_eq!(budgets.backlog.waiters_len(), 0);
+    assert!(conns.iter().all(|(s, ..)| s.done().is_none()));
 }
 
 /// An orderly close sends CLOSE and FIN, then waits for the peer's FIN — at most the

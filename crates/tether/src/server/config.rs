@@ -7,7 +7,7 @@
 //!
 //! | what | bound (default) | when it is reached |
 //! |---|---|---|
-//! | received messages not yet taken from `next_event` | [`max_queued_bytes`](ServerConfig::max_queued_bytes) (32 MiB) | every connection pauses reading (TCP back-pressure) |
+//! | received messages not yet taken from `next_event` | [`max_queued_bytes`](ServerConfig::max_queued_bytes) (32 MiB) | connections stop taking messages (TCP back-pressure; heartbeats and ACKs are still read and answered); each may hold one 512 B read of messages more |
 //! | partially received frames | [`max_partial_frame_bytes`](ServerConfig::max_partial_frame_bytes) (32 MiB) | connections needing more pause reading |
 //! | bytes queued for clients, not yet written or (with a session) not yet acknowledged | [`max_unsent_bytes`](ServerConfig::max_unsent_bytes) (64 MiB) | sends are refused (`SendError::ServerFull`) |
 //! | the same, per client | [`outbox_bytes`](ServerConfig::outbox_bytes) (4 MiB) | the client is closed: `slow-consumer` |
@@ -224,8 +224,12 @@ impl ServerConfig {
     }
 
     /// Sets the bound on received messages waiting in `Server::next_event`, in bytes: above
-    /// it every connection stops reading until the application has taken half of it (TCP
-    /// back-pressure to the clients; nobody is declared dead meanwhile). Default: 32 MiB.
+    /// it connections stop taking messages until the application has taken half of it (TCP
+    /// back-pressure to the clients). They still read heartbeats and ACKs, 512 B at a time,
+    /// and stop at the first message, which waits in the connection (so the bound may be
+    /// passed by at most 512 B of payload per connection); nobody is declared dead
+    /// meanwhile. The paused connections are woken 32 at a time as the application drains
+    /// it. Default: 32 MiB.
     pub fn max_queued_bytes(mut self, n: usize) -> Self {
         self.max_queued_bytes = n.max(1);
         self

@@ -205,8 +205,12 @@ impl Server {
     /// The next event; `None` after shutdown.
     ///
     /// Drain it: received messages wait here, and above
-    /// [`max_queued_bytes`](ServerConfig::max_queued_bytes) every connection stops reading
-    /// until the application catches up.
+    /// [`max_queued_bytes`](ServerConfig::max_queued_bytes) connections stop taking messages
+    /// until the application catches up (they still read and answer heartbeats and ACKs, so
+    /// no client is declared dead for it). Drain it within tokio's cooperative budget, not in
+    /// `tokio::task::unconstrained`: a loop that never yields while events keep coming holds
+    /// its worker thread, and every connection task queued on that worker — timers and
+    /// heartbeat answers included — waits until it stops (seconds under load, measured).
     pub async fn next_event(&mut self) -> Option<ServerEvent> {
         let ev = self.events.recv().await;
         if let Some(ServerEvent::Message { msg, .. }) = &ev {

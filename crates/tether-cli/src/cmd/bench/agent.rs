@@ -174,13 +174,16 @@ async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
     let mut server = Server::bind(cfg).await.context("cannot bind")?;
     let handle = server.handle();
     let mut presence = handle.subscribe();
-    // Drain server events: an undrained unbounded channel would grow and count as memory.
-    // `unconstrained`: with tokio's cooperative budget this one task would take 128 events per
-    // turn while each connection task queues thousands per turn (16 reads of 16 KiB), and the
-    // queue would grow by gigabytes under message load (see BENCHMARKS.md).
-    tokio::spawn(tokio::task::unconstrained(async move {
-        while server.next_event().await.is_some() {}
-    }));
+    // Drain server events (received messages count against the server's backlog until
+    // taken). Within tokio's cooperative budget, as an application's consumer would be: the
+    // backlog is bounded (`max_queued_bytes`), so a consumer that falls behind pauses the
+    // readers instead of growing the queue. It used to run `unconstrained` (from before the
+    // backlog had a bound): under 256 loaders it then never yielded while events kept
+    // coming, held its worker for seconds at a time, and every connection task queued on
+    // that worker waited — thousands of healthy clients heard nothing for 5 s and closed
+    // (6,000–16,000 false Offlines per run; 0 with this, BENCHMARKS.md 2026-11-30 "third
+    // pass").
+    tokio::spawn(async move { while server.next_event().await.is_some() {} });
     // Unconstrained too: a presence burst (thousands of Offlines at once) must not overflow
     // the server's bounded broadcast because this task yields every 128 events.
     tokio::spawn(tokio::task::unconstrained(async move {
