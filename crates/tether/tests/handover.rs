@@ -322,6 +322,7 @@ async fn a_take_waits_for_the_attached_connection_and_a_wrong_token_moves_nothin
         session_id: grant.session_id,
         token_hash: TokenHash::of(&[0x55; 16]),
         principal: None,
+        last_received: 0,
     };
     assert!(a
         .take_session(&wrong, Duration::from_millis(200))
@@ -342,6 +343,7 @@ async fn a_take_waits_for_the_attached_connection_and_a_wrong_token_moves_nothin
         session_id: grant.session_id,
         token_hash: TokenHash::of(&grant.token),
         principal: None,
+        last_received: 0,
     };
     let t = Instant::now();
     let export = a
@@ -445,6 +447,7 @@ async fn an_import_replaces_an_older_held_session_of_the_client_and_reports_it_l
         session_id: newer,
         token_hash: TokenHash::of(&token),
         principal: None,
+        last_received: 0,
     };
     let export = c
         .take_session(&req, Duration::from_millis(100))

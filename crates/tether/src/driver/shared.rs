@@ -117,6 +117,9 @@ pub(crate) struct Inner {
     /// its message's number when it queues it. Set by the server when a session attaches
     /// (`None`: no session), advanced by the driver as messages move (same lock).
     pub(crate) seq_base: Option<u64>,
+    /// Commit-before-ACK: the highest received number the application committed and the
+    /// task has not applied yet (0: none).
+    pub(crate) commit_to: u64,
 }
 
 /// State shared by a connection task and the handles that talk to it.
@@ -294,6 +297,28 @@ impl Shared {
     /// connection.
     pub(crate) fn set_seq_base(&self, base: Option<u64>) {
         self.lock().seq_base = base;
+    }
+
+    /// Server connections: the number the next message queued will carry (`None` without a
+    /// session).
+    pub(crate) fn next_seq(&self) -> Option<u64> {
+        let inner = self.lock();
+        inner.seq_base.map(|b| b + inner.outbox.len() as u64)
+    }
+
+    /// Commit-before-ACK: the application committed the received messages up to `seq`.
+    pub(crate) fn commit(&self, seq: u64) {
+        let mut inner = self.lock();
+        if inner.done.is_some() || seq <= inner.commit_to {
+            return;
+        }
+        inner.commit_to = seq;
+        wake_driver(&mut inner);
+    }
+
+    /// The commit not applied by the task yet (0: none), taken.
+    pub(crate) fn take_commit(&self) -> u64 {
+        std::mem::take(&mut self.lock().commit_to)
     }
 
     /// Asks the task to close the connection in order (after what is queued).

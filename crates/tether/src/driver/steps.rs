@@ -142,6 +142,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 inner.outbox = std::collections::VecDeque::new();
             }
         }
+        let commit = std::mem::take(&mut inner.commit_to);
+        if commit > 0 {
+            conn.commit(now, commit);
+        }
         match inner.command.take() {
             // An orderly close goes out after the messages queued before it.
             // A client that sent its HELLO waits for the answer first (the handshake deadline
