@@ -604,15 +604,31 @@ mod tests {
             assert_eq!(b.on_data(t, q), Received::Deliver);
         }
         assert_eq!(b.ack_position(), 0);
-        assert_eq!(b.poll_ack(t + d, true), None, "nothing committed, even forced");
+        assert_eq!(
+            b.poll_ack(t + d, true),
+            None,
+            "nothing committed, even forced"
+        );
         assert_eq!(b.poll_timeout(), None, "no timer for uncommitted messages");
         b.commit(t, 1);
-        assert_eq!(b.poll_ack(t, false), None, "one < ack_every, delay not passed");
+        assert_eq!(
+            b.poll_ack(t, false),
+            None,
+            "one < ack_every, delay not passed"
+        );
         assert_eq!(b.poll_timeout(), Some(t + d));
         assert_eq!(b.poll_ack(t + d, false), Some(1));
         b.commit(t + d, 9);
-        assert_eq!(b.ack_position(), 5, "a commit beyond what was received is capped");
-        assert_eq!(b.poll_ack(t + d, false), Some(5), "four committed >= ack_every");
+        assert_eq!(
+            b.ack_position(),
+            5,
+            "a commit beyond what was received is capped"
+        );
+        assert_eq!(
+            b.poll_ack(t + d, false),
+            Some(5),
+            "four committed >= ack_every"
+        );
         b.commit(t + d, 3);
         assert_eq!(b.ack_position(), 5, "commits never go back");
         assert_eq!(b.on_data(t, 6), Received::Deliver);
@@ -623,7 +639,9 @@ mod tests {
         c.set_commit_mode(true);
         let (mut received, mut committed, mut now) = (0u64, 0u64, t);
         for _ in 0..5000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             now += Duration::from_millis(seed >> 60);
             match (seed >> 33) % 3 {
                 0 => {
@@ -647,8 +665,8 @@ mod tests {
         off.commit(t, 0);
         assert_eq!(off.poll_ack(t, true), Some(1));
         // Turned on for a continued session: what it received counts as committed.
-        let mut st = Session::from_state([0; TOKEN_LEN], SessionConfig::default(), off.state())
-            .unwrap();
+        let mut st =
+            Session::from_state([0; TOKEN_LEN], SessionConfig::default(), off.state()).unwrap();
         st.set_commit_mode(true);
         assert_eq!(st.ack_position(), 1);
     }
