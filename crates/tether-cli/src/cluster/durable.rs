@@ -132,6 +132,9 @@ struct Local {
     state: CopyState,
     /// Heartbeat periods seen.
     ticks: u64,
+    /// `Stats::redis_epoch` when the copy was last written: a newer one means Redis may
+    /// have lost it (restarted empty).
+    epoch: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -696,8 +699,10 @@ impl Cluster {
             call.arg(*q).arg(p.as_ref());
         }
         let mut con = self.con.clone();
+        let epoch = self.stats.redis_epoch.load(Ordering::Relaxed);
         match call.invoke_async::<String>(&mut con).await {
             Ok(r) => {
+                l.epoch = epoch;
                 self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
                 l.redis_acked = l.acked;
                 l.state = if r == "ok" {
@@ -934,6 +939,13 @@ impl Cluster {
                 }
             }
         }
+        if tick
+            && l.state == CopyState::Synced
+            && l.epoch != self.stats.redis_epoch.load(Ordering::Relaxed)
+        {
+            // Redis answers again after an error: it may have restarted empty.
+            self.resync(id, l, max).await;
+        }
         if tick && !l.in_waiting.is_empty() {
             self.flush_inbound(id, l, max).await;
         }
@@ -1085,7 +1097,7 @@ mod tests {
     use super::*;
     use tether::auth::resume::TokenHash;
 
-    fn header(sid: u64, token: &[u8]) -> Vec<u8> {
+    fn header(sid: u64, token: &[u8; 16]) -> Vec<u8> {
         // An export's identity as `session_header` writes it: built through the public
         // decoder from a hand-made v1 layout.
         let mut b = Vec::new();
@@ -1116,7 +1128,7 @@ mod tests {
         ] {
             meta.insert(k.to_string(), v.into_bytes());
         }
-        meta.insert("hdr".into(), header(9, b"token"));
+        meta.insert("hdr".into(), header(9, &[1; 16]));
         Stored {
             meta,
             out: seqs
@@ -1127,7 +1139,7 @@ mod tests {
         }
     }
 
-    fn req(last_received: u64, token: &[u8]) -> SessionRequest {
+    fn req(last_received: u64, token: &[u8; 16]) -> SessionRequest {
         SessionRequest {
             client_id: "dev-1".into(),
             session_id: 9,
@@ -1139,7 +1151,7 @@ mod tests {
 
     #[test]
     fn a_complete_copy_becomes_the_session() {
-        let e = check(&stored(3, &[4, 5, 6], 7), &req(3, b"token")).unwrap();
+        let e = check(&stored(3, &[4, 5, 6], 7), &req(3, &[1; 16])).unwrap();
         let st = e.state();
         assert_eq!(
             (st.id, st.acked, st.last_seq, st.last_received),
@@ -1150,41 +1162,41 @@ mod tests {
             vec![Bytes::from("4"), Bytes::from("5"), Bytes::from("6")]
         );
         // The client got further than the copy's ACK: fine, the resume trims.
-        assert!(check(&stored(3, &[4, 5, 6], 7), &req(6, b"token")).is_ok());
+        assert!(check(&stored(3, &[4, 5, 6], 7), &req(6, &[1; 16])).is_ok());
         // Nothing unacknowledged.
-        assert!(check(&stored(6, &[], 7), &req(6, b"token")).is_ok());
+        assert!(check(&stored(6, &[], 7), &req(6, &[1; 16])).is_ok());
     }
 
     #[test]
     fn an_incomplete_copy_is_refused_naming_what_may_be_missing() {
         // A gap.
-        let r = check(&stored(3, &[4, 6], 7), &req(3, b"token")).unwrap_err();
+        let r = check(&stored(3, &[4, 6], 7), &req(3, &[1; 16])).unwrap_err();
         assert!(r.why.contains("gap"), "{}", r.why);
         assert_eq!(r.missing, Some((4, 6)));
         // Ends short of its numbering.
-        let r = check(&stored(3, &[4, 5], 7), &req(3, b"token")).unwrap_err();
+        let r = check(&stored(3, &[4, 5], 7), &req(3, &[1; 16])).unwrap_err();
         assert_eq!(r.missing, Some((4, 6)), "{}", r.why);
         // Trimmed past what the client received.
-        let r = check(&stored(5, &[6], 7), &req(3, b"token")).unwrap_err();
+        let r = check(&stored(5, &[6], 7), &req(3, &[1; 16])).unwrap_err();
         assert!(r.why.contains("starts after 5"), "{}", r.why);
         // Over its bound (marked by the scripts), whatever it still holds.
         let mut s = stored(3, &[4, 5, 6], 7);
         s.meta.insert("bad".into(), b"over-bound".to_vec());
         s.meta.insert("last".into(), b"9".to_vec());
-        let r = check(&s, &req(3, b"token")).unwrap_err();
+        let r = check(&s, &req(3, &[1; 16])).unwrap_err();
         assert!(r.why.contains("over-bound"), "{}", r.why);
         assert_eq!(r.missing, Some((4, 9)));
         // A wrong token moves nothing and names nothing.
-        let r = check(&stored(3, &[4, 5, 6], 7), &req(3, b"other")).unwrap_err();
+        let r = check(&stored(3, &[4, 5, 6], 7), &req(3, &[2; 16])).unwrap_err();
         assert!(r.why.contains("token"), "{}", r.why);
         assert_eq!(r.missing, None);
         // Another session, no copy at all.
-        let mut other = req(3, b"token");
+        let mut other = req(3, &[1; 16]);
         other.session_id = 10;
         assert!(check(&stored(3, &[4, 5, 6], 7), &other).is_err());
-        assert!(check(&Stored::default(), &req(3, b"token")).is_err());
+        assert!(check(&Stored::default(), &req(3, &[1; 16])).is_err());
         // The client claims more than the copy numbered.
-        let r = check(&stored(3, &[4, 5, 6], 7), &req(8, b"token")).unwrap_err();
+        let r = check(&stored(3, &[4, 5, 6], 7), &req(8, &[1; 16])).unwrap_err();
         assert!(r.why.contains("received 8"), "{}", r.why);
     }
 }

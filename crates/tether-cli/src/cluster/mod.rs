@@ -282,6 +282,9 @@ struct Stats {
     session_fetch_failed: AtomicU64,
     durable_writes: AtomicU64,
     sessions_restored: AtomicU64,
+    /// Bumped when Redis may have lost what this node wrote (it answers again after an
+    /// error, or this node's heartbeat was gone): every durable copy is rewritten.
+    redis_epoch: AtomicU64,
 }
 
 /// The cluster layer of one node.
@@ -548,6 +551,7 @@ impl Cluster {
                         let _ = started.send(true);
                     }
                     if fresh == Some(false) {
+                        self.stats.redis_epoch.fetch_add(1, Ordering::Relaxed);
                         // Declared dead (or it could have been): every claim is re-made.
                         lock(&self.own).clear();
                         self.dirty.store(true, Ordering::Relaxed);
@@ -692,6 +696,9 @@ impl Cluster {
     fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
         let was = self.stats.redis_up.swap(up, Ordering::Relaxed);
         let first = !self.stats.redis_known.swap(true, Ordering::Relaxed);
+        if up && !was {
+            self.stats.redis_epoch.fetch_add(1, Ordering::Relaxed);
+        }
         if was != up || first {
             if up {
                 log::line("-", "cluster-up", &log::kv(&[("node", &self.node)]));
@@ -1975,6 +1982,8 @@ impl StatusSource for ClusterSource {
 ///   tether_cluster_sessions_in_total           counter  sessions taken over from other nodes
 ///   tether_cluster_sessions_out_total          counter  sessions handed over to other nodes
 ///   tether_cluster_session_fetch_failed_total  counter  resumes of another node's session that found none
+///   tether_cluster_sessions_restored_total     counter  sessions restored from their durable copy
+///   tether_cluster_durable_writes_total        counter  script runs writing durable copies
 /// ```
 #[derive(Debug)]
 pub(crate) struct ClusterCollector(pub(crate) Arc<Cluster>);
@@ -2063,6 +2072,16 @@ impl prometheus_client::collector::Collector for ClusterCollector {
                 "tether_cluster_session_fetch_failed",
                 "Resumes of another node's session that got no session (SESSION_UNKNOWN).",
                 &s.session_fetch_failed,
+            ),
+            (
+                "tether_cluster_sessions_restored",
+                "Sessions restored from their durable copy (--durable-sessions).",
+                &s.sessions_restored,
+            ),
+            (
+                "tether_cluster_durable_writes",
+                "Script runs that wrote durable session copies (appends, trims, snapshots).",
+                &s.durable_writes,
             ),
         ] {
             f.counter(name, help, g(a))?;
