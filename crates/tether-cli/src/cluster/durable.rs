@@ -305,7 +305,9 @@ return bad or 'ok'
 }
 
 /// Appends a server message: `(prefix, id, node, sid, seq, payload, max_bytes, ttl_ms,
-/// sent_key)`; a routed send's `sent_key` records `sid:seq` for a minute (its sender asks
+/// sent_key, deadline)`; a routed send past its `deadline` (ms on Redis's own clock) is
+/// `expired` (its sender stops waiting then: exact, whatever the nodes' clocks); its
+/// `sent_key` records `sid:seq` for a minute (its sender asks
 /// it when the answer does not come), and makes the send idempotent: one found there is
 /// `done:sid:seq` (handled already: an inbox entry a claim moved here before its first
 /// handler trimmed it).
@@ -320,6 +322,11 @@ if not m[1] then return 'missing' end
 if ARGV[9] ~= '' then
   local done = redis.call('GET', ARGV[9])
   if done then return 'done:' .. done end
+end
+if ARGV[10] ~= '' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if now > tonumber(ARGV[10]) then return 'expired' end
 end
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 'moved' end
 local seq = tonumber(ARGV[5])
@@ -762,9 +769,6 @@ impl Cluster {
                 return Err(DurableError::Redis("Redis does not answer".into()));
             }
         }
-        if deadline.is_some_and(|dl| self.redis_now().is_some_and(|now| now > dl)) {
-            return Err(DurableError::Expired);
-        }
         let mut tries = 0;
         let mirrored = loop {
             tries += 1;
@@ -779,11 +783,13 @@ impl Cluster {
                 .arg(max)
                 .arg(ms(COPY_TTL))
                 .arg(sent_key.unwrap_or(""))
+                .arg(deadline.map(|d| d.to_string()).unwrap_or_default())
                 .invoke_async(&mut con)
                 .await;
             self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
             match r.as_deref() {
                 Ok("ok") => break true,
+                Ok("expired") => return Err(DurableError::Expired),
                 Ok(done) if done.starts_with("done:") => {
                     let mut it = done[5..].split(':').map(|n| n.parse().unwrap_or(0));
                     let (session, seq) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
@@ -1085,10 +1091,11 @@ impl Cluster {
         }
     }
 
-    /// Redis's clock now (ms), estimated from the last answered heartbeat.
-    fn redis_now(&self) -> Option<u64> {
-        let (at, redis_ms, rtt) = (*lock(&self.redis_clock))?;
-        Some(redis_ms + ms(at.elapsed() + rtt))
+    /// A lower bound of Redis's clock now (ms): its time when it ran the last answered
+    /// heartbeat, plus the time since the answer came (the answer's delay is not added).
+    pub(crate) fn redis_now_at_least(&self) -> Option<u64> {
+        let (at, redis_ms, _) = (*lock(&self.redis_clock))?;
+        Some(redis_ms + ms(at.elapsed()))
     }
 }
 

@@ -1386,7 +1386,13 @@ impl Cluster {
         let (tx, rx) = oneshot::channel();
         lock(&self.sends).insert(n, tx);
         let beat = self.settings.dead_after / 3;
-        let wdl = self.deadline().map(|d| d.to_string()).unwrap_or_default();
+        // The holder's copy refuses it past `wdl` by Redis's own clock; `wdl` is at most a
+        // heartbeat period from now on that clock (a lower bound of it, plus the period):
+        // once this node has waited that long, the copy's answer (`sent:…`) is final.
+        let wdl = self
+            .redis_now_at_least()
+            .map(|t| (t + ms(beat)).to_string())
+            .unwrap_or_default();
         let n_s = n.to_string();
         let r = self
             .route(
@@ -1406,35 +1412,50 @@ impl Cluster {
             lock(&self.sends).remove(&n);
             return Err(e);
         }
-        // The holder takes it only up to the deadline (a heartbeat period and the clock's
-        // error from now); its copy and its answer need a Redis round trip each after that.
-        let got = tokio::time::timeout(beat + beat / 2, rx).await;
+        // Its answer comes a round trip after its copy took it; after the deadline no copy
+        // takes it any more.
+        let got = tokio::time::timeout(beat + Duration::from_millis(20), rx).await;
         lock(&self.sends).remove(&n);
         if let Ok(Ok(a)) = got {
             return Ok(a);
         }
-        // No answer: the holder may have put it in the client's copy (so the client gets it,
-        // from there if the holder died) and lost its answer. The copy says so.
-        let mut con = self.con.clone();
-        let r: redis::RedisResult<Option<String>> = redis::cmd("GET")
-            .arg(self.sent_key(&self.node, &n_s))
-            .query_async(&mut con)
-            .await;
-        if let Ok(Some(v)) = r {
-            if let Some((s, q)) = v.split_once(':') {
-                return Ok(SentAnswer {
-                    node: node.to_owned(),
-                    refused: None,
-                    session: s.parse().ok(),
-                    seq: q.parse().ok(),
-                    durable: true,
-                });
+        // No answer by the deadline: the holder may have put it in the client's copy (so the
+        // client gets it, from there if the holder died) and lost its answer, or not. The
+        // copy's record says which, for good (asked again while Redis does not answer, for
+        // a heartbeat period: a 503 must mean "not delivered").
+        let key = self.sent_key(&self.node, &n_s);
+        let until = tokio::time::Instant::now() + beat;
+        loop {
+            let mut con = self.con.clone();
+            let r: redis::RedisResult<Option<String>> =
+                redis::cmd("GET").arg(&key).query_async(&mut con).await;
+            match r {
+                Ok(Some(v)) => {
+                    let (s, q) = v.split_once(':').unwrap_or_default();
+                    return Ok(SentAnswer {
+                        node: node.to_owned(),
+                        refused: None,
+                        session: s.parse().ok(),
+                        seq: q.parse().ok(),
+                        durable: true,
+                    });
+                }
+                Ok(None) => {
+                    return Err(anyhow::anyhow!(
+                        "node {node} did not take it within {}",
+                        Human(beat)
+                    ))
+                }
+                Err(_) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "node {node} did not answer and Redis cannot say whether it took it ({e})"
+                    ))
+                }
             }
         }
-        Err(anyhow::anyhow!(
-            "node {node} did not report the send delivered within {}",
-            Human(beat + beat / 2)
-        ))
     }
 
     /// `--durable-sessions`: a broadcast to this node's clients, each through its copy.
