@@ -95,6 +95,8 @@ pub(crate) enum Job {
         deadline: Option<u64>,
         /// A routed send: the key its sender reads when the answer does not come.
         sent_key: Option<String>,
+        /// A local API send: not started after this (its caller answers 503 then).
+        give_up: Option<tokio::time::Instant>,
     },
     /// An event of the client, for the journal in order: a message the client sent goes
     /// into the copy first, then into the journal, then it is committed (acknowledged).
@@ -135,6 +137,10 @@ struct Local {
     /// `Stats::redis_epoch` when the copy was last written: a newer one means Redis may
     /// have lost it (restarted empty).
     epoch: u64,
+    /// Since when Redis has not answered this worker: client messages then wait for the
+    /// next heartbeat period's retry, sends are refused at once (a worker never queues work
+    /// behind one Redis timeout per message).
+    down_since: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -518,6 +524,7 @@ impl Cluster {
                 reply: Some(tx),
                 deadline: None,
                 sent_key: None,
+                give_up: Some(tokio::time::Instant::now() + self.settings.dead_after / 3),
             },
         );
         rx.await
@@ -572,10 +579,14 @@ impl Cluster {
                     reply,
                     deadline,
                     sent_key,
+                    give_up,
                 } => {
-                    let r = self
-                        .send_one(&id, &mut l, max, msg, deadline, sent_key.as_deref())
-                        .await;
+                    let r = if give_up.is_some_and(|t| tokio::time::Instant::now() > t) {
+                        Err(DurableError::Expired)
+                    } else {
+                        self.send_one(&id, &mut l, max, msg, deadline, sent_key.as_deref())
+                            .await
+                    };
                     match reply {
                         Some(tx) => {
                             let _ = tx.send(r);
@@ -601,7 +612,7 @@ impl Cluster {
                         }
                     }
                     l.in_waiting.push_back(*ev);
-                    self.flush_inbound(&id, &mut l, max).await;
+                    self.flush_inbound(&id, &mut l, max, false).await;
                 }
                 Job::Sync => self.sync(&id, &mut l, max).await,
                 Job::Imported(e) => {
@@ -710,6 +721,7 @@ impl Cluster {
         match call.invoke_async::<String>(&mut con).await {
             Ok(r) => {
                 l.epoch = epoch;
+                l.down_since = None;
                 self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
                 l.redis_acked = l.acked;
                 l.state = if r == "ok" {
@@ -721,6 +733,7 @@ impl Cluster {
             }
             Err(e) => {
                 l.state = CopyState::Stale;
+                l.down_since.get_or_insert_with(tokio::time::Instant::now);
                 self.set_up(false, Some(&e));
             }
         }
@@ -761,6 +774,11 @@ impl Cluster {
         if l.state == CopyState::Moved {
             return Err(DurableError::Moved);
         }
+        if l.down_since
+            .is_some_and(|t| t.elapsed() < self.settings.dead_after / 3)
+        {
+            return Err(DurableError::Redis("Redis does not answer".into()));
+        }
         if l.state == CopyState::Stale
             || (l.state == CopyState::OverBound && l.out_bytes + msg.len() <= max)
         {
@@ -788,7 +806,10 @@ impl Cluster {
                 .await;
             self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
             match r.as_deref() {
-                Ok("ok") => break true,
+                Ok("ok") => {
+                    l.down_since = None;
+                    break true;
+                }
                 Ok("expired") => return Err(DurableError::Expired),
                 Ok(done) if done.starts_with("done:") => {
                     let mut it = done[5..].split(':').map(|n| n.parse().unwrap_or(0));
@@ -816,6 +837,7 @@ impl Cluster {
                 }
                 Err(e) => {
                     l.state = CopyState::Stale;
+                    l.down_since.get_or_insert_with(tokio::time::Instant::now);
                     self.set_up(false, Some(e));
                     return Err(DurableError::Redis(e.to_string()));
                 }
@@ -852,7 +874,10 @@ impl Cluster {
     /// The client's events into the journal, in order; a message of its session goes into
     /// the copy first and is committed after (so whatever the backend reads, or its
     /// acknowledgement the client gets, is in the copy).
-    async fn flush_inbound(&self, id: &str, l: &mut Local, max: usize) {
+    async fn flush_inbound(&self, id: &str, l: &mut Local, max: usize, tick: bool) {
+        if l.down_since.is_some() && !tick {
+            return; // retried at the next heartbeat period
+        }
         let mut resynced = false;
         while let Some(ev) = l.in_waiting.front() {
             let (seq, msg) = match ev {
@@ -883,6 +908,7 @@ impl Cluster {
             self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
             match r.as_deref() {
                 Ok("ok") => {
+                    l.down_since = None;
                     self.publish(l.in_waiting.pop_front());
                     l.in_last = l.in_last.max(seq);
                     self.handle.commit(id, l.sid, seq);
@@ -894,8 +920,9 @@ impl Cluster {
                 Ok("moved") => l.state = CopyState::Moved,
                 Ok(_) => return,
                 Err(e) => {
+                    l.down_since.get_or_insert_with(tokio::time::Instant::now);
                     self.set_up(false, Some(e));
-                    return; // kept for the next job or tick
+                    return; // kept for the next heartbeat period
                 }
             }
         }
@@ -916,6 +943,9 @@ impl Cluster {
         }
         if l.state == CopyState::Stale {
             self.resync(id, l, max).await;
+            if l.state == CopyState::Stale {
+                return; // Redis does not answer: the next period tries again
+            }
         }
         if tick {
             l.ticks += 1;
@@ -941,6 +971,7 @@ impl Cluster {
                 Ok(_) => {}
                 Err(e) => {
                     l.state = CopyState::Stale;
+                    l.down_since.get_or_insert_with(tokio::time::Instant::now);
                     self.set_up(false, Some(e));
                 }
             }
@@ -953,7 +984,7 @@ impl Cluster {
             self.resync(id, l, max).await;
         }
         if tick && !l.in_waiting.is_empty() {
-            self.flush_inbound(id, l, max).await;
+            self.flush_inbound(id, l, max, true).await;
         }
     }
 

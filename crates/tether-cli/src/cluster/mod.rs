@@ -1291,6 +1291,7 @@ impl Cluster {
                 reply: Some(tx),
                 deadline: wdl,
                 sent_key,
+                give_up: None,
             },
         );
         let c = self.clone();
@@ -1472,6 +1473,7 @@ impl Cluster {
                         reply: None,
                         deadline: None,
                         sent_key: None,
+                        give_up: None,
                     },
                 );
             }

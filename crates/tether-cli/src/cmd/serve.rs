@@ -91,6 +91,8 @@ const KEYS: &[&str] = &[
 /// --cluster-dead-after (its clients go offline, node-lost), close the older connection when a
 /// client connects on two nodes, route API sends and closes to the node that holds the
 /// client, and move a client's session to the node its reconnect lands on (docs/CLUSTER.md).
+/// With --durable-sessions as well, every session has a copy in Redis: when its node dies,
+/// the client resumes on another node with nothing lost either way.
 ///
 /// Examples:
 ///   tether serve                                   # 127.0.0.1:7300, status page and API on :7301
@@ -659,6 +661,7 @@ fn log_event(
                             reply: None,
                             deadline: None,
                             sent_key: None,
+                            give_up: None,
                         },
                     );
                 }
