@@ -1337,6 +1337,32 @@ async fn kill_9_of_the_holder_mid_stream_resumes_from_the_durable_copy_exactly_o
     for r in readers {
         r.abort();
     }
+    // A retry with the same Idempotency-Key is answered as the first, not sent again.
+    let mut seqs = Vec::new();
+    for _ in 0..2 {
+        let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}/api/clients/phone/messages", b.http))
+            .header("idempotency-key", "once-1")
+            .body(Full::new(Bytes::from("once")))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        let v: Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        seqs.push(v["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs[0], seqs[1], "the retry got the first answer");
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await,
+        Some(Bytes::from("once"))
+    );
+    assert_eq!(
+        next_message(&mut phone, Duration::from_millis(300)).await,
+        None,
+        "delivered once"
+    );
     let took = resumed_after.expect("the client resumed on b");
     println!(
         "durable: resumed on b {} ms after a's kill -9; {} client messages republished (replayed) by b; API sends refused while the client moved: {refused:?}",

@@ -13,6 +13,11 @@
 //!                client's API node, the next node when one refuses (server→client)
 //! ```
 //!
+//! The backend posts each number with an `Idempotency-Key` (the client and the number), as a
+//! backend that retries must: with `--durable-sessions` a retry of a send whose node died
+//! before answering is answered as the first instead of delivered twice (docs/API.md; the
+//! plain variant ignores the key).
+//!
 //! What must hold, per client and direction:
 //! - **client → server**: the backend sees each number at most once, in order (per session:
 //!   `payload == offset + seq`, the sessions chained in the client's order); every number the
@@ -207,13 +212,28 @@ impl Api {
         path: &str,
         body: Bytes,
     ) -> Result<(u16, Value), String> {
-        let req = hyper::Request::builder()
+        self.call_keyed(node, method, path, body, None).await
+    }
+
+    /// [`call`](Self::call) with an `Idempotency-Key` (a retry of a send whose answer was
+    /// lost with its node is answered as the first, not sent twice: docs/API.md).
+    async fn call_keyed(
+        &self,
+        node: usize,
+        method: &str,
+        path: &str,
+        body: Bytes,
+        key: Option<String>,
+    ) -> Result<(u16, Value), String> {
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.nodes[node]))
             .header("authorization", format!("Bearer {}", self.token))
-            .header("content-type", "text/plain")
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
+            .header("content-type", "text/plain");
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(Duration::from_secs(5), self.http.request(req))
             .await
             .map_err(|_| "timeout".to_string())?
@@ -367,12 +387,15 @@ async fn post_numbers(api: Api, i: usize, world: Shared, stop: tokio::sync::watc
     let mut since = Instant::now();
     let mut refusals = Vec::new();
     while !*stop.borrow() {
+        // The number is the message's key: a send retried after its node died without
+        // answering is not delivered twice (with --durable-sessions; ignored without).
         let r = api
-            .call(
+            .call_keyed(
                 via,
                 "POST",
                 &format!("/api/clients/{id}/messages"),
                 Bytes::from(n.to_string()),
+                Some(format!("{id}-{n}")),
             )
             .await;
         match r {

@@ -483,6 +483,13 @@ impl Cluster {
         self.key(&format!("dur:{id}"))
     }
 
+    /// Where a send with the backend's `Idempotency-Key` `key` is recorded (`sid:seq`, for a
+    /// minute, by the append script): a second send with the key, on any node, is not sent
+    /// again but answered as the first.
+    pub(crate) fn idem_key(&self, id: &str, key: &str) -> String {
+        self.key(&format!("idem:{id}:{key}"))
+    }
+
     /// Where the holder records that a durable routed send of `node` (request `req`) is in
     /// the client's copy: `sid:seq`, for a minute.
     pub(crate) fn sent_key(&self, node: &str, req: &str) -> String {
@@ -515,15 +522,21 @@ impl Cluster {
     }
 
     /// A send to a client of this node: into the copy, then to the client.
-    pub(crate) async fn durable_send(self: &Arc<Self>, id: &str, msg: Bytes) -> Sent {
+    pub(crate) async fn durable_send(
+        self: &Arc<Self>,
+        id: &str,
+        msg: Bytes,
+        idem: Option<&str>,
+    ) -> Sent {
         let (tx, rx) = oneshot::channel();
+        let sent_key = idem.map(|k| self.idem_key(id, k));
         self.durable_job(
             id,
             Job::Send {
                 msg,
                 reply: Some(tx),
                 deadline: None,
-                sent_key: None,
+                sent_key,
                 give_up: Some(tokio::time::Instant::now() + self.settings.dead_after / 3),
             },
         );

@@ -1256,6 +1256,7 @@ impl Cluster {
                     reply.clone().unwrap_or_default(),
                     wdl.map(|w| w.to_string()).unwrap_or_default(),
                 );
+                let idem = field::<String>(map, "idem").unwrap_or_default();
                 tokio::spawn(async move {
                     let r = c
                         .route_to(
@@ -1267,6 +1268,7 @@ impl Cluster {
                                 ("reply", reply_s.as_bytes()),
                                 ("req", req.as_bytes()),
                                 ("wdl", wdl_s.as_bytes()),
+                                ("idem", idem.as_bytes()),
                             ],
                         )
                         .await;
@@ -1280,10 +1282,14 @@ impl Cluster {
             }
         }
         let (tx, rx) = oneshot::channel();
-        let sent_key = reply
-            .as_ref()
-            .filter(|_| req.parse::<u64>().is_ok())
-            .map(|r| self.sent_key(r, &req));
+        let idem = field::<String>(map, "idem").filter(|k| valid_idem(k));
+        let sent_key = match &idem {
+            Some(k) => Some(self.idem_key(id, k)),
+            None => reply
+                .as_ref()
+                .filter(|_| req.parse::<u64>().is_ok())
+                .map(|r| self.sent_key(r, &req)),
+        };
         self.durable_job(
             id,
             durable::Job::Send {
@@ -1382,6 +1388,7 @@ impl Cluster {
         node: &str,
         id: &str,
         msg: &[u8],
+        idem: Option<&str>,
     ) -> Result<SentAnswer> {
         let n = self.next_fetch.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -1406,6 +1413,7 @@ impl Cluster {
                     ("reply", self.node.as_bytes()),
                     ("req", n_s.as_bytes()),
                     ("wdl", wdl.as_bytes()),
+                    ("idem", idem.unwrap_or("").as_bytes()),
                 ],
             )
             .await;
@@ -1424,7 +1432,10 @@ impl Cluster {
         // client gets it, from there if the holder died) and lost its answer, or not. The
         // copy's record says which, for good (asked again while Redis does not answer, for
         // a heartbeat period: a 503 must mean "not delivered").
-        let key = self.sent_key(&self.node, &n_s);
+        let key = match idem {
+            Some(k) => self.idem_key(id, k),
+            None => self.sent_key(&self.node, &n_s),
+        };
         let until = tokio::time::Instant::now() + beat;
         loop {
             let mut con = self.con.clone();
@@ -1872,6 +1883,12 @@ fn not_sent(e: &redis::RedisError) -> bool {
         // kind and the text: "broken pipe" is redis-rs's own error for a connection it already
         // knows is closed (nothing was written).
         || (e.is_io_error() && e.to_string() == "broken pipe")
+}
+
+/// A backend's `Idempotency-Key`: 1 to 128 visible ASCII characters (it becomes part of a
+/// Redis key).
+pub(crate) fn valid_idem(k: &str) -> bool {
+    (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The next stream id after `id` (for XTRIM MINID).

@@ -296,18 +296,45 @@ pub(crate) async fn send(
         Ok(m) => m,
         Err(r) => return r,
     };
+    // With --durable-sessions: a backend's key for this message; a retry with the same key
+    // (on any node, within a minute) is answered as the first and not sent again.
+    let idem = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if crate::cluster::valid_idem(k) => Some(k.to_owned()),
+        Some(_) => {
+            return field_error(
+                "Idempotency-Key",
+                "expected 1 to 128 visible ASCII characters".into(),
+            )
+        }
+    };
     if let Some(node) = remote_owner(&gw, &id, true) {
         return match gw.cluster.as_ref() {
-            Some(c) if c.durable() => {
-                routed_durable(&id, &node, c.route_send_durable(&node, &id, &msg).await)
-            }
+            Some(c) if c.durable() => routed_durable(
+                &id,
+                &node,
+                c.route_send_durable(&node, &id, &msg, idem.as_deref())
+                    .await,
+            ),
             Some(c) => routed(&id, &node, c.route_send(&node, &id, &msg).await),
             None => not_there(&gw, &id, "no cluster"),
         };
     }
     if let Some(c) = gw.cluster.as_ref().filter(|c| c.durable()) {
         // Into the session's durable copy first, then to the client.
-        return match c.durable_send(&id, msg).await {
+        return match c.durable_send(&id, msg, idem.as_deref()).await {
+            Err(DurableError::Done { session, seq }) => (
+                StatusCode::ACCEPTED,
+                Json(Queued {
+                    status: "queued",
+                    client_id: &id,
+                    session: Some(session),
+                    seq: Some(seq),
+                    durable: Some(true),
+                    node: None,
+                }),
+            )
+                .into_response(),
             Ok((d, mirrored)) => (
                 StatusCode::ACCEPTED,
                 Json(Queued {
@@ -441,7 +468,7 @@ pub(crate) async fn broadcast(State(gw): State<Arc<Gateway>>, req: Request) -> R
                 PresenceState::Online | PresenceState::Suspect | PresenceState::Resuming { .. }
             ) {
                 let (c, msg) = (c.clone(), msg.clone());
-                set.spawn(async move { c.durable_send(&client.id, msg).await });
+                set.spawn(async move { c.durable_send(&client.id, msg, None).await });
             }
         }
         let (mut sent, mut held, mut refused) = (0, 0, 0);
