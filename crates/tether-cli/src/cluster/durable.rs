@@ -48,6 +48,8 @@ pub(crate) const IN_KEEP: u64 = 1024;
 /// A copy without any write for this long expires (refreshed by every write and the
 /// periodic trim).
 pub(crate) const COPY_TTL: Duration = Duration::from_secs(3600);
+/// Idempotency keys a worker remembers (besides Redis's record of them, a minute).
+const RECENT_KEYS: usize = 256;
 /// Trim the copy in Redis once the client acknowledged this many more messages (and at
 /// every heartbeat period).
 const TRIM_EVERY: u64 = 64;
@@ -137,6 +139,10 @@ struct Local {
     /// `Stats::redis_epoch` when the copy was last written: a newer one means Redis may
     /// have lost it (restarted empty).
     epoch: u64,
+    /// Idempotency keys of the last sends (key, session, seq), newest last, at most
+    /// [`RECENT_KEYS`]: a retry is answered as the first even when Redis lost the key
+    /// (restarted empty between the send and its retry).
+    recent: VecDeque<(String, u64, u64)>,
     /// Since when Redis has not answered this worker: client messages then wait for the
     /// next heartbeat period's retry, sends are refused at once (a worker never queues work
     /// behind one Redis timeout per message).
@@ -301,8 +307,18 @@ for i = 10, #ARGV, 2 do
   end
 end
 if bad then redis.call('DEL', k .. ':out') end
+-- The client messages kept: a write this node thought failed may have run after all (it
+-- waited in the connection while Redis was unreachable): what the stream holds counts.
+local inl = tonumber(ARGV[7])
+if old == sid then
+  local top = redis.call('XREVRANGE', k .. ':in', '+', '-', 'COUNT', 1)
+  if top[1] then
+    local q = tonumber(string.match(top[1][1], '-(%d+)$'))
+    if q > inl then inl = q end
+  end
+end
 redis.call('HSET', k, 'node', node, 'sid', sid, 'hdr', ARGV[5], 'acked', ARGV[6],
-  'next', nxt, 'last', last, 'bytes', bytes, 'in', ARGV[7])
+  'next', nxt, 'last', last, 'bytes', bytes, 'in', inl)
 if bad then redis.call('HSET', k, 'bad', bad) end
 for _, key in ipairs({k, k .. ':out', k .. ':in'}) do redis.call('PEXPIRE', key, ARGV[9]) end
 return bad or 'ok'
@@ -370,6 +386,7 @@ if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 'moved' end
 local seq = tonumber(ARGV[5])
 if tonumber(m[3]) ~= seq + 1 then return 'gone' end
 redis.call('XDEL', k .. ':out', '0-' .. seq)
+redis.call('XSETID', k .. ':out', '0-' .. (seq - 1))
 if ARGV[7] ~= '' then redis.call('DEL', ARGV[7]) end
 redis.call('HSET', k, 'next', seq, 'last', seq - 1)
 redis.call('HINCRBY', k, 'bytes', -tonumber(ARGV[6]))
@@ -773,6 +790,15 @@ impl Cluster {
         deadline: Option<u64>,
         sent_key: Option<&str>,
     ) -> Sent {
+        if let Some((_, s, q)) = sent_key
+            .filter(|k| k.contains(":idem:"))
+            .and_then(|k| l.recent.iter().find(|(r, _, _)| r == k))
+        {
+            return Err(DurableError::Done {
+                session: *s,
+                seq: *q,
+            });
+        }
         let Some((sid, seq)) = self.handle.next_seq(id) else {
             // No session (a client that did not ask for one): nothing to make durable.
             return self
@@ -858,6 +884,12 @@ impl Cluster {
         };
         match self.handle.try_deliver_at(id, msg.clone(), sid, seq) {
             Ok(d) => {
+                if let Some(k) = sent_key.filter(|k| k.contains(":idem:")) {
+                    if l.recent.len() >= RECENT_KEYS {
+                        l.recent.pop_front();
+                    }
+                    l.recent.push_back((k.to_owned(), sid, seq));
+                }
                 l.out_bytes += msg.len();
                 l.out.push_back((seq, msg));
                 Ok((d, mirrored))
