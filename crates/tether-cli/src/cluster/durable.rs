@@ -143,6 +143,9 @@ struct Local {
     /// [`RECENT_KEYS`]: a retry is answered as the first even when Redis lost the key
     /// (restarted empty between the send and its retry).
     recent: VecDeque<(String, u64, u64)>,
+    /// Records (`sent:`/`idem:` keys) of sends whose append timed out: the next rewrite of
+    /// the copy deletes them (the send was answered 503 and not delivered).
+    failed_keys: Vec<String>,
     /// Since when Redis has not answered this worker: client messages then wait for the
     /// next heartbeat period's retry, sends are refused at once (a worker never queues work
     /// behind one Redis timeout per message).
@@ -280,20 +283,23 @@ pub(crate) fn check(s: &Stored, req: &SessionRequest) -> Result<SessionExport, R
     })
 }
 
-/// Rewrites a copy: `(prefix, id, node, sid, hdr, acked, in, max_bytes, ttl_ms, [seq,
-/// payload]…)`. The client messages are kept when the session is the same. Returns `ok`
+/// Rewrites a copy: `(prefix, id, node, sid, hdr, acked, in, max_bytes, ttl_ms,
+/// stale_keys (newline-separated), [seq, payload]…)`. The client messages are kept when the session is the same. Returns `ok`
 /// or why the copy is incomplete (`over-bound`).
 fn snapshot_script() -> Script {
     Script::new(
         r"
 local p, id, node, sid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local k = p .. ':dur:' .. id
+-- The sent/idempotency records of sends whose append this node gave up on (they may have
+-- run late): not delivered, so not 'done'.
+for key in string.gmatch(ARGV[10], '[^\n]+') do redis.call('DEL', key) end
 local old = redis.call('HGET', k, 'sid')
 redis.call('DEL', k, k .. ':out')
 if old ~= sid then redis.call('DEL', k .. ':in') end
 local max, bytes, nxt, last = tonumber(ARGV[8]), 0, tonumber(ARGV[6]) + 1, tonumber(ARGV[6])
 local bad = false
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
   last = seq
   if not bad then
@@ -342,8 +348,13 @@ local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'bytes', 'bad', 'last')
 if not m[1] then return 'missing' end
 if ARGV[9] ~= '' then
+  -- Handled already, unless the record is of a number this session's copy does not hold
+  -- (a write its node gave up on ran late, and the copy was rewritten without it).
   local done = redis.call('GET', ARGV[9])
-  if done then return 'done:' .. done end
+  if done then
+    local s, q = string.match(done, '^(%d+):(%d+)$')
+    if s ~= ARGV[4] or tonumber(q) < tonumber(m[3]) then return 'done:' .. done end
+  end
 end
 if ARGV[10] ~= '' then
   local t = redis.call('TIME')
@@ -742,7 +753,8 @@ impl Cluster {
             .arg(l.acked)
             .arg(l.in_last)
             .arg(max)
-            .arg(ms(COPY_TTL));
+            .arg(ms(COPY_TTL))
+            .arg(l.failed_keys.join("\n"));
         for (q, p) in &l.out {
             call.arg(*q).arg(p.as_ref());
         }
@@ -752,6 +764,7 @@ impl Cluster {
             Ok(r) => {
                 l.epoch = epoch;
                 l.down_since = None;
+                l.failed_keys.clear();
                 self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
                 l.redis_acked = l.acked;
                 l.state = if r == "ok" {
@@ -877,6 +890,9 @@ impl Cluster {
                 Err(e) => {
                     l.state = CopyState::Stale;
                     l.down_since.get_or_insert_with(tokio::time::Instant::now);
+                    if let Some(k) = sent_key {
+                        l.failed_keys.push(k.to_owned());
+                    }
                     self.set_up(false, Some(e));
                     return Err(DurableError::Redis(e.to_string()));
                 }
