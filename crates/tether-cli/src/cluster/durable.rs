@@ -146,6 +146,8 @@ struct Local {
     /// Records (`sent:`/`idem:` keys) of sends whose append timed out: the next rewrite of
     /// the copy deletes them (the send was answered 503 and not delivered).
     failed_keys: Vec<String>,
+    /// The writer generation of the last rewrite (see `snapshot_script`).
+    wg: String,
     /// Since when Redis has not answered this worker: client messages then wait for the
     /// next heartbeat period's retry, sends are refused at once (a worker never queues work
     /// behind one Redis timeout per message).
@@ -284,7 +286,10 @@ pub(crate) fn check(s: &Stored, req: &SessionRequest) -> Result<SessionExport, R
 }
 
 /// Rewrites a copy: `(prefix, id, node, sid, hdr, acked, in, max_bytes, ttl_ms,
-/// stale_keys (newline-separated), [seq, payload]…)`. The client messages are kept when the session is the same. Returns `ok`
+/// stale_keys (newline-separated), wg, [seq, payload]…)`. `wg` is the writer's generation:
+/// every later write carries it and is refused (`stale`) with another one — a write this
+/// node gave up on (timed out) may still run later, even after a rewrite on a new
+/// connection, and must change nothing then. The client messages are kept when the session is the same. Returns `ok`
 /// or why the copy is incomplete (`over-bound`).
 fn snapshot_script() -> Script {
     Script::new(
@@ -299,7 +304,7 @@ redis.call('DEL', k, k .. ':out')
 if old ~= sid then redis.call('DEL', k .. ':in') end
 local max, bytes, nxt, last = tonumber(ARGV[8]), 0, tonumber(ARGV[6]) + 1, tonumber(ARGV[6])
 local bad = false
-for i = 11, #ARGV, 2 do
+for i = 12, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
   last = seq
   if not bad then
@@ -324,7 +329,7 @@ if old == sid then
   end
 end
 redis.call('HSET', k, 'node', node, 'sid', sid, 'hdr', ARGV[5], 'acked', ARGV[6],
-  'next', nxt, 'last', last, 'bytes', bytes, 'in', inl)
+  'next', nxt, 'last', last, 'bytes', bytes, 'in', inl, 'wg', ARGV[11])
 if bad then redis.call('HSET', k, 'bad', bad) end
 for _, key in ipairs({k, k .. ':out', k .. ':in'}) do redis.call('PEXPIRE', key, ARGV[9]) end
 return bad or 'ok'
@@ -345,8 +350,9 @@ fn append_script() -> Script {
     Script::new(
         r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
-local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'bytes', 'bad', 'last')
+local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'bytes', 'bad', 'last', 'wg')
 if not m[1] then return 'missing' end
+if m[1] == ARGV[3] and m[2] == ARGV[4] and m[7] ~= ARGV[11] then return 'stale' end
 if ARGV[9] ~= '' then
   -- Handled already, unless the record is of a number this session's copy does not hold
   -- (a write its node gave up on ran late, and the copy was rewritten without it).
@@ -392,8 +398,9 @@ fn retract_script() -> Script {
     Script::new(
         r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
-local m = redis.call('HMGET', k, 'node', 'sid', 'next')
+local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'wg')
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 'moved' end
+if m[4] ~= ARGV[8] then return 'stale' end
 local seq = tonumber(ARGV[5])
 if tonumber(m[3]) ~= seq + 1 then return 'gone' end
 redis.call('XDEL', k .. ':out', '0-' .. seq)
@@ -412,9 +419,10 @@ fn trim_script() -> Script {
     Script::new(
         r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
-local m = redis.call('HMGET', k, 'node', 'sid', 'acked', 'bad')
+local m = redis.call('HMGET', k, 'node', 'sid', 'acked', 'bad', 'wg')
 if not m[1] then return 'missing' end
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 'moved' end
+if m[5] ~= ARGV[7] then return 'stale' end
 for _, key in ipairs({k, k .. ':out', k .. ':in'}) do redis.call('PEXPIRE', key, ARGV[6]) end
 if m[4] then return 'bad' end
 local a = tonumber(ARGV[5])
@@ -436,9 +444,10 @@ fn inbound_script() -> Script {
     Script::new(
         r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
-local m = redis.call('HMGET', k, 'node', 'sid', 'in')
+local m = redis.call('HMGET', k, 'node', 'sid', 'in', 'wg')
 if not m[1] then return 'missing' end
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 'moved' end
+if m[4] ~= ARGV[9] then return 'stale' end
 local seq, last = tonumber(ARGV[5]), tonumber(m[3])
 if seq <= last then return 'ok' end
 if seq ~= last + 1 then return 'gap' end
@@ -743,6 +752,11 @@ impl Cluster {
         if l.state == CopyState::Moved {
             return;
         }
+        let wg = format!(
+            "{}:{}",
+            self.node,
+            self.next_fetch.fetch_add(1, Ordering::Relaxed)
+        );
         let script = snapshot_script();
         let mut call = script.prepare_invoke();
         call.arg(&self.prefix)
@@ -754,7 +768,8 @@ impl Cluster {
             .arg(l.in_last)
             .arg(max)
             .arg(ms(COPY_TTL))
-            .arg(l.failed_keys.join("\n"));
+            .arg(l.failed_keys.join("\n"))
+            .arg(&wg);
         for (q, p) in &l.out {
             call.arg(*q).arg(p.as_ref());
         }
@@ -765,6 +780,7 @@ impl Cluster {
                 l.epoch = epoch;
                 l.down_since = None;
                 l.failed_keys.clear();
+                l.wg = wg;
                 self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
                 l.redis_acked = l.acked;
                 l.state = if r == "ok" {
@@ -854,6 +870,7 @@ impl Cluster {
                 .arg(ms(COPY_TTL))
                 .arg(sent_key.unwrap_or(""))
                 .arg(deadline.map(|d| d.to_string()).unwrap_or_default())
+                .arg(&l.wg)
                 .invoke_async(&mut con)
                 .await;
             self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
@@ -861,6 +878,12 @@ impl Cluster {
                 Ok("ok") => {
                     l.down_since = None;
                     break true;
+                }
+                Ok("stale") => {
+                    l.state = CopyState::Stale;
+                    return Err(DurableError::Redis(
+                        "the copy was rewritten meanwhile".into(),
+                    ));
                 }
                 Ok("expired") => return Err(DurableError::Expired),
                 Ok(done) if done.starts_with("done:") => {
@@ -921,6 +944,7 @@ impl Cluster {
                         .arg(seq)
                         .arg(msg.len())
                         .arg(sent_key.unwrap_or(""))
+                        .arg(&l.wg)
                         .invoke_async(&mut con)
                         .await;
                     if r.as_deref() != Ok("ok") {
@@ -964,6 +988,7 @@ impl Cluster {
                 .arg(msg.as_ref())
                 .arg(IN_KEEP)
                 .arg(ms(COPY_TTL))
+                .arg(&l.wg)
                 .invoke_async(&mut con)
                 .await;
             self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
@@ -974,7 +999,7 @@ impl Cluster {
                     l.in_last = l.in_last.max(seq);
                     self.handle.commit(id, l.sid, seq);
                 }
-                Ok("missing" | "gap") if !resynced => {
+                Ok("missing" | "gap" | "stale") if !resynced => {
                     resynced = true;
                     self.resync(id, l, max).await;
                 }
@@ -1022,12 +1047,13 @@ impl Cluster {
                 .arg(l.sid)
                 .arg(l.acked)
                 .arg(ms(COPY_TTL))
+                .arg(&l.wg)
                 .invoke_async(&mut con)
                 .await;
             self.stats.durable_writes.fetch_add(1, Ordering::Relaxed);
             match r.as_deref() {
                 Ok("ok") => l.redis_acked = l.acked,
-                Ok("missing") => self.resync(id, l, max).await,
+                Ok("missing" | "stale") => self.resync(id, l, max).await,
                 Ok("moved") => l.state = CopyState::Moved,
                 Ok(_) => {}
                 Err(e) => {
