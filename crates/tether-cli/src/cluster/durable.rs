@@ -888,8 +888,25 @@ impl Cluster {
                 Ok("expired") => return Err(DurableError::Expired),
                 Ok(done) if done.starts_with("done:") => {
                     let mut it = done[5..].split(':').map(|n| n.parse().unwrap_or(0));
-                    let (session, seq) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-                    return Err(DurableError::Done { session, seq });
+                    let (session, done_seq) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+                    log::line(
+                        id,
+                        "durable-send-done",
+                        &log::kv(&[
+                            ("key", sent_key.unwrap_or("")),
+                            ("session", &session.to_string()),
+                            ("seq", &done_seq.to_string()),
+                            ("next", &format!("{sid}:{seq}")),
+                            (
+                                "note",
+                                "handled already: answered as the first, not sent again",
+                            ),
+                        ]),
+                    );
+                    return Err(DurableError::Done {
+                        session,
+                        seq: done_seq,
+                    });
                 }
                 Ok("missing") if tries == 1 => {
                     // Redis lost it (restarted empty): rewrite, then append.
