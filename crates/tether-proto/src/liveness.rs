@@ -17,6 +17,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Heartbeats tolerated within any window of 4 agreed intervals (twice the agreed rate).
@@ -157,48 +158,86 @@ pub enum LivenessEvent {
 }
 
 /// The liveness state machine for one connection.
+///
+/// Compact, because every idle connection of a server keeps one (issue 17): the
+/// configuration is shared (`Arc`, one per server), the recorded times are nanosecond
+/// offsets from one epoch (`u64`, exact, 584 years of range) instead of `Instant`s, the
+/// flood ring keeps millisecond offsets (`u32`, rounded down: never a false flood) from a
+/// base that moves forward when 49.7 days of `u32` milliseconds run out, and RTT state
+/// exists only when pings are configured.
 #[derive(Debug)]
 pub struct Liveness {
-    cfg: LivenessConfig,
-    last_rx: Instant,
-    last_tx: Instant,
-    last_app: Instant,
-    last_ping: Instant,
+    cfg: Arc<LivenessConfig>,
+    /// The origin of every recorded time below.
+    epoch: Instant,
+    /// Nanoseconds after `epoch`.
+    last_rx: u64,
+    last_tx: u64,
+    last_app: u64,
+    /// Arrival times of the last `FLOOD_LIMIT` heartbeats (a ring; no heap), in milliseconds
+    /// after `epoch + ring_base * RING_STEP_MS`, rounded down.
+    hb_ring: [u32; FLOOD_LIMIT],
+    /// Where the ring's offsets count from, in units of `RING_STEP_MS` after `epoch`.
+    ring_base: u32,
+    /// Next slot to write; once the ring is full, the oldest arrival.
+    hb_next: u8,
+    /// Slots filled so far (up to `FLOOD_LIMIT`).
+    hb_filled: u8,
     suspect: bool,
     dead: bool,
     idle_fired: bool,
-    outstanding_ping: Option<(u64, Instant)>,
-    next_nonce: u64,
-    srtt: Option<Duration>,
-    /// Arrival instants of the last `FLOOD_LIMIT` heartbeats (a ring; no heap).
-    hb_ring: [Instant; FLOOD_LIMIT],
-    /// Next slot to write; once the ring is full, the oldest arrival.
-    hb_next: usize,
-    /// Slots filled so far (up to `FLOOD_LIMIT`).
-    hb_filled: usize,
+    /// RTT probing (boxed: only with `ping_interval`).
+    rtt: Option<Box<Rtt>>,
     events: VecDeque<LivenessEvent>,
     heartbeats_sent: u64,
     heartbeats_received: u64,
 }
 
+/// The ring's base moves in steps of 2^20 ms (about 17.5 minutes).
+const RING_STEP_MS: u64 = 1 << 20;
+
+/// RTT probing state (only with [`LivenessConfig::ping_interval`]).
+#[derive(Debug)]
+struct Rtt {
+    /// When the last PING went out (nanoseconds after the epoch).
+    last_ping: u64,
+    /// The PING awaiting its PONG: (nonce, sent at).
+    outstanding: Option<(u64, Instant)>,
+    next_nonce: u64,
+    srtt: Option<Duration>,
+}
+
+/// Nanoseconds from `epoch` to `t` (0 for an instant before it; saturates after 584 years).
+fn offset(epoch: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Liveness {
-    /// A fresh engine; every clock starts at `now`.
-    pub fn new(now: Instant, cfg: LivenessConfig) -> Self {
+    /// A fresh engine; every clock starts at `now`. `cfg` may be shared by many engines
+    /// (a server passes one `Arc` to all its connections).
+    pub fn new(now: Instant, cfg: impl Into<Arc<LivenessConfig>>) -> Self {
+        let cfg = cfg.into();
         Liveness {
+            rtt: cfg.ping_interval.map(|_| {
+                Box::new(Rtt {
+                    last_ping: 0,
+                    outstanding: None,
+                    next_nonce: 1,
+                    srtt: None,
+                })
+            }),
             cfg,
-            last_rx: now,
-            last_tx: now,
-            last_app: now,
-            last_ping: now,
+            epoch: now,
+            last_rx: 0,
+            last_tx: 0,
+            last_app: 0,
+            hb_ring: [0; FLOOD_LIMIT],
+            ring_base: 0,
+            hb_next: 0,
+            hb_filled: 0,
             suspect: false,
             dead: false,
             idle_fired: false,
-            outstanding_ping: None,
-            next_nonce: 1,
-            srtt: None,
-            hb_ring: [now; FLOOD_LIMIT],
-            hb_next: 0,
-            hb_filled: 0,
             events: VecDeque::new(),
             heartbeats_sent: 0,
             heartbeats_received: 0,
@@ -208,12 +247,28 @@ impl Liveness {
     /// (Re)starts the engine with `cfg` at `now`, as when a handshake completes: every clock
     /// but `last_rx` restarts at `now`, and `last_rx` moves up to `now` (the handshake
     /// counted as traffic). What was received before stays recorded in `last_rx` only.
-    pub fn start(&mut self, now: Instant, cfg: LivenessConfig) {
-        let last_rx = self.last_rx.max(now);
+    pub fn start(&mut self, now: Instant, cfg: impl Into<Arc<LivenessConfig>>) {
+        let last_rx = self.last_rx().max(now);
         let heartbeats_received = self.heartbeats_received;
         *self = Liveness::new(now, cfg);
-        self.last_rx = last_rx;
+        self.last_rx = self.off(last_rx);
         self.heartbeats_received = heartbeats_received;
+    }
+
+    /// Nanoseconds from the epoch to `t`.
+    fn off(&self, t: Instant) -> u64 {
+        offset(self.epoch, t)
+    }
+
+    /// The instant `off` nanoseconds after the epoch.
+    fn at(&self, off: u64) -> Instant {
+        self.epoch + Duration::from_nanos(off)
+    }
+
+    /// The instant the engine was created or last [started](Self::start): every time it
+    /// records is kept as an offset from it.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
     }
 
     /// The configuration in force.
@@ -226,12 +281,10 @@ impl Liveness {
         if self.suspect {
             self.suspect = false;
             self.events.push_back(LivenessEvent::Recovered {
-                silent_for: now.saturating_duration_since(self.last_rx),
+                silent_for: self.silent_for(now),
             });
         }
-        if now > self.last_rx {
-            self.last_rx = now;
-        }
+        self.last_rx = self.last_rx.max(self.off(now));
     }
 
     /// A heartbeat frame arrived (call after [`on_receive`](Self::on_receive)).
@@ -243,8 +296,8 @@ impl Liveness {
         // "ours is due within h/2"; a side that answers the peer's heartbeats answers every
         // one the peer sends at its interval, and its own timer (at h + h/8) never fires.
         let half = self.cfg.heartbeat_interval / 2;
-        if !self.dead && now >= self.last_tx + half {
-            self.last_tx = now;
+        if !self.dead && now >= self.at(self.last_tx) + half {
+            self.last_tx = self.off(now);
             self.heartbeats_sent += 1;
             self.events.push_back(LivenessEvent::SendHeartbeat);
         }
@@ -252,10 +305,13 @@ impl Liveness {
             return;
         };
         let window = h * 4;
+        let arrival = self.ring_offset(now);
         // Sliding window: a flood is the (FLOOD_LIMIT + 1)-th heartbeat arriving less than
-        // `window` after the oldest of the previous FLOOD_LIMIT.
-        if self.hb_filled == FLOOD_LIMIT
-            && now.saturating_duration_since(self.hb_ring[self.hb_next]) < window
+        // `window` after the oldest of the previous FLOOD_LIMIT. (The ring's times are
+        // rounded down to the millisecond: a gap is never measured shorter than it was.)
+        if usize::from(self.hb_filled) == FLOOD_LIMIT
+            && now.saturating_duration_since(self.ring_instant(self.hb_ring[self.hb_next as usize]))
+                < window
         {
             self.events.push_back(LivenessEvent::HeartbeatFlood {
                 count: FLOOD_LIMIT as u32 + 1,
@@ -265,62 +321,95 @@ impl Liveness {
             self.hb_next = 0;
             return;
         }
-        self.hb_ring[self.hb_next] = now;
-        self.hb_next = (self.hb_next + 1) % FLOOD_LIMIT;
-        self.hb_filled = (self.hb_filled + 1).min(FLOOD_LIMIT);
+        self.hb_ring[self.hb_next as usize] = arrival;
+        self.hb_next = ((usize::from(self.hb_next) + 1) % FLOOD_LIMIT) as u8;
+        self.hb_filled = (self.hb_filled + 1).min(FLOOD_LIMIT as u8);
+    }
+
+    /// `now` as a ring offset (milliseconds after the ring's base, rounded down). When it
+    /// does not fit a `u32` (49.7 days after the base), the base moves forward to 2^31 ms
+    /// (24.8 days) before `now`; ring entries older than the new base are forgotten (they
+    /// are too old to be part of a flood for any interval below 6 days, and forgetting only
+    /// makes the rule more lenient).
+    fn ring_offset(&mut self, now: Instant) -> u32 {
+        let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX);
+        let base = u64::from(self.ring_base) * RING_STEP_MS;
+        if let Ok(rel) = u32::try_from(ms - base.min(ms)) {
+            return rel;
+        }
+        let units = ((ms - (1 << 31)) / RING_STEP_MS).min(u64::from(u32::MAX));
+        let shift = units * RING_STEP_MS - base;
+        let filled = usize::from(self.hb_filled);
+        let all_kept = (0..filled).all(|i| u64::from(self.hb_ring[i]) >= shift);
+        if all_kept {
+            for e in &mut self.hb_ring[..filled] {
+                *e -= shift as u32; // ≤ the entry, checked above
+            }
+        } else {
+            self.hb_filled = 0;
+            self.hb_next = 0;
+        }
+        self.ring_base = units as u32; // clamped to u32::MAX above
+        u32::try_from(ms - units * RING_STEP_MS).unwrap_or(u32::MAX)
+    }
+
+    /// The instant a ring offset stands for.
+    fn ring_instant(&self, rel: u32) -> Instant {
+        self.epoch
+            + Duration::from_millis(u64::from(self.ring_base) * RING_STEP_MS + u64::from(rel))
     }
 
     /// A frame (of any kind) was queued for sending: postpones the next heartbeat.
     pub fn on_send(&mut self, now: Instant) {
-        if now > self.last_tx {
-            self.last_tx = now;
-        }
+        self.last_tx = self.last_tx.max(self.off(now));
     }
 
     /// Application data moved (either direction): postpones the idle timeout.
     pub fn on_app_data(&mut self, now: Instant) {
-        if now > self.last_app {
-            self.last_app = now;
-        }
+        self.last_app = self.last_app.max(self.off(now));
     }
 
     /// A PONG arrived. Unknown nonces are ignored.
     pub fn on_pong(&mut self, now: Instant, nonce: u64) {
-        let Some((n, sent)) = self.outstanding_ping else {
+        let Some(rtt) = self.rtt.as_deref_mut() else {
+            return;
+        };
+        let Some((n, sent)) = rtt.outstanding else {
             return;
         };
         if n != nonce {
             return;
         }
-        self.outstanding_ping = None;
+        rtt.outstanding = None;
         let sample = now.saturating_duration_since(sent);
-        let smoothed = match self.srtt {
+        let smoothed = match rtt.srtt {
             None => sample,
             Some(s) => (s * 7 + sample) / 8,
         };
-        self.srtt = Some(smoothed);
+        rtt.srtt = Some(smoothed);
         self.events
             .push_back(LivenessEvent::Rtt { sample, smoothed });
     }
 
     /// Smoothed RTT, once a PONG has been seen.
     pub fn srtt(&self) -> Option<Duration> {
-        self.srtt
+        self.rtt.as_ref().and_then(|r| r.srtt)
     }
 
     /// When anything was last received.
     pub fn last_rx(&self) -> Instant {
-        self.last_rx
+        self.at(self.last_rx)
     }
 
     /// When anything was last sent.
     pub fn last_tx(&self) -> Instant {
-        self.last_tx
+        self.at(self.last_tx)
     }
 
     /// How long nothing has been received, as of `now`.
     pub fn silent_for(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.last_rx)
+        now.saturating_duration_since(self.last_rx())
     }
 
     /// True once the peer was declared dead.
@@ -349,17 +438,20 @@ impl Liveness {
             return None;
         }
         match timer {
-            Timer::Heartbeat => Some(self.last_tx + self.cfg.own_heartbeat_after()),
-            Timer::Dead => Some(self.last_rx + self.cfg.dead_after),
+            Timer::Heartbeat => Some(self.at(self.last_tx) + self.cfg.own_heartbeat_after()),
+            Timer::Dead => Some(self.at(self.last_rx) + self.cfg.dead_after),
             Timer::Suspect => match (self.cfg.suspect_after, self.suspect) {
-                (Some(s), false) => Some(self.last_rx + s),
+                (Some(s), false) => Some(self.at(self.last_rx) + s),
                 _ => None,
             },
             Timer::Idle => match (self.cfg.idle_timeout, self.idle_fired) {
-                (Some(i), false) => Some(self.last_app + i),
+                (Some(i), false) => Some(self.at(self.last_app) + i),
                 _ => None,
             },
-            Timer::Ping => self.cfg.ping_interval.map(|p| self.last_ping + p),
+            Timer::Ping => match (self.cfg.ping_interval, &self.rtt) {
+                (Some(p), Some(r)) => Some(self.at(r.last_ping) + p),
+                _ => None,
+            },
         }
     }
 
@@ -389,19 +481,22 @@ impl Liveness {
         if self.deadline(Timer::Idle).is_some_and(|d| now >= d) {
             self.idle_fired = true;
             self.events.push_back(LivenessEvent::IdleTimeout {
-                idle_for: now.saturating_duration_since(self.last_app),
+                idle_for: now.saturating_duration_since(self.at(self.last_app)),
             });
         }
         if self.deadline(Timer::Ping).is_some_and(|d| now >= d) {
-            let nonce = self.next_nonce;
-            self.next_nonce = self.next_nonce.wrapping_add(1);
-            self.outstanding_ping = Some((nonce, now));
-            self.last_ping = now;
-            self.last_tx = now;
-            self.events.push_back(LivenessEvent::SendPing(nonce));
+            let at = self.off(now);
+            if let Some(r) = self.rtt.as_deref_mut() {
+                let nonce = r.next_nonce;
+                r.next_nonce = r.next_nonce.wrapping_add(1);
+                r.outstanding = Some((nonce, now));
+                r.last_ping = at;
+                self.last_tx = at;
+                self.events.push_back(LivenessEvent::SendPing(nonce));
+            }
         }
         if self.deadline(Timer::Heartbeat).is_some_and(|d| now >= d) {
-            self.last_tx = now;
+            self.last_tx = self.off(now);
             self.heartbeats_sent += 1;
             self.events.push_back(LivenessEvent::SendHeartbeat);
         }

@@ -239,26 +239,137 @@ pub struct Registry {
     cfg: RegistryConfig,
     /// In id order: a page of clients is a range, not a sort of all of them.
     ///
-    /// The ids are `Arc<str>`, one allocation per id shared with `by_kind` (a million
-    /// connected clients would otherwise keep two copies of every id).
+    /// The ids are `Arc<str>`, one allocation per id shared with `by_kind`, the hold and
+    /// offline indexes and — through [`connected_shared`](Self::connected_shared) — with the
+    /// caller (a server's client table): a million connected clients keep one copy of each id.
     entries: BTreeMap<Arc<str>, Slot>,
     /// Ids per state ([`PresenceKind::ALL`] order), in id order: a page of the clients in
     /// one state is a range too. Changed only on transitions.
     by_kind: [BTreeSet<Arc<str>>; 4],
     /// `Resuming` entries by (hold end, sequence).
-    holds: BTreeMap<(Instant, u64), String>,
+    holds: BTreeMap<(Instant, u64), Arc<str>>,
     /// `Offline` entries by (time they became offline, sequence): oldest first.
-    offline: BTreeMap<(Instant, u64), String>,
+    offline: BTreeMap<(Instant, u64), Arc<str>>,
     counts: PresenceCounts,
     changes: VecDeque<PresenceChange>,
     next_seq: u64,
 }
 
+/// Bytes the registry keeps per client id in its map, beside the id (issue 17; the B-tree's
+/// node overhead and the id's one allocation come on top).
+pub const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
+
+/// What the registry keeps per client id: an [`Entry`] in compact form (issue 17: one per
+/// connected client). A connected client's state is a flag; the data of `Resuming` and
+/// `Offline` (reason, instants, the timer's key) and the last counters are boxed, absent
+/// while the client is connected.
 #[derive(Debug)]
 struct Slot {
-    entry: Entry,
+    conn_id: u64,
+    remote: SocketAddr,
+    connected_since: Instant,
+    changed_at: Instant,
+    connects: u64,
+    disconnects: u64,
+    /// `Resuming` or `Offline` (`None`: connected).
+    ended: Option<Box<Ended>>,
+    last_counters: Option<Box<ConnStats>>,
+    /// Connected and `Suspect` (not `Online`).
+    suspect: bool,
+}
+
+#[derive(Debug)]
+struct Ended {
+    /// `Resuming { .. }` or `Offline { .. }`.
+    state: PresenceState,
     /// The key of this entry in `holds` (when Resuming) or `offline` (when Offline).
     timer: Option<(Instant, u64)>,
+}
+
+impl Slot {
+    fn new(state: PresenceState, conn_id: u64, remote: SocketAddr, now: Instant) -> Self {
+        let mut s = Slot {
+            conn_id,
+            remote,
+            connected_since: now,
+            changed_at: now,
+            connects: 0,
+            disconnects: 0,
+            ended: None,
+            last_counters: None,
+            suspect: false,
+        };
+        s.set_state(state);
+        s
+    }
+
+    fn state(&self) -> PresenceState {
+        match (&self.ended, self.suspect) {
+            (Some(e), _) => e.state.clone(),
+            (None, true) => PresenceState::Suspect,
+            (None, false) => PresenceState::Online,
+        }
+    }
+
+    fn kind(&self) -> PresenceKind {
+        match (&self.ended, self.suspect) {
+            (Some(e), _) => e.state.kind(),
+            (None, true) => PresenceKind::Suspect,
+            (None, false) => PresenceKind::Online,
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.ended.is_none()
+    }
+
+    /// Replaces the state (the timer's key goes with an ended state) and returns the old one.
+    fn set_state(&mut self, to: PresenceState) -> PresenceState {
+        let from = self.state();
+        match to {
+            PresenceState::Online => {
+                self.ended = None;
+                self.suspect = false;
+            }
+            PresenceState::Suspect => {
+                self.ended = None;
+                self.suspect = true;
+            }
+            state => {
+                self.suspect = false;
+                self.ended = Some(Box::new(Ended { state, timer: None }));
+            }
+        }
+        from
+    }
+
+    fn timer(&self) -> Option<(Instant, u64)> {
+        self.ended.as_ref().and_then(|e| e.timer)
+    }
+
+    fn take_timer(&mut self) -> Option<(Instant, u64)> {
+        self.ended.as_mut().and_then(|e| e.timer.take())
+    }
+
+    /// Sets the timer's key of an ended state (a connected state has none).
+    fn set_timer(&mut self, key: (Instant, u64)) {
+        if let Some(e) = self.ended.as_mut() {
+            e.timer = Some(key);
+        }
+    }
+
+    fn entry(&self) -> Entry {
+        Entry {
+            state: self.state(),
+            conn_id: self.conn_id,
+            remote: self.remote,
+            connected_since: self.connected_since,
+            changed_at: self.changed_at,
+            connects: self.connects,
+            disconnects: self.disconnects,
+            last_counters: self.last_counters.as_deref().copied(),
+        }
+    }
 }
 
 impl Registry {
@@ -288,24 +399,34 @@ impl Registry {
         conn_id: u64,
         remote: SocketAddr,
     ) -> Option<u64> {
+        self.connect(now, id, || Arc::from(id), conn_id, remote)
+    }
+
+    /// [`connected`](Self::connected) with the id as the caller keeps it: a new entry
+    /// shares that allocation instead of copying the id.
+    pub fn connected_shared(
+        &mut self,
+        now: Instant,
+        id: &Arc<str>,
+        conn_id: u64,
+        remote: SocketAddr,
+    ) -> Option<u64> {
+        self.connect(now, id, || id.clone(), conn_id, remote)
+    }
+
+    fn connect(
+        &mut self,
+        now: Instant,
+        id: &str,
+        key: impl FnOnce() -> Arc<str>,
+        conn_id: u64,
+        remote: SocketAddr,
+    ) -> Option<u64> {
         let Some(slot) = self.entries.get_mut(id) else {
-            let key: Arc<str> = Arc::from(id);
-            self.entries.insert(
-                key.clone(),
-                Slot {
-                    entry: Entry {
-                        state: PresenceState::Online,
-                        conn_id,
-                        remote,
-                        connected_since: now,
-                        changed_at: now,
-                        connects: 1,
-                        disconnects: 0,
-                        last_counters: None,
-                    },
-                    timer: None,
-                },
-            );
+            let key = key();
+            let mut slot = Slot::new(PresenceState::Online, conn_id, remote, now);
+            slot.connects = 1;
+            self.entries.insert(key.clone(), slot);
             self.counts.online += 1;
             self.by_kind[kind_index(PresenceKind::Online)].insert(key);
             self.changes.push_back(PresenceChange {
@@ -318,16 +439,16 @@ impl Registry {
             return None;
         };
 
-        let entry = &mut slot.entry;
-        if entry.state.is_connected() && entry.conn_id == conn_id {
+        if slot.is_connected() && slot.conn_id == conn_id {
             return None; // the same connection registered twice: nothing changes
         }
-        let replaced = entry.state.is_connected().then_some(entry.conn_id);
+        let replaced = slot.is_connected().then_some(slot.conn_id);
         if replaced.is_some() {
-            entry.disconnects += 1;
+            slot.disconnects += 1;
         }
-        match slot.timer.take() {
-            Some(key) if matches!(entry.state, PresenceState::Resuming { .. }) => {
+        let resuming = slot.kind() == PresenceKind::Resuming;
+        match slot.take_timer() {
+            Some(key) if resuming => {
                 self.holds.remove(&key);
             }
             Some(key) => {
@@ -335,12 +456,12 @@ impl Registry {
             }
             None => {}
         }
-        entry.conn_id = conn_id;
-        entry.remote = remote;
-        entry.connected_since = now;
-        entry.changed_at = now;
-        entry.connects += 1;
-        let from = std::mem::replace(&mut entry.state, PresenceState::Online);
+        slot.conn_id = conn_id;
+        slot.remote = remote;
+        slot.connected_since = now;
+        slot.changed_at = now;
+        slot.connects += 1;
+        let from = slot.set_state(PresenceState::Online);
         *self.counts.get_mut(from.kind()) -= 1;
         self.counts.online += 1;
         self.reindex(id, from.kind(), PresenceKind::Online);
@@ -390,14 +511,13 @@ impl Registry {
         let Some(slot) = self.entries.get_mut(id) else {
             return false;
         };
-        let entry = &mut slot.entry;
-        if entry.conn_id != conn_id || entry.state.kind() != from {
+        if slot.conn_id != conn_id || slot.kind() != from {
             return false;
         }
         *self.counts.get_mut(from) -= 1;
         *self.counts.get_mut(to.kind()) += 1;
-        entry.changed_at = now;
-        let old = std::mem::replace(&mut entry.state, to.clone());
+        slot.changed_at = now;
+        let old = slot.set_state(to.clone());
         self.reindex(id, from, to.kind());
         self.changes.push_back(PresenceChange {
             id: id.to_owned(),
@@ -429,33 +549,36 @@ impl Registry {
         let Some(slot) = self.entries.get_mut(id) else {
             return false;
         };
-        if slot.entry.conn_id != conn_id || !slot.entry.state.is_connected() {
+        if slot.conn_id != conn_id || !slot.is_connected() {
             return false;
         }
-        slot.entry.disconnects += 1;
-        let to = match hold_until {
+        slot.disconnects += 1;
+        match hold_until {
             Some(until) if until > now => {
-                self.next_seq += 1;
-                let key = (until, self.next_seq);
-                self.holds.insert(key, id.to_owned());
-                slot.timer = Some(key);
-                PresenceState::Resuming {
-                    reason,
-                    at: now,
-                    silent_for,
-                    until,
-                }
+                self.set_state(
+                    now,
+                    id,
+                    PresenceState::Resuming {
+                        reason,
+                        at: now,
+                        silent_for,
+                        until,
+                    },
+                );
+                self.add_hold(id, until);
             }
-            _ => PresenceState::Offline {
-                reason,
-                at: now,
-                silent_for,
-            },
-        };
-        let to_offline = matches!(to, PresenceState::Offline { .. });
-        self.set_state(now, id, to);
-        if to_offline {
-            self.add_offline(now, id);
+            _ => {
+                self.set_state(
+                    now,
+                    id,
+                    PresenceState::Offline {
+                        reason,
+                        at: now,
+                        silent_for,
+                    },
+                );
+                self.add_offline(now, id);
+            }
         }
         true
     }
@@ -475,43 +598,27 @@ impl Registry {
         if until <= now {
             return false;
         }
+        let state = PresenceState::Resuming {
+            reason,
+            at: now,
+            silent_for: Duration::ZERO,
+            until,
+        };
         match self.entries.get_mut(id) {
             Some(slot) => {
-                if !matches!(slot.entry.state, PresenceState::Offline { .. }) {
+                if slot.kind() != PresenceKind::Offline {
                     return false;
                 }
-                if let Some(key) = slot.timer.take() {
+                if let Some(key) = slot.take_timer() {
                     self.offline.remove(&key);
                 }
-                slot.entry.remote = remote;
+                slot.remote = remote;
+                self.set_state(now, id, state);
             }
             None => {
-                self.next_seq += 1;
-                let timer = (until, self.next_seq);
-                self.holds.insert(timer, id.to_owned());
                 let key: Arc<str> = Arc::from(id);
-                let state = PresenceState::Resuming {
-                    reason,
-                    at: now,
-                    silent_for: Duration::ZERO,
-                    until,
-                };
-                self.entries.insert(
-                    key.clone(),
-                    Slot {
-                        entry: Entry {
-                            state: state.clone(),
-                            conn_id: 0,
-                            remote,
-                            connected_since: now,
-                            changed_at: now,
-                            connects: 0,
-                            disconnects: 0,
-                            last_counters: None,
-                        },
-                        timer: Some(timer),
-                    },
-                );
+                self.entries
+                    .insert(key.clone(), Slot::new(state.clone(), 0, remote, now));
                 self.counts.resuming += 1;
                 self.by_kind[kind_index(PresenceKind::Resuming)].insert(key);
                 self.changes.push_back(PresenceChange {
@@ -521,25 +628,9 @@ impl Registry {
                     to: state,
                     at: now,
                 });
-                return true;
             }
         }
-        self.next_seq += 1;
-        let key = (until, self.next_seq);
-        self.holds.insert(key, id.to_owned());
-        if let Some(slot) = self.entries.get_mut(id) {
-            slot.timer = Some(key);
-        }
-        self.set_state(
-            now,
-            id,
-            PresenceState::Resuming {
-                reason,
-                at: now,
-                silent_for: Duration::ZERO,
-                until,
-            },
-        );
+        self.add_hold(id, until);
         true
     }
 
@@ -550,10 +641,13 @@ impl Registry {
         let Some(slot) = self.entries.get_mut(id) else {
             return false;
         };
-        let PresenceState::Resuming { at, silent_for, .. } = slot.entry.state else {
+        let Some(PresenceState::Resuming { at, silent_for, .. }) =
+            slot.ended.as_ref().map(|e| &e.state)
+        else {
             return false;
         };
-        if let Some(key) = slot.timer.take() {
+        let (at, silent_for) = (*at, *silent_for);
+        if let Some(key) = slot.take_timer() {
             self.holds.remove(&key);
         }
         self.set_state(
@@ -574,8 +668,8 @@ impl Registry {
     /// connection that is not the client's current or last one (a replaced connection).
     pub fn record_counters(&mut self, id: &str, conn_id: u64, counters: ConnStats) -> bool {
         match self.entries.get_mut(id) {
-            Some(slot) if slot.entry.conn_id == conn_id => {
-                slot.entry.last_counters = Some(counters);
+            Some(slot) if slot.conn_id == conn_id => {
+                slot.last_counters = Some(Box::new(counters));
                 true
             }
             _ => false,
@@ -587,12 +681,12 @@ impl Registry {
         let Some(slot) = self.entries.get_mut(id) else {
             return;
         };
-        let entry = &mut slot.entry;
-        *self.counts.get_mut(entry.state.kind()) -= 1;
+        let kind = slot.kind();
+        *self.counts.get_mut(kind) -= 1;
         *self.counts.get_mut(to.kind()) += 1;
-        entry.changed_at = now;
-        let from = std::mem::replace(&mut entry.state, to.clone());
-        let conn_id = entry.conn_id;
+        slot.changed_at = now;
+        let from = slot.set_state(to.clone());
+        let conn_id = slot.conn_id;
         self.reindex(id, from.kind(), to.kind());
         self.changes.push_back(PresenceChange {
             id: id.to_owned(),
@@ -603,14 +697,33 @@ impl Registry {
         });
     }
 
+    /// The key under which an id is indexed (the entry's own allocation).
+    fn key_of(&self, id: &str) -> Arc<str> {
+        self.entries
+            .get_key_value(id)
+            .map_or_else(|| Arc::from(id), |(k, _)| k.clone())
+    }
+
+    /// Arms the hold of `id` (already `Resuming`) until `until`.
+    fn add_hold(&mut self, id: &str, until: Instant) {
+        self.next_seq += 1;
+        let key = (until, self.next_seq);
+        let name = self.key_of(id);
+        if let Some(slot) = self.entries.get_mut(id) {
+            slot.set_timer(key);
+            self.holds.insert(key, name);
+        }
+    }
+
     /// Records that `id` (already in state `Offline`) became offline at `now`, and enforces
     /// `max_offline`.
     fn add_offline(&mut self, now: Instant, id: &str) {
         self.next_seq += 1;
         let key = (now, self.next_seq);
+        let name = self.key_of(id);
         if let Some(slot) = self.entries.get_mut(id) {
-            slot.timer = Some(key);
-            self.offline.insert(key, id.to_owned());
+            slot.set_timer(key);
+            self.offline.insert(key, name);
         }
         while self.offline.len() > self.cfg.max_offline {
             let Some((key, oldest)) = self.offline.pop_first() else {
@@ -622,7 +735,7 @@ impl Registry {
 
     /// Removes the `Offline` entry `id` whose key `key` has just been taken out of `offline`.
     fn forget(&mut self, key: (Instant, u64), id: &str) {
-        if self.entries.get(id).is_some_and(|s| s.timer == Some(key)) {
+        if self.entries.get(id).is_some_and(|s| s.timer() == Some(key)) {
             self.entries.remove(id);
             self.counts.offline -= 1;
             self.by_kind[kind_index(PresenceKind::Offline)].remove(id);
@@ -652,19 +765,19 @@ impl Registry {
                 break;
             }
             let (key, id) = entry.remove_entry();
-            let Some(slot) = self.entries.get_mut(id.as_str()) else {
+            let Some(slot) = self.entries.get_mut(&*id) else {
                 continue;
             };
-            if slot.timer != Some(key) {
+            if slot.timer() != Some(key) {
                 continue;
             }
-            slot.timer = None;
-            let PresenceState::Resuming {
+            slot.take_timer();
+            let Some(PresenceState::Resuming {
                 reason,
                 at,
                 silent_for,
                 ..
-            } = slot.entry.state.clone()
+            }) = slot.ended.as_ref().map(|e| e.state.clone())
             else {
                 continue;
             };
@@ -701,19 +814,21 @@ impl Registry {
         change
     }
 
-    /// What the registry knows about client `id`.
-    pub fn get(&self, id: &str) -> Option<&Entry> {
-        self.entries.get(id).map(|s| &s.entry)
+    /// What the registry knows about client `id` (built from its compact record).
+    pub fn get(&self, id: &str) -> Option<Entry> {
+        self.entries.get(id).map(Slot::entry)
+    }
+
+    /// The state of client `id`, if known (cheaper than [`get`](Self::get)).
+    pub fn state(&self, id: &str) -> Option<PresenceState> {
+        self.entries.get(id).map(Slot::state)
     }
 
     /// Moves `id` from the `from` index to the `to` index.
     fn reindex(&mut self, id: &str, from: PresenceKind, to: PresenceKind) {
         if from != to {
             self.by_kind[kind_index(from)].remove(id);
-            let key = self
-                .entries
-                .get_key_value(id)
-                .map_or_else(|| Arc::from(id), |(k, _)| k.clone());
+            let key = self.key_of(id);
             self.by_kind[kind_index(to)].insert(key);
         }
     }
@@ -726,7 +841,7 @@ impl Registry {
         kind: Option<PresenceKind>,
         after: Option<&str>,
         limit: usize,
-    ) -> (Vec<(&str, &Entry)>, bool) {
+    ) -> (Vec<(&str, Entry)>, bool) {
         let from = match after {
             Some(a) => Bound::Excluded(a),
             None => Bound::Unbounded,
@@ -743,7 +858,7 @@ impl Registry {
         let mut out = Vec::with_capacity(limit.min(1024));
         for id in ids.by_ref().take(limit) {
             if let Some(slot) = self.entries.get(id) {
-                out.push((id, &slot.entry));
+                out.push((id, slot.entry()));
             }
         }
         let more = ids.next().is_some();
@@ -751,8 +866,8 @@ impl Registry {
     }
 
     /// Every entry, in id order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> + '_ {
-        self.entries.iter().map(|(id, s)| (&**id, &s.entry))
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Entry)> + '_ {
+        self.entries.iter().map(|(id, s)| (&**id, s.entry()))
     }
 
     /// How many entries are in each state.

@@ -752,3 +752,131 @@ proptest! {
         prop_assert_eq!(others, vec![(last_rx + d, LivenessEvent::PeerDead { silent_for: d })]);
     }
 }
+
+/// Issue 17: the engine keeps its times as offsets from one epoch (nanoseconds in `u64`, the
+/// flood ring in `u32` milliseconds). A server connection that lives far longer than 49.7
+/// days (`u32::MAX` ms) heartbeating at the agreed rate is never flagged, never declared
+/// dead, and every deadline stays exact to the nanosecond; a flood after that is still
+/// caught, and so is one that straddles the ring's 49.7-day mark.
+#[test]
+fn a_connection_living_past_49_days_of_u32_milliseconds_keeps_exact_timers() {
+    let h = secs(30);
+    let d = secs(90);
+    let mut cfg = LivenessConfig::new(h, d);
+    cfg.enforce_peer_heartbeat = Some(h);
+    cfg.answer_peer_heartbeat = true;
+    cfg.suspect_after = Some(secs(45));
+    let (t0, mut l) = engine(cfg);
+    let u32_ms = ms(u64::from(u32::MAX));
+    // The peer heartbeats every 30 s and 7 ns (not on the millisecond grid) for 120 days
+    // (345,600 heartbeats, two and a half times the u32 range).
+    let step = h + NS * 7;
+    let mut t = t0;
+    let mut crossed = 0;
+    while t < t0 + secs(120 * 86_400) {
+        t += step;
+        if t - t0 > u32_ms && crossed == 0 {
+            crossed = 1;
+        }
+        while let Some(dl) = l.poll_timeout() {
+            if dl > t {
+                break;
+            }
+            l.handle_timeout(dl);
+        }
+        l.on_receive(t);
+        l.on_heartbeat_received(t);
+        for ev in drain(&mut l) {
+            assert_eq!(ev, LivenessEvent::SendHeartbeat, "at {:?}", t - t0);
+        }
+        assert_eq!(l.deadline(Timer::Dead), Some(t + d));
+        assert_eq!(l.deadline(Timer::Suspect), Some(t + secs(45)));
+        assert_eq!(l.deadline(Timer::Heartbeat), Some(t + h + h / 8));
+        assert_eq!(l.last_rx(), t);
+    }
+    assert_eq!(crossed, 1);
+    // A flood now (nine heartbeats within a second) is still a flood.
+    let mut flagged = false;
+    for i in 1..=9u32 {
+        l.on_receive(t + ms(100) * i);
+        l.on_heartbeat_received(t + ms(100) * i);
+        flagged |= drain_but_heartbeats(&mut l).contains(&LivenessEvent::HeartbeatFlood {
+            count: 9,
+            window: 4 * h,
+        });
+    }
+    assert!(flagged, "a flood after 120 days went unnoticed");
+    // Silence: dead exactly d after the last byte, reported as such.
+    let last = l.last_rx();
+    let before = fire(&mut l, last + d - NS);
+    assert!(
+        !before
+            .iter()
+            .any(|e| matches!(e, LivenessEvent::PeerDead { .. })),
+        "{before:?}"
+    );
+    assert_eq!(
+        fire(&mut l, last + d),
+        vec![LivenessEvent::PeerDead { silent_for: d }]
+    );
+}
+
+/// A flood whose heartbeats straddle the instant the ring's millisecond offsets run out
+/// (49.7 days after the epoch) is caught like any other; heartbeats at the agreed rate
+/// across it are not a flood.
+#[test]
+fn the_flood_ring_moves_its_base_without_losing_or_inventing_a_flood() {
+    let h = secs(10);
+    let mut cfg = LivenessConfig::new(h, secs(1_000_000_000));
+    cfg.enforce_peer_heartbeat = Some(h);
+    let (t0, mut l) = engine(cfg);
+    let edge = t0 + ms(u64::from(u32::MAX));
+    // Twice the agreed rate (8 in 4h is tolerated) across the edge: no flood.
+    for i in 0..40u32 {
+        let t = edge - secs(100) + h / 2 * i;
+        l.on_heartbeat_received(t);
+        assert_eq!(drain_but_heartbeats(&mut l), vec![], "heartbeat {i}");
+    }
+    // Nine within 8 s straddling a later edge (the base moved to 2^31 ms before the first
+    // move): flagged at the ninth.
+    let (_, mut l2) = engine({
+        let mut c = LivenessConfig::new(h, secs(1_000_000_000));
+        c.enforce_peer_heartbeat = Some(h);
+        c
+    });
+    let mut at = None;
+    for i in 0..9u32 {
+        l2.on_heartbeat_received(edge - secs(4) + secs(1) * i);
+        if !drain_but_heartbeats(&mut l2).is_empty() {
+            at = Some(i);
+        }
+    }
+    assert_eq!(at, Some(8));
+}
+
+/// A timer armed for longer than the `u32` millisecond range (an idle timeout of 60 days)
+/// fires at exactly its instant: the recorded times are not clamped by any rebase.
+#[test]
+fn an_idle_timeout_longer_than_49_days_fires_exactly() {
+    let mut cfg = LivenessConfig::new(secs(30), secs(90));
+    cfg.idle_timeout = Some(secs(60 * 86_400));
+    let (t0, mut l) = engine(cfg);
+    l.on_app_data(t0 + NS * 3);
+    let due = t0 + NS * 3 + secs(60 * 86_400);
+    assert_eq!(l.deadline(Timer::Idle), Some(due));
+    // Keep the peer alive until then.
+    let mut t = t0;
+    while t + secs(30) < due {
+        t += secs(30);
+        l.on_receive(t);
+        l.handle_timeout(t);
+        drain(&mut l);
+    }
+    assert_eq!(fire(&mut l, due - NS), vec![]);
+    assert_eq!(
+        fire(&mut l, due),
+        vec![LivenessEvent::IdleTimeout {
+            idle_for: secs(60 * 86_400)
+        }]
+    );
+}

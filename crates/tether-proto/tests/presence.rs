@@ -703,3 +703,33 @@ fn a_session_handed_over_is_held_and_one_moved_away_ends_its_hold() {
     r.handle_timeout(c.at(1040));
     assert_eq!(r.counts(), counts(1, 0, 0, 1));
 }
+
+/// Issue 17: the registry keeps a client id once, shared with the caller's copy
+/// (`connected_shared`): the map, the per-state index and the caller hold one allocation.
+#[test]
+fn a_shared_id_is_stored_once() {
+    let mut r = Registry::new(RegistryConfig::default());
+    let t0 = Clock::new().at(0);
+    let id: std::sync::Arc<str> = std::sync::Arc::from("device-0001");
+    let remote = addr(4000);
+    assert_eq!(r.connected_shared(t0, &id, 1, remote), None);
+    // The caller's, the map's key and the Online index's.
+    assert_eq!(std::sync::Arc::strong_count(&id), 3);
+    assert!(r.suspect(t0, "device-0001", 1));
+    assert_eq!(std::sync::Arc::strong_count(&id), 3);
+    assert!(r.disconnected(
+        t0,
+        "device-0001",
+        1,
+        tether_proto::DisconnectReason::PeerClosed,
+        std::time::Duration::ZERO,
+        None
+    ));
+    // Offline: the key, the Offline index and the retention queue.
+    assert_eq!(std::sync::Arc::strong_count(&id), 4);
+    assert_eq!(
+        r.get("device-0001").map(|e| e.state.kind()),
+        Some(PresenceKind::Offline)
+    );
+    const { assert!(tether_proto::presence::SLOT_SIZE <= 112) };
+}

@@ -180,7 +180,7 @@ impl Sink for ConnSink {
     fn hello(&mut self, _now: std::time::Instant, hello: &Hello) -> Decision {
         self.hello = Some(hello.clone());
         match self.accept.take() {
-            Some(cfg) => Decision::Accept(cfg, None, None),
+            Some(cfg) => Decision::Accept(Arc::new(cfg), None, None),
             None => Decision::Refuse(CloseCode::REFUSED, "not accepting".into()),
         }
     }

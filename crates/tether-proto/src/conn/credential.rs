@@ -53,6 +53,27 @@ pub(super) struct CredentialState {
     pub(super) auth_in_flight: bool,
 }
 
+/// What a connection without credential state reads (nothing negotiated, nothing armed).
+static NO_CREDENTIAL: CredentialState = CredentialState {
+    negotiated: false,
+    expires_at: None,
+    refresh_pending: false,
+    refresh_at: None,
+    auth_in_flight: false,
+};
+
+impl Conn {
+    /// The credential state (an empty one when there is none).
+    pub(super) fn cred(&self) -> &CredentialState {
+        self.cred.as_deref().unwrap_or(&NO_CREDENTIAL)
+    }
+
+    /// The credential state, created on first write.
+    pub(super) fn cred_mut(&mut self) -> &mut CredentialState {
+        self.cred.get_or_insert_with(Box::default)
+    }
+}
+
 /// Why [`Conn::refresh_credential`] did not send an AUTH.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -78,7 +99,7 @@ impl Conn {
     /// When the credential runs out: the server closes then unless refreshed (`None`: it does
     /// not expire, or there is none).
     pub fn credential_expires_at(&self) -> Option<Instant> {
-        self.cred.expires_at
+        self.cred().expires_at
     }
 
     /// Server: accept the client as [`accept`](Self::accept) does, with a credential that
@@ -89,22 +110,31 @@ impl Conn {
     pub fn accept_authenticated(
         &mut self,
         now: Instant,
-        cfg: crate::liveness::LivenessConfig,
+        cfg: impl Into<std::sync::Arc<crate::liveness::LivenessConfig>>,
         session: Option<(codec::SessionGrant, crate::session::Session)>,
         credential_ttl: Option<Duration>,
     ) {
         let ttl = credential_ttl.map(|t| t.max(MIN_TTL));
-        self.accept_inner(now, cfg, session, ttl);
+        self.accept_inner(now, cfg.into(), session, ttl);
     }
 
     /// The WELCOME's `credential_ttl` field for a server accepting with `ttl`.
     pub(super) fn welcome_ttl(&self, ttl: Option<Duration>) -> Option<Duration> {
-        self.cred.negotiated.then(|| ttl.unwrap_or(Duration::ZERO))
+        self.cred()
+            .negotiated
+            .then(|| ttl.unwrap_or(Duration::ZERO))
     }
 
     /// Server: arms the expiry at acceptance.
     pub(super) fn arm_expiry(&mut self, now: Instant, ttl: Option<Duration>) {
-        self.cred.expires_at = ttl.map(|t| now + t);
+        match ttl {
+            Some(t) => self.cred_mut().expires_at = Some(now + t),
+            None => {
+                if let Some(c) = self.cred.as_deref_mut() {
+                    c.expires_at = None;
+                }
+            }
+        }
     }
 
     /// Client: the WELCOME arrived with `ttl` (`None` or zero: no expiry). A ttl without a
@@ -115,19 +145,21 @@ impl Conn {
 
     fn schedule_refresh(&mut self, now: Instant, ttl: Duration) {
         if ttl.is_zero() {
-            self.cred.expires_at = None;
-            self.cred.refresh_at = None;
+            if let Some(c) = self.cred.as_deref_mut() {
+                c.expires_at = None;
+                c.refresh_at = None;
+            }
         } else {
-            self.cred.expires_at = Some(now + ttl);
-            self.cred.refresh_at = Some(now + refresh_after(ttl));
+            self.cred_mut().expires_at = Some(now + ttl);
+            self.cred_mut().refresh_at = Some(now + refresh_after(ttl));
         }
     }
 
     /// The earliest credential deadline this side acts on.
     pub(super) fn credential_timeout(&self) -> Option<Instant> {
         match self.role {
-            Role::Server => self.cred.expires_at,
-            Role::Client => self.cred.refresh_at,
+            Role::Server => self.cred().expires_at,
+            Role::Client => self.cred().refresh_at,
         }
     }
 
@@ -136,8 +168,8 @@ impl Conn {
     pub(super) fn credential_timer(&mut self, now: Instant) {
         match self.role {
             Role::Server => {
-                if self.cred.expires_at.is_some_and(|at| now >= at) {
-                    self.cred.expires_at = None;
+                if self.cred().expires_at.is_some_and(|at| now >= at) {
+                    self.cred_mut().expires_at = None;
                     self.close(
                         now,
                         CloseCode::CREDENTIAL_EXPIRED,
@@ -146,10 +178,10 @@ impl Conn {
                 }
             }
             Role::Client => {
-                if self.cred.refresh_at.is_some_and(|at| now >= at) {
-                    self.cred.refresh_at = None;
+                if self.cred().refresh_at.is_some_and(|at| now >= at) {
+                    self.cred_mut().refresh_at = None;
                     let expires_in = self
-                        .cred
+                        .cred_mut()
                         .expires_at
                         .map(|at| at.saturating_duration_since(now))
                         .unwrap_or_default();
@@ -174,16 +206,16 @@ impl Conn {
         if !matches!(self.state, State::Established) {
             return Err(RefreshError::NotEstablished);
         }
-        if !self.cred.negotiated {
+        if !self.cred().negotiated {
             return Err(RefreshError::NoCredential);
         }
-        if self.cred.auth_in_flight {
+        if self.cred().auth_in_flight {
             return Err(RefreshError::InFlight);
         }
         codec::check_credential(&credential)?;
         codec::encode(&Frame::Auth(credential), &mut self.out);
-        self.cred.auth_in_flight = true;
-        self.cred.refresh_at = None;
+        self.cred_mut().auth_in_flight = true;
+        self.cred_mut().refresh_at = None;
         self.liveness.on_send(now);
         Ok(())
     }
@@ -192,12 +224,12 @@ impl Conn {
     pub(super) fn on_auth(&mut self, now: Instant, credential: Credential) {
         if self.role != Role::Server {
             self.protocol_error(now, "unexpected AUTH at a client".into());
-        } else if !self.cred.negotiated {
+        } else if !self.cred().negotiated {
             self.protocol_error(now, "AUTH but the hello carried no credential".into());
-        } else if self.cred.refresh_pending {
+        } else if self.cred().refresh_pending {
             self.protocol_error(now, "AUTH before the previous AUTH was answered".into());
         } else {
-            self.cred.refresh_pending = true;
+            self.cred_mut().refresh_pending = true;
             self.events.push_back(ConnEvent::Auth(credential));
         }
     }
@@ -206,10 +238,10 @@ impl Conn {
     pub(super) fn on_auth_ok(&mut self, now: Instant, ttl: Duration) {
         if self.role != Role::Client {
             self.protocol_error(now, "unexpected AUTH_OK at a server".into());
-        } else if !self.cred.auth_in_flight {
+        } else if !self.cred().auth_in_flight {
             self.protocol_error(now, "AUTH_OK without an AUTH".into());
         } else {
-            self.cred.auth_in_flight = false;
+            self.cred_mut().auth_in_flight = false;
             self.schedule_refresh(now, ttl);
             self.events
                 .push_back(ConnEvent::CredentialRefreshed { ttl });
@@ -220,10 +252,10 @@ impl Conn {
     /// out in `ttl` (`None`: it does not expire). Sends AUTH_OK; the expiry restarts from
     /// `now`. Ignored when no AUTH is waiting for an answer.
     pub fn auth_ok(&mut self, now: Instant, ttl: Option<Duration>) {
-        if !self.cred.refresh_pending || !matches!(self.state, State::Established) {
+        if !self.cred().refresh_pending || !matches!(self.state, State::Established) {
             return;
         }
-        self.cred.refresh_pending = false;
+        self.cred_mut().refresh_pending = false;
         let ttl = ttl.map(|t| t.max(MIN_TTL));
         codec::encode(&Frame::AuthOk(ttl.unwrap_or(Duration::ZERO)), &mut self.out);
         self.liveness.on_send(now);
@@ -233,10 +265,10 @@ impl Conn {
     /// Server: the refreshed credential (the last [`ConnEvent::Auth`]) is refused: closes
     /// with CLOSE(CREDENTIAL_EXPIRED, `text`). Ignored when no AUTH is waiting for an answer.
     pub fn auth_refused(&mut self, now: Instant, text: &str) {
-        if !self.cred.refresh_pending {
+        if !self.cred().refresh_pending {
             return;
         }
-        self.cred.refresh_pending = false;
+        self.cred_mut().refresh_pending = false;
         self.close(now, CloseCode::CREDENTIAL_EXPIRED, text);
     }
 }

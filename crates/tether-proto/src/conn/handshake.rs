@@ -1,6 +1,7 @@
 //! The handshake: preamble, HELLO → WELCOME | REFUSE, the handshake deadline, and setting up
 //! or resuming the session (`docs/PROTOCOL.md` §"Handshake").
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::codec::{self, DecodeError, Frame, SessionGrant, PREAMBLE_LEN};
@@ -52,13 +53,15 @@ impl Conn {
             (State::AwaitHello, Frame::Hello(h)) => {
                 self.state = State::AwaitDecision;
                 self.peer_resume = h.resume.as_ref().map(|r| r.last_received);
-                self.cred.negotiated = h.credential.is_some();
+                if h.credential.is_some() {
+                    self.cred_mut().negotiated = true;
+                }
                 self.events.push_back(ConnEvent::Hello(h));
             }
             (State::AwaitHello, Frame::Probe(body)) => {
                 self.state = State::Closed;
                 self.handed_off = true;
-                self.handshake_deadline = None;
+                self.handshaking = false;
                 self.events.push_back(ConnEvent::Probe(body));
             }
             (State::AwaitHello, f) => {
@@ -68,7 +71,7 @@ impl Conn {
                 self.protocol_error(now, format!("{} sent before WELCOME", frame_name(&f)))
             }
             (State::AwaitWelcome, Frame::Welcome(w))
-                if w.credential_ttl.is_some() && !self.cred.negotiated =>
+                if w.credential_ttl.is_some() && !self.cred().negotiated =>
             {
                 self.protocol_error(
                     now,
@@ -83,7 +86,7 @@ impl Conn {
                     .unwrap_or_else(|| LivenessConfig::new(w.heartbeat, w.dead_after));
                 cfg.heartbeat_interval = w.heartbeat;
                 cfg.dead_after = w.dead_after;
-                self.establish(now, cfg);
+                self.establish(now, Arc::new(cfg));
                 self.client_welcome_ttl(now, w.credential_ttl);
                 let grant = w.session.clone();
                 self.events.push_back(ConnEvent::Established(w));
@@ -117,16 +120,16 @@ impl Conn {
     pub fn accept(
         &mut self,
         now: Instant,
-        cfg: LivenessConfig,
+        cfg: impl Into<Arc<LivenessConfig>>,
         session: Option<(SessionGrant, Session)>,
     ) {
-        self.accept_inner(now, cfg, session, None);
+        self.accept_inner(now, cfg.into(), session, None);
     }
 
     pub(super) fn accept_inner(
         &mut self,
         now: Instant,
-        cfg: LivenessConfig,
+        cfg: Arc<LivenessConfig>,
         session: Option<(SessionGrant, Session)>,
         credential_ttl: Option<std::time::Duration>,
     ) {
@@ -215,10 +218,10 @@ impl Conn {
         }
     }
 
-    fn establish(&mut self, now: Instant, cfg: LivenessConfig) {
+    fn establish(&mut self, now: Instant, cfg: Arc<LivenessConfig>) {
         self.state = State::Established;
         self.was_established = true;
-        self.handshake_deadline = None;
+        self.handshaking = false;
         // The handshake itself counted as traffic.
         self.liveness.start(now, cfg);
     }

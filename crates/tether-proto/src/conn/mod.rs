@@ -33,6 +33,7 @@ mod handshake;
 pub use credential::RefreshError;
 
 use std::collections::VecDeque;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -283,7 +284,8 @@ pub struct ConnStats {
 #[derive(Debug)]
 pub struct Conn {
     role: Role,
-    cfg: ConnConfig,
+    /// Shared: a server passes one `Arc` to all its connections.
+    cfg: Arc<ConnConfig>,
     state: State,
     decoder: Decoder,
     out: BytesMut,
@@ -293,7 +295,9 @@ pub struct Conn {
     liveness: Liveness,
     /// True once the handshake completed (stays true after the end).
     was_established: bool,
-    handshake_deadline: Option<Instant>,
+    /// The handshake deadline is armed: it falls `cfg.handshake_timeout` after the
+    /// connection's start (the liveness engine's epoch until the handshake completes).
+    handshaking: bool,
     /// Client: local liveness options applied once established (the WELCOME supplies the
     /// heartbeat interval and dead-after).
     /// (Boxed: used once, and never on a server.)
@@ -311,7 +315,8 @@ pub struct Conn {
     want_session: bool,
     peer_resume: Option<u64>,
     /// The credential: expiry (server), refresh (client), AUTH in progress.
-    cred: credential::CredentialState,
+    /// Boxed, created on first use: a connection without a credential carries 8 bytes.
+    cred: Option<Box<credential::CredentialState>>,
     stats: ConnStats,
 }
 
@@ -324,12 +329,12 @@ impl Conn {
     /// number replace `hello.resume`); without one, `hello.want_session` asks for a new session.
     pub fn client(
         now: Instant,
-        cfg: ConnConfig,
+        cfg: impl Into<Arc<ConnConfig>>,
         hello: &Hello,
         local: LivenessConfig,
         session: Option<Session>,
     ) -> Self {
-        let mut c = Conn::new(now, Role::Client, cfg, local.clone());
+        let mut c = Conn::new(now, Role::Client, cfg.into(), Arc::new(local.clone()));
         let mut hello = hello.clone();
         if let Some(s) = &session {
             hello.want_session = true;
@@ -340,7 +345,9 @@ impl Conn {
             });
         }
         c.want_session = hello.want_session;
-        c.cred.negotiated = hello.credential.is_some();
+        if hello.credential.is_some() {
+            c.cred_mut().negotiated = true;
+        }
         c.session = session.map(Box::new);
         codec::encode_preamble(&mut c.out);
         codec::encode(&Frame::Hello(hello), &mut c.out);
@@ -348,19 +355,25 @@ impl Conn {
         c
     }
 
-    /// A server connection: waits for the client's preamble and HELLO.
-    pub fn server(now: Instant, cfg: ConnConfig) -> Self {
-        // Placeholder liveness settings: only `last_rx` is used before the handshake; the
+    /// A server connection: waits for the client's preamble and HELLO. `cfg` may be shared
+    /// by every connection of a server (one `Arc`).
+    pub fn server(now: Instant, cfg: impl Into<Arc<ConnConfig>>) -> Self {
+        // Placeholder liveness settings, shared by every connection in the handshake: only
+        // `last_rx` is used before the handshake (no timer of the engine is consulted); the
         // real settings arrive with `accept`.
-        let t = cfg.handshake_timeout;
-        Conn::new(now, Role::Server, cfg, LivenessConfig::new(t, t))
+        static PLACEHOLDER: OnceLock<Arc<LivenessConfig>> = OnceLock::new();
+        let placeholder = PLACEHOLDER.get_or_init(|| {
+            let t = Duration::from_secs(10);
+            Arc::new(LivenessConfig::new(t, t))
+        });
+        Conn::new(now, Role::Server, cfg.into(), placeholder.clone())
     }
 
-    fn new(now: Instant, role: Role, cfg: ConnConfig, liveness: LivenessConfig) -> Self {
+    fn new(now: Instant, role: Role, cfg: Arc<ConnConfig>, liveness: Arc<LivenessConfig>) -> Self {
         Conn {
             role,
             decoder: Decoder::new(cfg.max_frame_len),
-            handshake_deadline: Some(now + cfg.handshake_timeout),
+            handshaking: true,
             cfg,
             state: State::Preamble {
                 buf: [0; PREAMBLE_LEN],
@@ -379,9 +392,15 @@ impl Conn {
             session: None,
             want_session: false,
             peer_resume: None,
-            cred: credential::CredentialState::default(),
+            cred: None,
             stats: ConnStats::default(),
         }
+    }
+
+    /// When the handshake must have completed, while it has not.
+    fn handshake_deadline(&self) -> Option<Instant> {
+        self.handshaking
+            .then(|| self.liveness.epoch() + self.cfg.handshake_timeout)
     }
 
     /// This end's role.
@@ -540,7 +559,7 @@ impl Conn {
         if self.is_closed() {
             return None;
         }
-        if let Some(h) = self.handshake_deadline {
+        if let Some(h) = self.handshake_deadline() {
             return Some(h);
         }
         let live = self.liveness.poll_timeout();
@@ -554,7 +573,7 @@ impl Conn {
         if self.is_closed() {
             return;
         }
-        if let Some(h) = self.handshake_deadline {
+        if let Some(h) = self.handshake_deadline() {
             if now >= h {
                 self.handshake_timed_out(now);
             }
@@ -610,7 +629,7 @@ impl Conn {
             return;
         }
         self.state = State::Closed;
-        self.handshake_deadline = None;
+        self.handshaking = false;
         let silent_for = self.liveness.silent_for(now);
         self.events
             .push_back(ConnEvent::Closed(Disconnect { reason, silent_for }));

@@ -73,7 +73,7 @@ pub(crate) enum Decision {
     /// Accept with these liveness settings, this session (new or resumed), and a credential
     /// that runs out after this long (`None`: it does not expire).
     Accept(
-        LivenessConfig,
+        Arc<LivenessConfig>,
         Option<Box<(SessionGrant, Session)>>,
         Option<Duration>,
     ),
@@ -179,7 +179,8 @@ struct Driver<T, S> {
     abandoned: bool,
     shut_down: bool,
     last_write: Option<Instant>,
-    result: Option<Disconnect>,
+    /// How it ended (boxed: set once, at the end; every idle task would carry it).
+    result: Option<Box<Disconnect>>,
     established: bool,
     /// This connection's share of the server's partial-frame budget.
     frames: frames::FrameRoom,
@@ -237,10 +238,13 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             inner.transmit_bytes = 0;
             self.shared.recharge(&mut inner);
         }
-        let d = self.result.take().unwrap_or(Disconnect {
-            reason: DisconnectReason::LocalClose,
-            silent_for: Duration::ZERO,
-        });
+        let d = self.result.take().map_or(
+            Disconnect {
+                reason: DisconnectReason::LocalClose,
+                silent_for: Duration::ZERO,
+            },
+            |d| *d,
+        );
         if !self.shared.persistent {
             self.shared.finish(d.clone());
         }

@@ -92,17 +92,16 @@ pub(crate) enum Offer {
     Ended(Disconnect),
 }
 
-/// Commands, queues and results; see the module docs.
+/// Counters, wakers and results; the queues live in [`Queues`], boxed and only while they
+/// hold something (see the module docs).
+///
+/// The queues' fields are reached through `Deref`/`DerefMut` (`inner.outbox`): reading an
+/// absent box reads an empty one, writing creates it, and the lock's guard releases it again
+/// when everything in it is empty — an idle connection holds no queue (issue 17).
 #[derive(Debug, Default)]
 pub(crate) struct Inner {
-    pub(crate) outbox: VecDeque<Bytes>,
     pub(crate) outbox_bytes: usize,
-    pub(crate) command: Option<Command>,
     pub(crate) driver: Option<Waker>,
-    pub(crate) inbox: VecDeque<Bytes>,
-    pub(crate) inbox_bytes: usize,
-    pub(crate) recv: Option<Waker>,
-    pub(crate) done: Option<Disconnect>,
     /// Bytes the state machine holds for the peer (transmit buffer, unacknowledged session
     /// messages) as of the task's last pass.
     pub(crate) transmit_bytes: usize,
@@ -117,9 +116,102 @@ pub(crate) struct Inner {
     /// its message's number when it queues it. Set by the server when a session attaches
     /// (`None`: no session), advanced by the driver as messages move (same lock).
     pub(crate) seq_base: Option<u64>,
+    /// The queues, while any holds something.
+    queues: Option<Box<Queues>>,
+}
+
+/// Queues and the end of a connection: what an idle connection does not hold.
+#[derive(Debug, Default)]
+pub(crate) struct Queues {
+    pub(crate) outbox: VecDeque<Bytes>,
+    pub(crate) command: Option<Command>,
+    pub(crate) inbox: VecDeque<Bytes>,
+    pub(crate) inbox_bytes: usize,
+    pub(crate) recv: Option<Waker>,
+    pub(crate) done: Option<Disconnect>,
     /// Commit-before-ACK: the highest received number the application committed and the
     /// task has not applied yet (0: none).
     pub(crate) commit_to: u64,
+}
+
+/// What an absent [`Queues`] box reads as.
+static NO_QUEUES: Queues = Queues {
+    outbox: VecDeque::new(),
+    command: None,
+    inbox: VecDeque::new(),
+    inbox_bytes: 0,
+    recv: None,
+    done: None,
+    commit_to: 0,
+};
+
+impl Queues {
+    /// Nothing queued, nothing allocated, nothing to report.
+    fn is_empty(&self) -> bool {
+        self.outbox.capacity() == 0
+            && self.inbox.capacity() == 0
+            && self.command.is_none()
+            && self.inbox_bytes == 0
+            && self.recv.is_none()
+            && self.done.is_none()
+            && self.commit_to == 0
+    }
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Queues;
+    fn deref(&self) -> &Queues {
+        self.queues.as_deref().unwrap_or(&NO_QUEUES)
+    }
+}
+
+impl std::ops::DerefMut for Inner {
+    fn deref_mut(&mut self) -> &mut Queues {
+        self.queues.get_or_insert_with(Box::default)
+    }
+}
+
+impl Inner {
+    /// Takes the commit not applied yet (0: none) without creating the queues' box.
+    pub(crate) fn take_commit(&mut self) -> u64 {
+        self.queues
+            .as_mut()
+            .map_or(0, |q| std::mem::take(&mut q.commit_to))
+    }
+
+    /// Takes the pending command without creating the queues' box.
+    pub(crate) fn take_command(&mut self) -> Option<Command> {
+        self.queues.as_mut().and_then(|q| q.command.take())
+    }
+
+    /// Releases the queues' box once it holds nothing.
+    fn release_queues(&mut self) {
+        if self.queues.as_ref().is_some_and(|q| q.is_empty()) {
+            self.queues = None;
+        }
+    }
+}
+
+/// The lock on a connection's [`Inner`]; releases the queues' box on unlock once empty.
+pub(crate) struct Guard<'a>(MutexGuard<'a, Inner>);
+
+impl std::ops::Deref for Guard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.0
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.0.release_queues();
+    }
 }
 
 /// State shared by a connection task and the handles that talk to it.
@@ -164,10 +256,10 @@ impl Shared {
         Shared::build(limits, true, None)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> Guard<'_> {
         // A poisoned lock means a panic elsewhere while holding it; the data is still usable
         // (queues and flags only), so keep going rather than cascade the panic.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        Guard(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Brings this connection's share of the server's unsent budget in line with what it
@@ -195,7 +287,7 @@ impl Shared {
     pub(crate) fn take_outbox(&self) -> Vec<Bytes> {
         let mut inner = self.lock();
         inner.outbox_bytes = 0;
-        let v: Vec<Bytes> = inner.outbox.drain(..).collect();
+        let v: Vec<Bytes> = std::mem::take(&mut inner.outbox).into();
         self.recharge(&mut inner);
         drop(inner);
         self.changed.notify_waiters();
@@ -318,7 +410,7 @@ impl Shared {
 
     /// The commit not applied by the task yet (0: none), taken.
     pub(crate) fn take_commit(&self) -> u64 {
-        std::mem::take(&mut self.lock().commit_to)
+        self.lock().take_commit()
     }
 
     /// Asks the task to close the connection in order (after what is queued).
@@ -452,5 +544,59 @@ fn push(inner: &mut Inner, msg: Bytes) {
 fn wake_driver(inner: &mut Inner) {
     if let Some(w) = inner.driver.take() {
         w.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holds_queues(s: &Shared) -> bool {
+        s.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queues
+            .is_some()
+    }
+
+    /// Issue 17: an idle connection holds no queue. The box appears with the first message
+    /// or command and goes when the last is taken (reading an absent box allocates nothing).
+    #[test]
+    fn queues_exist_only_while_they_hold_something() {
+        let s = Shared::new(Limits::default());
+        assert!(!holds_queues(&s));
+        // Reads through the guard see empty queues without creating them.
+        {
+            let inner = s.lock();
+            assert!(inner.outbox.is_empty() && inner.command.is_none() && inner.done.is_none());
+        }
+        assert!(!holds_queues(&s));
+        assert!(s.try_send(Bytes::from_static(b"m")));
+        assert!(holds_queues(&s));
+        {
+            let mut inner = s.lock();
+            let m = inner.outbox.pop_front();
+            assert_eq!(m.as_deref(), Some(&b"m"[..]));
+            inner.outbox_bytes = 0;
+            // Still allocated: the queue's capacity stays until the driver lets it go.
+            assert!(inner.outbox.capacity() > 0);
+            inner.outbox = VecDeque::new();
+        }
+        assert!(!holds_queues(&s));
+        s.close(CloseCode::NORMAL, "bye");
+        assert!(holds_queues(&s));
+        assert!(matches!(s.lock().take_command(), Some(Command::Close(..))));
+        assert!(!holds_queues(&s));
+        // Taking a command that is not there creates nothing.
+        assert!(s.lock().take_command().is_none());
+        assert!(!holds_queues(&s));
+        // The end is kept (senders fail with it).
+        s.finish(Disconnect {
+            reason: tether_proto::DisconnectReason::LocalClose,
+            silent_for: std::time::Duration::ZERO,
+        });
+        assert!(holds_queues(&s));
+        assert!(s.done().is_some());
+        assert!(!s.try_send(Bytes::from_static(b"late")));
     }
 }

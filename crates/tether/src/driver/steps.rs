@@ -142,11 +142,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 inner.outbox = std::collections::VecDeque::new();
             }
         }
-        let commit = std::mem::take(&mut inner.commit_to);
+        let commit = inner.take_commit();
         if commit > 0 {
             conn.commit(now, commit);
         }
-        match inner.command.take() {
+        match inner.take_command() {
             // An orderly close goes out after the messages queued before it.
             // A client that sent its HELLO waits for the answer first (the handshake deadline
             // bounds it): closed now it could only drop the connection without a CLOSE, and
@@ -335,7 +335,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     self.answer_refresh(now, a);
                 }
                 ConnEvent::Closed(d) => {
-                    self.result = Some(d.clone());
+                    self.result = Some(Box::new(d.clone()));
                     self.sink.flush(&self.shared);
                     if !self.shared.persistent {
                         self.shared.finish(d.clone());
@@ -409,7 +409,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         if !self.conn.is_closed() {
             return false;
         }
-        let failure = self.result.as_ref().is_none_or(|d| {
+        let failure = self.result.as_deref().is_none_or(|d| {
             matches!(
                 d.reason,
                 DisconnectReason::HeartbeatTimeout

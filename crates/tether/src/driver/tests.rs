@@ -60,7 +60,7 @@ impl Sink for TestSink {
             cfg.answer_peer_heartbeat = true;
             cfg.enforce_peer_heartbeat = Some(H);
         }
-        Decision::Accept(cfg, session, None)
+        Decision::Accept(Arc::new(cfg), session, None)
     }
 
     fn event(&mut self, shared: &Arc<Shared>, ev: ConnEvent) {

@@ -42,7 +42,6 @@ use super::sessions::{self, Held, Plan, SessionSlot};
 use super::Inner;
 use crate::auth::resume::ResumeCredential;
 use crate::auth::PrincipalKey;
-use crate::connection::liveness_config;
 use crate::driver::{Command, Decision, Offer, Shared};
 
 const SHARDS: usize = 32;
@@ -298,7 +297,7 @@ impl Inner {
         rec.principal = principal.cloned().map(Box::new);
         self.established.fetch_add(1, Relaxed);
         self.totals.accepted.fetch_add(1, Relaxed);
-        let replaced = self.with_registry(|r| r.connected(now, id, conn_id, remote));
+        let replaced = self.with_registry(|r| r.connected_shared(now, key, conn_id, remote));
         let _ = self.events.send(ServerEvent::Connected {
             client_id: id.clone(),
             remote,
@@ -308,11 +307,7 @@ impl Inner {
         drop(shard);
         // Senders waiting for a resuming client's backlog: it is attached again.
         self.signals.room.notify_waiters();
-        Decision::Accept(
-            liveness_config(&self.cfg.policy, true),
-            session.map(Box::new),
-            credential_ttl,
-        )
+        Decision::Accept(self.liveness.clone(), session.map(Box::new), credential_ttl)
     }
 
     /// A new session for client `client_id` of `principal`: its grant carries the token,

@@ -38,7 +38,7 @@ use bytes::Bytes;
 use tether_proto::presence::{
     PresenceChange, PresenceCounts, PresenceKind, PresenceState, Registry,
 };
-use tether_proto::CloseCode;
+use tether_proto::{CloseCode, ConnConfig, LivenessConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, Notify};
 
@@ -59,6 +59,11 @@ pub(crate) struct Inner {
     cfg: ServerConfig,
     /// `cfg.max_connections` resolved (the derived default unless set).
     max_connections: usize,
+    /// What every connection's state machine is built with, shared (one allocation per
+    /// server, not per connection).
+    conn_cfg: Arc<ConnConfig>,
+    /// The liveness settings every accepted connection runs with, shared likewise.
+    liveness: Arc<LivenessConfig>,
     clients: Clients,
     registry: Mutex<Registry>,
     admission: Admission,
@@ -160,6 +165,12 @@ impl Server {
         let cfg_throttle = cfg.throttle;
         let inner = Arc::new(Inner {
             max_connections: cfg.get_max_connections(),
+            conn_cfg: Arc::new(ConnConfig {
+                max_frame_len: cfg.max_frame_len,
+                handshake_timeout: cfg.handshake_timeout,
+                session: cfg.session,
+            }),
+            liveness: Arc::new(crate::connection::liveness_config(&cfg.policy, true)),
             registry: Mutex::new(Registry::new(cfg.registry)),
             budgets: Arc::new(Budgets::new(
                 cfg.max_queued_bytes,
@@ -432,7 +443,7 @@ impl ServerHandle {
         let session = self.inner.clients.session_of(client_id);
         let reg = lock(&self.inner.registry);
         reg.get(client_id)
-            .map(|e| client_info(client_id, e, live, session))
+            .map(|e| client_info(client_id, &e, live, session))
     }
 
     /// Every known client (connected, resuming, and recently offline), sorted by id (without
@@ -448,7 +459,7 @@ impl ServerHandle {
         let reg = lock(&self.inner.registry);
         let mut out: Vec<ClientInfo> = reg
             .iter()
-            .map(|(id, e)| client_info(id, e, live.get(id).copied(), None))
+            .map(|(id, e)| client_info(id, &e, live.get(id).copied(), None))
             .collect();
         drop(reg);
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -471,7 +482,7 @@ impl ServerHandle {
         let (entries, more) = reg.page(kind, after, limit);
         let entries: Vec<(String, tether_proto::presence::Entry)> = entries
             .into_iter()
-            .map(|(id, e)| (id.to_owned(), e.clone()))
+            .map(|(id, e)| (id.to_owned(), e))
             .collect();
         drop(reg);
         // Live counters after the registry lock (lock order: a shard before the registry).
