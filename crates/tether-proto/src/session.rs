@@ -160,6 +160,10 @@ pub struct Session {
     ack_sent: u64,
     ack_deadline: Option<Instant>,
     resumes: u64,
+    /// Commit-before-ACK mode ([`set_commit_mode`](Self::set_commit_mode)): the highest
+    /// received number the application has made durable; ACKs never pass it. `None`: off
+    /// (ACKs follow `last_received`).
+    committed: Option<u64>,
 }
 
 impl Session {
@@ -178,6 +182,7 @@ impl Session {
             ack_sent: 0,
             ack_deadline: None,
             resumes: 0,
+            committed: None,
         }
     }
 
@@ -228,7 +233,56 @@ impl Session {
             ack_sent: last_received,
             ack_deadline: None,
             resumes,
+            committed: None,
         })
+    }
+
+    /// Commit-before-ACK mode: with `on`, the peer is acknowledged only up to what the
+    /// application [`commit`](Self::commit)ted (made durable somewhere), never past it, so a
+    /// peer keeps every message the application could still lose and replays it on resume.
+    /// Whatever was received when the mode is turned on counts as committed (a session
+    /// continued [`from_state`](Self::from_state) was committed by its previous server).
+    /// Default: off (ACKs follow what was received).
+    ///
+    /// ```text
+    ///   received 1 2 3 4 5 6        last_received = 6
+    ///   committed 1 2 3             commit(3)
+    ///   ACK(3)                      ACK position = min(last_received, committed)
+    /// ```
+    pub fn set_commit_mode(&mut self, on: bool) {
+        self.committed = on.then_some(self.last_received);
+    }
+
+    /// Whether commit-before-ACK mode is on.
+    pub fn commit_mode(&self) -> bool {
+        self.committed.is_some()
+    }
+
+    /// The application made every received message up to `seq` durable: the ACK may go that
+    /// far (never past what was received). A no-op outside commit mode and for a number at
+    /// or below the committed one. The ACK falls due after the usual delay (or at once when
+    /// `ack_every` messages are committed and unacknowledged).
+    pub fn commit(&mut self, now: Instant, seq: u64) {
+        let Some(c) = self.committed.as_mut() else {
+            return;
+        };
+        let seq = seq.min(self.last_received);
+        if seq <= *c {
+            return;
+        }
+        *c = seq;
+        if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + self.cfg.ack_delay);
+        }
+    }
+
+    /// How far an ACK may go: what was received in order, or in commit mode what was
+    /// committed of it.
+    pub fn ack_position(&self) -> u64 {
+        match self.committed {
+            Some(c) => c.min(self.last_received),
+            None => self.last_received,
+        }
     }
 
     /// Replaces the resume token (the server rotates it on every resume; the newest one is
@@ -375,23 +429,25 @@ impl Session {
     /// The ACK to send now, if one is due at `now` (or `force`d, e.g. to piggyback on an
     /// outgoing write). Marks it as sent.
     pub fn poll_ack(&mut self, now: Instant, force: bool) -> Option<u64> {
-        if self.last_received <= self.ack_sent {
+        let pos = self.ack_position();
+        if pos <= self.ack_sent {
             return None;
         }
         let due = force
-            || self.last_received - self.ack_sent >= u64::from(self.cfg.ack_every)
+            || pos - self.ack_sent >= u64::from(self.cfg.ack_every)
             || self.ack_deadline.is_some_and(|d| now >= d);
         if !due {
             return None;
         }
-        self.ack_sent = self.last_received;
+        self.ack_sent = pos;
+        // Received but not committed yet: its ACK is timed from its commit.
         self.ack_deadline = None;
-        Some(self.last_received)
+        Some(pos)
     }
 
     /// When a delayed ACK falls due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.last_received > self.ack_sent {
+        if self.ack_position() > self.ack_sent {
             self.ack_deadline
         } else {
             None
@@ -527,5 +583,91 @@ mod tests {
         assert_eq!(b.poll_ack(t, false), Some(3), "two unacked = ack_every");
         assert!(b.token_matches(&[0; TOKEN_LEN]));
         assert!(!b.token_matches(&[1; TOKEN_LEN]));
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // one real Instant as the virtual clock's origin
+    fn commit_mode_never_acks_past_what_was_committed() {
+        let t = Instant::now();
+        let d = Duration::from_millis(20);
+        let mut b = Session::new(
+            1,
+            [0; TOKEN_LEN],
+            SessionConfig {
+                ack_every: 2,
+                ..Default::default()
+            },
+        );
+        b.set_commit_mode(true);
+        assert!(b.commit_mode());
+        for q in 1..=5 {
+            assert_eq!(b.on_data(t, q), Received::Deliver);
+        }
+        assert_eq!(b.ack_position(), 0);
+        assert_eq!(
+            b.poll_ack(t + d, true),
+            None,
+            "nothing committed, even forced"
+        );
+        assert_eq!(b.poll_timeout(), None, "no timer for uncommitted messages");
+        b.commit(t, 1);
+        assert_eq!(
+            b.poll_ack(t, false),
+            None,
+            "one < ack_every, delay not passed"
+        );
+        assert_eq!(b.poll_timeout(), Some(t + d));
+        assert_eq!(b.poll_ack(t + d, false), Some(1));
+        b.commit(t + d, 9);
+        assert_eq!(
+            b.ack_position(),
+            5,
+            "a commit beyond what was received is capped"
+        );
+        assert_eq!(
+            b.poll_ack(t + d, false),
+            Some(5),
+            "four committed >= ack_every"
+        );
+        b.commit(t + d, 3);
+        assert_eq!(b.ack_position(), 5, "commits never go back");
+        assert_eq!(b.on_data(t, 6), Received::Deliver);
+        assert_eq!(b.poll_ack(t + d * 10, true), None, "6 is not committed");
+        // Whatever the interleaving, no ACK passes the committed number.
+        let mut seed = 7u64;
+        let mut c = Session::new(2, [0; TOKEN_LEN], SessionConfig::default());
+        c.set_commit_mode(true);
+        let (mut received, mut committed, mut now) = (0u64, 0u64, t);
+        for _ in 0..5000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            now += Duration::from_millis(seed >> 60);
+            match (seed >> 33) % 3 {
+                0 => {
+                    received += 1;
+                    assert_eq!(c.on_data(now, received), Received::Deliver);
+                }
+                1 => {
+                    committed = committed.max((seed >> 40) % (received + 1));
+                    c.commit(now, committed);
+                }
+                _ => {
+                    if let Some(a) = c.poll_ack(now, (seed >> 50) % 2 == 0) {
+                        assert!(a <= committed && a <= received, "ACK {a} > {committed}");
+                    }
+                }
+            }
+        }
+        // Off: commits change nothing and ACKs follow what was received.
+        let mut off = Session::new(3, [0; TOKEN_LEN], SessionConfig::default());
+        assert_eq!(off.on_data(t, 1), Received::Deliver);
+        off.commit(t, 0);
+        assert_eq!(off.poll_ack(t, true), Some(1));
+        // Turned on for a continued session: what it received counts as committed.
+        let mut st =
+            Session::from_state([0; TOKEN_LEN], SessionConfig::default(), off.state()).unwrap();
+        st.set_commit_mode(true);
+        assert_eq!(st.ack_position(), 1);
     }
 }

@@ -322,6 +322,7 @@ async fn a_take_waits_for_the_attached_connection_and_a_wrong_token_moves_nothin
         session_id: grant.session_id,
         token_hash: TokenHash::of(&[0x55; 16]),
         principal: None,
+        last_received: 0,
     };
     assert!(a
         .take_session(&wrong, Duration::from_millis(200))
@@ -342,6 +343,7 @@ async fn a_take_waits_for_the_attached_connection_and_a_wrong_token_moves_nothin
         session_id: grant.session_id,
         token_hash: TokenHash::of(&grant.token),
         principal: None,
+        last_received: 0,
     };
     let t = Instant::now();
     let export = a
@@ -445,6 +447,7 @@ async fn an_import_replaces_an_older_held_session_of_the_client_and_reports_it_l
         session_id: newer,
         token_hash: TokenHash::of(&token),
         principal: None,
+        last_received: 0,
     };
     let export = c
         .take_session(&req, Duration::from_millis(100))
@@ -463,4 +466,69 @@ async fn an_import_replaces_an_older_held_session_of_the_client_and_reports_it_l
     assert_eq!(lost, old, "the older session is reported lost");
     let (ty, _) = raw_resume(b.local_addr(), "back", newer, token).await;
     assert_eq!(ty, codec::ty::WELCOME);
+}
+
+/// Reads frames from a raw connection for `within`; returns the ACKs among them.
+async fn acks_within(s: &mut TcpStream, within: Duration) -> Vec<u64> {
+    use tokio::io::AsyncReadExt as _;
+    let mut acks = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let len = match tokio::time::timeout_at(deadline, s.read_u32()).await {
+            Ok(Ok(n)) => n as usize,
+            _ => return acks,
+        };
+        let mut body = vec![0u8; len];
+        if len > 0 {
+            s.read_exact(&mut body).await.unwrap();
+            if let Ok(Frame::Ack(n)) = codec::parse_body(&body) {
+                acks.push(n);
+            }
+        }
+    }
+}
+
+/// `ServerConfig::ack_after_commit`: the server acknowledges a client's messages only up to
+/// what the application committed, however long it waits; a commit lets the ACK out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ack_after_commit_the_ack_never_passes_the_committed_number() {
+    use tokio::io::AsyncWriteExt as _;
+    let mut server = Server::bind(server_cfg().ack_after_commit(true))
+        .await
+        .unwrap();
+    let (mut s, body) = common::raw_hello_answer(server.local_addr(), hello("dev", None)).await;
+    let session = match codec::parse_body(&body) {
+        Ok(Frame::Welcome(w)) => w.session.expect("a session").session_id,
+        other => panic!("{other:?}"),
+    };
+    let mut out = BytesMut::new();
+    for q in 1..=5u64 {
+        codec::encode_seq_data(q, &numbered(q), &mut out);
+    }
+    s.write_all(&out).await.unwrap();
+    let mut got = 0;
+    while got < 5 {
+        if let Some(ServerEvent::Message { seq, .. }) = server.next_event().await {
+            got = seq.unwrap();
+        }
+    }
+    // Received, not committed: no ACK at all (the ACK delay is 20 ms; 300 ms of quiet).
+    assert_eq!(
+        acks_within(&mut s, Duration::from_millis(300)).await,
+        Vec::<u64>::new()
+    );
+    server.commit("dev", session, 3);
+    let acks = acks_within(&mut s, Duration::from_millis(300)).await;
+    assert_eq!(acks, vec![3], "up to the committed number, no further");
+    // Another session's commit, or one beyond what was received, changes nothing past 5.
+    server.commit("dev", session + 1, 5);
+    assert_eq!(
+        acks_within(&mut s, Duration::from_millis(200)).await,
+        Vec::<u64>::new()
+    );
+    server.commit("dev", session, 9);
+    assert_eq!(
+        acks_within(&mut s, Duration::from_millis(300)).await,
+        vec![5]
+    );
 }

@@ -28,10 +28,14 @@
 //!   A: take_session ──XADD k=session data=… ──▶ B's inbox ──▶ fetch resolves ─▶ import, resume
 //! ```
 //!
-//! What it deliberately does not do: keep a durable copy of sessions (a session whose node
-//! died is lost, explicitly), or merge the event streams of the nodes (each node's
+//! With `--durable-sessions` ([`durable`]) each session has a copy in Redis and a session
+//! whose node died is restored from it on the node the client resumes on; without it such a
+//! session is lost, explicitly.
+//!
+//! What it deliberately does not do: merge the event streams of the nodes (each node's
 //! `/api/events` carries its own clients' events).
 
+pub(crate) mod durable;
 mod scripts;
 
 use std::collections::{BTreeMap, HashMap};
@@ -85,6 +89,8 @@ pub(crate) struct ClusterSettings {
     pub(crate) ca: Option<Vec<u8>>,
     /// The Redis user's password (`--cluster-password-file`), when not in the URL.
     pub(crate) password: Option<String>,
+    /// `--durable-sessions`: the byte bound of one session's copy (`--durable-max-bytes`).
+    pub(crate) durable: Option<usize>,
 }
 
 impl ClusterSettings {
@@ -274,6 +280,11 @@ struct Stats {
     sessions_in: AtomicU64,
     sessions_out: AtomicU64,
     session_fetch_failed: AtomicU64,
+    durable_writes: AtomicU64,
+    sessions_restored: AtomicU64,
+    /// Bumped when Redis may have lost what this node wrote (it answers again after an
+    /// error, or this node's heartbeat was gone): every durable copy is rewritten.
+    redis_epoch: AtomicU64,
 }
 
 /// The cluster layer of one node.
@@ -305,6 +316,27 @@ pub(crate) struct Cluster {
     /// Clients whose session this node handed to another node lately: client id → (node,
     /// when). Sends routed here for them afterwards are forwarded there.
     moved: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// `--durable-sessions`: each client's worker (see [`durable`]).
+    durable: Mutex<HashMap<String, mpsc::UnboundedSender<durable::Job>>>,
+    /// The session header each client's copy was last written with.
+    headers: Mutex<HashMap<String, Bytes>>,
+    /// The event journal (a restored session's client messages are republished into it).
+    journal: std::sync::OnceLock<Arc<crate::gateway::journal::Journal>>,
+    /// Durable routed sends waiting for the holder's answer, by request number.
+    sends: Mutex<HashMap<u64, oneshot::Sender<SentAnswer>>>,
+}
+
+/// The holder's answer to a durable routed send (`k=sent`).
+#[derive(Debug, Clone)]
+pub(crate) struct SentAnswer {
+    /// The node that answered.
+    pub(crate) node: String,
+    /// `None`: accepted; else the HTTP status to answer and why.
+    pub(crate) refused: Option<(u16, String)>,
+    pub(crate) session: Option<u64>,
+    pub(crate) seq: Option<u64>,
+    /// Whether it is in the client's durable copy (false: the copy is over its bound).
+    pub(crate) durable: bool,
 }
 
 /// How long a hand-over is remembered for forwarding sends routed to the old node.
@@ -380,6 +412,10 @@ impl Cluster {
             fetches: Mutex::new(HashMap::new()),
             next_fetch: AtomicU64::new(1),
             moved: Mutex::new(HashMap::new()),
+            durable: Mutex::new(HashMap::new()),
+            headers: Mutex::new(HashMap::new()),
+            journal: std::sync::OnceLock::new(),
+            sends: Mutex::new(HashMap::new()),
         });
         let (started_tx, started_rx) = watch::channel(false);
         tokio::spawn(c.clone().writer(rx, started_tx));
@@ -416,8 +452,33 @@ impl Cluster {
         format!("{}:node:{node}:inbox", self.prefix)
     }
 
+    /// The event journal, for the client messages a restored session republishes.
+    pub(crate) fn set_journal(&self, j: Arc<crate::gateway::journal::Journal>) {
+        let _ = self.journal.set(j);
+    }
+
     /// Takes one server event (from the serve loop; never waits).
-    pub(crate) fn observe(&self, ev: &ServerEvent) {
+    pub(crate) fn observe(self: &Arc<Self>, ev: &ServerEvent) {
+        if self.durable() {
+            // The client's events reach the journal through its worker, in order (a
+            // message once it is in the copy).
+            if let Some(id) = durable::client_of(ev) {
+                self.durable_job(id, durable::Job::Event(Box::new(ev.clone())));
+            }
+            match ev {
+                ServerEvent::Connected { client_id, .. }
+                | ServerEvent::Resumed { client_id, .. } => {
+                    self.durable_job(client_id, durable::Job::Sync)
+                }
+                ServerEvent::Presence { change, .. }
+                    if matches!(change.to, PresenceState::Offline { .. }) =>
+                {
+                    lock(&self.headers).remove(&change.id);
+                    self.durable_job(&change.id, durable::Job::Drop)
+                }
+                _ => {}
+            }
+        }
         let ServerEvent::Presence { change, .. } = ev else {
             return;
         };
@@ -469,6 +530,7 @@ impl Cluster {
                 },
                 _ = tick.tick(), if !self.leaving.load(Ordering::Relaxed) => {
                     ticks += 1;
+                    self.durable_tick();
                     let began = tokio::time::Instant::now();
                     let mut fresh = self.beat(&mut is_started).await;
                     if fresh.is_some() {
@@ -489,6 +551,7 @@ impl Cluster {
                         let _ = started.send(true);
                     }
                     if fresh == Some(false) {
+                        self.stats.redis_epoch.fetch_add(1, Ordering::Relaxed);
                         // Declared dead (or it could have been): every claim is re-made.
                         lock(&self.own).clear();
                         self.dirty.store(true, Ordering::Relaxed);
@@ -633,6 +696,9 @@ impl Cluster {
     fn set_up(&self, up: bool, err: Option<&redis::RedisError>) {
         let was = self.stats.redis_up.swap(up, Ordering::Relaxed);
         let first = !self.stats.redis_known.swap(true, Ordering::Relaxed);
+        if up && !was {
+            self.stats.redis_epoch.fetch_add(1, Ordering::Relaxed);
+        }
         if was != up || first {
             if up {
                 log::line("-", "cluster-up", &log::kv(&[("node", &self.node)]));
@@ -944,12 +1010,16 @@ impl Cluster {
         m.insert(r.id.clone(), r);
     }
 
-    fn on_broadcast(&self, map: &HashMap<String, Value>) {
+    fn on_broadcast(self: &Arc<Self>, map: &HashMap<String, Value>) {
         if field::<String>(map, "origin").as_deref() == Some(self.node.as_str()) {
             return;
         }
         if let Some(p) = field::<Vec<u8>>(map, "p") {
             self.stats.routed_in.fetch_add(1, Ordering::Relaxed);
+            if self.durable() {
+                self.durable_broadcast_local(&Bytes::from(p));
+                return;
+            }
             if let Err(e) = self.handle.broadcast(Bytes::from(p)) {
                 self.stats.route_failed.fetch_add(1, Ordering::Relaxed);
                 log::line(
@@ -966,6 +1036,14 @@ impl Cluster {
             return;
         };
         match kind.as_str() {
+            "send" if self.durable() => {
+                let Some(p) = field::<Vec<u8>>(map, "p") else {
+                    return;
+                };
+                self.stats.routed_in.fetch_add(1, Ordering::Relaxed);
+                self.on_durable_send(&id, Bytes::from(p), map);
+            }
+            "sent" => self.on_sent(&id, map),
             "send" => {
                 let Some(p) = field::<Vec<u8>>(map, "p") else {
                     return;
@@ -1069,6 +1147,11 @@ impl Cluster {
                 .map(|r| r.node.clone())
         };
         let Some(holder) = holder else {
+            // No live node holds it: with --durable-sessions, its copy may.
+            if self.durable() {
+                let c = self.clone();
+                return SessionFetch::new(async move { c.durable_restore(req).await });
+            }
             return SessionFetch::none();
         };
         let n = self.next_fetch.fetch_add(1, Ordering::Relaxed);
@@ -1104,6 +1187,10 @@ impl Cluster {
             };
             // An answer after this is installed by `on_session` (held, then reported lost).
             lock(&c.fetches).remove(&n);
+            if let Some(e) = &got {
+                // The copy becomes this node's before the client can resume.
+                c.durable_job(&req.client_id, durable::Job::Imported(Box::new(e.clone())));
+            }
             let took = Human(t.elapsed()).to_string();
             match &got {
                 Some(e) => {
@@ -1119,6 +1206,19 @@ impl Cluster {
                             ("took", &took),
                         ]),
                     );
+                }
+                None if c.durable() => {
+                    log::line(
+                        &req.client_id,
+                        "session-takeover-failed",
+                        &log::kv(&[
+                            ("from_node", &holder),
+                            ("session", &req.session_id.to_string()),
+                            ("took", &took),
+                            ("note", "restoring it from its durable copy"),
+                        ]),
+                    );
+                    return c.durable_restore(req).await;
                 }
                 None => {
                     c.stats.session_fetch_failed.fetch_add(1, Ordering::Relaxed);
@@ -1139,6 +1239,256 @@ impl Cluster {
             }
             got
         })
+    }
+
+    /// `--durable-sessions`: a routed send (`k=send` with `reply`, `req`, `wdl`): into the
+    /// client's copy, then to the client, then the answer to the asking node (`k=sent`).
+    /// Forwarded when the client's session moved to another node lately.
+    fn on_durable_send(self: &Arc<Self>, id: &str, p: Bytes, map: &HashMap<String, Value>) {
+        let reply = field::<String>(map, "reply").filter(|r| parse_name(r).is_ok());
+        let req = field::<String>(map, "req").unwrap_or_default();
+        let wdl = field::<u64>(map, "wdl");
+        if self.handle.next_seq(id).is_none() {
+            if let Some(node) = self.moved_to(id) {
+                let c = self.clone();
+                let id = id.to_owned();
+                let (reply_s, wdl_s) = (
+                    reply.clone().unwrap_or_default(),
+                    wdl.map(|w| w.to_string()).unwrap_or_default(),
+                );
+                let idem = field::<String>(map, "idem").unwrap_or_default();
+                tokio::spawn(async move {
+                    let r = c
+                        .route_to(
+                            &node,
+                            &[
+                                ("k", b"send"),
+                                ("id", id.as_bytes()),
+                                ("p", &p),
+                                ("reply", reply_s.as_bytes()),
+                                ("req", req.as_bytes()),
+                                ("wdl", wdl_s.as_bytes()),
+                                ("idem", idem.as_bytes()),
+                            ],
+                        )
+                        .await;
+                    log::line(
+                        &id,
+                        "routed-send-forwarded",
+                        &log::kv(&[("to_node", &node), ("ok", &r.is_ok().to_string())]),
+                    );
+                });
+                return;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        let idem = field::<String>(map, "idem").filter(|k| valid_idem(k));
+        let sent_key = match &idem {
+            Some(k) => Some(self.idem_key(id, k)),
+            None => reply
+                .as_ref()
+                .filter(|_| req.parse::<u64>().is_ok())
+                .map(|r| self.sent_key(r, &req)),
+        };
+        self.durable_job(
+            id,
+            durable::Job::Send {
+                msg: p,
+                reply: Some(tx),
+                deadline: wdl,
+                sent_key,
+                give_up: None,
+            },
+        );
+        let c = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let r = rx
+                .await
+                .unwrap_or_else(|_| Err(durable::DurableError::Redis("the worker ended".into())));
+            let (status, why, session, seq, held, mirrored) = match &r {
+                Ok((d, m)) => (202u16, String::new(), d.session, d.seq, d.held, *m),
+                Err(durable::DurableError::Done { session, seq }) => (
+                    202u16,
+                    String::new(),
+                    Some(*session),
+                    Some(*seq),
+                    false,
+                    true,
+                ),
+                Err(e) => {
+                    c.stats.route_failed.fetch_add(1, Ordering::Relaxed);
+                    log::line(
+                        &id,
+                        "routed-send-failed",
+                        &log::kv(&[("error", &e.to_string())]),
+                    );
+                    let status = match e {
+                        durable::DurableError::Send(
+                            tether::SendError::NotConnected(_)
+                            | tether::SendError::Disconnected { .. }
+                            | tether::SendError::SlowConsumer(_),
+                        ) => 409,
+                        durable::DurableError::Send(tether::SendError::Backlogged(_)) => 429,
+                        durable::DurableError::Send(tether::SendError::TooLarge { .. }) => 413,
+                        _ => 503,
+                    };
+                    (status, e.to_string(), None, None, false, false)
+                }
+            };
+            let Some(reply) = reply else {
+                return;
+            };
+            let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+            let (status, session, seq) = (status.to_string(), opt(session), opt(seq));
+            let flags = format!("{}{}", u8::from(held), u8::from(mirrored));
+            let _ = c
+                .route_to(
+                    &reply,
+                    &[
+                        ("k", b"sent"),
+                        ("id", id.as_bytes()),
+                        ("req", req.as_bytes()),
+                        ("from", c.node.as_bytes()),
+                        ("status", status.as_bytes()),
+                        ("why", why.as_bytes()),
+                        ("session", session.as_bytes()),
+                        ("seq", seq.as_bytes()),
+                        ("flags", flags.as_bytes()),
+                    ],
+                )
+                .await;
+        });
+    }
+
+    /// `k=sent`: the answer to a durable routed send of this node.
+    fn on_sent(&self, _id: &str, map: &HashMap<String, Value>) {
+        let n = field::<u64>(map, "req").unwrap_or(0);
+        let Some(tx) = lock(&self.sends).remove(&n) else {
+            return;
+        };
+        let status = field::<u16>(map, "status").unwrap_or(503);
+        let flags = field::<String>(map, "flags").unwrap_or_default();
+        let _ = tx.send(SentAnswer {
+            node: field::<String>(map, "from").unwrap_or_default(),
+            refused: (status != 202)
+                .then(|| (status, field::<String>(map, "why").unwrap_or_default())),
+            session: field::<u64>(map, "session"),
+            seq: field::<u64>(map, "seq"),
+            durable: flags.ends_with('1'),
+        });
+    }
+
+    /// `--durable-sessions`: a send routed through the node that holds `id`, answered only
+    /// once that node reports it in the client's copy and queued (`k=sent`); no answer
+    /// within the route's deadline and a margin → an error (503: it was not delivered; the
+    /// holder drops a send that reaches it past the deadline).
+    pub(crate) async fn route_send_durable(
+        &self,
+        node: &str,
+        id: &str,
+        msg: &[u8],
+        idem: Option<&str>,
+    ) -> Result<SentAnswer> {
+        let n = self.next_fetch.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.sends).insert(n, tx);
+        let beat = self.settings.dead_after / 3;
+        // The holder's copy refuses it past `wdl` by Redis's own clock; `wdl` is at most a
+        // heartbeat period from now on that clock (a lower bound of it, plus the period):
+        // once this node has waited that long, the copy's answer (`sent:…`) is final.
+        let wdl = self
+            .redis_now_at_least()
+            .map(|t| (t + ms(beat)).to_string())
+            .unwrap_or_default();
+        let n_s = n.to_string();
+        let r = self
+            .route(
+                node,
+                id,
+                &[
+                    ("k", b"send"),
+                    ("id", id.as_bytes()),
+                    ("p", msg),
+                    ("reply", self.node.as_bytes()),
+                    ("req", n_s.as_bytes()),
+                    ("wdl", wdl.as_bytes()),
+                    ("idem", idem.unwrap_or("").as_bytes()),
+                ],
+            )
+            .await;
+        if let Err(e) = r {
+            lock(&self.sends).remove(&n);
+            return Err(e);
+        }
+        // Its answer comes a round trip after its copy took it; after the deadline no copy
+        // takes it any more.
+        let got = tokio::time::timeout(beat + Duration::from_millis(20), rx).await;
+        lock(&self.sends).remove(&n);
+        if let Ok(Ok(a)) = got {
+            return Ok(a);
+        }
+        // No answer by the deadline: the holder may have put it in the client's copy (so the
+        // client gets it, from there if the holder died) and lost its answer, or not. The
+        // copy's record says which, for good (asked again while Redis does not answer, for
+        // a heartbeat period: a 503 must mean "not delivered").
+        let key = match idem {
+            Some(k) => self.idem_key(id, k),
+            None => self.sent_key(&self.node, &n_s),
+        };
+        let until = tokio::time::Instant::now() + beat;
+        loop {
+            let mut con = self.con.clone();
+            let r: redis::RedisResult<Option<String>> =
+                redis::cmd("GET").arg(&key).query_async(&mut con).await;
+            match r {
+                Ok(Some(v)) => {
+                    let (s, q) = v.split_once(':').unwrap_or_default();
+                    return Ok(SentAnswer {
+                        node: node.to_owned(),
+                        refused: None,
+                        session: s.parse().ok(),
+                        seq: q.parse().ok(),
+                        durable: true,
+                    });
+                }
+                Ok(None) => {
+                    return Err(anyhow::anyhow!(
+                        "node {node} did not take it within {}",
+                        Human(beat)
+                    ))
+                }
+                Err(_) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "node {node} did not answer and Redis cannot say whether it took it ({e})"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// `--durable-sessions`: a broadcast to this node's clients, each through its copy.
+    pub(crate) fn durable_broadcast_local(self: &Arc<Self>, msg: &Bytes) {
+        for c in self.handle.clients() {
+            if matches!(
+                c.state,
+                PresenceState::Online | PresenceState::Suspect | PresenceState::Resuming { .. }
+            ) {
+                self.durable_job(
+                    &c.id,
+                    durable::Job::Send {
+                        msg: msg.clone(),
+                        reply: None,
+                        deadline: None,
+                        sent_key: None,
+                        give_up: None,
+                    },
+                );
+            }
+        }
     }
 
     /// `k=take`: another node asks for a session this node holds.
@@ -1535,6 +1885,12 @@ fn not_sent(e: &redis::RedisError) -> bool {
         || (e.is_io_error() && e.to_string() == "broken pipe")
 }
 
+/// A backend's `Idempotency-Key`: 1 to 128 visible ASCII characters (it becomes part of a
+/// Redis key).
+pub(crate) fn valid_idem(k: &str) -> bool {
+    (1..=128).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The next stream id after `id` (for XTRIM MINID).
 fn next_id(id: &str) -> String {
     match id.split_once('-') {
@@ -1666,6 +2022,8 @@ impl StatusSource for ClusterSource {
 ///   tether_cluster_sessions_in_total           counter  sessions taken over from other nodes
 ///   tether_cluster_sessions_out_total          counter  sessions handed over to other nodes
 ///   tether_cluster_session_fetch_failed_total  counter  resumes of another node's session that found none
+///   tether_cluster_sessions_restored_total     counter  sessions restored from their durable copy
+///   tether_cluster_durable_writes_total        counter  script runs writing durable copies
 /// ```
 #[derive(Debug)]
 pub(crate) struct ClusterCollector(pub(crate) Arc<Cluster>);
@@ -1754,6 +2112,16 @@ impl prometheus_client::collector::Collector for ClusterCollector {
                 "tether_cluster_session_fetch_failed",
                 "Resumes of another node's session that got no session (SESSION_UNKNOWN).",
                 &s.session_fetch_failed,
+            ),
+            (
+                "tether_cluster_sessions_restored",
+                "Sessions restored from their durable copy (--durable-sessions).",
+                &s.sessions_restored,
+            ),
+            (
+                "tether_cluster_durable_writes",
+                "Script runs that wrote durable session copies (appends, trims, snapshots).",
+                &s.durable_writes,
             ),
         ] {
             f.counter(name, help, g(a))?;

@@ -207,6 +207,9 @@ struct ClusterArgs {
     /// Idle window over which each node's Redis writes are counted.
     #[arg(long, default_value = "6s", value_parser = parse_duration)]
     idle: Duration,
+    /// Run the nodes with --durable-sessions (every send is copied to Redis first).
+    #[arg(long)]
+    durable_sessions: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -244,6 +247,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             concurrency: c.concurrency,
             dead_after: c.dead_after,
             idle: c.idle,
+            durable: c.durable_sessions,
         }))?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -53,6 +53,8 @@ const KEYS: &[&str] = &[
     "cluster_dead_after",
     "cluster_ca",
     "cluster_password_file",
+    "durable_sessions",
+    "durable_max_bytes",
 ];
 
 /// Run a tether server that knows who is online.
@@ -89,6 +91,8 @@ const KEYS: &[&str] = &[
 /// --cluster-dead-after (its clients go offline, node-lost), close the older connection when a
 /// client connects on two nodes, route API sends and closes to the node that holds the
 /// client, and move a client's session to the node its reconnect lands on (docs/CLUSTER.md).
+/// With --durable-sessions as well, every session has a copy in Redis: when its node dies,
+/// the client resumes on another node with nothing lost either way.
 ///
 /// Examples:
 ///   tether serve                                   # 127.0.0.1:7300, status page and API on :7301
@@ -189,6 +193,19 @@ pub(crate) struct ServeArgs {
     /// rediss://USER@HOST:PORT). Keeps the password out of the URL, the environment and `ps`.
     #[arg(long, value_name = "FILE")]
     cluster_password_file: Option<PathBuf>,
+    /// Keep a copy of every session in the cluster's Redis (needs --cluster): a client whose
+    /// node died resumes on another node with nothing lost. Each message to a client is in
+    /// Redis before the client can get it (the API answers 202 after both; a node that
+    /// cannot reach Redis refuses sends to its clients with 503), and each client message
+    /// is acknowledged only once it is in Redis. Costs one Redis write per message each
+    /// way (docs/CLUSTER.md, "Durable sessions").
+    #[arg(long)]
+    durable_sessions: bool,
+    /// Bound of one session's copy (its unacknowledged messages to the client): past it the
+    /// copy is marked incomplete and a resume elsewhere is refused (session-lost naming
+    /// the numbers) until acknowledgements bring it back within the bound.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size)]
+    durable_max_bytes: usize,
     /// TOML file with any of the settings above.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -256,6 +273,15 @@ impl ServeArgs {
             max_replay_messages: l.pick("replay_messages", self.replay_messages, parse_count)?,
             ..Default::default()
         };
+        if l.pick("durable_sessions", self.durable_sessions, parse_bool)?
+            && l.pick_opt("cluster", self.cluster.clone(), crate::cluster::parse_url)?
+                .is_none()
+        {
+            return Err(crate::exit::UsageError(
+                "--durable-sessions keeps the copies in the cluster's Redis: give --cluster redis://HOST:PORT --node-id NAME too".into(),
+            )
+            .into());
+        }
         let cluster = match (
             l.pick_opt("cluster", self.cluster.clone(), crate::cluster::parse_url)?,
             l.pick_opt("node_id", self.node_id.clone(), crate::cluster::parse_name)?,
@@ -286,6 +312,10 @@ impl ServeArgs {
                         crate::security::path,
                     )?
                     .map(|p| crate::cluster::read_password(&p))
+                    .transpose()?,
+                durable: l
+                    .pick("durable_sessions", self.durable_sessions, parse_bool)?
+                    .then(|| l.pick("durable_max_bytes", self.durable_max_bytes, parse_size))
                     .transpose()?,
             }),
             (Some(_), None) => {
@@ -402,6 +432,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
     if let Some(src) = &sessions {
         cfg = cfg.session_source(src.clone());
     }
+    // A client's message is acknowledged only once its durable copy has it.
+    let durable = s.cluster.as_ref().is_some_and(|c| c.durable.is_some());
+    cfg = cfg.ack_after_commit(durable);
     let mut server = Server::bind(cfg)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
@@ -521,6 +554,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             app,
             crate::http::GATEWAY_LIMITS,
         ));
+        if let Some(c) = &cluster {
+            c.set_journal(j.clone());
+        }
         journal = Some(j);
     }
     let handle = server.handle();
@@ -531,7 +567,13 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                 None => break,
                 Some(ev) => {
                     if let Some(j) = &journal {
-                        event::record(j, &ev);
+                        // With --durable-sessions the cluster layer records a client's
+                        // events (a message once it is in the session's copy).
+                        if !cluster.as_ref().is_some_and(|c| c.durable())
+                            || crate::cluster::durable::client_of(&ev).is_none()
+                        {
+                            event::record(j, &ev);
+                        }
                     }
                     if let Some(c) = &cluster {
                         c.observe(&ev);
@@ -555,7 +597,13 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                 // What the shutdown itself produced (clients going offline) still goes out.
                 while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), server.next_event()).await {
                     if let Some(j) = &journal {
-                        event::record(j, &ev);
+                        // With --durable-sessions the cluster layer records a client's
+                        // events (a message once it is in the session's copy).
+                        if !cluster.as_ref().is_some_and(|c| c.durable())
+                            || crate::cluster::durable::client_of(&ev).is_none()
+                        {
+                            event::record(j, &ev);
+                        }
                     }
                     if let Some(c) = &cluster {
                         c.observe(&ev);
@@ -603,7 +651,21 @@ fn log_event(
         }
         ServerEvent::Message { client_id, msg, .. } => {
             tracing::debug!(client = %client_id, bytes = msg.len(), "message");
-            if echo {
+            if echo && cluster.is_some_and(|c| c.durable()) {
+                // Through the client's copy, in order (its worker).
+                if let Some(c) = cluster {
+                    c.durable_job(
+                        &client_id,
+                        crate::cluster::durable::Job::Send {
+                            msg,
+                            reply: None,
+                            deadline: None,
+                            sent_key: None,
+                            give_up: None,
+                        },
+                    );
+                }
+            } else if echo {
                 // Never await one client here: a client that does not read is closed as a
                 // slow consumer instead of stalling everyone's echo.
                 if let Err(tether::SendError::NotConnected(_)) =

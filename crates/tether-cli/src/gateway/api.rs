@@ -39,6 +39,7 @@ use tether_proto::presence::PresenceState;
 
 use super::stream::{self, Format};
 use super::Gateway;
+use crate::cluster::durable::DurableError;
 
 #[derive(Serialize)]
 struct ErrorJson<'a> {
@@ -271,6 +272,14 @@ struct Queued<'a> {
     client_id: &'a str,
     session: Option<u64>,
     seq: Option<u64>,
+    /// `--durable-sessions`: whether the message is in the session's durable copy (false:
+    /// the copy is over its bound; a resume on another node after this node's death would
+    /// be refused, explicitly).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durable: Option<bool>,
+    /// The node that holds the client, for a routed send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
 /// `POST /api/clients/{id}/messages`.
@@ -287,10 +296,62 @@ pub(crate) async fn send(
         Ok(m) => m,
         Err(r) => return r,
     };
+    // With --durable-sessions: a backend's key for this message; a retry with the same key
+    // (on any node, within a minute) is answered as the first and not sent again.
+    let idem = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) if crate::cluster::valid_idem(k) => Some(k.to_owned()),
+        Some(_) => {
+            return field_error(
+                "Idempotency-Key",
+                "expected 1 to 128 visible ASCII characters".into(),
+            )
+        }
+    };
     if let Some(node) = remote_owner(&gw, &id, true) {
         return match gw.cluster.as_ref() {
+            Some(c) if c.durable() => routed_durable(
+                &id,
+                &node,
+                c.route_send_durable(&node, &id, &msg, idem.as_deref())
+                    .await,
+            ),
             Some(c) => routed(&id, &node, c.route_send(&node, &id, &msg).await),
             None => not_there(&gw, &id, "no cluster"),
+        };
+    }
+    if let Some(c) = gw.cluster.as_ref().filter(|c| c.durable()) {
+        // Into the session's durable copy first, then to the client.
+        return match c.durable_send(&id, msg, idem.as_deref()).await {
+            Err(DurableError::Done { session, seq }) => (
+                StatusCode::ACCEPTED,
+                Json(Queued {
+                    status: "queued",
+                    client_id: &id,
+                    session: Some(session),
+                    seq: Some(seq),
+                    durable: Some(true),
+                    node: None,
+                }),
+            )
+                .into_response(),
+            Ok((d, mirrored)) => (
+                StatusCode::ACCEPTED,
+                Json(Queued {
+                    status: if d.held { "held" } else { "queued" },
+                    client_id: &id,
+                    session: d.session,
+                    seq: d.seq,
+                    durable: Some(mirrored),
+                    node: None,
+                }),
+            )
+                .into_response(),
+            Err(DurableError::Send(e)) => send_error(&gw, &id, e),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("client {id:?}: {e}; nothing was queued, retry later"),
+            ),
         };
     }
     match gw.handle.try_deliver(&id, msg) {
@@ -301,10 +362,42 @@ pub(crate) async fn send(
                 client_id: &id,
                 session: d.session,
                 seq: d.seq,
+                durable: None,
+                node: None,
             }),
         )
             .into_response(),
         Err(e) => send_error(&gw, &id, e),
+    }
+}
+
+/// The answer to a durable send routed to another node: 202 only when that node reported it
+/// in the client's copy and queued; its refusal as it gave it; no answer → 503 (it was not
+/// delivered: the holder drops a send that reaches it past the deadline).
+fn routed_durable(id: &str, node: &str, r: anyhow::Result<crate::cluster::SentAnswer>) -> Response {
+    match r {
+        Ok(a) => match a.refused {
+            None => (
+                StatusCode::ACCEPTED,
+                Json(Queued {
+                    status: "routed",
+                    client_id: id,
+                    session: a.session,
+                    seq: a.seq,
+                    durable: Some(a.durable),
+                    node: Some(a.node),
+                }),
+            )
+                .into_response(),
+            Some((status, why)) => error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                format!("client {id:?} on node {}: {why}; nothing was queued", a.node),
+            ),
+        },
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("client {id:?} is on node {node} and the send was not confirmed ({e}); nothing was queued, retry later"),
+        ),
     }
 }
 
@@ -366,6 +459,41 @@ pub(crate) async fn broadcast(State(gw): State<Arc<Gateway>>, req: Request) -> R
         }),
         None => None,
     };
+    if let Some(c) = gw.cluster.as_ref().filter(|c| c.durable()) {
+        // Each local client through its copy.
+        let mut set = tokio::task::JoinSet::new();
+        for client in gw.handle.clients() {
+            if matches!(
+                client.state,
+                PresenceState::Online | PresenceState::Suspect | PresenceState::Resuming { .. }
+            ) {
+                let (c, msg) = (c.clone(), msg.clone());
+                set.spawn(async move { c.durable_send(&client.id, msg, None).await });
+            }
+        }
+        let (mut sent, mut held, mut refused) = (0, 0, 0);
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok((d, _))) if d.held => held += 1,
+                Ok(Ok(_)) => sent += 1,
+                Ok(Err(DurableError::Send(
+                    SendError::NotConnected(_) | SendError::Disconnected { .. },
+                ))) => {}
+                _ => refused += 1,
+            }
+        }
+        return (
+            StatusCode::ACCEPTED,
+            Json(Broadcasted {
+                status: "queued",
+                sent,
+                held,
+                refused,
+                cluster,
+            }),
+        )
+            .into_response();
+    }
     match gw.handle.broadcast(msg) {
         Ok(b) => (
             StatusCode::ACCEPTED,

@@ -80,6 +80,11 @@ struct Message<'a> {
     text: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     base64: Option<String>,
+    /// `--durable-sessions`: republished by the node that restored the client's session
+    /// from its durable copy (its node died): the backend may have read it already from
+    /// that node's stream; `(client_id, session, seq)` is the key to de-duplicate on.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
 }
 
 #[derive(Serialize)]
@@ -130,6 +135,38 @@ struct Stop {
 
 /// Publishes what a backend needs of `ev`; returns the id (`None` when the event is not
 /// published: connection-level detail the presence events already carry).
+/// A client message republished from a durable copy (`"replayed": true`, see
+/// docs/CLUSTER.md): the node that held it died; the backend may have read it already.
+pub(crate) fn record_replayed(
+    j: &Journal,
+    client_id: &str,
+    session: u64,
+    seq: u64,
+    msg: &[u8],
+) -> Option<u64> {
+    j.append("message", |id| {
+        let (text, base64) = match std::str::from_utf8(msg) {
+            Ok(t) => (Some(t), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(msg)),
+            ),
+        };
+        encode(
+            id,
+            "message",
+            Message {
+                client_id,
+                session: Some(session),
+                seq: Some(seq),
+                text,
+                base64,
+                replayed: true,
+            },
+        )
+    })
+}
+
 pub(crate) fn record(j: &Journal, ev: &ServerEvent) -> Option<u64> {
     match ev {
         ServerEvent::Message {
@@ -155,6 +192,7 @@ pub(crate) fn record(j: &Journal, ev: &ServerEvent) -> Option<u64> {
                     seq: *seq,
                     text,
                     base64,
+                    replayed: false,
                 },
             )
         }),

@@ -489,6 +489,14 @@ impl Conn {
         self.session.as_deref()
     }
 
+    /// The application made the received messages up to `seq` durable: in the session's
+    /// commit-before-ACK mode ([`Session::set_commit_mode`]) the ACK may go that far now.
+    pub fn commit(&mut self, now: Instant, seq: u64) {
+        if let Some(s) = self.session.as_mut() {
+            s.commit(now, seq);
+        }
+    }
+
     /// Takes the session out (after the connection ended) to hand it to the next connection.
     pub fn take_session(&mut self) -> Option<Session> {
         self.session.take().map(|s| *s)

@@ -130,6 +130,9 @@ pub(crate) struct Queues {
     pub(crate) inbox_bytes: usize,
     pub(crate) recv: Option<Waker>,
     pub(crate) done: Option<Disconnect>,
+    /// Commit-before-ACK: the highest received number the application committed and the
+    /// task has not applied yet (0: none).
+    pub(crate) commit_to: u64,
 }
 
 /// What an absent [`Queues`] box reads as.
@@ -140,6 +143,7 @@ static NO_QUEUES: Queues = Queues {
     inbox_bytes: 0,
     recv: None,
     done: None,
+    commit_to: 0,
 };
 
 impl Queues {
@@ -151,6 +155,7 @@ impl Queues {
             && self.inbox_bytes == 0
             && self.recv.is_none()
             && self.done.is_none()
+            && self.commit_to == 0
     }
 }
 
@@ -168,6 +173,13 @@ impl std::ops::DerefMut for Inner {
 }
 
 impl Inner {
+    /// Takes the commit not applied yet (0: none) without creating the queues' box.
+    pub(crate) fn take_commit(&mut self) -> u64 {
+        self.queues
+            .as_mut()
+            .map_or(0, |q| std::mem::take(&mut q.commit_to))
+    }
+
     /// Takes the pending command without creating the queues' box.
     pub(crate) fn take_command(&mut self) -> Option<Command> {
         self.queues.as_mut().and_then(|q| q.command.take())
@@ -378,6 +390,28 @@ impl Shared {
     /// connection.
     pub(crate) fn set_seq_base(&self, base: Option<u64>) {
         self.lock().seq_base = base;
+    }
+
+    /// Server connections: the number the next message queued will carry (`None` without a
+    /// session).
+    pub(crate) fn next_seq(&self) -> Option<u64> {
+        let inner = self.lock();
+        inner.seq_base.map(|b| b + inner.outbox.len() as u64)
+    }
+
+    /// Commit-before-ACK: the application committed the received messages up to `seq`.
+    pub(crate) fn commit(&self, seq: u64) {
+        let mut inner = self.lock();
+        if inner.done.is_some() || seq <= inner.commit_to {
+            return;
+        }
+        inner.commit_to = seq;
+        wake_driver(&mut inner);
+    }
+
+    /// The commit not applied by the task yet (0: none), taken.
+    pub(crate) fn take_commit(&self) -> u64 {
+        self.lock().take_commit()
     }
 
     /// Asks the task to close the connection in order (after what is queued).

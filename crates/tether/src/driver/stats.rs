@@ -24,6 +24,8 @@ pub(crate) struct Stats {
     bytes_out: AtomicU64,
     heartbeats_in: AtomicU64,
     heartbeats_out: AtomicU64,
+    /// The session's highest number the peer acknowledged (0 without a session).
+    acked: AtomicU64,
     /// Times the task re-armed its sleep (tests check it is not once per wake-up).
     timer_resets: AtomicU64,
     /// Times the task was polled (tests count the wake-ups of an idle connection).
@@ -96,6 +98,13 @@ impl Stats {
         self.bytes_out.store(s.bytes_out, Relaxed);
         self.heartbeats_in.store(s.heartbeats_in, Relaxed);
         self.heartbeats_out.store(s.heartbeats_out, Relaxed);
+        self.acked
+            .store(conn.session().map_or(0, |s| s.acked()), Relaxed);
+    }
+
+    /// The session's highest number the peer acknowledged, as of the task's last pass.
+    pub(crate) fn acked(&self) -> u64 {
+        self.acked.load(Relaxed)
     }
 
     pub(crate) fn timer_reset(&self) {

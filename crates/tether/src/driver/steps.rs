@@ -162,6 +162,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 inner.outbox = std::collections::VecDeque::new();
             }
         }
+        let commit = inner.take_commit();
+        if commit > 0 {
+            conn.commit(now, commit);
+        }
         match inner.take_command() {
             // An orderly close goes out after the messages queued before it.
             // A client that sent its HELLO waits for the answer first (the handshake deadline

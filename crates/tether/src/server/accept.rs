@@ -583,6 +583,7 @@ impl ServerSink {
             session_id: r.session_id,
             token_hash: crate::auth::resume::TokenHash::of(&r.token),
             principal: principal.cloned(),
+            last_received: r.last_received,
         };
         let a = self.auth();
         a.fetched = true;

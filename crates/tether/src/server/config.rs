@@ -67,6 +67,7 @@ pub struct ServerConfig {
     pub(crate) session_source: Option<SourceHook>,
     pub(crate) throttle: Option<ThrottleConfig>,
     pub(crate) presence_events: bool,
+    pub(crate) commit_acks: bool,
 }
 
 /// The authorization hook, shared by every connection.
@@ -112,6 +113,7 @@ impl Default for ServerConfig {
             session_source: None,
             throttle: Some(ThrottleConfig::default()),
             presence_events: false,
+            commit_acks: false,
         }
     }
 }
@@ -298,6 +300,17 @@ impl ServerConfig {
     /// [`handover`](super::handover). Default: none.
     pub fn session_source(mut self, source: Arc<dyn SessionSource>) -> Self {
         self.session_source = Some(SourceHook(source));
+        self
+    }
+
+    /// Commit-before-ACK: every session acknowledges the client's messages only up to what
+    /// the application [`commit`](super::ServerHandle::commit)ted, so a client keeps (and
+    /// replays on its next resume) every message the application could still lose — a
+    /// cluster node that mirrors them elsewhere first (`tether serve --durable-sessions`).
+    /// The application must commit every message it receives, or the client's replay
+    /// buffer fills and its sends wait. Default: off (ACKs follow what was received).
+    pub fn ack_after_commit(mut self, on: bool) -> Self {
+        self.commit_acks = on;
         self
     }
 

@@ -195,6 +195,18 @@ pub enum SendError {
         /// Why.
         reason: DisconnectReason,
     },
+    /// [`try_deliver_at`](super::ServerHandle::try_deliver_at): the client's next number
+    /// is not the one expected (another send took it, or its session changed); nothing was
+    /// queued.
+    #[error("client {client_id:?}: the next number is not session {session} seq {seq}")]
+    Renumbered {
+        /// Client id.
+        client_id: String,
+        /// The session expected.
+        session: u64,
+        /// The number expected.
+        seq: u64,
+    },
     /// The message is longer than one frame can carry.
     #[error("message of {len} bytes is longer than the {max} bytes a frame can carry")]
     TooLarge {

@@ -155,6 +155,71 @@ impl SessionExport {
         }
     }
 
+    /// The session's identity without numbers or messages (`ServerHandle::session_header`).
+    pub(super) fn header(
+        client_id: &str,
+        session: u64,
+        resume: &crate::auth::resume::ResumeCredential,
+    ) -> Self {
+        let (hash, previous) = resume.hashes();
+        SessionExport {
+            client_id: client_id.to_owned(),
+            principal: resume.principal().cloned(),
+            hash: hash.clone(),
+            previous: previous.cloned(),
+            state: SessionState {
+                id: session,
+                last_seq: 0,
+                acked: 0,
+                last_received: 0,
+                resumes: 0,
+                replay: Vec::new(),
+            },
+            pending: Vec::new(),
+        }
+    }
+
+    /// The same identity (client, principal, token hashes) with another sequence state and
+    /// pending messages: a durable copy kept elsewhere supplies them. The session id stays
+    /// this export's. Refused when the state is inconsistent.
+    pub fn with_state(
+        mut self,
+        state: SessionState,
+        pending: Vec<Bytes>,
+    ) -> Result<SessionExport, ExportError> {
+        if state.id != self.state.id {
+            return Err(invalid(
+                "session id",
+                format!("{} is not the export's {}", state.id, self.state.id),
+            ));
+        }
+        state
+            .check()
+            .map_err(|e| invalid("session state", e.to_string()))?;
+        if state.last_seq.checked_add(pending.len() as u64).is_none() {
+            return Err(invalid("pending", "numbers beyond 2^64".into()));
+        }
+        self.state = state;
+        self.pending = pending;
+        Ok(self)
+    }
+
+    /// Whether `req` names this session and authenticates for it: the client id, the
+    /// session id, the principal, and the token hash (the current one or the one before
+    /// the last rotation; compared in constant time) — what the holder checks before a
+    /// hand-over, for a copy of the session kept elsewhere.
+    pub fn accepts(&self, req: &SessionRequest) -> bool {
+        let current = self.hash.same(&req.token_hash);
+        let previous = self
+            .previous
+            .as_ref()
+            .is_some_and(|h| h.same(&req.token_hash));
+        self.client_id == req.client_id
+            && self.state.id == req.session_id
+            && self.principal == req.principal
+            && (current | previous)
+    }
+
     /// The client id.
     pub fn client_id(&self) -> &str {
         &self.client_id
@@ -287,6 +352,11 @@ pub struct SessionRequest {
     pub token_hash: TokenHash,
     /// The principal it authenticated as (`None` on a server without authorization).
     pub principal: Option<PrincipalKey>,
+    /// The last number the client received in order (its HELLO's `last_received`). Not
+    /// carried in [`to_bytes`](Self::to_bytes) (the holder does not need it; 0 when
+    /// decoded): for a source that rebuilds the session from a copy, which must hold
+    /// every number after it.
+    pub last_received: u64,
 }
 
 impl fmt::Debug for SessionRequest {
@@ -335,6 +405,7 @@ impl SessionRequest {
             session_id,
             token_hash,
             principal,
+            last_received: 0,
         })
     }
 }
@@ -564,6 +635,7 @@ mod tests {
             session_id: 77,
             token_hash: TokenHash::of(&[3; 16]),
             principal: sample().principal,
+            last_received: 0,
         };
         assert_eq!(SessionRequest::from_bytes(req.to_bytes()).unwrap(), req);
     }

@@ -335,7 +335,8 @@ impl Inner {
             linger,
         };
         // The server's copy carries no token (the slot holds its hash).
-        let session = Session::new(id, [0; TOKEN_LEN], self.cfg.session);
+        let mut session = Session::new(id, [0; TOKEN_LEN], self.cfg.session);
+        session.set_commit_mode(self.cfg.commit_acks);
         Ok((slot, grant, session))
     }
 
@@ -369,6 +370,12 @@ impl Inner {
         };
         self.established.fetch_sub(1, Relaxed);
         let counters = shared.stats.snapshot().counters();
+        // A commit the task did not apply before it ended goes with the session.
+        let mut session = session;
+        let commit = shared.take_commit();
+        if let Some(s) = session.as_mut().filter(|_| commit > 0) {
+            s.commit(now, commit);
+        }
         let mut shard = lock(self.clients.shard(id));
         let _ = self.events.send(ServerEvent::Disconnected {
             client_id: id.to_owned(),
@@ -625,7 +632,11 @@ impl Inner {
         }
         let session =
             match Session::from_state([0; TOKEN_LEN], self.cfg.session, export.state.clone()) {
-                Ok(s) => s,
+                Ok(mut s) => {
+                    // What the previous server received counts as committed (it was, there).
+                    s.set_commit_mode(self.cfg.commit_acks);
+                    s
+                }
                 Err(e) => {
                     shard.remove(id.as_str());
                     drop(shard);
@@ -707,6 +718,90 @@ impl Inner {
                 r.recovered(now, id, conn_id)
             }
         });
+    }
+
+    /// Commit-before-ACK: the application committed `id`'s messages up to `seq` of
+    /// `session` (ignored for another session).
+    pub(super) fn commit(&self, now: Instant, id: &str, session: u64, seq: u64) {
+        let mut shard = lock(self.clients.shard(id));
+        let Some(rec) = shard.get_mut(id) else {
+            return;
+        };
+        let Some(slot) = rec.session.as_mut().filter(|s| s.id == session) else {
+            return;
+        };
+        match (&mut slot.held, &rec.conn) {
+            (Some(held), _) => held.session.commit(now, seq),
+            (None, Some(live)) => live.shared.commit(seq),
+            (None, None) => {}
+        }
+    }
+
+    /// `id`'s session and its acknowledged number (see `ServerHandle::session_acked`).
+    pub(super) fn session_acked(&self, id: &str) -> Option<(u64, u64)> {
+        let shard = lock(self.clients.shard(id));
+        let rec = shard.get(id)?;
+        let slot = rec.session.as_deref()?;
+        let acked = match (&slot.held, &rec.conn) {
+            (Some(h), _) => h.session.acked(),
+            (None, Some(live)) => live.shared.stats.acked(),
+            (None, None) => return None,
+        };
+        Some((slot.id, acked))
+    }
+
+    /// The session and number the next message queued for `rec` would get.
+    fn next_number(rec: &Record) -> Option<(u64, u64)> {
+        let slot = rec.session.as_deref()?;
+        let seq = match (&slot.held, &rec.conn) {
+            (Some(h), _) => h.session.last_seq() + 1 + h.pending.len() as u64,
+            (None, Some(live)) => live.shared.next_seq()?,
+            (None, None) => return None,
+        };
+        Some((slot.id, seq))
+    }
+
+    /// The session and number the next message queued for `id` would get.
+    pub(super) fn next_seq(&self, id: &str) -> Option<(u64, u64)> {
+        let shard = lock(self.clients.shard(id));
+        shard.get(id).and_then(Self::next_number)
+    }
+
+    /// [`try_send`](Self::try_send) only if the message gets number `seq` of `session`.
+    pub(super) fn try_send_at(
+        &self,
+        id: &str,
+        msg: Bytes,
+        session: u64,
+        seq: u64,
+    ) -> Result<Delivery, SendError> {
+        let max = self.max_message();
+        if msg.len() > max {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
+        let mut shard = lock(self.clients.shard(id));
+        let Some(rec) = shard.get_mut(id) else {
+            return Err(SendError::NotConnected(id.to_owned()));
+        };
+        if Self::next_number(rec) != Some((session, seq)) {
+            return Err(SendError::Renumbered {
+                client_id: id.to_owned(),
+                session,
+                seq,
+            });
+        }
+        self.offer(id, rec, msg, true)
+    }
+
+    /// `id`'s session as an export without messages or numbers (see
+    /// `ServerHandle::session_header`).
+    pub(super) fn session_header(&self, id: &str) -> Option<SessionExport> {
+        let shard = lock(self.clients.shard(id));
+        let slot = shard.get(id)?.session.as_deref()?;
+        Some(SessionExport::header(id, slot.id, &slot.resume))
     }
 
     /// The longest message one frame carries (with the session header).

@@ -282,6 +282,52 @@ impl ServerHandle {
         self.inner.try_send(client_id, msg, true)
     }
 
+    /// [`try_deliver`](Self::try_deliver) only if the message gets number `seq` of
+    /// `session` (see [`next_seq`](Self::next_seq)); otherwise nothing is queued
+    /// ([`SendError::Renumbered`]). For a layer that records each message with its number
+    /// somewhere else *before* the client can receive it (a durable copy), sending to the
+    /// client one message at a time.
+    pub fn try_deliver_at(
+        &self,
+        client_id: &str,
+        msg: Bytes,
+        session: u64,
+        seq: u64,
+    ) -> Result<Delivery, SendError> {
+        self.inner.try_send_at(client_id, msg, session, seq)
+    }
+
+    /// The session and sequence number the next message queued for `client_id` would get
+    /// (`None`: no session, or not connected and not held).
+    pub fn next_seq(&self, client_id: &str) -> Option<(u64, u64)> {
+        self.inner.next_seq(client_id)
+    }
+
+    /// Commit-before-ACK ([`ServerConfig::ack_after_commit`]): the application made
+    /// `client_id`'s messages up to `seq` of `session` durable; its session may acknowledge
+    /// them now. Cheap (one lock, one wake-up of the connection's task; commits coalesce).
+    /// Ignored for another session than the client's current one.
+    pub fn commit(&self, client_id: &str, session: u64, seq: u64) {
+        self.inner.commit(driver::now(), client_id, session, seq);
+    }
+
+    /// The client's session and the highest number the client acknowledged in it, as of
+    /// its connection's last wake-up (`None` without a session). For trimming a copy of
+    /// the unacknowledged messages kept elsewhere.
+    pub fn session_acked(&self, client_id: &str) -> Option<(u64, u64)> {
+        self.inner.session_acked(client_id)
+    }
+
+    /// The client's current session as an export that carries its identity only: client
+    /// and session ids, principal, the hashes of the resume tokens that work now (never a
+    /// token) — with the numbers zero and no messages. What a durable copy of the session
+    /// rewrites at every transition (a new session, a resume here: the token rotates); the
+    /// copy supplies the numbers and messages ([`SessionExport::with_state`]). Does not
+    /// take or disturb the session.
+    pub fn session_header(&self, client_id: &str) -> Option<SessionExport> {
+        self.inner.session_header(client_id)
+    }
+
     /// Like [`try_send`](Self::try_send), but waits — by notification, at most
     /// [`send_wait`](ServerConfig::send_wait) — while the client's queue is at its bound
     /// (then, still full, the client is closed as a slow consumer), while it is resuming with

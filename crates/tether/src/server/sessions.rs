@@ -156,7 +156,9 @@ pub(super) fn resumed_grant(
         session_id: session.id(),
         token,
         resumed: true,
-        last_received: session.last_received(),
+        // In commit-before-ACK mode the WELCOME acknowledges no more than an ACK would: the
+        // client replays the rest, dropped here as duplicates until committed.
+        last_received: session.ack_position(),
         linger,
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct ClusterOpts {
     pub(crate) dead_after: Duration,
     /// The idle window over which the presence write rate is measured.
     pub(crate) idle: Duration,
+    /// The nodes run with `--durable-sessions`.
+    pub(crate) durable: bool,
 }
 
 type Http = HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -82,8 +84,13 @@ async fn start_redis() -> anyhow::Result<Redis> {
 
 type Node = super::procs::ServeChild;
 
-async fn start_node(redis: &Redis, id: &str, dead_after: Duration) -> anyhow::Result<Node> {
-    let args: Vec<String> = [
+async fn start_node(
+    redis: &Redis,
+    id: &str,
+    dead_after: Duration,
+    durable: bool,
+) -> anyhow::Result<Node> {
+    let mut args: Vec<String> = [
         // All clients come from 127.0.0.1: the per-source limit is an eighth of this.
         "--detect-within",
         "60s",
@@ -99,6 +106,9 @@ async fn start_node(redis: &Redis, id: &str, dead_after: Duration) -> anyhow::Re
     .iter()
     .map(|a| a.to_string())
     .collect();
+    if durable {
+        args.push("--durable-sessions".into());
+    }
     super::procs::spawn_serve(&args, Some(&format!("node {id}"))).await
 }
 
@@ -134,6 +144,16 @@ async fn count(http: &Http, node: &Node, state: &str) -> anyhow::Result<u64> {
     let (_, body) = request(http, node.http, "GET", "/api/clients?limit=1", Bytes::new()).await?;
     let v: serde_json::Value = serde_json::from_slice(&body)?;
     Ok(v["counts"][state].as_u64().unwrap_or(0))
+}
+
+/// Commands Redis has run so far (`INFO stats`: `total_commands_processed`; the nodes'
+/// heartbeats, blocking reads and this call count too: a background of a few per second).
+async fn redis_commands(con: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(con).await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no total_commands_processed in INFO stats")
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -191,18 +211,27 @@ async fn sends(
 /// Runs the whole measurement and prints the table.
 pub(crate) async fn run(o: ClusterOpts) -> anyhow::Result<()> {
     let redis = start_redis().await?;
-    let mut a = start_node(&redis, "a", o.dead_after).await?;
-    let b = start_node(&redis, "b", o.dead_after).await?;
+    let mut a = start_node(&redis, "a", o.dead_after, o.durable).await?;
+    let b = start_node(&redis, "b", o.dead_after, o.durable).await?;
+    let mut rcon = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))?
+        .get_multiplexed_async_connection()
+        .await
+        .context("cannot reach the bench's redis-server")?;
     let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
     // Every client forwards each message's latency (µs, from the 8-byte send time) here.
     let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
     let mut clients: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     println!(
-        "# tether bench cluster: 2 nodes + redis-server on loopback, dead_after={}ms",
-        o.dead_after.as_millis()
+        "# tether bench cluster: 2 nodes + redis-server on loopback, dead_after={}ms{}",
+        o.dead_after.as_millis(),
+        if o.durable {
+            ", --durable-sessions"
+        } else {
+            ""
+        }
     );
     println!(
-        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>11} {:>15} {:>12}",
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>11} {:>15} {:>12} {:>16} {:>16}",
         "N",
         "local_p50",
         "local_p99",
@@ -210,7 +239,9 @@ pub(crate) async fn run(o: ClusterOpts) -> anyhow::Result<()> {
         "cross_p99",
         "cross_msg/s",
         "record_writes/s",
-        "heartbeats/s"
+        "heartbeats/s",
+        "redis_cmds/local",
+        "redis_cmds/cross"
     );
     for &n in &o.n {
         while clients.len() < n {
@@ -258,11 +289,15 @@ pub(crate) async fn run(o: ClusterOpts) -> anyhow::Result<()> {
             metric(&http, &a, "tether_cluster_heartbeats_total").await?,
         );
         let secs = o.idle.as_secs_f64();
-        let (local, _) = sends(&http, a.http, n, o.messages.min(2000), 1, &mut rx).await?;
-        let (cross, _) = sends(&http, b.http, n, o.messages.min(2000), 1, &mut rx).await?;
+        let m = o.messages.min(2000);
+        let c0 = redis_commands(&mut rcon).await?;
+        let (local, _) = sends(&http, a.http, n, m, 1, &mut rx).await?;
+        let c1 = redis_commands(&mut rcon).await?;
+        let (cross, _) = sends(&http, b.http, n, m, 1, &mut rx).await?;
+        let c2 = redis_commands(&mut rcon).await?;
         let (_, rate) = sends(&http, b.http, n, o.messages, o.concurrency, &mut rx).await?;
         println!(
-            "{:>6} {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>11.0} {:>15.2} {:>12.2}",
+            "{:>6} {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>11.0} {:>15.2} {:>12.2} {:>16.2} {:>16.2}",
             n,
             pct(&local, 0.5),
             pct(&local, 0.99),
@@ -271,6 +306,8 @@ pub(crate) async fn run(o: ClusterOpts) -> anyhow::Result<()> {
             rate,
             (w1 - w0) / secs,
             (h1 - h0) / secs,
+            (c1 - c0) as f64 / m as f64,
+            (c2 - c1) as f64 / m as f64,
         );
     }
     // Failover: kill -9 node a; how long until b lists every client offline (node-lost).
