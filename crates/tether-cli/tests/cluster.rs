@@ -268,6 +268,28 @@ fn client(addr: SocketAddr, id: &str) -> Client {
     Client::start(cfg)
 }
 
+/// Client → server: `c0`..`c{n-1}`, one every 10 ms.
+fn send_numbered(phone: &Client, n: usize) -> tokio::task::JoinHandle<()> {
+    let up = phone.sender();
+    tokio::spawn(async move {
+        for i in 0..n {
+            up.send(Bytes::from(format!("c{i}"))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+}
+
+/// `POST /api/clients/phone/messages` with `text` on the node whose API is `http`.
+async fn post_to_phone(http: SocketAddr, text: &str) -> (u16, Value) {
+    call(
+        http,
+        "POST",
+        "/api/clients/phone/messages",
+        &serde_json::json!({ "text": text }).to_string(),
+    )
+    .await
+}
+
 async fn connected(c: &mut Client) {
     loop {
         match tokio::time::timeout(Duration::from_secs(10), c.next_event())
@@ -553,13 +575,7 @@ async fn a_client_that_connects_on_b_while_online_on_a_is_online_on_b_only() {
         "a says why it closed the old connection"
     );
     // A message sent on a reaches the new connection on b.
-    let (st, v) = call(
-        a.http,
-        "POST",
-        "/api/clients/phone/messages",
-        r#"{"text":"hi"}"#,
-    )
-    .await;
+    let (st, v) = post_to_phone(a.http, "hi").await;
     assert_eq!((st, v["node"].as_str()), (202, Some("b")), "{v}");
     assert_eq!(
         next_message(&mut new, WITHIN).await.unwrap(),
@@ -743,13 +759,7 @@ async fn a_client_moved_from_a_to_b_by_its_reconnect_resumes_exactly_once_both_w
     wait_seen(b.http, "phone", "online", "a", WITHIN).await;
 
     // Client → server: numbered messages, echoed by whichever node holds the session.
-    let up = phone.sender();
-    let ups = tokio::spawn(async move {
-        for i in 0..N {
-            up.send(Bytes::from(format!("c{i}"))).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
+    let ups = send_numbered(&phone, N);
     // Server → client: numbered API sends, always on node a (local before the move, routed
     // to b after it). A send in the hand-over window is refused explicitly (409/404);
     // every accepted one must arrive.
@@ -758,13 +768,7 @@ async fn a_client_moved_from_a_to_b_by_its_reconnect_resumes_exactly_once_both_w
         let mut accepted = Vec::new();
         let mut refused = 0;
         for i in 0..N {
-            let (st, v) = call(
-                http_a,
-                "POST",
-                "/api/clients/phone/messages",
-                &serde_json::json!({ "text": format!("s{i}") }).to_string(),
-            )
-            .await;
+            let (st, v) = post_to_phone(http_a, &format!("s{i}")).await;
             match st {
                 202 => accepted.push(i),
                 404 | 409 | 503 => refused += 1,
@@ -913,13 +917,7 @@ async fn a_resume_of_a_session_nobody_holds_is_an_explicit_session_lost() {
     );
     assert!(b.wait_logged("session-takeover-failed"));
     wait_seen(b.http, "phone", "online", "b", WITHIN).await;
-    let (st, v) = call(
-        b.http,
-        "POST",
-        "/api/clients/phone/messages",
-        r#"{"text":"two"}"#,
-    )
-    .await;
+    let (st, v) = post_to_phone(b.http, "two").await;
     assert_eq!(st, 202, "{v}");
     assert_eq!(
         next_message(&mut phone, WITHIN).await.unwrap(),
@@ -1237,13 +1235,7 @@ async fn kill_9_of_the_holder_mid_stream_resumes_from_the_durable_copy_exactly_o
     wait_seen(b.http, "phone", "online", "a", WITHIN).await;
 
     // Client → server: c0..c299 every 10 ms.
-    let up = phone.sender();
-    let ups = tokio::spawn(async move {
-        for i in 0..N {
-            up.send(Bytes::from(format!("c{i}"))).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
+    let ups = send_numbered(&phone, N);
     // Server → client: s0..s299 through b's API (routed to a while a holds the client,
     // local after the resume), each retried until accepted: a 202 is the promise.
     let http_b = b.http;
@@ -1251,13 +1243,7 @@ async fn kill_9_of_the_holder_mid_stream_resumes_from_the_durable_copy_exactly_o
         let mut refused = std::collections::BTreeMap::<u16, usize>::new();
         let mut i = 0;
         while i < N {
-            let (st, v) = call(
-                http_b,
-                "POST",
-                "/api/clients/phone/messages",
-                &serde_json::json!({ "text": format!("s{i}") }).to_string(),
-            )
-            .await;
+            let (st, v) = post_to_phone(http_b, &format!("s{i}")).await;
             match st {
                 202 => {
                     assert_eq!(v["durable"], true, "s{i}: {v}");
@@ -1392,22 +1378,10 @@ async fn a_durable_copy_over_its_bound_is_refused_with_an_explicit_session_lost(
     let mut phone = client(lb.addr, "phone");
     connected(&mut phone).await;
     wait_seen(b.http, "phone", "online", "a", WITHIN).await;
-    let (st, v) = call(
-        a.http,
-        "POST",
-        "/api/clients/phone/messages",
-        r#"{"text":"small"}"#,
-    )
-    .await;
+    let (st, v) = post_to_phone(a.http, "small").await;
     assert_eq!((st, &v["durable"]), (202, &Value::Bool(true)), "{v}");
     let big = "x".repeat(2000);
-    let (st, v) = call(
-        a.http,
-        "POST",
-        "/api/clients/phone/messages",
-        &serde_json::json!({ "text": big }).to_string(),
-    )
-    .await;
+    let (st, v) = post_to_phone(a.http, &big).await;
     assert_eq!(st, 202, "{v}");
     assert_eq!(
         v["durable"], false,

@@ -1207,21 +1207,11 @@ impl Cluster {
                         ]),
                     );
                 }
-                None if c.durable() => {
-                    log::line(
-                        &req.client_id,
-                        "session-takeover-failed",
-                        &log::kv(&[
-                            ("from_node", &holder),
-                            ("session", &req.session_id.to_string()),
-                            ("took", &took),
-                            ("note", "restoring it from its durable copy"),
-                        ]),
-                    );
-                    return c.durable_restore(req).await;
-                }
                 None => {
-                    c.stats.session_fetch_failed.fetch_add(1, Ordering::Relaxed);
+                    let durable = c.durable();
+                    if !durable {
+                        c.stats.session_fetch_failed.fetch_add(1, Ordering::Relaxed);
+                    }
                     log::line(
                         &req.client_id,
                         "session-takeover-failed",
@@ -1231,10 +1221,17 @@ impl Cluster {
                             ("took", &took),
                             (
                                 "note",
-                                "the client is told SESSION_UNKNOWN and reports session-lost",
+                                if durable {
+                                    "restoring it from its durable copy"
+                                } else {
+                                    "the client is told SESSION_UNKNOWN and reports session-lost"
+                                },
                             ),
                         ]),
                     );
+                    if durable {
+                        return c.durable_restore(req).await;
+                    }
                 }
             }
             got

@@ -133,8 +133,6 @@ struct Stop {
     reason: &'static str,
 }
 
-/// Publishes what a backend needs of `ev`; returns the id (`None` when the event is not
-/// published: connection-level detail the presence events already carry).
 /// A client message republished from a durable copy (`"replayed": true`, see
 /// docs/CLUSTER.md): the node that held it died; the backend may have read it already.
 pub(crate) fn record_replayed(
@@ -143,6 +141,18 @@ pub(crate) fn record_replayed(
     session: u64,
     seq: u64,
     msg: &[u8],
+) -> Option<u64> {
+    record_message(j, client_id, Some(session), Some(seq), msg, true)
+}
+
+/// A client's message as a `message` event: text when it is UTF-8, else base64.
+fn record_message(
+    j: &Journal,
+    client_id: &str,
+    session: Option<u64>,
+    seq: Option<u64>,
+    msg: &[u8],
+    replayed: bool,
 ) -> Option<u64> {
     j.append("message", |id| {
         let (text, base64) = match std::str::from_utf8(msg) {
@@ -157,16 +167,18 @@ pub(crate) fn record_replayed(
             "message",
             Message {
                 client_id,
-                session: Some(session),
-                seq: Some(seq),
+                session,
+                seq,
                 text,
                 base64,
-                replayed: true,
+                replayed,
             },
         )
     })
 }
 
+/// Publishes what a backend needs of `ev`; returns the id (`None` when the event is not
+/// published: connection-level detail the presence events already carry).
 pub(crate) fn record(j: &Journal, ev: &ServerEvent) -> Option<u64> {
     match ev {
         ServerEvent::Message {
@@ -175,27 +187,7 @@ pub(crate) fn record(j: &Journal, ev: &ServerEvent) -> Option<u64> {
             seq,
             session,
             ..
-        } => j.append("message", |id| {
-            let (text, base64) = match std::str::from_utf8(msg) {
-                Ok(t) => (Some(t), None),
-                Err(_) => (
-                    None,
-                    Some(base64::engine::general_purpose::STANDARD.encode(msg)),
-                ),
-            };
-            encode(
-                id,
-                "message",
-                Message {
-                    client_id,
-                    session: *session,
-                    seq: *seq,
-                    text,
-                    base64,
-                    replayed: false,
-                },
-            )
-        }),
+        } => record_message(j, client_id, *session, *seq, msg, false),
         ServerEvent::Presence { change, remote } => presence(j, change, *remote),
         ServerEvent::SessionLost {
             client_id,

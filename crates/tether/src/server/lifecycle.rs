@@ -775,13 +775,7 @@ impl Inner {
         session: u64,
         seq: u64,
     ) -> Result<Delivery, SendError> {
-        let max = self.max_message();
-        if msg.len() > max {
-            return Err(SendError::TooLarge {
-                len: msg.len(),
-                max,
-            });
-        }
+        self.fits(&msg)?;
         let mut shard = lock(self.clients.shard(id));
         let Some(rec) = shard.get_mut(id) else {
             return Err(SendError::NotConnected(id.to_owned()));
@@ -809,6 +803,18 @@ impl Inner {
         (self.cfg.max_frame_len as usize).saturating_sub(9)
     }
 
+    /// `TooLarge` for a message longer than one frame carries.
+    fn fits(&self, msg: &[u8]) -> Result<(), SendError> {
+        let max = self.max_message();
+        if msg.len() > max {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// Queues `msg` for `id` without waiting: on its connection, or in its held session. A
     /// connection at its bound is closed as a slow consumer when `close_slow`; otherwise the
     /// caller gets `SlowConsumer` without the close (and may wait and retry).
@@ -818,13 +824,7 @@ impl Inner {
         msg: Bytes,
         close_slow: bool,
     ) -> Result<Delivery, SendError> {
-        let max = self.max_message();
-        if msg.len() > max {
-            return Err(SendError::TooLarge {
-                len: msg.len(),
-                max,
-            });
-        }
+        self.fits(&msg)?;
         let mut shard = lock(self.clients.shard(id));
         match shard.get_mut(id) {
             Some(rec) => self.offer(id, rec, msg, close_slow),
@@ -834,13 +834,7 @@ impl Inner {
 
     /// Queues `msg` for every connected or resuming client, one shard at a time.
     pub(super) fn broadcast(&self, msg: Bytes) -> Result<Broadcast, SendError> {
-        let max = self.max_message();
-        if msg.len() > max {
-            return Err(SendError::TooLarge {
-                len: msg.len(),
-                max,
-            });
-        }
+        self.fits(&msg)?;
         let mut b = Broadcast::default();
         for shard in self.clients.shards.iter() {
             for (id, rec) in lock(shard).iter_mut() {
