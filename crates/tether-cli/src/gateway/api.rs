@@ -335,18 +335,7 @@ pub(crate) async fn send(
                 }),
             )
                 .into_response(),
-            Ok((d, mirrored)) => (
-                StatusCode::ACCEPTED,
-                Json(Queued {
-                    status: if d.held { "held" } else { "queued" },
-                    client_id: &id,
-                    session: d.session,
-                    seq: d.seq,
-                    durable: Some(mirrored),
-                    node: None,
-                }),
-            )
-                .into_response(),
+            Ok((d, mirrored)) => delivered(&id, &d, Some(mirrored)),
             Err(DurableError::Send(e)) => send_error(&gw, &id, e),
             Err(e) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -355,20 +344,25 @@ pub(crate) async fn send(
         };
     }
     match gw.handle.try_deliver(&id, msg) {
-        Ok(d) => (
-            StatusCode::ACCEPTED,
-            Json(Queued {
-                status: if d.held { "held" } else { "queued" },
-                client_id: &id,
-                session: d.session,
-                seq: d.seq,
-                durable: None,
-                node: None,
-            }),
-        )
-            .into_response(),
+        Ok(d) => delivered(&id, &d, None),
         Err(e) => send_error(&gw, &id, e),
     }
+}
+
+/// 202 for a send this node queued (or held) for `id`.
+fn delivered(id: &str, d: &tether::Delivery, durable: Option<bool>) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        Json(Queued {
+            status: if d.held { "held" } else { "queued" },
+            client_id: id,
+            session: d.session,
+            seq: d.seq,
+            durable,
+            node: None,
+        }),
+    )
+        .into_response()
 }
 
 /// The answer to a durable send routed to another node: 202 only when that node reported it

@@ -144,15 +144,7 @@ impl SessionExport {
         session: &Session,
         pending: Vec<Bytes>,
     ) -> Self {
-        let (hash, previous) = resume.hashes();
-        SessionExport {
-            client_id: client_id.to_owned(),
-            principal: resume.principal().cloned(),
-            hash: hash.clone(),
-            previous: previous.cloned(),
-            state: session.state(),
-            pending,
-        }
+        Self::of(client_id, resume, session.state(), pending)
     }
 
     /// The session's identity without numbers or messages (`ServerHandle::session_header`).
@@ -161,21 +153,32 @@ impl SessionExport {
         session: u64,
         resume: &crate::auth::resume::ResumeCredential,
     ) -> Self {
+        let state = SessionState {
+            id: session,
+            last_seq: 0,
+            acked: 0,
+            last_received: 0,
+            resumes: 0,
+            replay: Vec::new(),
+        };
+        Self::of(client_id, resume, state, Vec::new())
+    }
+
+    /// The client's identity (principal, token hashes) with `state` and `pending`.
+    fn of(
+        client_id: &str,
+        resume: &crate::auth::resume::ResumeCredential,
+        state: SessionState,
+        pending: Vec<Bytes>,
+    ) -> Self {
         let (hash, previous) = resume.hashes();
         SessionExport {
             client_id: client_id.to_owned(),
             principal: resume.principal().cloned(),
             hash: hash.clone(),
             previous: previous.cloned(),
-            state: SessionState {
-                id: session,
-                last_seq: 0,
-                acked: 0,
-                last_received: 0,
-                resumes: 0,
-                replay: Vec::new(),
-            },
-            pending: Vec::new(),
+            state,
+            pending,
         }
     }
 
