@@ -1463,3 +1463,307 @@ fn durable_sessions_without_a_cluster_names_what_to_add() {
         "{err}"
     );
 }
+
+/// A TCP pipe to Redis that can be cut: while cut nothing passes either way — the bytes wait,
+/// as when a partition drops packets that TCP retransmits — and when healed all of it passes,
+/// in order (a command the node gave up on runs late).
+struct Cut {
+    port: u16,
+    cut: Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Cut {
+    async fn start(upstream: SocketAddr) -> Cut {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = Arc::new(tokio::sync::watch::channel(false).0);
+        let c = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut pipes = tokio::task::JoinSet::new();
+            while let Ok((down, _)) = l.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                // Each connection gets through again after its own delay, as TCP retransmits
+                // on each connection's backed-off timer after a partition heals: the node's
+                // first (its writes) 2.7 s after the heal, the others 1 s (so its reads, and
+                // `cluster-up`, come back first, like the lab's slow recoveries).
+                let lag = Duration::from_millis(if pipes.is_empty() { 2700 } else { 1000 });
+                pipes.spawn(Cut::pipe(dr, uw, c.subscribe(), lag));
+                pipes.spawn(Cut::pipe(ur, dw, c.subscribe(), Duration::ZERO));
+            }
+        });
+        Cut { port, cut, task }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut cut: tokio::sync::watch::Receiver<bool>,
+        lag: Duration,
+    ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if *cut.borrow_and_update() {
+                if cut.wait_for(|c| !*c).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(lag).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn set(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// A keyed API send: `None` when no answer came within 5 s.
+async fn post_keyed(http: SocketAddr, id: &str, text: &str, key: &str) -> Option<(u16, Value)> {
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{http}/api/clients/{id}/messages"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from(
+            serde_json::json!({ "text": text }).to_string(),
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+/// The lab's partition on loopback: node a (5 clients, each streaming both ways) is cut off
+/// from Redis past the dead bound three times — b reaps it, a re-claims after the heal —
+/// while a backend posts 1, 2, … to each client, retrying each number with one
+/// `Idempotency-Key` until a `202`. Every accepted number arrives once, in order: no `202`
+/// for a send the client never gets, across appends that time out and run late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_sends_retried_with_one_key_across_a_cut_from_redis_arrive_exactly_once() {
+    let redis = redis_or_skip!(
+        "durable_sends_retried_with_one_key_across_a_cut_from_redis_arrive_exactly_once"
+    );
+    const CLIENTS: usize = 5;
+    const CUTS: usize = 3;
+    let cut = Cut::start(([127, 0, 0, 1], redis.port).into()).await;
+    let a = node_with(
+        &format!("redis://127.0.0.1:{}", cut.port),
+        "a",
+        "3s",
+        &["--durable-sessions"],
+    );
+    // b reaps a while a is cut off (a re-claims its clients after the heal).
+    let b = node_with(&redis.url(), "b", "3s", &["--durable-sessions"]);
+    let mut phones = Vec::new();
+    for i in 0..CLIENTS {
+        let mut c = client(a.listen, &format!("p{i}"));
+        connected(&mut c).await;
+        phones.push(c);
+    }
+    for i in 0..CLIENTS {
+        wait_seen(b.http, &format!("p{i}"), "online", "a", WITHIN).await;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (i, mut phone) in phones.into_iter().enumerate() {
+        let id = format!("p{i}");
+        let http = a.http;
+        let (stop, done) = (stop.clone(), stop.clone());
+        // Client → server: a number every 50 ms (its messages wait for the copy while a is
+        // cut off).
+        let up = phone.sender();
+        let ups = tokio::spawn(async move {
+            let mut n = 0u64;
+            while let Ok(()) = up.send(Bytes::from(format!("c{n}"))).await {
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        // The backend: 1, 2, … each retried with its key every 50 ms until a 202.
+        let posts = tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut n = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = post_keyed(http, &id, &n.to_string(), &format!("{id}-{n}")).await;
+                if let Some((202, v)) = r {
+                    accepted.push((n, v["session"].as_u64(), v["seq"].as_u64()));
+                    n += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            accepted
+        });
+        let got = tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), phone.next_event()).await {
+                    Ok(Some(ClientEvent::Message(m))) => {
+                        got.push(String::from_utf8_lossy(&m).parse::<u64>().unwrap())
+                    }
+                    Ok(Some(ClientEvent::SessionLost { unacked })) => {
+                        panic!("session lost ({unacked:?})")
+                    }
+                    Ok(Some(_)) => {}
+                    Err(_) if !done.load(std::sync::atomic::Ordering::Relaxed) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            ups.abort();
+            got
+        });
+        tasks.push((posts, got));
+    }
+    for _ in 0..CUTS {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cut.set(true);
+        // Past the dead bound: b reaps a; a re-claims after the heal.
+        tokio::time::sleep(Duration::from_millis(4200)).await;
+        cut.set(false);
+        assert!(a.wait_logged("cluster-reclaim"));
+    }
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut faults = Vec::new();
+    for (i, (posts, got)) in tasks.into_iter().enumerate() {
+        let accepted = posts.await.unwrap();
+        let got = got.await.unwrap();
+        let want: Vec<u64> = accepted.iter().map(|a| a.0).collect();
+        if got != want {
+            let missing: Vec<_> = accepted.iter().filter(|a| !got.contains(&a.0)).collect();
+            faults.push(format!(
+                "p{i}: accepted 1..={} but received {} (missing, with the 202's session/seq: {missing:?})",
+                want.len(),
+                got.len()
+            ));
+        }
+    }
+    let done: Vec<String> = a
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("durable-send-done"))
+        .cloned()
+        .collect();
+    assert!(
+        faults.is_empty(),
+        "every accepted number once, in order: {faults:?}; answered from a record: {done:?}"
+    );
+    println!(
+        "{CUTS} cuts of a from Redis past the dead bound: every accepted number arrived once, in order; {} sends answered from a record",
+        done.len()
+    );
+}
+
+/// `redis-cli -p PORT args…`: its output, trimmed.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli runs (it comes with redis-server)");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An append a node gave up on (Redis did not answer in time, the send was answered 503 and
+/// not delivered) may run later and leave its `idem:` record, with the copy numbered past
+/// it. A retry with the same key must not be answered `202` from that record: the number it
+/// names was never given to a message, the client would never get it (the lab's gap inside
+/// a session). The record is written here as such a late append leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_not_answered_from_the_record_of_a_send_that_was_not_delivered() {
+    let redis =
+        redis_or_skip!("a_retry_is_not_answered_from_the_record_of_a_send_that_was_not_delivered");
+    let a = node_with(&redis.url(), "a", "3s", &["--durable-sessions"]);
+    let mut phone = client(a.listen, "phone");
+    connected(&mut phone).await;
+    let (st, v) = call(
+        a.http,
+        "POST",
+        "/api/clients/phone/messages",
+        r#"{"text":"one"}"#,
+    )
+    .await;
+    assert_eq!(st, 202, "{v}");
+    let session = v["session"].as_u64().unwrap();
+    let seq = v["seq"].as_u64().unwrap();
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await,
+        Some(Bytes::from("one"))
+    );
+    // What the late append of "two" (key k-2, number seq+1) left: its record, and the copy
+    // numbered past it. The session never gave that number to any message.
+    let next = seq + 1;
+    redis_cli(
+        redis.port,
+        &[
+            "SET",
+            "tether:{tether}:idem:phone:k-2",
+            &format!("{session}:{next}"),
+        ],
+    );
+    redis_cli(
+        redis.port,
+        &[
+            "HSET",
+            "tether:{tether}:dur:phone",
+            "next",
+            &(next + 1).to_string(),
+        ],
+    );
+    let mut seqs = Vec::new();
+    for _ in 0..2 {
+        let r = post_keyed(a.http, "phone", "two", "k-2").await;
+        let (st, v) = r.expect("answered");
+        assert_eq!(st, 202, "{v}");
+        seqs.push((v["session"].as_u64(), v["seq"].as_u64()));
+    }
+    assert_eq!(
+        next_message(&mut phone, WITHIN).await,
+        Some(Bytes::from("two")),
+        "a 202 is a promise: the retry was delivered, not answered from the stale record"
+    );
+    assert_eq!(seqs[0], (Some(session), Some(next)), "{seqs:?}");
+    assert_eq!(
+        seqs[0], seqs[1],
+        "the second retry is answered as the first"
+    );
+    assert_eq!(
+        next_message(&mut phone, Duration::from_millis(300)).await,
+        None,
+        "delivered once"
+    );
+    assert!(a.wait_logged("durable-send-stale-record"));
+    // The copy is whole again: numbered up to what the session gave.
+    assert_eq!(
+        redis_cli(redis.port, &["HGET", "tether:{tether}:dur:phone", "next"]),
+        (next + 1).to_string()
+    );
+}

@@ -1053,7 +1053,7 @@ fn run_scenario(tools: Tools, durable: bool) -> Outcome {
         cluster.dump_logs();
         panic!("n{} was never reaped", partitioned + 1);
     };
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(1) + heal_jitter());
     let t_heal = Instant::now();
     topo.heal().expect("heal");
     let reclaimed = settle(&cluster, &backend, &live, "after the partition");
@@ -1320,12 +1320,20 @@ fn check_down(i: usize, c: &Record, redis_killed: Instant, t: &mut Tally) {
                 t.lost_at.push(p.at);
             }
             _ => t.errors.push(format!(
-                "lc-{i} down: {} (accepted {} via n{}, session {:?} seq {:?}) never arrived; {}",
+                "lc-{i} down: {} (accepted {} via n{}, session {:?} seq {:?}; the numbers before and after were accepted as (session, seq) {:?} and {:?}) never arrived; {}",
                 p.n,
                 p.status,
                 p.via + 1,
                 p.session,
                 p.seq,
+                c.posted
+                    .iter()
+                    .find(|q| q.n + 1 == p.n)
+                    .map(|q| (q.session, q.seq)),
+                c.posted
+                    .iter()
+                    .find(|q| q.n == p.n + 1)
+                    .map(|q| (q.session, q.seq)),
                 if crosses {
                     "no session loss was reported after it was accepted"
                 } else {
@@ -1544,4 +1552,18 @@ fn cluster_faults_every_loss_is_reported() {
 #[test]
 fn cluster_faults_durable_sessions_exactly_once() {
     scenario_test("cluster_faults_durable_sessions_exactly_once", true);
+}
+
+/// `TETHER_LAB_HEAL_JITTER_MS=N`: the partition lasts up to N ms longer (random), so that the
+/// heal falls anywhere within TCP's backed-off retransmission gap (a heal early in a gap
+/// leaves the node cut off until the next retransmission: a slow, flapping recovery).
+fn heal_jitter() -> Duration {
+    let max: u64 = std::env::var("TETHER_LAB_HEAL_JITTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    Duration::from_millis(if max == 0 { 0 } else { nanos % max })
 }

@@ -889,6 +889,41 @@ impl Cluster {
                 Ok(done) if done.starts_with("done:") => {
                     let mut it = done[5..].split(':').map(|n| n.parse().unwrap_or(0));
                     let (session, done_seq) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+                    if session == sid && done_seq >= seq {
+                        // A record of a number this session has not given to any message
+                        // yet: written by an append whose send was never delivered (the
+                        // append ran after this node gave up on it, and the copy was not
+                        // rewritten since). Answering it would be a 202 for a message the
+                        // client never gets: the copy is rewritten without it (the record
+                        // deleted), then the send is made.
+                        log::line(
+                            id,
+                            "durable-send-stale-record",
+                            &log::kv(&[
+                                ("key", sent_key.unwrap_or("")),
+                                ("record", &format!("{session}:{done_seq}")),
+                                ("next", &format!("{sid}:{seq}")),
+                                (
+                                    "note",
+                                    "not delivered: the copy is rewritten and the send made",
+                                ),
+                            ]),
+                        );
+                        if let Some(k) = sent_key {
+                            l.failed_keys.push(k.to_owned());
+                        }
+                        l.state = CopyState::Stale;
+                        if tries > 1 {
+                            return Err(DurableError::Redis(
+                                "the copy holds a send that was not delivered".into(),
+                            ));
+                        }
+                        self.resync(id, l, max).await;
+                        if l.state == CopyState::Stale {
+                            return Err(DurableError::Redis("Redis does not answer".into()));
+                        }
+                        continue;
+                    }
                     log::line(
                         id,
                         "durable-send-done",
