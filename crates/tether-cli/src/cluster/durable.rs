@@ -30,7 +30,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -291,9 +291,10 @@ pub(crate) fn check(s: &Stored, req: &SessionRequest) -> Result<SessionExport, R
 /// node gave up on (timed out) may still run later, even after a rewrite on a new
 /// connection, and must change nothing then. The client messages are kept when the session is the same. Returns `ok`
 /// or why the copy is incomplete (`over-bound`).
-fn snapshot_script() -> Script {
-    Script::new(
-        r"
+fn snapshot_script() -> &'static Script {
+    static S: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r"
 local p, id, node, sid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local k = p .. ':dur:' .. id
 -- The sent/idempotency records of sends whose append this node gave up on (they may have
@@ -334,7 +335,9 @@ if bad then redis.call('HSET', k, 'bad', bad) end
 for _, key in ipairs({k, k .. ':out', k .. ':in'}) do redis.call('PEXPIRE', key, ARGV[9]) end
 return bad or 'ok'
 ",
-    )
+        )
+    });
+    &S
 }
 
 /// Appends a server message: `(prefix, id, node, sid, seq, payload, max_bytes, ttl_ms,
@@ -346,9 +349,10 @@ return bad or 'ok'
 /// handler trimmed it).
 /// `missing`, `moved` (another node's or session's copy), `bad` (incomplete already),
 /// `gap`, `over-bound`, or `ok`.
-fn append_script() -> Script {
-    Script::new(
-        r"
+fn append_script() -> &'static Script {
+    static S: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'bytes', 'bad', 'last', 'wg')
 if not m[1] then return 'missing' end
@@ -389,14 +393,17 @@ redis.call('PEXPIRE', k .. ':out', ARGV[8])
 if ARGV[9] ~= '' then redis.call('SET', ARGV[9], ARGV[4] .. ':' .. seq, 'PX', 60000) end
 return 'ok'
 ",
-    )
+        )
+    });
+    &S
 }
 
 /// Takes back a message appended whose delivery then failed: `(prefix, id, node, sid, seq,
 /// len, sent_key)`. Only while it is the last one.
-fn retract_script() -> Script {
-    Script::new(
-        r"
+fn retract_script() -> &'static Script {
+    static S: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'wg')
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 'moved' end
@@ -410,14 +417,17 @@ redis.call('HSET', k, 'next', seq, 'last', seq - 1)
 redis.call('HINCRBY', k, 'bytes', -tonumber(ARGV[6]))
 return 'ok'
 ",
-    )
+        )
+    });
+    &S
 }
 
 /// Trims to the client's ACK: `(prefix, id, node, sid, acked, ttl_ms)`. `missing`, `moved`,
 /// `bad`, `ok`.
-fn trim_script() -> Script {
-    Script::new(
-        r"
+fn trim_script() -> &'static Script {
+    static S: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'acked', 'bad', 'wg')
 if not m[1] then return 'missing' end
@@ -435,14 +445,17 @@ redis.call('HINCRBY', k, 'bytes', -n)
 redis.call('HSET', k, 'acked', a)
 return 'ok'
 ",
-    )
+        )
+    });
+    &S
 }
 
 /// Keeps a client message: `(prefix, id, node, sid, seq, payload, keep, ttl_ms)`.
 /// `missing`, `moved`, `gap`, `ok`.
-fn inbound_script() -> Script {
-    Script::new(
-        r"
+fn inbound_script() -> &'static Script {
+    static S: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'in', 'wg')
 if not m[1] then return 'missing' end
@@ -456,20 +469,25 @@ redis.call('HSET', k, 'in', seq)
 redis.call('PEXPIRE', k .. ':in', ARGV[8])
 return 'ok'
 ",
-    )
+        )
+    });
+    &S
 }
 
 /// Deletes the copy if it is this node's, of session `sid`: `(prefix, id, node, sid)`.
-fn drop_script() -> Script {
-    Script::new(
-        r"
+fn drop_script() -> &'static Script {
+    static S: LazyLock<Script> = LazyLock::new(|| {
+        Script::new(
+            r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid')
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 0 end
 redis.call('DEL', k, k .. ':out', k .. ':in')
 return 1
 ",
-    )
+        )
+    });
+    &S
 }
 
 /// An export's identity alone (what a copy's `hdr` holds).
@@ -516,6 +534,19 @@ fn stream_entries(v: redis::streams::StreamRangeReply) -> Vec<(u64, Bytes)> {
 }
 
 impl Cluster {
+    /// A call of one of the copy's scripts with the arguments they all begin with:
+    /// `(prefix, id, node, sid, …)`.
+    fn copy_call(
+        &self,
+        script: &'static Script,
+        id: &str,
+        sid: u64,
+    ) -> redis::ScriptInvocation<'static> {
+        let mut call = script.prepare_invoke();
+        call.arg(&self.prefix).arg(id).arg(&self.node).arg(sid);
+        call
+    }
+
     fn durable_key(&self, id: &str) -> String {
         self.key(&format!("dur:{id}"))
     }
@@ -693,11 +724,8 @@ impl Cluster {
                     }
                     if l.sid != 0 && l.state != CopyState::Moved {
                         let mut con = self.con.clone();
-                        let _: redis::RedisResult<i64> = drop_script()
-                            .arg(&self.prefix)
-                            .arg(&id)
-                            .arg(&self.node)
-                            .arg(l.sid)
+                        let _: redis::RedisResult<i64> = self
+                            .copy_call(drop_script(), &id, l.sid)
                             .invoke_async(&mut con)
                             .await;
                     }
@@ -757,13 +785,8 @@ impl Cluster {
             self.node,
             self.next_fetch.fetch_add(1, Ordering::Relaxed)
         );
-        let script = snapshot_script();
-        let mut call = script.prepare_invoke();
-        call.arg(&self.prefix)
-            .arg(id)
-            .arg(&self.node)
-            .arg(l.sid)
-            .arg(hdr.as_ref())
+        let mut call = self.copy_call(snapshot_script(), id, l.sid);
+        call.arg(hdr.as_ref())
             .arg(l.acked)
             .arg(l.in_last)
             .arg(max)
@@ -859,11 +882,8 @@ impl Cluster {
         let mirrored = loop {
             tries += 1;
             let mut con = self.con.clone();
-            let r: redis::RedisResult<String> = append_script()
-                .arg(&self.prefix)
-                .arg(id)
-                .arg(&self.node)
-                .arg(sid)
+            let r: redis::RedisResult<String> = self
+                .copy_call(append_script(), id, sid)
                 .arg(seq)
                 .arg(msg.as_ref())
                 .arg(max)
@@ -988,11 +1008,8 @@ impl Cluster {
             Err(e) => {
                 if mirrored {
                     let mut con = self.con.clone();
-                    let r: redis::RedisResult<String> = retract_script()
-                        .arg(&self.prefix)
-                        .arg(id)
-                        .arg(&self.node)
-                        .arg(sid)
+                    let r: redis::RedisResult<String> = self
+                        .copy_call(retract_script(), id, sid)
                         .arg(seq)
                         .arg(msg.len())
                         .arg(sent_key.unwrap_or(""))
@@ -1031,11 +1048,8 @@ impl Cluster {
                 }
             };
             let mut con = self.con.clone();
-            let r: redis::RedisResult<String> = inbound_script()
-                .arg(&self.prefix)
-                .arg(id)
-                .arg(&self.node)
-                .arg(l.sid)
+            let r: redis::RedisResult<String> = self
+                .copy_call(inbound_script(), id, l.sid)
                 .arg(seq)
                 .arg(msg.as_ref())
                 .arg(IN_KEEP)
@@ -1092,11 +1106,8 @@ impl Cluster {
         // every 64 periods (well within COPY_TTL).
         if l.acked > l.redis_acked || (tick && l.ticks % 64 == 0) {
             let mut con = self.con.clone();
-            let r: redis::RedisResult<String> = trim_script()
-                .arg(&self.prefix)
-                .arg(id)
-                .arg(&self.node)
-                .arg(l.sid)
+            let r: redis::RedisResult<String> = self
+                .copy_call(trim_script(), id, l.sid)
                 .arg(l.acked)
                 .arg(ms(COPY_TTL))
                 .arg(&l.wg)
