@@ -285,16 +285,25 @@ pub(crate) fn check(s: &Stored, req: &SessionRequest) -> Result<SessionExport, R
     })
 }
 
-/// Rewrites a copy: `(prefix, id, node, sid, hdr, acked, in, max_bytes, ttl_ms,
-/// stale_keys (newline-separated), wg, [seq, payload]…)`. `wg` is the writer's generation:
-/// every later write carries it and is refused (`stale`) with another one — a write this
-/// node gave up on (timed out) may still run later, even after a rewrite on a new
-/// connection, and must change nothing then. The client messages are kept when the session is the same. Returns `ok`
-/// or why the copy is incomplete (`over-bound`).
-fn snapshot_script() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| {
-        Script::new(
-            r"
+/// A script of the durable copy, built (and hashed) once: `fn name = source;` with its docs.
+macro_rules! copy_script {
+    ($(#[$doc:meta])* fn $name:ident = $src:expr;) => {
+        $(#[$doc])*
+        fn $name() -> &'static Script {
+            static S: LazyLock<Script> = LazyLock::new(|| Script::new($src));
+            &S
+        }
+    };
+}
+
+copy_script! {
+    /// Rewrites a copy: `(prefix, id, node, sid, hdr, acked, in, max_bytes, ttl_ms,
+    /// stale_keys (newline-separated), wg, [seq, payload]…)`. `wg` is the writer's generation:
+    /// every later write carries it and is refused (`stale`) with another one — a write this
+    /// node gave up on (timed out) may still run later, even after a rewrite on a new
+    /// connection, and must change nothing then. The client messages are kept when the session is the same. Returns `ok`
+    /// or why the copy is incomplete (`over-bound`).
+    fn snapshot_script = r"
 local p, id, node, sid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local k = p .. ':dur:' .. id
 -- The sent/idempotency records of sends whose append this node gave up on (they may have
@@ -334,25 +343,20 @@ redis.call('HSET', k, 'node', node, 'sid', sid, 'hdr', ARGV[5], 'acked', ARGV[6]
 if bad then redis.call('HSET', k, 'bad', bad) end
 for _, key in ipairs({k, k .. ':out', k .. ':in'}) do redis.call('PEXPIRE', key, ARGV[9]) end
 return bad or 'ok'
-",
-        )
-    });
-    &S
+";
 }
 
-/// Appends a server message: `(prefix, id, node, sid, seq, payload, max_bytes, ttl_ms,
-/// sent_key, deadline)`; a routed send past its `deadline` (ms on Redis's own clock) is
-/// `expired` (its sender stops waiting then: exact, whatever the nodes' clocks); its
-/// `sent_key` records `sid:seq` for a minute (its sender asks
-/// it when the answer does not come), and makes the send idempotent: one found there is
-/// `done:sid:seq` (handled already: an inbox entry a claim moved here before its first
-/// handler trimmed it).
-/// `missing`, `moved` (another node's or session's copy), `bad` (incomplete already),
-/// `gap`, `over-bound`, or `ok`.
-fn append_script() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| {
-        Script::new(
-            r"
+copy_script! {
+    /// Appends a server message: `(prefix, id, node, sid, seq, payload, max_bytes, ttl_ms,
+    /// sent_key, deadline)`; a routed send past its `deadline` (ms on Redis's own clock) is
+    /// `expired` (its sender stops waiting then: exact, whatever the nodes' clocks); its
+    /// `sent_key` records `sid:seq` for a minute (its sender asks
+    /// it when the answer does not come), and makes the send idempotent: one found there is
+    /// `done:sid:seq` (handled already: an inbox entry a claim moved here before its first
+    /// handler trimmed it).
+    /// `missing`, `moved` (another node's or session's copy), `bad` (incomplete already),
+    /// `gap`, `over-bound`, or `ok`.
+    fn append_script = r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'bytes', 'bad', 'last', 'wg')
 if not m[1] then return 'missing' end
@@ -392,18 +396,13 @@ redis.call('PEXPIRE', k, ARGV[8])
 redis.call('PEXPIRE', k .. ':out', ARGV[8])
 if ARGV[9] ~= '' then redis.call('SET', ARGV[9], ARGV[4] .. ':' .. seq, 'PX', 60000) end
 return 'ok'
-",
-        )
-    });
-    &S
+";
 }
 
-/// Takes back a message appended whose delivery then failed: `(prefix, id, node, sid, seq,
-/// len, sent_key)`. Only while it is the last one.
-fn retract_script() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| {
-        Script::new(
-            r"
+copy_script! {
+    /// Takes back a message appended whose delivery then failed: `(prefix, id, node, sid, seq,
+    /// len, sent_key)`. Only while it is the last one.
+    fn retract_script = r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'next', 'wg')
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 'moved' end
@@ -416,18 +415,13 @@ if ARGV[7] ~= '' then redis.call('DEL', ARGV[7]) end
 redis.call('HSET', k, 'next', seq, 'last', seq - 1)
 redis.call('HINCRBY', k, 'bytes', -tonumber(ARGV[6]))
 return 'ok'
-",
-        )
-    });
-    &S
+";
 }
 
-/// Trims to the client's ACK: `(prefix, id, node, sid, acked, ttl_ms)`. `missing`, `moved`,
-/// `bad`, `ok`.
-fn trim_script() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| {
-        Script::new(
-            r"
+copy_script! {
+    /// Trims to the client's ACK: `(prefix, id, node, sid, acked, ttl_ms)`. `missing`, `moved`,
+    /// `bad`, `ok`.
+    fn trim_script = r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'acked', 'bad', 'wg')
 if not m[1] then return 'missing' end
@@ -444,18 +438,13 @@ redis.call('XTRIM', k .. ':out', 'MINID', '0-' .. (a + 1))
 redis.call('HINCRBY', k, 'bytes', -n)
 redis.call('HSET', k, 'acked', a)
 return 'ok'
-",
-        )
-    });
-    &S
+";
 }
 
-/// Keeps a client message: `(prefix, id, node, sid, seq, payload, keep, ttl_ms)`.
-/// `missing`, `moved`, `gap`, `ok`.
-fn inbound_script() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| {
-        Script::new(
-            r"
+copy_script! {
+    /// Keeps a client message: `(prefix, id, node, sid, seq, payload, keep, ttl_ms)`.
+    /// `missing`, `moved`, `gap`, `ok`.
+    fn inbound_script = r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid', 'in', 'wg')
 if not m[1] then return 'missing' end
@@ -468,26 +457,18 @@ redis.call('XADD', k .. ':in', 'MAXLEN', ARGV[7], '0-' .. seq, 'p', ARGV[6])
 redis.call('HSET', k, 'in', seq)
 redis.call('PEXPIRE', k .. ':in', ARGV[8])
 return 'ok'
-",
-        )
-    });
-    &S
+";
 }
 
-/// Deletes the copy if it is this node's, of session `sid`: `(prefix, id, node, sid)`.
-fn drop_script() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| {
-        Script::new(
-            r"
+copy_script! {
+    /// Deletes the copy if it is this node's, of session `sid`: `(prefix, id, node, sid)`.
+    fn drop_script = r"
 local k = ARGV[1] .. ':dur:' .. ARGV[2]
 local m = redis.call('HMGET', k, 'node', 'sid')
 if m[1] ~= ARGV[3] or m[2] ~= ARGV[4] then return 0 end
 redis.call('DEL', k, k .. ':out', k .. ':in')
 return 1
-",
-        )
-    });
-    &S
+";
 }
 
 /// An export's identity alone (what a copy's `hdr` holds).
