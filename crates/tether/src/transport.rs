@@ -46,6 +46,14 @@ pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn poll_unread(&mut self, _cx: &mut Context<'_>) -> Option<bool> {
         None
     }
+    /// Whether an idle connection over this transport may be parked: kept without a task of
+    /// its own (in the server's lot, `driver/park.rs`) and polled from there with a waker
+    /// of the lot's. True when the transport keeps no per-task state: every `poll_*` that
+    /// returns `Pending` registers the waker it was given and nothing else (a `TcpStream`
+    /// registers it with tokio's reactor). Default: false (the connection keeps its task).
+    fn parkable(&self) -> bool {
+        false
+    }
 }
 
 impl Transport for TcpStream {
@@ -60,6 +68,15 @@ impl Transport for TcpStream {
         let mut buf = ReadBuf::new(&mut byte);
         Some(self.poll_peek(cx, &mut buf).is_ready())
     }
+    fn parkable(&self) -> bool {
+        true
+    }
 }
 
-impl Transport for tokio::io::DuplexStream {}
+/// Parkable too (its reads and writes register the waker they are given): the driver's
+/// paused-time tests park over it.
+impl Transport for tokio::io::DuplexStream {
+    fn parkable(&self) -> bool {
+        true
+    }
+}

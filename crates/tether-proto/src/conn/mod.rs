@@ -413,6 +413,18 @@ impl Conn {
         matches!(self.state, State::Established)
     }
 
+    /// True when an established connection holds nothing in flight: nothing to transmit, no
+    /// frame received in part, no event for the application. Only time (what
+    /// [`poll_timeout`](Self::poll_timeout) says) or new input can change that, so a driver
+    /// may keep such a connection without a task of its own and come back when either
+    /// arrives (the tokio driver's parked connections, issue 17).
+    pub fn is_quiescent(&self) -> bool {
+        self.is_established()
+            && self.out.is_empty()
+            && self.decoder.buffered() == 0
+            && self.events.is_empty()
+    }
+
     /// True once the connection has ended (pending bytes may still need flushing).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)

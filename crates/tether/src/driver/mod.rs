@@ -34,6 +34,7 @@
 
 mod budget;
 mod frames;
+mod park;
 mod shared;
 mod stats;
 mod steps;
@@ -41,6 +42,7 @@ mod steps;
 mod tests;
 
 use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,7 @@ use tether_proto::codec::{Credential, Hello, SessionGrant};
 use tether_proto::session::Session;
 use tether_proto::{CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig};
 
+pub(crate) use park::Lot;
 pub(crate) use shared::{Budgets, Command, Limits, Offer, Shared};
 
 use crate::auth::AuthDecision;
@@ -205,6 +208,96 @@ struct Driver<T, S> {
     paused: bool,
     /// This connection's place in the server backlog's queue of waiters.
     backlog_ticket: budget::Ticket,
+    /// Where the connection goes when a wake-up leaves it idle (`None`: it keeps its task).
+    lot: Option<Arc<Lot<T, S>>>,
+}
+
+/// Where a wake-up keeps the connection's next deadline.
+pub(super) enum Timer<'a> {
+    /// Its task's sleep.
+    Sleep(Pin<&'a mut tokio::time::Sleep>),
+    /// Parked: in `Driver::armed`, for the lot's heap.
+    Parked,
+}
+
+/// How a wake-up ended, when not `Pending`.
+pub(super) enum Exit {
+    /// The connection is finished.
+    Done,
+    /// Idle: the task ends and the connection moves to its lot.
+    Park,
+    /// Parked and no longer idle: it needs its task again.
+    Unpark,
+}
+
+/// A connection's driver, ready to run in a task: new from the accept path, or unparked by
+/// the lot. See [`resume`].
+pub(crate) struct Resume<T, S> {
+    d: Driver<T, S>,
+    /// Finished while parked: the task only reports the end.
+    finished: bool,
+}
+
+/// A new connection's driver, parked by `lot` whenever a wake-up leaves it idle (and its
+/// transport can park; `None`: never parked).
+pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
+    io: T,
+    conn: Box<Conn>,
+    shared: Arc<Shared>,
+    sink: S,
+    lot: Option<Arc<Lot<T, S>>>,
+) -> Resume<T, S> {
+    let lot = lot.filter(|_| io.parkable());
+    Resume {
+        d: Driver {
+            io,
+            conn,
+            shared,
+            sink,
+            armed: None,
+            read_done: false,
+            write_failed: false,
+            closing_since: None,
+            no_linger: false,
+            abandoned: false,
+            shut_down: false,
+            last_write: None,
+            result: None,
+            established: false,
+            frames: frames::FrameRoom::default(),
+            transmit_published: 0,
+            paused: false,
+            backlog_ticket: 0,
+            lot,
+        },
+        finished: false,
+    }
+}
+
+/// Runs a connection's task: until it ends (`Some`), or until a wake-up leaves it idle and
+/// it moves to its lot (`None`; the lot spawns this again, with the same state, when the
+/// connection has work).
+pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
+    r: Resume<T, S>,
+) -> impl std::future::Future<Output = Option<Ended<T, S>>> + Send {
+    let Resume { mut d, finished } = r;
+    // The lot kept the deadline for its heap; this task's sleep is armed afresh.
+    d.armed = None;
+    async move {
+        if !finished {
+            let sleep = tokio::time::sleep_until(
+                tokio::time::Instant::now() + Duration::from_secs(86400 * 365),
+            );
+            tokio::pin!(sleep);
+            let exit = poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()))).await;
+            if let (Exit::Park, Some(lot)) = (&exit, d.lot.clone()) {
+                d.armed = None;
+                lot.park(d);
+                return None;
+            }
+        }
+        Some(d.end())
+    }
 }
 
 /// Runs one connection to its end.
@@ -237,13 +330,15 @@ pub(crate) fn drive<T: Transport, S: Sink + Send>(
         transmit_published: 0,
         paused: false,
         backlog_ticket: 0,
+        lot: None,
     };
     async move {
         let sleep = tokio::time::sleep_until(
             tokio::time::Instant::now() + Duration::from_secs(86400 * 365),
         );
         tokio::pin!(sleep);
-        poll_fn(|cx| d.poll(cx, sleep.as_mut())).await;
+        // Without a lot a wake-up never ends in `Park`.
+        poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()))).await;
         d.end()
     }
 }

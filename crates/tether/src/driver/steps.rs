@@ -9,11 +9,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use tether_proto::{ConnEvent, DisconnectReason, TransportError};
 use tokio::io::ReadBuf;
-use tokio::time::Sleep;
 
 use super::{
-    now, Command, Decision, Driver, RefreshAnswer, Resolution, Resolved, Sink, CLOSE_LINGER,
-    PAUSED_READ, READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK, TRANSMIT_HIGH_WATER,
+    now, Command, Decision, Driver, Exit, RefreshAnswer, Resolution, Resolved, Sink, Timer,
+    CLOSE_LINGER, PAUSED_READ, READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK,
+    TRANSMIT_HIGH_WATER,
 };
 use crate::transport::Transport;
 
@@ -26,7 +26,7 @@ fn held_for_peer(conn: &tether_proto::Conn) -> usize {
 /// Yields through tokio's deferred wake-up (see the module docs of `driver`): the task runs
 /// again after its worker has polled the I/O driver and the timers, behind what they woke,
 /// not ahead of it.
-fn yield_deferred(cx: &mut Context<'_>) {
+pub(super) fn yield_deferred(cx: &mut Context<'_>) {
     // The first poll of `yield_now` puts our waker on the scheduler's deferred list (outside
     // a runtime it wakes at once) and returns Pending; the waker stays there when the future
     // is dropped.
@@ -56,7 +56,12 @@ impl<T: Transport, S: Sink> Driver<T, S> {
 
     /// One wake-up: the steps in order, looping back while there is work that nothing else
     /// would wake the task for.
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>) -> Poll<()> {
+    ///
+    /// In a task (`Timer::Sleep`): `Pending`, `Ready(Done)` at the end, or `Ready(Park)` when
+    /// the connection is left idle and has a lot. Parked (`Timer::Parked`, polled by the
+    /// lot): `Pending` while still idle, `Ready(Done)` at the end, `Ready(Unpark)` when it
+    /// needs its task again.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, mut timer: Timer<'_>) -> Poll<Exit> {
         #[cfg(test)]
         self.shared.stats.polled();
         loop {
@@ -73,7 +78,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             self.process_events(now);
             self.publish();
             if self.drive_close(cx, now) {
-                return Poll::Ready(());
+                return Poll::Ready(Exit::Done);
             }
             // The handshake completed in this pass (WELCOME read, or HELLO accepted): the
             // outbox was skipped while it was pending, so go back for what the application
@@ -82,7 +87,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             if !was_established && self.conn.is_established() {
                 continue;
             }
-            if self.arm_timer(cx, now, sleep.as_mut()) {
+            if self.arm_timer(cx, now, &mut timer) {
                 continue;
             }
             // The socket took the whole transmit buffer: go back for the rest of the outbox
@@ -97,12 +102,39 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             if self.paused_at_data() && !step.inbox_full && !self.wait_for_backlog(cx) {
                 continue;
             }
+            let parked = matches!(timer, Timer::Parked);
+            if !more_to_read && step.waiting_front.is_none() && self.may_park() {
+                return if parked {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Exit::Park)
+                };
+            }
+            if parked {
+                return Poll::Ready(Exit::Unpark);
+            }
             if more_to_read {
                 // More may be waiting: yield, but come back.
                 yield_deferred(cx);
             }
             return Poll::Pending;
         }
+    }
+
+    /// Idle, with a lot to wait in (see `park.rs`): established with nothing in flight in the
+    /// state machine (`Conn::is_quiescent`), not paused, not closing, the transport parkable.
+    /// What the handles queued was taken this wake-up (the outbox is empty: the caller
+    /// checks); what they queue from now on wakes whichever waker `Shared` holds, and the lot
+    /// polls a connection once when it takes it, so nothing queued in between is missed.
+    fn may_park(&self) -> bool {
+        self.lot.is_some()
+            && !self.paused
+            && self.closing_since.is_none()
+            && !self.read_done
+            && !self.write_failed
+            && self.result.is_none()
+            && self.conn.is_quiescent()
+            && self.io.parkable()
     }
 
     /// Commands from the handles: registers the waker, moves the outbox into the state
@@ -541,16 +573,21 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// pushing the heartbeat deadline later, and re-arming the timer on every wake-up would
     /// cost more than one early wake-up, which is harmless (the state machine re-checks its
     /// deadlines and the sleep is re-armed then). Returns true when the sleep fired.
-    fn arm_timer(
-        &mut self,
-        cx: &mut Context<'_>,
-        now: Instant,
-        mut sleep: Pin<&mut Sleep>,
-    ) -> bool {
+    ///
+    /// Parked, the deadline is only recorded in `armed` (the lot's heap waits for it); true
+    /// when it is due already.
+    fn arm_timer(&mut self, cx: &mut Context<'_>, now: Instant, timer: &mut Timer<'_>) -> bool {
         let linger = self.closing_since.map(|c| c + self.close_linger());
         let deadline = match (self.conn.poll_timeout(), linger) {
             (Some(d), Some(l)) => Some(d.min(l)),
             (d, l) => d.or(l),
+        };
+        let mut sleep = match timer {
+            Timer::Sleep(sleep) => sleep.as_mut(),
+            Timer::Parked => {
+                self.armed = deadline;
+                return deadline.is_some_and(|d| d <= now);
+            }
         };
         let Some(d) = deadline else {
             return false;

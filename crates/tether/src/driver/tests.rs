@@ -1139,3 +1139,6 @@ async fn an_idle_pair_costs_the_server_one_wake_up_per_interval() {
         "{polls} wake-ups of the server's task in {intervals} intervals"
     );
 }
+
+#[path = "park_tests.rs"]
+mod parked;

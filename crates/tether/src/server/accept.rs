@@ -177,7 +177,7 @@ fn run_connection(
     shared: Arc<Shared>,
     inner: Arc<Inner>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    use futures::future::{Either, FutureExt as _};
+    use futures::future::Either;
     if let Err(e) = sockopt::apply(&stream, &inner.cfg.policy) {
         tracing::debug!(%remote, error = %e, "cannot set socket options");
     }
@@ -185,33 +185,16 @@ fn run_connection(
     let started = driver::now();
     match inner.cfg.tls.clone() {
         None => {
-            let drive = Connection {
+            let start = Connection {
                 remote,
                 conn_id,
                 started,
                 shared: &shared,
                 inner: &inner,
             }
-            .drive(stream, None);
-            // Only the driver's future is kept across the await: what the end needs (the
-            // server, the shared state, the address, the id) comes back in its sink, so the
-            // task does not hold a second copy of it (issue 17).
-            // (A combinator, not an async block: an async block would keep the driver's
-            // future and what follows it side by side instead of in the same room.)
+            .start_tcp(stream);
             drop((shared, inner));
-            Either::Left(drive.then(|ended| {
-                let inner = ended.sink.inner.clone();
-                let shared = ended.sink.shared.clone();
-                let remote = ended.sink.remote;
-                let probe = driver_ended(ended);
-                async move {
-                    if let Some((stream, req)) = probe {
-                        // Boxed: rare, and it would otherwise take room in every task.
-                        Box::pin(crate::probe::respond(stream, req)).await
-                    }
-                    connection_gone(&inner, &shared, remote);
-                }
-            }))
+            Either::Left(tcp_task(start))
         }
         // Boxed: the TLS handshake and the TLS stream are several KiB of future, and every
         // idle plain connection would carry that room in its task otherwise.
@@ -228,6 +211,42 @@ fn run_connection(
             connection_gone(&inner, &shared, remote);
         })),
     }
+}
+
+/// A plain-TCP connection's task, from the accept or unparked by the server's lot (the same
+/// function either way, so the end below runs exactly once, in whichever task ends the
+/// connection). A wake-up that leaves the connection idle moves it to the lot and ends the
+/// task (`driver::resume` gives `None`).
+///
+/// Only the driver's future is kept across the await: what the end needs (the server, the
+/// shared state, the address, the id) comes back in its sink, so the task does not hold a
+/// second copy of it (issue 17). (A combinator, not an async block: an async block would
+/// keep the driver's future and what follows it side by side instead of in the same room.)
+fn tcp_task(
+    start: driver::Resume<TcpStream, ServerSink>,
+) -> impl std::future::Future<Output = ()> + Send {
+    use futures::future::{Either, FutureExt as _};
+    driver::resume(start).then(|ended| {
+        let Some(ended) = ended else {
+            return Either::Left(std::future::ready(()));
+        };
+        let inner = ended.sink.inner.clone();
+        let shared = ended.sink.shared.clone();
+        let remote = ended.sink.remote;
+        let probe = driver_ended(ended);
+        Either::Right(async move {
+            if let Some((stream, req)) = probe {
+                // Boxed: rare, and it would otherwise take room in every task.
+                Box::pin(crate::probe::respond(stream, req)).await
+            }
+            connection_gone(&inner, &shared, remote);
+        })
+    })
+}
+
+/// The server lot's way back: a parked connection that has work again gets its task.
+pub(super) fn unpark(r: driver::Resume<TcpStream, ServerSink>) {
+    tokio::spawn(tcp_task(r));
 }
 
 /// The driver is done: tells the lifecycle, or gives back the transport and the request of a
@@ -315,6 +334,19 @@ impl Connection<'_> {
         io: T,
         tls_principal: Option<Principal>,
     ) -> impl std::future::Future<Output = driver::Ended<T, ServerSink>> + Send {
+        let (conn, sink) = self.parts(tls_principal);
+        driver::drive(io, conn, self.shared.clone(), sink)
+    }
+
+    /// A plain-TCP connection's driver, parked in the server's lot while idle.
+    fn start_tcp(&self, io: TcpStream) -> driver::Resume<TcpStream, ServerSink> {
+        let (conn, sink) = self.parts(None);
+        let lot = self.inner.lot.clone();
+        driver::start(io, conn, self.shared.clone(), sink, lot)
+    }
+
+    /// The state machine and the sink of a new connection.
+    fn parts(&self, tls_principal: Option<Principal>) -> (Box<Conn>, ServerSink) {
         let inner = self.inner;
         let conn = Box::new(Conn::server(self.started, inner.conn_cfg.clone()));
         let auth = (inner.cfg.authorize.is_some() || tls_principal.is_some()).then(|| {
@@ -336,7 +368,7 @@ impl Connection<'_> {
             probe: None,
             auth,
         };
-        driver::drive(io, conn, self.shared.clone(), sink)
+        (conn, sink)
     }
 
     /// The TLS handshake failed, timed out or was cut short: a refused connection.
@@ -448,7 +480,7 @@ struct Fetching {
 /// Connects one connection's events to the server: the HELLO to authorization and then the
 /// lifecycle, messages to the event stream, liveness changes to presence. The end is handled
 /// after the task (`Inner::ended`), when the session is back from the state machine.
-struct ServerSink {
+pub(super) struct ServerSink {
     inner: Arc<Inner>,
     conn_id: u64,
     remote: SocketAddr,

@@ -80,6 +80,9 @@ pub(crate) struct Inner {
     next_session_id: AtomicU64,
     /// Failed attempts per source address (a leaf lock: nothing is taken while it is held).
     throttle: Option<Mutex<FailureThrottle>>,
+    /// Idle plain-TCP connections, kept without a task (`driver/park.rs`); `None` when
+    /// [`ServerConfig::park_idle`] is off.
+    lot: Option<Arc<driver::Lot<tokio::net::TcpStream, accept::ServerSink>>>,
 }
 
 /// Wake-ups, kept outside `Inner` so the expiry task can wait on them while holding only a
@@ -163,6 +166,7 @@ impl Server {
         let (tx, rx) = mpsc::unbounded_channel();
         let (presence_tx, _) = broadcast::channel(4096);
         let cfg_throttle = cfg.throttle;
+        let park_idle = cfg.park_idle;
         let inner = Arc::new(Inner {
             max_connections: cfg.get_max_connections(),
             conn_cfg: Arc::new(ConnConfig {
@@ -189,6 +193,7 @@ impl Server {
             next_conn_id: AtomicU64::new(1),
             next_session_id: AtomicU64::new(first_session_id()),
             throttle: cfg_throttle.map(|t| Mutex::new(FailureThrottle::new(t))),
+            lot: park_idle.then(|| driver::Lot::new(accept::unpark)),
         });
         let accept = tokio::spawn(accept::accept_loop(listener, inner.clone()));
         tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));

@@ -1,0 +1,302 @@
+//! Parked connections (`park.rs`): the lot changes where an idle connection waits, never
+//! what it does or when. Paused time over in-memory transports, like the driver's other
+//! rules; the far end is the hand-driven `Peer`.
+
+use std::cell::Cell;
+
+use super::*;
+
+thread_local! {
+    /// Tasks the lot spawned on this thread (a `#[tokio::test]` runtime runs its tasks on
+    /// the test's thread).
+    static UNPARKED: Cell<usize> = const { Cell::new(0) };
+}
+
+fn unparked() -> usize {
+    UNPARKED.with(Cell::get)
+}
+
+/// The test lot's way back: counts, then spawns the task as the server does.
+fn unpark(r: Resume<DuplexStream, TestSink>) {
+    UNPARKED.with(|u| u.set(u.get() + 1));
+    tokio::spawn(resume(r));
+}
+
+type TestLot = Arc<Lot<DuplexStream, TestSink>>;
+
+/// A server connection accepting as `tether::Server` does (answering heartbeats), parked in
+/// a lot of its own when `park`, and a hand-driven client established with it. Returns the
+/// server's shared state, the lot, the client, the sink's log and the instant of the
+/// WELCOME.
+async fn server(
+    park: bool,
+) -> (
+    Arc<Shared>,
+    Option<TestLot>,
+    Peer,
+    Log,
+    tokio::time::Instant,
+) {
+    UNPARKED.with(|u| u.set(0));
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::new(Limits::default());
+    let sink = TestSink {
+        answer: true,
+        ..Default::default()
+    };
+    let log = sink.log.clone();
+    let lot = park.then(|| Lot::new(unpark));
+    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+    tokio::spawn(resume(start(io, conn, shared.clone(), sink, lot.clone())));
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    let welcomed = tnow();
+    // Let the server's task see the connection idle.
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    if let Some(lot) = &lot {
+        assert_eq!(lot.parked(), 1, "idle after the handshake: parked");
+    }
+    (shared, lot, peer, log, welcomed)
+}
+
+fn data_bytes(payload: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    codec::encode(&Frame::Data(Bytes::copy_from_slice(payload)), &mut b);
+    b
+}
+
+/// The client's heartbeats are read and answered in the lot, in the instant they arrive,
+/// and the server's own heartbeat timer (the fallback) never fires: 24 intervals, no task.
+#[tokio::test(start_paused = true)]
+async fn a_parked_connection_answers_heartbeats_without_a_task() {
+    let (server, lot, mut peer, _log, welcomed) = server(true).await;
+    let lot = lot.unwrap();
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let out0 = server.stats.snapshot().heartbeats_out;
+    let intervals = 24u32;
+    for k in 1..=intervals {
+        tokio::time::sleep_until(welcomed + H * k).await;
+        let sent = tnow();
+        peer.io.write_all(&hb).await.unwrap();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            tokio::task::yield_now().await;
+            got = frames_now(&mut peer.io, &mut dec).await;
+        }
+        assert_eq!(got, vec![Frame::Heartbeat], "interval {k}");
+        assert_eq!(tnow(), sent, "interval {k}: answered in the same instant");
+        assert_eq!(lot.parked(), 1, "interval {k}: still parked");
+    }
+    assert!(server.done().is_none());
+    assert_eq!(
+        server.stats.snapshot().heartbeats_out - out0,
+        u64::from(intervals)
+    );
+    assert_eq!(unparked(), 0, "no task was spawned for the connection");
+}
+
+/// What the application queues for a parked connection goes out in the instant it is
+/// queued: written by the lot when it fits the socket; a message too big to write at once
+/// gets the connection its task back, arrives whole, and the connection parks again.
+#[tokio::test(start_paused = true)]
+async fn a_send_to_a_parked_connection_goes_out_in_the_same_instant() {
+    let (server, lot, mut peer, _log, _) = server(true).await;
+    let lot = lot.unwrap();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    tokio::time::sleep(H / 2).await;
+    let queued = tnow();
+    assert!(server.try_send(Bytes::from_static(b"hello")));
+    let mut got = Vec::new();
+    while got.is_empty() {
+        tokio::task::yield_now().await;
+        got = frames_now(&mut peer.io, &mut dec).await;
+    }
+    assert_eq!(got, vec![Frame::Data(Bytes::from_static(b"hello"))]);
+    assert_eq!(tnow(), queued, "delivered in the instant it was queued");
+    assert_eq!((lot.parked(), unparked()), (1, 0), "written from the lot");
+
+    // Four times the duplex's capacity: the lot cannot write it at once.
+    let big = Bytes::from(vec![7u8; 256 * 1024]);
+    let queued = tnow();
+    assert!(server.try_send(big.clone()));
+    let mut got = Vec::new();
+    while got.is_empty() {
+        tokio::task::yield_now().await;
+        got = frames_now(&mut peer.io, &mut dec).await;
+    }
+    assert_eq!(got, vec![Frame::Data(big)]);
+    assert_eq!(tnow(), queued, "delivered in the instant it was queued");
+    assert_eq!(
+        unparked(),
+        1,
+        "the connection got its task back to write it"
+    );
+    tokio::task::yield_now().await;
+    assert_eq!(lot.parked(), 1, "and parked again once it was written");
+}
+
+/// A parked connection whose client goes silent keeps both detection bounds exactly: the
+/// fallback heartbeats at h + h/8 and 2(h + h/8), CLOSE(heartbeat-timeout) at d after the
+/// last byte, `silent_for == d`; the end is reported once, by a task.
+#[tokio::test(start_paused = true)]
+async fn a_parked_silent_peer_is_declared_dead_at_d() {
+    let (server, lot, mut peer, log, welcomed) = server(true).await;
+    let lot = lot.unwrap();
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    for k in 1..=3u32 {
+        tokio::time::sleep_until(welcomed + H * k).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(
+            frames_now(&mut peer.io, &mut dec).await,
+            vec![Frame::Heartbeat]
+        );
+    }
+    let last = tnow();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = peer.io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        dec.decode(&buf[..n], |f| {
+            seen.push((tnow() - last, codec_name(&f)));
+            true
+        })
+        .unwrap();
+    }
+    let fallback = H + H / 8;
+    assert_eq!(
+        seen,
+        vec![
+            (fallback, "HEARTBEAT"),
+            (fallback * 2, "HEARTBEAT"),
+            (D, "CLOSE"),
+        ]
+    );
+    let d = server.closed().await;
+    assert_eq!(d.reason, DisconnectReason::HeartbeatTimeout);
+    assert_eq!(d.silent_for, D);
+    tokio::task::yield_now().await;
+    assert_eq!(lot.parked(), 0);
+    assert_eq!(unparked(), 1, "the end is reported by one task");
+    let closed = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| matches!(e, ConnEvent::Closed(_)))
+        .count();
+    assert_eq!(closed, 1);
+}
+
+/// A handle's close reaches a parked connection at once (CLOSE in the same instant, as a
+/// server's shutdown sends it), and the connection ends when the client answers with FIN.
+#[tokio::test(start_paused = true)]
+async fn a_close_asked_of_a_parked_connection_goes_out_at_once() {
+    let (server, lot, mut peer, _log, _) = server(true).await;
+    let lot = lot.unwrap();
+    tokio::time::sleep(H / 3).await;
+    let asked = tnow();
+    server.close(CloseCode::GOING_AWAY, "server shutting down");
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let mut got = Vec::new();
+    while got.is_empty() {
+        tokio::task::yield_now().await;
+        got = frames_now(&mut peer.io, &mut dec).await;
+    }
+    assert_eq!(
+        got,
+        vec![Frame::Close {
+            code: CloseCode::GOING_AWAY,
+            text: "server shutting down".into()
+        }]
+    );
+    assert_eq!(tnow(), asked);
+    peer.io.shutdown().await.unwrap();
+    let d = server.closed().await;
+    assert_eq!(d.reason, DisconnectReason::LocalClose);
+    tokio::task::yield_now().await;
+    assert_eq!(lot.parked(), 0);
+}
+
+/// One run of a scenario against the server connection: heartbeats, a message each way,
+/// then silence until the server gives up. Everything either end saw, as offsets from the
+/// WELCOME.
+async fn scenario(park: bool) -> (Vec<(Duration, String)>, Vec<(Duration, String)>, Disconnect) {
+    let (server, _lot, mut peer, log, welcomed) = server(park).await;
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let mut frames = Vec::new();
+    let seen = |frames: &mut Vec<(Duration, String)>, got: Vec<Frame>| {
+        for f in got {
+            frames.push((tnow() - welcomed, format!("{f:?}")));
+        }
+    };
+    for k in 1..=4u32 {
+        tokio::time::sleep_until(welcomed + H * k - H / 4).await;
+        match k {
+            2 => peer.io.write_all(&data_bytes(b"up")).await.unwrap(),
+            3 => assert!(server.try_send(Bytes::from_static(b"down"))),
+            _ => {}
+        }
+        tokio::task::yield_now().await;
+        let got = frames_now(&mut peer.io, &mut dec).await;
+        seen(&mut frames, got);
+        tokio::time::sleep_until(welcomed + H * k).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::task::yield_now().await;
+        let got = frames_now(&mut peer.io, &mut dec).await;
+        seen(&mut frames, got);
+    }
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = peer.io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        let mut got = Vec::new();
+        dec.decode(&buf[..n], |f| {
+            got.push(f);
+            true
+        })
+        .unwrap();
+        seen(&mut frames, got);
+    }
+    let d = server.closed().await;
+    let events = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(t, e)| (t.saturating_duration_since(welcomed), format!("{e:?}")))
+        .collect();
+    (frames, events, d)
+}
+
+/// Parking changes no event and no instant: the same scenario with and without a lot gives
+/// the same frames to the client, the same events to the application, at the same offsets,
+/// and the same end.
+#[tokio::test(start_paused = true)]
+async fn parking_changes_no_event_and_no_instant() {
+    let (frames_task, events_task, end_task) = scenario(false).await;
+    let (frames_lot, events_lot, end_lot) = scenario(true).await;
+    assert_eq!(frames_lot, frames_task);
+    assert_eq!(events_lot, events_task);
+    assert_eq!(end_lot, end_task);
+    assert_eq!(end_lot.reason, DisconnectReason::HeartbeatTimeout);
+    assert_eq!(end_lot.silent_for, D);
+    assert!(
+        events_lot.iter().any(|(_, e)| e.contains("Message")),
+        "the client's message reached the application: {events_lot:?}"
+    );
+    assert!(
+        frames_lot.iter().any(|(_, f)| f.contains("Data")),
+        "the application's message reached the client: {frames_lot:?}"
+    );
+}
