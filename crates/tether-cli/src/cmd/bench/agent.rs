@@ -167,7 +167,11 @@ async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
     let policy = policy(a.detect_within_ms, a.heartbeat_ms)?;
     let mut cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
         .policy(policy.clone())
-        .max_connections(1_000_000);
+        .max_connections(1_000_000)
+        // A/B switch for measuring the parked-connection step in one binary (BENCHMARKS.md
+        // 2026-11-30 "fourth pass"): `TETHER_BENCH_NO_PARK=1` keeps every connection in
+        // its own task, as before it.
+        .park_idle(std::env::var_os("TETHER_BENCH_NO_PARK").is_none_or(|v| v != "1"));
     if let Some(dir) = &a.tls_dir {
         cfg = cfg.tls(Arc::new(tls_server(dir)?));
     }
