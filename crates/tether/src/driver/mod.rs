@@ -50,6 +50,8 @@ use tether_proto::codec::{Credential, Hello, SessionGrant};
 use tether_proto::session::Session;
 use tether_proto::{CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig};
 
+#[cfg(test)]
+pub(crate) use park::parked_sizes;
 pub(crate) use park::Lot;
 pub(crate) use shared::{Budgets, Command, Limits, Offer, Shared};
 

@@ -143,6 +143,17 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
     }
 }
 
+/// What one parked connection costs the lot besides its driver's parts (for the size test):
+/// the boxed entry (the driver inline), its waker's `Arc` payload, one deadline in the heap.
+#[cfg(test)]
+pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
+    (
+        std::mem::size_of::<Entry<T, S>>(),
+        std::mem::size_of::<EntryWake>(),
+        std::mem::size_of::<Reverse<(Instant, u32, u32)>>(),
+    )
+}
+
 struct Entry<T, S> {
     d: Driver<T, S>,
     wake: Arc<EntryWake>,
@@ -218,7 +229,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         match e.d.poll(&mut cx, Timer::Parked) {
             Poll::Pending => {
                 if let Some(a) = e.d.armed {
-                    if e.queued_at.is_none_or(|q| a < q) {
+                    if e.queued_at.is_none_or(|q| requeue(q, a, now())) {
                         e.queued_at = Some(a);
                         self.deadlines.push(Reverse((a, idx, gen)));
                     }
@@ -236,6 +247,17 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                     finished: matches!(exit, Exit::Done),
                 });
             }
+        }
+    }
+
+    /// Drops the heap's stale places at its top (the entry left, or was queued again
+    /// elsewhere), so the lot's sleep is armed for a deadline that is still wanted.
+    fn clean(&mut self) {
+        while let Some(&Reverse((t, idx, gen))) = self.deadlines.peek() {
+            if self.entry(idx, gen).is_some_and(|e| e.queued_at == Some(t)) {
+                return;
+            }
+            self.deadlines.pop();
         }
     }
 
@@ -274,6 +296,21 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         }
         polled
     }
+}
+
+/// Whether an entry queued at `q` whose deadline is now `a` is queued again at `a` (the
+/// rule of the driver's `arm_timer`): when `a` is earlier, or later and the old place would
+/// soon be reached for nothing (within `REARM_SLACK`, or in less than half the new wait).
+/// An idle server answers its client's heartbeat in a wake-up and its deadline moves from
+/// about now + h/8 to now + 9h/8: queued again, and the old place is dropped unvisited
+/// (`Yard::clean`). Traffic, which moves the deadline a little later every wake-up, queues
+/// it again about twice per interval, not once per message.
+fn requeue(q: Instant, a: Instant, now: Instant) -> bool {
+    if a < q {
+        return true;
+    }
+    let early = q.saturating_duration_since(now);
+    a > q && (early <= super::REARM_SLACK || early < a.saturating_duration_since(now) / 2)
 }
 
 /// The lot's task: takes parked connections, polls the woken and the due, sleeps until the
@@ -324,6 +361,7 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
             }
         }
         room -= yard.due(lot, now(), room);
+        yard.clean();
         if room == 0 {
             // More may be waiting: run again after the worker polled I/O and timers.
             super::steps::yield_deferred(cx);

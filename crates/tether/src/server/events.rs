@@ -146,6 +146,10 @@ pub struct ServerMetrics {
     pub connections: usize,
     /// Connections still in the handshake.
     pub handshaking: usize,
+    /// Open connections parked while idle: kept without a task of their own
+    /// ([`ServerConfig::park_idle`](super::ServerConfig::park_idle)); counted in
+    /// `connections` too.
+    pub parked: usize,
     /// Presence states.
     pub presence: PresenceCounts,
     /// Disconnects by [`DisconnectReason::label`], in `LABELS` order.
