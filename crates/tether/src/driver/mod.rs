@@ -1,7 +1,10 @@
 //! The per-connection task: drives a [`Conn`] over a [`Transport`].
 //!
-//! One task and one reusable `Sleep` per connection. A wake-up runs small steps, each its
-//! own method in `steps.rs` (quinn's `ConnectionDriver` is the model):
+//! One task and one reusable `Sleep` per connection — while it has work: a server connection
+//! with a lot (plain TCP, `park.rs`) that a wake-up leaves idle ends its task and waits in
+//! the lot, which polls it with the same steps when its socket, a handle or a deadline
+//! wakes it, and gives it a task again when it has more to do. A wake-up runs small steps,
+//! each its own method in `steps.rs` (quinn's `ConnectionDriver` is the model):
 //!
 //! ```text
 //!  take_commands   outbox → state machine (up to the transmit high-water mark), close or

@@ -52,8 +52,12 @@ use tokio::time::Sleep;
 use super::{now, Driver, Exit, Resume, Sink, Timer};
 use crate::transport::Transport;
 
-/// Entries polled per pass of the lot's task before it yields to other tasks.
-const POLLS_PER_PASS: usize = 1024;
+/// Entries polled per pass of the lot's task before it yields to other tasks. Large: the
+/// lot stands for every idle connection of its worker, and under a saturating load it gets
+/// a turn like one task among the busy ones; with 1,024 a pass, 19,000 clients' heartbeats
+/// and deadlines queued behind 256 loaders for 1.3-1.6 s (`tether bench detect`,
+/// BENCHMARKS.md 2026-11-30 "fourth pass"). A pass of this many is ~0.1-0.3 s of one core.
+const POLLS_PER_PASS: usize = 16 * 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data (queues of indexes and drivers): usable after a panic elsewhere.
@@ -338,6 +342,8 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
     let mut room = POLLS_PER_PASS;
     loop {
         let before = room;
+        // Deadlines first: dead-after must not wait behind heartbeats to answer.
+        room -= yard.due(lot, now(), room);
         let incoming = {
             let mut i = lock(&lot.incoming);
             if i.drivers.is_empty() && yard.len == 0 {
@@ -360,7 +366,6 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
                 room -= 1;
             }
         }
-        room -= yard.due(lot, now(), room);
         yard.clean();
         if room == 0 {
             // More may be waiting: run again after the worker polled I/O and timers.

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  accept ─▶ fd bound? ─▶ per-source bound? ─▶ handshake slots (full: refuse the oldest)
-//!          ─▶ task: driver::drive(Conn::server, ServerSink) ─▶ lifecycle `ended`
+//!          ─▶ task: driver (Conn::server, ServerSink) ─▶ lifecycle `ended`
+//!               │  idle (plain TCP): the task ends, the driver parks in the server's lot;
+//!               └─ with work again: the lot spawns the same task function (`tcp_task`)
 //! ```
 //!
 //! Admission has its own small lock (pending handshakes and per-source counts); nothing
@@ -341,7 +343,8 @@ impl Connection<'_> {
     /// A plain-TCP connection's driver, parked in the server's lot while idle.
     fn start_tcp(&self, io: TcpStream) -> driver::Resume<TcpStream, ServerSink> {
         let (conn, sink) = self.parts(None);
-        let lot = self.inner.lot.clone();
+        let lots = &self.inner.lots;
+        let lot = (!lots.is_empty()).then(|| lots[self.conn_id as usize % lots.len()].clone());
         driver::start(io, conn, self.shared.clone(), sink, lot)
     }
 

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //!  accept loop (accept.rs: fd, per-source and handshake limits)
-//!     └─▶ one task per connection: driver::drive(Conn::server, ServerSink)
+//!     └─▶ a task per connection with work: driver (Conn::server, ServerSink)
+//!           ⇅ idle plain-TCP connections park in the server's lot (driver/park.rs: one task,
+//!             no task per connection) and get their task back when they have work
 //!           │ HELLO ──────────▶ lifecycle: connect | replace | resume   (client's shard lock)
 //!           │ Message ────────▶ events channel ──▶ Server::next_event   (no lock; backlog budget)
 //!           │ Suspect/Recovered ▶ presence registry                      (registry lock)
@@ -17,7 +19,8 @@
 //! 2. the presence registry (`Inner::registry`): presence view and its single timer;
 //! 3. one connection's shared state (`driver::Shared`): its outbox and commands.
 //!
-//! Admission (`accept::Admission`) and the budgets' waiter lists are leaves: nothing else is
+//! Admission (`accept::Admission`), the budgets' waiter lists and the lot's ready list are
+//! leaves: nothing else is
 //! taken while they are held. Waiting is by notification: `send` waits on `Signals::room`
 //! and the unsent budget, `shutdown` on `Signals::conn_ended`.
 
@@ -80,9 +83,10 @@ pub(crate) struct Inner {
     next_session_id: AtomicU64,
     /// Failed attempts per source address (a leaf lock: nothing is taken while it is held).
     throttle: Option<Mutex<FailureThrottle>>,
-    /// Idle plain-TCP connections, kept without a task (`driver/park.rs`); `None` when
-    /// [`ServerConfig::park_idle`] is off.
-    lot: Option<Arc<driver::Lot<tokio::net::TcpStream, accept::ServerSink>>>,
+    /// Idle plain-TCP connections, kept without a task (`driver/park.rs`): one lot per
+    /// worker thread of the runtime, a connection in lot `conn_id % lots` (the lots run in
+    /// parallel like the tasks they replace). Empty when [`ServerConfig::park_idle`] is off.
+    lots: Vec<Arc<driver::Lot<tokio::net::TcpStream, accept::ServerSink>>>,
 }
 
 /// Wake-ups, kept outside `Inner` so the expiry task can wait on them while holding only a
@@ -193,7 +197,14 @@ impl Server {
             next_conn_id: AtomicU64::new(1),
             next_session_id: AtomicU64::new(first_session_id()),
             throttle: cfg_throttle.map(|t| Mutex::new(FailureThrottle::new(t))),
-            lot: park_idle.then(|| driver::Lot::new(accept::unpark)),
+            lots: if park_idle {
+                let workers = tokio::runtime::Handle::current().metrics().num_workers();
+                (0..workers.max(1))
+                    .map(|_| driver::Lot::new(accept::unpark))
+                    .collect()
+            } else {
+                Vec::new()
+            },
         });
         let accept = tokio::spawn(accept::accept_loop(listener, inner.clone()));
         tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));
