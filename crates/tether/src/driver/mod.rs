@@ -286,8 +286,11 @@ pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
     r: Resume<T, S>,
 ) -> impl std::future::Future<Output = Option<Ended<T, S>>> + Send {
     let Resume { mut d, finished } = r;
-    // The lot kept the deadline for its heap; this task's sleep is armed afresh.
+    // The lot kept the deadline for its heap; this task's sleep is armed afresh. A place in
+    // the backlog's queue holds the lot's waker: queue this task's own (a stale place wakes
+    // nobody who waits).
     d.armed = None;
+    d.backlog_ticket = 0;
     async move {
         if !finished {
             let sleep = tokio::time::sleep_until(
@@ -297,6 +300,7 @@ pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
             let exit = poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()))).await;
             if let (Exit::Park, Some(lot)) = (&exit, d.lot.clone()) {
                 d.armed = None;
+                d.backlog_ticket = 0;
                 lot.park(d);
                 return None;
             }

@@ -37,9 +37,26 @@ async fn server(
     Log,
     tokio::time::Instant,
 ) {
+    server_with(park, None).await
+}
+
+/// [`server`], drawing on `budgets` when given (as a `tether::Server` connection does).
+async fn server_with(
+    park: bool,
+    budgets: Option<&Arc<Budgets>>,
+) -> (
+    Arc<Shared>,
+    Option<TestLot>,
+    Peer,
+    Log,
+    tokio::time::Instant,
+) {
     UNPARKED.with(|u| u.set(0));
     let (io, far) = tokio::io::duplex(64 * 1024);
-    let shared = Shared::new(Limits::default());
+    let shared = match budgets {
+        Some(b) => Shared::server(Limits::default(), b.clone()),
+        None => Shared::new(Limits::default()),
+    };
     let sink = TestSink {
         answer: true,
         ..Default::default()
@@ -299,4 +316,52 @@ async fn parking_changes_no_event_and_no_instant() {
         frames_lot.iter().any(|(_, f)| f.contains("Data")),
         "the application's message reached the client: {frames_lot:?}"
     );
+}
+
+/// A full server backlog does not take an idle connection out of the lot: it still reads and
+/// answers heartbeats there (no task spawned per heartbeat while the application catches
+/// up). A message read during the pause is held and gets the connection its task back; the
+/// task takes the connection's place in the backlog's queue (not the lot's stale waker), so
+/// the message goes out as soon as the application makes room, and the connection parks
+/// again.
+#[tokio::test(start_paused = true)]
+async fn a_full_backlog_keeps_an_idle_connection_parked_and_a_held_message_goes_out_on_room() {
+    let budgets = Arc::new(Budgets::new(150, 1 << 20, 1 << 20));
+    let (shared, lot, mut peer, log, _) = server_with(true, Some(&budgets)).await;
+    let lot = lot.unwrap();
+    for _ in 0..2 {
+        peer.conn.send(now(), &[9; 100]).unwrap();
+    }
+    peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
+    assert_eq!(lot.parked(), 1, "paused, holding nothing: parked");
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let start = tnow();
+    for k in 1..=6u32 {
+        tokio::time::sleep_until(start + H * k).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(
+            frames_now(&mut peer.io, &mut dec).await,
+            vec![Frame::Heartbeat],
+            "heartbeat {k} answered at once"
+        );
+        assert_eq!(lot.parked(), 1, "heartbeat {k}: still parked");
+    }
+    let spawned = unparked();
+    // A message during the pause: held, in a task again.
+    peer.conn.send(now(), &[7; 100]).unwrap();
+    peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2), "held");
+    assert_eq!((lot.parked(), unparked()), (0, spawned + 1));
+    // The application takes everything: the held message goes out at once.
+    budgets.backlog.give(200);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((budgets.backlog.used(), messages(&log)), (100, 3));
+    assert!(shared.done().is_none());
+    tokio::task::yield_now().await;
+    assert_eq!(lot.parked(), 1, "idle again: parked");
 }
