@@ -215,6 +215,9 @@ struct Driver<T, S> {
     backlog_ticket: budget::Ticket,
     /// Where the connection goes when a wake-up leaves it idle (`None`: it keeps its task).
     lot: Option<Arc<Lot<T, S>>>,
+    /// This wake-up is the lot's (`Timer::Parked`): reads are `PAUSED_READ` bytes, so a
+    /// parked connection that receives more than a few reads' worth goes back to a task.
+    in_lot: bool,
 }
 
 /// Where a wake-up keeps the connection's next deadline.
@@ -274,6 +277,7 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
             paused: false,
             backlog_ticket: 0,
             lot,
+            in_lot: false,
         },
         finished: false,
     }
@@ -340,6 +344,7 @@ pub(crate) fn drive<T: Transport, S: Sink + Send>(
         paused: false,
         backlog_ticket: 0,
         lot: None,
+        in_lot: false,
     };
     async move {
         let sleep = tokio::time::sleep_until(

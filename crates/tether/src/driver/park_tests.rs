@@ -365,3 +365,31 @@ async fn a_full_backlog_keeps_an_idle_connection_parked_and_a_held_message_goes_
     tokio::task::yield_now().await;
     assert_eq!(lot.parked(), 1, "idle again: parked");
 }
+
+/// The lot reads a parked connection 512 B at a time and at most four reads a wake-up: a
+/// heartbeat or an ACK is handled there, a stream of messages gets the connection its task
+/// back (the lot is not where 64 KiB reads are decoded: every idle connection's heartbeats
+/// and deadlines would wait behind them). Every message arrives, in order, and the
+/// connection parks again once the stream has stopped.
+#[tokio::test(start_paused = true)]
+async fn a_stream_of_messages_gets_a_parked_connection_its_task_back() {
+    let (shared, lot, mut peer, log, _) = server(true).await;
+    let lot = lot.unwrap();
+    // One small message: handled in the lot.
+    peer.conn.send(now(), b"one").unwrap();
+    peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((messages(&log), lot.parked(), unparked()), (1, 1, 0));
+    // 8 KiB at once: more than the lot reads in a wake-up.
+    for i in 0..80u8 {
+        peer.conn.send(now(), &[i; 100]).unwrap();
+    }
+    peer.flush().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(messages(&log), 81);
+    assert_eq!(unparked(), 1, "the stream went to a task");
+    let inbox: Vec<u8> = shared.lock().inbox.iter().skip(1).map(|m| m[0]).collect();
+    assert_eq!(inbox, (0..80u8).collect::<Vec<_>>(), "in order");
+    tokio::task::yield_now().await;
+    assert_eq!(lot.parked(), 1, "idle again: parked");
+}

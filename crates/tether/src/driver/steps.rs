@@ -64,6 +64,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     pub(super) fn poll(&mut self, cx: &mut Context<'_>, mut timer: Timer<'_>) -> Poll<Exit> {
         #[cfg(test)]
         self.shared.stats.polled();
+        self.in_lot = matches!(timer, Timer::Parked);
         loop {
             let now = now();
             let was_established = self.conn.is_established();
@@ -298,7 +299,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 stalled = true;
                 break;
             };
-            let chunk = if self.paused && !self.conn.is_closed() {
+            // In the lot, small reads too: a parked connection's wake-up is a heartbeat or an
+            // ACK (a few bytes); a stream of messages fills the reads and gets the
+            // connection its task back (`more_to_read`) instead of being decoded in the lot,
+            // where every idle connection's heartbeats and deadlines would wait behind it.
+            let chunk = if (self.paused || self.in_lot) && !self.conn.is_closed() {
                 PAUSED_READ
             } else {
                 READ_CHUNK
