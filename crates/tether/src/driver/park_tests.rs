@@ -362,7 +362,14 @@ async fn a_full_backlog_keeps_an_idle_connection_parked_and_a_held_message_goes_
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!((budgets.backlog.used(), messages(&log)), (100, 3));
     assert!(shared.done().is_none());
+    // Its next wake-up that moves no message (the client's heartbeat) parks it again.
+    tokio::time::sleep_until(start + H * 7).await;
+    peer.io.write_all(&hb).await.unwrap();
     tokio::task::yield_now().await;
+    assert_eq!(
+        frames_now(&mut peer.io, &mut dec).await,
+        vec![Frame::Heartbeat]
+    );
     assert_eq!(lot.parked(), 1, "idle again: parked");
 }
 
@@ -390,6 +397,11 @@ async fn a_stream_of_messages_gets_a_parked_connection_its_task_back() {
     assert_eq!(unparked(), 1, "the stream went to a task");
     let inbox: Vec<u8> = shared.lock().inbox.iter().skip(1).map(|m| m[0]).collect();
     assert_eq!(inbox, (0..80u8).collect::<Vec<_>>(), "in order");
-    tokio::task::yield_now().await;
+    // A task that moved messages stays a task until a wake-up moves none (no churn between
+    // bursts): the client's next heartbeat parks it.
+    tokio::time::sleep(H / 2).await;
+    assert_eq!(lot.parked(), 0, "still in its task");
+    peer.io.write_all(&heartbeat_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(lot.parked(), 1, "idle again: parked");
 }

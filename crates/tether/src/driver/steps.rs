@@ -65,6 +65,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         #[cfg(test)]
         self.shared.stats.polled();
         self.in_lot = matches!(timer, Timer::Parked);
+        let moved = |c: &tether_proto::Conn| {
+            let s = c.stats();
+            s.messages_in + s.messages_out
+        };
+        let moved_before = moved(&self.conn);
         loop {
             let now = now();
             let was_established = self.conn.is_established();
@@ -104,7 +109,12 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 continue;
             }
             let parked = matches!(timer, Timer::Parked);
-            if !more_to_read && step.waiting_front.is_none() && self.may_park() {
+            // A task parks after a wake-up that moved no message (liveness, a timer): a
+            // connection that is streaming stays in its task instead of going to the lot
+            // and back at every pause between bursts (under 256 loaders that churn spawned
+            // tasks by the thousand and kept the lot from idle connections' heartbeats).
+            let quiet = parked || moved(&self.conn) == moved_before;
+            if quiet && !more_to_read && step.waiting_front.is_none() && self.may_park() {
                 return if parked {
                     Poll::Pending
                 } else {
