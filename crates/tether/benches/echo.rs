@@ -5,6 +5,10 @@
 //! - `latency`: one message in flight, round trip.
 //! - `pipelined`: a window of messages in flight (about 1 MiB, at most 1000 messages);
 //!   reported per message.
+//! - `server` (profile runs only, see [`profile`]): the same client against a [`Server`]
+//!   whose application echoes each [`ServerEvent::Message`] with [`ServerHandle::send`]:
+//!   the server's per-message path (events, client ids, sends by id), not the standalone
+//!   `Connection`'s.
 //!
 //! `cargo bench -p tether --bench echo -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use futures::{FutureExt, SinkExt, StreamExt};
-use tether::{Connection, Policy};
+use tether::{Connection, Policy, Server, ServerConfig, ServerEvent};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -50,6 +54,28 @@ async fn tether_pair() -> Connection {
         while let Ok(m) = conn.recv().await {
             if conn.send(m).await.is_err() {
                 break;
+            }
+        }
+    });
+    Connection::connect(addr, "bench", &Policy::default())
+        .await
+        .unwrap()
+}
+
+/// A [`Server`] on loopback whose application echoes every message with
+/// [`ServerHandle::send`](tether::ServerHandle::send); returns a connected client.
+async fn server_pair() -> Connection {
+    let mut server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    tokio::spawn(async move {
+        let handle = server.handle();
+        while let Some(ev) = server.next_event().await {
+            if let ServerEvent::Message { client_id, msg, .. } = ev {
+                if handle.send(&client_id, msg).await.is_err() {
+                    break;
+                }
             }
         }
     });
@@ -170,12 +196,13 @@ fn echo(cr: &mut Criterion) {
 criterion_group!(benches, echo);
 
 /// One fixed run for profilers (`valgrind --tool=callgrind`, `perf`), bypassing criterion:
-/// `ECHO_PROFILE=<tether|plain>:<latency|pipelined>:<size>:<messages>` runs that scenario once
-/// and prints the wall time per message.
+/// `ECHO_PROFILE=<tether|plain|server>:<latency|pipelined>:<size>:<messages>` runs that
+/// scenario once and prints the wall time per message (`server`: a tether client against a
+/// [`Server`] that echoes through its events and `ServerHandle::send`).
 fn profile(spec: &str) {
     let parts: Vec<&str> = spec.split(':').collect();
     let [imp, mode, size, n] = parts[..] else {
-        panic!("ECHO_PROFILE=<tether|plain>:<latency|pipelined>:<size>:<messages>");
+        panic!("ECHO_PROFILE=<tether|plain|server>:<latency|pipelined>:<size>:<messages>");
     };
     let size: usize = size.parse().expect("size");
     let n: u64 = n.parse().expect("messages");
@@ -186,6 +213,10 @@ fn profile(spec: &str) {
             ("tether", "latency") => tether_latency(&mut tether_pair().await, &msg, n).await,
             ("tether", "pipelined") => {
                 tether_pipelined(&mut tether_pair().await, &msg, n, window(size)).await
+            }
+            ("server", "latency") => tether_latency(&mut server_pair().await, &msg, n).await,
+            ("server", "pipelined") => {
+                tether_pipelined(&mut server_pair().await, &msg, n, window(size)).await
             }
             ("plain", "latency") => plain_latency(&mut plain_pair().await, &msg, n).await,
             ("plain", "pipelined") => {
