@@ -1575,3 +1575,69 @@ fn refresh_credential_says_why_it_cannot_send() {
         .unwrap();
     assert_eq!(p.client.poll_timeout(), Some(sent_at + H));
 }
+
+/// `handle_input_deliver` hands each message over as it is decoded (nothing waits in the
+/// event queue), and the idle timeout is postponed by the read as with `handle_input`.
+#[test]
+fn handle_input_deliver_hands_messages_over_as_they_are_decoded() {
+    let mut p = Pair::established();
+    let t0 = p.t0;
+    for m in [&b"one"[..], b"two", b"three"] {
+        p.client.send(t0 + ms(10), m).unwrap();
+    }
+    let bytes = take_out(&mut p.client);
+    let mut got = Vec::new();
+    p.server
+        .handle_input_deliver(t0 + ms(10), &bytes, &mut |payload, seq| {
+            got.push((payload, seq))
+        });
+    assert_eq!(
+        got,
+        vec![
+            (bytes::Bytes::from_static(b"one"), None),
+            (bytes::Bytes::from_static(b"two"), None),
+            (bytes::Bytes::from_static(b"three"), None),
+        ]
+    );
+    assert_eq!(events(&mut p.server), vec![]);
+    assert_eq!(p.server.stats().messages_in, 3);
+}
+
+/// Order is kept: an event queued before the messages (here `Recovered`, which the bytes
+/// themselves cause) holds them in the queue, behind it, for `poll_event`.
+#[test]
+fn handle_input_deliver_keeps_messages_behind_an_earlier_event() {
+    let mut p = Pair::new();
+    let mut l = server_liveness();
+    l.suspect_after = Some(H + ms(500));
+    p.accept = Some(l);
+    p.pump();
+    let t0 = p.t0;
+    p.server.handle_timeout(t0 + H + ms(500));
+    assert!(matches!(
+        events(&mut p.server).last(),
+        Some(ConnEvent::Suspect { .. })
+    ));
+    p.client.send(t0 + 2 * H, b"back").unwrap();
+    p.client.send(t0 + 2 * H, b"again").unwrap();
+    let mut got = Vec::new();
+    p.server
+        .handle_input_deliver(t0 + 2 * H, &take_out(&mut p.client), &mut |payload, seq| {
+            got.push((payload, seq))
+        });
+    assert!(got.is_empty(), "handed over ahead of Recovered: {got:?}");
+    assert_eq!(
+        events(&mut p.server),
+        vec![
+            ConnEvent::Recovered { silent_for: 2 * H },
+            ConnEvent::Message {
+                payload: bytes::Bytes::from_static(b"back"),
+                seq: None
+            },
+            ConnEvent::Message {
+                payload: bytes::Bytes::from_static(b"again"),
+                seq: None
+            }
+        ]
+    );
+}

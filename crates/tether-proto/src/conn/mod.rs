@@ -305,6 +305,8 @@ pub struct Conn {
     close_received: bool,
     handed_off: bool,
     heartbeat_in_this_read: bool,
+    /// The idle timeout was postponed for a message of the current read already.
+    app_data_in_this_read: bool,
     /// The first bytes (the length header) of the frame the decoder holds in part, and how
     /// many of them arrived: a server charges a frame's announced size against its budget.
     frame_head: [u8; codec::HEADER_LEN],
@@ -387,6 +389,7 @@ impl Conn {
             close_received: false,
             handed_off: false,
             heartbeat_in_this_read: false,
+            app_data_in_this_read: false,
             frame_head: [0; codec::HEADER_LEN],
             frame_head_got: 0,
             session: None,
@@ -513,7 +516,33 @@ impl Conn {
     }
 
     /// The transport delivered `data`.
-    pub fn handle_input(&mut self, now: Instant, mut data: &[u8]) {
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        self.handle_input_with(now, data, None);
+    }
+
+    /// [`handle_input`](Self::handle_input) for a driver whose application has room: each
+    /// application message is handed to `on_message` (payload, sequence number) as soon as
+    /// it is decoded, instead of waiting in the event queue for
+    /// [`poll_event`](Self::poll_event). Order is kept: messages are handed over only from
+    /// the front of the queue, so once another event waits there (a liveness change, the
+    /// end) the messages after it wait too, and [`poll_event`](Self::poll_event) returns
+    /// them in order. What it saves: the queue no longer grows with the read (a 64 KiB read
+    /// of small messages queued about a thousand events, allocated and freed on every read).
+    pub fn handle_input_deliver(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        on_message: &mut dyn FnMut(Bytes, Option<u64>),
+    ) {
+        self.handle_input_with(now, data, Some(on_message));
+    }
+
+    fn handle_input_with(
+        &mut self,
+        now: Instant,
+        mut data: &[u8],
+        mut on_message: Option<&mut dyn FnMut(Bytes, Option<u64>)>,
+    ) {
         if self.is_closed() || data.is_empty() {
             return;
         }
@@ -533,8 +562,16 @@ impl Conn {
         let mut decoder =
             std::mem::replace(&mut self.decoder, Decoder::new(self.cfg.max_frame_len));
         self.heartbeat_in_this_read = false;
+        self.app_data_in_this_read = false;
         let result = decoder.decode(data, |f| {
             self.handle_frame(now, f);
+            if let Some(deliver) = on_message.as_deref_mut() {
+                while matches!(self.events.front(), Some(ConnEvent::Message { .. })) {
+                    if let Some(ConnEvent::Message { payload, seq }) = self.events.pop_front() {
+                        deliver(payload, seq);
+                    }
+                }
+            }
             !self.is_closed()
         });
         self.decoder = decoder;
