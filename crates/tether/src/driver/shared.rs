@@ -481,11 +481,16 @@ impl Shared {
     }
 
     /// Pushes received messages into a standalone connection's inbox.
-    pub(crate) fn push_inbox(&self, msgs: Vec<Bytes>) {
+    pub(crate) fn push_inbox(&self, msgs: &mut Vec<Bytes>) {
+        let bytes: usize = msgs.iter().map(Bytes::len).sum();
         let mut inner = self.lock();
-        for msg in msgs {
-            inner.inbox_bytes += msg.len();
-            inner.inbox.push_back(msg);
+        inner.inbox_bytes += bytes;
+        if inner.inbox.is_empty() {
+            // The batch becomes the inbox as it is (a `VecDeque` from a `Vec` keeps the
+            // buffer): no message is moved again.
+            inner.inbox = std::collections::VecDeque::from(std::mem::take(msgs));
+        } else {
+            inner.inbox.extend(msgs.drain(..));
         }
         if let Some(w) = inner.recv.take() {
             w.wake();

@@ -281,10 +281,25 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                         self.read_done = true;
                         self.conn.handle_eof(now);
                     } else {
-                        self.conn.handle_input(now, rb.filled());
-                        // Hand this read's events over before the next read: the event queue
-                        // stays as short as one read's frames (a wake-up's worth grew it to
-                        // hundreds of KiB, allocated and freed on every wake-up).
+                        if self.paused {
+                            // Messages wait in the state machine (`process_events` stops
+                            // at the first).
+                            self.conn.handle_input(now, rb.filled());
+                        } else {
+                            // Messages go to the sink as they are decoded: the event queue
+                            // does not grow with the read (a 64 KiB read of small messages
+                            // queued a thousand 120-byte events, allocated and freed on
+                            // every read: most of the echo's page faults).
+                            let (sink, shared) = (&mut self.sink, &self.shared);
+                            self.conn.handle_input_deliver(
+                                now,
+                                rb.filled(),
+                                &mut |payload, seq| {
+                                    sink.event(shared, ConnEvent::Message { payload, seq })
+                                },
+                            );
+                        }
+                        // Hand the rest of this read's events over before the next read.
                         self.process_events(now);
                         // The backlog may have filled with this read's messages.
                         self.paused = self.paused || self.backlog_full();

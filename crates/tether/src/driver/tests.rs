@@ -68,7 +68,7 @@ impl Sink for TestSink {
             shared.requeue_front(std::mem::take(&mut self.requeue));
         }
         if let ConnEvent::Message { payload, .. } = &ev {
-            shared.push_inbox(vec![payload.clone()]);
+            shared.push_inbox(&mut vec![payload.clone()]);
             // A server connection's messages count against the server's backlog (as
             // `ServerSink` does); the test gives them back as its application.
             if let Some(b) = &shared.budgets {
