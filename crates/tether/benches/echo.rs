@@ -256,7 +256,10 @@ fn profile(spec: &str) {
     let size: usize = size.parse().expect("size");
     let n: u64 = n.parse().expect("messages");
     let msg = Bytes::from(vec![0x5au8; size]);
-    let rt = match std::env::var("ECHO_WORKERS").ok().and_then(|w| w.parse().ok()) {
+    let rt = match std::env::var("ECHO_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+    {
         Some(w) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(w)
             .enable_all()
