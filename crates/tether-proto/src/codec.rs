@@ -858,7 +858,7 @@ impl Decoder {
         let mut stats = DecodeStats::default();
         let mut emit = |frame: Frame, stats: &mut DecodeStats| {
             stats.frames += 1;
-            if frame == Frame::Heartbeat {
+            if matches!(frame, Frame::Heartbeat) {
                 stats.heartbeats += 1;
             }
             sink(frame)

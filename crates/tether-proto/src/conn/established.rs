@@ -10,10 +10,15 @@ use crate::liveness::LivenessEvent;
 use crate::reason::{CloseCode, DisconnectReason};
 use crate::session::Received;
 
-use super::{frame_name, Conn, ConnEvent, SendError, State};
+use super::{frame_name, Conn, ConnEvent, Deliver, SendError, State};
 
 impl Conn {
-    pub(super) fn handle_established(&mut self, now: Instant, frame: Frame) {
+    pub(super) fn handle_established(
+        &mut self,
+        now: Instant,
+        frame: Frame,
+        deliver: Option<Deliver<'_, '_>>,
+    ) {
         match frame {
             Frame::Heartbeat => {
                 self.stats.heartbeats_in += 1;
@@ -27,8 +32,7 @@ impl Conn {
             Frame::Data(payload) if self.session.is_none() => {
                 self.stats.messages_in += 1;
                 self.app_data_in_read(now);
-                self.events
-                    .push_back(ConnEvent::Message { payload, seq: None });
+                self.message(payload, None, deliver);
             }
             Frame::SeqData { seq, payload } if self.session.is_some() => {
                 let Some(s) = &mut self.session else { return };
@@ -36,10 +40,7 @@ impl Conn {
                     Received::Deliver => {
                         self.stats.messages_in += 1;
                         self.app_data_in_read(now);
-                        self.events.push_back(ConnEvent::Message {
-                            payload,
-                            seq: Some(seq),
-                        });
+                        self.message(payload, Some(seq), deliver);
                         self.send_due_ack(now);
                     }
                     Received::Duplicate => {}
@@ -151,6 +152,15 @@ impl Conn {
         }
         self.liveness.on_app_data(now);
         Ok(())
+    }
+
+    /// A message for the application: handed to `deliver` when nothing waits before it in
+    /// the event queue (order is kept), queued otherwise.
+    fn message(&mut self, payload: Bytes, seq: Option<u64>, deliver: Option<Deliver<'_, '_>>) {
+        match deliver {
+            Some(d) if self.events.is_empty() => d(payload, seq),
+            _ => self.events.push_back(ConnEvent::Message { payload, seq }),
+        }
     }
 
     /// A message arrived: postpones the idle timeout, once per read (every frame of a read

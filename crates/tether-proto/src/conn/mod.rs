@@ -44,6 +44,9 @@ use crate::liveness::{Liveness, LivenessConfig};
 use crate::reason::{CloseCode, DisconnectReason};
 use crate::session::{Session, SessionConfig};
 
+/// Where [`Conn::handle_input_deliver`] hands messages (payload, sequence number).
+type Deliver<'a, 'f> = &'a mut (dyn FnMut(Bytes, Option<u64>) + 'f);
+
 /// Which end of the connection this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -541,7 +544,7 @@ impl Conn {
         &mut self,
         now: Instant,
         mut data: &[u8],
-        mut on_message: Option<&mut dyn FnMut(Bytes, Option<u64>)>,
+        mut on_message: Option<Deliver<'_, '_>>,
     ) {
         if self.is_closed() || data.is_empty() {
             return;
@@ -564,14 +567,7 @@ impl Conn {
         self.heartbeat_in_this_read = false;
         self.app_data_in_this_read = false;
         let result = decoder.decode(data, |f| {
-            self.handle_frame(now, f);
-            if let Some(deliver) = on_message.as_deref_mut() {
-                while matches!(self.events.front(), Some(ConnEvent::Message { .. })) {
-                    if let Some(ConnEvent::Message { payload, seq }) = self.events.pop_front() {
-                        deliver(payload, seq);
-                    }
-                }
-            }
+            self.handle_frame(now, f, on_message.as_deref_mut());
             !self.is_closed()
         });
         self.decoder = decoder;
@@ -583,9 +579,9 @@ impl Conn {
         }
     }
 
-    fn handle_frame(&mut self, now: Instant, frame: Frame) {
+    fn handle_frame(&mut self, now: Instant, frame: Frame, deliver: Option<Deliver<'_, '_>>) {
         match self.state {
-            State::Established => self.handle_established(now, frame),
+            State::Established => self.handle_established(now, frame, deliver),
             State::Preamble { .. } | State::Closed => {}
             _ => self.handle_handshake_frame(now, frame),
         }

@@ -308,22 +308,33 @@ impl Shared {
 
     /// Queues a message, waiting while the outbox is full. Fails once the connection ended.
     pub(crate) async fn send(&self, msg: Bytes) -> Result<(), Disconnect> {
+        // First without a notification: the usual case (room in the outbox) costs one lock.
+        let mut msg = match self.push_if_room(msg) {
+            Ok(r) => return r,
+            Err(m) => m,
+        };
         loop {
+            // Registered before the next attempt, so room made in between wakes us.
             let notified = self.changed.notified();
-            {
-                let mut inner = self.lock();
-                if let Some(d) = &inner.done {
-                    return Err(d.clone());
-                }
-                if inner.outbox_bytes == 0
-                    || inner.outbox_bytes + msg.len() <= self.limits.outbox_bytes
-                {
-                    push(&mut inner, msg);
-                    return Ok(());
-                }
-            }
+            msg = match self.push_if_room(msg) {
+                Ok(r) => return r,
+                Err(m) => m,
+            };
             notified.await;
         }
+    }
+
+    /// Queues `msg` if the outbox has room (or is empty); gives it back otherwise.
+    fn push_if_room(&self, msg: Bytes) -> Result<Result<(), Disconnect>, Bytes> {
+        let mut inner = self.lock();
+        if let Some(d) = &inner.done {
+            return Ok(Err(d.clone()));
+        }
+        if inner.outbox_bytes == 0 || inner.outbox_bytes + msg.len() <= self.limits.outbox_bytes {
+            push(&mut inner, msg);
+            return Ok(Ok(()));
+        }
+        Err(msg)
     }
 
     /// Queues a message without waiting; `false` when the outbox is full or the connection
