@@ -26,6 +26,13 @@ fn held_for_peer(conn: &tether_proto::Conn) -> usize {
 /// Yields through tokio's deferred wake-up (see the module docs of `driver`): the task runs
 /// again after its worker has polled the I/O driver and the timers, behind what they woke,
 /// not ahead of it.
+///
+/// For every busy connection, paused or not: the starvation it fixed came from unpaused
+/// ones (the detection bench's loaders). What it costs the echo was measured (BENCHMARKS.md,
+/// "fourth pass"): one `epoll_wait` per yield — about 1,100 per million 64 B messages
+/// streamed on two workers, against 60–180 with a self-wake — and no difference in CPU time
+/// per message; in the pipelined (current-thread) echo the budget is not reached and the
+/// syscall counts are identical.
 fn yield_deferred(cx: &mut Context<'_>) {
     // The first poll of `yield_now` puts our waker on the scheduler's deferred list (outside
     // a runtime it wakes at once) and returns Pending; the waker stays there when the future
