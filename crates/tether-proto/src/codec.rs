@@ -521,18 +521,30 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
 /// Appends a DATA frame carrying `payload` (header included).
 pub fn encode_data(payload: &[u8], out: &mut BytesMut) {
     out.reserve(HEADER_LEN + 1 + payload.len());
-    out.put_u32(1 + payload.len() as u32);
-    out.put_u8(ty::DATA);
+    encode_data_header(payload.len(), out);
     out.put_slice(payload);
+}
+
+/// Appends the header of a DATA frame whose `len`-byte payload follows it on the wire
+/// (a transmit queue that sends the payload from where it is, not copied).
+pub fn encode_data_header(len: usize, out: &mut BytesMut) {
+    out.put_u32(1 + len as u32);
+    out.put_u8(ty::DATA);
 }
 
 /// Appends a SEQ_DATA frame carrying `payload` with sequence number `seq`.
 pub fn encode_seq_data(seq: u64, payload: &[u8], out: &mut BytesMut) {
     out.reserve(HEADER_LEN + 9 + payload.len());
-    out.put_u32(9 + payload.len() as u32);
+    encode_seq_data_header(seq, payload.len(), out);
+    out.put_slice(payload);
+}
+
+/// Appends the header of a SEQ_DATA frame with sequence number `seq` whose `len`-byte
+/// payload follows it on the wire (see [`encode_data_header`]).
+pub fn encode_seq_data_header(seq: u64, len: usize, out: &mut BytesMut) {
+    out.put_u32(9 + len as u32);
     out.put_u8(ty::SEQ_DATA);
     out.put_u64(seq);
-    out.put_slice(payload);
 }
 
 /// The encoded size of a DATA frame with a payload of `len` bytes.

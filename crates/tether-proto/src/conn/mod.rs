@@ -3,8 +3,17 @@
 //! The driver feeds it what the transport delivered ([`Conn::handle_input`]), what happened
 //! to the transport ([`Conn::handle_eof`], [`Conn::handle_transport_error`]) and the time
 //! ([`Conn::handle_timeout`] when [`Conn::poll_timeout`] is due); it writes out
-//! [`Conn::pending_transmit`] and reports progress with [`Conn::transmitted`]; it hands
-//! [`Conn::poll_event`] to the application.
+//! [`Conn::transmit_chunks`] (or [`Conn::pending_transmit`], one chunk at a time) and reports
+//! progress with [`Conn::transmitted`]; it hands [`Conn::poll_event`] to the application.
+//!
+//! What waits to be written is a queue of chunks: frames are encoded into one transmit
+//! buffer, except that a message payload of at least [`SHARE_PAYLOAD_FROM`] bytes is queued
+//! as the `Bytes` the application gave (the one the session's replay buffer also holds), right
+//! behind its frame header, and the driver writes the chunks with one vectored write:
+//!
+//! ```text
+//!  queued: [ frames before ‖ SEQ_DATA header ] [ payload (shared, not copied) ] ...  out: [ later frames ]
+//! ```
 //!
 //! ```text
 //!  client                                  server
@@ -29,8 +38,10 @@
 mod credential;
 mod established;
 mod handshake;
+mod transmit;
 
 pub use credential::RefreshError;
+pub use transmit::SHARE_PAYLOAD_FROM;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
@@ -288,7 +299,11 @@ pub struct Conn {
     cfg: Arc<ConnConfig>,
     state: State,
     decoder: Decoder,
+    /// Frames to write, behind the chunks in `queued`.
     out: BytesMut,
+    /// Chunks to write before `out` (large payloads, shared, and the frames before them);
+    /// `None` when there are none (boxed: an idle connection carries only the pointer).
+    queued: Option<Box<transmit::Queued>>,
     events: VecDeque<ConnEvent>,
     /// The liveness engine. It exists from the start so that it is the one record of when
     /// anything was received; its timers are consulted only once established.
@@ -313,7 +328,9 @@ pub struct Conn {
     session: Option<Box<Session>>,
     /// Client: a session was asked for. Server: the client's resume position, if it resumes.
     want_session: bool,
-    peer_resume: Option<u64>,
+    /// (0: from the start, as when it does not resume; a plain `u64` keeps `Conn` within
+    /// its size bound after the transmit queue's pointer was added).
+    peer_resume: u64,
     /// The credential: expiry (server), refresh (client), AUTH in progress.
     /// Boxed, created on first use: a connection without a credential carries 8 bytes.
     cred: Option<Box<credential::CredentialState>>,
@@ -380,6 +397,7 @@ impl Conn {
                 got: 0,
             },
             out: BytesMut::new(),
+            queued: None,
             events: VecDeque::new(),
             liveness: Liveness::new(now, liveness),
             was_established: false,
@@ -391,7 +409,7 @@ impl Conn {
             frame_head_got: 0,
             session: None,
             want_session: false,
-            peer_resume: None,
+            peer_resume: 0,
             cred: None,
             stats: ConnStats::default(),
         }
@@ -446,7 +464,9 @@ impl Conn {
         self.was_established.then_some(&self.liveness)
     }
 
-    /// Capacity held by the decode and transmit buffers (0 for an idle connection).
+    /// Capacity held by the decode and transmit buffers (0 for an idle connection). Large
+    /// payloads queued by reference are not counted: they are the application's `Bytes`
+    /// (held by the session's replay buffer too).
     pub fn buffer_capacity(&self) -> usize {
         self.decoder.buffer_capacity() + self.out.capacity()
     }
@@ -644,21 +664,65 @@ impl Conn {
         );
     }
 
-    /// Bytes waiting to be written to the transport.
+    /// The next bytes waiting to be written to the transport: the first chunk of
+    /// [`transmit_chunks`](Self::transmit_chunks). Empty when nothing waits; a driver that
+    /// writes one chunk at a time calls it again after [`transmitted`](Self::transmitted).
     pub fn pending_transmit(&self) -> &[u8] {
-        &self.out
+        match &self.queued {
+            Some(q) => q.front(),
+            None => &self.out,
+        }
     }
 
-    /// Makes room for `additional` more bytes of [`pending_transmit`](Self::pending_transmit)
-    /// in one allocation, before queuing that many (a driver moving a batch of messages).
+    /// All bytes waiting to be written, in order, as chunks (none empty): for one vectored
+    /// write. Large message payloads are chunks of their own, not copied (see the module
+    /// docs).
+    pub fn transmit_chunks(&self) -> impl Iterator<Item = &[u8]> {
+        let queued = self.queued.iter().flat_map(|q| q.chunks());
+        queued.chain((!self.out.is_empty()).then_some(&self.out[..]))
+    }
+
+    /// How many bytes wait to be written (all of [`transmit_chunks`](Self::transmit_chunks)).
+    pub fn pending_transmit_len(&self) -> usize {
+        self.queued.as_ref().map_or(0, |q| q.len()) + self.out.len()
+    }
+
+    /// The transmit-buffer bytes that queuing messages of these lengths copies (a large
+    /// payload is queued by reference: only its header is copied), for
+    /// [`reserve_transmit`](Self::reserve_transmit).
+    pub fn transmit_copy_len(&self, payload_len: usize) -> usize {
+        let header = if self.session.is_some() {
+            codec::seq_data_frame_len(0)
+        } else {
+            codec::data_frame_len(0)
+        };
+        if payload_len >= SHARE_PAYLOAD_FROM {
+            header
+        } else {
+            header + payload_len
+        }
+    }
+
+    /// Makes room for `additional` more bytes in the transmit buffer in one allocation,
+    /// before queuing that many (a driver moving a batch of messages; see
+    /// [`transmit_copy_len`](Self::transmit_copy_len)).
     pub fn reserve_transmit(&mut self, additional: usize) {
         self.out.reserve(additional);
     }
 
-    /// The driver wrote `n` bytes of [`pending_transmit`](Self::pending_transmit).
+    /// The driver wrote the first `n` bytes of [`transmit_chunks`](Self::transmit_chunks)
+    /// (across chunks, as a vectored write does).
     pub fn transmitted(&mut self, n: usize) {
-        let n = n.min(self.out.len());
+        let mut n = n.min(self.pending_transmit_len());
         self.stats.bytes_out += n as u64;
+        if let Some(q) = &mut self.queued {
+            n = q.consume(n);
+            if q.is_empty() {
+                self.queued = None;
+            } else {
+                return;
+            }
+        }
         if n == self.out.len() {
             // Release the buffer: an idle connection holds none.
             self.out = BytesMut::new();

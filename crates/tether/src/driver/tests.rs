@@ -202,7 +202,7 @@ impl Peer {
     }
 
     async fn flush(&mut self) {
-        let out = self.conn.pending_transmit().to_vec();
+        let out = self.conn.transmit_chunks().collect::<Vec<_>>().concat();
         self.io.write_all(&out).await.unwrap();
         self.conn.transmitted(out.len());
     }
@@ -737,7 +737,7 @@ async fn a_connection_stopped_inside_a_frame_resumes_when_the_backlog_has_room()
     assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
     // The next message arrives in two halves; the first is read while paused.
     peer.conn.send(now(), &[7; 100]).unwrap();
-    let frame = peer.conn.pending_transmit().to_vec();
+    let frame = peer.conn.transmit_chunks().collect::<Vec<_>>().concat();
     peer.conn.transmitted(frame.len());
     let (head, tail) = frame.split_at(frame.len() / 2);
     peer.io.write_all(head).await.unwrap();
