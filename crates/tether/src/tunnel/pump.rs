@@ -226,21 +226,7 @@ async fn app_to_peer(
         let room = allowed.min(buf.capacity() - 1);
         buf.put_u8(kind::DATA);
         // At most the credit's worth: a read can never take more than was granted.
-        let read = if buffers.holds_spares() {
-            // An application that stopped sending does not keep the spares: the read is
-            // cancel-safe (nothing is taken from the socket until it completes) and starts
-            // over without them.
-            match tokio::time::timeout(SPARE_IDLE, app.read_some(&mut buf, room)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    buffers.release();
-                    app.read_some(&mut buf, room).await
-                }
-            }
-        } else {
-            app.read_some(&mut buf, room).await
-        };
-        let read = match read {
+        let read = match buffers.read(app, &mut buf, room).await {
             Ok(r) => r,
             Err(e) => return Err(TunnelEnd::LocalReset(format!("read: {e}"))),
         };
@@ -275,6 +261,8 @@ async fn app_to_peer(
 struct ReadBuffers {
     /// Oldest first: each still shares its allocation with the messages read into it.
     spares: VecDeque<BytesMut>,
+    /// A buffer was handed out (the first `used` is the pump's empty initial one).
+    started: bool,
 }
 
 impl ReadBuffers {
@@ -292,7 +280,9 @@ impl ReadBuffers {
             }
             None => BytesMut::with_capacity(1 + CHUNK),
         };
-        self.spares.push_back(used);
+        if std::mem::replace(&mut self.started, true) {
+            self.spares.push_back(used);
+        }
         if self.spares.len() > SPARE_BUFFERS {
             // Its messages are still queued: they free it when they go.
             self.spares.pop_front();
@@ -300,12 +290,25 @@ impl ReadBuffers {
         fresh
     }
 
-    fn holds_spares(&self) -> bool {
-        !self.spares.is_empty()
-    }
-
-    fn release(&mut self) {
-        self.spares = VecDeque::new();
+    /// Reads into `buf` (see [`AppStream::read_some`]); the spares are released when the
+    /// application sends nothing for [`SPARE_IDLE`] (the read is cancel-safe: nothing is
+    /// taken from the socket until it completes, and it starts over without them).
+    async fn read(
+        &mut self,
+        app: &impl AppStream,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> std::io::Result<usize> {
+        if self.spares.is_empty() {
+            return app.read_some(buf, max).await;
+        }
+        match tokio::time::timeout(SPARE_IDLE, app.read_some(buf, max)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.spares = VecDeque::new();
+                app.read_some(buf, max).await
+            }
+        }
     }
 }
 
@@ -382,9 +385,54 @@ mod tests {
         assert_eq!(third.as_ptr(), at, "the freed buffer is reused");
         assert!(third.capacity() > CHUNK && third.is_empty());
         drop(more);
-        // Quiet: the spares go.
-        buffers.release();
-        assert!(!buffers.holds_spares());
+        assert!(!buffers.spares.is_empty());
+    }
+
+    /// An application that stops sending leaves the tunnel holding one read buffer, not the
+    /// spares of its last burst.
+    #[tokio::test(start_paused = true)]
+    async fn the_spares_go_when_the_application_is_quiet() {
+        let (app, mut program) = tokio::io::duplex(1 << 20);
+        let mut buffers = ReadBuffers::default();
+        let mut buf = buffers.next(BytesMut::new());
+        let _queued = fill(&mut buf);
+        buf = buffers.next(buf);
+        assert_eq!(buffers.spares.len(), 1);
+        let (app, _) = super::super::tests::MemApp::new(app);
+        let t0 = tokio::time::Instant::now();
+        let read = tokio::spawn(async move {
+            let n = buffers.read(&app, &mut buf, 100).await.unwrap();
+            (n, buffers.spares.len(), tokio::time::Instant::now() - t0)
+        });
+        // Still sending within the idle time: the spares stay.
+        tokio::time::sleep(SPARE_IDLE - Duration::from_millis(1)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut program, b"x")
+            .await
+            .unwrap();
+        let (n, spares, at) = read.await.unwrap();
+        assert_eq!((n, spares), (1, 1));
+        assert_eq!(at, SPARE_IDLE - Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_spares_are_released_after_the_idle_time() {
+        let (app, mut program) = tokio::io::duplex(1 << 20);
+        let mut buffers = ReadBuffers::default();
+        let mut buf = buffers.next(BytesMut::new());
+        let _queued = fill(&mut buf);
+        buf = buffers.next(buf);
+        let (app, _) = super::super::tests::MemApp::new(app);
+        let read = tokio::spawn(async move {
+            let n = buffers.read(&app, &mut buf, 100).await.unwrap();
+            (n, buffers.spares.len())
+        });
+        // Quiet for longer: released while the read goes on waiting, and the bytes that come
+        // later are read all the same.
+        tokio::time::sleep(SPARE_IDLE * 3).await;
+        tokio::io::AsyncWriteExt::write_all(&mut program, b"later")
+            .await
+            .unwrap();
+        assert_eq!(read.await.unwrap(), (5, 0));
     }
 
     #[test]
