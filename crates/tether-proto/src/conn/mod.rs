@@ -566,6 +566,52 @@ impl Conn {
         }
     }
 
+    /// How many more bytes of the frame received in part may be read straight into its
+    /// buffer now (0 when none, and once closed; see [`Decoder::frame_room`]): a driver may
+    /// read up to that many into [`frame_body_buf`](Self::frame_body_buf) and report them
+    /// with [`handle_frame_body`](Self::handle_frame_body) rather than hand a copy to
+    /// [`handle_input`](Self::handle_input). A large message is then read once, into the
+    /// buffer it is delivered in.
+    pub fn frame_room(&self) -> usize {
+        if self.is_closed() {
+            return 0;
+        }
+        self.decoder.frame_room()
+    }
+
+    /// The buffer of the frame received in part, with room for at most `max` more of its
+    /// bytes (never more than [`frame_room`](Self::frame_room)). Report what was put there
+    /// with [`handle_frame_body`](Self::handle_frame_body).
+    pub fn frame_body_buf(&mut self, max: usize) -> bytes::buf::Limit<&mut BytesMut> {
+        self.decoder.frame_body_buf(max)
+    }
+
+    /// `n` bytes were read into [`frame_body_buf`](Self::frame_body_buf): what
+    /// [`handle_input`](Self::handle_input) does for bytes received, for bytes already in
+    /// place (the frame is handled once whole).
+    pub fn handle_frame_body(&mut self, now: Instant, n: usize) {
+        if self.is_closed() || n == 0 {
+            return;
+        }
+        self.stats.bytes_in += n as u64;
+        self.liveness.on_receive(now);
+        self.drain_liveness(now);
+        let mut decoder =
+            std::mem::replace(&mut self.decoder, Decoder::new(self.cfg.max_frame_len));
+        self.heartbeat_in_this_read = false;
+        let result = decoder.decode(&[], |f| {
+            self.handle_frame(now, f);
+            !self.is_closed()
+        });
+        self.decoder = decoder;
+        self.track_frame_head(&[]);
+        if let Err(e) = result {
+            if !self.is_closed() {
+                self.protocol_error(now, e.to_string());
+            }
+        }
+    }
+
     fn handle_frame(&mut self, now: Instant, frame: Frame) {
         match self.state {
             State::Established => self.handle_established(now, frame),

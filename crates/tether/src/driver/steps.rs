@@ -28,6 +28,11 @@ fn held_for_peer(conn: &tether_proto::Conn) -> usize {
 /// few headers and payloads (256 KiB of 64 KiB messages: 8 chunks, plus the frames after).
 const WRITE_SLICES: usize = 16;
 
+/// When at least this much of a frame received in part may be read straight into the
+/// frame's buffer (`Conn::frame_room`), it is; less is read on the stack with whatever
+/// follows it.
+const DIRECT_READ_FROM: usize = 16 * 1024;
+
 /// Yields through tokio's deferred wake-up (see the module docs of `driver`): the task runs
 /// again after its worker has polled the I/O driver and the timers, behind what they woke,
 /// not ahead of it.
@@ -274,21 +279,41 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             } else {
                 READ_CHUNK
             };
+            let max = chunk.min(READ_BUDGET - bytes);
+            // The rest of a large frame goes straight into the buffer it is delivered in
+            // (not via the stack and a copy); the same bytes per read and per wake-up.
+            let room = if self.paused {
+                0
+            } else {
+                self.conn.frame_room()
+            };
+            let mut direct = None;
             // Uninitialised: zeroing the buffer on every read attempt (Pending ones included)
             // was most of the driver's CPU time. `ReadBuf` tracks what was filled.
             let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-            let mut rb = ReadBuf::uninit(&mut buf[..chunk.min(READ_BUDGET - bytes)]);
-            let polled = Pin::new(&mut self.io).poll_read(cx, &mut rb);
+            let mut rb = ReadBuf::uninit(&mut buf[..max]);
+            let polled = if room >= DIRECT_READ_FROM {
+                let mut body = self.conn.frame_body_buf(max);
+                let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut body);
+                polled.map_ok(|n| direct = Some(n))
+            } else {
+                Pin::new(&mut self.io).poll_read(cx, &mut rb)
+            };
             let pending = polled.is_pending();
             match polled {
                 Poll::Ready(Ok(())) => {
+                    let n = direct.unwrap_or(rb.filled().len());
                     reads += 1;
-                    bytes += rb.filled().len();
-                    if rb.filled().is_empty() {
+                    bytes += n;
+                    if n == 0 {
                         self.read_done = true;
                         self.conn.handle_eof(now);
                     } else {
-                        self.conn.handle_input(now, rb.filled());
+                        if direct.is_some() {
+                            self.conn.handle_frame_body(now, n);
+                        } else {
+                            self.conn.handle_input(now, rb.filled());
+                        }
                         // Hand this read's events over before the next read: the event queue
                         // stays as short as one read's frames (a wake-up's worth grew it to
                         // hundreds of KiB, allocated and freed on every wake-up).

@@ -969,6 +969,46 @@ async fn partial_frames_never_take_the_server_past_its_budget() {
     assert_eq!(budgets.frames.used(), 0);
 }
 
+/// A large message arriving in pieces is read into its own buffer (after its first piece,
+/// `Conn::frame_body_buf`) and delivered whole, with the frames before and after it, and
+/// the partial-frame budget is all given back.
+#[tokio::test(start_paused = true)]
+async fn a_large_message_arriving_in_pieces_is_read_in_place_and_delivered_whole() {
+    let budgets = Arc::new(Budgets::new(1 << 20, 4 << 20, 1 << 20));
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::server(Limits::default(), budgets.clone());
+    let sink = TestSink::default();
+    let log = sink.log.clone();
+    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+    tokio::spawn(drive(io, conn, shared, sink));
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let mut wire = BytesMut::new();
+    codec::encode_data(b"before", &mut wire);
+    codec::encode_data(&big, &mut wire);
+    codec::encode_data(b"after", &mut wire);
+    for piece in wire.chunks(10_000) {
+        peer.io.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let got: Vec<Vec<u8>> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ConnEvent::Message { payload, .. } => Some(payload.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![b"before".to_vec(), big, b"after".to_vec()]);
+    assert_eq!(budgets.frames.used(), 0);
+}
+
 /// A server driver accepting as `tether::Server` does (answering heartbeats), and a
 /// hand-driven client established with it. Returns the server's shared state, its task, the
 /// client and the instant of the WELCOME.
