@@ -10,7 +10,7 @@ use crate::liveness::LivenessEvent;
 use crate::reason::{CloseCode, DisconnectReason};
 use crate::session::Received;
 
-use super::{frame_name, Conn, ConnEvent, Deliver, SendError, State};
+use super::{frame_name, transmit, Conn, ConnEvent, Deliver, SendError, State};
 
 impl Conn {
     pub(super) fn handle_established(
@@ -144,7 +144,8 @@ impl Conn {
                 self.pump_session(now);
             }
             None => {
-                codec::encode_data(payload, &mut self.out);
+                codec::encode_data_header(payload.len(), &mut self.out);
+                transmit::queue_payload(&mut self.out, &mut self.queued, payload);
                 self.stats.messages_out += 1;
                 self.liveness.on_app_send(now);
                 return Ok(());
@@ -178,7 +179,8 @@ impl Conn {
         let Some(s) = &mut self.session else { return };
         let mut sent = false;
         while let Some((seq, msg)) = s.next_to_send() {
-            codec::encode_seq_data(seq, &msg, &mut self.out);
+            codec::encode_seq_data_header(seq, msg.len(), &mut self.out);
+            transmit::queue_payload(&mut self.out, &mut self.queued, &msg);
             self.stats.messages_out += 1;
             sent = true;
         }
@@ -214,7 +216,7 @@ impl Conn {
             match ev {
                 // Bytes still waiting to be written already prove we are alive when they
                 // arrive; a heartbeat queued behind them would only pile up (DESIGN §4).
-                LivenessEvent::SendHeartbeat if self.out.is_empty() => {
+                LivenessEvent::SendHeartbeat if self.pending_transmit_len() == 0 => {
                     codec::encode(&Frame::Heartbeat, &mut self.out)
                 }
                 LivenessEvent::SendHeartbeat => {}
