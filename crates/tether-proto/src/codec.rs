@@ -521,18 +521,30 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
 /// Appends a DATA frame carrying `payload` (header included).
 pub fn encode_data(payload: &[u8], out: &mut BytesMut) {
     out.reserve(HEADER_LEN + 1 + payload.len());
-    out.put_u32(1 + payload.len() as u32);
-    out.put_u8(ty::DATA);
+    encode_data_header(payload.len(), out);
     out.put_slice(payload);
+}
+
+/// Appends the header of a DATA frame whose `len`-byte payload follows it on the wire
+/// (a transmit queue that sends the payload from where it is, not copied).
+pub fn encode_data_header(len: usize, out: &mut BytesMut) {
+    out.put_u32(1 + len as u32);
+    out.put_u8(ty::DATA);
 }
 
 /// Appends a SEQ_DATA frame carrying `payload` with sequence number `seq`.
 pub fn encode_seq_data(seq: u64, payload: &[u8], out: &mut BytesMut) {
     out.reserve(HEADER_LEN + 9 + payload.len());
-    out.put_u32(9 + payload.len() as u32);
+    encode_seq_data_header(seq, payload.len(), out);
+    out.put_slice(payload);
+}
+
+/// Appends the header of a SEQ_DATA frame with sequence number `seq` whose `len`-byte
+/// payload follows it on the wire (see [`encode_data_header`]).
+pub fn encode_seq_data_header(seq: u64, len: usize, out: &mut BytesMut) {
+    out.put_u32(9 + len as u32);
     out.put_u8(ty::SEQ_DATA);
     out.put_u64(seq);
-    out.put_slice(payload);
 }
 
 /// The encoded size of a DATA frame with a payload of `len` bytes.
@@ -836,6 +848,49 @@ impl Decoder {
         self.partial.capacity()
     }
 
+    /// How many more bytes of the frame held in part may be read straight into its buffer
+    /// now ([`frame_body_buf`](Self::frame_body_buf)) instead of decoded from a copy: what
+    /// the frame still misses once its length header is complete (and within the limit), at
+    /// most three times what arrived (the buffer stays within four times what was received,
+    /// as in [`decode`](Self::decode)); 0 otherwise.
+    pub fn frame_room(&self) -> usize {
+        self.frame_rest().min(self.partial.len().saturating_mul(3))
+    }
+
+    /// Bytes still missing from the frame held in part, once its length header is complete
+    /// (and within the limit); 0 otherwise.
+    fn frame_rest(&self) -> usize {
+        if self.partial.len() < HEADER_LEN {
+            return 0;
+        }
+        let len = u32::from_be_bytes([
+            self.partial[0],
+            self.partial[1],
+            self.partial[2],
+            self.partial[3],
+        ]);
+        if self.check_len(len).is_err() {
+            return 0;
+        }
+        (HEADER_LEN + len as usize).saturating_sub(self.partial.len())
+    }
+
+    /// The buffer of the frame held in part, with room for at most `max` more of its bytes
+    /// and never more than [`frame_room`](Self::frame_room) (so never beyond the frame, and
+    /// the buffer grows to at most four times what arrived, or the frame's size). Whatever
+    /// is put into it is part of the frame; [`decode`](Self::decode) with no input then
+    /// yields the frame once it is whole.
+    pub fn frame_body_buf(&mut self, max: usize) -> bytes::buf::Limit<&mut BytesMut> {
+        let len = self.partial.len();
+        let n = self.frame_room().min(max);
+        if len + n > self.partial.capacity() {
+            let total = len + self.frame_rest();
+            let grow_to = len.saturating_mul(4).min(total).max(len + n);
+            self.partial.reserve(grow_to - len);
+        }
+        (&mut self.partial).limit(n)
+    }
+
     fn check_len(&self, len: u32) -> Result<(), DecodeError> {
         if len > self.max_frame_len {
             Err(DecodeError::Oversize {
@@ -858,7 +913,7 @@ impl Decoder {
         let mut stats = DecodeStats::default();
         let mut emit = |frame: Frame, stats: &mut DecodeStats| {
             stats.frames += 1;
-            if frame == Frame::Heartbeat {
+            if matches!(frame, Frame::Heartbeat) {
                 stats.heartbeats += 1;
             }
             sink(frame)
@@ -938,6 +993,14 @@ impl Decoder {
         }
         input = &input[at..];
         if !input.is_empty() {
+            // The start of a frame: room for up to four times what arrived (as above), so
+            // the rest, read here or straight into this buffer, does not move it again.
+            if input.len() >= HEADER_LEN {
+                let total = HEADER_LEN
+                    + u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
+                self.partial
+                    .reserve(input.len().saturating_mul(4).min(total).max(input.len()));
+            }
             self.partial.extend_from_slice(input);
         }
         Ok(stats)

@@ -7,9 +7,10 @@
 //!
 //! ```text
 //!            bytes in                          bytes out
-//!   socket ───────────▶ Conn::handle_input     Conn::pending_transmit ───────────▶ socket
-//!                        │  codec::Decoder       ▲  codec::encode
-//!                        ▼                       │
+//!   socket ───────────▶ Conn::handle_input     Conn::transmit_chunks ────────────▶ socket
+//!   (a large frame's     │  codec::Decoder       ▲  codec::encode      (one vectored write;
+//!    rest: frame_body_buf)                       │                      large payloads by
+//!                        ▼                       │                      reference)
 //!   now ──────────────▶ Liveness (timers as data: heartbeat, dead, suspect, idle, ping)
 //!                        │
 //!                        ▼

@@ -370,6 +370,15 @@ impl Liveness {
         self.last_app = self.last_app.max(self.off(now));
     }
 
+    /// An application message was sent: [`on_send`](Self::on_send) and
+    /// [`on_app_data`](Self::on_app_data) at once (the clock is read into an offset once; a
+    /// driver moving a batch of small messages calls this for each).
+    pub fn on_app_send(&mut self, now: Instant) {
+        let off = self.off(now);
+        self.last_tx = self.last_tx.max(off);
+        self.last_app = self.last_app.max(off);
+    }
+
     /// A PONG arrived. Unknown nonces are ignored.
     pub fn on_pong(&mut self, now: Instant, nonce: u64) {
         let Some(rtt) = self.rtt.as_deref_mut() else {

@@ -806,3 +806,87 @@ fn a_large_frame_read_in_pieces_is_whole_and_its_buffer_stays_within_twice_its_s
         other => panic!("decoded {} frames", other.len()),
     }
 }
+
+/// The rest of a large frame read straight into the frame's buffer (what a driver does to
+/// avoid a copy): the frame comes out whole and equal, the reads never take a byte of the
+/// next frame, the buffer stays within four times what arrived (or the frame's size), and
+/// the payload is delivered in the very buffer it was read into.
+#[test]
+fn the_rest_of_a_large_frame_is_read_into_its_own_buffer() {
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut wire = BytesMut::new();
+    codec::encode_seq_data(42, &payload, &mut wire);
+    codec::encode(&Frame::Heartbeat, &mut wire);
+    let wire = wire.freeze();
+    let frame_len = wire.len() - HEADER_LEN;
+    let mut d = Decoder::new(1 << 20);
+    let mut got = Vec::new();
+    // The frame's start arrives the usual way.
+    let first = 20_000;
+    d.decode(&wire[..first], |f| {
+        got.push(f);
+        true
+    })
+    .unwrap();
+    assert!(got.is_empty());
+    let mut at = first;
+    let mut body_ptr = None;
+    while d.frame_room() > 0 {
+        let room = d.frame_room();
+        assert!(
+            room <= 3 * d.buffered(),
+            "room {room} for {} held",
+            d.buffered()
+        );
+        let mut buf = d.frame_body_buf(64 * 1024);
+        let n = bytes::BufMut::remaining_mut(&buf).min(wire.len() - at);
+        bytes::BufMut::put_slice(&mut buf, &wire[at..at + n]);
+        at += n;
+        assert!(at <= frame_len, "read into the next frame");
+        assert!(
+            d.buffer_capacity() <= (4 * d.buffered()).max(frame_len),
+            "capacity {} for {} held",
+            d.buffer_capacity(),
+            d.buffered()
+        );
+        body_ptr = Some(d.frame_body_buf(0).get_ref().as_ptr());
+        d.decode(&[], |f| {
+            got.push(f);
+            true
+        })
+        .unwrap();
+    }
+    assert_eq!(at, frame_len, "the whole frame was read in place");
+    match &got[..] {
+        [Frame::SeqData {
+            seq: 42,
+            payload: p,
+        }] => {
+            assert_eq!(&p[..], &payload[..]);
+            let start = body_ptr.unwrap();
+            assert_eq!(p.as_ptr(), start.wrapping_add(HEADER_LEN + 9), "not copied");
+        }
+        other => panic!("unexpected frames {other:?}"),
+    }
+    assert_eq!(d.buffer_capacity(), 0, "the buffer went with the frame");
+    // What follows is decoded the usual way.
+    d.decode(&wire[at..], |f| {
+        got.push(f);
+        true
+    })
+    .unwrap();
+    assert_eq!(got.last(), Some(&Frame::Heartbeat));
+}
+
+#[test]
+fn no_room_to_read_in_place_without_a_whole_length_header_or_past_the_limit() {
+    let mut d = Decoder::new(1000);
+    d.decode(&[0, 0, 1], |_| true).unwrap();
+    assert_eq!(d.frame_room(), 0, "length header incomplete");
+    let mut d = Decoder::new(1000);
+    d.decode(&[0, 0, 0, 10, 1, 2], |_| true).unwrap();
+    assert_eq!(d.frame_room(), 8);
+    let mut d = Decoder::new(1000);
+    assert!(d.decode(&[0, 0, 0x10, 0, 1], |_| true).is_err());
+    assert_eq!(d.frame_room(), 0, "oversize frame");
+}

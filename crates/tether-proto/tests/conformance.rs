@@ -366,7 +366,7 @@ impl Runner {
     }
 
     fn collect(&mut self) {
-        let bytes = self.conn.pending_transmit().to_vec();
+        let bytes = self.conn.transmit_chunks().collect::<Vec<_>>().concat();
         self.conn.transmitted(bytes.len());
         if !bytes.is_empty() {
             self.out.push((self.at(), bytes));

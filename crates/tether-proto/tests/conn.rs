@@ -57,7 +57,7 @@ fn events(c: &mut Conn) -> Vec<ConnEvent> {
 
 /// Takes everything `c` wants to send.
 fn take_out(c: &mut Conn) -> Vec<u8> {
-    let v = c.pending_transmit().to_vec();
+    let v = c.transmit_chunks().collect::<Vec<_>>().concat();
     c.transmitted(v.len());
     v
 }
@@ -247,7 +247,7 @@ impl Pair {
 fn handshake_in_memory_then_messages_both_ways() {
     let mut p = Pair::new();
     // The client queued its preamble and HELLO at construction.
-    let first = p.client.pending_transmit().to_vec();
+    let first = p.client.transmit_chunks().collect::<Vec<_>>().concat();
     assert_eq!(&first[..5], b"TTHR\x01");
     assert_eq!(frames(&first[5..]), vec![Frame::Hello(hello("c1"))]);
     assert!(!p.client.is_established());
@@ -1574,4 +1574,134 @@ fn refresh_credential_says_why_it_cannot_send() {
         .refresh_credential(sent_at, Credential::from(&b"t"[..]))
         .unwrap();
     assert_eq!(p.client.poll_timeout(), Some(sent_at + H));
+}
+
+/// `handle_input_deliver` hands each message over as it is decoded (nothing waits in the
+/// event queue), and the idle timeout is postponed by the read as with `handle_input`.
+#[test]
+fn handle_input_deliver_hands_messages_over_as_they_are_decoded() {
+    let mut p = Pair::established();
+    let t0 = p.t0;
+    for m in [&b"one"[..], b"two", b"three"] {
+        p.client.send(t0 + ms(10), m).unwrap();
+    }
+    let bytes = take_out(&mut p.client);
+    let mut got = Vec::new();
+    p.server
+        .handle_input_deliver(t0 + ms(10), &bytes, &mut |payload, seq| {
+            got.push((payload, seq))
+        });
+    assert_eq!(
+        got,
+        vec![
+            (bytes::Bytes::from_static(b"one"), None),
+            (bytes::Bytes::from_static(b"two"), None),
+            (bytes::Bytes::from_static(b"three"), None),
+        ]
+    );
+    assert_eq!(events(&mut p.server), vec![]);
+    assert_eq!(p.server.stats().messages_in, 3);
+}
+
+/// Order is kept: an event queued before the messages (here `Recovered`, which the bytes
+/// themselves cause) holds them in the queue, behind it, for `poll_event`.
+#[test]
+fn handle_input_deliver_keeps_messages_behind_an_earlier_event() {
+    let mut p = Pair::new();
+    let mut l = server_liveness();
+    l.suspect_after = Some(H + ms(500));
+    p.accept = Some(l);
+    p.pump();
+    let t0 = p.t0;
+    p.server.handle_timeout(t0 + H + ms(500));
+    assert!(matches!(
+        events(&mut p.server).last(),
+        Some(ConnEvent::Suspect { .. })
+    ));
+    p.client.send(t0 + 2 * H, b"back").unwrap();
+    p.client.send(t0 + 2 * H, b"again").unwrap();
+    let mut got = Vec::new();
+    p.server
+        .handle_input_deliver(t0 + 2 * H, &take_out(&mut p.client), &mut |payload, seq| {
+            got.push((payload, seq))
+        });
+    assert!(got.is_empty(), "handed over ahead of Recovered: {got:?}");
+    assert_eq!(
+        events(&mut p.server),
+        vec![
+            ConnEvent::Recovered { silent_for: 2 * H },
+            ConnEvent::Message {
+                payload: bytes::Bytes::from_static(b"back"),
+                seq: None
+            },
+            ConnEvent::Message {
+                payload: bytes::Bytes::from_static(b"again"),
+                seq: None
+            }
+        ]
+    );
+}
+
+/// A large message payload is queued by reference (not copied into the transmit buffer)
+/// and reaches the wire right behind its header, in order with the frames around it, however
+/// the driver's writes cut the chunks.
+#[test]
+fn large_payloads_are_queued_by_reference_and_leave_in_order() {
+    let mut p = Pair::established();
+    let now = p.now;
+    let big = bytes::Bytes::from(vec![7u8; tether_proto::conn::SHARE_PAYLOAD_FROM + 1000]);
+    p.client.send(now, b"small before").unwrap();
+    p.client.send_bytes(now, &big).unwrap();
+    p.client.send(now, b"small after").unwrap();
+    // Only the frames and headers were copied: the payload is the caller's `Bytes`.
+    assert!(
+        p.client.buffer_capacity() < 4096,
+        "transmit buffer holds {} bytes",
+        p.client.buffer_capacity()
+    );
+    let mut expected = BytesMut::new();
+    codec::encode_data(b"small before", &mut expected);
+    codec::encode_data(&big, &mut expected);
+    codec::encode_data(b"small after", &mut expected);
+    assert_eq!(p.client.pending_transmit_len(), expected.len());
+    let chunks: Vec<&[u8]> = p.client.transmit_chunks().collect();
+    assert_eq!(chunks.len(), 3, "frames + header, payload, later frames");
+    assert_eq!(
+        chunks[1].as_ptr(),
+        big.as_ptr(),
+        "the payload is not copied"
+    );
+    // Written in pieces that end inside and across chunks, as vectored writes do.
+    let mut wire = Vec::new();
+    for n in [5, 20, 3000, 20_000, 1, usize::MAX] {
+        let all = p.client.transmit_chunks().collect::<Vec<_>>().concat();
+        let n = n.min(all.len());
+        assert_eq!(p.client.pending_transmit_len(), all.len());
+        wire.extend_from_slice(&all[..n]);
+        p.client.transmitted(n);
+    }
+    assert_eq!(wire, &expected[..]);
+    assert!(p.client.pending_transmit().is_empty());
+    assert_eq!(p.client.pending_transmit_len(), 0);
+    assert_eq!(
+        p.client.buffer_capacity(),
+        0,
+        "the buffer is released once written"
+    );
+    p.server.handle_input(now, &wire);
+    let got: Vec<Vec<u8>> = events(&mut p.server)
+        .into_iter()
+        .filter_map(|e| match e {
+            ConnEvent::Message { payload, .. } => Some(payload.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            b"small before".to_vec(),
+            big.to_vec(),
+            b"small after".to_vec()
+        ]
+    );
 }

@@ -65,7 +65,14 @@ impl App {
         }
         let i = self.next_index;
         self.next_index += 1;
-        let pad = rng.below(300) as usize;
+        // One message in 16 is large enough to be queued for transmission by reference
+        // (a chunk of its own, cut anywhere by `transfer`), the rest are copied into the
+        // transmit buffer.
+        let pad = if rng.below(16) == 0 {
+            tether_proto::conn::SHARE_PAYLOAD_FROM + rng.below(20_000) as usize
+        } else {
+            rng.below(300) as usize
+        };
         let mut v = i.to_be_bytes().to_vec();
         v.resize(8 + pad, (i % 251) as u8);
         Some((i, Bytes::from(v)))
@@ -106,6 +113,10 @@ impl App {
         );
         self.last_seq = seq;
         let i = u64::from_be_bytes(payload[..8].try_into().unwrap());
+        assert!(
+            payload[8..].iter().all(|&b| b == (i % 251) as u8),
+            "message {i}: payload corrupted"
+        );
         self.received.push(i);
     }
 
@@ -344,7 +355,7 @@ fn scenario(seed: u64, cuts: usize, per_side: u64, forget_prob: u64, cfg: Sessio
 /// Delivers everything `server` still has for `client`, then end of stream; returns the
 /// client's events.
 fn client_pending_flush(server: &mut Conn, client: &mut Conn, now: Instant) -> Vec<ConnEvent> {
-    let bytes = server.pending_transmit().to_vec();
+    let bytes = server.transmit_chunks().collect::<Vec<_>>().concat();
     server.transmitted(bytes.len());
     client.handle_input(now, &bytes);
     client.handle_eof(now);

@@ -5,6 +5,13 @@
 //! - `latency`: one message in flight, round trip.
 //! - `pipelined`: a window of messages in flight (about 1 MiB, at most 1000 messages);
 //!   reported per message.
+//! - `stream` (profile runs only): `tether bench echo`'s throughput shape, one task sending
+//!   every message back to back while another receives them (no window); with
+//!   `ECHO_WORKERS=2` on a multi-threaded runtime of two workers, as that command runs it.
+//! - `server` (profile runs only, see [`profile`]): the same client against a [`Server`]
+//!   whose application echoes each [`ServerEvent::Message`] with [`ServerHandle::send`]:
+//!   the server's per-message path (events, client ids, sends by id), not the standalone
+//!   `Connection`'s.
 //!
 //! `cargo bench -p tether --bench echo -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use futures::{FutureExt, SinkExt, StreamExt};
-use tether::{Connection, Policy};
+use tether::{Connection, Policy, Server, ServerConfig, ServerEvent};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -50,6 +57,28 @@ async fn tether_pair() -> Connection {
         while let Ok(m) = conn.recv().await {
             if conn.send(m).await.is_err() {
                 break;
+            }
+        }
+    });
+    Connection::connect(addr, "bench", &Policy::default())
+        .await
+        .unwrap()
+}
+
+/// A [`Server`] on loopback whose application echoes every message with
+/// [`ServerHandle::send`](tether::ServerHandle::send); returns a connected client.
+async fn server_pair() -> Connection {
+    let mut server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    tokio::spawn(async move {
+        let handle = server.handle();
+        while let Some(ev) = server.next_event().await {
+            if let ServerEvent::Message { client_id, msg, .. } = ev {
+                if handle.send(&client_id, msg).await.is_err() {
+                    break;
+                }
             }
         }
     });
@@ -138,6 +167,52 @@ async fn plain_pipelined(c: &mut Plain, msg: &Bytes, iters: u64, w: u64) -> Dura
     start.elapsed()
 }
 
+/// `tether bench echo`'s throughput shape: a writer task sends all `n` messages while this
+/// task receives them.
+async fn tether_stream(mut c: Connection, msg: &Bytes, n: u64) -> Duration {
+    let tx = c.sender();
+    let start = Instant::now();
+    let writer = tokio::spawn({
+        let msg = msg.clone();
+        async move {
+            for _ in 0..n {
+                tx.send(msg.clone()).await.unwrap();
+            }
+        }
+    });
+    for _ in 0..n {
+        c.recv().await.unwrap();
+    }
+    let took = start.elapsed();
+    writer.await.unwrap();
+    took
+}
+
+/// The same for the baseline: the writer flushes every 64 messages (as `tether bench echo`).
+async fn plain_stream(c: Plain, msg: &Bytes, n: u64) -> Duration {
+    let (mut tx, mut rx) = c.split();
+    let start = Instant::now();
+    let writer = tokio::spawn({
+        let msg = msg.clone();
+        async move {
+            for i in 0..n {
+                tx.feed(msg.clone()).await.unwrap();
+                if i % 64 == 63 {
+                    tx.flush().await.unwrap();
+                }
+            }
+            tx.flush().await.unwrap();
+            tx
+        }
+    });
+    for _ in 0..n {
+        rx.next().await.unwrap().unwrap();
+    }
+    let took = start.elapsed();
+    drop(writer.await.unwrap().reunite(rx));
+    took
+}
+
 fn echo(cr: &mut Criterion) {
     let rt = runtime();
     let mut tether = rt.block_on(tether_pair());
@@ -170,23 +245,41 @@ fn echo(cr: &mut Criterion) {
 criterion_group!(benches, echo);
 
 /// One fixed run for profilers (`valgrind --tool=callgrind`, `perf`), bypassing criterion:
-/// `ECHO_PROFILE=<tether|plain>:<latency|pipelined>:<size>:<messages>` runs that scenario once
-/// and prints the wall time per message.
+/// `ECHO_PROFILE=<tether|plain|server>:<latency|pipelined|stream>:<size>:<messages>` runs that
+/// scenario once and prints the wall time per message (`server`: a tether client against a
+/// [`Server`] that echoes through its events and `ServerHandle::send`).
 fn profile(spec: &str) {
     let parts: Vec<&str> = spec.split(':').collect();
     let [imp, mode, size, n] = parts[..] else {
-        panic!("ECHO_PROFILE=<tether|plain>:<latency|pipelined>:<size>:<messages>");
+        panic!("ECHO_PROFILE=<tether|plain|server>:<latency|pipelined|stream>:<size>:<messages>");
     };
     let size: usize = size.parse().expect("size");
     let n: u64 = n.parse().expect("messages");
     let msg = Bytes::from(vec![0x5au8; size]);
-    let rt = runtime();
+    let rt = match std::env::var("ECHO_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+    {
+        Some(w) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(w)
+            .enable_all()
+            .build()
+            .expect("runtime"),
+        None => runtime(),
+    };
     let took = rt.block_on(async {
         match (imp, mode) {
             ("tether", "latency") => tether_latency(&mut tether_pair().await, &msg, n).await,
             ("tether", "pipelined") => {
                 tether_pipelined(&mut tether_pair().await, &msg, n, window(size)).await
             }
+            ("server", "latency") => tether_latency(&mut server_pair().await, &msg, n).await,
+            ("server", "pipelined") => {
+                tether_pipelined(&mut server_pair().await, &msg, n, window(size)).await
+            }
+            ("tether", "stream") => tether_stream(tether_pair().await, &msg, n).await,
+            ("server", "stream") => tether_stream(server_pair().await, &msg, n).await,
+            ("plain", "stream") => plain_stream(plain_pair().await, &msg, n).await,
             ("plain", "latency") => plain_latency(&mut plain_pair().await, &msg, n).await,
             ("plain", "pipelined") => {
                 plain_pipelined(&mut plain_pair().await, &msg, n, window(size)).await

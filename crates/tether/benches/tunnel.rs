@@ -6,6 +6,7 @@
 //! cargo bench -p tether --bench tunnel                      # 256 MiB, 5 rounds
 //! TUNNEL_BENCH_MB=512 TUNNEL_BENCH_ROUNDS=7 cargo bench -p tether --bench tunnel
 //! TUNNEL_BENCH_PATHS=tunnel cargo bench -p tether --bench tunnel   # one path (profiling)
+//! TUNNEL_BENCH_WORKERS=1 cargo bench -p tether --bench tunnel      # workers per runtime (2)
 //! ```
 //!
 //! ```text
@@ -26,7 +27,7 @@
 //! printed: median, lowest and highest MiB/s per path, and tunnel/socat of the medians.
 //!
 //! The programs are blocking std threads; the entry and the exit each run on their own tokio
-//! runtime with 2 workers (as two `tether tunnel` processes would); socat is a child process.
+//! runtime with 2 workers (`TUNNEL_BENCH_WORKERS`) (as two `tether tunnel` processes would); socat is a child process.
 //! Everything shares the machine's cores, so read the ratios, measured in the same run.
 //! Under `cargo test --benches` (scripts/test) one quick pass with 4 MiB checks that every
 //! path works, no timing.
@@ -79,10 +80,10 @@ struct Tunnel {
     _rts: [tokio::runtime::Runtime; 2],
 }
 
-fn start_tunnel(target: SocketAddr, failures: &Arc<AtomicUsize>) -> Tunnel {
+fn start_tunnel(target: SocketAddr, failures: &Arc<AtomicUsize>, workers: usize) -> Tunnel {
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(workers)
             .enable_all()
             .build()
             .unwrap()
@@ -197,7 +198,11 @@ fn main() {
             });
             Some(first)
         });
-    let tunnels = (start_tunnel(sink, &failures), start_tunnel(both, &failures));
+    let workers = env_or("TUNNEL_BENCH_WORKERS", 2).max(1);
+    let tunnels = (
+        start_tunnel(sink, &failures, workers),
+        start_tunnel(both, &failures, workers),
+    );
     paths.push(Path {
         name: "tunnel",
         one_way: tunnels.0.addr,

@@ -107,8 +107,8 @@ pub use server::handover::{
     ExportError, ImportError, SessionExport, SessionFetch, SessionRequest, SessionSource,
 };
 pub use server::{
-    Broadcast, ClientInfo, ClientPage, Delivery, SendError, Server, ServerConfig, ServerEvent,
-    ServerHandle, ServerMetrics,
+    Broadcast, ClientId, ClientInfo, ClientPage, Delivery, SendError, Server, ServerConfig,
+    ServerEvent, ServerHandle, ServerMetrics,
 };
 pub use transport::Transport;
 

@@ -71,7 +71,7 @@ impl Peer {
     }
 
     async fn flush(&mut self) {
-        let out = self.conn.pending_transmit().to_vec();
+        let out = self.conn.transmit_chunks().collect::<Vec<_>>().concat();
         self.io.write_all(&out).await.unwrap();
         self.conn.transmitted(out.len());
     }

@@ -1233,7 +1233,7 @@ impl Cluster {
                 // session lost on this node (only for a copy of this very session).
                 if let (Some(j), Some((a, b))) = (self.journal.get(), r.missing) {
                     let ev = tether::ServerEvent::SessionLost {
-                        client_id: id.to_owned(),
+                        client_id: id.into(),
                         session: req.session_id,
                         unacked: Some(a..=b),
                         unsent: Vec::new(),

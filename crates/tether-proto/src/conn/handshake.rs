@@ -52,7 +52,7 @@ impl Conn {
         match (&self.state, frame) {
             (State::AwaitHello, Frame::Hello(h)) => {
                 self.state = State::AwaitDecision;
-                self.peer_resume = h.resume.as_ref().map(|r| r.last_received);
+                self.peer_resume = h.resume.as_ref().map_or(0, |r| r.last_received);
                 if h.credential.is_some() {
                     self.cred_mut().negotiated = true;
                 }
@@ -153,7 +153,7 @@ impl Conn {
         self.events.push_back(ConnEvent::Established(welcome));
         let Some(mut s) = session else { return };
         if grant.is_some_and(|g| g.resumed) {
-            let from = self.peer_resume.unwrap_or(0);
+            let from = self.peer_resume;
             match s.resume(from) {
                 Ok(n) => {
                     // Our acknowledgements may have died with the old connection.

@@ -16,7 +16,8 @@
 //!                  so a silent peer is still declared dead
 //!  drive_timer     fire what is due (heartbeat, dead-after, ACK delay, handshake deadline)
 //!  process_events  state machine → sink (HELLO decisions, messages, presence, the end)
-//!  drive_write     state machine → socket
+//!  drive_write     state machine → socket, one vectored write of the queued chunks (large
+//!                  message payloads are written from the sender's `Bytes`, not copied)
 //!  drive_close     orderly close: FIN after the CLOSE frame, bounded linger for the peer's
 //!                  FIN, RST when the peer or the path failed (or the linger ran out)
 //!  arm_timer       re-arm the sleep when the deadline moved earlier, or so much later that

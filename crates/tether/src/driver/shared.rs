@@ -308,22 +308,33 @@ impl Shared {
 
     /// Queues a message, waiting while the outbox is full. Fails once the connection ended.
     pub(crate) async fn send(&self, msg: Bytes) -> Result<(), Disconnect> {
+        // First without a notification: the usual case (room in the outbox) costs one lock.
+        let mut msg = match self.push_if_room(msg) {
+            Ok(r) => return r,
+            Err(m) => m,
+        };
         loop {
+            // Registered before the next attempt, so room made in between wakes us.
             let notified = self.changed.notified();
-            {
-                let mut inner = self.lock();
-                if let Some(d) = &inner.done {
-                    return Err(d.clone());
-                }
-                if inner.outbox_bytes == 0
-                    || inner.outbox_bytes + msg.len() <= self.limits.outbox_bytes
-                {
-                    push(&mut inner, msg);
-                    return Ok(());
-                }
-            }
+            msg = match self.push_if_room(msg) {
+                Ok(r) => return r,
+                Err(m) => m,
+            };
             notified.await;
         }
+    }
+
+    /// Queues `msg` if the outbox has room (or is empty); gives it back otherwise.
+    fn push_if_room(&self, msg: Bytes) -> Result<Result<(), Disconnect>, Bytes> {
+        let mut inner = self.lock();
+        if let Some(d) = &inner.done {
+            return Ok(Err(d.clone()));
+        }
+        if inner.outbox_bytes == 0 || inner.outbox_bytes + msg.len() <= self.limits.outbox_bytes {
+            push(&mut inner, msg);
+            return Ok(Ok(()));
+        }
+        Err(msg)
     }
 
     /// Queues a message without waiting; `false` when the outbox is full or the connection
@@ -481,11 +492,16 @@ impl Shared {
     }
 
     /// Pushes received messages into a standalone connection's inbox.
-    pub(crate) fn push_inbox(&self, msgs: Vec<Bytes>) {
+    pub(crate) fn push_inbox(&self, msgs: &mut Vec<Bytes>) {
+        let bytes: usize = msgs.iter().map(Bytes::len).sum();
         let mut inner = self.lock();
-        for msg in msgs {
-            inner.inbox_bytes += msg.len();
-            inner.inbox.push_back(msg);
+        inner.inbox_bytes += bytes;
+        if inner.inbox.is_empty() {
+            // The batch becomes the inbox as it is (a `VecDeque` from a `Vec` keeps the
+            // buffer): no message is moved again.
+            inner.inbox = std::collections::VecDeque::from(std::mem::take(msgs));
+        } else {
+            inner.inbox.extend(msgs.drain(..));
         }
         if let Some(w) = inner.recv.take() {
             w.wake();

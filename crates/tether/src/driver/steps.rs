@@ -1,6 +1,7 @@
 //! The steps of one wake-up (see the module docs of `driver`).
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,12 +21,28 @@ use crate::transport::Transport;
 /// Bytes the state machine holds for the peer: not yet written, and (with a session) not yet
 /// acknowledged — what a server counts against a client's bound.
 fn held_for_peer(conn: &tether_proto::Conn) -> usize {
-    conn.pending_transmit().len() + conn.session().map_or(0, |s| s.replay_bytes())
+    conn.pending_transmit_len() + conn.session().map_or(0, |s| s.replay_bytes())
 }
+
+/// Chunks per vectored write: a transmit queue at its high-water mark of large payloads is a
+/// few headers and payloads (256 KiB of 64 KiB messages: 8 chunks, plus the frames after).
+const WRITE_SLICES: usize = 16;
+
+/// When at least this much of a frame received in part may be read straight into the
+/// frame's buffer (`Conn::frame_room`), it is; less is read on the stack with whatever
+/// follows it.
+const DIRECT_READ_FROM: usize = 16 * 1024;
 
 /// Yields through tokio's deferred wake-up (see the module docs of `driver`): the task runs
 /// again after its worker has polled the I/O driver and the timers, behind what they woke,
 /// not ahead of it.
+///
+/// For every busy connection, paused or not: the starvation it fixed came from unpaused
+/// ones (the detection bench's loaders). What it costs the echo was measured (BENCHMARKS.md,
+/// "fourth pass"): one `epoll_wait` per yield — about 1,100 per million 64 B messages
+/// streamed on two workers, against 60–180 with a self-wake — and no difference in CPU time
+/// per message; in the pipelined (current-thread) echo the budget is not reached and the
+/// syscall counts are identical. (The lot, `park.rs`, yields the same way after a full pass.)
 pub(super) fn yield_deferred(cx: &mut Context<'_>) {
     // The first poll of `yield_now` puts our waker on the scheduler's deferred list (outside
     // a runtime it wakes at once) and returns Pending; the waker stays there when the future
@@ -168,17 +185,19 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         let mut waiting_front = None;
         if conn.is_established() {
             // Room for what is about to move, reserved at once: grown frame by frame, the
-            // transmit buffer was reallocated a dozen times per wake-up.
-            let mut room = 0;
+            // transmit buffer was reallocated a dozen times per wake-up. Large payloads are
+            // queued by reference (only their headers are copied into the buffer).
+            let (mut queued, mut room) = (conn.pending_transmit_len(), 0);
             let front_moves = inner.outbox.front().is_some_and(|m| conn.can_send(m.len()));
             for m in inner.outbox.iter().take_while(|_| front_moves) {
-                if conn.pending_transmit().len() + room >= TRANSMIT_HIGH_WATER {
+                if queued >= TRANSMIT_HIGH_WATER {
                     break;
                 }
-                room += tether_proto::codec::seq_data_frame_len(m.len());
+                queued += tether_proto::codec::seq_data_frame_len(m.len());
+                room += conn.transmit_copy_len(m.len());
             }
             conn.reserve_transmit(room);
-            while conn.pending_transmit().len() < TRANSMIT_HIGH_WATER {
+            while conn.pending_transmit_len() < TRANSMIT_HIGH_WATER {
                 // With a session, a full replay buffer leaves the message in the outbox until
                 // the peer's ACK makes room (back-pressure, no loss).
                 let Some(len) = inner.outbox.front().map(Bytes::len) else {
@@ -318,24 +337,59 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             } else {
                 READ_CHUNK
             };
+            let max = chunk.min(READ_BUDGET - bytes);
+            // The rest of a large frame goes straight into the buffer it is delivered in
+            // (not via the stack and a copy); the same bytes per read and per wake-up.
+            let room = if self.paused {
+                0
+            } else {
+                self.conn.frame_room()
+            };
+            let mut direct = None;
             // Uninitialised: zeroing the buffer on every read attempt (Pending ones included)
             // was most of the driver's CPU time. `ReadBuf` tracks what was filled.
             let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-            let mut rb = ReadBuf::uninit(&mut buf[..chunk.min(READ_BUDGET - bytes)]);
-            let polled = Pin::new(&mut self.io).poll_read(cx, &mut rb);
+            let mut rb = ReadBuf::uninit(&mut buf[..max]);
+            let polled = if room >= DIRECT_READ_FROM {
+                let mut body = self.conn.frame_body_buf(max);
+                let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut body);
+                polled.map_ok(|n| direct = Some(n))
+            } else {
+                Pin::new(&mut self.io).poll_read(cx, &mut rb)
+            };
             let pending = polled.is_pending();
             match polled {
                 Poll::Ready(Ok(())) => {
+                    let n = direct.unwrap_or(rb.filled().len());
                     reads += 1;
-                    bytes += rb.filled().len();
-                    if rb.filled().is_empty() {
+                    bytes += n;
+                    if n == 0 {
                         self.read_done = true;
                         self.conn.handle_eof(now);
                     } else {
-                        self.conn.handle_input(now, rb.filled());
-                        // Hand this read's events over before the next read: the event queue
-                        // stays as short as one read's frames (a wake-up's worth grew it to
-                        // hundreds of KiB, allocated and freed on every wake-up).
+                        if direct.is_some() {
+                            // The rest of a large frame, read in place: the message (if it
+                            // completed) goes through the event queue, one event per frame.
+                            self.conn.handle_frame_body(now, n);
+                        } else if self.paused {
+                            // Messages wait in the state machine (`process_events` stops
+                            // at the first).
+                            self.conn.handle_input(now, rb.filled());
+                        } else {
+                            // Messages go to the sink as they are decoded: the event queue
+                            // does not grow with the read (a 64 KiB read of small messages
+                            // queued a thousand 120-byte events, allocated and freed on
+                            // every read: most of the echo's page faults).
+                            let (sink, shared) = (&mut self.sink, &self.shared);
+                            self.conn.handle_input_deliver(
+                                now,
+                                rb.filled(),
+                                &mut |payload, seq| {
+                                    sink.event(shared, ConnEvent::Message { payload, seq })
+                                },
+                            );
+                        }
+                        // Hand the rest of this read's events over before the next read.
                         self.process_events(now);
                         // The backlog may have filled with this read's messages.
                         self.paused = self.paused || self.backlog_full();
@@ -473,11 +527,24 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         self.sink.flush(&self.shared);
     }
 
-    /// State machine → socket.
+    /// State machine → socket: one vectored write of the queued chunks (frames, and large
+    /// payloads from where they are), or a plain write when there is one chunk.
     fn drive_write(&mut self, cx: &mut Context<'_>, now: Instant) {
         let mut wrote_any = false;
-        while !self.write_failed && !self.conn.pending_transmit().is_empty() {
-            match Pin::new(&mut self.io).poll_write(cx, self.conn.pending_transmit()) {
+        while !self.write_failed && self.conn.pending_transmit_len() > 0 {
+            let mut slices = [IoSlice::new(&[]); WRITE_SLICES];
+            let mut k = 0;
+            for (slot, chunk) in slices.iter_mut().zip(self.conn.transmit_chunks()) {
+                *slot = IoSlice::new(chunk);
+                k += 1;
+            }
+            let io = Pin::new(&mut self.io);
+            let polled = if k > 1 {
+                io.poll_write_vectored(cx, &slices[..k])
+            } else {
+                io.poll_write(cx, self.conn.pending_transmit())
+            };
+            match polled {
                 Poll::Ready(Ok(0)) => self.write_failed = true,
                 Poll::Ready(Ok(n)) => {
                     self.conn.transmitted(n);
@@ -554,7 +621,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         if failure || self.write_failed {
             return true;
         }
-        if self.conn.pending_transmit().is_empty()
+        if self.conn.pending_transmit_len() == 0
             && !self.shut_down
             && Pin::new(&mut self.io).poll_shutdown(cx).is_ready()
         {
@@ -641,7 +708,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         waiting_front.is_some_and(|len| {
             !self.write_failed
                 && !self.conn.is_closed()
-                && self.conn.pending_transmit().len() < TRANSMIT_HIGH_WATER
+                && self.conn.pending_transmit_len() < TRANSMIT_HIGH_WATER
                 && self.conn.can_send(len)
         })
     }

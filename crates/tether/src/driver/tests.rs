@@ -68,7 +68,7 @@ impl Sink for TestSink {
             shared.requeue_front(std::mem::take(&mut self.requeue));
         }
         if let ConnEvent::Message { payload, .. } = &ev {
-            shared.push_inbox(vec![payload.clone()]);
+            shared.push_inbox(&mut vec![payload.clone()]);
             // A server connection's messages count against the server's backlog (as
             // `ServerSink` does); the test gives them back as its application.
             if let Some(b) = &shared.budgets {
@@ -202,7 +202,7 @@ impl Peer {
     }
 
     async fn flush(&mut self) {
-        let out = self.conn.pending_transmit().to_vec();
+        let out = self.conn.transmit_chunks().collect::<Vec<_>>().concat();
         self.io.write_all(&out).await.unwrap();
         self.conn.transmitted(out.len());
     }
@@ -737,7 +737,7 @@ async fn a_connection_stopped_inside_a_frame_resumes_when_the_backlog_has_room()
     assert_eq!((budgets.backlog.used(), messages(&log)), (200, 2));
     // The next message arrives in two halves; the first is read while paused.
     peer.conn.send(now(), &[7; 100]).unwrap();
-    let frame = peer.conn.pending_transmit().to_vec();
+    let frame = peer.conn.transmit_chunks().collect::<Vec<_>>().concat();
     peer.conn.transmitted(frame.len());
     let (head, tail) = frame.split_at(frame.len() / 2);
     peer.io.write_all(head).await.unwrap();
@@ -966,6 +966,46 @@ async fn partial_frames_never_take_the_server_past_its_budget() {
             .count();
         assert_eq!(got, 1);
     }
+    assert_eq!(budgets.frames.used(), 0);
+}
+
+/// A large message arriving in pieces is read into its own buffer (after its first piece,
+/// `Conn::frame_body_buf`) and delivered whole, with the frames before and after it, and
+/// the partial-frame budget is all given back.
+#[tokio::test(start_paused = true)]
+async fn a_large_message_arriving_in_pieces_is_read_in_place_and_delivered_whole() {
+    let budgets = Arc::new(Budgets::new(1 << 20, 4 << 20, 1 << 20));
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::server(Limits::default(), budgets.clone());
+    let sink = TestSink::default();
+    let log = sink.log.clone();
+    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+    tokio::spawn(drive(io, conn, shared, sink));
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let mut wire = BytesMut::new();
+    codec::encode_data(b"before", &mut wire);
+    codec::encode_data(&big, &mut wire);
+    codec::encode_data(b"after", &mut wire);
+    for piece in wire.chunks(10_000) {
+        peer.io.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let got: Vec<Vec<u8>> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ConnEvent::Message { payload, .. } => Some(payload.to_vec()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, vec![b"before".to_vec(), big, b"after".to_vec()]);
     assert_eq!(budgets.frames.used(), 0);
 }
 

@@ -794,7 +794,7 @@ impl Sink for ServerSink {
                 if let Some(id) = &self.client_id {
                     inner.budgets.backlog.take(payload.len());
                     let _ = inner.events.send(ServerEvent::Message {
-                        client_id: id.to_string(),
+                        client_id: id.clone().into(),
                         msg: payload,
                         seq,
                         session: self.session,
@@ -810,7 +810,7 @@ impl Sink for ServerSink {
             ConnEvent::Resumed { replayed } => {
                 if let Some(id) = &self.client_id {
                     let _ = inner.events.send(ServerEvent::Resumed {
-                        client_id: id.to_string(),
+                        client_id: id.clone().into(),
                         conn_id: self.conn_id,
                         replayed,
                     });

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -12,6 +13,117 @@ use thiserror::Error;
 
 use crate::driver::StatsSnapshot;
 
+/// A client id as [`ServerEvent`]s carry it: shared with the server's record of the client
+/// (an `Arc<str>`), so an event costs no allocation and cloning an id copies no bytes. Reads
+/// as a `&str` (`Deref`, `AsRef`, `Borrow`), compares with `str` and `String`, and converts
+/// into a `String`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(Arc<str>);
+
+impl ClientId {
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for ClientId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for ClientId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ClientId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<Arc<str>> for ClientId {
+    fn from(id: Arc<str>) -> Self {
+        ClientId(id)
+    }
+}
+
+impl From<&str> for ClientId {
+    fn from(id: &str) -> Self {
+        ClientId(id.into())
+    }
+}
+
+impl From<String> for ClientId {
+    fn from(id: String) -> Self {
+        ClientId(id.into())
+    }
+}
+
+impl From<ClientId> for String {
+    fn from(id: ClientId) -> Self {
+        id.0.to_string()
+    }
+}
+
+impl From<ClientId> for Arc<str> {
+    fn from(id: ClientId) -> Self {
+        id.0
+    }
+}
+
+impl PartialEq<str> for ClientId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for ClientId {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for ClientId {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<ClientId> for str {
+    fn eq(&self, other: &ClientId) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<ClientId> for &str {
+    fn eq(&self, other: &ClientId) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<ClientId> for String {
+    fn eq(&self, other: &ClientId) -> bool {
+        **self == *other.0
+    }
+}
+
 /// What happens on the server, in order per client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -19,7 +131,7 @@ pub enum ServerEvent {
     /// A client completed its handshake.
     Connected {
         /// Client id.
-        client_id: String,
+        client_id: ClientId,
         /// Its address.
         remote: SocketAddr,
         /// Connection id (unique per server, increasing).
@@ -30,7 +142,7 @@ pub enum ServerEvent {
     /// A client sent a message.
     Message {
         /// Client id.
-        client_id: String,
+        client_id: ClientId,
         /// The message.
         msg: Bytes,
         /// Its sequence number in the client's session (`None` without a session). Numbers
@@ -45,7 +157,7 @@ pub enum ServerEvent {
     /// A client's connection ended.
     Disconnected {
         /// Client id.
-        client_id: String,
+        client_id: ClientId,
         /// Connection id.
         conn_id: u64,
         /// Why and how long it had been silent.
@@ -55,7 +167,7 @@ pub enum ServerEvent {
     /// messages are being sent again.
     Resumed {
         /// Client id.
-        client_id: String,
+        client_id: ClientId,
         /// The new connection id.
         conn_id: u64,
         /// Messages the server replays.
@@ -66,7 +178,7 @@ pub enum ServerEvent {
     /// may not have been delivered.
     SessionLost {
         /// Client id.
-        client_id: String,
+        client_id: ClientId,
         /// The session's id.
         session: u64,
         /// Sequence numbers sent but not acknowledged (may or may not have arrived).
@@ -83,8 +195,9 @@ pub enum ServerEvent {
     /// order with the other events of the client: `Online` before its first message, its
     /// last message before `Resuming` or `Offline`).
     Presence {
-        /// The change.
-        change: PresenceChange,
+        /// The change (boxed: it is the largest variant by far, and every event, each
+        /// message included, was as large as it).
+        change: Box<PresenceChange>,
         /// The address of the client's current (or last) connection.
         remote: Option<SocketAddr>,
     },
@@ -245,4 +358,34 @@ pub struct Broadcast {
     /// Not queued: the client's bound was reached (it is being closed as a slow consumer,
     /// or its held backlog is full) or the server-wide budget was spent.
     pub refused: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every event, each message's included, is as large as the largest variant: the rare
+    /// big ones are boxed (`Presence` was 240 B and made every message 240 B). Printed with
+    /// `cargo test -p tether --lib events_stay_small -- --nocapture`.
+    #[test]
+    fn events_stay_small() {
+        let size = std::mem::size_of::<ServerEvent>();
+        eprintln!("ServerEvent {size} B, ClientId {} B", size_of::<ClientId>());
+        assert!(size <= 128, "ServerEvent is {size} B");
+        assert_eq!(size_of::<ClientId>(), 16);
+    }
+
+    #[test]
+    fn a_client_id_reads_and_compares_as_a_string() {
+        let id = ClientId::from("dev-1");
+        let again = id.clone();
+        let (a, b): (Arc<str>, Arc<str>) = (id.clone().into(), again.into());
+        assert!(Arc::ptr_eq(&a, &b), "a clone shares the bytes");
+        assert_eq!(id, "dev-1");
+        assert_eq!("dev-1", id);
+        assert_eq!(id, String::from("dev-1"));
+        assert_eq!(id.len(), 5);
+        assert_eq!(format!("{id} {id:?}"), "dev-1 \"dev-1\"");
+        assert_eq!(String::from(id), "dev-1");
+    }
 }

@@ -168,7 +168,7 @@ impl Inner {
     pub(super) fn publish(&self, ch: PresenceChange, remote: Option<SocketAddr>) {
         if self.cfg.presence_events {
             let _ = self.events.send(ServerEvent::Presence {
-                change: ch.clone(),
+                change: Box::new(ch.clone()),
                 remote,
             });
         }
@@ -299,7 +299,7 @@ impl Inner {
         self.totals.accepted.fetch_add(1, Relaxed);
         let replaced = self.with_registry(|r| r.connected_shared(now, key, conn_id, remote));
         let _ = self.events.send(ServerEvent::Connected {
-            client_id: id.clone(),
+            client_id: key.clone().into(),
             remote,
             conn_id,
             replaced,
@@ -378,7 +378,7 @@ impl Inner {
         }
         let mut shard = lock(self.clients.shard(id));
         let _ = self.events.send(ServerEvent::Disconnected {
-            client_id: id.to_owned(),
+            client_id: id.into(),
             conn_id,
             disconnect: d.clone(),
         });
@@ -680,7 +680,7 @@ impl Inner {
         let unsent_seqs =
             (!e.pending.is_empty()).then(|| first..=first + e.pending.len() as u64 - 1);
         let _ = self.events.send(ServerEvent::SessionLost {
-            client_id: e.client_id.clone(),
+            client_id: e.client_id.as_str().into(),
             session: st.id,
             unacked: (st.last_seq > st.acked).then(|| st.acked + 1..=st.last_seq),
             unsent: e.pending.clone(),
@@ -700,7 +700,7 @@ impl Inner {
         let first = session.last_seq() + 1;
         let unsent_seqs = (!unsent.is_empty()).then(|| first..=first + unsent.len() as u64 - 1);
         let _ = self.events.send(ServerEvent::SessionLost {
-            client_id: id.to_owned(),
+            client_id: id.into(),
             session: session.id(),
             unacked: session.unacked_range(),
             unsent,

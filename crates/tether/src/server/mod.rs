@@ -47,7 +47,7 @@ use tokio::sync::{broadcast, mpsc, Notify};
 
 pub use config::{default_max_connections, ServerConfig};
 pub use events::{
-    Broadcast, ClientInfo, ClientPage, Delivery, SendError, ServerEvent, ServerMetrics,
+    Broadcast, ClientId, ClientInfo, ClientPage, Delivery, SendError, ServerEvent, ServerMetrics,
 };
 
 use crate::auth::throttle::FailureThrottle;
@@ -351,6 +351,12 @@ impl ServerHandle {
     /// back-pressure from a client that is briefly slow, and no caller waits on one client's
     /// socket longer than `send_wait`.
     pub async fn send(&self, client_id: &str, msg: Bytes) -> Result<(), SendError> {
+        // First without waiting for anything: the usual case costs one attempt, not two
+        // notifications registered and dropped and a clock read per message.
+        match self.inner.try_send(client_id, msg.clone(), false) {
+            Err(SendError::SlowConsumer(_) | SendError::ServerFull | SendError::Backlogged(_)) => {}
+            r => return r.map(|_| ()),
+        }
         let deadline = tokio::time::Instant::now() + self.inner.cfg.send_wait;
         loop {
             // Registered before trying, so a wake-up between the try and the wait counts.

@@ -121,10 +121,11 @@ async fn exit_route(
             ev = server.next_event() => match ev {
                 None => break,
                 Some(ServerEvent::Message { client_id, msg, .. }) => {
-                    if let Some(slot) = live.get(&client_id) {
+                    if let Some(slot) = live.get(&*client_id) {
                         let _ = slot.tx.send(Inbound::Msg(msg));
                         continue;
                     }
+                    let client_id = client_id.to_string();
                     match Msg::decode(&msg) {
                         Ok(Msg::Open(VERSION)) if live.len() >= cfg.max_connections => {
                             let limit = cfg.max_connections;
@@ -164,17 +165,17 @@ async fn exit_route(
                     }
                 }
                 Some(ServerEvent::Disconnected { client_id, disconnect, .. }) => {
-                    if let Some(slot) = live.get(&client_id) {
+                    if let Some(slot) = live.get(&*client_id) {
                         slot.forward(Inbound::PathDown(disconnect.reason.to_string()));
                     }
                 }
                 Some(ServerEvent::Resumed { client_id, .. }) => {
-                    if let Some(slot) = live.get(&client_id) {
+                    if let Some(slot) = live.get(&*client_id) {
                         slot.forward(Inbound::PathUp);
                     }
                 }
                 Some(ServerEvent::SessionLost { client_id, .. }) => {
-                    if let Some(slot) = live.remove(&client_id) {
+                    if let Some(slot) = live.remove(&*client_id) {
                         slot.forward(Inbound::End(TunnelEnd::PathLost(
                             "session not resumed within the linger".into(),
                         )));

@@ -98,7 +98,9 @@ pub const WINDOW: u32 = 1 << 20;
 /// of 64 KiB (wake-ups, channel hops, frames) on a bulk stream, measured faster in
 /// `benches/tunnel.rs`. The receiving side accepts any size the credit and the tether frame
 /// limit (1 MiB) allow, so a peer with another chunk size interoperates. Each direction's
-/// pump keeps one read buffer of this size once the stream has moved a byte.
+/// pump keeps one read buffer of this size once the stream has moved a byte, and while the
+/// stream moves up to 6 more whose messages are in flight or just gone (reused instead of
+/// allocated again; released after 250 ms without a byte from the application).
 pub const CHUNK: usize = 256 * 1024;
 /// After a failed `accept` (out of file descriptors), the longest wait before trying again
 /// when none of our own connections ended meanwhile.

@@ -7,6 +7,7 @@
 //!       credit ◀── WINDOW ◀── peer wrote our bytes      wrote ≥ ¼ window ──▶ WINDOW
 //! ```
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ const GRANT_EVERY: u64 = WINDOW as u64 / 4;
 const MIN_READ: usize = 4096;
 /// Reads at least this large leave in their read buffer (no copy); smaller ones are copied.
 const SHARE_FROM: usize = 16 * 1024;
+/// Read buffers kept for reuse while a stream moves (see [`ReadBuffers`]).
+const SPARE_BUFFERS: usize = 6;
+/// Spare read buffers are released once the application sent nothing for this long.
+const SPARE_IDLE: Duration = Duration::from_millis(250);
 /// How long a closing tunnel waits for its last messages to be queued or flushed.
 pub(super) const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
@@ -196,8 +201,10 @@ async fn app_to_peer(
     // of it, or in a new buffer once less than `MIN_READ` is left); a small one is copied out
     // at its exact size and the buffer is reused, so a stream of small reads does not pin a
     // buffer per queued message. Queued messages pin little more than their own bytes, and
-    // the pump holds one buffer (1 + CHUNK bytes) of its own.
+    // the pump holds one buffer (1 + CHUNK bytes) of its own, plus, while the stream moves,
+    // the spare ones of `ReadBuffers` (reused once their messages are gone).
     let mut buf = BytesMut::new();
+    let mut buffers = ReadBuffers::default();
     loop {
         // Wait for at least one byte of credit, then take what is there (up to a chunk).
         // This future is the only consumer of the semaphore.
@@ -214,12 +221,12 @@ async fn app_to_peer(
             }
         }
         if buf.capacity() < 1 + allowed.min(MIN_READ) {
-            buf = BytesMut::with_capacity(1 + CHUNK);
+            buf = buffers.next(std::mem::take(&mut buf));
         }
         let room = allowed.min(buf.capacity() - 1);
         buf.put_u8(kind::DATA);
         // At most the credit's worth: a read can never take more than was granted.
-        let read = match app.read_some(&mut buf, room).await {
+        let read = match buffers.read(app, &mut buf, room).await {
             Ok(r) => r,
             Err(e) => return Err(TunnelEnd::LocalReset(format!("read: {e}"))),
         };
@@ -241,6 +248,67 @@ async fn app_to_peer(
             buf.split().freeze()
         };
         out.send(msg).await.map_err(TunnelEnd::PathLost)?;
+    }
+}
+
+/// The read buffers of a stream that moves: a buffer whose reads all left as messages is
+/// kept, and used again once those messages are gone (written and acknowledged): a fresh
+/// 256 KiB buffer per read cost a page fault per 4 KiB (glibc hands such blocks back to the
+/// kernel when they are freed), ~40 % of the tunnel's page faults (issue 17, target 5).
+/// At most [`SPARE_BUFFERS`] are kept, and none once the application has been quiet for
+/// [`SPARE_IDLE`]: an idle tunnel holds one read buffer per direction, as before.
+#[derive(Default)]
+struct ReadBuffers {
+    /// Oldest first: each still shares its allocation with the messages read into it.
+    spares: VecDeque<BytesMut>,
+    /// A buffer was handed out (the first `used` is the pump's empty initial one).
+    started: bool,
+}
+
+impl ReadBuffers {
+    /// A buffer with room for a chunk, for the one that ran out of room (`used`): a spare
+    /// whose messages are all gone, or a new one.
+    fn next(&mut self, used: BytesMut) -> BytesMut {
+        let reusable = self
+            .spares
+            .iter_mut()
+            .position(|b| b.try_reclaim(1 + CHUNK));
+        let fresh = match reusable.and_then(|i| self.spares.remove(i)) {
+            Some(mut b) => {
+                b.clear();
+                b
+            }
+            None => BytesMut::with_capacity(1 + CHUNK),
+        };
+        if std::mem::replace(&mut self.started, true) {
+            self.spares.push_back(used);
+        }
+        if self.spares.len() > SPARE_BUFFERS {
+            // Its messages are still queued: they free it when they go.
+            self.spares.pop_front();
+        }
+        fresh
+    }
+
+    /// Reads into `buf` (see [`AppStream::read_some`]); the spares are released when the
+    /// application sends nothing for [`SPARE_IDLE`] (the read is cancel-safe: nothing is
+    /// taken from the socket until it completes, and it starts over without them).
+    async fn read(
+        &mut self,
+        app: &impl AppStream,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> std::io::Result<usize> {
+        if self.spares.is_empty() {
+            return app.read_some(buf, max).await;
+        }
+        match tokio::time::timeout(SPARE_IDLE, app.read_some(buf, max)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.spares = VecDeque::new();
+                app.read_some(buf, max).await
+            }
+        }
     }
 }
 
@@ -281,6 +349,101 @@ async fn peer_to_app(
                 return Ok(());
             }
             None => return Err(TunnelEnd::Shutdown),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads into `buf` until it has no room for another chunk, each read leaving as a
+    /// message (as `app_to_peer` does); returns the messages.
+    fn fill(buf: &mut BytesMut) -> Vec<Bytes> {
+        let mut msgs = Vec::new();
+        while buf.capacity() - buf.len() > CHUNK / 2 {
+            buf.put_u8(kind::DATA);
+            buf.put_bytes(7, CHUNK);
+            msgs.push(buf.split().freeze());
+        }
+        msgs
+    }
+
+    #[test]
+    fn a_read_buffer_is_used_again_once_its_messages_are_gone() {
+        let mut buffers = ReadBuffers::default();
+        let mut first = buffers.next(BytesMut::new());
+        let at = first.as_ptr();
+        let msgs = fill(&mut first);
+        // Its message is still queued: the next read needs another buffer.
+        let mut second = buffers.next(first);
+        assert_ne!(second.as_ptr(), at);
+        let more = fill(&mut second);
+        drop(msgs);
+        // Written and acknowledged: the first buffer comes back, whole.
+        let third = buffers.next(second);
+        assert_eq!(third.as_ptr(), at, "the freed buffer is reused");
+        assert!(third.capacity() > CHUNK && third.is_empty());
+        drop(more);
+        assert!(!buffers.spares.is_empty());
+    }
+
+    /// An application that stops sending leaves the tunnel holding one read buffer, not the
+    /// spares of its last burst.
+    #[tokio::test(start_paused = true)]
+    async fn the_spares_go_when_the_application_is_quiet() {
+        let (app, mut program) = tokio::io::duplex(1 << 20);
+        let mut buffers = ReadBuffers::default();
+        let mut buf = buffers.next(BytesMut::new());
+        let _queued = fill(&mut buf);
+        buf = buffers.next(buf);
+        assert_eq!(buffers.spares.len(), 1);
+        let (app, _) = super::super::tests::MemApp::new(app);
+        let t0 = tokio::time::Instant::now();
+        let read = tokio::spawn(async move {
+            let n = buffers.read(&app, &mut buf, 100).await.unwrap();
+            (n, buffers.spares.len(), tokio::time::Instant::now() - t0)
+        });
+        // Still sending within the idle time: the spares stay.
+        tokio::time::sleep(SPARE_IDLE - Duration::from_millis(1)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut program, b"x")
+            .await
+            .unwrap();
+        let (n, spares, at) = read.await.unwrap();
+        assert_eq!((n, spares), (1, 1));
+        assert_eq!(at, SPARE_IDLE - Duration::from_millis(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_spares_are_released_after_the_idle_time() {
+        let (app, mut program) = tokio::io::duplex(1 << 20);
+        let mut buffers = ReadBuffers::default();
+        let mut buf = buffers.next(BytesMut::new());
+        let _queued = fill(&mut buf);
+        buf = buffers.next(buf);
+        let (app, _) = super::super::tests::MemApp::new(app);
+        let read = tokio::spawn(async move {
+            let n = buffers.read(&app, &mut buf, 100).await.unwrap();
+            (n, buffers.spares.len())
+        });
+        // Quiet for longer: released while the read goes on waiting, and the bytes that come
+        // later are read all the same.
+        tokio::time::sleep(SPARE_IDLE * 3).await;
+        tokio::io::AsyncWriteExt::write_all(&mut program, b"later")
+            .await
+            .unwrap();
+        assert_eq!(read.await.unwrap(), (5, 0));
+    }
+
+    #[test]
+    fn at_most_a_few_spare_buffers_are_kept() {
+        let mut buffers = ReadBuffers::default();
+        let mut buf = BytesMut::new();
+        let mut queued = Vec::new();
+        for _ in 0..3 * SPARE_BUFFERS {
+            buf = buffers.next(buf);
+            queued.extend(fill(&mut buf));
+            assert!(buffers.spares.len() <= SPARE_BUFFERS);
         }
     }
 }

@@ -29,14 +29,14 @@ use super::pump::{Counters, Ctx};
 use super::{tunnel_id, ExitConfig, TunnelEnd, TunnelEvent};
 
 /// An application connection over an in-memory stream; an abortive close is recorded.
-struct MemApp {
+pub(super) struct MemApp {
     rd: Mutex<ReadHalf<DuplexStream>>,
     wr: Mutex<WriteHalf<DuplexStream>>,
     aborted: Arc<AtomicBool>,
 }
 
 impl MemApp {
-    fn new(s: DuplexStream) -> (MemApp, Arc<AtomicBool>) {
+    pub(super) fn new(s: DuplexStream) -> (MemApp, Arc<AtomicBool>) {
         let (rd, wr) = split(s);
         let aborted = Arc::new(AtomicBool::new(false));
         let app = MemApp {

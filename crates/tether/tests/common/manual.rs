@@ -34,7 +34,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Manual<S> {
     }
 
     async fn flush(&mut self) {
-        let out = self.conn.pending_transmit().to_vec();
+        let out = self.conn.transmit_chunks().collect::<Vec<_>>().concat();
         if !out.is_empty() {
             // A peer that already closed: the read side reports it.
             let _ = self.io.write_all(&out).await;
