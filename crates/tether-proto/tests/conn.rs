@@ -772,13 +772,7 @@ fn suspect_and_recovered_reach_the_application() {
 
 #[test]
 fn recovered_comes_before_the_message_that_ends_the_silence() {
-    let mut p = Pair::new();
-    let mut l = server_liveness();
-    l.suspect_after = Some(H + ms(500));
-    p.accept = Some(l);
-    p.pump();
-    let t0 = p.t0;
-    p.server.handle_timeout(t0 + H + ms(500));
+    let (mut p, t0) = suspected_pair();
     p.server.handle_timeout(t0 + H + ms(500));
     assert!(matches!(
         events(&mut p.server).last(),
@@ -1607,13 +1601,7 @@ fn handle_input_deliver_hands_messages_over_as_they_are_decoded() {
 /// themselves cause) holds them in the queue, behind it, for `poll_event`.
 #[test]
 fn handle_input_deliver_keeps_messages_behind_an_earlier_event() {
-    let mut p = Pair::new();
-    let mut l = server_liveness();
-    l.suspect_after = Some(H + ms(500));
-    p.accept = Some(l);
-    p.pump();
-    let t0 = p.t0;
-    p.server.handle_timeout(t0 + H + ms(500));
+    let (mut p, t0) = suspected_pair();
     assert!(matches!(
         events(&mut p.server).last(),
         Some(ConnEvent::Suspect { .. })
@@ -1704,4 +1692,17 @@ fn large_payloads_are_queued_by_reference_and_leave_in_order() {
             b"small after".to_vec()
         ]
     );
+}
+
+/// An established pair whose server suspects its client (suspect-after h + 500 ms, reached),
+/// and the pair's start.
+fn suspected_pair() -> (Pair, Instant) {
+    let mut p = Pair::new();
+    let mut l = server_liveness();
+    l.suspect_after = Some(H + ms(500));
+    p.accept = Some(l);
+    p.pump();
+    let t0 = p.t0;
+    p.server.handle_timeout(t0 + H + ms(500));
+    (p, t0)
 }

@@ -319,34 +319,13 @@ pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
 /// Every idle connection keeps this future alive, so it is kept small: the state machine is
 /// boxed, and the arguments are moved into the `Driver` before the future exists (an async
 /// fn would keep them in the future twice, once as arguments and once in the body).
-pub(crate) fn drive<T: Transport, S: Sink + Send>(
+pub(crate) fn drive<T: Transport, S: Sink + Send + 'static>(
     io: T,
     conn: Box<Conn>,
     shared: Arc<Shared>,
     sink: S,
 ) -> impl std::future::Future<Output = Ended<T, S>> + Send {
-    let mut d = Driver {
-        io,
-        conn,
-        shared,
-        sink,
-        armed: None,
-        read_done: false,
-        write_failed: false,
-        closing_since: None,
-        no_linger: false,
-        abandoned: false,
-        shut_down: false,
-        last_write: None,
-        result: None,
-        established: false,
-        frames: frames::FrameRoom::default(),
-        transmit_published: 0,
-        paused: false,
-        backlog_ticket: 0,
-        lot: None,
-        in_lot: false,
-    };
+    let mut d = start(io, conn, shared, sink, None).d;
     async move {
         let sleep = tokio::time::sleep_until(
             tokio::time::Instant::now() + Duration::from_secs(86400 * 365),

@@ -24,33 +24,26 @@ fn unpark(r: Resume<DuplexStream, TestSink>) {
 
 type TestLot = Arc<Lot<DuplexStream, TestSink>>;
 
+/// What [`server`] gives: the server's shared state, the lot (when parking), the client, the
+/// sink's log and the instant of the WELCOME.
+type Parked = (
+    Arc<Shared>,
+    Option<TestLot>,
+    Peer,
+    Log,
+    tokio::time::Instant,
+);
+
 /// A server connection accepting as `tether::Server` does (answering heartbeats), parked in
 /// a lot of its own when `park`, and a hand-driven client established with it. Returns the
 /// server's shared state, the lot, the client, the sink's log and the instant of the
 /// WELCOME.
-async fn server(
-    park: bool,
-) -> (
-    Arc<Shared>,
-    Option<TestLot>,
-    Peer,
-    Log,
-    tokio::time::Instant,
-) {
+async fn server(park: bool) -> Parked {
     server_with(park, None).await
 }
 
 /// [`server`], drawing on `budgets` when given (as a `tether::Server` connection does).
-async fn server_with(
-    park: bool,
-    budgets: Option<&Arc<Budgets>>,
-) -> (
-    Arc<Shared>,
-    Option<TestLot>,
-    Peer,
-    Log,
-    tokio::time::Instant,
-) {
+async fn server_with(park: bool, budgets: Option<&Arc<Budgets>>) -> Parked {
     UNPARKED.with(|u| u.set(0));
     let (io, far) = tokio::io::duplex(64 * 1024);
     let shared = match budgets {
@@ -98,15 +91,7 @@ async fn a_parked_connection_answers_heartbeats_without_a_task() {
     let intervals = 24u32;
     for k in 1..=intervals {
         tokio::time::sleep_until(welcomed + H * k).await;
-        let sent = tnow();
-        peer.io.write_all(&hb).await.unwrap();
-        let mut got = Vec::new();
-        while got.is_empty() {
-            tokio::task::yield_now().await;
-            got = frames_now(&mut peer.io, &mut dec).await;
-        }
-        assert_eq!(got, vec![Frame::Heartbeat], "interval {k}");
-        assert_eq!(tnow(), sent, "interval {k}: answered in the same instant");
+        heartbeat_answered_at_once(&mut peer, &mut dec, &hb, k).await;
         assert_eq!(lot.parked(), 1, "interval {k}: still parked");
     }
     assert!(server.done().is_none());
@@ -164,40 +149,7 @@ async fn a_send_to_a_parked_connection_goes_out_in_the_same_instant() {
 async fn a_parked_silent_peer_is_declared_dead_at_d() {
     let (server, lot, mut peer, log, welcomed) = server(true).await;
     let lot = lot.unwrap();
-    let hb = heartbeat_bytes();
-    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
-    for k in 1..=3u32 {
-        tokio::time::sleep_until(welcomed + H * k).await;
-        peer.io.write_all(&hb).await.unwrap();
-        tokio::task::yield_now().await;
-        assert_eq!(
-            frames_now(&mut peer.io, &mut dec).await,
-            vec![Frame::Heartbeat]
-        );
-    }
-    let last = tnow();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = peer.io.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        dec.decode(&buf[..n], |f| {
-            seen.push((tnow() - last, codec_name(&f)));
-            true
-        })
-        .unwrap();
-    }
-    let fallback = H + H / 8;
-    assert_eq!(
-        seen,
-        vec![
-            (fallback, "HEARTBEAT"),
-            (fallback * 2, "HEARTBEAT"),
-            (D, "CLOSE"),
-        ]
-    );
+    heartbeat_thrice_then_fall_silent(&mut peer, welcomed).await;
     let d = server.closed().await;
     assert_eq!(d.reason, DisconnectReason::HeartbeatTimeout);
     assert_eq!(d.silent_for, D);

@@ -1064,15 +1064,7 @@ async fn a_server_whose_client_heartbeats_never_fires_its_own_heartbeat_timer() 
         // The client's timer: h after its previous heartbeat, from the WELCOME, plus the path.
         let late = Duration::from_millis(lateness[k as usize % lateness.len()]);
         tokio::time::sleep_until(welcomed + H * k + late).await;
-        let sent = tnow();
-        peer.io.write_all(&hb).await.unwrap();
-        let mut got = Vec::new();
-        while got.is_empty() {
-            tokio::task::yield_now().await;
-            got = frames_now(&mut peer.io, &mut dec).await;
-        }
-        assert_eq!(got, vec![Frame::Heartbeat], "interval {k}");
-        assert_eq!(tnow(), sent, "interval {k}: answered in the same instant");
+        heartbeat_answered_at_once(&mut peer, &mut dec, &hb, k).await;
     }
     let polls = server.stats.polls() - polls0;
     let out = server.stats.snapshot().heartbeats_out - out0;
@@ -1095,41 +1087,7 @@ async fn a_server_whose_client_heartbeats_never_fires_its_own_heartbeat_timer() 
 #[tokio::test(start_paused = true)]
 async fn a_server_whose_client_goes_silent_heartbeats_at_its_fallback_and_detects_it_at_d() {
     let (_server, task, mut peer, welcomed) = answering_server().await;
-    let hb = heartbeat_bytes();
-    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
-    for k in 1..=3u32 {
-        tokio::time::sleep_until(welcomed + H * k).await;
-        peer.io.write_all(&hb).await.unwrap();
-        tokio::task::yield_now().await;
-        assert_eq!(
-            frames_now(&mut peer.io, &mut dec).await,
-            vec![Frame::Heartbeat]
-        );
-    }
-    let last = tnow();
-    // Silent from now on; the client's end only reads.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = peer.io.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        dec.decode(&buf[..n], |f| {
-            seen.push((tnow() - last, codec_name(&f)));
-            true
-        })
-        .unwrap();
-    }
-    let fallback = H + H / 8;
-    assert_eq!(
-        seen,
-        vec![
-            (fallback, "HEARTBEAT"),
-            (fallback * 2, "HEARTBEAT"),
-            (D, "CLOSE"),
-        ]
-    );
+    heartbeat_thrice_then_fall_silent(&mut peer, welcomed).await;
     let ended = task.await.unwrap();
     assert_eq!(ended.disconnect.reason, DisconnectReason::HeartbeatTimeout);
     assert_eq!(ended.disconnect.silent_for, D);
@@ -1182,3 +1140,58 @@ async fn an_idle_pair_costs_the_server_one_wake_up_per_interval() {
 
 #[path = "park_tests.rs"]
 mod parked;
+
+/// The peer answers the server's heartbeats for three intervals after `welcomed`, then falls
+/// silent and reads: the server sends its fallback heartbeats at h + h/8 and 2(h + h/8), and
+/// CLOSE(heartbeat-timeout) at d after the peer's last byte.
+async fn heartbeat_thrice_then_fall_silent(peer: &mut Peer, welcomed: tokio::time::Instant) {
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    for k in 1..=3u32 {
+        tokio::time::sleep_until(welcomed + H * k).await;
+        peer.io.write_all(&hb).await.unwrap();
+        tokio::task::yield_now().await;
+        assert_eq!(
+            frames_now(&mut peer.io, &mut dec).await,
+            vec![Frame::Heartbeat]
+        );
+    }
+    let last = tnow();
+    // Silent from now on; the client's end only reads.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = peer.io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        dec.decode(&buf[..n], |f| {
+            seen.push((tnow() - last, codec_name(&f)));
+            true
+        })
+        .unwrap();
+    }
+    let fallback = H + H / 8;
+    assert_eq!(
+        seen,
+        vec![
+            (fallback, "HEARTBEAT"),
+            (fallback * 2, "HEARTBEAT"),
+            (D, "CLOSE"),
+        ]
+    );
+}
+
+/// The peer sends a heartbeat (interval `k`) and gets the server's answer in the same
+/// instant.
+async fn heartbeat_answered_at_once(peer: &mut Peer, dec: &mut Decoder, hb: &[u8], k: u32) {
+    let sent = tnow();
+    peer.io.write_all(hb).await.unwrap();
+    let mut got = Vec::new();
+    while got.is_empty() {
+        tokio::task::yield_now().await;
+        got = frames_now(&mut peer.io, dec).await;
+    }
+    assert_eq!(got, vec![Frame::Heartbeat], "interval {k}");
+    assert_eq!(tnow(), sent, "interval {k}: answered in the same instant");
+}
