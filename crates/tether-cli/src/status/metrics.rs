@@ -42,6 +42,11 @@ pub(crate) fn encode(m: &tether::ServerMetrics, f: &mut Families<'_>) -> std::fm
         "Open client connections (handshaking included).",
         gauge_value(m.connections as u64),
     )?;
+    f.gauge(
+        "tether_connections_parked",
+        "Open connections parked while idle (held without a task of their own).",
+        gauge_value(m.parked as u64),
+    )?;
     f.gauges(
         "tether_presence",
         "Known clients by presence state.",
@@ -131,6 +136,7 @@ mod tests {
             messages_sent: 13,
             accepted: 7,
             refused: 1,
+            parked: 1,
             ..Default::default()
         };
         let mut r = Registry::default();
@@ -139,6 +145,7 @@ mod tests {
         check::well_formed(&text);
         for (sample, v) in [
             ("tether_connections", 2.0),
+            ("tether_connections_parked", 1.0),
             ("tether_presence{state=\"online\"}", 1.0),
             ("tether_presence{state=\"resuming\"}", 0.0),
             ("tether_presence{state=\"offline\"}", 3.0),
