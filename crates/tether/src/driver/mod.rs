@@ -256,6 +256,7 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
     sink: S,
     lot: Option<Arc<Lot<T, S>>>,
 ) -> Resume<T, S> {
+    // A transport that cannot park never gets a lot: `may_park` need not ask it again.
     let lot = lot.filter(|_| io.parkable());
     Resume {
         d: Driver {

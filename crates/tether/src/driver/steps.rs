@@ -151,7 +151,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
 
     /// Idle, with a lot to wait in (see `park.rs`): established with nothing in flight in the
     /// state machine (`Conn::is_quiescent`: no message held by a pause either), not closing,
-    /// the transport parkable. Paused reading (a full backlog) does not keep a connection
+    /// (a lot is only given to a parkable transport, in `start`). Paused reading (a full backlog) does not keep a connection
     /// that holds nothing out of the lot: the lot reads and answers its liveness frames the
     /// same way, and a message read gets it its task back. (Unparking every idle connection
     /// while the backlog was full spawned thousands of tasks at once under 256 loaders, the
@@ -166,7 +166,6 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             && !self.write_failed
             && self.result.is_none()
             && self.conn.is_quiescent()
-            && self.io.parkable()
     }
 
     /// Commands from the handles: registers the waker, moves the outbox into the state
