@@ -276,6 +276,37 @@ fn bad_config_value_names_key_and_value() {
 }
 
 #[test]
+fn tunnel_workers_flag_is_documented_and_a_bad_value_exits_2_naming_it() {
+    let out = Command::new(BIN)
+        .args(["tunnel", "entry", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--workers <N>"), "{help}");
+    assert!(help.contains("[default: 1]"), "{help}");
+    let out = Command::new(BIN)
+        .args(["tunnel", "exit", "--listen", "127.0.0.1:0"])
+        .args(["--target", "127.0.0.1:9", "--workers", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers") && err.contains("\"0\""), "{err}");
+    let out = Command::new(BIN)
+        .args(["tunnel", "entry", "--listen", "127.0.0.1:0"])
+        .args(["--relay", "127.0.0.1:9"])
+        .env("TETHER_WORKERS", "two")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("TETHER_WORKERS") && err.contains("two"),
+        "{err}"
+    );
+}
+
+#[test]
 fn connect_exits_3_when_refused() {
     // A server whose limit is one connection: the second client is refused.
     let mut serve = Kill(

@@ -6,7 +6,7 @@
 //! cargo bench -p tether --bench tunnel                      # 256 MiB, 5 rounds
 //! TUNNEL_BENCH_MB=512 TUNNEL_BENCH_ROUNDS=7 cargo bench -p tether --bench tunnel
 //! TUNNEL_BENCH_PATHS=tunnel cargo bench -p tether --bench tunnel   # one path (profiling)
-//! TUNNEL_BENCH_WORKERS=1 cargo bench -p tether --bench tunnel      # workers per runtime (2)
+//! TUNNEL_BENCH_WORKERS=2 cargo bench -p tether --bench tunnel      # workers per runtime (1)
 //! ```
 //!
 //! ```text
@@ -27,7 +27,8 @@
 //! printed: median, lowest and highest MiB/s per path, and tunnel/socat of the medians.
 //!
 //! The programs are blocking std threads; the entry and the exit each run on their own tokio
-//! runtime with 2 workers (`TUNNEL_BENCH_WORKERS`) (as two `tether tunnel` processes would); socat is a child process.
+//! runtime with `TUNNEL_BENCH_WORKERS` workers, by default 1 as `tether tunnel` runs
+//! (`--workers`), as two `tether tunnel` processes would; socat is a child process.
 //! Everything shares the machine's cores, so read the ratios, measured in the same run.
 //! Under `cargo test --benches` (scripts/test) one quick pass with 4 MiB checks that every
 //! path works, no timing.
@@ -198,7 +199,7 @@ fn main() {
             });
             Some(first)
         });
-    let workers = env_or("TUNNEL_BENCH_WORKERS", 2).max(1);
+    let workers = env_or("TUNNEL_BENCH_WORKERS", 1).max(1);
     let tunnels = (
         start_tunnel(sink, &failures, workers),
         start_tunnel(both, &failures, workers),

@@ -36,6 +36,7 @@ const COMMON_KEYS: &[&str] = &[
     "heartbeat",
     "session_linger",
     "replay_buffer",
+    "workers",
 ];
 
 /// `tether tunnel --help`: wired in main.rs with `#[command(long_about = tunnel::LONG_ABOUT)]`.
@@ -112,6 +113,11 @@ struct Common {
     /// Serve Prometheus /metrics on this address, or "off". [default: off]
     #[arg(long, value_name = "ADDR|off")]
     http: Option<String>,
+    /// Threads that move the bytes (tokio workers), 1 to 1024. One carries a few busy
+    /// connections fastest (measured: BENCHMARKS.md, "fifth pass"); more spread many busy
+    /// connections over the cores. [default: 1]
+    #[arg(long, value_name = "N")]
+    workers: Option<String>,
     /// TOML file with any of these settings.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -149,12 +155,39 @@ struct ExitArgs {
     security: ServerSecurityArgs,
 }
 
-/// Policy, linger, session bounds and the metrics address, resolved.
+/// Policy, linger, session bounds and the process settings, resolved.
 struct Shared {
     policy: Policy,
     linger: Duration,
     session: SessionConfig,
+    process: Process,
+}
+
+/// What the process runs with besides the tunnel's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Process {
+    /// Where `/metrics` is served, if anywhere.
     http: Option<SocketAddr>,
+    /// Worker threads of the runtime.
+    workers: usize,
+}
+
+/// Worker threads when `--workers` is not given. One: a tunnel side's work is mostly the
+/// kernel copying bytes between sockets, and with one worker a message hops between tasks on
+/// one thread instead of waking the other (`benches/tunnel.rs` with `TUNNEL_BENCH_WORKERS`,
+/// BENCHMARKS.md "fifth pass": fewer context switches and less CPU per byte, throughput
+/// level or better with a few busy connections).
+const DEFAULT_WORKERS: usize = 1;
+/// More worker threads than this is a typo, not a setting.
+const MAX_WORKERS: usize = 1024;
+
+/// `--workers`: 1 to [`MAX_WORKERS`].
+fn parse_workers(s: &str) -> std::result::Result<usize, String> {
+    match s.replace('_', "").parse::<usize>() {
+        Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("must be 1 to {MAX_WORKERS} worker threads")),
+        Err(_) => Err("expected a number of worker threads, like 1 or 4".into()),
+    }
 }
 
 fn keys(extra: &[&'static str], security: &[&'static str]) -> Vec<&'static str> {
@@ -193,11 +226,14 @@ fn resolve_common(l: &Layers, c: &Common) -> Result<Shared> {
         session.max_replay_bytes = usize::try_from(b).unwrap_or(usize::MAX);
     }
     let http = l.optional_addr("http", c.http.as_deref(), None)?;
+    let workers = l
+        .get("workers", c.workers.as_deref(), parse_workers)?
+        .unwrap_or(DEFAULT_WORKERS);
     Ok(Shared {
         policy,
         linger,
         session,
-        http,
+        process: Process { http, workers },
     })
 }
 
@@ -208,7 +244,7 @@ fn required(v: Option<SocketAddr>, flag: &str) -> Result<SocketAddr> {
     }
 }
 
-fn entry_config(a: &EntryArgs) -> Result<(EntryConfig, Option<SocketAddr>)> {
+fn entry_config(a: &EntryArgs) -> Result<(EntryConfig, Process)> {
     let l = Layers::load(a.common.config.as_deref(), &keys(&["relay"], CLIENT_KEYS))?;
     let listen = required(
         l.get("listen", a.listen.as_deref(), parse_addr)?,
@@ -227,11 +263,11 @@ fn entry_config(a: &EntryArgs) -> Result<(EntryConfig, Option<SocketAddr>)> {
     cfg.policy = s.policy;
     cfg.linger = s.linger;
     cfg.session = s.session;
-    Ok((cfg, s.http))
+    Ok((cfg, s.process))
 }
 
-/// The exit's settings, its metrics address and its TLS and authentication (for SIGHUP).
-type ExitSetup = (ExitConfig, Option<SocketAddr>, Arc<ServerSecurity>);
+/// The exit's settings, the process's and its TLS and authentication (for SIGHUP).
+type ExitSetup = (ExitConfig, Process, Arc<ServerSecurity>);
 
 fn exit_config(a: &ExitArgs) -> Result<ExitSetup> {
     let l = Layers::load(
@@ -266,28 +302,35 @@ fn exit_config(a: &ExitArgs) -> Result<ExitSetup> {
     if let Some(hook) = sec.authorizer_with_ids(Some(tunnels)) {
         cfg.server = cfg.server.authorize(hook);
     }
-    Ok((cfg, s.http, Arc::new(sec)))
+    Ok((cfg, s.process, Arc::new(sec)))
 }
 
 /// Runs one side until Ctrl-C or SIGTERM.
 pub(crate) fn run(args: TunnelArgs) -> Result<ExitCode> {
     enum Cfg {
-        Entry((EntryConfig, Option<SocketAddr>)),
-        Exit(ExitSetup),
+        Entry(EntryConfig),
+        Exit(ExitConfig, Arc<ServerSecurity>),
     }
     // Resolve before starting anything, so bad settings exit with 2 at once.
-    let cfg = match &args.side {
-        Side::Entry(a) => Cfg::Entry(entry_config(a)?),
-        Side::Exit(a) => Cfg::Exit(exit_config(a)?),
+    let (cfg, process) = match &args.side {
+        Side::Entry(a) => {
+            let (c, p) = entry_config(a)?;
+            (Cfg::Entry(c), p)
+        }
+        Side::Exit(a) => {
+            let (c, p, sec) = exit_config(a)?;
+            (Cfg::Exit(c, sec), p)
+        }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(process.workers)
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         match cfg {
-            Cfg::Entry((c, http)) => run_entry(c, http).await,
-            Cfg::Exit((c, http, sec)) => run_exit(c, http, sec).await,
+            Cfg::Entry(c) => run_entry(c, process).await,
+            Cfg::Exit(c, sec) => run_exit(c, process, sec).await,
         }
     })
 }
@@ -581,9 +624,9 @@ async fn event_loop(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_entry(cfg: EntryConfig, http: Option<SocketAddr>) -> Result<ExitCode> {
+async fn run_entry(cfg: EntryConfig, process: Process) -> Result<ExitCode> {
     let details = format!(
-        "relay={} tls={} token={} {}",
+        "relay={} tls={} token={} workers={} {}",
         cfg.relay,
         if cfg.tls.is_some() { "on" } else { "off" },
         if cfg.credential.is_some() {
@@ -591,6 +634,7 @@ async fn run_entry(cfg: EntryConfig, http: Option<SocketAddr>) -> Result<ExitCod
         } else {
             "off"
         },
+        process.workers,
         policy_line(&cfg.policy, cfg.linger)
     );
     let entry = tether::tunnel::TunnelEntry::bind(cfg)
@@ -601,19 +645,20 @@ async fn run_entry(cfg: EntryConfig, http: Option<SocketAddr>) -> Result<ExitCod
         "listening",
         &format!("entry addr={} {details}", entry.local_addr()),
     );
-    let metrics = start_metrics(http, None).await?;
+    let metrics = start_metrics(process.http, None).await?;
     event_loop(entry, metrics, None).await
 }
 
 async fn run_exit(
     cfg: ExitConfig,
-    http: Option<SocketAddr>,
+    process: Process,
     security: Arc<ServerSecurity>,
 ) -> Result<ExitCode> {
     let details = format!(
-        "target={} max_connections={} {}",
+        "target={} max_connections={} workers={} {}",
         cfg.target,
         cfg.max_connections,
+        process.workers,
         policy_line(
             cfg.server.get_policy(),
             cfg.server.get_session_linger().unwrap_or_default()
@@ -631,7 +676,7 @@ async fn run_exit(
             security.describe()
         ),
     );
-    let metrics = start_metrics(http, Some(exit.server().clone())).await?;
+    let metrics = start_metrics(process.http, Some(exit.server().clone())).await?;
     event_loop(exit, metrics, Some(security)).await
 }
 
@@ -670,13 +715,57 @@ mod tests {
         let Side::Entry(e) = &a.side else {
             panic!("not entry")
         };
-        let (c, http) = entry_config(e).unwrap();
-        assert_eq!(http, None);
+        let (c, process) = entry_config(e).unwrap();
+        assert_eq!(process.http, None);
+        assert_eq!(process.workers, DEFAULT_WORKERS);
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.relay.port(), 9001);
         assert_eq!(c.linger, Duration::from_secs(60));
         assert_eq!(c.session.max_replay_bytes, 1 << 20);
         assert!(c.policy.dead_after <= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn workers_come_from_the_flag_and_a_bad_value_is_named() {
+        let entry = |extra: &[&str]| {
+            let mut args = vec!["entry", "--listen", "9000", "--relay", "9001"];
+            args.extend_from_slice(extra);
+            let a = parse(&args);
+            let Side::Entry(e) = a.side else {
+                panic!("not entry")
+            };
+            e
+        };
+        let (_, p) = entry_config(&entry(&["--workers", "3"])).unwrap();
+        assert_eq!(p.workers, 3);
+        let a = parse(&[
+            "exit",
+            "--listen",
+            "9000",
+            "--target",
+            "9001",
+            "--workers",
+            "2",
+        ]);
+        let Side::Exit(e) = &a.side else {
+            panic!("not exit")
+        };
+        assert_eq!(exit_config(e).unwrap().1.workers, 2);
+        for bad in ["0", "many", "-1", "1025"] {
+            let flag = format!("--workers={bad}");
+            let err = format!("{:#}", entry_config(&entry(&[&flag])).err().unwrap());
+            assert!(
+                err.contains("--workers") && err.contains(&format!("\"{bad}\"")),
+                "{bad}: {err}"
+            );
+            let usage = entry_config(&entry(&[&flag])).err().unwrap();
+            assert!(
+                usage.downcast_ref::<UsageError>().is_some(),
+                "{bad}: exits 2"
+            );
+        }
+        assert_eq!(parse_workers("1_024"), Ok(1024));
+        assert_eq!(parse_workers("1"), Ok(1));
     }
 
     #[test]
