@@ -812,8 +812,18 @@ fn parse_welcome(mut b: &[u8]) -> Result<Welcome, DecodeError> {
 #[derive(Debug)]
 pub struct Decoder {
     max_frame_len: u32,
+    /// The size (header included) of the last frame decoded when it was at least
+    /// [`LARGE_FRAME`] bytes, else 0: the next frame's buffer may be that large at once (see
+    /// [`frame_room`](Self::frame_room)). In what was padding: the decoder does not grow.
+    after_large: u32,
     partial: BytesMut,
 }
+
+/// A frame at least this large (header included) makes the next one's buffer a bulk
+/// stream's: sized for the whole frame (up to the size of this one) as soon as its length
+/// header is in, so that a driver reads its header alone and all of its body in place
+/// ([`Decoder::frame_header_alone`]), with no copy and no move of a growing buffer.
+pub const LARGE_FRAME: usize = 64 * 1024;
 
 /// What [`Decoder::decode`] saw in one call.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -829,8 +839,28 @@ impl Decoder {
     pub fn new(max_frame_len: u32) -> Self {
         Decoder {
             max_frame_len,
+            after_large: 0,
             partial: BytesMut::new(),
         }
+    }
+
+    /// True when the next read should be the next frame's length header alone
+    /// ([`HEADER_LEN`] bytes): the last frame was large (a bulk stream, at least
+    /// [`LARGE_FRAME`]) and no frame is held in part. A driver that does so reads a large
+    /// next frame's whole body into the frame's own buffer ([`frame_room`](Self::frame_room))
+    /// instead of its start through a copy; a small next frame costs one small read.
+    pub fn frame_header_alone(&self) -> bool {
+        self.after_large > 0 && self.partial.is_empty()
+    }
+
+    /// How large the buffer of the frame held in part may be now: four times what arrived,
+    /// or (in a bulk stream) the size of the large frame before it; never more than the
+    /// frame. Either way a peer that announces a frame and stalls costs no more than it
+    /// sent, or than the frame it already sent.
+    fn buffer_bound(&self, held: usize, total: usize) -> usize {
+        held.saturating_mul(4)
+            .max(held + self.after_large as usize)
+            .min(total)
     }
 
     /// The configured maximum body length.
@@ -852,9 +882,12 @@ impl Decoder {
     /// now ([`frame_body_buf`](Self::frame_body_buf)) instead of decoded from a copy: what
     /// the frame still misses once its length header is complete (and within the limit), at
     /// most three times what arrived (the buffer stays within four times what was received,
-    /// as in [`decode`](Self::decode)); 0 otherwise.
+    /// as in [`decode`](Self::decode)), or, right after a large frame, up to that frame's
+    /// size; 0 otherwise.
     pub fn frame_room(&self) -> usize {
-        self.frame_rest().min(self.partial.len().saturating_mul(3))
+        let held = self.partial.len();
+        let rest = self.frame_rest();
+        rest.min(self.buffer_bound(held, held + rest) - held)
     }
 
     /// Bytes still missing from the frame held in part, once its length header is complete
@@ -885,7 +918,7 @@ impl Decoder {
         let n = self.frame_room().min(max);
         if len + n > self.partial.capacity() {
             let total = len + self.frame_rest();
-            let grow_to = len.saturating_mul(4).min(total).max(len + n);
+            let grow_to = self.buffer_bound(len, total).max(len + n);
             self.partial.reserve(grow_to - len);
         }
         (&mut self.partial).limit(n)
@@ -945,7 +978,7 @@ impl Decoder {
             // charges for it.)
             let need = self.partial.len() + take;
             if need > self.partial.capacity() {
-                let grow_to = need.saturating_mul(4).min(total).max(need);
+                let grow_to = self.buffer_bound(need, total).max(need);
                 self.partial.reserve(grow_to - self.partial.len());
             }
             self.partial.extend_from_slice(&input[..take]);
@@ -956,6 +989,7 @@ impl Decoder {
             // Whole: the buffer goes with the frame (a DATA or SEQ_DATA payload is a slice
             // of it, not a copy), and the decoder holds none until the next partial frame.
             let whole = std::mem::take(&mut self.partial).freeze();
+            self.after_large = large(total);
             let frame = if len == 0 {
                 Frame::Heartbeat
             } else {
@@ -987,6 +1021,7 @@ impl Decoder {
                 _ => parse_body(&rest[HEADER_LEN..total])?,
             };
             at += total;
+            self.after_large = large(total);
             if !emit(frame, &mut stats) {
                 return Ok(stats);
             }
@@ -999,10 +1034,20 @@ impl Decoder {
                 let total = HEADER_LEN
                     + u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
                 self.partial
-                    .reserve(input.len().saturating_mul(4).min(total).max(input.len()));
+                    .reserve(self.buffer_bound(input.len(), total).max(input.len()));
             }
             self.partial.extend_from_slice(input);
         }
         Ok(stats)
+    }
+}
+
+/// `total` when it is a large frame's size ([`LARGE_FRAME`]), else 0 (see
+/// `Decoder::after_large`).
+fn large(total: usize) -> u32 {
+    if total >= LARGE_FRAME {
+        u32::try_from(total).unwrap_or(u32::MAX)
+    } else {
+        0
     }
 }

@@ -718,6 +718,75 @@ proptest! {
         prop_assert_eq!(d.buffer_capacity(), 0);
     }
 
+    /// Large and small messages read as the driver reads them (the header alone when
+    /// `frame_header_alone`, in place while `frame_room` allows, otherwise a read of random
+    /// size decoded from a copy): the same messages come out in order, a frame's buffer never
+    /// exceeds four times what arrived or the large frame before it, and nothing is held at
+    /// the end.
+    #[test]
+    fn driver_style_reads_with_headers_alone_round_trip(
+        sizes in prop::collection::vec(
+            prop_oneof![0usize..200, 60_000usize..140_000],
+            1..12,
+        ),
+        reads in prop::collection::vec(1usize..70_000, 1..40),
+    ) {
+        let mut wire = BytesMut::new();
+        let payloads: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![i as u8; n])
+            .collect();
+        for (i, p) in payloads.iter().enumerate() {
+            codec::encode_seq_data(i as u64, p, &mut wire);
+        }
+        let mut d = Decoder::new(1 << 20);
+        let mut out = Vec::new();
+        let (mut at, mut k) = (0, 0);
+        let mut last_large = 0;
+        while at < wire.len() {
+            let before = out.len();
+            let want = reads[k % reads.len()];
+            k += 1;
+            let room = d.frame_room();
+            if room > 0 {
+                let mut buf = d.frame_body_buf(want);
+                let n = bytes::BufMut::remaining_mut(&buf).min(wire.len() - at);
+                bytes::BufMut::put_slice(&mut buf, &wire[at..at + n]);
+                at += n;
+                d.decode(&[], |f| { out.push(f); true }).unwrap();
+            } else {
+                let n = if d.frame_header_alone() { HEADER_LEN } else { want };
+                let n = n.min(wire.len() - at);
+                d.decode(&wire[at..at + n], |f| { out.push(f); true }).unwrap();
+                at += n;
+            }
+            if out.len() > before {
+                if let Some(Frame::SeqData { payload, .. }) = out.last() {
+                    let total = HEADER_LEN + 9 + payload.len();
+                    last_large = if total >= codec::LARGE_FRAME { total } else { 0 };
+                }
+            }
+            prop_assert!(
+                d.buffer_capacity() <= (4 * d.buffered()).max(d.buffered() + last_large),
+                "capacity {} for {} held after a {}-byte frame",
+                d.buffer_capacity(), d.buffered(), last_large
+            );
+        }
+        prop_assert_eq!(out.len(), payloads.len());
+        for (i, (f, p)) in out.iter().zip(&payloads).enumerate() {
+            match f {
+                Frame::SeqData { seq, payload } => {
+                    prop_assert_eq!(*seq, i as u64);
+                    prop_assert_eq!(&payload[..], &p[..]);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+        prop_assert_eq!(d.buffered(), 0);
+        prop_assert_eq!(d.buffer_capacity(), 0);
+    }
+
     /// Arbitrary bytes in arbitrary chunks: the decoder returns frames or an error, never
     /// panics, and never holds more than one maximal frame (header + max body).
     #[test]
@@ -889,4 +958,150 @@ fn no_room_to_read_in_place_without_a_whole_length_header_or_past_the_limit() {
     let mut d = Decoder::new(1000);
     assert!(d.decode(&[0, 0, 0x10, 0, 1], |_| true).is_err());
     assert_eq!(d.frame_room(), 0, "oversize frame");
+}
+
+/// Reads `d`'s frame held in part in place, `step` bytes at most per read, from `wire[at..]`;
+/// returns where it stopped and the frames that came out. With `once`, checks that the
+/// buffer is allocated once (never moved while it fills).
+fn read_in_place(
+    d: &mut Decoder,
+    wire: &[u8],
+    mut at: usize,
+    step: usize,
+    once: bool,
+) -> (usize, Vec<Frame>) {
+    let mut got = Vec::new();
+    let mut start = None;
+    while d.frame_room() > 0 {
+        let mut buf = d.frame_body_buf(step);
+        let n = bytes::BufMut::remaining_mut(&buf).min(wire.len() - at);
+        bytes::BufMut::put_slice(&mut buf, &wire[at..at + n]);
+        at += n;
+        let ptr = buf.get_ref().as_ptr();
+        if once {
+            assert_eq!(*start.get_or_insert(ptr), ptr, "the frame's buffer moved");
+        }
+        d.decode(&[], |f| {
+            got.push(f);
+            true
+        })
+        .unwrap();
+    }
+    (at, got)
+}
+
+/// In a stream of large messages the next frame's header is read alone and its whole body
+/// in place, into one buffer of the frame's size, allocated once (no copy, no move); a small
+/// frame after a large one costs one small read and ends the bulk mode; a stalled frame
+/// holds no more than the large frame before it.
+#[test]
+fn after_a_large_frame_the_next_ones_header_is_read_alone_and_its_body_in_place() {
+    let sizes = [262_154usize, 200_000, 100_000, 10, 150_000];
+    let payloads: Vec<Vec<u8>> = sizes
+        .iter()
+        .map(|&n| (0..n as u32).map(|i| (i % 249) as u8).collect())
+        .collect();
+    let mut wire = BytesMut::new();
+    for (i, p) in payloads.iter().enumerate() {
+        codec::encode_seq_data(i as u64 + 1, p, &mut wire);
+    }
+    let wire = wire.freeze();
+    let mut d = Decoder::new(1 << 20);
+    assert!(!d.frame_header_alone(), "nothing received yet");
+    // The first large frame: its start through a copy, the rest in place (as before).
+    let mut got = Vec::new();
+    d.decode(&wire[..30_000], |f| {
+        got.push(f);
+        true
+    })
+    .unwrap();
+    let (mut at, frames) = read_in_place(&mut d, &wire, 30_000, 64 * 1024, false);
+    got.extend(frames);
+    assert_eq!(got.len(), 1);
+    let mut held_before: Vec<usize> = Vec::new();
+    for (i, p) in payloads.iter().enumerate().skip(1) {
+        let total = HEADER_LEN + 9 + p.len();
+        let previous = HEADER_LEN + 9 + payloads[i - 1].len();
+        let bulk = previous >= codec::LARGE_FRAME;
+        assert_eq!(d.frame_header_alone(), bulk, "frame {i}");
+        if !bulk {
+            // After a small frame: the usual way (here all of it at once).
+            d.decode(&wire[at..at + total], |f| {
+                got.push(f);
+                true
+            })
+            .unwrap();
+            at += total;
+            continue;
+        }
+        d.decode(&wire[at..at + HEADER_LEN], |_| true).unwrap();
+        at += HEADER_LEN;
+        let room = d.frame_room();
+        let capacity = d.buffer_capacity();
+        held_before.push(capacity);
+        assert!(
+            capacity <= previous + HEADER_LEN,
+            "frame {i}: {capacity} held for a {HEADER_LEN}-byte header after a {previous}-byte frame"
+        );
+        assert_eq!(
+            room,
+            total - HEADER_LEN,
+            "frame {i}: all of its body in place"
+        );
+        if room < 16 * 1024 {
+            // A small frame: read the usual way.
+            d.decode(&wire[at..at + room], |f| {
+                got.push(f);
+                true
+            })
+            .unwrap();
+            at += room;
+            continue;
+        }
+        let (next, frames) = read_in_place(&mut d, &wire, at, 64 * 1024, true);
+        assert_eq!(
+            next - at,
+            total - HEADER_LEN,
+            "frame {i}: the body read in place"
+        );
+        at = next;
+        match &frames[..] {
+            [Frame::SeqData { payload, .. }] => {
+                assert_eq!(&payload[..], &p[..]);
+            }
+            other => panic!("frame {i}: {} frames", other.len()),
+        }
+        got.extend(frames);
+    }
+    assert_eq!(at, wire.len());
+    assert_eq!(held_before.len(), 3, "three frames followed a large one");
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|f| match f {
+            Frame::SeqData { seq, .. } => *seq,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    for (f, p) in got.iter().zip(&payloads) {
+        let Frame::SeqData { payload, .. } = f else {
+            unreachable!()
+        };
+        assert_eq!(&payload[..], &p[..]);
+    }
+    // The frame after the small one (10 bytes) was not in bulk mode: its start came through a
+    // copy; the one after it would be again.
+    assert!(d.frame_header_alone());
+    // A header that announces more than the large frame before it: room only up to that
+    // frame's size (what the peer already made us hold), and the rest the usual way.
+    let mut d = Decoder::new(1 << 20);
+    let mut big = BytesMut::new();
+    codec::encode_seq_data(1, &vec![1u8; 70_000], &mut big);
+    d.decode(&big, |_| true).unwrap();
+    assert!(d.frame_header_alone());
+    let mut huge = BytesMut::new();
+    codec::encode_seq_data(2, &vec![2u8; 500_000], &mut huge);
+    d.decode(&huge[..HEADER_LEN], |_| true).unwrap();
+    assert!(d.buffer_capacity() <= big.len() + HEADER_LEN);
+    assert_eq!(d.frame_room(), big.len());
 }

@@ -624,6 +624,14 @@ impl Conn {
         self.decoder.frame_room()
     }
 
+    /// True when the next read should be the next frame's length header alone
+    /// ([`codec::HEADER_LEN`] bytes; false once closed; see
+    /// [`Decoder::frame_header_alone`]): in a stream of large messages, the next one's body
+    /// can then be read whole into its own buffer ([`frame_room`](Self::frame_room)).
+    pub fn frame_header_alone(&self) -> bool {
+        !self.is_closed() && self.decoder.frame_header_alone()
+    }
+
     /// The buffer of the frame received in part, with room for at most `max` more of its
     /// bytes (never more than [`frame_room`](Self::frame_room)). Report what was put there
     /// with [`handle_frame_body`](Self::handle_frame_body).

@@ -1009,6 +1009,69 @@ async fn a_large_message_arriving_in_pieces_is_read_in_place_and_delivered_whole
     assert_eq!(budgets.frames.used(), 0);
 }
 
+/// A stream of large messages (each read as its header alone, then its body in place) with
+/// small messages and heartbeats between them, arriving at once and in uneven pieces: every
+/// message is delivered whole and in order, and the partial-frame budget is all given back.
+#[tokio::test(start_paused = true)]
+async fn a_stream_of_large_messages_read_header_first_arrives_whole_and_in_order() {
+    for piece in [usize::MAX, 7_777, 70_001] {
+        let budgets = Arc::new(Budgets::new(1 << 20, 4 << 20, 1 << 20));
+        let (io, far) = tokio::io::duplex(1 << 20);
+        let shared = Shared::server(Limits::default(), budgets.clone());
+        let sink = TestSink::default();
+        let log = sink.log.clone();
+        let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+        tokio::spawn(drive(io, conn, shared, sink));
+        let mut peer = Peer::client(far).await;
+        assert!(matches!(
+            peer.next_event(false).await,
+            ConnEvent::Established(_)
+        ));
+        let sizes = [
+            262_145usize,
+            262_145,
+            5,
+            100_000,
+            262_145,
+            13,
+            70_000,
+            262_145,
+        ];
+        let messages: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 31 + j % 241) as u8).collect())
+            .collect();
+        let mut wire = BytesMut::new();
+        for (i, m) in messages.iter().enumerate() {
+            codec::encode_data(m, &mut wire);
+            if i % 3 == 1 {
+                wire.extend_from_slice(&heartbeat_bytes());
+            }
+        }
+        for chunk in wire.chunks(piece.min(wire.len())) {
+            peer.io.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let got: Vec<Vec<u8>> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, e)| match e {
+                ConnEvent::Message { payload, .. } => Some(payload.to_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got.len(), messages.len(), "pieces of {piece}");
+        assert!(
+            got == messages,
+            "pieces of {piece}: contents or order differ"
+        );
+        assert_eq!(budgets.frames.used(), 0);
+    }
+}
+
 /// A server driver accepting as `tether::Server` does (answering heartbeats), and a
 /// hand-driven client established with it. Returns the server's shared state, its task, the
 /// client and the instant of the WELCOME.
