@@ -812,18 +812,28 @@ fn parse_welcome(mut b: &[u8]) -> Result<Welcome, DecodeError> {
 #[derive(Debug)]
 pub struct Decoder {
     max_frame_len: u32,
-    /// The size (header included) of the last frame decoded when it was at least
-    /// [`LARGE_FRAME`] bytes, else 0: the next frame's buffer may be that large at once (see
-    /// [`frame_room`](Self::frame_room)). In what was padding: the decoder does not grow.
-    after_large: u32,
+    /// A bulk stream's state, in what was padding (the decoder does not grow): the low
+    /// [`ALLOWANCE_BITS`] bits are the largest frame (header included) of at least
+    /// [`LARGE_FRAME`] bytes decoded so far: the size a frame's buffer may have at once (see
+    /// [`frame_room`](Self::frame_room)); the bits above count the small frames that may
+    /// still follow the last large one in bulk mode ([`next_read_limit`](Self::next_read_limit)).
+    bulk: u32,
     partial: BytesMut,
 }
 
-/// A frame at least this large (header included) makes the next one's buffer a bulk
-/// stream's: sized for the whole frame (up to the size of this one) as soon as its length
-/// header is in, so that a driver reads its header alone and all of its body in place
-/// ([`Decoder::frame_header_alone`]), with no copy and no move of a growing buffer.
+/// A frame at least this large (header included) starts a bulk stream: later frames' buffers
+/// are sized for the whole frame (up to the largest such frame) as soon as their length
+/// header is in, and a driver reads frame by frame ([`Decoder::next_read_limit`]), each
+/// large body in place, with no copy and no move of a growing buffer.
 pub const LARGE_FRAME: usize = 64 * 1024;
+/// Bits of `Decoder::bulk` that hold the largest large frame (frames above 128 MiB count as
+/// 128 MiB).
+const ALLOWANCE_BITS: u32 = 27;
+const ALLOWANCE_MASK: u32 = (1 << ALLOWANCE_BITS) - 1;
+/// Small frames read one by one after a large frame before bulk mode ends: the WINDOW or
+/// heartbeat between two large messages does not end it; a stream of small messages does,
+/// after this many extra reads.
+const SMALL_IN_BULK: u32 = 4;
 
 /// What [`Decoder::decode`] saw in one call.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -839,27 +849,47 @@ impl Decoder {
     pub fn new(max_frame_len: u32) -> Self {
         Decoder {
             max_frame_len,
-            after_large: 0,
+            bulk: 0,
             partial: BytesMut::new(),
         }
     }
 
-    /// True when the next read should be the next frame's length header alone
-    /// ([`HEADER_LEN`] bytes): the last frame was large (a bulk stream, at least
-    /// [`LARGE_FRAME`]) and no frame is held in part. A driver that does so reads a large
-    /// next frame's whole body into the frame's own buffer ([`frame_room`](Self::frame_room))
-    /// instead of its start through a copy; a small next frame costs one small read.
-    pub fn frame_header_alone(&self) -> bool {
-        self.after_large > 0 && self.partial.is_empty()
+    /// In a bulk stream (a large frame, at least [`LARGE_FRAME`], was among the last few),
+    /// the most the next read should take so that it ends where a frame does: the next
+    /// frame's length header alone ([`HEADER_LEN`] bytes, or what it still misses), or the
+    /// rest of a small frame. A driver that reads so never takes a large frame's start
+    /// through a copy: its whole body is read into its own buffer
+    /// ([`frame_room`](Self::frame_room)). `None` outside a bulk stream (read as much as
+    /// there is) and while a frame's body may be read in place.
+    pub fn next_read_limit(&self) -> Option<usize> {
+        if self.bulk >> ALLOWANCE_BITS == 0 {
+            return None;
+        }
+        let held = self.partial.len();
+        if held < HEADER_LEN {
+            return Some(HEADER_LEN - held);
+        }
+        Some(self.frame_rest()).filter(|&n| n > 0)
+    }
+
+    /// Notes a frame of `total` bytes (header included) decoded.
+    fn note_frame(&mut self, total: usize) {
+        if total >= LARGE_FRAME {
+            let size = u32::try_from(total).unwrap_or(u32::MAX).min(ALLOWANCE_MASK);
+            let allowance = (self.bulk & ALLOWANCE_MASK).max(size);
+            self.bulk = SMALL_IN_BULK << ALLOWANCE_BITS | allowance;
+        } else if self.bulk >> ALLOWANCE_BITS > 0 {
+            self.bulk -= 1 << ALLOWANCE_BITS;
+        }
     }
 
     /// How large the buffer of the frame held in part may be now: four times what arrived,
-    /// or (in a bulk stream) the size of the large frame before it; never more than the
+    /// or what arrived plus the largest large frame decoded before; never more than the
     /// frame. Either way a peer that announces a frame and stalls costs no more than it
-    /// sent, or than the frame it already sent.
+    /// sent, or than a frame it already sent.
     fn buffer_bound(&self, held: usize, total: usize) -> usize {
         held.saturating_mul(4)
-            .max(held + self.after_large as usize)
+            .max(held + (self.bulk & ALLOWANCE_MASK) as usize)
             .min(total)
     }
 
@@ -882,8 +912,8 @@ impl Decoder {
     /// now ([`frame_body_buf`](Self::frame_body_buf)) instead of decoded from a copy: what
     /// the frame still misses once its length header is complete (and within the limit), at
     /// most three times what arrived (the buffer stays within four times what was received,
-    /// as in [`decode`](Self::decode)), or, right after a large frame, up to that frame's
-    /// size; 0 otherwise.
+    /// as in [`decode`](Self::decode)), or, once large frames came, up to the largest of
+    /// them; 0 otherwise.
     pub fn frame_room(&self) -> usize {
         let held = self.partial.len();
         let rest = self.frame_rest();
@@ -989,7 +1019,7 @@ impl Decoder {
             // Whole: the buffer goes with the frame (a DATA or SEQ_DATA payload is a slice
             // of it, not a copy), and the decoder holds none until the next partial frame.
             let whole = std::mem::take(&mut self.partial).freeze();
-            self.after_large = large(total);
+            self.note_frame(total);
             let frame = if len == 0 {
                 Frame::Heartbeat
             } else {
@@ -1021,7 +1051,7 @@ impl Decoder {
                 _ => parse_body(&rest[HEADER_LEN..total])?,
             };
             at += total;
-            self.after_large = large(total);
+            self.note_frame(total);
             if !emit(frame, &mut stats) {
                 return Ok(stats);
             }
@@ -1039,15 +1069,5 @@ impl Decoder {
             self.partial.extend_from_slice(input);
         }
         Ok(stats)
-    }
-}
-
-/// `total` when it is a large frame's size ([`LARGE_FRAME`]), else 0 (see
-/// `Decoder::after_large`).
-fn large(total: usize) -> u32 {
-    if total >= LARGE_FRAME {
-        u32::try_from(total).unwrap_or(u32::MAX)
-    } else {
-        0
     }
 }

@@ -718,11 +718,11 @@ proptest! {
         prop_assert_eq!(d.buffer_capacity(), 0);
     }
 
-    /// Large and small messages read as the driver reads them (the header alone when
-    /// `frame_header_alone`, in place while `frame_room` allows, otherwise a read of random
-    /// size decoded from a copy): the same messages come out in order, a frame's buffer never
-    /// exceeds four times what arrived or the large frame before it, and nothing is held at
-    /// the end.
+    /// Large and small messages read as the driver reads them (in place while `frame_room`
+    /// allows at least 16 KiB, otherwise a read of random size, at most `next_read_limit`,
+    /// decoded from a copy): the same messages come out in order, a frame's buffer never
+    /// exceeds four times what arrived or what arrived plus the largest frame before it, and
+    /// nothing is held at the end.
     #[test]
     fn driver_style_reads_with_headers_alone_round_trip(
         sizes in prop::collection::vec(
@@ -749,22 +749,24 @@ proptest! {
             let want = reads[k % reads.len()];
             k += 1;
             let room = d.frame_room();
-            if room > 0 {
+            if room >= 16 * 1024 {
                 let mut buf = d.frame_body_buf(want);
                 let n = bytes::BufMut::remaining_mut(&buf).min(wire.len() - at);
                 bytes::BufMut::put_slice(&mut buf, &wire[at..at + n]);
                 at += n;
                 d.decode(&[], |f| { out.push(f); true }).unwrap();
             } else {
-                let n = if d.frame_header_alone() { HEADER_LEN } else { want };
+                let n = d.next_read_limit().unwrap_or(want).min(want);
                 let n = n.min(wire.len() - at);
                 d.decode(&wire[at..at + n], |f| { out.push(f); true }).unwrap();
                 at += n;
             }
-            if out.len() > before {
-                if let Some(Frame::SeqData { payload, .. }) = out.last() {
+            for f in &out[before..] {
+                if let Frame::SeqData { payload, .. } = f {
                     let total = HEADER_LEN + 9 + payload.len();
-                    last_large = if total >= codec::LARGE_FRAME { total } else { 0 };
+                    if total >= codec::LARGE_FRAME {
+                        last_large = last_large.max(total);
+                    }
                 }
             }
             prop_assert!(
@@ -990,13 +992,25 @@ fn read_in_place(
     (at, got)
 }
 
-/// In a stream of large messages the next frame's header is read alone and its whole body
-/// in place, into one buffer of the frame's size, allocated once (no copy, no move); a small
-/// frame after a large one costs one small read and ends the bulk mode; a stalled frame
-/// holds no more than the large frame before it.
+/// In a stream of large messages each read ends where a frame does: a frame's header is
+/// read alone and a large body in place, into one buffer of the frame's size allocated once
+/// (no copy, no move); a small frame in between is read in two small reads and does not end
+/// the bulk mode, a few small frames in a row do; a stalled frame holds no more than the
+/// largest frame before it.
 #[test]
-fn after_a_large_frame_the_next_ones_header_is_read_alone_and_its_body_in_place() {
-    let sizes = [262_154usize, 200_000, 100_000, 10, 150_000];
+fn in_a_bulk_stream_reads_end_where_frames_do_and_large_bodies_are_read_in_place() {
+    let sizes = [
+        262_154usize,
+        200_000,
+        100_000,
+        10,
+        150_000,
+        5,
+        6,
+        7,
+        8,
+        250_000,
+    ];
     let payloads: Vec<Vec<u8>> = sizes
         .iter()
         .map(|&n| (0..n as u32).map(|i| (i % 249) as u8).collect())
@@ -1007,7 +1021,7 @@ fn after_a_large_frame_the_next_ones_header_is_read_alone_and_its_body_in_place(
     }
     let wire = wire.freeze();
     let mut d = Decoder::new(1 << 20);
-    assert!(!d.frame_header_alone(), "nothing received yet");
+    assert_eq!(d.next_read_limit(), None, "nothing received yet");
     // The first large frame: its start through a copy, the rest in place (as before).
     let mut got = Vec::new();
     d.decode(&wire[..30_000], |f| {
@@ -1018,38 +1032,44 @@ fn after_a_large_frame_the_next_ones_header_is_read_alone_and_its_body_in_place(
     let (mut at, frames) = read_in_place(&mut d, &wire, 30_000, 64 * 1024, false);
     got.extend(frames);
     assert_eq!(got.len(), 1);
-    let mut held_before: Vec<usize> = Vec::new();
+    let largest = HEADER_LEN + 9 + sizes[0];
     for (i, p) in payloads.iter().enumerate().skip(1) {
         let total = HEADER_LEN + 9 + p.len();
-        let previous = HEADER_LEN + 9 + payloads[i - 1].len();
-        let bulk = previous >= codec::LARGE_FRAME;
-        assert_eq!(d.frame_header_alone(), bulk, "frame {i}");
-        if !bulk {
-            // After a small frame: the usual way (here all of it at once).
-            d.decode(&wire[at..at + total], |f| {
+        if i == 9 {
+            // Four small frames in a row ended the bulk mode: read as much as there is. The
+            // large frame's start comes through a copy, but its buffer is sized for all of
+            // it at once (the largest frame so far allows it) and never moves.
+            assert_eq!(d.next_read_limit(), None, "frame {i}");
+            let first = 64 * 1024;
+            d.decode(&wire[at..at + first], |f| {
                 got.push(f);
                 true
             })
             .unwrap();
-            at += total;
+            assert_eq!(d.buffer_capacity(), total, "sized at once");
+            let (next, frames) = read_in_place(&mut d, &wire, at + first, 64 * 1024, true);
+            assert_eq!(next, at + total);
+            at = next;
+            got.extend(frames);
             continue;
         }
+        assert_eq!(
+            d.next_read_limit(),
+            Some(HEADER_LEN),
+            "frame {i}: header alone"
+        );
         d.decode(&wire[at..at + HEADER_LEN], |_| true).unwrap();
         at += HEADER_LEN;
         let room = d.frame_room();
         let capacity = d.buffer_capacity();
-        held_before.push(capacity);
         assert!(
-            capacity <= previous + HEADER_LEN,
-            "frame {i}: {capacity} held for a {HEADER_LEN}-byte header after a {previous}-byte frame"
+            capacity <= largest + HEADER_LEN,
+            "frame {i}: {capacity} held for a header after frames up to {largest} bytes"
         );
-        assert_eq!(
-            room,
-            total - HEADER_LEN,
-            "frame {i}: all of its body in place"
-        );
+        assert_eq!(room, total - HEADER_LEN, "frame {i}: all of its body");
         if room < 16 * 1024 {
-            // A small frame: read the usual way.
+            // A small frame: the rest of it alone, decoded the usual way.
+            assert_eq!(d.next_read_limit(), Some(room), "frame {i}");
             d.decode(&wire[at..at + room], |f| {
                 got.push(f);
                 true
@@ -1066,15 +1086,12 @@ fn after_a_large_frame_the_next_ones_header_is_read_alone_and_its_body_in_place(
         );
         at = next;
         match &frames[..] {
-            [Frame::SeqData { payload, .. }] => {
-                assert_eq!(&payload[..], &p[..]);
-            }
+            [Frame::SeqData { payload, .. }] => assert_eq!(&payload[..], &p[..]),
             other => panic!("frame {i}: {} frames", other.len()),
         }
         got.extend(frames);
     }
     assert_eq!(at, wire.len());
-    assert_eq!(held_before.len(), 3, "three frames followed a large one");
     let seqs: Vec<u64> = got
         .iter()
         .map(|f| match f {
@@ -1082,26 +1099,32 @@ fn after_a_large_frame_the_next_ones_header_is_read_alone_and_its_body_in_place(
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    assert_eq!(seqs, (1..=sizes.len() as u64).collect::<Vec<_>>());
     for (f, p) in got.iter().zip(&payloads) {
         let Frame::SeqData { payload, .. } = f else {
             unreachable!()
         };
         assert_eq!(&payload[..], &p[..]);
     }
-    // The frame after the small one (10 bytes) was not in bulk mode: its start came through a
-    // copy; the one after it would be again.
-    assert!(d.frame_header_alone());
-    // A header that announces more than the large frame before it: room only up to that
-    // frame's size (what the peer already made us hold), and the rest the usual way.
+    assert_eq!(d.next_read_limit(), Some(HEADER_LEN), "bulk again");
+    // A header that announces more than any frame before it: room only up to the largest
+    // frame so far (what the peer already made us hold), and the rest the usual way.
     let mut d = Decoder::new(1 << 20);
     let mut big = BytesMut::new();
     codec::encode_seq_data(1, &vec![1u8; 70_000], &mut big);
     d.decode(&big, |_| true).unwrap();
-    assert!(d.frame_header_alone());
+    assert_eq!(d.next_read_limit(), Some(HEADER_LEN));
     let mut huge = BytesMut::new();
     codec::encode_seq_data(2, &vec![2u8; 500_000], &mut huge);
     d.decode(&huge[..HEADER_LEN], |_| true).unwrap();
     assert!(d.buffer_capacity() <= big.len() + HEADER_LEN);
     assert_eq!(d.frame_room(), big.len());
+    // A stream of small messages never enters bulk mode.
+    let mut d = Decoder::new(1 << 20);
+    let mut small = BytesMut::new();
+    for _ in 0..100 {
+        codec::encode_data(&[7; 64], &mut small);
+    }
+    d.decode(&small, |_| true).unwrap();
+    assert_eq!(d.next_read_limit(), None);
 }

@@ -624,12 +624,16 @@ impl Conn {
         self.decoder.frame_room()
     }
 
-    /// True when the next read should be the next frame's length header alone
-    /// ([`codec::HEADER_LEN`] bytes; false once closed; see
-    /// [`Decoder::frame_header_alone`]): in a stream of large messages, the next one's body
-    /// can then be read whole into its own buffer ([`frame_room`](Self::frame_room)).
-    pub fn frame_header_alone(&self) -> bool {
-        !self.is_closed() && self.decoder.frame_header_alone()
+    /// In a stream of large messages, the most the next read should take so that it ends
+    /// where a frame does (the next frame's length header alone, or the rest of a small
+    /// frame): each large message's body is then read whole into its own buffer
+    /// ([`frame_room`](Self::frame_room)). `None` otherwise, and once closed; see
+    /// [`Decoder::next_read_limit`].
+    pub fn next_read_limit(&self) -> Option<usize> {
+        if self.is_closed() {
+            return None;
+        }
+        self.decoder.next_read_limit()
     }
 
     /// The buffer of the frame received in part, with room for at most `max` more of its

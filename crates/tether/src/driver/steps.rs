@@ -344,12 +344,14 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             } else {
                 self.conn.frame_room()
             };
-            // In a stream of large messages the next frame's header is read alone, so that
-            // all of its body is read in place: a read of its start on the stack copied a
-            // quarter of each 256 KiB message (issue 17, target 5). A small frame next costs
-            // one small read.
-            if room == 0 && chunk == READ_CHUNK && self.conn.frame_header_alone() {
-                max = max.min(tether_proto::codec::HEADER_LEN);
+            // In a stream of large messages reads end where frames do (a frame's header
+            // alone, the rest of a small frame), so that every large body is read in place:
+            // a read of a frame's start on the stack copied a quarter of each 256 KiB message
+            // (issue 17, target 5). A small frame in between costs one more small read.
+            if room < DIRECT_READ_FROM && chunk == READ_CHUNK {
+                if let Some(limit) = self.conn.next_read_limit() {
+                    max = max.min(limit);
+                }
             }
             let mut direct = None;
             // Uninitialised: zeroing the buffer on every read attempt (Pending ones included)
