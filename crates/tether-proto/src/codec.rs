@@ -883,10 +883,13 @@ impl Decoder {
         }
     }
 
-    /// How large the buffer of the frame held in part may be now: four times what arrived,
-    /// or what arrived plus the largest large frame decoded before; never more than the
-    /// frame. Either way a peer that announces a frame and stalls costs no more than it
-    /// sent, or than a frame it already sent.
+    /// How large the buffer of the frame held in part may be made for a read in place
+    /// ([`frame_body_buf`](Self::frame_body_buf)): four times what arrived, or what arrived
+    /// plus the largest large frame decoded before; never more than the frame. Either way a
+    /// peer that announces a frame and stalls costs no more than it sent, or than a frame it
+    /// already sent; and only a driver that reads in place grows it so (a server's driver
+    /// after admitting the frame into its partial-frame budget): what
+    /// [`decode`](Self::decode) reserves for a frame's start is four times what arrived.
     fn buffer_bound(&self, held: usize, total: usize) -> usize {
         held.saturating_mul(4)
             .max(held + (self.bulk & ALLOWANCE_MASK) as usize)
@@ -1008,7 +1011,7 @@ impl Decoder {
             // charges for it.)
             let need = self.partial.len() + take;
             if need > self.partial.capacity() {
-                let grow_to = self.buffer_bound(need, total).max(need);
+                let grow_to = need.saturating_mul(4).min(total).max(need);
                 self.partial.reserve(grow_to - self.partial.len());
             }
             self.partial.extend_from_slice(&input[..take]);
@@ -1064,7 +1067,7 @@ impl Decoder {
                 let total = HEADER_LEN
                     + u32::from_be_bytes([input[0], input[1], input[2], input[3]]) as usize;
                 self.partial
-                    .reserve(self.buffer_bound(input.len(), total).max(input.len()));
+                    .reserve(input.len().saturating_mul(4).min(total).max(input.len()));
             }
             self.partial.extend_from_slice(input);
         }
