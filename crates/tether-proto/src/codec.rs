@@ -821,10 +821,10 @@ pub struct Decoder {
     partial: BytesMut,
 }
 
-/// A frame at least this large (header included) starts a bulk stream: later frames' buffers
-/// are sized for the whole frame (up to the largest such frame) as soon as their length
-/// header is in, and a driver reads frame by frame ([`Decoder::next_read_limit`]), each
-/// large body in place, with no copy and no move of a growing buffer.
+/// A frame at least this large (header included) starts a bulk stream: a driver reads frame
+/// by frame ([`Decoder::next_read_limit`]), and a later frame's buffer is sized for the whole
+/// frame (up to the largest such frame) by its first read in place, so each large body is
+/// read with no copy and no move of a growing buffer.
 pub const LARGE_FRAME: usize = 64 * 1024;
 /// Bits of `Decoder::bulk` that hold the largest large frame (frames above 128 MiB count as
 /// 128 MiB).
