@@ -3,15 +3,28 @@
 //! A connection whose wake-up ends with nothing in flight ([`Conn::is_quiescent`], nothing
 //! queued, not paused, not closing; see `Driver::may_park`) does not return `Pending` to
 //! tokio: its task ends (its cell and its `Sleep` are freed) and the driver's state moves
-//! here. The lot is one tokio task per server, started by the first parked connection and
-//! ending when the last one leaves:
+//! here. A lot is started by the first parked connection and ends when the last one leaves.
+//! It runs one of two ways around the same slab, heap and poll ([`Yard`]):
+//!
+//! - **On a thread of its own** ([`Lot::threaded`], the server's plain-TCP lots): the
+//!   socket leaves tokio's reactor ([`Transport::detach`]: tokio's per-socket registration
+//!   is freed) for the lot's own epoll (`mio`, edge-triggered, readable, token = slot and
+//!   generation); the thread sleeps in `epoll_wait` until the earliest deadline, a socket's
+//!   bytes or a waker (an eventfd). It runs outside tokio's run queue, so a deadline does
+//!   not wait behind busy tasks (under 256 loaders the lot task was 113-215 ms late).
+//!   Unparked, the socket leaves the epoll and goes back into the reactor
+//!   ([`Transport::attach`], with the runtime's context entered) before its task is
+//!   spawned; a connection that finished here is reported from here (`accept::unpark`).
+//! - **As a tokio task** ([`Lot::new`]): for a transport that cannot leave the reactor; the
+//!   transport registers the entry's waker. The paused-time tests park `DuplexStream`s here,
+//!   so the lot's timing rules stay tested to the instant.
 //!
 //! ```text
 //!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Driver, waker(idx, gen), queued_at}
 //!                                            │  polled here with the entry's waker:
-//!   socket readable ─┐                       │  the same `Driver::poll` as a task runs,
-//!   handle send/close ├─ waker(idx) ─▶ ready ─┤  with the deadline kept in the lot's heap
-//!   lot's one Sleep ──┘  (heap of deadlines) ─┘  instead of a Sleep of its own
+//!   socket readable ──┐ (epoll event, or     │  the same `Driver::poll` as a task runs,
+//!   handle send/close ├─ waker(idx) ─▶ ready ┤  with the deadline kept in the lot's heap
+//!   the lot's timeout ┘ (heap of deadlines) ─┘  instead of a Sleep of its own
 //!                                            │
 //!            still quiescent: stays ◀────────┤
 //!            anything else (bytes to write, more to read, paused, closing, ended):
@@ -21,20 +34,20 @@
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
 //! answered, a due deadline fired, a handle's message written) — only where it waits
-//! differs. Its waker is the entry's: the transport registers it for readability (and for
-//! writability, which unparks), `Shared` keeps it as the driver's waker (a handle's send,
-//! close or command wakes the lot through it), and the budgets queue it like a task's.
+//! differs. Its waker is the entry's: `Shared` keeps it as the driver's waker (a handle's
+//! send, close or command wakes the lot through it), and the budgets queue it like a
+//! task's; a lot task's transport registers it for readability too.
 //!
 //! Deadlines: a binary heap of `(instant, slot, generation)`, lazily re-checked against
 //! the entry's current deadline when popped (a deadline that moved later is pushed again,
 //! once; one that moved earlier is pushed at once). Never early (an entry is polled only
-//! once its deadline is due, and the state machine re-checks it), late only by the lot's
-//! own scheduling: one tokio `Sleep` for the whole lot.
+//! once its deadline is due, and the state machine re-checks it; `epoll_wait`'s timeout is
+//! rounded up to the millisecond), late only by the lot's own scheduling.
 //!
-//! The lot runs unconstrained by tokio's cooperative budget (a parked transport's poll
+//! A lot task runs unconstrained by tokio's cooperative budget (a parked transport's poll
 //! would otherwise answer `Pending` for a budget it does not own, and wake the entry in a
 //! loop) and bounds itself instead: at most [`POLLS_PER_PASS`] entries per pass, then a
-//! deferred yield.
+//! deferred yield. A lot thread needs no bound: it is nobody else's turn.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -58,6 +71,10 @@ use crate::transport::Transport;
 /// and deadlines queued behind 256 loaders for 1.3-1.6 s (`tether bench detect`,
 /// BENCHMARKS.md 2026-11-30 "fourth pass"). A pass of this many is ~0.1-0.3 s of one core.
 const POLLS_PER_PASS: usize = 16 * 1024;
+
+/// A lot thread looks at its deadlines again after this many polls within a pass (a poll
+/// is ~10-40 µs: a deadline waits at most a few ms behind the heartbeats of one pass).
+const POLLS_BETWEEN_DEADLINES: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data (queues of indexes and drivers): usable after a panic elsewhere.
@@ -421,6 +438,17 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         (lot.spawn)(Resume { d: e.d, finished });
     }
 
+    /// Between two polls of a lot thread's pass: every [`POLLS_BETWEEN_DEADLINES`] polls,
+    /// the deadlines that came due meanwhile are fired. A pass can be thousands of
+    /// heartbeats long when the machine is saturated (under 256 loaders a lot thread is
+    /// given a share of a core, not a core): the deadlines must not wait for its end.
+    fn between(&mut self, lot: &Lot<T, S>, polled: &mut usize) {
+        *polled += 1;
+        if *polled % POLLS_BETWEEN_DEADLINES == 0 {
+            self.due(lot, now(), usize::MAX);
+        }
+    }
+
     /// Drops the heap's stale places at its top (the entry left, or was queued again
     /// elsewhere), so the lot's sleep is armed for a deadline that is still wanted.
     fn clean(&mut self) {
@@ -592,12 +620,15 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             }
             std::mem::take(&mut i.drivers)
         };
+        let mut polled = 0usize;
         for d in incoming {
             yard.take(&lot, d);
+            yard.between(&lot, &mut polled);
         }
         for (idx, gen) in woken.drain(..) {
             if yard.entry(idx, gen).is_some() {
                 yard.poll(&lot, idx);
+                yard.between(&lot, &mut polled);
             }
         }
         loop {
@@ -606,6 +637,7 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             };
             if yard.entry(idx, gen).is_some() {
                 yard.poll(&lot, idx);
+                yard.between(&lot, &mut polled);
             }
         }
         yard.clean();

@@ -246,9 +246,32 @@ fn tcp_task(
     })
 }
 
-/// The server lot's way back: a parked connection that has work again gets its task.
+/// The server lot's way back: a parked connection that has work again gets its task; one
+/// that ended in the lot (a dead peer's deadline fired, the peer closed) is reported where
+/// the lot runs. A lot thread's spawn lands in the runtime's global queue, which busy
+/// workers look at last: the Offline of a dead peer must not wait there behind the load
+/// (issue 17 target 3).
 pub(super) fn unpark(r: driver::Resume<Tcp, ServerSink>) {
-    tokio::spawn(tcp_task(r));
+    match r.into_ended() {
+        Ok(ended) => {
+            let inner = ended.sink.inner.clone();
+            let shared = ended.sink.shared.clone();
+            let remote = ended.sink.remote;
+            match driver_ended(ended) {
+                // A probe is never parked (it is not established); its task if it were.
+                Some((stream, req)) => {
+                    tokio::spawn(async move {
+                        Box::pin(crate::probe::respond(stream, req)).await;
+                        connection_gone(&inner, &shared, remote);
+                    });
+                }
+                None => connection_gone(&inner, &shared, remote),
+            }
+        }
+        Err(r) => {
+            tokio::spawn(tcp_task(r));
+        }
+    }
 }
 
 /// The driver is done: tells the lifecycle, or gives back the transport and the request of a
