@@ -54,6 +54,22 @@ pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn parkable(&self) -> bool {
         false
     }
+    /// Parking on a lot thread: leaves the runtime's reactor and answers the socket's
+    /// descriptor, after which reads and writes are the socket's own non-blocking calls and
+    /// readiness comes from the caller's epoll (edge-triggered, readable; reported with
+    /// [`readable`](Self::readable)). `None` (the default): the transport cannot leave the
+    /// reactor, and the connection keeps its task.
+    #[doc(hidden)]
+    fn detach(&mut self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The caller's epoll reported the detached socket readable.
+    #[doc(hidden)]
+    fn readable(&mut self) {}
+    /// Back into the current runtime's reactor after [`detach`](Self::detach) (called with
+    /// the runtime's context entered).
+    #[doc(hidden)]
+    fn attach(&mut self) {}
 }
 
 impl Transport for TcpStream {
@@ -78,5 +94,208 @@ impl Transport for TcpStream {
 impl Transport for tokio::io::DuplexStream {
     fn parkable(&self) -> bool {
         true
+    }
+}
+
+/// A server's plain-TCP connection: in tokio's reactor while it has a task, or — parked on a
+/// lot thread (`driver/park.rs`) — a bare non-blocking socket in the lot's own epoll, which
+/// frees tokio's per-socket registration (issue 17) and lets the lot run outside tokio's run
+/// queue.
+///
+/// Bare, reads and writes are the socket's own non-blocking calls, `WouldBlock` answering
+/// `Pending` *without* registering the waker: the lot's epoll (edge-triggered, readable
+/// interest only) is what wakes a parked connection, through [`Transport::readable`]. A
+/// short read or a `WouldBlock` means the socket is drained until the next edge, so a
+/// heartbeat costs one `recv` (not a second one for `EAGAIN`), the way tokio clears its
+/// readiness after a short read. A write that cannot finish leaves bytes to send, and a
+/// connection with bytes to send gets its task back (where tokio waits for writability).
+#[derive(Debug)]
+pub(crate) enum Tcp {
+    /// Registered with the runtime's reactor.
+    Reactor(TcpStream),
+    /// Out of the reactor, non-blocking; `readable`: a read may find bytes (no short read or
+    /// `WouldBlock` since the last edge).
+    Bare(std::net::TcpStream, bool),
+    /// Lost between the two (the reactor refused it back: the runtime is shutting down).
+    /// Every call fails, and the connection ends.
+    Gone,
+}
+
+impl From<TcpStream> for Tcp {
+    fn from(s: TcpStream) -> Self {
+        Tcp::Reactor(s)
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::NotConnected)
+}
+
+/// A non-blocking call's answer as a poll: `WouldBlock` is `Pending` (the caller's poller
+/// wakes the connection, not a waker).
+fn bare<R>(r: std::io::Result<R>) -> std::task::Poll<std::io::Result<R>> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::task::Poll::Pending,
+        r => std::task::Poll::Ready(r),
+    }
+}
+
+impl Tcp {
+    /// The socket's descriptor (for socket options), `None` once gone.
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            Tcp::Reactor(s) => Some(s.as_fd()),
+            Tcp::Bare(s, _) => Some(s.as_fd()),
+            Tcp::Gone => None,
+        }
+    }
+}
+
+impl AsyncRead for Tcp {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::io::Read;
+        use std::task::Poll;
+        match self.get_mut() {
+            Tcp::Reactor(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Tcp::Bare(_, false) => Poll::Pending,
+            Tcp::Bare(s, readable) => {
+                let room = buf.remaining();
+                let dst = buf.initialize_unfilled();
+                match bare((&*s).read(dst)) {
+                    Poll::Ready(Ok(n)) => {
+                        buf.advance(n);
+                        // Short: drained until the next edge (0 is the end: stays readable).
+                        *readable = n == 0 || n == room;
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Pending => {
+                        *readable = false;
+                        Poll::Pending
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                }
+            }
+            Tcp::Gone => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl AsyncWrite for Tcp {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        match self.get_mut() {
+            Tcp::Reactor(s) => std::pin::Pin::new(s).poll_write(cx, b),
+            Tcp::Bare(s, _) => bare((&*s).write(b)),
+            Tcp::Gone => std::task::Poll::Ready(Err(gone())),
+        }
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        match self.get_mut() {
+            Tcp::Reactor(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Tcp::Bare(s, _) => bare((&*s).write_vectored(bufs)),
+            Tcp::Gone => std::task::Poll::Ready(Err(gone())),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Tcp::Reactor(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Tcp::Bare(..) => std::task::Poll::Ready(Ok(())),
+            Tcp::Gone => std::task::Poll::Ready(Err(gone())),
+        }
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Tcp::Reactor(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Tcp::Bare(s, _) => bare(s.shutdown(std::net::Shutdown::Write)),
+            Tcp::Gone => std::task::Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl Transport for Tcp {
+    fn abort_on_close(&self) {
+        if let Some(fd) = self.fd() {
+            let _ = crate::sockopt::set_abortive_close(&fd);
+        }
+    }
+    fn has_unacked(&self) -> Option<bool> {
+        crate::sockopt::tcp_info(&self.fd()?).map(|i| i.unacked > 0)
+    }
+    fn poll_unread(&mut self, cx: &mut Context<'_>) -> Option<bool> {
+        match self {
+            Tcp::Reactor(s) => s.poll_unread(cx),
+            // Nothing to register: the lot's epoll reports the next bytes.
+            Tcp::Bare(s, _) => Some(!matches!(
+                bare(s.peek(&mut [0u8; 1])),
+                std::task::Poll::Pending
+            )),
+            Tcp::Gone => Some(true),
+        }
+    }
+    fn parkable(&self) -> bool {
+        true
+    }
+    fn detach(&mut self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        if let Tcp::Reactor(_) = self {
+            let Tcp::Reactor(s) = std::mem::replace(self, Tcp::Gone) else {
+                unreachable!("matched just above")
+            };
+            // Leaves the reactor (its registration freed); the socket stays non-blocking.
+            *self = match s.into_std() {
+                Ok(s) => Tcp::Bare(s, true),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot take a socket out of the reactor");
+                    Tcp::Gone
+                }
+            };
+        }
+        match self {
+            Tcp::Bare(s, _) => Some(s.as_raw_fd()),
+            _ => None,
+        }
+    }
+    fn readable(&mut self) {
+        if let Tcp::Bare(_, r) = self {
+            *r = true;
+        }
+    }
+    fn attach(&mut self) {
+        if let Tcp::Bare(..) = self {
+            let Tcp::Bare(s, _) = std::mem::replace(self, Tcp::Gone) else {
+                unreachable!("matched just above")
+            };
+            // Needs the runtime's context (the lot thread entered it).
+            *self = match TcpStream::from_std(s) {
+                Ok(s) => Tcp::Reactor(s),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the reactor did not take a socket back");
+                    Tcp::Gone
+                }
+            };
+        }
     }
 }

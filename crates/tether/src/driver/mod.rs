@@ -247,6 +247,18 @@ pub(crate) struct Resume<T, S> {
     finished: bool,
 }
 
+impl<T: Transport, S: Sink> Resume<T, S> {
+    /// The end of a connection that finished while parked, reported at once by whoever
+    /// holds it (no task needed); `Err` gives back one that has work for a task.
+    pub(crate) fn into_ended(self) -> Result<Ended<T, S>, Self> {
+        if self.finished {
+            Ok(self.d.end())
+        } else {
+            Err(self)
+        }
+    }
+}
+
 /// A new connection's driver, parked by `lot` whenever a wake-up leaves it idle (and its
 /// transport can park; `None`: never parked).
 pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(

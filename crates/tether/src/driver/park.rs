@@ -3,15 +3,28 @@
 //! A connection whose wake-up ends with nothing in flight ([`Conn::is_quiescent`], nothing
 //! queued, not paused, not closing; see `Driver::may_park`) does not return `Pending` to
 //! tokio: its task ends (its cell and its `Sleep` are freed) and the driver's state moves
-//! here. The lot is one tokio task per server, started by the first parked connection and
-//! ending when the last one leaves:
+//! here. A lot is started by the first parked connection and ends when the last one leaves.
+//! It runs one of two ways around the same slab, heap and poll ([`Yard`]):
+//!
+//! - **On a thread of its own** ([`Lot::threaded`], the server's plain-TCP lots): the
+//!   socket leaves tokio's reactor ([`Transport::detach`]: tokio's per-socket registration
+//!   is freed) for the lot's own epoll (`mio`, edge-triggered, readable, token = slot and
+//!   generation); the thread sleeps in `epoll_wait` until the earliest deadline, a socket's
+//!   bytes or a waker (an eventfd). It runs outside tokio's run queue, so a deadline does
+//!   not wait behind busy tasks (under 256 loaders the lot task was 113-215 ms late).
+//!   Unparked, the socket leaves the epoll and goes back into the reactor
+//!   ([`Transport::attach`], with the runtime's context entered) before its task is
+//!   spawned; a connection that finished here is reported from here (`accept::unpark`).
+//! - **As a tokio task** ([`Lot::new`]): for a transport that cannot leave the reactor; the
+//!   transport registers the entry's waker. The paused-time tests park `DuplexStream`s here,
+//!   so the lot's timing rules stay tested to the instant.
 //!
 //! ```text
 //!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Driver, waker(idx, gen), queued_at}
 //!                                            │  polled here with the entry's waker:
-//!   socket readable ─┐                       │  the same `Driver::poll` as a task runs,
-//!   handle send/close ├─ waker(idx) ─▶ ready ─┤  with the deadline kept in the lot's heap
-//!   lot's one Sleep ──┘  (heap of deadlines) ─┘  instead of a Sleep of its own
+//!   socket readable ──┐ (epoll event, or     │  the same `Driver::poll` as a task runs,
+//!   handle send/close ├─ waker(idx) ─▶ ready ┤  with the deadline kept in the lot's heap
+//!   the lot's timeout ┘ (heap of deadlines) ─┘  instead of a Sleep of its own
 //!                                            │
 //!            still quiescent: stays ◀────────┤
 //!            anything else (bytes to write, more to read, paused, closing, ended):
@@ -21,20 +34,20 @@
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
 //! answered, a due deadline fired, a handle's message written) — only where it waits
-//! differs. Its waker is the entry's: the transport registers it for readability (and for
-//! writability, which unparks), `Shared` keeps it as the driver's waker (a handle's send,
-//! close or command wakes the lot through it), and the budgets queue it like a task's.
+//! differs. Its waker is the entry's: `Shared` keeps it as the driver's waker (a handle's
+//! send, close or command wakes the lot through it), and the budgets queue it like a
+//! task's; a lot task's transport registers it for readability too.
 //!
 //! Deadlines: a binary heap of `(instant, slot, generation)`, lazily re-checked against
 //! the entry's current deadline when popped (a deadline that moved later is pushed again,
 //! once; one that moved earlier is pushed at once). Never early (an entry is polled only
-//! once its deadline is due, and the state machine re-checks it), late only by the lot's
-//! own scheduling: one tokio `Sleep` for the whole lot.
+//! once its deadline is due, and the state machine re-checks it; `epoll_wait`'s timeout is
+//! rounded up to the millisecond), late only by the lot's own scheduling.
 //!
-//! The lot runs unconstrained by tokio's cooperative budget (a parked transport's poll
+//! A lot task runs unconstrained by tokio's cooperative budget (a parked transport's poll
 //! would otherwise answer `Pending` for a budget it does not own, and wake the entry in a
 //! loop) and bounds itself instead: at most [`POLLS_PER_PASS`] entries per pass, then a
-//! deferred yield.
+//! deferred yield. A lot thread needs no bound: it is nobody else's turn.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -59,6 +72,10 @@ use crate::transport::Transport;
 /// BENCHMARKS.md 2026-11-30 "fourth pass"). A pass of this many is ~0.1-0.3 s of one core.
 const POLLS_PER_PASS: usize = 16 * 1024;
 
+/// A lot thread looks at its deadlines again after this many polls within a pass (a poll
+/// is ~10-40 µs: a deadline waits at most a few ms behind the heartbeats of one pass).
+const POLLS_BETWEEN_DEADLINES: usize = 64;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Plain data (queues of indexes and drivers): usable after a panic elsewhere.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -73,6 +90,11 @@ pub(crate) struct Lot<T, S> {
     spawn: fn(Resume<T, S>),
     /// Connections parked now.
     parked: AtomicUsize,
+    /// Runs on its own thread (`None`: as a tokio task).
+    threaded: Option<Threaded<T, S>>,
+    /// Connections that left the lot for a task (tests: nothing else tells).
+    #[cfg(test)]
+    unparks: AtomicUsize,
 }
 
 struct Incoming<T, S> {
@@ -81,11 +103,41 @@ struct Incoming<T, S> {
     running: bool,
 }
 
-/// What an entry's waker reaches: the ready list and the lot's task. A leaf: nothing else
-/// is locked while `ready` is (wakers are called with a connection's `Shared` locked).
+/// What an entry's waker reaches: the ready list and the lot's task (or thread). A leaf:
+/// nothing else is locked while `ready` is (wakers are called with a connection's `Shared`
+/// locked).
 struct LotWake {
     ready: Mutex<VecDeque<(u32, u32)>>,
     task: AtomicWaker,
+    /// A lot thread's wake-up (an eventfd in its epoll); `None` for a lot task.
+    thread: Option<mio::Waker>,
+}
+
+/// A lot that runs on a thread of its own (see the module docs): its epoll, kept here while
+/// no thread runs, and the runtime its unparked connections go back to.
+struct Threaded<T, S> {
+    poll: Mutex<Option<mio::Poll>>,
+    runtime: tokio::runtime::Handle,
+    /// Unparked connections on their way to a task: spawned by a relay task on a worker.
+    relay: Arc<Mutex<Relay<T, S>>>,
+}
+
+/// See [`Threaded::relay`]. A task spawned from outside the runtime waits in its global
+/// queue, which a busy worker looks at once in 61 of its own tasks: under 256 loaders,
+/// thousands of connections unparked by a lot thread waited there for seconds while their
+/// clients' heartbeats went unanswered (12,000-16,000 false Offlines per `tether bench
+/// detect` run). The relay waits there once per batch; the tasks it spawns from a worker go
+/// to that worker's own queue, as a lot task's did.
+struct Relay<T, S> {
+    queued: Vec<Resume<T, S>>,
+    running: bool,
+}
+
+/// The token of a lot thread's waker (an entry's token is its slot and generation).
+const WAKE_TOKEN: mio::Token = mio::Token(usize::MAX);
+
+fn token(idx: u32, gen: u32) -> mio::Token {
+    mio::Token(((gen as usize) << 32) | idx as usize)
 }
 
 /// One parked connection's waker.
@@ -103,19 +155,79 @@ impl Wake for EntryWake {
     }
     fn wake_by_ref(self: &Arc<Self>) {
         if !self.scheduled.swap(true, AcqRel) {
-            lock(&self.lot.ready).push_back((self.idx, self.gen));
-            self.lot.task.wake();
+            let mut ready = lock(&self.lot.ready);
+            let first = ready.is_empty();
+            ready.push_back((self.idx, self.gen));
+            drop(ready);
+            // A thread empties the list before it sleeps: one wake-up per batch.
+            if first || self.lot.thread.is_none() {
+                self.lot.notify();
+            }
+        }
+    }
+}
+
+impl LotWake {
+    /// Wakes the lot's thread or task.
+    fn notify(&self) {
+        match &self.thread {
+            Some(w) => {
+                if let Err(e) = w.wake() {
+                    tracing::warn!(error = %e, "cannot wake a lot thread");
+                }
+            }
+            None => self.task.wake(),
         }
     }
 }
 
 impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
-    /// An empty lot whose unparked connections are spawned with `spawn`.
+    /// An empty lot run as a tokio task, whose unparked connections are spawned with `spawn`.
+    /// Any transport that registers the waker it is given can park here (the paused-time
+    /// tests park `DuplexStream`s).
     pub(crate) fn new(spawn: fn(Resume<T, S>)) -> Arc<Self> {
+        Self::with(spawn, None, None)
+    }
+
+    /// An empty lot run on a thread of its own with its own epoll, for transports that can
+    /// leave the reactor ([`Transport::detach`]); unparked connections go back into the
+    /// current runtime and are spawned there with `spawn`. A lot task when no epoll can be
+    /// had (out of file descriptors).
+    pub(crate) fn threaded(spawn: fn(Resume<T, S>)) -> Arc<Self> {
+        let poll = mio::Poll::new().and_then(|p| {
+            let w = mio::Waker::new(p.registry(), WAKE_TOKEN)?;
+            Ok((p, w))
+        });
+        match poll {
+            Ok((p, w)) => Self::with(
+                spawn,
+                Some(w),
+                Some(Threaded {
+                    poll: Mutex::new(Some(p)),
+                    runtime: tokio::runtime::Handle::current(),
+                    relay: Arc::new(Mutex::new(Relay {
+                        queued: Vec::new(),
+                        running: false,
+                    })),
+                }),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "no epoll for a lot thread: idle connections park in a task");
+                Self::new(spawn)
+            }
+        }
+    }
+
+    fn with(
+        spawn: fn(Resume<T, S>),
+        waker: Option<mio::Waker>,
+        threaded: Option<Threaded<T, S>>,
+    ) -> Arc<Self> {
         Arc::new(Lot {
             wake: Arc::new(LotWake {
                 ready: Mutex::default(),
                 task: AtomicWaker::new(),
+                thread: waker,
             }),
             incoming: Mutex::new(Incoming {
                 drivers: Vec::new(),
@@ -123,12 +235,27 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
             }),
             spawn,
             parked: AtomicUsize::new(0),
+            threaded,
+            #[cfg(test)]
+            unparks: AtomicUsize::new(0),
         })
     }
 
     /// Connections parked now.
     pub(crate) fn parked(&self) -> usize {
         self.parked.load(Relaxed)
+    }
+
+    /// Whether the lot runs on a thread of its own (with its own epoll).
+    #[cfg(test)]
+    pub(crate) fn is_threaded(&self) -> bool {
+        self.threaded.is_some()
+    }
+
+    /// Connections that left the lot for a task so far.
+    #[cfg(test)]
+    pub(crate) fn unparks(&self) -> usize {
+        self.unparks.load(Relaxed)
     }
 
     /// Takes a connection whose task ended quiescent. The lot polls it once at once (with
@@ -138,11 +265,27 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
         i.drivers.push(d);
         if i.running {
             drop(i);
-            self.wake.task.wake();
+            self.wake.notify();
         } else {
             i.running = true;
             drop(i);
-            tokio::spawn(tokio::task::unconstrained(run(self.clone())));
+            if self.threaded.is_none() {
+                tokio::spawn(tokio::task::unconstrained(run(self.clone())));
+                return;
+            }
+            let lot = self.clone();
+            let started = std::thread::Builder::new()
+                .name("tether-lot".into())
+                .spawn(move || run_thread(lot));
+            if let Err(e) = started {
+                // No thread: every connection that came gets its task back.
+                tracing::warn!(error = %e, "cannot start a lot thread");
+                let mut i = lock(&self.incoming);
+                i.running = false;
+                for d in std::mem::take(&mut i.drivers) {
+                    (self.spawn)(Resume { d, finished: false });
+                }
+            }
         }
     }
 }
@@ -177,9 +320,49 @@ struct Yard<T, S> {
     free: Vec<u32>,
     len: usize,
     deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// A lot thread's epoll: entries' sockets are registered here while parked.
+    registry: Option<mio::Registry>,
 }
 
 impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
+    fn new(registry: Option<mio::Registry>) -> Self {
+        Yard {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+            deadlines: BinaryHeap::new(),
+            registry,
+        }
+    }
+
+    /// Takes a connection and polls it once; on a lot thread its socket leaves the reactor
+    /// for the lot's epoll first (one that cannot gets its task back at once).
+    fn take(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) {
+        let idx = self.insert(lot, d);
+        if let Some(r) = &self.registry {
+            let slot = &mut self.slots[idx as usize];
+            let gen = slot.gen;
+            let Some(e) = slot.entry.as_deref_mut() else {
+                return;
+            };
+            let registered = e.d.io.detach().map(|fd| {
+                r.register(
+                    &mut mio::unix::SourceFd(&fd),
+                    token(idx, gen),
+                    mio::Interest::READABLE,
+                )
+            });
+            if !matches!(registered, Some(Ok(()))) {
+                if let Some(Err(e)) = registered {
+                    tracing::debug!(error = %e, "cannot register a parked socket");
+                }
+                self.release(lot, idx, Exit::Unpark);
+                return;
+            }
+        }
+        self.poll(lot, idx);
+    }
+
     fn insert(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) -> u32 {
         let idx = match self.free.pop() {
             Some(i) => i,
@@ -239,18 +422,57 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                     }
                 }
             }
-            Poll::Ready(exit) => {
-                let Some(e) = slot.entry.take() else {
-                    return;
-                };
-                self.free.push(idx);
-                self.len -= 1;
-                lot.parked.fetch_sub(1, Relaxed);
-                (lot.spawn)(Resume {
-                    d: e.d,
-                    finished: matches!(exit, Exit::Done),
-                });
+            Poll::Ready(exit) => self.release(lot, idx, exit),
+        }
+    }
+
+    /// Entry `idx` leaves the lot: its task is spawned again (on a lot thread: its socket
+    /// leaves the lot's epoll and, unless the connection is finished, goes back into the
+    /// reactor first).
+    fn release(&mut self, lot: &Lot<T, S>, idx: u32, exit: Exit) {
+        let Some(mut e) = self
+            .slots
+            .get_mut(idx as usize)
+            .and_then(|s| s.entry.take())
+        else {
+            return;
+        };
+        self.free.push(idx);
+        self.len -= 1;
+        lot.parked.fetch_sub(1, Relaxed);
+        #[cfg(test)]
+        lot.unparks.fetch_add(1, Relaxed);
+        let finished = matches!(exit, Exit::Done);
+        if let Some(r) = &self.registry {
+            // `detach` of a detached transport answers its descriptor again.
+            if let Some(fd) = e.d.io.detach() {
+                let _ = r.deregister(&mut mio::unix::SourceFd(&fd));
             }
+            if !finished {
+                e.d.io.attach();
+                if let Some(th) = &lot.threaded {
+                    let mut relay = lock(&th.relay);
+                    relay.queued.push(Resume { d: e.d, finished });
+                    if !relay.running {
+                        relay.running = true;
+                        drop(relay);
+                        tokio::spawn(relay_task(lot.spawn, th.relay.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+        (lot.spawn)(Resume { d: e.d, finished });
+    }
+
+    /// Between two polls of a lot thread's pass: every [`POLLS_BETWEEN_DEADLINES`] polls,
+    /// the deadlines that came due meanwhile are fired. A pass can be thousands of
+    /// heartbeats long when the machine is saturated (under 256 loaders a lot thread is
+    /// given a share of a core, not a core): the deadlines must not wait for its end.
+    fn between(&mut self, lot: &Lot<T, S>, polled: &mut usize) {
+        *polled += 1;
+        if *polled % POLLS_BETWEEN_DEADLINES == 0 {
+            self.due(lot, now(), usize::MAX);
         }
     }
 
@@ -320,12 +542,7 @@ fn requeue(q: Instant, a: Instant, now: Instant) -> bool {
 /// The lot's task: takes parked connections, polls the woken and the due, sleeps until the
 /// earliest deadline; ends when the lot is empty.
 async fn run<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
-    let mut yard = Yard {
-        slots: Vec::new(),
-        free: Vec::new(),
-        len: 0,
-        deadlines: BinaryHeap::new(),
-    };
+    let mut yard = Yard::new(None);
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
     tokio::pin!(sleep);
@@ -353,8 +570,7 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
             std::mem::take(&mut i.drivers)
         };
         for d in incoming {
-            let idx = yard.insert(lot, d);
-            yard.poll(lot, idx);
+            yard.take(lot, d);
             room = room.saturating_sub(1);
         }
         while room > 0 {
@@ -383,6 +599,121 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
         }
         if room == before {
             return Poll::Pending;
+        }
+    }
+}
+
+/// A lot thread: the lot's pass in a loop, sleeping in its own `epoll_wait` until the
+/// earliest deadline, a parked socket's bytes or a waker. Outside tokio's run queue, so a
+/// deadline is not queued behind busy tasks; with the runtime's context entered, so an
+/// unparked connection is registered with its reactor and spawned on it. Ends (giving its
+/// epoll back to the lot) when the lot is empty.
+fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
+    let Some(th) = lot.threaded.as_ref() else {
+        return;
+    };
+    let _runtime = th.runtime.enter();
+    let taken = lock(&th.poll).take();
+    let Some(mut poll) = taken else {
+        // Only one thread runs a lot at a time (`Incoming::running`): not reached.
+        lock(&lot.incoming).running = false;
+        return;
+    };
+    let registry = match poll.registry().try_clone() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot clone a lot's epoll");
+            *lock(&th.poll) = Some(poll);
+            let mut i = lock(&lot.incoming);
+            i.running = false;
+            for d in std::mem::take(&mut i.drivers) {
+                (lot.spawn)(Resume { d, finished: false });
+            }
+            return;
+        }
+    };
+    let mut yard = Yard::new(Some(registry));
+    let mut events = mio::Events::with_capacity(1024);
+    let mut woken: Vec<(u32, u32)> = Vec::new();
+    loop {
+        // Deadlines first: dead-after must not wait behind heartbeats to answer.
+        yard.due(&lot, now(), usize::MAX);
+        let incoming = {
+            let mut i = lock(&lot.incoming);
+            if i.drivers.is_empty() && yard.len == 0 {
+                *lock(&th.poll) = Some(poll);
+                i.running = false;
+                return;
+            }
+            std::mem::take(&mut i.drivers)
+        };
+        let mut polled = 0usize;
+        for d in incoming {
+            yard.take(&lot, d);
+            yard.between(&lot, &mut polled);
+        }
+        for (idx, gen) in woken.drain(..) {
+            if yard.entry(idx, gen).is_some() {
+                yard.poll(&lot, idx);
+                yard.between(&lot, &mut polled);
+            }
+        }
+        loop {
+            let Some((idx, gen)) = lock(&lot.wake.ready).pop_front() else {
+                break;
+            };
+            if yard.entry(idx, gen).is_some() {
+                yard.poll(&lot, idx);
+                yard.between(&lot, &mut polled);
+            }
+        }
+        yard.clean();
+        let timeout = if lock(&lot.wake.ready).is_empty() {
+            yard.deadlines
+                .peek()
+                .map(|Reverse((t, _, _))| t.saturating_duration_since(now()))
+        } else {
+            Some(Duration::ZERO)
+        };
+        // mio rounds the timeout up to whole milliseconds: never early.
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::warn!(error = %e, "a lot thread's epoll failed");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            continue;
+        }
+        for ev in events.iter() {
+            if ev.token() == WAKE_TOKEN {
+                continue;
+            }
+            let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
+            if let Some(e) = yard.entry(idx, gen) {
+                e.d.io.readable();
+                if !e.wake.scheduled.swap(true, AcqRel) {
+                    woken.push((idx, gen));
+                }
+            }
+        }
+    }
+}
+
+/// Spawns the connections a lot thread unparked, from a worker (see [`Relay`]).
+async fn relay_task<T: Transport, S: Sink + Send + 'static>(
+    spawn: fn(Resume<T, S>),
+    relay: Arc<Mutex<Relay<T, S>>>,
+) {
+    loop {
+        let batch = {
+            let mut r = lock(&relay);
+            if r.queued.is_empty() {
+                r.running = false;
+                return;
+            }
+            std::mem::take(&mut r.queued)
+        };
+        for r in batch {
+            spawn(r);
         }
     }
 }

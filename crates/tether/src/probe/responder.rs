@@ -49,7 +49,14 @@ fn report_outcome(session: u64, index: u32, outcome: u8, idle: Duration) {
 /// A probe connection must measure the path, not the server's keepalive: turn off TCP
 /// keepalive (which `Server` set from its policy) when the transport is a TCP socket.
 fn quiet_socket<T: Transport>(io: &T) {
-    if let Some(tcp) = (io as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>() {
+    let io = io as &dyn std::any::Any;
+    let tcp = io.downcast_ref::<tokio::net::TcpStream>().or_else(|| {
+        match io.downcast_ref::<crate::transport::Tcp>() {
+            Some(crate::transport::Tcp::Reactor(s)) => Some(s),
+            _ => None,
+        }
+    });
+    if let Some(tcp) = tcp {
         let s = socket2::SockRef::from(tcp);
         let _ = s.set_keepalive(false);
         let _ = s.set_nodelay(true);

@@ -34,7 +34,7 @@ use crate::driver::{
 };
 use crate::sockopt;
 use crate::tls::{ServerTlsStream, TlsServer};
-use crate::transport::Transport;
+use crate::transport::{Tcp, Transport};
 
 /// Connections still in the handshake (oldest first) and open connections per source.
 #[derive(Debug, Default)]
@@ -225,7 +225,7 @@ fn run_connection(
 /// second copy of it (issue 17). (A combinator, not an async block: an async block would
 /// keep the driver's future and what follows it side by side instead of in the same room.)
 fn tcp_task(
-    start: driver::Resume<TcpStream, ServerSink>,
+    start: driver::Resume<Tcp, ServerSink>,
 ) -> impl std::future::Future<Output = ()> + Send {
     use futures::future::{Either, FutureExt as _};
     driver::resume(start).then(|ended| {
@@ -246,9 +246,32 @@ fn tcp_task(
     })
 }
 
-/// The server lot's way back: a parked connection that has work again gets its task.
-pub(super) fn unpark(r: driver::Resume<TcpStream, ServerSink>) {
-    tokio::spawn(tcp_task(r));
+/// The server lot's way back: a parked connection that has work again gets its task; one
+/// that ended in the lot (a dead peer's deadline fired, the peer closed) is reported where
+/// the lot runs. A lot thread's spawn lands in the runtime's global queue, which busy
+/// workers look at last: the Offline of a dead peer must not wait there behind the load
+/// (issue 17 target 3).
+pub(super) fn unpark(r: driver::Resume<Tcp, ServerSink>) {
+    match r.into_ended() {
+        Ok(ended) => {
+            let inner = ended.sink.inner.clone();
+            let shared = ended.sink.shared.clone();
+            let remote = ended.sink.remote;
+            match driver_ended(ended) {
+                // A probe is never parked (it is not established); its task if it were.
+                Some((stream, req)) => {
+                    tokio::spawn(async move {
+                        Box::pin(crate::probe::respond(stream, req)).await;
+                        connection_gone(&inner, &shared, remote);
+                    });
+                }
+                None => connection_gone(&inner, &shared, remote),
+            }
+        }
+        Err(r) => {
+            tokio::spawn(tcp_task(r));
+        }
+    }
 }
 
 /// The driver is done: tells the lifecycle, or gives back the transport and the request of a
@@ -341,11 +364,11 @@ impl Connection<'_> {
     }
 
     /// A plain-TCP connection's driver, parked in the server's lot while idle.
-    fn start_tcp(&self, io: TcpStream) -> driver::Resume<TcpStream, ServerSink> {
+    fn start_tcp(&self, io: TcpStream) -> driver::Resume<Tcp, ServerSink> {
         let (conn, sink) = self.parts(None);
         let lots = &self.inner.lots;
         let lot = (!lots.is_empty()).then(|| lots[self.conn_id as usize % lots.len()].clone());
-        driver::start(io, conn, self.shared.clone(), sink, lot)
+        driver::start(Tcp::from(io), conn, self.shared.clone(), sink, lot)
     }
 
     /// The state machine and the sink of a new connection.
@@ -857,7 +880,7 @@ mod sizes {
         let (s, remote) = l.accept().await.expect("accept");
         let shared = Shared::server(Limits::default(), inner.budgets.clone());
         let task = run_connection(s, remote, 1, shared.clone(), inner.clone());
-        let (entry, waker, deadline) = driver::parked_sizes::<TcpStream, ServerSink>();
+        let (entry, waker, deadline) = driver::parked_sizes::<Tcp, ServerSink>();
         let rows = [
             // tokio's task cell is the future + 104 B, rounded up to 128 B (x86-64): at most
             // 408 B of future keeps it at 512 B (it was 640 B with 520 B of future). Only a
@@ -988,5 +1011,211 @@ mod parked {
             assert_eq!(h.metrics().connections, 0, "park {park}");
             assert_eq!(parked_count(&h).await, 0);
         }
+    }
+
+    /// The server's one lot (the tests below run it on a runtime with one worker or look
+    /// at its first).
+    fn lot(h: &ServerHandle) -> &crate::driver::Lot<super::Tcp, super::ServerSink> {
+        &h.inner.lots[0]
+    }
+
+    fn short_policy() -> Policy {
+        Policy::builder(Duration::from_millis(1200))
+            .heartbeat(Duration::from_millis(200))
+            .build()
+            .expect("a policy")
+    }
+
+    /// A parked socket sits in the lot thread's epoll, out of tokio's reactor, and the
+    /// client's heartbeats are read and answered there: ten intervals, the connection parked
+    /// at every look, no task spawned for it, the client hears the server all along.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_parked_socket_answers_heartbeats_from_the_lot_thread_without_a_task() {
+        let policy = short_policy();
+        let cfg =
+            ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
+        let server = Server::bind(cfg).await.expect("bind");
+        let h = server.handle();
+        let c = Connection::connect(server.local_addr(), "hb", &policy)
+            .await
+            .expect("connect");
+        until_parked(&h, 1).await;
+        let lot = h
+            .inner
+            .lots
+            .iter()
+            .find(|l| l.parked() == 1)
+            .expect("a lot holds it");
+        assert!(lot.is_threaded(), "the server's lots run on threads");
+        let (unparks, hb_in) = (lot.unparks(), c.stats().heartbeats_in);
+        let t = std::time::Instant::now();
+        while t.elapsed() < policy.heartbeat_interval * 10 {
+            assert_eq!(parked_count(&h).await, 1, "parked at every look");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(c.disconnected().is_none(), "the client heard the server");
+        let answered = c.stats().heartbeats_in - hb_in;
+        assert!(
+            answered >= 6,
+            "{answered} heartbeats answered in ten intervals"
+        );
+        assert_eq!(
+            lot.unparks(),
+            unparks,
+            "no task was spawned for the connection"
+        );
+        h.shutdown(Duration::from_secs(3)).await;
+    }
+
+    /// A connection that has work again leaves the lot thread's epoll, goes back into tokio's
+    /// reactor in a task of its own, and its bytes flow both ways; idle, it parks again and
+    /// a send still reaches it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unparked_socket_goes_back_to_the_reactor_and_data_flows() {
+        let policy = short_policy();
+        let cfg =
+            ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
+        let mut server = Server::bind(cfg).await.expect("bind");
+        let h = server.handle();
+        let mut c = Connection::connect(server.local_addr(), "flow", &policy)
+            .await
+            .expect("connect");
+        until_parked(&h, 1).await;
+        let unparks: usize = h.inner.lots.iter().map(|l| l.unparks()).sum();
+        // A stream of messages: more than the lot reads in a wake-up.
+        let n = 200;
+        let sender = c.sender();
+        let sending = tokio::spawn(async move {
+            for i in 0..n {
+                sender
+                    .send(Bytes::from(vec![i as u8; 1024]))
+                    .await
+                    .expect("sent");
+            }
+        });
+        let mut got = 0;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(5), server.next_event()).await {
+                Ok(Some(crate::ServerEvent::Message { msg, .. })) => {
+                    assert_eq!(
+                        msg[..],
+                        vec![got as u8; 1024][..],
+                        "message {got} whole, in order"
+                    );
+                    got += 1;
+                }
+                Ok(Some(_)) => {}
+                other => panic!("after {got} messages: {other:?}"),
+            }
+        }
+        sending.await.expect("the sender ran");
+        let after: usize = h.inner.lots.iter().map(|l| l.unparks()).sum();
+        assert!(
+            after > unparks,
+            "the stream got the connection its task back"
+        );
+        // Idle again: parked again, and a send from the server still arrives.
+        until_parked(&h, 1).await;
+        h.try_send("flow", Bytes::from_static(b"back"))
+            .expect("queued");
+        let m = tokio::time::timeout(Duration::from_secs(2), c.recv())
+            .await
+            .expect("delivered")
+            .expect("a message");
+        assert_eq!(&m[..], b"back");
+        assert!(c.disconnected().is_none());
+        h.shutdown(Duration::from_secs(3)).await;
+    }
+
+    /// A silent peer is declared dead on time although the runtime's only worker is busy
+    /// (one task that does not yield for longer than the whole dead-after): the lot thread
+    /// fires the deadline and writes the CLOSE itself, outside tokio's run queue (a lot run
+    /// as a task would wait for the worker, a second late). The client is hand-driven from a
+    /// plain thread: HELLO, then nothing; it times the server's CLOSE from its HELLO.
+    #[test]
+    fn a_silent_parked_peer_is_closed_on_time_while_the_only_worker_is_busy() {
+        use std::io::{Read, Write};
+        use std::time::Instant;
+        use tether_proto::{Conn, ConnConfig, ConnEvent, Disconnect};
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let policy = short_policy();
+        let d = policy.dead_after;
+        let cfg =
+            ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
+        let server = rt.block_on(Server::bind(cfg)).expect("bind");
+        let h = server.handle();
+        assert!(lot(&h).is_threaded());
+
+        let mut s = std::net::TcpStream::connect(server.local_addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("a timeout");
+        let hello = tether_proto::codec::Hello {
+            client_id: "silent".into(),
+            requested_heartbeat: policy.heartbeat_interval,
+            want_session: false,
+            resume: None,
+            credential: None,
+        };
+        let mut conn = Conn::client(
+            Instant::now(),
+            ConnConfig::default(),
+            &hello,
+            crate::connection::liveness_config(&policy, false),
+            None,
+        );
+        let out = conn.transmit_chunks().collect::<Vec<_>>().concat();
+        s.write_all(&out).expect("HELLO written");
+        conn.transmitted(out.len());
+        let said = Instant::now();
+        // Reads until the state machine reports `want`; the server's heartbeats are read
+        // and never answered.
+        let mut read_until = |want: fn(&ConnEvent) -> bool| -> ConnEvent {
+            let mut buf = [0u8; 4096];
+            loop {
+                while let Some(ev) = conn.poll_event() {
+                    if want(&ev) {
+                        return ev;
+                    }
+                }
+                let n = s.read(&mut buf).expect("the server writes");
+                assert!(n > 0, "no end of stream before the CLOSE");
+                conn.handle_input(Instant::now(), &buf[..n]);
+            }
+        };
+        read_until(|e| matches!(e, ConnEvent::Established(_)));
+        rt.block_on(until_parked(&h, 1));
+
+        // The only worker spins past the deadline.
+        let spin = d + Duration::from_secs(1);
+        let busy = rt.spawn(async move {
+            let t = Instant::now();
+            while t.elapsed() < spin {
+                std::hint::spin_loop();
+            }
+        });
+        let ev = read_until(|e| matches!(e, ConnEvent::Closed(_)));
+        let took = said.elapsed();
+        let ConnEvent::Closed(Disconnect { reason, .. }) = ev else {
+            unreachable!("read until Closed")
+        };
+        assert!(
+            matches!(reason, DisconnectReason::PeerClose { .. }),
+            "closed by the server's CLOSE: {reason:?}"
+        );
+        assert!(
+            took >= d - Duration::from_millis(20) && took <= d + Duration::from_millis(400),
+            "CLOSE {took:?} after the HELLO, dead-after {d:?}"
+        );
+        rt.block_on(async {
+            busy.await.expect("the spinner ends");
+            h.shutdown(Duration::from_secs(3)).await;
+        });
+        drop(server);
+        rt.shutdown_background();
     }
 }

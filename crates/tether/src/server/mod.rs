@@ -86,7 +86,7 @@ pub(crate) struct Inner {
     /// Idle plain-TCP connections, kept without a task (`driver/park.rs`): one lot per
     /// worker thread of the runtime, a connection in lot `conn_id % lots` (the lots run in
     /// parallel like the tasks they replace). Empty when [`ServerConfig::park_idle`] is off.
-    lots: Vec<Arc<driver::Lot<tokio::net::TcpStream, accept::ServerSink>>>,
+    lots: Vec<Arc<driver::Lot<crate::transport::Tcp, accept::ServerSink>>>,
 }
 
 /// Wake-ups, kept outside `Inner` so the expiry task can wait on them while holding only a
@@ -200,7 +200,7 @@ impl Server {
             lots: if park_idle {
                 let workers = tokio::runtime::Handle::current().metrics().num_workers();
                 (0..workers.max(1))
-                    .map(|_| driver::Lot::new(accept::unpark))
+                    .map(|_| driver::Lot::threaded(accept::unpark))
                     .collect()
             } else {
                 Vec::new()
