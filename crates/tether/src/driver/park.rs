@@ -72,6 +72,9 @@ use crate::transport::Transport;
 /// BENCHMARKS.md 2026-11-30 "fourth pass"). A pass of this many is ~0.1-0.3 s of one core.
 const POLLS_PER_PASS: usize = 16 * 1024;
 
+/// How long a lot thread waits, empty, for the next connection to park before it ends.
+const THREAD_LINGER: Duration = Duration::from_secs(5);
+
 /// A lot thread looks at its deadlines again after this many polls within a pass (a poll
 /// is ~10-40 µs: a deadline waits at most a few ms behind the heartbeats of one pass).
 const POLLS_BETWEEN_DEADLINES: usize = 64;
@@ -95,6 +98,9 @@ pub(crate) struct Lot<T, S> {
     /// Connections that left the lot for a task (tests: nothing else tells).
     #[cfg(test)]
     unparks: AtomicUsize,
+    /// Lot threads started so far (tests).
+    #[cfg(test)]
+    threads: AtomicUsize,
 }
 
 struct Incoming<T, S> {
@@ -238,6 +244,8 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
             threaded,
             #[cfg(test)]
             unparks: AtomicUsize::new(0),
+            #[cfg(test)]
+            threads: AtomicUsize::new(0),
         })
     }
 
@@ -258,6 +266,12 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
         self.unparks.load(Relaxed)
     }
 
+    /// Lot threads started so far.
+    #[cfg(test)]
+    pub(crate) fn threads_started(&self) -> usize {
+        self.threads.load(Relaxed)
+    }
+
     /// Takes a connection whose task ended quiescent. The lot polls it once at once (with
     /// the entry's waker): what arrived since its task's last look is not lost.
     pub(super) fn park(self: &Arc<Self>, d: Driver<T, S>) {
@@ -273,6 +287,8 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
                 tokio::spawn(tokio::task::unconstrained(run(self.clone())));
                 return;
             }
+            #[cfg(test)]
+            self.threads.fetch_add(1, Relaxed);
             let lot = self.clone();
             let started = std::thread::Builder::new()
                 .name("tether-lot".into())
@@ -635,15 +651,24 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let mut yard = Yard::new(Some(registry));
     let mut events = mio::Events::with_capacity(1024);
     let mut woken: Vec<(u32, u32)> = Vec::new();
+    // Since when the lot has been empty: the thread waits [`THREAD_LINGER`] for the next
+    // connection to park before it ends, so a server whose one connection parks and
+    // unparks by turns does not start a thread per message.
+    let mut empty_since: Option<Instant> = None;
     loop {
         // Deadlines first: dead-after must not wait behind heartbeats to answer.
         yard.due(&lot, now(), usize::MAX);
         let incoming = {
             let mut i = lock(&lot.incoming);
             if i.drivers.is_empty() && yard.len == 0 {
-                *lock(&th.poll) = Some(poll);
-                i.running = false;
-                return;
+                let t = now();
+                if t.saturating_duration_since(*empty_since.get_or_insert(t)) >= THREAD_LINGER {
+                    *lock(&th.poll) = Some(poll);
+                    i.running = false;
+                    return;
+                }
+            } else {
+                empty_since = None;
             }
             std::mem::take(&mut i.drivers)
         };
@@ -668,7 +693,10 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             }
         }
         yard.clean();
-        let timeout = if lock(&lot.wake.ready).is_empty() {
+        let timeout = if let Some(since) = empty_since {
+            // Empty: wait for a connection to park (a waker) until the linger runs out.
+            Some(THREAD_LINGER.saturating_sub(now().saturating_duration_since(since)))
+        } else if lock(&lot.wake.ready).is_empty() {
             yard.deadlines
                 .peek()
                 .map(|Reverse((t, _, _))| t.saturating_duration_since(now()))

@@ -1123,6 +1123,10 @@ mod parked {
             .expect("delivered")
             .expect("a message");
         assert_eq!(&m[..], b"back");
+        // The lot emptied while the stream ran and filled again: its thread waited for
+        // the connection to come back instead of ending and starting again.
+        let threads: usize = h.inner.lots.iter().map(|l| l.threads_started()).sum();
+        assert_eq!(threads, 1, "one lot thread for park, unpark and park again");
         assert!(c.disconnected().is_none());
         h.shutdown(Duration::from_secs(3)).await;
     }
