@@ -172,7 +172,10 @@ async fn until_parked(server: &tether::ServerHandle, n: usize) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let m = server.metrics();
-    panic!("{} parked, {} online; expected {n}", m.parked, m.presence.online);
+    panic!(
+        "{} parked, {} online; expected {n}",
+        m.parked, m.presence.online
+    );
 }
 
 /// The first frames of `bt` that are tether's own (not std, tokio or this test).
@@ -192,9 +195,19 @@ fn tether_frames(bt: &Backtrace) -> String {
             .map(str::trim)
             .filter_map(|l| l.split_once(": ").map(|(_, f)| f))
             .filter(|f| {
-                !["std::", "alloc::", "core::", "idle_alloc", "<idle_alloc", "__rust", "<alloc", "<core", "<std"]
-                    .iter()
-                    .any(|p| f.starts_with(p))
+                ![
+                    "std::",
+                    "alloc::",
+                    "core::",
+                    "idle_alloc",
+                    "<idle_alloc",
+                    "__rust",
+                    "<alloc",
+                    "<core",
+                    "<std",
+                ]
+                .iter()
+                .any(|p| f.starts_with(p))
             })
             .take(3)
             .collect();
