@@ -909,7 +909,7 @@ mod sizes {
             (
                 "presence slot (per client id)",
                 tether_proto::presence::SLOT_SIZE,
-                112,
+                88,
             ),
         ];
         for (what, size, bound) in rows {
