@@ -164,7 +164,8 @@ async fn add_clients(
 }
 
 async fn until_parked(server: &tether::ServerHandle, n: usize) {
-    for _ in 0..1000 {
+    // Up to 30 s: a loaded machine may take a while to connect hundreds of clients.
+    for _ in 0..3000 {
         let m = server.metrics();
         if m.parked == n && m.presence.online == n {
             return;
