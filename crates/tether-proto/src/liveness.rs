@@ -16,7 +16,6 @@
 //!   last_ping ─p─▶ send PING(nonce)        (RTT, optional)
 //! ```
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -188,7 +187,9 @@ pub struct Liveness {
     idle_fired: bool,
     /// RTT probing (boxed: only with `ping_interval`).
     rtt: Option<Box<Rtt>>,
-    events: VecDeque<LivenessEvent>,
+    /// Events not taken yet, oldest first: a handful at most, taken right after the call
+    /// that queued them (a `Vec`, 8 bytes less than a `VecDeque` in every connection).
+    events: Vec<LivenessEvent>,
     /// Counted in 32 bits, saturating (4 billion heartbeats: centuries at any interval a
     /// policy allows; 8 bytes less in every connection).
     heartbeats_sent: u32,
@@ -240,7 +241,7 @@ impl Liveness {
             suspect: false,
             dead: false,
             idle_fired: false,
-            events: VecDeque::new(),
+            events: Vec::new(),
             heartbeats_sent: 0,
             heartbeats_received: 0,
         }
@@ -282,7 +283,7 @@ impl Liveness {
     pub fn on_receive(&mut self, now: Instant) {
         if self.suspect {
             self.suspect = false;
-            self.events.push_back(LivenessEvent::Recovered {
+            self.events.push(LivenessEvent::Recovered {
                 silent_for: self.silent_for(now),
             });
         }
@@ -301,7 +302,7 @@ impl Liveness {
         if !self.dead && now >= self.at(self.last_tx) + half {
             self.last_tx = self.off(now);
             self.heartbeats_sent = self.heartbeats_sent.saturating_add(1);
-            self.events.push_back(LivenessEvent::SendHeartbeat);
+            self.events.push(LivenessEvent::SendHeartbeat);
         }
         let Some(h) = self.cfg.enforce_peer_heartbeat else {
             return;
@@ -315,7 +316,7 @@ impl Liveness {
             && now.saturating_duration_since(self.ring_instant(self.hb_ring[self.hb_next as usize]))
                 < window
         {
-            self.events.push_back(LivenessEvent::HeartbeatFlood {
+            self.events.push(LivenessEvent::HeartbeatFlood {
                 count: FLOOD_LIMIT as u32 + 1,
                 window,
             });
@@ -399,8 +400,7 @@ impl Liveness {
             Some(s) => (s * 7 + sample) / 8,
         };
         rtt.srtt = Some(smoothed);
-        self.events
-            .push_back(LivenessEvent::Rtt { sample, smoothed });
+        self.events.push(LivenessEvent::Rtt { sample, smoothed });
     }
 
     /// Smoothed RTT, once a PONG has been seen.
@@ -478,20 +478,20 @@ impl Liveness {
         }
         if self.deadline(Timer::Dead).is_some_and(|d| now >= d) {
             self.dead = true;
-            self.events.push_back(LivenessEvent::PeerDead {
+            self.events.push(LivenessEvent::PeerDead {
                 silent_for: self.silent_for(now),
             });
             return;
         }
         if self.deadline(Timer::Suspect).is_some_and(|d| now >= d) {
             self.suspect = true;
-            self.events.push_back(LivenessEvent::Suspect {
+            self.events.push(LivenessEvent::Suspect {
                 silent_for: self.silent_for(now),
             });
         }
         if self.deadline(Timer::Idle).is_some_and(|d| now >= d) {
             self.idle_fired = true;
-            self.events.push_back(LivenessEvent::IdleTimeout {
+            self.events.push(LivenessEvent::IdleTimeout {
                 idle_for: now.saturating_duration_since(self.at(self.last_app)),
             });
         }
@@ -503,24 +503,26 @@ impl Liveness {
                 r.outstanding = Some((nonce, now));
                 r.last_ping = at;
                 self.last_tx = at;
-                self.events.push_back(LivenessEvent::SendPing(nonce));
+                self.events.push(LivenessEvent::SendPing(nonce));
             }
         }
         if self.deadline(Timer::Heartbeat).is_some_and(|d| now >= d) {
             self.last_tx = self.off(now);
             self.heartbeats_sent = self.heartbeats_sent.saturating_add(1);
-            self.events.push_back(LivenessEvent::SendHeartbeat);
+            self.events.push(LivenessEvent::SendHeartbeat);
         }
     }
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<LivenessEvent> {
-        let ev = self.events.pop_front();
-        if ev.is_none() && self.events.capacity() > 0 {
-            // Release the queue: an idle connection holds no event buffer (every heartbeat
-            // passes through it, so it would otherwise stay allocated for good).
-            self.events = VecDeque::new();
+        if self.events.is_empty() {
+            if self.events.capacity() > 0 {
+                // Release the queue: an idle connection holds no event buffer (every
+                // heartbeat passes through it, so it would otherwise stay allocated for good).
+                self.events = Vec::new();
+            }
+            return None;
         }
-        ev
+        Some(self.events.remove(0))
     }
 }

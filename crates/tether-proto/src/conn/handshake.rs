@@ -35,7 +35,9 @@ impl Conn {
                 };
             }
             Err(DecodeError::UnsupportedVersion { found }) if self.role == Role::Server => {
-                self.state = State::AwaitDecision;
+                self.state = State::AwaitDecision {
+                    peer_resume: [0; 8],
+                };
                 let e = DecodeError::UnsupportedVersion { found };
                 self.refuse(now, CloseCode::UNSUPPORTED_VERSION, &e.to_string());
             }
@@ -53,8 +55,10 @@ impl Conn {
     pub(super) fn handle_handshake_frame(&mut self, now: Instant, frame: Frame) {
         match (&self.state, frame) {
             (State::AwaitHello, Frame::Hello(h)) => {
-                self.state = State::AwaitDecision;
-                self.peer_resume = h.resume.as_ref().map_or(0, |r| r.last_received);
+                let from = h.resume.as_ref().map_or(0, |r| r.last_received);
+                self.state = State::AwaitDecision {
+                    peer_resume: from.to_ne_bytes(),
+                };
                 if h.credential.is_some() {
                     self.cred_mut().negotiated = true;
                 }
@@ -69,7 +73,7 @@ impl Conn {
             (State::AwaitHello, f) => {
                 self.protocol_error(now, format!("expected HELLO, got {}", frame_name(&f)))
             }
-            (State::AwaitDecision, f) => {
+            (State::AwaitDecision { .. }, f) => {
                 self.protocol_error(now, format!("{} sent before WELCOME", frame_name(&f)))
             }
             (State::AwaitWelcome, Frame::Welcome(w))
@@ -135,9 +139,9 @@ impl Conn {
         session: Option<(SessionGrant, Session)>,
         credential_ttl: Option<std::time::Duration>,
     ) {
-        if !matches!(self.state, State::AwaitDecision) {
+        let State::AwaitDecision { peer_resume } = self.state else {
             return;
-        }
+        };
         let (grant, session) = match session {
             Some((g, s)) => (Some(g), Some(s)),
             None => (None, None),
@@ -155,7 +159,7 @@ impl Conn {
         self.events.push_back(ConnEvent::Established(welcome));
         let Some(mut s) = session else { return };
         if grant.is_some_and(|g| g.resumed) {
-            let from = self.peer_resume;
+            let from = u64::from_ne_bytes(peer_resume);
             match s.resume(from) {
                 Ok(n) => {
                     // Our acknowledgements may have died with the old connection.
@@ -188,7 +192,7 @@ impl Conn {
     fn refuse_with(&mut self, now: Instant, code: CloseCode, text: &str, reason: DisconnectReason) {
         if !matches!(
             self.state,
-            State::AwaitDecision | State::AwaitHello | State::Preamble { .. }
+            State::AwaitDecision { .. } | State::AwaitHello | State::Preamble { .. }
         ) {
             return;
         }
