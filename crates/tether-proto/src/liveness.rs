@@ -16,6 +16,7 @@
 //!   last_ping ─p─▶ send PING(nonce)        (RTT, optional)
 //! ```
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -187,9 +188,7 @@ pub struct Liveness {
     idle_fired: bool,
     /// RTT probing (boxed: only with `ping_interval`).
     rtt: Option<Box<Rtt>>,
-    /// Events not taken yet, oldest first: a handful at most, taken right after the call
-    /// that queued them (a `Vec`, 8 bytes less than a `VecDeque` in every connection).
-    events: Vec<LivenessEvent>,
+    events: VecDeque<LivenessEvent>,
     /// Counted in 32 bits, saturating (4 billion heartbeats: centuries at any interval a
     /// policy allows; 8 bytes less in every connection).
     heartbeats_sent: u32,
@@ -241,7 +240,7 @@ impl Liveness {
             suspect: false,
             dead: false,
             idle_fired: false,
-            events: Vec::new(),
+            events: VecDeque::new(),
             heartbeats_sent: 0,
             heartbeats_received: 0,
         }
@@ -283,7 +282,7 @@ impl Liveness {
     pub fn on_receive(&mut self, now: Instant) {
         if self.suspect {
             self.suspect = false;
-            self.events.push(LivenessEvent::Recovered {
+            self.events.push_back(LivenessEvent::Recovered {
                 silent_for: self.silent_for(now),
             });
         }
@@ -302,7 +301,7 @@ impl Liveness {
         if !self.dead && now >= self.at(self.last_tx) + half {
             self.last_tx = self.off(now);
             self.heartbeats_sent = self.heartbeats_sent.saturating_add(1);
-            self.events.push(LivenessEvent::SendHeartbeat);
+            self.events.push_back(LivenessEvent::SendHeartbeat);
         }
         let Some(h) = self.cfg.enforce_peer_heartbeat else {
             return;
@@ -316,7 +315,7 @@ impl Liveness {
             && now.saturating_duration_since(self.ring_instant(self.hb_ring[self.hb_next as usize]))
                 < window
         {
-            self.events.push(LivenessEvent::HeartbeatFlood {
+            self.events.push_back(LivenessEvent::HeartbeatFlood {
                 count: FLOOD_LIMIT as u32 + 1,
                 window,
             });
@@ -400,7 +399,8 @@ impl Liveness {
             Some(s) => (s * 7 + sample) / 8,
         };
         rtt.srtt = Some(smoothed);
-        self.events.push(LivenessEvent::Rtt { sample, smoothed });
+        self.events
+            .push_back(LivenessEvent::Rtt { sample, smoothed });
     }
 
     /// Smoothed RTT, once a PONG has been seen.
@@ -478,20 +478,20 @@ impl Liveness {
         }
         if self.deadline(Timer::Dead).is_some_and(|d| now >= d) {
             self.dead = true;
-            self.events.push(LivenessEvent::PeerDead {
+            self.events.push_back(LivenessEvent::PeerDead {
                 silent_for: self.silent_for(now),
             });
             return;
         }
         if self.deadline(Timer::Suspect).is_some_and(|d| now >= d) {
             self.suspect = true;
-            self.events.push(LivenessEvent::Suspect {
+            self.events.push_back(LivenessEvent::Suspect {
                 silent_for: self.silent_for(now),
             });
         }
         if self.deadline(Timer::Idle).is_some_and(|d| now >= d) {
             self.idle_fired = true;
-            self.events.push(LivenessEvent::IdleTimeout {
+            self.events.push_back(LivenessEvent::IdleTimeout {
                 idle_for: now.saturating_duration_since(self.at(self.last_app)),
             });
         }
@@ -503,26 +503,24 @@ impl Liveness {
                 r.outstanding = Some((nonce, now));
                 r.last_ping = at;
                 self.last_tx = at;
-                self.events.push(LivenessEvent::SendPing(nonce));
+                self.events.push_back(LivenessEvent::SendPing(nonce));
             }
         }
         if self.deadline(Timer::Heartbeat).is_some_and(|d| now >= d) {
             self.last_tx = self.off(now);
             self.heartbeats_sent = self.heartbeats_sent.saturating_add(1);
-            self.events.push(LivenessEvent::SendHeartbeat);
+            self.events.push_back(LivenessEvent::SendHeartbeat);
         }
     }
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<LivenessEvent> {
-        if self.events.is_empty() {
-            if self.events.capacity() > 0 {
-                // Release the queue: an idle connection holds no event buffer (every
-                // heartbeat passes through it, so it would otherwise stay allocated for good).
-                self.events = Vec::new();
-            }
-            return None;
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Release the queue: an idle connection holds no event buffer (every heartbeat
+            // passes through it, so it would otherwise stay allocated for good).
+            self.events = VecDeque::new();
         }
-        Some(self.events.remove(0))
+        ev
     }
 }

@@ -336,9 +336,9 @@ fn idle_connection_heap() {
 
         // Bounds (issue 17): what an idle plain-TCP connection keeps on the server's heap.
         // Own blocks: the client id, the lot entry and its waker, `Shared`, tokio's I/O
-        // registration, `Conn` (1,184 B of chunks; 1,312 B before the fifth pass).
+        // registration, `Conn` (1,200 B of chunks; 1,312 B before the fifth pass).
         assert!(own_blocks <= 6.1, "{own_blocks:.2} blocks of its own per idle connection");
-        assert!(own_chunks <= 1195.0, "{own_chunks:.0} B of its own per idle connection");
+        assert!(own_chunks <= 1210.0, "{own_chunks:.0} B of its own per idle connection");
         // With the tables' share (presence and client records, the lot's slab and heap).
         assert!(chunks <= 1700.0, "{chunks:.0} B per idle connection");
     });

@@ -35,9 +35,7 @@ impl Conn {
                 };
             }
             Err(DecodeError::UnsupportedVersion { found }) if self.role == Role::Server => {
-                self.state = State::AwaitDecision {
-                    peer_resume: [0; 8],
-                };
+                self.state = State::AwaitDecision;
                 let e = DecodeError::UnsupportedVersion { found };
                 self.refuse(now, CloseCode::UNSUPPORTED_VERSION, &e.to_string());
             }
@@ -55,10 +53,8 @@ impl Conn {
     pub(super) fn handle_handshake_frame(&mut self, now: Instant, frame: Frame) {
         match (&self.state, frame) {
             (State::AwaitHello, Frame::Hello(h)) => {
-                let from = h.resume.as_ref().map_or(0, |r| r.last_received);
-                self.state = State::AwaitDecision {
-                    peer_resume: from.to_ne_bytes(),
-                };
+                self.state = State::AwaitDecision;
+                self.peer_resume = h.resume.as_ref().map_or(0, |r| r.last_received);
                 if h.credential.is_some() {
                     self.cred_mut().negotiated = true;
                 }
@@ -73,7 +69,7 @@ impl Conn {
             (State::AwaitHello, f) => {
                 self.protocol_error(now, format!("expected HELLO, got {}", frame_name(&f)))
             }
-            (State::AwaitDecision { .. }, f) => {
+            (State::AwaitDecision, f) => {
                 self.protocol_error(now, format!("{} sent before WELCOME", frame_name(&f)))
             }
             (State::AwaitWelcome, Frame::Welcome(w))
@@ -139,9 +135,9 @@ impl Conn {
         session: Option<(SessionGrant, Session)>,
         credential_ttl: Option<std::time::Duration>,
     ) {
-        let State::AwaitDecision { peer_resume } = self.state else {
+        if !matches!(self.state, State::AwaitDecision) {
             return;
-        };
+        }
         let (grant, session) = match session {
             Some((g, s)) => (Some(g), Some(s)),
             None => (None, None),
@@ -159,7 +155,7 @@ impl Conn {
         self.events.push_back(ConnEvent::Established(welcome));
         let Some(mut s) = session else { return };
         if grant.is_some_and(|g| g.resumed) {
-            let from = u64::from_ne_bytes(peer_resume);
+            let from = self.peer_resume;
             match s.resume(from) {
                 Ok(n) => {
                     // Our acknowledgements may have died with the old connection.
@@ -192,7 +188,7 @@ impl Conn {
     fn refuse_with(&mut self, now: Instant, code: CloseCode, text: &str, reason: DisconnectReason) {
         if !matches!(
             self.state,
-            State::AwaitDecision { .. } | State::AwaitHello | State::Preamble { .. }
+            State::AwaitDecision | State::AwaitHello | State::Preamble { .. }
         ) {
             return;
         }

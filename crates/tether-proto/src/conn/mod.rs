@@ -257,10 +257,8 @@ enum State {
     Preamble { buf: [u8; PREAMBLE_LEN], got: u8 },
     /// Server: waiting for HELLO.
     AwaitHello,
-    /// Server: HELLO delivered, waiting for the application's decision. `peer_resume`: the
-    /// client's resume position (its last received number; 0 when it does not resume),
-    /// bytes so the state stays byte-aligned and packs with the connection's flags.
-    AwaitDecision { peer_resume: [u8; 8] },
+    /// Server: HELLO delivered, waiting for the application's decision.
+    AwaitDecision,
     /// Client: waiting for WELCOME or REFUSE.
     AwaitWelcome,
     /// Handshake complete.
@@ -334,8 +332,11 @@ pub struct Conn {
     frame_head_got: u8,
     /// Boxed: a connection without a session (most idle ones) carries 8 bytes for it.
     session: Option<Box<Session>>,
-    /// Client: a session was asked for.
+    /// Client: a session was asked for. Server: the client's resume position, if it resumes.
     want_session: bool,
+    /// (0: from the start, as when it does not resume; a plain `u64` keeps `Conn` within
+    /// its size bound after the transmit queue's pointer was added).
+    peer_resume: u64,
     /// The credential: expiry (server), refresh (client), AUTH in progress.
     /// Boxed, created on first use: a connection without a credential carries 8 bytes.
     cred: Option<Box<credential::CredentialState>>,
@@ -426,6 +427,7 @@ impl Conn {
             frame_head_got: 0,
             session: None,
             want_session: false,
+            peer_resume: 0,
             cred: None,
             stats: Counters::default(),
         }
