@@ -253,6 +253,9 @@ pub struct Registry {
     counts: PresenceCounts,
     changes: VecDeque<PresenceChange>,
     next_seq: u64,
+    /// The origin of the slots' instants: the first `now` the registry was given (an entry
+    /// exists only once one was).
+    epoch: Option<Instant>,
 }
 
 /// Bytes the registry keeps per client id in its map, beside the id (issue 17; the B-tree's
@@ -262,15 +265,17 @@ pub const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
 /// What the registry keeps per client id: an [`Entry`] in compact form (issue 17: one per
 /// connected client). A connected client's state is a flag; the data of `Resuming` and
 /// `Offline` (reason, instants, the timer's key) and the last counters are boxed, absent
-/// while the client is connected.
+/// while the client is connected. Its two instants are signed nanoseconds from the
+/// registry's epoch (exact, ±292 years: 8 bytes each instead of 16) and its counters 32-bit
+/// (saturating): 88 bytes instead of 112, in B-tree nodes about two thirds full.
 #[derive(Debug)]
 struct Slot {
     conn_id: u64,
     remote: SocketAddr,
-    connected_since: Instant,
-    changed_at: Instant,
-    connects: u64,
-    disconnects: u64,
+    connected_since: i64,
+    changed_at: i64,
+    connects: u32,
+    disconnects: u32,
     /// `Resuming` or `Offline` (`None`: connected).
     ended: Option<Box<Ended>>,
     last_counters: Option<Box<ConnStats>>,
@@ -286,8 +291,27 @@ struct Ended {
     timer: Option<(Instant, u64)>,
 }
 
+/// `t` as signed nanoseconds after `epoch`.
+fn offset(epoch: Instant, t: Instant) -> i64 {
+    let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    match t.checked_duration_since(epoch) {
+        Some(d) => ns(d),
+        None => -ns(epoch.duration_since(t)),
+    }
+}
+
+/// The instant `off` nanoseconds after `epoch`.
+fn instant(epoch: Instant, off: i64) -> Instant {
+    let d = Duration::from_nanos(off.unsigned_abs());
+    if off >= 0 {
+        epoch + d
+    } else {
+        epoch - d
+    }
+}
+
 impl Slot {
-    fn new(state: PresenceState, conn_id: u64, remote: SocketAddr, now: Instant) -> Self {
+    fn new(state: PresenceState, conn_id: u64, remote: SocketAddr, now: i64) -> Self {
         let mut s = Slot {
             conn_id,
             remote,
@@ -358,15 +382,15 @@ impl Slot {
         }
     }
 
-    fn entry(&self) -> Entry {
+    fn entry(&self, epoch: Instant) -> Entry {
         Entry {
             state: self.state(),
             conn_id: self.conn_id,
             remote: self.remote,
-            connected_since: self.connected_since,
-            changed_at: self.changed_at,
-            connects: self.connects,
-            disconnects: self.disconnects,
+            connected_since: instant(epoch, self.connected_since),
+            changed_at: instant(epoch, self.changed_at),
+            connects: self.connects.into(),
+            disconnects: self.disconnects.into(),
             last_counters: self.last_counters.as_deref().copied(),
         }
     }
@@ -384,7 +408,20 @@ impl Registry {
             counts: PresenceCounts::default(),
             changes: VecDeque::new(),
             next_seq: 0,
+            epoch: None,
         }
+    }
+
+    /// `t` for a slot: nanoseconds after the registry's epoch (the first `t` it stamps).
+    fn stamp(&mut self, t: Instant) -> i64 {
+        offset(*self.epoch.get_or_insert(t), t)
+    }
+
+    /// The epoch the slots' instants count from.
+    fn epoch(&self) -> Instant {
+        // Every slot was made with `stamp`, which sets the epoch: with an entry to read, it
+        // is set. (Without one nothing calls this.)
+        self.epoch.expect("an entry exists only after a stamp")
     }
 
     /// A connection `conn_id` for client `id` from `remote` completed its handshake.
@@ -422,9 +459,10 @@ impl Registry {
         conn_id: u64,
         remote: SocketAddr,
     ) -> Option<u64> {
+        let at = self.stamp(now);
         let Some(slot) = self.entries.get_mut(id) else {
             let key = key();
-            let mut slot = Slot::new(PresenceState::Online, conn_id, remote, now);
+            let mut slot = Slot::new(PresenceState::Online, conn_id, remote, at);
             slot.connects = 1;
             self.entries.insert(key.clone(), slot);
             self.counts.online += 1;
@@ -444,7 +482,7 @@ impl Registry {
         }
         let replaced = slot.is_connected().then_some(slot.conn_id);
         if replaced.is_some() {
-            slot.disconnects += 1;
+            slot.disconnects = slot.disconnects.saturating_add(1);
         }
         let resuming = slot.kind() == PresenceKind::Resuming;
         match slot.take_timer() {
@@ -458,9 +496,9 @@ impl Registry {
         }
         slot.conn_id = conn_id;
         slot.remote = remote;
-        slot.connected_since = now;
-        slot.changed_at = now;
-        slot.connects += 1;
+        slot.connected_since = at;
+        slot.changed_at = at;
+        slot.connects = slot.connects.saturating_add(1);
         let from = slot.set_state(PresenceState::Online);
         *self.counts.get_mut(from.kind()) -= 1;
         self.counts.online += 1;
@@ -508,6 +546,7 @@ impl Registry {
         from: PresenceKind,
         to: PresenceState,
     ) -> bool {
+        let at = self.stamp(now);
         let Some(slot) = self.entries.get_mut(id) else {
             return false;
         };
@@ -516,7 +555,7 @@ impl Registry {
         }
         *self.counts.get_mut(from) -= 1;
         *self.counts.get_mut(to.kind()) += 1;
-        slot.changed_at = now;
+        slot.changed_at = at;
         let old = slot.set_state(to.clone());
         self.reindex(id, from, to.kind());
         self.changes.push_back(PresenceChange {
@@ -552,7 +591,7 @@ impl Registry {
         if slot.conn_id != conn_id || !slot.is_connected() {
             return false;
         }
-        slot.disconnects += 1;
+        slot.disconnects = slot.disconnects.saturating_add(1);
         match hold_until {
             Some(until) if until > now => {
                 self.set_state(
@@ -617,8 +656,9 @@ impl Registry {
             }
             None => {
                 let key: Arc<str> = Arc::from(id);
+                let at = self.stamp(now);
                 self.entries
-                    .insert(key.clone(), Slot::new(state.clone(), 0, remote, now));
+                    .insert(key.clone(), Slot::new(state.clone(), 0, remote, at));
                 self.counts.resuming += 1;
                 self.by_kind[kind_index(PresenceKind::Resuming)].insert(key);
                 self.changes.push_back(PresenceChange {
@@ -678,13 +718,14 @@ impl Registry {
 
     /// Sets the state of an existing entry, keeps the counts, queues the change.
     fn set_state(&mut self, now: Instant, id: &str, to: PresenceState) {
+        let at = self.stamp(now);
         let Some(slot) = self.entries.get_mut(id) else {
             return;
         };
         let kind = slot.kind();
         *self.counts.get_mut(kind) -= 1;
         *self.counts.get_mut(to.kind()) += 1;
-        slot.changed_at = now;
+        slot.changed_at = at;
         let from = slot.set_state(to.clone());
         let conn_id = slot.conn_id;
         self.reindex(id, from.kind(), to.kind());
@@ -816,7 +857,7 @@ impl Registry {
 
     /// What the registry knows about client `id` (built from its compact record).
     pub fn get(&self, id: &str) -> Option<Entry> {
-        self.entries.get(id).map(Slot::entry)
+        self.entries.get(id).map(|s| s.entry(self.epoch()))
     }
 
     /// The state of client `id`, if known (cheaper than [`get`](Self::get)).
@@ -858,7 +899,7 @@ impl Registry {
         let mut out = Vec::with_capacity(limit.min(1024));
         for id in ids.by_ref().take(limit) {
             if let Some(slot) = self.entries.get(id) {
-                out.push((id, slot.entry()));
+                out.push((id, slot.entry(self.epoch())));
             }
         }
         let more = ids.next().is_some();
@@ -867,7 +908,9 @@ impl Registry {
 
     /// Every entry, in id order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, Entry)> + '_ {
-        self.entries.iter().map(|(id, s)| (&**id, s.entry()))
+        self.entries
+            .iter()
+            .map(|(id, s)| (&**id, s.entry(self.epoch())))
     }
 
     /// How many entries are in each state.

@@ -180,7 +180,12 @@ struct ConnSink {
 }
 
 impl Sink for ConnSink {
-    fn hello(&mut self, _now: std::time::Instant, hello: &Hello) -> Decision {
+    fn hello(
+        &mut self,
+        _shared: &Arc<Shared>,
+        _now: std::time::Instant,
+        hello: &Hello,
+    ) -> Decision {
         self.hello = Some(hello.clone());
         match self.accept.take() {
             Some(cfg) => Decision::Accept(Arc::new(cfg), None, None),

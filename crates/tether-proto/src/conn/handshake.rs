@@ -18,10 +18,12 @@ impl Conn {
         let State::Preamble { buf, got } = &mut self.state else {
             return data;
         };
-        let take = (PREAMBLE_LEN - *got).min(data.len());
-        buf[*got..*got + take].copy_from_slice(&data[..take]);
-        *got += take;
-        if *got < PREAMBLE_LEN {
+        let at = usize::from(*got);
+        let take = (PREAMBLE_LEN - at).min(data.len());
+        buf[at..at + take].copy_from_slice(&data[..take]);
+        // At most `PREAMBLE_LEN` (5).
+        *got = (at + take) as u8;
+        if at + take < PREAMBLE_LEN {
             return &[];
         }
         let preamble = *buf;

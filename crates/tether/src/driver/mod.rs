@@ -143,16 +143,21 @@ pub(crate) enum Resolution {
 /// Where a connection's events go.
 pub(crate) trait Sink {
     /// Server side: a client said hello. Default: refuse.
-    fn hello(&mut self, _now: Instant, _hello: &Hello) -> Decision {
+    fn hello(&mut self, _shared: &Arc<Shared>, _now: Instant, _hello: &Hello) -> Decision {
         Decision::Refuse(CloseCode::REFUSED, "not accepting".into())
     }
     /// Server side: the client refreshed its credential (AUTH). Default: refuse (close with
     /// credential-expired).
-    fn refresh(&mut self, _now: Instant, _credential: &Credential) -> RefreshAnswer {
+    fn refresh(
+        &mut self,
+        _shared: &Arc<Shared>,
+        _now: Instant,
+        _credential: &Credential,
+    ) -> RefreshAnswer {
         RefreshAnswer::Refuse("this server does not accept credential refreshes".into())
     }
     /// Server side: a deferred verdict arrived. Default: refuse.
-    fn resolved(&mut self, _now: Instant, r: Resolved) -> Resolution {
+    fn resolved(&mut self, _shared: &Arc<Shared>, _now: Instant, r: Resolved) -> Resolution {
         match r {
             Resolved::Refresh(_) => Resolution::Refresh(RefreshAnswer::Refuse("refused".into())),
             _ => Resolution::Hello(Decision::Refuse(CloseCode::REFUSED, "not accepting".into())),
@@ -180,6 +185,8 @@ pub(crate) struct Ended<T, S> {
     pub(crate) established: bool,
     /// The sink, with whatever it collected.
     pub(crate) sink: S,
+    /// The state the handles shared with the connection (the sink does not keep a copy).
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// One connection's task state: the transport, the state machine, the sink, and what the
@@ -189,11 +196,11 @@ struct Driver<T, S> {
     conn: Box<Conn>,
     shared: Arc<Shared>,
     sink: S,
-    /// The instant the sleep is armed for.
-    armed: Option<Instant>,
+    /// The instant the sleep is armed for (parked: the lot's deadline for it).
+    armed: Stamp,
     read_done: bool,
     write_failed: bool,
-    closing_since: Option<Instant>,
+    closing_since: Stamp,
     /// Close without waiting for the peer's FIN (a refused connection that sent nothing
     /// more: evicted from the handshake, or refused at shutdown).
     no_linger: bool,
@@ -201,7 +208,7 @@ struct Driver<T, S> {
     /// `CLOSE_LINGER`.
     abandoned: bool,
     shut_down: bool,
-    last_write: Option<Instant>,
+    last_write: Stamp,
     /// How it ended (boxed: set once, at the end; every idle task would carry it).
     result: Option<Box<Disconnect>>,
     established: bool,
@@ -219,6 +226,44 @@ struct Driver<T, S> {
     /// This wake-up is the lot's (`Timer::Parked`): reads are `PAUSED_READ` bytes, so a
     /// parked connection that receives more than a few reads' worth goes back to a task.
     in_lot: bool,
+}
+
+/// An optional instant in 8 bytes instead of 16 (issue 17: every parked driver keeps two):
+/// signed nanoseconds from a process-wide origin, exact both ways (±292 years);
+/// `i64::MIN` is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp(i64);
+
+impl Stamp {
+    const NONE: Stamp = Stamp(i64::MIN);
+
+    fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    fn at(t: Instant) -> Stamp {
+        let o = Stamp::origin();
+        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        match t.checked_duration_since(o) {
+            Some(d) => Stamp(ns(d)),
+            // Never `i64::MIN` (none): at most `-i64::MAX`.
+            None => Stamp(-ns(o.duration_since(t))),
+        }
+    }
+
+    fn get(self) -> Option<Instant> {
+        let o = Stamp::origin();
+        match self.0 {
+            i64::MIN => None,
+            n if n >= 0 => Some(o + Duration::from_nanos(n.unsigned_abs())),
+            n => Some(o - Duration::from_nanos(n.unsigned_abs())),
+        }
+    }
+
+    fn is_none(self) -> bool {
+        self == Stamp::NONE
+    }
 }
 
 /// Where a wake-up keeps the connection's next deadline.
@@ -276,14 +321,14 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
             conn,
             shared,
             sink,
-            armed: None,
+            armed: Stamp::NONE,
             read_done: false,
             write_failed: false,
-            closing_since: None,
+            closing_since: Stamp::NONE,
             no_linger: false,
             abandoned: false,
             shut_down: false,
-            last_write: None,
+            last_write: Stamp::NONE,
             result: None,
             established: false,
             frames: frames::FrameRoom::default(),
@@ -307,7 +352,7 @@ pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
     // The lot kept the deadline for its heap; this task's sleep is armed afresh. A place in
     // the backlog's queue holds the lot's waker: queue this task's own (a stale place wakes
     // nobody who waits).
-    d.armed = None;
+    d.armed = Stamp::NONE;
     d.backlog_ticket = 0;
     async move {
         if !finished {
@@ -317,7 +362,7 @@ pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
             tokio::pin!(sleep);
             let exit = poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()))).await;
             if let (Exit::Park, Some(lot)) = (&exit, d.lot.clone()) {
-                d.armed = None;
+                d.armed = Stamp::NONE;
                 d.backlog_ticket = 0;
                 lot.park(d);
                 return None;
@@ -378,6 +423,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             established: self.established,
             handed_off: handed_off.then_some(self.io),
             sink: self.sink,
+            shared: self.shared,
         }
     }
 }

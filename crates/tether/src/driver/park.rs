@@ -431,7 +431,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let mut cx = Context::from_waker(&waker);
         match e.d.poll(&mut cx, Timer::Parked) {
             Poll::Pending => {
-                if let Some(a) = e.d.armed {
+                if let Some(a) = e.d.armed.get() {
                     if e.queued_at.is_none_or(|q| requeue(q, a, now())) {
                         e.queued_at = Some(a);
                         self.deadlines.push(Reverse((a, idx, gen)));
@@ -523,7 +523,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 continue;
             }
             e.queued_at = None;
-            match e.d.armed {
+            match e.d.armed.get() {
                 Some(a) if a <= now => {
                     self.poll(lot, idx);
                     polled += 1;

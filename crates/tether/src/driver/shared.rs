@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
+use sync_wrapper::SyncWrapper;
 use tether_proto::{CloseCode, Disconnect};
 use tokio::sync::Notify;
 
@@ -78,7 +79,7 @@ pub(crate) enum Command {
 /// The result of [`Shared::offer`] (server connections).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Offer {
-    /// Queued; with a session, the sequence number it will carry (see [`Inner::seq_base`]).
+    /// Queued; with a session, the sequence number it will carry (see [`Queues::seq_base`]).
     Queued(Option<u64>),
     /// Queuing would pass the client's bound: the connection is being closed (slow consumer).
     SlowConsumer,
@@ -109,19 +110,13 @@ pub(crate) struct Inner {
     /// What this connection counts against the server's unsent budget
     /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
     charged: usize,
-    /// A decision made off the task ([`Shared::resolve`]), for the task to apply.
-    pub(crate) resolved: Option<Box<super::Resolved>>,
-    /// With a session: the sequence number the outbox's front message will get when it moves
-    /// into the state machine. The outbox is FIFO and every message moved gets the next
-    /// number, so the message at outbox index `i` will carry `seq_base + i`: a sender learns
-    /// its message's number when it queues it. Set by the server when a session attaches
-    /// (`None`: no session), advanced by the driver as messages move (same lock).
-    pub(crate) seq_base: Option<u64>,
     /// The queues, while any holds something.
     queues: Option<Box<Queues>>,
 }
 
-/// Queues and the end of a connection: what an idle connection does not hold.
+/// Queues, rare state and the end of a connection: what an idle connection without a
+/// session does not hold (issue 17: `resolved` and `seq_base` moved here from `Inner`, 24 B
+/// per connection).
 #[derive(Debug, Default)]
 pub(crate) struct Queues {
     pub(crate) outbox: VecDeque<Bytes>,
@@ -133,6 +128,16 @@ pub(crate) struct Queues {
     /// Commit-before-ACK: the highest received number the application committed and the
     /// task has not applied yet (0: none).
     pub(crate) commit_to: u64,
+    /// A decision made off the task ([`Shared::resolve`]), for the task to apply.
+    /// (Wrapped: the decision is `Send` but not `Sync`, and an absent box reads as a shared
+    /// empty one; it is only ever reached through `&mut`.)
+    pub(crate) resolved: SyncWrapper<Option<Box<super::Resolved>>>,
+    /// With a session: the sequence number the outbox's front message will get when it moves
+    /// into the state machine. The outbox is FIFO and every message moved gets the next
+    /// number, so the message at outbox index `i` will carry `seq_base + i`: a sender learns
+    /// its message's number when it queues it. Set by the server when a session attaches
+    /// (`None`: no session), advanced by the driver as messages move (same lock).
+    pub(crate) seq_base: Option<u64>,
 }
 
 /// What an absent [`Queues`] box reads as.
@@ -144,11 +149,13 @@ static NO_QUEUES: Queues = Queues {
     recv: None,
     done: None,
     commit_to: 0,
+    resolved: SyncWrapper::new(None),
+    seq_base: None,
 };
 
 impl Queues {
     /// Nothing queued, nothing allocated, nothing to report.
-    fn is_empty(&self) -> bool {
+    fn is_empty(&mut self) -> bool {
         self.outbox.capacity() == 0
             && self.inbox.capacity() == 0
             && self.command.is_none()
@@ -156,6 +163,8 @@ impl Queues {
             && self.recv.is_none()
             && self.done.is_none()
             && self.commit_to == 0
+            && self.resolved.get_mut().is_none()
+            && self.seq_base.is_none()
     }
 }
 
@@ -180,6 +189,13 @@ impl Inner {
             .map_or(0, |q| std::mem::take(&mut q.commit_to))
     }
 
+    /// Takes the decision made off the task, without creating the queues' box.
+    pub(crate) fn take_resolved(&mut self) -> Option<Box<super::Resolved>> {
+        self.queues
+            .as_mut()
+            .and_then(|q| q.resolved.get_mut().take())
+    }
+
     /// Takes the pending command without creating the queues' box.
     pub(crate) fn take_command(&mut self) -> Option<Command> {
         self.queues.as_mut().and_then(|q| q.command.take())
@@ -187,7 +203,7 @@ impl Inner {
 
     /// Releases the queues' box once it holds nothing.
     fn release_queues(&mut self) {
-        if self.queues.as_ref().is_some_and(|q| q.is_empty()) {
+        if self.queues.as_mut().is_some_and(|q| q.is_empty()) {
             self.queues = None;
         }
     }
@@ -456,7 +472,7 @@ impl Shared {
         if inner.done.is_some() {
             return;
         }
-        inner.resolved = Some(Box::new(r));
+        *inner.resolved.get_mut() = Some(Box::new(r));
         wake_driver(&mut inner);
     }
 

@@ -12,7 +12,7 @@ use tether_proto::{ConnEvent, DisconnectReason, TransportError};
 use tokio::io::ReadBuf;
 
 use super::{
-    now, Command, Decision, Driver, Exit, RefreshAnswer, Resolution, Resolved, Sink, Timer,
+    now, Command, Decision, Driver, Exit, RefreshAnswer, Resolution, Resolved, Sink, Stamp, Timer,
     CLOSE_LINGER, PAUSED_READ, READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK,
     TRANSMIT_HIGH_WATER,
 };
@@ -259,7 +259,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             Some(Command::Refuse(..)) => {}
             None => {}
         }
-        let resolved = inner.resolved.take();
+        let resolved = inner.take_resolved();
         let inbox_full = inner.inbox_bytes > shared.limits.inbox_bytes;
         if moved {
             inner.transmit_bytes = held_for_peer(conn);
@@ -405,7 +405,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 }
                 Poll::Ready(Err(e)) => {
                     self.read_done = true;
-                    let wrote = self.last_write.is_some_and(|w| w >= self.conn.last_rx());
+                    let wrote = self
+                        .last_write
+                        .get()
+                        .is_some_and(|w| w >= self.conn.last_rx());
                     let io = &self.io;
                     let err =
                         TransportError::from_io(&e, || io.has_unacked().unwrap_or(false) || wrote);
@@ -471,7 +474,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     tracing::debug!(error = %e, "credential refresh not sent");
                 }
             }
-            r => match self.sink.resolved(now, r) {
+            r => match self.sink.resolved(&self.shared, now, r) {
                 Resolution::Hello(d) => self.decide(now, d),
                 Resolution::Refresh(a) => self.answer_refresh(now, a),
             },
@@ -510,11 +513,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             };
             match ev {
                 ConnEvent::Hello(h) => {
-                    let d = self.sink.hello(now, &h);
+                    let d = self.sink.hello(&self.shared, now, &h);
                     self.decide(now, d);
                 }
                 ConnEvent::Auth(c) => {
-                    let a = self.sink.refresh(now, &c);
+                    let a = self.sink.refresh(&self.shared, now, &c);
                     self.answer_refresh(now, a);
                 }
                 ConnEvent::Closed(d) => {
@@ -567,7 +570,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             }
         }
         if wrote_any {
-            self.last_write = Some(now);
+            self.last_write = Stamp::at(now);
             let _ = Pin::new(&mut self.io).poll_flush(cx);
         }
     }
@@ -616,13 +619,13 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     | DisconnectReason::Io(_)
             )
         });
-        let since = match self.closing_since {
+        let since = match self.closing_since.get() {
             Some(s) => s,
             None => {
                 if failure {
                     self.io.abort_on_close();
                 }
-                self.closing_since = Some(now);
+                self.closing_since = Stamp::at(now);
                 now
             }
         };
@@ -671,7 +674,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// Parked, the deadline is only recorded in `armed` (the lot's heap waits for it); true
     /// when it is due already.
     fn arm_timer(&mut self, cx: &mut Context<'_>, now: Instant, timer: &mut Timer<'_>) -> bool {
-        let linger = self.closing_since.map(|c| c + self.close_linger());
+        let linger = self.closing_since.get().map(|c| c + self.close_linger());
         let deadline = match (self.conn.poll_timeout(), linger) {
             (Some(d), Some(l)) => Some(d.min(l)),
             (d, l) => d.or(l),
@@ -679,7 +682,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         let mut sleep = match timer {
             Timer::Sleep(sleep) => sleep.as_mut(),
             Timer::Parked => {
-                self.armed = deadline;
+                self.armed = deadline.map_or(Stamp::NONE, Stamp::at);
                 return deadline.is_some_and(|d| d <= now);
             }
         };
@@ -698,13 +701,13 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             let early = a.saturating_duration_since(now);
             d > a && (early <= REARM_SLACK || early < d.saturating_duration_since(now) / 2)
         };
-        if self.armed.is_none_or(|a| d < a || stale(a)) {
+        if self.armed.get().is_none_or(|a| d < a || stale(a)) {
             sleep.as_mut().reset(tokio::time::Instant::from_std(d));
-            self.armed = Some(d);
+            self.armed = Stamp::at(d);
             self.shared.stats.timer_reset();
         }
         if sleep.as_mut().poll(cx).is_ready() {
-            self.armed = None;
+            self.armed = Stamp::NONE;
             return true;
         }
         false

@@ -44,7 +44,7 @@ struct TestSink {
 }
 
 impl Sink for TestSink {
-    fn hello(&mut self, _now: Instant, _hello: &Hello) -> Decision {
+    fn hello(&mut self, _shared: &Arc<Shared>, _now: Instant, _hello: &Hello) -> Decision {
         let session = self.session.then(|| {
             let grant = SessionGrant {
                 session_id: 1,
@@ -189,7 +189,9 @@ impl Peer {
                         session,
                         ..Default::default()
                     };
-                    let Decision::Accept(cfg, s, _) = sink.hello(now(), &hello(session)) else {
+                    let Decision::Accept(cfg, s, _) =
+                        sink.hello(&Shared::new(Limits::default()), now(), &hello(session))
+                    else {
                         unreachable!("the test sink accepts");
                     };
                     self.conn.accept(now(), cfg, s.map(|b| *b));
