@@ -255,7 +255,7 @@ pub(super) fn unpark(r: driver::Resume<Tcp, ServerSink>) {
     match r.into_ended() {
         Ok(ended) => {
             let inner = ended.sink.inner.clone();
-            let shared = ended.sink.shared.clone();
+            let shared = ended.shared.clone();
             let remote = ended.sink.remote;
             match driver_ended(ended) {
                 // A probe is never parked (it is not established); its task if it were.
