@@ -623,7 +623,7 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
 /// earliest deadline, a parked socket's bytes or a waker. Outside tokio's run queue, so a
 /// deadline is not queued behind busy tasks; with the runtime's context entered, so an
 /// unparked connection is registered with its reactor and spawned on it. Ends (giving its
-/// epoll back to the lot) when the lot is empty.
+/// epoll back to the lot) when the lot has been empty for [`THREAD_LINGER`].
 fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let Some(th) = lot.threaded.as_ref() else {
         return;
@@ -693,9 +693,12 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             }
         }
         yard.clean();
-        let timeout = if let Some(since) = empty_since {
-            // Empty: wait for a connection to park (a waker) until the linger runs out.
-            Some(THREAD_LINGER.saturating_sub(now().saturating_duration_since(since)))
+        let timeout = if yard.len == 0 {
+            // Empty: wait for a connection to park (its waker) until the linger runs out,
+            // then end at the top of the loop.
+            let t = now();
+            let since = *empty_since.get_or_insert(t);
+            Some(THREAD_LINGER.saturating_sub(t.saturating_duration_since(since)))
         } else if lock(&lot.wake.ready).is_empty() {
             yard.deadlines
                 .peek()
