@@ -356,3 +356,39 @@ fn connect_exits_3_when_refused() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("refused") && e.contains("server-full"), "{e}");
 }
+
+/// `tether bench hold` counts the liveness messages on its clients (heartbeats sent +
+/// received), so the count costs the measured server nothing: 40 clients with 1 s heartbeats
+/// held for 5 s exchange about 40 × 5 × 2 messages (loose bounds: the intervals are not
+/// aligned with the hold), and none is closed.
+#[test]
+fn bench_hold_counts_liveness_messages_on_the_clients() {
+    let json = std::env::temp_dir().join(format!("tether-e2e-hold-{}.json", std::process::id()));
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "hold",
+            "--n",
+            "40",
+            "--hold",
+            "5s",
+            "--heartbeat",
+            "1s",
+        ])
+        .args(["--no-mosquitto", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let row = &v["hold"][0];
+    assert_eq!(row["connected"], 40);
+    assert_eq!(row["closed_during_hold"], 0);
+    let msgs = row["liveness_msgs"].as_u64().unwrap();
+    assert!((240..=480).contains(&msgs), "liveness messages: {msgs}");
+}

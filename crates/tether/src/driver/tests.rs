@@ -30,6 +30,18 @@ fn liveness() -> LivenessConfig {
 /// Events a sink saw, with the instant.
 type Log = Arc<Mutex<Vec<(tokio::time::Instant, ConnEvent)>>>;
 
+/// The messages a [`TestSink`] logged, in order.
+fn logged_messages(log: &Log) -> Vec<Vec<u8>> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, e)| match e {
+            ConnEvent::Message { payload, .. } => Some(payload.to_vec()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Records events; messages also go to the inbox (so a full inbox pauses reading). Server
 /// side: accepts every HELLO, optionally putting `requeue` in front of the outbox first (as
 /// a server does with what it queued for a resuming client).
@@ -998,15 +1010,7 @@ async fn a_large_message_arriving_in_pieces_is_read_in_place_and_delivered_whole
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let got: Vec<Vec<u8>> = log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|(_, e)| match e {
-            ConnEvent::Message { payload, .. } => Some(payload.to_vec()),
-            _ => None,
-        })
-        .collect();
+    let got = logged_messages(&log);
     assert_eq!(got, vec![b"before".to_vec(), big, b"after".to_vec()]);
     assert_eq!(budgets.frames.used(), 0);
 }
@@ -1056,15 +1060,7 @@ async fn a_stream_of_large_messages_read_header_first_arrives_whole_and_in_order
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let got: Vec<Vec<u8>> = log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(_, e)| match e {
-                ConnEvent::Message { payload, .. } => Some(payload.to_vec()),
-                _ => None,
-            })
-            .collect();
+        let got = logged_messages(&log);
         assert_eq!(got.len(), messages.len(), "pieces of {piece}");
         assert!(
             got == messages,

@@ -504,17 +504,21 @@ async fn client_agent(a: ClientAgentArgs) -> anyhow::Result<()> {
             }
             ["stats"] => {
                 let mut closed = counters.mqtt_closed.load(Relaxed);
-                let mut hb_out = 0;
+                let (mut hb_out, mut hb_in) = (0, 0);
                 for h in held.iter().flatten() {
                     if let Held::Tether { conn, .. } = h {
                         if conn.disconnected().is_some() {
                             closed += 1;
                         }
-                        hb_out += conn.stats().heartbeats_out;
+                        let s = conn.stats();
+                        hb_out += s.heartbeats_out;
+                        hb_in += s.heartbeats_in;
                     }
                 }
-                emit(json!({"ev": "stats", "closed": closed, "hb_out": hb_out,
-                            "pings": counters.pings.load(Relaxed)}));
+                emit(
+                    json!({"ev": "stats", "closed": closed, "hb_out": hb_out, "hb_in": hb_in,
+                            "pings": counters.pings.load(Relaxed)}),
+                );
             }
             ["quit"] => break,
             _ => {}

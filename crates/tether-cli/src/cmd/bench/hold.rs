@@ -112,12 +112,12 @@ pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::
     let heap_idle = heap(&mut tether_agent).await?;
     let k1 = sys::kernel_mem();
     let cpu0 = sys::cpu_secs(pid)?;
-    let hb0 = liveness_count(&mut agents, &mut tether_agent).await?;
+    let hb0 = liveness_count(&mut agents, tether_agent.is_some()).await?;
     let t0 = Instant::now();
     while t0.elapsed() < o.hold {
         let left = o.hold.saturating_sub(t0.elapsed());
         tokio::time::sleep(left.min(Duration::from_secs(10))).await;
-        let hb = liveness_count(&mut agents, &mut tether_agent).await?;
+        let hb = liveness_count(&mut agents, tether_agent.is_some()).await?;
         eprintln!(
             "  holding: {:.0}/{:.0} s, {} liveness messages, server CPU {:.2} s",
             t0.elapsed().as_secs_f64(),
@@ -126,7 +126,7 @@ pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::
             sys::cpu_secs(pid)? - cpu0
         );
     }
-    let hb1 = liveness_count(&mut agents, &mut tether_agent).await?;
+    let hb1 = liveness_count(&mut agents, tether_agent.is_some()).await?;
     let cpu1 = sys::cpu_secs(pid)?;
     let hold_secs = t0.elapsed().as_secs_f64();
     let rss_end = sys::rss_bytes(pid)?;
@@ -195,24 +195,22 @@ async fn heap(tether: &mut Option<Agent>) -> anyhow::Result<Option<u64>> {
     }
 }
 
-/// Liveness messages handled so far: tether heartbeats in + out (server metrics); for
-/// mosquitto, PINGREQ in + PINGRESP out (counted by the clients as answered pings × 2).
-async fn liveness_count(agents: &mut [Agent], tether: &mut Option<Agent>) -> anyhow::Result<u64> {
-    match tether {
-        Some(t) => {
-            let m = t.ask("metrics", "metrics").await?;
-            Ok(m["hb_sent"].as_u64().unwrap_or(0) + m["hb_received"].as_u64().unwrap_or(0))
-        }
-        None => {
-            let mut pings = 0;
-            for a in agents.iter_mut() {
-                pings += a.ask("stats", "stats").await?["pings"]
-                    .as_u64()
-                    .unwrap_or(0);
-            }
-            Ok(pings * 2)
-        }
+/// Liveness messages handled so far, counted by the clients for both servers so that the
+/// count costs the measured server nothing: tether heartbeats the clients sent + received
+/// (= the server's heartbeats in + out on loopback); for mosquitto, PINGREQ in + PINGRESP out
+/// (answered pings × 2). Asking the tether server's metrics instead walked every client in
+/// the server process, every 10 s, and charged that walk to tether's CPU per message.
+async fn liveness_count(agents: &mut [Agent], tether: bool) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for a in agents.iter_mut() {
+        let s = a.ask("stats", "stats").await?;
+        total += if tether {
+            s["hb_out"].as_u64().unwrap_or(0) + s["hb_in"].as_u64().unwrap_or(0)
+        } else {
+            s["pings"].as_u64().unwrap_or(0) * 2
+        };
     }
+    Ok(total)
 }
 
 pub(super) fn print_hold(rows: &[HoldResult]) {
