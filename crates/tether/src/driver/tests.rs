@@ -638,7 +638,20 @@ async fn budgeted_server(
     Peer,
     Log,
 ) {
-    let (io, far) = tokio::io::duplex(64 * 1024);
+    budgeted_server_over(budgets, 64 * 1024).await
+}
+
+/// [`budgeted_server`] over a duplex pipe holding `pipe` bytes each way.
+async fn budgeted_server_over(
+    budgets: &Arc<Budgets>,
+    pipe: usize,
+) -> (
+    Arc<Shared>,
+    JoinHandle<Ended<DuplexStream, TestSink>>,
+    Peer,
+    Log,
+) {
+    let (io, far) = tokio::io::duplex(pipe);
     let shared = Shared::server(Limits::default(), budgets.clone());
     let sink = TestSink {
         answer: true,
@@ -936,17 +949,8 @@ async fn partial_frames_never_take_the_server_past_its_budget() {
     let mut peers = Vec::new();
     let mut logs = Vec::new();
     for _ in 0..3 {
-        let (io, far) = tokio::io::duplex(256 * 1024);
-        let shared = Shared::server(Limits::default(), budgets.clone());
-        let sink = TestSink::default();
-        logs.push(sink.log.clone());
-        let conn = Box::new(Conn::server(now(), ConnConfig::default()));
-        tokio::spawn(drive(io, conn, shared, sink));
-        let mut peer = Peer::client(far).await;
-        assert!(matches!(
-            peer.next_event(false).await,
-            ConnEvent::Established(_)
-        ));
+        let (_, _, peer, log) = budgeted_server_over(&budgets, 256 * 1024).await;
+        logs.push(log);
         peers.push(peer);
     }
     // Every peer announces a 60 KiB message and sends all of it but the last byte.
@@ -989,17 +993,7 @@ async fn partial_frames_never_take_the_server_past_its_budget() {
 #[tokio::test(start_paused = true)]
 async fn a_large_message_arriving_in_pieces_is_read_in_place_and_delivered_whole() {
     let budgets = Arc::new(Budgets::new(1 << 20, 4 << 20, 1 << 20));
-    let (io, far) = tokio::io::duplex(64 * 1024);
-    let shared = Shared::server(Limits::default(), budgets.clone());
-    let sink = TestSink::default();
-    let log = sink.log.clone();
-    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
-    tokio::spawn(drive(io, conn, shared, sink));
-    let mut peer = Peer::client(far).await;
-    assert!(matches!(
-        peer.next_event(false).await,
-        ConnEvent::Established(_)
-    ));
+    let (_, _, mut peer, log) = budgeted_server(&budgets).await;
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
     let mut wire = BytesMut::new();
     codec::encode_data(b"before", &mut wire);
@@ -1022,17 +1016,7 @@ async fn a_large_message_arriving_in_pieces_is_read_in_place_and_delivered_whole
 async fn a_stream_of_large_messages_read_header_first_arrives_whole_and_in_order() {
     for piece in [usize::MAX, 7_777, 70_001] {
         let budgets = Arc::new(Budgets::new(1 << 20, 4 << 20, 1 << 20));
-        let (io, far) = tokio::io::duplex(1 << 20);
-        let shared = Shared::server(Limits::default(), budgets.clone());
-        let sink = TestSink::default();
-        let log = sink.log.clone();
-        let conn = Box::new(Conn::server(now(), ConnConfig::default()));
-        tokio::spawn(drive(io, conn, shared, sink));
-        let mut peer = Peer::client(far).await;
-        assert!(matches!(
-            peer.next_event(false).await,
-            ConnEvent::Established(_)
-        ));
+        let (_, _, mut peer, log) = budgeted_server_over(&budgets, 1 << 20).await;
         let sizes = [
             262_145usize,
             262_145,
