@@ -27,6 +27,7 @@ pub mod codec;
 pub mod conn;
 pub mod duration;
 pub mod liveness;
+pub mod offset;
 pub mod plan;
 pub mod policy;
 pub mod presence;

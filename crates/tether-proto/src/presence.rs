@@ -40,6 +40,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::conn::ConnStats;
+use crate::offset::{instant, offset};
 use crate::reason::DisconnectReason;
 
 /// Settings for [`Registry`].
@@ -289,25 +290,6 @@ struct Ended {
     state: PresenceState,
     /// The key of this entry in `holds` (when Resuming) or `offline` (when Offline).
     timer: Option<(Instant, u64)>,
-}
-
-/// `t` as signed nanoseconds after `epoch`.
-fn offset(epoch: Instant, t: Instant) -> i64 {
-    let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-    match t.checked_duration_since(epoch) {
-        Some(d) => ns(d),
-        None => -ns(epoch.duration_since(t)),
-    }
-}
-
-/// The instant `off` nanoseconds after `epoch`.
-fn instant(epoch: Instant, off: i64) -> Instant {
-    let d = Duration::from_nanos(off.unsigned_abs());
-    if off >= 0 {
-        epoch + d
-    } else {
-        epoch - d
-    }
 }
 
 impl Slot {

@@ -243,22 +243,12 @@ impl Stamp {
     }
 
     fn at(t: Instant) -> Stamp {
-        let o = Stamp::origin();
-        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        match t.checked_duration_since(o) {
-            Some(d) => Stamp(ns(d)),
-            // Never `i64::MIN` (none): at most `-i64::MAX`.
-            None => Stamp(-ns(o.duration_since(t))),
-        }
+        // Never `i64::MIN` (none): at most `-i64::MAX`.
+        Stamp(tether_proto::offset::offset(Stamp::origin(), t))
     }
 
     fn get(self) -> Option<Instant> {
-        let o = Stamp::origin();
-        match self.0 {
-            i64::MIN => None,
-            n if n >= 0 => Some(o + Duration::from_nanos(n.unsigned_abs())),
-            n => Some(o - Duration::from_nanos(n.unsigned_abs())),
-        }
+        (self != Stamp::NONE).then(|| tether_proto::offset::instant(Stamp::origin(), self.0))
     }
 
     fn is_none(self) -> bool {
