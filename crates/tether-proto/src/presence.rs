@@ -222,12 +222,13 @@ pub struct PresenceChange {
     pub at: Instant,
 }
 
-fn kind_index(k: PresenceKind) -> usize {
+/// The index of `k` in [`Registry::by_kind`]: `None` for `Online`, which has none.
+fn kind_index(k: PresenceKind) -> Option<usize> {
     match k {
-        PresenceKind::Online => 0,
-        PresenceKind::Suspect => 1,
-        PresenceKind::Resuming => 2,
-        PresenceKind::Offline => 3,
+        PresenceKind::Online => None,
+        PresenceKind::Suspect => Some(0),
+        PresenceKind::Resuming => Some(1),
+        PresenceKind::Offline => Some(2),
     }
 }
 
@@ -244,9 +245,12 @@ pub struct Registry {
     /// offline indexes and — through [`connected_shared`](Self::connected_shared) — with the
     /// caller (a server's client table): a million connected clients keep one copy of each id.
     entries: BTreeMap<Arc<str>, Slot>,
-    /// Ids per state ([`PresenceKind::ALL`] order), in id order: a page of the clients in
-    /// one state is a range too. Changed only on transitions.
-    by_kind: [BTreeSet<Arc<str>>; 4],
+    /// Ids per state other than `Online` (`Suspect`, `Resuming`, `Offline`), in id order: a
+    /// page of the clients in one of them is a range too. Changed only on transitions.
+    /// `Online`, the state of nearly every client of a busy server, has no set (issue 17: it
+    /// cost 36 bytes per connected client): its page walks `entries` and passes over the
+    /// others, of which there are few (`Offline` ones at most `max_offline`).
+    by_kind: [BTreeSet<Arc<str>>; 3],
     /// `Resuming` entries by (hold end, sequence).
     holds: BTreeMap<(Instant, u64), Arc<str>>,
     /// `Offline` entries by (time they became offline, sequence): oldest first.
@@ -446,9 +450,8 @@ impl Registry {
             let key = key();
             let mut slot = Slot::new(PresenceState::Online, conn_id, remote, at);
             slot.connects = 1;
-            self.entries.insert(key.clone(), slot);
+            self.entries.insert(key, slot);
             self.counts.online += 1;
-            self.by_kind[kind_index(PresenceKind::Online)].insert(key);
             self.changes.push_back(PresenceChange {
                 id: id.to_owned(),
                 conn_id,
@@ -642,7 +645,7 @@ impl Registry {
                 self.entries
                     .insert(key.clone(), Slot::new(state.clone(), 0, remote, at));
                 self.counts.resuming += 1;
-                self.by_kind[kind_index(PresenceKind::Resuming)].insert(key);
+                self.index(PresenceKind::Resuming, key);
                 self.changes.push_back(PresenceChange {
                     id: id.to_owned(),
                     conn_id: 0,
@@ -761,7 +764,7 @@ impl Registry {
         if self.entries.get(id).is_some_and(|s| s.timer() == Some(key)) {
             self.entries.remove(id);
             self.counts.offline -= 1;
-            self.by_kind[kind_index(PresenceKind::Offline)].remove(id);
+            self.unindex(PresenceKind::Offline, id);
         }
     }
 
@@ -850,15 +853,33 @@ impl Registry {
     /// Moves `id` from the `from` index to the `to` index.
     fn reindex(&mut self, id: &str, from: PresenceKind, to: PresenceKind) {
         if from != to {
-            self.by_kind[kind_index(from)].remove(id);
-            let key = self.key_of(id);
-            self.by_kind[kind_index(to)].insert(key);
+            self.unindex(from, id);
+            if kind_index(to).is_some() {
+                let key = self.key_of(id);
+                self.index(to, key);
+            }
+        }
+    }
+
+    /// Adds `id` to the set of state `k` (none for `Online`).
+    fn index(&mut self, k: PresenceKind, id: Arc<str>) {
+        if let Some(i) = kind_index(k) {
+            self.by_kind[i].insert(id);
+        }
+    }
+
+    /// Takes `id` out of the set of state `k`.
+    fn unindex(&mut self, k: PresenceKind, id: &str) {
+        if let Some(i) = kind_index(k) {
+            self.by_kind[i].remove(id);
         }
     }
 
     /// One page of entries in id order: at most `limit` entries whose id comes after
     /// `after` (all of them without it), only those in state `kind` when given. The bool
-    /// says whether more follow. Costs O(log n + limit), however many clients there are.
+    /// says whether more follow. Costs O(log n + limit), however many clients there are;
+    /// a page of `Online` ones also passes over the clients in other states in its range
+    /// (few: `Online` has no index of its own, see `by_kind`).
     pub fn page(
         &self,
         kind: Option<PresenceKind>,
@@ -870,19 +891,28 @@ impl Registry {
             None => Bound::Unbounded,
         };
         let range = (from, Bound::Unbounded);
-        let mut ids: Box<dyn Iterator<Item = &str> + '_> = match kind {
-            Some(k) => Box::new(
-                self.by_kind[kind_index(k)]
-                    .range::<str, _>(range)
-                    .map(|id| &**id),
-            ),
-            None => Box::new(self.entries.range::<str, _>(range).map(|(id, _)| &**id)),
-        };
+        let mut ids: Box<dyn Iterator<Item = (&str, &Slot)> + '_> =
+            match kind.map(|k| (k, kind_index(k))) {
+                Some((_, Some(i))) => Box::new(
+                    self.by_kind[i]
+                        .range::<str, _>(range)
+                        .filter_map(|id| self.entries.get(id).map(|s| (&**id, s))),
+                ),
+                Some((k, None)) => Box::new(
+                    self.entries
+                        .range::<str, _>(range)
+                        .filter(move |(_, s)| s.kind() == k)
+                        .map(|(id, s)| (&**id, s)),
+                ),
+                None => Box::new(
+                    self.entries
+                        .range::<str, _>(range)
+                        .map(|(id, s)| (&**id, s)),
+                ),
+            };
         let mut out = Vec::with_capacity(limit.min(1024));
-        for id in ids.by_ref().take(limit) {
-            if let Some(slot) = self.entries.get(id) {
-                out.push((id, slot.entry(self.epoch())));
-            }
+        for (id, slot) in ids.by_ref().take(limit) {
+            out.push((id, slot.entry(self.epoch())));
         }
         let more = ids.next().is_some();
         (out, more)

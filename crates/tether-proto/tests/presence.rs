@@ -705,7 +705,8 @@ fn a_session_handed_over_is_held_and_one_moved_away_ends_its_hold() {
 }
 
 /// Issue 17: the registry keeps a client id once, shared with the caller's copy
-/// (`connected_shared`): the map, the per-state index and the caller hold one allocation.
+/// (`connected_shared`): the map, the per-state index and the caller hold one allocation,
+/// and an `Online` client is in no per-state index (the common state has none).
 #[test]
 fn a_shared_id_is_stored_once() {
     let mut r = Registry::new(RegistryConfig::default());
@@ -713,10 +714,14 @@ fn a_shared_id_is_stored_once() {
     let id: std::sync::Arc<str> = std::sync::Arc::from("device-0001");
     let remote = addr(4000);
     assert_eq!(r.connected_shared(t0, &id, 1, remote), None);
-    // The caller's, the map's key and the Online index's.
-    assert_eq!(std::sync::Arc::strong_count(&id), 3);
+    // The caller's and the map's key.
+    assert_eq!(std::sync::Arc::strong_count(&id), 2);
+    // And the Suspect index's.
     assert!(r.suspect(t0, "device-0001", 1));
     assert_eq!(std::sync::Arc::strong_count(&id), 3);
+    assert!(r.recovered(t0, "device-0001", 1));
+    assert_eq!(std::sync::Arc::strong_count(&id), 2);
+    assert!(r.suspect(t0, "device-0001", 1));
     assert!(r.disconnected(
         t0,
         "device-0001",
