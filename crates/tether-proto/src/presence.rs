@@ -34,7 +34,7 @@
 //! The change queue grows until the driver drains it with [`Registry::poll_change`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -272,11 +272,12 @@ pub const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
 /// `Offline` (reason, instants, the timer's key) and the last counters are boxed, absent
 /// while the client is connected. Its two instants are signed nanoseconds from the
 /// registry's epoch (exact, ±292 years: 8 bytes each instead of 16) and its counters 32-bit
-/// (saturating): 88 bytes instead of 112, in B-tree nodes about two thirds full.
+/// (saturating), its remote address 16 bytes (IPv6 boxed): 72 bytes instead of 112, in
+/// B-tree nodes about two thirds full.
 #[derive(Debug)]
 struct Slot {
     conn_id: u64,
-    remote: SocketAddr,
+    remote: Remote,
     connected_since: i64,
     changed_at: i64,
     connects: u32,
@@ -286,6 +287,30 @@ struct Slot {
     last_counters: Option<Box<ConnStats>>,
     /// Connected and `Suspect` (not `Online`).
     suspect: bool,
+}
+
+/// A slot's remote address in 16 bytes instead of [`SocketAddr`]'s 32: an IPv4 one inline,
+/// an IPv6 one (with its flow info and scope) boxed.
+#[derive(Debug)]
+enum Remote {
+    V4(SocketAddrV4),
+    V6(Box<SocketAddrV6>),
+}
+
+impl Remote {
+    fn new(a: SocketAddr) -> Self {
+        match a {
+            SocketAddr::V4(a) => Remote::V4(a),
+            SocketAddr::V6(a) => Remote::V6(Box::new(a)),
+        }
+    }
+
+    fn get(&self) -> SocketAddr {
+        match self {
+            Remote::V4(a) => SocketAddr::V4(*a),
+            Remote::V6(a) => SocketAddr::V6(**a),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -300,7 +325,7 @@ impl Slot {
     fn new(state: PresenceState, conn_id: u64, remote: SocketAddr, now: i64) -> Self {
         let mut s = Slot {
             conn_id,
-            remote,
+            remote: Remote::new(remote),
             connected_since: now,
             changed_at: now,
             connects: 0,
@@ -372,7 +397,7 @@ impl Slot {
         Entry {
             state: self.state(),
             conn_id: self.conn_id,
-            remote: self.remote,
+            remote: self.remote.get(),
             connected_since: instant(epoch, self.connected_since),
             changed_at: instant(epoch, self.changed_at),
             connects: self.connects.into(),
@@ -480,7 +505,7 @@ impl Registry {
             None => {}
         }
         slot.conn_id = conn_id;
-        slot.remote = remote;
+        slot.remote = Remote::new(remote);
         slot.connected_since = at;
         slot.changed_at = at;
         slot.connects = slot.connects.saturating_add(1);
@@ -636,7 +661,7 @@ impl Registry {
                 if let Some(key) = slot.take_timer() {
                     self.offline.remove(&key);
                 }
-                slot.remote = remote;
+                slot.remote = Remote::new(remote);
                 self.set_state(now, id, state);
             }
             None => {

@@ -736,5 +736,26 @@ fn a_shared_id_is_stored_once() {
         r.get("device-0001").map(|e| e.state.kind()),
         Some(PresenceKind::Offline)
     );
-    const { assert!(tether_proto::presence::SLOT_SIZE <= 112) };
+    const { assert!(tether_proto::presence::SLOT_SIZE <= 72) };
+}
+
+/// The compact slot keeps an IPv6 remote whole (flow info and scope included) and an IPv4
+/// one as given.
+#[test]
+fn remote_addresses_survive_the_compact_slot() {
+    let mut r = Registry::new(RegistryConfig::default());
+    let t0 = Clock::new().at(0);
+    let v6 = SocketAddr::V6(std::net::SocketAddrV6::new(
+        "fe80::1".parse().expect("an address"),
+        4242,
+        7,
+        3,
+    ));
+    assert_eq!(r.connected(t0, "six", 1, v6), None);
+    assert_eq!(r.get("six").map(|e| e.remote), Some(v6));
+    assert_eq!(r.connected(t0, "four", 2, addr(9)), None);
+    assert_eq!(r.get("four").map(|e| e.remote), Some(addr(9)));
+    // A reconnect from the other family replaces the address.
+    assert_eq!(r.connected(t0, "four", 3, v6), Some(2));
+    assert_eq!(r.get("four").map(|e| e.remote), Some(v6));
 }

@@ -937,7 +937,7 @@ mod sizes {
             (
                 "presence slot (per client id)",
                 tether_proto::presence::SLOT_SIZE,
-                88,
+                72,
             ),
         ];
         for (what, size, bound) in rows {
