@@ -925,7 +925,7 @@ mod sizes {
             (
                 "Record (per client id)",
                 super::super::lifecycle::RECORD_SIZE,
-                32,
+                24,
             ),
             (
                 "presence slot (per client id)",
