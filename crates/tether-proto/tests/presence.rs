@@ -736,7 +736,7 @@ fn a_shared_id_is_stored_once() {
         r.get("device-0001").map(|e| e.state.kind()),
         Some(PresenceKind::Offline)
     );
-    const { assert!(tether_proto::presence::SLOT_SIZE <= 72) };
+    const { assert!(tether_proto::presence::SLOT_SIZE <= 64) };
 }
 
 /// The compact slot keeps an IPv6 remote whole (flow info and scope included) and an IPv4
@@ -758,4 +758,21 @@ fn remote_addresses_survive_the_compact_slot() {
     // A reconnect from the other family replaces the address.
     assert_eq!(r.connected(t0, "four", 3, v6), Some(2));
     assert_eq!(r.get("four").map(|e| e.remote), Some(v6));
+    // The suspect flag shares the address's 16 bytes: each keeps the other.
+    assert!(r.suspect(t0, "six", 1));
+    assert_eq!(
+        r.get("six").map(|e| (e.state, e.remote)),
+        Some((PresenceState::Suspect, v6))
+    );
+    assert!(r.recovered(t0, "six", 1));
+    assert_eq!(
+        r.get("six").map(|e| (e.state, e.remote)),
+        Some((PresenceState::Online, v6))
+    );
+    assert!(r.suspect(t0, "four", 3));
+    assert_eq!(r.connected(t0, "four", 4, addr(10)), Some(3));
+    assert_eq!(
+        r.get("four").map(|e| (e.state, e.remote)),
+        Some((PresenceState::Online, addr(10)))
+    );
 }

@@ -930,7 +930,7 @@ mod sizes {
             (
                 "presence slot (per client id)",
                 tether_proto::presence::SLOT_SIZE,
-                72,
+                64,
             ),
         ];
         for (what, size, bound) in rows {
