@@ -98,6 +98,12 @@ mod tests {
 
     const HB: [u8; 4] = [0; 4];
 
+    /// The tests' origin (the core itself never reads the clock: every call is given `now`).
+    #[allow(clippy::disallowed_methods)]
+    fn base() -> Instant {
+        Instant::now()
+    }
+
     fn server_cfg(h: Duration, dead: Duration, enforce: bool) -> Arc<LivenessConfig> {
         let mut c = LivenessConfig::new(h, dead);
         c.answer_peer_heartbeat = true;
@@ -159,7 +165,7 @@ mod tests {
     fn parked_path_matches_the_full_connection() {
         for seed in 1..=40u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let t0 = Instant::now();
+            let t0 = base();
             let h = Duration::from_millis(1000 + rng.next() % 4000);
             let cfg = server_cfg(h, h * 3, seed % 2 == 0);
             let mut parked = established(t0, cfg.clone());
@@ -221,7 +227,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_is_answered_and_counted() {
-        let t0 = Instant::now();
+        let t0 = base();
         let h = Duration::from_secs(2);
         let mut c = established(t0, server_cfg(h, h * 3, true));
         let before = c.stats();
@@ -240,7 +246,7 @@ mod tests {
     /// Anything but whole heartbeats is left untouched, for the full path.
     #[test]
     fn other_input_is_not_consumed() {
-        let t0 = Instant::now();
+        let t0 = base();
         let h = Duration::from_secs(2);
         let mut data = bytes::BytesMut::new();
         codec::encode(&Frame::Data(bytes::Bytes::from_static(b"x")), &mut data);
@@ -278,7 +284,7 @@ mod tests {
     /// goes through the driver), with the reason and the silence of the full path.
     #[test]
     fn fallback_heartbeat_answered_dead_after_needs_the_driver() {
-        let t0 = Instant::now();
+        let t0 = base();
         let h = Duration::from_secs(2);
         let mut c = established(t0, server_cfg(h, h * 3, false));
         let d = c.poll_timeout().expect("armed");
@@ -309,7 +315,7 @@ mod tests {
     /// A heartbeat flood closes through the driver (policy violation), as in full.
     #[test]
     fn a_flood_needs_the_driver() {
-        let t0 = Instant::now();
+        let t0 = base();
         let h = Duration::from_secs(2);
         let mut c = established(t0, server_cfg(h, h * 3, true));
         let mut step = ParkedStep::Answered;
