@@ -31,6 +31,14 @@
 //!            spawned again as a task (`Lot::spawn`, the accept path's task function)
 //! ```
 //!
+//! Quick wake-ups: an entry woken by its socket (a lot thread's epoll event, a lot task's
+//! socket waker) or by its deadline alone, with no handle's wake queued, first asks the core
+//! (`Driver::poll_quick`, `Conn::parked_input` / `parked_timeout`): a client's heartbeat is
+//! answered, the fallback heartbeat sent and the deadline moved without the full wake-up
+//! (no `Shared` lock, budgets, sink or publish). Whatever else it finds — a message, a
+//! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
+//! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
+//!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
 //! answered, a due deadline fired, a handle's message written) — only where it waits
