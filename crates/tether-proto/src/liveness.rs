@@ -188,6 +188,10 @@ pub struct Liveness {
     idle_fired: bool,
     /// RTT probing (boxed: only with `ping_interval`).
     rtt: Option<Box<Rtt>>,
+    /// A `SendHeartbeat` at the front of the queue, kept as a flag when the queue was empty
+    /// (set only then, so the order of events is the queue's): every heartbeat answered or
+    /// sent passed through the queue, which allocated and freed it each time (issue 17).
+    heartbeat_due: bool,
     events: VecDeque<LivenessEvent>,
     /// Counted in 32 bits, saturating (4 billion heartbeats: centuries at any interval a
     /// policy allows; 8 bytes less in every connection).
@@ -240,6 +244,7 @@ impl Liveness {
             suspect: false,
             dead: false,
             idle_fired: false,
+            heartbeat_due: false,
             events: VecDeque::new(),
             heartbeats_sent: 0,
             heartbeats_received: 0,
@@ -301,7 +306,7 @@ impl Liveness {
         if !self.dead && now >= self.at(self.last_tx) + half {
             self.last_tx = self.off(now);
             self.heartbeats_sent = self.heartbeats_sent.saturating_add(1);
-            self.events.push_back(LivenessEvent::SendHeartbeat);
+            self.push_heartbeat();
         }
         let Some(h) = self.cfg.enforce_peer_heartbeat else {
             return;
@@ -509,12 +514,25 @@ impl Liveness {
         if self.deadline(Timer::Heartbeat).is_some_and(|d| now >= d) {
             self.last_tx = self.off(now);
             self.heartbeats_sent = self.heartbeats_sent.saturating_add(1);
+            self.push_heartbeat();
+        }
+    }
+
+    /// Queues a `SendHeartbeat` (see `heartbeat_due`).
+    fn push_heartbeat(&mut self) {
+        if self.events.is_empty() && !self.heartbeat_due {
+            self.heartbeat_due = true;
+        } else {
             self.events.push_back(LivenessEvent::SendHeartbeat);
         }
     }
 
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<LivenessEvent> {
+        if self.heartbeat_due {
+            self.heartbeat_due = false;
+            return Some(LivenessEvent::SendHeartbeat);
+        }
         let ev = self.events.pop_front();
         if ev.is_none() && self.events.capacity() > 0 {
             // Release the queue: an idle connection holds no event buffer (every heartbeat

@@ -24,7 +24,11 @@
 //! half-close; timed until both have read EOF; the figure counts both directions). Every run
 //! checks the byte counts, and the tunnel's connections must end `closed`. The paths take
 //! turns within each round (the order rotates), so load from elsewhere hits all of them;
-//! printed: median, lowest and highest MiB/s per path, and tunnel/socat of the medians.
+//! printed: median, lowest and highest MiB/s per path, and tunnel/socat of the medians; then
+//! the same for CPU time per MiB moved (user + system of this process, whose threads are the
+//! programs and the tunnel's two runtimes, plus the socat processes and their per-connection
+//! children, from `/proc`, 10 ms ticks): the figure that still means something on a loaded
+//! machine, measured around each run so the paths take turns for it too.
 //!
 //! The programs are blocking std threads; the entry and the exit each run on their own tokio
 //! runtime with `TUNNEL_BENCH_WORKERS` workers, by default 1 as `tether tunnel` runs
@@ -138,6 +142,40 @@ struct Path {
     both: SocketAddr,
     /// MiB/s per round: one way, both ways.
     figures: [Vec<f64>; 2],
+    /// CPU milliseconds per MiB moved, per round: one way, both ways.
+    cpu: [Vec<f64>; 2],
+}
+
+/// CPU time (user + system, milliseconds) of this process (every thread: the programs and
+/// the tunnel's runtimes) and of the socat processes with their reaped per-connection
+/// children, from `/proc` (clock ticks of 10 ms).
+fn cpu_ms(socats: &[u32]) -> f64 {
+    let ticks = |pid: &str, fields: usize| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return 0;
+        };
+        // After the command name: state is field 3, utime 14, stime 15, cutime 16, cstime 17.
+        rest.split_whitespace()
+            .skip(11)
+            .take(fields)
+            .filter_map(|f| f.parse::<u64>().ok())
+            .sum()
+    };
+    let total = ticks("self", 2) + socats.iter().map(|p| ticks(&p.to_string(), 4)).sum::<u64>();
+    total as f64 * 10.0
+}
+
+/// Runs `f`, returning its result and the CPU milliseconds spent meanwhile per MiB of
+/// `bytes`; waits a little after it for socat to reap its per-connection child.
+fn with_cpu(socats: &[u32], bytes: u64, f: impl FnOnce() -> f64) -> (f64, f64) {
+    let before = cpu_ms(socats);
+    let r = f();
+    std::thread::sleep(Duration::from_millis(100));
+    (
+        r,
+        (cpu_ms(socats) - before) / (bytes as f64 / (1 << 20) as f64),
+    )
 }
 
 fn main() {
@@ -155,6 +193,7 @@ fn main() {
         one_way: sink,
         both,
         figures: Default::default(),
+        cpu: Default::default(),
     }];
     // socat as installed (8 KiB buffer), and with a 256 KiB buffer (what the programs write).
     let socats = [("socat", &[][..]), ("socat-256k", &["-b", "262144"][..])].map(|(name, opts)| {
@@ -172,6 +211,7 @@ fn main() {
                     one_way: *a,
                     both: *b,
                     figures: Default::default(),
+                    cpu: Default::default(),
                 });
             }
             _ => eprintln!("socat not found: skipping {name} (apt-get install -y socat)"),
@@ -196,6 +236,7 @@ fn main() {
                 one_way: first.0 .0,
                 both: first.1 .0,
                 figures: Default::default(),
+                cpu: Default::default(),
             });
             Some(first)
         });
@@ -209,6 +250,7 @@ fn main() {
         one_way: tunnels.0.addr,
         both: tunnels.1.addr,
         figures: Default::default(),
+        cpu: Default::default(),
     });
     if !only.is_empty() {
         paths.retain(|p| only.split(',').any(|o| o == p.name));
@@ -219,12 +261,26 @@ fn main() {
          load {} at the start",
         load()
     );
+    let mut socat_pids: Vec<u32> = socats
+        .iter()
+        .flat_map(|(_, (a, b))| [a, b])
+        .filter_map(|s| s.as_ref().map(|(_, s)| s.pid()))
+        .collect();
+    if let Some((a, b)) = &chain {
+        socat_pids.extend([a.1.pid(), b.1.pid()]);
+    }
     for round in 0..rounds {
         let n = paths.len();
         for i in 0..n {
             let p = &mut paths[(i + round) % n];
-            p.figures[0].push(one_way(p.one_way, &sink_done, bytes));
-            p.figures[1].push(both_ways(p.both, &both_done, bytes));
+            let (mbs, cpu) = with_cpu(&socat_pids, bytes, || one_way(p.one_way, &sink_done, bytes));
+            p.figures[0].push(mbs);
+            p.cpu[0].push(cpu);
+            let (mbs, cpu) = with_cpu(&socat_pids, 2 * bytes, || {
+                both_ways(p.both, &both_done, bytes)
+            });
+            p.figures[1].push(mbs);
+            p.cpu[1].push(cpu);
         }
     }
     assert_eq!(failures.load(Relaxed), 0, "a tunnelled connection failed");
@@ -258,6 +314,35 @@ fn main() {
         for socat in ["socat", "socat-256k", "socat-2hops"] {
             if let (Some(t), Some(s)) = (median("tunnel", k), median(socat, k)) {
                 println!("tunnel/{socat} {mode}: {:.2}x", t / s);
+            }
+        }
+    }
+    println!(
+        "{:<8} {:>22} {:>22}",
+        "CPU ms/MiB", "one way: median (range)", "both ways: median (range)"
+    );
+    let cell2 = |v: &[f64]| {
+        let (m, lo, hi) = common::spread(v);
+        format!("{m:.2} ({lo:.2}-{hi:.2})")
+    };
+    for p in &paths {
+        println!(
+            "{:<8} {:>22} {:>22}",
+            p.name,
+            cell2(&p.cpu[0]),
+            cell2(&p.cpu[1])
+        );
+    }
+    let cpu_median = |name: &str, k: usize| {
+        paths
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| common::spread(&p.cpu[k]).0)
+    };
+    for (k, mode) in ["one way", "both ways"].iter().enumerate() {
+        for socat in ["socat-256k", "socat-2hops"] {
+            if let (Some(t), Some(s)) = (cpu_median("tunnel", k), cpu_median(socat, k)) {
+                println!("CPU per MiB tunnel/{socat} {mode}: {:.2}x", t / s);
             }
         }
     }

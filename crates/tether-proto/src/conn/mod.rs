@@ -38,9 +38,11 @@
 mod credential;
 mod established;
 mod handshake;
+mod parked;
 mod transmit;
 
 pub use credential::RefreshError;
+pub use parked::ParkedStep;
 pub use transmit::SHARE_PAYLOAD_FROM;
 
 use std::collections::VecDeque;

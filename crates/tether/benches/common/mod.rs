@@ -110,6 +110,14 @@ pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
 /// Kills the `socat` child when dropped.
 pub struct Socat(Child);
 
+impl Socat {
+    /// The listening socat's process id (its forked per-connection children are counted in
+    /// its `cutime`/`cstime` once reaped).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Socat {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -264,6 +264,22 @@ pub(super) enum Timer<'a> {
     Parked,
 }
 
+/// What a parked connection's quick wake-up (`park.rs`) read before it found the
+/// connection needs its full wake-up: handed to that wake-up as its first read, so nothing
+/// read is lost. On the stack for one call (boxed, it would allocate for every message a
+/// parked connection receives).
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Carried {
+    /// Nothing.
+    None,
+    /// These bytes (at most [`PAUSED_READ`]), untouched by the state machine.
+    Bytes([u8; PAUSED_READ], usize),
+    /// The end of the stream.
+    Eof,
+    /// A failed read.
+    Error(std::io::Error),
+}
+
 /// How a wake-up ended, when not `Pending`.
 pub(super) enum Exit {
     /// The connection is finished.
@@ -350,7 +366,7 @@ pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
                 tokio::time::Instant::now() + Duration::from_secs(86400 * 365),
             );
             tokio::pin!(sleep);
-            let exit = poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()))).await;
+            let exit = poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()), Carried::None)).await;
             if let (Exit::Park, Some(lot)) = (&exit, d.lot.clone()) {
                 d.armed = Stamp::NONE;
                 d.backlog_ticket = 0;
@@ -380,7 +396,7 @@ pub(crate) fn drive<T: Transport, S: Sink + Send + 'static>(
         );
         tokio::pin!(sleep);
         // Without a lot a wake-up never ends in `Park`.
-        poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()))).await;
+        poll_fn(|cx| d.poll(cx, Timer::Sleep(sleep.as_mut()), Carried::None)).await;
         d.end()
     }
 }

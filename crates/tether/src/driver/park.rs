@@ -31,6 +31,14 @@
 //!            spawned again as a task (`Lot::spawn`, the accept path's task function)
 //! ```
 //!
+//! Quick wake-ups: an entry woken by its socket (a lot thread's epoll event, a lot task's
+//! socket waker) or by its deadline alone, with no handle's wake queued, first asks the core
+//! (`Driver::poll_quick`, `Conn::parked_input` / `parked_timeout`): a client's heartbeat is
+//! answered, the fallback heartbeat sent and the deadline moved without the full wake-up
+//! (no `Shared` lock, budgets, sink or publish). Whatever else it finds — a message, a
+//! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
+//! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
+//!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
 //! answered, a due deadline fired, a handle's message written) — only where it waits
@@ -53,7 +61,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
@@ -62,7 +70,7 @@ use std::time::{Duration, Instant};
 use futures::task::AtomicWaker;
 use tokio::time::Sleep;
 
-use super::{now, Driver, Exit, Resume, Sink, Timer};
+use super::{now, Carried, Driver, Exit, Resume, Sink, Stamp, Timer, PAUSED_READ, READS_PER_WAKE};
 use crate::transport::Transport;
 
 /// Entries polled per pass of the lot's task before it yields to other tasks. Large: the
@@ -101,6 +109,9 @@ pub(crate) struct Lot<T, S> {
     /// Lot threads started so far (tests).
     #[cfg(test)]
     threads: AtomicUsize,
+    /// Quick wake-ups that left the connection parked (tests).
+    #[cfg(test)]
+    quick: AtomicUsize,
 }
 
 struct Incoming<T, S> {
@@ -113,7 +124,9 @@ struct Incoming<T, S> {
 /// nothing else is locked while `ready` is (wakers are called with a connection's `Shared`
 /// locked).
 struct LotWake {
-    ready: Mutex<VecDeque<(u32, u32)>>,
+    /// Woken entries: slot, generation, and whether by its socket alone (a lot task's
+    /// socket waker: a quick wake-up).
+    ready: Mutex<VecDeque<(u32, u32, bool)>>,
     task: AtomicWaker,
     /// A lot thread's wake-up (an eventfd in its epoll); `None` for a lot task.
     thread: Option<mio::Waker>,
@@ -153,6 +166,9 @@ struct EntryWake {
     gen: u32,
     /// On the ready list already (cleared before the entry is polled).
     scheduled: AtomicBool,
+    /// The socket's waker of an entry in a lot task (its transport registers the waker
+    /// of the read that found nothing): woken, the entry gets a quick wake-up.
+    socket: bool,
 }
 
 impl Wake for EntryWake {
@@ -163,7 +179,7 @@ impl Wake for EntryWake {
         if !self.scheduled.swap(true, AcqRel) {
             let mut ready = lock(&self.lot.ready);
             let first = ready.is_empty();
-            ready.push_back((self.idx, self.gen));
+            ready.push_back((self.idx, self.gen, self.socket));
             drop(ready);
             // A thread empties the list before it sleeps: one wake-up per batch.
             if first || self.lot.thread.is_none() {
@@ -246,6 +262,8 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
             unparks: AtomicUsize::new(0),
             #[cfg(test)]
             threads: AtomicUsize::new(0),
+            #[cfg(test)]
+            quick: AtomicUsize::new(0),
         })
     }
 
@@ -270,6 +288,12 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
     #[cfg(test)]
     pub(crate) fn threads_started(&self) -> usize {
         self.threads.load(Relaxed)
+    }
+
+    /// Quick wake-ups (a heartbeat or a deadline answered without the full wake-up) so far.
+    #[cfg(test)]
+    pub(crate) fn quick_wakes(&self) -> usize {
+        self.quick.load(Relaxed)
     }
 
     /// Takes a connection whose task ended quiescent. The lot polls it once at once (with
@@ -320,8 +344,12 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
 struct Entry<T, S> {
     d: Driver<T, S>,
     wake: Arc<EntryWake>,
-    /// The earliest deadline of this entry in the heap (others for it there are stale).
-    queued_at: Option<Instant>,
+    /// A lot task's socket waker (see [`EntryWake::socket`]); a lot thread's epoll needs
+    /// none.
+    socket: Option<Arc<EntryWake>>,
+    /// The earliest deadline of this entry in the heap (others for it there are stale;
+    /// none: not queued). A stamp (8 bytes, exact both ways), not an `Option<Instant>`.
+    queued_at: Stamp,
 }
 
 struct Slot<T, S> {
@@ -393,15 +421,20 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         };
         let slot = &mut self.slots[idx as usize];
         slot.gen = slot.gen.wrapping_add(1);
-        slot.entry = Some(Box::new(Entry {
-            d,
-            wake: Arc::new(EntryWake {
+        let wake = |socket| {
+            Arc::new(EntryWake {
                 lot: lot.wake.clone(),
                 idx,
                 gen: slot.gen,
                 scheduled: AtomicBool::new(false),
-            }),
-            queued_at: None,
+                socket,
+            })
+        };
+        slot.entry = Some(Box::new(Entry {
+            d,
+            wake: wake(false),
+            socket: self.registry.is_none().then(|| wake(true)),
+            queued_at: Stamp::NONE,
         }));
         self.len += 1;
         lot.parked.fetch_add(1, Relaxed);
@@ -416,9 +449,14 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         slot.entry.as_deref_mut()
     }
 
-    /// Polls entry `idx` as its task would; spawns its task again when it is no longer
-    /// idle (or ended).
+    /// Polls entry `idx` as its task would (the full wake-up); spawns its task again when it
+    /// is no longer idle (or ended).
     fn poll(&mut self, lot: &Lot<T, S>, idx: u32) {
+        self.full(lot, idx, Carried::None);
+    }
+
+    /// The full wake-up of entry `idx`, whose first read is `carried`.
+    fn full(&mut self, lot: &Lot<T, S>, idx: u32, carried: Carried) {
         let Some(slot) = self.slots.get_mut(idx as usize) else {
             return;
         };
@@ -429,16 +467,64 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         e.wake.scheduled.store(false, Relaxed);
         let waker = Waker::from(e.wake.clone());
         let mut cx = Context::from_waker(&waker);
-        match e.d.poll(&mut cx, Timer::Parked) {
+        match e.d.poll(&mut cx, Timer::Parked, carried) {
             Poll::Pending => {
-                if let Some(a) = e.d.armed.get() {
-                    if e.queued_at.is_none_or(|q| requeue(q, a, now())) {
-                        e.queued_at = Some(a);
-                        self.deadlines.push(Reverse((a, idx, gen)));
-                    }
+                self.queue(idx, gen);
+                // A lot task's transport wakes the waker of the read that found nothing:
+                // the socket's, so that its next bytes get a quick wake-up.
+                if self.registry.is_none() {
+                    self.quick(lot, idx);
                 }
             }
             Poll::Ready(exit) => self.release(lot, idx, exit),
+        }
+    }
+
+    /// A wake-up of entry `idx` by its socket or its deadline alone (see
+    /// `Driver::poll_quick`): the core answers a heartbeat or fires the fallback heartbeat
+    /// without the full wake-up; anything else runs the full one, with what was read.
+    /// Skipped when a full wake-up is queued already (it reads and fires too).
+    fn quick(&mut self, lot: &Lot<T, S>, idx: u32) {
+        let Some(slot) = self.slots.get_mut(idx as usize) else {
+            return;
+        };
+        let gen = slot.gen;
+        let Some(e) = slot.entry.as_deref_mut() else {
+            return;
+        };
+        if let Some(w) = &e.socket {
+            w.scheduled.store(false, Relaxed);
+        }
+        if e.wake.scheduled.load(Acquire) {
+            return;
+        }
+        let waker = match &e.socket {
+            Some(w) => Waker::from(w.clone()),
+            // A lot thread's bare socket registers no waker: its epoll reports the bytes.
+            None => Waker::noop().clone(),
+        };
+        let mut cx = Context::from_waker(&waker);
+        match e.d.poll_quick(&mut cx) {
+            Quick::Parked => {
+                #[cfg(test)]
+                lot.quick.fetch_add(1, Relaxed);
+                self.queue(idx, gen);
+            }
+            Quick::Full(carried) => self.full(lot, idx, carried),
+        }
+    }
+
+    /// Queues entry `idx`'s deadline (`Driver::armed`) in the heap when it moved (see
+    /// [`requeue`]).
+    fn queue(&mut self, idx: u32, gen: u32) {
+        let Some(e) = self.entry(idx, gen) else {
+            return;
+        };
+        if let Some(a) = e.d.armed.get() {
+            if e.queued_at.get().is_none_or(|q| requeue(q, a, now())) {
+                e.queued_at = Stamp::at(a);
+                self.deadlines.push(Reverse((a, idx, gen)));
+            }
         }
     }
 
@@ -496,7 +582,10 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// elsewhere), so the lot's sleep is armed for a deadline that is still wanted.
     fn clean(&mut self) {
         while let Some(&Reverse((t, idx, gen))) = self.deadlines.peek() {
-            if self.entry(idx, gen).is_some_and(|e| e.queued_at == Some(t)) {
+            if self
+                .entry(idx, gen)
+                .is_some_and(|e| e.queued_at == Stamp::at(t))
+            {
                 return;
             }
             self.deadlines.pop();
@@ -519,18 +608,18 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
             let Some(e) = self.entry(idx, gen) else {
                 continue;
             };
-            if e.queued_at != Some(t) {
+            if e.queued_at != Stamp::at(t) {
                 continue;
             }
-            e.queued_at = None;
+            e.queued_at = Stamp::NONE;
             match e.d.armed.get() {
                 Some(a) if a <= now => {
-                    self.poll(lot, idx);
+                    self.quick(lot, idx);
                     polled += 1;
                     room -= 1;
                 }
                 Some(a) => {
-                    e.queued_at = Some(a);
+                    e.queued_at = Stamp::at(a);
                     self.deadlines.push(Reverse((a, idx, gen)));
                 }
                 None => {}
@@ -590,11 +679,15 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
             room = room.saturating_sub(1);
         }
         while room > 0 {
-            let Some((idx, gen)) = lock(&lot.wake.ready).pop_front() else {
+            let Some((idx, gen, socket)) = lock(&lot.wake.ready).pop_front() else {
                 break;
             };
             if yard.entry(idx, gen).is_some() {
-                yard.poll(lot, idx);
+                if socket {
+                    yard.quick(lot, idx);
+                } else {
+                    yard.poll(lot, idx);
+                }
                 room -= 1;
             }
         }
@@ -651,6 +744,7 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let mut yard = Yard::new(Some(registry));
     let mut events = mio::Events::with_capacity(1024);
     let mut woken: Vec<(u32, u32)> = Vec::new();
+    let mut batch = VecDeque::new();
     // Since when the lot has been empty: the thread waits [`THREAD_LINGER`] for the next
     // connection to park before it ends, so a server whose one connection parks and
     // unparks by turns does not start a thread per message.
@@ -679,14 +773,13 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         }
         for (idx, gen) in woken.drain(..) {
             if yard.entry(idx, gen).is_some() {
-                yard.poll(&lot, idx);
+                yard.quick(&lot, idx);
                 yard.between(&lot, &mut polled);
             }
         }
-        loop {
-            let Some((idx, gen)) = lock(&lot.wake.ready).pop_front() else {
-                break;
-            };
+        // One lock per batch: what is woken while this batch runs waits for the next.
+        std::mem::swap(&mut batch, &mut *lock(&lot.wake.ready));
+        for (idx, gen, _) in batch.drain(..) {
             if yard.entry(idx, gen).is_some() {
                 yard.poll(&lot, idx);
                 yard.between(&lot, &mut polled);
@@ -720,12 +813,94 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             }
             let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
             if let Some(e) = yard.entry(idx, gen) {
+                // A quick wake-up (skipped if a full one is queued meanwhile: it reads too).
                 e.d.io.readable();
-                if !e.wake.scheduled.swap(true, AcqRel) {
-                    woken.push((idx, gen));
+                woken.push((idx, gen));
+            }
+        }
+    }
+}
+
+/// What a quick wake-up (`Driver::poll_quick`) left (on the stack, see [`Carried`]).
+#[allow(clippy::large_enum_variant)]
+enum Quick {
+    /// Still parked (its deadline in `Driver::armed`).
+    Parked,
+    /// It needs the full wake-up, whose first read is this.
+    Full(Carried),
+}
+
+impl<T: Transport, S: Sink> Driver<T, S> {
+    /// A parked connection's wake-up by its socket or its deadline alone (nothing from its
+    /// handles: a handle's send, close or command wakes the entry's waker, which runs the
+    /// full wake-up). The core decides ([`Conn::parked_input`](tether_proto::Conn),
+    /// `parked_timeout`): a client's heartbeat is answered and its deadline moved, the
+    /// fallback heartbeat sent, and the connection stays parked, without the handles' lock,
+    /// the budgets or the sink. Anything else — a message, a partial frame, CLOSE, AUTH,
+    /// the end of the stream, an event for the application, dead-after, a write that does
+    /// not finish — goes to the full wake-up with what was read already.
+    fn poll_quick(&mut self, cx: &mut Context<'_>) -> Quick {
+        use std::mem::MaybeUninit;
+        use tether_proto::conn::ParkedStep;
+        use tokio::io::ReadBuf;
+
+        let now = now();
+        let mut reads = 0;
+        loop {
+            if reads == READS_PER_WAKE {
+                // Heartbeats by the kilobyte: the flood rule, in the full wake-up.
+                return Quick::Full(Carried::None);
+            }
+            reads += 1;
+            let mut buf = [MaybeUninit::<u8>::uninit(); PAUSED_READ];
+            let mut rb = ReadBuf::uninit(&mut buf);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Quick::Full(Carried::Error(e)),
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                    return Quick::Full(Carried::Eof);
+                }
+                Poll::Ready(Ok(())) => {
+                    let data = rb.filled();
+                    match self.conn.parked_input(now, data) {
+                        ParkedStep::Answered if self.write_quick(cx, now) => {}
+                        ParkedStep::Answered | ParkedStep::NeedsDriver => {
+                            return Quick::Full(Carried::None);
+                        }
+                        ParkedStep::NotLiveness => {
+                            let mut b = [0u8; PAUSED_READ];
+                            b[..data.len()].copy_from_slice(data);
+                            return Quick::Full(Carried::Bytes(b, data.len()));
+                        }
+                    }
                 }
             }
         }
+        if self.conn.poll_timeout().is_some_and(|d| d <= now) {
+            match self.conn.parked_timeout(now) {
+                ParkedStep::Answered if self.write_quick(cx, now) => {}
+                _ => return Quick::Full(Carried::None),
+            }
+        }
+        self.shared.stats.update(&self.conn);
+        // Parked: no close linger, only the state machine's deadline.
+        self.armed = self.conn.poll_timeout().map_or(Stamp::NONE, Stamp::at);
+        Quick::Parked
+    }
+
+    /// Writes what a quick wake-up queued (a heartbeat); false when it did not all go out
+    /// (the full wake-up takes over: it writes the rest, or meets the error).
+    fn write_quick(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+        while self.conn.pending_transmit_len() > 0 {
+            match Pin::new(&mut self.io).poll_write(cx, self.conn.pending_transmit()) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.conn.transmitted(n);
+                    self.last_write = Stamp::at(now);
+                }
+                _ => return false,
+            }
+        }
+        true
     }
 }
 

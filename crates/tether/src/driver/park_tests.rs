@@ -357,3 +357,151 @@ async fn a_stream_of_messages_gets_a_parked_connection_its_task_back() {
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(lot.parked(), 1, "idle again: parked");
 }
+
+/// The client's heartbeats and the server's fallback heartbeat are answered by the quick
+/// wake-up (the core's `parked_input` / `parked_timeout`): no full wake-up of the driver
+/// (`Driver::poll`), no task, each in the instant it is due.
+#[tokio::test(start_paused = true)]
+async fn parked_heartbeats_take_the_quick_path() {
+    let (server, lot, mut peer, _log, welcomed) = server(true).await;
+    let lot = lot.unwrap();
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let (polls, quick) = (server.stats.polls(), lot.quick_wakes());
+    let out0 = server.stats.snapshot().heartbeats_out;
+    for k in 1..=8u32 {
+        tokio::time::sleep_until(welcomed + H * k).await;
+        heartbeat_answered_at_once(&mut peer, &mut dec, &hb, k).await;
+    }
+    assert_eq!(server.stats.polls(), polls, "no full wake-up");
+    assert!(
+        lot.quick_wakes() >= quick + 8,
+        "each heartbeat answered quickly"
+    );
+    // Silent for h + h/8 after the last heartbeat: the fallback heartbeat, quickly too.
+    let last = welcomed + H * 8;
+    let fallback = last + H + H / 8;
+    let mut got = Vec::new();
+    while got.is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        got = frames_now(&mut peer.io, &mut dec).await;
+    }
+    assert_eq!(got, vec![Frame::Heartbeat]);
+    assert_eq!(tnow(), fallback, "the fallback heartbeat at h + h/8");
+    assert_eq!(server.stats.polls(), polls, "no full wake-up");
+    let s = server.stats.snapshot();
+    assert_eq!(
+        (s.heartbeats_in, s.heartbeats_out - out0),
+        (8, 9),
+        "counted"
+    );
+    assert_eq!((lot.parked(), unparked()), (1, 0));
+}
+
+/// Bytes that are more than heartbeats (a message, a frame cut in two) reach a parked
+/// connection's full wake-up with what the quick one read already: every message arrives,
+/// whole and in order, and the heartbeats among them are counted.
+#[tokio::test(start_paused = true)]
+async fn data_after_quick_heartbeats_loses_nothing() {
+    let (server, lot, mut peer, log, welcomed) = server(true).await;
+    let lot = lot.unwrap();
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    for k in 1..=2u32 {
+        tokio::time::sleep_until(welcomed + H * k).await;
+        heartbeat_answered_at_once(&mut peer, &mut dec, &hb, k).await;
+    }
+    let polls = server.stats.polls();
+    // A heartbeat, a message, a heartbeat and the first 3 bytes of a second message.
+    let second = data_bytes(b"bc");
+    let mut burst = hb.to_vec();
+    burst.extend_from_slice(&data_bytes(b"a"));
+    burst.extend_from_slice(&hb);
+    burst.extend_from_slice(&second[..3]);
+    peer.io.write_all(&burst).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(messages(&log), 1, "the whole message, not the partial one");
+    assert!(
+        server.stats.polls() > polls,
+        "the full wake-up took the bytes"
+    );
+    peer.io.write_all(&second[3..]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(messages(&log), 2);
+    let inbox: Vec<Bytes> = server.lock().inbox.iter().cloned().collect();
+    assert_eq!(
+        inbox,
+        vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")]
+    );
+    let s = server.stats.snapshot();
+    assert_eq!((s.heartbeats_in, s.messages_in), (4, 2));
+    // A frame cut in two is not quiescent: it got its task back (as without the quick
+    // path). The task's next wake-up that moves no message (a heartbeat) parks it again, and
+    // the heartbeat after that is quick.
+    assert_eq!(unparked(), 1);
+    tokio::time::sleep_until(welcomed + H * 3).await;
+    peer.io.write_all(&hb).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let _ = frames_now(&mut peer.io, &mut dec).await;
+    assert_eq!(lot.parked(), 1, "idle again: parked");
+    let polls = server.stats.polls();
+    tokio::time::sleep_until(welcomed + H * 4).await;
+    heartbeat_answered_at_once(&mut peer, &mut dec, &hb, 4).await;
+    assert_eq!(server.stats.polls(), polls, "quick again");
+    assert_eq!(server.stats.snapshot().heartbeats_in, 6);
+}
+
+/// Dead-after of a connection whose heartbeats took the quick path: the quick wake-up
+/// hands the end to the full one, so CLOSE(heartbeat-timeout) goes out at d after the last
+/// byte with `silent_for == d`, and the end is reported once, by one task.
+#[tokio::test(start_paused = true)]
+async fn dead_after_from_the_quick_path_ends_once_at_d() {
+    let (server, lot, mut peer, log, welcomed) = server(true).await;
+    let lot = lot.unwrap();
+    let hb = heartbeat_bytes();
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let polls = server.stats.polls();
+    for k in 1..=3u32 {
+        tokio::time::sleep_until(welcomed + H * k).await;
+        heartbeat_answered_at_once(&mut peer, &mut dec, &hb, k).await;
+    }
+    let last = tnow();
+    assert_eq!(server.stats.polls(), polls, "heartbeats answered quickly");
+    let d = server.closed().await;
+    assert_eq!(tnow(), last + D, "declared dead at d after the last byte");
+    assert_eq!(d.reason, DisconnectReason::HeartbeatTimeout);
+    assert_eq!(d.silent_for, D);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = peer.io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        dec.decode(&buf[..n], |f| {
+            got.push(f);
+            true
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        got.last(),
+        Some(&Frame::Close {
+            code: CloseCode::HEARTBEAT_TIMEOUT,
+            text: "nothing received within dead_after".into()
+        })
+    );
+    tokio::task::yield_now().await;
+    assert_eq!(
+        (lot.parked(), unparked()),
+        (0, 1),
+        "the end reported by one task"
+    );
+    let closed = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| matches!(e, ConnEvent::Closed(_)))
+        .count();
+    assert_eq!(closed, 1);
+}

@@ -12,8 +12,8 @@ use tether_proto::{ConnEvent, DisconnectReason, TransportError};
 use tokio::io::ReadBuf;
 
 use super::{
-    now, Command, Decision, Driver, Exit, RefreshAnswer, Resolution, Resolved, Sink, Stamp, Timer,
-    CLOSE_LINGER, PAUSED_READ, READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK,
+    now, Carried, Command, Decision, Driver, Exit, RefreshAnswer, Resolution, Resolved, Sink,
+    Stamp, Timer, CLOSE_LINGER, PAUSED_READ, READS_PER_WAKE, READ_BUDGET, READ_CHUNK, REARM_SLACK,
     TRANSMIT_HIGH_WATER,
 };
 use crate::transport::Transport;
@@ -77,8 +77,14 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// In a task (`Timer::Sleep`): `Pending`, `Ready(Done)` at the end, or `Ready(Park)` when
     /// the connection is left idle and has a lot. Parked (`Timer::Parked`, polled by the
     /// lot): `Pending` while still idle, `Ready(Done)` at the end, `Ready(Unpark)` when it
-    /// needs its task again.
-    pub(super) fn poll(&mut self, cx: &mut Context<'_>, mut timer: Timer<'_>) -> Poll<Exit> {
+    /// needs its task again. `carried`: what the lot read already (`park.rs`), the first
+    /// read of this wake-up.
+    pub(super) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut timer: Timer<'_>,
+        mut carried: Carried,
+    ) -> Poll<Exit> {
         #[cfg(test)]
         self.shared.stats.polled();
         self.in_lot = matches!(timer, Timer::Parked);
@@ -92,7 +98,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             let was_established = self.conn.is_established();
             let step = self.take_commands(cx, now);
             self.paused = step.inbox_full || self.backlog_full();
-            let more_to_read = self.drive_read(cx, now);
+            let more_to_read = self.drive_read(cx, now, &mut carried);
             self.drive_timer(now);
             // Events before writing: a HELLO decision queues the WELCOME.
             self.process_events(now);
@@ -311,7 +317,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// start of a frame it cannot finish in one paused read. Stopped, it peeks: bytes
     /// waiting prove the peer alive, and a peer with nothing waiting is still declared dead
     /// on time.
-    fn drive_read(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+    ///
+    /// `carried` (read by the lot already) is the first read, whatever the budgets say: it
+    /// is at most [`PAUSED_READ`] bytes, by which the partial-frame budget may pass its bound
+    /// per connection, as the backlog's may.
+    fn drive_read(&mut self, cx: &mut Context<'_>, now: Instant, carried: &mut Carried) -> bool {
         let (mut reads, mut bytes) = (0, 0);
         let mut stalled = false;
         while !self.read_done
@@ -320,9 +330,14 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             && (!self.paused_at_data() || self.conn.is_closed())
         {
             // Server: room in the partial-frame budget for what this read may add.
-            let Some(reserved) = self.reserve_frame_room(cx) else {
-                stalled = true;
-                break;
+            let carry = std::mem::replace(carried, Carried::None);
+            let reserved = match (self.reserve_frame_room(cx), &carry) {
+                (Some(r), _) => r,
+                (None, Carried::None) => {
+                    stalled = true;
+                    break;
+                }
+                (None, _) => 0,
             };
             // In the lot, small reads too: a parked connection's wake-up is a heartbeat or an
             // ACK (a few bytes); a stream of messages fills the reads and gets the
@@ -350,12 +365,25 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     max = max.min(limit);
                 }
             }
+            if let Carried::Bytes(_, n) = &carry {
+                // Read already: all of it is this read.
+                max = max.max(*n);
+            }
             let mut direct = None;
             // Uninitialised: zeroing the buffer on every read attempt (Pending ones included)
             // was most of the driver's CPU time. `ReadBuf` tracks what was filled.
             let mut buf = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
             let mut rb = ReadBuf::uninit(&mut buf[..max]);
-            let polled = if room >= DIRECT_READ_FROM {
+            let polled = if !matches!(carry, Carried::None) {
+                match carry {
+                    Carried::Bytes(b, n) => {
+                        rb.put_slice(&b[..n]);
+                        Poll::Ready(Ok(()))
+                    }
+                    Carried::Error(e) => Poll::Ready(Err(e)),
+                    _ => Poll::Ready(Ok(())),
+                }
+            } else if room >= DIRECT_READ_FROM {
                 let mut body = self.conn.frame_body_buf(max);
                 let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut body);
                 polled.map_ok(|n| direct = Some(n))
