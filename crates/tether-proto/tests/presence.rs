@@ -705,7 +705,8 @@ fn a_session_handed_over_is_held_and_one_moved_away_ends_its_hold() {
 }
 
 /// Issue 17: the registry keeps a client id once, shared with the caller's copy
-/// (`connected_shared`): the map, the per-state index and the caller hold one allocation.
+/// (`connected_shared`): the map, the per-state index and the caller hold one allocation,
+/// and an `Online` client is in no per-state index (the common state has none).
 #[test]
 fn a_shared_id_is_stored_once() {
     let mut r = Registry::new(RegistryConfig::default());
@@ -713,10 +714,14 @@ fn a_shared_id_is_stored_once() {
     let id: std::sync::Arc<str> = std::sync::Arc::from("device-0001");
     let remote = addr(4000);
     assert_eq!(r.connected_shared(t0, &id, 1, remote), None);
-    // The caller's, the map's key and the Online index's.
-    assert_eq!(std::sync::Arc::strong_count(&id), 3);
+    // The caller's and the map's key.
+    assert_eq!(std::sync::Arc::strong_count(&id), 2);
+    // And the Suspect index's.
     assert!(r.suspect(t0, "device-0001", 1));
     assert_eq!(std::sync::Arc::strong_count(&id), 3);
+    assert!(r.recovered(t0, "device-0001", 1));
+    assert_eq!(std::sync::Arc::strong_count(&id), 2);
+    assert!(r.suspect(t0, "device-0001", 1));
     assert!(r.disconnected(
         t0,
         "device-0001",
@@ -731,5 +736,43 @@ fn a_shared_id_is_stored_once() {
         r.get("device-0001").map(|e| e.state.kind()),
         Some(PresenceKind::Offline)
     );
-    const { assert!(tether_proto::presence::SLOT_SIZE <= 112) };
+    const { assert!(tether_proto::presence::SLOT_SIZE <= 64) };
+}
+
+/// The compact slot keeps an IPv6 remote whole (flow info and scope included) and an IPv4
+/// one as given.
+#[test]
+fn remote_addresses_survive_the_compact_slot() {
+    let mut r = Registry::new(RegistryConfig::default());
+    let t0 = Clock::new().at(0);
+    let v6 = SocketAddr::V6(std::net::SocketAddrV6::new(
+        "fe80::1".parse().expect("an address"),
+        4242,
+        7,
+        3,
+    ));
+    assert_eq!(r.connected(t0, "six", 1, v6), None);
+    assert_eq!(r.get("six").map(|e| e.remote), Some(v6));
+    assert_eq!(r.connected(t0, "four", 2, addr(9)), None);
+    assert_eq!(r.get("four").map(|e| e.remote), Some(addr(9)));
+    // A reconnect from the other family replaces the address.
+    assert_eq!(r.connected(t0, "four", 3, v6), Some(2));
+    assert_eq!(r.get("four").map(|e| e.remote), Some(v6));
+    // The suspect flag shares the address's 16 bytes: each keeps the other.
+    assert!(r.suspect(t0, "six", 1));
+    assert_eq!(
+        r.get("six").map(|e| (e.state, e.remote)),
+        Some((PresenceState::Suspect, v6))
+    );
+    assert!(r.recovered(t0, "six", 1));
+    assert_eq!(
+        r.get("six").map(|e| (e.state, e.remote)),
+        Some((PresenceState::Online, v6))
+    );
+    assert!(r.suspect(t0, "four", 3));
+    assert_eq!(r.connected(t0, "four", 4, addr(10)), Some(3));
+    assert_eq!(
+        r.get("four").map(|e| (e.state, e.remote)),
+        Some((PresenceState::Online, addr(10)))
+    );
 }

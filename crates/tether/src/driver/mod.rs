@@ -57,7 +57,7 @@ use tether_proto::{CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, Liv
 #[cfg(test)]
 pub(crate) use park::parked_sizes;
 pub(crate) use park::Lot;
-pub(crate) use shared::{Budgets, Command, Limits, Offer, Shared};
+pub(crate) use shared::{Budgets, Command, Limits, Offer, Settings, Shared};
 
 use crate::auth::AuthDecision;
 pub use stats::StatsSnapshot;
@@ -404,7 +404,7 @@ pub(crate) fn drive<T: Transport, S: Sink + Send + 'static>(
 impl<T: Transport, S: Sink> Driver<T, S> {
     /// Gives back what the connection held of the server's budgets and reports the end.
     fn end(mut self) -> Ended<T, S> {
-        if let Some(b) = &self.shared.budgets {
+        if let Some(b) = self.shared.budgets() {
             self.frames.release(&b.frames);
         }
         {
@@ -419,7 +419,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             },
             |d| *d,
         );
-        if !self.shared.persistent {
+        if !self.shared.is_persistent() {
             self.shared.finish(d.clone());
         }
         let handed_off = self.conn.is_handed_off();

@@ -231,31 +231,56 @@ impl Drop for Guard<'_> {
     }
 }
 
-/// State shared by a connection task and the handles that talk to it.
+/// What a connection's state is built with and never changes: the same for every connection
+/// of a server, which shares one (issue 17: 24 bytes per connection moved out of [`Shared`]).
 #[derive(Debug)]
-pub(crate) struct Shared {
-    inner: Mutex<Inner>,
+pub(crate) struct Settings {
+    pub(crate) limits: Limits,
     /// Outlives single connections (a reconnecting client's outbox): a connection's end does
     /// not mark it done; its owner does with [`Shared::finish`].
     pub(crate) persistent: bool,
-    /// Notified when the outbox gets room and when the connection ends.
-    pub(crate) changed: Notify,
-    pub(crate) stats: Stats,
-    pub(crate) limits: Limits,
     /// Server connections: the server-wide budgets.
     pub(crate) budgets: Option<Arc<Budgets>>,
 }
 
+impl Settings {
+    /// A server's connections' settings, shared by all of them.
+    pub(crate) fn server(limits: Limits, budgets: Arc<Budgets>) -> Arc<Self> {
+        Arc::new(Settings {
+            limits,
+            persistent: false,
+            budgets: Some(budgets),
+        })
+    }
+}
+
+/// State shared by a connection task and the handles that talk to it.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    /// Notified when the outbox gets room and when the connection ends.
+    pub(crate) changed: Notify,
+    pub(crate) stats: Stats,
+    settings: Arc<Settings>,
+}
+
 impl Shared {
-    fn build(limits: Limits, persistent: bool, budgets: Option<Arc<Budgets>>) -> Arc<Self> {
+    /// A connection's state built with `settings` (a server's, shared by its connections).
+    pub(crate) fn with(settings: &Arc<Settings>) -> Arc<Self> {
         Arc::new(Shared {
             inner: Mutex::default(),
-            persistent,
             changed: Notify::new(),
             stats: Stats::default(),
-            limits,
-            budgets,
+            settings: settings.clone(),
         })
+    }
+
+    fn build(limits: Limits, persistent: bool, budgets: Option<Arc<Budgets>>) -> Arc<Self> {
+        Shared::with(&Arc::new(Settings {
+            limits,
+            persistent,
+            budgets,
+        }))
     }
 
     /// A standalone connection's state.
@@ -263,14 +288,31 @@ impl Shared {
         Shared::build(limits, false, None)
     }
 
-    /// A server connection's state, drawing on the server's budgets.
+    /// A server connection's state with settings of its own (a server's connections share
+    /// theirs: [`Shared::with`]).
+    #[cfg(test)]
     pub(crate) fn server(limits: Limits, budgets: Arc<Budgets>) -> Arc<Self> {
         Shared::build(limits, false, Some(budgets))
     }
 
-    /// A state that outlives single connections (see `persistent`).
+    /// A state that outlives single connections (see [`Settings::persistent`]).
     pub(crate) fn persistent(limits: Limits) -> Arc<Self> {
         Shared::build(limits, true, None)
+    }
+
+    /// Bounds on what this connection buffers.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    /// See [`Settings::persistent`].
+    pub(crate) fn is_persistent(&self) -> bool {
+        self.settings.persistent
+    }
+
+    /// Server connections: the server-wide budgets.
+    pub(crate) fn budgets(&self) -> Option<&Arc<Budgets>> {
+        self.settings.budgets.as_ref()
     }
 
     pub(crate) fn lock(&self) -> Guard<'_> {
@@ -283,7 +325,7 @@ impl Shared {
     /// holds. Call after changing `outbox_bytes` or `transmit_bytes`.
     pub(crate) fn recharge(&self, inner: &mut Inner) {
         let now = inner.outbox_bytes + inner.transmit_bytes;
-        if let Some(b) = &self.budgets {
+        if let Some(b) = self.budgets() {
             b.unsent.adjust(inner.charged, now);
         }
         inner.charged = now;
@@ -346,7 +388,7 @@ impl Shared {
         if let Some(d) = &inner.done {
             return Ok(Err(d.clone()));
         }
-        if inner.outbox_bytes == 0 || inner.outbox_bytes + msg.len() <= self.limits.outbox_bytes {
+        if inner.outbox_bytes == 0 || inner.outbox_bytes + msg.len() <= self.limits().outbox_bytes {
             push(&mut inner, msg);
             return Ok(Ok(()));
         }
@@ -358,7 +400,7 @@ impl Shared {
     pub(crate) fn try_send(&self, msg: Bytes) -> bool {
         let mut inner = self.lock();
         if inner.done.is_some()
-            || inner.outbox_bytes + msg.len() > self.limits.outbox_bytes.max(msg.len())
+            || inner.outbox_bytes + msg.len() > self.limits().outbox_bytes.max(msg.len())
         {
             return false;
         }
@@ -380,7 +422,7 @@ impl Shared {
             }
         }
         let unsent = inner.outbox_bytes + inner.transmit_bytes;
-        if unsent > 0 && unsent + msg.len() > self.limits.outbox_bytes {
+        if unsent > 0 && unsent + msg.len() > self.limits().outbox_bytes {
             if ended {
                 return Offer::Backlogged;
             }
@@ -392,14 +434,14 @@ impl Shared {
                     CloseCode::SLOW_CONSUMER,
                     format!(
                         "more than {} bytes queued and not read",
-                        self.limits.outbox_bytes
+                        self.limits().outbox_bytes
                     ),
                 ));
                 wake_driver(&mut inner);
             }
             return Offer::SlowConsumer;
         }
-        if let Some(b) = &self.budgets {
+        if let Some(b) = self.budgets() {
             if !b.unsent.try_take(msg.len()) {
                 return Offer::ServerFull;
             }
@@ -536,9 +578,9 @@ impl Shared {
         held: &mut usize,
     ) -> Poll<Result<Bytes, Disconnect>> {
         let mut inner = self.lock();
-        let was_paused = inner.inbox_bytes > self.limits.inbox_bytes;
+        let was_paused = inner.inbox_bytes > self.limits().inbox_bytes;
         inner.inbox_bytes -= std::mem::take(held);
-        if was_paused && inner.inbox_bytes <= self.limits.inbox_bytes {
+        if was_paused && inner.inbox_bytes <= self.limits().inbox_bytes {
             wake_driver(&mut inner);
         }
         std::mem::swap(batch, &mut inner.inbox);
@@ -562,7 +604,7 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         let charged = self.lock().charged;
-        if let Some(b) = &self.budgets {
+        if let Some(b) = self.budgets() {
             b.unsent.give(charged);
         }
     }

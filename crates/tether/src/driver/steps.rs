@@ -266,7 +266,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             None => {}
         }
         let resolved = inner.take_resolved();
-        let inbox_full = inner.inbox_bytes > shared.limits.inbox_bytes;
+        let inbox_full = inner.inbox_bytes > shared.limits().inbox_bytes;
         if moved {
             inner.transmit_bytes = held_for_peer(conn);
             self.transmit_published = inner.transmit_bytes;
@@ -288,10 +288,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// True while the server's backlog is at its limit (the application has not taken
     /// `max_queued_bytes` of received messages).
     fn backlog_full(&self) -> bool {
-        self.shared
-            .budgets
-            .as_ref()
-            .is_some_and(|b| b.backlog.at_limit())
+        self.shared.budgets().is_some_and(|b| b.backlog.at_limit())
     }
 
     /// True when the next event is a message held back by a pause (it goes to the
@@ -303,7 +300,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// Registers for the backlog's wake-up (keeping this connection's place in its queue).
     /// False when there is room already (nothing to wait for).
     fn wait_for_backlog(&mut self, cx: &mut Context<'_>) -> bool {
-        match &self.shared.budgets {
+        match self.shared.budgets() {
             Some(b) => b.backlog.is_full(cx.waker(), &mut self.backlog_ticket),
             None => false,
         }
@@ -470,7 +467,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// Server connections: room in the partial-frame budget for one read (see `frames.rs`).
     /// `None` when the budget has no room; `Some(0)` when there is no budget.
     fn reserve_frame_room(&mut self, cx: &mut Context<'_>) -> Option<usize> {
-        match &self.shared.budgets {
+        match self.shared.budgets() {
             Some(b) if !self.conn.is_closed() => {
                 self.frames
                     .reserve(self.conn.partial_frame(), &b.frames, cx)
@@ -480,7 +477,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     }
 
     fn settle_frame_room(&mut self, reserved: usize) {
-        if let Some(b) = &self.shared.budgets {
+        if let Some(b) = self.shared.budgets() {
             self.frames
                 .settle(self.conn.partial_frame(), &b.frames, reserved);
         }
@@ -551,7 +548,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 ConnEvent::Closed(d) => {
                     self.result = Some(Box::new(d.clone()));
                     self.sink.flush(&self.shared);
-                    if !self.shared.persistent {
+                    if !self.shared.is_persistent() {
                         self.shared.finish(d.clone());
                     }
                     self.sink.event(&self.shared, ConnEvent::Closed(d));
@@ -609,7 +606,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     fn publish(&mut self) {
         self.shared.stats.update(&self.conn);
         let held = held_for_peer(&self.conn);
-        if self.shared.budgets.is_some() && held != self.transmit_published {
+        if self.shared.budgets().is_some() && held != self.transmit_published {
             let mut inner = self.shared.lock();
             inner.transmit_bytes = held;
             self.shared.recharge(&mut inner);

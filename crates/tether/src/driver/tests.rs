@@ -83,7 +83,7 @@ impl Sink for TestSink {
             shared.push_inbox(&mut vec![payload.clone()]);
             // A server connection's messages count against the server's backlog (as
             // `ServerSink` does); the test gives them back as its application.
-            if let Some(b) = &shared.budgets {
+            if let Some(b) = shared.budgets() {
                 b.backlog.take(payload.len());
             }
         }

@@ -29,9 +29,7 @@ use super::events::ServerEvent;
 use super::lifecycle::{lock, Admitted};
 use super::Inner;
 use crate::auth::{AuthDecision, AuthRequest, Denial, PendingDecision, Principal, PrincipalKey};
-use crate::driver::{
-    self, Command, Decision, Limits, RefreshAnswer, Resolution, Resolved, Shared, Sink,
-};
+use crate::driver::{self, Command, Decision, RefreshAnswer, Resolution, Resolved, Shared, Sink};
 use crate::sockopt;
 use crate::tls::{ServerTlsStream, TlsServer};
 use crate::transport::{Tcp, Transport};
@@ -139,13 +137,7 @@ pub(super) async fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
         }
         inner.open.fetch_add(1, Relaxed);
         let conn_id = inner.next_conn_id.fetch_add(1, Relaxed);
-        let shared = Shared::server(
-            Limits {
-                outbox_bytes: inner.cfg.outbox_bytes,
-                inbox_bytes: usize::MAX,
-            },
-            inner.budgets.clone(),
-        );
+        let shared = Shared::with(&inner.conn_settings);
         let evicted =
             inner
                 .admission
@@ -899,7 +891,7 @@ mod sizes {
             .await
             .expect("connect");
         let (s, remote) = l.accept().await.expect("accept");
-        let shared = Shared::server(Limits::default(), inner.budgets.clone());
+        let shared = Shared::with(&inner.conn_settings);
         let task = run_connection(s, remote, 1, shared.clone(), inner.clone());
         let (entry, waker, deadline) = driver::parked_sizes::<Tcp, ServerSink>();
         let rows = [
@@ -921,9 +913,10 @@ mod sizes {
                 std::mem::size_of::<tether_proto::Liveness>(),
                 144,
             ),
-            // 184 B outside tests (two test-only counters add 16): with the `Arc`'s counts a
-            // 208 B chunk (256 B before the fifth pass, at 224 B).
-            ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 200),
+            // 160 B outside tests (two test-only counters add 16): with the `Arc`'s counts a
+            // 192 B chunk (208 B when it kept its limits, budgets and flag itself, 256 B
+            // before the fifth pass).
+            ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 176),
             (
                 "ServerSink (in the task)",
                 std::mem::size_of::<ServerSink>(),
@@ -932,12 +925,12 @@ mod sizes {
             (
                 "Record (per client id)",
                 super::super::lifecycle::RECORD_SIZE,
-                32,
+                24,
             ),
             (
                 "presence slot (per client id)",
                 tether_proto::presence::SLOT_SIZE,
-                88,
+                64,
             ),
         ];
         for (what, size, bound) in rows {

@@ -71,6 +71,9 @@ pub(crate) struct Inner {
     registry: Mutex<Registry>,
     admission: Admission,
     budgets: Arc<Budgets>,
+    /// What every connection's shared state is built with (its limits, the budgets): one
+    /// allocation per server, not per connection.
+    conn_settings: Arc<driver::Settings>,
     events: mpsc::UnboundedSender<ServerEvent>,
     presence_tx: broadcast::Sender<PresenceChange>,
     signals: Arc<Signals>,
@@ -171,6 +174,11 @@ impl Server {
         let (presence_tx, _) = broadcast::channel(4096);
         let cfg_throttle = cfg.throttle;
         let park_idle = cfg.park_idle;
+        let budgets = Arc::new(Budgets::new(
+            cfg.max_queued_bytes,
+            cfg.get_max_partial_frame_bytes(),
+            cfg.max_unsent_bytes,
+        ));
         let inner = Arc::new(Inner {
             max_connections: cfg.get_max_connections(),
             conn_cfg: Arc::new(ConnConfig {
@@ -180,11 +188,16 @@ impl Server {
             }),
             liveness: Arc::new(crate::connection::liveness_config(&cfg.policy, true)),
             registry: Mutex::new(Registry::new(cfg.registry)),
-            budgets: Arc::new(Budgets::new(
-                cfg.max_queued_bytes,
-                cfg.get_max_partial_frame_bytes(),
-                cfg.max_unsent_bytes,
-            )),
+            conn_settings: driver::Settings::server(
+                driver::Limits {
+                    outbox_bytes: cfg.outbox_bytes,
+                    // The server takes its connections' messages as they come (the backlog
+                    // budget bounds them): no inbox.
+                    inbox_bytes: usize::MAX,
+                },
+                budgets.clone(),
+            ),
+            budgets,
             cfg,
             clients: Clients::new(),
             admission: Admission::default(),
