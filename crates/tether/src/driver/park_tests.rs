@@ -73,6 +73,24 @@ async fn server_with(park: bool, budgets: Option<&Arc<Budgets>>) -> Parked {
     (shared, lot, peer, log, welcomed)
 }
 
+/// The connection left the lot and its end was reported once: by one task, with one
+/// `Closed` event in the sink's log.
+async fn ended_once(lot: &TestLot, log: &Log) {
+    tokio::task::yield_now().await;
+    assert_eq!(
+        (lot.parked(), unparked()),
+        (0, 1),
+        "the end reported by one task"
+    );
+    let closed = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, e)| matches!(e, ConnEvent::Closed(_)))
+        .count();
+    assert_eq!(closed, 1, "one Closed event");
+}
+
 fn data_bytes(payload: &[u8]) -> BytesMut {
     let mut b = BytesMut::new();
     codec::encode(&Frame::Data(Bytes::copy_from_slice(payload)), &mut b);
@@ -153,16 +171,7 @@ async fn a_parked_silent_peer_is_declared_dead_at_d() {
     let d = server.closed().await;
     assert_eq!(d.reason, DisconnectReason::HeartbeatTimeout);
     assert_eq!(d.silent_for, D);
-    tokio::task::yield_now().await;
-    assert_eq!(lot.parked(), 0);
-    assert_eq!(unparked(), 1, "the end is reported by one task");
-    let closed = log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, e)| matches!(e, ConnEvent::Closed(_)))
-        .count();
-    assert_eq!(closed, 1);
+    ended_once(&lot, &log).await;
 }
 
 /// A handle's close reaches a parked connection at once (CLOSE in the same instant, as a
@@ -491,17 +500,5 @@ async fn dead_after_from_the_quick_path_ends_once_at_d() {
             text: "nothing received within dead_after".into()
         })
     );
-    tokio::task::yield_now().await;
-    assert_eq!(
-        (lot.parked(), unparked()),
-        (0, 1),
-        "the end reported by one task"
-    );
-    let closed = log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, e)| matches!(e, ConnEvent::Closed(_)))
-        .count();
-    assert_eq!(closed, 1);
+    ended_once(&lot, &log).await;
 }
