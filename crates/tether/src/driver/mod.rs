@@ -272,8 +272,10 @@ pub(super) enum Timer<'a> {
 pub(super) enum Carried {
     /// Nothing.
     None,
-    /// These bytes (at most [`PAUSED_READ`]), untouched by the state machine.
-    Bytes([u8; PAUSED_READ], usize),
+    /// These bytes (at most [`PAUSED_READ`]), untouched by the state machine, and the
+    /// partial-frame budget reserved for the read that got them (taken before it, as every
+    /// read of a server connection does).
+    Bytes([u8; PAUSED_READ], usize, usize),
     /// The end of the stream.
     Eof,
     /// A failed read.

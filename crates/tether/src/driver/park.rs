@@ -852,28 +852,36 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                 return Quick::Full(Carried::None);
             }
             reads += 1;
+            // The partial-frame budget's room for this read, taken before it as the full
+            // wake-up does: with none left, the full wake-up waits for room without reading.
+            let Some(reserved) = self.reserve_frame_room(cx) else {
+                return Quick::Full(Carried::None);
+            };
             let mut buf = [MaybeUninit::<u8>::uninit(); PAUSED_READ];
             let mut rb = ReadBuf::uninit(&mut buf);
-            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
-                Poll::Pending => break,
-                Poll::Ready(Err(e)) => return Quick::Full(Carried::Error(e)),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                    return Quick::Full(Carried::Eof);
-                }
-                Poll::Ready(Ok(())) => {
-                    let data = rb.filled();
-                    match self.conn.parked_input(now, data) {
-                        ParkedStep::Answered if self.write_quick(cx, now) => {}
-                        ParkedStep::Answered | ParkedStep::NeedsDriver => {
-                            return Quick::Full(Carried::None);
-                        }
-                        ParkedStep::NotLiveness => {
-                            let mut b = [0u8; PAUSED_READ];
-                            b[..data.len()].copy_from_slice(data);
-                            return Quick::Full(Carried::Bytes(b, data.len()));
-                        }
+            let polled = Pin::new(&mut self.io).poll_read(cx, &mut rb);
+            if let Poll::Ready(Ok(())) = &polled {
+                let data = rb.filled();
+                if !data.is_empty() {
+                    let step = self.conn.parked_input(now, data);
+                    if step == ParkedStep::NotLiveness {
+                        // The reservation goes with the bytes to the full wake-up.
+                        let mut b = [0u8; PAUSED_READ];
+                        b[..data.len()].copy_from_slice(data);
+                        return Quick::Full(Carried::Bytes(b, data.len(), reserved));
+                    }
+                    self.settle_frame_room(reserved);
+                    match step {
+                        ParkedStep::Answered if self.write_quick(cx, now) => continue,
+                        _ => return Quick::Full(Carried::None),
                     }
                 }
+            }
+            self.settle_frame_room(reserved);
+            match polled {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Quick::Full(Carried::Error(e)),
+                Poll::Ready(Ok(())) => return Quick::Full(Carried::Eof),
             }
         }
         if self.conn.poll_timeout().is_some_and(|d| d <= now) {

@@ -330,14 +330,19 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             && (!self.paused_at_data() || self.conn.is_closed())
         {
             // Server: room in the partial-frame budget for what this read may add.
+            // Carried bytes were read on a reservation of their own (`poll_quick`); the end
+            // of the stream or an error brings no bytes.
             let carry = std::mem::replace(carried, Carried::None);
-            let reserved = match (self.reserve_frame_room(cx), &carry) {
-                (Some(r), _) => r,
-                (None, Carried::None) => {
-                    stalled = true;
-                    break;
-                }
-                (None, _) => 0,
+            let reserved = match &carry {
+                Carried::Bytes(_, _, r) => *r,
+                Carried::Eof | Carried::Error(_) => 0,
+                Carried::None => match self.reserve_frame_room(cx) {
+                    Some(r) => r,
+                    None => {
+                        stalled = true;
+                        break;
+                    }
+                },
             };
             // In the lot, small reads too: a parked connection's wake-up is a heartbeat or an
             // ACK (a few bytes); a stream of messages fills the reads and gets the
@@ -365,7 +370,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     max = max.min(limit);
                 }
             }
-            if let Carried::Bytes(_, n) = &carry {
+            if let Carried::Bytes(_, n, _) = &carry {
                 // Read already: all of it is this read.
                 max = max.max(*n);
             }
@@ -376,7 +381,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             let mut rb = ReadBuf::uninit(&mut buf[..max]);
             let polled = if !matches!(carry, Carried::None) {
                 match carry {
-                    Carried::Bytes(b, n) => {
+                    Carried::Bytes(b, n, _) => {
                         rb.put_slice(&b[..n]);
                         Poll::Ready(Ok(()))
                     }
@@ -466,7 +471,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
 
     /// Server connections: room in the partial-frame budget for one read (see `frames.rs`).
     /// `None` when the budget has no room; `Some(0)` when there is no budget.
-    fn reserve_frame_room(&mut self, cx: &mut Context<'_>) -> Option<usize> {
+    pub(super) fn reserve_frame_room(&mut self, cx: &mut Context<'_>) -> Option<usize> {
         match self.shared.budgets() {
             Some(b) if !self.conn.is_closed() => {
                 self.frames
@@ -476,7 +481,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         }
     }
 
-    fn settle_frame_room(&mut self, reserved: usize) {
+    pub(super) fn settle_frame_room(&mut self, reserved: usize) {
         if let Some(b) = self.shared.budgets() {
             self.frames
                 .settle(self.conn.partial_frame(), &b.frames, reserved);
