@@ -74,6 +74,21 @@ impl Harness {
             }
         }
     }
+
+    /// Waits, within [`LIMIT`], for `n` `Opened` events: both legs of `n` connections are up
+    /// (the `open` metric counts a connection from its accept, before its upstream leg).
+    async fn opened(&mut self, n: usize) {
+        for _ in 0..n {
+            let ev = tokio::time::timeout(LIMIT, self.events.recv())
+                .await
+                .expect("not every connection opened in time")
+                .expect("proxy stopped");
+            assert!(
+                matches!(ev, ProxyEvent::Opened { .. }),
+                "unexpected event {ev:?}"
+            );
+        }
+    }
 }
 
 fn policy() -> Policy {
@@ -649,15 +664,31 @@ fn proxy_sockets(proxy: u16, upstream: u16, clients: &HashSet<u16>) -> usize {
     table
         .lines()
         .skip(1)
-        .filter(|line| {
+        .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap_or(""), 16).ok();
             let (local, remote, inode) = (port(f[1]), port(f[2]), f[9]);
             let client_leg = local == Some(proxy) && remote.is_some_and(|r| clients.contains(&r));
             let upstream_leg = remote == Some(upstream) && local != Some(upstream);
-            ours.contains(inode) && (client_leg || upstream_leg)
+            (ours.contains(inode) && (client_leg || upstream_leg)).then_some(inode)
         })
-        .count()
+        .collect::<HashSet<&str>>()
+        .len()
+}
+
+/// Reads `count()` until it gives `want`, for up to a second, and returns the last reading.
+/// `/proc/net/tcp` is read in page-sized pieces, and sockets other tests open or close between
+/// two pieces make a reading skip or repeat lines (400 steady sockets read as 400–850 under
+/// churn); [`proxy_sockets`] counts distinct inodes, and a skip does not persist.
+async fn read_until<T: PartialEq>(want: T, count: impl Fn() -> T) -> T {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let got = count();
+        if got == want || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// An upstream that keeps every connection it accepts, open and silent.
@@ -681,8 +712,8 @@ async fn half_closed_connections_give_their_sockets_back() {
     let t = Duration::from_millis(500);
     let (up_on, held_on) = holding_upstream().await;
     let (up_off, held_off) = holding_upstream().await;
-    let on = Harness::with(half_close_cfg(up_on, CopyMode::default(), Some(t))).await;
-    let off = Harness::with(half_close_cfg(up_off, CopyMode::default(), None)).await;
+    let mut on = Harness::with(half_close_cfg(up_on, CopyMode::default(), Some(t))).await;
+    let mut off = Harness::with(half_close_cfg(up_off, CopyMode::default(), None)).await;
     let mut clients = Vec::new();
     let mut ports = [HashSet::new(), HashSet::new()];
     for (h, ports) in [&on, &off].into_iter().zip(&mut ports) {
@@ -696,15 +727,15 @@ async fn half_closed_connections_give_their_sockets_back() {
         proxy_sockets(h.addr.port(), up.port(), ports)
     };
     // Every connection is up (both legs) before any half-closes: the clock starts at the FIN.
-    let t0 = Instant::now();
-    while on.handle.metrics().open < N as u64 || off.handle.metrics().open < N as u64 {
-        assert!(t0.elapsed() < LIMIT, "connections never all opened");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let loaded = (
-        sockets(&on, up_on, &ports[0]),
-        sockets(&off, up_off, &ports[1]),
-    );
+    on.opened(N).await;
+    off.opened(N).await;
+    let counts = || {
+        (
+            sockets(&on, up_on, &ports[0]),
+            sockets(&off, up_off, &ports[1]),
+        )
+    };
+    let loaded = read_until((2 * N, 2 * N), counts).await;
     for c in &mut clients {
         c.shutdown().await.unwrap();
     }
@@ -719,10 +750,7 @@ async fn half_closed_connections_give_their_sockets_back() {
     let released_after = t1.elapsed();
     // Give the disabled proxy the same time and more: it must still hold everything.
     tokio::time::sleep(t).await;
-    let after = (
-        sockets(&on, up_on, &ports[0]),
-        sockets(&off, up_off, &ports[1]),
-    );
+    let after = read_until((0, 2 * N), counts).await;
     println!(
         "half-close: {N} connections per proxy; proxy sockets with all open: {} (timeout \
          {t:?}) and {} (disabled); all half-closed, {:?} later: {} and {}",
