@@ -231,7 +231,8 @@ struct Driver<T, S> {
 /// An optional instant in 8 bytes instead of 16 (issue 17: every parked driver keeps two):
 /// signed nanoseconds from a process-wide origin, exact both ways (±292 years);
 /// `i64::MIN` is none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered as the instants are (the lot's deadline heap keeps stamps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Stamp(i64);
 
 impl Stamp {

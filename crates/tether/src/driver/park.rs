@@ -35,7 +35,8 @@
 //! socket waker) or by its deadline alone, with no handle's wake queued, first asks the core
 //! (`Driver::poll_quick`, `Conn::parked_input` / `parked_timeout`): a client's heartbeat is
 //! answered, the fallback heartbeat sent and the deadline moved without the full wake-up
-//! (no `Shared` lock, budgets, sink or publish). Whatever else it finds — a message, a
+//! (no `Shared` lock, sink or publish; each read takes its partial-frame reservation first,
+//! as every read of a server connection does). Whatever else it finds — a message, a
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
 //!
@@ -337,7 +338,7 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
     (
         std::mem::size_of::<Entry<T, S>>(),
         std::mem::size_of::<EntryWake>(),
-        std::mem::size_of::<Reverse<(Instant, u32, u32)>>(),
+        std::mem::size_of::<Reverse<(Stamp, u32, u32)>>(),
     )
 }
 
@@ -363,7 +364,8 @@ struct Yard<T, S> {
     slots: Vec<Slot<T, S>>,
     free: Vec<u32>,
     len: usize,
-    deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Stamps, as the entries keep them (16 B a place, compared without conversion).
+    deadlines: BinaryHeap<Reverse<(Stamp, u32, u32)>>,
     /// A lot thread's epoll: entries' sockets are registered here while parked.
     registry: Option<mio::Registry>,
 }
@@ -520,9 +522,10 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let Some(e) = self.entry(idx, gen) else {
             return;
         };
-        if let Some(a) = e.d.armed.get() {
-            if e.queued_at.get().is_none_or(|q| requeue(q, a, now())) {
-                e.queued_at = Stamp::at(a);
+        let a = e.d.armed;
+        if let Some(at) = a.get() {
+            if e.queued_at.get().is_none_or(|q| requeue(q, at, now())) {
+                e.queued_at = a;
                 self.deadlines.push(Reverse((a, idx, gen)));
             }
         }
@@ -582,10 +585,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// elsewhere), so the lot's sleep is armed for a deadline that is still wanted.
     fn clean(&mut self) {
         while let Some(&Reverse((t, idx, gen))) = self.deadlines.peek() {
-            if self
-                .entry(idx, gen)
-                .is_some_and(|e| e.queued_at == Stamp::at(t))
-            {
+            if self.entry(idx, gen).is_some_and(|e| e.queued_at == t) {
                 return;
             }
             self.deadlines.pop();
@@ -596,6 +596,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// state machine fires it); one whose deadline moved later is queued again at it.
     /// Returns the entries polled.
     fn due(&mut self, lot: &Lot<T, S>, now: Instant, mut room: usize) -> usize {
+        let now = Stamp::at(now);
         let mut polled = 0;
         while room > 0 {
             match self.deadlines.peek() {
@@ -608,21 +609,21 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
             let Some(e) = self.entry(idx, gen) else {
                 continue;
             };
-            if e.queued_at != Stamp::at(t) {
+            if e.queued_at != t {
                 continue;
             }
             e.queued_at = Stamp::NONE;
-            match e.d.armed.get() {
-                Some(a) if a <= now => {
-                    self.quick(lot, idx);
-                    polled += 1;
-                    room -= 1;
-                }
-                Some(a) => {
-                    e.queued_at = Stamp::at(a);
-                    self.deadlines.push(Reverse((a, idx, gen)));
-                }
-                None => {}
+            let a = e.d.armed;
+            if a.is_none() {
+                continue;
+            }
+            if a <= now {
+                self.quick(lot, idx);
+                polled += 1;
+                room -= 1;
+            } else {
+                e.queued_at = a;
+                self.deadlines.push(Reverse((a, idx, gen)));
             }
         }
         polled
@@ -697,8 +698,8 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
             super::steps::yield_deferred(cx);
             return Poll::Pending;
         }
-        if let Some(Reverse((t, _, _))) = yard.deadlines.peek() {
-            let t = tokio::time::Instant::from_std(*t);
+        if let Some(t) = yard.deadlines.peek().and_then(|Reverse((t, _, _))| t.get()) {
+            let t = tokio::time::Instant::from_std(t);
             if sleep.deadline() != t {
                 sleep.as_mut().reset(t);
             }
@@ -795,7 +796,8 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         } else if lock(&lot.wake.ready).is_empty() {
             yard.deadlines
                 .peek()
-                .map(|Reverse((t, _, _))| t.saturating_duration_since(now()))
+                .and_then(|Reverse((t, _, _))| t.get())
+                .map(|t| t.saturating_duration_since(now()))
         } else {
             Some(Duration::ZERO)
         };
@@ -835,8 +837,9 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// handles: a handle's send, close or command wakes the entry's waker, which runs the
     /// full wake-up). The core decides ([`Conn::parked_input`](tether_proto::Conn),
     /// `parked_timeout`): a client's heartbeat is answered and its deadline moved, the
-    /// fallback heartbeat sent, and the connection stays parked, without the handles' lock,
-    /// the budgets or the sink. Anything else — a message, a partial frame, CLOSE, AUTH,
+    /// fallback heartbeat sent, and the connection stays parked, without the handles' lock
+    /// or the sink (each read takes its partial-frame reservation first, handed on with the
+    /// bytes when the full wake-up gets them). Anything else — a message, a partial frame, CLOSE, AUTH,
     /// the end of the stream, an event for the application, dead-after, a write that does
     /// not finish — goes to the full wake-up with what was read already.
     fn poll_quick(&mut self, cx: &mut Context<'_>) -> Quick {

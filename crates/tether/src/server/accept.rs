@@ -905,7 +905,7 @@ mod sizes {
             // driver's instants became 8-byte stamps, the sink's second `Arc<Shared>` went).
             ("parked entry (boxed)", entry, 248),
             ("  its waker (Arc payload)", waker, 24),
-            ("  its deadline (lot's heap)", deadline, 24),
+            ("  its deadline (lot's heap)", deadline, 16),
             // 360 B: a 368 B chunk (384 B, 400 B chunk before the fifth pass).
             ("Conn (boxed)", std::mem::size_of::<Conn>(), 360),
             (
