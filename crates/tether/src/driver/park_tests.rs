@@ -233,19 +233,8 @@ async fn scenario(park: bool) -> (Vec<(Duration, String)>, Vec<(Duration, String
         let got = frames_now(&mut peer.io, &mut dec).await;
         seen(&mut frames, got);
     }
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = peer.io.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        let mut got = Vec::new();
-        dec.decode(&buf[..n], |f| {
-            got.push(f);
-            true
-        })
-        .unwrap();
-        seen(&mut frames, got);
+    for (t, f) in frames_until_eof(&mut peer.io, &mut dec).await {
+        frames.push((t - welcomed, format!("{f:?}")));
     }
     let d = server.closed().await;
     let events = log
@@ -480,21 +469,9 @@ async fn dead_after_from_the_quick_path_ends_once_at_d() {
     assert_eq!(tnow(), last + D, "declared dead at d after the last byte");
     assert_eq!(d.reason, DisconnectReason::HeartbeatTimeout);
     assert_eq!(d.silent_for, D);
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = peer.io.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        dec.decode(&buf[..n], |f| {
-            got.push(f);
-            true
-        })
-        .unwrap();
-    }
+    let got = frames_until_eof(&mut peer.io, &mut dec).await;
     assert_eq!(
-        got.last(),
+        got.last().map(|(_, f)| f),
         Some(&Frame::Close {
             code: CloseCode::HEARTBEAT_TIMEOUT,
             text: "nothing received within dead_after".into()

@@ -274,6 +274,27 @@ async fn client_with_peer(
     (shared, task, peer, log)
 }
 
+/// Raw frames from `io` until the end of the stream, each with the (paused-clock) instant
+/// it arrived.
+async fn frames_until_eof(
+    io: &mut DuplexStream,
+    dec: &mut Decoder,
+) -> Vec<(tokio::time::Instant, Frame)> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = io.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return out;
+        }
+        dec.decode(&buf[..n], |f| {
+            out.push((tnow(), f));
+            true
+        })
+        .unwrap();
+    }
+}
+
 /// Raw frames from `io` until reading would wait, after the handshake.
 async fn frames_now(io: &mut DuplexStream, dec: &mut Decoder) -> Vec<Frame> {
     let mut out = Vec::new();
@@ -1203,19 +1224,11 @@ async fn heartbeat_thrice_then_fall_silent(peer: &mut Peer, welcomed: tokio::tim
     }
     let last = tnow();
     // Silent from now on; the client's end only reads.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = peer.io.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
-        }
-        dec.decode(&buf[..n], |f| {
-            seen.push((tnow() - last, codec_name(&f)));
-            true
-        })
-        .unwrap();
-    }
+    let seen: Vec<_> = frames_until_eof(&mut peer.io, &mut dec)
+        .await
+        .iter()
+        .map(|(t, f)| (*t - last, codec_name(f)))
+        .collect();
     let fallback = H + H / 8;
     assert_eq!(
         seen,
