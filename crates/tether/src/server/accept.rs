@@ -899,12 +899,14 @@ mod sizes {
             // 408 B of future keeps it at 512 B (it was 640 B with 520 B of future). Only a
             // connection with work has one now: an idle one is parked (the rows below).
             ("task future (run_connection)", size_of_val(&task), 408),
-            // A parked connection: its driver in a boxed lot entry, the entry's waker, one
-            // deadline in the lot's heap (and 16 B of slab slot) instead of the task cell.
-            // 248 B: a 256 B chunk (280 B and a 288 B chunk before the fifth pass: the
-            // driver's instants became 8-byte stamps, the sink's second `Arc<Shared>` went).
-            ("parked entry (boxed)", entry, 248),
-            ("  its waker (Arc payload)", waker, 24),
+            // A parked connection: its driver in a boxed lot entry, its slot's wake state
+            // (its waker is a number: no allocation), one deadline in the lot's heap (and
+            // 16 B of slab slot) instead of the task cell. 224 B in release (232 B here): a
+            // 240 B chunk (240 B and a 256 B chunk while it kept its waker's `Arc`, a 48 B
+            // chunk, and a lot task's second for its socket; 280 B and a 288 B chunk before
+            // the fifth pass).
+            ("parked entry (boxed)", entry, 232),
+            ("  its slot's wake state", waker, 4),
             ("  its deadline (lot's heap)", deadline, 16),
             // 360 B: a 368 B chunk (384 B, 400 B chunk before the fifth pass).
             ("Conn (boxed)", std::mem::size_of::<Conn>(), 360),

@@ -213,7 +213,7 @@ impl Server {
             lots: if park_idle {
                 let workers = tokio::runtime::Handle::current().metrics().num_workers();
                 (0..workers.max(1))
-                    .map(|_| driver::Lot::threaded(accept::unpark))
+                    .filter_map(|_| driver::Lot::threaded(accept::unpark))
                     .collect()
             } else {
                 Vec::new()
