@@ -171,6 +171,9 @@ impl LotWake {
             }
         };
         drop(free);
+        // What stale wakers queued since the last lot gave it back: their generations are
+        // older than any this lot arms, so it would pass over them; dropped here unread.
+        lock(&w.ready).clear();
         w.threaded.store(thread.is_some(), Relaxed);
         *lock(&w.thread) = thread;
         Some((w, id))
@@ -178,8 +181,10 @@ impl LotWake {
 
     /// Lot `id`, whose wake state this is, was dropped: the next lot takes both.
     fn give_back(&'static self, id: u32) {
-        // Stale wakers may still queue here: cleared when the next lot takes it, and they
-        // queue each slot at most once meanwhile (its flags stay set).
+        // Stale wakers may still queue here until the next lot takes it (which clears the
+        // list) and after: each slot at most once while its flag stays set, and only with
+        // the slot's last generation, older than any the next lot arms (`Yard::insert`
+        // counts on from `last_gen`): what they queue is passed over, never polled.
         let mut r = lock(&self.ready);
         r.clear();
         r.shrink_to_fit();
@@ -1235,10 +1240,12 @@ mod wake_tests {
         entry_waker(id, 3, GEN_MASK, false).wake();
         assert_eq!(ready(w), []);
 
-        // The lot is dropped: its state goes to the next lot, slot generations kept.
+        // The lot is dropped: its state goes to the next lot, slot generations kept
+        // (asserted before giving it back: another test's lot may take it at once).
+        assert_eq!(w.last_gen(70), 2);
+        assert_eq!(w.last_gen(3), 1);
         w.give_back(id);
         copy.wake_by_ref();
-        assert_eq!(w.last_gen(70), 2);
         drop(waker);
         drop(copy);
     }
