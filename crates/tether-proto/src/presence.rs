@@ -33,6 +33,7 @@
 //! `offline_retention`, and at most `max_offline` of them are kept (the oldest go first).
 //! The change queue grows until the driver drains it with [`Registry::poll_change`].
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ops::Bound;
@@ -235,26 +236,34 @@ fn kind_index(k: PresenceKind) -> Option<usize> {
 /// Capacity the change queue keeps once drained; a burst beyond it is given back.
 const CHANGES_KEPT_CAPACITY: usize = 1024;
 
+/// How a [`Registry`] keeps its ids: shared (one allocation per id, cloned into its
+/// indexes), ordered and looked up as `str`. `Arc<str>` by default; a caller that keeps the
+/// ids in tables of its own can key the registry with its own kind (`tether`'s server keeps
+/// a thin one: 8 bytes a reference, one allocation shared with its client table).
+pub trait Id: Clone + Ord + Borrow<str> + for<'a> From<&'a str> {}
+
+impl<K: Clone + Ord + Borrow<str> + for<'a> From<&'a str>> Id for K {}
+
 /// The presence registry (see the module docs).
 #[derive(Debug)]
-pub struct Registry {
+pub struct Registry<K = Arc<str>> {
     cfg: RegistryConfig,
     /// In id order: a page of clients is a range, not a sort of all of them.
     ///
-    /// The ids are `Arc<str>`, one allocation per id shared with `by_kind`, the hold and
+    /// The ids are keys ([`Id`]), one allocation per id shared with `by_kind`, the hold and
     /// offline indexes and — through [`connected_shared`](Self::connected_shared) — with the
     /// caller (a server's client table): a million connected clients keep one copy of each id.
-    entries: BTreeMap<Arc<str>, Slot>,
+    entries: BTreeMap<K, Slot>,
     /// Ids per state other than `Online` (`Suspect`, `Resuming`, `Offline`), in id order: a
     /// page of the clients in one of them is a range too. Changed only on transitions.
     /// `Online`, the state of nearly every client of a busy server, has no set (issue 17: it
     /// cost 36 bytes per connected client): its page walks `entries` and passes over the
     /// others, of which there are few (`Offline` ones at most `max_offline`).
-    by_kind: [BTreeSet<Arc<str>>; 3],
+    by_kind: [BTreeSet<K>; 3],
     /// `Resuming` entries by (hold end, sequence).
-    holds: BTreeMap<(Instant, u64), Arc<str>>,
+    holds: BTreeMap<(Instant, u64), K>,
     /// `Offline` entries by (time they became offline, sequence): oldest first.
-    offline: BTreeMap<(Instant, u64), Arc<str>>,
+    offline: BTreeMap<(Instant, u64), K>,
     counts: PresenceCounts,
     changes: VecDeque<PresenceChange>,
     next_seq: u64,
@@ -426,8 +435,15 @@ impl Slot {
 }
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry, keyed by `Arc<str>`.
     pub fn new(cfg: RegistryConfig) -> Self {
+        Self::keyed(cfg)
+    }
+}
+
+impl<K: Id> Registry<K> {
+    /// An empty registry whose ids are kept as `K`.
+    pub fn keyed(cfg: RegistryConfig) -> Self {
         Registry {
             cfg,
             entries: BTreeMap::new(),
@@ -465,7 +481,7 @@ impl Registry {
         conn_id: u64,
         remote: SocketAddr,
     ) -> Option<u64> {
-        self.connect(now, id, || Arc::from(id), conn_id, remote)
+        self.connect(now, id, || K::from(id), conn_id, remote)
     }
 
     /// [`connected`](Self::connected) with the id as the caller keeps it: a new entry
@@ -473,18 +489,18 @@ impl Registry {
     pub fn connected_shared(
         &mut self,
         now: Instant,
-        id: &Arc<str>,
+        id: &K,
         conn_id: u64,
         remote: SocketAddr,
     ) -> Option<u64> {
-        self.connect(now, id, || id.clone(), conn_id, remote)
+        self.connect(now, id.borrow(), || id.clone(), conn_id, remote)
     }
 
     fn connect(
         &mut self,
         now: Instant,
         id: &str,
-        key: impl FnOnce() -> Arc<str>,
+        key: impl FnOnce() -> K,
         conn_id: u64,
         remote: SocketAddr,
     ) -> Option<u64> {
@@ -683,7 +699,7 @@ impl Registry {
                 self.set_state(now, id, state);
             }
             None => {
-                let key: Arc<str> = Arc::from(id);
+                let key = K::from(id);
                 let at = self.stamp(now);
                 self.entries
                     .insert(key.clone(), Slot::new(state.clone(), 0, remote, at));
@@ -767,10 +783,10 @@ impl Registry {
     }
 
     /// The key under which an id is indexed (the entry's own allocation).
-    fn key_of(&self, id: &str) -> Arc<str> {
+    fn key_of(&self, id: &str) -> K {
         self.entries
             .get_key_value(id)
-            .map_or_else(|| Arc::from(id), |(k, _)| k.clone())
+            .map_or_else(|| K::from(id), |(k, _)| k.clone())
     }
 
     /// Arms the hold of `id` (already `Resuming`) until `until`.
@@ -798,7 +814,7 @@ impl Registry {
             let Some((key, oldest)) = self.offline.pop_first() else {
                 break;
             };
-            self.forget(key, &oldest);
+            self.forget(key, oldest.borrow());
         }
     }
 
@@ -834,7 +850,7 @@ impl Registry {
                 break;
             }
             let (key, id) = entry.remove_entry();
-            let Some(slot) = self.entries.get_mut(&*id) else {
+            let Some(slot) = self.entries.get_mut(id.borrow()) else {
                 continue;
             };
             if slot.timer() != Some(key) {
@@ -852,20 +868,20 @@ impl Registry {
             };
             self.set_state(
                 now,
-                &id,
+                id.borrow(),
                 PresenceState::Offline {
                     reason,
                     at,
                     silent_for,
                 },
             );
-            self.add_offline(now, &id);
+            self.add_offline(now, id.borrow());
         }
         while let Some(entry) = self.offline.first_entry() {
             match entry.key().0.checked_add(self.cfg.offline_retention) {
                 Some(expiry) if expiry <= now => {
                     let (key, id) = entry.remove_entry();
-                    self.forget(key, &id);
+                    self.forget(key, id.borrow());
                 }
                 _ => break,
             }
@@ -905,7 +921,7 @@ impl Registry {
     }
 
     /// Adds `id` to the set of state `k` (none for `Online`).
-    fn index(&mut self, k: PresenceKind, id: Arc<str>) {
+    fn index(&mut self, k: PresenceKind, id: K) {
         if let Some(i) = kind_index(k) {
             self.by_kind[i].insert(id);
         }
@@ -939,18 +955,18 @@ impl Registry {
                 Some((_, Some(i))) => Box::new(
                     self.by_kind[i]
                         .range::<str, _>(range)
-                        .filter_map(|id| self.entries.get(id).map(|s| (&**id, s))),
+                        .filter_map(|id| self.entries.get(id.borrow()).map(|s| (id.borrow(), s))),
                 ),
                 Some((k, None)) => Box::new(
                     self.entries
                         .range::<str, _>(range)
                         .filter(move |(_, s)| s.kind() == k)
-                        .map(|(id, s)| (&**id, s)),
+                        .map(|(id, s)| (id.borrow(), s)),
                 ),
                 None => Box::new(
                     self.entries
                         .range::<str, _>(range)
-                        .map(|(id, s)| (&**id, s)),
+                        .map(|(id, s)| (id.borrow(), s)),
                 ),
             };
         let mut out = Vec::with_capacity(limit.min(1024));
@@ -965,7 +981,7 @@ impl Registry {
     pub fn iter(&self) -> impl Iterator<Item = (&str, Entry)> + '_ {
         self.entries
             .iter()
-            .map(|(id, s)| (&**id, s.entry(self.epoch())))
+            .map(|(id, s)| (id.borrow(), s.entry(self.epoch())))
     }
 
     /// How many entries are in each state.

@@ -776,3 +776,78 @@ fn remote_addresses_survive_the_compact_slot() {
         Some((PresenceState::Online, addr(10)))
     );
 }
+
+/// A registry keyed by another kind of id than `Arc<str>` (a server keeps a thin one): the
+/// same entries, states, order, pages and retention, looked up by `&str`.
+#[test]
+fn a_registry_keyed_by_another_kind_of_id_behaves_the_same() {
+    let cfg = RegistryConfig {
+        offline_retention: Duration::from_millis(100),
+        max_offline: 10,
+    };
+    let mut arc = Registry::new(cfg);
+    let mut boxed: Registry<Box<str>> = Registry::keyed(cfg);
+    let c = Clock::new();
+    let ids = ["dev-3", "dev-1", "dev-2"];
+    for (i, id) in ids.iter().enumerate() {
+        let shared: Box<str> = (*id).into();
+        assert_eq!(arc.connected(c.at(0), id, i as u64, addr(4000)), None);
+        assert_eq!(
+            boxed.connected_shared(c.at(0), &shared, i as u64, addr(4000)),
+            None
+        );
+    }
+    for r in [&mut arc as &mut dyn Ops, &mut boxed] {
+        assert!(r.suspect(c.at(1), "dev-2", 2));
+        assert!(r.disconnected(c.at(2), "dev-1", 1));
+    }
+    let page = |r: &dyn Ops, k| r.page(k);
+    for k in [
+        None,
+        Some(PresenceKind::Online),
+        Some(PresenceKind::Suspect),
+        Some(PresenceKind::Offline),
+    ] {
+        assert_eq!(page(&arc, k), page(&boxed, k), "{k:?}");
+    }
+    assert_eq!(page(&boxed, None), ["dev-1", "dev-2", "dev-3"]);
+    assert_eq!(page(&boxed, Some(PresenceKind::Suspect)), ["dev-2"]);
+    // Retention: the offline one is forgotten in both at the same instant.
+    assert_eq!(arc.poll_timeout(), boxed.poll_timeout());
+    arc.handle_timeout(c.at(102));
+    boxed.handle_timeout(c.at(102));
+    assert_eq!(boxed.get("dev-1"), None);
+    assert_eq!(arc.counts(), boxed.counts());
+    assert_eq!(boxed.len(), 2);
+}
+
+/// What the test above does to either registry.
+trait Ops {
+    fn suspect(&mut self, now: Instant, id: &str, conn_id: u64) -> bool;
+    fn disconnected(&mut self, now: Instant, id: &str, conn_id: u64) -> bool;
+    fn page(&self, kind: Option<PresenceKind>) -> Vec<String>;
+}
+
+impl<K: tether_proto::presence::Id> Ops for Registry<K> {
+    fn suspect(&mut self, now: Instant, id: &str, conn_id: u64) -> bool {
+        Registry::suspect(self, now, id, conn_id)
+    }
+    fn disconnected(&mut self, now: Instant, id: &str, conn_id: u64) -> bool {
+        Registry::disconnected(
+            self,
+            now,
+            id,
+            conn_id,
+            DisconnectReason::PeerClosed,
+            Duration::ZERO,
+            None,
+        )
+    }
+    fn page(&self, kind: Option<PresenceKind>) -> Vec<String> {
+        Registry::page(self, kind, None, 100)
+            .0
+            .into_iter()
+            .map(|(id, _)| id.to_owned())
+            .collect()
+    }
+}

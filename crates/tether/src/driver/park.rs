@@ -62,10 +62,10 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
-use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
@@ -95,7 +95,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Idle connections of one server (see the module docs).
 pub(crate) struct Lot<T, S> {
-    wake: Arc<LotWake>,
+    /// Its wake state and its id in [`LOTS`] (the entries' wakers name it by id).
+    wake: &'static LotWake,
+    id: u32,
     incoming: Mutex<Incoming<T, S>>,
     /// Spawns an unparked connection's task (the same task function the accept path
     /// spawns, so the end of a connection runs in one place whichever way it ends).
@@ -121,16 +123,191 @@ struct Incoming<T, S> {
     running: bool,
 }
 
-/// What an entry's waker reaches: the ready list and the lot's task (or thread). A leaf:
-/// nothing else is locked while `ready` is (wakers are called with a connection's `Shared`
-/// locked).
+/// What an entry's waker reaches: the ready list, the entries' scheduled flags and the lot's
+/// task (or thread). A leaf: nothing else is locked while `ready` is (wakers are called with
+/// a connection's `Shared` locked). Never freed: one lot's, then the next one's (see
+/// [`LOTS`]).
 struct LotWake {
     /// Woken entries: slot, generation, and whether by its socket alone (a lot task's
     /// socket waker: a quick wake-up).
     ready: Mutex<VecDeque<(u32, u32, bool)>>,
+    /// Per slot: the generation of its entry (the last one, once it left) and whether that
+    /// entry is on the ready list already, for its full wake-up ([`FULL`]) and for its
+    /// socket's quick one ([`SOCKET`]): one place on the list per burst of wakes. Set by a
+    /// waker that finds its generation there, cleared before the entry is polled; a new
+    /// entry starts unscheduled. 4 B a slot, kept when the lot's thread ends and for the
+    /// next lot, so generations keep counting up and a stale waker finds another one.
+    states: Segmented<AtomicU32, 23>,
     task: AtomicWaker,
-    /// A lot thread's wake-up (an eventfd in its epoll); `None` for a lot task.
-    thread: Option<mio::Waker>,
+    /// A lot thread's wake-up (an eventfd in its epoll); `None` for a lot task (and while
+    /// no lot has this).
+    thread: Mutex<Option<mio::Waker>>,
+    /// `thread` is `Some` (read without its lock).
+    threaded: AtomicBool,
+}
+
+impl LotWake {
+    /// The wake state of a new lot and its id, `None` when [`MAX_LOTS`] are alive. The
+    /// state of a dropped lot is taken first; its slots keep their generations.
+    fn take(thread: Option<mio::Waker>) -> Option<(&'static LotWake, u32)> {
+        let mut free = lock(&FREE_LOTS);
+        let (w, id) = match free.0.pop() {
+            Some(id) => (LOTS.get(id).and_then(OnceLock::get).copied()?, id),
+            None => {
+                let id = free.1;
+                if id >= MAX_LOTS {
+                    return None;
+                }
+                let w: &'static LotWake = Box::leak(Box::new(LotWake {
+                    ready: Mutex::default(),
+                    states: Segmented::new(),
+                    task: AtomicWaker::new(),
+                    thread: Mutex::new(None),
+                    threaded: AtomicBool::new(false),
+                }));
+                LOTS.get_or_grow(id)?.set(w).ok()?;
+                free.1 += 1;
+                (w, id)
+            }
+        };
+        drop(free);
+        // What stale wakers queued since the last lot gave it back: their generations are
+        // older than any this lot arms, so it would pass over them; dropped here unread.
+        lock(&w.ready).clear();
+        w.threaded.store(thread.is_some(), Relaxed);
+        *lock(&w.thread) = thread;
+        Some((w, id))
+    }
+
+    /// Lot `id`, whose wake state this is, was dropped: the next lot takes both.
+    fn give_back(&'static self, id: u32) {
+        // Stale wakers may still queue here until the next lot takes it (which clears the
+        // list) and after: each slot at most once while its flag stays set, and only with
+        // the slot's last generation, older than any the next lot arms (`Yard::insert`
+        // counts on from `last_gen`): what they queue is passed over, never polled.
+        let mut r = lock(&self.ready);
+        r.clear();
+        r.shrink_to_fit();
+        drop(r);
+        self.threaded.store(false, Relaxed);
+        // The eventfd closes with its lot.
+        *lock(&self.thread) = None;
+        drop(self.task.take());
+        lock(&FREE_LOTS).0.push(id);
+    }
+}
+
+/// A slot's state ([`LotWake::states`]): its entry is queued for the full wake-up.
+const FULL: u32 = 1;
+/// ... for a quick wake-up by its socket (a lot task's socket waker).
+const SOCKET: u32 = 2;
+/// Generations count in the state's upper 30 bits (and wrap there).
+const GEN_SHIFT: u32 = 2;
+const GEN_MASK: u32 = u32::MAX >> GEN_SHIFT;
+
+/// An entry's waker is a number, not an allocation: its lot's id, its slot, the low bits of
+/// its generation and whether it is the socket's, packed into the data word of a
+/// `RawWaker` whose clone and drop do nothing and whose wake finds the lot in [`LOTS`]
+/// (48 B a parked connection with an `Arc` per entry). The word, high to low:
+///
+/// ```text
+///  63        44 43      29   28   27              0
+/// ┌────────────┬──────────┬──────┬─────────────────┐
+/// │ lot id (20)│ gen (15) │socket│   slot (28)     │
+/// └────────────┴──────────┴──────┴─────────────────┘
+/// ```
+///
+/// A stale waker is harmless: its lot's [`LotWake`] is never freed (a dropped lot's goes to
+/// the next lot, whose slots' generations count on from the old ones), and a waker whose
+/// generation is not its slot's does nothing. Only a waker kept through 32,768 generations
+/// of its slot, exactly, wakes the slot's entry of the day: a spurious wake-up, which a
+/// parked connection answers by finding nothing to do.
+const WORD_SLOT_BITS: u32 = 28;
+const WORD_GEN_BITS: u32 = 15;
+const WORD_LOT_BITS: u32 = 20;
+const _: () = assert!(WORD_SLOT_BITS + 1 + WORD_GEN_BITS + WORD_LOT_BITS == usize::BITS);
+/// Slots a lot has at most (an entry beyond gets its task back).
+const MAX_SLOTS: usize = 1 << WORD_SLOT_BITS;
+/// Lots alive at once at most ([`Lot::new`] answers `None` beyond).
+const MAX_LOTS: u32 = 1 << WORD_LOT_BITS;
+
+/// An entry's waker (see [`WORD_SLOT_BITS`]).
+fn entry_waker(lot: u32, idx: u32, gen: u32, socket: bool) -> Waker {
+    let word = ((lot as usize) << (WORD_SLOT_BITS + 1 + WORD_GEN_BITS))
+        | (((gen & ((1 << WORD_GEN_BITS) - 1)) as usize) << (WORD_SLOT_BITS + 1))
+        | ((socket as usize) << WORD_SLOT_BITS)
+        | idx as usize;
+    // SAFETY: the vtable's functions never dereference the data pointer (a number made
+    // into a pointer without provenance, read back with `addr`), keep nothing alive and
+    // may run on any thread (they reach the lot through a static).
+    unsafe {
+        Waker::from_raw(RawWaker::new(
+            std::ptr::without_provenance(word),
+            &ENTRY_WAKER,
+        ))
+    }
+}
+
+static ENTRY_WAKER: RawWakerVTable =
+    RawWakerVTable::new(clone_entry_waker, wake_entry, wake_entry, drop_entry_waker);
+
+fn clone_entry_waker(word: *const ()) -> RawWaker {
+    RawWaker::new(word, &ENTRY_WAKER)
+}
+
+fn drop_entry_waker(_: *const ()) {}
+
+fn wake_entry(word: *const ()) {
+    let w = word.addr();
+    let idx = (w & (MAX_SLOTS - 1)) as u32;
+    let socket = (w >> WORD_SLOT_BITS) & 1 == 1;
+    let gen = ((w >> (WORD_SLOT_BITS + 1)) & ((1 << WORD_GEN_BITS) - 1)) as u32;
+    let lot = (w >> (WORD_SLOT_BITS + 1 + WORD_GEN_BITS)) as u32;
+    if let Some(l) = LOTS.get(lot).and_then(OnceLock::get) {
+        l.wake(idx, gen, socket);
+    }
+}
+
+/// Every lot's [`LotWake`] by id, for the entries' wakers. A dropped lot's id and wake
+/// state go to the next lot ([`FREE_LOTS`]): they are never freed (a few hundred bytes
+/// and 4 B a slot per lot alive at once, at most), so a stale waker reaches live memory.
+static LOTS: Segmented<OnceLock<&'static LotWake>, 15> = Segmented::new();
+/// Ids of dropped lots, and the next id never given.
+static FREE_LOTS: Mutex<(Vec<u32>, u32)> = Mutex::new((Vec::new(), 0));
+
+/// An array that grows while others read it, without a lock: segment `k` holds `64 << k`
+/// places and is allocated by the first that needs it; places never move.
+struct Segmented<T, const N: usize> {
+    segs: [OnceLock<Box<[T]>>; N],
+}
+
+impl<T: Default, const N: usize> Segmented<T, N> {
+    const fn new() -> Self {
+        Segmented {
+            segs: [const { OnceLock::new() }; N],
+        }
+    }
+
+    fn place(i: u32) -> (usize, usize) {
+        let n = (i as u64 >> 6) + 1;
+        let k = 63 - n.leading_zeros();
+        (k as usize, (i as u64 - (((1u64 << k) - 1) << 6)) as usize)
+    }
+
+    /// Place `i`, if its segment exists.
+    fn get(&self, i: u32) -> Option<&T> {
+        let (k, o) = Self::place(i);
+        self.segs.get(k)?.get()?.get(o)
+    }
+
+    /// Place `i`, its segment allocated if need be (`None` beyond the last segment).
+    fn get_or_grow(&self, i: u32) -> Option<&T> {
+        let (k, o) = Self::place(i);
+        self.segs
+            .get(k)?
+            .get_or_init(|| (0..64usize << k).map(|_| T::default()).collect())
+            .get(o)
+    }
 }
 
 /// A lot that runs on a thread of its own (see the module docs): its epoll, kept here while
@@ -160,40 +337,40 @@ fn token(idx: u32, gen: u32) -> mio::Token {
     mio::Token(((gen as usize) << 32) | idx as usize)
 }
 
-/// One parked connection's waker.
-struct EntryWake {
-    lot: Arc<LotWake>,
-    idx: u32,
-    gen: u32,
-    /// On the ready list already (cleared before the entry is polled).
-    scheduled: AtomicBool,
-    /// The socket's waker of an entry in a lot task (its transport registers the waker
-    /// of the read that found nothing): woken, the entry gets a quick wake-up.
-    socket: bool,
-}
-
-impl Wake for EntryWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.scheduled.swap(true, AcqRel) {
-            let mut ready = lock(&self.lot.ready);
-            let first = ready.is_empty();
-            ready.push_back((self.idx, self.gen, self.socket));
-            drop(ready);
-            // A thread empties the list before it sleeps: one wake-up per batch.
-            if first || self.lot.thread.is_none() {
-                self.lot.notify();
+impl LotWake {
+    /// An entry's waker was woken (`gen`: the low bits of its generation; `socket`: the
+    /// socket's waker of an entry in a lot task, whose transport registers the waker of the
+    /// read that found nothing: a quick wake-up). Puts the entry on the ready list unless
+    /// it is there already or the waker is stale.
+    fn wake(&self, idx: u32, gen: u32, socket: bool) {
+        let Some(state) = self.states.get(idx) else {
+            return;
+        };
+        let bit = if socket { SOCKET } else { FULL };
+        let mut s = state.load(Acquire);
+        loop {
+            let mine = (s >> GEN_SHIFT) & ((1 << WORD_GEN_BITS) - 1) == gen;
+            if !mine || s & bit != 0 {
+                return;
+            }
+            match state.compare_exchange_weak(s, s | bit, AcqRel, Acquire) {
+                Ok(_) => break,
+                Err(now) => s = now,
             }
         }
+        let mut ready = lock(&self.ready);
+        let first = ready.is_empty();
+        ready.push_back((idx, s >> GEN_SHIFT, socket));
+        drop(ready);
+        // A thread empties the list before it sleeps: one wake-up per batch.
+        if first || !self.threaded.load(Relaxed) {
+            self.notify();
+        }
     }
-}
 
-impl LotWake {
     /// Wakes the lot's thread or task.
     fn notify(&self) {
-        match &self.thread {
+        match &*lock(&self.thread) {
             Some(w) => {
                 if let Err(e) = w.wake() {
                     tracing::warn!(error = %e, "cannot wake a lot thread");
@@ -202,21 +379,61 @@ impl LotWake {
             None => self.task.wake(),
         }
     }
+
+    /// Slot `idx` holds a new entry of generation `gen` (unscheduled). False when the slot
+    /// is beyond what a waker can name.
+    fn arm(&self, idx: u32, gen: u32) -> bool {
+        match self.states.get_or_grow(idx) {
+            Some(s) if (idx as usize) < MAX_SLOTS => {
+                s.store(gen << GEN_SHIFT, Release);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The generation slot `idx` had last (0: never used).
+    fn last_gen(&self, idx: u32) -> u32 {
+        self.states
+            .get(idx)
+            .map_or(0, |s| s.load(Acquire) >> GEN_SHIFT)
+    }
+
+    /// Entry `idx` is about to be polled: wakes from now on queue it again.
+    fn unschedule(&self, idx: u32, bit: u32) {
+        if let Some(s) = self.states.get(idx) {
+            s.fetch_and(!bit, AcqRel);
+        }
+    }
+
+    /// Whether entry `idx` is on the ready list for a full wake-up.
+    fn scheduled(&self, idx: u32) -> bool {
+        self.states
+            .get(idx)
+            .is_some_and(|s| s.load(Acquire) & FULL != 0)
+    }
+}
+
+impl<T, S> Drop for Lot<T, S> {
+    fn drop(&mut self) {
+        self.wake.give_back(self.id);
+    }
 }
 
 impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
     /// An empty lot run as a tokio task, whose unparked connections are spawned with `spawn`.
     /// Any transport that registers the waker it is given can park here (the paused-time
-    /// tests park `DuplexStream`s).
-    pub(crate) fn new(spawn: fn(Resume<T, S>)) -> Arc<Self> {
+    /// tests park `DuplexStream`s). `None` when [`MAX_LOTS`] lots are alive (its
+    /// connections keep their tasks).
+    pub(crate) fn new(spawn: fn(Resume<T, S>)) -> Option<Arc<Self>> {
         Self::with(spawn, None, None)
     }
 
     /// An empty lot run on a thread of its own with its own epoll, for transports that can
     /// leave the reactor ([`Transport::detach`]); unparked connections go back into the
     /// current runtime and are spawned there with `spawn`. A lot task when no epoll can be
-    /// had (out of file descriptors).
-    pub(crate) fn threaded(spawn: fn(Resume<T, S>)) -> Arc<Self> {
+    /// had (out of file descriptors); `None` as [`Lot::new`].
+    pub(crate) fn threaded(spawn: fn(Resume<T, S>)) -> Option<Arc<Self>> {
         let poll = mio::Poll::new().and_then(|p| {
             let w = mio::Waker::new(p.registry(), WAKE_TOKEN)?;
             Ok((p, w))
@@ -245,13 +462,14 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
         spawn: fn(Resume<T, S>),
         waker: Option<mio::Waker>,
         threaded: Option<Threaded<T, S>>,
-    ) -> Arc<Self> {
-        Arc::new(Lot {
-            wake: Arc::new(LotWake {
-                ready: Mutex::default(),
-                task: AtomicWaker::new(),
-                thread: waker,
-            }),
+    ) -> Option<Arc<Self>> {
+        let Some((wake, id)) = LotWake::take(waker) else {
+            tracing::warn!("too many lots alive: idle connections keep their tasks");
+            return None;
+        };
+        Some(Arc::new(Lot {
+            wake,
+            id,
             incoming: Mutex::new(Incoming {
                 drivers: Vec::new(),
                 running: false,
@@ -265,7 +483,7 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
             threads: AtomicUsize::new(0),
             #[cfg(test)]
             quick: AtomicUsize::new(0),
-        })
+        }))
     }
 
     /// Connections parked now.
@@ -289,6 +507,12 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
     #[cfg(test)]
     pub(crate) fn threads_started(&self) -> usize {
         self.threads.load(Relaxed)
+    }
+
+    /// Entries on the ready list now.
+    #[cfg(test)]
+    pub(crate) fn ready_len(&self) -> usize {
+        lock(&self.wake.ready).len()
     }
 
     /// Quick wake-ups (a heartbeat or a deadline answered without the full wake-up) so far.
@@ -332,22 +556,19 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
 }
 
 /// What one parked connection costs the lot besides its driver's parts (for the size test):
-/// the boxed entry (the driver inline), its waker's `Arc` payload, one deadline in the heap.
+/// the boxed entry (the driver inline), its slot's wake state (its waker is a number, see
+/// [`entry_waker`]), one deadline in the heap.
 #[cfg(test)]
 pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
     (
         std::mem::size_of::<Entry<T, S>>(),
-        std::mem::size_of::<EntryWake>(),
+        std::mem::size_of::<AtomicU32>(),
         std::mem::size_of::<Reverse<(Stamp, u32, u32)>>(),
     )
 }
 
 struct Entry<T, S> {
     d: Driver<T, S>,
-    wake: Arc<EntryWake>,
-    /// A lot task's socket waker (see [`EntryWake::socket`]); a lot thread's epoll needs
-    /// none.
-    socket: Option<Arc<EntryWake>>,
     /// The earliest deadline of this entry in the heap (others for it there are stale;
     /// none: not queued). A stamp (8 bytes, exact both ways), not an `Option<Instant>`.
     queued_at: Stamp,
@@ -384,7 +605,14 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// Takes a connection and polls it once; on a lot thread its socket leaves the reactor
     /// for the lot's epoll first (one that cannot gets its task back at once).
     fn take(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) {
-        let idx = self.insert(lot, d);
+        let idx = match self.insert(lot, d) {
+            Ok(idx) => idx,
+            Err(d) => {
+                // On a lot thread its socket is still in the reactor: its task takes it.
+                (lot.spawn)(Resume { d, finished: false });
+                return;
+            }
+        };
         if let Some(r) = &self.registry {
             let slot = &mut self.slots[idx as usize];
             let gen = slot.gen;
@@ -409,38 +637,38 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         self.poll(lot, idx);
     }
 
-    fn insert(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) -> u32 {
+    /// Puts a connection in a slot; `Err` gives it back when the lot has no slot its
+    /// waker can name ([`MAX_SLOTS`]).
+    fn insert(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) -> Result<u32, Driver<T, S>> {
         let idx = match self.free.pop() {
             Some(i) => i,
-            None => {
+            None if self.slots.len() < MAX_SLOTS => {
+                let idx = self.slots.len() as u32;
+                // Generations count on from the slot's last entry, of this lot's earlier
+                // thread or an earlier lot (see `LotWake::states`).
                 self.slots.push(Slot {
-                    gen: 0,
+                    gen: lot.wake.last_gen(idx),
                     entry: None,
                 });
-                // A lot of more than 4 billion connections is not a lot this process holds.
-                (self.slots.len() - 1) as u32
+                idx
             }
+            None => return Err(d),
         };
         let slot = &mut self.slots[idx as usize];
-        slot.gen = slot.gen.wrapping_add(1);
-        let wake = |socket| {
-            Arc::new(EntryWake {
-                lot: lot.wake.clone(),
-                idx,
-                gen: slot.gen,
-                scheduled: AtomicBool::new(false),
-                socket,
-            })
-        };
+        // 0 is a slot never used (see `LotWake::states`).
+        let gen = (slot.gen.wrapping_add(1) & GEN_MASK).max(1);
+        if !lot.wake.arm(idx, gen) {
+            self.free.push(idx);
+            return Err(d);
+        }
+        slot.gen = gen;
         slot.entry = Some(Box::new(Entry {
             d,
-            wake: wake(false),
-            socket: self.registry.is_none().then(|| wake(true)),
             queued_at: Stamp::NONE,
         }));
         self.len += 1;
         lot.parked.fetch_add(1, Relaxed);
-        idx
+        Ok(idx)
     }
 
     fn entry(&mut self, idx: u32, gen: u32) -> Option<&mut Entry<T, S>> {
@@ -466,8 +694,8 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let Some(e) = slot.entry.as_deref_mut() else {
             return;
         };
-        e.wake.scheduled.store(false, Relaxed);
-        let waker = Waker::from(e.wake.clone());
+        lot.wake.unschedule(idx, FULL);
+        let waker = entry_waker(lot.id, idx, gen, false);
         let mut cx = Context::from_waker(&waker);
         match e.d.poll(&mut cx, Timer::Parked, carried) {
             Poll::Pending => {
@@ -494,16 +722,19 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let Some(e) = slot.entry.as_deref_mut() else {
             return;
         };
-        if let Some(w) = &e.socket {
-            w.scheduled.store(false, Relaxed);
+        // A lot task's transport registers the socket's waker; a lot thread's bare socket
+        // registers none: its epoll reports the bytes.
+        let socket = self.registry.is_none();
+        if socket {
+            lot.wake.unschedule(idx, SOCKET);
         }
-        if e.wake.scheduled.load(Acquire) {
+        if lot.wake.scheduled(idx) {
             return;
         }
-        let waker = match &e.socket {
-            Some(w) => Waker::from(w.clone()),
-            // A lot thread's bare socket registers no waker: its epoll reports the bytes.
-            None => Waker::noop().clone(),
+        let waker = if socket {
+            entry_waker(lot.id, idx, gen, true)
+        } else {
+            Waker::noop().clone()
         };
         let mut cx = Context::from_waker(&waker);
         match e.d.poll_quick(&mut cx) {
@@ -932,5 +1163,90 @@ async fn relay_task<T: Transport, S: Sink + Send + 'static>(
         for r in batch {
             spawn(r);
         }
+    }
+}
+
+#[cfg(test)]
+mod wake_tests {
+    //! The entry waker's number and its slot states, without a lot's task (the lot's own
+    //! rules are in `park_tests.rs`).
+
+    use super::*;
+
+    fn ready(w: &LotWake) -> Vec<(u32, u32, bool)> {
+        lock(&w.ready).drain(..).collect()
+    }
+
+    #[test]
+    fn segmented_places_are_distinct_and_in_their_segment() {
+        let mut last = None;
+        for i in (0..5000u32).chain([u32::MAX - 1, u32::MAX]) {
+            let (k, o) = Segmented::<u8, 27>::place(i);
+            assert!(o < 64 << k, "{i}: {k} {o}");
+            if let Some((lk, lo)) = last {
+                if i > 0 && i < 5000 {
+                    assert!((k, o) == (lk, lo + 1) || (k, o) == (lk + 1, 0), "{i}");
+                }
+            }
+            last = Some((k, o));
+        }
+        assert_eq!(Segmented::<u8, 27>::place(u32::MAX).0, 26);
+        assert_eq!(
+            Segmented::<u8, 23>::place(MAX_SLOTS as u32 - 1).0,
+            22,
+            "the slot states hold every slot a waker can name"
+        );
+    }
+
+    #[test]
+    fn an_entry_waker_queues_its_entry_once_per_burst_and_a_stale_one_nothing() {
+        let (w, id) = LotWake::take(None).expect("a lot id");
+        assert!(w.arm(70, 1));
+        let waker = entry_waker(id, 70, 1, false);
+        let copy = waker.clone();
+        assert!(waker.will_wake(&copy));
+        waker.wake_by_ref();
+        copy.wake_by_ref();
+        entry_waker(id, 70, 1, true).wake();
+        entry_waker(id, 70, 1, true).wake();
+        assert_eq!(ready(w), [(70, 1, false), (70, 1, true)], "one place each");
+        assert!(w.scheduled(70));
+        // Polled: the next wake queues it again.
+        w.unschedule(70, FULL);
+        assert!(!w.scheduled(70));
+        copy.wake_by_ref();
+        assert_eq!(ready(w), [(70, 1, false)]);
+
+        // The slot holds a later entry: the old waker wakes nothing and leaves the new
+        // entry's flag alone (a flag it set would swallow the new entry's wakes).
+        assert!(w.arm(70, 2));
+        copy.wake_by_ref();
+        entry_waker(id, 70, 1, true).wake();
+        assert_eq!(ready(w), []);
+        assert!(!w.scheduled(70));
+        entry_waker(id, 70, 2, false).wake();
+        assert_eq!(ready(w), [(70, 2, false)]);
+        // Slots never used, beyond the allocated states, beyond every lot: nothing.
+        entry_waker(id, 71, 1, false).wake();
+        entry_waker(id, (MAX_SLOTS - 1) as u32, 1, false).wake();
+        entry_waker(MAX_LOTS - 1, 70, 2, false).wake();
+        assert_eq!(ready(w), []);
+
+        // Generations wrap in the state's 30 bits; the waker compares their low 15.
+        assert!(w.arm(3, GEN_MASK));
+        entry_waker(id, 3, GEN_MASK, false).wake();
+        assert_eq!(ready(w), [(3, GEN_MASK, false)]);
+        assert!(w.arm(3, 1));
+        entry_waker(id, 3, GEN_MASK, false).wake();
+        assert_eq!(ready(w), []);
+
+        // The lot is dropped: its state goes to the next lot, slot generations kept
+        // (asserted before giving it back: another test's lot may take it at once).
+        assert_eq!(w.last_gen(70), 2);
+        assert_eq!(w.last_gen(3), 1);
+        w.give_back(id);
+        copy.wake_by_ref();
+        drop(waker);
+        drop(copy);
     }
 }

@@ -55,7 +55,7 @@ async fn server_with(park: bool, budgets: Option<&Arc<Budgets>>) -> Parked {
         ..Default::default()
     };
     let log = sink.log.clone();
-    let lot = park.then(|| Lot::new(unpark));
+    let lot = park.then(|| Lot::new(unpark).expect("a lot id"));
     let conn = Box::new(Conn::server(now(), ConnConfig::default()));
     tokio::spawn(resume(start(io, conn, shared.clone(), sink, lot.clone())));
     let mut peer = Peer::client(far).await;
@@ -478,4 +478,94 @@ async fn dead_after_from_the_quick_path_ends_once_at_d() {
         })
     );
     ended_once(&lot, &log).await;
+}
+
+/// A second connection parked in `lot` (a [`server_with`] whose lot is given), established
+/// and idle: its shared state and its client.
+async fn another_in(lot: &TestLot) -> (Arc<Shared>, Peer) {
+    let (io, far) = tokio::io::duplex(64 * 1024);
+    let shared = Shared::new(Limits::default());
+    let sink = TestSink {
+        answer: true,
+        ..Default::default()
+    };
+    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+    let parked = lot.parked();
+    tokio::spawn(resume(start(
+        io,
+        conn,
+        shared.clone(),
+        sink,
+        Some(lot.clone()),
+    )));
+    let mut peer = Peer::client(far).await;
+    assert!(matches!(
+        peer.next_event(false).await,
+        ConnEvent::Established(_)
+    ));
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+    assert_eq!(lot.parked(), parked + 1, "idle after the handshake: parked");
+    (shared, peer)
+}
+
+/// A message queued for a parked connection goes out in the instant it was queued.
+async fn sent_at_once(server: &Shared, peer: &mut Peer, msg: &'static [u8]) {
+    let mut dec = Decoder::new(codec::DEFAULT_MAX_FRAME_LEN);
+    let queued = tnow();
+    assert!(server.try_send(Bytes::from_static(msg)));
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+        got = frames_now(&mut peer.io, &mut dec).await;
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(got, vec![Frame::Data(Bytes::from_static(msg))]);
+    assert_eq!(tnow(), queued, "delivered in the instant it was queued");
+}
+
+/// An entry's waker is a number (lot, slot, generation), not an allocation: one kept after
+/// its connection ended wakes nothing, not the connection parked in its slot since (whose
+/// own wakes still work), nor anything once the lot is gone.
+#[tokio::test(start_paused = true)]
+async fn a_stale_entry_waker_is_harmless() {
+    let (first, lot, peer, log, _) = server(true).await;
+    let lot = lot.unwrap();
+    let stale = first.lock().driver.clone().expect("the entry's waker");
+    drop(peer);
+    first.closed().await;
+    ended_once(&lot, &log).await;
+    stale.wake_by_ref();
+
+    // The next connection takes the freed slot, a generation later.
+    let (second, mut peer) = another_in(&lot).await;
+    let waker = second.lock().driver.clone().expect("the entry's waker");
+    assert!(!waker.will_wake(&stale), "a generation later");
+    for _ in 0..3 {
+        stale.wake_by_ref();
+        assert_eq!(lot.ready_len(), 0, "the stale waker queues nothing");
+        sent_at_once(&second, &mut peer, b"still woken").await;
+    }
+    assert_eq!((lot.parked(), unparked()), (1, 1), "written from the lot");
+
+    // The lot goes (its last connection ended, its task with it): a waker of it wakes
+    // nothing, and a new lot (perhaps with the old one's id and state) works.
+    peer.io.shutdown().await.unwrap();
+    second.closed().await;
+    let gone = Arc::downgrade(&lot);
+    drop(lot);
+    while gone.strong_count() > 0 {
+        tokio::task::yield_now().await;
+    }
+    stale.wake_by_ref();
+    waker.wake_by_ref();
+    let lot = Lot::new(unpark).expect("a lot id");
+    let (third, mut peer) = another_in(&lot).await;
+    stale.wake_by_ref();
+    waker.wake();
+    assert_eq!(lot.ready_len(), 0, "the dropped lot's wakers queue nothing");
+    sent_at_once(&third, &mut peer, b"a new lot").await;
+    assert_eq!(lot.parked(), 1);
 }

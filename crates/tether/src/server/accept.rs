@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::events::ServerEvent;
 use super::lifecycle::{lock, Admitted};
+use super::thin::ThinId;
 use super::Inner;
 use crate::auth::{AuthDecision, AuthRequest, Denial, PendingDecision, Principal, PrincipalKey};
 use crate::driver::{self, Command, Decision, RefreshAnswer, Resolution, Resolved, Shared, Sink};
@@ -503,7 +504,7 @@ pub(super) struct ServerSink {
     conn_id: u64,
     remote: SocketAddr,
     /// Set once the HELLO was accepted (shared with the client's record).
-    client_id: Option<Arc<str>>,
+    client_id: Option<ThinId>,
     /// The session the connection runs, once accepted.
     session: Option<u64>,
     /// A probe request (the connection's first frame was PROBE). Boxed: rare.
@@ -692,7 +693,7 @@ impl ServerSink {
             return d;
         }
         self.inner.admission.end_handshake(self.conn_id);
-        let key: Arc<str> = Arc::from(hello.client_id.as_str());
+        let key = ThinId::from(hello.client_id.as_str());
         let d = self.inner.hello(
             now,
             self.conn_id,
@@ -714,7 +715,7 @@ impl ServerSink {
 
     /// Acts on the authorizer's verdict on an AUTH.
     fn refreshed(&mut self, d: AuthDecision) -> RefreshAnswer {
-        let id = self.client_id.clone().unwrap_or_default();
+        let id = self.client_id.clone().unwrap_or_else(|| ThinId::from(""));
         let p = match d {
             AuthDecision::Allow(p) => p,
             AuthDecision::Deny(d) => {
@@ -791,7 +792,7 @@ impl Sink for ServerSink {
         let Some(current) = self.auth.as_ref().and_then(|a| a.principal.clone()) else {
             return RefreshAnswer::Refuse("no principal to refresh".into());
         };
-        let id = self.client_id.clone().unwrap_or_default();
+        let id = self.client_id.clone().unwrap_or_else(|| ThinId::from(""));
         let req = self.request(&id, Some(credential));
         match hook.0.refresh(&current, &req) {
             AuthDecision::Pending(f) => {
@@ -899,12 +900,15 @@ mod sizes {
             // 408 B of future keeps it at 512 B (it was 640 B with 520 B of future). Only a
             // connection with work has one now: an idle one is parked (the rows below).
             ("task future (run_connection)", size_of_val(&task), 408),
-            // A parked connection: its driver in a boxed lot entry, the entry's waker, one
-            // deadline in the lot's heap (and 16 B of slab slot) instead of the task cell.
-            // 248 B: a 256 B chunk (280 B and a 288 B chunk before the fifth pass: the
-            // driver's instants became 8-byte stamps, the sink's second `Arc<Shared>` went).
-            ("parked entry (boxed)", entry, 248),
-            ("  its waker (Arc payload)", waker, 24),
+            // A parked connection: its driver in a boxed lot entry, its slot's wake state
+            // (its waker is a number: no allocation), one deadline in the lot's heap (and
+            // 16 B of slab slot) instead of the task cell. 216 B in release (224 B here): a
+            // 224 B chunk (224 B and a 240 B chunk while the sink kept the client id as a
+            // 16-byte `Arc<str>`; 240 B and a 256 B chunk while it kept its waker's `Arc`, a
+            // 48 B chunk, and a lot task's second for its socket; 280 B and a 288 B chunk
+            // before the fifth pass).
+            ("parked entry (boxed)", entry, 224),
+            ("  its slot's wake state", waker, 4),
             ("  its deadline (lot's heap)", deadline, 16),
             // 360 B: a 368 B chunk (384 B, 400 B chunk before the fifth pass).
             ("Conn (boxed)", std::mem::size_of::<Conn>(), 360),
@@ -917,10 +921,11 @@ mod sizes {
             // 192 B chunk (208 B when it kept its limits, budgets and flag itself, 256 B
             // before the fifth pass).
             ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 176),
+            // 88 B: its client id is a thin pointer (96 B with an `Arc<str>`).
             (
                 "ServerSink (in the task)",
                 std::mem::size_of::<ServerSink>(),
-                96,
+                88,
             ),
             (
                 "Record (per client id)",

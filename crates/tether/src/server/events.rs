@@ -11,14 +11,15 @@ use tether_proto::presence::{PresenceChange, PresenceCounts, PresenceState};
 use tether_proto::{Disconnect, DisconnectReason};
 use thiserror::Error;
 
+use super::thin::ThinId;
 use crate::driver::StatsSnapshot;
 
 /// A client id as [`ServerEvent`]s carry it: shared with the server's record of the client
-/// (an `Arc<str>`), so an event costs no allocation and cloning an id copies no bytes. Reads
-/// as a `&str` (`Deref`, `AsRef`, `Borrow`), compares with `str` and `String`, and converts
-/// into a `String`.
+/// (one block behind an 8-byte pointer), so an event costs no allocation and cloning an id
+/// copies no bytes. Reads as a `&str` (`Deref`, `AsRef`, `Borrow`), compares with `str` and
+/// `String`, and converts into a `String` or an `Arc<str>` (copies).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientId(Arc<str>);
+pub struct ClientId(ThinId);
 
 impl ClientId {
     /// The id as a string slice.
@@ -58,9 +59,15 @@ impl std::fmt::Display for ClientId {
     }
 }
 
+impl From<ThinId> for ClientId {
+    fn from(id: ThinId) -> Self {
+        ClientId(id)
+    }
+}
+
 impl From<Arc<str>> for ClientId {
     fn from(id: Arc<str>) -> Self {
-        ClientId(id)
+        ClientId(ThinId::from(&*id))
     }
 }
 
@@ -72,7 +79,7 @@ impl From<&str> for ClientId {
 
 impl From<String> for ClientId {
     fn from(id: String) -> Self {
-        ClientId(id.into())
+        ClientId(id.as_str().into())
     }
 }
 
@@ -84,7 +91,7 @@ impl From<ClientId> for String {
 
 impl From<ClientId> for Arc<str> {
     fn from(id: ClientId) -> Self {
-        id.0
+        Arc::from(id.as_str())
     }
 }
 
@@ -372,15 +379,24 @@ mod tests {
         let size = std::mem::size_of::<ServerEvent>();
         eprintln!("ServerEvent {size} B, ClientId {} B", size_of::<ClientId>());
         assert!(size <= 128, "ServerEvent is {size} B");
-        assert_eq!(size_of::<ClientId>(), 16);
+        // A thin pointer (16 B while it was an `Arc<str>`).
+        assert_eq!(size_of::<ClientId>(), 8);
+        assert_eq!(size_of::<Option<ClientId>>(), 8);
     }
 
     #[test]
     fn a_client_id_reads_and_compares_as_a_string() {
         let id = ClientId::from("dev-1");
         let again = id.clone();
-        let (a, b): (Arc<str>, Arc<str>) = (id.clone().into(), again.into());
-        assert!(Arc::ptr_eq(&a, &b), "a clone shares the bytes");
+        assert_eq!(
+            id.as_str().as_ptr(),
+            again.as_str().as_ptr(),
+            "a clone shares the bytes"
+        );
+        let a: Arc<str> = again.into();
+        assert_eq!(&*a, "dev-1", "an Arc<str> is a copy of the id");
+        assert_eq!(ClientId::from(a), id);
+        assert_eq!(ClientId::from(String::from("dev-1")), id);
         assert_eq!(id, "dev-1");
         assert_eq!("dev-1", id);
         assert_eq!(id, String::from("dev-1"));

@@ -40,6 +40,7 @@ use tether_proto::{CloseCode, Disconnect, DisconnectReason};
 use super::events::{Broadcast, Delivery, SendError, ServerEvent};
 use super::handover::{SessionExport, SessionRequest};
 use super::sessions::{self, Held, Plan, SessionSlot};
+use super::thin::ThinId;
 use super::Inner;
 use crate::auth::resume::ResumeCredential;
 use crate::auth::PrincipalKey;
@@ -54,7 +55,7 @@ pub(super) struct Clients {
 
 /// Records by client id, keyed by the id the connection's sink holds too (one allocation
 /// for both).
-type Shard = Mutex<HashMap<Arc<str>, Record>>;
+type Shard = Mutex<HashMap<ThinId, Record>>;
 
 /// One client id's lifecycle state.
 #[derive(Debug, Default)]
@@ -148,13 +149,13 @@ pub(super) struct Admitted<'a> {
     /// When the principal's credential runs out, from now (`None`: it does not).
     pub(super) credential_ttl: Option<Duration>,
     /// The HELLO's client id, as the connection keeps it (the record shares it).
-    pub(super) key: &'a Arc<str>,
+    pub(super) key: &'a ThinId,
 }
 
 impl Inner {
     /// Runs `f` on the presence registry, then publishes its changes. Called with at most
     /// one shard lock held (shard → registry).
-    pub(super) fn with_registry<R>(&self, f: impl FnOnce(&mut Registry) -> R) -> R {
+    pub(super) fn with_registry<R>(&self, f: impl FnOnce(&mut Registry<ThinId>) -> R) -> R {
         let mut reg = lock(&self.registry);
         let r = f(&mut reg);
         let changes = drain_changes(&mut reg);
@@ -606,7 +607,7 @@ impl Inner {
         &self,
         now: Instant,
         export: SessionExport,
-        key: Option<&Arc<str>>,
+        key: Option<&ThinId>,
         remote: SocketAddr,
     ) -> Result<(), super::handover::ImportError> {
         use super::handover::ImportError;
@@ -619,7 +620,7 @@ impl Inner {
         let key = key
             .filter(|k| &***k == id.as_str())
             .cloned()
-            .unwrap_or_else(|| Arc::from(id.as_str()));
+            .unwrap_or_else(|| ThinId::from(id.as_str()));
         let rec = shard.entry(key).or_default();
         // A session of the same owner held here is older (the client moved on from it:
         // it resumes another one): it will not be resumed, it is lost now — as when the
@@ -917,7 +918,9 @@ pub(super) enum Take {
 }
 
 /// The registry's queued changes, each with the client's current address.
-pub(super) fn drain_changes(reg: &mut Registry) -> Vec<(PresenceChange, Option<SocketAddr>)> {
+pub(super) fn drain_changes(
+    reg: &mut Registry<ThinId>,
+) -> Vec<(PresenceChange, Option<SocketAddr>)> {
     let mut out = Vec::new();
     while let Some(ch) = reg.poll_change() {
         let remote = reg.get(&ch.id).map(|e| e.remote);

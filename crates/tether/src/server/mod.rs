@@ -31,6 +31,7 @@ pub mod handover;
 mod lifecycle;
 mod metrics;
 mod sessions;
+mod thin;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -68,7 +69,7 @@ pub(crate) struct Inner {
     /// The liveness settings every accepted connection runs with, shared likewise.
     liveness: Arc<LivenessConfig>,
     clients: Clients,
-    registry: Mutex<Registry>,
+    registry: Mutex<Registry<thin::ThinId>>,
     admission: Admission,
     budgets: Arc<Budgets>,
     /// What every connection's shared state is built with (its limits, the budgets): one
@@ -187,7 +188,7 @@ impl Server {
                 session: cfg.session,
             }),
             liveness: Arc::new(crate::connection::liveness_config(&cfg.policy, true)),
-            registry: Mutex::new(Registry::new(cfg.registry)),
+            registry: Mutex::new(Registry::keyed(cfg.registry)),
             conn_settings: driver::Settings::server(
                 driver::Limits {
                     outbox_bytes: cfg.outbox_bytes,
@@ -213,7 +214,7 @@ impl Server {
             lots: if park_idle {
                 let workers = tokio::runtime::Handle::current().metrics().num_workers();
                 (0..workers.max(1))
-                    .map(|_| driver::Lot::threaded(accept::unpark))
+                    .filter_map(|_| driver::Lot::threaded(accept::unpark))
                     .collect()
             } else {
                 Vec::new()
