@@ -20,8 +20,8 @@
 //!   so the lot's timing rules stay tested to the instant.
 //!
 //! ```text
-//!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Driver, waker(idx, gen), queued_at}
-//!                                            │  polled here with the entry's waker:
+//!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Driver (Conn frozen), waker(idx, gen), queued_at}
+//!                                            │  thawed and polled here with the entry's waker:
 //!   socket readable ──┐ (epoll event, or     │  the same `Driver::poll` as a task runs,
 //!   handle send/close ├─ waker(idx) ─▶ ready ┤  with the deadline kept in the lot's heap
 //!   the lot's timeout ┘ (heap of deadlines) ─┘  instead of a Sleep of its own
@@ -39,6 +39,13 @@
 //! as every read of a server connection does). Whatever else it finds — a message, a
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
+//!
+//! Frozen between wake-ups: an entry keeps its driver with the state machine in its compact
+//! form (`Driver::freeze`, `Conn::freeze`: 168 B inline in the entry instead of a 360 B
+//! `Conn`), since a parked connection's `Conn` holds mostly empty buffers and queues. A
+//! wake-up thaws it onto the stack (no allocation), runs the one engine's quick or full path
+//! as a task would, and freezes it back while it stays idle; it leaves the lot thawed.
+//! `Driver::may_park` asks `Conn::can_freeze`, so every parked connection freezes.
 //!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
@@ -69,6 +76,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
+use tether_proto::conn::FrozenConn;
 use tokio::time::Sleep;
 
 use super::{now, Carried, Driver, Exit, Resume, Sink, Stamp, Timer, PAUSED_READ, READS_PER_WAKE};
@@ -343,7 +351,9 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
 }
 
 struct Entry<T, S> {
-    d: Driver<T, S>,
+    /// The driver, its state machine frozen (`Driver::freeze`: 168 B instead of a 360 B
+    /// `Conn`). `None` only while a wake-up holds it, thawed on the stack (no allocation).
+    d: Option<Driver<T, S, FrozenConn>>,
     wake: Arc<EntryWake>,
     /// A lot task's socket waker (see [`EntryWake::socket`]); a lot thread's epoll needs
     /// none.
@@ -383,15 +393,10 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
 
     /// Takes a connection and polls it once; on a lot thread its socket leaves the reactor
     /// for the lot's epoll first (one that cannot gets its task back at once).
-    fn take(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) {
-        let idx = self.insert(lot, d);
+    fn take(&mut self, lot: &Lot<T, S>, mut d: Driver<T, S>) {
+        let (idx, gen) = self.insert(lot);
         if let Some(r) = &self.registry {
-            let slot = &mut self.slots[idx as usize];
-            let gen = slot.gen;
-            let Some(e) = slot.entry.as_deref_mut() else {
-                return;
-            };
-            let registered = e.d.io.detach().map(|fd| {
+            let registered = d.io.detach().map(|fd| {
                 r.register(
                     &mut mio::unix::SourceFd(&fd),
                     token(idx, gen),
@@ -402,14 +407,15 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 if let Some(Err(e)) = registered {
                     tracing::debug!(error = %e, "cannot register a parked socket");
                 }
-                self.release(lot, idx, Exit::Unpark);
+                self.release(lot, idx, d, Exit::Unpark);
                 return;
             }
         }
-        self.poll(lot, idx);
+        self.full_with(lot, idx, gen, d, Carried::None);
     }
 
-    fn insert(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) -> u32 {
+    /// A new entry, its driver not in it yet (the caller's first wake-up puts it there).
+    fn insert(&mut self, lot: &Lot<T, S>) -> (u32, u32) {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -433,14 +439,14 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
             })
         };
         slot.entry = Some(Box::new(Entry {
-            d,
+            d: None,
             wake: wake(false),
             socket: self.registry.is_none().then(|| wake(true)),
             queued_at: Stamp::NONE,
         }));
         self.len += 1;
         lot.parked.fetch_add(1, Relaxed);
-        idx
+        (idx, slot.gen)
     }
 
     fn entry(&mut self, idx: u32, gen: u32) -> Option<&mut Entry<T, S>> {
@@ -463,22 +469,32 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
             return;
         };
         let gen = slot.gen;
-        let Some(e) = slot.entry.as_deref_mut() else {
+        let Some(d) = slot.entry.as_deref_mut().and_then(|e| e.d.take()) else {
             return;
         };
-        e.wake.scheduled.store(false, Relaxed);
-        let waker = Waker::from(e.wake.clone());
-        let mut cx = Context::from_waker(&waker);
-        match e.d.poll(&mut cx, Timer::Parked, carried) {
-            Poll::Pending => {
-                self.queue(idx, gen);
-                // A lot task's transport wakes the waker of the read that found nothing:
-                // the socket's, so that its next bytes get a quick wake-up.
-                if self.registry.is_none() {
-                    self.quick(lot, idx);
-                }
+        self.full_with(lot, idx, gen, d.thaw(), carried);
+    }
+
+    /// The full wake-up of entry `idx` with its driver `d`, thawed: `d` goes back into the
+    /// entry frozen while it stays idle, or leaves the lot.
+    fn full_with(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, mut d: Driver<T, S>, c: Carried) {
+        // (The entry is there: only `release` takes it, and it is given the driver.)
+        let waker = match self.entry(idx, gen) {
+            Some(e) => {
+                e.wake.scheduled.store(false, Relaxed);
+                Waker::from(e.wake.clone())
             }
-            Poll::Ready(exit) => self.release(lot, idx, exit),
+            None => Waker::noop().clone(),
+        };
+        let mut cx = Context::from_waker(&waker);
+        match d.poll(&mut cx, Timer::Parked, c) {
+            // A lot task's transport wakes the waker of the read that found nothing: the
+            // socket's, so that its next bytes get a quick wake-up.
+            Poll::Pending if self.registry.is_none() && !self.full_queued(idx, gen) => {
+                self.quick_with(lot, idx, gen, d);
+            }
+            Poll::Pending => self.put_back(lot, idx, gen, d),
+            Poll::Ready(exit) => self.release(lot, idx, d, exit),
         }
     }
 
@@ -487,33 +503,61 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// without the full wake-up; anything else runs the full one, with what was read.
     /// Skipped when a full wake-up is queued already (it reads and fires too).
     fn quick(&mut self, lot: &Lot<T, S>, idx: u32) {
-        let Some(slot) = self.slots.get_mut(idx as usize) else {
+        let Some(gen) = self.slots.get(idx as usize).map(|s| s.gen) else {
             return;
         };
-        let gen = slot.gen;
-        let Some(e) = slot.entry.as_deref_mut() else {
+        if self.full_queued(idx, gen) {
             return;
+        }
+        let Some(d) = self.entry(idx, gen).and_then(|e| e.d.take()) else {
+            return;
+        };
+        self.quick_with(lot, idx, gen, d.thaw());
+    }
+
+    /// Clears entry `idx`'s socket wake-up and says whether a full wake-up is queued (a
+    /// quick one is skipped then).
+    fn full_queued(&mut self, idx: u32, gen: u32) -> bool {
+        let Some(e) = self.entry(idx, gen) else {
+            return false;
         };
         if let Some(w) = &e.socket {
             w.scheduled.store(false, Relaxed);
         }
-        if e.wake.scheduled.load(Acquire) {
-            return;
-        }
-        let waker = match &e.socket {
-            Some(w) => Waker::from(w.clone()),
+        e.wake.scheduled.load(Acquire)
+    }
+
+    /// The quick wake-up of entry `idx` with its driver `d`, thawed.
+    fn quick_with(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, mut d: Driver<T, S>) {
+        let waker = match self.entry(idx, gen).and_then(|e| e.socket.clone()) {
+            Some(w) => Waker::from(w),
             // A lot thread's bare socket registers no waker: its epoll reports the bytes.
             None => Waker::noop().clone(),
         };
         let mut cx = Context::from_waker(&waker);
-        match e.d.poll_quick(&mut cx) {
+        match d.poll_quick(&mut cx) {
             Quick::Parked => {
                 #[cfg(test)]
                 lot.quick.fetch_add(1, Relaxed);
-                self.queue(idx, gen);
+                self.put_back(lot, idx, gen, d);
             }
-            Quick::Full(carried) => self.full(lot, idx, carried),
+            Quick::Full(carried) => self.full_with(lot, idx, gen, d, carried),
         }
+    }
+
+    /// Entry `idx`'s driver, still idle after a wake-up, goes back into it frozen and its
+    /// deadline is queued; one whose state machine cannot be frozen leaves the lot (not
+    /// reached: `may_park` asks `Conn::can_freeze`).
+    fn put_back(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, d: Driver<T, S>) {
+        let frozen = match d.freeze() {
+            Ok(f) => f,
+            Err(d) => return self.release(lot, idx, d, Exit::Unpark),
+        };
+        match self.entry(idx, gen) {
+            Some(e) => e.d = Some(frozen),
+            None => return self.release(lot, idx, frozen.thaw(), Exit::Unpark),
+        }
+        self.queue(idx, gen);
     }
 
     /// Queues entry `idx`'s deadline (`Driver::armed`) in the heap when it moved (see
@@ -522,7 +566,9 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let Some(e) = self.entry(idx, gen) else {
             return;
         };
-        let a = e.d.armed;
+        let Some(a) = e.d.as_ref().map(|d| d.armed) else {
+            return;
+        };
         if let Some(at) = a.get() {
             if e.queued_at.get().is_none_or(|q| requeue(q, at, now())) {
                 e.queued_at = a;
@@ -534,30 +580,27 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// Entry `idx` leaves the lot: its task is spawned again (on a lot thread: its socket
     /// leaves the lot's epoll and, unless the connection is finished, goes back into the
     /// reactor first).
-    fn release(&mut self, lot: &Lot<T, S>, idx: u32, exit: Exit) {
-        let Some(mut e) = self
-            .slots
-            .get_mut(idx as usize)
-            .and_then(|s| s.entry.take())
-        else {
-            return;
-        };
-        self.free.push(idx);
-        self.len -= 1;
-        lot.parked.fetch_sub(1, Relaxed);
-        #[cfg(test)]
-        lot.unparks.fetch_add(1, Relaxed);
+    fn release(&mut self, lot: &Lot<T, S>, idx: u32, mut d: Driver<T, S>, exit: Exit) {
+        if let Some(slot) = self.slots.get_mut(idx as usize) {
+            if slot.entry.take().is_some() {
+                self.free.push(idx);
+                self.len -= 1;
+                lot.parked.fetch_sub(1, Relaxed);
+                #[cfg(test)]
+                lot.unparks.fetch_add(1, Relaxed);
+            }
+        }
         let finished = matches!(exit, Exit::Done);
         if let Some(r) = &self.registry {
             // `detach` of a detached transport answers its descriptor again.
-            if let Some(fd) = e.d.io.detach() {
+            if let Some(fd) = d.io.detach() {
                 let _ = r.deregister(&mut mio::unix::SourceFd(&fd));
             }
             if !finished {
-                e.d.io.attach();
+                d.io.attach();
                 if let Some(th) = &lot.threaded {
                     let mut relay = lock(&th.relay);
-                    relay.queued.push(Resume { d: e.d, finished });
+                    relay.queued.push(Resume { d, finished });
                     if !relay.running {
                         relay.running = true;
                         drop(relay);
@@ -567,7 +610,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 }
             }
         }
-        (lot.spawn)(Resume { d: e.d, finished });
+        (lot.spawn)(Resume { d, finished });
     }
 
     /// Between two polls of a lot thread's pass: every [`POLLS_BETWEEN_DEADLINES`] polls,
@@ -613,7 +656,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 continue;
             }
             e.queued_at = Stamp::NONE;
-            let a = e.d.armed;
+            let a = e.d.as_ref().map_or(Stamp::NONE, |d| d.armed);
             if a.is_none() {
                 continue;
             }
@@ -814,9 +857,9 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
                 continue;
             }
             let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
-            if let Some(e) = yard.entry(idx, gen) {
+            if let Some(d) = yard.entry(idx, gen).and_then(|e| e.d.as_mut()) {
                 // A quick wake-up (skipped if a full one is queued meanwhile: it reads too).
-                e.d.io.readable();
+                d.io.readable();
                 woken.push((idx, gen));
             }
         }

@@ -156,7 +156,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     }
 
     /// Idle, with a lot to wait in (see `park.rs`): established with nothing in flight in the
-    /// state machine (`Conn::is_quiescent`: no message held by a pause either), not closing,
+    /// state machine (`Conn::can_freeze`: quiescent, no message held by a pause either, and
+    /// nothing its liveness engine has to report: the lot keeps it frozen), not closing
     /// (a lot is only given to a parkable transport, in `start`). Paused reading (a full backlog) does not keep a connection
     /// that holds nothing out of the lot: the lot reads and answers its liveness frames the
     /// same way, and a message read gets it its task back. (Unparking every idle connection
@@ -171,7 +172,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             && !self.read_done
             && !self.write_failed
             && self.result.is_none()
-            && self.conn.is_quiescent()
+            && self.conn.can_freeze()
     }
 
     /// Commands from the handles: registers the waker, moves the outbox into the state

@@ -365,9 +365,9 @@ impl Connection<'_> {
     }
 
     /// The state machine and the sink of a new connection.
-    fn parts(&self, tls_principal: Option<Principal>) -> (Box<Conn>, ServerSink) {
+    fn parts(&self, tls_principal: Option<Principal>) -> (Conn, ServerSink) {
         let inner = self.inner;
-        let conn = Box::new(Conn::server(self.started, inner.conn_cfg.clone()));
+        let conn = Conn::server(self.started, inner.conn_cfg.clone());
         let auth = (inner.cfg.authorize.is_some() || tls_principal.is_some()).then(|| {
             Box::new(SinkAuth {
                 tls_principal,
@@ -896,18 +896,25 @@ mod sizes {
         let (entry, waker, deadline) = driver::parked_sizes::<Tcp, ServerSink>();
         let rows = [
             // tokio's task cell is the future + 104 B, rounded up to 128 B (x86-64): at most
-            // 408 B of future keeps it at 512 B (it was 640 B with 520 B of future). Only a
-            // connection with work has one now: an idle one is parked (the rows below).
-            ("task future (run_connection)", size_of_val(&task), 408),
-            // A parked connection: its driver in a boxed lot entry, the entry's waker, one
-            // deadline in the lot's heap (and 16 B of slab slot) instead of the task cell.
-            // 248 B: a 256 B chunk (280 B and a 288 B chunk before the fifth pass: the
-            // driver's instants became 8-byte stamps, the sink's second `Arc<Shared>` went).
-            ("parked entry (boxed)", entry, 248),
+            // 792 B of future keeps it at 896 B. The state machine is in the future (728 B),
+            // not boxed beside it: 896 B in one block against 512 B and a 368 B `Conn`
+            // chunk before (408 B of future). Only a connection with work has one: an idle
+            // one is parked (the rows below).
+            ("task future (run_connection)", size_of_val(&task), 792),
+            // A parked connection: its driver in a boxed lot entry with its state machine
+            // frozen inline, the entry's waker, one deadline in the lot's heap (and 16 B of
+            // slab slot) instead of the task cell. 408 B (400 B in release): a 416 B chunk, against a 256 B
+            // entry chunk and a 368 B `Conn` chunk while the `Conn` was boxed.
+            ("parked entry (boxed)", entry, 408),
             ("  its waker (Arc payload)", waker, 24),
             ("  its deadline (lot's heap)", deadline, 16),
-            // 360 B: a 368 B chunk (384 B, 400 B chunk before the fifth pass).
-            ("Conn (boxed)", std::mem::size_of::<Conn>(), 360),
+            (
+                "  its frozen Conn (inline)",
+                std::mem::size_of::<tether_proto::conn::FrozenConn>(),
+                168,
+            ),
+            // 360 B, in the task (and on the stack for a parked connection's wake-up).
+            ("Conn (in the task)", std::mem::size_of::<Conn>(), 360),
             (
                 "  of which Liveness",
                 std::mem::size_of::<tether_proto::Liveness>(),
