@@ -205,7 +205,9 @@ struct Driver<T, S, C = Conn> {
     armed: Stamp,
     read_done: bool,
     write_failed: bool,
-    closing_since: Stamp,
+    /// The end: how it ended and since when the close runs (boxed, created at the end:
+    /// every parked connection would carry both, dead, in its lot entry).
+    ending: Option<Box<Ending>>,
     /// Close without waiting for the peer's FIN (a refused connection that sent nothing
     /// more: evicted from the handshake, or refused at shutdown).
     no_linger: bool,
@@ -214,8 +216,6 @@ struct Driver<T, S, C = Conn> {
     abandoned: bool,
     shut_down: bool,
     last_write: Stamp,
-    /// How it ended (boxed: set once, at the end; every idle task would carry it).
-    result: Option<Box<Disconnect>>,
     established: bool,
     /// This connection's share of the server's partial-frame budget.
     frames: frames::FrameRoom,
@@ -231,6 +231,33 @@ struct Driver<T, S, C = Conn> {
     /// This wake-up is the lot's (`Timer::Parked`): reads are `PAUSED_READ` bytes, so a
     /// parked connection that receives more than a few reads' worth goes back to a task.
     in_lot: bool,
+}
+
+/// How a connection ends (see `Driver::ending`).
+#[derive(Default)]
+struct Ending {
+    /// How it ended (the state machine's `Closed` event).
+    result: Option<Disconnect>,
+    /// When the orderly close began (none: not yet).
+    closing_since: Stamp,
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Stamp::NONE
+    }
+}
+
+impl<T, S> Driver<T, S> {
+    /// The end's record, created on first use.
+    fn ending(&mut self) -> &mut Ending {
+        self.ending.get_or_insert_with(Box::default)
+    }
+
+    /// When the orderly close began, if it has.
+    fn closing_since(&self) -> Option<Instant> {
+        self.ending.as_ref().and_then(|e| e.closing_since.get())
+    }
 }
 
 /// An optional instant in 8 bytes instead of 16 (issue 17: every parked driver keeps two):
@@ -332,12 +359,11 @@ macro_rules! with_conn {
             armed: $d.armed,
             read_done: $d.read_done,
             write_failed: $d.write_failed,
-            closing_since: $d.closing_since,
+            ending: $d.ending,
             no_linger: $d.no_linger,
             abandoned: $d.abandoned,
             shut_down: $d.shut_down,
             last_write: $d.last_write,
-            result: $d.result,
             established: $d.established,
             frames: $d.frames,
             transmit_published: $d.transmit_published,
@@ -394,12 +420,11 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
             armed: Stamp::NONE,
             read_done: false,
             write_failed: false,
-            closing_since: Stamp::NONE,
+            ending: None,
             no_linger: false,
             abandoned: false,
             shut_down: false,
             last_write: Stamp::NONE,
-            result: None,
             established: false,
             frames: frames::FrameRoom::default(),
             transmit_published: 0,
@@ -477,13 +502,14 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             inner.transmit_bytes = 0;
             self.shared.recharge(&mut inner);
         }
-        let d = self.result.take().map_or(
-            Disconnect {
+        let d = self
+            .ending
+            .take()
+            .and_then(|e| e.result)
+            .unwrap_or(Disconnect {
                 reason: DisconnectReason::LocalClose,
                 silent_for: Duration::ZERO,
-            },
-            |d| *d,
-        );
+            });
         if !self.shared.is_persistent() {
             self.shared.finish(d.clone());
         }

@@ -168,10 +168,9 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// polls a connection once when it takes it, so nothing queued in between is missed.
     fn may_park(&self) -> bool {
         self.lot.is_some()
-            && self.closing_since.is_none()
+            && self.ending.is_none()
             && !self.read_done
             && !self.write_failed
-            && self.result.is_none()
             && self.conn.can_freeze()
     }
 
@@ -552,7 +551,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     self.answer_refresh(now, a);
                 }
                 ConnEvent::Closed(d) => {
-                    self.result = Some(Box::new(d.clone()));
+                    self.ending().result = Some(d.clone());
                     self.sink.flush(&self.shared);
                     if !self.shared.is_persistent() {
                         self.shared.finish(d.clone());
@@ -639,7 +638,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         if !self.conn.is_closed() {
             return false;
         }
-        let failure = self.result.as_deref().is_none_or(|d| {
+        let result = self.ending.as_ref().and_then(|e| e.result.as_ref());
+        let failure = result.is_none_or(|d| {
             matches!(
                 d.reason,
                 DisconnectReason::HeartbeatTimeout
@@ -650,13 +650,13 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     | DisconnectReason::Io(_)
             )
         });
-        let since = match self.closing_since.get() {
+        let since = match self.closing_since() {
             Some(s) => s,
             None => {
                 if failure {
                     self.io.abort_on_close();
                 }
-                self.closing_since = Stamp::at(now);
+                self.ending().closing_since = Stamp::at(now);
                 now
             }
         };
@@ -705,7 +705,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// Parked, the deadline is only recorded in `armed` (the lot's heap waits for it); true
     /// when it is due already.
     fn arm_timer(&mut self, cx: &mut Context<'_>, now: Instant, timer: &mut Timer<'_>) -> bool {
-        let linger = self.closing_since.get().map(|c| c + self.close_linger());
+        let linger = self.closing_since().map(|c| c + self.close_linger());
         let deadline = match (self.conn.poll_timeout(), linger) {
             (Some(d), Some(l)) => Some(d.min(l)),
             (d, l) => d.or(l),
