@@ -854,6 +854,22 @@ impl Decoder {
         }
     }
 
+    /// What an empty decoder carries from one frame to the next (its bulk-stream state), for
+    /// a parked connection's compact form (`conn::FrozenConn`); `None` while it holds part of
+    /// a frame. [`resumed`](Self::resumed) gives back an equal decoder.
+    pub(crate) fn idle_state(&self) -> Option<u32> {
+        self.partial.is_empty().then_some(self.bulk)
+    }
+
+    /// An empty decoder with the state [`idle_state`](Self::idle_state) returned.
+    pub(crate) fn resumed(max_frame_len: u32, bulk: u32) -> Self {
+        Decoder {
+            max_frame_len,
+            bulk,
+            partial: BytesMut::new(),
+        }
+    }
+
     /// In a bulk stream (a large frame, at least [`LARGE_FRAME`], was among the last few),
     /// the most the next read should take so that it ends where a frame does: the next
     /// frame's length header alone ([`HEADER_LEN`] bytes, or what it still misses), or the

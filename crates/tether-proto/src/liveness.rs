@@ -199,6 +199,98 @@ pub struct Liveness {
     heartbeats_received: u32,
 }
 
+/// A [`Liveness`] with nothing to report, kept compactly (issue 17: a parked connection's
+/// engine, see `conn::FrozenConn`): the same recorded times, flood ring, flags and counters,
+/// with the epoch as an 8-byte offset from an origin the holder keeps (not a 16-byte
+/// `Instant`) and no event queue (it is empty). [`Liveness::freeze`] /
+/// [`FrozenLiveness::thaw`] give back an engine that decides exactly as the one frozen: no
+/// decision is made on this form, it only holds the state.
+#[derive(Debug)]
+pub struct FrozenLiveness {
+    cfg: Arc<LivenessConfig>,
+    /// The engine's epoch, in nanoseconds after the origin given to `freeze`.
+    epoch: i64,
+    last_rx: u64,
+    last_tx: u64,
+    last_app: u64,
+    hb_ring: [u32; FLOOD_LIMIT],
+    ring_base: u32,
+    hb_next: u8,
+    hb_filled: u8,
+    /// `SUSPECT | DEAD | IDLE_FIRED`.
+    flags: u8,
+    rtt: Option<Box<Rtt>>,
+    heartbeats_sent: u32,
+    heartbeats_received: u32,
+}
+
+const SUSPECT: u8 = 1;
+const DEAD: u8 = 2;
+const IDLE_FIRED: u8 = 4;
+
+impl Liveness {
+    /// Whether [`freeze`](Self::freeze) would succeed: nothing to report (no event waits,
+    /// not even a heartbeat to send).
+    pub fn can_freeze(&self) -> bool {
+        !self.heartbeat_due && self.events.is_empty()
+    }
+
+    /// The engine in its compact form, when it has nothing to report
+    /// ([`can_freeze`](Self::can_freeze)); `Err` gives it back otherwise. `origin` is any
+    /// instant the holder keeps: [`FrozenLiveness::thaw`] must be given the same one.
+    // `Err` is the value given back as it came (boxing it would allocate).
+    #[allow(clippy::result_large_err)]
+    pub fn freeze(self, origin: Instant) -> Result<FrozenLiveness, Liveness> {
+        if !self.can_freeze() {
+            return Err(self);
+        }
+        let flags = (u8::from(self.suspect) * SUSPECT)
+            | (u8::from(self.dead) * DEAD)
+            | (u8::from(self.idle_fired) * IDLE_FIRED);
+        Ok(FrozenLiveness {
+            epoch: crate::offset::offset(origin, self.epoch),
+            cfg: self.cfg,
+            last_rx: self.last_rx,
+            last_tx: self.last_tx,
+            last_app: self.last_app,
+            hb_ring: self.hb_ring,
+            ring_base: self.ring_base,
+            hb_next: self.hb_next,
+            hb_filled: self.hb_filled,
+            flags,
+            rtt: self.rtt,
+            heartbeats_sent: self.heartbeats_sent,
+            heartbeats_received: self.heartbeats_received,
+        })
+    }
+}
+
+impl FrozenLiveness {
+    /// The engine again, as it was frozen (`origin`: the one given to
+    /// [`Liveness::freeze`]). Allocates nothing.
+    pub fn thaw(self, origin: Instant) -> Liveness {
+        Liveness {
+            epoch: crate::offset::instant(origin, self.epoch),
+            cfg: self.cfg,
+            last_rx: self.last_rx,
+            last_tx: self.last_tx,
+            last_app: self.last_app,
+            hb_ring: self.hb_ring,
+            ring_base: self.ring_base,
+            hb_next: self.hb_next,
+            hb_filled: self.hb_filled,
+            suspect: self.flags & SUSPECT != 0,
+            dead: self.flags & DEAD != 0,
+            idle_fired: self.flags & IDLE_FIRED != 0,
+            rtt: self.rtt,
+            heartbeat_due: false,
+            events: VecDeque::new(),
+            heartbeats_sent: self.heartbeats_sent,
+            heartbeats_received: self.heartbeats_received,
+        }
+    }
+}
+
 /// The ring's base moves in steps of 2^20 ms (about 17.5 minutes).
 const RING_STEP_MS: u64 = 1 << 20;
 

@@ -447,7 +447,7 @@ async fn supervise<C: Connector>(
                 );
                 let ended = driver::drive(
                     io,
-                    Box::new(conn),
+                    conn,
                     shared.clone(),
                     ClientSink {
                         tx: tx.clone(),

@@ -359,7 +359,7 @@ impl Connection {
             batch_hint: 0,
             credentials: opts.credential.clone(),
         };
-        tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
+        tokio::spawn(driver::drive(io, conn, shared.clone(), sink));
         match rx.await {
             Ok(Ok((welcome, _))) => Ok(Connection {
                 shared,
@@ -409,7 +409,7 @@ impl Connection {
             batch_hint: 0,
             credentials: None,
         };
-        tokio::spawn(driver::drive(io, Box::new(conn), shared.clone(), sink));
+        tokio::spawn(driver::drive(io, conn, shared.clone(), sink));
         match rx.await {
             Ok(Ok((welcome, Some(hello)))) => Ok((
                 Connection {

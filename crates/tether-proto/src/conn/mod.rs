@@ -37,11 +37,13 @@
 
 mod credential;
 mod established;
+mod frozen;
 mod handshake;
 mod parked;
 mod transmit;
 
 pub use credential::RefreshError;
+pub use frozen::FrozenConn;
 pub use parked::ParkedStep;
 pub use transmit::SHARE_PAYLOAD_FROM;
 

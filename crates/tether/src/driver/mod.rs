@@ -51,6 +51,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_proto::codec::{Credential, Hello, SessionGrant};
+use tether_proto::conn::FrozenConn;
 use tether_proto::session::Session;
 use tether_proto::{CloseCode, Conn, ConnEvent, Disconnect, DisconnectReason, LivenessConfig};
 
@@ -191,16 +192,22 @@ pub(crate) struct Ended<T, S> {
 
 /// One connection's task state: the transport, the state machine, the sink, and what the
 /// steps remember between wake-ups.
-struct Driver<T, S> {
+///
+/// The state machine is inline (`C = Conn`): a task holds it in its own cell, and a lot's
+/// wake-up thaws a parked connection onto the stack without allocating. Parked, the driver
+/// keeps it frozen (`C = FrozenConn`, 168 B instead of 360: see [`Driver::freeze`]).
+struct Driver<T, S, C = Conn> {
     io: T,
-    conn: Box<Conn>,
+    conn: C,
     shared: Arc<Shared>,
     sink: S,
     /// The instant the sleep is armed for (parked: the lot's deadline for it).
     armed: Stamp,
     read_done: bool,
     write_failed: bool,
-    closing_since: Stamp,
+    /// The end: how it ended and since when the close runs (boxed, created at the end:
+    /// every parked connection would carry both, dead, in its lot entry).
+    ending: Option<Box<Ending>>,
     /// Close without waiting for the peer's FIN (a refused connection that sent nothing
     /// more: evicted from the handshake, or refused at shutdown).
     no_linger: bool,
@@ -209,8 +216,6 @@ struct Driver<T, S> {
     abandoned: bool,
     shut_down: bool,
     last_write: Stamp,
-    /// How it ended (boxed: set once, at the end; every idle task would carry it).
-    result: Option<Box<Disconnect>>,
     established: bool,
     /// This connection's share of the server's partial-frame budget.
     frames: frames::FrameRoom,
@@ -226,6 +231,33 @@ struct Driver<T, S> {
     /// This wake-up is the lot's (`Timer::Parked`): reads are `PAUSED_READ` bytes, so a
     /// parked connection that receives more than a few reads' worth goes back to a task.
     in_lot: bool,
+}
+
+/// How a connection ends (see `Driver::ending`).
+#[derive(Default)]
+struct Ending {
+    /// How it ended (the state machine's `Closed` event).
+    result: Option<Disconnect>,
+    /// When the orderly close began (none: not yet).
+    closing_since: Stamp,
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Stamp::NONE
+    }
+}
+
+impl<T, S> Driver<T, S> {
+    /// The end's record, created on first use.
+    fn ending(&mut self) -> &mut Ending {
+        self.ending.get_or_insert_with(Box::default)
+    }
+
+    /// When the orderly close began, if it has.
+    fn closing_since(&self) -> Option<Instant> {
+        self.ending.as_ref().and_then(|e| e.closing_since.get())
+    }
 }
 
 /// An optional instant in 8 bytes instead of 16 (issue 17: every parked driver keeps two):
@@ -304,6 +336,8 @@ pub(crate) struct Resume<T, S> {
 impl<T: Transport, S: Sink> Resume<T, S> {
     /// The end of a connection that finished while parked, reported at once by whoever
     /// holds it (no task needed); `Err` gives back one that has work for a task.
+    // `Err` is the driver given back as it came (boxing it would allocate).
+    #[allow(clippy::result_large_err)]
     pub(crate) fn into_ended(self) -> Result<Ended<T, S>, Self> {
         if self.finished {
             Ok(self.d.end())
@@ -313,11 +347,64 @@ impl<T: Transport, S: Sink> Resume<T, S> {
     }
 }
 
+/// `$d` (a driver) with `$conn` for its state machine, every other field moved as it is:
+/// the one list of the fields for [`Driver::freeze`] and [`Driver::thaw`].
+macro_rules! with_conn {
+    ($d:ident, $conn:expr) => {
+        Driver {
+            conn: $conn,
+            io: $d.io,
+            shared: $d.shared,
+            sink: $d.sink,
+            armed: $d.armed,
+            read_done: $d.read_done,
+            write_failed: $d.write_failed,
+            ending: $d.ending,
+            no_linger: $d.no_linger,
+            abandoned: $d.abandoned,
+            shut_down: $d.shut_down,
+            last_write: $d.last_write,
+            established: $d.established,
+            frames: $d.frames,
+            transmit_published: $d.transmit_published,
+            paused: $d.paused,
+            backlog_ticket: $d.backlog_ticket,
+            lot: $d.lot,
+            in_lot: $d.in_lot,
+        }
+    };
+}
+
+impl<T, S> Driver<T, S> {
+    /// The driver with its state machine frozen ([`Conn::freeze`]), as a lot keeps it
+    /// between two wake-ups; `Err` gives it back when the connection cannot be frozen (not
+    /// reached from the lot: `may_park` asks [`Conn::can_freeze`]). Allocates nothing.
+    // `Err` is the driver given back as it came (boxing it would allocate).
+    #[allow(clippy::result_large_err)]
+    fn freeze(self) -> Result<Driver<T, S, FrozenConn>, Self> {
+        let d = self;
+        match d.conn.freeze(Stamp::origin()) {
+            Ok(f) => Ok(with_conn!(d, f)),
+            Err(c) => Err(with_conn!(d, c)),
+        }
+    }
+}
+
+impl<T, S> Driver<T, S, FrozenConn> {
+    /// The driver with its state machine thawed ([`FrozenConn::thaw`]), for a wake-up.
+    /// Allocates nothing.
+    fn thaw(self) -> Driver<T, S> {
+        let d = self;
+        let conn = d.conn.thaw(Stamp::origin());
+        with_conn!(d, conn)
+    }
+}
+
 /// A new connection's driver, parked by `lot` whenever a wake-up leaves it idle (and its
 /// transport can park; `None`: never parked).
 pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
     io: T,
-    conn: Box<Conn>,
+    conn: Conn,
     shared: Arc<Shared>,
     sink: S,
     lot: Option<Arc<Lot<T, S>>>,
@@ -333,12 +420,11 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
             armed: Stamp::NONE,
             read_done: false,
             write_failed: false,
-            closing_since: Stamp::NONE,
+            ending: None,
             no_linger: false,
             abandoned: false,
             shut_down: false,
             last_write: Stamp::NONE,
-            result: None,
             established: false,
             frames: frames::FrameRoom::default(),
             transmit_published: 0,
@@ -383,12 +469,13 @@ pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
 
 /// Runs one connection to its end.
 ///
-/// Every idle connection keeps this future alive, so it is kept small: the state machine is
-/// boxed, and the arguments are moved into the `Driver` before the future exists (an async
-/// fn would keep them in the future twice, once as arguments and once in the body).
+/// Every idle connection keeps this future alive, so it is kept small: the arguments are
+/// moved into the `Driver` before the future exists (an async fn would keep them in the
+/// future twice, once as arguments and once in the body). The state machine is inline: one
+/// allocation (the task's) instead of the task and a box.
 pub(crate) fn drive<T: Transport, S: Sink + Send + 'static>(
     io: T,
-    conn: Box<Conn>,
+    conn: Conn,
     shared: Arc<Shared>,
     sink: S,
 ) -> impl std::future::Future<Output = Ended<T, S>> + Send {
@@ -415,13 +502,14 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             inner.transmit_bytes = 0;
             self.shared.recharge(&mut inner);
         }
-        let d = self.result.take().map_or(
-            Disconnect {
+        let d = self
+            .ending
+            .take()
+            .and_then(|e| e.result)
+            .unwrap_or(Disconnect {
                 reason: DisconnectReason::LocalClose,
                 silent_for: Duration::ZERO,
-            },
-            |d| *d,
-        );
+            });
         if !self.shared.is_persistent() {
             self.shared.finish(d.clone());
         }

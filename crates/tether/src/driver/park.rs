@@ -20,8 +20,8 @@
 //!   so the lot's timing rules stay tested to the instant.
 //!
 //! ```text
-//!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Driver, waker(idx, gen), queued_at}
-//!                                            │  polled here with the entry's waker:
+//!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Driver (Conn frozen), waker(idx, gen), queued_at}
+//!                                            │  thawed and polled here with the entry's waker:
 //!   socket readable ──┐ (epoll event, or     │  the same `Driver::poll` as a task runs,
 //!   handle send/close ├─ waker(idx) ─▶ ready ┤  with the deadline kept in the lot's heap
 //!   the lot's timeout ┘ (heap of deadlines) ─┘  instead of a Sleep of its own
@@ -39,6 +39,13 @@
 //! as every read of a server connection does). Whatever else it finds — a message, a
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
+//!
+//! Frozen between wake-ups: an entry keeps its driver with the state machine in its compact
+//! form (`Driver::freeze`, `Conn::freeze`: 168 B inline in the entry instead of a 360 B
+//! `Conn`), since a parked connection's `Conn` holds mostly empty buffers and queues. A
+//! wake-up thaws it onto the stack (no allocation), runs the one engine's quick or full path
+//! as a task would, and freezes it back while it stays idle; it leaves the lot thawed.
+//! `Driver::may_park` asks `Conn::can_freeze`, so every parked connection freezes.
 //!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
@@ -69,6 +76,7 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
+use tether_proto::conn::FrozenConn;
 use tokio::time::Sleep;
 
 use super::{now, Carried, Driver, Exit, Resume, Sink, Stamp, Timer, PAUSED_READ, READS_PER_WAKE};
@@ -568,7 +576,9 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
 }
 
 struct Entry<T, S> {
-    d: Driver<T, S>,
+    /// The driver, its state machine frozen (`Driver::freeze`: 168 B instead of a 360 B
+    /// `Conn`). `None` only while a wake-up holds it, thawed on the stack (no allocation).
+    d: Option<Driver<T, S, FrozenConn>>,
     /// The earliest deadline of this entry in the heap (others for it there are stale;
     /// none: not queued). A stamp (8 bytes, exact both ways), not an `Option<Instant>`.
     queued_at: Stamp,
@@ -604,22 +614,14 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
 
     /// Takes a connection and polls it once; on a lot thread its socket leaves the reactor
     /// for the lot's epoll first (one that cannot gets its task back at once).
-    fn take(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) {
-        let idx = match self.insert(lot, d) {
-            Ok(idx) => idx,
-            Err(d) => {
-                // On a lot thread its socket is still in the reactor: its task takes it.
-                (lot.spawn)(Resume { d, finished: false });
-                return;
-            }
+    fn take(&mut self, lot: &Lot<T, S>, mut d: Driver<T, S>) {
+        let Some((idx, gen)) = self.insert(lot) else {
+            // On a lot thread its socket is still in the reactor: its task takes it.
+            (lot.spawn)(Resume { d, finished: false });
+            return;
         };
         if let Some(r) = &self.registry {
-            let slot = &mut self.slots[idx as usize];
-            let gen = slot.gen;
-            let Some(e) = slot.entry.as_deref_mut() else {
-                return;
-            };
-            let registered = e.d.io.detach().map(|fd| {
+            let registered = d.io.detach().map(|fd| {
                 r.register(
                     &mut mio::unix::SourceFd(&fd),
                     token(idx, gen),
@@ -630,16 +632,17 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 if let Some(Err(e)) = registered {
                     tracing::debug!(error = %e, "cannot register a parked socket");
                 }
-                self.release(lot, idx, Exit::Unpark);
+                self.release(lot, idx, d, Exit::Unpark);
                 return;
             }
         }
-        self.poll(lot, idx);
+        self.full_with(lot, idx, gen, d, Carried::None);
     }
 
-    /// Puts a connection in a slot; `Err` gives it back when the lot has no slot its
-    /// waker can name ([`MAX_SLOTS`]).
-    fn insert(&mut self, lot: &Lot<T, S>, d: Driver<T, S>) -> Result<u32, Driver<T, S>> {
+    /// A new entry, its driver not in it yet (the caller's first wake-up puts it there):
+    /// its slot and generation; `None` when the lot has no slot its waker can name
+    /// ([`MAX_SLOTS`]).
+    fn insert(&mut self, lot: &Lot<T, S>) -> Option<(u32, u32)> {
         let idx = match self.free.pop() {
             Some(i) => i,
             None if self.slots.len() < MAX_SLOTS => {
@@ -652,23 +655,23 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 });
                 idx
             }
-            None => return Err(d),
+            None => return None,
         };
         let slot = &mut self.slots[idx as usize];
         // 0 is a slot never used (see `LotWake::states`).
         let gen = (slot.gen.wrapping_add(1) & GEN_MASK).max(1);
         if !lot.wake.arm(idx, gen) {
             self.free.push(idx);
-            return Err(d);
+            return None;
         }
         slot.gen = gen;
         slot.entry = Some(Box::new(Entry {
-            d,
+            d: None,
             queued_at: Stamp::NONE,
         }));
         self.len += 1;
         lot.parked.fetch_add(1, Relaxed);
-        Ok(idx)
+        Some((idx, gen))
     }
 
     fn entry(&mut self, idx: u32, gen: u32) -> Option<&mut Entry<T, S>> {
@@ -691,22 +694,26 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
             return;
         };
         let gen = slot.gen;
-        let Some(e) = slot.entry.as_deref_mut() else {
+        let Some(d) = slot.entry.as_deref_mut().and_then(|e| e.d.take()) else {
             return;
         };
+        self.full_with(lot, idx, gen, d.thaw(), carried);
+    }
+
+    /// The full wake-up of entry `idx` with its driver `d`, thawed: `d` goes back into the
+    /// entry frozen while it stays idle, or leaves the lot.
+    fn full_with(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, mut d: Driver<T, S>, c: Carried) {
         lot.wake.unschedule(idx, FULL);
         let waker = entry_waker(lot.id, idx, gen, false);
         let mut cx = Context::from_waker(&waker);
-        match e.d.poll(&mut cx, Timer::Parked, carried) {
-            Poll::Pending => {
-                self.queue(idx, gen);
-                // A lot task's transport wakes the waker of the read that found nothing:
-                // the socket's, so that its next bytes get a quick wake-up.
-                if self.registry.is_none() {
-                    self.quick(lot, idx);
-                }
+        match d.poll(&mut cx, Timer::Parked, c) {
+            // A lot task's transport wakes the waker of the read that found nothing: the
+            // socket's, so that its next bytes get a quick wake-up.
+            Poll::Pending if self.registry.is_none() && !self.full_queued(lot, idx) => {
+                self.quick_with(lot, idx, gen, d);
             }
-            Poll::Ready(exit) => self.release(lot, idx, exit),
+            Poll::Pending => self.put_back(lot, idx, gen, d),
+            Poll::Ready(exit) => self.release(lot, idx, d, exit),
         }
     }
 
@@ -715,36 +722,60 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// without the full wake-up; anything else runs the full one, with what was read.
     /// Skipped when a full wake-up is queued already (it reads and fires too).
     fn quick(&mut self, lot: &Lot<T, S>, idx: u32) {
-        let Some(slot) = self.slots.get_mut(idx as usize) else {
+        let Some(gen) = self.slots.get(idx as usize).map(|s| s.gen) else {
             return;
         };
-        let gen = slot.gen;
-        let Some(e) = slot.entry.as_deref_mut() else {
+        if self.full_queued(lot, idx) {
+            return;
+        }
+        let Some(d) = self.entry(idx, gen).and_then(|e| e.d.take()) else {
             return;
         };
+        self.quick_with(lot, idx, gen, d.thaw());
+    }
+
+    /// Clears entry `idx`'s socket wake-up and says whether a full wake-up is queued (a
+    /// quick one is skipped then).
+    fn full_queued(&self, lot: &Lot<T, S>, idx: u32) -> bool {
         // A lot task's transport registers the socket's waker; a lot thread's bare socket
         // registers none: its epoll reports the bytes.
-        let socket = self.registry.is_none();
-        if socket {
+        if self.registry.is_none() {
             lot.wake.unschedule(idx, SOCKET);
         }
-        if lot.wake.scheduled(idx) {
-            return;
-        }
-        let waker = if socket {
+        lot.wake.scheduled(idx)
+    }
+
+    /// The quick wake-up of entry `idx` with its driver `d`, thawed.
+    fn quick_with(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, mut d: Driver<T, S>) {
+        let waker = if self.registry.is_none() {
             entry_waker(lot.id, idx, gen, true)
         } else {
             Waker::noop().clone()
         };
         let mut cx = Context::from_waker(&waker);
-        match e.d.poll_quick(&mut cx) {
+        match d.poll_quick(&mut cx) {
             Quick::Parked => {
                 #[cfg(test)]
                 lot.quick.fetch_add(1, Relaxed);
-                self.queue(idx, gen);
+                self.put_back(lot, idx, gen, d);
             }
-            Quick::Full(carried) => self.full(lot, idx, carried),
+            Quick::Full(carried) => self.full_with(lot, idx, gen, d, carried),
         }
+    }
+
+    /// Entry `idx`'s driver, still idle after a wake-up, goes back into it frozen and its
+    /// deadline is queued; one whose state machine cannot be frozen leaves the lot (not
+    /// reached: `may_park` asks `Conn::can_freeze`).
+    fn put_back(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, d: Driver<T, S>) {
+        let frozen = match d.freeze() {
+            Ok(f) => f,
+            Err(d) => return self.release(lot, idx, d, Exit::Unpark),
+        };
+        match self.entry(idx, gen) {
+            Some(e) => e.d = Some(frozen),
+            None => return self.release(lot, idx, frozen.thaw(), Exit::Unpark),
+        }
+        self.queue(idx, gen);
     }
 
     /// Queues entry `idx`'s deadline (`Driver::armed`) in the heap when it moved (see
@@ -753,7 +784,9 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let Some(e) = self.entry(idx, gen) else {
             return;
         };
-        let a = e.d.armed;
+        let Some(a) = e.d.as_ref().map(|d| d.armed) else {
+            return;
+        };
         if let Some(at) = a.get() {
             if e.queued_at.get().is_none_or(|q| requeue(q, at, now())) {
                 e.queued_at = a;
@@ -765,30 +798,27 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// Entry `idx` leaves the lot: its task is spawned again (on a lot thread: its socket
     /// leaves the lot's epoll and, unless the connection is finished, goes back into the
     /// reactor first).
-    fn release(&mut self, lot: &Lot<T, S>, idx: u32, exit: Exit) {
-        let Some(mut e) = self
-            .slots
-            .get_mut(idx as usize)
-            .and_then(|s| s.entry.take())
-        else {
-            return;
-        };
-        self.free.push(idx);
-        self.len -= 1;
-        lot.parked.fetch_sub(1, Relaxed);
-        #[cfg(test)]
-        lot.unparks.fetch_add(1, Relaxed);
+    fn release(&mut self, lot: &Lot<T, S>, idx: u32, mut d: Driver<T, S>, exit: Exit) {
+        if let Some(slot) = self.slots.get_mut(idx as usize) {
+            if slot.entry.take().is_some() {
+                self.free.push(idx);
+                self.len -= 1;
+                lot.parked.fetch_sub(1, Relaxed);
+                #[cfg(test)]
+                lot.unparks.fetch_add(1, Relaxed);
+            }
+        }
         let finished = matches!(exit, Exit::Done);
         if let Some(r) = &self.registry {
             // `detach` of a detached transport answers its descriptor again.
-            if let Some(fd) = e.d.io.detach() {
+            if let Some(fd) = d.io.detach() {
                 let _ = r.deregister(&mut mio::unix::SourceFd(&fd));
             }
             if !finished {
-                e.d.io.attach();
+                d.io.attach();
                 if let Some(th) = &lot.threaded {
                     let mut relay = lock(&th.relay);
-                    relay.queued.push(Resume { d: e.d, finished });
+                    relay.queued.push(Resume { d, finished });
                     if !relay.running {
                         relay.running = true;
                         drop(relay);
@@ -798,7 +828,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 }
             }
         }
-        (lot.spawn)(Resume { d: e.d, finished });
+        (lot.spawn)(Resume { d, finished });
     }
 
     /// Between two polls of a lot thread's pass: every [`POLLS_BETWEEN_DEADLINES`] polls,
@@ -844,7 +874,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 continue;
             }
             e.queued_at = Stamp::NONE;
-            let a = e.d.armed;
+            let a = e.d.as_ref().map_or(Stamp::NONE, |d| d.armed);
             if a.is_none() {
                 continue;
             }
@@ -1045,9 +1075,9 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
                 continue;
             }
             let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
-            if let Some(e) = yard.entry(idx, gen) {
+            if let Some(d) = yard.entry(idx, gen).and_then(|e| e.d.as_mut()) {
                 // A quick wake-up (skipped if a full one is queued meanwhile: it reads too).
-                e.d.io.readable();
+                d.io.readable();
                 woken.push((idx, gen));
             }
         }

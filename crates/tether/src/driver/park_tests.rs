@@ -56,7 +56,7 @@ async fn server_with(park: bool, budgets: Option<&Arc<Budgets>>) -> Parked {
     };
     let log = sink.log.clone();
     let lot = park.then(|| Lot::new(unpark).expect("a lot id"));
-    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+    let conn = Conn::server(now(), ConnConfig::default());
     tokio::spawn(resume(start(io, conn, shared.clone(), sink, lot.clone())));
     let mut peer = Peer::client(far).await;
     assert!(matches!(
@@ -489,7 +489,7 @@ async fn another_in(lot: &TestLot) -> (Arc<Shared>, Peer) {
         answer: true,
         ..Default::default()
     };
-    let conn = Box::new(Conn::server(now(), ConnConfig::default()));
+    let conn = Conn::server(now(), ConnConfig::default());
     let parked = lot.parked();
     tokio::spawn(resume(start(
         io,

@@ -156,7 +156,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     }
 
     /// Idle, with a lot to wait in (see `park.rs`): established with nothing in flight in the
-    /// state machine (`Conn::is_quiescent`: no message held by a pause either), not closing,
+    /// state machine (`Conn::can_freeze`: quiescent, no message held by a pause either, and
+    /// nothing its liveness engine has to report: the lot keeps it frozen), not closing
     /// (a lot is only given to a parkable transport, in `start`). Paused reading (a full backlog) does not keep a connection
     /// that holds nothing out of the lot: the lot reads and answers its liveness frames the
     /// same way, and a message read gets it its task back. (Unparking every idle connection
@@ -167,11 +168,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// polls a connection once when it takes it, so nothing queued in between is missed.
     fn may_park(&self) -> bool {
         self.lot.is_some()
-            && self.closing_since.is_none()
+            && self.ending.is_none()
             && !self.read_done
             && !self.write_failed
-            && self.result.is_none()
-            && self.conn.is_quiescent()
+            && self.conn.can_freeze()
     }
 
     /// Commands from the handles: registers the waker, moves the outbox into the state
@@ -551,7 +551,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     self.answer_refresh(now, a);
                 }
                 ConnEvent::Closed(d) => {
-                    self.result = Some(Box::new(d.clone()));
+                    self.ending().result = Some(d.clone());
                     self.sink.flush(&self.shared);
                     if !self.shared.is_persistent() {
                         self.shared.finish(d.clone());
@@ -638,7 +638,8 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         if !self.conn.is_closed() {
             return false;
         }
-        let failure = self.result.as_deref().is_none_or(|d| {
+        let result = self.ending.as_ref().and_then(|e| e.result.as_ref());
+        let failure = result.is_none_or(|d| {
             matches!(
                 d.reason,
                 DisconnectReason::HeartbeatTimeout
@@ -649,13 +650,13 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     | DisconnectReason::Io(_)
             )
         });
-        let since = match self.closing_since.get() {
+        let since = match self.closing_since() {
             Some(s) => s,
             None => {
                 if failure {
                     self.io.abort_on_close();
                 }
-                self.closing_since = Stamp::at(now);
+                self.ending().closing_since = Stamp::at(now);
                 now
             }
         };
@@ -704,7 +705,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// Parked, the deadline is only recorded in `armed` (the lot's heap waits for it); true
     /// when it is due already.
     fn arm_timer(&mut self, cx: &mut Context<'_>, now: Instant, timer: &mut Timer<'_>) -> bool {
-        let linger = self.closing_since.get().map(|c| c + self.close_linger());
+        let linger = self.closing_since().map(|c| c + self.close_linger());
         let deadline = match (self.conn.poll_timeout(), linger) {
             (Some(d), Some(l)) => Some(d.min(l)),
             (d, l) => d.or(l),

@@ -366,9 +366,9 @@ impl Connection<'_> {
     }
 
     /// The state machine and the sink of a new connection.
-    fn parts(&self, tls_principal: Option<Principal>) -> (Box<Conn>, ServerSink) {
+    fn parts(&self, tls_principal: Option<Principal>) -> (Conn, ServerSink) {
         let inner = self.inner;
-        let conn = Box::new(Conn::server(self.started, inner.conn_cfg.clone()));
+        let conn = Conn::server(self.started, inner.conn_cfg.clone());
         let auth = (inner.cfg.authorize.is_some() || tls_principal.is_some()).then(|| {
             Box::new(SinkAuth {
                 tls_principal,
@@ -897,21 +897,28 @@ mod sizes {
         let (entry, waker, deadline) = driver::parked_sizes::<Tcp, ServerSink>();
         let rows = [
             // tokio's task cell is the future + 104 B, rounded up to 128 B (x86-64): at most
-            // 408 B of future keeps it at 512 B (it was 640 B with 520 B of future). Only a
-            // connection with work has one now: an idle one is parked (the rows below).
-            ("task future (run_connection)", size_of_val(&task), 408),
-            // A parked connection: its driver in a boxed lot entry, its slot's wake state
-            // (its waker is a number: no allocation), one deadline in the lot's heap (and
-            // 16 B of slab slot) instead of the task cell. 216 B in release (224 B here): a
-            // 224 B chunk (224 B and a 240 B chunk while the sink kept the client id as a
-            // 16-byte `Arc<str>`; 240 B and a 256 B chunk while it kept its waker's `Arc`, a
-            // 48 B chunk, and a lot task's second for its socket; 280 B and a 288 B chunk
-            // before the fifth pass).
-            ("parked entry (boxed)", entry, 224),
+            // 792 B of future keeps it at 896 B. The state machine is in the future (720 B),
+            // not boxed beside it: 896 B in one block against 512 B and a 368 B `Conn`
+            // chunk before (408 B of future). Only a connection with work has one: an idle
+            // one is parked (the rows below).
+            ("task future (run_connection)", size_of_val(&task), 792),
+            // A parked connection: its driver in a boxed lot entry with its state machine
+            // frozen inline, its slot's wake state (its waker is a number: no allocation),
+            // one deadline in the lot's heap (and 16 B of slab slot) instead of the task
+            // cell. 376 B (368 B in release): a 384 B chunk, against a 224 B entry chunk and a 368 B
+            // `Conn` chunk while the `Conn` was boxed (240 B of entry while the sink kept the
+            // client id as a 16-byte `Arc<str>`, 256 B while it kept its waker's `Arc`, a 48
+            // B chunk; 288 B before the fifth pass).
+            ("parked entry (boxed)", entry, 376),
             ("  its slot's wake state", waker, 4),
             ("  its deadline (lot's heap)", deadline, 16),
-            // 360 B: a 368 B chunk (384 B, 400 B chunk before the fifth pass).
-            ("Conn (boxed)", std::mem::size_of::<Conn>(), 360),
+            (
+                "  its frozen Conn (inline)",
+                std::mem::size_of::<tether_proto::conn::FrozenConn>(),
+                168,
+            ),
+            // 360 B, in the task (and on the stack for a parked connection's wake-up).
+            ("Conn (in the task)", std::mem::size_of::<Conn>(), 360),
             (
                 "  of which Liveness",
                 std::mem::size_of::<tether_proto::Liveness>(),

@@ -1,0 +1,198 @@
+//! A quiescent connection in a compact form (issue 17): what a server keeps for each parked
+//! connection between two wake-ups.
+//!
+//! A quiescent connection ([`Conn::is_quiescent`]: established, nothing to transmit, no frame
+//! received in part, no event waiting) holds mostly nothing: empty buffers and queues, flags
+//! that only the handshake or a read in progress sets. [`Conn::freeze`] keeps what is live —
+//! the shared configuration, the liveness engine's recorded times, flood ring, flags and
+//! counters ([`FrozenLiveness`]: its epoch an 8-byte offset, no event queue), the session
+//! and credential boxes (pointers), the decoder's bulk-stream state, the counters and the
+//! few flags that can differ — and [`FrozenConn::thaw`] rebuilds the `Conn`:
+//!
+//! ```text
+//!  Conn (360 B)                                     FrozenConn (168 B)
+//!  cfg, role, flags ───────────────────────────────▶ cfg, flags
+//!  liveness (144 B: epoch Instant, event queue) ───▶ FrozenLiveness (96 B: epoch offset)
+//!  session, cred (boxes) ──────────────────────────▶ session, cred (the same boxes)
+//!  stats ──────────────────────────────────────────▶ stats
+//!  decoder (empty) ────────────────────────────────▶ its bulk-stream state (4 B)
+//!  out, queued, events, frame head (all empty),
+//!  handshake-only fields (local, peer_resume)     ─▶ rebuilt empty by `thaw`
+//! ```
+//!
+//! No decision is taken on the frozen form: the driver thaws it (no allocation: the empty
+//! buffers and queues are not allocated) and runs the one engine — the parked path
+//! ([`Conn::parked_input`], [`Conn::parked_timeout`]) or the full one — then freezes it again
+//! if it is still quiescent. The tests below hold a connection frozen and thawed at every
+//! quiescent point to a connection never frozen: the same bytes, events, deadlines and
+//! counters.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use crate::codec::{self, Decoder};
+use crate::liveness::FrozenLiveness;
+use crate::session::Session;
+
+use super::{credential, Conn, ConnConfig, Counters, Role, State};
+
+/// A quiescent [`Conn`] in its compact form (see the module docs). Made by
+/// [`Conn::freeze`]; [`thaw`](Self::thaw) gives back the connection.
+#[derive(Debug)]
+pub struct FrozenConn {
+    cfg: Arc<ConnConfig>,
+    liveness: FrozenLiveness,
+    session: Option<Box<Session>>,
+    cred: Option<Box<credential::CredentialState>>,
+    stats: Counters,
+    /// The decoder's state between frames ([`Decoder::idle_state`]).
+    bulk: u32,
+    /// `CLIENT | CLOSE_RECEIVED | HEARTBEAT_IN_READ | APP_DATA_IN_READ | WANT_SESSION`.
+    flags: u8,
+}
+
+const CLIENT: u8 = 1;
+const CLOSE_RECEIVED: u8 = 2;
+const HEARTBEAT_IN_READ: u8 = 4;
+const APP_DATA_IN_READ: u8 = 8;
+const WANT_SESSION: u8 = 16;
+
+impl Conn {
+    /// Whether [`freeze`](Self::freeze) would succeed: quiescent
+    /// ([`is_quiescent`](Self::is_quiescent)), past the handshake, and its liveness engine
+    /// has nothing to report. A driver that keeps only frozen connections while they wait
+    /// asks this before it parks one.
+    pub fn can_freeze(&self) -> bool {
+        self.is_quiescent()
+            && self.decoder.idle_state().is_some()
+            && self.was_established
+            && !self.handshaking
+            && !self.handed_off
+            && self.local.is_none()
+            && self.liveness.can_freeze()
+    }
+
+    /// The connection in its compact form, when it can be
+    /// ([`can_freeze`](Self::can_freeze)); `Err` gives it back unchanged otherwise.
+    /// `origin` is any instant the holder keeps (a driver's process-wide origin):
+    /// [`FrozenConn::thaw`] must be given the same one.
+    ///
+    /// Empty buffers' capacity is released (an idle connection holds none anyway).
+    // `Err` is the value given back as it came (boxing it would allocate).
+    #[allow(clippy::result_large_err)]
+    pub fn freeze(self, origin: Instant) -> Result<FrozenConn, Conn> {
+        let Some(bulk) = self.decoder.idle_state().filter(|_| self.can_freeze()) else {
+            return Err(self);
+        };
+        let Conn {
+            role,
+            cfg,
+            state,
+            decoder,
+            out,
+            queued,
+            events,
+            liveness,
+            was_established,
+            handshaking,
+            local,
+            close_received,
+            handed_off,
+            heartbeat_in_this_read,
+            app_data_in_this_read,
+            frame_head,
+            frame_head_got,
+            session,
+            want_session,
+            peer_resume,
+            cred,
+            stats,
+        } = self;
+        let liveness = match liveness.freeze(origin) {
+            Ok(l) => l,
+            // Not reached (`can_freeze` asked the engine); given back whole all the same.
+            Err(liveness) => {
+                return Err(Conn {
+                    role,
+                    cfg,
+                    state,
+                    decoder,
+                    out,
+                    queued,
+                    events,
+                    liveness,
+                    was_established,
+                    handshaking,
+                    local,
+                    close_received,
+                    handed_off,
+                    heartbeat_in_this_read,
+                    app_data_in_this_read,
+                    frame_head,
+                    frame_head_got,
+                    session,
+                    want_session,
+                    peer_resume,
+                    cred,
+                    stats,
+                })
+            }
+        };
+        // Dropped: `out`, `queued`, `events` and the decoder are empty; `frame_head` is not
+        // read while `frame_head_got` is 0 (it is whenever the decoder holds nothing);
+        // `peer_resume` is read only by `accept`, before the handshake completes.
+        let flag = |b: bool, f: u8| if b { f } else { 0 };
+        let flags = flag(role == Role::Client, CLIENT)
+            | flag(close_received, CLOSE_RECEIVED)
+            | flag(heartbeat_in_this_read, HEARTBEAT_IN_READ)
+            | flag(app_data_in_this_read, APP_DATA_IN_READ)
+            | flag(want_session, WANT_SESSION);
+        Ok(FrozenConn {
+            cfg,
+            liveness,
+            session,
+            cred,
+            stats,
+            bulk,
+            flags,
+        })
+    }
+}
+
+impl FrozenConn {
+    /// The connection again, equal in behaviour to the one frozen (`origin`: the one given
+    /// to [`Conn::freeze`]). Allocates nothing.
+    pub fn thaw(self, origin: Instant) -> Conn {
+        let has = |f: u8| self.flags & f != 0;
+        Conn {
+            role: if has(CLIENT) {
+                Role::Client
+            } else {
+                Role::Server
+            },
+            decoder: Decoder::resumed(self.cfg.max_frame_len, self.bulk),
+            state: State::Established,
+            out: BytesMut::new(),
+            queued: None,
+            events: std::collections::VecDeque::new(),
+            liveness: self.liveness.thaw(origin),
+            was_established: true,
+            handshaking: false,
+            local: None,
+            close_received: has(CLOSE_RECEIVED),
+            handed_off: false,
+            heartbeat_in_this_read: has(HEARTBEAT_IN_READ),
+            app_data_in_this_read: has(APP_DATA_IN_READ),
+            frame_head: [0; codec::HEADER_LEN],
+            frame_head_got: 0,
+            want_session: has(WANT_SESSION),
+            peer_resume: 0,
+            session: self.session,
+            cred: self.cred,
+            stats: self.stats,
+            cfg: self.cfg,
+        }
+    }
+}
