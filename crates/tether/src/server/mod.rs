@@ -598,15 +598,16 @@ impl ServerHandle {
     }
 }
 
-/// The first session id of this server: the wall-clock time in milliseconds times 1000, so
-/// that session ids of a restarted server never repeat earlier ones (a consumer that keys
-/// messages by `(client id, session, seq)` is not fooled by a restart). A server would have
-/// to open more than a million sessions per second on average to reach the next start's ids.
+/// The first session id of this server: a random number in `[1, 2^52]` from the OS (the
+/// server counts up from it), so that session ids of two servers — a cluster's nodes, or one
+/// server and its restart — do not repeat each other's: a consumer that keys messages by
+/// `(client id, session, seq)` is not fooled by a restart or by a client that moves to
+/// another node. Two servers' ranges of a million sessions each overlap with a probability
+/// of about 2^-31; ids stay below 2^53, exact in every JSON parser. (Until 2026-12 the first
+/// id was the start's wall-clock milliseconds × 1000: two servers started in the same
+/// millisecond, or a thousand sessions apart, handed out the same ids.)
 fn first_session_id() -> u64 {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
-    ms.saturating_mul(1000).max(1)
+    crate::random::u64() % (1 << 52) + 1
 }
 
 /// A client as queries see it: presence from the registry, counters from the live
@@ -680,5 +681,20 @@ async fn expiry_loop(inner: std::sync::Weak<Inner>, signals: Arc<Signals>) {
             _ = signals.registry_changed.notified() => {}
             _ = signals.shutdown.notified() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod session_id_tests {
+    /// Servers started together (a cluster's nodes, a test's two servers) count from
+    /// different random starts: the ids stay distinct and below 2^53 (exact in JSON).
+    #[test]
+    fn first_session_ids_are_random_distinct_and_exact_in_json() {
+        let starts: std::collections::HashSet<u64> =
+            (0..1000).map(|_| super::first_session_id()).collect();
+        assert_eq!(starts.len(), 1000, "two servers started together share ids");
+        assert!(starts.iter().all(|&s| (1..=1 << 52).contains(&s)));
+        // Spread over the range, not clustered at one end.
+        assert!(starts.iter().any(|&s| s > 1 << 51) && starts.iter().any(|&s| s < 1 << 51));
     }
 }
