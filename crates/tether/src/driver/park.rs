@@ -39,6 +39,11 @@
 //! as every read of a server connection does). Whatever else it finds — a message, a
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
+//! On a lot thread a heartbeat so costs one `recv`, one `send` and a share of an
+//! `epoll_wait` (3-4 sockets a return in a burst). A lot thread does not nap before
+//! `epoll_wait` to gather more of a burst: measured (BENCHMARKS.md, 2026-12-01), the nap's
+//! own sleep cost what the fewer `epoll_wait` returns saved, and it delayed answers by up
+//! to its length.
 //!
 //! Frozen between wake-ups: an entry keeps its driver with the state machine in its compact
 //! form (`Driver::freeze`, `Conn::freeze`: 168 B inline in the entry instead of a 360 B
