@@ -21,6 +21,7 @@
 //! passed in).
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod backoff;
 pub mod client_id;
 pub mod codec;

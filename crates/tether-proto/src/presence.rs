@@ -35,11 +35,12 @@
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::addr::PackedAddr;
 use crate::conn::ConnStats;
 use crate::offset::{instant, offset};
 use crate::reason::DisconnectReason;
@@ -286,7 +287,8 @@ pub const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
 #[derive(Debug)]
 struct Slot {
     conn_id: u64,
-    remote: Remote,
+    /// The remote address; its flag is "connected and `Suspect`" (not `Online`).
+    remote: PackedAddr,
     connected_since: i64,
     changed_at: i64,
     connects: u32,
@@ -294,51 +296,6 @@ struct Slot {
     /// `Resuming` or `Offline` (`None`: connected).
     ended: Option<Box<Ended>>,
     last_counters: Option<Box<ConnStats>>,
-}
-
-/// A slot's remote address and its suspect flag in 16 bytes (a [`SocketAddr`] alone takes
-/// 32): an IPv4 address inline, an IPv6 one (with its flow info and scope) boxed; the flag
-/// fills the enum's padding.
-#[derive(Debug)]
-enum Remote {
-    V4(SocketAddrV4, bool),
-    V6(Box<SocketAddrV6>, bool),
-}
-
-impl Remote {
-    fn new(a: SocketAddr) -> Self {
-        match a {
-            SocketAddr::V4(a) => Remote::V4(a, false),
-            SocketAddr::V6(a) => Remote::V6(Box::new(a), false),
-        }
-    }
-
-    fn get(&self) -> SocketAddr {
-        match self {
-            Remote::V4(a, _) => SocketAddr::V4(*a),
-            Remote::V6(a, _) => SocketAddr::V6(**a),
-        }
-    }
-
-    /// Replaces the address, keeping the flag.
-    fn set(&mut self, a: SocketAddr) {
-        let suspect = self.suspect();
-        *self = Remote::new(a);
-        self.set_suspect(suspect);
-    }
-
-    /// Connected and `Suspect` (not `Online`).
-    fn suspect(&self) -> bool {
-        match self {
-            Remote::V4(_, s) | Remote::V6(_, s) => *s,
-        }
-    }
-
-    fn set_suspect(&mut self, to: bool) {
-        match self {
-            Remote::V4(_, s) | Remote::V6(_, s) => *s = to,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -353,7 +310,7 @@ impl Slot {
     fn new(state: PresenceState, conn_id: u64, remote: SocketAddr, now: i64) -> Self {
         let mut s = Slot {
             conn_id,
-            remote: Remote::new(remote),
+            remote: PackedAddr::new(remote),
             connected_since: now,
             changed_at: now,
             connects: 0,
@@ -366,7 +323,7 @@ impl Slot {
     }
 
     fn state(&self) -> PresenceState {
-        match (&self.ended, self.remote.suspect()) {
+        match (&self.ended, self.remote.flag()) {
             (Some(e), _) => e.state.clone(),
             (None, true) => PresenceState::Suspect,
             (None, false) => PresenceState::Online,
@@ -374,7 +331,7 @@ impl Slot {
     }
 
     fn kind(&self) -> PresenceKind {
-        match (&self.ended, self.remote.suspect()) {
+        match (&self.ended, self.remote.flag()) {
             (Some(e), _) => e.state.kind(),
             (None, true) => PresenceKind::Suspect,
             (None, false) => PresenceKind::Online,
@@ -391,14 +348,14 @@ impl Slot {
         match to {
             PresenceState::Online => {
                 self.ended = None;
-                self.remote.set_suspect(false);
+                self.remote.set_flag(false);
             }
             PresenceState::Suspect => {
                 self.ended = None;
-                self.remote.set_suspect(true);
+                self.remote.set_flag(true);
             }
             state => {
-                self.remote.set_suspect(false);
+                self.remote.set_flag(false);
                 self.ended = Some(Box::new(Ended { state, timer: None }));
             }
         }
