@@ -244,10 +244,17 @@ impl Liveness {
         if !self.can_freeze() {
             return Err(self);
         }
+        Ok(self.frozen(origin))
+    }
+
+    /// [`freeze`](Self::freeze) for a caller that asked [`can_freeze`](Self::can_freeze)
+    /// already (`Conn::freeze`, whose own check includes it).
+    pub(crate) fn frozen(self, origin: Instant) -> FrozenLiveness {
+        debug_assert!(self.can_freeze(), "frozen with something to report");
         let flags = (u8::from(self.suspect) * SUSPECT)
             | (u8::from(self.dead) * DEAD)
             | (u8::from(self.idle_fired) * IDLE_FIRED);
-        Ok(FrozenLiveness {
+        FrozenLiveness {
             epoch: crate::offset::offset(origin, self.epoch),
             cfg: self.cfg,
             last_rx: self.last_rx,
@@ -261,7 +268,7 @@ impl Liveness {
             rtt: self.rtt,
             heartbeats_sent: self.heartbeats_sent,
             heartbeats_received: self.heartbeats_received,
-        })
+        }
     }
 }
 

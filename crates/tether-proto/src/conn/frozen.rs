@@ -89,57 +89,29 @@ impl Conn {
         let Conn {
             role,
             cfg,
-            state,
-            decoder,
-            out,
-            queued,
-            events,
+            state: _,
+            decoder: _,
+            out: _,
+            queued: _,
+            events: _,
             liveness,
-            was_established,
-            handshaking,
-            local,
+            was_established: _,
+            handshaking: _,
+            local: _,
             close_received,
-            handed_off,
+            handed_off: _,
             heartbeat_in_this_read,
             app_data_in_this_read,
-            frame_head,
-            frame_head_got,
+            frame_head: _,
+            frame_head_got: _,
             session,
             want_session,
-            peer_resume,
+            peer_resume: _,
             cred,
             stats,
         } = self;
-        let liveness = match liveness.freeze(origin) {
-            Ok(l) => l,
-            // Not reached (`can_freeze` asked the engine); given back whole all the same.
-            Err(liveness) => {
-                return Err(Conn {
-                    role,
-                    cfg,
-                    state,
-                    decoder,
-                    out,
-                    queued,
-                    events,
-                    liveness,
-                    was_established,
-                    handshaking,
-                    local,
-                    close_received,
-                    handed_off,
-                    heartbeat_in_this_read,
-                    app_data_in_this_read,
-                    frame_head,
-                    frame_head_got,
-                    session,
-                    want_session,
-                    peer_resume,
-                    cred,
-                    stats,
-                })
-            }
-        };
+        // `can_freeze` above asked the engine too.
+        let liveness = liveness.frozen(origin);
         // Dropped: `out`, `queued`, `events` and the decoder are empty; `frame_head` is not
         // read while `frame_head_got` is 0 (it is whenever the decoder holds nothing);
         // `peer_resume` is read only by `accept`, before the handshake completes.
