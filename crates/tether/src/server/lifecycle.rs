@@ -127,6 +127,19 @@ impl Clients {
         out
     }
 
+    /// Visits the live connections' states, one shard at a time, without collecting them:
+    /// a metrics scrape through [`live`](Self::live) allocated an id copy and a 40 B row per
+    /// client (1.3 MB at 19,000 clients), pages that stayed resident after it (issue 17).
+    pub(super) fn for_each_live(&self, mut f: impl FnMut(&Shared)) {
+        for shard in self.shards.iter() {
+            for r in lock(shard).values() {
+                if let Some(l) = &r.conn {
+                    f(&l.shared);
+                }
+            }
+        }
+    }
+
     /// The session id of `id`, while it has one.
     pub(super) fn session_of(&self, id: &str) -> Option<u64> {
         lock(self.shard(id))

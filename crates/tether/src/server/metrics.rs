@@ -54,13 +54,13 @@ impl Inner {
             unsent_bytes: self.budgets.unsent.used(),
         };
         // Add what live connections did so far (ended ones were folded into the totals).
-        for (_, shared, _) in self.clients.live() {
+        self.clients.for_each_live(|shared| {
             let s = shared.stats.snapshot();
             m.heartbeats_sent += s.heartbeats_out;
             m.heartbeats_received += s.heartbeats_in;
             m.messages_received += s.messages_in;
             m.messages_sent += s.messages_out;
-        }
+        });
         m
     }
 }
