@@ -44,6 +44,7 @@ mod stats;
 mod steps;
 #[cfg(test)]
 mod tests;
+mod trim;
 
 use std::future::poll_fn;
 use std::pin::Pin;

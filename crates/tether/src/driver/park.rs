@@ -1033,6 +1033,7 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             }
             std::mem::take(&mut i.drivers)
         };
+        super::trim::parked(incoming.len());
         let mut polled = 0usize;
         for d in incoming {
             yard.take(&lot, d);
@@ -1066,6 +1067,12 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
                 .map(|t| t.saturating_duration_since(now()))
         } else {
             Some(Duration::ZERO)
+        };
+        // After a burst of parks, the heap's holes go back to the kernel (`trim.rs`).
+        super::trim::maybe_trim();
+        let timeout = match super::trim::due_in() {
+            Some(d) => Some(timeout.map_or(d, |t| t.min(d))),
+            None => timeout,
         };
         // mio rounds the timeout up to whole milliseconds: never early.
         if let Err(e) = poll.poll(&mut events, timeout) {
