@@ -94,6 +94,13 @@ struct HoldOpts {
     /// Load-generator processes (default: one per 6,500 clients, 1–4).
     #[arg(long)]
     agents: Option<usize>,
+    /// Clients connected (and kept) before the baseline memory is read, so that RSS/conn is
+    /// what N more clients cost a server that already holds some: what is paid once —
+    /// code pages first touched, the lot threads, the allocator's arenas — is not spread
+    /// over N. The same for every server; the "cold RSS/c" column counts from the empty
+    /// server instead. 0: no warm-up.
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
 }
 
 #[derive(clap::Args, Debug, Clone)]
