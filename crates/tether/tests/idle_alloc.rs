@@ -394,23 +394,25 @@ fn idle_connection_heap() {
         // Bounds (issue 17): what an idle plain-TCP connection keeps on the server's heap,
         // every server thread counted (the lot's included).
         // Own blocks: the client id (a 32 B chunk), the lot entry (the driver's compact form
-        // and, frozen inline, its `Conn`), `Shared`: 528 B of chunks in 3 blocks in a release
-        // build, 544 B in a debug one (`scripts/test`'s: its entry is 304 B, a 320 B chunk,
-        // against 296 B and a 304 B chunk). 576 / 592 B while the entry kept the whole driver
-        // (344 / 352 B); 608 B while the sink kept a 32-byte `SocketAddr` and an
+        // and, frozen inline without its counters, its `Conn`), `Shared`: 496 B of chunks in
+        // 3 blocks in a release build and in a debug one (`scripts/test`'s: its entry is
+        // 264 B, against 256 B in release: a 272 B chunk both). 528 / 544 B while the frozen
+        // `Conn` kept its counters (entry 296 / 304 B); 576 / 592 B while the entry kept the
+        // whole driver (344 / 352 B); 608 B while the sink kept a 32-byte `SocketAddr` and an
         // `Option<u64>`; 688 B in 4 with a waker `Arc` per entry and a 16-byte `Arc<str>` id
         // in the sink; 912 B in 5 while the `Conn` was a 368 B block of its own beside a 256
         // B entry; 928 B before `Shared` shared its settings. (tokio's I/O registration
         // lives in its slab pages, counted with the tables.)
         assert!(own_blocks <= 3.1, "{own_blocks:.2} blocks of its own per idle connection");
-        assert!(own_chunks <= 552.0, "{own_chunks:.0} B of its own per idle connection");
+        assert!(own_chunks <= 504.0, "{own_chunks:.0} B of its own per idle connection");
         // With the tables' share (presence and client records, the lot's slab, heap and
-        // slot states): 794 B measured in release, 803 B in debug (835 / 851 B while the
-        // entry kept the whole driver, 867 B with the larger
+        // slot states): 760 B measured in release, 755 B in debug (794 / 803 B while the
+        // frozen `Conn` kept its counters, 835 / 851 B while the entry kept the whole
+        // driver, 867 B with the larger
         // sink, 992 B with a waker `Arc` per entry and ids as 16-byte `Arc<str>` keys, 1,216 B
         // before the parked `Conn` was frozen, 1,346 B before the presence slot, the client
         // record and `Shared` shrank; the tables' share moves by a few tens of bytes run to
         // run).
-        assert!(chunks <= 845.0, "{chunks:.0} B per idle connection");
+        assert!(chunks <= 798.0, "{chunks:.0} B per idle connection");
     });
 }

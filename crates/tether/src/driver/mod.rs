@@ -235,12 +235,15 @@ struct Driver<T, S> {
 }
 
 /// A parked connection's driver, as its lot entry keeps it between two wake-ups (issue 17):
-/// only what a parked connection can hold, its state machine frozen ([`FrozenConn`], 168 B
+/// only what a parked connection can hold, its state machine frozen ([`FrozenConn`], 128 B
 /// instead of a 360 B `Conn`). Every other field of the [`Driver`] has a value that parking
 /// implies ([`Driver::can_freeze`]): no end, no failed read or write, no close under way,
 /// established, no partial-frame budget (the frozen decoder holds no buffer), the transmit
 /// bytes published, the lot the one that holds it; `paused` and `in_lot` are set at the
-/// start of every pass. [`Driver::thaw`] rebuilds them. It holds state, it decides nothing.
+/// start of every pass. The state machine's counters are not kept twice: they are the ones
+/// published in `Shared::stats` (which `can_freeze` checks), given back to
+/// [`FrozenConn::thaw`]. [`Driver::thaw`] rebuilds it all. It holds state, it decides
+/// nothing.
 struct Parked<T, S> {
     io: T,
     conn: FrozenConn,
@@ -368,8 +371,10 @@ impl<T: Transport, S: Sink> Resume<T, S> {
 impl<T, S> Driver<T, S> {
     /// Whether the driver has its compact form ([`Parked`]): it has a lot, its state machine
     /// can be frozen ([`Conn::can_freeze`]) and every field the compact form drops has the
-    /// value [`thaw`](Self::thaw) gives it back. What decides whether an idle connection
-    /// parks (`may_park`), so a parked connection always freezes.
+    /// value [`thaw`](Self::thaw) gives it back, the counters included (published exactly:
+    /// a connection past 2^32 - 1 heartbeats, whose published counts saturate, keeps its
+    /// task). What decides whether an idle connection parks (`may_park`), so a parked
+    /// connection always freezes.
     fn can_freeze(&self) -> bool {
         self.lot.is_some()
             && self.ending.is_none()
@@ -381,6 +386,7 @@ impl<T, S> Driver<T, S> {
             && self.established
             && (self.shared.budgets().is_none()
                 || self.transmit_published == steps::held_for_peer(&self.conn))
+            && self.shared.stats.holds(&self.conn.stats())
             && self.conn.can_freeze()
     }
 
@@ -449,7 +455,7 @@ impl<T, S> Driver<T, S> {
     /// machine thawed ([`FrozenConn::thaw`]) and the fields [`freeze`](Self::freeze)
     /// dropped at the values parking implies. Allocates nothing.
     fn thaw(p: Parked<T, S>, lot: &Arc<Lot<T, S>>) -> Self {
-        let conn = p.conn.thaw(Stamp::origin());
+        let conn = p.conn.thaw(Stamp::origin(), &p.shared.stats.counters());
         Driver::parked_parts(
             p.io,
             conn,

@@ -47,13 +47,13 @@
 //!
 //! Frozen between wake-ups: an entry keeps its driver in its compact form (`Driver::freeze`,
 //! a `Parked`: the transport, the sink, the shared state, two stamps and the state machine
-//! frozen by `Conn::freeze`, 168 B instead of a 360 B `Conn`), since a parked connection's
+//! frozen by `Conn::freeze`, 128 B instead of a 360 B `Conn`), since a parked connection's
 //! `Conn` holds mostly empty buffers and queues and most of its driver's fields have the
 //! values parking implies (no end, no close under way, established, no partial frame, this
-//! lot). A wake-up thaws it onto the stack (`Driver::thaw`, no allocation), runs the one
-//! engine's quick or full path as a task would, and freezes it back while it stays idle; it
-//! leaves the lot thawed. `Driver::may_park` is `Driver::can_freeze`, so every parked
-//! connection freezes.
+//! lot; the state machine's counters are the ones published in `Shared::stats`). A wake-up
+//! thaws it onto the stack (`Driver::thaw`, no allocation), runs the one engine's quick or
+//! full path as a task would, and freezes it back while it stays idle; it leaves the lot
+//! thawed. `Driver::may_park` is `Driver::can_freeze`, so every parked connection freezes.
 //!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
@@ -585,7 +585,7 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
 }
 
 struct Entry<T, S> {
-    /// The driver in its compact form (`Driver::freeze`: the state machine frozen, 168 B
+    /// The driver in its compact form (`Driver::freeze`: the state machine frozen, 128 B
     /// instead of a 360 B `Conn`, and only the driver's fields a parked connection needs).
     /// `None` only while a wake-up holds it, thawed on the stack (no allocation).
     d: Option<Parked<T, S>>,

@@ -910,20 +910,22 @@ mod sizes {
             // A parked connection: its driver in a boxed lot entry with its state machine
             // frozen inline, its slot's wake state (its waker is a number: no allocation),
             // one deadline in the lot's heap (and 16 B of slab slot) instead of the task
-            // cell. 304 B (296 B in release, a 304 B chunk): the driver's compact form
-            // (`driver::Parked`, without the fields parking implies); 352 B (344 B in
+            // cell. 264 B (256 B in release; a 272 B chunk both): the driver's compact form
+            // (`driver::Parked`, without the fields parking implies) and the `Conn` frozen
+            // without its counters (`Shared::stats` has them); 304 B (296 B in release)
+            // while the frozen `Conn` kept them; 352 B (344 B in
             // release, a 352 B chunk) while it kept the whole driver (384 B while the sink
             // kept a 32-byte `SocketAddr` and an `Option<u64>`), against a 224 B entry chunk
             // and a 368 B `Conn` chunk while the `Conn` was boxed (240 B of entry while the
             // sink kept the client id as a 16-byte `Arc<str>`, 256 B while it kept its
             // waker's `Arc`, a 48 B chunk; 288 B before the fifth pass).
-            ("parked entry (boxed)", entry, 304),
+            ("parked entry (boxed)", entry, 264),
             ("  its slot's wake state", waker, 4),
             ("  its deadline (lot's heap)", deadline, 16),
             (
                 "  its frozen Conn (inline)",
                 std::mem::size_of::<tether_proto::conn::FrozenConn>(),
-                168,
+                128,
             ),
             // 360 B, in the task (and on the stack for a parked connection's wake-up).
             ("Conn (in the task)", std::mem::size_of::<Conn>(), 360),
