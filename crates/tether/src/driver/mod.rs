@@ -64,6 +64,7 @@ use crate::auth::AuthDecision;
 pub use stats::StatsSnapshot;
 
 // The probe responder names the transport through the driver.
+use crate::transport::ParkIo;
 pub(crate) use crate::transport::Transport;
 
 /// Bytes read per `read` call, on the stack.
@@ -242,10 +243,11 @@ struct Driver<T, S> {
 /// bytes published, the lot the one that holds it; `paused` and `in_lot` are set at the
 /// start of every pass. The state machine's counters are not kept twice: they are the ones
 /// published in `Shared::stats` (which `can_freeze` checks), given back to
-/// [`FrozenConn::thaw`]. [`Driver::thaw`] rebuilds it all. It holds state, it decides
-/// nothing.
-struct Parked<T, S> {
-    io: T,
+/// [`FrozenConn::thaw`]. The transport is in its parked form too ([`ParkIo`]: a plain-TCP
+/// socket on a lot thread is its descriptor and a flag). [`Driver::thaw`] rebuilds it all.
+/// It holds state, it decides nothing.
+struct Parked<P, S> {
+    io: P,
     conn: FrozenConn,
     shared: Arc<Shared>,
     sink: S,
@@ -389,10 +391,13 @@ impl<T, S> Driver<T, S> {
             && self.shared.stats.holds(&self.conn.stats())
             && self.conn.can_freeze()
     }
+}
 
+impl<T: ParkIo, S> Driver<T, S> {
     /// The driver in its compact form, as a lot keeps it between two wake-ups; `Err` gives
     /// it back when it has none ([`can_freeze`](Self::can_freeze); not reached from the
-    /// lot: `may_park` asks it). Allocates nothing.
+    /// lot: `may_park` asks it). Allocates nothing (but a lot task's `Tcp`, which stays in
+    /// the reactor, is boxed: see `transport::ParkedTcp`).
     ///
     /// What the connection holds of the partial-frame budget goes back: the frozen decoder
     /// holds no buffer ([`Conn::freeze`] releases it), and the first read after the thaw
@@ -402,7 +407,7 @@ impl<T, S> Driver<T, S> {
     /// waker again.
     // `Err` is the driver given back as it came (boxing it would allocate).
     #[allow(clippy::result_large_err)]
-    fn freeze(self) -> Result<Parked<T, S>, Self> {
+    fn freeze(self) -> Result<Parked<T::Parked, S>, Self> {
         if !self.can_freeze() {
             return Err(self);
         }
@@ -441,7 +446,7 @@ impl<T, S> Driver<T, S> {
             frames.release(&b.frames);
         }
         Ok(Parked {
-            io,
+            io: io.park(),
             conn,
             shared,
             sink,
@@ -450,14 +455,14 @@ impl<T, S> Driver<T, S> {
         })
     }
 }
-impl<T, S> Driver<T, S> {
+impl<T: ParkIo, S> Driver<T, S> {
     /// The driver of a parked connection, for a wake-up of `lot`, which holds it: its state
     /// machine thawed ([`FrozenConn::thaw`]) and the fields [`freeze`](Self::freeze)
     /// dropped at the values parking implies. Allocates nothing.
-    fn thaw(p: Parked<T, S>, lot: &Arc<Lot<T, S>>) -> Self {
+    fn thaw(p: Parked<T::Parked, S>, lot: &Arc<Lot<T, S>>) -> Self {
         let conn = p.conn.thaw(Stamp::origin(), &p.shared.stats.counters());
         Driver::parked_parts(
-            p.io,
+            T::unpark(p.io),
             conn,
             p.shared,
             p.sink,
@@ -466,7 +471,9 @@ impl<T, S> Driver<T, S> {
             Some(lot.clone()),
         )
     }
+}
 
+impl<T, S> Driver<T, S> {
     /// A driver whose other fields have the values [`can_freeze`](Self::can_freeze) asks
     /// for (the one list of them).
     fn parked_parts(
@@ -543,7 +550,7 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
 /// Runs a connection's task: until it ends (`Some`), or until a wake-up leaves it idle and
 /// it moves to its lot (`None`; the lot spawns this again, with the same state, when the
 /// connection has work).
-pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
+pub(crate) fn resume<T: ParkIo, S: Sink + Send + 'static>(
     r: Resume<T, S>,
 ) -> impl std::future::Future<Output = Option<Ended<T, S>>> + Send {
     let Resume { mut d, finished } = r;

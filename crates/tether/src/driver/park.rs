@@ -46,14 +46,16 @@
 //! to its length.
 //!
 //! Frozen between wake-ups: an entry keeps its driver in its compact form (`Driver::freeze`,
-//! a `Parked`: the transport, the sink, the shared state, two stamps and the state machine
+//! a `Parked`: the transport in its parked form (`ParkIo`: a lot thread's socket is its
+//! descriptor and a flag), the sink, the shared state, two stamps and the state machine
 //! frozen by `Conn::freeze`, 128 B instead of a 360 B `Conn`), since a parked connection's
 //! `Conn` holds mostly empty buffers and queues and most of its driver's fields have the
 //! values parking implies (no end, no close under way, established, no partial frame, this
 //! lot; the state machine's counters are the ones published in `Shared::stats`). A wake-up
-//! thaws it onto the stack (`Driver::thaw`, no allocation), runs the one engine's quick or
-//! full path as a task would, and freezes it back while it stays idle; it leaves the lot
-//! thawed. `Driver::may_park` is `Driver::can_freeze`, so every parked connection freezes.
+//! thaws it onto the stack (`Driver::thaw`, no allocation on a lot thread), runs the one
+//! engine's quick or full path as a task would, and freezes it back while it stays idle; it
+//! leaves the lot thawed. `Driver::may_park` is `Driver::can_freeze`, so every parked
+//! connection freezes.
 //!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
@@ -89,7 +91,7 @@ use tokio::time::Sleep;
 use super::{
     now, Carried, Driver, Exit, Parked, Resume, Sink, Stamp, Timer, PAUSED_READ, READS_PER_WAKE,
 };
-use crate::transport::Transport;
+use crate::transport::{ParkIo, Transport};
 
 /// Entries polled per pass of the lot's task before it yields to other tasks. Large: the
 /// lot stands for every idle connection of its worker, and under a saturating load it gets
@@ -437,7 +439,7 @@ impl<T, S> Drop for Lot<T, S> {
     }
 }
 
-impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
+impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
     /// An empty lot run as a tokio task, whose unparked connections are spawned with `spawn`.
     /// Any transport that registers the waker it is given can park here (the paused-time
     /// tests park `DuplexStream`s). `None` when [`MAX_LOTS`] lots are alive (its
@@ -576,7 +578,7 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
 /// the boxed entry (the driver inline), its slot's wake state (its waker is a number, see
 /// [`entry_waker`]), one deadline in the heap.
 #[cfg(test)]
-pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
+pub(crate) fn parked_sizes<T: ParkIo, S>() -> (usize, usize, usize) {
     (
         std::mem::size_of::<Entry<T, S>>(),
         std::mem::size_of::<AtomicU32>(),
@@ -584,24 +586,24 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
     )
 }
 
-struct Entry<T, S> {
+struct Entry<T: ParkIo, S> {
     /// The driver in its compact form (`Driver::freeze`: the state machine frozen, 128 B
     /// instead of a 360 B `Conn`, and only the driver's fields a parked connection needs).
     /// `None` only while a wake-up holds it, thawed on the stack (no allocation).
-    d: Option<Parked<T, S>>,
+    d: Option<Parked<T::Parked, S>>,
     /// The earliest deadline of this entry in the heap (others for it there are stale;
     /// none: not queued). A stamp (8 bytes, exact both ways), not an `Option<Instant>`.
     queued_at: Stamp,
 }
 
-struct Slot<T, S> {
+struct Slot<T: ParkIo, S> {
     gen: u32,
     /// Boxed: a slab of inline entries would carry its growth slack in entry-sized slots.
     entry: Option<Box<Entry<T, S>>>,
 }
 
 /// What the lot's task owns.
-struct Yard<T, S> {
+struct Yard<T: ParkIo, S> {
     slots: Vec<Slot<T, S>>,
     free: Vec<u32>,
     len: usize,
@@ -611,7 +613,7 @@ struct Yard<T, S> {
     registry: Option<mio::Registry>,
 }
 
-impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
+impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     fn new(registry: Option<mio::Registry>) -> Self {
         Yard {
             slots: Vec::new(),
@@ -925,7 +927,7 @@ fn requeue(q: Instant, a: Instant, now: Instant) -> bool {
 
 /// The lot's task: takes parked connections, polls the woken and the due, sleeps until the
 /// earliest deadline; ends when the lot is empty.
-async fn run<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
+async fn run<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let mut yard = Yard::new(None);
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
@@ -933,7 +935,7 @@ async fn run<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     poll_fn(|cx| pass(&lot, &mut yard, cx, sleep.as_mut())).await;
 }
 
-fn pass<T: Transport, S: Sink + Send + 'static>(
+fn pass<T: ParkIo, S: Sink + Send + 'static>(
     lot: &Arc<Lot<T, S>>,
     yard: &mut Yard<T, S>,
     cx: &mut Context<'_>,
@@ -996,7 +998,7 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
 /// deadline is not queued behind busy tasks; with the runtime's context entered, so an
 /// unparked connection is registered with its reactor and spawned on it. Ends (giving its
 /// epoll back to the lot) when the lot has been empty for [`THREAD_LINGER`].
-fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
+fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let Some(th) = lot.threaded.as_ref() else {
         return;
     };
@@ -1094,7 +1096,7 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
             if let Some(d) = yard.entry(idx, gen).and_then(|e| e.d.as_mut()) {
                 // A quick wake-up (skipped if a full one is queued meanwhile: it reads too).
-                d.io.readable();
+                T::parked_readable(&mut d.io);
                 woken.push((idx, gen));
             }
         }
