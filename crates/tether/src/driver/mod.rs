@@ -63,8 +63,8 @@ pub(crate) use shared::{Budgets, Command, Limits, Offer, Settings, Shared};
 use crate::auth::AuthDecision;
 pub use stats::StatsSnapshot;
 
-// The probe responder names the transport through the driver.
 use crate::transport::ParkIo;
+// The probe responder names the transport through the driver.
 pub(crate) use crate::transport::Transport;
 
 /// Bytes read per `read` call, on the stack.
