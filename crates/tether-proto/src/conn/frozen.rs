@@ -6,19 +6,23 @@
 //! that only the handshake or a read in progress sets. [`Conn::freeze`] keeps what is live —
 //! the shared configuration, the liveness engine's recorded times, flood ring, flags and
 //! counters ([`FrozenLiveness`]: its epoch an 8-byte offset, no event queue), the session
-//! and credential boxes (pointers), the decoder's bulk-stream state, the counters and the
-//! few flags that can differ — and [`FrozenConn::thaw`] rebuilds the `Conn`:
+//! and credential boxes (pointers), the decoder's bulk-stream state and the few flags that
+//! can differ — and [`FrozenConn::thaw`] rebuilds the `Conn`:
 //!
 //! ```text
-//!  Conn (360 B)                                     FrozenConn (168 B)
+//!  Conn (360 B)                                     FrozenConn (128 B)
 //!  cfg, role, flags ───────────────────────────────▶ cfg, flags
 //!  liveness (144 B: epoch Instant, event queue) ───▶ FrozenLiveness (96 B: epoch offset)
 //!  session, cred (boxes) ──────────────────────────▶ session, cred (the same boxes)
-//!  stats ──────────────────────────────────────────▶ stats
 //!  decoder (empty) ────────────────────────────────▶ its bulk-stream state (4 B)
+//!  counters (40 B) ────────────────────────────────▶ not kept: the holder's (`thaw` takes them)
 //!  out, queued, events, frame head (all empty),
 //!  handshake-only fields (local, peer_resume)     ─▶ rebuilt empty by `thaw`
 //! ```
+//!
+//! The counters ([`Conn::stats`]) are not kept (40 B of every parked connection, issue 17):
+//! a driver publishes them after every wake-up anyway (tether's per-connection stats, which
+//! its handles read), so it hands them back to [`FrozenConn::thaw`] from there.
 //!
 //! No decision is taken on the frozen form: the driver thaws it (no allocation: the empty
 //! buffers and queues are not allocated) and runs the one engine — the parked path
@@ -36,7 +40,7 @@ use crate::codec::{self, Decoder};
 use crate::liveness::FrozenLiveness;
 use crate::session::Session;
 
-use super::{credential, Conn, ConnConfig, Counters, Role, State};
+use super::{credential, Conn, ConnConfig, ConnStats, Counters, Role, State};
 
 /// A quiescent [`Conn`] in its compact form (see the module docs). Made by
 /// [`Conn::freeze`]; [`thaw`](Self::thaw) gives back the connection.
@@ -46,7 +50,6 @@ pub struct FrozenConn {
     liveness: FrozenLiveness,
     session: Option<Box<Session>>,
     cred: Option<Box<credential::CredentialState>>,
-    stats: Counters,
     /// The decoder's state between frames ([`Decoder::idle_state`]).
     bulk: u32,
     /// `CLIENT | CLOSE_RECEIVED | HEARTBEAT_IN_READ | APP_DATA_IN_READ | WANT_SESSION`.
@@ -108,13 +111,14 @@ impl Conn {
             want_session,
             peer_resume: _,
             cred,
-            stats,
+            stats: _,
         } = self;
         // `can_freeze` above asked the engine too.
         let liveness = liveness.frozen(origin);
         // Dropped: `out`, `queued`, `events` and the decoder are empty; `frame_head` is not
         // read while `frame_head_got` is 0 (it is whenever the decoder holds nothing);
-        // `peer_resume` is read only by `accept`, before the handshake completes.
+        // `peer_resume` is read only by `accept`, before the handshake completes; the
+        // counters are the holder's to give back to `thaw`.
         let flag = |b: bool, f: u8| if b { f } else { 0 };
         let flags = flag(role == Role::Client, CLIENT)
             | flag(close_received, CLOSE_RECEIVED)
@@ -126,7 +130,6 @@ impl Conn {
             liveness,
             session,
             cred,
-            stats,
             bulk,
             flags,
         })
@@ -135,8 +138,10 @@ impl Conn {
 
 impl FrozenConn {
     /// The connection again, equal in behaviour to the one frozen (`origin`: the one given
-    /// to [`Conn::freeze`]). Allocates nothing.
-    pub fn thaw(self, origin: Instant) -> Conn {
+    /// to [`Conn::freeze`]; `counters`: what its [`Conn::stats`] said when it was frozen,
+    /// which the frozen form does not keep — `heartbeats_out` is the liveness engine's own
+    /// and not read). Allocates nothing.
+    pub fn thaw(self, origin: Instant, counters: &ConnStats) -> Conn {
         let has = |f: u8| self.flags & f != 0;
         Conn {
             role: if has(CLIENT) {
@@ -163,7 +168,13 @@ impl FrozenConn {
             peer_resume: 0,
             session: self.session,
             cred: self.cred,
-            stats: self.stats,
+            stats: Counters {
+                messages_in: counters.messages_in,
+                messages_out: counters.messages_out,
+                bytes_in: counters.bytes_in,
+                bytes_out: counters.bytes_out,
+                heartbeats_in: counters.heartbeats_in,
+            },
             cfg: self.cfg,
         }
     }

@@ -64,6 +64,7 @@ pub(crate) use shared::{Budgets, Command, Limits, Offer, Settings, Shared};
 use crate::auth::AuthDecision;
 pub use stats::StatsSnapshot;
 
+use crate::transport::ParkIo;
 // The probe responder names the transport through the driver.
 pub(crate) use crate::transport::Transport;
 
@@ -194,12 +195,12 @@ pub(crate) struct Ended<T, S> {
 /// One connection's task state: the transport, the state machine, the sink, and what the
 /// steps remember between wake-ups.
 ///
-/// The state machine is inline (`C = Conn`): a task holds it in its own cell, and a lot's
-/// wake-up thaws a parked connection onto the stack without allocating. Parked, the driver
-/// keeps it frozen (`C = FrozenConn`, 168 B instead of 360: see [`Driver::freeze`]).
-struct Driver<T, S, C = Conn> {
+/// The state machine is inline: a task holds it in its own cell, and a lot's wake-up thaws a
+/// parked connection onto the stack without allocating. Parked, a lot keeps the driver's
+/// compact form instead ([`Parked`], see [`Driver::freeze`]).
+struct Driver<T, S> {
     io: T,
-    conn: C,
+    conn: Conn,
     shared: Arc<Shared>,
     sink: S,
     /// The instant the sleep is armed for (parked: the lot's deadline for it).
@@ -207,7 +208,7 @@ struct Driver<T, S, C = Conn> {
     read_done: bool,
     write_failed: bool,
     /// The end: how it ended and since when the close runs (boxed, created at the end:
-    /// every parked connection would carry both, dead, in its lot entry).
+    /// a driver that parks has none).
     ending: Option<Box<Ending>>,
     /// Close without waiting for the peer's FIN (a refused connection that sent nothing
     /// more: evicted from the handshake, or refused at shutdown).
@@ -223,7 +224,7 @@ struct Driver<T, S, C = Conn> {
     /// Transmit-buffer bytes last published to the shared state.
     transmit_published: usize,
     /// Reading is paused for this pass (a full inbox or server backlog): messages wait in the
-    /// state machine.
+    /// state machine. Set at the start of every pass (`poll`).
     paused: bool,
     /// This connection's place in the server backlog's queue of waiters.
     backlog_ticket: budget::Ticket,
@@ -231,7 +232,29 @@ struct Driver<T, S, C = Conn> {
     lot: Option<Arc<Lot<T, S>>>,
     /// This wake-up is the lot's (`Timer::Parked`): reads are `PAUSED_READ` bytes, so a
     /// parked connection that receives more than a few reads' worth goes back to a task.
+    /// Set at the start of every pass (`poll`).
     in_lot: bool,
+}
+
+/// A parked connection's driver, as its lot entry keeps it between two wake-ups (issue 17):
+/// only what a parked connection can hold, its state machine frozen ([`FrozenConn`], 128 B
+/// instead of a 360 B `Conn`). Every other field of the [`Driver`] has a value that parking
+/// implies ([`Driver::can_freeze`]): no end, no failed read or write, no close under way,
+/// established, no partial-frame budget (the frozen decoder holds no buffer), the transmit
+/// bytes published, the lot the one that holds it; `paused` and `in_lot` are set at the
+/// start of every pass. The state machine's counters are not kept twice: they are the ones
+/// published in `Shared::stats` (which `can_freeze` checks), given back to
+/// [`FrozenConn::thaw`]. The transport is in its parked form too ([`ParkIo`]: a plain-TCP
+/// socket on a lot thread is its descriptor and a flag). [`Driver::thaw`] rebuilds it all.
+/// It holds state, it decides nothing.
+struct Parked<P, S> {
+    io: P,
+    conn: FrozenConn,
+    shared: Arc<Shared>,
+    sink: S,
+    /// The lot's deadline for it (`Driver::armed`).
+    armed: Stamp,
+    last_write: Stamp,
 }
 
 /// How a connection ends (see `Driver::ending`).
@@ -348,56 +371,143 @@ impl<T: Transport, S: Sink> Resume<T, S> {
     }
 }
 
-/// `$d` (a driver) with `$conn` for its state machine, every other field moved as it is:
-/// the one list of the fields for [`Driver::freeze`] and [`Driver::thaw`].
-macro_rules! with_conn {
-    ($d:ident, $conn:expr) => {
-        Driver {
-            conn: $conn,
-            io: $d.io,
-            shared: $d.shared,
-            sink: $d.sink,
-            armed: $d.armed,
-            read_done: $d.read_done,
-            write_failed: $d.write_failed,
-            ending: $d.ending,
-            no_linger: $d.no_linger,
-            abandoned: $d.abandoned,
-            shut_down: $d.shut_down,
-            last_write: $d.last_write,
-            established: $d.established,
-            frames: $d.frames,
-            transmit_published: $d.transmit_published,
-            paused: $d.paused,
-            backlog_ticket: $d.backlog_ticket,
-            lot: $d.lot,
-            in_lot: $d.in_lot,
-        }
-    };
-}
-
 impl<T, S> Driver<T, S> {
-    /// The driver with its state machine frozen ([`Conn::freeze`]), as a lot keeps it
-    /// between two wake-ups; `Err` gives it back when the connection cannot be frozen (not
-    /// reached from the lot: `may_park` asks [`Conn::can_freeze`]). Allocates nothing.
-    // `Err` is the driver given back as it came (boxing it would allocate).
-    #[allow(clippy::result_large_err)]
-    fn freeze(self) -> Result<Driver<T, S, FrozenConn>, Self> {
-        let d = self;
-        match d.conn.freeze(Stamp::origin()) {
-            Ok(f) => Ok(with_conn!(d, f)),
-            Err(c) => Err(with_conn!(d, c)),
-        }
+    /// Whether the driver has its compact form ([`Parked`]): it has a lot, its state machine
+    /// can be frozen ([`Conn::can_freeze`]) and every field the compact form drops has the
+    /// value [`thaw`](Self::thaw) gives it back, the counters included (published exactly:
+    /// a connection past 2^32 - 1 heartbeats, whose published counts saturate, keeps its
+    /// task). What decides whether an idle connection parks (`may_park`), so a parked
+    /// connection always freezes.
+    fn can_freeze(&self) -> bool {
+        self.lot.is_some()
+            && self.ending.is_none()
+            && !self.read_done
+            && !self.write_failed
+            && !self.shut_down
+            && !self.no_linger
+            && !self.abandoned
+            && self.established
+            && (self.shared.budgets().is_none()
+                || self.transmit_published == steps::held_for_peer(&self.conn))
+            && self.shared.stats.holds(&self.conn.stats())
+            && self.conn.can_freeze()
     }
 }
 
-impl<T, S> Driver<T, S, FrozenConn> {
-    /// The driver with its state machine thawed ([`FrozenConn::thaw`]), for a wake-up.
-    /// Allocates nothing.
-    fn thaw(self) -> Driver<T, S> {
-        let d = self;
-        let conn = d.conn.thaw(Stamp::origin());
-        with_conn!(d, conn)
+impl<T: ParkIo, S> Driver<T, S> {
+    /// The driver in its compact form, as a lot keeps it between two wake-ups; `Err` gives
+    /// it back when it has none ([`can_freeze`](Self::can_freeze); not reached from the
+    /// lot: `may_park` asks it). Allocates nothing (but a lot task's `Tcp`, which stays in
+    /// the reactor, is boxed: see `transport::ParkedTcp`).
+    ///
+    /// What the connection holds of the partial-frame budget goes back: the frozen decoder
+    /// holds no buffer ([`Conn::freeze`] releases it), and the first read after the thaw
+    /// reserves what it needs, as every read does. Its place in the backlog's queue of
+    /// waiters is forgotten, as when a connection moves between its task and the lot
+    /// (`resume`, `Lot::park`): a wake-up that waits for the backlog queues the entry's
+    /// waker again.
+    // `Err` is the driver given back as it came (boxing it would allocate).
+    #[allow(clippy::result_large_err)]
+    fn freeze(self) -> Result<Parked<T::Parked, S>, Self> {
+        if !self.can_freeze() {
+            return Err(self);
+        }
+        let Driver {
+            io,
+            conn,
+            shared,
+            sink,
+            armed,
+            read_done: _,
+            write_failed: _,
+            ending: _,
+            no_linger: _,
+            abandoned: _,
+            shut_down: _,
+            last_write,
+            established: _,
+            mut frames,
+            transmit_published: _,
+            paused: _,
+            backlog_ticket: _,
+            lot,
+            in_lot: _,
+        } = self;
+        // `can_freeze` above asked the state machine too: the driver comes back as it was
+        // (but for its backlog place) only if the state machine disagrees.
+        let conn = match conn.freeze(Stamp::origin()) {
+            Ok(c) => c,
+            Err(conn) => {
+                let mut d = Driver::parked_parts(io, conn, shared, sink, armed, last_write, lot);
+                d.frames = frames;
+                return Err(d);
+            }
+        };
+        if let Some(b) = shared.budgets() {
+            frames.release(&b.frames);
+        }
+        Ok(Parked {
+            io: io.park(),
+            conn,
+            shared,
+            sink,
+            armed,
+            last_write,
+        })
+    }
+}
+impl<T: ParkIo, S> Driver<T, S> {
+    /// The driver of a parked connection, for a wake-up of `lot`, which holds it: its state
+    /// machine thawed ([`FrozenConn::thaw`]) and the fields [`freeze`](Self::freeze)
+    /// dropped at the values parking implies. Allocates nothing.
+    fn thaw(p: Parked<T::Parked, S>, lot: &Arc<Lot<T, S>>) -> Self {
+        let conn = p.conn.thaw(Stamp::origin(), &p.shared.stats.counters());
+        Driver::parked_parts(
+            T::unpark(p.io),
+            conn,
+            p.shared,
+            p.sink,
+            p.armed,
+            p.last_write,
+            Some(lot.clone()),
+        )
+    }
+}
+
+impl<T, S> Driver<T, S> {
+    /// A driver whose other fields have the values [`can_freeze`](Self::can_freeze) asks
+    /// for (the one list of them).
+    fn parked_parts(
+        io: T,
+        conn: Conn,
+        shared: Arc<Shared>,
+        sink: S,
+        armed: Stamp,
+        last_write: Stamp,
+        lot: Option<Arc<Lot<T, S>>>,
+    ) -> Self {
+        let transmit_published = steps::held_for_peer(&conn);
+        Driver {
+            io,
+            conn,
+            shared,
+            sink,
+            armed,
+            read_done: false,
+            write_failed: false,
+            ending: None,
+            no_linger: false,
+            abandoned: false,
+            shut_down: false,
+            last_write,
+            established: true,
+            frames: frames::FrameRoom::default(),
+            transmit_published,
+            paused: false,
+            backlog_ticket: 0,
+            lot,
+            in_lot: false,
+        }
     }
 }
 
@@ -441,7 +551,7 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
 /// Runs a connection's task: until it ends (`Some`), or until a wake-up leaves it idle and
 /// it moves to its lot (`None`; the lot spawns this again, with the same state, when the
 /// connection has work).
-pub(crate) fn resume<T: Transport, S: Sink + Send + 'static>(
+pub(crate) fn resume<T: ParkIo, S: Sink + Send + 'static>(
     r: Resume<T, S>,
 ) -> impl std::future::Future<Output = Option<Ended<T, S>>> + Send {
     let Resume { mut d, finished } = r;

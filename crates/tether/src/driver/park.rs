@@ -20,7 +20,7 @@
 //!   so the lot's timing rules stay tested to the instant.
 //!
 //! ```text
-//!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Driver (Conn frozen), waker(idx, gen), queued_at}
+//!  driver task ──park(d)──▶ incoming ──▶ slab[idx] = {Parked driver (Conn frozen), waker(idx, gen), queued_at}
 //!                                            │  thawed and polled here with the entry's waker:
 //!   socket readable ──┐ (epoll event, or     │  the same `Driver::poll` as a task runs,
 //!   handle send/close ├─ waker(idx) ─▶ ready ┤  with the deadline kept in the lot's heap
@@ -45,12 +45,17 @@
 //! own sleep cost what the fewer `epoll_wait` returns saved, and it delayed answers by up
 //! to its length.
 //!
-//! Frozen between wake-ups: an entry keeps its driver with the state machine in its compact
-//! form (`Driver::freeze`, `Conn::freeze`: 168 B inline in the entry instead of a 360 B
-//! `Conn`), since a parked connection's `Conn` holds mostly empty buffers and queues. A
-//! wake-up thaws it onto the stack (no allocation), runs the one engine's quick or full path
-//! as a task would, and freezes it back while it stays idle; it leaves the lot thawed.
-//! `Driver::may_park` asks `Conn::can_freeze`, so every parked connection freezes.
+//! Frozen between wake-ups: an entry keeps its driver in its compact form (`Driver::freeze`,
+//! a `Parked`: the transport in its parked form (`ParkIo`: a lot thread's socket is its
+//! descriptor and a flag), the sink, the shared state, two stamps and the state machine
+//! frozen by `Conn::freeze`, 128 B instead of a 360 B `Conn`), since a parked connection's
+//! `Conn` holds mostly empty buffers and queues and most of its driver's fields have the
+//! values parking implies (no end, no close under way, established, no partial frame, this
+//! lot; the state machine's counters are the ones published in `Shared::stats`). A wake-up
+//! thaws it onto the stack (`Driver::thaw`, no allocation on a lot thread), runs the one
+//! engine's quick or full path as a task would, and freezes it back while it stays idle; it
+//! leaves the lot thawed. `Driver::may_park` is `Driver::can_freeze`, so every parked
+//! connection freezes.
 //!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
@@ -81,11 +86,12 @@ use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
-use tether_proto::conn::FrozenConn;
 use tokio::time::Sleep;
 
-use super::{now, Carried, Driver, Exit, Resume, Sink, Stamp, Timer, PAUSED_READ, READS_PER_WAKE};
-use crate::transport::Transport;
+use super::{
+    now, Carried, Driver, Exit, Parked, Resume, Sink, Stamp, Timer, PAUSED_READ, READS_PER_WAKE,
+};
+use crate::transport::{ParkIo, Transport};
 
 /// Entries polled per pass of the lot's task before it yields to other tasks. Large: the
 /// lot stands for every idle connection of its worker, and under a saturating load it gets
@@ -433,7 +439,7 @@ impl<T, S> Drop for Lot<T, S> {
     }
 }
 
-impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
+impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
     /// An empty lot run as a tokio task, whose unparked connections are spawned with `spawn`.
     /// Any transport that registers the waker it is given can park here (the paused-time
     /// tests park `DuplexStream`s). `None` when [`MAX_LOTS`] lots are alive (its
@@ -572,7 +578,7 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
 /// the boxed entry (the driver inline), its slot's wake state (its waker is a number, see
 /// [`entry_waker`]), one deadline in the heap.
 #[cfg(test)]
-pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
+pub(crate) fn parked_sizes<T: ParkIo, S>() -> (usize, usize, usize) {
     (
         std::mem::size_of::<Entry<T, S>>(),
         std::mem::size_of::<AtomicU32>(),
@@ -580,23 +586,24 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
     )
 }
 
-struct Entry<T, S> {
-    /// The driver, its state machine frozen (`Driver::freeze`: 168 B instead of a 360 B
-    /// `Conn`). `None` only while a wake-up holds it, thawed on the stack (no allocation).
-    d: Option<Driver<T, S, FrozenConn>>,
+struct Entry<T: ParkIo, S> {
+    /// The driver in its compact form (`Driver::freeze`: the state machine frozen, 128 B
+    /// instead of a 360 B `Conn`, and only the driver's fields a parked connection needs).
+    /// `None` only while a wake-up holds it, thawed on the stack (no allocation).
+    d: Option<Parked<T::Parked, S>>,
     /// The earliest deadline of this entry in the heap (others for it there are stale;
     /// none: not queued). A stamp (8 bytes, exact both ways), not an `Option<Instant>`.
     queued_at: Stamp,
 }
 
-struct Slot<T, S> {
+struct Slot<T: ParkIo, S> {
     gen: u32,
     /// Boxed: a slab of inline entries would carry its growth slack in entry-sized slots.
     entry: Option<Box<Entry<T, S>>>,
 }
 
 /// What the lot's task owns.
-struct Yard<T, S> {
+struct Yard<T: ParkIo, S> {
     slots: Vec<Slot<T, S>>,
     free: Vec<u32>,
     len: usize,
@@ -606,7 +613,7 @@ struct Yard<T, S> {
     registry: Option<mio::Registry>,
 }
 
-impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
+impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     fn new(registry: Option<mio::Registry>) -> Self {
         Yard {
             slots: Vec::new(),
@@ -619,7 +626,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
 
     /// Takes a connection and polls it once; on a lot thread its socket leaves the reactor
     /// for the lot's epoll first (one that cannot gets its task back at once).
-    fn take(&mut self, lot: &Lot<T, S>, mut d: Driver<T, S>) {
+    fn take(&mut self, lot: &Arc<Lot<T, S>>, mut d: Driver<T, S>) {
         let Some((idx, gen)) = self.insert(lot) else {
             // On a lot thread its socket is still in the reactor: its task takes it.
             (lot.spawn)(Resume { d, finished: false });
@@ -647,7 +654,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// A new entry, its driver not in it yet (the caller's first wake-up puts it there):
     /// its slot and generation; `None` when the lot has no slot its waker can name
     /// ([`MAX_SLOTS`]).
-    fn insert(&mut self, lot: &Lot<T, S>) -> Option<(u32, u32)> {
+    fn insert(&mut self, lot: &Arc<Lot<T, S>>) -> Option<(u32, u32)> {
         let idx = match self.free.pop() {
             Some(i) => i,
             None if self.slots.len() < MAX_SLOTS => {
@@ -689,12 +696,12 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
 
     /// Polls entry `idx` as its task would (the full wake-up); spawns its task again when it
     /// is no longer idle (or ended).
-    fn poll(&mut self, lot: &Lot<T, S>, idx: u32) {
+    fn poll(&mut self, lot: &Arc<Lot<T, S>>, idx: u32) {
         self.full(lot, idx, Carried::None);
     }
 
     /// The full wake-up of entry `idx`, whose first read is `carried`.
-    fn full(&mut self, lot: &Lot<T, S>, idx: u32, carried: Carried) {
+    fn full(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, carried: Carried) {
         let Some(slot) = self.slots.get_mut(idx as usize) else {
             return;
         };
@@ -702,12 +709,19 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let Some(d) = slot.entry.as_deref_mut().and_then(|e| e.d.take()) else {
             return;
         };
-        self.full_with(lot, idx, gen, d.thaw(), carried);
+        self.full_with(lot, idx, gen, Driver::thaw(d, lot), carried);
     }
 
     /// The full wake-up of entry `idx` with its driver `d`, thawed: `d` goes back into the
     /// entry frozen while it stays idle, or leaves the lot.
-    fn full_with(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, mut d: Driver<T, S>, c: Carried) {
+    fn full_with(
+        &mut self,
+        lot: &Arc<Lot<T, S>>,
+        idx: u32,
+        gen: u32,
+        mut d: Driver<T, S>,
+        c: Carried,
+    ) {
         lot.wake.unschedule(idx, FULL);
         let waker = entry_waker(lot.id, idx, gen, false);
         let mut cx = Context::from_waker(&waker);
@@ -726,7 +740,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// `Driver::poll_quick`): the core answers a heartbeat or fires the fallback heartbeat
     /// without the full wake-up; anything else runs the full one, with what was read.
     /// Skipped when a full wake-up is queued already (it reads and fires too).
-    fn quick(&mut self, lot: &Lot<T, S>, idx: u32) {
+    fn quick(&mut self, lot: &Arc<Lot<T, S>>, idx: u32) {
         let Some(gen) = self.slots.get(idx as usize).map(|s| s.gen) else {
             return;
         };
@@ -736,12 +750,12 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let Some(d) = self.entry(idx, gen).and_then(|e| e.d.take()) else {
             return;
         };
-        self.quick_with(lot, idx, gen, d.thaw());
+        self.quick_with(lot, idx, gen, Driver::thaw(d, lot));
     }
 
     /// Clears entry `idx`'s socket wake-up and says whether a full wake-up is queued (a
     /// quick one is skipped then).
-    fn full_queued(&self, lot: &Lot<T, S>, idx: u32) -> bool {
+    fn full_queued(&self, lot: &Arc<Lot<T, S>>, idx: u32) -> bool {
         // A lot task's transport registers the socket's waker; a lot thread's bare socket
         // registers none: its epoll reports the bytes.
         if self.registry.is_none() {
@@ -751,7 +765,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     }
 
     /// The quick wake-up of entry `idx` with its driver `d`, thawed.
-    fn quick_with(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, mut d: Driver<T, S>) {
+    fn quick_with(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, gen: u32, mut d: Driver<T, S>) {
         let waker = if self.registry.is_none() {
             entry_waker(lot.id, idx, gen, true)
         } else {
@@ -769,16 +783,16 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     }
 
     /// Entry `idx`'s driver, still idle after a wake-up, goes back into it frozen and its
-    /// deadline is queued; one whose state machine cannot be frozen leaves the lot (not
-    /// reached: `may_park` asks `Conn::can_freeze`).
-    fn put_back(&mut self, lot: &Lot<T, S>, idx: u32, gen: u32, d: Driver<T, S>) {
+    /// deadline is queued; one that has no compact form leaves the lot (not reached:
+    /// `may_park` asks `Driver::can_freeze`).
+    fn put_back(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, gen: u32, d: Driver<T, S>) {
         let frozen = match d.freeze() {
             Ok(f) => f,
             Err(d) => return self.release(lot, idx, d, Exit::Unpark),
         };
         match self.entry(idx, gen) {
             Some(e) => e.d = Some(frozen),
-            None => return self.release(lot, idx, frozen.thaw(), Exit::Unpark),
+            None => return self.release(lot, idx, Driver::thaw(frozen, lot), Exit::Unpark),
         }
         self.queue(idx, gen);
     }
@@ -803,7 +817,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// Entry `idx` leaves the lot: its task is spawned again (on a lot thread: its socket
     /// leaves the lot's epoll and, unless the connection is finished, goes back into the
     /// reactor first).
-    fn release(&mut self, lot: &Lot<T, S>, idx: u32, mut d: Driver<T, S>, exit: Exit) {
+    fn release(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, mut d: Driver<T, S>, exit: Exit) {
         if let Some(slot) = self.slots.get_mut(idx as usize) {
             if slot.entry.take().is_some() {
                 self.free.push(idx);
@@ -840,7 +854,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// the deadlines that came due meanwhile are fired. A pass can be thousands of
     /// heartbeats long when the machine is saturated (under 256 loaders a lot thread is
     /// given a share of a core, not a core): the deadlines must not wait for its end.
-    fn between(&mut self, lot: &Lot<T, S>, polled: &mut usize) {
+    fn between(&mut self, lot: &Arc<Lot<T, S>>, polled: &mut usize) {
         *polled += 1;
         if *polled % POLLS_BETWEEN_DEADLINES == 0 {
             self.due(lot, now(), usize::MAX);
@@ -861,7 +875,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// Pops the deadlines due at `now`: an entry whose deadline is due is polled (the
     /// state machine fires it); one whose deadline moved later is queued again at it.
     /// Returns the entries polled.
-    fn due(&mut self, lot: &Lot<T, S>, now: Instant, mut room: usize) -> usize {
+    fn due(&mut self, lot: &Arc<Lot<T, S>>, now: Instant, mut room: usize) -> usize {
         let now = Stamp::at(now);
         let mut polled = 0;
         while room > 0 {
@@ -913,7 +927,7 @@ fn requeue(q: Instant, a: Instant, now: Instant) -> bool {
 
 /// The lot's task: takes parked connections, polls the woken and the due, sleeps until the
 /// earliest deadline; ends when the lot is empty.
-async fn run<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
+async fn run<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let mut yard = Yard::new(None);
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
@@ -921,8 +935,8 @@ async fn run<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     poll_fn(|cx| pass(&lot, &mut yard, cx, sleep.as_mut())).await;
 }
 
-fn pass<T: Transport, S: Sink + Send + 'static>(
-    lot: &Lot<T, S>,
+fn pass<T: ParkIo, S: Sink + Send + 'static>(
+    lot: &Arc<Lot<T, S>>,
     yard: &mut Yard<T, S>,
     cx: &mut Context<'_>,
     mut sleep: Pin<&mut Sleep>,
@@ -984,7 +998,7 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
 /// deadline is not queued behind busy tasks; with the runtime's context entered, so an
 /// unparked connection is registered with its reactor and spawned on it. Ends (giving its
 /// epoll back to the lot) when the lot has been empty for [`THREAD_LINGER`].
-fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
+fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let Some(th) = lot.threaded.as_ref() else {
         return;
     };
@@ -1089,7 +1103,7 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
             if let Some(d) = yard.entry(idx, gen).and_then(|e| e.d.as_mut()) {
                 // A quick wake-up (skipped if a full one is queued meanwhile: it reads too).
-                d.io.readable();
+                T::parked_readable(&mut d.io);
                 woken.push((idx, gen));
             }
         }

@@ -323,6 +323,34 @@ async fn a_full_backlog_keeps_an_idle_connection_parked_and_a_held_message_goes_
     assert_eq!(lot.parked(), 1, "idle again: parked");
 }
 
+/// A parked connection holds none of the server's partial-frame budget (`Driver::freeze`
+/// gives back what it held: the frozen decoder keeps no buffer): a frame received in two
+/// parts is charged while in part, and nothing is held once the connection is parked again.
+#[tokio::test(start_paused = true)]
+async fn a_parked_connection_holds_none_of_the_partial_frame_budget() {
+    let budgets = Arc::new(Budgets::new(1 << 20, 1 << 20, 1 << 20));
+    let (_shared, lot, mut peer, log, _) = server_with(true, Some(&budgets)).await;
+    let lot = lot.unwrap();
+    assert_eq!(budgets.frames.used(), 0);
+    let frame = data_bytes(&[5; 3000]);
+    peer.io.write_all(&frame[..1000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(budgets.frames.used() > 0, "a frame in part is charged");
+    assert_eq!(lot.parked(), 0, "a frame in part: in a task");
+    peer.io.write_all(&frame[1000..]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(messages(&log), 1);
+    // Its next wake-up that moves no message (the client's heartbeat) parks it again.
+    peer.io.write_all(&heartbeat_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(lot.parked(), 1, "idle again: parked");
+    assert_eq!(budgets.frames.used(), 0, "parked: none of the budget held");
+    // A wake-up in the lot (the next heartbeat) keeps it so.
+    peer.io.write_all(&heartbeat_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!((lot.parked(), budgets.frames.used()), (1, 0));
+}
+
 /// The lot reads a parked connection 512 B at a time and at most four reads a wake-up: a
 /// heartbeat or an ACK is handled there, a stream of messages gets the connection its task
 /// back (the lot is not where 64 KiB reads are decoded: every idle connection's heartbeats

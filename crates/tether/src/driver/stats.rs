@@ -110,6 +110,27 @@ impl Stats {
             .store(conn.session().map_or(0, |s| s.acked()), Relaxed);
     }
 
+    /// The state machine's counters as last published ([`update`](Self::update)). A parked
+    /// connection's frozen state machine does not keep them (`driver::Parked`): its thaw
+    /// takes them from here.
+    pub(crate) fn counters(&self) -> ConnStats {
+        ConnStats {
+            messages_in: self.messages_in.load(Relaxed),
+            messages_out: self.messages_out.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            heartbeats_in: self.heartbeats_in.load(Relaxed).into(),
+            heartbeats_out: self.heartbeats_out.load(Relaxed).into(),
+        }
+    }
+
+    /// Whether the published counters are exactly `c` (the state machine's): true after
+    /// [`update`](Self::update) until it counts more, except past 2^32 - 1 heartbeats either
+    /// way, where the 32-bit counts saturate.
+    pub(crate) fn holds(&self, c: &ConnStats) -> bool {
+        self.counters() == *c
+    }
+
     /// The session's highest number the peer acknowledged, as of the task's last pass.
     pub(crate) fn acked(&self) -> u64 {
         self.acked.load(Relaxed)

@@ -20,7 +20,7 @@ use crate::transport::Transport;
 
 /// Bytes the state machine holds for the peer: not yet written, and (with a session) not yet
 /// acknowledged — what a server counts against a client's bound.
-fn held_for_peer(conn: &tether_proto::Conn) -> usize {
+pub(super) fn held_for_peer(conn: &tether_proto::Conn) -> usize {
     conn.pending_transmit_len() + conn.session().map_or(0, |s| s.replay_bytes())
 }
 
@@ -166,12 +166,11 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// What the handles queued was taken this wake-up (the outbox is empty: the caller
     /// checks); what they queue from now on wakes whichever waker `Shared` holds, and the lot
     /// polls a connection once when it takes it, so nothing queued in between is missed.
+    ///
+    /// The test is `Driver::can_freeze` (a lot, no end, no failed read or write, and the
+    /// state machine can freeze), so every parked connection has its compact form.
     fn may_park(&self) -> bool {
-        self.lot.is_some()
-            && self.ending.is_none()
-            && !self.read_done
-            && !self.write_failed
-            && self.conn.can_freeze()
+        self.can_freeze()
     }
 
     /// Commands from the handles: registers the waker, moves the outbox into the state

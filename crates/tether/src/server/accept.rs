@@ -277,8 +277,12 @@ fn driver_ended<T>(ended: driver::Ended<T, ServerSink>) -> Option<(T, Bytes)> {
     let shared = ended.shared;
     let inner = &sink.inner;
     inner.admission.end_handshake(sink.conn_id);
-    match (ended.handed_off, sink.probe) {
-        (Some(stream), Some(req)) => Some((stream, *req)),
+    let probe = sink.auth.and_then(|a| match a.aside.map(|b| *b) {
+        Some(Aside::Probe(req)) => Some(req),
+        _ => None,
+    });
+    match (ended.handed_off, probe) {
+        (Some(stream), Some(req)) => Some((stream, req)),
         _ => {
             inner.ended(
                 driver::now(),
@@ -376,7 +380,7 @@ impl Connection<'_> {
                 tls_principal,
                 principal: None,
                 pending: None,
-                fetching: None,
+                aside: None,
                 fetched: false,
             })
         });
@@ -386,7 +390,6 @@ impl Connection<'_> {
             remote: PackedAddr::new(self.remote),
             client_id: None,
             session: None,
-            probe: None,
             auth,
         };
         (conn, sink)
@@ -485,10 +488,20 @@ struct SinkAuth {
     principal: Option<Principal>,
     /// The HELLO while the authorizer decides.
     pending: Option<Hello>,
-    /// The HELLO while the session source fetches the session it resumes.
-    fetching: Option<Box<Fetching>>,
+    /// Set aside, boxed (rare): the HELLO while the session source fetches the session it
+    /// resumes, or a probe request.
+    aside: Option<Box<Aside>>,
     /// The session source was asked once already (it is asked at most once per connection).
     fetched: bool,
+}
+
+/// What a connection sets aside in its [`SinkAuth`] (one box for either: a connection whose
+/// first frame is PROBE sends no HELLO).
+enum Aside {
+    /// A HELLO admitted and waiting for the session source.
+    Fetching(Fetching),
+    /// A probe request (the connection's first frame was PROBE).
+    Probe(Bytes),
 }
 
 /// A HELLO admitted and waiting for the session source.
@@ -510,9 +523,8 @@ pub(super) struct ServerSink {
     client_id: Option<ThinId>,
     /// The session the connection runs, once accepted (session ids start at 1).
     session: Option<NonZeroU64>,
-    /// A probe request (the connection's first frame was PROBE). Boxed: rare.
-    probe: Option<Box<Bytes>>,
-    /// Authentication, when the server authorizes or the client presented a certificate.
+    /// Authentication, when the server authorizes or the client presented a certificate,
+    /// and a probe request (boxed: rare; one box for both, 8 B less in every parked entry).
     auth: Option<Box<SinkAuth>>,
 }
 
@@ -523,10 +535,22 @@ impl ServerSink {
                 tls_principal: None,
                 principal: None,
                 pending: None,
-                fetching: None,
+                aside: None,
                 fetched: false,
             })
         })
+    }
+
+    /// The HELLO set aside for the session source, if it is what waits.
+    fn take_fetching(&mut self) -> Option<Fetching> {
+        let a = self.auth.as_mut()?;
+        if !matches!(a.aside.as_deref(), Some(Aside::Fetching(_))) {
+            return None;
+        }
+        match a.aside.take().map(|b| *b) {
+            Some(Aside::Fetching(f)) => Some(f),
+            _ => None,
+        }
     }
 
     fn refuse(&self, code: CloseCode, text: String) -> Decision {
@@ -652,11 +676,11 @@ impl ServerSink {
         };
         let a = self.auth();
         a.fetched = true;
-        a.fetching = Some(Box::new(Fetching {
+        a.aside = Some(Box::new(Aside::Fetching(Fetching {
             hello: hello.clone(),
             principal: principal.cloned(),
             ttl,
-        }));
+        })));
         let fetch = source.0.fetch(req);
         let shared = Arc::downgrade(shared);
         let inner = self.inner.clone();
@@ -816,7 +840,7 @@ impl Sink for ServerSink {
             },
             Resolved::Refresh(d) => Resolution::Refresh(self.refreshed(d)),
             Resolved::Credential(_) => Resolution::Refresh(RefreshAnswer::Pending),
-            Resolved::SessionFetched => match self.auth().fetching.take() {
+            Resolved::SessionFetched => match self.take_fetching() {
                 Some(f) => Resolution::Hello(self.connect(
                     shared,
                     now,
@@ -858,7 +882,7 @@ impl Sink for ServerSink {
                     });
                 }
             }
-            ConnEvent::Probe(body) => self.probe = Some(Box::new(body)),
+            ConnEvent::Probe(body) => self.auth().aside = Some(Box::new(Aside::Probe(body))),
             ConnEvent::Hello(_)
             | ConnEvent::Established(_)
             | ConnEvent::Rtt { .. }
@@ -910,18 +934,25 @@ mod sizes {
             // A parked connection: its driver in a boxed lot entry with its state machine
             // frozen inline, its slot's wake state (its waker is a number: no allocation),
             // one deadline in the lot's heap (and 16 B of slab slot) instead of the task
-            // cell. 352 B (344 B in release): a 352 B chunk (384 B while the sink kept a 32-byte
+            // cell. 232 B, a 240 B chunk: the driver's compact form (`driver::Parked`,
+            // without the fields parking implies), its socket parked in 16 B
+            // (`transport::ParkedTcp`), the `Conn` frozen without its counters
+            // (`Shared::stats` has them), the sink's probe request in its authentication
+            // box; 256 B (248 B in release) with the whole `Tcp` (40 B, 32 in release); 264 B
+            // (256 B in release) with the probe's own box; 304 B (296 B in release) while
+            // the frozen `Conn` kept its counters; 352 B (344 B in release, a 352 B chunk)
+            // while it kept the whole driver (384 B while the sink kept a 32-byte
             // `SocketAddr` and an `Option<u64>`), against a 224 B entry chunk and a 368 B
             // `Conn` chunk while the `Conn` was boxed (240 B of entry while the sink kept the
             // client id as a 16-byte `Arc<str>`, 256 B while it kept its waker's `Arc`, a 48
             // B chunk; 288 B before the fifth pass).
-            ("parked entry (boxed)", entry, 352),
+            ("parked entry (boxed)", entry, 232),
             ("  its slot's wake state", waker, 4),
             ("  its deadline (lot's heap)", deadline, 16),
             (
                 "  its frozen Conn (inline)",
                 std::mem::size_of::<tether_proto::conn::FrozenConn>(),
-                168,
+                128,
             ),
             // 360 B, in the task (and on the stack for a parked connection's wake-up).
             ("Conn (in the task)", std::mem::size_of::<Conn>(), 360),
@@ -934,12 +965,13 @@ mod sizes {
             // 192 B chunk (208 B when it kept its limits, budgets and flag itself, 256 B
             // before the fifth pass).
             ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 176),
-            // 64 B: its remote address packed in 16 B, its session an `Option<NonZeroU64>`
-            // (88 B with a `SocketAddr` and an `Option<u64>`, 96 B with an `Arc<str>` id).
+            // 56 B: its remote address packed in 16 B, its session an `Option<NonZeroU64>`,
+            // a probe request in the authentication's box (64 B with a box of its own, 88 B
+            // with a `SocketAddr` and an `Option<u64>`, 96 B with an `Arc<str>` id).
             (
                 "ServerSink (in the task)",
                 std::mem::size_of::<ServerSink>(),
-                64,
+                56,
             ),
             (
                 "Record (per client id)",
