@@ -271,11 +271,9 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             inner.transmit_bytes = held_for_peer(conn);
             self.transmit_published = inner.transmit_bytes;
             shared.recharge(&mut inner);
+            inner.notify_changed();
         }
         drop(inner);
-        if moved {
-            shared.changed.notify_waiters();
-        }
         if let Some(r) = resolved {
             self.apply_resolved(now, *r);
         }
@@ -615,10 +613,10 @@ impl<T: Transport, S: Sink> Driver<T, S> {
             let mut inner = self.shared.lock();
             inner.transmit_bytes = held;
             self.shared.recharge(&mut inner);
-            drop(inner);
             if held < self.transmit_published {
-                self.shared.changed.notify_waiters();
+                inner.notify_changed();
             }
+            drop(inner);
             self.transmit_published = held;
         }
     }
