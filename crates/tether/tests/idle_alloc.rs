@@ -394,22 +394,24 @@ fn idle_connection_heap() {
         // Bounds (issue 17): what an idle plain-TCP connection keeps on the server's heap,
         // every server thread counted (the lot's included).
         // Own blocks: the client id (a 32 B chunk), the lot entry (its driver and, frozen
-        // inline, its `Conn`), `Shared` (144 B, a 160 B chunk): 544 B of chunks in 3 blocks
-        // in a release build, 560 B in a debug one (`scripts/test`'s: its entry is 352 B, a
-        // 368 B chunk, against 344 B and a 352 B chunk). 576 B while `Shared` kept a
-        // `Notify` for its waiting senders (a 192 B chunk); 608 B while the sink kept a
-        // 32-byte `SocketAddr` and an `Option<u64>`; 688 B in 4 with a waker `Arc` per entry
-        // and a 16-byte `Arc<str>` id in the sink; 912 B in 5 while the `Conn` was a 368 B
-        // block of its own beside a 256 B entry; 928 B before `Shared` shared its settings.
-        // (tokio's I/O registration lives in its slab pages, counted with the tables.)
+        // inline, its `Conn`), `Shared` (120 B, a 128 B chunk): 512 B of chunks in 3 blocks
+        // in a release build, 528 B in a debug one (`scripts/test`'s: its entry is 352 B, a
+        // 368 B chunk, against 344 B and a 352 B chunk). 544 B while `Shared` kept its
+        // queues' byte counts (a 160 B chunk), 576 B while it also kept a `Notify` for its
+        // waiting senders (a 192 B chunk); 608 B while the sink kept a 32-byte `SocketAddr`
+        // and an `Option<u64>`; 688 B in 4 with a waker `Arc` per entry and a 16-byte
+        // `Arc<str>` id in the sink; 912 B in 5 while the `Conn` was a 368 B block of its own
+        // beside a 256 B entry; 928 B before `Shared` shared its settings. (tokio's I/O
+        // registration lives in its slab pages, counted with the tables.)
         assert!(own_blocks <= 3.1, "{own_blocks:.2} blocks of its own per idle connection");
-        assert!(own_chunks <= 570.0, "{own_chunks:.0} B of its own per idle connection");
+        assert!(own_chunks <= 540.0, "{own_chunks:.0} B of its own per idle connection");
         // With the tables' share (presence and client records, the lot's slab, heap and
-        // slot states): 803 B measured in release, 819 B in debug (835 B and 851 B while
-        // `Shared` kept a `Notify`, 867 B with the larger sink, 992 B with a waker `Arc` per
-        // entry and ids as 16-byte `Arc<str>` keys, 1,216 B before the parked `Conn` was
-        // frozen, 1,346 B before the presence slot, the client record and `Shared` shrank;
-        // the tables' share moves by a few tens of bytes run to run).
-        assert!(chunks <= 863.0, "{chunks:.0} B per idle connection");
+        // slot states): 771 B measured in release, 787 B in debug (803 B and 819 B while
+        // `Shared` kept its queues' byte counts, 835 B and 851 B while it also kept a
+        // `Notify`, 867 B with the larger sink, 992 B with a waker `Arc` per entry and ids as
+        // 16-byte `Arc<str>` keys, 1,216 B before the parked `Conn` was frozen, 1,346 B
+        // before the presence slot, the client record and `Shared` shrank; the tables' share
+        // moves by a few tens of bytes run to run).
+        assert!(chunks <= 831.0, "{chunks:.0} B per idle connection");
     });
 }

@@ -96,31 +96,34 @@ pub(crate) enum Offer {
     Ended(Disconnect),
 }
 
-/// Counters, wakers and results; the queues live in [`Queues`], boxed and only while they
-/// hold something (see the module docs).
+/// The task's waker; everything else lives in [`Queues`], boxed and only while it holds
+/// something (see the module docs).
 ///
 /// The queues' fields are reached through `Deref`/`DerefMut` (`inner.outbox`): reading an
 /// absent box reads an empty one, writing creates it, and the lock's guard releases it again
 /// when everything in it is empty — an idle connection holds no queue (issue 17).
 #[derive(Debug, Default)]
 pub(crate) struct Inner {
-    pub(crate) outbox_bytes: usize,
     pub(crate) driver: Option<Waker>,
-    /// Bytes the state machine holds for the peer (transmit buffer, unacknowledged session
-    /// messages) as of the task's last pass.
-    pub(crate) transmit_bytes: usize,
-    /// What this connection counts against the server's unsent budget
-    /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
-    charged: usize,
     /// The queues, while any holds something.
     queues: Option<Box<Queues>>,
 }
 
-/// Queues, rare state and the end of a connection: what an idle connection without a
-/// session does not hold (issue 17: `resolved` and `seq_base` moved here from `Inner`, 24 B
-/// per connection).
+/// Queues, their byte counts, rare state and the end of a connection: what an idle
+/// connection without a session does not hold (issue 17: `resolved` and `seq_base` moved here
+/// from `Inner`, 24 B per connection; the byte counts, 24 B more, which are all zero while
+/// the connection is idle).
 #[derive(Debug, Default)]
 pub(crate) struct Queues {
+    /// Bytes in `outbox`.
+    pub(crate) outbox_bytes: usize,
+    /// Server connections: bytes the state machine holds for the peer (transmit buffer,
+    /// unacknowledged session messages) as of the task's last pass (set with
+    /// [`Inner::set_transmit`]).
+    pub(crate) transmit_bytes: usize,
+    /// What this connection counts against the server's unsent budget
+    /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
+    charged: usize,
     pub(crate) outbox: VecDeque<Bytes>,
     pub(crate) command: Option<Command>,
     pub(crate) inbox: VecDeque<Bytes>,
@@ -148,6 +151,9 @@ pub(crate) struct Queues {
 
 /// What an absent [`Queues`] box reads as.
 static NO_QUEUES: Queues = Queues {
+    outbox_bytes: 0,
+    transmit_bytes: 0,
+    charged: 0,
     outbox: VecDeque::new(),
     command: None,
     inbox: VecDeque::new(),
@@ -164,6 +170,9 @@ impl Queues {
     /// Nothing queued, nothing allocated, nothing to report.
     fn is_empty(&mut self) -> bool {
         self.outbox.capacity() == 0
+            && self.outbox_bytes == 0
+            && self.transmit_bytes == 0
+            && self.charged == 0
             && self.inbox.capacity() == 0
             && self.command.is_none()
             && self.inbox_bytes == 0
@@ -202,6 +211,14 @@ impl Inner {
         self.queues
             .as_mut()
             .and_then(|q| q.resolved.get_mut().take())
+    }
+
+    /// Server connections: sets what the state machine holds for the peer (see
+    /// [`Queues::transmit_bytes`]); a zero creates no box.
+    pub(crate) fn set_transmit(&mut self, n: usize) {
+        if n != self.transmit_bytes {
+            self.transmit_bytes = n;
+        }
     }
 
     /// Takes the pending command without creating the queues' box.
@@ -313,12 +330,21 @@ impl Drop for Release<'_> {
 }
 
 /// State shared by a connection task and the handles that talk to it.
+///
+/// One per connection, parked or not (issue 17): 104 B outside tests (its lock and waker 32
+/// B, its counters 64 B, its settings 8 B), 120 B with the `Arc`'s counts, a 128 B chunk
+/// (192 B while it kept a `Notify` and its queues' byte counts itself).
 #[derive(Debug)]
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     pub(crate) stats: Stats,
     settings: Arc<Settings>,
 }
+
+// A field that makes every connection's `Shared` bigger fails the build (tests' layout, with
+// two more counters, is bounded by `server::accept::sizes`).
+#[cfg(all(not(test), target_os = "linux", target_pointer_width = "64"))]
+const _: () = assert!(std::mem::size_of::<Shared>() <= 104);
 
 impl Shared {
     /// A connection's state built with `settings` (a server's, shared by its connections).
@@ -376,6 +402,16 @@ impl Shared {
         Guard(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The queues' box exists (issue 17: an idle connection holds none).
+    #[cfg(test)]
+    pub(crate) fn holds_queues(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queues
+            .is_some()
+    }
+
     /// Registers for this connection's next change (see [`Watch`]).
     pub(crate) fn watch(&self) -> Watch<'_> {
         let mut inner = self.lock();
@@ -391,13 +427,17 @@ impl Shared {
     }
 
     /// Brings this connection's share of the server's unsent budget in line with what it
-    /// holds. Call after changing `outbox_bytes` or `transmit_bytes`.
+    /// holds (server connections; nothing to do for others). Call after changing
+    /// `outbox_bytes` or `transmit_bytes`.
     pub(crate) fn recharge(&self, inner: &mut Inner) {
+        let Some(b) = self.budgets() else {
+            return;
+        };
         let now = inner.outbox_bytes + inner.transmit_bytes;
-        if let Some(b) = self.budgets() {
+        if now != inner.charged {
             b.unsent.adjust(inner.charged, now);
+            inner.charged = now;
         }
-        inner.charged = now;
     }
 
     /// Marks the owner finished: senders fail with `d` from now on.
@@ -413,8 +453,12 @@ impl Shared {
     /// Messages still queued (never handed to a connection), oldest first.
     pub(crate) fn take_outbox(&self) -> Vec<Bytes> {
         let mut inner = self.lock();
-        inner.outbox_bytes = 0;
-        let v: Vec<Bytes> = std::mem::take(&mut inner.outbox).into();
+        let v: Vec<Bytes> = if inner.outbox.capacity() == 0 {
+            Vec::new()
+        } else {
+            inner.outbox_bytes = 0;
+            std::mem::take(&mut inner.outbox).into()
+        };
         self.recharge(&mut inner);
         inner.notify_changed();
         v
@@ -696,11 +740,7 @@ mod tests {
     use super::*;
 
     fn holds_queues(s: &Shared) -> bool {
-        s.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queues
-            .is_some()
+        s.holds_queues()
     }
 
     /// Issue 17: an idle connection holds no queue. The box appears with the first message
