@@ -412,6 +412,10 @@ impl Shared {
             .is_some()
     }
 
+    /// The size of the queues' box (`server::accept::sizes`).
+    #[cfg(test)]
+    pub(crate) const QUEUES_SIZE: usize = std::mem::size_of::<Queues>();
+
     /// Registers for this connection's next change (see [`Watch`]).
     pub(crate) fn watch(&self) -> Watch<'_> {
         let mut inner = self.lock();

@@ -936,6 +936,11 @@ mod sizes {
             // room, now there too while one waits; 208 B when it kept its limits, budgets and
             // flag itself, 256 B before the fifth pass).
             ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 120),
+            // Boxed only while something is queued or waited on, or the connection has a
+            // session (its next number) or ended: a 240 B chunk (208 B before it took the
+            // byte counts and the waiters' `Notify` from `Shared`; an idle connection with a
+            // session still saves 32 B).
+            ("  its queues (boxed when used)", Shared::QUEUES_SIZE, 232),
             // 64 B: its remote address packed in 16 B, its session an `Option<NonZeroU64>`
             // (88 B with a `SocketAddr` and an `Option<u64>`, 96 B with an `Arc<str>` id).
             (
