@@ -508,7 +508,8 @@ async fn supervise<C: Connector>(
             attempt: backoff.attempt(),
             delay,
         });
-        let done = shared.changed.notified();
+        let watch = shared.watch();
+        let done = watch.notified();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = done => if stopped(&shared) { return },

@@ -610,7 +610,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         }
         {
             let mut inner = self.shared.lock();
-            inner.transmit_bytes = 0;
+            inner.set_transmit(0);
             self.shared.recharge(&mut inner);
         }
         let d = self

@@ -4,7 +4,8 @@
 //!
 //! One short `Mutex` per connection, taken once per wake-up by the task and once per call by
 //! a handle. Lock order: a server's client shard, then this lock (never the other way round);
-//! nothing else is locked while it is held, except a budget's waiter list.
+//! nothing else is locked while it is held, except a budget's waiter list and the waiters'
+//! `Notify` (see [`Watch`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,6 +14,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use sync_wrapper::SyncWrapper;
 use tether_proto::{CloseCode, Disconnect};
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 use super::budget::Budget;
@@ -94,31 +96,34 @@ pub(crate) enum Offer {
     Ended(Disconnect),
 }
 
-/// Counters, wakers and results; the queues live in [`Queues`], boxed and only while they
-/// hold something (see the module docs).
+/// The task's waker; everything else lives in [`Queues`], boxed and only while it holds
+/// something (see the module docs).
 ///
 /// The queues' fields are reached through `Deref`/`DerefMut` (`inner.outbox`): reading an
 /// absent box reads an empty one, writing creates it, and the lock's guard releases it again
 /// when everything in it is empty — an idle connection holds no queue (issue 17).
 #[derive(Debug, Default)]
 pub(crate) struct Inner {
-    pub(crate) outbox_bytes: usize,
     pub(crate) driver: Option<Waker>,
-    /// Bytes the state machine holds for the peer (transmit buffer, unacknowledged session
-    /// messages) as of the task's last pass.
-    pub(crate) transmit_bytes: usize,
-    /// What this connection counts against the server's unsent budget
-    /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
-    charged: usize,
     /// The queues, while any holds something.
     queues: Option<Box<Queues>>,
 }
 
-/// Queues, rare state and the end of a connection: what an idle connection without a
-/// session does not hold (issue 17: `resolved` and `seq_base` moved here from `Inner`, 24 B
-/// per connection).
+/// Queues, their byte counts, rare state and the end of a connection: what an idle
+/// connection without a session does not hold (issue 17: `resolved` and `seq_base` moved here
+/// from `Inner`, 24 B per connection; the byte counts, 24 B more, which are all zero while
+/// the connection is idle).
 #[derive(Debug, Default)]
 pub(crate) struct Queues {
+    /// Bytes in `outbox`.
+    pub(crate) outbox_bytes: usize,
+    /// Server connections: bytes the state machine holds for the peer (transmit buffer,
+    /// unacknowledged session messages) as of the task's last pass (set with
+    /// [`Inner::set_transmit`]).
+    pub(crate) transmit_bytes: usize,
+    /// What this connection counts against the server's unsent budget
+    /// (`outbox_bytes + transmit_bytes`, kept in step by [`Shared::recharge`]).
+    charged: usize,
     pub(crate) outbox: VecDeque<Bytes>,
     pub(crate) command: Option<Command>,
     pub(crate) inbox: VecDeque<Bytes>,
@@ -138,10 +143,17 @@ pub(crate) struct Queues {
     /// its message's number when it queues it. Set by the server when a session attaches
     /// (`None`: no session), advanced by the driver as messages move (same lock).
     pub(crate) seq_base: Option<u64>,
+    /// Notified when the outbox gets room and when the connection ends: there while a
+    /// [`Watch`] holds it (a sender waiting for room or for the end), dropped by the lock's
+    /// guard once none does (issue 17: 32 B per connection when `Shared` held a `Notify`).
+    changed: Option<Arc<Notify>>,
 }
 
 /// What an absent [`Queues`] box reads as.
 static NO_QUEUES: Queues = Queues {
+    outbox_bytes: 0,
+    transmit_bytes: 0,
+    charged: 0,
     outbox: VecDeque::new(),
     command: None,
     inbox: VecDeque::new(),
@@ -151,12 +163,16 @@ static NO_QUEUES: Queues = Queues {
     commit_to: 0,
     resolved: SyncWrapper::new(None),
     seq_base: None,
+    changed: None,
 };
 
 impl Queues {
     /// Nothing queued, nothing allocated, nothing to report.
     fn is_empty(&mut self) -> bool {
         self.outbox.capacity() == 0
+            && self.outbox_bytes == 0
+            && self.transmit_bytes == 0
+            && self.charged == 0
             && self.inbox.capacity() == 0
             && self.command.is_none()
             && self.inbox_bytes == 0
@@ -165,6 +181,7 @@ impl Queues {
             && self.commit_to == 0
             && self.resolved.get_mut().is_none()
             && self.seq_base.is_none()
+            && self.changed.is_none()
     }
 }
 
@@ -196,14 +213,41 @@ impl Inner {
             .and_then(|q| q.resolved.get_mut().take())
     }
 
+    /// Server connections: sets what the state machine holds for the peer (see
+    /// [`Queues::transmit_bytes`]); a zero creates no box.
+    pub(crate) fn set_transmit(&mut self, n: usize) {
+        if n != self.transmit_bytes {
+            self.transmit_bytes = n;
+        }
+    }
+
     /// Takes the pending command without creating the queues' box.
     pub(crate) fn take_command(&mut self) -> Option<Command> {
         self.queues.as_mut().and_then(|q| q.command.take())
     }
 
-    /// Releases the queues' box once it holds nothing.
+    /// Wakes the senders waiting for room or for the end (see [`Watch`]); nothing to do
+    /// when none waits.
+    pub(crate) fn notify_changed(&self) {
+        if let Some(n) = self.queues.as_ref().and_then(|q| q.changed.as_ref()) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Releases the waiters' `Notify` once no [`Watch`] holds it, and the queues' box once
+    /// it holds nothing.
     fn release_queues(&mut self) {
-        if self.queues.as_mut().is_some_and(|q| q.is_empty()) {
+        let Some(q) = self.queues.as_mut() else {
+            return;
+        };
+        // Only this lock's holders clone it (`Shared::watch`): counted 1, no watch is left.
+        if q.changed
+            .as_ref()
+            .is_some_and(|n| Arc::strong_count(n) == 1)
+        {
+            q.changed = None;
+        }
+        if q.is_empty() {
             self.queues = None;
         }
     }
@@ -254,22 +298,59 @@ impl Settings {
     }
 }
 
+/// A registration for a connection's next change (room in its outbox, its end), taken
+/// before checking for it: [`Watch::notified`] is woken by every change after the watch was
+/// taken, so create the `Notified` first, then check, then wait on it.
+///
+/// The `Notify` lives in the connection's [`Queues`] only while a watch holds it: an idle
+/// connection, which nobody waits on, keeps none (issue 17).
+pub(crate) struct Watch<'a> {
+    /// Declared first: dropped before `_release` takes the lock, so the last watch gone
+    /// leaves the queues' reference alone, which the lock's guard then drops.
+    notify: Arc<Notify>,
+    _release: Release<'a>,
+}
+
+impl Watch<'_> {
+    /// Completes at the first change after the watch was taken (see [`Notify::notified`]:
+    /// woken by `notify_waiters` calls made after it was created, polled or not).
+    pub(crate) fn notified(&self) -> Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+/// Takes the lock once a [`Watch`] let go of its `Notify`, so the guard can drop the queues'
+/// reference (and the queues) when it was the last.
+struct Release<'a>(&'a Shared);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        drop(self.0.lock());
+    }
+}
+
 /// State shared by a connection task and the handles that talk to it.
+///
+/// One per connection, parked or not (issue 17): 104 B outside tests (its lock and waker 32
+/// B, its counters 64 B, its settings 8 B), 120 B with the `Arc`'s counts, a 128 B chunk
+/// (192 B while it kept a `Notify` and its queues' byte counts itself).
 #[derive(Debug)]
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
-    /// Notified when the outbox gets room and when the connection ends.
-    pub(crate) changed: Notify,
     pub(crate) stats: Stats,
     settings: Arc<Settings>,
 }
+
+// A field that makes every connection's `Shared` bigger fails the build (tests' layout, with
+// two more counters, is bounded by `server::accept::sizes`).
+#[cfg(all(not(test), target_os = "linux", target_pointer_width = "64"))]
+const _: () = assert!(std::mem::size_of::<Shared>() <= 104);
 
 impl Shared {
     /// A connection's state built with `settings` (a server's, shared by its connections).
     pub(crate) fn with(settings: &Arc<Settings>) -> Arc<Self> {
         Arc::new(Shared {
             inner: Mutex::default(),
-            changed: Notify::new(),
             stats: Stats::default(),
             settings: settings.clone(),
         })
@@ -321,14 +402,46 @@ impl Shared {
         Guard(self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Brings this connection's share of the server's unsent budget in line with what it
-    /// holds. Call after changing `outbox_bytes` or `transmit_bytes`.
-    pub(crate) fn recharge(&self, inner: &mut Inner) {
-        let now = inner.outbox_bytes + inner.transmit_bytes;
-        if let Some(b) = self.budgets() {
-            b.unsent.adjust(inner.charged, now);
+    /// The queues' box exists (issue 17: an idle connection holds none).
+    #[cfg(test)]
+    pub(crate) fn holds_queues(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queues
+            .is_some()
+    }
+
+    /// The size of the queues' box (`server::accept::sizes`).
+    #[cfg(test)]
+    pub(crate) const QUEUES_SIZE: usize = std::mem::size_of::<Queues>();
+
+    /// Registers for this connection's next change (see [`Watch`]).
+    pub(crate) fn watch(&self) -> Watch<'_> {
+        let mut inner = self.lock();
+        let notify = inner
+            .changed
+            .get_or_insert_with(|| Arc::new(Notify::new()))
+            .clone();
+        drop(inner);
+        Watch {
+            notify,
+            _release: Release(self),
         }
-        inner.charged = now;
+    }
+
+    /// Brings this connection's share of the server's unsent budget in line with what it
+    /// holds (server connections; nothing to do for others). Call after changing
+    /// `outbox_bytes` or `transmit_bytes`.
+    pub(crate) fn recharge(&self, inner: &mut Inner) {
+        let Some(b) = self.budgets() else {
+            return;
+        };
+        let now = inner.outbox_bytes + inner.transmit_bytes;
+        if now != inner.charged {
+            b.unsent.adjust(inner.charged, now);
+            inner.charged = now;
+        }
     }
 
     /// Marks the owner finished: senders fail with `d` from now on.
@@ -338,18 +451,20 @@ impl Shared {
         if let Some(w) = inner.recv.take() {
             w.wake();
         }
-        drop(inner);
-        self.changed.notify_waiters();
+        inner.notify_changed();
     }
 
     /// Messages still queued (never handed to a connection), oldest first.
     pub(crate) fn take_outbox(&self) -> Vec<Bytes> {
         let mut inner = self.lock();
-        inner.outbox_bytes = 0;
-        let v: Vec<Bytes> = std::mem::take(&mut inner.outbox).into();
+        let v: Vec<Bytes> = if inner.outbox.capacity() == 0 {
+            Vec::new()
+        } else {
+            inner.outbox_bytes = 0;
+            std::mem::take(&mut inner.outbox).into()
+        };
         self.recharge(&mut inner);
-        drop(inner);
-        self.changed.notify_waiters();
+        inner.notify_changed();
         v
     }
 
@@ -373,7 +488,8 @@ impl Shared {
         };
         loop {
             // Registered before the next attempt, so room made in between wakes us.
-            let notified = self.changed.notified();
+            let watch = self.watch();
+            let notified = watch.notified();
             msg = match self.push_if_room(msg) {
                 Ok(r) => return r,
                 Err(m) => m,
@@ -541,7 +657,8 @@ impl Shared {
     /// Waits until the connection (or the persistent owner) has ended.
     pub(crate) async fn closed(&self) -> Disconnect {
         loop {
-            let n = self.changed.notified();
+            let watch = self.watch();
+            let n = watch.notified();
             if let Some(d) = self.done() {
                 return d;
             }
@@ -627,11 +744,7 @@ mod tests {
     use super::*;
 
     fn holds_queues(s: &Shared) -> bool {
-        s.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queues
-            .is_some()
+        s.holds_queues()
     }
 
     /// Issue 17: an idle connection holds no queue. The box appears with the first message
@@ -673,5 +786,77 @@ mod tests {
         assert!(holds_queues(&s));
         assert!(s.done().is_some());
         assert!(!s.try_send(Bytes::from_static(b"late")));
+    }
+
+    /// A spawned waiter's result; fails (rather than hangs) when its wake-up was lost.
+    async fn woken<T>(t: tokio::task::JoinHandle<T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(10), t)
+            .await
+            .expect("a waiter not woken")
+            .expect("the waiter")
+    }
+
+    fn watched(s: &Shared) -> bool {
+        s.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queues
+            .as_ref()
+            .is_some_and(|q| q.changed.is_some())
+    }
+
+    /// Issue 17: the waiters' `Notify` lives in the queues only while someone waits. A
+    /// sender waiting for room wakes when the outbox is taken, one waiting for the end when
+    /// the connection ends; a wait given up leaves nothing behind.
+    #[tokio::test]
+    async fn waiting_senders_wake_and_leave_nothing_behind() {
+        let s = Shared::new(Limits {
+            outbox_bytes: 4,
+            inbox_bytes: 4,
+        });
+        assert!(s.try_send(Bytes::from_static(b"full")));
+        // A wait given up (polled once, then dropped) leaves no `Notify`.
+        tokio::select! {
+            biased;
+            _ = s.send(Bytes::from_static(b"gone")) => panic!("sent into a full outbox"),
+            () = std::future::ready(()) => {}
+        }
+        assert!(!watched(&s));
+        assert_eq!(s.lock().outbox.len(), 1);
+
+        let sender = tokio::spawn({
+            let s = s.clone();
+            async move { s.send(Bytes::from_static(b"next")).await }
+        });
+        let ender = tokio::spawn({
+            let s = s.clone();
+            async move { s.closed().await }
+        });
+        // A current-thread runtime: both run to their wait before this task goes on.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!sender.is_finished() && !ender.is_finished());
+        assert!(watched(&s));
+
+        // Room: the outbox taken (as a server does when a client leaves) wakes the sender.
+        assert_eq!(s.take_outbox(), vec![Bytes::from_static(b"full")]);
+        assert_eq!(woken(sender).await, Ok(()));
+        assert_eq!(s.lock().outbox_bytes, 4);
+        assert!(!ender.is_finished());
+        // Still watched by the one waiting for the end.
+        assert!(watched(&s));
+
+        let end = Disconnect {
+            reason: tether_proto::DisconnectReason::LocalClose,
+            silent_for: std::time::Duration::ZERO,
+        };
+        s.finish(end.clone());
+        assert_eq!(woken(ender).await, end);
+        // Every watch gone: the `Notify` went with the last one.
+        assert!(!watched(&s));
+        // Once ended, a sender fails without waiting (and without a `Notify` left behind).
+        assert_eq!(s.send(Bytes::from_static(b"late")).await, Err(end));
+        assert!(!watched(&s));
     }
 }

@@ -267,14 +267,17 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         let resolved = inner.take_resolved();
         let inbox_full = inner.inbox_bytes > shared.limits().inbox_bytes;
         if moved {
-            inner.transmit_bytes = held_for_peer(conn);
-            self.transmit_published = inner.transmit_bytes;
+            // Server connections count it against their bounds (others have none: their
+            // queues' box is not kept for it).
+            if shared.budgets().is_some() {
+                let held = held_for_peer(conn);
+                inner.set_transmit(held);
+                self.transmit_published = held;
+            }
             shared.recharge(&mut inner);
+            inner.notify_changed();
         }
         drop(inner);
-        if moved {
-            shared.changed.notify_waiters();
-        }
         if let Some(r) = resolved {
             self.apply_resolved(now, *r);
         }
@@ -612,12 +615,12 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         let held = held_for_peer(&self.conn);
         if self.shared.budgets().is_some() && held != self.transmit_published {
             let mut inner = self.shared.lock();
-            inner.transmit_bytes = held;
+            inner.set_transmit(held);
             self.shared.recharge(&mut inner);
-            drop(inner);
             if held < self.transmit_published {
-                self.shared.changed.notify_waiters();
+                inner.notify_changed();
             }
+            drop(inner);
             self.transmit_published = held;
         }
     }

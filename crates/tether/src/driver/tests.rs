@@ -689,6 +689,51 @@ async fn budgeted_server_over(
     (shared, task, peer, log)
 }
 
+/// Issue 17: a server connection's unsent bytes (its outbox, then what its state machine
+/// holds) count against the server's budget and keep its queues' box only until the client
+/// has read them: an idle connection holds neither. A client's connection (no budget) lets
+/// its box go as soon as its outbox moved into the state machine.
+#[tokio::test(start_paused = true)]
+async fn unsent_bytes_hold_the_budget_and_the_queues_only_until_read() {
+    const LEN: usize = 64 * 1024;
+    let budgets = Arc::new(Budgets::new(1 << 20, 1 << 20, 1 << 20));
+    let (shared, _task, mut peer, _log) = budgeted_server_over(&budgets, 1024).await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(!shared.holds_queues());
+    assert_eq!(budgets.unsent.used(), 0);
+    assert_eq!(
+        shared.offer(Bytes::from(vec![7u8; LEN]), false, true),
+        Offer::Queued(None)
+    );
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Moved into the state machine, not all written (the pipe holds 1 KiB): still counted.
+    let held = {
+        let inner = shared.lock();
+        assert_eq!(inner.outbox_bytes, 0);
+        inner.transmit_bytes
+    };
+    assert!(held > LEN - 4096, "{held} B held for the peer");
+    assert_eq!(budgets.unsent.used(), held);
+    assert!(shared.holds_queues());
+    match peer.next_event(false).await {
+        ConnEvent::Message { payload, .. } => assert_eq!(payload.len(), LEN),
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(budgets.unsent.used(), 0);
+    assert!(!shared.holds_queues());
+
+    let (client, _task, mut peer, _log) = client_with_peer(1024, Limits::default(), false).await;
+    assert!(client.try_send(Bytes::from(vec![7u8; LEN])));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(!client.holds_queues());
+    match peer.next_event(false).await {
+        ConnEvent::Message { payload, .. } => assert_eq!(payload.len(), LEN),
+        other => panic!("{other:?}"),
+    }
+    assert!(!client.holds_queues());
+}
+
 fn messages(log: &Log) -> usize {
     log.lock()
         .unwrap()

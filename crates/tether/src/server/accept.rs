@@ -961,10 +961,17 @@ mod sizes {
                 std::mem::size_of::<tether_proto::Liveness>(),
                 144,
             ),
-            // 160 B outside tests (two test-only counters add 16): with the `Arc`'s counts a
-            // 192 B chunk (208 B when it kept its limits, budgets and flag itself, 256 B
-            // before the fifth pass).
-            ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 176),
+            // 104 B outside tests (two test-only counters add 16; the build checks 104): with
+            // the `Arc`'s counts a 128 B chunk (160 B while it kept its queues' byte counts,
+            // now in its boxed queues, 192 B while it kept a `Notify` for senders waiting for
+            // room, now there too while one waits; 208 B when it kept its limits, budgets and
+            // flag itself, 256 B before the fifth pass).
+            ("Shared (in an Arc)", std::mem::size_of::<Shared>(), 120),
+            // Boxed only while something is queued or waited on, or the connection has a
+            // session (its next number) or ended: a 240 B chunk (208 B before it took the
+            // byte counts and the waiters' `Notify` from `Shared`; an idle connection with a
+            // session still saves 32 B).
+            ("  its queues (boxed when used)", Shared::QUEUES_SIZE, 232),
             // 56 B: its remote address packed in 16 B, its session an `Option<NonZeroU64>`,
             // a probe request in the authentication's box (64 B with a box of its own, 88 B
             // with a `SocketAddr` and an `Option<u64>`, 96 B with an `Arc<str>` id).

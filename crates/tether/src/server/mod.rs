@@ -379,7 +379,8 @@ impl ServerHandle {
             room.as_mut().enable();
             // The connection's "bytes taken" notification, registered before the attempt too.
             let live = self.inner.clients.live_of(client_id);
-            let drained = live.as_ref().map(|s| s.changed.notified());
+            let watch = live.as_ref().map(|s| s.watch());
+            let drained = watch.as_ref().map(|w| w.notified());
             tokio::pin!(drained);
             if let Some(n) = drained.as_mut().as_pin_mut() {
                 n.enable();
