@@ -59,13 +59,14 @@
 //! send, close or command wakes the lot through it), and the budgets queue it like a
 //! task's; a lot task's transport registers it for readability too.
 //!
-//! Deadlines: a binary heap of `(instant, slot, generation)`, lazily re-checked against
+//! Deadlines: a binary heap of `(instant, slot)` ([`Place`], 12 B), lazily re-checked against
 //! the entry's current deadline when popped (a deadline that moved later is pushed again,
 //! once; one that moved earlier is pushed at once). Never early (an entry is polled only
 //! once its deadline is due, and the state machine re-checks it; `epoll_wait`'s timeout is
 //! rounded up to the millisecond), late only by the lot's own scheduling. The slab and the
 //! heap grow by an eighth, not by doubling, and the heap gives its room back when less than
-//! three quarters used ([`more_room`], [`less_room`]): every place costs an idle connection 16 B.
+//! three quarters used ([`more_room`], [`less_room`]): every place costs an idle connection
+//! its bytes (16 B a slab slot, 12 B a heap place).
 //!
 //! A lot task runs unconstrained by tokio's cooperative budget (a parked transport's poll
 //! would otherwise answer `Pending` for a budget it does not own, and wake the entry in a
@@ -578,7 +579,7 @@ pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
     (
         std::mem::size_of::<Entry<T, S>>(),
         std::mem::size_of::<AtomicU32>(),
-        std::mem::size_of::<Reverse<(Stamp, u32, u32)>>(),
+        std::mem::size_of::<Reverse<Place>>(),
     )
 }
 
@@ -597,13 +598,45 @@ struct Slot<T, S> {
     entry: Option<Box<Entry<T, S>>>,
 }
 
+/// A place in the lot's deadline heap: a deadline and the slot of the entry queued at it,
+/// ordered by deadline, then slot. 12 B (packed to 4-byte alignment; 16 B with the
+/// generation it had, or aligned). No generation: a place is the entry's own when the
+/// entry's `queued_at` is its stamp. One left by an earlier entry of the slot is stale as
+/// one its own entry left behind is (its stamp is not the new entry's `queued_at`); and
+/// should the new entry be queued at that very stamp, the old place is as good as the new.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C, packed(4))]
+struct Place {
+    at: Stamp,
+    idx: u32,
+}
+
+impl Place {
+    /// The fields, copied out (a packed struct's fields are not referenced in place).
+    fn get(self) -> (Stamp, u32) {
+        (self.at, self.idx)
+    }
+}
+
+impl Ord for Place {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.get().cmp(&other.get())
+    }
+}
+
+impl PartialOrd for Place {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 /// What the lot's task owns.
 struct Yard<T, S> {
     slots: Vec<Slot<T, S>>,
     free: Vec<u32>,
     len: usize,
-    /// Stamps, as the entries keep them (16 B a place, compared without conversion).
-    deadlines: BinaryHeap<Reverse<(Stamp, u32, u32)>>,
+    /// Stamps, as the entries keep them (12 B a place, compared without conversion).
+    deadlines: BinaryHeap<Reverse<Place>>,
     /// A lot thread's epoll: entries' sockets are registered here while parked.
     registry: Option<mio::Registry>,
 }
@@ -682,6 +715,11 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         self.len += 1;
         lot.parked.fetch_add(1, Relaxed);
         Some((idx, gen))
+    }
+
+    /// The entry in slot `idx` now, whichever its generation (for a place of the heap).
+    fn entry_at(&mut self, idx: u32) -> Option<&mut Entry<T, S>> {
+        self.slots.get_mut(idx as usize)?.entry.as_deref_mut()
     }
 
     fn entry(&mut self, idx: u32, gen: u32) -> Option<&mut Entry<T, S>> {
@@ -800,7 +838,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         if let Some(at) = a.get() {
             if e.queued_at.get().is_none_or(|q| requeue(q, at, now())) {
                 e.queued_at = a;
-                self.push_deadline(a, idx, gen);
+                self.push_deadline(a, idx);
             }
         }
     }
@@ -853,19 +891,19 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     }
 
     /// Queues a place in the heap, its room grown by an eighth when full (see [`more_room`]).
-    fn push_deadline(&mut self, at: Stamp, idx: u32, gen: u32) {
+    fn push_deadline(&mut self, at: Stamp, idx: u32) {
         if let Some(more) = more_room(self.deadlines.len(), self.deadlines.capacity()) {
             self.deadlines.reserve_exact(more);
         }
-        self.deadlines.push(Reverse((at, idx, gen)));
+        self.deadlines.push(Reverse(Place { at, idx }));
     }
 
     /// Drops the heap's stale places at its top (the entry left, or was queued again
     /// elsewhere), so the lot's sleep is armed for a deadline that is still wanted; gives
     /// the heap's room back once it is less than three quarters used ([`less_room`]).
     fn clean(&mut self) {
-        while let Some(&Reverse((t, idx, gen))) = self.deadlines.peek() {
-            if self.entry(idx, gen).is_some_and(|e| e.queued_at == t) {
+        while let Some((t, idx)) = self.deadlines.peek().map(|p| p.0.get()) {
+            if self.entry_at(idx).is_some_and(|e| e.queued_at == t) {
                 break;
             }
             self.deadlines.pop();
@@ -883,13 +921,13 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
         let mut polled = 0;
         while room > 0 {
             match self.deadlines.peek() {
-                Some(Reverse((t, _, _))) if *t <= now => {}
+                Some(p) if p.0.get().0 <= now => {}
                 _ => break,
             }
-            let Some(Reverse((t, idx, gen))) = self.deadlines.pop() else {
+            let Some((t, idx)) = self.deadlines.pop().map(|p| p.0.get()) else {
                 break;
             };
-            let Some(e) = self.entry(idx, gen) else {
+            let Some(e) = self.entry_at(idx) else {
                 continue;
             };
             if e.queued_at != t {
@@ -906,7 +944,7 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 room -= 1;
             } else {
                 e.queued_at = a;
-                self.push_deadline(a, idx, gen);
+                self.push_deadline(a, idx);
             }
         }
         polled
@@ -1005,7 +1043,7 @@ fn pass<T: Transport, S: Sink + Send + 'static>(
             super::steps::yield_deferred(cx);
             return Poll::Pending;
         }
-        if let Some(t) = yard.deadlines.peek().and_then(|Reverse((t, _, _))| t.get()) {
+        if let Some(t) = yard.deadlines.peek().and_then(|p| p.0.get().0.get()) {
             let t = tokio::time::Instant::from_std(t);
             if sleep.deadline() != t {
                 sleep.as_mut().reset(t);
@@ -1103,7 +1141,7 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         } else if lock(&lot.wake.ready).is_empty() {
             yard.deadlines
                 .peek()
-                .and_then(|Reverse((t, _, _))| t.get())
+                .and_then(|p| p.0.get().0.get())
                 .map(|t| t.saturating_duration_since(now()))
         } else {
             Some(Duration::ZERO)
@@ -1282,6 +1320,20 @@ mod wake_tests {
         // Shrunk, it grows again from there (no shrink and grow back at once).
         assert_eq!(more_room(keep, keep), Some(keep / 8));
         assert_eq!(more_room(1, 64), None);
+    }
+
+    #[test]
+    fn heap_places_are_12_bytes_ordered_by_deadline_then_slot() {
+        assert_eq!(std::mem::size_of::<Reverse<Place>>(), 12);
+        let p = |t: i64, idx: u32| Reverse(Place { at: Stamp(t), idx });
+        let mut heap: BinaryHeap<_> = [p(5, 1), p(-3, 9), p(5, 0), p(i64::MAX, 2), p(7, 3)]
+            .into_iter()
+            .collect();
+        let mut order = Vec::new();
+        while let Some(Reverse(q)) = heap.pop() {
+            order.push((q.get().0 .0, q.get().1));
+        }
+        assert_eq!(order, [(-3, 9), (5, 0), (5, 1), (7, 3), (i64::MAX, 2)]);
     }
 
     #[test]
