@@ -512,9 +512,11 @@ fn idle_connection_heap() {
         assert!(own_blocks <= 3.1, "{own_blocks:.2} blocks of its own per idle connection");
         assert!(own_chunks <= 600.0, "{own_chunks:.0} B of its own per idle connection");
         // With the tables' share (presence and client records, the lot's slab, heap and
-        // slot states): 772 B measured in release, 786 B in debug (777 / 791-794 B with 16 B
-        // heap places, 817-825 / 830-836 B while the presence B-tree held its 64 B slots in
-        // its nodes, 835 / 851 B while
+        // slot states): 783-784 B measured in release, 798-799 B in debug (772 / 786 B with
+        // 16 B lot slab slots: at 500 the slab's steps of 64 places move this figure by ten
+        // bytes or so either way, at 2,000 and 19,000 the 8 B slots save 9 B; 777 / 791-794 B
+        // with 16 B heap places, 817-825 / 830-836 B while the presence B-tree held its 64 B
+        // slots in its nodes, 835 / 851 B while
         // the lot's slab and heap grew by doubling, 867 B with the larger
         // sink, 992 B with a waker `Arc` per entry and ids as 16-byte `Arc<str>` keys, 1,216 B
         // before the parked `Conn` was frozen, 1,346 B before the presence slot, the client

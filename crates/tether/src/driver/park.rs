@@ -66,7 +66,7 @@
 //! rounded up to the millisecond), late only by the lot's own scheduling. The slab and the
 //! heap grow by an eighth, not by doubling, and the heap gives its room back when less than
 //! three quarters used ([`more_room`], [`less_room`]): every place costs an idle connection
-//! its bytes (16 B a slab slot, 12 B a heap place).
+//! its bytes (8 B a slab slot, 12 B a heap place).
 //!
 //! A lot task runs unconstrained by tokio's cooperative budget (a parked transport's poll
 //! would otherwise answer `Pending` for a budget it does not own, and wake the entry in a
@@ -575,11 +575,12 @@ impl<T: Transport, S: Sink + Send + 'static> Lot<T, S> {
 /// the boxed entry (the driver inline), its slot's wake state (its waker is a number, see
 /// [`entry_waker`]), one deadline in the heap.
 #[cfg(test)]
-pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize) {
+pub(crate) fn parked_sizes<T, S>() -> (usize, usize, usize, usize) {
     (
         std::mem::size_of::<Entry<T, S>>(),
         std::mem::size_of::<AtomicU32>(),
         std::mem::size_of::<Reverse<Place>>(),
+        std::mem::size_of::<Slot<T, S>>(),
     )
 }
 
@@ -592,8 +593,10 @@ struct Entry<T, S> {
     queued_at: Stamp,
 }
 
+/// A place of the slab: 8 B. Its entry's generation is not kept here but in the slot's
+/// wake state ([`LotWake::states`], which the lot's wakers read; only the lot writes it, in
+/// [`LotWake::arm`]): 16 B a slot with a copy of it.
 struct Slot<T, S> {
-    gen: u32,
     /// Boxed: a slab of inline entries would carry its growth slack in entry-sized slots.
     entry: Option<Box<Entry<T, S>>>,
 }
@@ -639,11 +642,14 @@ struct Yard<T, S> {
     deadlines: BinaryHeap<Reverse<Place>>,
     /// A lot thread's epoll: entries' sockets are registered here while parked.
     registry: Option<mio::Registry>,
+    /// The lot's wake state: the slots' generations.
+    wake: &'static LotWake,
 }
 
 impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
-    fn new(registry: Option<mio::Registry>) -> Self {
+    fn new(wake: &'static LotWake, registry: Option<mio::Registry>) -> Self {
         Yard {
+            wake,
             slots: Vec::new(),
             free: Vec::new(),
             len: 0,
@@ -690,24 +696,19 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
                 if let Some(more) = more_room(self.slots.len(), self.slots.capacity()) {
                     self.slots.reserve_exact(more);
                 }
-                // Generations count on from the slot's last entry, of this lot's earlier
-                // thread or an earlier lot (see `LotWake::states`).
-                self.slots.push(Slot {
-                    gen: lot.wake.last_gen(idx),
-                    entry: None,
-                });
+                self.slots.push(Slot { entry: None });
                 idx
             }
             None => return None,
         };
-        let slot = &mut self.slots[idx as usize];
-        // 0 is a slot never used (see `LotWake::states`).
-        let gen = (slot.gen.wrapping_add(1) & GEN_MASK).max(1);
+        // Generations count on from the slot's last entry, of this lot, its earlier thread
+        // or an earlier lot (see `LotWake::states`); 0 is a slot never used.
+        let gen = (self.wake.last_gen(idx).wrapping_add(1) & GEN_MASK).max(1);
         if !lot.wake.arm(idx, gen) {
             self.free.push(idx);
             return None;
         }
-        slot.gen = gen;
+        let slot = &mut self.slots[idx as usize];
         slot.entry = Some(Box::new(Entry {
             d: None,
             queued_at: Stamp::NONE,
@@ -723,11 +724,10 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     }
 
     fn entry(&mut self, idx: u32, gen: u32) -> Option<&mut Entry<T, S>> {
-        let slot = self.slots.get_mut(idx as usize)?;
-        if slot.gen != gen {
+        if self.wake.last_gen(idx) != gen {
             return None;
         }
-        slot.entry.as_deref_mut()
+        self.slots.get_mut(idx as usize)?.entry.as_deref_mut()
     }
 
     /// Polls entry `idx` as its task would (the full wake-up); spawns its task again when it
@@ -738,11 +738,8 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
 
     /// The full wake-up of entry `idx`, whose first read is `carried`.
     fn full(&mut self, lot: &Lot<T, S>, idx: u32, carried: Carried) {
-        let Some(slot) = self.slots.get_mut(idx as usize) else {
-            return;
-        };
-        let gen = slot.gen;
-        let Some(d) = slot.entry.as_deref_mut().and_then(|e| e.d.take()) else {
+        let gen = self.wake.last_gen(idx);
+        let Some(d) = self.entry_at(idx).and_then(|e| e.d.take()) else {
             return;
         };
         self.full_with(lot, idx, gen, d.thaw(), carried);
@@ -770,9 +767,10 @@ impl<T: Transport, S: Sink + Send + 'static> Yard<T, S> {
     /// without the full wake-up; anything else runs the full one, with what was read.
     /// Skipped when a full wake-up is queued already (it reads and fires too).
     fn quick(&mut self, lot: &Lot<T, S>, idx: u32) {
-        let Some(gen) = self.slots.get(idx as usize).map(|s| s.gen) else {
+        if idx as usize >= self.slots.len() {
             return;
-        };
+        }
+        let gen = self.wake.last_gen(idx);
         if self.full_queued(lot, idx) {
             return;
         }
@@ -957,8 +955,9 @@ const ROOM_KEPT: usize = 64;
 
 /// How many places to add to a full table of the lot (`len == cap`): an eighth more (at
 /// least [`ROOM_KEPT`]), not the double a `Vec` or `BinaryHeap` grows to by itself (issue
-/// 17: a table that doubled kept up to half its 16 B places empty; with [`less_room`], the
-/// slab and heap cost 37 B per idle connection at 19,000 in `idle_alloc`, 55 B doubled). Growing
+/// 17: a table that doubled kept up to half its places empty; with [`less_room`], the
+/// slab and heap cost 37 B per idle connection at 19,000 in `idle_alloc` with 16 B slots and
+/// places, 55 B doubled, 21 B with 8 B slots and 12 B places). Growing
 /// by an eighth copies each place about eight times over its life instead of once or twice
 /// (a slab or heap of a million places is 16 MB: a few ms per 125,000 connections parked),
 /// and leaves at most an eighth empty. `None` while there is room.
@@ -993,7 +992,7 @@ fn requeue(q: Instant, a: Instant, now: Instant) -> bool {
 /// The lot's task: takes parked connections, polls the woken and the due, sleeps until the
 /// earliest deadline; ends when the lot is empty.
 async fn run<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
-    let mut yard = Yard::new(None);
+    let mut yard = Yard::new(lot.wake, None);
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
     tokio::pin!(sleep);
@@ -1087,7 +1086,7 @@ fn run_thread<T: Transport, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             return;
         }
     };
-    let mut yard = Yard::new(Some(registry));
+    let mut yard = Yard::new(lot.wake, Some(registry));
     let mut events = mio::Events::with_capacity(1024);
     let mut woken: Vec<(u32, u32)> = Vec::new();
     let mut batch = VecDeque::new();

@@ -899,7 +899,7 @@ mod sizes {
         let (s, remote) = l.accept().await.expect("accept");
         let shared = Shared::with(&inner.conn_settings);
         let task = run_connection(s, remote, 1, shared.clone(), inner.clone());
-        let (entry, waker, deadline) = driver::parked_sizes::<Tcp, ServerSink>();
+        let (entry, waker, deadline, slab) = driver::parked_sizes::<Tcp, ServerSink>();
         let rows = [
             // tokio's task cell is the future + 104 B, rounded up to 128 B (x86-64): at most
             // 792 B of future keeps it at 896 B. The state machine is in the future (720 B),
@@ -909,7 +909,7 @@ mod sizes {
             ("task future (run_connection)", size_of_val(&task), 792),
             // A parked connection: its driver in a boxed lot entry with its state machine
             // frozen inline, its slot's wake state (its waker is a number: no allocation),
-            // one deadline in the lot's heap (and 16 B of slab slot) instead of the task
+            // one deadline in the lot's heap (and 8 B of slab slot) instead of the task
             // cell. 352 B (344 B in release): a 352 B chunk (384 B while the sink kept a 32-byte
             // `SocketAddr` and an `Option<u64>`), against a 224 B entry chunk and a 368 B
             // `Conn` chunk while the `Conn` was boxed (240 B of entry while the sink kept the
@@ -919,6 +919,8 @@ mod sizes {
             ("  its slot's wake state", waker, 4),
             // 12 B: the slot's generation is not kept (16 B with it).
             ("  its deadline (lot's heap)", deadline, 12),
+            // 8 B: the entry's generation is in its wake state (16 B with a copy of it).
+            ("  its slab slot (lot's slab)", slab, 8),
             (
                 "  its frozen Conn (inline)",
                 std::mem::size_of::<tether_proto::conn::FrozenConn>(),
