@@ -29,7 +29,8 @@
 //! gets a new id; calls that still name the replaced connection (its late `disconnected`, a
 //! stale `suspect`) are ignored, so a replacement never flaps the client to `Offline`.
 //!
-//! Memory is bounded: one entry per client id; `Offline` entries are forgotten after
+//! Memory is bounded: one entry per client id (a 64-byte slot in a slab, and the id with the
+//! slot's place in a B-tree: ~96 B a client, 139 B while the B-tree held the slots); `Offline` entries are forgotten after
 //! `offline_retention`, and at most `max_offline` of them are kept (the oldest go first).
 //! The change queue grows until the driver drains it with [`Registry::poll_change`].
 
@@ -254,7 +255,10 @@ pub struct Registry<K = Arc<str>> {
     /// The ids are keys ([`Id`]), one allocation per id shared with `by_kind`, the hold and
     /// offline indexes and — through [`connected_shared`](Self::connected_shared) — with the
     /// caller (a server's client table): a million connected clients keep one copy of each id.
-    entries: BTreeMap<K, Slot>,
+    /// Each maps to its slot's place in `slots` (4 bytes in the B-tree's nodes, not 64: see
+    /// [`Slots`]).
+    entries: BTreeMap<K, u32>,
+    slots: Slots,
     /// Ids per state other than `Online` (`Suspect`, `Resuming`, `Offline`), in id order: a
     /// page of the clients in one of them is a range too. Changed only on transitions.
     /// `Online`, the state of nearly every client of a busy server, has no set (issue 17: it
@@ -273,9 +277,10 @@ pub struct Registry<K = Arc<str>> {
     epoch: Option<Instant>,
 }
 
-/// Bytes the registry keeps per client id in its map, beside the id (issue 17; the B-tree's
-/// node overhead and the id's one allocation come on top).
-pub const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
+/// Bytes the registry keeps per client id in its slab (issue 17; its id map's B-tree
+/// entry — the id and a 4-byte place, ~23 B a client in nodes filled in id order — and the
+/// id's one allocation come on top).
+pub const SLOT_SIZE: usize = std::mem::size_of::<Option<Slot>>();
 
 /// What the registry keeps per client id: an [`Entry`] in compact form (issue 17: one per
 /// connected client). A connected client's state is a flag; the data of `Resuming` and
@@ -283,7 +288,8 @@ pub const SLOT_SIZE: usize = std::mem::size_of::<Slot>();
 /// while the client is connected. Its two instants are signed nanoseconds from the
 /// registry's epoch (exact, ±292 years: 8 bytes each instead of 16) and its counters 32-bit
 /// (saturating), its remote address and suspect flag 16 bytes (IPv6 boxed): 64 bytes
-/// instead of 112, in B-tree nodes about two thirds full.
+/// instead of 112, in the registry's slab ([`Slots`]: 64 B a place, at most an eighth of
+/// the places empty).
 #[derive(Debug)]
 struct Slot {
     conn_id: u64,
@@ -296,6 +302,92 @@ struct Slot {
     /// `Resuming` or `Offline` (`None`: connected).
     ended: Option<Box<Ended>>,
     last_counters: Option<Box<ConnStats>>,
+}
+
+/// Places a slab keeps however few slots it holds, and the least it grows by.
+const SLOTS_KEPT: usize = 64;
+
+/// The registry's slots, by place (issue 17). The id map's B-tree nodes hold a 4-byte place
+/// instead of the 64-byte slot: its leaves (eleven places, about six used when ids come in
+/// order, as a fleet's sequential ids do) shrink from 808 B to 144 B, and the slots
+/// themselves sit in one array with no node slack. The array grows by an eighth, not by
+/// doubling (at most an eighth of it empty); a forgotten slot's place goes to the next new
+/// one, and once more than half the places are free the registry moves the slots together
+/// ([`Registry::compact`]), so a registry that shrank gives its memory back as the B-tree
+/// did.
+#[derive(Debug, Default)]
+struct Slots {
+    /// `None`: a free place (its number is in `free`).
+    all: Vec<Option<Slot>>,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    /// An empty slab with room for `n` slots and an eighth more.
+    fn with_room(n: usize) -> Self {
+        Slots {
+            all: Vec::with_capacity((n + n / 8).max(SLOTS_KEPT)),
+            free: Vec::new(),
+        }
+    }
+
+    /// Keeps `s` and answers its place.
+    fn insert(&mut self, s: Slot) -> u32 {
+        if let Some(i) = self.free.pop() {
+            self.all[i as usize] = Some(s);
+            return i;
+        }
+        let len = self.all.len();
+        if len == self.all.capacity() {
+            self.all.reserve_exact((len / 8).max(SLOTS_KEPT));
+        }
+        // A place per client id known (64 B each): 2^32 of them would be 256 GiB.
+        let i = u32::try_from(len).expect("fewer than 2^32 client ids");
+        self.all.push(Some(s));
+        i
+    }
+
+    /// The slot at place `i`, taken out (the place is not reused: the slab is rebuilt).
+    fn take(&mut self, i: u32) -> Slot {
+        self.all
+            .get_mut(i as usize)
+            .and_then(Option::take)
+            // Every place the id map names holds a slot: it is freed with its id.
+            .expect("an id's place holds its slot")
+    }
+
+    /// Frees place `i`.
+    fn remove(&mut self, i: u32) {
+        if self
+            .all
+            .get_mut(i as usize)
+            .and_then(Option::take)
+            .is_some()
+        {
+            self.free.push(i);
+        }
+    }
+
+    fn get(&self, i: u32) -> &Slot {
+        self.all
+            .get(i as usize)
+            .and_then(Option::as_ref)
+            // Every place the id map names holds a slot: it is freed with its id.
+            .expect("an id's place holds its slot")
+    }
+
+    fn get_mut(&mut self, i: u32) -> &mut Slot {
+        self.all
+            .get_mut(i as usize)
+            .and_then(Option::as_mut)
+            // Every place the id map names holds a slot: it is freed with its id.
+            .expect("an id's place holds its slot")
+    }
+
+    /// More than half the places are free (and more than a few): time to compact.
+    fn sparse(&self) -> bool {
+        self.free.len() > SLOTS_KEPT && self.free.len() > self.all.len() / 2
+    }
 }
 
 #[derive(Debug)]
@@ -404,6 +496,7 @@ impl<K: Id> Registry<K> {
         Registry {
             cfg,
             entries: BTreeMap::new(),
+            slots: Slots::default(),
             by_kind: Default::default(),
             holds: BTreeMap::new(),
             offline: BTreeMap::new(),
@@ -462,11 +555,12 @@ impl<K: Id> Registry<K> {
         remote: SocketAddr,
     ) -> Option<u64> {
         let at = self.stamp(now);
-        let Some(slot) = self.entries.get_mut(id) else {
+        let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) else {
             let key = key();
             let mut slot = Slot::new(PresenceState::Online, conn_id, remote, at);
             slot.connects = 1;
-            self.entries.insert(key, slot);
+            let i = self.slots.insert(slot);
+            self.entries.insert(key, i);
             self.counts.online += 1;
             self.changes.push_back(PresenceChange {
                 id: id.to_owned(),
@@ -548,7 +642,7 @@ impl<K: Id> Registry<K> {
         to: PresenceState,
     ) -> bool {
         let at = self.stamp(now);
-        let Some(slot) = self.entries.get_mut(id) else {
+        let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) else {
             return false;
         };
         if slot.conn_id != conn_id || slot.kind() != from {
@@ -586,7 +680,7 @@ impl<K: Id> Registry<K> {
         silent_for: Duration,
         hold_until: Option<Instant>,
     ) -> bool {
-        let Some(slot) = self.entries.get_mut(id) else {
+        let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) else {
             return false;
         };
         if slot.conn_id != conn_id || !slot.is_connected() {
@@ -644,7 +738,7 @@ impl<K: Id> Registry<K> {
             silent_for: Duration::ZERO,
             until,
         };
-        match self.entries.get_mut(id) {
+        match self.entries.get(id).map(|&i| self.slots.get_mut(i)) {
             Some(slot) => {
                 if slot.kind() != PresenceKind::Offline {
                     return false;
@@ -658,8 +752,8 @@ impl<K: Id> Registry<K> {
             None => {
                 let key = K::from(id);
                 let at = self.stamp(now);
-                self.entries
-                    .insert(key.clone(), Slot::new(state.clone(), 0, remote, at));
+                let i = self.slots.insert(Slot::new(state.clone(), 0, remote, at));
+                self.entries.insert(key.clone(), i);
                 self.counts.resuming += 1;
                 self.index(PresenceKind::Resuming, key);
                 self.changes.push_back(PresenceChange {
@@ -679,7 +773,7 @@ impl<K: Id> Registry<K> {
     /// client is `Offline` with `reason` at once. Ignored (returns false) unless it is
     /// `Resuming`.
     pub fn end_hold(&mut self, now: Instant, id: &str, reason: DisconnectReason) -> bool {
-        let Some(slot) = self.entries.get_mut(id) else {
+        let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) else {
             return false;
         };
         let Some(PresenceState::Resuming { at, silent_for, .. }) =
@@ -708,7 +802,7 @@ impl<K: Id> Registry<K> {
     /// while the client is not connected. Ignored (returns false) for an unknown id or a
     /// connection that is not the client's current or last one (a replaced connection).
     pub fn record_counters(&mut self, id: &str, conn_id: u64, counters: ConnStats) -> bool {
-        match self.entries.get_mut(id) {
+        match self.entries.get(id).map(|&i| self.slots.get_mut(i)) {
             Some(slot) if slot.conn_id == conn_id => {
                 slot.last_counters = Some(Box::new(counters));
                 true
@@ -720,7 +814,7 @@ impl<K: Id> Registry<K> {
     /// Sets the state of an existing entry, keeps the counts, queues the change.
     fn set_state(&mut self, now: Instant, id: &str, to: PresenceState) {
         let at = self.stamp(now);
-        let Some(slot) = self.entries.get_mut(id) else {
+        let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) else {
             return;
         };
         let kind = slot.kind();
@@ -751,7 +845,7 @@ impl<K: Id> Registry<K> {
         self.next_seq += 1;
         let key = (until, self.next_seq);
         let name = self.key_of(id);
-        if let Some(slot) = self.entries.get_mut(id) {
+        if let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) {
             slot.set_timer(key);
             self.holds.insert(key, name);
         }
@@ -763,7 +857,7 @@ impl<K: Id> Registry<K> {
         self.next_seq += 1;
         let key = (now, self.next_seq);
         let name = self.key_of(id);
-        if let Some(slot) = self.entries.get_mut(id) {
+        if let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) {
             slot.set_timer(key);
             self.offline.insert(key, name);
         }
@@ -777,11 +871,26 @@ impl<K: Id> Registry<K> {
 
     /// Removes the `Offline` entry `id` whose key `key` has just been taken out of `offline`.
     fn forget(&mut self, key: (Instant, u64), id: &str) {
-        if self.entries.get(id).is_some_and(|s| s.timer() == Some(key)) {
+        let slot = self.entries.get(id).map(|&i| (i, self.slots.get(i)));
+        if let Some((i, _)) = slot.filter(|(_, s)| s.timer() == Some(key)) {
             self.entries.remove(id);
+            self.slots.remove(i);
+            if self.slots.sparse() {
+                self.compact();
+            }
             self.counts.offline -= 1;
             self.unindex(PresenceKind::Offline, id);
         }
+    }
+
+    /// Moves the live slots together, in id order, and points the ids at their new places
+    /// (see [`Slots::sparse`]): O(n), once the slab is more than half free places.
+    fn compact(&mut self) {
+        let mut slots = Slots::with_room(self.entries.len());
+        for i in self.entries.values_mut() {
+            *i = slots.insert(self.slots.take(*i));
+        }
+        self.slots = slots;
     }
 
     /// The next instant at which [`handle_timeout`](Self::handle_timeout) has work: the
@@ -807,7 +916,11 @@ impl<K: Id> Registry<K> {
                 break;
             }
             let (key, id) = entry.remove_entry();
-            let Some(slot) = self.entries.get_mut(id.borrow()) else {
+            let Some(slot) = self
+                .entries
+                .get(id.borrow())
+                .map(|&i| self.slots.get_mut(i))
+            else {
                 continue;
             };
             if slot.timer() != Some(key) {
@@ -858,12 +971,14 @@ impl<K: Id> Registry<K> {
 
     /// What the registry knows about client `id` (built from its compact record).
     pub fn get(&self, id: &str) -> Option<Entry> {
-        self.entries.get(id).map(|s| s.entry(self.epoch()))
+        self.entries
+            .get(id)
+            .map(|&i| self.slots.get(i).entry(self.epoch()))
     }
 
     /// The state of client `id`, if known (cheaper than [`get`](Self::get)).
     pub fn state(&self, id: &str) -> Option<PresenceState> {
-        self.entries.get(id).map(Slot::state)
+        self.entries.get(id).map(|&i| self.slots.get(i).state())
     }
 
     /// Moves `id` from the `from` index to the `to` index.
@@ -909,21 +1024,22 @@ impl<K: Id> Registry<K> {
         let range = (from, Bound::Unbounded);
         let mut ids: Box<dyn Iterator<Item = (&str, &Slot)> + '_> =
             match kind.map(|k| (k, kind_index(k))) {
-                Some((_, Some(i))) => Box::new(
-                    self.by_kind[i]
-                        .range::<str, _>(range)
-                        .filter_map(|id| self.entries.get(id.borrow()).map(|s| (id.borrow(), s))),
-                ),
+                Some((_, Some(i))) => {
+                    Box::new(self.by_kind[i].range::<str, _>(range).filter_map(|id| {
+                        let s = self.entries.get(id.borrow())?;
+                        Some((id.borrow(), self.slots.get(*s)))
+                    }))
+                }
                 Some((k, None)) => Box::new(
                     self.entries
                         .range::<str, _>(range)
-                        .filter(move |(_, s)| s.kind() == k)
-                        .map(|(id, s)| (id.borrow(), s)),
+                        .map(|(id, &i)| (id.borrow(), self.slots.get(i)))
+                        .filter(move |(_, s)| s.kind() == k),
                 ),
                 None => Box::new(
                     self.entries
                         .range::<str, _>(range)
-                        .map(|(id, s)| (id.borrow(), s)),
+                        .map(|(id, &i)| (id.borrow(), self.slots.get(i))),
                 ),
             };
         let mut out = Vec::with_capacity(limit.min(1024));
@@ -938,7 +1054,7 @@ impl<K: Id> Registry<K> {
     pub fn iter(&self) -> impl Iterator<Item = (&str, Entry)> + '_ {
         self.entries
             .iter()
-            .map(|(id, s)| (id.borrow(), s.entry(self.epoch())))
+            .map(|(id, &i)| (id.borrow(), self.slots.get(i).entry(self.epoch())))
     }
 
     /// How many entries are in each state.
@@ -959,5 +1075,67 @@ impl<K: Id> Registry<K> {
     /// The settings this registry was built with.
     pub fn config(&self) -> &RegistryConfig {
         &self.cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forgotten_slots_are_reused_and_a_mostly_free_slab_is_compacted() {
+        let cfg = RegistryConfig {
+            offline_retention: Duration::from_secs(60),
+            max_offline: 100,
+        };
+        let mut r = Registry::new(cfg);
+        #[allow(clippy::disallowed_methods)] // one real Instant as the virtual clock's origin
+        let t0 = Instant::now();
+        let remote: SocketAddr = "192.0.2.1:5000".parse().expect("an address");
+        let id = |i: u32| format!("c{i:05}");
+        for i in 0..1000 {
+            r.connected(t0, &id(i), u64::from(i), remote);
+        }
+        assert_eq!(r.slots.all.len(), 1000);
+        assert!(r.slots.all.capacity() <= 1000 + 1000 / 8 + SLOTS_KEPT);
+        // 900 go offline; beyond `max_offline` the oldest are forgotten as they go.
+        for i in 0..900 {
+            let t = t0 + Duration::from_millis(u64::from(i));
+            r.disconnected(
+                t,
+                &id(i),
+                u64::from(i),
+                DisconnectReason::PeerClosed,
+                Duration::ZERO,
+                None,
+            );
+        }
+        assert_eq!(r.len(), 200);
+        // More than half the places were free: the slots moved together, in id order.
+        assert!(r.slots.all.len() < 1000, "{} places", r.slots.all.len());
+        assert!(r.slots.free.len() <= SLOTS_KEPT + 1);
+        // Every id still finds its own slot.
+        for i in 800..1000 {
+            let e = r.get(&id(i)).expect("kept");
+            assert_eq!(e.conn_id, u64::from(i));
+            assert_eq!(e.state.is_connected(), i >= 900, "{i}");
+        }
+        assert!(r.get(&id(799)).is_none());
+        let (page, more) = r.page(Some(PresenceKind::Online), None, 10);
+        assert!(more);
+        assert_eq!(page[0].0, id(900));
+        assert_eq!(page[0].1.conn_id, 900);
+        // New ids take the free places first.
+        let free = r.slots.free.len();
+        let places = r.slots.all.len();
+        for i in 1000..1000 + free as u32 {
+            r.connected(t0, &id(i), u64::from(i), remote);
+        }
+        assert_eq!(r.slots.all.len(), places);
+        assert_eq!(r.get(&id(1000)).map(|e| e.conn_id), Some(1000));
+        let counts = r.counts();
+        assert_eq!(counts.online, 100 + free);
+        assert_eq!(counts.offline, 100);
+        assert_eq!(r.iter().count(), r.len());
     }
 }

@@ -64,11 +64,14 @@
 //! send, close or command wakes the lot through it), and the budgets queue it like a
 //! task's; a lot task's transport registers it for readability too.
 //!
-//! Deadlines: a binary heap of `(instant, slot, generation)`, lazily re-checked against
+//! Deadlines: a binary heap of `(instant, slot)` ([`Place`], 12 B), lazily re-checked against
 //! the entry's current deadline when popped (a deadline that moved later is pushed again,
 //! once; one that moved earlier is pushed at once). Never early (an entry is polled only
 //! once its deadline is due, and the state machine re-checks it; `epoll_wait`'s timeout is
-//! rounded up to the millisecond), late only by the lot's own scheduling.
+//! rounded up to the millisecond), late only by the lot's own scheduling. The slab and the
+//! heap grow by an eighth, not by doubling, and the heap gives its room back when less than
+//! three quarters used ([`more_room`], [`less_room`]): every place costs an idle connection
+//! its bytes (8 B a slab slot, 12 B a heap place).
 //!
 //! A lot task runs unconstrained by tokio's cooperative budget (a parked transport's poll
 //! would otherwise answer `Pending` for a budget it does not own, and wake the entry in a
@@ -578,11 +581,12 @@ impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
 /// the boxed entry (the driver inline), its slot's wake state (its waker is a number, see
 /// [`entry_waker`]), one deadline in the heap.
 #[cfg(test)]
-pub(crate) fn parked_sizes<T: ParkIo, S>() -> (usize, usize, usize) {
+pub(crate) fn parked_sizes<T: ParkIo, S>() -> (usize, usize, usize, usize) {
     (
         std::mem::size_of::<Entry<T, S>>(),
         std::mem::size_of::<AtomicU32>(),
-        std::mem::size_of::<Reverse<(Stamp, u32, u32)>>(),
+        std::mem::size_of::<Reverse<Place>>(),
+        std::mem::size_of::<Slot<T, S>>(),
     )
 }
 
@@ -596,10 +600,44 @@ struct Entry<T: ParkIo, S> {
     queued_at: Stamp,
 }
 
+/// A place of the slab: 8 B. Its entry's generation is not kept here but in the slot's
+/// wake state ([`LotWake::states`], which the lot's wakers read; only the lot writes it, in
+/// [`LotWake::arm`]): 16 B a slot with a copy of it.
 struct Slot<T: ParkIo, S> {
-    gen: u32,
     /// Boxed: a slab of inline entries would carry its growth slack in entry-sized slots.
     entry: Option<Box<Entry<T, S>>>,
+}
+
+/// A place in the lot's deadline heap: a deadline and the slot of the entry queued at it,
+/// ordered by deadline, then slot. 12 B (packed to 4-byte alignment; 16 B with the
+/// generation it had, or aligned). No generation: a place is the entry's own when the
+/// entry's `queued_at` is its stamp. One left by an earlier entry of the slot is stale as
+/// one its own entry left behind is (its stamp is not the new entry's `queued_at`); and
+/// should the new entry be queued at that very stamp, the old place is as good as the new.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C, packed(4))]
+struct Place {
+    at: Stamp,
+    idx: u32,
+}
+
+impl Place {
+    /// The fields, copied out (a packed struct's fields are not referenced in place).
+    fn get(self) -> (Stamp, u32) {
+        (self.at, self.idx)
+    }
+}
+
+impl Ord for Place {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.get().cmp(&other.get())
+    }
+}
+
+impl PartialOrd for Place {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// What the lot's task owns.
@@ -607,15 +645,18 @@ struct Yard<T: ParkIo, S> {
     slots: Vec<Slot<T, S>>,
     free: Vec<u32>,
     len: usize,
-    /// Stamps, as the entries keep them (16 B a place, compared without conversion).
-    deadlines: BinaryHeap<Reverse<(Stamp, u32, u32)>>,
+    /// Stamps, as the entries keep them (12 B a place, compared without conversion).
+    deadlines: BinaryHeap<Reverse<Place>>,
     /// A lot thread's epoll: entries' sockets are registered here while parked.
     registry: Option<mio::Registry>,
+    /// The lot's wake state: the slots' generations.
+    wake: &'static LotWake,
 }
 
 impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
-    fn new(registry: Option<mio::Registry>) -> Self {
+    fn new(wake: &'static LotWake, registry: Option<mio::Registry>) -> Self {
         Yard {
+            wake,
             slots: Vec::new(),
             free: Vec::new(),
             len: 0,
@@ -659,24 +700,22 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             Some(i) => i,
             None if self.slots.len() < MAX_SLOTS => {
                 let idx = self.slots.len() as u32;
-                // Generations count on from the slot's last entry, of this lot's earlier
-                // thread or an earlier lot (see `LotWake::states`).
-                self.slots.push(Slot {
-                    gen: lot.wake.last_gen(idx),
-                    entry: None,
-                });
+                if let Some(more) = more_room(self.slots.len(), self.slots.capacity()) {
+                    self.slots.reserve_exact(more);
+                }
+                self.slots.push(Slot { entry: None });
                 idx
             }
             None => return None,
         };
-        let slot = &mut self.slots[idx as usize];
-        // 0 is a slot never used (see `LotWake::states`).
-        let gen = (slot.gen.wrapping_add(1) & GEN_MASK).max(1);
+        // Generations count on from the slot's last entry, of this lot, its earlier thread
+        // or an earlier lot (see `LotWake::states`); 0 is a slot never used.
+        let gen = (self.wake.last_gen(idx).wrapping_add(1) & GEN_MASK).max(1);
         if !lot.wake.arm(idx, gen) {
             self.free.push(idx);
             return None;
         }
-        slot.gen = gen;
+        let slot = &mut self.slots[idx as usize];
         slot.entry = Some(Box::new(Entry {
             d: None,
             queued_at: Stamp::NONE,
@@ -686,12 +725,16 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         Some((idx, gen))
     }
 
+    /// The entry in slot `idx` now, whichever its generation (for a place of the heap).
+    fn entry_at(&mut self, idx: u32) -> Option<&mut Entry<T, S>> {
+        self.slots.get_mut(idx as usize)?.entry.as_deref_mut()
+    }
+
     fn entry(&mut self, idx: u32, gen: u32) -> Option<&mut Entry<T, S>> {
-        let slot = self.slots.get_mut(idx as usize)?;
-        if slot.gen != gen {
+        if self.wake.last_gen(idx) != gen {
             return None;
         }
-        slot.entry.as_deref_mut()
+        self.slots.get_mut(idx as usize)?.entry.as_deref_mut()
     }
 
     /// Polls entry `idx` as its task would (the full wake-up); spawns its task again when it
@@ -702,11 +745,8 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
 
     /// The full wake-up of entry `idx`, whose first read is `carried`.
     fn full(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, carried: Carried) {
-        let Some(slot) = self.slots.get_mut(idx as usize) else {
-            return;
-        };
-        let gen = slot.gen;
-        let Some(d) = slot.entry.as_deref_mut().and_then(|e| e.d.take()) else {
+        let gen = self.wake.last_gen(idx);
+        let Some(d) = self.entry_at(idx).and_then(|e| e.d.take()) else {
             return;
         };
         self.full_with(lot, idx, gen, Driver::thaw(d, lot), carried);
@@ -741,9 +781,10 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     /// without the full wake-up; anything else runs the full one, with what was read.
     /// Skipped when a full wake-up is queued already (it reads and fires too).
     fn quick(&mut self, lot: &Arc<Lot<T, S>>, idx: u32) {
-        let Some(gen) = self.slots.get(idx as usize).map(|s| s.gen) else {
+        if idx as usize >= self.slots.len() {
             return;
-        };
+        }
+        let gen = self.wake.last_gen(idx);
         if self.full_queued(lot, idx) {
             return;
         }
@@ -809,7 +850,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         if let Some(at) = a.get() {
             if e.queued_at.get().is_none_or(|q| requeue(q, at, now())) {
                 e.queued_at = a;
-                self.deadlines.push(Reverse((a, idx, gen)));
+                self.push_deadline(a, idx);
             }
         }
     }
@@ -861,14 +902,26 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         }
     }
 
+    /// Queues a place in the heap, its room grown by an eighth when full (see [`more_room`]).
+    fn push_deadline(&mut self, at: Stamp, idx: u32) {
+        if let Some(more) = more_room(self.deadlines.len(), self.deadlines.capacity()) {
+            self.deadlines.reserve_exact(more);
+        }
+        self.deadlines.push(Reverse(Place { at, idx }));
+    }
+
     /// Drops the heap's stale places at its top (the entry left, or was queued again
-    /// elsewhere), so the lot's sleep is armed for a deadline that is still wanted.
+    /// elsewhere), so the lot's sleep is armed for a deadline that is still wanted; gives
+    /// the heap's room back once it is less than three quarters used ([`less_room`]).
     fn clean(&mut self) {
-        while let Some(&Reverse((t, idx, gen))) = self.deadlines.peek() {
-            if self.entry(idx, gen).is_some_and(|e| e.queued_at == t) {
-                return;
+        while let Some((t, idx)) = self.deadlines.peek().map(|p| p.0.get()) {
+            if self.entry_at(idx).is_some_and(|e| e.queued_at == t) {
+                break;
             }
             self.deadlines.pop();
+        }
+        if let Some(keep) = less_room(self.deadlines.len(), self.deadlines.capacity()) {
+            self.deadlines.shrink_to(keep);
         }
     }
 
@@ -880,13 +933,13 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         let mut polled = 0;
         while room > 0 {
             match self.deadlines.peek() {
-                Some(Reverse((t, _, _))) if *t <= now => {}
+                Some(p) if p.0.get().0 <= now => {}
                 _ => break,
             }
-            let Some(Reverse((t, idx, gen))) = self.deadlines.pop() else {
+            let Some((t, idx)) = self.deadlines.pop().map(|p| p.0.get()) else {
                 break;
             };
-            let Some(e) = self.entry(idx, gen) else {
+            let Some(e) = self.entry_at(idx) else {
                 continue;
             };
             if e.queued_at != t {
@@ -903,11 +956,36 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
                 room -= 1;
             } else {
                 e.queued_at = a;
-                self.deadlines.push(Reverse((a, idx, gen)));
+                self.push_deadline(a, idx);
             }
         }
         polled
     }
+}
+
+/// Places a lot's slab and heap keep however few entries there are (1 KiB of slots, 1 KiB
+/// of heap), and the least they grow by.
+const ROOM_KEPT: usize = 64;
+
+/// How many places to add to a full table of the lot (`len == cap`): an eighth more (at
+/// least [`ROOM_KEPT`]), not the double a `Vec` or `BinaryHeap` grows to by itself (issue
+/// 17: a table that doubled kept up to half its places empty; with [`less_room`], the
+/// slab and heap cost 37 B per idle connection at 19,000 in `idle_alloc` with 16 B slots and
+/// places, 55 B doubled, 21 B with 8 B slots and 12 B places). Growing
+/// by an eighth copies each place about eight times over its life instead of once or twice
+/// (a slab or heap of a million places is 16 MB: a few ms per 125,000 connections parked),
+/// and leaves at most an eighth empty. `None` while there is room.
+fn more_room(len: usize, cap: usize) -> Option<usize> {
+    (len == cap).then(|| (len / 8).max(ROOM_KEPT))
+}
+
+/// The room a table of the lot less than three quarters used shrinks to (an eighth more
+/// than its places, at least [`ROOM_KEPT`]); `None` while it is used more. The heap's
+/// places peak while many connections park at once (each queued at its first deadline,
+/// then again at the next: ~1.6 places a connection at 19,000 parking within seconds,
+/// ~1.1 once idle) and its room would stay at the peak.
+fn less_room(len: usize, cap: usize) -> Option<usize> {
+    (cap > ROOM_KEPT && len < cap - cap / 4).then(|| (len + len / 8).max(ROOM_KEPT))
 }
 
 /// Whether an entry queued at `q` whose deadline is now `a` is queued again at `a` (the
@@ -928,7 +1006,7 @@ fn requeue(q: Instant, a: Instant, now: Instant) -> bool {
 /// The lot's task: takes parked connections, polls the woken and the due, sleeps until the
 /// earliest deadline; ends when the lot is empty.
 async fn run<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
-    let mut yard = Yard::new(None);
+    let mut yard = Yard::new(lot.wake, None);
     let sleep =
         tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(86400 * 365));
     tokio::pin!(sleep);
@@ -978,7 +1056,7 @@ fn pass<T: ParkIo, S: Sink + Send + 'static>(
             super::steps::yield_deferred(cx);
             return Poll::Pending;
         }
-        if let Some(t) = yard.deadlines.peek().and_then(|Reverse((t, _, _))| t.get()) {
+        if let Some(t) = yard.deadlines.peek().and_then(|p| p.0.get().0.get()) {
             let t = tokio::time::Instant::from_std(t);
             if sleep.deadline() != t {
                 sleep.as_mut().reset(t);
@@ -1022,7 +1100,7 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             return;
         }
     };
-    let mut yard = Yard::new(Some(registry));
+    let mut yard = Yard::new(lot.wake, Some(registry));
     let mut events = mio::Events::with_capacity(1024);
     let mut woken: Vec<(u32, u32)> = Vec::new();
     let mut batch = VecDeque::new();
@@ -1077,7 +1155,7 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         } else if lock(&lot.wake.ready).is_empty() {
             yard.deadlines
                 .peek()
-                .and_then(|Reverse((t, _, _))| t.get())
+                .and_then(|p| p.0.get().0.get())
                 .map(|t| t.saturating_duration_since(now()))
         } else {
             Some(Duration::ZERO)
@@ -1231,6 +1309,51 @@ mod wake_tests {
 
     fn ready(w: &LotWake) -> Vec<(u32, u32, bool)> {
         lock(&w.ready).drain(..).collect()
+    }
+
+    #[test]
+    fn the_slab_and_heap_grow_by_an_eighth_and_give_room_back_when_a_quarter_empty() {
+        let mut heap = BinaryHeap::new();
+        for i in 0..100_000u32 {
+            if let Some(more) = more_room(heap.len(), heap.capacity()) {
+                heap.reserve_exact(more);
+            }
+            heap.push(Reverse(i));
+            let (len, cap) = (heap.len(), heap.capacity());
+            assert!(
+                cap >= len && cap <= len + len / 8 + ROOM_KEPT,
+                "{len} in {cap}"
+            );
+        }
+        assert_eq!(less_room(100_000, heap.capacity()), None);
+        // Most connections left (or the places of a burst of parking were dropped).
+        let keep = less_room(20_000, 120_000).expect("a sixth used");
+        assert_eq!(keep, 22_500);
+        assert_eq!(less_room(60_000, 120_000), Some(67_500));
+        assert_eq!(
+            less_room(90_000, 120_000),
+            None,
+            "three quarters used: kept"
+        );
+        assert_eq!(less_room(0, ROOM_KEPT), None, "the least room is kept");
+        assert_eq!(less_room(0, 4 * ROOM_KEPT), Some(ROOM_KEPT));
+        // Shrunk, it grows again from there (no shrink and grow back at once).
+        assert_eq!(more_room(keep, keep), Some(keep / 8));
+        assert_eq!(more_room(1, 64), None);
+    }
+
+    #[test]
+    fn heap_places_are_12_bytes_ordered_by_deadline_then_slot() {
+        assert_eq!(std::mem::size_of::<Reverse<Place>>(), 12);
+        let p = |t: i64, idx: u32| Reverse(Place { at: Stamp(t), idx });
+        let mut heap: BinaryHeap<_> = [p(5, 1), p(-3, 9), p(5, 0), p(i64::MAX, 2), p(7, 3)]
+            .into_iter()
+            .collect();
+        let mut order = Vec::new();
+        while let Some(Reverse(q)) = heap.pop() {
+            order.push((q.get().0 .0, q.get().1));
+        }
+        assert_eq!(order, [(-3, 9), (5, 0), (5, 1), (7, 3), (i64::MAX, 2)]);
     }
 
     #[test]

@@ -923,7 +923,7 @@ mod sizes {
         let (s, remote) = l.accept().await.expect("accept");
         let shared = Shared::with(&inner.conn_settings);
         let task = run_connection(s, remote, 1, shared.clone(), inner.clone());
-        let (entry, waker, deadline) = driver::parked_sizes::<Tcp, ServerSink>();
+        let (entry, waker, deadline, slab) = driver::parked_sizes::<Tcp, ServerSink>();
         let rows = [
             // tokio's task cell is the future + 104 B, rounded up to 128 B (x86-64): at most
             // 792 B of future keeps it at 896 B. The state machine is in the future (720 B),
@@ -933,7 +933,7 @@ mod sizes {
             ("task future (run_connection)", size_of_val(&task), 792),
             // A parked connection: its driver in a boxed lot entry with its state machine
             // frozen inline, its slot's wake state (its waker is a number: no allocation),
-            // one deadline in the lot's heap (and 16 B of slab slot) instead of the task
+            // one deadline in the lot's heap (and 8 B of slab slot) instead of the task
             // cell. 232 B, a 240 B chunk: the driver's compact form (`driver::Parked`,
             // without the fields parking implies), its socket parked in 16 B
             // (`transport::ParkedTcp`), the `Conn` frozen without its counters
@@ -948,7 +948,10 @@ mod sizes {
             // B chunk; 288 B before the fifth pass).
             ("parked entry (boxed)", entry, 232),
             ("  its slot's wake state", waker, 4),
-            ("  its deadline (lot's heap)", deadline, 16),
+            // 12 B: the slot's generation is not kept (16 B with it).
+            ("  its deadline (lot's heap)", deadline, 12),
+            // 8 B: the entry's generation is in its wake state (16 B with a copy of it).
+            ("  its slab slot (lot's slab)", slab, 8),
             (
                 "  its frozen Conn (inline)",
                 std::mem::size_of::<tether_proto::conn::FrozenConn>(),
