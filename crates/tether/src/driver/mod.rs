@@ -523,26 +523,11 @@ pub(crate) fn start<T: Transport, S: Sink + Send + 'static>(
     // A transport that cannot park never gets a lot: `may_park` need not ask it again.
     let lot = lot.filter(|_| io.parkable());
     Resume {
+        // A parked connection's fields, but not established yet and nothing published.
         d: Driver {
-            io,
-            conn,
-            shared,
-            sink,
-            armed: Stamp::NONE,
-            read_done: false,
-            write_failed: false,
-            ending: None,
-            no_linger: false,
-            abandoned: false,
-            shut_down: false,
-            last_write: Stamp::NONE,
             established: false,
-            frames: frames::FrameRoom::default(),
             transmit_published: 0,
-            paused: false,
-            backlog_ticket: 0,
-            lot,
-            in_lot: false,
+            ..Driver::parked_parts(io, conn, shared, sink, Stamp::NONE, Stamp::NONE, lot)
         },
         finished: false,
     }

@@ -160,15 +160,10 @@ impl Stats {
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
         let rx = self.last_rx_us.load(Relaxed);
         let rtt = self.srtt_us.load(Relaxed);
+        let last_rx = (rx > 0).then(|| base() + Duration::from_micros(rx - 1));
         StatsSnapshot {
-            last_rx: (rx > 0).then(|| base() + Duration::from_micros(rx - 1)),
             srtt: (rtt > 0).then(|| Duration::from_micros(rtt.into())),
-            messages_in: self.messages_in.load(Relaxed),
-            messages_out: self.messages_out.load(Relaxed),
-            bytes_in: self.bytes_in.load(Relaxed),
-            bytes_out: self.bytes_out.load(Relaxed),
-            heartbeats_in: self.heartbeats_in.load(Relaxed).into(),
-            heartbeats_out: self.heartbeats_out.load(Relaxed).into(),
+            ..StatsSnapshot::from_counters(self.counters(), last_rx)
         }
     }
 }
