@@ -504,8 +504,8 @@ fn idle_connection_heap() {
         // Own blocks: the client id (a 32 B chunk), the lot entry (the driver's compact form
         // and, frozen inline without its counters, its `Conn`; its socket as a 16 B parked
         // form), `Shared` (120 B, a 128 B chunk): 400 B of chunks in 3 blocks in a release
-        // build and in a debug one (`scripts/test`'s): the entry is 232 B in both, a 240 B
-        // chunk. 464 B while `Shared` kept its queues' byte counts and a `Notify` for its
+        // build and in a debug one (`scripts/test`'s): the entry is 224 B in both, a 240 B
+        // chunk (232 B while the frozen liveness engine kept its heartbeats sent). 464 B while `Shared` kept its queues' byte counts and a `Notify` for its
         // waiting senders (a 192 B chunk); 480 / 496 B while the entry kept the whole `Tcp`
         // (32 B, 40 in debug: entry 248 / 256 B); 496 B both while the sink boxed its probe
         // request apart (entry 256 / 264 B, a 272 B chunk both); 528 / 544 B while the frozen

@@ -237,7 +237,7 @@ struct Driver<T, S> {
 }
 
 /// A parked connection's driver, as its lot entry keeps it between two wake-ups (issue 17):
-/// only what a parked connection can hold, its state machine frozen ([`FrozenConn`], 128 B
+/// only what a parked connection can hold, its state machine frozen ([`FrozenConn`], 120 B
 /// instead of a 360 B `Conn`). Every other field of the [`Driver`] has a value that parking
 /// implies ([`Driver::can_freeze`]): no end, no failed read or write, no close under way,
 /// established, no partial-frame budget (the frozen decoder holds no buffer), the transmit
