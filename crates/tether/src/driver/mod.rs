@@ -245,7 +245,8 @@ struct Driver<T, S> {
 /// start of every pass. The state machine's counters are not kept twice: they are the ones
 /// published in `Shared::stats` (which `can_freeze` checks), given back to
 /// [`FrozenConn::thaw`]. The transport is in its parked form too ([`ParkIo`]: a plain-TCP
-/// socket on a lot thread is its descriptor and a flag). [`Driver::thaw`] rebuilds it all.
+/// socket on a lot thread is its descriptor and a flag, in one word). [`Driver::thaw`]
+/// rebuilds it all.
 /// It holds state, it decides nothing.
 struct Parked<P, S> {
     io: P,

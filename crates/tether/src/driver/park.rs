@@ -47,7 +47,7 @@
 //!
 //! Frozen between wake-ups: an entry keeps its driver in its compact form (`Driver::freeze`,
 //! a `Parked`: the transport in its parked form (`ParkIo`: a lot thread's socket is its
-//! descriptor and a flag), the sink, the shared state, two stamps and the state machine
+//! descriptor and a flag, in one word), the sink, the shared state, two stamps and the state machine
 //! frozen by `Conn::freeze`, 120 B instead of a 360 B `Conn`), since a parked connection's
 //! `Conn` holds mostly empty buffers and queues and most of its driver's fields have the
 //! values parking implies (no end, no close under way, established, no partial frame, this
