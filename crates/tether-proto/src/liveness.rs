@@ -200,11 +200,16 @@ pub struct Liveness {
 }
 
 /// A [`Liveness`] with nothing to report, kept compactly (issue 17: a parked connection's
-/// engine, see `conn::FrozenConn`): the same recorded times, flood ring, flags and counters,
-/// with the epoch as an 8-byte offset from an origin the holder keeps (not a 16-byte
-/// `Instant`) and no event queue (it is empty). [`Liveness::freeze`] /
+/// engine, see `conn::FrozenConn`): the same recorded times, flood ring, flags and received
+/// heartbeats, with the epoch as an 8-byte offset from an origin the holder keeps (not a
+/// 16-byte `Instant`) and no event queue (it is empty). [`Liveness::freeze`] /
 /// [`FrozenLiveness::thaw`] give back an engine that decides exactly as the one frozen: no
 /// decision is made on this form, it only holds the state.
+///
+/// 88 B (96 B before): the heartbeats sent are not kept, since a connection publishes them
+/// (`ConnStats::heartbeats_out`) and its holder hands them back to
+/// [`thaw`](FrozenLiveness::thaw); and the ring's base, its fill and the flags share one
+/// word ([`packed`](Liveness::packed)).
 #[derive(Debug)]
 pub struct FrozenLiveness {
     cfg: Arc<LivenessConfig>,
@@ -214,13 +219,10 @@ pub struct FrozenLiveness {
     last_tx: u64,
     last_app: u64,
     hb_ring: [u32; FLOOD_LIMIT],
-    ring_base: u32,
-    hb_next: u8,
-    hb_filled: u8,
-    /// `SUSPECT | DEAD | IDLE_FIRED`.
-    flags: u8,
+    /// `ring_base << 8 | flags << 4 | fill` (see [`Liveness::packed`]).
+    packed: u32,
     rtt: Option<Box<Rtt>>,
-    heartbeats_sent: u32,
+    /// Not the heartbeats sent: the holder's (see above).
     heartbeats_received: u32,
 }
 
@@ -228,11 +230,36 @@ const SUSPECT: u8 = 1;
 const DEAD: u8 = 2;
 const IDLE_FIRED: u8 = 4;
 
+/// The ring bases a frozen engine keeps (24 bits of `RING_STEP_MS` units: 558 years after
+/// the handshake; the recorded times' own range is 584 years).
+const FROZEN_RING_BASES: u32 = 1 << 24;
+
 impl Liveness {
     /// Whether [`freeze`](Self::freeze) would succeed: nothing to report (no event waits,
-    /// not even a heartbeat to send).
+    /// not even a heartbeat to send), and its ring's state fits the frozen form's word
+    /// ([`packed`](Self::packed): always, short of 558 years after the handshake).
     pub fn can_freeze(&self) -> bool {
-        !self.heartbeat_due && self.events.is_empty()
+        !self.heartbeat_due
+            && self.events.is_empty()
+            && self.ring_base < FROZEN_RING_BASES
+            && (usize::from(self.hb_filled) == FLOOD_LIMIT || self.hb_next == self.hb_filled)
+    }
+
+    /// The ring's base, its fill and the flags in one word: `ring_base << 8 | flags << 4 |
+    /// fill`. The fill is one number for the two ring positions: until the ring is full,
+    /// the next slot to write is the count of slots filled (both start at 0, move up
+    /// together and are reset together), so the fill is that count (0..8), and once full
+    /// it is 8 + the next slot (the oldest arrival, 8..16). `can_freeze` checks both fit.
+    fn packed(&self) -> u32 {
+        let fill = if usize::from(self.hb_filled) == FLOOD_LIMIT {
+            FLOOD_LIMIT as u32 + u32::from(self.hb_next)
+        } else {
+            u32::from(self.hb_filled)
+        };
+        let flags = (u8::from(self.suspect) * SUSPECT)
+            | (u8::from(self.dead) * DEAD)
+            | (u8::from(self.idle_fired) * IDLE_FIRED);
+        (self.ring_base << 8) | (u32::from(flags) << 4) | fill
     }
 
     /// The engine in its compact form, when it has nothing to report
@@ -251,22 +278,15 @@ impl Liveness {
     /// already (`Conn::freeze`, whose own check includes it).
     pub(crate) fn frozen(self, origin: Instant) -> FrozenLiveness {
         debug_assert!(self.can_freeze(), "frozen with something to report");
-        let flags = (u8::from(self.suspect) * SUSPECT)
-            | (u8::from(self.dead) * DEAD)
-            | (u8::from(self.idle_fired) * IDLE_FIRED);
         FrozenLiveness {
             epoch: crate::offset::offset(origin, self.epoch),
+            packed: self.packed(),
             cfg: self.cfg,
             last_rx: self.last_rx,
             last_tx: self.last_tx,
             last_app: self.last_app,
             hb_ring: self.hb_ring,
-            ring_base: self.ring_base,
-            hb_next: self.hb_next,
-            hb_filled: self.hb_filled,
-            flags,
             rtt: self.rtt,
-            heartbeats_sent: self.heartbeats_sent,
             heartbeats_received: self.heartbeats_received,
         }
     }
@@ -274,8 +294,17 @@ impl Liveness {
 
 impl FrozenLiveness {
     /// The engine again, as it was frozen (`origin`: the one given to
-    /// [`Liveness::freeze`]). Allocates nothing.
-    pub fn thaw(self, origin: Instant) -> Liveness {
+    /// [`Liveness::freeze`]; `heartbeats_sent`: what its
+    /// [`heartbeats_sent`](Liveness::heartbeats_sent) said when it was frozen, which the
+    /// frozen form does not keep). Allocates nothing.
+    pub fn thaw(self, origin: Instant, heartbeats_sent: u64) -> Liveness {
+        let fill = (self.packed & 0xf) as u8;
+        let flags = ((self.packed >> 4) & 0xf) as u8;
+        let (hb_filled, hb_next) = if usize::from(fill) >= FLOOD_LIMIT {
+            (FLOOD_LIMIT as u8, fill - FLOOD_LIMIT as u8)
+        } else {
+            (fill, fill)
+        };
         Liveness {
             epoch: crate::offset::instant(origin, self.epoch),
             cfg: self.cfg,
@@ -283,16 +312,17 @@ impl FrozenLiveness {
             last_tx: self.last_tx,
             last_app: self.last_app,
             hb_ring: self.hb_ring,
-            ring_base: self.ring_base,
-            hb_next: self.hb_next,
-            hb_filled: self.hb_filled,
-            suspect: self.flags & SUSPECT != 0,
-            dead: self.flags & DEAD != 0,
-            idle_fired: self.flags & IDLE_FIRED != 0,
+            ring_base: self.packed >> 8,
+            hb_next,
+            hb_filled,
+            suspect: flags & SUSPECT != 0,
+            dead: flags & DEAD != 0,
+            idle_fired: flags & IDLE_FIRED != 0,
             rtt: self.rtt,
             heartbeat_due: false,
             events: VecDeque::new(),
-            heartbeats_sent: self.heartbeats_sent,
+            // The engine's count saturates at `u32::MAX`, and so does this.
+            heartbeats_sent: u32::try_from(heartbeats_sent).unwrap_or(u32::MAX),
             heartbeats_received: self.heartbeats_received,
         }
     }
@@ -639,5 +669,72 @@ impl Liveness {
             self.events = VecDeque::new();
         }
         ev
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tests' origin (the core itself never reads the clock: every call is given `now`).
+    #[allow(clippy::disallowed_methods)]
+    fn base() -> Instant {
+        Instant::now()
+    }
+
+    /// The frozen form's packed word gives back every ring state, flag and base the engine
+    /// can freeze with (the world tests in `tests/frozen.rs` never move the ring's base: it
+    /// takes 49.7 days), and an engine whose base does not fit keeps its live form.
+    #[test]
+    fn a_frozen_engine_keeps_its_ring_flags_and_base() {
+        let origin = base();
+        let cfg = Arc::new(LivenessConfig::new(
+            Duration::from_secs(1),
+            Duration::from_secs(3),
+        ));
+        let mut cases = 0;
+        for filled in 0..=FLOOD_LIMIT as u8 {
+            let nexts = if usize::from(filled) == FLOOD_LIMIT {
+                0..FLOOD_LIMIT as u8
+            } else {
+                filled..filled + 1
+            };
+            for next in nexts {
+                for flags in 0..8u8 {
+                    for base in [0, 1, 0x12_3456, FROZEN_RING_BASES - 1] {
+                        let mut l = Liveness::new(origin, cfg.clone());
+                        l.hb_ring = [3, 1, 4, 1, 5, 9, 2, 6];
+                        l.hb_filled = filled;
+                        l.hb_next = next;
+                        l.suspect = flags & SUSPECT != 0;
+                        l.dead = flags & DEAD != 0;
+                        l.idle_fired = flags & IDLE_FIRED != 0;
+                        l.ring_base = base;
+                        l.heartbeats_sent = u32::from(flags) * 1000 + u32::from(next);
+                        l.heartbeats_received = base;
+                        let before = format!("{l:?}");
+                        let sent = l.heartbeats_sent();
+                        let l = l
+                            .freeze(origin)
+                            .expect("nothing to report")
+                            .thaw(origin, sent);
+                        assert_eq!(format!("{l:?}"), before);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, (8 + 8) * 8 * 4);
+
+        let mut l = Liveness::new(origin, cfg);
+        l.ring_base = FROZEN_RING_BASES;
+        assert!(!l.can_freeze());
+        let l = l.freeze(origin).expect_err("its base does not fit");
+        assert_eq!(l.ring_base, FROZEN_RING_BASES);
+        // The count sent saturates as the engine's does.
+        let mut l = l;
+        l.ring_base = 0;
+        let l = l.freeze(origin).expect("fits").thaw(origin, u64::MAX);
+        assert_eq!(l.heartbeats_sent(), u64::from(u32::MAX));
     }
 }

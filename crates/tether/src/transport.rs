@@ -125,40 +125,107 @@ impl ParkIo for tokio::io::DuplexStream {
     }
 }
 
-/// A parked [`Tcp`] in 16 B instead of 32 (40 in a debug build): on a lot thread it is a
-/// bare socket, its descriptor and the readable flag. A lot task's socket stays in the
-/// reactor and is boxed while parked (the server's lots run on threads; a lot task serves
-/// a server that could not have an epoll, out of descriptors: one allocation per wake-up
-/// there).
-#[derive(Debug)]
-pub(crate) enum ParkedTcp {
-    /// [`Tcp::Bare`].
-    Bare(std::net::TcpStream, bool),
-    /// [`Tcp::Reactor`].
-    Reactor(Box<TcpStream>),
-    /// [`Tcp::Gone`].
-    Gone,
+/// A parked [`Tcp`] in one word, 8 B (16 as an enum of the three forms, 32 / 40 in a
+/// debug build as the whole `Tcp`; issue 17: every parked connection keeps one). On a lot
+/// thread it is a bare socket: its descriptor and the readable flag. A lot task's socket
+/// stays in the reactor and is boxed while parked (the server's lots run on threads; a lot
+/// task serves a server that could not have an epoll, out of descriptors: one allocation
+/// per wake-up there).
+///
+/// The word: `fd << 32 | readable << 1 | 1` for [`Tcp::Bare`]; the box's address for
+/// [`Tcp::Reactor`] (aligned, so its low bit is 0; never 0); 0 for [`Tcp::Gone`]. It owns
+/// what it holds: [`take`](Self::take) gives it back as a `Tcp` and leaves `Gone`, and
+/// dropping it closes the socket as dropping the `Tcp` would.
+pub(crate) struct ParkedTcp(u64);
+
+/// The word of a bare socket has its low bit set.
+const PARKED_BARE: u64 = 1;
+/// A bare socket's readable flag.
+const PARKED_READABLE: u64 = 2;
+/// [`Tcp::Gone`].
+const PARKED_GONE: u64 = 0;
+
+// A box's address has its low bit clear (the tag of a bare socket).
+const _: () = assert!(std::mem::align_of::<TcpStream>() >= 2);
+
+impl ParkedTcp {
+    fn new(t: Tcp) -> ParkedTcp {
+        use std::os::fd::IntoRawFd;
+        match t {
+            Tcp::Bare(s, r) => {
+                // A descriptor is non-negative: 31 bits.
+                let fd = u64::from(s.into_raw_fd().unsigned_abs());
+                ParkedTcp((fd << 32) | (u64::from(r) * PARKED_READABLE) | PARKED_BARE)
+            }
+            Tcp::Reactor(s) => {
+                let p = Box::into_raw(Box::new(s));
+                ParkedTcp(p.expose_provenance() as u64)
+            }
+            Tcp::Gone => ParkedTcp(PARKED_GONE),
+        }
+    }
+
+    /// The transport it holds; it holds [`Tcp::Gone`] after.
+    fn take(&mut self) -> Tcp {
+        use std::os::fd::FromRawFd;
+        let w = std::mem::replace(&mut self.0, PARKED_GONE);
+        if w == PARKED_GONE {
+            Tcp::Gone
+        } else if w & PARKED_BARE != 0 {
+            // SAFETY: a word with the bare tag was made by `new` from a socket's descriptor,
+            // taken with `into_raw_fd` (so nothing else closes it), and is read once: the
+            // word is `Gone` from here on. The `u32` is that non-negative descriptor.
+            let s = unsafe { std::net::TcpStream::from_raw_fd((w >> 32) as u32 as i32) };
+            Tcp::Bare(s, w & PARKED_READABLE != 0)
+        } else {
+            // SAFETY: any other word is the address `new` had from `Box::into_raw` (exposed
+            // there; nonzero and with the low bit clear, so neither `Gone` nor bare), the
+            // box not freed since: it is taken back once, the word `Gone` from here on.
+            let b = unsafe {
+                Box::from_raw(std::ptr::with_exposed_provenance_mut::<TcpStream>(
+                    w as usize,
+                ))
+            };
+            Tcp::Reactor(*b)
+        }
+    }
+}
+
+impl Drop for ParkedTcp {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+impl std::fmt::Debug for ParkedTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let w = self.0;
+        if w == PARKED_GONE {
+            f.write_str("ParkedTcp::Gone")
+        } else if w & PARKED_BARE != 0 {
+            write!(
+                f,
+                "ParkedTcp::Bare(fd {}, readable {})",
+                w >> 32,
+                w & PARKED_READABLE != 0
+            )
+        } else {
+            f.write_str("ParkedTcp::Reactor")
+        }
+    }
 }
 
 impl ParkIo for Tcp {
     type Parked = ParkedTcp;
     fn park(self) -> ParkedTcp {
-        match self {
-            Tcp::Bare(s, r) => ParkedTcp::Bare(s, r),
-            Tcp::Reactor(s) => ParkedTcp::Reactor(Box::new(s)),
-            Tcp::Gone => ParkedTcp::Gone,
-        }
+        ParkedTcp::new(self)
     }
-    fn unpark(p: ParkedTcp) -> Self {
-        match p {
-            ParkedTcp::Bare(s, r) => Tcp::Bare(s, r),
-            ParkedTcp::Reactor(s) => Tcp::Reactor(*s),
-            ParkedTcp::Gone => Tcp::Gone,
-        }
+    fn unpark(mut p: ParkedTcp) -> Self {
+        p.take()
     }
     fn parked_readable(p: &mut ParkedTcp) {
-        if let ParkedTcp::Bare(_, r) = p {
-            *r = true;
+        if p.0 & PARKED_BARE != 0 {
+            p.0 |= PARKED_READABLE;
         }
     }
 }
@@ -379,11 +446,11 @@ mod park_tests {
         t.fd().map(|f| f.as_raw_fd())
     }
 
-    /// A parked `Tcp` is 16 B and comes back the same socket, in the same form, with its
-    /// readable flag (set by the lot's epoll while parked).
+    /// A parked `Tcp` is one word and comes back the same socket, in the same form, with
+    /// its readable flag (set by the lot's epoll while parked).
     #[tokio::test]
     async fn a_parked_tcp_is_compact_and_comes_back_the_same() {
-        assert_eq!(std::mem::size_of::<ParkedTcp>(), 16);
+        assert_eq!(std::mem::size_of::<ParkedTcp>(), 8);
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -394,7 +461,9 @@ mod park_tests {
         // In the reactor (a lot task's): boxed, and usable again once back.
         let t = Tcp::from(s);
         let before = fd(&t);
-        let mut t = Tcp::unpark(t.park());
+        let p = t.park();
+        assert_eq!(format!("{p:?}"), "ParkedTcp::Reactor");
+        let mut t = Tcp::unpark(p);
         assert!(matches!(t, Tcp::Reactor(_)));
         assert_eq!(fd(&t), before);
         peer.write_all(b"ab").expect("write");
@@ -402,16 +471,25 @@ mod park_tests {
         t.read_exact(&mut buf).await.expect("read");
         assert_eq!(&buf, b"ab");
 
-        // Bare (a lot thread's): the descriptor and the flag.
+        // Bare (a lot thread's): the descriptor and the flag, either way.
         assert_eq!(t.detach().map(Some), Some(before));
         let Tcp::Bare(_, true) = t else {
             panic!("detached: bare and readable")
         };
+        let mut t = Tcp::unpark(t.park());
+        assert!(matches!(t, Tcp::Bare(_, true)), "a set flag is kept");
+        if let Tcp::Bare(_, r) = &mut t {
+            *r = false;
+        }
         let mut p = t.park();
-        let ParkedTcp::Bare(_, r) = &mut p else {
-            panic!("parked bare")
-        };
-        *r = false;
+        let fd_no = before.expect("a socket");
+        assert_eq!(
+            format!("{p:?}"),
+            format!("ParkedTcp::Bare(fd {fd_no}, readable false)")
+        );
+        let t = Tcp::unpark(p);
+        assert!(matches!(t, Tcp::Bare(_, false)), "a clear flag is kept");
+        p = t.park();
         Tcp::parked_readable(&mut p);
         let mut t = Tcp::unpark(p);
         assert!(
@@ -425,6 +503,33 @@ mod park_tests {
         peer.read_exact(&mut got).expect("read");
         assert_eq!(&got, b"cd");
 
-        assert!(matches!(Tcp::unpark(Tcp::Gone.park()), Tcp::Gone));
+        let mut p = Tcp::Gone.park();
+        Tcp::parked_readable(&mut p);
+        assert_eq!(format!("{p:?}"), "ParkedTcp::Gone");
+        assert!(matches!(Tcp::unpark(p), Tcp::Gone));
+    }
+
+    /// A parked `Tcp` dropped closes its socket, in either form (the peer reads the end of
+    /// the stream), as the `Tcp` would.
+    #[tokio::test]
+    async fn a_parked_tcp_dropped_closes_its_socket() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        for bare in [false, true] {
+            let mut peer =
+                std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+            let (s, _) = l.accept().await.expect("accept");
+            let mut t = Tcp::from(s);
+            if bare {
+                assert!(t.detach().is_some());
+            }
+            let p = t.park();
+            drop(p);
+            peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .expect("timeout");
+            let mut buf = [0u8; 1];
+            assert_eq!(peer.read(&mut buf).expect("the end"), 0, "bare: {bare}");
+        }
     }
 }

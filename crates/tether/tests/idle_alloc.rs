@@ -500,34 +500,36 @@ fn idle_connection_heap() {
         }
 
         // Bounds (issue 17): what an idle plain-TCP connection keeps on the server's heap,
-        // every server thread counted (the lot's included).
-        // Own blocks: the client id (a 32 B chunk), the lot entry (the driver's compact form
-        // and, frozen inline without its counters, its `Conn`; its socket as a 16 B parked
-        // form), `Shared` (120 B, a 128 B chunk): 400 B of chunks in 3 blocks in a release
-        // build and in a debug one (`scripts/test`'s): the entry is 232 B in both, a 240 B
-        // chunk. 464 B while `Shared` kept its queues' byte counts and a `Notify` for its
-        // waiting senders (a 192 B chunk); 480 / 496 B while the entry kept the whole `Tcp`
-        // (32 B, 40 in debug: entry 248 / 256 B); 496 B both while the sink boxed its probe
-        // request apart (entry 256 / 264 B, a 272 B chunk both); 528 / 544 B while the frozen
-        // `Conn` kept its counters (entry 296 / 304 B); 576 / 592 B while the entry kept the
-        // whole driver (344 / 352 B); 608 B while the sink kept a 32-byte `SocketAddr` and an
-        // `Option<u64>`; 688 B in 4 with a waker `Arc` per entry and a 16-byte `Arc<str>` id
-        // in the sink; 912 B in 5 while the `Conn` was a 368 B block of its own beside a 256
-        // B entry; 928 B before `Shared` shared its settings. (tokio's I/O registration
-        // lives in its slab pages, counted with the tables.)
+        // every server thread counted (the lot's included). Own blocks: the client id (a 32 B
+        // chunk), the lot entry (the driver's compact form and, frozen inline without its
+        // counters, its `Conn`; its socket parked in one word), `Shared` (120 B, a 128 B
+        // chunk): 384 B of chunks in 3 blocks in a release build and in a debug one
+        // (`scripts/test`'s): the entry is 216 B in both, a 224 B chunk. 400 B while the entry
+        // was 232 B (a 240 B chunk; 224 B with the frozen liveness engine's heartbeats sent
+        // gone, the socket still parked in 16 B); 464 B while `Shared` kept its queues' byte
+        // counts and a `Notify` for its waiting senders (a 192 B chunk); 480 / 496 B while the
+        // entry kept the whole `Tcp` (32 B, 40 in debug: entry 248 / 256 B); 496 B both while
+        // the sink boxed its probe request apart (entry 256 / 264 B, a 272 B chunk both); 528 /
+        // 544 B while the frozen `Conn` kept its counters (entry 296 / 304 B); 576 / 592 B
+        // while the entry kept the whole driver (344 / 352 B); 608 B while the sink kept a
+        // 32-byte `SocketAddr` and an `Option<u64>`; 688 B in 4 with a waker `Arc` per entry
+        // and a 16-byte `Arc<str>` id in the sink; 912 B in 5 while the `Conn` was a 368 B
+        // block of its own beside a 256 B entry; 928 B before `Shared` shared its settings.
+        // (tokio's I/O registration lives in its slab pages, counted with the tables.)
         assert!(own_blocks <= 3.1, "{own_blocks:.2} blocks of its own per idle connection");
-        assert!(own_chunks <= 408.0, "{own_chunks:.0} B of its own per idle connection");
-        // With the tables' share (presence and client records, the lot's slab, heap and
-        // slot states): 607-608 B measured in release and in debug at 500 (659 B with 16 B lot slab slots, 16 B heap places,
-        // the presence B-tree holding its 64 B slots in its nodes and the lot's slab and heap
-        // growing by doubling; at 500 the slab's steps of 64 places move this figure by ten
-        // bytes or so either way; 728 / 702-723 B while `Shared` kept its queues' byte counts
-        // and a `Notify`; 744 / 755 B with the whole `Tcp` parked, 760 / 755 B with the
-        // sink's own probe box, 794 / 803 B while the frozen `Conn` kept its counters, 835 /
-        // 851 B while the entry kept the whole driver, 867 B with the larger sink, 992 B with
-        // a waker `Arc` per entry and ids as 16-byte `Arc<str>` keys, 1,216 B before the
-        // parked `Conn` was frozen, 1,346 B before the presence slot, the client record and
-        // `Shared` shrank; the tables' share moves by a few tens of bytes run to run).
-        assert!(chunks <= 635.0, "{chunks:.0} B per idle connection");
+        assert!(own_chunks <= 392.0, "{own_chunks:.0} B of its own per idle connection");
+        // With the tables' share (presence and client records, the lot's slab, heap and slot
+        // states): 590-593 B measured in release and in debug at 500 (607-608 B with a 240 B
+        // entry chunk; 659 B with 16 B lot slab slots, 16 B heap places, the presence B-tree
+        // holding its 64 B slots in its nodes and the lot's slab and heap growing by doubling;
+        // at 500 the slab's steps of 64 places move this figure by ten bytes or so either way;
+        // 728 / 702-723 B while `Shared` kept its queues' byte counts and a `Notify`; 744 / 755
+        // B with the whole `Tcp` parked, 760 / 755 B with the sink's own probe box, 794 / 803 B
+        // while the frozen `Conn` kept its counters, 835 / 851 B while the entry kept the whole
+        // driver, 867 B with the larger sink, 992 B with a waker `Arc` per entry and ids as
+        // 16-byte `Arc<str>` keys, 1,216 B before the parked `Conn` was frozen, 1,346 B before
+        // the presence slot, the client record and `Shared` shrank; the tables' share moves by
+        // a few tens of bytes run to run).
+        assert!(chunks <= 620.0, "{chunks:.0} B per idle connection");
     });
 }

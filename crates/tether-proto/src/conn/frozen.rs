@@ -5,24 +5,25 @@
 //! received in part, no event waiting) holds mostly nothing: empty buffers and queues, flags
 //! that only the handshake or a read in progress sets. [`Conn::freeze`] keeps what is live —
 //! the shared configuration, the liveness engine's recorded times, flood ring, flags and
-//! counters ([`FrozenLiveness`]: its epoch an 8-byte offset, no event queue), the session
-//! and credential boxes (pointers), the decoder's bulk-stream state and the few flags that
-//! can differ — and [`FrozenConn::thaw`] rebuilds the `Conn`:
+//! received heartbeats ([`FrozenLiveness`]: its epoch an 8-byte offset, no event queue), the
+//! session and credential boxes (pointers), the decoder's bulk-stream state and the few
+//! flags that can differ — and [`FrozenConn::thaw`] rebuilds the `Conn`:
 //!
 //! ```text
-//!  Conn (360 B)                                     FrozenConn (128 B)
+//!  Conn (360 B)                                     FrozenConn (120 B)
 //!  cfg, role, flags ───────────────────────────────▶ cfg, flags
-//!  liveness (144 B: epoch Instant, event queue) ───▶ FrozenLiveness (96 B: epoch offset)
+//!  liveness (144 B: epoch Instant, event queue) ───▶ FrozenLiveness (88 B: epoch offset)
 //!  session, cred (boxes) ──────────────────────────▶ session, cred (the same boxes)
 //!  decoder (empty) ────────────────────────────────▶ its bulk-stream state (4 B)
-//!  counters (40 B) ────────────────────────────────▶ not kept: the holder's (`thaw` takes them)
+//!  counters (40 B), heartbeats sent (liveness) ────▶ not kept: the holder's (`thaw` takes them)
 //!  out, queued, events, frame head (all empty),
 //!  handshake-only fields (local, peer_resume)     ─▶ rebuilt empty by `thaw`
 //! ```
 //!
-//! The counters ([`Conn::stats`]) are not kept (40 B of every parked connection, issue 17):
-//! a driver publishes them after every wake-up anyway (tether's per-connection stats, which
-//! its handles read), so it hands them back to [`FrozenConn::thaw`] from there.
+//! The counters ([`Conn::stats`], the liveness engine's heartbeats sent among them) are not
+//! kept (48 B of every parked connection, issue 17): a driver publishes them after every
+//! wake-up anyway (tether's per-connection stats, which its handles read), so it hands them
+//! back to [`FrozenConn::thaw`] from there.
 //!
 //! No decision is taken on the frozen form: the driver thaws it (no allocation: the empty
 //! buffers and queues are not allocated) and runs the one engine — the parked path
@@ -140,7 +141,7 @@ impl FrozenConn {
     /// The connection again, equal in behaviour to the one frozen (`origin`: the one given
     /// to [`Conn::freeze`]; `counters`: what its [`Conn::stats`] said when it was frozen,
     /// which the frozen form does not keep — `heartbeats_out` is the liveness engine's own
-    /// and not read). Allocates nothing.
+    /// count, given back to it). Allocates nothing.
     pub fn thaw(self, origin: Instant, counters: &ConnStats) -> Conn {
         let has = |f: u8| self.flags & f != 0;
         Conn {
@@ -154,7 +155,7 @@ impl FrozenConn {
             out: BytesMut::new(),
             queued: None,
             events: std::collections::VecDeque::new(),
-            liveness: self.liveness.thaw(origin),
+            liveness: self.liveness.thaw(origin, counters.heartbeats_out),
             was_established: true,
             handshaking: false,
             local: None,

@@ -237,7 +237,7 @@ struct Driver<T, S> {
 }
 
 /// A parked connection's driver, as its lot entry keeps it between two wake-ups (issue 17):
-/// only what a parked connection can hold, its state machine frozen ([`FrozenConn`], 128 B
+/// only what a parked connection can hold, its state machine frozen ([`FrozenConn`], 120 B
 /// instead of a 360 B `Conn`). Every other field of the [`Driver`] has a value that parking
 /// implies ([`Driver::can_freeze`]): no end, no failed read or write, no close under way,
 /// established, no partial-frame budget (the frozen decoder holds no buffer), the transmit
@@ -245,7 +245,8 @@ struct Driver<T, S> {
 /// start of every pass. The state machine's counters are not kept twice: they are the ones
 /// published in `Shared::stats` (which `can_freeze` checks), given back to
 /// [`FrozenConn::thaw`]. The transport is in its parked form too ([`ParkIo`]: a plain-TCP
-/// socket on a lot thread is its descriptor and a flag). [`Driver::thaw`] rebuilds it all.
+/// socket on a lot thread is its descriptor and a flag, in one word). [`Driver::thaw`]
+/// rebuilds it all.
 /// It holds state, it decides nothing.
 struct Parked<P, S> {
     io: P,

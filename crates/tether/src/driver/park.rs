@@ -47,8 +47,8 @@
 //!
 //! Frozen between wake-ups: an entry keeps its driver in its compact form (`Driver::freeze`,
 //! a `Parked`: the transport in its parked form (`ParkIo`: a lot thread's socket is its
-//! descriptor and a flag), the sink, the shared state, two stamps and the state machine
-//! frozen by `Conn::freeze`, 128 B instead of a 360 B `Conn`), since a parked connection's
+//! descriptor and a flag, in one word), the sink, the shared state, two stamps and the state machine
+//! frozen by `Conn::freeze`, 120 B instead of a 360 B `Conn`), since a parked connection's
 //! `Conn` holds mostly empty buffers and queues and most of its driver's fields have the
 //! values parking implies (no end, no close under way, established, no partial frame, this
 //! lot; the state machine's counters are the ones published in `Shared::stats`). A wake-up
@@ -591,7 +591,7 @@ pub(crate) fn parked_sizes<T: ParkIo, S>() -> (usize, usize, usize, usize) {
 }
 
 struct Entry<T: ParkIo, S> {
-    /// The driver in its compact form (`Driver::freeze`: the state machine frozen, 128 B
+    /// The driver in its compact form (`Driver::freeze`: the state machine frozen, 120 B
     /// instead of a 360 B `Conn`, and only the driver's fields a parked connection needs).
     /// `None` only while a wake-up holds it, thawed on the stack (no allocation).
     d: Option<Parked<T::Parked, S>>,

@@ -934,11 +934,13 @@ mod sizes {
             // A parked connection: its driver in a boxed lot entry with its state machine
             // frozen inline, its slot's wake state (its waker is a number: no allocation),
             // one deadline in the lot's heap (and 8 B of slab slot) instead of the task
-            // cell. 232 B, a 240 B chunk: the driver's compact form (`driver::Parked`,
-            // without the fields parking implies), its socket parked in 16 B
-            // (`transport::ParkedTcp`), the `Conn` frozen without its counters
-            // (`Shared::stats` has them), the sink's probe request in its authentication
-            // box; 256 B (248 B in release) with the whole `Tcp` (40 B, 32 in release); 264 B
+            // cell. 216 B, a 224 B chunk: the driver's compact form (`driver::Parked`,
+            // without the fields parking implies), its socket parked in one word, 8 B
+            // (`transport::ParkedTcp`), the `Conn` frozen without its counters, its liveness
+            // engine's heartbeats sent among them (`Shared::stats` has them), the sink's probe
+            // request in its authentication box; 224 B (a 240 B chunk) with the socket parked
+            // in 16 B (an enum), 232 B while the engine kept its heartbeats sent; 256 B (248
+            // B in release) with the whole `Tcp` (40 B, 32 in release); 264 B
             // (256 B in release) with the probe's own box; 304 B (296 B in release) while
             // the frozen `Conn` kept its counters; 352 B (344 B in release, a 352 B chunk)
             // while it kept the whole driver (384 B while the sink kept a 32-byte
@@ -946,7 +948,7 @@ mod sizes {
             // `Conn` chunk while the `Conn` was boxed (240 B of entry while the sink kept the
             // client id as a 16-byte `Arc<str>`, 256 B while it kept its waker's `Arc`, a 48
             // B chunk; 288 B before the fifth pass).
-            ("parked entry (boxed)", entry, 232),
+            ("parked entry (boxed)", entry, 216),
             ("  its slot's wake state", waker, 4),
             // 12 B: the slot's generation is not kept (16 B with it).
             ("  its deadline (lot's heap)", deadline, 12),
@@ -955,7 +957,7 @@ mod sizes {
             (
                 "  its frozen Conn (inline)",
                 std::mem::size_of::<tether_proto::conn::FrozenConn>(),
-                128,
+                120,
             ),
             // 360 B, in the task (and on the stack for a parked connection's wake-up).
             ("Conn (in the task)", std::mem::size_of::<Conn>(), 360),
