@@ -988,14 +988,13 @@ mod sizes {
                 super::super::lifecycle::RECORD_SIZE,
                 16,
             ),
-            // Its box for the principal and the session (for a client with either): 80 B,
-            // a 96 B chunk for an authenticated client (its principal alone was 72 B, an
-            // 80 B chunk, while the record was 24 B: +16 B there against -14 B or so in
-            // the shards' tables for every client).
+            // Its box for the principal and the session (for a client with either): 64 B,
+            // an 80 B chunk as the 72 B `PrincipalKey` box it replaces (80 B, a 96 B chunk,
+            // with the key itself beside the session's pointer).
             (
                 "  its principal and session box",
                 super::super::lifecycle::RARE_SIZE,
-                80,
+                64,
             ),
             (
                 "presence slot (per client id)",
