@@ -988,7 +988,15 @@ mod sizes {
             (
                 "Record (per client id)",
                 super::super::lifecycle::RECORD_SIZE,
-                24,
+                16,
+            ),
+            // Its box for the principal and the session (for a client with either): 64 B,
+            // an 80 B chunk as the 72 B `PrincipalKey` box it replaces (80 B, a 96 B chunk,
+            // with the key itself beside the session's pointer).
+            (
+                "  its principal and session box",
+                super::super::lifecycle::RARE_SIZE,
+                64,
             ),
             (
                 "presence slot (per client id)",

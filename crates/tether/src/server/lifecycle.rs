@@ -57,16 +57,29 @@ pub(super) struct Clients {
 /// for both).
 type Shard = Mutex<HashMap<ThinId, Record>>;
 
-/// One client id's lifecycle state.
+/// One client id's lifecycle state: 16 B (issue 17), the connection and one box for what
+/// most clients lack — the principal and the session.
 #[derive(Debug, Default)]
 struct Record {
+    /// The connection the id is on.
+    conn: Option<Live>,
+    /// The principal and the session, `None` while the client has neither (every client of
+    /// a server without authorization and without a session costs 8 bytes for both).
+    rare: Option<Box<Rare>>,
+}
+
+/// What a record holds only for some clients, boxed together: a record of 16 B instead of
+/// 24 (about 14 B per client in the shards' hash tables at their load). The box is 64 B,
+/// an 80 B chunk, as the 72 B `PrincipalKey` box it replaces was: the principal is kept
+/// as an [`Owner`] (its strings boxed, 56 B), so an authenticated client pays nothing
+/// for the session's pointer beside it (its session, if any, stays in a box of its own).
+/// Never both fields `None`: the setters drop the box when it empties.
+#[derive(Debug, Default)]
+struct Rare {
     /// Who the connection authenticated as (`None` on a server without authorization).
     /// Only the same principal may replace the connection, resume the session, take over a
     /// held session or start a new one while another principal's is held.
-    /// (Boxed, as is the session: a client without either costs 8 bytes for each.)
-    principal: Option<Box<PrincipalKey>>,
-    /// The connection the id is on.
-    conn: Option<Live>,
+    principal: Option<Owner>,
     /// The id's session: attached to `conn`, or held.
     session: Option<Box<SessionSlot>>,
 }
@@ -87,9 +100,101 @@ impl Live {
     }
 }
 
+/// A [`PrincipalKey`] as a record keeps it: the same fields, its strings as `Box<str>`
+/// (16 B each instead of 24; the text is not copied again, a key cloned for the record
+/// has no spare capacity).
+#[derive(Debug)]
+struct Owner {
+    scheme: crate::auth::Scheme,
+    issuer: Option<Box<str>>,
+    name: Box<str>,
+}
+
+impl Owner {
+    fn new(p: PrincipalKey) -> Self {
+        Owner {
+            scheme: p.scheme,
+            issuer: p.issuer.map(String::into_boxed_str),
+            name: p.name.into_boxed_str(),
+        }
+    }
+
+    /// True when `p` is this principal.
+    fn is(&self, p: &PrincipalKey) -> bool {
+        self.scheme == p.scheme
+            && self.issuer.as_deref() == p.issuer.as_deref()
+            && *self.name == p.name
+    }
+}
+
+impl Rare {
+    /// The session in a record's box, borrowing only the box (the record's `conn` stays
+    /// free to read).
+    fn session_of(rare: &mut Option<Box<Rare>>) -> Option<&mut SessionSlot> {
+        rare.as_mut()?.session.as_deref_mut()
+    }
+}
+
 impl Record {
     fn is_idle(&self) -> bool {
-        self.conn.is_none() && self.session.is_none()
+        self.conn.is_none() && self.session().is_none()
+    }
+
+    /// True when the record's principal is `p` (both `None` on a server without
+    /// authorization).
+    fn owned_by(&self, p: Option<&PrincipalKey>) -> bool {
+        match (self.rare.as_ref().and_then(|r| r.principal.as_ref()), p) {
+            (Some(owner), Some(p)) => owner.is(p),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    fn session(&self) -> Option<&SessionSlot> {
+        self.rare.as_ref()?.session.as_deref()
+    }
+
+    fn session_mut(&mut self) -> Option<&mut SessionSlot> {
+        Rare::session_of(&mut self.rare)
+    }
+
+    fn has_session(&self) -> bool {
+        self.session().is_some()
+    }
+
+    fn set_principal(&mut self, principal: Option<PrincipalKey>) {
+        match (&mut self.rare, principal.map(Owner::new)) {
+            (Some(rare), p) => rare.principal = p,
+            (None, None) => {}
+            (None, Some(p)) => {
+                self.rare = Some(Box::new(Rare {
+                    principal: Some(p),
+                    session: None,
+                }))
+            }
+        }
+        self.drop_empty();
+    }
+
+    fn set_session(&mut self, slot: Box<SessionSlot>) {
+        self.rare.get_or_insert_with(Box::default).session = Some(slot);
+    }
+
+    fn take_session(&mut self) -> Option<Box<SessionSlot>> {
+        let slot = self.rare.as_mut()?.session.take();
+        self.drop_empty();
+        slot
+    }
+
+    /// Keeps the invariant: no box with neither a principal nor a session.
+    fn drop_empty(&mut self) {
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.principal.is_none() && r.session.is_none())
+        {
+            self.rare = None;
+        }
     }
 }
 
@@ -120,7 +225,7 @@ impl Clients {
         for shard in self.shards.iter() {
             for (id, r) in lock(shard).iter() {
                 if let Some(l) = &r.conn {
-                    out.push((id.to_string(), l.shared.clone(), r.session.is_some()));
+                    out.push((id.to_string(), l.shared.clone(), r.has_session()));
                 }
             }
         }
@@ -144,7 +249,7 @@ impl Clients {
     pub(super) fn session_of(&self, id: &str) -> Option<u64> {
         lock(self.shard(id))
             .get(id)
-            .and_then(|r| r.session.as_ref().map(|s| s.id))
+            .and_then(|r| r.session().map(|s| s.id))
     }
 
     /// The live connection of `id`.
@@ -230,7 +335,7 @@ impl Inner {
         let linger = self.cfg.session_linger;
         let mut shard = lock(self.clients.shard(id));
         let rec = shard.entry(key.clone()).or_default();
-        if !rec.is_idle() && rec.principal.as_deref() != principal {
+        if !rec.is_idle() && !rec.owned_by(principal) {
             if hello.resume.is_some() {
                 self.record_failure(remote);
             }
@@ -242,7 +347,7 @@ impl Inner {
         let plan = match sessions::plan(
             hello,
             principal,
-            rec.session.as_deref(),
+            rec.session(),
             rec.conn.as_ref(),
             linger.is_some(),
         ) {
@@ -261,7 +366,7 @@ impl Inner {
             Plan::Resume => {
                 // Rotate first: a token that cannot be replaced leaves the session held.
                 let presented = hello.resume.as_ref().map(|r| r.token).unwrap_or_default();
-                let token = match rec.session.as_mut().map(|s| s.resume.rotate(&presented)) {
+                let token = match rec.session_mut().map(|s| s.resume.rotate(&presented)) {
                     Some(Ok(t)) => t,
                     Some(Err(e)) => {
                         return Decision::Refuse(
@@ -271,7 +376,7 @@ impl Inner {
                     }
                     None => unreachable!("plan() resumes only a held session"),
                 };
-                let Some(held) = rec.session.as_mut().and_then(|s| s.held.take()) else {
+                let Some(held) = rec.session_mut().and_then(|s| s.held.take()) else {
                     unreachable!("plan() resumes only a held session");
                 };
                 self.budgets.unsent.give(held.charged());
@@ -283,7 +388,7 @@ impl Inner {
             Plan::New | Plan::None => {
                 // Whatever session the id had will not be resumed: a held one is lost now,
                 // an attached one when its connection ends.
-                if let Some(old) = rec.session.take() {
+                if let Some(old) = rec.take_session() {
                     if let Some(held) = old.held {
                         self.session_lost(id, held);
                     }
@@ -291,7 +396,7 @@ impl Inner {
                 if matches!(plan, Plan::New) {
                     match self.new_session(id, principal, linger.unwrap_or_default()) {
                         Ok((slot, grant, session)) => {
-                            rec.session = Some(Box::new(slot));
+                            rec.set_session(Box::new(slot));
                             Some((grant, session))
                         }
                         Err(text) => {
@@ -317,7 +422,7 @@ impl Inner {
         rec.conn = Some(Live {
             shared: shared.clone(),
         });
-        rec.principal = principal.cloned().map(Box::new);
+        rec.set_principal(principal.cloned());
         self.established.fetch_add(1, Relaxed);
         self.totals.accepted.fetch_add(1, Relaxed);
         let replaced = self.with_registry(|r| r.connected_shared(now, key, conn_id, remote));
@@ -426,15 +531,15 @@ impl Inner {
         if counters.messages_in + counters.heartbeats_in > 0
             || matches!(d.reason, DisconnectReason::PeerClose { .. })
         {
-            if let Some(slot) = rec.session.as_mut() {
+            if let Some(slot) = rec.session_mut() {
                 slot.resume.confirm();
             }
         }
         // The session is being taken over by another server: it goes there, whatever the
         // reason the connection ended (this server closed it for the take).
-        let taker = rec.session.as_mut().and_then(|s| s.taker.take());
+        let taker = rec.session_mut().and_then(|s| s.taker.take());
         if let (Some(tx), Some(s)) = (taker, &session) {
-            if rec.session.as_ref().is_some_and(|slot| slot.id == s.id()) {
+            if rec.session().is_some_and(|slot| slot.id == s.id()) {
                 self.with_registry(|r| {
                     r.record_counters(id, conn_id, counters);
                     r.disconnected(
@@ -447,7 +552,7 @@ impl Inner {
                     )
                 });
                 let pending = shared.take_outbox();
-                if let (Some(slot), Some(s)) = (rec.session.take(), session) {
+                if let (Some(slot), Some(s)) = (rec.take_session(), session) {
                     let export = SessionExport::new(id, &slot.resume, &s, pending);
                     if let Err(export) = tx.send(export) {
                         // The taker gave up waiting (its client was told the session is
@@ -474,7 +579,7 @@ impl Inner {
                 | DisconnectReason::SlowConsumer
         );
         let linger = self.cfg.session_linger.filter(|l| !l.is_zero());
-        let ours = |s: &Session| rec.session.as_ref().is_some_and(|slot| slot.id == s.id());
+        let ours = |s: &Session| rec.session().is_some_and(|slot| slot.id == s.id());
         let hold_until = match (&session, linger) {
             (Some(s), Some(l)) if !finished && ours(s) => Some(now + l),
             _ => None,
@@ -491,7 +596,7 @@ impl Inner {
                 self.budgets
                     .unsent
                     .take(pending_bytes + session.replay_bytes());
-                if let Some(slot) = rec.session.as_mut() {
+                if let Some(slot) = rec.session_mut() {
                     slot.held = Some(Held {
                         session,
                         pending,
@@ -501,7 +606,7 @@ impl Inner {
                 }
             }
             (Some(session), None) => {
-                rec.session = None;
+                drop(rec.take_session());
                 let unsent = shared.take_outbox();
                 // Nothing to report after a clean goodbye with nothing outstanding.
                 if !(finished && session.unacked_range().is_none() && unsent.is_empty())
@@ -510,7 +615,7 @@ impl Inner {
                     self.report_lost(id, &session, unsent);
                 }
             }
-            (None, _) => rec.session = None,
+            (None, _) => drop(rec.take_session()),
         }
         if rec.is_idle() {
             shard.remove(id);
@@ -530,14 +635,13 @@ impl Inner {
             return; // resumed in the meantime
         }
         let due = rec
-            .session
-            .as_ref()
+            .session()
             .and_then(|s| s.held.as_ref())
             .is_some_and(|h| h.until <= now);
         if !due {
             return;
         }
-        if let Some(held) = rec.session.take().and_then(|s| s.held) {
+        if let Some(held) = rec.take_session().and_then(|s| s.held) {
             self.session_lost(id, held);
         }
         if rec.is_idle() {
@@ -557,7 +661,8 @@ impl Inner {
         let Some(rec) = shard.get_mut(id) else {
             return Take::No;
         };
-        let Some(slot) = rec.session.as_deref_mut() else {
+        // The session through the field (not `session_mut`): `rec.conn` is read below.
+        let Some(slot) = Rare::session_of(&mut rec.rare) else {
             return Take::No;
         };
         if slot.id != req.session_id
@@ -569,7 +674,7 @@ impl Inner {
             return Take::No;
         }
         if slot.held.is_some() {
-            let Some(slot) = rec.session.take() else {
+            let Some(slot) = rec.take_session() else {
                 return Take::No;
             };
             let SessionSlot { resume, held, .. } = *slot;
@@ -638,12 +743,9 @@ impl Inner {
         // A session of the same owner held here is older (the client moved on from it:
         // it resumes another one): it will not be resumed, it is lost now — as when the
         // client starts a new session.
-        let same_owner = rec.principal.as_deref() == export.principal.as_ref();
-        if rec.conn.is_none()
-            && same_owner
-            && rec.session.as_ref().is_some_and(|s| s.held.is_some())
-        {
-            if let Some(held) = rec.session.take().and_then(|s| s.held) {
+        let same_owner = rec.owned_by(export.principal.as_ref());
+        if rec.conn.is_none() && same_owner && rec.session().is_some_and(|s| s.held.is_some()) {
+            if let Some(held) = rec.take_session().and_then(|s| s.held) {
                 self.session_lost(&id, held);
                 self.with_registry(|r| r.end_hold(now, &id, DisconnectReason::Replaced));
             }
@@ -684,13 +786,13 @@ impl Inner {
             until,
         };
         self.budgets.unsent.take(held.charged());
-        rec.session = Some(Box::new(SessionSlot {
+        rec.set_session(Box::new(SessionSlot {
             id: state.id,
             resume: ResumeCredential::from_hashes(hash, previous, &client_id, principal.clone()),
             held: Some(held),
             taker: None,
         }));
-        rec.principal = principal.map(Box::new);
+        rec.set_principal(principal);
         self.with_registry(|r| r.held(now, &id, remote, DisconnectReason::Replaced, until));
         drop(shard);
         Ok(())
@@ -750,7 +852,7 @@ impl Inner {
         let Some(rec) = shard.get_mut(id) else {
             return;
         };
-        let Some(slot) = rec.session.as_mut().filter(|s| s.id == session) else {
+        let Some(slot) = Rare::session_of(&mut rec.rare).filter(|s| s.id == session) else {
             return;
         };
         match (&mut slot.held, &rec.conn) {
@@ -764,7 +866,7 @@ impl Inner {
     pub(super) fn session_acked(&self, id: &str) -> Option<(u64, u64)> {
         let shard = lock(self.clients.shard(id));
         let rec = shard.get(id)?;
-        let slot = rec.session.as_deref()?;
+        let slot = rec.session()?;
         let acked = match (&slot.held, &rec.conn) {
             (Some(h), _) => h.session.acked(),
             (None, Some(live)) => live.shared.stats.acked(),
@@ -775,7 +877,7 @@ impl Inner {
 
     /// The session and number the next message queued for `rec` would get.
     fn next_number(rec: &Record) -> Option<(u64, u64)> {
-        let slot = rec.session.as_deref()?;
+        let slot = rec.session()?;
         let seq = match (&slot.held, &rec.conn) {
             (Some(h), _) => h.session.last_seq() + 1 + h.pending.len() as u64,
             (None, Some(live)) => live.shared.next_seq()?,
@@ -817,7 +919,7 @@ impl Inner {
     /// `ServerHandle::session_header`).
     pub(super) fn session_header(&self, id: &str) -> Option<SessionExport> {
         let shard = lock(self.clients.shard(id));
-        let slot = shard.get(id)?.session.as_deref()?;
+        let slot = shard.get(id)?.session()?;
         Some(SessionExport::header(id, slot.id, &slot.resume))
     }
 
@@ -880,11 +982,11 @@ impl Inner {
         msg: Bytes,
         close_slow: bool,
     ) -> Result<Delivery, SendError> {
-        let session = rec.session.as_ref().map(|s| s.id);
+        let session = rec.session().map(|s| s.id);
         if let Some(live) = &rec.conn {
             // With a session, a connection that just ended still takes it: the outbox moves
             // into the held session (same lock, so nothing slips between).
-            return match live.shared.offer(msg, rec.session.is_some(), close_slow) {
+            return match live.shared.offer(msg, rec.has_session(), close_slow) {
                 Offer::Queued(seq) => Ok(Delivery {
                     session,
                     seq,
@@ -899,7 +1001,7 @@ impl Inner {
                 }),
             };
         }
-        let Some(held) = rec.session.as_mut().and_then(|s| s.held.as_mut()) else {
+        let Some(held) = rec.session_mut().and_then(|s| s.held.as_mut()) else {
             return Err(SendError::NotConnected(id.to_owned()));
         };
         if held.pending_bytes > 0 && held.pending_bytes + msg.len() > self.cfg.outbox_bytes {
@@ -945,3 +1047,109 @@ pub(super) fn drain_changes(
 /// The size of one client's record (the size test in `accept.rs` bounds it).
 #[cfg(test)]
 pub(super) const RECORD_SIZE: usize = std::mem::size_of::<Record>();
+
+/// The size of a record's box for its principal and session (bounded there too).
+#[cfg(test)]
+pub(super) const RARE_SIZE: usize = std::mem::size_of::<Rare>();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Scheme;
+
+    fn slot(id: u64) -> Box<SessionSlot> {
+        let (resume, _token) = ResumeCredential::issue("c", None).expect("OS random source");
+        Box::new(SessionSlot {
+            id,
+            resume,
+            held: None,
+            taker: None,
+        })
+    }
+
+    fn key() -> PrincipalKey {
+        PrincipalKey {
+            scheme: Scheme::Jwt,
+            issuer: None,
+            name: "alice".into(),
+        }
+    }
+
+    /// The record's box holds the principal and the session, and goes when both have
+    /// gone: a client with neither costs no box.
+    #[test]
+    fn record_box_goes_when_empty() {
+        let mut rec = Record::default();
+        rec.set_principal(None);
+        assert!(rec.rare.is_none(), "no principal, no session: no box");
+
+        rec.set_principal(Some(key()));
+        rec.set_session(slot(7));
+        assert!(rec.owned_by(Some(&key())));
+        assert_eq!(rec.session().map(|s| s.id), Some(7));
+        assert!(!rec.is_idle());
+
+        // The session goes, the principal stays (a connection still runs).
+        assert_eq!(rec.take_session().map(|s| s.id), Some(7));
+        assert!(rec.session().is_none() && rec.is_idle());
+        assert!(rec.owned_by(Some(&key())));
+        assert!(rec.rare.is_some());
+
+        rec.set_principal(None);
+        assert!(
+            rec.rare.is_none(),
+            "the box goes with the last of its fields"
+        );
+
+        // A session without a principal (a server without authorization), then none.
+        rec.set_session(slot(8));
+        assert!(rec.owned_by(None) && !rec.owned_by(Some(&key())));
+        assert_eq!(rec.session_mut().map(|s| s.id), Some(8));
+        rec.set_principal(None);
+        assert!(rec.rare.is_some(), "the session keeps the box");
+        assert!(rec.take_session().is_some());
+        assert!(rec.rare.is_none());
+        assert!(rec.take_session().is_none());
+    }
+
+    /// The record's compact principal matches exactly the key it was made from.
+    #[test]
+    fn record_owner_is_its_principal() {
+        let full = PrincipalKey {
+            scheme: Scheme::Custom("api-key".into()),
+            issuer: Some("acme".into()),
+            name: "alice".into(),
+        };
+        let mut rec = Record::default();
+        rec.set_principal(Some(full.clone()));
+        assert!(rec.owned_by(Some(&full)));
+        assert!(!rec.owned_by(None));
+        let others = [
+            PrincipalKey {
+                scheme: Scheme::Custom("other".into()),
+                ..full.clone()
+            },
+            PrincipalKey {
+                scheme: Scheme::Jwt,
+                ..full.clone()
+            },
+            PrincipalKey {
+                issuer: None,
+                ..full.clone()
+            },
+            PrincipalKey {
+                issuer: Some("acme2".into()),
+                ..full.clone()
+            },
+            PrincipalKey {
+                name: "bob".into(),
+                ..full.clone()
+            },
+        ];
+        for other in &others {
+            assert!(!rec.owned_by(Some(other)), "{other} is not {full}");
+        }
+        rec.set_principal(Some(key()));
+        assert!(rec.owned_by(Some(&key())) && !rec.owned_by(Some(&full)));
+    }
+}
