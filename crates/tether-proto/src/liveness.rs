@@ -209,7 +209,7 @@ pub struct Liveness {
 /// 88 B (96 B before): the heartbeats sent are not kept, since a connection publishes them
 /// (`ConnStats::heartbeats_out`) and its holder hands them back to
 /// [`thaw`](FrozenLiveness::thaw); and the ring's base, its fill and the flags share one
-/// word ([`packed`](Liveness::packed)).
+/// word (`Liveness::packed`).
 #[derive(Debug)]
 pub struct FrozenLiveness {
     cfg: Arc<LivenessConfig>,
@@ -237,7 +237,7 @@ const FROZEN_RING_BASES: u32 = 1 << 24;
 impl Liveness {
     /// Whether [`freeze`](Self::freeze) would succeed: nothing to report (no event waits,
     /// not even a heartbeat to send), and its ring's state fits the frozen form's word
-    /// ([`packed`](Self::packed): always, short of 558 years after the handshake).
+    /// (`packed`: always, short of 558 years after the handshake).
     pub fn can_freeze(&self) -> bool {
         !self.heartbeat_due
             && self.events.is_empty()
