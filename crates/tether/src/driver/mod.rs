@@ -380,6 +380,12 @@ impl<T, S> Driver<T, S> {
     /// task). What decides whether an idle connection parks (`may_park`), so a parked
     /// connection always freezes.
     fn can_freeze(&self) -> bool {
+        self.fields_parkable() && self.conn.can_freeze()
+    }
+
+    /// [`can_freeze`](Self::can_freeze) but for the state machine's own answer, which
+    /// [`Conn::freeze`] gives again (asked once per freeze, not twice).
+    fn fields_parkable(&self) -> bool {
         self.lot.is_some()
             && self.ending.is_none()
             && !self.read_done
@@ -391,7 +397,6 @@ impl<T, S> Driver<T, S> {
             && (self.shared.budgets().is_none()
                 || self.transmit_published == steps::held_for_peer(&self.conn))
             && self.shared.stats.holds(&self.conn.stats())
-            && self.conn.can_freeze()
     }
 }
 
@@ -410,7 +415,7 @@ impl<T: ParkIo, S> Driver<T, S> {
     // `Err` is the driver given back as it came (boxing it would allocate).
     #[allow(clippy::result_large_err)]
     fn freeze(self) -> Result<Parked<T::Parked, S>, Self> {
-        if !self.can_freeze() {
+        if !self.fields_parkable() {
             return Err(self);
         }
         let Driver {
@@ -434,8 +439,8 @@ impl<T: ParkIo, S> Driver<T, S> {
             lot,
             in_lot: _,
         } = self;
-        // `can_freeze` above asked the state machine too: the driver comes back as it was
-        // (but for its backlog place) only if the state machine disagrees.
+        // The state machine's own answer (`Conn::can_freeze`): when it cannot freeze, the
+        // driver comes back as it was but for its backlog place.
         let conn = match conn.freeze(Stamp::origin()) {
             Ok(c) => c,
             Err(conn) => {
@@ -456,8 +461,7 @@ impl<T: ParkIo, S> Driver<T, S> {
             last_write,
         })
     }
-}
-impl<T: ParkIo, S> Driver<T, S> {
+
     /// The driver of a parked connection, for a wake-up of `lot`, which holds it: its state
     /// machine thawed ([`FrozenConn::thaw`]) and the fields [`freeze`](Self::freeze)
     /// dropped at the values parking implies. Allocates nothing.

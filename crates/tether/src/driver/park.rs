@@ -788,7 +788,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         if self.full_queued(lot, idx) {
             return;
         }
-        let Some(d) = self.entry(idx, gen).and_then(|e| e.d.take()) else {
+        let Some(d) = self.entry_at(idx).and_then(|e| e.d.take()) else {
             return;
         };
         self.quick_with(lot, idx, gen, Driver::thaw(d, lot));
@@ -1161,8 +1161,7 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             Some(Duration::ZERO)
         };
         // After a burst of parks, the heap's holes go back to the kernel (`trim.rs`).
-        super::trim::maybe_trim();
-        let timeout = match super::trim::due_in() {
+        let timeout = match super::trim::tick() {
             Some(d) => Some(timeout.map_or(d, |t| t.min(d))),
             None => timeout,
         };

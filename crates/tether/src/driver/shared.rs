@@ -743,24 +743,20 @@ fn wake_driver(inner: &mut Inner) {
 mod tests {
     use super::*;
 
-    fn holds_queues(s: &Shared) -> bool {
-        s.holds_queues()
-    }
-
     /// Issue 17: an idle connection holds no queue. The box appears with the first message
     /// or command and goes when the last is taken (reading an absent box allocates nothing).
     #[test]
     fn queues_exist_only_while_they_hold_something() {
         let s = Shared::new(Limits::default());
-        assert!(!holds_queues(&s));
+        assert!(!s.holds_queues());
         // Reads through the guard see empty queues without creating them.
         {
             let inner = s.lock();
             assert!(inner.outbox.is_empty() && inner.command.is_none() && inner.done.is_none());
         }
-        assert!(!holds_queues(&s));
+        assert!(!s.holds_queues());
         assert!(s.try_send(Bytes::from_static(b"m")));
-        assert!(holds_queues(&s));
+        assert!(s.holds_queues());
         {
             let mut inner = s.lock();
             let m = inner.outbox.pop_front();
@@ -770,20 +766,20 @@ mod tests {
             assert!(inner.outbox.capacity() > 0);
             inner.outbox = VecDeque::new();
         }
-        assert!(!holds_queues(&s));
+        assert!(!s.holds_queues());
         s.close(CloseCode::NORMAL, "bye");
-        assert!(holds_queues(&s));
+        assert!(s.holds_queues());
         assert!(matches!(s.lock().take_command(), Some(Command::Close(..))));
-        assert!(!holds_queues(&s));
+        assert!(!s.holds_queues());
         // Taking a command that is not there creates nothing.
         assert!(s.lock().take_command().is_none());
-        assert!(!holds_queues(&s));
+        assert!(!s.holds_queues());
         // The end is kept (senders fail with it).
         s.finish(Disconnect {
             reason: tether_proto::DisconnectReason::LocalClose,
             silent_for: std::time::Duration::ZERO,
         });
-        assert!(holds_queues(&s));
+        assert!(s.holds_queues());
         assert!(s.done().is_some());
         assert!(!s.try_send(Bytes::from_static(b"late")));
     }

@@ -60,9 +60,14 @@ impl Policy {
         }
     }
 
+    /// Enough connections parked since the last trim for one to be worth its walk.
+    pub(super) fn pending(&self) -> bool {
+        self.parks.load(Relaxed) >= TRIM_AFTER
+    }
+
     /// How long until a trim is due (zero: now); `None`: none is pending.
     pub(super) fn due_in(&self, now: u64) -> Option<Duration> {
-        if self.parks.load(Relaxed) < TRIM_AFTER {
+        if !self.pending() {
             return None;
         }
         let quiet = self.last_park.load(Relaxed).saturating_add(nanos(QUIET));
@@ -105,14 +110,15 @@ pub(super) fn parked(n: usize) {
     }
 }
 
-/// How long a lot thread may sleep before the next trim is due (`None`: no trim pending).
-pub(super) fn due_in() -> Option<Duration> {
-    POLICY.due_in(stamp_now())
-}
-
-/// Trims if due (see the module docs).
-pub(super) fn maybe_trim() {
-    if POLICY.claim(stamp_now()) {
+/// Once per pass of a lot thread: trims if a trim is due (see the module docs) and answers
+/// how long the thread may sleep before the next one is (`None`: none pending). Reads no
+/// clock unless enough connections parked since the last trim.
+pub(super) fn tick() -> Option<Duration> {
+    if !POLICY.pending() {
+        return None;
+    }
+    let now = stamp_now();
+    if POLICY.claim(now) {
         let t = std::time::Instant::now();
         let released = release_free_pages();
         tracing::debug!(
@@ -120,7 +126,9 @@ pub(super) fn maybe_trim() {
             took_us = t.elapsed().as_micros() as u64,
             "gave the allocator's free pages back after a burst of parked connections"
         );
+        return None;
     }
+    POLICY.due_in(now)
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
