@@ -333,8 +333,8 @@ impl Past {
 const SLOTS_KEPT: usize = 64;
 
 /// The registry's slots, by place (issue 17). The id map's B-tree nodes hold a 4-byte place
-/// instead of the 48-byte slot (64 B then): its leaves (eleven places, about six used when ids come in
-/// order, as a fleet's sequential ids do) shrink from 808 B to 144 B, and the slots
+/// instead of the slot (64 B then, 48 B now): its leaves (eleven places, about six used when
+/// ids come in order, as a fleet's sequential ids do) shrink from 808 B to 144 B, and the slots
 /// themselves sit in one array with no node slack. The array grows by an eighth, not by
 /// doubling (at most an eighth of it empty); a forgotten slot's place goes to the next new
 /// one, and once more than half the places are free the registry moves the slots together
