@@ -29,8 +29,10 @@
 //! gets a new id; calls that still name the replaced connection (its late `disconnected`, a
 //! stale `suspect`) are ignored, so a replacement never flaps the client to `Offline`.
 //!
-//! Memory is bounded: one entry per client id (a 64-byte slot in a slab, and the id with the
-//! slot's place in a B-tree: ~96 B a client, 139 B while the B-tree held the slots); `Offline` entries are forgotten after
+//! Memory is bounded: one entry per client id (a 48-byte slot in a slab, and the id with the
+//! slot's place in a B-tree: ~80 B a client connected once, ~96 B while slots were 64 B, 139
+//! B while the B-tree held the slots; a client that reconnected, left or kept counters has
+//! an 80 B box more); `Offline` entries are forgotten after
 //! `offline_retention`, and at most `max_offline` of them are kept (the oldest go first).
 //! The change queue grows until the driver drains it with [`Registry::poll_change`].
 
@@ -283,13 +285,15 @@ pub struct Registry<K = Arc<str>> {
 pub const SLOT_SIZE: usize = std::mem::size_of::<Option<Slot>>();
 
 /// What the registry keeps per client id: an [`Entry`] in compact form (issue 17: one per
-/// connected client). A connected client's state is a flag; the data of `Resuming` and
-/// `Offline` (reason, instants, the timer's key) and the last counters are boxed, absent
-/// while the client is connected. Its two instants are signed nanoseconds from the
-/// registry's epoch (exact, ±292 years: 8 bytes each instead of 16) and its counters 32-bit
-/// (saturating), its remote address and suspect flag 16 bytes (IPv6 boxed): 64 bytes
-/// instead of 112, in the registry's slab ([`Slots`]: 64 B a place, at most an eighth of
-/// the places empty).
+/// connected client). A connected client's state is a flag; what a client on its first
+/// connection does not have — the data of `Resuming` and `Offline` (reason, instants, the
+/// timer's key), the last connection's counters, and connection counts other than one
+/// connect and no disconnect — is in one box ([`Past`]), absent while it has none. Its two
+/// instants are signed nanoseconds from the registry's epoch (exact, ±292 years: 8 bytes
+/// each instead of 16), its remote address and suspect flag 16 bytes (IPv6 boxed): 48 bytes
+/// instead of 112, in the registry's slab ([`Slots`]: 48 B a place, at most an eighth of
+/// the places empty). (64 B while the counts were in the slot and the ended state and the
+/// counters in a box each.)
 #[derive(Debug)]
 struct Slot {
     conn_id: u64,
@@ -297,19 +301,40 @@ struct Slot {
     remote: PackedAddr,
     connected_since: i64,
     changed_at: i64,
-    connects: u32,
-    disconnects: u32,
+    /// `None`: one connect, no disconnect, connected, no counters kept ([`Past::FRESH`]).
+    past: Option<Box<Past>>,
+}
+
+/// What a slot keeps once its client did more than connect once: 72 B, an 80 B chunk (a
+/// client that reconnected and kept its last counters used a 64 B chunk for them and 16 B
+/// more in its slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Past {
     /// `Resuming` or `Offline` (`None`: connected).
     ended: Option<Box<Ended>>,
-    last_counters: Option<Box<ConnStats>>,
+    last_counters: Option<ConnStats>,
+    /// Connections registered (32-bit, saturating).
+    connects: u32,
+    /// Connections that ended, replaced ones included (32-bit, saturating).
+    disconnects: u32,
+}
+
+impl Past {
+    /// What a slot without a box holds.
+    const FRESH: Past = Past {
+        ended: None,
+        last_counters: None,
+        connects: 1,
+        disconnects: 0,
+    };
 }
 
 /// Places a slab keeps however few slots it holds, and the least it grows by.
 const SLOTS_KEPT: usize = 64;
 
 /// The registry's slots, by place (issue 17). The id map's B-tree nodes hold a 4-byte place
-/// instead of the 64-byte slot: its leaves (eleven places, about six used when ids come in
-/// order, as a fleet's sequential ids do) shrink from 808 B to 144 B, and the slots
+/// instead of the slot (64 B then, 48 B now): its leaves (eleven places, about six used when
+/// ids come in order, as a fleet's sequential ids do) shrink from 808 B to 144 B, and the slots
 /// themselves sit in one array with no node slack. The array grows by an eighth, not by
 /// doubling (at most an eighth of it empty); a forgotten slot's place goes to the next new
 /// one, and once more than half the places are free the registry moves the slots together
@@ -341,7 +366,7 @@ impl Slots {
         if len == self.all.capacity() {
             self.all.reserve_exact((len / 8).max(SLOTS_KEPT));
         }
-        // A place per client id known (64 B each): 2^32 of them would be 256 GiB.
+        // A place per client id known (48 B each): 2^32 of them would be 192 GiB.
         let i = u32::try_from(len).expect("fewer than 2^32 client ids");
         self.all.push(Some(s));
         i
@@ -390,7 +415,7 @@ impl Slots {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Ended {
     /// `Resuming { .. }` or `Offline { .. }`.
     state: PresenceState,
@@ -399,23 +424,66 @@ struct Ended {
 }
 
 impl Slot {
-    fn new(state: PresenceState, conn_id: u64, remote: SocketAddr, now: i64) -> Self {
+    fn new(
+        state: PresenceState,
+        conn_id: u64,
+        remote: SocketAddr,
+        now: i64,
+        connects: u32,
+    ) -> Self {
         let mut s = Slot {
             conn_id,
             remote: PackedAddr::new(remote),
             connected_since: now,
             changed_at: now,
-            connects: 0,
-            disconnects: 0,
-            ended: None,
-            last_counters: None,
+            past: None,
         };
+        if connects != Past::FRESH.connects {
+            s.past_mut().connects = connects;
+        }
         s.set_state(state);
         s
     }
 
+    /// What the slot's box holds (the fresh values without one).
+    fn past(&self) -> &Past {
+        self.past.as_deref().unwrap_or(&Past::FRESH)
+    }
+
+    /// The slot's box, made when absent; [`tidy`](Self::tidy) drops it again once it holds
+    /// only the fresh values.
+    fn past_mut(&mut self) -> &mut Past {
+        self.past.get_or_insert_with(|| Box::new(Past::FRESH))
+    }
+
+    /// Drops a box that holds only what its absence means.
+    fn tidy(&mut self) {
+        if self.past.as_deref() == Some(&Past::FRESH) {
+            self.past = None;
+        }
+    }
+
+    fn ended(&self) -> Option<&Ended> {
+        self.past.as_ref()?.ended.as_deref()
+    }
+
+    fn ended_mut(&mut self) -> Option<&mut Ended> {
+        self.past.as_mut()?.ended.as_deref_mut()
+    }
+
+    fn count_connect(&mut self) {
+        let p = self.past_mut();
+        p.connects = p.connects.saturating_add(1);
+        self.tidy();
+    }
+
+    fn count_disconnect(&mut self) {
+        let p = self.past_mut();
+        p.disconnects = p.disconnects.saturating_add(1);
+    }
+
     fn state(&self) -> PresenceState {
-        match (&self.ended, self.remote.flag()) {
+        match (self.ended(), self.remote.flag()) {
             (Some(e), _) => e.state.clone(),
             (None, true) => PresenceState::Suspect,
             (None, false) => PresenceState::Online,
@@ -423,7 +491,7 @@ impl Slot {
     }
 
     fn kind(&self) -> PresenceKind {
-        match (&self.ended, self.remote.flag()) {
+        match (self.ended(), self.remote.flag()) {
             (Some(e), _) => e.state.kind(),
             (None, true) => PresenceKind::Suspect,
             (None, false) => PresenceKind::Online,
@@ -431,40 +499,39 @@ impl Slot {
     }
 
     fn is_connected(&self) -> bool {
-        self.ended.is_none()
+        self.ended().is_none()
     }
 
     /// Replaces the state (the timer's key goes with an ended state) and returns the old one.
     fn set_state(&mut self, to: PresenceState) -> PresenceState {
         let from = self.state();
         match to {
-            PresenceState::Online => {
-                self.ended = None;
-                self.remote.set_flag(false);
-            }
-            PresenceState::Suspect => {
-                self.ended = None;
-                self.remote.set_flag(true);
+            PresenceState::Online | PresenceState::Suspect => {
+                self.remote.set_flag(to == PresenceState::Suspect);
+                if let Some(p) = self.past.as_mut() {
+                    p.ended = None;
+                }
+                self.tidy();
             }
             state => {
                 self.remote.set_flag(false);
-                self.ended = Some(Box::new(Ended { state, timer: None }));
+                self.past_mut().ended = Some(Box::new(Ended { state, timer: None }));
             }
         }
         from
     }
 
     fn timer(&self) -> Option<(Instant, u64)> {
-        self.ended.as_ref().and_then(|e| e.timer)
+        self.ended().and_then(|e| e.timer)
     }
 
     fn take_timer(&mut self) -> Option<(Instant, u64)> {
-        self.ended.as_mut().and_then(|e| e.timer.take())
+        self.ended_mut().and_then(|e| e.timer.take())
     }
 
     /// Sets the timer's key of an ended state (a connected state has none).
     fn set_timer(&mut self, key: (Instant, u64)) {
-        if let Some(e) = self.ended.as_mut() {
+        if let Some(e) = self.ended_mut() {
             e.timer = Some(key);
         }
     }
@@ -476,9 +543,9 @@ impl Slot {
             remote: self.remote.get(),
             connected_since: instant(epoch, self.connected_since),
             changed_at: instant(epoch, self.changed_at),
-            connects: self.connects.into(),
-            disconnects: self.disconnects.into(),
-            last_counters: self.last_counters.as_deref().copied(),
+            connects: self.past().connects.into(),
+            disconnects: self.past().disconnects.into(),
+            last_counters: self.past().last_counters,
         }
     }
 }
@@ -557,8 +624,7 @@ impl<K: Id> Registry<K> {
         let at = self.stamp(now);
         let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) else {
             let key = key();
-            let mut slot = Slot::new(PresenceState::Online, conn_id, remote, at);
-            slot.connects = 1;
+            let slot = Slot::new(PresenceState::Online, conn_id, remote, at, 1);
             let i = self.slots.insert(slot);
             self.entries.insert(key, i);
             self.counts.online += 1;
@@ -577,7 +643,7 @@ impl<K: Id> Registry<K> {
         }
         let replaced = slot.is_connected().then_some(slot.conn_id);
         if replaced.is_some() {
-            slot.disconnects = slot.disconnects.saturating_add(1);
+            slot.count_disconnect();
         }
         let resuming = slot.kind() == PresenceKind::Resuming;
         match slot.take_timer() {
@@ -593,8 +659,8 @@ impl<K: Id> Registry<K> {
         slot.remote.set(remote);
         slot.connected_since = at;
         slot.changed_at = at;
-        slot.connects = slot.connects.saturating_add(1);
         let from = slot.set_state(PresenceState::Online);
+        slot.count_connect();
         *self.counts.get_mut(from.kind()) -= 1;
         self.counts.online += 1;
         self.reindex(id, from.kind(), PresenceKind::Online);
@@ -686,7 +752,7 @@ impl<K: Id> Registry<K> {
         if slot.conn_id != conn_id || !slot.is_connected() {
             return false;
         }
-        slot.disconnects = slot.disconnects.saturating_add(1);
+        slot.count_disconnect();
         match hold_until {
             Some(until) if until > now => {
                 self.set_state(
@@ -752,7 +818,9 @@ impl<K: Id> Registry<K> {
             None => {
                 let key = K::from(id);
                 let at = self.stamp(now);
-                let i = self.slots.insert(Slot::new(state.clone(), 0, remote, at));
+                let i = self
+                    .slots
+                    .insert(Slot::new(state.clone(), 0, remote, at, 0));
                 self.entries.insert(key.clone(), i);
                 self.counts.resuming += 1;
                 self.index(PresenceKind::Resuming, key);
@@ -776,8 +844,7 @@ impl<K: Id> Registry<K> {
         let Some(slot) = self.entries.get(id).map(|&i| self.slots.get_mut(i)) else {
             return false;
         };
-        let Some(PresenceState::Resuming { at, silent_for, .. }) =
-            slot.ended.as_ref().map(|e| &e.state)
+        let Some(PresenceState::Resuming { at, silent_for, .. }) = slot.ended().map(|e| &e.state)
         else {
             return false;
         };
@@ -804,7 +871,7 @@ impl<K: Id> Registry<K> {
     pub fn record_counters(&mut self, id: &str, conn_id: u64, counters: ConnStats) -> bool {
         match self.entries.get(id).map(|&i| self.slots.get_mut(i)) {
             Some(slot) if slot.conn_id == conn_id => {
-                slot.last_counters = Some(Box::new(counters));
+                slot.past_mut().last_counters = Some(counters);
                 true
             }
             _ => false,
@@ -932,7 +999,7 @@ impl<K: Id> Registry<K> {
                 at,
                 silent_for,
                 ..
-            }) = slot.ended.as_ref().map(|e| e.state.clone())
+            }) = slot.ended().map(|e| e.state.clone())
             else {
                 continue;
             };
@@ -1081,6 +1148,94 @@ impl<K: Id> Registry<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client on its first connection keeps no box (issue 17: 48 B a slot); reconnects,
+    /// ends, counters and held sessions keep theirs in it, and a held session taken up by
+    /// its client's first connection drops it again.
+    #[test]
+    fn a_slot_boxes_only_what_a_first_connection_lacks() {
+        let mut r = Registry::new(RegistryConfig::default());
+        #[allow(clippy::disallowed_methods)] // one real Instant as the virtual clock's origin
+        let t0 = Instant::now();
+        let t = |ms: u64| t0 + Duration::from_millis(ms);
+        let remote: SocketAddr = "192.0.2.1:5000".parse().expect("an address");
+        let boxed = |r: &Registry, id: &str| r.slots.get(r.entries[id]).past.is_some();
+        let counters = ConnStats {
+            messages_in: 3,
+            messages_out: 4,
+            bytes_in: 5,
+            bytes_out: 6,
+            heartbeats_in: 7,
+            heartbeats_out: u64::from(u32::MAX) + 9,
+        };
+
+        assert_eq!(r.connected(t(0), "a", 1, remote), None);
+        assert!(r.suspect(t(1), "a", 1));
+        assert!(r.recovered(t(2), "a", 1));
+        assert!(!boxed(&r, "a"));
+        let e = r.get("a").expect("known");
+        assert_eq!((e.connects, e.disconnects, e.last_counters), (1, 0, None));
+        assert_eq!((e.connected_since, e.changed_at), (t(0), t(2)));
+
+        // Counters and an end go in the box; they survive a reconnect with the counts.
+        assert!(r.record_counters("a", 1, counters));
+        assert!(boxed(&r, "a"));
+        assert!(r.disconnected(
+            t(3),
+            "a",
+            1,
+            DisconnectReason::HeartbeatTimeout,
+            Duration::from_millis(2),
+            Some(t(10))
+        ));
+        assert_eq!(
+            r.state("a"),
+            Some(PresenceState::Resuming {
+                reason: DisconnectReason::HeartbeatTimeout,
+                at: t(3),
+                silent_for: Duration::from_millis(2),
+                until: t(10),
+            })
+        );
+        assert_eq!(r.connected(t(4), "a", 2, remote), None);
+        let e = r.get("a").expect("known");
+        assert_eq!(e.state, PresenceState::Online);
+        assert_eq!((e.connects, e.disconnects), (2, 1));
+        assert_eq!(e.last_counters, Some(counters));
+        assert_eq!((e.connected_since, e.changed_at), (t(4), t(4)));
+        assert!(boxed(&r, "a"));
+        assert_eq!(r.poll_timeout(), None, "the hold's timer went with it");
+
+        // A replacement counts in the box too (no counters kept for the replaced one).
+        assert_eq!(r.connected(t(0), "b", 3, remote), None);
+        assert_eq!(r.connected(t(5), "b", 4, remote), Some(3));
+        let e = r.get("b").expect("known");
+        assert_eq!((e.connects, e.disconnects, e.last_counters), (2, 1, None));
+        assert!(boxed(&r, "b"));
+
+        // A session held here from nothing (0 connects), then taken up: fresh again.
+        assert!(r.held(t(6), "c", remote, DisconnectReason::Replaced, t(20)));
+        assert!(boxed(&r, "c"));
+        assert_eq!(
+            r.get("c").map(|e| (e.connects, e.disconnects)),
+            Some((0, 0))
+        );
+        assert_eq!(r.connected(t(7), "c", 5, remote), None);
+        assert!(!boxed(&r, "c"));
+        let e = r.get("c").expect("known");
+        assert_eq!(
+            (e.state, e.connects, e.disconnects),
+            (PresenceState::Online, 1, 0)
+        );
+        assert_eq!(r.poll_timeout(), None);
+        assert_eq!(
+            r.counts(),
+            PresenceCounts {
+                online: 3,
+                ..PresenceCounts::default()
+            }
+        );
+    }
 
     #[test]
     fn forgotten_slots_are_reused_and_a_mostly_free_slab_is_compacted() {

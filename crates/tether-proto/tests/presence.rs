@@ -736,7 +736,7 @@ fn a_shared_id_is_stored_once() {
         r.get("device-0001").map(|e| e.state.kind()),
         Some(PresenceKind::Offline)
     );
-    const { assert!(tether_proto::presence::SLOT_SIZE <= 64) };
+    const { assert!(tether_proto::presence::SLOT_SIZE <= 48) };
 }
 
 /// The compact slot keeps an IPv6 remote whole (flow info and scope included) and an IPv4

@@ -985,23 +985,29 @@ mod sizes {
                 std::mem::size_of::<ServerSink>(),
                 56,
             ),
+            // One word: the connection's `Arc` alone, or a box (16 B with the connection
+            // and the box side by side, 24 B with the connection id too).
             (
                 "Record (per client id)",
                 super::super::lifecycle::RECORD_SIZE,
-                16,
+                8,
             ),
-            // Its box for the principal and the session (for a client with either): 64 B,
-            // an 80 B chunk as the 72 B `PrincipalKey` box it replaces (80 B, a 96 B chunk,
-            // with the key itself beside the session's pointer).
+            // Its box for a client with a principal or a session: 72 B with the connection,
+            // an 80 B chunk as the 64 B box of the principal and session alone was, and the
+            // 72 B `PrincipalKey` box before it (80 B, a 96 B chunk, with the key itself
+            // beside the session's pointer).
             (
-                "  its principal and session box",
-                super::super::lifecycle::RARE_SIZE,
-                64,
+                "  its box (principal, session)",
+                super::super::lifecycle::FULL_SIZE,
+                72,
             ),
+            // 48 B in the registry's slab: a client on its first connection has no box
+            // for its counts, end and last counters (64 B with the counts inline and a box
+            // each for the end and the counters).
             (
                 "presence slot (per client id)",
                 tether_proto::presence::SLOT_SIZE,
-                64,
+                48,
             ),
         ];
         for (what, size, bound) in rows {

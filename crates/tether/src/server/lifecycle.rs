@@ -57,47 +57,55 @@ pub(super) struct Clients {
 /// for both).
 type Shard = Mutex<HashMap<ThinId, Record>>;
 
-/// One client id's lifecycle state: 16 B (issue 17), the connection and one box for what
-/// most clients lack — the principal and the session.
-#[derive(Debug, Default)]
+/// One client id's lifecycle state in one word, 8 B (issue 17: 16 B with the connection
+/// and the box side by side; a client table's bucket is the 8 B key and this, ~28 B a
+/// client at the tables' load instead of ~42 B). The word is what the record holds:
+///
+/// ```text
+///   null                           nothing (a record being made; an idle one is removed)
+///   Arc::into_raw(shared)          a connection, and neither principal nor session: the
+///                                  record of nearly every client (low bit clear)
+///   Box::into_raw(full) | 1        anything else: a [`Full`] box (low bit set)
+/// ```
+///
+/// Both pointers are at least 8-aligned, so the low bit is free. The record owns what its
+/// word points to: one strong count of the connection's `Arc`, or the box. Its `unsafe` is
+/// the word's decoding, each with its argument; the word is written only by `box_full`,
+/// `settle`, `set_conn` and the two `take_` methods, and the tests go through every form
+/// and back, counting the connection's references. Miri is not available here.
 struct Record {
-    /// The connection the id is on.
-    conn: Option<Live>,
-    /// The principal and the session, `None` while the client has neither (every client of
-    /// a server without authorization and without a session costs 8 bytes for both).
-    rare: Option<Box<Rare>>,
+    word: *mut (),
 }
 
-/// What a record holds only for some clients, boxed together: a record of 16 B instead of
-/// 24 (about 14 B per client in the shards' hash tables at their load). The box is 64 B,
-/// an 80 B chunk, as the 72 B `PrincipalKey` box it replaces was: the principal is kept
-/// as an [`Owner`] (its strings boxed, 56 B), so an authenticated client pays nothing
-/// for the session's pointer beside it (its session, if any, stays in a box of its own).
-/// Never both fields `None`: the setters drop the box when it empties.
+/// The low bit of a record's word: the word is a [`Full`] box.
+const FULL: usize = 1;
+
+// SAFETY: a record owns an `Arc<Shared>` count or a `Box<Full>`, both `Send` (checked
+// below); it hands out references only through `&self`/`&mut self`, as either would.
+unsafe impl Send for Record {}
+
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<Arc<Shared>>();
+    send::<Box<Full>>();
+};
+
+/// What a record holds for a client with a principal or a session (or both), boxed: 72 B,
+/// an 80 B chunk, as the 64 B box of the principal and session it replaces (the
+/// connection is in it too, not beside it). The principal is kept as an [`Owner`] (its
+/// strings boxed), so an authenticated client pays nothing for the session's pointer
+/// beside it (its session, if any, stays in a box of its own). Never without a principal
+/// and a session: [`Record::settle`] goes back to the bare connection.
 #[derive(Debug, Default)]
-struct Rare {
+struct Full {
+    /// The connection the id is on.
+    conn: Option<Arc<Shared>>,
     /// Who the connection authenticated as (`None` on a server without authorization).
     /// Only the same principal may replace the connection, resume the session, take over a
     /// held session or start a new one while another principal's is held.
     principal: Option<Owner>,
     /// The id's session: attached to `conn`, or held.
     session: Option<Box<SessionSlot>>,
-}
-
-/// A client's live connection: its shared state, one per connection (a connection is
-/// known by it: [`Live::is`]; its connection id is in presence, issue 17: 8 bytes fewer per
-/// record).
-#[derive(Debug)]
-pub(super) struct Live {
-    pub(super) shared: Arc<Shared>,
-}
-
-impl Live {
-    /// True when `shared` is this connection's state: the connection is this one (each
-    /// connection has a state of its own, alive while the record holds it).
-    fn is(&self, shared: &Shared) -> bool {
-        std::ptr::eq(Arc::as_ptr(&self.shared), shared)
-    }
 }
 
 /// A [`PrincipalKey`] as a record keeps it: the same fields, its strings as `Box<str>`
@@ -127,23 +135,169 @@ impl Owner {
     }
 }
 
-impl Rare {
-    /// The session in a record's box, borrowing only the box (the record's `conn` stays
-    /// free to read).
-    fn session_of(rare: &mut Option<Box<Rare>>) -> Option<&mut SessionSlot> {
-        rare.as_mut()?.session.as_deref_mut()
+impl Default for Record {
+    fn default() -> Self {
+        Record {
+            word: std::ptr::null_mut(),
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        drop(self.take_full());
+        drop(self.take_conn());
+    }
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("conn", &self.conn().is_some())
+            .field(
+                "principal",
+                &self.full().is_some_and(|f| f.principal.is_some()),
+            )
+            .field("session", &self.session().map(|s| s.id))
+            .finish()
     }
 }
 
 impl Record {
+    /// The word is a [`Full`] box.
+    fn is_full(&self) -> bool {
+        self.word.addr() & FULL != 0
+    }
+
+    /// The box, when the word is one.
+    fn full(&self) -> Option<&Full> {
+        // SAFETY: a tagged word is `Box::into_raw` of a `Full` with its low bit set
+        // (`box_full`), owned by this record until `take_full`: it lives while `&self` does.
+        self.is_full()
+            .then(|| unsafe { &*self.word.map_addr(|a| a & !FULL).cast::<Full>() })
+    }
+
+    fn full_mut(&mut self) -> Option<&mut Full> {
+        // SAFETY: as in `full`; `&mut self` makes the borrow unique.
+        self.is_full()
+            .then(|| unsafe { &mut *self.word.map_addr(|a| a & !FULL).cast::<Full>() })
+    }
+
+    /// Takes the box out (the word is null after).
+    fn take_full(&mut self) -> Option<Box<Full>> {
+        if !self.is_full() {
+            return None;
+        }
+        let p = std::mem::replace(&mut self.word, std::ptr::null_mut()).map_addr(|a| a & !FULL);
+        // SAFETY: the tagged word was `Box::into_raw` of a `Full`; the word no longer names
+        // it, so the box has one owner again.
+        Some(unsafe { Box::from_raw(p.cast::<Full>()) })
+    }
+
+    /// The box, made (holding the connection, if any) when the word is not one.
+    fn box_full(&mut self) -> &mut Full {
+        if !self.is_full() {
+            let conn = self.take_conn();
+            let p = Box::into_raw(Box::new(Full {
+                conn,
+                principal: None,
+                session: None,
+            }));
+            self.word = p.cast::<()>().map_addr(|a| a | FULL);
+        }
+        // SAFETY: the word is a box now (made just above if it was not); as in `full_mut`.
+        unsafe { &mut *self.word.map_addr(|a| a & !FULL).cast::<Full>() }
+    }
+
+    /// Back to the bare connection (or null) once the box holds neither principal nor
+    /// session.
+    fn settle(&mut self) {
+        if self
+            .full()
+            .is_some_and(|f| f.principal.is_none() && f.session.is_none())
+        {
+            if let Some(conn) = self.take_full().and_then(|f| f.conn) {
+                self.word = Arc::into_raw(conn).cast_mut().cast();
+            }
+        }
+    }
+
+    /// The connection's state, if the id is on one.
+    fn conn(&self) -> Option<&Shared> {
+        if let Some(f) = self.full() {
+            return f.conn.as_deref();
+        }
+        // SAFETY: an untagged word that is not null is `Arc::into_raw` of the connection's
+        // state, whose strong count the record holds: it lives while `&self` does.
+        (!self.word.is_null()).then(|| unsafe { &*self.word.cast::<Shared>() })
+    }
+
+    /// The connection's state, shared (a clone of the record's `Arc`).
+    fn conn_arc(&self) -> Option<Arc<Shared>> {
+        if let Some(f) = self.full() {
+            return f.conn.clone();
+        }
+        if self.word.is_null() {
+            return None;
+        }
+        let p = self.word.cast::<Shared>().cast_const();
+        // SAFETY: as in `conn`: `p` is `Arc::into_raw`'s and the record holds a count; the
+        // clone gets a count of its own.
+        unsafe {
+            Arc::increment_strong_count(p);
+            Some(Arc::from_raw(p))
+        }
+    }
+
+    /// True when `shared` is the record's connection (each connection has a state of its
+    /// own, alive while the record holds it).
+    fn is_conn(&self, shared: &Shared) -> bool {
+        self.conn().is_some_and(|c| std::ptr::eq(c, shared))
+    }
+
+    /// Takes the connection out (its count with it).
+    fn take_conn(&mut self) -> Option<Arc<Shared>> {
+        if let Some(f) = self.full_mut() {
+            return f.conn.take();
+        }
+        if self.word.is_null() {
+            return None;
+        }
+        let p = std::mem::replace(&mut self.word, std::ptr::null_mut());
+        // SAFETY: an untagged word that is not null is `Arc::into_raw`'s, and its count goes
+        // to the `Arc` made here: the word is null now.
+        Some(unsafe { Arc::from_raw(p.cast::<Shared>().cast_const()) })
+    }
+
+    /// Puts the id on connection `conn` (dropping the one it was on, if any).
+    fn set_conn(&mut self, conn: Arc<Shared>) {
+        if let Some(f) = self.full_mut() {
+            f.conn = Some(conn);
+            return;
+        }
+        drop(self.take_conn());
+        self.word = Arc::into_raw(conn).cast_mut().cast();
+    }
+
+    /// The session and the connection at once (the session borrowed mutably).
+    fn session_and_conn(&mut self) -> (Option<&mut SessionSlot>, Option<&Shared>) {
+        if !self.is_full() {
+            return (None, self.conn());
+        }
+        match self.full_mut() {
+            Some(f) => (f.session.as_deref_mut(), f.conn.as_deref()),
+            None => (None, None),
+        }
+    }
+
     fn is_idle(&self) -> bool {
-        self.conn.is_none() && self.session().is_none()
+        self.conn().is_none() && self.session().is_none()
     }
 
     /// True when the record's principal is `p` (both `None` on a server without
     /// authorization).
     fn owned_by(&self, p: Option<&PrincipalKey>) -> bool {
-        match (self.rare.as_ref().and_then(|r| r.principal.as_ref()), p) {
+        match (self.full().and_then(|f| f.principal.as_ref()), p) {
             (Some(owner), Some(p)) => owner.is(p),
             (None, None) => true,
             _ => false,
@@ -151,11 +305,11 @@ impl Record {
     }
 
     fn session(&self) -> Option<&SessionSlot> {
-        self.rare.as_ref()?.session.as_deref()
+        self.full()?.session.as_deref()
     }
 
     fn session_mut(&mut self) -> Option<&mut SessionSlot> {
-        Rare::session_of(&mut self.rare)
+        self.full_mut()?.session.as_deref_mut()
     }
 
     fn has_session(&self) -> bool {
@@ -163,38 +317,24 @@ impl Record {
     }
 
     fn set_principal(&mut self, principal: Option<PrincipalKey>) {
-        match (&mut self.rare, principal.map(Owner::new)) {
-            (Some(rare), p) => rare.principal = p,
-            (None, None) => {}
-            (None, Some(p)) => {
-                self.rare = Some(Box::new(Rare {
-                    principal: Some(p),
-                    session: None,
-                }))
+        match (self.full_mut(), principal.map(Owner::new)) {
+            (Some(f), p) => {
+                f.principal = p;
+                self.settle();
             }
+            (None, None) => {}
+            (None, Some(p)) => self.box_full().principal = Some(p),
         }
-        self.drop_empty();
     }
 
     fn set_session(&mut self, slot: Box<SessionSlot>) {
-        self.rare.get_or_insert_with(Box::default).session = Some(slot);
+        self.box_full().session = Some(slot);
     }
 
     fn take_session(&mut self) -> Option<Box<SessionSlot>> {
-        let slot = self.rare.as_mut()?.session.take();
-        self.drop_empty();
+        let slot = self.full_mut()?.session.take();
+        self.settle();
         slot
-    }
-
-    /// Keeps the invariant: no box with neither a principal nor a session.
-    fn drop_empty(&mut self) {
-        if self
-            .rare
-            .as_ref()
-            .is_some_and(|r| r.principal.is_none() && r.session.is_none())
-        {
-            self.rare = None;
-        }
     }
 }
 
@@ -224,8 +364,8 @@ impl Clients {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             for (id, r) in lock(shard).iter() {
-                if let Some(l) = &r.conn {
-                    out.push((id.to_string(), l.shared.clone(), r.has_session()));
+                if let Some(shared) = r.conn_arc() {
+                    out.push((id.to_string(), shared, r.has_session()));
                 }
             }
         }
@@ -238,8 +378,8 @@ impl Clients {
     pub(super) fn for_each_live(&self, mut f: impl FnMut(&Shared)) {
         for shard in self.shards.iter() {
             for r in lock(shard).values() {
-                if let Some(l) = &r.conn {
-                    f(&l.shared);
+                if let Some(shared) = r.conn() {
+                    f(shared);
                 }
             }
         }
@@ -254,9 +394,7 @@ impl Clients {
 
     /// The live connection of `id`.
     pub(super) fn live_of(&self, id: &str) -> Option<Arc<Shared>> {
-        lock(self.shard(id))
-            .get(id)
-            .and_then(|r| r.conn.as_ref().map(|l| l.shared.clone()))
+        lock(self.shard(id)).get(id).and_then(Record::conn_arc)
     }
 }
 
@@ -348,7 +486,7 @@ impl Inner {
             hello,
             principal,
             rec.session(),
-            rec.conn.as_ref(),
+            rec.conn(),
             linger.is_some(),
         ) {
             Ok(p) => p,
@@ -411,17 +549,15 @@ impl Inner {
                 }
             }
         };
-        if let Some(old) = rec.conn.take() {
-            old.shared.close(
+        if let Some(old) = rec.take_conn() {
+            old.close(
                 CloseCode::REPLACED,
                 "replaced by a newer connection with the same client id",
             );
         }
         // Before any sender can reach the connection: the number its first message gets.
         shared.set_seq_base(session.as_ref().map(|(_, s)| s.last_seq() + 1));
-        rec.conn = Some(Live {
-            shared: shared.clone(),
-        });
+        rec.set_conn(shared.clone());
         rec.set_principal(principal.cloned());
         self.established.fetch_add(1, Relaxed);
         self.totals.accepted.fetch_add(1, Relaxed);
@@ -510,9 +646,7 @@ impl Inner {
             conn_id,
             disconnect: d.clone(),
         });
-        let current = shard
-            .get(id)
-            .is_some_and(|r| r.conn.as_ref().is_some_and(|l| l.is(shared)));
+        let current = shard.get(id).is_some_and(|r| r.is_conn(shared));
         if !current {
             // Replaced: the id lives on with a newer connection; this session will not be
             // resumed.
@@ -524,7 +658,7 @@ impl Inner {
         let Some(rec) = shard.get_mut(id) else {
             return;
         };
-        rec.conn = None;
+        drop(rec.take_conn());
         // The client spoke on this connection, so it read its WELCOME and holds the
         // session's newest resume token: the token it resumed with dies now (until then a
         // WELCOME lost with its connection left it the only token the client had).
@@ -631,7 +765,7 @@ impl Inner {
         let Some(rec) = shard.get_mut(id) else {
             return;
         };
-        if rec.conn.is_some() {
+        if rec.conn().is_some() {
             return; // resumed in the meantime
         }
         let due = rec
@@ -661,8 +795,7 @@ impl Inner {
         let Some(rec) = shard.get_mut(id) else {
             return Take::No;
         };
-        // The session through the field (not `session_mut`): `rec.conn` is read below.
-        let Some(slot) = Rare::session_of(&mut rec.rare) else {
+        let Some(slot) = rec.session() else {
             return Take::No;
         };
         if slot.id != req.session_id
@@ -697,7 +830,8 @@ impl Inner {
             self.signals.room.notify_waiters();
             return Take::Taken(Box::new(export));
         }
-        let Some(live) = &rec.conn else {
+        // The session and the connection at once: the session borrowed mutably.
+        let (Some(slot), Some(shared)) = rec.session_and_conn() else {
             return Take::No;
         };
         if slot.taker.is_some() {
@@ -707,7 +841,7 @@ impl Inner {
         slot.taker = Some(tx);
         // Its peer is most likely gone (it resumes elsewhere): the CLOSE gets a moment to
         // leave, the peer's FIN is not waited for.
-        live.shared.command(Command::Abandon(
+        shared.command(Command::Abandon(
             CloseCode::REPLACED,
             "session resumed on another node".into(),
         ));
@@ -744,7 +878,7 @@ impl Inner {
         // it resumes another one): it will not be resumed, it is lost now — as when the
         // client starts a new session.
         let same_owner = rec.owned_by(export.principal.as_ref());
-        if rec.conn.is_none() && same_owner && rec.session().is_some_and(|s| s.held.is_some()) {
+        if rec.conn().is_none() && same_owner && rec.session().is_some_and(|s| s.held.is_some()) {
             if let Some(held) = rec.take_session().and_then(|s| s.held) {
                 self.session_lost(&id, held);
                 self.with_registry(|r| r.end_hold(now, &id, DisconnectReason::Replaced));
@@ -852,12 +986,15 @@ impl Inner {
         let Some(rec) = shard.get_mut(id) else {
             return;
         };
-        let Some(slot) = Rare::session_of(&mut rec.rare).filter(|s| s.id == session) else {
+        let (Some(slot), conn) = rec.session_and_conn() else {
             return;
         };
-        match (&mut slot.held, &rec.conn) {
+        if slot.id != session {
+            return;
+        }
+        match (&mut slot.held, conn) {
             (Some(held), _) => held.session.commit(now, seq),
-            (None, Some(live)) => live.shared.commit(seq),
+            (None, Some(shared)) => shared.commit(seq),
             (None, None) => {}
         }
     }
@@ -867,9 +1004,9 @@ impl Inner {
         let shard = lock(self.clients.shard(id));
         let rec = shard.get(id)?;
         let slot = rec.session()?;
-        let acked = match (&slot.held, &rec.conn) {
+        let acked = match (&slot.held, rec.conn()) {
             (Some(h), _) => h.session.acked(),
-            (None, Some(live)) => live.shared.stats.acked(),
+            (None, Some(shared)) => shared.stats.acked(),
             (None, None) => return None,
         };
         Some((slot.id, acked))
@@ -878,9 +1015,9 @@ impl Inner {
     /// The session and number the next message queued for `rec` would get.
     fn next_number(rec: &Record) -> Option<(u64, u64)> {
         let slot = rec.session()?;
-        let seq = match (&slot.held, &rec.conn) {
+        let seq = match (&slot.held, rec.conn()) {
             (Some(h), _) => h.session.last_seq() + 1 + h.pending.len() as u64,
-            (None, Some(live)) => live.shared.next_seq()?,
+            (None, Some(shared)) => shared.next_seq()?,
             (None, None) => return None,
         };
         Some((slot.id, seq))
@@ -983,10 +1120,10 @@ impl Inner {
         close_slow: bool,
     ) -> Result<Delivery, SendError> {
         let session = rec.session().map(|s| s.id);
-        if let Some(live) = &rec.conn {
+        if let Some(shared) = rec.conn() {
             // With a session, a connection that just ended still takes it: the outbox moves
             // into the held session (same lock, so nothing slips between).
-            return match live.shared.offer(msg, rec.has_session(), close_slow) {
+            return match shared.offer(msg, rec.has_session(), close_slow) {
                 Offer::Queued(seq) => Ok(Delivery {
                     session,
                     seq,
@@ -1048,9 +1185,9 @@ pub(super) fn drain_changes(
 #[cfg(test)]
 pub(super) const RECORD_SIZE: usize = std::mem::size_of::<Record>();
 
-/// The size of a record's box for its principal and session (bounded there too).
+/// The size of a record's box for its principal, session and connection (bounded there too).
 #[cfg(test)]
-pub(super) const RARE_SIZE: usize = std::mem::size_of::<Rare>();
+pub(super) const FULL_SIZE: usize = std::mem::size_of::<Full>();
 
 #[cfg(test)]
 mod tests {
@@ -1081,7 +1218,7 @@ mod tests {
     fn record_box_goes_when_empty() {
         let mut rec = Record::default();
         rec.set_principal(None);
-        assert!(rec.rare.is_none(), "no principal, no session: no box");
+        assert!(!rec.is_full(), "no principal, no session: no box");
 
         rec.set_principal(Some(key()));
         rec.set_session(slot(7));
@@ -1093,23 +1230,99 @@ mod tests {
         assert_eq!(rec.take_session().map(|s| s.id), Some(7));
         assert!(rec.session().is_none() && rec.is_idle());
         assert!(rec.owned_by(Some(&key())));
-        assert!(rec.rare.is_some());
+        assert!(rec.is_full());
 
         rec.set_principal(None);
-        assert!(
-            rec.rare.is_none(),
-            "the box goes with the last of its fields"
-        );
+        assert!(!rec.is_full(), "the box goes with the last of its fields");
 
         // A session without a principal (a server without authorization), then none.
         rec.set_session(slot(8));
         assert!(rec.owned_by(None) && !rec.owned_by(Some(&key())));
         assert_eq!(rec.session_mut().map(|s| s.id), Some(8));
         rec.set_principal(None);
-        assert!(rec.rare.is_some(), "the session keeps the box");
+        assert!(rec.is_full(), "the session keeps the box");
         assert!(rec.take_session().is_some());
-        assert!(rec.rare.is_none());
+        assert!(!rec.is_full());
         assert!(rec.take_session().is_none());
+    }
+
+    /// The record's word through every form and back — null, the bare connection, the box
+    /// with and without it — counting the connection's references at each step: the record
+    /// holds exactly one while it is on the connection, and none once it is off it or gone.
+    #[test]
+    fn record_word_holds_one_count_of_its_connection() {
+        let shared = Shared::new(Default::default());
+        let count = |s: &Arc<Shared>| Arc::strong_count(s);
+        let mut rec = Record::default();
+        assert!(rec.conn().is_none() && rec.is_idle() && !rec.is_full());
+        assert!(rec.take_conn().is_none() && rec.conn_arc().is_none());
+
+        rec.set_conn(shared.clone());
+        assert_eq!(count(&shared), 2);
+        assert!(!rec.is_full(), "a connection alone is the word itself");
+        assert!(rec.is_conn(&shared) && !rec.is_idle() && rec.owned_by(None));
+        let c = rec.conn_arc().expect("on a connection");
+        assert!(Arc::ptr_eq(&c, &shared));
+        assert_eq!(count(&shared), 3);
+        drop(c);
+        assert_eq!(count(&shared), 2);
+
+        // A principal boxes it, the connection goes into the box.
+        rec.set_principal(Some(key()));
+        assert!(rec.is_full() && rec.is_conn(&shared) && rec.owned_by(Some(&key())));
+        assert_eq!(count(&shared), 2);
+        rec.set_session(slot(1));
+        {
+            let (s, c) = rec.session_and_conn();
+            assert_eq!(s.map(|s| s.id), Some(1));
+            assert!(c.is_some_and(|c| std::ptr::eq(c, &*shared)));
+        }
+        rec.set_principal(None);
+        assert!(rec.is_full(), "the session keeps the box");
+        assert_eq!(rec.take_session().map(|s| s.id), Some(1));
+        assert!(!rec.is_full(), "back to the bare connection");
+        assert!(rec.is_conn(&shared) && rec.session().is_none());
+        assert_eq!(count(&shared), 2);
+        {
+            let (s, c) = rec.session_and_conn();
+            assert!(s.is_none() && c.is_some());
+        }
+
+        // Another connection replaces it; taking it leaves nothing.
+        let other = Shared::new(Default::default());
+        rec.set_conn(other.clone());
+        assert_eq!((count(&shared), count(&other)), (1, 2));
+        assert!(rec.is_conn(&other) && !rec.is_conn(&shared));
+        let taken = rec.take_conn().expect("on a connection");
+        assert!(Arc::ptr_eq(&taken, &other) && rec.is_idle() && !rec.is_full());
+        drop(taken);
+        assert_eq!(count(&other), 1);
+
+        // A held session without a connection, then a connection beside it, taken out of
+        // the box; dropped boxed and bare, and on another thread.
+        rec.set_session(slot(2));
+        assert!(rec.is_full() && rec.conn().is_none() && !rec.is_idle());
+        rec.set_conn(shared.clone());
+        assert_eq!(count(&shared), 2);
+        let taken = rec.take_conn().expect("on a connection");
+        assert!(rec.is_full() && rec.conn().is_none());
+        rec.set_conn(taken);
+        drop(rec);
+        assert_eq!(count(&shared), 1, "the box's count went with it");
+        let mut rec = Record::default();
+        rec.set_conn(shared.clone());
+        drop(rec);
+        assert_eq!(count(&shared), 1, "the word's count went with it");
+        let mut rec = Record::default();
+        rec.set_conn(shared.clone());
+        rec.set_principal(Some(key()));
+        std::thread::spawn(move || {
+            assert!(rec.owned_by(Some(&key())));
+            drop(rec);
+        })
+        .join()
+        .expect("the thread");
+        assert_eq!(count(&shared), 1);
     }
 
     /// The record's compact principal matches exactly the key it was made from.

@@ -13,10 +13,9 @@ use tether_proto::codec::{Hello, SessionGrant};
 use tether_proto::session::Session;
 use tether_proto::CloseCode;
 
-use super::lifecycle::Live;
 use crate::auth::resume::ResumeCredential;
 use crate::auth::PrincipalKey;
-use crate::driver::Command;
+use crate::driver::{Command, Shared};
 
 /// A client's session: its id, what authenticates its next resume (a hash of the token,
 /// bound to the client id and the principal), and the session itself while it is held.
@@ -78,7 +77,7 @@ pub(super) fn plan(
     hello: &Hello,
     principal: Option<&PrincipalKey>,
     slot: Option<&SessionSlot>,
-    live: Option<&Live>,
+    live: Option<&Shared>,
     sessions_on: bool,
 ) -> Result<Plan, Refusal> {
     let unknown = |failure| Refusal {
@@ -134,7 +133,7 @@ pub(super) fn plan(
     // Still attached to the previous connection (the server has not noticed its death
     // yet): close it; the client retries and finds the session held.
     if let Some(live) = live {
-        live.shared.command(Command::Close(
+        live.command(Command::Close(
             CloseCode::REPLACED,
             "session resumed on a newer connection".into(),
         ));
