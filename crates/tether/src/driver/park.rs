@@ -40,7 +40,9 @@
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
 //! On a lot thread a heartbeat so costs one `recv`, one `send` and a share of an
-//! `epoll_wait` (3-4 sockets a return in a burst). A lot thread does not nap before
+//! `epoll_wait` (3-4 sockets a return in a burst), and no allocation: the answer is encoded
+//! into a transmit buffer the lot lends the state machine for the wake-up (`Yard::spare`,
+//! back with the write; `idle_alloc` counts 0 per heartbeat). A lot thread does not nap before
 //! `epoll_wait` to gather more of a burst: measured (BENCHMARKS.md, 2026-12-01), the nap's
 //! own sleep cost what the fewer `epoll_wait` returns saved, and it delayed answers by up
 //! to its length.
@@ -88,6 +90,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures::task::AtomicWaker;
 use tokio::time::Sleep;
 
@@ -105,6 +108,11 @@ const POLLS_PER_PASS: usize = 16 * 1024;
 
 /// How long a lot thread waits, empty, for the next connection to park before it ends.
 const THREAD_LINGER: Duration = Duration::from_secs(5);
+
+/// The most a lot keeps of the transmit buffer it lends its quick wake-ups (`Yard::spare`):
+/// what they encode is a heartbeat (4 B), a PONG or an ACK (13 B each); a larger one is
+/// released rather than kept.
+const SPARE_KEPT: usize = 256;
 
 /// A lot thread looks at its deadlines again after this many polls within a pass (a poll
 /// is ~10-40 µs: a deadline waits at most a few ms behind the heartbeats of one pass).
@@ -651,6 +659,12 @@ struct Yard<T: ParkIo, S> {
     registry: Option<mio::Registry>,
     /// The lot's wake state: the slots' generations.
     wake: &'static LotWake,
+    /// The transmit buffer lent to each quick wake-up's state machine (see
+    /// `Driver::poll_quick`): an answered heartbeat is encoded into it and it comes back
+    /// with the write, so an idle heartbeat allocates nothing (it allocated its answer's
+    /// buffer and released it once written). One per lot, a few bytes (at most
+    /// [`SPARE_KEPT`]).
+    spare: BytesMut,
 }
 
 impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
@@ -662,6 +676,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             len: 0,
             deadlines: BinaryHeap::new(),
             registry,
+            spare: BytesMut::new(),
         }
     }
 
@@ -813,7 +828,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             Waker::noop().clone()
         };
         let mut cx = Context::from_waker(&waker);
-        match d.poll_quick(&mut cx) {
+        match d.poll_quick(&mut cx, &mut self.spare) {
             Quick::Parked => {
                 #[cfg(test)]
                 lot.quick.fetch_add(1, Relaxed);
@@ -1206,7 +1221,26 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// bytes when the full wake-up gets them). Anything else — a message, a partial frame, CLOSE, AUTH,
     /// the end of the stream, an event for the application, dead-after, a write that does
     /// not finish — goes to the full wake-up with what was read already.
-    fn poll_quick(&mut self, cx: &mut Context<'_>) -> Quick {
+    ///
+    /// `spare` is lent to the state machine as its transmit buffer for the wake-up
+    /// ([`Conn::swap_transmit_buffer`](tether_proto::Conn::swap_transmit_buffer)) and comes
+    /// back with the write (or unused): the answer is encoded without an allocation. A
+    /// wake-up that goes on to the full one leaves it with the connection (the next quick
+    /// wake-up's answer allocates again, once).
+    fn poll_quick(&mut self, cx: &mut Context<'_>, spare: &mut BytesMut) -> Quick {
+        if spare.capacity() > SPARE_KEPT {
+            *spare = BytesMut::new();
+        }
+        self.conn.swap_transmit_buffer(spare);
+        let q = self.poll_quick_lent(cx, spare);
+        if matches!(q, Quick::Parked) && spare.capacity() == 0 {
+            // Lent and unused (nothing answered): taken back.
+            self.conn.swap_transmit_buffer(spare);
+        }
+        q
+    }
+
+    fn poll_quick_lent(&mut self, cx: &mut Context<'_>, spare: &mut BytesMut) -> Quick {
         use std::mem::MaybeUninit;
         use tether_proto::conn::ParkedStep;
         use tokio::io::ReadBuf;
@@ -1239,7 +1273,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     }
                     self.settle_frame_room(reserved);
                     match step {
-                        ParkedStep::Answered if self.write_quick(cx, now) => continue,
+                        ParkedStep::Answered if self.write_quick(cx, now, spare) => continue,
                         _ => return Quick::Full(Carried::None),
                     }
                 }
@@ -1253,7 +1287,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         }
         if self.conn.poll_timeout().is_some_and(|d| d <= now) {
             match self.conn.parked_timeout(now) {
-                ParkedStep::Answered if self.write_quick(cx, now) => {}
+                ParkedStep::Answered if self.write_quick(cx, now, spare) => {}
                 _ => return Quick::Full(Carried::None),
             }
         }
@@ -1265,11 +1299,12 @@ impl<T: Transport, S: Sink> Driver<T, S> {
 
     /// Writes what a quick wake-up queued (a heartbeat); false when it did not all go out
     /// (the full wake-up takes over: it writes the rest, or meets the error).
-    fn write_quick(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+    /// The transmit buffer, once written, goes back to `spare` (see `poll_quick`).
+    fn write_quick(&mut self, cx: &mut Context<'_>, now: Instant, spare: &mut BytesMut) -> bool {
         while self.conn.pending_transmit_len() > 0 {
             match Pin::new(&mut self.io).poll_write(cx, self.conn.pending_transmit()) {
                 Poll::Ready(Ok(n)) if n > 0 => {
-                    self.conn.transmitted(n);
+                    self.conn.transmitted_into(n, spare);
                     self.last_write = Stamp::at(now);
                 }
                 _ => return false,
