@@ -838,6 +838,16 @@ impl Conn {
     /// The driver wrote the first `n` bytes of [`transmit_chunks`](Self::transmit_chunks)
     /// (across chunks, as a vectored write does).
     pub fn transmitted(&mut self, n: usize) {
+        self.transmitted_into(n, &mut BytesMut::new());
+    }
+
+    /// [`transmitted`](Self::transmitted), but the transmit buffer, once emptied, goes to
+    /// `spare` (cleared) when `spare` holds no allocation, instead of being released: a
+    /// driver that lent the connection a buffer
+    /// ([`swap_transmit_buffer`](Self::swap_transmit_buffer)) takes it back with the write,
+    /// so an idle heartbeat's answer allocates nothing (issue 17). The connection holds no
+    /// buffer afterwards either way.
+    pub fn transmitted_into(&mut self, n: usize, spare: &mut BytesMut) {
         let mut n = n.min(self.pending_transmit_len());
         self.stats.bytes_out += n as u64;
         if let Some(q) = &mut self.queued {
@@ -849,11 +859,32 @@ impl Conn {
             }
         }
         if n == self.out.len() {
-            // Release the buffer: an idle connection holds none.
-            self.out = BytesMut::new();
+            // Release the buffer (to `spare`, when it has none): an idle connection holds
+            // none.
+            if spare.capacity() == 0 {
+                std::mem::swap(&mut self.out, spare);
+                spare.clear();
+            } else {
+                self.out = BytesMut::new();
+            }
         } else {
             let _ = self.out.split_to(n);
         }
+    }
+
+    /// Swaps the transmit buffer with `spare` (cleared) when nothing waits to be written;
+    /// false (nothing done) otherwise. A driver lends a parked connection's wake-up a buffer
+    /// it keeps, so that the answer to a heartbeat is encoded without an allocation, and
+    /// takes it back after the write ([`transmitted_into`](Self::transmitted_into)) or,
+    /// unused, with this again. What is encoded, and whether, is the connection's decision
+    /// as ever: only the buffer's allocation is the driver's.
+    pub fn swap_transmit_buffer(&mut self, spare: &mut BytesMut) -> bool {
+        if self.queued.is_some() || !self.out.is_empty() {
+            return false;
+        }
+        spare.clear();
+        std::mem::swap(&mut self.out, spare);
+        true
     }
 
     /// The next event, left in the queue: a driver whose application has no room for

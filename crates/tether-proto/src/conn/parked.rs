@@ -243,6 +243,59 @@ mod tests {
         assert_eq!(c.poll_timeout(), Some(t + h + h / 8));
     }
 
+    /// A driver's lent transmit buffer carries the answer and comes back with the write,
+    /// its allocation the same (no allocation per heartbeat); the connection keeps none.
+    /// Unused, it is taken back by the same swap; nothing is swapped while bytes wait.
+    #[test]
+    fn a_lent_transmit_buffer_carries_the_answer_and_comes_back() {
+        let t0 = base();
+        let h = Duration::from_secs(2);
+        let mut c = established(t0, server_cfg(h, h * 3, true));
+        let mut spare = bytes::BytesMut::with_capacity(64);
+        let start = spare.as_ptr() as usize;
+        // Within the lent allocation (a partial write advances a buffer's start).
+        let lent = |p: *const u8| (start..start + 64).contains(&(p as usize));
+        let out0 = c.stats().bytes_out;
+        for i in 1..=3u32 {
+            assert!(c.swap_transmit_buffer(&mut spare));
+            assert_eq!(spare.capacity(), 0);
+            let t = t0 + h * i;
+            assert_eq!(c.parked_input(t, &HB), ParkedStep::Answered);
+            assert_eq!(c.pending_transmit(), &HB[..]);
+            assert!(
+                lent(c.pending_transmit().as_ptr()),
+                "encoded into the lent buffer"
+            );
+            // A partial write keeps the rest; the last one gives the buffer back.
+            c.transmitted_into(1, &mut spare);
+            assert_eq!(spare.capacity(), 0);
+            assert_eq!(c.pending_transmit(), &HB[1..]);
+            c.transmitted_into(3, &mut spare);
+            assert!(lent(spare.as_ptr()));
+            assert_eq!(spare.len(), 0);
+            assert!(spare.capacity() >= 4);
+            assert_eq!(c.pending_transmit_len(), 0);
+            assert_eq!(c.stats().bytes_out, out0 + 4 * u64::from(i));
+            assert!(c.is_quiescent());
+        }
+        // Lent and unused: the same swap takes it back.
+        assert!(c.swap_transmit_buffer(&mut spare));
+        assert_eq!(spare.capacity(), 0);
+        assert!(c.swap_transmit_buffer(&mut spare));
+        assert!(lent(spare.as_ptr()));
+        // Bytes waiting: nothing swapped, nothing lost.
+        assert_eq!(c.parked_input(t0 + h * 4, &HB), ParkedStep::Answered);
+        assert!(!c.swap_transmit_buffer(&mut spare));
+        assert!(lent(spare.as_ptr()));
+        assert_eq!(take_out(&mut c), HB.to_vec());
+        // A plain `transmitted` releases the buffer, as ever: an idle connection holds none.
+        assert!(c.swap_transmit_buffer(&mut spare));
+        assert_eq!(c.parked_input(t0 + h * 5, &HB), ParkedStep::Answered);
+        c.transmitted(4);
+        assert!(c.swap_transmit_buffer(&mut spare));
+        assert_eq!(spare.capacity(), 0);
+    }
+
     /// Anything but whole heartbeats is left untouched, for the full path.
     #[test]
     fn other_input_is_not_consumed() {

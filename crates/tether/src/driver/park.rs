@@ -40,7 +40,9 @@
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
 //! On a lot thread a heartbeat so costs one `recv`, one `send` and a share of an
-//! `epoll_wait` (3-4 sockets a return in a burst). A lot thread does not nap before
+//! `epoll_wait` (3-4 sockets a return in a burst), and no allocation: the answer is encoded
+//! into a transmit buffer the lot lends the state machine for the wake-up (`Yard::spare`,
+//! back with the write; `idle_alloc` counts 0 per heartbeat). A lot thread does not nap before
 //! `epoll_wait` to gather more of a burst: measured (BENCHMARKS.md, 2026-12-01), the nap's
 //! own sleep cost what the fewer `epoll_wait` returns saved, and it delayed answers by up
 //! to its length.
@@ -88,6 +90,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use futures::task::AtomicWaker;
 use tokio::time::Sleep;
 
@@ -105,6 +108,11 @@ const POLLS_PER_PASS: usize = 16 * 1024;
 
 /// How long a lot thread waits, empty, for the next connection to park before it ends.
 const THREAD_LINGER: Duration = Duration::from_secs(5);
+
+/// The most a lot keeps of the transmit buffer it lends its quick wake-ups (`Yard::spare`):
+/// what they encode is a heartbeat (4 B), a PONG or an ACK (13 B each); a larger one is
+/// released rather than kept.
+const SPARE_KEPT: usize = 256;
 
 /// A lot thread looks at its deadlines again after this many polls within a pass (a poll
 /// is ~10-40 µs: a deadline waits at most a few ms behind the heartbeats of one pass).
@@ -651,6 +659,12 @@ struct Yard<T: ParkIo, S> {
     registry: Option<mio::Registry>,
     /// The lot's wake state: the slots' generations.
     wake: &'static LotWake,
+    /// The transmit buffer lent to each quick wake-up's state machine (see
+    /// `Driver::poll_quick`): an answered heartbeat is encoded into it and it comes back
+    /// with the write, so an idle heartbeat allocates nothing (it allocated its answer's
+    /// buffer and released it once written). One per lot, a few bytes (at most
+    /// [`SPARE_KEPT`]).
+    spare: BytesMut,
 }
 
 impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
@@ -662,6 +676,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             len: 0,
             deadlines: BinaryHeap::new(),
             registry,
+            spare: BytesMut::new(),
         }
     }
 
@@ -769,9 +784,9 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             // A lot task's transport wakes the waker of the read that found nothing: the
             // socket's, so that its next bytes get a quick wake-up.
             Poll::Pending if self.registry.is_none() && !self.full_queued(lot, idx) => {
-                self.quick_with(lot, idx, gen, d);
+                self.quick_with(lot, idx, gen, d, now());
             }
-            Poll::Pending => self.put_back(lot, idx, gen, d),
+            Poll::Pending => self.put_back(lot, idx, gen, d, now()),
             Poll::Ready(exit) => self.release(lot, idx, d, exit),
         }
     }
@@ -780,7 +795,12 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     /// `Driver::poll_quick`): the core answers a heartbeat or fires the fallback heartbeat
     /// without the full wake-up; anything else runs the full one, with what was read.
     /// Skipped when a full wake-up is queued already (it reads and fires too).
-    fn quick(&mut self, lot: &Arc<Lot<T, S>>, idx: u32) {
+    ///
+    /// `now` is the caller's clock reading, taken after what woke the entry happened (a lot
+    /// thread reads one per `epoll_wait` return and serves its whole batch with it; see
+    /// [`run_thread`]): the heartbeat read is recorded at it, and a deadline fires only if
+    /// due at it (one due later is in the heap: never early).
+    fn quick(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, now: Instant) {
         if idx as usize >= self.slots.len() {
             return;
         }
@@ -791,7 +811,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         let Some(d) = self.entry_at(idx).and_then(|e| e.d.take()) else {
             return;
         };
-        self.quick_with(lot, idx, gen, Driver::thaw(d, lot));
+        self.quick_with(lot, idx, gen, Driver::thaw(d, lot), now);
     }
 
     /// Clears entry `idx`'s socket wake-up and says whether a full wake-up is queued (a
@@ -806,18 +826,25 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     }
 
     /// The quick wake-up of entry `idx` with its driver `d`, thawed.
-    fn quick_with(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, gen: u32, mut d: Driver<T, S>) {
+    fn quick_with(
+        &mut self,
+        lot: &Arc<Lot<T, S>>,
+        idx: u32,
+        gen: u32,
+        mut d: Driver<T, S>,
+        now: Instant,
+    ) {
         let waker = if self.registry.is_none() {
             entry_waker(lot.id, idx, gen, true)
         } else {
             Waker::noop().clone()
         };
         let mut cx = Context::from_waker(&waker);
-        match d.poll_quick(&mut cx) {
+        match d.poll_quick(&mut cx, &mut self.spare, now) {
             Quick::Parked => {
                 #[cfg(test)]
                 lot.quick.fetch_add(1, Relaxed);
-                self.put_back(lot, idx, gen, d);
+                self.put_back(lot, idx, gen, d, now);
             }
             Quick::Full(carried) => self.full_with(lot, idx, gen, d, carried),
         }
@@ -825,8 +852,15 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
 
     /// Entry `idx`'s driver, still idle after a wake-up, goes back into it frozen and its
     /// deadline is queued; one that has no compact form leaves the lot (not reached:
-    /// `may_park` asks `Driver::can_freeze`).
-    fn put_back(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, gen: u32, d: Driver<T, S>) {
+    /// `may_park` asks `Driver::can_freeze`). `now`: the wake-up's clock reading.
+    fn put_back(
+        &mut self,
+        lot: &Arc<Lot<T, S>>,
+        idx: u32,
+        gen: u32,
+        d: Driver<T, S>,
+        now: Instant,
+    ) {
         let frozen = match d.freeze() {
             Ok(f) => f,
             Err(d) => return self.release(lot, idx, d, Exit::Unpark),
@@ -835,23 +869,21 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             Some(e) => e.d = Some(frozen),
             None => return self.release(lot, idx, Driver::thaw(frozen, lot), Exit::Unpark),
         }
-        self.queue(idx, gen);
+        self.queue(idx, gen, now);
     }
 
     /// Queues entry `idx`'s deadline (`Driver::armed`) in the heap when it moved (see
     /// [`requeue`]).
-    fn queue(&mut self, idx: u32, gen: u32) {
+    fn queue(&mut self, idx: u32, gen: u32, now: Instant) {
         let Some(e) = self.entry(idx, gen) else {
             return;
         };
         let Some(a) = e.d.as_ref().map(|d| d.armed) else {
             return;
         };
-        if let Some(at) = a.get() {
-            if e.queued_at.get().is_none_or(|q| requeue(q, at, now())) {
-                e.queued_at = a;
-                self.push_deadline(a, idx);
-            }
+        if !a.is_none() && (e.queued_at.is_none() || requeue(e.queued_at, a, Stamp::at(now))) {
+            e.queued_at = a;
+            self.push_deadline(a, idx);
         }
     }
 
@@ -894,11 +926,13 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     /// Between two polls of a lot thread's pass: every [`POLLS_BETWEEN_DEADLINES`] polls,
     /// the deadlines that came due meanwhile are fired. A pass can be thousands of
     /// heartbeats long when the machine is saturated (under 256 loaders a lot thread is
-    /// given a share of a core, not a core): the deadlines must not wait for its end.
-    fn between(&mut self, lot: &Arc<Lot<T, S>>, polled: &mut usize) {
+    /// given a share of a core, not a core): the deadlines must not wait for its end. The
+    /// pass's clock reading `t` is read again then (the quick wake-ups that follow use it).
+    fn between(&mut self, lot: &Arc<Lot<T, S>>, polled: &mut usize, t: &mut Instant) {
         *polled += 1;
         if *polled % POLLS_BETWEEN_DEADLINES == 0 {
-            self.due(lot, now(), usize::MAX);
+            *t = now();
+            self.due(lot, *t, usize::MAX);
         }
     }
 
@@ -927,9 +961,10 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
 
     /// Pops the deadlines due at `now`: an entry whose deadline is due is polled (the
     /// state machine fires it); one whose deadline moved later is queued again at it.
-    /// Returns the entries polled.
-    fn due(&mut self, lot: &Arc<Lot<T, S>>, now: Instant, mut room: usize) -> usize {
-        let now = Stamp::at(now);
+    /// Returns the entries polled. `at`: the caller's clock reading (the entries' wake-ups
+    /// are served with it).
+    fn due(&mut self, lot: &Arc<Lot<T, S>>, at: Instant, mut room: usize) -> usize {
+        let now = Stamp::at(at);
         let mut polled = 0;
         while room > 0 {
             match self.deadlines.peek() {
@@ -951,7 +986,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
                 continue;
             }
             if a <= now {
-                self.quick(lot, idx);
+                self.quick(lot, idx, at);
                 polled += 1;
                 room -= 1;
             } else {
@@ -995,12 +1030,15 @@ fn less_room(len: usize, cap: usize) -> Option<usize> {
 /// about now + h/8 to now + 9h/8: queued again, and the old place is dropped unvisited
 /// (`Yard::clean`). Traffic, which moves the deadline a little later every wake-up, queues
 /// it again about twice per interval, not once per message.
-fn requeue(q: Instant, a: Instant, now: Instant) -> bool {
+///
+/// On stamps (nanoseconds), as the heap keeps them: no conversion per wake-up.
+fn requeue(q: Stamp, a: Stamp, now: Stamp) -> bool {
     if a < q {
         return true;
     }
-    let early = q.saturating_duration_since(now);
-    a > q && (early <= super::REARM_SLACK || early < a.saturating_duration_since(now) / 2)
+    let since = |t: Stamp| t.0.saturating_sub(now.0).max(0);
+    let early = since(q);
+    a > q && (early <= super::REARM_SLACK.as_nanos() as i64 || early < since(a) / 2)
 }
 
 /// The lot's task: takes parked connections, polls the woken and the due, sleeps until the
@@ -1043,7 +1081,7 @@ fn pass<T: ParkIo, S: Sink + Send + 'static>(
             };
             if yard.entry(idx, gen).is_some() {
                 if socket {
-                    yard.quick(lot, idx);
+                    yard.quick(lot, idx, now());
                 } else {
                     yard.poll(lot, idx);
                 }
@@ -1109,12 +1147,17 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     // unparks by turns does not start a thread per message.
     let mut empty_since: Option<Instant> = None;
     loop {
+        // One clock reading serves this pass (refreshed every `POLLS_BETWEEN_DEADLINES`
+        // polls, `Yard::between`): taken after `epoll_wait` returned, it is no earlier than
+        // the bytes of any socket it reported, so a heartbeat is recorded at or after its
+        // arrival, and a deadline due later than it waits in the heap (never early). It
+        // read the clock twice per heartbeat (its quick wake-up and its requeue) besides.
+        let mut t = now();
         // Deadlines first: dead-after must not wait behind heartbeats to answer.
-        yard.due(&lot, now(), usize::MAX);
+        yard.due(&lot, t, usize::MAX);
         let incoming = {
             let mut i = lock(&lot.incoming);
             if i.drivers.is_empty() && yard.len == 0 {
-                let t = now();
                 if t.saturating_duration_since(*empty_since.get_or_insert(t)) >= THREAD_LINGER {
                     *lock(&th.poll) = Some(poll);
                     i.running = false;
@@ -1129,12 +1172,12 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         let mut polled = 0usize;
         for d in incoming {
             yard.take(&lot, d);
-            yard.between(&lot, &mut polled);
+            yard.between(&lot, &mut polled, &mut t);
         }
         for (idx, gen) in woken.drain(..) {
             if yard.entry(idx, gen).is_some() {
-                yard.quick(&lot, idx);
-                yard.between(&lot, &mut polled);
+                yard.quick(&lot, idx, t);
+                yard.between(&lot, &mut polled, &mut t);
             }
         }
         // One lock per batch: what is woken while this batch runs waits for the next.
@@ -1142,7 +1185,7 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         for (idx, gen, _) in batch.drain(..) {
             if yard.entry(idx, gen).is_some() {
                 yard.poll(&lot, idx);
-                yard.between(&lot, &mut polled);
+                yard.between(&lot, &mut polled, &mut t);
             }
         }
         yard.clean();
@@ -1206,12 +1249,36 @@ impl<T: Transport, S: Sink> Driver<T, S> {
     /// bytes when the full wake-up gets them). Anything else — a message, a partial frame, CLOSE, AUTH,
     /// the end of the stream, an event for the application, dead-after, a write that does
     /// not finish — goes to the full wake-up with what was read already.
-    fn poll_quick(&mut self, cx: &mut Context<'_>) -> Quick {
+    ///
+    /// `spare` is lent to the state machine as its transmit buffer for the wake-up
+    /// ([`Conn::swap_transmit_buffer`](tether_proto::Conn::swap_transmit_buffer)) and comes
+    /// back with the write (or unused): the answer is encoded without an allocation. A
+    /// wake-up that goes on to the full one leaves it with the connection (the next quick
+    /// wake-up's answer allocates again, once).
+    ///
+    /// `now`: the lot's clock reading for this wake-up (see `Yard::quick`).
+    fn poll_quick(&mut self, cx: &mut Context<'_>, spare: &mut BytesMut, now: Instant) -> Quick {
+        if spare.capacity() > SPARE_KEPT {
+            *spare = BytesMut::new();
+        }
+        self.conn.swap_transmit_buffer(spare);
+        let q = self.poll_quick_lent(cx, spare, now);
+        if matches!(q, Quick::Parked) && spare.capacity() == 0 {
+            // Lent and unused (nothing answered): taken back.
+            self.conn.swap_transmit_buffer(spare);
+        }
+        q
+    }
+
+    fn poll_quick_lent(
+        &mut self,
+        cx: &mut Context<'_>,
+        spare: &mut BytesMut,
+        now: Instant,
+    ) -> Quick {
         use std::mem::MaybeUninit;
         use tether_proto::conn::ParkedStep;
         use tokio::io::ReadBuf;
-
-        let now = now();
         let mut reads = 0;
         loop {
             if reads == READS_PER_WAKE {
@@ -1239,7 +1306,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
                     }
                     self.settle_frame_room(reserved);
                     match step {
-                        ParkedStep::Answered if self.write_quick(cx, now) => continue,
+                        ParkedStep::Answered if self.write_quick(cx, now, spare) => continue,
                         _ => return Quick::Full(Carried::None),
                     }
                 }
@@ -1253,7 +1320,7 @@ impl<T: Transport, S: Sink> Driver<T, S> {
         }
         if self.conn.poll_timeout().is_some_and(|d| d <= now) {
             match self.conn.parked_timeout(now) {
-                ParkedStep::Answered if self.write_quick(cx, now) => {}
+                ParkedStep::Answered if self.write_quick(cx, now, spare) => {}
                 _ => return Quick::Full(Carried::None),
             }
         }
@@ -1265,11 +1332,12 @@ impl<T: Transport, S: Sink> Driver<T, S> {
 
     /// Writes what a quick wake-up queued (a heartbeat); false when it did not all go out
     /// (the full wake-up takes over: it writes the rest, or meets the error).
-    fn write_quick(&mut self, cx: &mut Context<'_>, now: Instant) -> bool {
+    /// The transmit buffer, once written, goes back to `spare` (see `poll_quick`).
+    fn write_quick(&mut self, cx: &mut Context<'_>, now: Instant, spare: &mut BytesMut) -> bool {
         while self.conn.pending_transmit_len() > 0 {
             match Pin::new(&mut self.io).poll_write(cx, self.conn.pending_transmit()) {
                 Poll::Ready(Ok(n)) if n > 0 => {
-                    self.conn.transmitted(n);
+                    self.conn.transmitted_into(n, spare);
                     self.last_write = Stamp::at(now);
                 }
                 _ => return false,
@@ -1339,6 +1407,26 @@ mod wake_tests {
         // Shrunk, it grows again from there (no shrink and grow back at once).
         assert_eq!(more_room(keep, keep), Some(keep / 8));
         assert_eq!(more_room(1, 64), None);
+    }
+
+    /// The requeue rule on stamps: earlier always; later only when the old place would be
+    /// reached soon for nothing (within the slack, or before half the new wait).
+    #[test]
+    fn requeue_on_stamps_follows_the_timer_rule() {
+        let ms = |m: i64| Stamp(1_000_000_000 + m * 1_000_000);
+        let now = ms(0);
+        let slack = super::super::REARM_SLACK.as_millis() as i64;
+        assert!(requeue(ms(500), ms(400), now), "earlier");
+        assert!(!requeue(ms(500), ms(500), now), "unchanged");
+        // An answered heartbeat (h = 30 s): from now + h/8 to now + 9h/8.
+        assert!(requeue(ms(3_750), ms(33_750), now));
+        // A little later, the old place far: kept (it is reached and moves on then).
+        assert!(!requeue(ms(20_000), ms(20_100), now));
+        // The old place within the slack: queued again.
+        assert!(requeue(ms(slack), ms(slack + 1), now));
+        assert!(!requeue(ms(slack + 1), ms(slack + 2), now));
+        // An old place already past (a stale reading): as near as can be.
+        assert!(requeue(ms(-5), ms(20_000), now));
     }
 
     #[test]
