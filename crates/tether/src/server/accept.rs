@@ -1195,6 +1195,47 @@ mod parked {
         );
     }
 
+    /// A server on two workers parks on one lot thread by default (one per four workers:
+    /// two lots woke for their own share of a burst each and cost 7-20 % more CPU per
+    /// heartbeat); `park_threads` sets the count, and clients spread over the lots by
+    /// connection id and are answered from each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lot_threads_are_one_per_four_workers_unless_set() {
+        for (w, n) in [(1, 1), (2, 1), (4, 1), (5, 2), (8, 2), (16, 4)] {
+            assert_eq!(crate::server::default_park_threads(w), n, "{w} workers");
+        }
+        let policy = short_policy();
+        let base =
+            ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
+        let server = Server::bind(base.clone()).await.expect("bind");
+        assert_eq!(server.handle().inner.lots.len(), 1, "two workers, one lot");
+        let server = Server::bind(base.park_threads(2)).await.expect("bind");
+        let h = server.handle();
+        assert_eq!(h.inner.lots.len(), 2, "set: two lots");
+        let mut clients = Vec::new();
+        for i in 0..4 {
+            let c = Connection::connect(server.local_addr(), &format!("c{i}"), &policy)
+                .await
+                .expect("connect");
+            clients.push(c);
+        }
+        until_parked(&h, 4).await;
+        assert!(
+            h.inner.lots.iter().all(|l| l.parked() == 2),
+            "two on each lot: {:?}",
+            h.inner.lots.iter().map(|l| l.parked()).collect::<Vec<_>>()
+        );
+        let hb: Vec<u64> = clients.iter().map(|c| c.stats().heartbeats_in).collect();
+        tokio::time::sleep(policy.heartbeat_interval * 4).await;
+        for (c, before) in clients.iter().zip(hb) {
+            assert!(c.disconnected().is_none());
+            assert!(
+                c.stats().heartbeats_in >= before + 2,
+                "answered from its lot"
+            );
+        }
+    }
+
     /// A connection that has work again leaves the lot thread's epoll, goes back into tokio's
     /// reactor in a task of its own, and its bytes flow both ways; idle, it parks again and
     /// a send still reaches it.

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     pub(crate) presence_events: bool,
     pub(crate) commit_acks: bool,
     pub(crate) park_idle: bool,
+    /// Lot threads for parked connections; 0: [`default_park_threads`] of the runtime's
+    /// workers.
+    pub(crate) park_threads: usize,
 }
 
 /// The authorization hook, shared by every connection.
@@ -116,8 +119,22 @@ impl Default for ServerConfig {
             presence_events: false,
             commit_acks: false,
             park_idle: true,
+            park_threads: 0,
         }
     }
+}
+
+/// Lot threads for a runtime of `workers` worker threads: one per four workers, at least
+/// one. A lot thread answers an idle client's heartbeat in a few µs of CPU (one `recv`, one
+/// `send`), so one holds far more than a million idle clients at 30 s heartbeats; what
+/// more lots cost is sleep: each lot wakes for its own share of a burst of heartbeats, and
+/// with one per worker on 2 workers a heartbeat cost 7-20 % more CPU than with one lot
+/// (0.33 against 0.12 `epoll_wait` returns and about twice the context switches per
+/// heartbeat; BENCHMARKS.md, 2026-12-01, ninth pass). More than one on a larger machine
+/// spreads the unparking of a burst of woken connections (a broadcast to idle clients)
+/// over several threads.
+pub fn default_park_threads(workers: usize) -> usize {
+    workers.div_ceil(4).max(1)
 }
 
 /// The default connection limit: the open-file limit minus room for connections in the
@@ -348,13 +365,31 @@ impl ServerConfig {
     }
 
     /// Sets whether idle plain-TCP connections are parked: kept without a tokio task of
-    /// their own, in one task per server that answers their heartbeats, fires their
-    /// deadlines and gives them a task again when they have work (issue 17: less memory
-    /// and fewer task wake-ups per idle client). Nothing a client or the application sees
-    /// changes. TLS connections always keep their task. Default: true.
+    /// their own, on the server's lot threads (see [`park_threads`](Self::park_threads)),
+    /// which answer their heartbeats, fire their deadlines and give them a task again when
+    /// they have work (issue 17: less memory and fewer task wake-ups per idle client).
+    /// Nothing a client or the application sees changes. TLS connections always keep their
+    /// task. Default: true.
     pub fn park_idle(mut self, on: bool) -> Self {
         self.park_idle = on;
         self
+    }
+
+    /// Sets how many lot threads hold the parked connections (each with its own epoll; a
+    /// connection goes to lot `conn_id % n`). 0, the default: [`default_park_threads`] of
+    /// the runtime's worker threads, one per four workers.
+    pub fn park_threads(mut self, n: usize) -> Self {
+        self.park_threads = n;
+        self
+    }
+
+    /// The lot threads a server on a runtime of `workers` worker threads starts (when
+    /// [`park_idle`](Self::park_idle) is on).
+    pub fn get_park_threads(&self, workers: usize) -> usize {
+        match self.park_threads {
+            0 => default_park_threads(workers),
+            n => n,
+        }
     }
 
     /// The address to listen on.

@@ -46,7 +46,7 @@ use tether_proto::{CloseCode, ConnConfig, LivenessConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, Notify};
 
-pub use config::{default_max_connections, ServerConfig};
+pub use config::{default_max_connections, default_park_threads, ServerConfig};
 pub use events::{
     Broadcast, ClientId, ClientInfo, ClientPage, Delivery, SendError, ServerEvent, ServerMetrics,
 };
@@ -87,9 +87,9 @@ pub(crate) struct Inner {
     next_session_id: AtomicU64,
     /// Failed attempts per source address (a leaf lock: nothing is taken while it is held).
     throttle: Option<Mutex<FailureThrottle>>,
-    /// Idle plain-TCP connections, kept without a task (`driver/park.rs`): one lot per
-    /// worker thread of the runtime, a connection in lot `conn_id % lots` (the lots run in
-    /// parallel like the tasks they replace). Empty when [`ServerConfig::park_idle`] is off.
+    /// Idle plain-TCP connections, kept without a task (`driver/park.rs`): one lot thread
+    /// per four worker threads of the runtime by default ([`ServerConfig::park_threads`]), a
+    /// connection in lot `conn_id % lots`. Empty when [`ServerConfig::park_idle`] is off.
     lots: Vec<Arc<driver::Lot<crate::transport::Tcp, accept::ServerSink>>>,
 }
 
@@ -175,6 +175,8 @@ impl Server {
         let (presence_tx, _) = broadcast::channel(4096);
         let cfg_throttle = cfg.throttle;
         let park_idle = cfg.park_idle;
+        let park_threads =
+            cfg.get_park_threads(tokio::runtime::Handle::current().metrics().num_workers());
         let budgets = Arc::new(Budgets::new(
             cfg.max_queued_bytes,
             cfg.get_max_partial_frame_bytes(),
@@ -212,8 +214,7 @@ impl Server {
             next_session_id: AtomicU64::new(first_session_id()),
             throttle: cfg_throttle.map(|t| Mutex::new(FailureThrottle::new(t))),
             lots: if park_idle {
-                let workers = tokio::runtime::Handle::current().metrics().num_workers();
-                (0..workers.max(1))
+                (0..park_threads)
                     .filter_map(|_| driver::Lot::threaded(accept::unpark))
                     .collect()
             } else {
