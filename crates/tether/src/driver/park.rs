@@ -40,8 +40,8 @@
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
 //! On a lot thread a heartbeat so costs one `recv`, one `send` and a share of an
-//! `epoll_wait` (8-19 sockets a return in a burst with the server's one lot thread on
-//! two workers, 3-4 with one lot per worker), and no allocation: the answer is encoded
+//! `epoll_wait` (3-4 sockets a return in a burst with a lot per worker on two workers,
+//! 8-19 with one lot: `ServerConfig::park_threads`), and no allocation: the answer is encoded
 //! into a transmit buffer the lot lends the state machine for the wake-up (`Yard::spare`,
 //! back with the write; `idle_alloc` counts 0 per heartbeat). A lot thread does not nap before
 //! `epoll_wait` to gather more of a burst: measured (BENCHMARKS.md, 2026-12-01), the nap's

@@ -124,17 +124,15 @@ impl Default for ServerConfig {
     }
 }
 
-/// Lot threads for a runtime of `workers` worker threads: one per four workers, at least
-/// one. A lot thread answers an idle client's heartbeat in a few µs of CPU (one `recv`, one
-/// `send`), so one holds far more than a million idle clients at 30 s heartbeats; what
-/// more lots cost is sleep: each lot wakes for its own share of a burst of heartbeats, and
-/// with one per worker on 2 workers a heartbeat cost 7-20 % more CPU than with one lot
-/// (0.33 against 0.12 `epoll_wait` returns and about twice the context switches per
-/// heartbeat; BENCHMARKS.md, 2026-12-01, ninth pass). More than one on a larger machine
-/// spreads the unparking of a burst of woken connections (a broadcast to idle clients)
-/// over several threads.
+/// Lot threads for a runtime of `workers` worker threads: one per worker, at least one.
+/// Fewer wake less often per burst of idle heartbeats (one lot on 2 workers cost 7-20 %
+/// less CPU per heartbeat at 5,000 idle clients), but a lot thread is also where every send
+/// to a parked client starts (its unpark) and where the client parks again: with one lot
+/// on 2 workers, sends through the HTTP API at ~30,000 messages/s to 10,000 clients waited
+/// 4.4-9.5 ms at the median instead of 1.9-2.1 ms (BENCHMARKS.md, 2026-12-01, ninth pass).
+/// A server that mostly holds idle clients can set fewer ([`ServerConfig::park_threads`]).
 pub fn default_park_threads(workers: usize) -> usize {
-    workers.div_ceil(4).max(1)
+    workers.max(1)
 }
 
 /// The default connection limit: the open-file limit minus room for connections in the
@@ -377,7 +375,8 @@ impl ServerConfig {
 
     /// Sets how many lot threads hold the parked connections (each with its own epoll; a
     /// connection goes to lot `conn_id % n`). 0, the default: [`default_park_threads`] of
-    /// the runtime's worker threads, one per four workers.
+    /// the runtime's worker threads, one per worker. Fewer cost less CPU per idle heartbeat
+    /// and add latency to sends under load (see [`default_park_threads`]).
     pub fn park_threads(mut self, n: usize) -> Self {
         self.park_threads = n;
         self

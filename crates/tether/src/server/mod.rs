@@ -88,7 +88,7 @@ pub(crate) struct Inner {
     /// Failed attempts per source address (a leaf lock: nothing is taken while it is held).
     throttle: Option<Mutex<FailureThrottle>>,
     /// Idle plain-TCP connections, kept without a task (`driver/park.rs`): one lot thread
-    /// per four worker threads of the runtime by default ([`ServerConfig::park_threads`]), a
+    /// per worker thread of the runtime by default ([`ServerConfig::park_threads`]), a
     /// connection in lot `conn_id % lots`. Empty when [`ServerConfig::park_idle`] is off.
     lots: Vec<Arc<driver::Lot<crate::transport::Tcp, accept::ServerSink>>>,
 }
