@@ -129,7 +129,8 @@ impl Default for ServerConfig {
 /// less CPU per heartbeat at 5,000 idle clients), but a lot thread is also where every send
 /// to a parked client starts (its unpark) and where the client parks again: with one lot
 /// on 2 workers, sends through the HTTP API at ~30,000 messages/s to 10,000 clients waited
-/// 4.4-9.5 ms at the median instead of 1.9-2.1 ms (BENCHMARKS.md, 2026-12-01, ninth pass).
+/// 3.2-24 ms at the median instead of 1.1-2.1 ms (five pairs; BENCHMARKS.md, 2026-12-01,
+/// ninth pass); at a light load (two sends in flight) 0.2 ms either way.
 /// A server that mostly holds idle clients can set fewer ([`ServerConfig::park_threads`]).
 pub fn default_park_threads(workers: usize) -> usize {
     workers.max(1)
