@@ -306,6 +306,55 @@ fn tunnel_workers_flag_is_documented_and_a_bad_value_exits_2_naming_it() {
     );
 }
 
+/// `--park-threads` (and `TETHER_PARK_THREADS`) sets the server's threads for idle
+/// clients, which the `listening` line names; out of 1..=256 it exits 2 naming the value.
+#[test]
+fn serve_park_threads_takes_effect_and_a_bad_value_exits_2_naming_it() {
+    let listening = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args(args)
+            .stderr(Stdio::piped());
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let mut serve = Kill(cmd.spawn().unwrap());
+        let err = serve.0.stderr.take().unwrap();
+        let line = BufReader::new(err)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("listening"))
+            .expect("a listening line");
+        line.split("park_threads=")
+            .nth(1)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("no park_threads in {line}"))
+    };
+    assert_eq!(listening(&["--park-threads", "3"], None), 3);
+    assert_eq!(listening(&[], Some(("TETHER_PARK_THREADS", "1"))), 1);
+    assert!(listening(&[], None) >= 1, "one per CPU by default");
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--park-threads <N>"), "{help}");
+    for bad in ["0", "257"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--http", "off"])
+            .args(["--park-threads", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--park-threads") && err.contains(&format!("'{bad}'")),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn connect_exits_3_when_refused() {
     // A server whose limit is one connection: the second client is refused.

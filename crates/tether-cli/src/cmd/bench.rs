@@ -101,6 +101,10 @@ struct HoldOpts {
     /// server instead. 0: no warm-up.
     #[arg(long, default_value_t = 200)]
     warmup: usize,
+    /// The tether server's threads for idle clients (`tether serve --park-threads`;
+    /// default: one per CPU).
+    #[arg(long, value_name = "N")]
+    park_threads: Option<usize>,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -34,6 +34,7 @@ const KEYS: &[&str] = &[
     "path",
     "echo",
     "max_connections",
+    "park_threads",
     "handshake_timeout",
     "max_frame",
     "heartbeat",
@@ -125,6 +126,15 @@ pub(crate) struct ServeArgs {
     /// Refuse connections beyond this many (`server-full`).
     #[arg(long, value_name = "N", default_value = "100000", value_parser = parse_count)]
     max_connections: usize,
+    /// Threads that hold idle clients (default: one per CPU). An idle client is parked on
+    /// one of them, with its socket in that thread's epoll and no task of its own, until it
+    /// has work again. Fewer threads answer idle heartbeats in bigger batches (one thread on
+    /// two CPUs: 10-15 % less CPU per heartbeat), but every send to an idle client is
+    /// written by its thread, so fewer threads also make sends queue sooner under a heavy
+    /// send load (one thread on two CPUs: 3-24 ms instead of 1-2 ms at ~30,000 sends/s).
+    /// For a node that mostly holds idle clients, 1. From 1 to 256.
+    #[arg(long, value_name = "N", value_parser = parse_park_threads)]
+    park_threads: Option<usize>,
     /// A client must say hello within this long.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
@@ -222,6 +232,15 @@ fn parse_max_frame(s: &str) -> std::result::Result<u32, String> {
     Ok(n as u32) // ≤ 1 GiB fits
 }
 
+/// Threads for idle clients: 1 to 256 (each has an epoll and an eventfd from the start).
+fn parse_park_threads(s: &str) -> std::result::Result<usize, String> {
+    let n = parse_count(s)?;
+    if n > 256 {
+        return Err(format!("{n} threads: must be between 1 and 256"));
+    }
+    Ok(n)
+}
+
 /// A node dead bound: 300 ms to 10 min (heartbeats every third of it).
 fn parse_dead_after(s: &str) -> std::result::Result<Duration, String> {
     let d = parse_duration(s)?;
@@ -238,6 +257,8 @@ pub(crate) struct ServeSettings {
     pub(crate) policy: Policy,
     pub(crate) echo: bool,
     pub(crate) max_connections: usize,
+    /// `None`: the library's default (one per worker thread).
+    pub(crate) park_threads: Option<usize>,
     pub(crate) handshake_timeout: Duration,
     pub(crate) max_frame: u32,
     pub(crate) session_linger: Option<Duration>,
@@ -338,6 +359,7 @@ impl ServeArgs {
             policy,
             echo: l.pick("echo", self.echo, parse_bool)?,
             max_connections: l.pick("max_connections", self.max_connections, parse_count)?,
+            park_threads: l.pick_opt("park_threads", self.park_threads, parse_park_threads)?,
             handshake_timeout: l.pick(
                 "handshake_timeout",
                 self.handshake_timeout,
@@ -400,6 +422,9 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         .session_linger(s.session_linger)
         .session_config(s.session)
         .presence_events(true);
+    if let Some(n) = s.park_threads {
+        cfg = cfg.park_threads(n);
+    }
     if let Some(tls) = &s.security.tls {
         cfg = cfg.tls(tls.clone());
     }
@@ -443,7 +468,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         "-",
         "listening",
         &format!(
-            "addr={} {} heartbeat={} dead_after={} suspect_after={} keepalive={} user_timeout={}{}",
+            "addr={} {} heartbeat={} dead_after={} suspect_after={} keepalive={} user_timeout={} park_threads={}{}",
             server.local_addr(),
             s.security.describe(),
             Human(p.heartbeat_interval),
@@ -455,6 +480,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
             p.user_timeout
                 .map(|u| Human(u).to_string())
                 .unwrap_or_else(|| "off".into()),
+            server.handle().park_threads(),
             if s.echo { " echo=on" } else { "" }
         ),
     );

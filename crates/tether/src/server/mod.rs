@@ -288,6 +288,12 @@ impl ServerHandle {
         self.local_addr
     }
 
+    /// The threads this server parks idle plain-TCP connections on
+    /// ([`ServerConfig::park_threads`]); 0 with [`ServerConfig::park_idle`] off.
+    pub fn park_threads(&self) -> usize {
+        self.inner.lots.len()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &ServerConfig {
         &self.inner.cfg

@@ -71,6 +71,9 @@ pub(crate) struct ServerAgentArgs {
     /// Speak TLS with the test certificate in this directory (`tether_lab::test_tls`).
     #[arg(long)]
     pub(crate) tls_dir: Option<std::path::PathBuf>,
+    /// Lot threads (`ServerConfig::park_threads`; default: one per worker).
+    #[arg(long)]
+    pub(crate) park_threads: Option<usize>,
 }
 
 /// Which protocol the load generator speaks.
@@ -174,6 +177,9 @@ async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
         .park_idle(std::env::var_os("TETHER_BENCH_NO_PARK").is_none_or(|v| v != "1"));
     if let Some(dir) = &a.tls_dir {
         cfg = cfg.tls(Arc::new(tls_server(dir)?));
+    }
+    if let Some(n) = a.park_threads {
+        cfg = cfg.park_threads(n);
     }
     let mut server = Server::bind(cfg).await.context("cannot bind")?;
     let handle = server.handle();

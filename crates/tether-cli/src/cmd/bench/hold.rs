@@ -52,10 +52,14 @@ pub(super) struct HoldResult {
 
 pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::Result<HoldResult> {
     println!(
-        "\n== hold: {}, N={n}, heartbeat {:?}, hold {:?} ==",
+        "\n== hold: {}, N={n}, heartbeat {:?}, hold {:?}{} ==",
         server.name(),
         o.heartbeat,
-        o.hold
+        o.hold,
+        match (server, o.park_threads) {
+            (Server::Tether, Some(p)) => format!(", park threads {p}"),
+            _ => String::new(),
+        }
     );
     let hb_ms = o.heartbeat.as_millis() as u64;
     // The policy around a 30 s heartbeat: detect within 3 heartbeats.
@@ -80,6 +84,9 @@ pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::
                 hb_ms.to_string(),
             ];
             args.extend(tls.iter().cloned());
+            if let Some(n) = o.park_threads {
+                args.extend(["--park-threads".into(), n.to_string()]);
+            }
             let mut a = Agent::spawn(&args)?;
             let v = a.expect("listening", Duration::from_secs(10)).await?;
             let addr = v["addr"].as_str().context("no addr")?.parse()?;
