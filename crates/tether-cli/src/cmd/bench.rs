@@ -101,9 +101,9 @@ struct HoldOpts {
     /// server instead. 0: no warm-up.
     #[arg(long, default_value_t = 200)]
     warmup: usize,
-    /// The tether server's threads for idle clients (`tether serve --park-threads`;
-    /// default: one per CPU).
-    #[arg(long, value_name = "N")]
+    /// The tether server's threads for idle clients (`tether serve --park-threads`, 1 to
+    /// 256; default: one per CPU).
+    #[arg(long, value_name = "N", value_parser = super::serve::parse_park_threads)]
     park_threads: Option<usize>,
 }
 

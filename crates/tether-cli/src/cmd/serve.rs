@@ -233,7 +233,7 @@ fn parse_max_frame(s: &str) -> std::result::Result<u32, String> {
 }
 
 /// Threads for idle clients: 1 to 256 (each has an epoll and an eventfd from the start).
-fn parse_park_threads(s: &str) -> std::result::Result<usize, String> {
+pub(crate) fn parse_park_threads(s: &str) -> std::result::Result<usize, String> {
     let n = parse_count(s)?;
     if n > 256 {
         return Err(format!("{n} threads: must be between 1 and 256"));

@@ -126,11 +126,13 @@ impl Default for ServerConfig {
 
 /// Lot threads for a runtime of `workers` worker threads: one per worker, at least one.
 /// Fewer wake less often per burst of idle heartbeats (one lot on 2 workers cost 7-20 %
-/// less CPU per heartbeat at 5,000 idle clients), but a lot thread is also where every send
-/// to a parked client starts (its unpark) and where the client parks again: with one lot
-/// on 2 workers, sends through the HTTP API at ~30,000 messages/s to 10,000 clients waited
-/// 3.2-24 ms at the median instead of 1.1-2.1 ms (five pairs; BENCHMARKS.md, 2026-12-01,
-/// ninth pass); at a light load (two sends in flight) 0.2 ms either way.
+/// less CPU per heartbeat at 5,000 idle clients), but a lot thread also writes every send
+/// to its parked clients itself (a send that fits the socket does not unpark them): with
+/// one lot on 2 workers, sends through the HTTP API at ~30,000 messages/s to 10,000
+/// clients waited 3.2-24 ms at the median instead of 1.1-2.1 ms (five pairs; BENCHMARKS.md,
+/// 2026-12-01, ninth pass), and 2.2-3.3 ms with that thread's priority raised: they wait
+/// for the one thread's share of the CPUs (tenth pass); at a light load (two sends in
+/// flight) 0.2 ms either way.
 /// A server that mostly holds idle clients can set fewer ([`ServerConfig::park_threads`]).
 pub fn default_park_threads(workers: usize) -> usize {
     workers.max(1)
