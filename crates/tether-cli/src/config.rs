@@ -334,9 +334,8 @@ mod tests {
 
     #[test]
     fn precedence_flag_env_file() {
-        let dir = std::env::temp_dir().join(format!("tether-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("t.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
         std::fs::write(
             &f,
             "listen = \"127.0.0.1:9000\"\ndetect-within = \"20s\"\nmax_connections = 5\n",
@@ -383,9 +382,8 @@ mod tests {
 
     #[test]
     fn unknown_file_key_is_an_error() {
-        let dir = std::env::temp_dir().join(format!("tether-cfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("t.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
         std::fs::write(&f, "listne = \"x\"\n").unwrap();
         let e = Layers::load(Some(&f), &["listen"])
             .err()

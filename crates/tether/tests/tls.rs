@@ -45,7 +45,8 @@ fn token(sub: &str) -> String {
 struct Pki {
     ca: Ca,
     ca_file: std::path::PathBuf,
-    dir: std::path::PathBuf,
+    /// Removed with its keys when the test's `Pki` drops.
+    dir: common::pki::TempDir,
 }
 
 fn pki(tag: &str) -> Pki {

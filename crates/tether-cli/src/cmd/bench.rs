@@ -472,11 +472,19 @@ impl Server {
 }
 
 /// The test TLS material (`tether_lab::test_tls`) in a directory of this run, for the
-/// agents' `--tls-dir`.
-fn tls_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("tether-bench-tls-{}", std::process::id()));
-    tether_lab::test_tls::write(&dir)
-        .with_context(|| format!("cannot write the test certificate to {}", dir.display()))?;
+/// agents' `--tls-dir`; removed when the returned guard drops (keep it until the agents
+/// have loaded it).
+fn tls_dir() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("tether-bench-tls-")
+        .tempdir()
+        .context("cannot create a temporary directory for the test certificate")?;
+    tether_lab::test_tls::write(dir.path()).with_context(|| {
+        format!(
+            "cannot write the test certificate to {}",
+            dir.path().display()
+        )
+    })?;
     Ok(dir)
 }
 

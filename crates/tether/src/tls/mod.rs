@@ -417,18 +417,27 @@ pub fn peer_principal<IO>(
     Some(principal_from_certificate(leaf))
 }
 
+/// A fresh directory for one test's files, removed (with the keys written there) when the
+/// returned guard drops; derefs to its path.
 #[cfg(test)]
-pub(crate) fn test_dir(tag: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "tether-test-{}-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("create test dir");
-    d
+pub(crate) fn test_dir(tag: &str) -> TestDir {
+    TestDir(
+        tempfile::Builder::new()
+            .prefix(&format!("tether-test-{tag}-"))
+            .tempdir()
+            .expect("create test dir"),
+    )
+}
+
+#[cfg(test)]
+pub(crate) struct TestDir(tempfile::TempDir);
+
+#[cfg(test)]
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
 }
 
 #[cfg(test)]

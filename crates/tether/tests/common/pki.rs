@@ -8,18 +8,25 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-/// A fresh directory for one test's files.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "tether-it-{}-{tag}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("create test dir");
-    d
+/// A fresh directory for one test's files, removed (with the keys written there) when the
+/// returned guard drops; derefs to its path.
+pub fn temp_dir(tag: &str) -> TempDir {
+    TempDir(
+        tempfile::Builder::new()
+            .prefix(&format!("tether-it-{tag}-"))
+            .tempdir()
+            .expect("create test dir"),
+    )
+}
+
+/// See [`temp_dir`].
+pub struct TempDir(tempfile::TempDir);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
 }
 
 /// A CA that can issue server and client certificates.

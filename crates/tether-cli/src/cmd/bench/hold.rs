@@ -67,12 +67,14 @@ pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::
     let mut tether_agent = None;
     let mut mosq = None;
     // Over TLS: the server and the clients load the test certificate from one directory.
-    let tls: Vec<String> = match server {
-        Server::TetherTls => vec![
-            "--tls-dir".into(),
-            super::tls_dir()?.to_string_lossy().into_owned(),
-        ],
-        _ => Vec::new(),
+    // The directory is removed when this run ends (`tls_dir` drops).
+    let tls_dir = match server {
+        Server::TetherTls => Some(super::tls_dir()?),
+        _ => None,
+    };
+    let tls: Vec<String> = match &tls_dir {
+        Some(d) => vec!["--tls-dir".into(), d.path().to_string_lossy().into_owned()],
+        None => Vec::new(),
     };
     let (pid, addr, version) = match server {
         Server::Tether | Server::TetherTls => {
