@@ -410,7 +410,8 @@ fn connect_exits_3_when_refused() {
 /// received), so the count costs the measured server nothing: 40 clients and 10 warm-up
 /// clients (connected before the memory baseline, counted for CPU: the server answers them
 /// too) with 1 s heartbeats held for 5 s exchange about 50 × 5 × 2 messages (loose bounds:
-/// the intervals are not aligned with the hold), and none is closed.
+/// the intervals are not aligned with the hold), and none is closed. `TETHER_PARK_THREADS`
+/// reaches the measured server (its header names the count).
 #[test]
 fn bench_hold_counts_liveness_messages_on_the_clients() {
     let json = std::env::temp_dir().join(format!("tether-e2e-hold-{}.json", std::process::id()));
@@ -429,6 +430,8 @@ fn bench_hold_counts_liveness_messages_on_the_clients() {
         ])
         .args(["--no-mosquitto", "--json"])
         .arg(&json)
+        // The server's lot threads from the environment, as `tether serve` reads them.
+        .env("TETHER_PARK_THREADS", "1")
         .output()
         .unwrap();
     assert!(
@@ -436,6 +439,8 @@ fn bench_hold_counts_liveness_messages_on_the_clients() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(", park threads 1 =="), "{stdout}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     let row = &v["hold"][0];

@@ -55,6 +55,9 @@ enum BenchCmd {
     /// mosquitto side by side.
     Hold(HoldArgs),
     /// 10 % of N clients blackholed at once under message load: time to Offline, false Offlines.
+    ///
+    /// The server's threads for idle clients: `TETHER_PARK_THREADS=N` (as for `tether serve`;
+    /// the header names the count in force).
     Detect(DetectArgs),
     /// Round trips and throughput, tether Connection vs tokio + LengthDelimitedCodec.
     Echo(EchoArgs),
@@ -102,8 +105,9 @@ struct HoldOpts {
     #[arg(long, default_value_t = 200)]
     warmup: usize,
     /// The tether server's threads for idle clients (`tether serve --park-threads`, 1 to
-    /// 256; default: one per CPU).
-    #[arg(long, value_name = "N", value_parser = super::serve::parse_park_threads)]
+    /// 256; default: one per CPU). `TETHER_PARK_THREADS` sets it too, and reaches the
+    /// server of every bench (`detect` and `api` have no flag of their own).
+    #[arg(long, value_name = "N", env = "TETHER_PARK_THREADS", value_parser = super::serve::parse_park_threads)]
     park_threads: Option<usize>,
 }
 

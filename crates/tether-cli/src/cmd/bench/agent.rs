@@ -71,8 +71,10 @@ pub(crate) struct ServerAgentArgs {
     /// Speak TLS with the test certificate in this directory (`tether_lab::test_tls`).
     #[arg(long)]
     pub(crate) tls_dir: Option<std::path::PathBuf>,
-    /// Lot threads (`ServerConfig::park_threads`; default: one per worker).
-    #[arg(long)]
+    /// Lot threads (`ServerConfig::park_threads`; default: one per worker). Also read from
+    /// `TETHER_PARK_THREADS`, as `tether serve` does, so every bench's server can be run with
+    /// one (`bench detect` has no flag of its own).
+    #[arg(long, env = "TETHER_PARK_THREADS", value_parser = crate::cmd::serve::parse_park_threads)]
     pub(crate) park_threads: Option<usize>,
 }
 
@@ -221,6 +223,7 @@ async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
         "heartbeat_ms": policy.heartbeat_interval.as_millis() as u64,
         "dead_after_ms": policy.dead_after.as_millis() as u64,
         "detect_within_ms": policy.detect_within.as_millis() as u64,
+        "park_threads": handle.park_threads(),
     }));
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {

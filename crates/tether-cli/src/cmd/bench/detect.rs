@@ -74,9 +74,10 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
     let addr = v["addr"].as_str().context("no addr")?.parse()?;
     let hb_ms = v["heartbeat_ms"].as_u64().unwrap_or(0);
     let dead_ms = v["dead_after_ms"].as_u64().unwrap_or(0);
+    let park = v["park_threads"].as_u64().unwrap_or(0);
     println!(
         "\n== detect: N={n}, detect_within {dw_ms} ms (heartbeat {hb_ms} ms, dead_after {dead_ms} ms), \
-         10% blackholed, {} loaders × {} B, idle clients at nice {} ==",
+         10% blackholed, {} loaders × {} B, idle clients at nice {}, park threads {park} ==",
         o.loaders, o.msg_size, o.client_nice
     );
     // The loaders live in their own process: a load generator that starves its own idle
