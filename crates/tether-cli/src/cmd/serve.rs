@@ -591,21 +591,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         tokio::select! {
             ev = server.next_event() => match ev {
                 None => break,
-                Some(ev) => {
-                    if let Some(j) = &journal {
-                        // With --durable-sessions the cluster layer records a client's
-                        // events (a message once it is in the session's copy).
-                        if !cluster.as_ref().is_some_and(|c| c.durable())
-                            || crate::cluster::durable::client_of(&ev).is_none()
-                        {
-                            event::record(j, &ev);
-                        }
-                    }
-                    if let Some(c) = &cluster {
-                        c.observe(&ev);
-                    }
-                    log_event(&handle, ev, s.echo, cluster.as_ref());
-                }
+                Some(ev) => dispatch(&handle, ev, s.echo, journal.as_ref(), cluster.as_ref()),
             },
             () = hangups.recv() => {
                 let done = s.security.reload();
@@ -622,19 +608,7 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
                 handle.shutdown(Duration::from_secs(3)).await;
                 // What the shutdown itself produced (clients going offline) still goes out.
                 while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), server.next_event()).await {
-                    if let Some(j) = &journal {
-                        // With --durable-sessions the cluster layer records a client's
-                        // events (a message once it is in the session's copy).
-                        if !cluster.as_ref().is_some_and(|c| c.durable())
-                            || crate::cluster::durable::client_of(&ev).is_none()
-                        {
-                            event::record(j, &ev);
-                        }
-                    }
-                    if let Some(c) = &cluster {
-                        c.observe(&ev);
-                    }
-                    log_event(&handle, ev, false, cluster.as_ref());
+                    dispatch(&handle, ev, false, journal.as_ref(), cluster.as_ref());
                 }
                 if let Some(c) = &cluster {
                     c.leave(Duration::from_secs(1)).await;
@@ -650,6 +624,29 @@ async fn serve(s: ServeSettings) -> Result<ExitCode> {
         let _ = tokio::time::timeout(Duration::from_secs(2), j.readers_gone()).await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One server event: into the journal the API's event stream reads (with
+/// `--durable-sessions` the cluster layer records a client's events instead, a message once
+/// it is in the session's copy), to the cluster, and to the log.
+fn dispatch(
+    handle: &tether::ServerHandle,
+    ev: ServerEvent,
+    echo: bool,
+    journal: Option<&Arc<Journal>>,
+    cluster: Option<&Arc<crate::cluster::Cluster>>,
+) {
+    if let Some(j) = journal {
+        if !cluster.is_some_and(|c| c.durable())
+            || crate::cluster::durable::client_of(&ev).is_none()
+        {
+            event::record(j, &ev);
+        }
+    }
+    if let Some(c) = cluster {
+        c.observe(&ev);
+    }
+    log_event(handle, ev, echo, cluster);
 }
 
 /// Logs one server event on stderr (and echoes messages with `--echo`).
