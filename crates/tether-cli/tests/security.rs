@@ -22,24 +22,12 @@ impl Drop for Kill {
     }
 }
 
-/// A fresh directory for one test's keys and tokens, removed when the guard drops; derefs to
-/// its path.
-fn dir(tag: &str) -> TempDir {
-    TempDir(
-        tempfile::Builder::new()
-            .prefix(&format!("tether-cli-sec-{tag}-"))
-            .tempdir()
-            .unwrap(),
-    )
-}
-
-struct TempDir(tempfile::TempDir);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
+/// A fresh directory for one test's keys and tokens, removed when it drops.
+fn dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tether-cli-sec-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 struct Ca {
@@ -165,8 +153,9 @@ fn serve_refuses_a_public_address_without_tls_and_authentication() {
         assert!(err.contains(flag), "{flag}: {err}");
     }
     // TLS alone is not enough.
-    let d = dir("public");
-    Ca::new().server(&d, "server");
+    let tmp = dir("public");
+    let d = tmp.path();
+    Ca::new().server(d, "server");
     let out = Command::new(BIN)
         .args([
             "serve",
@@ -269,11 +258,12 @@ fn presented(addr: &str, ca: &Path) -> Vec<u8> {
 
 #[test]
 fn sighup_reloads_the_certificate_and_established_connections_stay_up() {
-    let d = dir("reload");
+    let tmp = dir("reload");
+    let d = tmp.path();
     let ca = Ca::new();
     let ca_file = d.join("ca.pem");
     std::fs::write(&ca_file, ca.cert.pem()).unwrap();
-    let first = ca.server(&d, "first");
+    let first = ca.server(d, "first");
     std::fs::write(d.join("secret"), "a shared secret of forty bytes, or more!").unwrap();
     let (crt, key, sec) = (d.join("server.crt"), d.join("server.key"), d.join("secret"));
     let (serve, addr, rx) = serve(&[
@@ -297,7 +287,7 @@ fn sighup_reloads_the_certificate_and_established_connections_stay_up() {
     assert_eq!(presented(&addr, &ca_file), first);
 
     // A new certificate in place, then SIGHUP.
-    let second = ca.server(&d, "second");
+    let second = ca.server(d, "second");
     assert_ne!(first, second);
     sighup(&serve.0);
     let l = wait_line(
@@ -336,11 +326,12 @@ fn sighup_reloads_the_certificate_and_established_connections_stay_up() {
 
 #[test]
 fn connect_is_refused_with_exit_3_for_a_missing_or_foreign_token() {
-    let d = dir("refused");
+    let tmp = dir("refused");
+    let d = tmp.path();
     let ca = Ca::new();
     let ca_file = d.join("ca.pem");
     std::fs::write(&ca_file, ca.cert.pem()).unwrap();
-    ca.server(&d, "server");
+    ca.server(d, "server");
     std::fs::write(d.join("secret"), "a shared secret of forty bytes, or more!").unwrap();
     let (crt, key, sec) = (d.join("server.crt"), d.join("server.key"), d.join("secret"));
     let (_serve, addr, _rx) = serve(&[
@@ -411,7 +402,8 @@ fn http(addr: &str, path: &str, auth: Option<&str>) -> (u16, String) {
 
 #[test]
 fn the_status_page_and_api_take_a_bearer_token_and_warn_when_exposed_without_one() {
-    let d = dir("http");
+    let tmp = dir("http");
+    let d = tmp.path();
     let tf = d.join("http.token");
     std::fs::write(&tf, "status-page-token-0123456789\n").unwrap();
     let (_s, _, rx) = serve(&[
@@ -513,11 +505,12 @@ fn a_tunnel_exit_needs_tls_and_auth_beyond_loopback_and_carries_authenticated_en
             });
         }
     });
-    let d = dir("tunnel");
+    let tmp = dir("tunnel");
+    let d = tmp.path();
     let ca = Ca::new();
     let ca_file = d.join("ca.pem");
     std::fs::write(&ca_file, ca.cert.pem()).unwrap();
-    ca.server(&d, "exit");
+    ca.server(d, "exit");
     std::fs::write(d.join("secret"), "a shared secret of forty bytes, or more!").unwrap();
     let (crt, key, sec) = (d.join("server.crt"), d.join("server.key"), d.join("secret"));
     let (exit, exit_addr, exit_rx) = tunnel(

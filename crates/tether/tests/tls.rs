@@ -46,18 +46,18 @@ struct Pki {
     ca: Ca,
     ca_file: std::path::PathBuf,
     /// Removed with its keys when the test's `Pki` drops.
-    dir: common::pki::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn pki(tag: &str) -> Pki {
     let dir = temp_dir(tag);
     let ca = Ca::new("tether test ca");
-    let ca_file = ca.write(&dir, "ca.pem");
+    let ca_file = ca.write(dir.path(), "ca.pem");
     Pki { ca, ca_file, dir }
 }
 
 fn tls_server(p: &Pki, client_ca: bool) -> Arc<TlsServer> {
-    let s = p.ca.server(&p.dir, "server", "tether test server");
+    let s = p.ca.server(p.dir.path(), "server", "tether test server");
     let mut files = ServerTlsFiles::new(s.cert, s.key);
     if client_ca {
         files = files.client_ca(&p.ca_file);
@@ -148,7 +148,7 @@ async fn mutual_tls_names_the_principal_and_allows_only_its_id() {
     let cfg = config(tls_server(&p, true)).authorize(jwt_and_mtls(true));
     let srv = Server::bind(cfg).await.unwrap();
     let addr = srv.local_addr();
-    let alice_cert = p.ca.client(&p.dir, "alice", "alice");
+    let alice_cert = p.ca.client(p.dir.path(), "alice", "alice");
     let tls = tls_client(&p, Some(&alice_cert));
     let c = Connection::connect_with(addr, &opts("alice").tls(tls.clone()))
         .await
@@ -165,7 +165,7 @@ async fn mutual_tls_names_the_principal_and_allows_only_its_id() {
     }
     // A certificate for bob cannot replace alice's connection either, even with a token
     // that names alice: principals from two trust roots never vouch for each other.
-    let bob_cert = p.ca.client(&p.dir, "bob", "bob");
+    let bob_cert = p.ca.client(p.dir.path(), "bob", "bob");
     let bob_tls = tls_client(&p, Some(&bob_cert));
     match Connection::connect_with(addr, &opts("alice").tls(bob_tls.clone())).await {
         Err(ConnectError::Refused { code, .. }) => assert_eq!(code, CloseCode::ID_NOT_ALLOWED),
@@ -251,7 +251,7 @@ async fn a_reloaded_certificate_is_seen_by_new_connections_only() {
         .await
         .unwrap();
     // New files under the same names, then reload.
-    let s2 = p.ca.server(&p.dir, "server", "tether test server 2");
+    let s2 = p.ca.server(p.dir.path(), "server", "tether test server 2");
     tls.reload().unwrap();
     assert_eq!(tls.current_certificate().unwrap().as_ref(), &s2.der[..]);
     assert_ne!(old.as_ref(), &s2.der[..]);

@@ -196,10 +196,11 @@ async fn an_unauthenticated_open_never_reaches_the_target() {
 
 #[tokio::test]
 async fn a_tunnel_over_tls_with_client_certificates_and_another_entry_cannot_take_it_over() {
-    let dir = temp_dir("tunnel-tls");
+    let tmp = temp_dir("tunnel-tls");
+    let dir = tmp.path();
     let ca = Ca::new("tunnel ca");
-    let ca_file = ca.write(&dir, "ca.pem");
-    let s = ca.server(&dir, "exit", "tunnel exit");
+    let ca_file = ca.write(dir, "ca.pem");
+    let s = ca.server(dir, "exit", "tunnel exit");
     let tls =
         TlsServer::from_files(ServerTlsFiles::new(s.cert, s.key).client_ca(&ca_file)).unwrap();
     let (target, accepted) = target().await;
@@ -208,7 +209,7 @@ async fn a_tunnel_over_tls_with_client_certificates_and_another_entry_cannot_tak
     let exit = TunnelExit::bind(cfg).await.unwrap();
     let addr = exit.local_addr();
     let client_tls = |name: &str| {
-        let c = ca.client(&dir, name, name);
+        let c = ca.client(dir, name, name);
         TlsClient::new(&ClientTlsOptions {
             ca: Some(ca_file.clone()),
             cert: Some(c.cert),

@@ -417,27 +417,14 @@ pub fn peer_principal<IO>(
     Some(principal_from_certificate(leaf))
 }
 
-/// A fresh directory for one test's files, removed (with the keys written there) when the
-/// returned guard drops; derefs to its path.
+/// A fresh directory for one test's files, removed (with the keys written there) when it
+/// drops.
 #[cfg(test)]
-pub(crate) fn test_dir(tag: &str) -> TestDir {
-    TestDir(
-        tempfile::Builder::new()
-            .prefix(&format!("tether-test-{tag}-"))
-            .tempdir()
-            .expect("create test dir"),
-    )
-}
-
-#[cfg(test)]
-pub(crate) struct TestDir(tempfile::TempDir);
-
-#[cfg(test)]
-impl std::ops::Deref for TestDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
+pub(crate) fn test_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tether-test-{tag}-"))
+        .tempdir()
+        .expect("create test dir")
 }
 
 #[cfg(test)]

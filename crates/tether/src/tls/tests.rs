@@ -135,13 +135,14 @@ const T: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn handshake_and_data_over_loopback() {
-    let dir = test_dir("tls-basic");
+    let tmp = test_dir("tls-basic");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
-    let (files, server_der) = server_files(&dir, &ca, "server");
+    let (files, server_der) = server_files(dir, &ca, "server");
     let tls = TlsServer::from_files(files).unwrap();
     assert!(!tls.is_mutual());
     assert_eq!(tls.current_certificate().unwrap().as_ref(), &server_der[..]);
-    let client = client_with_ca(&ca.write(&dir, "ca.pem"));
+    let client = client_with_ca(&ca.write(dir, "ca.pem"));
     let (l, addr) = listener().await;
     let server = async {
         let mut s = accept_one(&l, &tls).await.unwrap();
@@ -182,11 +183,12 @@ async fn handshake_and_data_over_loopback() {
 #[tokio::test]
 async fn a_tether_connection_runs_over_tls() {
     use crate::connection::{ConnectOptions, Connection};
-    let dir = test_dir("tls-tether");
+    let tmp = test_dir("tls-tether");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
-    let (files, _) = server_files(&dir, &ca, "server");
+    let (files, _) = server_files(dir, &ca, "server");
     let tls = TlsServer::from_files(files).unwrap();
-    let client = client_with_ca(&ca.write(&dir, "ca.pem"));
+    let client = client_with_ca(&ca.write(dir, "ca.pem"));
     let (l, addr) = listener().await;
     let policy = crate::Policy::default();
     let server = async {
@@ -224,11 +226,12 @@ async fn unread<S: Transport>(s: &mut S) -> Option<bool> {
 
 #[tokio::test]
 async fn transport_methods_look_through_tls_at_the_socket() {
-    let dir = test_dir("tls-transport");
+    let tmp = test_dir("tls-transport");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
-    let (files, _) = server_files(&dir, &ca, "server");
+    let (files, _) = server_files(dir, &ca, "server");
     let tls = TlsServer::from_files(files).unwrap();
-    let client = client_with_ca(&ca.write(&dir, "ca.pem"));
+    let client = client_with_ca(&ca.write(dir, "ca.pem"));
     let (l, addr) = listener().await;
     let (s, c) = tokio::time::timeout(T, async {
         tokio::join!(accept_one(&l, &tls), async {
@@ -327,17 +330,18 @@ async fn mtls_attempt(
 
 #[tokio::test]
 async fn mutual_tls_accepts_the_ca_s_clients_and_names_their_principal() {
-    let dir = test_dir("tls-mtls-ok");
+    let tmp = test_dir("tls-mtls-ok");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
     let clients = Ca::new("client ca");
-    let (files, _) = server_files(&dir, &ca, "server");
-    let tls = TlsServer::from_files(files.client_ca(clients.write(&dir, "clients.pem"))).unwrap();
+    let (files, _) = server_files(dir, &ca, "server");
+    let tls = TlsServer::from_files(files.client_ca(clients.write(dir, "clients.pem"))).unwrap();
     assert!(tls.is_mutual());
     let (cert, key, _) = clients.client("alice");
     let opts = ClientTlsOptions {
-        ca: Some(ca.write(&dir, "ca.pem")),
-        cert: Some(write(&dir, "alice.pem", &cert)),
-        key: Some(write(&dir, "alice.key", &key)),
+        ca: Some(ca.write(dir, "ca.pem")),
+        cert: Some(write(dir, "alice.pem", &cert)),
+        key: Some(write(dir, "alice.key", &key)),
         server_name: None,
     };
     let (s, c) = mtls_attempt(&tls, opts).await;
@@ -352,13 +356,14 @@ async fn mutual_tls_accepts_the_ca_s_clients_and_names_their_principal() {
 
 #[tokio::test]
 async fn mutual_tls_refuses_clients_without_a_certificate_or_from_another_ca() {
-    let dir = test_dir("tls-mtls-refused");
+    let tmp = test_dir("tls-mtls-refused");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
     let clients = Ca::new("client ca");
     let strangers = Ca::new("stranger ca");
-    let (files, _) = server_files(&dir, &ca, "server");
-    let tls = TlsServer::from_files(files.client_ca(clients.write(&dir, "clients.pem"))).unwrap();
-    let ca_path = ca.write(&dir, "ca.pem");
+    let (files, _) = server_files(dir, &ca, "server");
+    let tls = TlsServer::from_files(files.client_ca(clients.write(dir, "clients.pem"))).unwrap();
+    let ca_path = ca.write(dir, "ca.pem");
 
     let (s, c) = mtls_attempt(
         &tls,
@@ -376,8 +381,8 @@ async fn mutual_tls_refuses_clients_without_a_certificate_or_from_another_ca() {
         &tls,
         ClientTlsOptions {
             ca: Some(ca_path),
-            cert: Some(write(&dir, "m.pem", &cert)),
-            key: Some(write(&dir, "m.key", &key)),
+            cert: Some(write(dir, "m.pem", &cert)),
+            key: Some(write(dir, "m.key", &key)),
             server_name: None,
         },
     )
@@ -404,12 +409,13 @@ async fn client_attempt(
 
 #[tokio::test]
 async fn a_server_from_another_ca_is_refused() {
-    let dir = test_dir("tls-wrong-ca");
+    let tmp = test_dir("tls-wrong-ca");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
     let other = Ca::new("other ca");
-    let (files, _) = server_files(&dir, &ca, "server");
+    let (files, _) = server_files(dir, &ca, "server");
     let tls = TlsServer::from_files(files).unwrap();
-    let client = client_with_ca(&other.write(&dir, "other.pem"));
+    let client = client_with_ca(&other.write(dir, "other.pem"));
     let (s, c) = client_attempt(&tls, &client, "localhost").await;
     let e = c.unwrap_err();
     assert!(e.to_string().contains("invalid peer certificate"), "{e}");
@@ -418,11 +424,12 @@ async fn a_server_from_another_ca_is_refused() {
 
 #[tokio::test]
 async fn a_server_name_that_the_certificate_does_not_hold_is_refused() {
-    let dir = test_dir("tls-name");
+    let tmp = test_dir("tls-name");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
-    let (files, _) = server_files(&dir, &ca, "server");
+    let (files, _) = server_files(dir, &ca, "server");
     let tls = TlsServer::from_files(files).unwrap();
-    let ca_path = ca.write(&dir, "ca.pem");
+    let ca_path = ca.write(dir, "ca.pem");
     // --server-name overrides the host connected to.
     let wrong = TlsClient::new(&ClientTlsOptions {
         ca: Some(ca_path.clone()),
@@ -450,11 +457,12 @@ async fn a_server_name_that_the_certificate_does_not_hold_is_refused() {
 
 #[tokio::test]
 async fn reload_serves_the_new_certificate_while_established_streams_keep_working() {
-    let dir = test_dir("tls-reload");
+    let tmp = test_dir("tls-reload");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
-    let (files, der_a) = server_files(&dir, &ca, "server-a");
+    let (files, der_a) = server_files(dir, &ca, "server-a");
     let tls = TlsServer::from_files(files.clone()).unwrap();
-    let client = client_with_ca(&ca.write(&dir, "ca.pem"));
+    let client = client_with_ca(&ca.write(dir, "ca.pem"));
     let (l, addr) = listener().await;
     // An acceptor taken before the reload (a listener that caches one).
     let cached = tls.acceptor();
@@ -536,14 +544,15 @@ async fn reload_serves_the_new_certificate_while_established_streams_keep_workin
 
 #[test]
 fn load_errors_name_the_file_and_what_is_wrong() {
-    let dir = test_dir("tls-errors");
+    let tmp = test_dir("tls-errors");
+    let dir = tmp.path();
     let ca = Ca::new("test ca");
     let (cert, key, _) = ca.server("server");
     let (_, other_key, _) = ca.server("other");
-    let cert_p = write(&dir, "cert.pem", &cert);
-    let key_p = write(&dir, "key.pem", &key);
-    let other_p = write(&dir, "other.key", &other_key);
-    let empty = write(&dir, "empty.pem", "");
+    let cert_p = write(dir, "cert.pem", &cert);
+    let key_p = write(dir, "key.pem", &key);
+    let other_p = write(dir, "other.key", &other_key);
+    let empty = write(dir, "empty.pem", "");
     let missing = dir.join("missing.pem");
 
     let err = |f: ServerTlsFiles| TlsServer::from_files(f).unwrap_err();
@@ -578,7 +587,7 @@ fn load_errors_name_the_file_and_what_is_wrong() {
     assert!(matches!(e, TlsError::NoCertificate { .. }), "{e}");
 
     // Broken PEM.
-    let broken = write(&dir, "broken.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
+    let broken = write(dir, "broken.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
     let e = err(ServerTlsFiles::new(&broken, &key_p));
     assert!(matches!(e, TlsError::Pem { .. }), "{e}");
 

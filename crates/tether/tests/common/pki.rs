@@ -8,25 +8,13 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-/// A fresh directory for one test's files, removed (with the keys written there) when the
-/// returned guard drops; derefs to its path.
-pub fn temp_dir(tag: &str) -> TempDir {
-    TempDir(
-        tempfile::Builder::new()
-            .prefix(&format!("tether-it-{tag}-"))
-            .tempdir()
-            .expect("create test dir"),
-    )
-}
-
-/// See [`temp_dir`].
-pub struct TempDir(tempfile::TempDir);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
+/// A fresh directory for one test's files, removed (with the keys written there) when it
+/// drops.
+pub fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tether-it-{tag}-"))
+        .tempdir()
+        .expect("create test dir")
 }
 
 /// A CA that can issue server and client certificates.

@@ -492,7 +492,8 @@ fn jwks_alg_and_use_are_honoured() {
 
 #[test]
 fn secrets_are_read_without_trailing_whitespace_and_must_be_long_enough() {
-    let dir = crate::tls::test_dir("secret");
+    let tmp = crate::tls::test_dir("secret");
+    let dir = tmp.path();
     let path = dir.join("secret");
     std::fs::write(&path, [SECRET, b"\r\n"].concat()).unwrap();
     let v = JwtVerifier::hs256_file(&path).unwrap();
