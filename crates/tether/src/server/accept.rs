@@ -1195,23 +1195,23 @@ mod parked {
         );
     }
 
-    /// A server parks on one lot thread per worker by default; `park_threads` sets the
-    /// count (fewer: less CPU per idle heartbeat, more latency for sends under load), and
-    /// clients spread over the lots by connection id and are answered from each.
+    /// A server parks on one lot thread per two workers by default; `park_threads` sets
+    /// the count (fewer: less CPU per idle heartbeat, more latency for sends under a heavy
+    /// load), and clients spread over the lots by connection id and are answered from each.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn lot_threads_are_one_per_worker_unless_set() {
-        for (w, n) in [(0, 1), (1, 1), (2, 2), (8, 8)] {
+    async fn lot_threads_are_one_per_two_workers_unless_set() {
+        for (w, n) in [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (8, 4)] {
             assert_eq!(crate::server::default_park_threads(w), n, "{w} workers");
         }
         let policy = short_policy();
         let base =
             ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
-        let server = Server::bind(base.clone()).await.expect("bind");
-        assert_eq!(server.handle().inner.lots.len(), 2, "two workers, two lots");
-        let one = Server::bind(base.clone().park_threads(1))
+        let default = Server::bind(base.clone()).await.expect("bind");
+        assert_eq!(default.handle().inner.lots.len(), 1, "two workers, one lot");
+        let server = Server::bind(base.clone().park_threads(2))
             .await
             .expect("bind");
-        assert_eq!(one.handle().inner.lots.len(), 1, "set: one lot");
+        assert_eq!(server.handle().inner.lots.len(), 2, "set: two lots");
         let h = server.handle();
         let mut clients = Vec::new();
         for i in 0..4 {

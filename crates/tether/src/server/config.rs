@@ -124,18 +124,25 @@ impl Default for ServerConfig {
     }
 }
 
-/// Lot threads for a runtime of `workers` worker threads: one per worker, at least one.
-/// Fewer wake less often per burst of idle heartbeats (one lot on 2 workers cost 7-20 %
-/// less CPU per heartbeat at 5,000 idle clients), but a lot thread also writes every send
-/// to its parked clients itself (a send that fits the socket does not unpark them): with
-/// one lot on 2 workers, sends through the HTTP API at ~30,000 messages/s to 10,000
-/// clients waited 3.2-24 ms at the median instead of 1.1-2.1 ms (five pairs; BENCHMARKS.md,
-/// 2026-12-01, ninth pass), and 2.2-3.3 ms with that thread's priority raised: they wait
-/// for the one thread's share of the CPUs (tenth pass); at a light load (two sends in
-/// flight) 0.2 ms either way.
-/// A server that mostly holds idle clients can set fewer ([`ServerConfig::park_threads`]).
+/// Lot threads for a runtime of `workers` worker threads: one per two workers, at least
+/// one (one on this machine's 2 workers; 4 on 8).
+///
+/// Fewer lots wake fewer threads per burst of idle heartbeats: on 2 workers one lot cost
+/// 6-20 % less CPU per idle heartbeat than one per worker, the difference between meeting
+/// and missing 0.75x mosquitto's CPU per liveness message at 19,000 idle clients
+/// (BENCHMARKS.md, 2026-12-01, ninth to twelfth passes). A lot thread also writes every
+/// send to its parked clients itself (a send that fits the socket does not unpark them),
+/// so the lots are also the threads that write sends. Through the HTTP API to 10,000
+/// clients on 2 workers, with 2-8 calls in flight, one lot's send median was 0.3-1.4 ms
+/// (once 3.5) against two lots' 0.1-1.5 ms, with as many sends and broadcast deliveries a
+/// second within the run-to-run spread; with 16 in flight, ~30,000 sends/s with the CPUs
+/// saturated, sends waited 3-24 ms at the median instead of 1-4 ms: they wait for the one
+/// thread's share of the CPUs. A node that sends that much to idle clients sets one per
+/// worker ([`ServerConfig::park_threads`]). One per two workers, not one in all, keeps
+/// sends spread over more cores on a larger machine, and its idle heartbeats within what
+/// its threads answer (~10 us each here: about 95,000 a second a thread).
 pub fn default_park_threads(workers: usize) -> usize {
-    workers.max(1)
+    workers.div_ceil(2).max(1)
 }
 
 /// The default connection limit: the open-file limit minus room for connections in the
@@ -378,8 +385,8 @@ impl ServerConfig {
 
     /// Sets how many lot threads hold the parked connections (each with its own epoll; a
     /// connection goes to lot `conn_id % n`). 0, the default: [`default_park_threads`] of
-    /// the runtime's worker threads, one per worker. Fewer cost less CPU per idle heartbeat
-    /// and add latency to sends under load (see [`default_park_threads`]).
+    /// the runtime's worker threads, one per two workers. Fewer cost less CPU per idle
+    /// heartbeat and add latency to sends under a heavy load (see [`default_park_threads`]).
     pub fn park_threads(mut self, n: usize) -> Self {
         self.park_threads = n;
         self
