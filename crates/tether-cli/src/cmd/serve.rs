@@ -129,7 +129,7 @@ pub(crate) struct ServeArgs {
     /// Threads that hold idle clients (default: one per two CPUs). An idle client is parked
     /// on one of them, with its socket in that thread's epoll and no task of its own, until
     /// it has work again. Fewer threads answer idle heartbeats in bigger batches (one thread
-    /// on two CPUs: 6-20 % less CPU per heartbeat than two), but every send to an idle
+    /// on two CPUs: 2-20 % less CPU per heartbeat than two), but every send to an idle
     /// client is written by its thread, so fewer threads also make sends queue sooner under
     /// a heavy send load (one thread on two CPUs: 3-24 ms instead of 1-4 ms at ~30,000
     /// sends/s with the CPUs saturated; as fast below that). For a node that sends that

@@ -128,7 +128,7 @@ impl Default for ServerConfig {
 /// one (one on this machine's 2 workers; 4 on 8).
 ///
 /// Fewer lots wake fewer threads per burst of idle heartbeats: on 2 workers one lot cost
-/// 6-20 % less CPU per idle heartbeat than one per worker, the difference between meeting
+/// 2-20 % less CPU per idle heartbeat than one per worker, the difference between meeting
 /// and missing 0.75x mosquitto's CPU per liveness message at 19,000 idle clients
 /// (BENCHMARKS.md, 2026-12-01, ninth to twelfth passes). A lot thread also writes every
 /// send to its parked clients itself (a send that fits the socket does not unpark them),
