@@ -336,11 +336,7 @@ fn serve_park_threads_takes_effect_and_a_bad_value_exits_2_naming_it() {
     assert_eq!(listening(&["--park-threads", "3"], None), 3);
     assert_eq!(listening(&[], Some(("TETHER_PARK_THREADS", "1"))), 1);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert_eq!(
-        listening(&[], None),
-        cpus.div_ceil(2),
-        "one per two CPUs by default"
-    );
+    assert_eq!(listening(&[], None), cpus, "one per CPU by default");
     let out = Command::new(BIN)
         .args(["serve", "--help"])
         .output()

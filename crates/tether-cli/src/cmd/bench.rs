@@ -105,7 +105,7 @@ struct HoldOpts {
     #[arg(long, default_value_t = 200)]
     warmup: usize,
     /// The tether server's threads for idle clients (`tether serve --park-threads`, 1 to
-    /// 256; default: one per two CPUs). `TETHER_PARK_THREADS` sets it too, and reaches the
+    /// 256; default: one per CPU). `TETHER_PARK_THREADS` sets it too, and reaches the
     /// server of every bench (`detect` and `api` have no flag of their own).
     #[arg(long, value_name = "N", env = "TETHER_PARK_THREADS", value_parser = super::serve::parse_park_threads)]
     park_threads: Option<usize>,

@@ -126,14 +126,13 @@ pub(crate) struct ServeArgs {
     /// Refuse connections beyond this many (`server-full`).
     #[arg(long, value_name = "N", default_value = "100000", value_parser = parse_count)]
     max_connections: usize,
-    /// Threads that hold idle clients (default: one per two CPUs). An idle client is parked
-    /// on one of them, with its socket in that thread's epoll and no task of its own, until
-    /// it has work again. Fewer threads answer idle heartbeats in bigger batches (one thread
-    /// on two CPUs: 2-20 % less CPU per heartbeat than two), but every send to an idle
-    /// client is written by its thread, so fewer threads also make sends queue sooner under
-    /// a heavy send load (one thread on two CPUs: 3-24 ms instead of 1-4 ms at ~30,000
-    /// sends/s with the CPUs saturated; as fast below that). For a node that sends that
-    /// much to idle clients, one per CPU. From 1 to 256.
+    /// Threads that hold idle clients (default: one per CPU). An idle client is parked
+    /// with its socket in one epoll and no task of its own until it has work again; one of
+    /// these threads waits on that epoll and answers the heartbeats (a burst of them wakes
+    /// one thread), the others help write what the application sends to idle clients. With
+    /// 1, that thread writes every send itself: as cheap for idle clients, but sends queue
+    /// sooner under a heavy send load (on two CPUs at ~40,000 sends/s: 26-45 ms at the
+    /// median instead of 2-3 ms). From 1 to 256.
     #[arg(long, value_name = "N", value_parser = parse_park_threads)]
     park_threads: Option<usize>,
     /// A client must say hello within this long.
@@ -258,7 +257,7 @@ pub(crate) struct ServeSettings {
     pub(crate) policy: Policy,
     pub(crate) echo: bool,
     pub(crate) max_connections: usize,
-    /// `None`: the library's default (one per two worker threads).
+    /// `None`: the library's default (one per worker thread).
     pub(crate) park_threads: Option<usize>,
     pub(crate) handshake_timeout: Duration,
     pub(crate) max_frame: u32,

@@ -15,6 +15,11 @@
 //!   Unparked, the socket leaves the epoll and goes back into the reactor
 //!   ([`Transport::attach`], with the runtime's context entered) before its task is
 //!   spawned; a connection that finished here is reported from here (`accept::unpark`).
+//!   The thread may have helpers ([`helper`], `ServerConfig::park_threads`): they share
+//!   its yard (behind a lock) and take handles' wakes off the ready list when more than one
+//!   waits; a full wake-up is polled without the lock, its driver lent out of its entry
+//!   ([`run_lent`]). The thread alone waits on the epoll and the deadlines: one wake-up
+//!   per burst of idle heartbeats, and sends written by several threads.
 //! - **As a tokio task** ([`Lot::new`]): for a transport that cannot leave the reactor; the
 //!   transport registers the entry's waker. The paused-time tests park `DuplexStream`s here,
 //!   so the lot's timing rules stay tested to the instant.
@@ -40,8 +45,8 @@
 //! partial frame, CLOSE, AUTH, the end of the stream, an event for the application,
 //! dead-after — runs the full wake-up below, handed what was read already (`Carried`).
 //! On a lot thread a heartbeat so costs one `recv`, one `send` and a share of an
-//! `epoll_wait` (3-4 sockets a return in a burst with a lot per worker on two workers,
-//! 8-19 with one lot: `ServerConfig::park_threads`), and no allocation: the answer is encoded
+//! `epoll_wait` (8-19 sockets a return in a burst at 5,000 idle clients; 3-4 when each
+//! of two workers had a lot of its own), and no allocation: the answer is encoded
 //! into a transmit buffer the lot lends the state machine for the wake-up (`Yard::spare`,
 //! back with the write; `idle_alloc` counts 0 per heartbeat). A lot thread does not nap before
 //! `epoll_wait` to gather more of a burst: measured (BENCHMARKS.md, 2026-12-01), the nap's
@@ -87,7 +92,7 @@ use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
@@ -146,6 +151,12 @@ pub(crate) struct Lot<T, S> {
     /// Quick wake-ups that left the connection parked (tests).
     #[cfg(test)]
     quick: AtomicUsize,
+    /// Full wake-ups run by a helper (tests).
+    #[cfg(test)]
+    helped: AtomicUsize,
+    /// Lent entries woken meanwhile, by their socket or a handle (tests).
+    #[cfg(test)]
+    woken_lent: AtomicUsize,
 }
 
 struct Incoming<T, S> {
@@ -175,6 +186,10 @@ struct LotWake {
     thread: Mutex<Option<mio::Waker>>,
     /// `thread` is `Some` (read without its lock).
     threaded: AtomicBool,
+    /// A lot thread's helpers wait here, with `ready`'s lock, for handles' wakes
+    /// ([`helper`]); `sleeping` of them do (read without the lock).
+    helpers: Condvar,
+    sleeping: AtomicUsize,
 }
 
 impl LotWake {
@@ -195,6 +210,8 @@ impl LotWake {
                     task: AtomicWaker::new(),
                     thread: Mutex::new(None),
                     threaded: AtomicBool::new(false),
+                    helpers: Condvar::new(),
+                    sleeping: AtomicUsize::new(0),
                 }));
                 LOTS.get_or_grow(id)?.set(w).ok()?;
                 free.1 += 1;
@@ -348,6 +365,8 @@ struct Threaded<T, S> {
     runtime: tokio::runtime::Handle,
     /// Unparked connections on their way to a task: spawned by a relay task on a worker.
     relay: Arc<Mutex<Relay<T, S>>>,
+    /// Threads that help the lot's thread with its entries' full wake-ups ([`helper`]).
+    helpers: usize,
 }
 
 /// See [`Threaded::relay`]. A task spawned from outside the runtime waits in its global
@@ -392,10 +411,15 @@ impl LotWake {
         let mut ready = lock(&self.ready);
         let first = ready.is_empty();
         ready.push_back((idx, s >> GEN_SHIFT, socket));
+        let queued = ready.len();
         drop(ready);
-        // A thread empties the list before it sleeps: one wake-up per batch.
+        // A thread empties the list before it sleeps: one wake-up per batch. A second
+        // wake queued before it took the first gets a helper going too (a helper counts
+        // itself sleeping with the list's lock held and found it empty: none is missed).
         if first || !self.threaded.load(Relaxed) {
             self.notify();
+        } else if queued >= 2 && self.sleeping.load(Relaxed) > 0 {
+            self.helpers.notify_one();
         }
     }
 
@@ -464,7 +488,8 @@ impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
     /// leave the reactor ([`Transport::detach`]); unparked connections go back into the
     /// current runtime and are spawned there with `spawn`. A lot task when no epoll can be
     /// had (out of file descriptors); `None` as [`Lot::new`].
-    pub(crate) fn threaded(spawn: fn(Resume<T, S>)) -> Option<Arc<Self>> {
+    /// `threads`: the lot's thread and `threads - 1` helpers ([`helper`]).
+    pub(crate) fn threaded(spawn: fn(Resume<T, S>), threads: usize) -> Option<Arc<Self>> {
         let poll = mio::Poll::new().and_then(|p| {
             let w = mio::Waker::new(p.registry(), WAKE_TOKEN)?;
             Ok((p, w))
@@ -480,6 +505,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
                         queued: Vec::new(),
                         running: false,
                     })),
+                    helpers: threads.saturating_sub(1),
                 }),
             ),
             Err(e) => {
@@ -514,12 +540,22 @@ impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
             threads: AtomicUsize::new(0),
             #[cfg(test)]
             quick: AtomicUsize::new(0),
+            #[cfg(test)]
+            helped: AtomicUsize::new(0),
+            #[cfg(test)]
+            woken_lent: AtomicUsize::new(0),
         }))
     }
 
     /// Connections parked now.
     pub(crate) fn parked(&self) -> usize {
         self.parked.load(Relaxed)
+    }
+
+    /// The threads that run this lot while it has entries (its own and its helpers; 0 for
+    /// a lot task).
+    pub(crate) fn threads(&self) -> usize {
+        self.threaded.as_ref().map_or(0, |t| 1 + t.helpers)
     }
 
     /// Whether the lot runs on a thread of its own (with its own epoll).
@@ -550,6 +586,18 @@ impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
     #[cfg(test)]
     pub(crate) fn quick_wakes(&self) -> usize {
         self.quick.load(Relaxed)
+    }
+
+    /// Full wake-ups a helper ran so far.
+    #[cfg(test)]
+    pub(crate) fn helped(&self) -> usize {
+        self.helped.load(Relaxed)
+    }
+
+    /// Lent entries that were woken while lent, so far.
+    #[cfg(test)]
+    pub(crate) fn woken_lent(&self) -> usize {
+        self.woken_lent.load(Relaxed)
     }
 
     /// Takes a connection whose task ended quiescent. The lot polls it once at once (with
@@ -666,11 +714,32 @@ struct Yard<T: ParkIo, S> {
     /// buffer and released it once written). One per lot, a few bytes (at most
     /// [`SPARE_KEPT`]).
     spare: BytesMut,
+    /// A lot thread's full wake-ups, thawed and lent out of their entries to be polled
+    /// without the yard's lock ([`run_lent`]): taken by whoever holds the lock before it
+    /// lets it go.
+    lending: Vec<Lent<T, S>>,
+    /// Full wake-ups are lent (a lot thread's yard, but for a parking connection's look).
+    lend: bool,
+    /// Lent entries whose socket the epoll reported meanwhile: the edge will not be
+    /// reported again, so each gets a wake-up when it is back ([`returned`](Self::returned)).
+    early: Vec<(u32, u32)>,
+}
+
+/// A lot thread's full wake-up of entry `idx` (generation `gen`), its driver thawed and
+/// out of the entry (which keeps its slot, its socket in the epoll and its place in the
+/// heap) until it is polled and given back ([`run_lent`], [`Yard::returned`]).
+struct Lent<T, S> {
+    idx: u32,
+    gen: u32,
+    d: Driver<T, S>,
+    /// The wake-up's first read, done by a quick wake-up already.
+    carried: Carried,
 }
 
 impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     fn new(wake: &'static LotWake, registry: Option<mio::Registry>) -> Self {
         Yard {
+            lend: registry.is_some(),
             wake,
             slots: Vec::new(),
             free: Vec::new(),
@@ -678,6 +747,8 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             deadlines: BinaryHeap::new(),
             registry,
             spare: BytesMut::new(),
+            lending: Vec::new(),
+            early: Vec::new(),
         }
     }
 
@@ -705,7 +776,12 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
                 return;
             }
         }
+        // Polled here, not lent: what a parking connection's look finds is rarely a send,
+        // and lending each of a burst of parks put a ~1 KiB block between every two of
+        // their entries on the heap (+10-60 B per idle connection at 19,000).
+        let lend = std::mem::replace(&mut self.lend, false);
         self.full_with(lot, idx, gen, d, Carried::None);
+        self.lend = lend;
     }
 
     /// A new entry, its driver not in it yet (the caller's first wake-up puts it there):
@@ -779,6 +855,16 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         c: Carried,
     ) {
         lot.wake.unschedule(idx, FULL);
+        if self.lend {
+            // A lot thread's: polled without the yard's lock, by this thread or a helper.
+            self.lending.push(Lent {
+                idx,
+                gen,
+                d,
+                carried: c,
+            });
+            return;
+        }
         let waker = entry_waker(lot.id, idx, gen, false);
         let mut cx = Context::from_waker(&waker);
         match d.poll(&mut cx, Timer::Parked, c) {
@@ -809,7 +895,12 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         if self.full_queued(lot, idx) {
             return;
         }
-        let Some(d) = self.entry_at(idx).and_then(|e| e.d.take()) else {
+        let Some(e) = self.entry_at(idx) else {
+            return;
+        };
+        let Some(d) = e.d.take() else {
+            // Lent: its wake-up when it is back.
+            self.early.push((idx, gen));
             return;
         };
         self.quick_with(lot, idx, gen, Driver::thaw(d, lot), now);
@@ -891,7 +982,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     /// Entry `idx` leaves the lot: its task is spawned again (on a lot thread: its socket
     /// leaves the lot's epoll and, unless the connection is finished, goes back into the
     /// reactor first).
-    fn release(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, mut d: Driver<T, S>, exit: Exit) {
+    fn release(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, d: Driver<T, S>, exit: Exit) {
         if let Some(slot) = self.slots.get_mut(idx as usize) {
             if slot.entry.take().is_some() {
                 self.free.push(idx);
@@ -901,6 +992,49 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
                 lot.unparks.fetch_add(1, Relaxed);
             }
         }
+        self.leave(lot, d, exit);
+    }
+
+    /// A lent wake-up of entry `idx` done (`r`, see [`run_lent`]): still idle, its driver is
+    /// frozen back into the entry and its deadline queued (one that passed meanwhile fires
+    /// at the next look at the heap); otherwise it leaves the lot. Woken meanwhile — by its
+    /// socket (`early`) or a handle (its `FULL` bit, its place on the ready list passed
+    /// over) — it goes on the ready list again.
+    fn returned(
+        &mut self,
+        lot: &Arc<Lot<T, S>>,
+        (idx, gen, d, r): (u32, u32, Driver<T, S>, Poll<Exit>),
+        now: Instant,
+    ) {
+        let early = self.early.contains(&(idx, gen));
+        if early {
+            self.early.retain(|&e| e != (idx, gen));
+        }
+        let exit = match r {
+            Poll::Ready(exit) => exit,
+            Poll::Pending if self.entry(idx, gen).is_some_and(|e| e.d.is_none()) => {
+                self.put_back(lot, idx, gen, d, now);
+                if let Some(e) = self.entry(idx, gen).and_then(|e| e.d.as_mut()) {
+                    if early {
+                        T::parked_readable(&mut e.io);
+                    }
+                    if early || lot.wake.scheduled(idx) {
+                        #[cfg(test)]
+                        lot.woken_lent.fetch_add(1, Relaxed);
+                        lock(&lot.wake.ready).push_back((idx, gen, false));
+                        lot.wake.notify();
+                    }
+                }
+                return;
+            }
+            // Not reached: a lent entry keeps its slot until it is back.
+            Poll::Pending => return self.leave(lot, d, Exit::Unpark),
+        };
+        self.release(lot, idx, d, exit);
+    }
+
+    /// A driver out of its slot goes to its task (see [`release`](Self::release)).
+    fn leave(&mut self, lot: &Arc<Lot<T, S>>, mut d: Driver<T, S>, exit: Exit) {
         let finished = matches!(exit, Exit::Done);
         if let Some(r) = &self.registry {
             // `detach` of a detached transport answers its descriptor again.
@@ -933,7 +1067,8 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         *polled += 1;
         if *polled % POLLS_BETWEEN_DEADLINES == 0 {
             *t = now();
-            self.due(lot, *t, usize::MAX);
+            // Bounded: what they lend is run by the caller before it grows (`run_thread`).
+            self.due(lot, *t, LENT_AT_ONCE);
         }
     }
 
@@ -1110,11 +1245,28 @@ fn pass<T: ParkIo, S: Sink + Send + 'static>(
     }
 }
 
+/// Lent wake-ups a lot thread runs at a time (see `run_thread`).
+const LENT_AT_ONCE: usize = 32;
+
+/// Ready entries a thread with helpers takes from the list at a time (the rest are left
+/// to its helpers); one without helpers takes them all.
+const TAKEN_AT_ONCE: usize = 16;
+
 /// A lot thread: the lot's pass in a loop, sleeping in its own `epoll_wait` until the
 /// earliest deadline, a parked socket's bytes or a waker. Outside tokio's run queue, so a
 /// deadline is not queued behind busy tasks; with the runtime's context entered, so an
 /// unparked connection is registered with its reactor and spawned on it. Ends (giving its
 /// epoll back to the lot) when the lot has been empty for [`THREAD_LINGER`].
+///
+/// Its yard is behind a lock it shares with its helpers ([`helper`]), which take handles'
+/// wakes (sends, closes) off the ready list when more than one waits. The thread alone
+/// waits on the epoll and the deadlines: a burst of idle heartbeats wakes one thread,
+/// answered in one batch (a lot per worker woke each lot for its share of the burst: 2.9
+/// times the wake-ups and 7-20 % more CPU per heartbeat on two workers), while sends to
+/// parked clients are written by as many threads as before (one lot thread alone made
+/// them wait 3-24 ms at the median at ~30,000 sends/s, against 1-2 ms). Quick wake-ups
+/// run under the lock (a few µs each); full ones are lent out of their entries and polled
+/// without it ([`run_lent`]), so a send on one thread does not hold up another.
 fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
     let Some(th) = lot.threaded.as_ref() else {
         return;
@@ -1139,14 +1291,23 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             return;
         }
     };
-    let mut yard = Yard::new(lot.wake, Some(registry));
+    let yard = Arc::new(Mutex::new(Yard::new(lot.wake, Some(registry))));
+    let mut helpers = Helpers::start(&lot, &yard, th.helpers);
+    let take_at_once = if helpers.threads.is_empty() {
+        usize::MAX
+    } else {
+        TAKEN_AT_ONCE
+    };
     let mut events = mio::Events::with_capacity(1024);
     let mut woken: Vec<(u32, u32)> = Vec::new();
-    let mut batch = VecDeque::new();
+    let mut batch = Vec::new();
     // Since when the lot has been empty: the thread waits [`THREAD_LINGER`] for the next
     // connection to park before it ends, so a server whose one connection parks and
     // unparks by turns does not start a thread per message.
     let mut empty_since: Option<Instant> = None;
+    // Lent wake-ups and their results, [`LENT_AT_ONCE`] at most (kept: no allocation per
+    // pass, and none between the entries of a burst of parks).
+    let (mut lent, mut done) = (Vec::new(), Vec::new());
     loop {
         // One clock reading serves this pass (refreshed every `POLLS_BETWEEN_DEADLINES`
         // polls, `Yard::between`): taken after `epoll_wait` returned, it is no earlier than
@@ -1154,15 +1315,26 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         // arrival, and a deadline due later than it waits in the heap (never early). It
         // read the clock twice per heartbeat (its quick wake-up and its requeue) besides.
         let mut t = now();
-        // Deadlines first: dead-after must not wait behind heartbeats to answer.
-        yard.due(&lot, t, usize::MAX);
+        let mut y = lock(&yard);
         let incoming = {
             let mut i = lock(&lot.incoming);
-            if i.drivers.is_empty() && yard.len == 0 {
+            if i.drivers.is_empty() && y.len == 0 {
                 if t.saturating_duration_since(*empty_since.get_or_insert(t)) >= THREAD_LINGER {
-                    *lock(&th.poll) = Some(poll);
-                    i.running = false;
-                    return;
+                    // The helpers end first (none holds an entry: the yard is empty); a
+                    // connection that parked meanwhile keeps the thread going.
+                    drop(i);
+                    drop(y);
+                    helpers.stop(lot.wake);
+                    let mut i = lock(&lot.incoming);
+                    if i.drivers.is_empty() && lock(&yard).len == 0 {
+                        *lock(&th.poll) = Some(poll);
+                        i.running = false;
+                        return;
+                    }
+                    drop(i);
+                    helpers = Helpers::start(&lot, &yard, th.helpers);
+                    empty_since = None;
+                    continue;
                 }
             } else {
                 empty_since = None;
@@ -1170,40 +1342,69 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             std::mem::take(&mut i.drivers)
         };
         super::trim::parked(incoming.len());
+        // Lent wake-ups are run [`LENT_AT_ONCE`] at a time (each is a driver and a read's
+        // bytes, ~1 KiB: a few thousand connections parking at once would hold MBs).
+        macro_rules! run_lent_if_many {
+            () => {
+                if y.lending.len() >= LENT_AT_ONCE {
+                    std::mem::swap(&mut lent, &mut y.lending);
+                    drop(y);
+                    run_lent(&lot, &yard, &mut lent, &mut done);
+                    y = lock(&yard);
+                }
+            };
+        }
+        // Deadlines first: dead-after must not wait behind heartbeats to answer.
+        while y.due(&lot, t, LENT_AT_ONCE) == LENT_AT_ONCE {
+            run_lent_if_many!();
+        }
         let mut polled = 0usize;
         for d in incoming {
-            yard.take(&lot, d);
-            yard.between(&lot, &mut polled, &mut t);
+            y.take(&lot, d);
+            y.between(&lot, &mut polled, &mut t);
+            run_lent_if_many!();
         }
         for (idx, gen) in woken.drain(..) {
-            if yard.entry(idx, gen).is_some() {
-                yard.quick(&lot, idx, t);
-                yard.between(&lot, &mut polled, &mut t);
+            if y.entry(idx, gen).is_some() {
+                y.quick(&lot, idx, t);
+                y.between(&lot, &mut polled, &mut t);
+                run_lent_if_many!();
             }
         }
-        // One lock per batch: what is woken while this batch runs waits for the next.
-        std::mem::swap(&mut batch, &mut *lock(&lot.wake.ready));
+        {
+            // One lock per batch: what is woken while this batch runs waits for the next
+            // (or for a helper).
+            let mut r = lock(&lot.wake.ready);
+            let n = r.len().min(take_at_once);
+            batch.extend(r.drain(..n));
+        }
         for (idx, gen, _) in batch.drain(..) {
-            if yard.entry(idx, gen).is_some() {
-                yard.poll(&lot, idx);
-                yard.between(&lot, &mut polled, &mut t);
+            if y.entry(idx, gen).is_some() {
+                y.poll(&lot, idx);
+                y.between(&lot, &mut polled, &mut t);
+                run_lent_if_many!();
             }
         }
-        yard.clean();
-        let timeout = if yard.len == 0 {
+        std::mem::swap(&mut lent, &mut y.lending);
+        drop(y);
+        run_lent(&lot, &yard, &mut lent, &mut done);
+        let mut y = lock(&yard);
+        y.clean();
+        let timeout = if y.len == 0 {
             // Empty: wait for a connection to park (its waker) until the linger runs out,
             // then end at the top of the loop.
             let t = now();
             let since = *empty_since.get_or_insert(t);
             Some(THREAD_LINGER.saturating_sub(t.saturating_duration_since(since)))
         } else if lock(&lot.wake.ready).is_empty() {
-            yard.deadlines
+            y.deadlines
                 .peek()
                 .and_then(|p| p.0.get().0.get())
                 .map(|t| t.saturating_duration_since(now()))
         } else {
             Some(Duration::ZERO)
         };
+        drop(y);
         // After a burst of parks, the heap's holes go back to the kernel (`trim.rs`).
         let timeout = match super::trim::tick() {
             Some(d) => Some(timeout.map_or(d, |t| t.min(d))),
@@ -1217,17 +1418,141 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
             }
             continue;
         }
+        let mut y = lock(&yard);
         for ev in events.iter() {
             if ev.token() == WAKE_TOKEN {
                 continue;
             }
             let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
-            if let Some(d) = yard.entry(idx, gen).and_then(|e| e.d.as_mut()) {
+            let Some(e) = y.entry(idx, gen) else {
+                continue;
+            };
+            if let Some(d) = e.d.as_mut() {
                 // A quick wake-up (skipped if a full one is queued meanwhile: it reads too).
                 T::parked_readable(&mut d.io);
                 woken.push((idx, gen));
+            } else {
+                // Lent: its wake-up when it is back.
+                y.early.push((idx, gen));
             }
         }
+    }
+}
+
+/// Polls lent full wake-ups (`lent`, swapped with the yard's `lending`) without the
+/// yard's lock, as the lot would (`Yard::full_with`: the entry's waker, `Timer::Parked`),
+/// and gives them back under it ([`Yard::returned`]); `done` is room for the results. Both
+/// are the caller's, kept between calls (at most [`LENT_AT_ONCE`] places).
+#[allow(clippy::type_complexity)]
+fn run_lent<T: ParkIo, S: Sink + Send + 'static>(
+    lot: &Arc<Lot<T, S>>,
+    yard: &Mutex<Yard<T, S>>,
+    lent: &mut Vec<Lent<T, S>>,
+    done: &mut Vec<(u32, u32, Driver<T, S>, Poll<Exit>)>,
+) {
+    if lent.is_empty() {
+        return;
+    }
+    for Lent {
+        idx,
+        gen,
+        mut d,
+        carried,
+    } in lent.drain(..)
+    {
+        let waker = entry_waker(lot.id, idx, gen, false);
+        let mut cx = Context::from_waker(&waker);
+        let r = d.poll(&mut cx, Timer::Parked, carried);
+        done.push((idx, gen, d, r));
+    }
+    let t = now();
+    let mut y = lock(yard);
+    for r in done.drain(..) {
+        y.returned(lot, r, t);
+    }
+}
+
+/// A lot thread's helpers (see [`run_thread`]), ended with it.
+struct Helpers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Helpers {
+    fn start<T: ParkIo, S: Sink + Send + 'static>(
+        lot: &Arc<Lot<T, S>>,
+        yard: &Arc<Mutex<Yard<T, S>>>,
+        n: usize,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .filter_map(|_| {
+                let (lot, yard, stop) = (lot.clone(), yard.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name("tether-lot-help".into())
+                    .spawn(move || helper(lot, yard, stop))
+                    .map_err(|e| tracing::warn!(error = %e, "cannot start a lot helper"))
+                    .ok()
+            })
+            .collect();
+        Helpers { stop, threads }
+    }
+
+    /// Stops and joins the helpers. The flag is set before the ready list's lock is taken,
+    /// so a helper between its look at the flag and its wait (which it starts with the lock
+    /// held) is waiting by the time `notify_all` runs.
+    fn stop(&mut self, wake: &LotWake) {
+        self.stop.store(true, Release);
+        drop(lock(&wake.ready));
+        wake.helpers.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A lot thread's helper: takes handles' wakes off the ready list ([`TAKEN_AT_ONCE`] at a
+/// time) when the thread has more than one waiting (`LotWake::wake` gets it going), runs
+/// their full wake-ups as the thread would ([`run_lent`]), and sleeps on the list
+/// otherwise. It never waits on the epoll or the deadlines.
+fn helper<T: ParkIo, S: Sink + Send + 'static>(
+    lot: Arc<Lot<T, S>>,
+    yard: Arc<Mutex<Yard<T, S>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let Some(th) = lot.threaded.as_ref() else {
+        return;
+    };
+    let _runtime = th.runtime.enter();
+    let (mut batch, mut lent, mut done) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        {
+            let mut r = lock(&lot.wake.ready);
+            loop {
+                if stop.load(Acquire) {
+                    return;
+                }
+                if !r.is_empty() {
+                    let n = r.len().min(TAKEN_AT_ONCE);
+                    batch.extend(r.drain(..n));
+                    break;
+                }
+                lot.wake.sleeping.fetch_add(1, Relaxed);
+                r = lot.wake.helpers.wait(r).unwrap_or_else(|e| e.into_inner());
+                lot.wake.sleeping.fetch_sub(1, Relaxed);
+            }
+        }
+        let mut y = lock(&yard);
+        for (idx, gen, _) in batch.drain(..) {
+            if y.entry(idx, gen).is_some() {
+                y.poll(&lot, idx);
+            }
+        }
+        std::mem::swap(&mut lent, &mut y.lending);
+        drop(y);
+        #[cfg(test)]
+        lot.helped.fetch_add(lent.len(), Relaxed);
+        run_lent(&lot, &yard, &mut lent, &mut done);
     }
 }
 

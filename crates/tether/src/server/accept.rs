@@ -1195,24 +1195,25 @@ mod parked {
         );
     }
 
-    /// A server parks on one lot thread per two workers by default; `park_threads` sets
-    /// the count (fewer: less CPU per idle heartbeat, more latency for sends under a heavy
-    /// load), and clients spread over the lots by connection id and are answered from each.
+    /// A server parks on one lot, run by one thread per worker by default (the lot's
+    /// thread, which alone waits on the sockets and deadlines, and its helpers);
+    /// `park_threads` sets the count. Clients are answered from the lot either way.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn lot_threads_are_one_per_two_workers_unless_set() {
-        for (w, n) in [(0, 1), (1, 1), (2, 1), (3, 2), (4, 2), (8, 4)] {
+    async fn lot_threads_are_one_per_worker_unless_set() {
+        for (w, n) in [(0, 1), (1, 1), (2, 2), (8, 8)] {
             assert_eq!(crate::server::default_park_threads(w), n, "{w} workers");
         }
         let policy = short_policy();
         let base =
             ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
-        let default = Server::bind(base.clone()).await.expect("bind");
-        assert_eq!(default.handle().inner.lots.len(), 1, "two workers, one lot");
-        let server = Server::bind(base.clone().park_threads(2))
+        let server = Server::bind(base.clone()).await.expect("bind");
+        let h = server.handle();
+        assert_eq!(h.inner.lots.len(), 1, "one lot");
+        assert_eq!(h.park_threads(), 2, "two workers, two threads");
+        let one = Server::bind(base.clone().park_threads(1))
             .await
             .expect("bind");
-        assert_eq!(server.handle().inner.lots.len(), 2, "set: two lots");
-        let h = server.handle();
+        assert_eq!(one.handle().park_threads(), 1, "set: one thread");
         let mut clients = Vec::new();
         for i in 0..4 {
             let c = Connection::connect(server.local_addr(), &format!("c{i}"), &policy)
@@ -1221,19 +1222,67 @@ mod parked {
             clients.push(c);
         }
         until_parked(&h, 4).await;
-        assert!(
-            h.inner.lots.iter().all(|l| l.parked() == 2),
-            "two on each lot: {:?}",
-            h.inner.lots.iter().map(|l| l.parked()).collect::<Vec<_>>()
-        );
         let hb: Vec<u64> = clients.iter().map(|c| c.stats().heartbeats_in).collect();
         tokio::time::sleep(policy.heartbeat_interval * 4).await;
         for (c, before) in clients.iter().zip(hb) {
             assert!(c.disconnected().is_none());
             assert!(
                 c.stats().heartbeats_in >= before + 2,
-                "answered from its lot"
+                "answered from the lot"
             );
+        }
+    }
+
+    /// Sends to many parked clients at once are shared by the lot's thread and its helpers:
+    /// forty clients with 200 ms heartbeats get twenty broadcasts, sent one after another,
+    /// every message once and in order, within 2 s of each broadcast, while their
+    /// heartbeats go on; the helpers ran some of the wake-ups, and every client is still
+    /// parked at the end, none of them having been given a task for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_to_many_parked_clients_are_shared_with_the_helpers() {
+        let policy = short_policy();
+        let cfg = ServerConfig::new("127.0.0.1:0".parse().expect("an address"))
+            .policy(policy.clone())
+            .park_threads(3);
+        let server = Server::bind(cfg).await.expect("bind");
+        let h = server.handle();
+        assert_eq!(h.park_threads(), 3);
+        let n = 40;
+        let mut clients = Vec::new();
+        for i in 0..n {
+            let c = Connection::connect(server.local_addr(), &format!("m{i}"), &policy)
+                .await
+                .expect("connect");
+            clients.push(c);
+        }
+        until_parked(&h, n).await;
+        let lot = &h.inner.lots[0];
+        let unparks = lot.unparks();
+        for round in 0..20u8 {
+            let sent = std::time::Instant::now();
+            for i in 0..n {
+                h.try_send(&format!("m{i}"), Bytes::from(vec![round; 100]))
+                    .expect("queued");
+            }
+            for (i, c) in clients.iter_mut().enumerate() {
+                let m = tokio::time::timeout(Duration::from_secs(2), c.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("client {i}, round {round}: nothing in 2 s"))
+                    .expect("a message");
+                assert_eq!(&m[..], &vec![round; 100][..], "client {i}, round {round}");
+            }
+            assert!(sent.elapsed() < Duration::from_secs(2), "round {round}");
+        }
+        assert!(lot.helped() > 0, "the helpers took part");
+        eprintln!(
+            "helped {} woken while lent {}",
+            lot.helped(),
+            lot.woken_lent()
+        );
+        until_parked(&h, n).await;
+        assert_eq!(lot.unparks(), unparks, "written from the lot");
+        for c in &clients {
+            assert!(c.disconnected().is_none());
         }
     }
 

@@ -69,8 +69,8 @@ pub struct ServerConfig {
     pub(crate) presence_events: bool,
     pub(crate) commit_acks: bool,
     pub(crate) park_idle: bool,
-    /// Lot threads for parked connections; 0: [`default_park_threads`] of the runtime's
-    /// workers.
+    /// Threads of the lot for parked connections (its own and its helpers); 0:
+    /// [`default_park_threads`] of the runtime's workers.
     pub(crate) park_threads: usize,
 }
 
@@ -124,25 +124,19 @@ impl Default for ServerConfig {
     }
 }
 
-/// Lot threads for a runtime of `workers` worker threads: one per two workers, at least
-/// one (one on this machine's 2 workers; 4 on 8).
-///
-/// Fewer lots wake fewer threads per burst of idle heartbeats: on 2 workers one lot cost
-/// 2-20 % less CPU per idle heartbeat than one per worker, the difference between meeting
-/// and missing 0.75x mosquitto's CPU per liveness message at 19,000 idle clients
-/// (BENCHMARKS.md, 2026-12-01, ninth to twelfth passes). A lot thread also writes every
-/// send to its parked clients itself (a send that fits the socket does not unpark them),
-/// so the lots are also the threads that write sends. Through the HTTP API to 10,000
-/// clients on 2 workers, with 2-8 calls in flight, one lot's send median was 0.3-1.4 ms
-/// (once 3.5) against two lots' 0.1-1.5 ms, with as many sends and broadcast deliveries a
-/// second within the run-to-run spread; with 16 in flight, ~30,000 sends/s with the CPUs
-/// saturated, sends waited 3-24 ms at the median instead of 1-4 ms: they wait for the one
-/// thread's share of the CPUs. A node that sends that much to idle clients sets one per
-/// worker ([`ServerConfig::park_threads`]). One per two workers, not one in all, keeps
-/// sends spread over more cores on a larger machine, and its idle heartbeats within what
-/// its threads answer (~10 us each here: about 95,000 a second a thread).
+/// Threads for parked connections on a runtime of `workers` worker threads: one per
+/// worker, at least one. They run one lot: its thread alone waits on the parked sockets and
+/// their deadlines, so a burst of idle heartbeats wakes one thread and is answered in one
+/// batch; the others help with the wake-ups from handles (a send, a close) when more than
+/// one waits, so sends to parked clients are written by as many threads. Measured on 2
+/// workers (BENCHMARKS.md, 2026-12-01, tenth to twelfth passes): 6-10 % less CPU per idle
+/// heartbeat than a lot of its own per worker, which woke each lot for its share of a
+/// burst; one thread alone is as cheap when idle, but it writes every send itself, and
+/// under a sustained ~40,000 sends/s through the HTTP API to 10,000 clients sends waited
+/// 26-45 ms at the median instead of 2-3 ms. One thread waits on every parked socket: at
+/// ~10 us an idle heartbeat here, that is about 95,000 heartbeats a second a node.
 pub fn default_park_threads(workers: usize) -> usize {
-    workers.div_ceil(2).max(1)
+    workers.max(1)
 }
 
 /// The default connection limit: the open-file limit minus room for connections in the
@@ -383,10 +377,11 @@ impl ServerConfig {
         self
     }
 
-    /// Sets how many lot threads hold the parked connections (each with its own epoll; a
-    /// connection goes to lot `conn_id % n`). 0, the default: [`default_park_threads`] of
-    /// the runtime's worker threads, one per two workers. Fewer cost less CPU per idle
-    /// heartbeat and add latency to sends under a heavy load (see [`default_park_threads`]).
+    /// Sets how many threads run the lot that holds the parked connections: its own, which
+    /// waits on their sockets and deadlines, and `n - 1` helpers for the wake-ups from
+    /// handles (see [`default_park_threads`]). 0, the default: [`default_park_threads`] of
+    /// the runtime's worker threads, one per worker. One alone answers idle heartbeats as
+    /// cheaply, but writes every send to a parked client itself.
     pub fn park_threads(mut self, n: usize) -> Self {
         self.park_threads = n;
         self

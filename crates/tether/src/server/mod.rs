@@ -87,9 +87,10 @@ pub(crate) struct Inner {
     next_session_id: AtomicU64,
     /// Failed attempts per source address (a leaf lock: nothing is taken while it is held).
     throttle: Option<Mutex<FailureThrottle>>,
-    /// Idle plain-TCP connections, kept without a task (`driver/park.rs`): one lot thread
-    /// per worker thread of the runtime by default ([`ServerConfig::park_threads`]), a
-    /// connection in lot `conn_id % lots`. Empty when [`ServerConfig::park_idle`] is off.
+    /// Idle plain-TCP connections, kept without a task (`driver/park.rs`): one lot, run by
+    /// one thread per worker thread of the runtime by default
+    /// ([`ServerConfig::park_threads`]: the lot's thread and its helpers). Empty when
+    /// [`ServerConfig::park_idle`] is off (or a lot cannot be had).
     lots: Vec<Arc<driver::Lot<crate::transport::Tcp, accept::ServerSink>>>,
 }
 
@@ -213,9 +214,11 @@ impl Server {
             next_conn_id: AtomicU64::new(1),
             next_session_id: AtomicU64::new(first_session_id()),
             throttle: cfg_throttle.map(|t| Mutex::new(FailureThrottle::new(t))),
+            // One lot: its thread waits on every parked socket and deadline, its helpers
+            // share the sends (see `driver::park`).
             lots: if park_idle {
-                (0..park_threads)
-                    .filter_map(|_| driver::Lot::threaded(accept::unpark))
+                driver::Lot::threaded(accept::unpark, park_threads)
+                    .into_iter()
                     .collect()
             } else {
                 Vec::new()
@@ -291,7 +294,7 @@ impl ServerHandle {
     /// The threads this server parks idle plain-TCP connections on
     /// ([`ServerConfig::park_threads`]); 0 with [`ServerConfig::park_idle`] off.
     pub fn park_threads(&self) -> usize {
-        self.inner.lots.len()
+        self.inner.lots.iter().map(|l| l.threads()).sum()
     }
 
     /// The configuration in force.

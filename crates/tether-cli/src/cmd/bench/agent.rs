@@ -71,7 +71,7 @@ pub(crate) struct ServerAgentArgs {
     /// Speak TLS with the test certificate in this directory (`tether_lab::test_tls`).
     #[arg(long)]
     pub(crate) tls_dir: Option<std::path::PathBuf>,
-    /// Lot threads (`ServerConfig::park_threads`; default: one per two workers). Also read from
+    /// Lot threads (`ServerConfig::park_threads`; default: one per worker). Also read from
     /// `TETHER_PARK_THREADS`, as `tether serve` does, so every bench's server can be run with
     /// one (`bench detect` has no flag of its own).
     #[arg(long, env = "TETHER_PARK_THREADS", value_parser = crate::cmd::serve::parse_park_threads)]
