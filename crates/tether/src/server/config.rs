@@ -129,11 +129,11 @@ impl Default for ServerConfig {
 /// their deadlines, so a burst of idle heartbeats wakes one thread and is answered in one
 /// batch; the others help with the wake-ups from handles (a send, a close) when more than
 /// one waits, so sends to parked clients are written by as many threads. Measured on 2
-/// workers (BENCHMARKS.md, 2026-12-01, tenth to twelfth passes): 6-10 % less CPU per idle
+/// workers (BENCHMARKS.md, 2026-12-01, tenth to thirteenth passes): 6-10 % less CPU per idle
 /// heartbeat than a lot of its own per worker, which woke each lot for its share of a
 /// burst; one thread alone is as cheap when idle, but it writes every send itself, and
-/// under a sustained ~40,000 sends/s through the HTTP API to 10,000 clients sends waited
-/// 26-45 ms at the median instead of 2-3 ms. One thread waits on every parked socket: at
+/// under a sustained ~30,000-40,000 sends/s through the HTTP API to 10,000 clients sends waited
+/// 26-102 ms at the median instead of 2-6 ms. One thread waits on every parked socket: at
 /// ~10 us an idle heartbeat here, that is about 95,000 heartbeats a second a node.
 pub fn default_park_threads(workers: usize) -> usize {
     workers.max(1)
