@@ -718,8 +718,6 @@ struct Yard<T: ParkIo, S> {
     /// without the yard's lock ([`run_lent`]): taken by whoever holds the lock before it
     /// lets it go.
     lending: Vec<Lent<T, S>>,
-    /// Full wake-ups are lent (a lot thread's yard, but for a parking connection's look).
-    lend: bool,
     /// Lent entries whose socket the epoll reported meanwhile: the edge will not be
     /// reported again, so each gets a wake-up when it is back ([`returned`](Self::returned)).
     early: Vec<(u32, u32)>,
@@ -739,7 +737,6 @@ struct Lent<T, S> {
 impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     fn new(wake: &'static LotWake, registry: Option<mio::Registry>) -> Self {
         Yard {
-            lend: registry.is_some(),
             wake,
             slots: Vec::new(),
             free: Vec::new(),
@@ -779,9 +776,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         // Polled here, not lent: what a parking connection's look finds is rarely a send,
         // and lending each of a burst of parks put a ~1 KiB block between every two of
         // their entries on the heap (+10-60 B per idle connection at 19,000).
-        let lend = std::mem::replace(&mut self.lend, false);
-        self.full_with(lot, idx, gen, d, Carried::None);
-        self.lend = lend;
+        self.poll_now(lot, idx, gen, d, Carried::None);
     }
 
     /// A new entry, its driver not in it yet (the caller's first wake-up puts it there):
@@ -846,17 +841,11 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
 
     /// The full wake-up of entry `idx` with its driver `d`, thawed: `d` goes back into the
     /// entry frozen while it stays idle, or leaves the lot.
-    fn full_with(
-        &mut self,
-        lot: &Arc<Lot<T, S>>,
-        idx: u32,
-        gen: u32,
-        mut d: Driver<T, S>,
-        c: Carried,
-    ) {
-        lot.wake.unschedule(idx, FULL);
-        if self.lend {
-            // A lot thread's: polled without the yard's lock, by this thread or a helper.
+    /// On a lot thread (a yard with an epoll) it is lent, to be polled without the yard's
+    /// lock by this thread or a helper ([`run_lent`]); a lot task's is polled here.
+    fn full_with(&mut self, lot: &Arc<Lot<T, S>>, idx: u32, gen: u32, d: Driver<T, S>, c: Carried) {
+        if self.registry.is_some() {
+            lot.wake.unschedule(idx, FULL);
             self.lending.push(Lent {
                 idx,
                 gen,
@@ -865,6 +854,19 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             });
             return;
         }
+        self.poll_now(lot, idx, gen, d, c);
+    }
+
+    /// The full wake-up of entry `idx` polled here, under the yard's lock.
+    fn poll_now(
+        &mut self,
+        lot: &Arc<Lot<T, S>>,
+        idx: u32,
+        gen: u32,
+        mut d: Driver<T, S>,
+        c: Carried,
+    ) {
+        lot.wake.unschedule(idx, FULL);
         let waker = entry_waker(lot.id, idx, gen, false);
         let mut cx = Context::from_waker(&waker);
         match d.poll(&mut cx, Timer::Parked, c) {
