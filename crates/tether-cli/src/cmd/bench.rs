@@ -109,6 +109,21 @@ struct HoldOpts {
     /// server of every bench (`detect` and `api` have no flag of their own).
     #[arg(long, value_name = "N", env = "TETHER_PARK_THREADS", value_parser = super::serve::parse_park_threads)]
     park_threads: Option<usize>,
+    /// Rounds per client count (1 to 20). The servers run in turn, each round: tether
+    /// first in odd rounds, mosquitto first in even ones, so that a machine whose speed
+    /// drifts over the run favours neither. The ratios are given per round, then their
+    /// median: one round's CPU ratio moves by ±0.08 between runs on a shared machine.
+    #[arg(long, default_value_t = 1, value_parser = parse_rounds)]
+    rounds: usize,
+}
+
+fn parse_rounds(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n @ 1..=20) => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a round count: give a whole number from 1 to 20"
+        )),
+    }
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -349,17 +364,18 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     };
     if let Some(h) = &hold {
         for &n in &hold_n {
-            rep.hold.push(hold_one(Server::Tether, n, h).await?);
-            if h.tls {
-                rep.hold.push(hold_one(Server::TetherTls, n, h).await?);
-            }
-            if !h.no_mosquitto {
-                match hold_one(Server::Mosquitto, n, h).await {
-                    Ok(r) => rep.hold.push(r),
-                    Err(e) => eprintln!("mosquitto at N={n} skipped: {e:#}"),
+            for round in 1..=h.rounds {
+                for server in hold_order(h, round) {
+                    match hold_one(server, n, round, h).await {
+                        Ok(r) => rep.hold.push(r),
+                        Err(e) if server == Server::Mosquitto => {
+                            eprintln!("mosquitto at N={n} skipped: {e:#}")
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+                save(&rep, json.as_ref())?;
             }
-            save(&rep, json.as_ref())?;
         }
     }
     if let Some(d) = &detect {
@@ -402,6 +418,23 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     );
     save(&rep, json.as_ref())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The servers a hold round runs, in turn: tether (and over TLS), then mosquitto in odd
+/// rounds; mosquitto first in even ones (see `HoldOpts::rounds`).
+fn hold_order(h: &HoldOpts, round: usize) -> Vec<Server> {
+    let mut order = vec![Server::Tether];
+    if h.tls {
+        order.push(Server::TetherTls);
+    }
+    if !h.no_mosquitto {
+        if round % 2 == 0 {
+            order.insert(0, Server::Mosquitto);
+        } else {
+            order.push(Server::Mosquitto);
+        }
+    }
+    order
 }
 
 fn save(rep: &Report, path: Option<&PathBuf>) -> anyhow::Result<()> {
@@ -616,6 +649,36 @@ fn print_echo(rows: &[echo::EchoResult]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hold_rounds_alternate_which_server_runs_first() {
+        let mut h = HoldOpts {
+            hold: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(1),
+            no_mosquitto: false,
+            tls: false,
+            agents: None,
+            warmup: 0,
+            park_threads: None,
+            rounds: 2,
+        };
+        use Server::*;
+        assert_eq!(hold_order(&h, 1), [Tether, Mosquitto]);
+        assert_eq!(hold_order(&h, 2), [Mosquitto, Tether]);
+        h.tls = true;
+        assert_eq!(hold_order(&h, 3), [Tether, TetherTls, Mosquitto]);
+        assert_eq!(hold_order(&h, 4), [Mosquitto, Tether, TetherTls]);
+        h.no_mosquitto = true;
+        assert_eq!(hold_order(&h, 2), [Tether, TetherTls]);
+        assert_eq!(parse_rounds("3"), Ok(3));
+        for bad in ["0", "21", "x", "-1"] {
+            let e = parse_rounds(bad).unwrap_err();
+            assert!(
+                e.contains(&format!("`{bad}`")) && e.contains("1 to 20"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn agents_share_the_clients() {

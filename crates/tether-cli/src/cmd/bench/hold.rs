@@ -15,6 +15,8 @@ pub(super) struct HoldResult {
     server: Server,
     server_version: String,
     n: usize,
+    /// The round (`--rounds`), from 1.
+    round: usize,
     agents: usize,
     connected: u64,
     failed: u64,
@@ -50,10 +52,20 @@ pub(super) struct HoldResult {
     closed_during_hold: u64,
 }
 
-pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::Result<HoldResult> {
+pub(super) async fn hold_one(
+    server: Server,
+    n: usize,
+    round: usize,
+    o: &HoldOpts,
+) -> anyhow::Result<HoldResult> {
     println!(
-        "\n== hold: {}, N={n}, heartbeat {:?}, hold {:?}{} ==",
+        "\n== hold: {}, N={n}{}, heartbeat {:?}, hold {:?}{} ==",
         server.name(),
+        if o.rounds > 1 {
+            format!(", round {round}/{}", o.rounds)
+        } else {
+            String::new()
+        },
         o.heartbeat,
         o.hold,
         match (server, o.park_threads) {
@@ -190,6 +202,7 @@ pub(super) async fn hold_one(server: Server, n: usize, o: &HoldOpts) -> anyhow::
         server,
         server_version: version,
         n,
+        round,
         agents: k,
         connected,
         failed,
@@ -257,9 +270,10 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
         rows.first().map_or(30.0, |r| r.heartbeat_s)
     );
     println!(
-        "{:<10} {:>6} {:>9} {:>11} {:>11} {:>11} {:>10} {:>11} {:>10} {:>12} {:>13} {:>7}",
+        "{:<10} {:>6} {:>5} {:>9} {:>11} {:>11} {:>11} {:>10} {:>11} {:>10} {:>12} {:>13} {:>7}",
         "server",
         "N",
+        "round",
         "conn/s",
         "RSS/conn B",
         "end RSS/c",
@@ -273,9 +287,10 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
     );
     for r in rows {
         println!(
-            "{:<10} {:>6} {:>9.0} {:>11.0} {:>11.0} {:>11.0} {:>10} {:>11.0} {:>10} {:>12} {:>13.2} {:>7}",
+            "{:<10} {:>6} {:>5} {:>9.0} {:>11.0} {:>11.0} {:>11.0} {:>10} {:>11.0} {:>10} {:>12} {:>13.2} {:>7}",
             r.server.name(),
             r.n,
+            r.round,
             r.connects_per_s,
             r.rss_per_conn,
             r.rss_end_per_conn,
@@ -290,44 +305,56 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
             r.closed_during_hold
         );
     }
-    let by_n: HashMap<(usize, Server), &HoldResult> =
-        rows.iter().map(|r| ((r.n, r.server), r)).collect();
-    let mut ns: Vec<usize> = rows.iter().map(|r| r.n).collect();
-    ns.dedup();
-    for n in ns {
-        if let (Some(t), Some(m)) = (
-            by_n.get(&(n, Server::Tether)),
-            by_n.get(&(n, Server::Mosquitto)),
-        ) {
-            let cpu = match (t.cpu_us_per_liveness_msg, m.cpu_us_per_liveness_msg) {
-                (Some(a), Some(b)) => format!("{:.2}×", a / b),
-                _ => "n/a (no liveness messages during the hold)".to_owned(),
-            };
+    let rounds = rows.iter().map(|r| r.round).max().unwrap_or(1);
+    let ns: std::collections::BTreeSet<usize> = rows.iter().map(|r| r.n).collect();
+    for &n in &ns {
+        let vs = pairs(rows, n, Server::Tether, Server::Mosquitto);
+        for (t, m) in &vs {
             println!(
-                "tether/mosquitto at N={n}: RSS/conn {:.2}× (issue 17: < 0.8×), CPU/msg {cpu} (issue 17: ≤ 0.75×), connect rate {:.2}×",
+                "tether/mosquitto at N={n}{}: RSS/conn {:.2}× (issue 17: < 0.8×), CPU/msg {} (issue 17: ≤ 0.75×), connect rate {:.2}×",
+                round_label(t.round, rounds),
                 t.rss_per_conn / m.rss_per_conn,
+                cpu_ratio(t, m).map_or_else(
+                    || "n/a (no liveness messages during the hold)".to_owned(),
+                    |r| format!("{r:.2}×")
+                ),
                 t.connects_per_s / m.connects_per_s
             );
         }
-    }
-    for n in rows
-        .iter()
-        .map(|r| r.n)
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        if let (Some(t), Some(s)) = (
-            by_n.get(&(n, Server::Tether)),
-            by_n.get(&(n, Server::TetherTls)),
-        ) {
-            let cpu = match (t.cpu_us_per_liveness_msg, s.cpu_us_per_liveness_msg) {
-                (Some(a), Some(b)) => format!("{:.2}×", b / a),
-                _ => "n/a (no liveness messages during the hold)".to_owned(),
+        if vs.len() > 1 {
+            let rss: Vec<f64> = vs
+                .iter()
+                .map(|(t, m)| t.rss_per_conn / m.rss_per_conn)
+                .collect();
+            let cpu: Vec<f64> = vs.iter().filter_map(|(t, m)| cpu_ratio(t, m)).collect();
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             println!(
-                "tether-tls/tether at N={n}: RSS/conn {:.0} B vs {:.0} B ({:+.0} B per TLS connection), CPU/msg {cpu}, connect rate {:.2}×",
+                "tether/mosquitto at N={n}, median of {} rounds: RSS/conn {} ({}), CPU/msg {} ({})",
+                vs.len(),
+                median(&rss).map_or("n/a".into(), |x| format!("{x:.2}×")),
+                list(&rss),
+                median(&cpu).map_or("n/a".into(), |x| format!("{x:.2}×")),
+                list(&cpu),
+            );
+        }
+    }
+    for &n in &ns {
+        for (t, s) in pairs(rows, n, Server::Tether, Server::TetherTls) {
+            println!(
+                "tether-tls/tether at N={n}{}: RSS/conn {:.0} B vs {:.0} B ({:+.0} B per TLS connection), CPU/msg {}, connect rate {:.2}×",
+                round_label(t.round, rounds),
                 s.rss_per_conn,
                 t.rss_per_conn,
                 s.rss_per_conn - t.rss_per_conn,
+                cpu_ratio(s, t).map_or_else(
+                    || "n/a (no liveness messages during the hold)".to_owned(),
+                    |r| format!("{r:.2}×")
+                ),
                 s.connects_per_s / t.connects_per_s
             );
         }
@@ -338,6 +365,45 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
             "RSS/conn, end RSS/c, heap/c: what N clients cost after {w} warm-up clients connected \
              (--warmup); cold RSS/c: from the empty server, fixed costs spread over N + {w}"
         );
+    }
+}
+
+/// The rows of servers `a` and `b` at `n` from the same round, in round order.
+fn pairs(rows: &[HoldResult], n: usize, a: Server, b: Server) -> Vec<(&HoldResult, &HoldResult)> {
+    let by: HashMap<(usize, usize, Server), &HoldResult> =
+        rows.iter().map(|r| ((r.n, r.round, r.server), r)).collect();
+    let mut rounds: Vec<usize> = rows.iter().filter(|r| r.n == n).map(|r| r.round).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    rounds
+        .into_iter()
+        .filter_map(|k| Some((*by.get(&(n, k, a))?, *by.get(&(n, k, b))?)))
+        .collect()
+}
+
+/// `a`'s CPU per liveness message over `b`'s; `None` when either had no message to divide by.
+fn cpu_ratio(a: &HoldResult, b: &HoldResult) -> Option<f64> {
+    Some(a.cpu_us_per_liveness_msg? / b.cpu_us_per_liveness_msg?)
+}
+
+/// ", round K" when the run had more than one.
+fn round_label(round: usize, rounds: usize) -> String {
+    if rounds > 1 {
+        format!(", round {round}")
+    } else {
+        String::new()
+    }
+}
+
+/// The median (the mean of the middle two for an even count); `None` for none.
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let k = v.len();
+    match k {
+        0 => None,
+        _ if k % 2 == 1 => Some(v[k / 2]),
+        _ => Some((v[k / 2 - 1] + v[k / 2]) / 2.0),
     }
 }
 
@@ -370,6 +436,7 @@ mod tests {
             server: Server::Tether,
             server_version: String::new(),
             n: 1000,
+            round: 1,
             agents: 1,
             connected: 1000,
             failed: 0,
@@ -407,5 +474,41 @@ mod tests {
         assert!(!s.contains("µs each"), "{s}");
         let s = hold_summary(&result(2000));
         assert!(s.contains("2000 liveness messages = 0.4 µs each"), "{s}");
+    }
+
+    #[test]
+    fn rounds_are_compared_within_a_round_and_summed_up_by_their_median() {
+        let row = |server, round, cpu: f64| HoldResult {
+            server,
+            round,
+            cpu_us_per_liveness_msg: Some(cpu),
+            ..result(1000)
+        };
+        let rows = [
+            row(Server::Tether, 1, 6.0),
+            row(Server::Mosquitto, 1, 8.0),
+            // Even rounds run mosquitto first.
+            row(Server::Mosquitto, 2, 10.0),
+            row(Server::Tether, 2, 7.0),
+            // A round whose mosquitto failed compares nothing.
+            row(Server::Tether, 3, 1.0),
+        ];
+        let p = pairs(&rows, 1000, Server::Tether, Server::Mosquitto);
+        let r: Vec<(usize, f64)> = p
+            .iter()
+            .map(|(t, m)| (t.round, cpu_ratio(t, m).unwrap()))
+            .collect();
+        assert_eq!(r, [(1, 0.75), (2, 0.7)]);
+        assert!(pairs(&rows, 5000, Server::Tether, Server::Mosquitto).is_empty());
+        assert_eq!(median(&[0.75, 0.7]), Some(0.725));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
+        let none = HoldResult {
+            cpu_us_per_liveness_msg: None,
+            ..result(0)
+        };
+        assert_eq!(cpu_ratio(&none, &rows[1]), None);
+        assert_eq!(round_label(2, 3), ", round 2");
+        assert_eq!(round_label(1, 1), "");
     }
 }
