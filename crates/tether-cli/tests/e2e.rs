@@ -452,6 +452,10 @@ fn bench_hold_counts_liveness_messages_on_the_clients() {
     assert_eq!(row["closed_during_hold"], 0);
     let msgs = row["liveness_msgs"].as_u64().unwrap();
     assert!((300..=600).contains(&msgs), "liveness messages: {msgs}");
+    // The server waited for its clients' heartbeats: it switched out at least once, and
+    // not for each message several times over.
+    let cs = row["context_switches_per_liveness_msg"].as_f64().unwrap();
+    assert!(cs > 0.0 && cs < 5.0, "context switches per message: {cs}");
     // The baseline is read after the warm-up clients connected.
     assert!(row["rss_before"].as_u64().unwrap() >= row["rss_empty"].as_u64().unwrap());
 }

@@ -47,6 +47,10 @@ pub(super) struct HoldResult {
     /// `None` when no liveness message was exchanged during the hold (a hold shorter than
     /// a heartbeat interval): there is nothing to divide by.
     cpu_us_per_liveness_msg: Option<f64>,
+    /// The server's context switches over the hold (voluntary: a wait; involuntary:
+    /// preempted), and the sum per liveness message.
+    context_switches: (u64, u64),
+    context_switches_per_liveness_msg: Option<f64>,
     /// Server CPU per client per heartbeat interval (the unit that matters to an operator).
     cpu_us_per_client_interval: f64,
     closed_during_hold: u64,
@@ -159,6 +163,7 @@ pub(super) async fn hold_one(
     let heap_idle = heap(&mut tether_agent).await?;
     let k1 = sys::kernel_mem();
     let cpu0 = sys::cpu_secs(pid)?;
+    let cs0 = sys::context_switches(pid)?;
     let hb0 = liveness_count(&mut agents, tether_agent.is_some()).await?;
     let t0 = Instant::now();
     while t0.elapsed() < o.hold {
@@ -175,6 +180,7 @@ pub(super) async fn hold_one(
     }
     let hb1 = liveness_count(&mut agents, tether_agent.is_some()).await?;
     let cpu1 = sys::cpu_secs(pid)?;
+    let cs1 = sys::context_switches(pid)?;
     let hold_secs = t0.elapsed().as_secs_f64();
     let rss_end = sys::rss_bytes(pid)?;
     let mut closed = 0;
@@ -197,6 +203,7 @@ pub(super) async fn hold_one(
     let nc = connected.max(1) as f64;
     let cpu = cpu1 - cpu0;
     let msgs = hb1 - hb0;
+    let cs = (cs1.0.saturating_sub(cs0.0), cs1.1.saturating_sub(cs0.1));
     let intervals = nc * hold_secs / o.heartbeat.as_secs_f64();
     let r = HoldResult {
         server,
@@ -231,6 +238,8 @@ pub(super) async fn hold_one(
         cpu_secs: cpu,
         liveness_msgs: msgs,
         cpu_us_per_liveness_msg: (msgs > 0).then(|| cpu * 1e6 / msgs as f64),
+        context_switches: cs,
+        context_switches_per_liveness_msg: (msgs > 0).then(|| (cs.0 + cs.1) as f64 / msgs as f64),
         cpu_us_per_client_interval: cpu * 1e6 / intervals.max(1.0),
         closed_during_hold: closed,
     };
@@ -412,8 +421,12 @@ fn median(v: &[f64]) -> Option<f64> {
 fn hold_summary(r: &HoldResult) -> String {
     let cpu = match r.cpu_us_per_liveness_msg {
         Some(each) => format!(
-            "CPU {:.2} s for {} liveness messages = {each:.1} µs each",
-            r.cpu_secs, r.liveness_msgs
+            "CPU {:.2} s for {} liveness messages = {each:.1} µs each; {} context switches ({} preempted) = {:.3} each",
+            r.cpu_secs,
+            r.liveness_msgs,
+            r.context_switches.0 + r.context_switches.1,
+            r.context_switches.1,
+            r.context_switches_per_liveness_msg.unwrap_or(0.0),
         ),
         None => format!(
             "CPU {:.2} s; no liveness messages during the {:.1} s hold (shorter than the {:.0} s heartbeat): \
@@ -459,6 +472,8 @@ mod tests {
             cpu_secs: 0.0008,
             liveness_msgs: msgs,
             cpu_us_per_liveness_msg: (msgs > 0).then(|| 800.0 / msgs as f64),
+            context_switches: (90, 10),
+            context_switches_per_liveness_msg: (msgs > 0).then(|| 100.0 / msgs as f64),
             cpu_us_per_client_interval: 0.8,
             closed_during_hold: 0,
         }
@@ -474,6 +489,10 @@ mod tests {
         assert!(!s.contains("µs each"), "{s}");
         let s = hold_summary(&result(2000));
         assert!(s.contains("2000 liveness messages = 0.4 µs each"), "{s}");
+        assert!(
+            s.contains("100 context switches (10 preempted) = 0.050 each"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -60,6 +60,24 @@ pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// Context switches of process `pid` so far, voluntary (a wait) and not (preempted): the
+/// sum over its live threads' `/proc/PID/task/*/status` (the process's own file counts its
+/// main thread only).
+pub(crate) fn context_switches(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let dir = format!("/proc/{pid}/task");
+    let (mut vol, mut invol) = (0, 0);
+    for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
+        // A thread that ended since the listing is skipped.
+        let Ok(s) = std::fs::read_to_string(e?.path().join("status")) else {
+            continue;
+        };
+        vol += field_kb(&s, "voluntary_ctxt_switches:").unwrap_or(0);
+        invol += field_kb(&s, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+    }
+    Ok((vol, invol))
+}
+
+/// The number after `key` on its line of a `/proc` status file (kB for the memory fields).
 fn field_kb(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
@@ -219,6 +237,10 @@ mod tests {
                 "/proc/{pid}/stat never counted 20 ms of CPU"
             );
         }
+        // This test's thread waited at least once (the `sleep` child above).
+        let (vol, _) = context_switches(pid).unwrap();
+        assert!(vol > 0, "{vol}");
+        assert!(context_switches(u32::MAX).is_err(), "no such process");
         let sched = cpu_secs(pid).unwrap();
         let stat = stat_cpu_secs(pid).unwrap();
         // schedstat sums the live threads only (other tests' threads come and go), /proc/PID/stat
