@@ -112,7 +112,9 @@ struct HoldOpts {
     /// Rounds per client count (1 to 20). The servers run in turn, each round: tether
     /// first in odd rounds, mosquitto first in even ones, so that a machine whose speed
     /// drifts over the run favours neither. The ratios are given per round, then their
-    /// median: one round's CPU ratio moves by ±0.08 between runs on a shared machine.
+    /// median: one round's CPU ratio moves by ±0.1 between runs on a shared machine. Each
+    /// run also names the host's steal (CPU time the hypervisor gave to others): a round
+    /// with a few percent was slowed down by the host, not by the server.
     #[arg(long, default_value_t = 1, value_parser = parse_rounds)]
     rounds: usize,
 }

@@ -129,10 +129,11 @@ pub(crate) struct ServeArgs {
     /// Threads that hold idle clients (default: one per CPU). An idle client is parked
     /// with its socket in one epoll and no task of its own until it has work again; one of
     /// these threads waits on that epoll and answers the heartbeats (a burst of them wakes
-    /// one thread), the others help write what the application sends to idle clients. With
-    /// 1, that thread writes every send itself: 5-10 % less CPU per idle heartbeat, but sends queue
-    /// sooner under a heavy send load (on two CPUs at a sustained ~30,000-40,000 sends/s:
-    /// 26-102 ms at the median instead of 2-6 ms). From 1 to 256.
+    /// one thread), the others help write what the application sends to idle clients and
+    /// sleep otherwise. With 1, that thread writes every send itself: idle heartbeats cost
+    /// the same (measured in alternated rounds), and sends queue sooner under a heavy send
+    /// load (on two CPUs at a sustained ~30,000-40,000 sends/s: 26-102 ms at the median
+    /// instead of 2-6 ms). From 1 to 256.
     #[arg(long, value_name = "N", value_parser = parse_park_threads)]
     park_threads: Option<usize>,
     /// A client must say hello within this long.

@@ -131,8 +131,9 @@ impl Default for ServerConfig {
 /// one waits, so sends to parked clients are written by as many threads. Measured on 2
 /// workers (BENCHMARKS.md, 2026-12-01, tenth to thirteenth passes): 6-10 % less CPU per idle
 /// heartbeat than a lot of its own per worker, which woke each lot for its share of a
-/// burst (eleventh pass); one thread alone cost 5-10 % less again when idle (thirteenth
-/// pass), but it writes every send itself, and
+/// burst (eleventh pass). One thread alone answers idle heartbeats for the same CPU (its
+/// helpers sleep: five alternated rounds each at 19,000 idle clients, fourteenth pass, put
+/// both at 0.70-0.73x mosquitto's in the median), but it writes every send itself, and
 /// under a sustained ~30,000-40,000 sends/s through the HTTP API to 10,000 clients sends waited
 /// 26-102 ms at the median instead of 2-6 ms. One thread waits on every parked socket: at
 /// ~10 us an idle heartbeat here, that is about 95,000 heartbeats a second a node.
@@ -381,8 +382,8 @@ impl ServerConfig {
     /// Sets how many threads run the lot that holds the parked connections: its own, which
     /// waits on their sockets and deadlines, and `n - 1` helpers for the wake-ups from
     /// handles (see [`default_park_threads`]). 0, the default: [`default_park_threads`] of
-    /// the runtime's worker threads, one per worker. One alone answers idle heartbeats
-    /// more cheaply, but writes every send to a parked client itself.
+    /// the runtime's worker threads, one per worker. One alone answers idle heartbeats for
+    /// the same CPU, but writes every send to a parked client itself.
     pub fn park_threads(mut self, n: usize) -> Self {
         self.park_threads = n;
         self

@@ -51,6 +51,10 @@ pub(super) struct HoldResult {
     /// preempted), and the sum per liveness message.
     context_switches: (u64, u64),
     context_switches_per_liveness_msg: Option<f64>,
+    /// The share of the machine's CPU time the hypervisor gave to others during the hold
+    /// (`/proc/stat` steal over hold × CPUs), in percent; `None` where not counted. A few
+    /// percent marks a run the host slowed down.
+    steal_pct: Option<f64>,
     /// Server CPU per client per heartbeat interval (the unit that matters to an operator).
     cpu_us_per_client_interval: f64,
     closed_during_hold: u64,
@@ -164,6 +168,7 @@ pub(super) async fn hold_one(
     let k1 = sys::kernel_mem();
     let cpu0 = sys::cpu_secs(pid)?;
     let cs0 = sys::context_switches(pid)?;
+    let steal0 = sys::steal_secs();
     let hb0 = liveness_count(&mut agents, tether_agent.is_some()).await?;
     let t0 = Instant::now();
     while t0.elapsed() < o.hold {
@@ -181,6 +186,7 @@ pub(super) async fn hold_one(
     let hb1 = liveness_count(&mut agents, tether_agent.is_some()).await?;
     let cpu1 = sys::cpu_secs(pid)?;
     let cs1 = sys::context_switches(pid)?;
+    let steal1 = sys::steal_secs();
     let hold_secs = t0.elapsed().as_secs_f64();
     let rss_end = sys::rss_bytes(pid)?;
     let mut closed = 0;
@@ -205,6 +211,11 @@ pub(super) async fn hold_one(
     let msgs = hb1 - hb0;
     let cs = (cs1.0.saturating_sub(cs0.0), cs1.1.saturating_sub(cs0.1));
     let intervals = nc * hold_secs / o.heartbeat.as_secs_f64();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let steal_pct = match (steal0, steal1) {
+        (Some(a), Some(b)) => Some((b - a).max(0.0) * 100.0 / (hold_secs * cpus)),
+        _ => None,
+    };
     let r = HoldResult {
         server,
         server_version: version,
@@ -240,6 +251,7 @@ pub(super) async fn hold_one(
         cpu_us_per_liveness_msg: (msgs > 0).then(|| cpu * 1e6 / msgs as f64),
         context_switches: cs,
         context_switches_per_liveness_msg: (msgs > 0).then(|| (cs.0 + cs.1) as f64 / msgs as f64),
+        steal_pct,
         cpu_us_per_client_interval: cpu * 1e6 / intervals.max(1.0),
         closed_during_hold: closed,
     };
@@ -320,14 +332,18 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
         let vs = pairs(rows, n, Server::Tether, Server::Mosquitto);
         for (t, m) in &vs {
             println!(
-                "tether/mosquitto at N={n}{}: RSS/conn {:.2}× (issue 17: < 0.8×), CPU/msg {} (issue 17: ≤ 0.75×), connect rate {:.2}×",
+                "tether/mosquitto at N={n}{}: RSS/conn {:.2}× (issue 17: < 0.8×), CPU/msg {} (issue 17: ≤ 0.75×), connect rate {:.2}×{}",
                 round_label(t.round, rounds),
                 t.rss_per_conn / m.rss_per_conn,
                 cpu_ratio(t, m).map_or_else(
                     || "n/a (no liveness messages during the hold)".to_owned(),
                     |r| format!("{r:.2}×")
                 ),
-                t.connects_per_s / m.connects_per_s
+                t.connects_per_s / m.connects_per_s,
+                match (t.steal_pct, m.steal_pct) {
+                    (Some(a), Some(b)) => format!(" (host steal {a:.1} / {b:.1} %)"),
+                    _ => String::new(),
+                }
             );
         }
         if vs.len() > 1 {
@@ -416,6 +432,11 @@ fn median(v: &[f64]) -> Option<f64> {
     }
 }
 
+/// "; host steal X %" (see `HoldResult::steal_pct`), or nothing where not counted.
+fn steal_note(pct: Option<f64>) -> String {
+    pct.map_or_else(String::new, |p| format!("; host steal {p:.1} %"))
+}
+
 /// The one-line result of a hold run. With no liveness message during the hold (a hold
 /// shorter than the heartbeat interval) it says so instead of dividing the CPU time by zero.
 fn hold_summary(r: &HoldResult) -> String {
@@ -435,8 +456,11 @@ fn hold_summary(r: &HoldResult) -> String {
         ),
     };
     format!(
-        "RSS/conn {:.0} B (end of hold {:.0} B; {:.0} B from the empty server), {cpu}",
-        r.rss_per_conn, r.rss_end_per_conn, r.cold_rss_per_conn
+        "RSS/conn {:.0} B (end of hold {:.0} B; {:.0} B from the empty server), {cpu}{}",
+        r.rss_per_conn,
+        r.rss_end_per_conn,
+        r.cold_rss_per_conn,
+        steal_note(r.steal_pct)
     )
 }
 
@@ -474,6 +498,7 @@ mod tests {
             cpu_us_per_liveness_msg: (msgs > 0).then(|| 800.0 / msgs as f64),
             context_switches: (90, 10),
             context_switches_per_liveness_msg: (msgs > 0).then(|| 100.0 / msgs as f64),
+            steal_pct: Some(2.5),
             cpu_us_per_client_interval: 0.8,
             closed_during_hold: 0,
         }
@@ -490,7 +515,7 @@ mod tests {
         let s = hold_summary(&result(2000));
         assert!(s.contains("2000 liveness messages = 0.4 µs each"), "{s}");
         assert!(
-            s.contains("100 context switches (10 preempted) = 0.050 each"),
+            s.contains("100 context switches (10 preempted) = 0.050 each; host steal 2.5 %"),
             "{s}"
         );
     }

@@ -60,6 +60,23 @@ pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// CPU time the hypervisor gave to others while this machine's CPUs wanted it (the `steal`
+/// column of `/proc/stat`'s `cpu` line), in seconds summed over the CPUs; `None` where the
+/// kernel does not count it. A benchmark run while the host is busy runs slower for
+/// reasons of its own.
+pub(crate) fn steal_secs() -> Option<f64> {
+    parse_steal(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_steal(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // cpu user nice system idle iowait irq softirq steal ...
+    let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / if tck > 0 { tck as f64 } else { 100.0 })
+}
+
 /// Context switches of process `pid` so far, voluntary (a wait) and not (preempted): the
 /// sum over its live threads' `/proc/PID/task/*/status` (the process's own file counts its
 /// main thread only).
@@ -214,6 +231,17 @@ mod tests {
         assert_eq!(set.unwrap(), 1, "sleep has one thread");
         assert_eq!(read, 7);
         assert!(set_nice(u32::MAX, 0).is_err(), "no such process");
+    }
+
+    #[test]
+    fn steal_is_the_eighth_number_of_the_cpu_line() {
+        let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let stat =
+            "cpu  2585529 2396 793319 10494778 21220 0 74290 4443 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(parse_steal(stat), Some(4443.0 / tck));
+        assert_eq!(parse_steal("cpu  1 2 3\n"), None);
+        assert_eq!(parse_steal("intr 5\n"), None);
+        assert!(steal_secs().is_some(), "this kernel counts steal");
     }
 
     #[test]
