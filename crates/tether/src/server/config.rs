@@ -132,8 +132,9 @@ impl Default for ServerConfig {
 /// workers (BENCHMARKS.md, 2026-12-01, tenth to thirteenth passes): 6-10 % less CPU per idle
 /// heartbeat than a lot of its own per worker, which woke each lot for its share of a
 /// burst (eleventh pass). One thread alone answers idle heartbeats for the same CPU (its
-/// helpers sleep: five alternated rounds each at 19,000 idle clients, fourteenth pass, put
-/// both at 0.70-0.73x mosquitto's in the median), but it writes every send itself, and
+/// helpers sleep: alternated rounds at 19,000 idle clients in the same half hour put the
+/// default at 0.70x and 0.78x mosquitto's, one thread at 0.73x and 0.77x, fourteenth
+/// pass), but it writes every send itself, and
 /// under a sustained ~30,000-40,000 sends/s through the HTTP API to 10,000 clients sends waited
 /// 26-102 ms at the median instead of 2-6 ms. One thread waits on every parked socket: at
 /// ~10 us an idle heartbeat here, that is about 95,000 heartbeats a second a node.
