@@ -366,8 +366,7 @@ impl Connection<'_> {
     /// A plain-TCP connection's driver, parked in the server's lot while idle.
     fn start_tcp(&self, io: TcpStream) -> driver::Resume<Tcp, ServerSink> {
         let (conn, sink) = self.parts(None);
-        let lots = &self.inner.lots;
-        let lot = (!lots.is_empty()).then(|| lots[self.conn_id as usize % lots.len()].clone());
+        let lot = self.inner.lot.clone();
         driver::start(Tcp::from(io), conn, self.shared.clone(), sink, lot)
     }
 
@@ -1109,10 +1108,9 @@ mod parked {
         }
     }
 
-    /// The server's one lot (the tests below run it on a runtime with one worker or look
-    /// at its first).
+    /// The server's lot.
     fn lot(h: &ServerHandle) -> &crate::driver::Lot<super::Tcp, super::ServerSink> {
-        &h.inner.lots[0]
+        h.inner.lot.as_ref().expect("the server parks")
     }
 
     fn short_policy() -> Policy {
@@ -1136,13 +1134,9 @@ mod parked {
             .await
             .expect("connect");
         until_parked(&h, 1).await;
-        let lot = h
-            .inner
-            .lots
-            .iter()
-            .find(|l| l.parked() == 1)
-            .expect("a lot holds it");
-        assert!(lot.is_threaded(), "the server's lots run on threads");
+        let lot = lot(&h);
+        assert_eq!(lot.parked(), 1, "the lot holds it");
+        assert!(lot.is_threaded(), "the server's lot runs on a thread");
         let (unparks, hb_in) = (lot.unparks(), c.stats().heartbeats_in);
         let t = std::time::Instant::now();
         while t.elapsed() < policy.heartbeat_interval * 10 {
@@ -1174,12 +1168,12 @@ mod parked {
             ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
         let server = Server::bind(cfg).await.expect("bind");
         let h = server.handle();
-        assert_eq!(h.inner.lots.len(), 1, "one worker, one lot");
+        assert!(h.inner.lot.is_some(), "one lot");
         let c = Connection::connect(server.local_addr(), "first", &policy)
             .await
             .expect("connect");
         until_parked(&h, 1).await;
-        assert_eq!(h.inner.lots[0].threads_started(), 1);
+        assert_eq!(lot(&h).threads_started(), 1);
         c.close(CloseCode::NORMAL, "bye");
         let _ = tokio::time::timeout(Duration::from_secs(2), c.closed()).await;
         until_parked(&h, 0).await;
@@ -1189,7 +1183,7 @@ mod parked {
             .expect("connect");
         until_parked(&h, 1).await;
         assert_eq!(
-            h.inner.lots[0].threads_started(),
+            lot(&h).threads_started(),
             1,
             "the lot's thread waited for the second connection"
         );
@@ -1208,7 +1202,7 @@ mod parked {
             ServerConfig::new("127.0.0.1:0".parse().expect("an address")).policy(policy.clone());
         let server = Server::bind(base.clone()).await.expect("bind");
         let h = server.handle();
-        assert_eq!(h.inner.lots.len(), 1, "one lot");
+        assert!(h.inner.lot.is_some(), "one lot");
         assert_eq!(h.park_threads(), 2, "two workers, two threads");
         let one = Server::bind(base.clone().park_threads(1))
             .await
@@ -1256,7 +1250,7 @@ mod parked {
             clients.push(c);
         }
         until_parked(&h, n).await;
-        let lot = &h.inner.lots[0];
+        let lot = lot(&h);
         let unparks = lot.unparks();
         for round in 0..20u8 {
             let sent = std::time::Instant::now();
@@ -1300,7 +1294,7 @@ mod parked {
             .await
             .expect("connect");
         until_parked(&h, 1).await;
-        let unparks: usize = h.inner.lots.iter().map(|l| l.unparks()).sum();
+        let unparks = lot(&h).unparks();
         // A stream of messages: more than the lot reads in a wake-up.
         let n = 200;
         let sender = c.sender();
@@ -1328,7 +1322,7 @@ mod parked {
             }
         }
         sending.await.expect("the sender ran");
-        let after: usize = h.inner.lots.iter().map(|l| l.unparks()).sum();
+        let after = lot(&h).unparks();
         assert!(
             after > unparks,
             "the stream got the connection its task back"

@@ -36,7 +36,7 @@ impl Inner {
         let mut m = ServerMetrics {
             connections: self.open.load(Relaxed),
             handshaking: self.admission.handshaking(),
-            parked: self.lots.iter().map(|l| l.parked()).sum(),
+            parked: self.lot.as_ref().map_or(0, |l| l.parked()),
             presence: super::lifecycle::lock(&self.registry).counts(),
             disconnects: DisconnectReason::LABELS
                 .iter()

@@ -91,7 +91,7 @@ pub(crate) struct Inner {
     /// one thread per worker thread of the runtime by default
     /// ([`ServerConfig::park_threads`]: the lot's thread and its helpers). Empty when
     /// [`ServerConfig::park_idle`] is off (or a lot cannot be had).
-    lots: Vec<Arc<driver::Lot<crate::transport::Tcp, accept::ServerSink>>>,
+    lot: Option<Arc<driver::Lot<crate::transport::Tcp, accept::ServerSink>>>,
 }
 
 /// Wake-ups, kept outside `Inner` so the expiry task can wait on them while holding only a
@@ -216,13 +216,9 @@ impl Server {
             throttle: cfg_throttle.map(|t| Mutex::new(FailureThrottle::new(t))),
             // One lot: its thread waits on every parked socket and deadline, its helpers
             // share the sends (see `driver::park`).
-            lots: if park_idle {
-                driver::Lot::threaded(accept::unpark, park_threads)
-                    .into_iter()
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            lot: park_idle
+                .then(|| driver::Lot::threaded(accept::unpark, park_threads))
+                .flatten(),
         });
         let accept = tokio::spawn(accept::accept_loop(listener, inner.clone()));
         tokio::spawn(expiry_loop(Arc::downgrade(&inner), inner.signals.clone()));
@@ -294,7 +290,7 @@ impl ServerHandle {
     /// The threads this server parks idle plain-TCP connections on
     /// ([`ServerConfig::park_threads`]); 0 with [`ServerConfig::park_idle`] off.
     pub fn park_threads(&self) -> usize {
-        self.inner.lots.iter().map(|l| l.threads()).sum()
+        self.inner.lot.as_ref().map_or(0, |l| l.threads())
     }
 
     /// The configuration in force.

@@ -55,7 +55,7 @@ pub(crate) fn set_nice(pid: u32, nice: i32) -> anyhow::Result<usize> {
 pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    field_kb(&s, "VmRSS:")
+    status_number(&s, "VmRSS:")
         .map(|kb| kb * 1024)
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
@@ -72,9 +72,7 @@ fn parse_steal(stat: &str) -> Option<f64> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     // cpu user nice system idle iowait irq softirq steal ...
     let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / if tck > 0 { tck as f64 } else { 100.0 })
+    Some(ticks as f64 / ticks_per_sec())
 }
 
 /// Context switches of process `pid` so far, voluntary (a wait) and not (preempted): the
@@ -88,14 +86,14 @@ pub(crate) fn context_switches(pid: u32) -> anyhow::Result<(u64, u64)> {
         let Ok(s) = std::fs::read_to_string(e?.path().join("status")) else {
             continue;
         };
-        vol += field_kb(&s, "voluntary_ctxt_switches:").unwrap_or(0);
-        invol += field_kb(&s, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+        vol += status_number(&s, "voluntary_ctxt_switches:").unwrap_or(0);
+        invol += status_number(&s, "nonvoluntary_ctxt_switches:").unwrap_or(0);
     }
     Ok((vol, invol))
 }
 
 /// The number after `key` on its line of a `/proc` status file (kB for the memory fields).
-fn field_kb(status: &str, key: &str) -> Option<u64> {
+fn status_number(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
         .find(|l| l.starts_with(key))?
@@ -139,10 +137,18 @@ fn parse_stat_cpu(stat: &str) -> Option<f64> {
     // rest[0] is field 3 (state); utime is field 14, stime field 15.
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / ticks_per_sec())
+}
+
+/// The unit of `/proc`'s CPU times (`CLK_TCK`, 100 where it cannot be read).
+fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let tck = if tck > 0 { tck as f64 } else { 100.0 };
-    Some((utime + stime) as f64 / tck)
+    if tck > 0 {
+        tck as f64
+    } else {
+        100.0
+    }
 }
 
 /// Kernel memory that grows with TCP connections, machine-wide (both ends of a loopback
@@ -247,8 +253,8 @@ mod tests {
     #[test]
     fn status_field() {
         let s = "Name:\tx\nVmRSS:\t  1234 kB\nRssAnon:\t 99 kB\n";
-        assert_eq!(field_kb(s, "VmRSS:"), Some(1234));
-        assert_eq!(field_kb(s, "VmHWM:"), None);
+        assert_eq!(status_number(s, "VmRSS:"), Some(1234));
+        assert_eq!(status_number(s, "VmHWM:"), None);
     }
 
     #[test]
