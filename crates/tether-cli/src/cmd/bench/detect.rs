@@ -115,7 +115,8 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let m0 = server.ask("metrics", "metrics").await?;
-    let cpu0 = sys::cpu_secs(server.pid)?;
+    let mut threads = sys::Threads::new(server.pid);
+    let c0 = threads.read()?;
     let tl0 = Instant::now();
     // Blackhole at least 10 % of all clients at once, every m-th idle client.
     let modulus = (n_idle / n.div_ceil(10)).max(1);
@@ -161,7 +162,7 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
     // Keep the load on a little longer: false Offlines would show up now.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let m1 = server.ask("metrics", "metrics").await?;
-    let cpu1 = sys::cpu_secs(server.pid)?;
+    let c1 = threads.read()?;
     let load_secs = tl0.elapsed().as_secs_f64();
     for a in load_agents.iter_mut() {
         a.ask("unload", "unloaded").await?;
@@ -242,7 +243,7 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
         loaders,
         msg_size: o.msg_size,
         load_msgs_per_s: msgs / load_secs,
-        server_cpu_pct_under_load: (cpu1 - cpu0) / load_secs * 100.0,
+        server_cpu_pct_under_load: c1.cpu_secs_since(&c0) / load_secs * 100.0,
         server_rss_end: rss_end,
     };
     Ok(r)

@@ -166,8 +166,8 @@ pub(super) async fn hold_one(
     let rss_idle = sys::rss_bytes(pid)?;
     let heap_idle = heap(&mut tether_agent).await?;
     let k1 = sys::kernel_mem();
-    let cpu0 = sys::cpu_secs(pid)?;
-    let cs0 = sys::context_switches(pid)?;
+    let mut threads = sys::Threads::new(pid);
+    let c0 = threads.read()?;
     let steal0 = sys::steal_secs();
     let hb0 = liveness_count(&mut agents, tether_agent.is_some()).await?;
     let t0 = Instant::now();
@@ -180,12 +180,11 @@ pub(super) async fn hold_one(
             t0.elapsed().as_secs_f64(),
             o.hold.as_secs_f64(),
             hb - hb0,
-            sys::cpu_secs(pid)? - cpu0
+            threads.read()?.cpu_secs_since(&c0)
         );
     }
     let hb1 = liveness_count(&mut agents, tether_agent.is_some()).await?;
-    let cpu1 = sys::cpu_secs(pid)?;
-    let cs1 = sys::context_switches(pid)?;
+    let c1 = threads.read()?;
     let steal1 = sys::steal_secs();
     let hold_secs = t0.elapsed().as_secs_f64();
     let rss_end = sys::rss_bytes(pid)?;
@@ -207,9 +206,9 @@ pub(super) async fn hold_one(
     // Let the sockets go before the next scenario measures the kernel.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let nc = connected.max(1) as f64;
-    let cpu = cpu1 - cpu0;
+    let cpu = c1.cpu_secs_since(&c0);
     let msgs = hb1 - hb0;
-    let cs = (cs1.0.saturating_sub(cs0.0), cs1.1.saturating_sub(cs0.1));
+    let cs = c1.switches_since(&c0);
     let intervals = nc * hold_secs / o.heartbeat.as_secs_f64();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let steal_pct = match (steal0, steal1) {

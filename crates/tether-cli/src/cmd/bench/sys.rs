@@ -1,6 +1,7 @@
 //! What the bench reads from the kernel: a process's memory and CPU, socket memory, slabs, and a
 //! clock that is comparable between processes.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -75,21 +76,108 @@ fn parse_steal(stat: &str) -> Option<f64> {
     Some(ticks as f64 / ticks_per_sec())
 }
 
-/// Context switches of process `pid` so far, voluntary (a wait) and not (preempted): the
-/// sum over its live threads' `/proc/PID/task/*/status` (the process's own file counts its
-/// main thread only).
-pub(crate) fn context_switches(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let dir = format!("/proc/{pid}/task");
-    let (mut vol, mut invol) = (0, 0);
-    for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
-        // A thread that ended since the listing is skipped.
-        let Ok(s) = std::fs::read_to_string(e?.path().join("status")) else {
-            continue;
-        };
-        vol += status_number(&s, "voluntary_ctxt_switches:").unwrap_or(0);
-        invol += status_number(&s, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+/// A process's CPU time and context switches, read again and again from its threads
+/// (`/proc/PID/task/*`): each thread's run time in nanoseconds (`schedstat`; the tick-based
+/// `/proc/PID/stat` has 10 ms resolution, too coarse for 1,000 idle clients) and its
+/// switches, voluntary (a wait) and not (preempted) (`status`; the process's own file counts
+/// its main thread only). A thread that ended keeps what it had when last read: summed over
+/// the live threads alone, a server's CPU went down when one of its threads ended during a
+/// hold ("server CPU -0.00 s" after 10 s, in three of five 19k holds on 2026-12-02), and
+/// that thread's time was taken off the hold's (less than 5 ms there).
+pub(crate) struct Threads {
+    pid: u32,
+    /// Per thread id, the most it was read at.
+    seen: HashMap<u32, Counts>,
+    /// Threads whose id was taken again by a new one (its counts fell): what they had.
+    gone: Counts,
+}
+
+/// Run time (ns) and context switches (voluntary, preempted) of a thread or a process.
+#[derive(Clone, Copy, Default, PartialEq, Debug)]
+pub(crate) struct Counts {
+    pub(crate) ns: u64,
+    pub(crate) voluntary: u64,
+    pub(crate) preempted: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: Counts) {
+        self.ns += o.ns;
+        self.voluntary += o.voluntary;
+        self.preempted += o.preempted;
     }
-    Ok((vol, invol))
+
+    /// CPU seconds since `earlier`.
+    pub(crate) fn cpu_secs_since(&self, earlier: &Counts) -> f64 {
+        self.ns.saturating_sub(earlier.ns) as f64 / 1e9
+    }
+
+    /// Context switches since `earlier`: (voluntary, preempted).
+    pub(crate) fn switches_since(&self, earlier: &Counts) -> (u64, u64) {
+        (
+            self.voluntary.saturating_sub(earlier.voluntary),
+            self.preempted.saturating_sub(earlier.preempted),
+        )
+    }
+}
+
+impl Threads {
+    pub(crate) fn new(pid: u32) -> Self {
+        Threads {
+            pid,
+            seen: HashMap::new(),
+            gone: Counts::default(),
+        }
+    }
+
+    /// The process's counts so far: its live threads' now, its ended threads' when last
+    /// read. Without `schedstat` (a kernel built without it) the run time is the process's
+    /// `/proc/PID/stat`, in ticks.
+    pub(crate) fn read(&mut self) -> anyhow::Result<Counts> {
+        let dir = format!("/proc/{}/task", self.pid);
+        let no_schedstat = !std::path::Path::new("/proc/self/schedstat").exists();
+        for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
+            let path = e?.path();
+            let Some(tid) = path
+                .file_name()
+                .and_then(|n| n.to_str()?.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // A thread that ended since the listing is skipped (it keeps its last reading).
+            let Ok(status) = std::fs::read_to_string(path.join("status")) else {
+                continue;
+            };
+            let ns = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+            let ns = match ns {
+                Some(ns) => ns,
+                None if no_schedstat => 0,
+                // It ended between the two reads.
+                None => continue,
+            };
+            let now = Counts {
+                ns,
+                voluntary: status_number(&status, "voluntary_ctxt_switches:").unwrap_or(0),
+                preempted: status_number(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0),
+            };
+            let was = self.seen.entry(tid).or_default();
+            if now.ns < was.ns || now.voluntary < was.voluntary {
+                // A new thread with an old one's id.
+                self.gone.add(*was);
+            }
+            *was = now;
+        }
+        let mut total = self.gone;
+        for c in self.seen.values() {
+            total.add(*c);
+        }
+        if no_schedstat {
+            total.ns = (stat_cpu_secs(self.pid)? * 1e9) as u64;
+        }
+        Ok(total)
+    }
 }
 
 /// The number after `key` on its line of a `/proc` status file (kB for the memory fields).
@@ -101,26 +189,6 @@ fn status_number(status: &str, key: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-/// A process's CPU time (user + system) in seconds: the sum of its threads' run time in
-/// nanoseconds from `/proc/PID/task/*/schedstat` (tick-based `/proc/PID/stat` has 10 ms
-/// resolution, too coarse for 1,000 idle clients), falling back to `/proc/PID/stat`.
-pub(crate) fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
-    if let Some(s) = schedstat_secs(pid) {
-        return Ok(s);
-    }
-    stat_cpu_secs(pid)
-}
-
-fn schedstat_secs(pid: u32) -> Option<f64> {
-    let mut ns: u64 = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let path = t.ok()?.path().join("schedstat");
-        let s = std::fs::read_to_string(path).ok()?;
-        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(ns as f64 / 1e9)
 }
 
 /// A process's CPU time (user + system) in seconds, from `/proc/PID/stat`.
@@ -257,6 +325,47 @@ mod tests {
         assert_eq!(status_number(s, "VmHWM:"), None);
     }
 
+    /// A thread that ends between two reads keeps its time and switches in the sum: the
+    /// process's counts never go down (they went down by the thread's time when only the live
+    /// threads were summed).
+    #[test]
+    fn a_thread_that_ended_keeps_its_counts() {
+        let mut threads = Threads::new(std::process::id());
+        let (burnt, burning) = std::sync::mpsc::channel::<()>();
+        let (end, ending) = std::sync::mpsc::channel::<()>();
+        let burner = std::thread::spawn(move || {
+            // 50 ms of this thread's own CPU time, however busy the machine.
+            let cpu_ns = || {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: `ts` is a valid, writable timespec.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+            };
+            let t = cpu_ns();
+            while cpu_ns() < t + 50_000_000 {
+                std::hint::black_box(t);
+            }
+            burnt.send(()).unwrap();
+            ending.recv().unwrap();
+        });
+        burning.recv().unwrap();
+        let before = threads.read().unwrap();
+        end.send(()).unwrap();
+        burner.join().unwrap();
+        let after = threads.read().unwrap();
+        assert!(before.ns >= 50_000_000, "the burner's 50 ms: {before:?}");
+        assert!(after.ns >= before.ns, "{before:?} then {after:?}");
+        assert!(
+            after.voluntary >= before.voluntary,
+            "{before:?} then {after:?}"
+        );
+        assert!(after.cpu_secs_since(&before) >= 0.0);
+        assert_eq!(before.switches_since(&after), (0, 0), "never below zero");
+    }
+
     #[test]
     fn own_process_is_readable_and_clocks_agree() {
         let pid = std::process::id();
@@ -271,16 +380,16 @@ mod tests {
                 "/proc/{pid}/stat never counted 20 ms of CPU"
             );
         }
+        let mut threads = Threads::new(pid);
+        let c = threads.read().unwrap();
         // This test's thread waited at least once (the `sleep` child above).
-        let (vol, _) = context_switches(pid).unwrap();
-        assert!(vol > 0, "{vol}");
-        assert!(context_switches(u32::MAX).is_err(), "no such process");
-        let sched = cpu_secs(pid).unwrap();
+        assert!(c.voluntary > 0, "{c:?}");
+        assert!(Threads::new(u32::MAX).read().is_err(), "no such process");
         let stat = stat_cpu_secs(pid).unwrap();
-        // schedstat sums the live threads only (other tests' threads come and go), /proc/PID/stat
-        // keeps what exited threads used too: the latter is the monotonic one.
-        assert!(sched > 0.0, "{sched}");
-        assert!(sched <= stat + 0.5, "{sched} vs {stat}");
+        // Both count the whole process; only the threads this reader never saw (those that
+        // ended before its first read) are missing from its sum.
+        assert!(c.ns > 0, "{c:?}");
+        assert!(c.ns as f64 / 1e9 <= stat + 0.5, "{c:?} vs {stat}");
         let a = mono_ns();
         let b = instant_ns(Instant::now());
         let c = mono_ns();
