@@ -387,6 +387,11 @@ fn token(idx: u32, gen: u32) -> mio::Token {
     mio::Token(((gen as usize) << 32) | idx as usize)
 }
 
+/// An entry's slot and generation from its [`token`]; `None` for the [`WAKE_TOKEN`].
+fn entry_of(t: mio::Token) -> Option<(u32, u32)> {
+    (t != WAKE_TOKEN).then_some((t.0 as u32, (t.0 >> 32) as u32))
+}
+
 impl LotWake {
     /// An entry's waker was woken (`gen`: the low bits of its generation; `socket`: the
     /// socket's waker of an entry in a lot task, whose transport registers the waker of the
@@ -706,7 +711,10 @@ impl PartialOrd for Place {
 /// 256 KiB written between operations (`cargo bench -p tether --bench deadlines -- --bench`,
 /// BENCHMARKS.md 2026-12-02); in a 19k hold `pop` fell from 1.3-1.8 % of the lot's CPU to
 /// 0.4-0.6 %.
-type Deadlines = dary_heap::OctonaryHeap<Reverse<Place>>;
+type Deadlines = Heap<Reverse<Place>>;
+
+/// The lot's heaps (the deadlines; the tests' heaps of other places).
+type Heap<T> = dary_heap::OctonaryHeap<T>;
 
 /// What the lot's task owns.
 struct Yard<T: ParkIo, S> {
@@ -1434,18 +1442,12 @@ fn run_thread<T: ParkIo, S: Sink + Send + 'static>(lot: Arc<Lot<T, S>>) {
         let mut y = lock(&yard);
         // The entries this return reported are loaded together, not one cache miss at a
         // time as each is reached (see [`prefetch`]).
-        for ev in events.iter() {
-            if let Some(e) = y.slots.get(ev.token().0 as u32 as usize) {
-                if let Some(e) = e.entry.as_deref() {
-                    prefetch(e);
-                }
+        for (idx, _) in events.iter().filter_map(|ev| entry_of(ev.token())) {
+            if let Some(e) = y.slots.get(idx as usize).and_then(|s| s.entry.as_deref()) {
+                prefetch(e);
             }
         }
-        for ev in events.iter() {
-            if ev.token() == WAKE_TOKEN {
-                continue;
-            }
-            let (idx, gen) = (ev.token().0 as u32, (ev.token().0 >> 32) as u32);
+        for (idx, gen) in events.iter().filter_map(|ev| entry_of(ev.token())) {
             let Some(e) = y.entry(idx, gen) else {
                 continue;
             };
@@ -1755,7 +1757,7 @@ mod wake_tests {
 
     #[test]
     fn the_slab_and_heap_grow_by_an_eighth_and_give_room_back_when_a_quarter_empty() {
-        let mut heap = dary_heap::OctonaryHeap::new();
+        let mut heap = Heap::new();
         for i in 0..100_000u32 {
             if let Some(more) = more_room(heap.len(), heap.capacity()) {
                 heap.reserve_exact(more);
@@ -1802,6 +1804,14 @@ mod wake_tests {
         assert!(!requeue(ms(slack + 1), ms(slack + 2), now));
         // An old place already past (a stale reading): as near as can be.
         assert!(requeue(ms(-5), ms(20_000), now));
+    }
+
+    #[test]
+    fn an_epoll_token_gives_back_its_entry_and_the_waker_none() {
+        for (idx, gen) in [(0, 0), (7, 3), (u32::MAX - 1, u32::MAX), (u32::MAX, 1)] {
+            assert_eq!(entry_of(token(idx, gen)), Some((idx, gen)));
+        }
+        assert_eq!(entry_of(WAKE_TOKEN), None);
     }
 
     #[test]

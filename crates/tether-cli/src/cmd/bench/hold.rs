@@ -210,9 +210,8 @@ pub(super) async fn hold_one(
     let msgs = hb1 - hb0;
     let cs = c1.switches_since(&c0);
     let intervals = nc * hold_secs / o.heartbeat.as_secs_f64();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let steal_pct = match (steal0, steal1) {
-        (Some(a), Some(b)) => Some((b - a).max(0.0) * 100.0 / (hold_secs * cpus)),
+        (Some(a), Some(b)) => Some((b - a).max(0.0) * 100.0 / hold_secs),
         _ => None,
     };
     let r = HoldResult {

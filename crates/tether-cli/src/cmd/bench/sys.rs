@@ -62,8 +62,8 @@ pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// CPU time the hypervisor gave to others while this machine's CPUs wanted it (the `steal`
-/// column of `/proc/stat`'s `cpu` line), in seconds summed over the CPUs; `None` where the
-/// kernel does not count it. A benchmark run while the host is busy runs slower for
+/// column of `/proc/stat`'s `cpu` line, which sums the `cpuN` lines), in seconds per CPU;
+/// `None` where the kernel does not count it. A benchmark run while the host is busy runs slower for
 /// reasons of its own.
 pub(crate) fn steal_secs() -> Option<f64> {
     parse_steal(&std::fs::read_to_string("/proc/stat").ok()?)
@@ -73,7 +73,12 @@ fn parse_steal(stat: &str) -> Option<f64> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     // cpu user nice system idle iowait irq softirq steal ...
     let ticks: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
-    Some(ticks as f64 / ticks_per_sec())
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count()
+        .max(1);
+    Some(ticks as f64 / ticks_per_sec() / cpus as f64)
 }
 
 /// A process's CPU time and context switches, read again and again from its threads
@@ -86,6 +91,8 @@ fn parse_steal(stat: &str) -> Option<f64> {
 /// that thread's time was taken off the hold's (less than 5 ms there).
 pub(crate) struct Threads {
     pid: u32,
+    /// Whether this kernel keeps `schedstat` (`/proc/PID/stat` in ticks otherwise).
+    schedstat: bool,
     /// Per thread id, the most it was read at.
     seen: HashMap<u32, Counts>,
     /// Threads whose id was taken again by a new one (its counts fell): what they had.
@@ -125,6 +132,7 @@ impl Threads {
     pub(crate) fn new(pid: u32) -> Self {
         Threads {
             pid,
+            schedstat: std::path::Path::new("/proc/self/schedstat").exists(),
             seen: HashMap::new(),
             gone: Counts::default(),
         }
@@ -135,7 +143,6 @@ impl Threads {
     /// `/proc/PID/stat`, in ticks.
     pub(crate) fn read(&mut self) -> anyhow::Result<Counts> {
         let dir = format!("/proc/{}/task", self.pid);
-        let no_schedstat = !std::path::Path::new("/proc/self/schedstat").exists();
         for e in std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))? {
             let path = e?.path();
             let Some(tid) = path
@@ -153,7 +160,7 @@ impl Threads {
                 .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
             let ns = match ns {
                 Some(ns) => ns,
-                None if no_schedstat => 0,
+                None if !self.schedstat => 0,
                 // It ended between the two reads.
                 None => continue,
             };
@@ -173,7 +180,7 @@ impl Threads {
         for c in self.seen.values() {
             total.add(*c);
         }
-        if no_schedstat {
+        if !self.schedstat {
             total.ns = (stat_cpu_secs(self.pid)? * 1e9) as u64;
         }
         Ok(total)
@@ -313,6 +320,10 @@ mod tests {
         let stat =
             "cpu  2585529 2396 793319 10494778 21220 0 74290 4443 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
         assert_eq!(parse_steal(stat), Some(4443.0 / tck));
+        // Per CPU: the `cpu` line sums the `cpuN` lines.
+        let two =
+            "cpu  1 2 3 4 5 6 7 800 0 0\ncpu0 1 2 3 4 5 6 7 400 0 0\ncpu1 0 0 0 0 0 0 0 400 0 0\n";
+        assert_eq!(parse_steal(two), Some(400.0 / tck));
         assert_eq!(parse_steal("cpu  1 2 3\n"), None);
         assert_eq!(parse_steal("intr 5\n"), None);
         assert!(steal_secs().is_some(), "this kernel counts steal");
