@@ -409,6 +409,90 @@ fn connect_exits_3_when_refused() {
     assert!(e.contains("refused") && e.contains("server-full"), "{e}");
 }
 
+/// `tether bench hold --together` holds tether and mosquitto at the same time: each server's
+/// measured clients connect half a heartbeat interval after the other's (so that their
+/// heartbeat bursts interleave), both holds begin together, and each server's liveness
+/// messages and CPU are its own (about 50 clients × 5 s / 3 s × 2 each; none closed).
+#[test]
+fn bench_hold_together_holds_both_servers_over_one_window() {
+    if ![
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).is_file())
+    {
+        println!(
+            "SKIP: bench_hold_together_holds_both_servers_over_one_window: mosquitto not installed"
+        );
+        return;
+    }
+    let json =
+        std::env::temp_dir().join(format!("tether-e2e-together-{}.json", std::process::id()));
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "hold",
+            "--n",
+            "40",
+            "--hold",
+            "5s",
+            "--heartbeat",
+            "3s",
+        ])
+        .args(["--warmup", "10", "--together", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("== hold: tether and mosquitto at the same time, N=40 each"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("at N=40, held together: RSS/conn"),
+        "{stdout}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let rows = v["hold"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (t, m) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (t["server"].as_str(), m["server"].as_str()),
+        (Some("tether"), Some("mosquitto"))
+    );
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    for r in rows {
+        assert_eq!(r["together"], true);
+        assert_eq!(r["connected"], 40);
+        assert_eq!(r["closed_during_hold"], 0, "{r}");
+        let msgs = r["liveness_msgs"].as_u64().unwrap();
+        assert!(
+            (80..=300).contains(&msgs),
+            "liveness messages: {msgs} in {r}"
+        );
+        assert!(f(r, "cpu_secs") > 0.0, "{r}");
+    }
+    // Half of the 3 s heartbeat out of phase: 1.5 s apart, or a whole number of intervals
+    // more (the second server's start takes 3 s and a little: not in phase by itself), and
+    // soon after.
+    let apart = f(m, "connect_started_unix_s") - f(t, "connect_started_unix_s");
+    let phase = (apart - 1.5).rem_euclid(3.0);
+    assert!(
+        apart > 1.45 && apart < 20.0 && phase < 0.3,
+        "connects {apart:.2} s apart"
+    );
+    let skew = (f(m, "hold_started_unix_s") - f(t, "hold_started_unix_s")).abs();
+    assert!(skew < 0.5, "holds began {skew:.2} s apart");
+}
+
 /// `tether bench hold` counts the liveness messages on its clients (heartbeats sent +
 /// received), so the count costs the measured server nothing: 40 clients and 10 warm-up
 /// clients (connected before the memory baseline, counted for CPU: the server answers them

@@ -117,6 +117,18 @@ struct HoldOpts {
     /// with a few percent was slowed down by the host, not by the server.
     #[arg(long, default_value_t = 1, value_parser = parse_rounds)]
     rounds: usize,
+    /// Hold a round's servers at the same time instead of in turn, each in its own
+    /// processes with its own clients: a machine whose speed drifts from minute to minute
+    /// then slows all of them alike, and the CPU ratios hold still between runs. The
+    /// servers start one after the other, their measured clients connecting a heartbeat
+    /// interval divided by the number of servers apart, so that each server's heartbeat
+    /// bursts fall between the others'; then all are held over one window. Memory is read
+    /// around each server's own connects, as in turn (the kernel's figures are
+    /// machine-wide: they include what the servers started earlier did meanwhile, idle
+    /// heartbeats only). Twice the sockets at once: N × 2 (× 3 with --tls) must fit the
+    /// machine.
+    #[arg(long)]
+    together: bool,
 }
 
 fn parse_rounds(s: &str) -> Result<usize, String> {
@@ -367,6 +379,12 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
     if let Some(h) = &hold {
         for &n in &hold_n {
             for round in 1..=h.rounds {
+                if h.together {
+                    rep.hold
+                        .extend(hold::hold_together(&hold_order(h, round), n, round, h).await?);
+                    save(&rep, json.as_ref())?;
+                    continue;
+                }
                 for server in hold_order(h, round) {
                     match hold_one(server, n, round, h).await {
                         Ok(r) => rep.hold.push(r),
@@ -658,6 +676,7 @@ mod tests {
             hold: Duration::from_secs(1),
             heartbeat: Duration::from_secs(1),
             no_mosquitto: false,
+            together: false,
             tls: false,
             agents: None,
             warmup: 0,

@@ -17,6 +17,13 @@ pub(super) struct HoldResult {
     n: usize,
     /// The round (`--rounds`), from 1.
     round: usize,
+    /// Held over the same window as the round's other servers (`--together`), not in turn.
+    together: bool,
+    /// When the measured clients began to connect and when the hold began, in seconds
+    /// since the Unix epoch: with `--together` the servers' connects are a heartbeat
+    /// interval divided by their number apart, and their holds begin together.
+    connect_started_unix_s: f64,
+    hold_started_unix_s: f64,
     agents: usize,
     connected: u64,
     failed: u64,
@@ -60,12 +67,112 @@ pub(super) struct HoldResult {
     closed_during_hold: u64,
 }
 
+/// One server's hold, started: the server runs and its clients are connected and idle.
+struct Held {
+    server: Server,
+    version: String,
+    n: usize,
+    round: usize,
+    pid: u32,
+    k: usize,
+    tether_agent: Option<Agent>,
+    mosq: Option<Mosquitto>,
+    /// Removed when the hold ends (the TLS server and clients loaded it).
+    _tls_dir: Option<tempfile::TempDir>,
+    agents: Vec<Agent>,
+    connected: u64,
+    failed: u64,
+    connect_error: Option<String>,
+    connect_secs: f64,
+    /// When the measured clients began to connect (their heartbeats follow from then).
+    connect_started: Instant,
+    connect_started_unix_s: f64,
+    rss_empty: u64,
+    rss_before: u64,
+    rss_idle: u64,
+    heap_before: Option<u64>,
+    heap_idle: Option<u64>,
+    k0: sys::KernelMem,
+    k1: sys::KernelMem,
+}
+
+/// What the hold window measured of one server.
+struct Window {
+    started_unix_s: f64,
+    hold_secs: f64,
+    cpu: f64,
+    msgs: u64,
+    cs: (u64, u64),
+    steal_pct: Option<f64>,
+    rss_end: u64,
+    together: bool,
+}
+
+/// One server's hold from start to end (`--together` off): start, hold, stop.
 pub(super) async fn hold_one(
     server: Server,
     n: usize,
     round: usize,
     o: &HoldOpts,
 ) -> anyhow::Result<HoldResult> {
+    let mut h = start(server, n, round, o, None).await?;
+    let w = hold(&mut h, o, false).await?;
+    finish(h, w, o).await
+}
+
+/// The round's servers held at the same time (`--together`): each started in turn, its
+/// clients connecting a heartbeat interval divided by the number of servers after the
+/// previous server's (so that the clients' heartbeat bursts interleave rather than land
+/// together), then all held over one window and stopped. A mosquitto that cannot start is
+/// skipped with a message, as in turn.
+pub(super) async fn hold_together(
+    servers: &[Server],
+    n: usize,
+    round: usize,
+    o: &HoldOpts,
+) -> anyhow::Result<Vec<HoldResult>> {
+    let gap = o.heartbeat / servers.len().max(1) as u32;
+    let mut held = Vec::new();
+    let mut next: Option<Instant> = None;
+    for &server in servers {
+        match start(server, n, round, o, next).await {
+            Ok(h) => {
+                next = Some(h.connect_started + gap);
+                held.push(h);
+            }
+            Err(e) if server == Server::Mosquitto => {
+                eprintln!("mosquitto at N={n} skipped: {e:#}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    println!(
+        "\n== hold: {} at the same time, N={n} each, hold {:?} ==",
+        held.iter()
+            .map(|h| h.server.name())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        o.hold
+    );
+    let windows = futures::future::try_join_all(held.iter_mut().map(|h| hold(h, o, true))).await?;
+    let mut out = Vec::new();
+    for (h, w) in held.into_iter().zip(windows) {
+        out.push(finish(h, w, o).await?);
+    }
+    Ok(out)
+}
+
+/// Starts the server, connects the warm-up clients, then the N measured ones, reading
+/// memory before and after. With `connect_at`, the measured clients connect at it or a
+/// whole number of heartbeat intervals after it (`in_phase`): their heartbeats then come
+/// in phase with it.
+async fn start(
+    server: Server,
+    n: usize,
+    round: usize,
+    o: &HoldOpts,
+    connect_at: Option<Instant>,
+) -> anyhow::Result<Held> {
     println!(
         "\n== hold: {}, N={n}{}, heartbeat {:?}, hold {:?}{} ==",
         server.name(),
@@ -145,10 +252,16 @@ pub(super) async fn hold_one(
         warm = a;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    if let Some(at) = connect_at {
+        let at = in_phase(at, o.heartbeat, Instant::now());
+        tokio::time::sleep_until(at.into()).await;
+    }
     let heap_before = heap(&mut tether_agent).await?;
     let rss_before = sys::rss_bytes(pid)?;
     let k0 = sys::kernel_mem();
     let k = agents_for(n, o.agents);
+    let connect_started = Instant::now();
+    let connect_started_unix_s = unix_s();
     let (measured, connect_secs, failed, connect_error) =
         connect_clients(kind, addr, 0, n, k, hb_ms, dw_ms, &tls).await?;
     let mut agents = measured;
@@ -166,29 +279,83 @@ pub(super) async fn hold_one(
     let rss_idle = sys::rss_bytes(pid)?;
     let heap_idle = heap(&mut tether_agent).await?;
     let k1 = sys::kernel_mem();
-    let mut threads = sys::Threads::new(pid);
+    Ok(Held {
+        server,
+        version,
+        n,
+        round,
+        pid,
+        k,
+        tether_agent,
+        mosq,
+        _tls_dir: tls_dir,
+        agents,
+        connected,
+        failed,
+        connect_error,
+        connect_secs,
+        connect_started,
+        connect_started_unix_s,
+        rss_empty,
+        rss_before,
+        rss_idle,
+        heap_before,
+        heap_idle,
+        k0,
+        k1,
+    })
+}
+
+/// Holds the idle clients for `--hold`, measuring the server's CPU and the liveness
+/// messages; prints progress every 10 s (named by server when `together`).
+async fn hold(h: &mut Held, o: &HoldOpts, together: bool) -> anyhow::Result<Window> {
+    let tether = h.tether_agent.is_some();
+    let who = if together {
+        format!(" {}", h.server.name())
+    } else {
+        String::new()
+    };
+    let mut threads = sys::Threads::new(h.pid);
     let c0 = threads.read()?;
     let steal0 = sys::steal_secs();
-    let hb0 = liveness_count(&mut agents, tether_agent.is_some()).await?;
+    let hb0 = liveness_count(&mut h.agents, tether).await?;
     let t0 = Instant::now();
+    let started_unix_s = unix_s();
     while t0.elapsed() < o.hold {
         let left = o.hold.saturating_sub(t0.elapsed());
         tokio::time::sleep(left.min(Duration::from_secs(10))).await;
-        let hb = liveness_count(&mut agents, tether_agent.is_some()).await?;
+        let hb = liveness_count(&mut h.agents, tether).await?;
         eprintln!(
-            "  holding: {:.0}/{:.0} s, {} liveness messages, server CPU {:.2} s",
+            "  holding{who}: {:.0}/{:.0} s, {} liveness messages, server CPU {:.2} s",
             t0.elapsed().as_secs_f64(),
             o.hold.as_secs_f64(),
             hb - hb0,
             threads.read()?.cpu_secs_since(&c0)
         );
     }
-    let hb1 = liveness_count(&mut agents, tether_agent.is_some()).await?;
+    let hb1 = liveness_count(&mut h.agents, tether).await?;
     let c1 = threads.read()?;
     let steal1 = sys::steal_secs();
     let hold_secs = t0.elapsed().as_secs_f64();
-    let rss_end = sys::rss_bytes(pid)?;
+    Ok(Window {
+        started_unix_s,
+        hold_secs,
+        cpu: c1.cpu_secs_since(&c0),
+        msgs: hb1 - hb0,
+        cs: c1.switches_since(&c0),
+        steal_pct: match (steal0, steal1) {
+            (Some(a), Some(b)) => Some((b - a).max(0.0) * 100.0 / hold_secs),
+            _ => None,
+        },
+        rss_end: sys::rss_bytes(h.pid)?,
+        together,
+    })
+}
+
+/// Stops the clients and the server, and puts the figures together.
+async fn finish(h: Held, w: Window, o: &HoldOpts) -> anyhow::Result<HoldResult> {
     let mut closed = 0;
+    let mut agents = h.agents;
     for a in agents.iter_mut() {
         closed += a.ask("stats", "stats").await?["closed"]
             .as_u64()
@@ -197,43 +364,50 @@ pub(super) async fn hold_one(
     for a in agents {
         a.quit().await;
     }
-    if let Some(t) = tether_agent {
+    if let Some(t) = h.tether_agent {
         t.quit().await;
     }
-    if let Some(m) = mosq {
+    if let Some(m) = h.mosq {
         m.stop().await;
     }
     // Let the sockets go before the next scenario measures the kernel.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let nc = connected.max(1) as f64;
-    let cpu = c1.cpu_secs_since(&c0);
-    let msgs = hb1 - hb0;
-    let cs = c1.switches_since(&c0);
-    let intervals = nc * hold_secs / o.heartbeat.as_secs_f64();
-    let steal_pct = match (steal0, steal1) {
-        (Some(a), Some(b)) => Some((b - a).max(0.0) * 100.0 / hold_secs),
-        _ => None,
-    };
-    let r = HoldResult {
-        server,
-        server_version: version,
-        n,
-        round,
-        agents: k,
-        connected,
-        failed,
-        connect_error,
-        connect_secs,
-        connects_per_s: connected as f64 / connect_secs.max(1e-9),
-        warmup: o.warmup,
-        rss_empty,
-        rss_before,
-        rss_idle,
+    let (k0, k1) = (h.k0, h.k1);
+    let nc = h.connected.max(1) as f64;
+    let Window {
+        started_unix_s,
+        hold_secs,
+        cpu,
+        msgs,
+        cs,
+        steal_pct,
         rss_end,
-        rss_per_conn: (rss_idle as f64 - rss_before as f64) / nc,
-        rss_end_per_conn: (rss_end as f64 - rss_before as f64) / nc,
-        cold_rss_per_conn: (rss_idle as f64 - rss_empty as f64) / (nc + o.warmup as f64),
-        heap_per_conn: match (heap_before, heap_idle) {
+        together,
+    } = w;
+    let intervals = nc * hold_secs / o.heartbeat.as_secs_f64();
+    let r = HoldResult {
+        server: h.server,
+        server_version: h.version,
+        n: h.n,
+        round: h.round,
+        together,
+        connect_started_unix_s: h.connect_started_unix_s,
+        hold_started_unix_s: started_unix_s,
+        agents: h.k,
+        connected: h.connected,
+        failed: h.failed,
+        connect_error: h.connect_error,
+        connect_secs: h.connect_secs,
+        connects_per_s: h.connected as f64 / h.connect_secs.max(1e-9),
+        warmup: o.warmup,
+        rss_empty: h.rss_empty,
+        rss_before: h.rss_before,
+        rss_idle: h.rss_idle,
+        rss_end,
+        rss_per_conn: (h.rss_idle as f64 - h.rss_before as f64) / nc,
+        rss_end_per_conn: (rss_end as f64 - h.rss_before as f64) / nc,
+        cold_rss_per_conn: (h.rss_idle as f64 - h.rss_empty as f64) / (nc + o.warmup as f64),
+        heap_per_conn: match (h.heap_before, h.heap_idle) {
             (Some(a), Some(b)) => Some((b as f64 - a as f64) / nc),
             _ => None,
         },
@@ -253,8 +427,35 @@ pub(super) async fn hold_one(
         cpu_us_per_client_interval: cpu * 1e6 / intervals.max(1.0),
         closed_during_hold: closed,
     };
-    println!("  {}", hold_summary(&r));
+    println!(
+        "  {}{}",
+        if together {
+            format!("{}: ", r.server.name())
+        } else {
+            String::new()
+        },
+        hold_summary(&r)
+    );
     Ok(r)
+}
+
+/// The first instant from `now` on that is a whole number of heartbeat intervals after
+/// `at` (`at` itself if it has not passed): clients connected then heartbeat in phase with
+/// `at`.
+fn in_phase(at: Instant, heartbeat: Duration, now: Instant) -> Instant {
+    let late = now.saturating_duration_since(at);
+    if late.is_zero() || heartbeat.is_zero() {
+        return at.max(now);
+    }
+    let periods = late.as_nanos().div_ceil(heartbeat.as_nanos());
+    at + heartbeat * u32::try_from(periods).unwrap_or(u32::MAX)
+}
+
+/// Now, in seconds since the Unix epoch.
+fn unix_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The tether server's heap in use (`None` for mosquitto).
@@ -330,8 +531,9 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
         let vs = pairs(rows, n, Server::Tether, Server::Mosquitto);
         for (t, m) in &vs {
             println!(
-                "tether/mosquitto at N={n}{}: RSS/conn {:.2}× (issue 17: < 0.8×), CPU/msg {} (issue 17: ≤ 0.75×), connect rate {:.2}×{}",
+                "tether/mosquitto at N={n}{}{}: RSS/conn {:.2}× (issue 17: < 0.8×), CPU/msg {} (issue 17: ≤ 0.75×), connect rate {:.2}×{}",
                 round_label(t.round, rounds),
+                if t.together && m.together { ", held together" } else { "" },
                 t.rss_per_conn / m.rss_per_conn,
                 cpu_ratio(t, m).map_or_else(
                     || "n/a (no liveness messages during the hold)".to_owned(),
@@ -472,6 +674,9 @@ mod tests {
             server_version: String::new(),
             n: 1000,
             round: 1,
+            together: false,
+            connect_started_unix_s: 0.0,
+            hold_started_unix_s: 0.0,
             agents: 1,
             connected: 1000,
             failed: 0,
@@ -500,6 +705,19 @@ mod tests {
             cpu_us_per_client_interval: 0.8,
             closed_during_hold: 0,
         }
+    }
+
+    #[test]
+    fn a_later_server_connects_in_phase_with_its_slot() {
+        let t = Instant::now();
+        let hb = Duration::from_secs(30);
+        let s = Duration::from_secs;
+        // Ready before the slot: at the slot.
+        assert_eq!(in_phase(t + s(15), hb, t + s(5)), t + s(15));
+        // Ready 2 s after it: the same phase one interval later; exactly on a later one: it.
+        assert_eq!(in_phase(t + s(15), hb, t + s(17)), t + s(45));
+        assert_eq!(in_phase(t + s(15), hb, t + s(45)), t + s(45));
+        assert_eq!(in_phase(t, hb, t + s(61)), t + s(90));
     }
 
     #[test]
