@@ -409,6 +409,30 @@ fn connect_exits_3_when_refused() {
     assert!(e.contains("refused") && e.contains("server-full"), "{e}");
 }
 
+/// `tether bench hold` of 40 clients and 10 warm-up clients held for 5 s, with `args`
+/// and `env`: its standard output and its `--json` report.
+fn bench_hold(tag: &str, args: &[&str], env: &[(&str, &str)]) -> (String, serde_json::Value) {
+    let json = std::env::temp_dir().join(format!("tether-e2e-{tag}-{}.json", std::process::id()));
+    let out = Command::new(BIN)
+        .args([
+            "bench", "hold", "--n", "40", "--hold", "5s", "--warmup", "10",
+        ])
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    (String::from_utf8_lossy(&out.stdout).into_owned(), v)
+}
+
 /// `tether bench hold --together` holds tether and mosquitto at the same time: each server's
 /// measured clients connect half a heartbeat interval after the other's (so that their
 /// heartbeat bursts interleave), both holds begin together, and each server's liveness
@@ -428,29 +452,7 @@ fn bench_hold_together_holds_both_servers_over_one_window() {
         );
         return;
     }
-    let json =
-        std::env::temp_dir().join(format!("tether-e2e-together-{}.json", std::process::id()));
-    let out = Command::new(BIN)
-        .args([
-            "bench",
-            "hold",
-            "--n",
-            "40",
-            "--hold",
-            "5s",
-            "--heartbeat",
-            "3s",
-        ])
-        .args(["--warmup", "10", "--together", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, v) = bench_hold("together", &["--heartbeat", "3s", "--together"], &[]);
     assert!(
         stdout.contains("== hold: tether and mosquitto at the same time, N=40 each"),
         "{stdout}"
@@ -459,8 +461,6 @@ fn bench_hold_together_holds_both_servers_over_one_window() {
         stdout.contains("at N=40, held together: RSS/conn"),
         "{stdout}"
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     let rows = v["hold"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     let (t, m) = (&rows[0], &rows[1]);
@@ -501,35 +501,13 @@ fn bench_hold_together_holds_both_servers_over_one_window() {
 /// reaches the measured server (its header names the count).
 #[test]
 fn bench_hold_counts_liveness_messages_on_the_clients() {
-    let json = std::env::temp_dir().join(format!("tether-e2e-hold-{}.json", std::process::id()));
-    let out = Command::new(BIN)
-        .args([
-            "bench",
-            "hold",
-            "--n",
-            "40",
-            "--hold",
-            "5s",
-            "--heartbeat",
-            "1s",
-            "--warmup",
-            "10",
-        ])
-        .args(["--no-mosquitto", "--json"])
-        .arg(&json)
-        // The server's lot threads from the environment, as `tether serve` reads them.
-        .env("TETHER_PARK_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // The server's lot threads from the environment, as `tether serve` reads them.
+    let (stdout, v) = bench_hold(
+        "hold",
+        &["--heartbeat", "1s", "--no-mosquitto"],
+        &[("TETHER_PARK_THREADS", "1")],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(", park threads 1 =="), "{stdout}");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     let row = &v["hold"][0];
     assert_eq!(row["connected"], 40);
     assert_eq!(row["warmup"], 10);
