@@ -203,8 +203,10 @@ pub struct Liveness {
 /// engine, see `conn::FrozenConn`): the same recorded times, flood ring, flags and received
 /// heartbeats, with the epoch as an 8-byte offset from an origin the holder keeps (not a
 /// 16-byte `Instant`) and no event queue (it is empty). [`Liveness::freeze`] /
-/// [`FrozenLiveness::thaw`] give back an engine that decides exactly as the one frozen: no
-/// decision is made on this form, it only holds the state.
+/// [`FrozenLiveness::thaw`] give back an engine that decides exactly as the one frozen. It
+/// answers for its deadlines ([`poll_timeout`](FrozenLiveness::poll_timeout), the same
+/// rule as the live engine's) and its last arrival; a read is decided on the engine thawed
+/// (`conn::FrozenConn::parked_heartbeats` thaws it on the stack), never on this form.
 ///
 /// 88 B (96 B before): the heartbeats sent are not kept, since a connection publishes them
 /// (`ConnStats::heartbeats_out`) and its holder hands them back to
@@ -293,6 +295,31 @@ impl Liveness {
 }
 
 impl FrozenLiveness {
+    /// When anything was last received ([`Liveness::last_rx`]; `origin`: the one given to
+    /// [`Liveness::freeze`]).
+    pub fn last_rx(&self, origin: Instant) -> Instant {
+        crate::offset::instant(origin, self.epoch) + Duration::from_nanos(self.last_rx)
+    }
+
+    /// The earliest deadline of any timer, as the engine frozen says
+    /// ([`Liveness::poll_timeout`], the same rule); `None` once the peer is dead.
+    /// `origin`: the one given to [`Liveness::freeze`].
+    pub fn poll_timeout(&self, origin: Instant) -> Option<Instant> {
+        let flags = ((self.packed >> 4) & 0xf) as u8;
+        Times {
+            cfg: &self.cfg,
+            epoch: crate::offset::instant(origin, self.epoch),
+            last_rx: self.last_rx,
+            last_tx: self.last_tx,
+            last_app: self.last_app,
+            last_ping: self.rtt.as_ref().map(|r| r.last_ping),
+            suspect: flags & SUSPECT != 0,
+            dead: flags & DEAD != 0,
+            idle_fired: flags & IDLE_FIRED != 0,
+        }
+        .poll_timeout()
+    }
+
     /// The engine again, as it was frozen (`origin`: the one given to
     /// [`Liveness::freeze`]; `heartbeats_sent`: what its
     /// [`heartbeats_sent`](Liveness::heartbeats_sent) said when it was frozen, which the
@@ -325,6 +352,75 @@ impl FrozenLiveness {
             heartbeats_sent: u32::try_from(heartbeats_sent).unwrap_or(u32::MAX),
             heartbeats_received: self.heartbeats_received,
         }
+    }
+}
+
+/// What an engine's deadlines are derived from, in either form ([`Liveness`],
+/// [`FrozenLiveness`]): one rule for both.
+struct Times<'a> {
+    cfg: &'a LivenessConfig,
+    epoch: Instant,
+    last_rx: u64,
+    last_tx: u64,
+    last_app: u64,
+    /// `None` without RTT probing.
+    last_ping: Option<u64>,
+    suspect: bool,
+    dead: bool,
+    idle_fired: bool,
+}
+
+impl Times<'_> {
+    /// The instant `off` nanoseconds after the epoch.
+    fn at(&self, off: u64) -> Instant {
+        self.epoch + Duration::from_nanos(off)
+    }
+
+    fn deadline(&self, timer: Timer) -> Option<Instant> {
+        if self.dead {
+            return None;
+        }
+        match timer {
+            Timer::Heartbeat => Some(self.at(self.last_tx) + self.cfg.own_heartbeat_after()),
+            Timer::Dead => Some(self.at(self.last_rx) + self.cfg.dead_after),
+            Timer::Suspect => match (self.cfg.suspect_after, self.suspect) {
+                (Some(s), false) => Some(self.at(self.last_rx) + s),
+                _ => None,
+            },
+            Timer::Idle => match (self.cfg.idle_timeout, self.idle_fired) {
+                (Some(i), false) => Some(self.at(self.last_app) + i),
+                _ => None,
+            },
+            Timer::Ping => match (self.cfg.ping_interval, self.last_ping) {
+                (Some(p), Some(l)) => Some(self.at(l) + p),
+                _ => None,
+            },
+        }
+    }
+
+    /// The earliest of [`deadline`](Self::deadline) over every timer, found among the
+    /// offsets (one conversion to an `Instant`, not one per timer: this runs on every
+    /// wake-up of every parked connection).
+    fn poll_timeout(&self) -> Option<Instant> {
+        if self.dead {
+            return None;
+        }
+        let after = |off: u64, d: Duration| {
+            off.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        };
+        let c = self.cfg;
+        let mut at =
+            after(self.last_tx, c.own_heartbeat_after()).min(after(self.last_rx, c.dead_after));
+        if let (Some(s), false) = (c.suspect_after, self.suspect) {
+            at = at.min(after(self.last_rx, s));
+        }
+        if let (Some(i), false) = (c.idle_timeout, self.idle_fired) {
+            at = at.min(after(self.last_app, i));
+        }
+        if let (Some(p), Some(l)) = (c.ping_interval, self.last_ping) {
+            at = at.min(after(l, p));
+        }
+        Some(self.at(at))
     }
 }
 
@@ -445,10 +541,7 @@ impl Liveness {
         // Sliding window: a flood is the (FLOOD_LIMIT + 1)-th heartbeat arriving less than
         // `window` after the oldest of the previous FLOOD_LIMIT. (The ring's times are
         // rounded down to the millisecond: a gap is never measured shorter than it was.)
-        if usize::from(self.hb_filled) == FLOOD_LIMIT
-            && now.saturating_duration_since(self.ring_instant(self.hb_ring[self.hb_next as usize]))
-                < window
-        {
+        if self.ring_floods(now, window) {
             self.events.push_back(LivenessEvent::HeartbeatFlood {
                 count: FLOOD_LIMIT as u32 + 1,
                 window,
@@ -579,30 +672,56 @@ impl Liveness {
 
     /// When `timer` next fires, or `None` when it is off.
     pub fn deadline(&self, timer: Timer) -> Option<Instant> {
-        if self.dead {
-            return None;
-        }
-        match timer {
-            Timer::Heartbeat => Some(self.at(self.last_tx) + self.cfg.own_heartbeat_after()),
-            Timer::Dead => Some(self.at(self.last_rx) + self.cfg.dead_after),
-            Timer::Suspect => match (self.cfg.suspect_after, self.suspect) {
-                (Some(s), false) => Some(self.at(self.last_rx) + s),
-                _ => None,
-            },
-            Timer::Idle => match (self.cfg.idle_timeout, self.idle_fired) {
-                (Some(i), false) => Some(self.at(self.last_app) + i),
-                _ => None,
-            },
-            Timer::Ping => match (self.cfg.ping_interval, &self.rtt) {
-                (Some(p), Some(r)) => Some(self.at(r.last_ping) + p),
-                _ => None,
-            },
-        }
+        self.times().deadline(timer)
     }
 
     /// The earliest deadline of any timer; `None` once the peer is dead.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        Timer::ALL.iter().filter_map(|t| self.deadline(*t)).min()
+        self.times().poll_timeout()
+    }
+
+    /// What the deadlines are derived from.
+    fn times(&self) -> Times<'_> {
+        Times {
+            cfg: &self.cfg,
+            epoch: self.epoch,
+            last_rx: self.last_rx,
+            last_tx: self.last_tx,
+            last_app: self.last_app,
+            last_ping: self.rtt.as_ref().map(|r| r.last_ping),
+            suspect: self.suspect,
+            dead: self.dead,
+            idle_fired: self.idle_fired,
+        }
+    }
+
+    /// Whether a read of whole heartbeats at `now` ([`on_receive`](Self::on_receive), then
+    /// [`on_heartbeat_received`](Self::on_heartbeat_received)) reports nothing but, perhaps,
+    /// a heartbeat to send, and leaves the engine able to freeze: the check
+    /// `FrozenConn::parked_heartbeats` makes before it takes a read on the frozen form.
+    /// Conservative: false for a suspect peer (the read reports a recovery), a read the
+    /// flood rule would close on, and a ring whose base would move past what the frozen
+    /// form keeps (558 years); also false in the one case the rule would not close after
+    /// all (the ring's base moves 49.7 days on and forgets every arrival): the caller then
+    /// takes the read the full way, which is always right.
+    pub(crate) fn heartbeat_is_quiet(&self, now: Instant) -> bool {
+        if self.suspect || self.dead {
+            return false;
+        }
+        let Some(h) = self.cfg.enforce_peer_heartbeat else {
+            return true;
+        };
+        let ms = now.saturating_duration_since(self.epoch).as_millis();
+        ms < u128::from(FROZEN_RING_BASES) * u128::from(RING_STEP_MS)
+            && !self.ring_floods(now, h * 4)
+    }
+
+    /// The flood rule: the ring holds `FLOOD_LIMIT` arrivals and the oldest is less than
+    /// `window` before `now`.
+    fn ring_floods(&self, now: Instant, window: Duration) -> bool {
+        usize::from(self.hb_filled) == FLOOD_LIMIT
+            && now.saturating_duration_since(self.ring_instant(self.hb_ring[self.hb_next as usize]))
+                < window
     }
 
     /// Acts on every timer whose deadline is at or before `now`.
@@ -680,6 +799,44 @@ mod tests {
     #[allow(clippy::disallowed_methods)]
     fn base() -> Instant {
         Instant::now()
+    }
+
+    /// The earliest deadline, found among the offsets, is the earliest of the timers'
+    /// deadlines, whatever is configured and whatever has fired; the frozen form says the
+    /// same.
+    #[test]
+    fn poll_timeout_is_the_earliest_timer() {
+        let t0 = base();
+        let origin = t0 + Duration::from_secs(5);
+        let ms = Duration::from_millis;
+        let mut cases = 0;
+        for bits in 0..64u32 {
+            let on = |i: u32| bits >> i & 1 == 1;
+            let mut c = LivenessConfig::new(ms(2000), ms(6500));
+            c.suspect_after = on(0).then(|| ms(3100));
+            c.idle_timeout = on(1).then(|| ms(9000));
+            c.ping_interval = on(2).then(|| ms(2700));
+            c.answer_peer_heartbeat = on(3);
+            let cfg = Arc::new(c);
+            for (rx, tx, app) in [(0, 0, 0), (1500, 300, 0), (700, 2600, 5000), (9000, 10, 4)] {
+                let mut l = Liveness::new(t0, cfg.clone());
+                l.on_receive(t0 + ms(rx));
+                l.on_send(t0 + ms(tx));
+                l.on_app_data(t0 + ms(app));
+                l.suspect = on(4);
+                l.idle_fired = on(5);
+                let earliest = Timer::ALL.iter().filter_map(|t| l.deadline(*t)).min();
+                assert_eq!(l.poll_timeout(), earliest, "{bits:b} {rx} {tx} {app}");
+                let sent = l.heartbeats_sent();
+                let f = l.freeze(origin).expect("nothing to report");
+                assert_eq!(f.poll_timeout(origin), earliest);
+                let mut l = f.thaw(origin, sent);
+                l.dead = true;
+                assert_eq!(l.poll_timeout(), None);
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 256);
     }
 
     /// The frozen form's packed word gives back every ring state, flag and base the engine

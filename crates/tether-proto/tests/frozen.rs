@@ -3,15 +3,16 @@
 //! memory on a virtual clock, get the same random actions at the same instants: in one the
 //! connections are never frozen; in the other each is frozen and thawed whenever it is
 //! quiescent, and a quiescent server is woken the way a driver's lot wakes it (whole
-//! heartbeats through `Conn::parked_input`, deadlines through `Conn::parked_timeout`, the
-//! full path for anything else). Every byte written, event, deadline and counter must be
-//! the same, step by step.
+//! heartbeats on the frozen form first (`FrozenConn::parked_heartbeats`, its answer written
+//! in random pieces), then through `Conn::parked_input`, deadlines through
+//! `Conn::parked_timeout`, the full path for anything else). Every byte written, event,
+//! deadline and counter must be the same, step by step.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tether_proto::codec::{self, Credential, Hello, SessionGrant};
-use tether_proto::conn::ParkedStep;
+use tether_proto::conn::{FrozenStep, ParkedStep};
 use tether_proto::session::{Session, SessionConfig};
 use tether_proto::{Conn, ConnConfig, ConnEvent, LivenessConfig};
 
@@ -78,6 +79,15 @@ struct World {
     log: Vec<String>,
     freezes: usize,
     quick: usize,
+    /// Reads taken on the frozen form (`FrozenConn::parked_heartbeats`).
+    frozen_steps: usize,
+    /// Of which the answer did not all go out.
+    unsent: usize,
+    /// What the frozen form wrote, written out with the server's next bytes (as the full
+    /// path writes them: the log's lines are the same either way).
+    server_wrote: Vec<u8>,
+    /// How much of each answer the frozen form's writes take (the frozen world only).
+    writes: Rng,
 }
 
 impl World {
@@ -113,6 +123,10 @@ impl World {
             log: Vec::new(),
             freezes: 0,
             quick: 0,
+            frozen_steps: 0,
+            unsent: 0,
+            server_wrote: Vec::new(),
+            writes: Rng(0x2545_f491_4f6c_dd1d),
         }
     }
 
@@ -190,8 +204,11 @@ impl World {
                 } else {
                     &mut self.client
                 };
-                let out = c.transmit_chunks().collect::<Vec<_>>().concat();
+                let mut out = c.transmit_chunks().collect::<Vec<_>>().concat();
                 c.transmitted(out.len());
+                if server && !self.server_wrote.is_empty() {
+                    out.splice(0..0, self.server_wrote.drain(..));
+                }
                 if !out.is_empty() {
                     moved = true;
                     self.log
@@ -230,6 +247,40 @@ impl World {
     /// the full path for what it leaves untouched.
     fn server_input(&mut self, data: &[u8]) {
         let now = self.now;
+        if self.frozen && self.server.can_freeze() {
+            let placeholder = Conn::server(now, ConnConfig::default());
+            let taken = std::mem::replace(&mut self.server, placeholder);
+            let mut counters = taken.stats();
+            let f = taken.freeze(self.origin).expect("can_freeze said yes");
+            // Mostly whole, sometimes in part or not at all (a full send buffer).
+            let take = match self.writes.below(3) {
+                0 => self.writes.below(4) as usize,
+                _ => 4,
+            };
+            let wrote = &mut self.server_wrote;
+            let (f, step) = f.parked_heartbeats(self.origin, now, data, &mut counters, |b| {
+                let n = take.min(b.len());
+                wrote.extend_from_slice(&b[..n]);
+                n
+            });
+            if step != FrozenStep::NotHandled {
+                self.frozen_steps += 1;
+                self.unsent += usize::from(step == FrozenStep::Unsent);
+            }
+            let deadline = f.poll_timeout(self.origin);
+            let last_rx = f.last_rx(self.origin);
+            self.server = f.thaw(self.origin, &counters);
+            assert_eq!(self.server.poll_timeout(), deadline, "the frozen deadline");
+            assert_eq!(self.server.last_rx(), last_rx);
+            assert_eq!(
+                self.server.is_quiescent(),
+                step != FrozenStep::Unsent,
+                "{step:?}"
+            );
+            if step != FrozenStep::NotHandled {
+                return;
+            }
+        }
         if self.frozen
             && self.server.is_quiescent()
             && self.server.parked_input(now, data) != ParkedStep::NotLiveness
@@ -411,7 +462,7 @@ fn apply(w: &mut World, a: Action) {
 /// never-frozen world's, line by line.
 #[test]
 fn a_frozen_connection_decides_as_one_never_frozen() {
-    let (mut freezes, mut quick) = (0, 0);
+    let (mut freezes, mut quick, mut frozen_steps, mut unsent) = (0, 0, 0, 0);
     for seed in 0..64u64 {
         let opts = Options::from_seed(seed);
         let t0 = base();
@@ -446,10 +497,19 @@ fn a_frozen_connection_decides_as_one_never_frozen() {
         }
         freezes += frozen.freezes;
         quick += frozen.quick;
+        frozen_steps += frozen.frozen_steps;
+        unsent += frozen.unsent;
     }
-    // The scenarios do freeze, and do take the quick path (this test cannot pass vacuously).
+    // The scenarios do freeze, and do take the quick path and the frozen one (this test
+    // cannot pass vacuously).
     assert!(freezes > 1000, "only {freezes} freezes");
-    assert!(quick > 500, "only {quick} quick wake-ups");
+    assert!(quick > 200, "only {quick} quick wake-ups");
+    assert!(frozen_steps > 300, "only {frozen_steps} reads taken frozen");
+    assert!(unsent > 20, "only {unsent} answers written in part");
+    eprintln!(
+        "{freezes} freezes, {quick} quick wake-ups, {frozen_steps} reads taken frozen \
+         ({unsent} answers written in part)"
+    );
 }
 
 /// A connection that is not quiescent is given back unchanged.

@@ -53,6 +53,16 @@ pub(super) struct CredentialState {
     pub(super) auth_in_flight: bool,
 }
 
+impl CredentialState {
+    /// The credential's deadline for this end: the server's expiry, the client's refresh.
+    pub(super) fn deadline(&self, role: Role) -> Option<Instant> {
+        match role {
+            Role::Server => self.expires_at,
+            Role::Client => self.refresh_at,
+        }
+    }
+}
+
 /// What a connection without credential state reads (nothing negotiated, nothing armed).
 static NO_CREDENTIAL: CredentialState = CredentialState {
     negotiated: false,
@@ -157,10 +167,7 @@ impl Conn {
 
     /// The earliest credential deadline this side acts on.
     pub(super) fn credential_timeout(&self) -> Option<Instant> {
-        match self.role {
-            Role::Server => self.cred().expires_at,
-            Role::Client => self.cred().refresh_at,
-        }
+        self.cred().deadline(self.role)
     }
 
     /// Acts on a credential deadline due at `now`: the server closes an expired connection,

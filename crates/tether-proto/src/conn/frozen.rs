@@ -25,23 +25,30 @@
 //! wake-up anyway (tether's per-connection stats, which its handles read), so it hands them
 //! back to [`FrozenConn::thaw`] from there.
 //!
-//! No decision is taken on the frozen form: the driver thaws it (no allocation: the empty
-//! buffers and queues are not allocated) and runs the one engine — the parked path
-//! ([`Conn::parked_input`], [`Conn::parked_timeout`]) or the full one — then freezes it again
-//! if it is still quiescent. The tests below hold a connection frozen and thawed at every
-//! quiescent point to a connection never frozen: the same bytes, events, deadlines and
-//! counters.
+//! One read is taken on the frozen form, the commonest wake-up of an idle server
+//! connection: whole heartbeats the liveness engine has nothing to say about but, perhaps,
+//! an answer ([`FrozenConn::parked_heartbeats`]). It is the one engine still: the liveness
+//! engine is thawed on the stack (no allocation) and the read goes through its own
+//! `on_receive` and `on_heartbeat_received`, the decoder's bulk-stream state through the
+//! decoder; anything else (a recovery, a flood, more than heartbeats) is left untouched
+//! for the thawed connection. For everything else the driver thaws it (no allocation: the
+//! empty buffers and queues are not allocated) and runs the parked path
+//! ([`Conn::parked_input`], [`Conn::parked_timeout`]) or the full one, then freezes it again
+//! if it is still quiescent. The tests (`tests/frozen.rs`, and `parked.rs`'s) hold a
+//! connection frozen and thawed at every quiescent point, and woken on its frozen form, to
+//! a connection never frozen: the same bytes, events, deadlines and counters, and the same
+//! fields.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
 
-use crate::codec::{self, Decoder};
-use crate::liveness::FrozenLiveness;
+use crate::codec::{self, Decoder, HEADER_LEN};
+use crate::liveness::{FrozenLiveness, LivenessEvent};
 use crate::session::Session;
 
-use super::{credential, Conn, ConnConfig, ConnStats, Counters, Role, State};
+use super::{credential, parked, Conn, ConnConfig, ConnStats, Counters, Role, State};
 
 /// A quiescent [`Conn`] in its compact form (see the module docs). Made by
 /// [`Conn::freeze`]; [`thaw`](Self::thaw) gives back the connection.
@@ -53,15 +60,38 @@ pub struct FrozenConn {
     cred: Option<Box<credential::CredentialState>>,
     /// The decoder's state between frames ([`Decoder::idle_state`]).
     bulk: u32,
-    /// `CLIENT | CLOSE_RECEIVED | HEARTBEAT_IN_READ | APP_DATA_IN_READ | WANT_SESSION`.
+    /// `CLIENT | CLOSE_RECEIVED | HEARTBEAT_IN_READ | APP_DATA_IN_READ | WANT_SESSION`, and
+    /// in bits 5-6 how many bytes of an answered heartbeat did not go out
+    /// ([`FrozenStep::Unsent`]; [`thaw`](FrozenConn::thaw) queues them).
     flags: u8,
 }
+
+/// What [`FrozenConn::parked_heartbeats`] made of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrozenStep {
+    /// Not taken, nothing changed: more than whole heartbeats, or a read the liveness
+    /// engine reports on (a suspect peer's recovery, a flood). Thaw the connection and
+    /// hand it the same bytes ([`Conn::parked_input`] or the full path).
+    NotHandled,
+    /// Taken: counted, arrival recorded, the answer (when one was due) written in full.
+    /// Still frozen and quiescent; its deadline is [`FrozenConn::poll_timeout`].
+    Parked,
+    /// Taken, but the answer did not all go out: the rest is kept, and
+    /// [`thaw`](FrozenConn::thaw) puts it in the transmit queue. Thaw now and let a full
+    /// wake-up write it (or meet the error).
+    Unsent,
+}
+
+/// A HEARTBEAT frame: a length header of 0.
+const HEARTBEAT: [u8; HEADER_LEN] = [0; HEADER_LEN];
 
 const CLIENT: u8 = 1;
 const CLOSE_RECEIVED: u8 = 2;
 const HEARTBEAT_IN_READ: u8 = 4;
 const APP_DATA_IN_READ: u8 = 8;
 const WANT_SESSION: u8 = 16;
+/// Where the count of an answer's bytes not written sits in `flags` (2 bits: 0-3).
+const UNSENT_SHIFT: u8 = 5;
 
 impl Conn {
     /// Whether [`freeze`](Self::freeze) would succeed: quiescent
@@ -141,7 +171,8 @@ impl FrozenConn {
     /// The connection again, equal in behaviour to the one frozen (`origin`: the one given
     /// to [`Conn::freeze`]; `counters`: what its [`Conn::stats`] said when it was frozen,
     /// which the frozen form does not keep — `heartbeats_out` is the liveness engine's own
-    /// count, given back to it). Allocates nothing.
+    /// count, given back to it). Allocates nothing (but the few bytes of an answer that did
+    /// not all go out, [`FrozenStep::Unsent`], which it queues to transmit).
     pub fn thaw(self, origin: Instant, counters: &ConnStats) -> Conn {
         let has = |f: u8| self.flags & f != 0;
         Conn {
@@ -152,7 +183,10 @@ impl FrozenConn {
             },
             decoder: Decoder::resumed(self.cfg.max_frame_len, self.bulk),
             state: State::Established,
-            out: BytesMut::new(),
+            out: match usize::from(self.flags >> UNSENT_SHIFT) {
+                0 => BytesMut::new(),
+                n => BytesMut::from(&HEARTBEAT[HEADER_LEN - n..]),
+            },
             queued: None,
             events: std::collections::VecDeque::new(),
             liveness: self.liveness.thaw(origin, counters.heartbeats_out),
@@ -178,5 +212,100 @@ impl FrozenConn {
             },
             cfg: self.cfg,
         }
+    }
+}
+
+impl FrozenConn {
+    /// When the connection next needs [`Conn::handle_timeout`]: what the thawed connection's
+    /// [`Conn::poll_timeout`] says, by the same rules (`origin`: the one given to
+    /// [`Conn::freeze`]).
+    pub fn poll_timeout(&self, origin: Instant) -> Option<Instant> {
+        let role = if self.flags & CLIENT != 0 {
+            Role::Client
+        } else {
+            Role::Server
+        };
+        super::earliest(
+            self.liveness.poll_timeout(origin),
+            self.session.as_deref(),
+            self.cred.as_deref().and_then(|c| c.deadline(role)),
+        )
+    }
+
+    /// When anything was last received (the liveness engine's record; `origin`: the one
+    /// given to [`Conn::freeze`]).
+    pub fn last_rx(&self, origin: Instant) -> Instant {
+        self.liveness.last_rx(origin)
+    }
+
+    /// A parked connection's read, taken on the frozen form when it is whole heartbeats
+    /// that the liveness engine reports nothing on but, perhaps, a heartbeat to answer:
+    /// what [`Conn::parked_input`] does with the same bytes, without the thaw (issue 17:
+    /// the thaw, the full decoder and the freeze were a tenth of a server's CPU per idle
+    /// heartbeat). `counters` are the connection's, as [`thaw`](Self::thaw) takes them:
+    /// the read is counted there (bytes and heartbeats in; the answer's heartbeat and the
+    /// bytes written out). An answer goes to `write`, which says how many of its bytes it
+    /// wrote; what it did not write is kept ([`FrozenStep::Unsent`]).
+    ///
+    /// One engine: the liveness engine is thawed on the stack (no allocation) and the
+    /// read goes through its own `on_receive` and `on_heartbeat_received`, the decoder's
+    /// bulk-stream state through the decoder; the equivalence tests hold the result to
+    /// the full path's, byte for byte.
+    pub fn parked_heartbeats(
+        self,
+        origin: Instant,
+        now: Instant,
+        data: &[u8],
+        counters: &mut ConnStats,
+        write: impl FnOnce(&[u8]) -> usize,
+    ) -> (FrozenConn, FrozenStep) {
+        if self.flags >> UNSENT_SHIFT != 0 || !parked::only_heartbeats(data) {
+            return (self, FrozenStep::NotHandled);
+        }
+        let FrozenConn {
+            cfg,
+            liveness,
+            session,
+            cred,
+            bulk,
+            flags,
+        } = self;
+        let mut l = liveness.thaw(origin, counters.heartbeats_out);
+        let mut step = FrozenStep::NotHandled;
+        let (mut bulk, mut flags) = (bulk, flags);
+        if l.heartbeat_is_quiet(now) {
+            // The decoder, for its bulk-stream state (each small frame counts a bulk stream
+            // down) and the count; whole heartbeats decode without error or allocation.
+            let mut decoder = Decoder::resumed(cfg.max_frame_len, bulk);
+            let heartbeats = decoder.decode(data, |_| true).map_or(0, |s| s.heartbeats);
+            bulk = decoder.idle_state().unwrap_or(bulk);
+            counters.bytes_in += data.len() as u64;
+            counters.heartbeats_in += heartbeats as u64;
+            l.on_receive(now);
+            // Heartbeats read together count once towards the flood rule (as in full).
+            l.on_heartbeat_received(now);
+            flags = (flags | HEARTBEAT_IN_READ) & !APP_DATA_IN_READ;
+            counters.heartbeats_out = l.heartbeats_sent();
+            step = FrozenStep::Parked;
+            // `heartbeat_is_quiet`: nothing else to report.
+            if l.poll_event() == Some(LivenessEvent::SendHeartbeat) {
+                let n = write(&HEARTBEAT).min(HEADER_LEN);
+                counters.bytes_out += n as u64;
+                if n < HEADER_LEN {
+                    flags |= ((HEADER_LEN - n) as u8) << UNSENT_SHIFT;
+                    step = FrozenStep::Unsent;
+                }
+            }
+            debug_assert!(l.poll_event().is_none(), "a quiet read reported more");
+        }
+        let frozen = FrozenConn {
+            liveness: l.frozen(origin),
+            cfg,
+            session,
+            cred,
+            bulk,
+            flags,
+        };
+        (frozen, step)
     }
 }

@@ -43,7 +43,7 @@ mod parked;
 mod transmit;
 
 pub use credential::RefreshError;
-pub use frozen::FrozenConn;
+pub use frozen::{FrozenConn, FrozenStep};
 pub use parked::ParkedStep;
 pub use transmit::SHARE_PAYLOAD_FROM;
 
@@ -280,6 +280,17 @@ pub struct PartialFrame {
     pub capacity: usize,
     /// The frame's whole length (header included), once its header arrived.
     pub total: Option<usize>,
+}
+
+/// A connection's next deadline: its liveness engine's, its session's (an ACK due) or its
+/// credential's, whichever comes first (one rule for a connection and its frozen form).
+fn earliest(
+    live: Option<Instant>,
+    session: Option<&Session>,
+    cred: Option<Instant>,
+) -> Option<Instant> {
+    let ack = session.and_then(|s| s.poll_timeout());
+    [live, ack, cred].into_iter().flatten().min()
 }
 
 /// Counters kept by a connection.
@@ -707,10 +718,11 @@ impl Conn {
         if let Some(h) = self.handshake_deadline() {
             return Some(h);
         }
-        let live = self.liveness.poll_timeout();
-        let ack = self.session.as_ref().and_then(|s| s.poll_timeout());
-        let cred = self.credential_timeout();
-        [live, ack, cred].into_iter().flatten().min()
+        earliest(
+            self.liveness.poll_timeout(),
+            self.session.as_deref(),
+            self.credential_timeout(),
+        )
     }
 
     /// Acts on whatever is due at `now`. Harmless when nothing is.

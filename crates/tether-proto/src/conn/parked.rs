@@ -43,7 +43,7 @@ pub enum ParkedStep {
 
 /// True when `data` is whole HEARTBEAT frames and nothing else (a heartbeat is a length
 /// header of 0).
-fn only_heartbeats(data: &[u8]) -> bool {
+pub(super) fn only_heartbeats(data: &[u8]) -> bool {
     !data.is_empty() && data.len() % HEADER_LEN == 0 && data.iter().all(|b| *b == 0)
 }
 
@@ -223,6 +223,82 @@ mod tests {
             assert_eq!(parked.stats(), full.stats(), "seed {seed}");
             assert_eq!(parked.is_closed(), full.is_closed(), "seed {seed}");
         }
+    }
+
+    /// Reads taken on the frozen form (`FrozenConn::parked_heartbeats`) leave the connection
+    /// as the full path does, field for field (its `Debug`: the decoder's bulk-stream state
+    /// and the read flags too, which the world tests in `tests/frozen.rs` cannot observe),
+    /// with the same bytes out; a read it does not take (a flood) goes on through
+    /// `parked_input` as before. Half the seeds begin with a large message, so the
+    /// heartbeats count a bulk stream down.
+    #[test]
+    fn a_read_taken_frozen_leaves_what_the_full_path_leaves() {
+        use crate::conn::FrozenStep;
+        let mut taken = 0;
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let t0 = base();
+            // Either side of the connections' epoch.
+            let origin = t0 + Duration::from_secs(rng.next() % 20);
+            let h = Duration::from_millis(1000 + rng.next() % 4000);
+            let cfg = server_cfg(h, h * 3, seed % 2 == 0);
+            let mut full = established(t0, cfg.clone());
+            let mut other = established(t0, cfg);
+            if seed % 4 < 2 {
+                let mut big = bytes::BytesMut::new();
+                let payload = bytes::Bytes::from(vec![7u8; codec::LARGE_FRAME]);
+                codec::encode(&Frame::Data(payload), &mut big);
+                for c in [&mut full, &mut other] {
+                    c.handle_input(t0, &big);
+                    assert_eq!(events(c).len(), 1, "the message");
+                }
+            }
+            let mut now = t0;
+            for _ in 0..40 {
+                let gap = match rng.next() % 8 {
+                    0 => rng.next() % 50,
+                    _ => h.as_millis() as u64 / 4 + rng.next() % h.as_millis() as u64,
+                };
+                now += Duration::from_millis(gap);
+                // What is due first, the same way on both.
+                for c in [&mut full, &mut other] {
+                    if c.poll_timeout().is_some_and(|d| d <= now) {
+                        c.handle_timeout(now);
+                    }
+                }
+                let (fo, oo) = (take_out(&mut full), take_out(&mut other));
+                assert_eq!(fo, oo, "seed {seed}");
+                if full.is_closed() {
+                    break;
+                }
+                let data = HB.repeat(1 + (rng.next() % 3) as usize);
+                full.handle_input(now, &data);
+                let counters = other.stats();
+                let frozen = other.freeze(origin).expect("quiescent");
+                let mut counters = counters;
+                let mut out = Vec::new();
+                let (frozen, step) =
+                    frozen.parked_heartbeats(origin, now, &data, &mut counters, |b| {
+                        out.extend_from_slice(b);
+                        b.len()
+                    });
+                other = frozen.thaw(origin, &counters);
+                if step == FrozenStep::NotHandled {
+                    assert_ne!(other.parked_input(now, &data), ParkedStep::NotLiveness);
+                } else {
+                    assert_eq!(step, FrozenStep::Parked, "written in full");
+                    taken += 1;
+                }
+                out.extend(take_out(&mut other));
+                assert_eq!(out, take_out(&mut full), "seed {seed}");
+                assert_eq!(events(&mut other), events(&mut full), "seed {seed}");
+                assert_eq!(format!("{other:?}"), format!("{full:?}"), "seed {seed}");
+                if full.is_closed() {
+                    break;
+                }
+            }
+        }
+        assert!(taken > 500, "only {taken} reads taken frozen");
     }
 
     #[test]
