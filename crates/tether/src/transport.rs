@@ -1,7 +1,8 @@
 //! [`Transport`]: the byte stream a tether connection runs over (TCP, or TLS and anything
 //! else that implements `AsyncRead + AsyncWrite`).
 
-use std::task::Context;
+use std::io;
+use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -109,6 +110,19 @@ pub(crate) trait ParkIo: Transport + Sized {
     fn unpark(p: Self::Parked) -> Self;
     /// [`Transport::readable`] of the parked form: the lot's epoll reported it readable.
     fn parked_readable(p: &mut Self::Parked);
+    /// A read on the parked form, for a wake-up that leaves it parked (a lot thread's
+    /// frozen step, `driver::park`): as [`AsyncRead::poll_read`] would, `Pending` once
+    /// drained until the next edge. `None` when the parked form cannot (a lot task's
+    /// socket, in the reactor; the tests' pipes): the caller unparks it first.
+    fn parked_read(_p: &mut Self::Parked, _buf: &mut [u8]) -> Option<Poll<io::Result<usize>>> {
+        None
+    }
+    /// A write on the parked form (`None` as for [`parked_read`](Self::parked_read)): how
+    /// many bytes went out; 0 when none could (`WouldBlock`, or an error, which the full
+    /// wake-up the caller then runs meets again on its own write).
+    fn parked_write(_p: &mut Self::Parked, _buf: &[u8]) -> Option<usize> {
+        None
+    }
 }
 
 /// The driver's paused-time tests park in-memory pipes as they are.
@@ -228,6 +242,55 @@ impl ParkIo for Tcp {
             p.0 |= PARKED_READABLE;
         }
     }
+    fn parked_read(p: &mut ParkedTcp, buf: &mut [u8]) -> Option<Poll<io::Result<usize>>> {
+        p.with_bare(|s, readable| bare_read(s, readable, buf))
+    }
+    fn parked_write(p: &mut ParkedTcp, buf: &[u8]) -> Option<usize> {
+        use std::io::Write;
+        p.with_bare(|mut s, _| s.write(buf).unwrap_or(0))
+    }
+}
+
+impl ParkedTcp {
+    /// `f` on the bare socket and its readable flag, lent in place (`None`: not bare).
+    fn with_bare<R>(&mut self, f: impl FnOnce(&std::net::TcpStream, &mut bool) -> R) -> Option<R> {
+        use std::os::fd::FromRawFd;
+        let w = self.0;
+        if w & PARKED_BARE == 0 {
+            return None;
+        }
+        // SAFETY: a word with the bare tag owns the descriptor `new` took with
+        // `into_raw_fd` (see `take`); it is lent here and never closed: `ManuallyDrop`.
+        let s = std::mem::ManuallyDrop::new(unsafe {
+            std::net::TcpStream::from_raw_fd((w >> 32) as u32 as i32)
+        });
+        let mut readable = w & PARKED_READABLE != 0;
+        let r = f(&s, &mut readable);
+        self.0 = (w & !PARKED_READABLE) | (u64::from(readable) * PARKED_READABLE);
+        Some(r)
+    }
+}
+
+/// A read of a bare non-blocking socket (see [`Tcp`]): `Pending` without a call when the
+/// last one drained it (`readable` false); a short read or `WouldBlock` clears `readable`
+/// (0, the end, keeps it).
+fn bare_read(
+    s: &std::net::TcpStream,
+    readable: &mut bool,
+    dst: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    use std::io::Read;
+    if !*readable {
+        return Poll::Pending;
+    }
+    let room = dst.len();
+    let r = bare((&*s).read(dst));
+    match &r {
+        Poll::Ready(Ok(n)) => *readable = *n == 0 || *n == room,
+        Poll::Pending => *readable = false,
+        Poll::Ready(Err(_)) => {}
+    }
+    r
 }
 
 /// A server's plain-TCP connection: in tokio's reactor while it has a task, or — parked on a
@@ -290,28 +353,13 @@ impl AsyncRead for Tcp {
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::io::Read;
-        use std::task::Poll;
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Tcp::Reactor(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Tcp::Bare(_, false) => Poll::Pending,
             Tcp::Bare(s, readable) => {
-                let room = buf.remaining();
-                let dst = buf.initialize_unfilled();
-                match bare((&*s).read(dst)) {
-                    Poll::Ready(Ok(n)) => {
-                        buf.advance(n);
-                        // Short: drained until the next edge (0 is the end: stays readable).
-                        *readable = n == 0 || n == room;
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Pending => {
-                        *readable = false;
-                        Poll::Pending
-                    }
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                }
+                let r = bare_read(s, readable, buf.initialize_unfilled());
+                r.map_ok(|n| buf.advance(n))
             }
             Tcp::Gone => Poll::Ready(Err(gone())),
         }

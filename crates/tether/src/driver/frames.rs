@@ -51,6 +51,15 @@ impl FrameRoom {
         budget.try_take(extra).then_some(extra)
     }
 
+    /// Before a read by a connection that holds nothing of the budget (a frozen one:
+    /// `Driver::freeze` gave its share back): what [`reserve`](Self::reserve) would take,
+    /// taken when the budget has it, without waiting. `None`: no room; the caller goes the
+    /// way that waits. Given back with `Budget::give` when the read leaves nothing held.
+    pub(super) fn reserve_idle(budget: &Budget) -> Option<usize> {
+        let n = want(PartialFrame::default());
+        budget.try_take(n).then_some(n)
+    }
+
     /// After the read: an admitted frame keeps its worst case while it is in progress;
     /// otherwise the connection keeps what its decoder holds.
     pub(super) fn settle(&mut self, p: PartialFrame, budget: &Budget, reserved: usize) {

@@ -65,6 +65,15 @@
 //! leaves the lot thawed. `Driver::may_park` is `Driver::can_freeze`, so every parked
 //! connection freezes.
 //!
+//! On a lot thread the commonest wake-up does not thaw at all ([`frozen_wake`]): the
+//! socket is read in place (`ParkIo::parked_read`) and a read of whole heartbeats is taken
+//! on the frozen form by the core (`FrozenConn::parked_heartbeats`: its liveness engine
+//! thawed on the stack, the same `on_receive` and `on_heartbeat_received`), the answer
+//! written in place (`ParkIo::parked_write`), the counters published and the deadline
+//! re-read from the frozen form (`FrozenConn::poll_timeout`). Anything it does not take
+//! thaws the connection for the quick or full wake-up with what was read. Measured: a
+//! tenth of the CPU an idle heartbeat cost (BENCHMARKS.md, seventeenth pass).
+//!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
 //! answered, a due deadline fired, a handle's message written) — only where it waits
@@ -151,6 +160,9 @@ pub(crate) struct Lot<T, S> {
     /// Quick wake-ups that left the connection parked (tests).
     #[cfg(test)]
     quick: AtomicUsize,
+    /// Reads a lot thread took on the frozen form (tests).
+    #[cfg(test)]
+    frozen: AtomicUsize,
     /// Full wake-ups run by a helper (tests).
     #[cfg(test)]
     helped: AtomicUsize,
@@ -546,6 +558,8 @@ impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
             #[cfg(test)]
             quick: AtomicUsize::new(0),
             #[cfg(test)]
+            frozen: AtomicUsize::new(0),
+            #[cfg(test)]
             helped: AtomicUsize::new(0),
             #[cfg(test)]
             woken_lent: AtomicUsize::new(0),
@@ -591,6 +605,12 @@ impl<T: ParkIo, S: Sink + Send + 'static> Lot<T, S> {
     #[cfg(test)]
     pub(crate) fn quick_wakes(&self) -> usize {
         self.quick.load(Relaxed)
+    }
+
+    /// Reads of heartbeats a lot thread took on the frozen form so far (`frozen_wake`).
+    #[cfg(test)]
+    pub(crate) fn frozen_reads(&self) -> usize {
+        self.frozen.load(Relaxed)
     }
 
     /// Full wake-ups a helper ran so far.
@@ -902,7 +922,9 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
     /// A wake-up of entry `idx` by its socket or its deadline alone (see
     /// `Driver::poll_quick`): the core answers a heartbeat or fires the fallback heartbeat
     /// without the full wake-up; anything else runs the full one, with what was read.
-    /// Skipped when a full wake-up is queued already (it reads and fires too).
+    /// Skipped when a full wake-up is queued already (it reads and fires too). On a lot
+    /// thread the socket is read on the frozen form first ([`frozen_wake`]): the
+    /// connection is thawed only for what that does not take.
     ///
     /// `now` is the caller's clock reading, taken after what woke the entry happened (a lot
     /// thread reads one per `epoll_wait` return and serves its whole batch with it; see
@@ -916,6 +938,7 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
         if self.full_queued(lot, idx) {
             return;
         }
+        let bare = self.registry.is_some();
         let Some(e) = self.entry_at(idx) else {
             return;
         };
@@ -924,7 +947,21 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             self.early.push((idx, gen));
             return;
         };
-        self.quick_with(lot, idx, gen, Driver::thaw(d, lot), now);
+        if !bare {
+            return self.quick_with(lot, idx, gen, Driver::thaw(d, lot), now);
+        }
+        // A lot thread's bare socket: read on the frozen form first.
+        let (d, next) = frozen_wake::<T, S>(d, now);
+        match next {
+            Frozen::Parked(_reads) => {
+                #[cfg(test)]
+                lot.frozen.fetch_add(_reads, Relaxed);
+                e.d = Some(d);
+                self.queue(idx, gen, now);
+            }
+            Frozen::Quick => self.quick_with(lot, idx, gen, Driver::thaw(d, lot), now),
+            Frozen::Full(c) => self.full_with(lot, idx, gen, Driver::thaw(d, lot), c),
+        }
     }
 
     /// Clears entry `idx`'s socket wake-up and says whether a full wake-up is queued (a
@@ -1605,6 +1642,101 @@ fn helper<T: ParkIo, S: Sink + Send + 'static>(
         lot.helped.fetch_add(lent.len(), Relaxed);
         run_lent(&lot, &yard, &mut lent, &mut done);
     }
+}
+
+/// What a wake-up taken on the frozen form ([`frozen_wake`]) left.
+#[allow(clippy::large_enum_variant)]
+enum Frozen {
+    /// Still parked and frozen, its deadline (in `Parked::armed`) not due; how many reads
+    /// of heartbeats it took.
+    Parked(usize),
+    /// Thaw it for the quick wake-up (`Driver::poll_quick`): what it read is taken, and a
+    /// deadline is due (or the parked form cannot read).
+    Quick,
+    /// Thaw it for the full wake-up, whose first read is this.
+    Full(Carried),
+}
+
+/// A lot thread's wake-up of a parked connection, taken on its frozen form
+/// ([`FrozenConn::parked_heartbeats`](tether_proto::conn::FrozenConn::parked_heartbeats)):
+/// its socket read in place and whole heartbeats answered without the thaw, the decoder
+/// or the freeze (issue 17: a tenth of a server's CPU per idle heartbeat). What
+/// `Driver::poll_quick` does with the same reads, to the byte: each read takes the
+/// partial-frame budget's room first, as there; the counters go to `Shared` as its
+/// `stats.update` publishes them; the answer is written at once. Anything else — another
+/// frame, part of one, the end, an error, a heartbeat the liveness engine reports on (a
+/// recovery, a flood), an answer not all written, a deadline due — thaws it for the quick
+/// or full wake-up, with what was read.
+fn frozen_wake<T: ParkIo, S>(
+    mut p: Parked<T::Parked, S>,
+    now: Instant,
+) -> (Parked<T::Parked, S>, Frozen) {
+    use tether_proto::conn::FrozenStep;
+    let origin = Stamp::origin();
+    let mut taken = 0;
+    let mut buf = [0u8; PAUSED_READ];
+    loop {
+        if taken == READS_PER_WAKE {
+            // Heartbeats by the kilobyte: the flood rule, in the full wake-up.
+            return (p, Frozen::Full(Carried::None));
+        }
+        let budget = p.shared.budgets().map(|b| &b.frames);
+        let reserved = match budget {
+            Some(b) => match super::frames::FrameRoom::reserve_idle(b) {
+                Some(n) => n,
+                // No room: the quick wake-up waits for some without reading.
+                None => return (p, Frozen::Quick),
+            },
+            None => 0,
+        };
+        let give_back = |n| {
+            if let Some(b) = budget {
+                b.give(n);
+            }
+        };
+        let n = match T::parked_read(&mut p.io, &mut buf) {
+            Some(Poll::Ready(Ok(n))) if n > 0 => n,
+            r => {
+                give_back(reserved);
+                match r {
+                    None => return (p, Frozen::Quick),
+                    Some(Poll::Pending) => break,
+                    Some(Poll::Ready(Err(e))) => return (p, Frozen::Full(Carried::Error(e))),
+                    Some(Poll::Ready(Ok(_))) => return (p, Frozen::Full(Carried::Eof)),
+                }
+            }
+        };
+        let mut counters = p.shared.stats.counters();
+        let io = &mut p.io;
+        let mut wrote = 0;
+        let (conn, step) = p
+            .conn
+            .parked_heartbeats(origin, now, &buf[..n], &mut counters, |b| {
+                wrote = T::parked_write(io, b).unwrap_or(0);
+                wrote
+            });
+        p.conn = conn;
+        if step == FrozenStep::NotHandled {
+            // The reservation goes with the bytes to the full wake-up.
+            return (p, Frozen::Full(Carried::Bytes(buf, n, reserved)));
+        }
+        give_back(reserved);
+        taken += 1;
+        p.shared.stats.publish(&counters, p.conn.last_rx(origin));
+        if wrote > 0 {
+            p.last_write = Stamp::at(now);
+        }
+        if step == FrozenStep::Unsent {
+            // The rest is the thawed connection's to write (or its error to meet).
+            return (p, Frozen::Full(Carried::None));
+        }
+    }
+    // Parked: no close linger, only the state machine's deadline.
+    p.armed = p.conn.poll_timeout(origin).map_or(Stamp::NONE, Stamp::at);
+    if !p.armed.is_none() && p.armed <= Stamp::at(now) {
+        return (p, Frozen::Quick);
+    }
+    (p, Frozen::Parked(taken))
 }
 
 /// What a quick wake-up (`Driver::poll_quick`) left (on the stack, see [`Carried`]).

@@ -90,14 +90,21 @@ impl StatsSnapshot {
 
 impl Stats {
     pub(crate) fn update(&self, conn: &Conn) {
-        let s = conn.stats();
-        self.last_rx_us.store(
-            conn.last_rx().saturating_duration_since(base()).as_micros() as u64 + 1,
-            Relaxed,
-        );
+        self.publish(&conn.stats(), conn.last_rx());
         if let Some(r) = conn.srtt() {
             self.srtt_us.store(saturate(r.as_micros()), Relaxed);
         }
+        self.acked
+            .store(conn.session().map_or(0, |s| s.acked()), Relaxed);
+    }
+
+    /// The counters and the last arrival alone: what a read taken on the frozen form
+    /// changes (`FrozenConn::parked_heartbeats`; the RTT and the session's ACK stay).
+    pub(crate) fn publish(&self, s: &ConnStats, last_rx: Instant) {
+        self.last_rx_us.store(
+            last_rx.saturating_duration_since(base()).as_micros() as u64 + 1,
+            Relaxed,
+        );
         self.messages_in.store(s.messages_in, Relaxed);
         self.messages_out.store(s.messages_out, Relaxed);
         self.bytes_in.store(s.bytes_in, Relaxed);
@@ -106,8 +113,6 @@ impl Stats {
             .store(saturate(s.heartbeats_in.into()), Relaxed);
         self.heartbeats_out
             .store(saturate(s.heartbeats_out.into()), Relaxed);
-        self.acked
-            .store(conn.session().map_or(0, |s| s.acked()), Relaxed);
     }
 
     /// The state machine's counters as last published ([`update`](Self::update)). A parked

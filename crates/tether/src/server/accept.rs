@@ -1138,6 +1138,7 @@ mod parked {
         assert_eq!(lot.parked(), 1, "the lot holds it");
         assert!(lot.is_threaded(), "the server's lot runs on a thread");
         let (unparks, hb_in) = (lot.unparks(), c.stats().heartbeats_in);
+        let frozen = lot.frozen_reads();
         let t = std::time::Instant::now();
         while t.elapsed() < policy.heartbeat_interval * 10 {
             assert_eq!(parked_count(&h).await, 1, "parked at every look");
@@ -1148,6 +1149,36 @@ mod parked {
         assert!(
             answered >= 6,
             "{answered} heartbeats answered in ten intervals"
+        );
+        // Read and answered on the frozen form (no thaw), and counted there: the server's
+        // counters agree with the client's (read around them: the server's answers are at
+        // least what the client had heard before, its heartbeats in at most what the client
+        // had sent after), and its last arrival is recent.
+        let taken = lot.frozen_reads() - frozen;
+        assert!(taken >= 6, "{taken} reads taken on the frozen form");
+        let heard = c.stats();
+        let info = h.client("hb").expect("known");
+        let server = info.stats.expect("live counters");
+        let sent = c.stats();
+        assert!(
+            server.heartbeats_out >= heard.heartbeats_in,
+            "the server counts {} answers, the client heard {}",
+            server.heartbeats_out,
+            heard.heartbeats_in
+        );
+        assert!(
+            server.heartbeats_in <= sent.heartbeats_out && server.heartbeats_in >= 6,
+            "the server counts {} heartbeats in, the client sent {}",
+            server.heartbeats_in,
+            sent.heartbeats_out
+        );
+        assert!(server.bytes_in >= 4 * server.heartbeats_in);
+        assert!(server.bytes_out >= 4 * server.heartbeats_out);
+        let last_rx = server.last_rx.expect("an arrival");
+        assert!(
+            last_rx.elapsed() < policy.heartbeat_interval * 3,
+            "last arrival {:?} ago",
+            last_rx.elapsed()
         );
         assert_eq!(
             lot.unparks(),
