@@ -71,8 +71,9 @@
 //! thawed on the stack, the same `on_receive` and `on_heartbeat_received`), the answer
 //! written in place (`ParkIo::parked_write`), the counters published and the deadline
 //! re-read from the frozen form (`FrozenConn::poll_timeout`). Anything it does not take
-//! thaws the connection for the quick or full wake-up with what was read. Measured: a
-//! tenth of the CPU an idle heartbeat cost (BENCHMARKS.md, seventeenth pass).
+//! thaws the connection for the quick or full wake-up with what was read. Measured side by
+//! side with the thawed path: 3 % less CPU per idle heartbeat (BENCHMARKS.md, seventeenth
+//! pass; the kernel's work for the heartbeat, the same in both, is most of what is left).
 //!
 //! The driver is the one driver and the state machine the one engine: a parked connection
 //! is polled with the very code its task would run (a client's heartbeat is read and
@@ -1660,7 +1661,8 @@ enum Frozen {
 /// A lot thread's wake-up of a parked connection, taken on its frozen form
 /// ([`FrozenConn::parked_heartbeats`](tether_proto::conn::FrozenConn::parked_heartbeats)):
 /// its socket read in place and whole heartbeats answered without the thaw, the decoder
-/// or the freeze (issue 17: a tenth of a server's CPU per idle heartbeat). What
+/// or the freeze (issue 17: 3 % less CPU per liveness message at 19,000 idle clients,
+/// side by side with the thawed path; BENCHMARKS.md, seventeenth pass). What
 /// `Driver::poll_quick` does with the same reads, to the byte: each read takes the
 /// partial-frame budget's room first, as there; the counters go to `Shared` as its
 /// `stats.update` publishes them; the answer is written at once. Anything else — another
