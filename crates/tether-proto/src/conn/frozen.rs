@@ -261,21 +261,13 @@ impl FrozenConn {
         if self.flags >> UNSENT_SHIFT != 0 || !parked::only_heartbeats(data) {
             return (self, FrozenStep::NotHandled);
         }
-        let FrozenConn {
-            cfg,
-            liveness,
-            session,
-            cred,
-            bulk,
-            flags,
-        } = self;
-        let mut l = liveness.thaw(origin, counters.heartbeats_out);
+        let mut l = self.liveness.thaw(origin, counters.heartbeats_out);
         let mut step = FrozenStep::NotHandled;
-        let (mut bulk, mut flags) = (bulk, flags);
+        let (mut bulk, mut flags) = (self.bulk, self.flags);
         if l.heartbeat_is_quiet(now) {
             // The decoder, for its bulk-stream state (each small frame counts a bulk stream
             // down) and the count; whole heartbeats decode without error or allocation.
-            let mut decoder = Decoder::resumed(cfg.max_frame_len, bulk);
+            let mut decoder = Decoder::resumed(self.cfg.max_frame_len, bulk);
             let heartbeats = decoder.decode(data, |_| true).map_or(0, |s| s.heartbeats);
             bulk = decoder.idle_state().unwrap_or(bulk);
             counters.bytes_in += data.len() as u64;
@@ -299,11 +291,9 @@ impl FrozenConn {
         }
         let frozen = FrozenConn {
             liveness: l.frozen(origin),
-            cfg,
-            session,
-            cred,
             bulk,
             flags,
+            ..self
         };
         (frozen, step)
     }
