@@ -377,31 +377,12 @@ impl Times<'_> {
     }
 
     fn deadline(&self, timer: Timer) -> Option<Instant> {
-        if self.dead {
-            return None;
-        }
-        match timer {
-            Timer::Heartbeat => Some(self.at(self.last_tx) + self.cfg.own_heartbeat_after()),
-            Timer::Dead => Some(self.at(self.last_rx) + self.cfg.dead_after),
-            Timer::Suspect => match (self.cfg.suspect_after, self.suspect) {
-                (Some(s), false) => Some(self.at(self.last_rx) + s),
-                _ => None,
-            },
-            Timer::Idle => match (self.cfg.idle_timeout, self.idle_fired) {
-                (Some(i), false) => Some(self.at(self.last_app) + i),
-                _ => None,
-            },
-            Timer::Ping => match (self.cfg.ping_interval, self.last_ping) {
-                (Some(p), Some(l)) => Some(self.at(l) + p),
-                _ => None,
-            },
-        }
+        self.deadline_off(timer).map(|off| self.at(off))
     }
 
-    /// The earliest of [`deadline`](Self::deadline) over every timer, found among the
-    /// offsets (one conversion to an `Instant`, not one per timer: this runs on every
-    /// wake-up of every parked connection).
-    fn poll_timeout(&self) -> Option<Instant> {
+    /// When `timer` next fires, as an offset from the epoch (saturating): the one rule, which
+    /// [`deadline`](Self::deadline) and [`poll_timeout`](Self::poll_timeout) both read.
+    fn deadline_off(&self, timer: Timer) -> Option<u64> {
         if self.dead {
             return None;
         }
@@ -409,18 +390,32 @@ impl Times<'_> {
             off.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         };
         let c = self.cfg;
-        let mut at =
-            after(self.last_tx, c.own_heartbeat_after()).min(after(self.last_rx, c.dead_after));
-        if let (Some(s), false) = (c.suspect_after, self.suspect) {
-            at = at.min(after(self.last_rx, s));
+        match timer {
+            Timer::Heartbeat => Some(after(self.last_tx, c.own_heartbeat_after())),
+            Timer::Dead => Some(after(self.last_rx, c.dead_after)),
+            Timer::Suspect => match (c.suspect_after, self.suspect) {
+                (Some(s), false) => Some(after(self.last_rx, s)),
+                _ => None,
+            },
+            Timer::Idle => match (c.idle_timeout, self.idle_fired) {
+                (Some(i), false) => Some(after(self.last_app, i)),
+                _ => None,
+            },
+            Timer::Ping => match (c.ping_interval, self.last_ping) {
+                (Some(p), Some(l)) => Some(after(l, p)),
+                _ => None,
+            },
         }
-        if let (Some(i), false) = (c.idle_timeout, self.idle_fired) {
-            at = at.min(after(self.last_app, i));
-        }
-        if let (Some(p), Some(l)) = (c.ping_interval, self.last_ping) {
-            at = at.min(after(l, p));
-        }
-        Some(self.at(at))
+    }
+
+    /// The earliest of the timers' deadlines, found among the offsets (one conversion to an
+    /// `Instant`, not one per timer: this runs on every wake-up of every parked connection).
+    fn poll_timeout(&self) -> Option<Instant> {
+        Timer::ALL
+            .iter()
+            .filter_map(|t| self.deadline_off(*t))
+            .min()
+            .map(|off| self.at(off))
     }
 }
 

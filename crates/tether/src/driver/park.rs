@@ -1732,6 +1732,11 @@ fn frozen_wake<T: ParkIo, S>(
             // The rest is the thawed connection's to write (or its error to meet).
             return (p, Frozen::Full(Carried::None));
         }
+        if n < buf.len() {
+            // A short read drained the socket until the next edge (`parked_read` would
+            // answer `Pending` without a call): no second reservation for nothing.
+            break;
+        }
     }
     // Parked: no close linger, only the state machine's deadline.
     p.armed = p.conn.poll_timeout(origin).map_or(Stamp::NONE, Stamp::at);
