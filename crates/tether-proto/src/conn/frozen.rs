@@ -241,9 +241,9 @@ impl FrozenConn {
     /// A parked connection's read, taken on the frozen form when it is whole heartbeats
     /// that the liveness engine reports nothing on but, perhaps, a heartbeat to answer:
     /// what [`Conn::parked_input`] does with the same bytes, without the thaw, the full
-    /// decoder and the freeze (issue 17: an idle server's commonest wake-up). `counters` are the connection's, as [`thaw`](Self::thaw) takes them:
-    /// the read is counted there (bytes and heartbeats in; the answer's heartbeat and the
-    /// bytes written out). An answer goes to `write`, which says how many of its bytes it
+    /// decoder and the freeze (issue 17: an idle server's commonest wake-up). `counters`
+    /// are the connection's, as [`thaw`](Self::thaw) takes them: the read is counted there
+    /// (bytes and heartbeats in; the answer's heartbeat and the bytes written out). An answer goes to `write`, which says how many of its bytes it
     /// wrote; what it did not write is kept ([`FrozenStep::Unsent`]).
     ///
     /// One engine: the liveness engine is thawed on the stack (no allocation) and the

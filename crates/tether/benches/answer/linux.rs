@@ -260,8 +260,9 @@ fn serve_multishot(socks: &[TcpStream], answered: &AtomicU64, stop: &AtomicBool)
                 pending.extend((0..heartbeats).map(|_| answer(&socks[i], i)));
                 answered.fetch_add(heartbeats as u64, Relaxed);
             }
-            // Ended without more to come (out of buffers): armed again; not at the end.
-            if !cqueue::more(flags) && res != 0 {
+            // Ended without more to come because the buffers ran out: armed again (not at
+            // the end of the stream or on an error, which would only end it again).
+            if !cqueue::more(flags) && (res > 0 || res == -libc::ENOBUFS) {
                 pending.push(arm(i));
             }
         }
@@ -273,8 +274,9 @@ fn serve_multishot(socks: &[TcpStream], answered: &AtomicU64, stop: &AtomicBool)
     cpu
 }
 
-/// One round of one way: µs of the server thread's CPU per heartbeat, and how many.
-fn round(way: Way, n: usize, rate: u64, secs: f64) -> (f64, u64) {
+/// One round of one way (`per_tick` heartbeats a millisecond): µs of the server thread's
+/// CPU per heartbeat, and how many.
+fn round(way: Way, n: usize, per_tick: usize, secs: f64) -> (f64, u64) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let (mut clients, mut servers) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -302,7 +304,6 @@ fn round(way: Way, n: usize, rate: u64, secs: f64) -> (f64, u64) {
     // The server's setup (registrations, the first requests) is not counted: it has begun
     // by the time the first heartbeat goes.
     std::thread::sleep(Duration::from_millis(300));
-    let per_tick = (rate / 1000).max(1) as usize;
     let (start, mut tick, mut next, mut sent) = (Instant::now(), 0u64, 0usize, 0u64);
     let mut buf = [0u8; 64];
     while start.elapsed().as_secs_f64() < secs {
@@ -340,6 +341,16 @@ fn main() {
     let n = numbers.next().unwrap_or(if full { 9_000 } else { 200 }) as usize;
     let rate = numbers.next().unwrap_or(if full { 10_000 } else { 2_000 });
     let (rounds, secs) = if full { (4, 10.0) } else { (1, 0.5) };
+    // Each socket's answer is read two clumps after its heartbeat: two clumps must fit.
+    let clump = (rate / 1000).max(1) as usize;
+    if n < 2 * clump {
+        eprintln!(
+            "answer: {n} connections cannot carry {rate} heartbeats/s in 1 ms clumps of {clump}: \
+             give at least {} connections (or a lower rate)",
+            2 * clump
+        );
+        std::process::exit(2);
+    }
     if let Err(e) = ring(8, false) {
         eprintln!("answer: io_uring is not available here ({e}): nothing to compare");
         std::process::exit(1);
@@ -350,7 +361,7 @@ fn main() {
         // Each way goes first in turn: a machine that drifts favours none.
         for k in 0..WAYS.len() {
             let w = (k + r) % WAYS.len();
-            let (us, a) = round(WAYS[w], n, rate, secs);
+            let (us, a) = round(WAYS[w], n, clump, secs);
             println!("  round {} {:<12} {us:>6.2} µs per heartbeat ({a} answered)", r + 1, format!("{:?}", WAYS[w]));
             times[w].push(us);
         }
