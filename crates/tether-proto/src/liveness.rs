@@ -279,9 +279,18 @@ impl Liveness {
     /// [`freeze`](Self::freeze) for a caller that asked [`can_freeze`](Self::can_freeze)
     /// already (`Conn::freeze`, whose own check includes it).
     pub(crate) fn frozen(self, origin: Instant) -> FrozenLiveness {
+        let epoch = crate::offset::offset(origin, self.epoch);
+        self.frozen_at(epoch)
+    }
+
+    /// [`frozen`](Self::frozen), its epoch given as the offset `frozen` would compute: the
+    /// one of the frozen form this engine was thawed from
+    /// ([`FrozenLiveness::epoch_offset`]), since nothing but [`start`](Self::start) moves
+    /// an epoch and a thawed engine on its way back is not started.
+    pub(crate) fn frozen_at(self, epoch: i64) -> FrozenLiveness {
         debug_assert!(self.can_freeze(), "frozen with something to report");
         FrozenLiveness {
-            epoch: crate::offset::offset(origin, self.epoch),
+            epoch,
             packed: self.packed(),
             cfg: self.cfg,
             last_rx: self.last_rx,
@@ -305,10 +314,26 @@ impl FrozenLiveness {
     /// ([`Liveness::poll_timeout`], the same rule); `None` once the peer is dead.
     /// `origin`: the one given to [`Liveness::freeze`].
     pub fn poll_timeout(&self, origin: Instant) -> Option<Instant> {
+        self.times()
+            .poll_timeout(crate::offset::instant(origin, self.epoch))
+    }
+
+    /// [`last_rx`](Self::last_rx) in nanoseconds after the origin given to
+    /// [`Liveness::freeze`] (saturating).
+    pub fn last_rx_offset(&self) -> i64 {
+        self.epoch.saturating_add_unsigned(self.last_rx)
+    }
+
+    /// The epoch, in nanoseconds after the origin given to [`Liveness::freeze`].
+    pub(crate) fn epoch_offset(&self) -> i64 {
+        self.epoch
+    }
+
+    /// What the deadlines are derived from.
+    fn times(&self) -> Times<'_> {
         let flags = ((self.packed >> 4) & 0xf) as u8;
         Times {
             cfg: &self.cfg,
-            epoch: crate::offset::instant(origin, self.epoch),
             last_rx: self.last_rx,
             last_tx: self.last_tx,
             last_app: self.last_app,
@@ -317,7 +342,15 @@ impl FrozenLiveness {
             dead: flags & DEAD != 0,
             idle_fired: flags & IDLE_FIRED != 0,
         }
-        .poll_timeout()
+    }
+
+    /// [`poll_timeout`](Self::poll_timeout) in nanoseconds after the origin given to
+    /// [`Liveness::freeze`] (as [`offset`](crate::offset::offset) gives an instant): no
+    /// `Instant` made and read back (a parked connection's every wake-up asks). Saturates
+    /// at `i64::MAX`.
+    pub fn poll_timeout_offset(&self) -> Option<i64> {
+        let off = self.times().poll_timeout_off()?;
+        Some(self.epoch.saturating_add_unsigned(off))
     }
 
     /// The engine again, as it was frozen (`origin`: the one given to
@@ -359,7 +392,6 @@ impl FrozenLiveness {
 /// [`FrozenLiveness`]): one rule for both.
 struct Times<'a> {
     cfg: &'a LivenessConfig,
-    epoch: Instant,
     last_rx: u64,
     last_tx: u64,
     last_app: u64,
@@ -371,13 +403,9 @@ struct Times<'a> {
 }
 
 impl Times<'_> {
-    /// The instant `off` nanoseconds after the epoch.
-    fn at(&self, off: u64) -> Instant {
-        self.epoch + Duration::from_nanos(off)
-    }
-
-    fn deadline(&self, timer: Timer) -> Option<Instant> {
-        self.deadline_off(timer).map(|off| self.at(off))
+    fn deadline(&self, epoch: Instant, timer: Timer) -> Option<Instant> {
+        self.deadline_off(timer)
+            .map(|off| epoch + Duration::from_nanos(off))
     }
 
     /// When `timer` next fires, as an offset from the epoch (saturating): the one rule, which
@@ -386,9 +414,7 @@ impl Times<'_> {
         if self.dead {
             return None;
         }
-        let after = |off: u64, d: Duration| {
-            off.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        };
+        let after = |off: u64, d: Duration| off.saturating_add(nanos(d));
         let c = self.cfg;
         match timer {
             Timer::Heartbeat => Some(after(self.last_tx, c.own_heartbeat_after())),
@@ -410,12 +436,17 @@ impl Times<'_> {
 
     /// The earliest of the timers' deadlines, found among the offsets (one conversion to an
     /// `Instant`, not one per timer: this runs on every wake-up of every parked connection).
-    fn poll_timeout(&self) -> Option<Instant> {
+    fn poll_timeout(&self, epoch: Instant) -> Option<Instant> {
+        self.poll_timeout_off()
+            .map(|off| epoch + Duration::from_nanos(off))
+    }
+
+    /// The earliest of the timers' deadlines as an offset from the epoch.
+    fn poll_timeout_off(&self) -> Option<u64> {
         Timer::ALL
             .iter()
             .filter_map(|t| self.deadline_off(*t))
             .min()
-            .map(|off| self.at(off))
     }
 }
 
@@ -435,7 +466,12 @@ struct Rtt {
 
 /// Nanoseconds from `epoch` to `t` (0 for an instant before it; saturates after 584 years).
 fn offset(epoch: Instant, t: Instant) -> u64 {
-    u64::try_from(t.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+    nanos(t.saturating_duration_since(epoch))
+}
+
+/// `d` in nanoseconds (saturating after 584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Liveness {
@@ -482,8 +518,10 @@ impl Liveness {
         self.heartbeats_received = heartbeats_received;
     }
 
-    /// Nanoseconds from the epoch to `t`.
-    fn off(&self, t: Instant) -> u64 {
+    /// Nanoseconds from the epoch to `t` (0 before it; saturates 584 years after it). The
+    /// rules read `now` once into this and compare offsets: an idle connection's heartbeat
+    /// runs them on every arrival, and each comparison of `Instant`s was a conversion.
+    pub(crate) fn off(&self, t: Instant) -> u64 {
         offset(self.epoch, t)
     }
 
@@ -505,17 +543,28 @@ impl Liveness {
 
     /// Any byte arrived. Counts as liveness; clears suspicion.
     pub fn on_receive(&mut self, now: Instant) {
+        self.on_receive_at(self.off(now));
+    }
+
+    /// [`on_receive`](Self::on_receive) at `t` ([`off`](Self::off) of `now`).
+    pub(crate) fn on_receive_at(&mut self, t: u64) {
         if self.suspect {
             self.suspect = false;
             self.events.push_back(LivenessEvent::Recovered {
-                silent_for: self.silent_for(now),
+                silent_for: Duration::from_nanos(t.saturating_sub(self.last_rx)),
             });
         }
-        self.last_rx = self.last_rx.max(self.off(now));
+        self.last_rx = self.last_rx.max(t);
     }
 
     /// A heartbeat frame arrived (call after [`on_receive`](Self::on_receive)).
     pub fn on_heartbeat_received(&mut self, now: Instant) {
+        self.on_heartbeat_received_at(self.off(now));
+    }
+
+    /// [`on_heartbeat_received`](Self::on_heartbeat_received) at `t` ([`off`](Self::off)
+    /// of `now`).
+    pub(crate) fn on_heartbeat_received_at(&mut self, t: u64) {
         self.heartbeats_received = self.heartbeats_received.saturating_add(1);
         // Coalesce: once half an interval has passed since our last send, send ours now, in
         // the same wake-up as the peer's arrival, instead of waking again for it (never less
@@ -523,8 +572,8 @@ impl Liveness {
         // "ours is due within h/2"; a side that answers the peer's heartbeats answers every
         // one the peer sends at its interval, and its own timer (at h + h/8) never fires.
         let half = self.cfg.heartbeat_interval / 2;
-        if !self.dead && now >= self.at(self.last_tx) + half {
-            self.last_tx = self.off(now);
+        if !self.dead && t >= self.last_tx.saturating_add(nanos(half)) {
+            self.last_tx = t;
             self.heartbeats_sent = self.heartbeats_sent.saturating_add(1);
             self.push_heartbeat();
         }
@@ -532,11 +581,11 @@ impl Liveness {
             return;
         };
         let window = h * 4;
-        let arrival = self.ring_offset(now);
+        let arrival = self.ring_offset(t);
         // Sliding window: a flood is the (FLOOD_LIMIT + 1)-th heartbeat arriving less than
         // `window` after the oldest of the previous FLOOD_LIMIT. (The ring's times are
         // rounded down to the millisecond: a gap is never measured shorter than it was.)
-        if self.ring_floods(now, window) {
+        if self.ring_floods(t, window) {
             self.events.push_back(LivenessEvent::HeartbeatFlood {
                 count: FLOOD_LIMIT as u32 + 1,
                 window,
@@ -555,9 +604,8 @@ impl Liveness {
     /// (24.8 days) before `now`; ring entries older than the new base are forgotten (they
     /// are too old to be part of a flood for any interval below 6 days, and forgetting only
     /// makes the rule more lenient).
-    fn ring_offset(&mut self, now: Instant) -> u32 {
-        let ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX);
+    fn ring_offset(&mut self, t: u64) -> u32 {
+        let ms = t / 1_000_000;
         let base = u64::from(self.ring_base) * RING_STEP_MS;
         if let Ok(rel) = u32::try_from(ms - base.min(ms)) {
             return rel;
@@ -578,10 +626,9 @@ impl Liveness {
         u32::try_from(ms - units * RING_STEP_MS).unwrap_or(u32::MAX)
     }
 
-    /// The instant a ring offset stands for.
-    fn ring_instant(&self, rel: u32) -> Instant {
-        self.epoch
-            + Duration::from_millis(u64::from(self.ring_base) * RING_STEP_MS + u64::from(rel))
+    /// The time a ring offset stands for, in nanoseconds after the epoch.
+    fn ring_time(&self, rel: u32) -> u128 {
+        (u128::from(self.ring_base) * u128::from(RING_STEP_MS) + u128::from(rel)) * 1_000_000
     }
 
     /// A frame (of any kind) was queued for sending: postpones the next heartbeat.
@@ -667,19 +714,18 @@ impl Liveness {
 
     /// When `timer` next fires, or `None` when it is off.
     pub fn deadline(&self, timer: Timer) -> Option<Instant> {
-        self.times().deadline(timer)
+        self.times().deadline(self.epoch, timer)
     }
 
     /// The earliest deadline of any timer; `None` once the peer is dead.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.times().poll_timeout()
+        self.times().poll_timeout(self.epoch)
     }
 
     /// What the deadlines are derived from.
     fn times(&self) -> Times<'_> {
         Times {
             cfg: &self.cfg,
-            epoch: self.epoch,
             last_rx: self.last_rx,
             last_tx: self.last_tx,
             last_app: self.last_app,
@@ -690,7 +736,7 @@ impl Liveness {
         }
     }
 
-    /// Whether a read of whole heartbeats at `now` ([`on_receive`](Self::on_receive), then
+    /// Whether a read of whole heartbeats at `t` ([`on_receive`](Self::on_receive), then
     /// [`on_heartbeat_received`](Self::on_heartbeat_received)) reports nothing but, perhaps,
     /// a heartbeat to send, and leaves the engine able to freeze: the check
     /// `FrozenConn::parked_heartbeats` makes before it takes a read on the frozen form.
@@ -698,25 +744,25 @@ impl Liveness {
     /// flood rule would close on, and a ring whose base would move past what the frozen
     /// form keeps (558 years); also false in the one case the rule would not close after
     /// all (the ring's base moves 49.7 days on and forgets every arrival): the caller then
-    /// takes the read the full way, which is always right.
-    pub(crate) fn heartbeat_is_quiet(&self, now: Instant) -> bool {
+    /// takes the read the full way, which is always right. `t`: `now` read by
+    /// [`off`](Self::off).
+    pub(crate) fn heartbeat_is_quiet_at(&self, t: u64) -> bool {
         if self.suspect || self.dead {
             return false;
         }
         let Some(h) = self.cfg.enforce_peer_heartbeat else {
             return true;
         };
-        let ms = now.saturating_duration_since(self.epoch).as_millis();
-        ms < u128::from(FROZEN_RING_BASES) * u128::from(RING_STEP_MS)
-            && !self.ring_floods(now, h * 4)
+        let ms = t / 1_000_000;
+        ms < u64::from(FROZEN_RING_BASES) * RING_STEP_MS && !self.ring_floods(t, h * 4)
     }
 
     /// The flood rule: the ring holds `FLOOD_LIMIT` arrivals and the oldest is less than
-    /// `window` before `now`.
-    fn ring_floods(&self, now: Instant, window: Duration) -> bool {
+    /// `window` before `t` (an offset, see [`off`](Self::off)).
+    fn ring_floods(&self, t: u64, window: Duration) -> bool {
         usize::from(self.hb_filled) == FLOOD_LIMIT
-            && now.saturating_duration_since(self.ring_instant(self.hb_ring[self.hb_next as usize]))
-                < window
+            && u128::from(t).saturating_sub(self.ring_time(self.hb_ring[self.hb_next as usize]))
+                < window.as_nanos()
     }
 
     /// Acts on every timer whose deadline is at or before `now`.

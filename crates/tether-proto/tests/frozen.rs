@@ -268,7 +268,17 @@ impl World {
                 self.unsent += usize::from(step == FrozenStep::Unsent);
             }
             let deadline = f.poll_timeout(self.origin);
+            assert_eq!(
+                f.poll_timeout_offset(self.origin),
+                deadline.map(|d| tether_proto::offset::offset(self.origin, d)),
+                "the frozen deadline as an offset from the origin"
+            );
             let last_rx = f.last_rx(self.origin);
+            assert_eq!(
+                f.last_rx_offset(),
+                tether_proto::offset::offset(self.origin, last_rx),
+                "the frozen last arrival as an offset from the origin"
+            );
             self.server = f.thaw(self.origin, &counters);
             assert_eq!(self.server.poll_timeout(), deadline, "the frozen deadline");
             assert_eq!(self.server.last_rx(), last_rx);

@@ -216,20 +216,49 @@ impl FrozenConn {
 }
 
 impl FrozenConn {
+    fn role(&self) -> Role {
+        if self.flags & CLIENT != 0 {
+            Role::Client
+        } else {
+            Role::Server
+        }
+    }
+
     /// When the connection next needs [`Conn::handle_timeout`]: what the thawed connection's
     /// [`Conn::poll_timeout`] says, by the same rules (`origin`: the one given to
     /// [`Conn::freeze`]).
     pub fn poll_timeout(&self, origin: Instant) -> Option<Instant> {
-        let role = if self.flags & CLIENT != 0 {
-            Role::Client
-        } else {
-            Role::Server
-        };
+        let role = self.role();
         super::earliest(
             self.liveness.poll_timeout(origin),
             self.session.as_deref(),
             self.cred.as_deref().and_then(|c| c.deadline(role)),
         )
+    }
+
+    /// [`poll_timeout`](Self::poll_timeout) in nanoseconds after `origin` (as
+    /// [`offset`](crate::offset::offset) gives an instant; saturating): the liveness
+    /// engine's deadline without an `Instant` made and read back (a parked connection's
+    /// every wake-up asks), the session's and the credential's converted when they exist.
+    pub fn poll_timeout_offset(&self, origin: Instant) -> Option<i64> {
+        let live = self.liveness.poll_timeout_offset();
+        let role = self.role();
+        let rest = match (&self.session, &self.cred) {
+            (None, None) => None,
+            (s, c) => super::earliest(
+                None,
+                s.as_deref(),
+                c.as_deref().and_then(|c| c.deadline(role)),
+            )
+            .map(|t| crate::offset::offset(origin, t)),
+        };
+        [live, rest].into_iter().flatten().min()
+    }
+
+    /// [`last_rx`](Self::last_rx) in nanoseconds after the origin given to
+    /// [`Conn::freeze`] (as [`offset`](crate::offset::offset) gives it; saturating).
+    pub fn last_rx_offset(&self) -> i64 {
+        self.liveness.last_rx_offset()
     }
 
     /// When anything was last received (the liveness engine's record; `origin`: the one
@@ -261,10 +290,13 @@ impl FrozenConn {
         if self.flags >> UNSENT_SHIFT != 0 || !parked::only_heartbeats(data) {
             return (self, FrozenStep::NotHandled);
         }
+        let epoch = self.liveness.epoch_offset();
         let mut l = self.liveness.thaw(origin, counters.heartbeats_out);
         let mut step = FrozenStep::NotHandled;
         let (mut bulk, mut flags) = (self.bulk, self.flags);
-        if l.heartbeat_is_quiet(now) {
+        // `now` read once into the engine's terms, for its three rules.
+        let t = l.off(now);
+        if l.heartbeat_is_quiet_at(t) {
             // The decoder, for its bulk-stream state (each small frame counts a bulk stream
             // down) and the count; whole heartbeats decode without error or allocation.
             let mut decoder = Decoder::resumed(self.cfg.max_frame_len, bulk);
@@ -272,13 +304,13 @@ impl FrozenConn {
             bulk = decoder.idle_state().unwrap_or(bulk);
             counters.bytes_in += data.len() as u64;
             counters.heartbeats_in += heartbeats as u64;
-            l.on_receive(now);
+            l.on_receive_at(t);
             // Heartbeats read together count once towards the flood rule (as in full).
-            l.on_heartbeat_received(now);
+            l.on_heartbeat_received_at(t);
             flags = (flags | HEARTBEAT_IN_READ) & !APP_DATA_IN_READ;
             counters.heartbeats_out = l.heartbeats_sent();
             step = FrozenStep::Parked;
-            // `heartbeat_is_quiet`: nothing else to report.
+            // `heartbeat_is_quiet_at`: nothing else to report.
             if l.poll_event() == Some(LivenessEvent::SendHeartbeat) {
                 let n = write(&HEARTBEAT).min(HEADER_LEN);
                 counters.bytes_out += n as u64;
@@ -290,7 +322,7 @@ impl FrozenConn {
             debug_assert!(l.poll_event().is_none(), "a quiet read reported more");
         }
         let frozen = FrozenConn {
-            liveness: l.frozen(origin),
+            liveness: l.frozen_at(epoch),
             bulk,
             flags,
             ..self

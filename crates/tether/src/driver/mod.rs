@@ -305,6 +305,11 @@ impl Stamp {
         Stamp(tether_proto::offset::offset(Stamp::origin(), t))
     }
 
+    /// The stamp of an instant `off` ns after the origin (as `offset` gives it; never none).
+    fn offset(off: i64) -> Stamp {
+        Stamp(off.max(-i64::MAX))
+    }
+
     fn get(self) -> Option<Instant> {
         (self != Stamp::NONE).then(|| tether_proto::offset::instant(Stamp::origin(), self.0))
     }

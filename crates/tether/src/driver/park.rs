@@ -952,13 +952,14 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             return self.quick_with(lot, idx, gen, Driver::thaw(d, lot), now);
         }
         // A lot thread's bare socket: read on the frozen form first.
-        let (d, next) = frozen_wake::<T, S>(d, now);
+        let stamp = Stamp::at(now);
+        let (d, next) = frozen_wake::<T, S>(d, now, stamp);
         match next {
             Frozen::Parked(_reads) => {
                 #[cfg(test)]
                 lot.frozen.fetch_add(_reads, Relaxed);
                 e.d = Some(d);
-                self.queue(idx, gen, now);
+                self.queue(idx, gen, stamp);
             }
             Frozen::Quick => self.quick_with(lot, idx, gen, Driver::thaw(d, lot), now),
             Frozen::Full(c) => self.full_with(lot, idx, gen, Driver::thaw(d, lot), c),
@@ -1020,19 +1021,19 @@ impl<T: ParkIo, S: Sink + Send + 'static> Yard<T, S> {
             Some(e) => e.d = Some(frozen),
             None => return self.release(lot, idx, Driver::thaw(frozen, lot), Exit::Unpark),
         }
-        self.queue(idx, gen, now);
+        self.queue(idx, gen, Stamp::at(now));
     }
 
     /// Queues entry `idx`'s deadline (`Driver::armed`) in the heap when it moved (see
     /// [`requeue`]).
-    fn queue(&mut self, idx: u32, gen: u32, now: Instant) {
+    fn queue(&mut self, idx: u32, gen: u32, now: Stamp) {
         let Some(e) = self.entry(idx, gen) else {
             return;
         };
         let Some(a) = e.d.as_ref().map(|d| d.armed) else {
             return;
         };
-        if !a.is_none() && (e.queued_at.is_none() || requeue(e.queued_at, a, Stamp::at(now))) {
+        if !a.is_none() && (e.queued_at.is_none() || requeue(e.queued_at, a, now)) {
             e.queued_at = a;
             self.push_deadline(a, idx);
         }
@@ -1668,10 +1669,12 @@ enum Frozen {
 /// `stats.update` publishes them; the answer is written at once. Anything else — another
 /// frame, part of one, the end, an error, a heartbeat the liveness engine reports on (a
 /// recovery, a flood), an answer not all written, a deadline due — thaws it for the quick
-/// or full wake-up, with what was read.
+/// or full wake-up, with what was read. `stamp` is `now` as a [`Stamp`] (read once for the
+/// wake-up and its requeue).
 fn frozen_wake<T: ParkIo, S>(
     mut p: Parked<T::Parked, S>,
     now: Instant,
+    stamp: Stamp,
 ) -> (Parked<T::Parked, S>, Frozen) {
     use tether_proto::conn::FrozenStep;
     let origin = Stamp::origin();
@@ -1724,9 +1727,11 @@ fn frozen_wake<T: ParkIo, S>(
         }
         give_back(reserved);
         taken += 1;
-        p.shared.stats.publish(&counters, p.conn.last_rx(origin));
+        p.shared
+            .stats
+            .publish_offset(&counters, origin, p.conn.last_rx_offset());
         if wrote > 0 {
-            p.last_write = Stamp::at(now);
+            p.last_write = stamp;
         }
         if step == FrozenStep::Unsent {
             // The rest is the thawed connection's to write (or its error to meet).
@@ -1739,8 +1744,11 @@ fn frozen_wake<T: ParkIo, S>(
         }
     }
     // Parked: no close linger, only the state machine's deadline.
-    p.armed = p.conn.poll_timeout(origin).map_or(Stamp::NONE, Stamp::at);
-    if !p.armed.is_none() && p.armed <= Stamp::at(now) {
+    p.armed = p
+        .conn
+        .poll_timeout_offset(origin)
+        .map_or(Stamp::NONE, Stamp::offset);
+    if !p.armed.is_none() && p.armed <= stamp {
         return (p, Frozen::Quick);
     }
     (p, Frozen::Parked(taken))

@@ -101,10 +101,22 @@ impl Stats {
     /// The counters and the last arrival alone: what a read taken on the frozen form
     /// changes (`FrozenConn::parked_heartbeats`; the RTT and the session's ACK stay).
     pub(crate) fn publish(&self, s: &ConnStats, last_rx: Instant) {
-        self.last_rx_us.store(
-            last_rx.saturating_duration_since(base()).as_micros() as u64 + 1,
-            Relaxed,
-        );
+        let us = last_rx.saturating_duration_since(base()).as_micros() as u64;
+        self.publish_us(s, us + 1);
+    }
+
+    /// [`publish`](Self::publish) with the last arrival given in nanoseconds after `origin`
+    /// (as `tether_proto::offset::offset` gives it): the same value stored, with one
+    /// conversion instead of an `Instant` made and read back (a parked connection publishes
+    /// on every heartbeat it answers).
+    pub(crate) fn publish_offset(&self, s: &ConnStats, origin: Instant, last_rx: i64) {
+        let ns = i128::from(last_rx) + i128::from(tether_proto::offset::offset(base(), origin));
+        self.publish_us(s, (ns.max(0) / 1000) as u64 + 1);
+    }
+
+    /// Stores the counters and the last arrival (µs after `base()`, plus one: 0 is none).
+    fn publish_us(&self, s: &ConnStats, last_rx_us: u64) {
+        self.last_rx_us.store(last_rx_us, Relaxed);
         self.messages_in.store(s.messages_in, Relaxed);
         self.messages_out.store(s.messages_out, Relaxed);
         self.bytes_in.store(s.bytes_in, Relaxed);
@@ -176,4 +188,41 @@ impl Stats {
 /// A count for a 32-bit counter, saturating.
 fn saturate(v: u128) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A last arrival published as an offset from an origin stores what the instant itself
+    /// would: before, at and after the stats' base, to the microsecond's rounding.
+    #[test]
+    fn a_last_arrival_published_as_an_offset_is_the_instant_published() {
+        let b = base();
+        let origin = b + Duration::from_millis(1500);
+        let c = ConnStats::default();
+        for ns in [
+            -2_000_000_000i64,
+            -1_500_000_000,
+            -1_499_999_999,
+            -1,
+            0,
+            1,
+            999,
+            1_000,
+            123_456_789,
+            86_400_000_000_123,
+        ] {
+            let t = tether_proto::offset::instant(origin, ns);
+            let (a, o) = (Stats::default(), Stats::default());
+            a.publish(&c, t);
+            o.publish_offset(&c, origin, ns);
+            assert_eq!(
+                a.last_rx_us.load(Relaxed),
+                o.last_rx_us.load(Relaxed),
+                "{ns} ns after the origin"
+            );
+            assert_eq!(a.snapshot(), o.snapshot());
+        }
+    }
 }
