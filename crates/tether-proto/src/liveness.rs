@@ -404,8 +404,7 @@ struct Times<'a> {
 
 impl Times<'_> {
     fn deadline(&self, epoch: Instant, timer: Timer) -> Option<Instant> {
-        self.deadline_off(timer)
-            .map(|off| epoch + Duration::from_nanos(off))
+        self.deadline_off(timer).map(|off| at(epoch, off))
     }
 
     /// When `timer` next fires, as an offset from the epoch (saturating): the one rule, which
@@ -437,8 +436,7 @@ impl Times<'_> {
     /// The earliest of the timers' deadlines, found among the offsets (one conversion to an
     /// `Instant`, not one per timer: this runs on every wake-up of every parked connection).
     fn poll_timeout(&self, epoch: Instant) -> Option<Instant> {
-        self.poll_timeout_off()
-            .map(|off| epoch + Duration::from_nanos(off))
+        self.poll_timeout_off().map(|off| at(epoch, off))
     }
 
     /// The earliest of the timers' deadlines as an offset from the epoch.
@@ -467,6 +465,11 @@ struct Rtt {
 /// Nanoseconds from `epoch` to `t` (0 for an instant before it; saturates after 584 years).
 fn offset(epoch: Instant, t: Instant) -> u64 {
     nanos(t.saturating_duration_since(epoch))
+}
+
+/// The instant `off` nanoseconds after `epoch` (the inverse of [`offset`]).
+fn at(epoch: Instant, off: u64) -> Instant {
+    epoch + Duration::from_nanos(off)
 }
 
 /// `d` in nanoseconds (saturating after 584 years).
@@ -527,7 +530,7 @@ impl Liveness {
 
     /// The instant `off` nanoseconds after the epoch.
     fn at(&self, off: u64) -> Instant {
-        self.epoch + Duration::from_nanos(off)
+        at(self.epoch, off)
     }
 
     /// The instant the engine was created or last [started](Self::start): every time it
