@@ -295,9 +295,10 @@ struct Stamp(i64);
 impl Stamp {
     const NONE: Stamp = Stamp(i64::MIN);
 
+    /// The stats' origin (`stats::base`): one process-wide origin, so a parked
+    /// connection's last arrival, an offset from it, is published as it is.
     fn origin() -> Instant {
-        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        *ORIGIN.get_or_init(Instant::now)
+        stats::base()
     }
 
     fn at(t: Instant) -> Stamp {

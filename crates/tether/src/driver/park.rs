@@ -1729,7 +1729,7 @@ fn frozen_wake<T: ParkIo, S>(
         taken += 1;
         p.shared
             .stats
-            .publish_offset(&counters, origin, p.conn.last_rx_offset());
+            .publish_offset(&counters, p.conn.last_rx_offset());
         if wrote > 0 {
             p.last_write = stamp;
         }

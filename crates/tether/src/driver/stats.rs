@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use tether_proto::conn::ConnStats;
 use tether_proto::Conn;
 
-/// A process-wide origin for storing instants in atomics.
-fn base() -> Instant {
+/// A process-wide origin for storing instants in atomics; also the driver's stamps'
+/// (`Stamp::origin`).
+pub(super) fn base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();
     *BASE.get_or_init(|| tokio::time::Instant::now().into_std())
 }
@@ -105,13 +106,12 @@ impl Stats {
         self.publish_us(s, us + 1);
     }
 
-    /// [`publish`](Self::publish) with the last arrival given in nanoseconds after `origin`
-    /// (as `tether_proto::offset::offset` gives it): the same value stored, with one
-    /// conversion instead of an `Instant` made and read back (a parked connection publishes
-    /// on every heartbeat it answers).
-    pub(crate) fn publish_offset(&self, s: &ConnStats, origin: Instant, last_rx: i64) {
-        let ns = i128::from(last_rx) + i128::from(tether_proto::offset::offset(base(), origin));
-        self.publish_us(s, (ns.max(0) / 1000) as u64 + 1);
+    /// [`publish`](Self::publish) with the last arrival given in nanoseconds after
+    /// [`base`] (as `tether_proto::offset::offset` gives it; the driver's stamps share the
+    /// origin): the same value stored, without an `Instant` made and read back (a parked
+    /// connection publishes on every heartbeat it answers).
+    pub(crate) fn publish_offset(&self, s: &ConnStats, last_rx: i64) {
+        self.publish_us(s, (last_rx.max(0) / 1000) as u64 + 1);
     }
 
     /// Stores the counters and the last arrival (µs after `base()`, plus one: 0 is none).
@@ -194,29 +194,27 @@ fn saturate(v: u128) -> u32 {
 mod tests {
     use super::*;
 
-    /// A last arrival published as an offset from an origin stores what the instant itself
-    /// would: before, at and after the stats' base, to the microsecond's rounding.
+    /// A last arrival published as an offset from the base stores what the instant itself
+    /// would: before, at and after the base, to the microsecond's rounding.
     #[test]
     fn a_last_arrival_published_as_an_offset_is_the_instant_published() {
-        let b = base();
-        let origin = b + Duration::from_millis(1500);
+        let origin = base();
         let c = ConnStats::default();
         for ns in [
-            -2_000_000_000i64,
-            -1_500_000_000,
-            -1_499_999_999,
+            -500_000_000i64,
             -1,
             0,
             1,
             999,
             1_000,
+            1_001,
             123_456_789,
             86_400_000_000_123,
         ] {
             let t = tether_proto::offset::instant(origin, ns);
             let (a, o) = (Stats::default(), Stats::default());
             a.publish(&c, t);
-            o.publish_offset(&c, origin, ns);
+            o.publish_offset(&c, ns);
             assert_eq!(
                 a.last_rx_us.load(Relaxed),
                 o.last_rx_us.load(Relaxed),
