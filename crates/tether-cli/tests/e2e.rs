@@ -524,4 +524,66 @@ fn bench_hold_counts_liveness_messages_on_the_clients() {
     assert!(cs > 0.0 && cs < 5.0, "context switches per message: {cs}");
     // The baseline is read after the warm-up clients connected.
     assert!(row["rss_before"].as_u64().unwrap() >= row["rss_empty"].as_u64().unwrap());
+    assert_eq!(row["clients_over"], "loopback");
+}
+
+/// `tether bench hold --clients-over veth` runs the load generators in a namespace of their
+/// own behind a veth pair: every client of both servers connects and heartbeats across it
+/// (40 clients and 10 warm-up clients, 1 s heartbeats, 5 s held: about 50 × 5 × 2
+/// liveness messages each), each row says how its clients came, the receive at both ends
+/// is in NAPI kernel threads, and the namespace is gone when the bench ends. Needs root,
+/// iproute2, nftables (the lab's slot check) and ethtool: without them it says SKIP.
+#[test]
+fn bench_hold_over_veth_holds_the_clients_in_a_namespace_of_their_own() {
+    if let Some(why) = tether_lab::skip_reason() {
+        println!("SKIP: bench_hold_over_veth_holds_the_clients_in_a_namespace_of_their_own: {why}");
+        return;
+    }
+    if tether_lab::sys::find_tool("ethtool").is_none() {
+        println!("SKIP: bench_hold_over_veth_holds_the_clients_in_a_namespace_of_their_own: no ethtool (apt-get install ethtool)");
+        return;
+    }
+    let (stdout, stderr, v) = bench_hold(
+        "veth",
+        &["--heartbeat", "1s", "--clients-over", "veth"],
+        &[],
+    );
+    let ns = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("clients over veth: namespace "))
+        .and_then(|l| l.split(',').next())
+        .unwrap_or_else(|| panic!("no namespace line in {stdout}"))
+        .to_owned();
+    assert!(ns.starts_with("tlab"), "{ns}");
+    assert!(stdout.contains("receive in threaded NAPI"), "{stdout}");
+    assert!(
+        stdout.contains("== hold: tether, N=40, heartbeat 1s, hold 5s, clients over veth =="),
+        "{stdout}"
+    );
+    assert!(
+        !std::path::Path::new("/run/netns").join(&ns).exists(),
+        "namespace {ns} left behind"
+    );
+    let rows = v["hold"].as_array().unwrap();
+    let mosquitto_skipped = stderr
+        .lines()
+        .find(|l| l.starts_with("mosquitto at N=40 skipped"));
+    assert_eq!(
+        rows.len(),
+        2 - usize::from(mosquitto_skipped.is_some()),
+        "{rows:?}"
+    );
+    for r in rows {
+        assert_eq!(r["clients_over"], "veth", "{r}");
+        assert_eq!(r["connected"], 40, "{r}");
+        assert_eq!(r["closed_during_hold"], 0, "{r}");
+        let msgs = r["liveness_msgs"].as_u64().unwrap();
+        assert!(
+            (300..=600).contains(&msgs),
+            "liveness messages: {msgs} in {r}"
+        );
+    }
+    if let Some(why) = mosquitto_skipped {
+        println!("SKIP mosquitto over veth: {why}");
+    }
 }

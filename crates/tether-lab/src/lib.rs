@@ -19,6 +19,8 @@
 //! - [`Fault`]: what breaks, each documented with the real-world cause and its source.
 //! - [`Method`]: how the application detects it (`os-default`, `keepalive`, `user-timeout`,
 //!   `idle-timer`, `tether`), all configured from one derived policy ([`Scale::policy`]).
+//! - [`ClientNet`]: a namespace for a bench's load generators behind one veth pair whose
+//!   receive runs in kernel threads (`tether bench hold --clients-over veth`).
 //! - [`cluster::ClusterTopology`]: clients, a load-balancing router, N `tether serve
 //!   --cluster` hosts and Redis, for the cluster's failure tests (`tests/cluster.rs`).
 //! - [`Lab`]: runs cells; [`report`] turns results into tables, JSON and a chart, and
@@ -32,6 +34,7 @@
 //! `kill`), each with a SAFETY comment.
 
 pub mod client_cmd;
+pub mod clientnet;
 pub mod cluster;
 pub mod error;
 pub mod fault;
@@ -46,6 +49,7 @@ mod tether_method;
 pub mod topology;
 
 pub use client_cmd::ClientCommand;
+pub use clientnet::ClientNet;
 pub use error::LabError;
 pub use fault::{Fault, FaultKind};
 pub use method::{Method, Scale};

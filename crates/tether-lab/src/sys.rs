@@ -20,7 +20,7 @@ pub(crate) const TOOLS: [(&str, &str); 4] = [
 
 /// Finds `tool` on `PATH`, then in the sbin directories (root's tools live there and a
 /// user's `PATH` often lacks them).
-pub(crate) fn find_tool(tool: &str) -> Option<PathBuf> {
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))

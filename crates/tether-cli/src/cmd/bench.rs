@@ -129,6 +129,28 @@ struct HoldOpts {
     /// machine.
     #[arg(long)]
     together: bool,
+    /// Where the clients' connections run. `loopback`: from 127.0.0.x; the kernel then
+    /// receives every answer a server writes inside that server's `send`, so its CPU
+    /// figure holds its clients' receive (about 40 % of it at 19k), the same for every
+    /// server. `veth`: from a network namespace of their own behind one veth pair whose
+    /// receive runs in kernel threads (threaded NAPI), so a server's CPU is its own work,
+    /// as when its clients are other machines; needs root, iproute2 and ethtool, and the
+    /// namespace is deleted when the run ends.
+    #[arg(long, value_enum, default_value = "loopback")]
+    clients_over: ClientsOver,
+    /// The clients' namespace made for `--clients-over veth` when the run starts.
+    #[arg(skip)]
+    net: Option<std::sync::Arc<tether_lab::ClientNet>>,
+}
+
+/// `--clients-over`: how the load generators reach the servers.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum ClientsOver {
+    /// Loopback, from 127.0.0.x.
+    Loopback,
+    /// A veth pair to a namespace of their own, received by kernel threads.
+    Veth,
 }
 
 fn parse_rounds(s: &str) -> Result<usize, String> {
@@ -360,7 +382,7 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
         rep.load_before,
         rep.started
     );
-    let (hold_n, detect_n, hold, detect, echo, json) = match cmd {
+    let (hold_n, detect_n, mut hold, detect, echo, json) = match cmd {
         BenchCmd::Hold(a) => (a.n, vec![], Some(a.opts), None, None, a.json),
         BenchCmd::Detect(a) => (vec![], a.n, None, Some(a.opts), None, a.json),
         BenchCmd::Echo(a) => (vec![], vec![], None, None, Some(a.opts), a.json),
@@ -376,6 +398,23 @@ async fn coordinate(cmd: BenchCmd) -> anyhow::Result<ExitCode> {
             unreachable!("handled in run")
         }
     };
+    if let Some(h) = hold
+        .as_mut()
+        .filter(|h| h.clients_over == ClientsOver::Veth)
+    {
+        let net = tokio::task::spawn_blocking(tether_lab::ClientNet::create)
+            .await
+            .context("the clients' namespace")?
+            .context("--clients-over veth: cannot make the clients' namespace")?;
+        println!(
+            "clients over veth: namespace {}, servers on {} ({} in the root namespace), \
+             receive in threaded NAPI",
+            net.netns(),
+            net.server_addr(),
+            net.server_if()
+        );
+        h.net = Some(std::sync::Arc::new(net));
+    }
     if let Some(h) = &hold {
         for &n in &hold_n {
             for round in 1..=h.rounds {
@@ -567,13 +606,17 @@ async fn connect_clients(
     heartbeat_ms: u64,
     detect_within_ms: u64,
     extra: &[String],
+    net: Option<&tether_lab::ClientNet>,
 ) -> anyhow::Result<(Vec<Agent>, f64, u64, Option<String>)> {
     let salt = SRC_SALT.fetch_add(1, Relaxed);
     let mut agents = Vec::with_capacity(k);
     let mut first = first_id;
     for i in 0..k {
         let count = n / k + usize::from(i < n % k);
-        let src: IpAddr = [127, 0, 0, (2 + (salt * 8 + i) % 250) as u8].into();
+        let src: IpAddr = match net {
+            Some(net) => net.client_addr(salt * 8 + i).into(),
+            None => [127, 0, 0, (2 + (salt * 8 + i) % 250) as u8].into(),
+        };
         let args: Vec<String> = vec![
             "clients".into(),
             "--kind".into(),
@@ -593,7 +636,7 @@ async fn connect_clients(
         ];
         let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
         first += count;
-        let mut a = Agent::spawn(&args)?;
+        let mut a = Agent::spawn_in(net.map(|n| n.netns()), &args)?;
         a.expect("ready", Duration::from_secs(10)).await?;
         agents.push(a);
     }
@@ -682,6 +725,8 @@ mod tests {
             warmup: 0,
             park_threads: None,
             rounds: 2,
+            clients_over: ClientsOver::Loopback,
+            net: None,
         };
         use Server::*;
         assert_eq!(hold_order(&h, 1), [Tether, Mosquitto]);

@@ -62,6 +62,10 @@ pub(crate) struct ApiClientArgs {
 /// Server agent settings.
 #[derive(clap::Args, Debug)]
 pub(crate) struct ServerAgentArgs {
+    /// The address to listen on (port chosen by the kernel): loopback, or the root end of
+    /// the clients' veth (`bench hold --clients-over veth`).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) listen: IpAddr,
     /// The detection bound of the policy, in milliseconds.
     #[arg(long)]
     pub(crate) detect_within_ms: u64,
@@ -170,7 +174,7 @@ pub(crate) fn policy(detect_within_ms: u64, heartbeat_ms: Option<u64>) -> anyhow
 
 async fn server_agent(a: ServerAgentArgs) -> anyhow::Result<()> {
     let policy = policy(a.detect_within_ms, a.heartbeat_ms)?;
-    let mut cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+    let mut cfg = ServerConfig::new(SocketAddr::new(a.listen, 0))
         .policy(policy.clone())
         .max_connections(1_000_000)
         // A/B switch for measuring the parked-connection step in one binary (BENCHMARKS.md

@@ -86,7 +86,7 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
     let n_idle = n - n_load;
     let k = agents_for(n_idle, o.detect_agents);
     let (mut agents, connect_secs, failed, err) =
-        connect_clients("tether", addr, 0, n_idle, k, hb_ms, dw_ms, &[]).await?;
+        connect_clients("tether", addr, 0, n_idle, k, hb_ms, dw_ms, &[], None).await?;
     if o.client_nice != 0 {
         for a in &agents {
             match sys::set_nice(a.pid, o.client_nice) {
@@ -96,7 +96,7 @@ pub(super) async fn detect_one(n: usize, o: &DetectOpts) -> anyhow::Result<Detec
         }
     }
     let (mut load_agents, _, load_failed, _) =
-        connect_clients("tether", addr, n_idle, n_load, 1, hb_ms, dw_ms, &[]).await?;
+        connect_clients("tether", addr, n_idle, n_load, 1, hb_ms, dw_ms, &[], None).await?;
     let failed = failed + load_failed;
     println!(
         "  connected {}/{n} in {connect_secs:.2} s{}",

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::procs::{Agent, Mosquitto};
-use super::{agents_for, connect_clients, sys, HoldOpts, Server};
+use super::{agents_for, connect_clients, sys, ClientsOver, HoldOpts, Server};
 
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct HoldResult {
@@ -19,6 +19,9 @@ pub(super) struct HoldResult {
     round: usize,
     /// Held over the same window as the round's other servers (`--together`), not in turn.
     together: bool,
+    /// How the clients reached the server (`--clients-over`): on loopback the server's CPU
+    /// holds its clients' receive of its answers; over the veth it does not.
+    clients_over: ClientsOver,
     /// When the measured clients began to connect and when the hold began, in seconds
     /// since the Unix epoch: with `--together` the servers' connects are a heartbeat
     /// interval divided by their number apart, and their holds begin together.
@@ -174,7 +177,7 @@ async fn start(
     connect_at: Option<Instant>,
 ) -> anyhow::Result<Held> {
     println!(
-        "\n== hold: {}, N={n}{}, heartbeat {:?}, hold {:?}{} ==",
+        "\n== hold: {}, N={n}{}, heartbeat {:?}, hold {:?}{}{} ==",
         server.name(),
         if o.rounds > 1 {
             format!(", round {round}/{}", o.rounds)
@@ -186,8 +189,17 @@ async fn start(
         match (server, o.park_threads) {
             (Server::Tether, Some(p)) => format!(", park threads {p}"),
             _ => String::new(),
+        },
+        match o.clients_over {
+            ClientsOver::Loopback => "",
+            ClientsOver::Veth => ", clients over veth",
         }
     );
+    let net = o.net.as_deref();
+    let listen: std::net::IpAddr = match net {
+        Some(net) => net.server_addr().into(),
+        None => [127, 0, 0, 1].into(),
+    };
     let hb_ms = o.heartbeat.as_millis() as u64;
     // The policy around a 30 s heartbeat: detect within 3 heartbeats.
     let dw_ms = hb_ms * 3;
@@ -207,6 +219,8 @@ async fn start(
         Server::Tether | Server::TetherTls => {
             let mut args: Vec<String> = vec![
                 "server".into(),
+                "--listen".into(),
+                listen.to_string(),
                 "--detect-within-ms".into(),
                 dw_ms.to_string(),
                 "--heartbeat-ms".into(),
@@ -224,7 +238,7 @@ async fn start(
             (pid, addr, format!("tether {}", env!("CARGO_PKG_VERSION")))
         }
         Server::Mosquitto => {
-            let m = Mosquitto::start().await?;
+            let m = Mosquitto::start(listen).await?;
             let r = (m.pid, m.addr, m.version.clone());
             mosq = Some(m);
             r
@@ -241,7 +255,7 @@ async fn start(
     let mut warm = Vec::new();
     if o.warmup > 0 {
         let (a, _, failed, err) =
-            connect_clients(kind, addr, n, o.warmup, 1, hb_ms, dw_ms, &tls).await?;
+            connect_clients(kind, addr, n, o.warmup, 1, hb_ms, dw_ms, &tls, net).await?;
         if failed > 0 {
             anyhow::bail!(
                 "{failed} of {} warm-up clients failed to connect: {}",
@@ -263,7 +277,7 @@ async fn start(
     let connect_started = Instant::now();
     let connect_started_unix_s = unix_s();
     let (measured, connect_secs, failed, connect_error) =
-        connect_clients(kind, addr, 0, n, k, hb_ms, dw_ms, &tls).await?;
+        connect_clients(kind, addr, 0, n, k, hb_ms, dw_ms, &tls, net).await?;
     let mut agents = measured;
     agents.append(&mut warm);
     let connected = n as u64 - failed;
@@ -391,6 +405,7 @@ async fn finish(h: Held, w: Window, o: &HoldOpts) -> anyhow::Result<HoldResult> 
         n: h.n,
         round: h.round,
         together,
+        clients_over: o.clients_over,
         connect_started_unix_s: h.connect_started_unix_s,
         hold_started_unix_s: started_unix_s,
         agents: h.k,
@@ -584,7 +599,7 @@ pub(super) fn print_hold(rows: &[HoldResult]) {
             );
         }
     }
-    println!("* slab/c: kernel TCP + sock_inode_cache slabs per connection, both ends (loopback)");
+    println!("* slab/c: kernel TCP + sock_inode_cache slabs per connection, both ends (the clients run on this machine)");
     if let Some(w) = rows.first().map(|r| r.warmup).filter(|&w| w > 0) {
         println!(
             "RSS/conn, end RSS/c, heap/c: what N clients cost after {w} warm-up clients connected \
@@ -675,6 +690,7 @@ mod tests {
             n: 1000,
             round: 1,
             together: false,
+            clients_over: ClientsOver::Loopback,
             connect_started_unix_s: 0.0,
             hold_started_unix_s: 0.0,
             agents: 1,

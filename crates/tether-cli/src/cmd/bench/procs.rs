@@ -27,8 +27,23 @@ pub(crate) struct Agent {
 impl Agent {
     /// Starts `tether bench agent <args>`.
     pub(crate) fn spawn(args: &[String]) -> anyhow::Result<Agent> {
+        Agent::spawn_in(None, args)
+    }
+
+    /// Starts `tether bench agent <args>`, inside network namespace `netns` when given
+    /// (`ip netns exec`, which execs the agent: the pid is the agent's).
+    pub(crate) fn spawn_in(netns: Option<&str>, args: &[String]) -> anyhow::Result<Agent> {
         let exe = std::env::current_exe().context("cannot find the tether executable")?;
-        let mut child = Command::new(exe)
+        let mut command = match netns {
+            Some(ns) => {
+                let ip = tether_lab::sys::find_tool("ip").context("`ip` not found")?;
+                let mut c = Command::new(ip);
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .arg("bench")
             .arg("agent")
             .args(args)
@@ -153,8 +168,9 @@ pub(crate) fn ensure_mosquitto() -> anyhow::Result<std::path::PathBuf> {
 }
 
 impl Mosquitto {
-    /// Starts mosquitto with no connection limit on a free loopback port.
-    pub(crate) async fn start() -> anyhow::Result<Mosquitto> {
+    /// Starts mosquitto with no connection limit on a free port of `ip` (a loopback
+    /// address, or the root end of the clients' veth).
+    pub(crate) async fn start(ip: std::net::IpAddr) -> anyhow::Result<Mosquitto> {
         let exe = ensure_mosquitto()?;
         let version = std::process::Command::new(&exe)
             .arg("-h")
@@ -167,10 +183,8 @@ impl Mosquitto {
                     .map(|l| l.trim().to_owned())
             })
             .unwrap_or_default();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let port = std::net::TcpListener::bind((ip, 0))?.local_addr()?.port();
+        let addr = SocketAddr::new(ip, port);
         let conf = std::env::temp_dir().join(format!(
             "tether-bench-mosquitto-{}-{port}.conf",
             std::process::id()
@@ -178,7 +192,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n\
+                "listener {port} {ip}\nallow_anonymous true\nmax_connections -1\n\
                  max_keepalive 65535\npersistence false\nlog_dest none\n"
             ),
         )
