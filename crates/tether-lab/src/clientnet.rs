@@ -24,7 +24,7 @@ use std::net::Ipv4Addr;
 
 use crate::error::LabError;
 use crate::sys;
-use crate::topology::{claim_slot, delete_netns, slot_base};
+use crate::topology::{claim_slot, delete_netns, slot_addr};
 
 /// The clients' source addresses: `base+2` to `base+14` of the slot's /28.
 const CLIENT_ADDRS: u32 = 13;
@@ -111,12 +111,12 @@ impl ClientNet {
 
     /// Where a server in the root namespace listens for the clients.
     pub fn server_addr(&self) -> Ipv4Addr {
-        Ipv4Addr::from(slot_base(self.slot) + 1)
+        slot_addr(self.slot, 1)
     }
 
     /// The `i`-th of the clients' 13 source addresses (taken modulo 13).
     pub fn client_addr(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::from(slot_base(self.slot) + 2 + (i as u32 % CLIENT_ADDRS))
+        slot_addr(self.slot, 2 + (i as u32 % CLIENT_ADDRS))
     }
 
     /// The root namespace's end of the pair.

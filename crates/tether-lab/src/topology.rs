@@ -359,6 +359,11 @@ fn ip4(base: u32, offset: u32) -> Ipv4Addr {
     Ipv4Addr::from(base + offset)
 }
 
+/// Address `offset` of `slot`'s /28 block.
+pub(crate) fn slot_addr(slot: u32, offset: u32) -> Ipv4Addr {
+    ip4(slot_base(slot), offset)
+}
+
 impl Topology {
     /// Creates the three namespaces and the veths, addresses and routes for `shape`. The
     /// router is not configured yet: see [`Topology::configure_router`].
