@@ -404,6 +404,33 @@ async fn api_send_and_close_on_b_reach_a_client_on_a_and_broadcast_reaches_every
         assert_eq!(m, Bytes::from(format!("m{i}")), "in order");
     }
 
+    // A routed send retried with its Idempotency-Key (its first answer may have been lost:
+    // a 503 after the response timeout for a send Redis ran) is answered as the first and
+    // not routed again; another key is another message.
+    for _ in 0..2 {
+        let (st, v) = post_keyed(b.http, "phone-a", "keyed", "phone-a-1")
+            .await
+            .expect("an answer");
+        assert_eq!(
+            (st, &v["status"], &v["node"]),
+            (202, &"routed".into(), &"a".into()),
+            "{v}"
+        );
+    }
+    let (st, v) = post_keyed(b.http, "phone-a", "next", "phone-a-2")
+        .await
+        .expect("an answer");
+    assert_eq!(st, 202, "{v}");
+    assert_eq!(
+        next_message(&mut pa, WITHIN).await,
+        Some(Bytes::from("keyed"))
+    );
+    assert_eq!(
+        next_message(&mut pa, WITHIN).await,
+        Some(Bytes::from("next")),
+        "the retried key was delivered once"
+    );
+
     let (st, v) = call(b.http, "POST", "/api/broadcast", r#"{"text":"all"}"#).await;
     assert_eq!(st, 202, "{v}");
     assert_eq!(v["cluster"], "published", "{v}");

@@ -15,8 +15,9 @@
 //!
 //! The backend posts each number with an `Idempotency-Key` (the client and the number), as a
 //! backend that retries must: with `--durable-sessions` a retry of a send whose node died
-//! before answering is answered as the first instead of delivered twice (docs/API.md; the
-//! plain variant ignores the key).
+//! before answering is answered as the first instead of delivered twice; without it, a retry of
+//! a routed send whose `503` hid a route Redis ran (its answer lost in the partition) is
+//! (docs/API.md).
 //!
 //! What must hold, per client and direction:
 //! - **client → server**: the backend sees each number at most once, in order (per session:
@@ -388,7 +389,8 @@ async fn post_numbers(api: Api, i: usize, world: Shared, stop: tokio::sync::watc
     let mut refusals = Vec::new();
     while !*stop.borrow() {
         // The number is the message's key: a send retried after its node died without
-        // answering is not delivered twice (with --durable-sessions; ignored without).
+        // answering is not delivered twice (on any node with --durable-sessions; without it when
+        // routed: a 503 after Redis's timeout can hide a route Redis ran, docs/CLUSTER.md).
         let r = api
             .call_keyed(
                 via,

@@ -1124,7 +1124,7 @@ impl Cluster {
         let c = self.clone();
         let id = id.to_owned();
         tokio::spawn(async move {
-            let r = c.route_send(&node, &id, &p).await;
+            let r = c.route_send(&node, &id, &p, None).await;
             log::line(
                 &id,
                 "routed-send-forwarded",
@@ -1403,6 +1403,7 @@ impl Cluster {
             .route(
                 node,
                 id,
+                None,
                 &[
                     ("k", b"send"),
                     ("id", id.as_bytes()),
@@ -1636,10 +1637,22 @@ impl Cluster {
 
     /// Sends `msg` to `id` through the inbox of the node that holds it (`node` in this
     /// node's mirror; Redis's record decides). Returns the node it went to.
-    pub(crate) async fn route_send(&self, node: &str, id: &str, msg: &[u8]) -> Result<String> {
+    ///
+    /// `idem`, the backend's `Idempotency-Key`: a retry with it within a minute is answered
+    /// with the first one's node and not routed again (the first may have been delivered
+    /// while its answer was lost: a 503 after the response timeout).
+    pub(crate) async fn route_send(
+        &self,
+        node: &str,
+        id: &str,
+        msg: &[u8],
+        idem: Option<&str>,
+    ) -> Result<String> {
+        let record = idem.map(|k| self.key(&format!("rsend:{id}:{k}")));
         self.route(
             node,
             id,
+            record.as_deref(),
             &[("k", b"send"), ("id", id.as_bytes()), ("p", msg)],
         )
         .await
@@ -1657,6 +1670,7 @@ impl Cluster {
         self.route(
             node,
             id,
+            None,
             &[
                 ("k", b"close"),
                 ("id", id.as_bytes()),
@@ -1684,14 +1698,22 @@ impl Cluster {
 
     /// Adds `fields` to the inbox of the node that holds `id` by Redis's record (the mirror's
     /// `node` may lag a claim by a moment: a send routed to a node the client just left
-    /// would stay there undelivered), within this call's deadline. Returns that node.
-    async fn route(&self, node: &str, id: &str, fields: &[(&str, &[u8])]) -> Result<String> {
+    /// would stay there undelivered), within this call's deadline. Returns that node. With
+    /// `record` (a key), a call made again with it is answered as the first (see the script).
+    async fn route(
+        &self,
+        node: &str,
+        id: &str,
+        record: Option<&str>,
+        fields: &[(&str, &[u8])],
+    ) -> Result<String> {
         let script = scripts::route();
         let mut call = script.prepare_invoke();
         call.arg(&self.prefix)
             .arg(id)
             .arg(STREAM_MAX)
-            .arg(self.deadline().map(|d| d.to_string()).unwrap_or_default());
+            .arg(self.deadline().map(|d| d.to_string()).unwrap_or_default())
+            .arg(record.unwrap_or(""));
         for (k, v) in fields {
             call.arg(*k).arg(*v);
         }

@@ -100,23 +100,31 @@ return 1
     ))
 }
 
-/// `route(prefix, id, maxlen, deadline, field, value, …)`: adds the entry to the inbox of the
-/// node that holds `id` **now** (the record, not the caller's mirror, which may lag a claim
-/// by a moment), unless the record is offline or absent, or Redis's clock is past
+/// `route(prefix, id, maxlen, deadline, record, field, value, …)`: adds the entry to the
+/// inbox of the node that holds `id` **now** (the record, not the caller's mirror, which may
+/// lag a claim by a moment), unless the record is offline or absent, or Redis's clock is past
 /// `deadline` (ms; empty: none) — the caller gave up waiting for this answer and reported
-/// a failure. Returns the node, or `''` when nothing was added.
+/// a failure. `record` (a key; empty: none) keeps the node for a minute, in the same step:
+/// a retry with the same `record` is answered with that node and adds nothing (a backend's
+/// `Idempotency-Key`: the first one's answer may have been lost on its way back). Returns the
+/// node, or `''` when nothing was added.
 pub(crate) fn route() -> Script {
     Script::new(&format!(
         "{NOW}
-local p, id, maxlen, dl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local p, id, maxlen, dl, rec = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 if dl ~= '' and now > tonumber(dl) then return '' end
+if rec ~= '' then
+  local done = redis.call('GET', rec)
+  if done then return done end
+end
 local prev = redis.call('HGET', p .. ':clients', id)
 if not prev then return '' end
 local r = cjson.decode(prev)
 if r.state == 'offline' then return '' end
 local args = {{p .. ':node:' .. r.node .. ':inbox', 'MAXLEN', '~', maxlen, '*'}}
-for i = 5, #ARGV do table.insert(args, ARGV[i]) end
+for i = 6, #ARGV do table.insert(args, ARGV[i]) end
 redis.call('XADD', unpack(args))
+if rec ~= '' then redis.call('SET', rec, r.node, 'PX', 60000) end
 return r.node
 "
     ))

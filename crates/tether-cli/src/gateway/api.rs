@@ -296,8 +296,9 @@ pub(crate) async fn send(
         Ok(m) => m,
         Err(r) => return r,
     };
-    // With --durable-sessions: a backend's key for this message; a retry with the same key
-    // (on any node, within a minute) is answered as the first and not sent again.
+    // A backend's key for this message: a retry with the same key within a minute is
+    // answered as the first and not sent again — on any node with --durable-sessions; without
+    // it, when the send is routed to another node (where a lost answer can hide a delivery).
     let idem = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => None,
         Some(Ok(k)) if crate::cluster::valid_idem(k) => Some(k.to_owned()),
@@ -316,7 +317,11 @@ pub(crate) async fn send(
                 c.route_send_durable(&node, &id, &msg, idem.as_deref())
                     .await,
             ),
-            Some(c) => routed(&id, &node, c.route_send(&node, &id, &msg).await),
+            Some(c) => routed(
+                &id,
+                &node,
+                c.route_send(&node, &id, &msg, idem.as_deref()).await,
+            ),
             None => not_there(&gw, &id, "no cluster"),
         };
     }
