@@ -51,7 +51,19 @@ fn skip(test: &str) -> bool {
     }
 }
 
-/// A python3 program in a namespace; its stdout lines arrive with their arrival time.
+/// Put before every script: `say(text)` prints one line in one write under a lock. Python's
+/// `print` writes the text and the newline in two writes, so two threads printing at once can
+/// give `got firstgot first` and an empty line (CI once lost a `got first` that way).
+const SAY: &str = r#"
+import sys, threading
+_out = threading.Lock()
+def say(text):
+    with _out:
+        sys.stdout.write(text + "\n"); sys.stdout.flush()
+"#;
+
+/// A python3 program in a namespace; its stdout lines arrive with their arrival time. Scripts
+/// print with `say` (see [`SAY`]).
 struct Program {
     child: Child,
     lines: mpsc::Receiver<(Instant, String)>,
@@ -61,7 +73,8 @@ struct Program {
 impl Program {
     fn start(name: &'static str, ns: &str, script: &str, args: &[&str]) -> Program {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-u", "-c", script])
+            .args(["netns", "exec", ns, "python3", "-u", "-c"])
+            .arg(format!("{SAY}{script}"))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -172,10 +185,10 @@ const LINE_SERVER: &str = r#"
 import socket, sys, threading
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port)); s.listen(16); print("listening", flush=True)
+s.bind((host, port)); s.listen(16); say("listening")
 def serve(c):
     for line in c.makefile("r"):
-        print("got " + line.strip(), flush=True)
+        say("got " + line.strip())
 while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
@@ -186,12 +199,12 @@ const IDLE_CLIENT: &str = r#"
 import socket, sys, time
 host, port, idle = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 c = socket.create_connection((host, port))
-c.sendall(b"first\n"); print("sent first", flush=True)
+c.sendall(b"first\n"); say("sent first")
 time.sleep(idle)
 try:
-    c.sendall(b"second\n"); print("sent second", flush=True)
+    c.sendall(b"second\n"); say("sent second")
 except OSError as e:
-    print("send failed " + repr(e), flush=True)
+    say("send failed " + repr(e))
 sys.stdin.read()
 "#;
 
@@ -291,7 +304,7 @@ const ONE_SLOT_BRIDGE: &str = r#"
 import socket, sys, threading
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port)); s.listen(16); print("listening", flush=True)
+s.bind((host, port)); s.listen(16); say("listening")
 lock = threading.Lock(); busy = [False]
 def serve(c):
     try:
@@ -299,10 +312,10 @@ def serve(c):
         while True:
             d = c.recv(1024)
             if not d:
-                print("freed eof", flush=True); break
+                say("freed eof"); break
             c.sendall(d)
     except OSError as e:
-        print("freed " + type(e).__name__, flush=True)
+        say("freed " + type(e).__name__)
     finally:
         c.close()
         with lock: busy[0] = False
@@ -312,7 +325,7 @@ while True:
         taken = busy[0]; busy[0] = True
     if taken:
         c.sendall(b"busy\n"); c.close(); continue
-    print("taken", flush=True)
+    say("taken")
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
 
@@ -320,7 +333,7 @@ while True:
 const SLOT_CLIENT: &str = r#"
 import socket, sys
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-print("reply " + c.makefile("r").readline().strip(), flush=True)
+say("reply " + c.makefile("r").readline().strip())
 sys.stdin.read()
 "#;
 
@@ -463,13 +476,13 @@ const TALKER: &str = r#"
 import socket, sys, threading, time
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port)); s.listen(16); print("listening", flush=True)
+s.bind((host, port)); s.listen(16); say("listening")
 def talk(c):
     try:
         while True:
             c.sendall(b"tick\n"); time.sleep(0.2)
     except OSError as e:
-        print("ended " + type(e).__name__, flush=True)
+        say("ended " + type(e).__name__)
 while True:
     c, _ = s.accept()
     threading.Thread(target=talk, args=(c,), daemon=True).start()
