@@ -17,7 +17,7 @@
 //! backend that retries must: with `--durable-sessions` a retry of a send whose node died
 //! before answering is answered as the first instead of delivered twice; without it, a retry of
 //! a routed send whose `503` hid a route Redis ran (its answer lost in the partition) is
-//! (docs/API.md).
+//! answered as the first too (docs/API.md).
 //!
 //! What must hold, per client and direction:
 //! - **client → server**: the backend sees each number at most once, in order (per session:
